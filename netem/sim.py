@@ -1,0 +1,161 @@
+"""A deterministic simulated network for sans-I/O protocol code.
+
+Hosts are objects with the four-method sans-I/O surface (:class:`SansIOHost`:
+``receive_datagram``, ``datagrams_to_send``, ``get_timer``, ``handle_timer``),
+which :class:`reliable.Endpoint` has and any user's protocol object can have.
+The network keeps a virtual clock and one event queue of datagram arrivals and
+host timers; nothing sleeps, so simulated minutes pass in milliseconds of CPU.
+Each directed link applies its own seeded :class:`~netem.models.FaultModel`,
+so a run is a pure function of the seed and the hosts' behaviour.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+from .models import FaultModel, Impairment
+
+__all__ = ["SansIOHost", "SimNetwork"]
+
+
+class SansIOHost(Protocol):
+    """What the simulated network needs from a host."""
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+
+_ARRIVAL = 0
+_TIMER = 1
+
+
+class SimNetwork:
+    """Virtual-time network of sans-I/O hosts joined by faulty directed links."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        latency: float = 0.0005,
+        default: Impairment | None = None,
+    ) -> None:
+        self.now = 0.0
+        self.latency = latency
+        self._seed = seed
+        self._default = default or Impairment()
+        self._hosts: dict[Hashable, SansIOHost] = {}
+        self._links: dict[tuple[Hashable, Hashable], FaultModel] = {}
+        self._queue: list[tuple[float, int, int, Any]] = []
+        self._order = itertools.count()
+        self._timer_at: dict[Hashable, float | None] = {}
+        self.undeliverable = 0
+        self.events_processed = 0
+
+    # -------------------------------------------------------------- topology
+
+    def add_host(self, addr: Hashable, host: SansIOHost) -> None:
+        self._hosts[addr] = host
+        self._timer_at[addr] = None
+        self.flush(addr)
+
+    def remove_host(self, addr: Hashable) -> None:
+        """Take a host off the network (a crash); datagrams to it vanish."""
+        self._hosts.pop(addr, None)
+        self._timer_at.pop(addr, None)
+
+    def host(self, addr: Hashable) -> SansIOHost:
+        return self._hosts[addr]
+
+    def set_link(self, src: Hashable, dst: Hashable, impairment: Impairment) -> None:
+        """Impair datagrams from ``src`` to ``dst`` (one direction)."""
+        self._links[(src, dst)] = FaultModel(impairment, seed=self._link_seed(src, dst))
+
+    def link(self, src: Hashable, dst: Hashable) -> FaultModel:
+        model = self._links.get((src, dst))
+        if model is None:
+            model = FaultModel(self._default, seed=self._link_seed(src, dst))
+            self._links[(src, dst)] = model
+        return model
+
+    def _link_seed(self, src: Hashable, dst: Hashable) -> int:
+        # Stable across runs (unlike hash() of str), distinct per direction.
+        return (self._seed * 1_000_003 + _stable_hash(repr((src, dst)))) & 0xFFFFFFFF
+
+    # ---------------------------------------------------------------- driving
+
+    def flush(self, addr: Hashable) -> None:
+        """Collect what ``addr`` wants to send and re-arm its timer (call after poking a host)."""
+        host = self._hosts.get(addr)
+        if host is None:
+            return
+        for data, dst in host.datagrams_to_send(self.now):
+            for release, datagram in self.link(addr, dst).apply(data, self.now):
+                heapq.heappush(
+                    self._queue,
+                    (release + self.latency, next(self._order), _ARRIVAL, (dst, addr, datagram)),
+                )
+        deadline = host.get_timer()
+        if deadline is not None and deadline != self._timer_at.get(addr):
+            heapq.heappush(self._queue, (deadline, next(self._order), _TIMER, addr))
+        self._timer_at[addr] = deadline
+
+    def step(self) -> bool:
+        """Process the next event; ``False`` when nothing is left to happen."""
+        while self._queue:
+            when, _, kind, payload = heapq.heappop(self._queue)
+            if kind == _TIMER:
+                addr = payload
+                host = self._hosts.get(addr)
+                if host is None or self._timer_at.get(addr) != when:
+                    continue  # superseded by a later re-arm
+                self.now = max(self.now, when)
+                self._timer_at[addr] = None
+                deadline = host.get_timer()
+                if deadline is not None and deadline <= self.now:
+                    host.handle_timer(self.now)
+                self.flush(addr)
+            else:
+                dst, src, datagram = payload
+                self.now = max(self.now, when)
+                host = self._hosts.get(dst)
+                if host is None:
+                    self.undeliverable += 1
+                    continue
+                host.receive_datagram(datagram, src, self.now)
+                self.flush(dst)
+            self.events_processed += 1
+            return True
+        return False
+
+    def run(
+        self,
+        *,
+        until: float | None = None,
+        stop: Callable[[], bool] | None = None,
+        max_events: int = 10_000_000,
+    ) -> None:
+        """Advance until ``stop()`` holds, simulated time passes ``until``, or all is quiet."""
+        for _ in range(max_events):
+            if stop is not None and stop():
+                return
+            if until is not None and (not self._queue or self._queue[0][0] > until):
+                self.now = max(self.now, until)
+                return
+            if not self.step():
+                return
+        raise RuntimeError(f"simulation did not settle within {max_events} events")
+
+
+def _stable_hash(text: str) -> int:
+    h = 2166136261
+    for ch in text.encode():
+        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
+    return h

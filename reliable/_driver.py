@@ -1,0 +1,135 @@
+"""What the blocking and asyncio adapters share: socket set-up and event routing.
+
+The adapters differ only in how they wait (a thread and ``selectors`` versus
+the event loop) and in their future types; everything they do with the
+protocol core's events is here, once.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from . import errors, events
+from .addressing import Address, normalize, resolve_address
+from .endpoint import Endpoint
+from .message import Message, Receipt
+
+__all__ = [
+    "DatagramSocket",
+    "EventSink",
+    "drain_socket",
+    "open_socket",
+    "resolve_destination",
+    "route_events",
+]
+
+_SOCKET_BUFFER = 4 * 1024 * 1024  # bytes asked of the kernel for each direction
+RECV_BATCH = 512  # datagrams read per wake-up before the protocol gets to answer
+MAX_UDP_PAYLOAD = 65535
+
+
+class DatagramSocket(Protocol):
+    """The subset of ``socket.socket`` the adapters use (a netem wrapper provides it too)."""
+
+    @property
+    def family(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]: ...
+
+    def sendto(self, data: bytes, address: Any, /) -> int: ...
+
+    def getsockname(self) -> Any: ...
+
+    def setblocking(self, flag: bool, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_socket(bind: str | tuple[str, int]) -> socket.socket:
+    """A non-blocking UDP socket bound to ``bind`` (``host:port``, port 0 for any)."""
+    family, sockaddr = resolve_address(bind, allow_zero_port=True)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - the kernel may cap it; not fatal
+                pass
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = errors.format_address(sockaddr)
+        raise errors.AddressError(f"cannot bind {where}: {exc.strerror}") from None
+    return sock
+
+
+def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
+    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change."""
+    text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
+    try:
+        return resolve_address(text, family=family)[1]
+    except errors.AddressError:
+        resolve_address(text)  # unresolvable in any family: that error says it best
+        ours = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        wildcard = "[::]:0" if ours == "IPv4" else "0.0.0.0:0"
+        raise errors.AddressError(
+            f"{dest!r} has no {ours} address and this node is bound to {ours}; "
+            f"bind the node to {wildcard} to reach it"
+        ) from None
+
+
+def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[bytes, Address]]:
+    """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets."""
+    batch: list[tuple[bytes, Address]] = []
+    for _ in range(limit):
+        try:
+            data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            # e.g. ECONNREFUSED surfaced by an ICMP error: nothing to read this time
+            continue
+        batch.append((data, normalize(addr)))
+    return batch
+
+
+class EventSink(Protocol):
+    """What an adapter does with the core's events."""
+
+    def on_message(self, message: Message) -> None: ...
+
+    def on_outcome(
+        self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
+    ) -> None: ...
+
+    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
+
+    def on_closed(self) -> None: ...
+
+
+def route_events(
+    endpoint: Endpoint,
+    sink: EventSink,
+    observer: Callable[[events.Event], None] | None = None,
+) -> None:
+    """Hand every pending core event to ``sink`` (and to ``observer``, if any)."""
+    while (event := endpoint.next_event()) is not None:
+        if observer is not None:
+            observer(event)
+        if isinstance(event, events.MessageReceived):
+            sink.on_message(Message.from_event(event))
+        elif isinstance(event, events.MessageDelivered):
+            sink.on_outcome(event.ticket, Receipt.from_event(event), None)
+        elif isinstance(event, events.MessageFailed):
+            sink.on_outcome(event.ticket, None, event.error)
+        elif isinstance(event, events.PeerUnreachable):
+            sink.on_peer_down(event.peer, errors.PeerUnreachable(event.peer, event.silent_for))
+        elif isinstance(event, events.PeerClosed):
+            sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
+        elif isinstance(event, events.Closed):
+            sink.on_closed()

@@ -1,0 +1,112 @@
+"""Protocol configuration: one frozen dataclass, validated on construction.
+
+Defaults aim at a LAN or loopback first and stay safe on the Internet: the
+datagram size fits the IPv6 minimum MTU with room for tunnels, the RTO floor
+is low because our receivers bound their own ack delay (``max_ack_delay``,
+included in the RTO, is what forces TCP's 200 ms-1 s floors), and every buffer
+has a byte cap so no peer can make a node grow without bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .errors import UsageError
+from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, MAX_NOTICES, MAX_SACK_RANGES
+
+__all__ = ["K_GRANULARITY", "K_PACKET_THRESHOLD", "K_TIME_THRESHOLD", "Config"]
+
+#: Timer granularity assumed by RTO and loss-delay computations (RFC 9002 kGranularity).
+K_GRANULARITY = 0.001
+#: Packets sent after one that must be acknowledged before it is declared lost (RFC 9002).
+K_PACKET_THRESHOLD = 3
+#: RTT multiple after which an unacknowledged packet is declared lost (RFC 9002).
+K_TIME_THRESHOLD = 9 / 8
+
+# Room for the largest header, a full ack section, a 255-byte mailbox name and some payload.
+_MIN_DATAGRAM = (
+    HEADER_OVERHEAD + FRAGMENT_OVERHEAD + 255 + 8 * MAX_SACK_RANGES + 5 * MAX_NOTICES + 64
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Tunables of one node. All durations are in seconds, all sizes in bytes."""
+
+    max_datagram_size: int = 1200
+    """Largest UDP payload the node sends. 1200 is safe on any path (QUIC's
+    choice); raise it on loopback or a known LAN for fewer, larger datagrams."""
+
+    max_message_size: int = 16 * 1024 * 1024
+    """Largest message accepted by ``send`` and by the receiver's reassembly."""
+
+    max_window: int = 4096
+    """Most packets a receiver buffers beyond its cumulative ack (advertised cap)."""
+
+    receive_backlog: int = 32 * 1024 * 1024
+    """Bytes per peer delivered to the application and not yet consumed before
+    the advertised window closes (end-to-end back-pressure)."""
+
+    send_buffer: int = 64 * 1024 * 1024
+    """Bytes of accepted, unacknowledged messages the node holds across peers."""
+
+    initial_rto: float = 1.0
+    """Retransmission timeout before any RTT sample (RFC 6298 section 2.1)."""
+
+    min_rto: float = 0.05
+    """Floor of the retransmission timeout."""
+
+    max_rto: float = 10.0
+    """Ceiling of the retransmission timeout, exponential backoff included."""
+
+    max_ack_delay: float = 0.005
+    """Longest a receiver holds an acknowledgement hoping to coalesce it."""
+
+    ack_every: int = 2
+    """Acknowledge at once after this many unacknowledged in-order packets."""
+
+    initial_cwnd: int = 10
+    """Initial congestion window, in packets (RFC 6928)."""
+
+    min_cwnd: int = 2
+    """Congestion window floor, in packets."""
+
+    initial_peer_window: int = 256
+    """Receive window assumed for a peer before its first acknowledgement."""
+
+    peer_timeout: float = 5.0
+    """Silence, while waiting on a peer, after which it is declared unreachable."""
+
+    max_probe_interval: float = 1.0
+    """Longest gap between liveness probes of a silent peer we are waiting on."""
+
+    max_peers: int = 4096
+    """Most peers a node keeps state for; datagrams from further peers are dropped."""
+
+    remembered_incarnations: int = 1024
+    """Ended peer incarnations remembered so their late datagrams are rejected."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"Config.{f.name} must be finite, got {value}")
+            if value <= 0:
+                raise UsageError(f"Config.{f.name} must be positive, got {value}")
+        if not _MIN_DATAGRAM <= self.max_datagram_size <= 65507:
+            raise UsageError(
+                f"Config.max_datagram_size must be between {_MIN_DATAGRAM} and 65507 "
+                f"(the largest UDP payload), got {self.max_datagram_size}"
+            )
+        if self.max_window > 0xFFFF:
+            raise UsageError(f"Config.max_window must be at most 65535, got {self.max_window}")
+        if self.min_rto > self.max_rto:
+            raise UsageError("Config.min_rto must not exceed Config.max_rto")
+        if self.min_cwnd > self.initial_cwnd:
+            raise UsageError("Config.min_cwnd must not exceed Config.initial_cwnd")
+        if self.send_buffer < self.max_message_size:
+            raise UsageError(
+                "Config.send_buffer must hold at least one message of max_message_size "
+                f"({self.max_message_size} bytes), got {self.send_buffer}"
+            )

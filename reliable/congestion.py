@@ -1,0 +1,54 @@
+"""Congestion control: NewReno in packets (RFC 5681, RFC 6582, RFC 9002 section 7).
+
+Slow start doubles the window each round trip until the first loss, then
+congestion avoidance adds one packet per round trip. A loss halves the window
+once per round trip: losses of packets sent before the current recovery
+period began do not reduce it again. A retransmission timeout means the path
+may be gone, so the window collapses to ``min_cwnd`` and slow start resumes.
+"""
+
+from __future__ import annotations
+
+__all__ = ["NewReno"]
+
+_LOSS_REDUCTION = 0.5
+
+
+class NewReno:
+    """Congestion window for one peer, counted in packets."""
+
+    __slots__ = ("cwnd", "min_cwnd", "recovery_start", "ssthresh")
+
+    def __init__(self, *, initial_cwnd: int, min_cwnd: int) -> None:
+        self.cwnd = float(initial_cwnd)
+        self.min_cwnd = float(min_cwnd)
+        self.ssthresh = float("inf")
+        self.recovery_start = float("-inf")
+
+    @property
+    def window(self) -> int:
+        """Packets that may be in flight."""
+        return int(self.cwnd)
+
+    def on_acked(self, count: int, newest_sent_time: float) -> None:
+        """``count`` packets were acknowledged; the newest was sent at ``newest_sent_time``."""
+        if newest_sent_time <= self.recovery_start:
+            return  # still recovering from a loss: no growth until new data is acked
+        if self.cwnd < self.ssthresh:
+            self.cwnd += count
+        else:
+            self.cwnd += count / self.cwnd
+
+    def on_lost(self, newest_lost_sent_time: float, now: float) -> None:
+        """Packets were declared lost; the newest of them was sent at ``newest_lost_sent_time``."""
+        if newest_lost_sent_time <= self.recovery_start:
+            return
+        self.recovery_start = now
+        self.cwnd = max(self.cwnd * _LOSS_REDUCTION, self.min_cwnd)
+        self.ssthresh = self.cwnd
+
+    def on_timeout(self, now: float) -> None:
+        """The retransmission timer fired with nothing acknowledged."""
+        self.ssthresh = max(self.cwnd * _LOSS_REDUCTION, self.min_cwnd)
+        self.cwnd = self.min_cwnd
+        self.recovery_start = now

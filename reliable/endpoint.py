@@ -1,0 +1,370 @@
+"""The sans-I/O protocol core of one rmsg node.
+
+An :class:`Endpoint` owns no socket, thread or clock. Its driver feeds it
+datagrams (``receive_datagram(data, addr, now)``), timer expiries
+(``handle_timer(now)`` once ``now >= get_timer()``) and send requests
+(``send(...)``), and collects what it produced: ``datagrams_to_send(now)`` and
+``next_event()``. Sending only queues. Randomness (incarnation ids, initial
+sequence numbers) comes from the injected ``random.Random``, so a seeded
+endpoint is fully deterministic.
+
+Admission of a datagram, in order (each failure is counted, never raised):
+
+1. it must decode: magic, version, lengths, checksum (``malformed.*``);
+2. it must be addressed to this incarnation or to none (``stale_incarnation``,
+   answered with a rate-limited RESET so a peer that outlived our previous
+   life learns of the restart at once);
+3. it must not come from an incarnation that already ended
+   (``dead_incarnation``);
+4. a new peer needs room under ``max_peers`` and a DATA or PING packet
+   (``peer_limit``, ``unknown_peer``);
+5. a new incarnation from a known address is a restart of that peer.
+
+Closing flushes: no new sends, outstanding messages get until the close
+deadline to be acknowledged, then whatever is left fails, every peer is told
+with a CLOSE packet, and a :class:`~reliable.events.Closed` event ends it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from typing import Any
+
+from . import errors, events
+from .config import Config
+from .peer import PeerSession
+from .sender import OutgoingMessage
+from .stats import NodeStats
+from .wire import (
+    MAX_MAILBOX_BYTES,
+    MSG_TYPE_MAX,
+    MSG_TYPE_MIN,
+    PRIORITY_MAX,
+    Kind,
+    MalformedPacket,
+    Packet,
+    decode,
+    encode,
+    fragment_capacity,
+)
+
+__all__ = ["Endpoint"]
+
+_RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
+_RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
+_CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
+
+
+class Endpoint:
+    """One rmsg node's protocol state, for every peer it talks to."""
+
+    def __init__(self, config: Config | None = None, *, rng: random.Random | None = None) -> None:
+        self.config = config or Config()
+        self._rng = rng if rng is not None else random.Random()
+        self.incarnation = self._rng.getrandbits(64) or 1
+        self._peers: dict[Any, PeerSession] = {}
+        self._dirty: dict[Any, None] = {}
+        self._events: deque[events.Event] = deque()
+        self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
+        self._reset_sent: OrderedDict[Any, float] = OrderedDict()
+        self._control: list[tuple[bytes, Any]] = []
+        self._next_ticket = 1
+        self._buffered = 0
+        self.dropped: dict[str, int] = {}
+        self.datagrams_received = 0
+        self.datagrams_sent = 0
+        self._closing = False
+        self._close_deadline = math.inf
+        self.closed = False
+
+    # ------------------------------------------------------------ application
+
+    def send(
+        self,
+        dest: Any,
+        data: bytes,
+        *,
+        now: float,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str = "",
+        timeout: float | None = None,
+    ) -> int:
+        """Queue ``data`` for ``dest``; returns the ticket its events will carry.
+
+        Raises a :class:`~reliable.errors.UsageError` for an invalid request and
+        :class:`~reliable.errors.SendBufferFull` or
+        :class:`~reliable.errors.NodeClosed` when it cannot be taken now;
+        in every case nothing was queued.
+        """
+        data = bytes(data)
+        self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        check_timeout(timeout, "timeout")
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new messages")
+        if self._buffered + len(data) > self.config.send_buffer:
+            raise errors.SendBufferFull(
+                f"send buffer full ({self._buffered} of {self.config.send_buffer} bytes "
+                "awaiting acknowledgement); wait for receipts or raise Config.send_buffer"
+            )
+        peer = self._peer_for_send(dest, now)
+        size = fragment_capacity(self.config.max_datagram_size, mailbox)
+        msg = OutgoingMessage(
+            ticket=self._next_ticket,
+            data=data,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            created=now,
+            deadline=None if timeout is None else now + timeout,
+            timeout=timeout,
+            fragment_size=size,
+            count=max(1, -(-len(data) // size)),
+        )
+        self._next_ticket += 1
+        self._buffered += len(data)
+        peer.enqueue(msg, now)
+        self._dirty[dest] = None
+        return msg.ticket
+
+    def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
+        """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
+        if len(data) > self.config.max_message_size:
+            raise errors.MessageTooLarge(
+                f"message is {len(data)} bytes, over Config.max_message_size "
+                f"({self.config.max_message_size}); split it or raise the limit"
+            )
+        if not MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX:
+            raise errors.UsageError(f"msg_type must fit in a signed 32-bit integer, got {msg_type}")
+        if not 0 <= priority <= PRIORITY_MAX:
+            raise errors.UsageError(f"priority must be between 0 and 65535, got {priority}")
+        if len(mailbox.encode("utf-8")) > MAX_MAILBOX_BYTES:
+            raise errors.UsageError("mailbox name must be at most 255 bytes of UTF-8")
+
+    def watch(self, peer: Any, now: float) -> None:
+        """Start liveness checks of ``peer`` for a receive waiting specifically on it."""
+        self._peer_for_send(peer, now).watch(now)
+        self._dirty[peer] = None
+
+    def unwatch(self, peer: Any, now: float) -> None:
+        session = self._peers.get(peer)
+        if session is not None:
+            session.unwatch(now)
+
+    def release(self, peer: Any, nbytes: int) -> None:
+        """The application consumed ``nbytes`` received from ``peer`` (flow control credit)."""
+        session = self._peers.get(peer)
+        if session is not None:
+            session.release(nbytes)
+            self._dirty[peer] = None
+
+    def close(self, now: float, timeout: float = 2.0) -> None:
+        """Begin a graceful close: flush for at most ``timeout`` seconds, then tell peers."""
+        check_timeout(timeout, "timeout")
+        if self._closing:
+            return
+        self._closing = True
+        self._close_deadline = now + timeout
+        self._maybe_finish_close(now)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def next_event(self) -> events.Event | None:
+        """The oldest event not yet taken, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    # ---------------------------------------------------------------- network
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """Take one datagram that arrived from ``addr``."""
+        if self.closed:
+            return
+        self.datagrams_received += 1
+        try:
+            pkt = decode(data)
+        except MalformedPacket as exc:
+            self._drop("malformed." + exc.reason)
+            session = self._peers.get(addr)
+            if session is not None and exc.reason == "checksum":
+                session.corrupt += 1
+            return
+        if pkt.dst_incarnation not in (0, self.incarnation):
+            self._drop("stale_incarnation")
+            if pkt.kind not in (Kind.RESET, Kind.CLOSE):
+                self._send_reset(addr, pkt.src_incarnation, now)
+            return
+        if (addr, pkt.src_incarnation) in self._ended:
+            self._drop("dead_incarnation")
+            return
+        session = self._peers.get(addr)
+        if session is None:
+            if pkt.kind not in (Kind.DATA, Kind.PING):
+                self._drop("unknown_peer")
+                return
+            if len(self._peers) >= self.config.max_peers:
+                self._drop("peer_limit")
+                return
+            session = self._new_peer(addr, now)
+        if session.incarnation is None:
+            session.incarnation = pkt.src_incarnation
+        elif session.incarnation != pkt.src_incarnation:
+            if pkt.kind == Kind.RESET and pkt.dst_incarnation != self.incarnation:
+                self._drop("stale_reset")
+                return
+            self._remember_ended(addr, session.incarnation)
+            session.restart(pkt.src_incarnation, now)
+        elif pkt.kind == Kind.RESET:
+            self._drop("stale_reset")
+            return
+        self._dirty[addr] = None
+        if pkt.kind == Kind.CLOSE:
+            self._peer_closed(session, now)
+            return
+        session.on_packet(pkt, now, self.incarnation)
+        if self._closing:
+            self._maybe_finish_close(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        """Every datagram due now, with its destination address."""
+        out = self._control
+        self._control = []
+        if self._dirty and not self.closed:
+            dirty = self._dirty
+            self._dirty = {}
+            inc = self.incarnation
+            for addr in dirty:
+                session = self._peers.get(addr)
+                if session is not None:
+                    out.extend((d, addr) for d in session.datagrams(now, inc))
+        self.datagrams_sent += len(out)
+        return out
+
+    # ----------------------------------------------------------------- timers
+
+    def get_timer(self) -> float | None:
+        """Absolute time of the next timer, or ``None``. A pure query."""
+        if self.closed:
+            return None
+        deadlines = [d for s in self._peers.values() if (d := s.deadline()) is not None]
+        if self._closing:
+            deadlines.append(self._close_deadline)
+        return min(deadlines, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer that is due at ``now``."""
+        if self.closed:
+            return
+        for addr, session in list(self._peers.items()):
+            deadline = session.deadline()
+            if deadline is not None and deadline <= now:
+                session.on_timer(now)
+                self._dirty[addr] = None
+        if self._closing:
+            self._maybe_finish_close(now)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> NodeStats:
+        return NodeStats(
+            incarnation=self.incarnation,
+            peers=tuple(s.stats() for s in self._peers.values()),
+            dropped=dict(self.dropped),
+            datagrams_received=self.datagrams_received,
+            datagrams_sent=self.datagrams_sent,
+            send_buffer_bytes=self._buffered,
+        )
+
+    def peers(self) -> list[Any]:
+        return list(self._peers)
+
+    # --------------------------------------------------------------- internal
+
+    def _emit(self, event: events.Event) -> None:
+        self._events.append(event)
+
+    def _message_finished(self, msg: OutgoingMessage) -> None:
+        self._buffered -= len(msg.data)
+
+    def _new_peer(self, addr: Any, now: float) -> PeerSession:
+        session = PeerSession(addr, self.config, self._rng, now, self._emit, self._message_finished)
+        self._peers[addr] = session
+        return session
+
+    def _peer_for_send(self, addr: Any, now: float) -> PeerSession:
+        session = self._peers.get(addr)
+        if session is None:
+            if len(self._peers) >= self.config.max_peers:
+                raise errors.UsageError(
+                    f"the node already tracks Config.max_peers={self.config.max_peers} peers; "
+                    "raise the limit"
+                )
+            session = self._new_peer(addr, now)
+        return session
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _remember_ended(self, addr: Any, incarnation: int) -> None:
+        self._ended[(addr, incarnation)] = None
+        while len(self._ended) > self.config.remembered_incarnations:
+            self._ended.popitem(last=False)
+
+    def _send_reset(self, addr: Any, their_incarnation: int, now: float) -> None:
+        last = self._reset_sent.get(addr)
+        if last is not None and now - last < _RESET_INTERVAL:
+            return
+        self._reset_sent[addr] = now
+        self._reset_sent.move_to_end(addr)
+        while len(self._reset_sent) > _RESET_MEMORY:
+            self._reset_sent.popitem(last=False)
+        pkt = Packet(
+            kind=Kind.RESET, src_incarnation=self.incarnation, dst_incarnation=their_incarnation
+        )
+        self._control.append((encode(pkt), addr))
+
+    def _peer_closed(self, session: PeerSession, now: float) -> None:
+        assert session.incarnation is not None
+        self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
+        session.fail_all(errors.PeerClosed(session.addr))
+        self._remember_ended(session.addr, session.incarnation)
+        del self._peers[session.addr]
+        self._dirty.pop(session.addr, None)
+        if self._closing:
+            self._maybe_finish_close(now)
+
+    def _maybe_finish_close(self, now: float) -> None:
+        if self.closed:
+            return
+        pending = any(s.has_pending() for s in self._peers.values())
+        if pending and now < self._close_deadline:
+            return
+        for session in self._peers.values():
+            session.fail_all(errors.SendAborted(session.addr))
+        # Flush whatever the sessions still owe (final acks), then say goodbye.
+        for addr, session in self._peers.items():
+            self._control.extend((d, addr) for d in session.datagrams(now, self.incarnation))
+            if session.incarnation is not None:
+                bye = encode(
+                    Packet(
+                        kind=Kind.CLOSE,
+                        src_incarnation=self.incarnation,
+                        dst_incarnation=session.incarnation,
+                    )
+                )
+                self._control.extend([(bye, addr)] * _CLOSE_COPIES)
+        self.closed = True
+        self._emit(events.Closed())
+
+
+def check_timeout(timeout: float | None, name: str) -> None:
+    """Raise a :class:`~reliable.errors.UsageError` unless ``timeout`` is None or >= 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise errors.UsageError(f"{name} must be a number of seconds or None, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise errors.UsageError(f"{name} must be a finite number of seconds >= 0, got {timeout}")

@@ -1,0 +1,136 @@
+"""The exception tree.
+
+Two sides, kept apart on purpose:
+
+* :class:`UsageError` (also a ``ValueError``) is local misuse — a bad address,
+  an oversized message, a negative timeout. It is raised by the call that made
+  the mistake, before anything is sent, with a message that says what to change.
+* :class:`DeliveryFailed` is what the network or the peer did to a message that
+  was accepted: the peer became unreachable, restarted, closed or refused it.
+  The protocol core never raises these; it reports them as
+  :class:`~reliable.events.MessageFailed` events and the adapters raise them
+  from ``send``/``result()`` so the caller always learns the fate of a message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AddressError",
+    "DeliveryFailed",
+    "MessageRejected",
+    "MessageTooLarge",
+    "NodeClosed",
+    "PeerClosed",
+    "PeerRestarted",
+    "PeerUnreachable",
+    "ReceiveTimeout",
+    "ReliableError",
+    "SendAborted",
+    "SendBufferFull",
+    "SendTimeout",
+    "UsageError",
+    "format_address",
+]
+
+
+def format_address(addr: Any) -> str:
+    """``host:port`` for IPv4 and names, ``[host]:port`` for IPv6."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        if isinstance(host, str) and ":" in host:
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    return str(addr)
+
+
+class ReliableError(Exception):
+    """Root of every error rmsg raises."""
+
+
+class UsageError(ReliableError, ValueError):
+    """The caller asked for something invalid; nothing was sent."""
+
+
+class AddressError(UsageError):
+    """An address could not be parsed or resolved."""
+
+
+class MessageTooLarge(UsageError):
+    """The message exceeds ``Config.max_message_size``."""
+
+
+class NodeClosed(ReliableError):
+    """The node is closed (or closing) and accepts no more work."""
+
+
+class SendBufferFull(ReliableError):
+    """Non-blocking send refused: the node's send buffer is full (would block)."""
+
+
+class ReceiveTimeout(ReliableError, TimeoutError):
+    """``receive`` found no message before its timeout."""
+
+
+class DeliveryFailed(ReliableError):
+    """An accepted message was not confirmed delivered. ``peer`` is its destination.
+
+    A failed message *may* still have reached the peer (its acknowledgement may
+    be what was lost); it was never delivered twice.
+    """
+
+    def __init__(self, peer: Any, reason: str) -> None:
+        super().__init__(f"{format_address(peer)}: {reason}")
+        self.peer = peer
+
+
+class PeerUnreachable(DeliveryFailed):
+    """Nothing was heard from the peer for ``after`` seconds while waiting on it."""
+
+    def __init__(self, peer: Any, after: float) -> None:
+        super().__init__(peer, f"peer unreachable: no answer for {after:.1f}s")
+        self.after = after
+
+
+class PeerRestarted(DeliveryFailed):
+    """The peer restarted (new incarnation) while the message was in flight."""
+
+    def __init__(self, peer: Any, old_incarnation: int, new_incarnation: int) -> None:
+        super().__init__(
+            peer,
+            f"peer restarted (incarnation {old_incarnation:#x} -> {new_incarnation:#x}) "
+            "with the message in flight; it may or may not have been delivered",
+        )
+        self.old_incarnation = old_incarnation
+        self.new_incarnation = new_incarnation
+
+
+class PeerClosed(DeliveryFailed):
+    """The peer closed before acknowledging the message."""
+
+    def __init__(self, peer: Any) -> None:
+        super().__init__(peer, "peer closed before acknowledging the message")
+
+
+class MessageRejected(DeliveryFailed):
+    """The peer received the message and refused it (``reason`` says why)."""
+
+    def __init__(self, peer: Any, reason: str) -> None:
+        super().__init__(peer, f"message rejected by peer: {reason}")
+        self.reason = reason
+
+
+class SendTimeout(DeliveryFailed, TimeoutError):
+    """The message was not acknowledged within the send timeout; it was abandoned."""
+
+    def __init__(self, peer: Any, timeout: float) -> None:
+        super().__init__(peer, f"not acknowledged within {timeout:g}s; abandoned")
+        self.timeout = timeout
+
+
+class SendAborted(DeliveryFailed):
+    """This node closed before the peer acknowledged the message."""
+
+    def __init__(self, peer: Any) -> None:
+        super().__init__(peer, "node closed before the peer acknowledged the message")

@@ -1,0 +1,94 @@
+"""Typed events the protocol core hands to its driver via ``Endpoint.next_event()``.
+
+Events are facts, in the order they happened. The adapters turn them into
+resolved handles, queued messages and raised errors; a simulation can assert
+on them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DeliveryFailed
+
+__all__ = [
+    "Closed",
+    "Event",
+    "MessageDelivered",
+    "MessageFailed",
+    "MessageReceived",
+    "PeerClosed",
+    "PeerRestarted",
+    "PeerUnreachable",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of all events."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageReceived(Event):
+    """A whole message arrived from ``peer``, in that peer's send order."""
+
+    peer: Any
+    data: bytes
+    msg_type: int
+    priority: int
+    mailbox: str
+    msg_id: int
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageDelivered(Event):
+    """The peer acknowledged every fragment of message ``ticket`` (the receipt)."""
+
+    ticket: int
+    peer: Any
+    size: int  #: message bytes
+    fragments: int
+    transmissions: int  #: datagrams sent for it, retransmissions included
+    elapsed: float  #: seconds from ``send`` to acknowledgement
+    incarnation: int  #: the peer incarnation that acknowledged it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageFailed(Event):
+    """Message ``ticket`` will not be confirmed; ``error`` says why."""
+
+    ticket: int
+    peer: Any
+    error: DeliveryFailed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRestarted(Event):
+    """``peer`` came back with a new incarnation; its old session ended."""
+
+    peer: Any
+    old_incarnation: int
+    new_incarnation: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerUnreachable(Event):
+    """``peer`` stayed silent for ``silent_for`` seconds while we waited on it."""
+
+    peer: Any
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerClosed(Event):
+    """``peer`` announced it is closing; its incarnation ended."""
+
+    peer: Any
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Closed(Event):
+    """This endpoint finished closing; it sends and accepts nothing more."""

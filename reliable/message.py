@@ -1,0 +1,68 @@
+"""What the adapters hand to applications: received messages and delivery receipts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import format_address
+from .events import MessageDelivered, MessageReceived
+
+__all__ = ["Message", "Receipt"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """A message received from ``source`` (the sending node's address)."""
+
+    source: Any
+    data: bytes
+    msg_type: int = 0
+    priority: int = 0
+    mailbox: str = ""
+    msg_id: int = 0
+    incarnation: int = 0
+
+    @property
+    def sender(self) -> str:
+        """The source as ``host:port`` text."""
+        return format_address(self.source)
+
+    @classmethod
+    def from_event(cls, event: MessageReceived) -> Message:
+        return cls(
+            source=event.peer,
+            data=event.data,
+            msg_type=event.msg_type,
+            priority=event.priority,
+            mailbox=event.mailbox,
+            msg_id=event.msg_id,
+            incarnation=event.incarnation,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """Proof of delivery: the destination node acknowledged every fragment."""
+
+    peer: Any
+    size: int  #: bytes delivered
+    fragments: int
+    transmissions: int  #: datagrams sent for the message, retransmissions included
+    elapsed: float  #: seconds from send to acknowledgement
+    incarnation: int  #: the incarnation of the peer that acknowledged it
+
+    @property
+    def retransmissions(self) -> int:
+        return self.transmissions - self.fragments
+
+    @classmethod
+    def from_event(cls, event: MessageDelivered) -> Receipt:
+        return cls(
+            peer=event.peer,
+            size=event.size,
+            fragments=event.fragments,
+            transmissions=event.transmissions,
+            elapsed=event.elapsed,
+            incarnation=event.incarnation,
+        )

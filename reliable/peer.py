@@ -1,0 +1,391 @@
+"""One remote peer: its incarnation, both stream halves, liveness and send deadlines.
+
+Theory of operation
+-------------------
+A session is keyed by the peer's address and lives as long as the node does
+(or until the peer closes). Within it, the pair of streams belongs to one
+*incarnation* of the peer; when a packet reveals a new incarnation the streams
+are replaced: messages the old incarnation may have seen fail with
+``PeerRestarted`` (we cannot know whether it delivered them before dying),
+messages never transmitted move to the new stream, and nothing is silently lost.
+
+Liveness: while the session is *waiting* on the peer (messages outstanding,
+or the application waiting to receive from it specifically) it must hear from
+the peer at least every ``peer_timeout`` seconds. Retransmissions probe while
+data is in flight; otherwise PINGs do, with backoff up to
+``max_probe_interval``. Silence past the timeout fails every pending message
+with ``PeerUnreachable`` and raises a ``PeerUnreachable`` event once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from typing import Any
+
+from . import errors, events
+from .config import K_GRANULARITY, Config
+from .congestion import NewReno
+from .receiver import ReceiveStream
+from .rtt import RttEstimator
+from .sender import OutgoingMessage, SendStream
+from .stats import PeerStats
+from .wire import (
+    ACK_DELAY_TICK,
+    DATA_NOTICES,
+    DATA_SACK_RANGES,
+    Flag,
+    Kind,
+    Packet,
+    RejectReason,
+    encode,
+)
+
+__all__ = ["PeerSession"]
+
+_REASON_TEXT = {
+    RejectReason.TOO_LARGE: "larger than the receiver's max_message_size",
+    RejectReason.NO_MAILBOX: "no such mailbox",
+    RejectReason.MAILBOX_CLOSED: "mailbox closed",
+    RejectReason.REFUSED: "refused by the receiving application",
+}
+
+
+class PeerSession:
+    """State for one peer address."""
+
+    def __init__(
+        self,
+        addr: Any,
+        config: Config,
+        rng: random.Random,
+        now: float,
+        emit: Callable[[events.Event], None],
+        on_finished: Callable[[OutgoingMessage], None],
+    ) -> None:
+        self.addr = addr
+        self.config = config
+        self._rng = rng
+        self._emit = emit
+        self._on_finished = on_finished
+        self.incarnation: int | None = None
+        self.rtt = RttEstimator(
+            initial_rto=config.initial_rto,
+            min_rto=config.min_rto,
+            # Several probes must fit in peer_timeout, or backoff alone would declare
+            # a lossy but live peer dead.
+            max_rto=max(config.min_rto, min(config.max_rto, config.peer_timeout / 4)),
+            max_ack_delay=config.max_ack_delay,
+            granularity=K_GRANULARITY,
+        )
+        self.cc = NewReno(initial_cwnd=config.initial_cwnd, min_cwnd=config.min_cwnd)
+        self.sender = SendStream(config, self.rtt, self.cc, rng.getrandbits(32))
+        self.receiver = ReceiveStream(config)
+        self.last_heard = now
+        self.wait_since: float | None = None
+        self.watchers = 0
+        self.unreachable = False
+        self.last_probe = float("-inf")
+        self.probe_backoff = 0
+        self.ping_now = False
+        self.unreleased = 0
+        self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
+        # cumulative counters (the streams are replaced on a restart)
+        self.packets_received = 0
+        self.bogus_acks = 0
+        self.corrupt = 0
+        self.messages_sent = 0
+        self.messages_failed = 0
+        self.messages_received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._prior = [0, 0, 0]  # packets_sent, retransmissions, duplicates of past streams
+
+    # ------------------------------------------------------------ application
+
+    def enqueue(self, msg: OutgoingMessage, now: float) -> None:
+        self.sender.queue.append(msg)
+        if msg.deadline is not None:
+            heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
+        self.unreachable = False
+        self._update_wait(now)
+
+    def watch(self, now: float) -> None:
+        """The application waits to receive from this peer: keep checking it is alive."""
+        self.watchers += 1
+        self.unreachable = False
+        self._update_wait(now)
+
+    def unwatch(self, now: float) -> None:
+        self.watchers = max(0, self.watchers - 1)
+        self._update_wait(now)
+
+    def release(self, nbytes: int) -> None:
+        """The application consumed ``nbytes`` of delivered data: reopen the window."""
+        before = self.window()
+        self.unreleased = max(0, self.unreleased - nbytes)
+        if before < self.config.max_window // 2 <= self.window():
+            self.receiver.ack_now = True  # window update, so a blocked sender resumes
+
+    def window(self) -> int:
+        room = (self.config.receive_backlog - self.unreleased) // self.config.max_datagram_size
+        return max(0, min(self.config.max_window, room))
+
+    # ---------------------------------------------------------------- network
+
+    def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> None:
+        """Process a verified packet from the current incarnation of this peer."""
+        self.last_heard = now
+        self.unreachable = False
+        self.probe_backoff = 0
+        self.packets_received += 1
+        if pkt.dst_incarnation == my_incarnation and pkt.flags & Flag.ACK:
+            self._on_ack(pkt, now)
+        if pkt.kind == Kind.DATA:
+            assert pkt.fragment is not None
+            deliveries = self.receiver.on_fragment(
+                pkt.fragment,
+                now,
+                has_room=self.unreleased < self.config.receive_backlog,
+                ack_now=bool(pkt.flags & Flag.ACK_NOW),
+            )
+            assert self.incarnation is not None
+            for d in deliveries:
+                self.unreleased += len(d.data)
+                self.messages_received += 1
+                self.bytes_received += len(d.data)
+                self._emit(
+                    events.MessageReceived(
+                        peer=self.addr,
+                        data=d.data,
+                        msg_type=d.msg_type,
+                        priority=d.priority,
+                        mailbox=d.mailbox,
+                        msg_id=d.msg_id,
+                        incarnation=self.incarnation,
+                    )
+                )
+        elif pkt.kind == Kind.PING:
+            self.receiver.ack_now = True
+        self._update_wait(now)
+
+    def _on_ack(self, pkt: Packet, now: float) -> None:
+        sender = self.sender
+        for wire_id, reason in pkt.notices:
+            msg = sender.message_by_wire_id(wire_id)
+            if msg is not None and not msg.finished:
+                sender.abandon(msg)
+                text = _REASON_TEXT.get(RejectReason(reason), "refused")
+                self._fail(msg, errors.MessageRejected(self.addr, text))
+        outcome = sender.on_ack(pkt.ack, pkt.sacks, pkt.ack_delay * ACK_DELAY_TICK, pkt.window, now)
+        if outcome.bogus:
+            self.bogus_acks += 1
+        for msg in outcome.completed:
+            self._complete(msg, now)
+
+    def restart(self, new_incarnation: int, now: float) -> None:
+        """The peer came back as ``new_incarnation``: end the old session cleanly."""
+        old = self.incarnation
+        assert old is not None
+        keep = [m for m in self.sender.queue if not m.started]
+        lost = [m for m in self.sender.messages() if m.started]
+        self._prior[0] += self.sender.packets_sent
+        self._prior[1] += self.sender.retransmissions
+        self._prior[2] += self.receiver.duplicates
+        self.sender = SendStream(self.config, self.rtt, self.cc, self._rng.getrandbits(32))
+        self.sender.queue.extend(keep)
+        self.receiver = ReceiveStream(self.config)
+        self.incarnation = new_incarnation
+        restarted = events.PeerRestarted(
+            peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
+        )
+        self._emit(restarted)
+        for msg in lost:
+            msg.finished = True
+            self._fail(msg, errors.PeerRestarted(self.addr, old, new_incarnation))
+        self._update_wait(now)
+
+    def fail_all(self, error: errors.DeliveryFailed) -> None:
+        """Abandon every pending message with ``error`` (peer closed, node closing)."""
+        for msg in self.sender.abandon_all():
+            self._fail(msg, error)
+
+    def has_pending(self) -> bool:
+        return self.sender.has_outstanding()
+
+    # ----------------------------------------------------------------- output
+
+    def datagrams(self, now: float, my_incarnation: int) -> list[bytes]:
+        """Everything this session wants to send now."""
+        out: list[bytes] = []
+        sender = self.sender
+        receiver = self.receiver
+        dst = self.incarnation or 0
+        ack_flag = Flag.ACK if receiver.expected is not None else Flag.NONE
+        if sender.can_send():
+            ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
+            window = self.window()
+            while True:
+                step = sender.next_fragment(now)
+                if step is None:
+                    break
+                frag, retransmission = step
+                more = sender.can_send()
+                flags = ack_flag | (Flag.ACK_NOW if retransmission or not more else Flag.NONE)
+                out.append(
+                    encode(
+                        Packet(
+                            kind=Kind.DATA,
+                            flags=flags,
+                            window=window,
+                            src_incarnation=my_incarnation,
+                            dst_incarnation=dst,
+                            ack=ack.ack,
+                            ack_delay=ack.ack_delay,
+                            sacks=ack.sacks,
+                            notices=ack.notices,
+                            fragment=frag,
+                        )
+                    )
+                )
+                if not more:
+                    break
+            if out:
+                self.ping_now = False
+                complete = (
+                    len(receiver.ranges) <= DATA_SACK_RANGES
+                    and len(receiver.notices) <= DATA_NOTICES
+                )
+                if complete:
+                    receiver.ack_sent()
+                # else: the piggybacked state was partial; a full ACK follows below
+        if receiver.wants_ack(now) or self.ping_now:
+            kind = Kind.PING if self.ping_now else Kind.ACK
+            out.append(self._control(kind, now, my_incarnation, ack_flag))
+            receiver.ack_sent()
+            self.ping_now = False
+        return out
+
+    def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: Flag) -> bytes:
+        ack = self.receiver.ack_state(now)
+        return encode(
+            Packet(
+                kind=kind,
+                flags=ack_flag,
+                window=self.window(),
+                src_incarnation=my_incarnation,
+                dst_incarnation=self.incarnation or 0,
+                ack=ack.ack,
+                ack_delay=ack.ack_delay,
+                sacks=ack.sacks,
+                notices=ack.notices,
+            )
+        )
+
+    # ----------------------------------------------------------------- timers
+
+    def deadline(self) -> float | None:
+        """Earliest time :meth:`on_timer` has work to do."""
+        candidates = [self.sender.deadline(), self.receiver.ack_deadline]
+        while self._deadlines and self._deadlines[0][2].finished:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            candidates.append(self._deadlines[0][0])
+        if self.wait_since is not None and not self.unreachable:
+            heard = max(self.last_heard, self.wait_since)
+            candidates.append(heard + self.config.peer_timeout)
+            if not self.sender.flight:
+                candidates.append(max(self.last_heard, self.last_probe) + self._probe_interval())
+        return min((c for c in candidates if c is not None), default=None)
+
+    def on_timer(self, now: float) -> None:
+        self.sender.on_timer(now)
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, msg = heapq.heappop(self._deadlines)
+            if not msg.finished:
+                self.sender.abandon(msg)
+                self._fail(msg, errors.SendTimeout(self.addr, msg.timeout or 0.0))
+        if self.receiver.ack_deadline is not None and now >= self.receiver.ack_deadline:
+            self.receiver.ack_now = True
+        self._update_wait(now)
+        if self.wait_since is None or self.unreachable:
+            return
+        silent_since = max(self.last_heard, self.wait_since)
+        if now >= silent_since + self.config.peer_timeout:
+            self._declare_unreachable(now, now - silent_since)
+        elif (
+            not self.sender.flight
+            and now >= max(self.last_heard, self.last_probe) + self._probe_interval()
+        ):
+            self.ping_now = True
+            self.last_probe = now
+            self.probe_backoff += 1
+
+    def _probe_interval(self) -> float:
+        return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
+
+    def _update_wait(self, now: float) -> None:
+        waiting = self.watchers > 0 or self.sender.has_outstanding()
+        if not waiting:
+            self.wait_since = None
+        elif self.wait_since is None:
+            self.wait_since = now
+
+    def _declare_unreachable(self, now: float, silent_for: float) -> None:
+        self.unreachable = True
+        self.wait_since = None
+        self._emit(events.PeerUnreachable(peer=self.addr, silent_for=silent_for))
+        self.fail_all(errors.PeerUnreachable(self.addr, silent_for))
+
+    # --------------------------------------------------------------- outcomes
+
+    def _complete(self, msg: OutgoingMessage, now: float) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += len(msg.data)
+        self._on_finished(msg)
+        assert self.incarnation is not None
+        self._emit(
+            events.MessageDelivered(
+                ticket=msg.ticket,
+                peer=self.addr,
+                size=len(msg.data),
+                fragments=msg.count,
+                transmissions=msg.transmissions,
+                elapsed=now - msg.created,
+                incarnation=self.incarnation,
+            )
+        )
+
+    def _fail(self, msg: OutgoingMessage, error: errors.DeliveryFailed) -> None:
+        self.messages_failed += 1
+        self._on_finished(msg)
+        self._emit(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> PeerStats:
+        rtt = self.rtt
+        return PeerStats(
+            address=self.addr,
+            incarnation=self.incarnation,
+            srtt=rtt.srtt,
+            rttvar=rtt.rttvar,
+            rto=rtt.rto,
+            min_rtt=None if rtt.srtt is None else rtt.min_rtt,
+            cwnd=self.cc.window,
+            peer_window=self.sender.peer_window,
+            in_flight=len(self.sender.flight),
+            queued_messages=len(self.sender.messages()),
+            packets_sent=self._prior[0] + self.sender.packets_sent,
+            retransmissions=self._prior[1] + self.sender.retransmissions,
+            packets_received=self.packets_received,
+            duplicates=self._prior[2] + self.receiver.duplicates,
+            corrupt=self.corrupt,
+            messages_sent=self.messages_sent,
+            messages_failed=self.messages_failed,
+            messages_received=self.messages_received,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            unreachable=self.unreachable,
+        )

@@ -1,0 +1,322 @@
+"""The receiving half of a peer session: dedupe, reordering, reassembly, acks.
+
+Theory of operation
+-------------------
+``expected`` is the next sequence number to deliver; everything below it was
+delivered, refused or skipped, so a packet below it is a duplicate and costs
+nothing to remember (dedupe with bounded memory). Packets in
+``[expected, expected + max_window)`` wait in ``ooo`` until the gap before
+them fills; anything further out is dropped, so the reorder buffer holds at
+most ``max_window`` datagrams. In-order packets feed reassembly, which holds
+at most one partial message of at most ``max_message_size`` bytes.
+
+The first packet of a new peer incarnation sets ``expected`` to the *base* it
+carries (the sender's lowest outstanding sequence number), so a session may
+start anywhere in sequence space. A later base above ``expected`` means the
+sender abandoned what lies between (a send timeout, an unreachable verdict):
+complete messages there are still delivered, partial ones dropped.
+
+Acknowledgements are delayed (up to ``max_ack_delay``, or ``ack_every``
+packets) unless something calls for one at once: a gap, a duplicate, a
+request from the sender, a refusal. A refused message produces a notice that
+rides on every ack until the sender's base passes it; the cumulative ack is
+held back so that it never covers a refused message whose notice did not fit
+in the same packet.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .config import Config
+from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, RejectReason, unwrap
+
+__all__ = ["AckState", "Delivery", "ReceiveStream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A reassembled message, ready for the application."""
+
+    msg_id: int
+    data: bytes
+    msg_type: int
+    priority: int
+    mailbox: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckState:
+    """The acknowledgement fields for the next outgoing packet (wire values)."""
+
+    ack: int
+    ack_delay: int
+    sacks: tuple[tuple[int, int], ...]
+    notices: tuple[tuple[int, int], ...]
+
+
+@dataclass(slots=True)
+class _Partial:
+    msg_id: int
+    count: int
+    total_len: int
+    msg_type: int
+    priority: int
+    mailbox: str
+    rejected: RejectReason | None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    next_index: int = 0
+
+
+@dataclass(slots=True)
+class _Notice:
+    reason: RejectReason
+    first_seq: int
+
+
+class ReceiveStream:
+    """Receiver state for one peer incarnation."""
+
+    __slots__ = (
+        "ack_deadline",
+        "ack_every",
+        "ack_now",
+        "ack_pending",
+        "beyond_window",
+        "duplicates",
+        "expected",
+        "first_unacked_time",
+        "last_msg_id",
+        "max_ack_delay",
+        "max_message_size",
+        "max_window",
+        "no_room",
+        "notices",
+        "ooo",
+        "partial",
+        "protocol_errors",
+        "ranges",
+        "reassembly_errors",
+        "refused",
+    )
+
+    def __init__(self, config: Config) -> None:
+        self.max_window = config.max_window
+        self.max_message_size = config.max_message_size
+        self.ack_every = config.ack_every
+        self.max_ack_delay = config.max_ack_delay
+        self.expected: int | None = None
+        self.ooo: dict[int, Fragment] = {}
+        self.ranges: list[list[int]] = []  # sorted, disjoint [start, end) runs of ooo keys
+        self.partial: _Partial | None = None
+        self.last_msg_id: int | None = None
+        self.notices: dict[int, _Notice] = {}
+        self.ack_pending = 0
+        self.ack_now = False
+        self.ack_deadline: float | None = None
+        self.first_unacked_time: float | None = None
+        self.duplicates = 0
+        self.beyond_window = 0
+        self.no_room = 0
+        self.protocol_errors = 0
+        self.reassembly_errors = 0
+        self.refused = 0
+
+    # ------------------------------------------------------------- receiving
+
+    def on_fragment(
+        self, frag: Fragment, now: float, *, has_room: bool, ack_now: bool
+    ) -> list[Delivery]:
+        """Take one DATA fragment; returns the messages it completed, in order."""
+        if self.expected is None:
+            seq = frag.seq
+            base = unwrap(frag.base, seq)
+            if base > seq:
+                self.protocol_errors += 1
+                return []
+            self.expected = base
+        else:
+            seq = unwrap(frag.seq, self.expected)
+            base = unwrap(frag.base, seq)
+            if base > seq:
+                self.protocol_errors += 1
+                return []
+        delivered: list[Delivery] = []
+        self._expire_notices(base)
+        if base > self.expected:
+            self._skip_to(base, delivered)
+        if seq < self.expected or seq in self.ooo:
+            self.duplicates += 1
+            self.ack_now = True
+            return delivered
+        if seq >= self.expected + self.max_window:
+            self.beyond_window += 1
+            self.ack_now = True
+            return delivered
+        if seq == self.expected and not has_room:
+            self.no_room += 1
+            self.ack_now = True
+            return delivered
+        self.ooo[seq] = frag
+        self._add_range(seq)
+        if seq == self.expected:
+            self._advance(delivered)
+        else:
+            self.ack_now = True  # a gap: report it at once so the sender can repair it
+        self.ack_pending += 1
+        if self.first_unacked_time is None:
+            self.first_unacked_time = now
+        if ack_now or self.ack_pending >= self.ack_every:
+            self.ack_now = True
+        elif self.ack_deadline is None:
+            self.ack_deadline = now + self.max_ack_delay
+        return delivered
+
+    def _advance(self, delivered: list[Delivery]) -> None:
+        assert self.expected is not None
+        while True:
+            frag = self.ooo.pop(self.expected, None)
+            if frag is None:
+                break
+            self._reassemble(frag, self.expected, delivered)
+            self.expected += 1
+        self._trim_ranges()
+
+    def _skip_to(self, base: int, delivered: list[Delivery]) -> None:
+        """The sender abandoned everything below ``base``: deliver what is whole, drop the rest."""
+        assert self.expected is not None
+        for seq in sorted(s for s in self.ooo if s < base):
+            if seq != self.expected:
+                self.partial = None  # a gap: the message in progress can never complete
+            self._reassemble(self.ooo.pop(seq), seq, delivered)
+            self.expected = seq + 1
+        if self.expected < base:
+            self.partial = None
+            self.expected = base
+        self._trim_ranges()
+        self._advance(delivered)
+
+    def _reassemble(self, frag: Fragment, seq: int, delivered: list[Delivery]) -> None:
+        partial = self.partial
+        if frag.index == 0:
+            if partial is not None:
+                self.reassembly_errors += 1
+            reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
+            msg_id = unwrap(frag.msg_id, reference)
+            self.last_msg_id = msg_id
+            rejected = None
+            if frag.total_len > self.max_message_size:
+                rejected = RejectReason.TOO_LARGE
+                self.notices[msg_id] = _Notice(rejected, seq)
+                self.refused += 1
+                self.ack_now = True
+            partial = self.partial = _Partial(
+                msg_id=msg_id,
+                count=frag.count,
+                total_len=frag.total_len,
+                msg_type=frag.msg_type,
+                priority=frag.priority,
+                mailbox=frag.mailbox,
+                rejected=rejected,
+            )
+        elif (
+            partial is None
+            or frag.index != partial.next_index
+            or frag.count != partial.count
+            or frag.total_len != partial.total_len
+            or frag.msg_id != partial.msg_id & 0xFFFFFFFF
+        ):
+            # The tail of a message whose start was skipped, or a broken sender.
+            self.reassembly_errors += 1
+            self.partial = None
+            return
+        partial.next_index += 1
+        if partial.rejected is None:
+            partial.chunks.append(frag.payload)
+            partial.size += len(frag.payload)
+            if partial.size > partial.total_len:
+                self.reassembly_errors += 1
+                self.partial = None
+                return
+        if partial.next_index < partial.count:
+            return
+        self.partial = None
+        if partial.rejected is not None:
+            return
+        if partial.size != partial.total_len:
+            self.reassembly_errors += 1
+            return
+        data = partial.chunks[0] if partial.count == 1 else b"".join(partial.chunks)
+        delivered.append(
+            Delivery(partial.msg_id, data, partial.msg_type, partial.priority, partial.mailbox)
+        )
+
+    def _add_range(self, seq: int) -> None:
+        ranges = self.ranges
+        i = bisect.bisect_right(ranges, seq, key=lambda r: r[0])
+        if i > 0 and ranges[i - 1][1] == seq:
+            ranges[i - 1][1] = seq + 1
+            if i < len(ranges) and ranges[i][0] == seq + 1:
+                ranges[i - 1][1] = ranges[i][1]
+                del ranges[i]
+        elif i < len(ranges) and ranges[i][0] == seq + 1:
+            ranges[i][0] = seq
+        else:
+            ranges.insert(i, [seq, seq + 1])
+
+    def _trim_ranges(self) -> None:
+        assert self.expected is not None
+        ranges = self.ranges
+        while ranges and ranges[0][1] <= self.expected:
+            del ranges[0]
+        if ranges and ranges[0][0] < self.expected:
+            ranges[0][0] = self.expected
+
+    def _expire_notices(self, base: int) -> None:
+        """The sender's base passed these refused messages: it has seen their notices."""
+        if self.notices:
+            for msg_id in [m for m, n in self.notices.items() if n.first_seq < base]:
+                del self.notices[msg_id]
+
+    # -------------------------------------------------------- acknowledging
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes buffered for reordering and reassembly."""
+        held = sum(len(f.payload) for f in self.ooo.values()) if self.ooo else 0
+        return held + (self.partial.size if self.partial is not None else 0)
+
+    def wants_ack(self, now: float) -> bool:
+        """Whether an acknowledgement should go out now."""
+        return self.ack_now or (self.ack_deadline is not None and now >= self.ack_deadline)
+
+    def ack_state(
+        self, now: float, max_sacks: int = MAX_SACK_RANGES, max_notices: int = MAX_NOTICES
+    ) -> AckState:
+        """Acknowledgement fields as of ``now``, with at most the given SACKs and notices."""
+        if self.expected is None:
+            return AckState(0, 0, (), ())
+        cum = self.expected
+        notices = list(self.notices.items())
+        if len(notices) > max_notices:
+            # Never acknowledge past a refused message whose notice is not in this packet.
+            cum = min(cum, notices[max_notices][1].first_seq)
+            notices = notices[:max_notices]
+        delay = 0
+        if self.first_unacked_time is not None:
+            delay = int((now - self.first_unacked_time) / ACK_DELAY_TICK)
+        return AckState(
+            ack=cum,
+            ack_delay=max(0, delay),
+            sacks=tuple((s, e) for s, e in self.ranges[:max_sacks]),
+            notices=tuple((m, int(n.reason)) for m, n in notices),
+        )
+
+    def ack_sent(self) -> None:
+        """An outgoing packet carried the current acknowledgement state."""
+        self.ack_pending = 0
+        self.ack_now = False
+        self.ack_deadline = None
+        self.first_unacked_time = None

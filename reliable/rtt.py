@@ -1,0 +1,88 @@
+"""Round-trip time estimation and the retransmission timeout (RFC 6298).
+
+SRTT and RTTVAR follow RFC 6298 section 2 exactly. Two refinements come from
+RFC 9002 section 5: the peer reports how long it held each acknowledgement
+(``ack_delay``), which is subtracted when that does not take the sample below
+the minimum RTT seen, and the RTO adds the peer's ``max_ack_delay`` so a
+delayed ack never looks like a loss. Karn's rule is the caller's job: only
+acknowledgements of packets transmitted once are offered as samples.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["RttEstimator"]
+
+_ALPHA = 1 / 8
+_BETA = 1 / 4
+
+
+class RttEstimator:
+    """SRTT/RTTVAR/RTO for one peer. Times in seconds."""
+
+    __slots__ = (
+        "granularity",
+        "initial_rto",
+        "latest",
+        "max_ack_delay",
+        "max_rto",
+        "min_rto",
+        "min_rtt",
+        "rttvar",
+        "samples",
+        "srtt",
+    )
+
+    def __init__(
+        self,
+        *,
+        initial_rto: float,
+        min_rto: float,
+        max_rto: float,
+        max_ack_delay: float,
+        granularity: float,
+    ) -> None:
+        self.initial_rto = initial_rto
+        self.min_rto = min_rto
+        self.max_rto = max_rto
+        self.max_ack_delay = max_ack_delay
+        self.granularity = granularity
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.min_rtt = float("inf")
+        self.latest = 0.0
+        self.samples = 0
+
+    def on_sample(self, rtt: float, ack_delay: float = 0.0) -> None:
+        """Fold in one measurement: ``rtt`` from send to ack, ``ack_delay`` held by the peer."""
+        if rtt < 0:
+            return
+        self.samples += 1
+        self.latest = rtt
+        self.min_rtt = min(self.min_rtt, rtt)
+        ack_delay = min(max(ack_delay, 0.0), self.max_ack_delay)
+        adjusted = rtt - ack_delay if rtt - ack_delay >= self.min_rtt else rtt
+        if self.srtt is None:
+            self.srtt = adjusted
+            self.rttvar = adjusted / 2
+        else:
+            self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(self.srtt - adjusted)
+            self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * adjusted
+
+    @property
+    def rto(self) -> float:
+        """Current retransmission timeout, before backoff."""
+        if self.srtt is None:
+            return min(max(self.initial_rto, self.min_rto), self.max_rto)
+        rto = self.srtt + max(self.granularity, 4 * self.rttvar) + self.max_ack_delay
+        return min(max(rto, self.min_rto), self.max_rto)
+
+    def backed_off(self, count: int) -> float:
+        """The RTO doubled ``count`` times (exponential backoff), capped at ``max_rto``."""
+        return min(math.ldexp(self.rto, min(count, 30)), self.max_rto)
+
+    def loss_delay(self) -> float:
+        """Age after which an unacked packet overtaken by a later ack is lost (RFC 9002 6.1.2)."""
+        base = self.initial_rto if self.srtt is None else max(self.srtt, self.latest)
+        return max(base * 9 / 8, self.granularity)

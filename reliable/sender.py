@@ -1,0 +1,404 @@
+"""The sending half of a peer session: sequencing, loss detection, retransmission.
+
+Theory of operation
+-------------------
+Messages wait in ``queue`` until the windows allow their fragments out. A
+fragment gets its sequence number when it is first transmitted, so messages
+abandoned before that never consume sequence space, and a message's fragments
+always occupy consecutive numbers (the receiver reassembles by walking them in
+order). A retransmission reuses the sequence number, as in TCP.
+
+Every transmission also gets a ``tx`` number, strictly increasing. Loss
+detection works in transmission order, RACK-style (RFC 8985, with RFC 9002's
+thresholds): a packet in flight is lost when one transmitted at least
+``K_PACKET_THRESHOLD`` transmissions later was acknowledged, or when it is
+older than ``9/8 * RTT`` and a later transmission was acknowledged. Working in
+transmission order rather than sequence order is what lets a retransmitted
+packet be judged by its new transmission, not its old sequence position.
+
+Invariants:
+
+* ``unacked`` holds, in sequence order, every transmitted packet that is
+  neither acknowledged (cumulatively or selectively) nor abandoned. Its first
+  key is the *base* every DATA packet carries; the receiver may discard
+  anything below it.
+* ``flight`` holds, in transmission order, the packets of ``unacked`` that are
+  in the network (not yet declared lost). Its size is bounded by the
+  congestion window; new sequence numbers are bounded by the peer's
+  cumulative ack plus its advertised window (flow control).
+* A message is *delivered* only when the cumulative ack passes its last
+  fragment, never on selective acks alone: a receiver that refuses a message
+  includes the refusal in every ack from the moment the cumulative ack reaches
+  it, so a refusal can never be overtaken by the ack that would complete it.
+* The retransmission timer (RFC 6298, with RFC 9002's PTO refinements) backs
+  off exponentially while nothing is acknowledged; on expiry everything in
+  flight is presumed lost and the congestion window collapses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import K_PACKET_THRESHOLD, Config
+from .congestion import NewReno
+from .rtt import RttEstimator
+from .wire import Fragment, unwrap
+
+__all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
+
+_MAX_REORDER_THRESHOLD = 32
+
+
+@dataclass(slots=True, eq=False)
+class OutgoingMessage:
+    """A message accepted by ``send`` and not yet delivered or failed."""
+
+    ticket: int
+    data: bytes
+    msg_type: int
+    priority: int
+    mailbox: str
+    created: float
+    deadline: float | None
+    timeout: float | None
+    fragment_size: int
+    count: int
+    msg_id: int = -1  #: assigned at first transmission
+    first_seq: int = -1  #: assigned at first transmission
+    next_index: int = 0  #: next fragment to transmit for the first time
+    transmissions: int = 0
+    finished: bool = False
+
+    @property
+    def started(self) -> bool:
+        """Whether any fragment has been transmitted (and so may have been received)."""
+        return self.next_index > 0
+
+    def fragment_payload(self, index: int) -> bytes:
+        start = index * self.fragment_size
+        return self.data[start : start + self.fragment_size]
+
+
+@dataclass(slots=True, eq=False)
+class SentPacket:
+    """One transmitted fragment awaiting acknowledgement."""
+
+    seq: int
+    message: OutgoingMessage
+    index: int
+    tx: int = 0
+    sent_time: float = 0.0
+    retransmitted: bool = False
+    lost: bool = False
+
+
+@dataclass(slots=True)
+class AckOutcome:
+    """What one acknowledgement did."""
+
+    newly_acked: int = 0
+    completed: list[OutgoingMessage] = field(default_factory=list)
+    bogus: bool = False  #: it acknowledged sequence numbers never sent
+
+
+class SendStream:
+    """Sender state for one peer incarnation."""
+
+    __slots__ = (
+        "backoff",
+        "by_msg_id",
+        "cc",
+        "cum_ack",
+        "cwnd_limited",
+        "flight",
+        "largest_acked_tx",
+        "last_send_time",
+        "loss_time",
+        "lost",
+        "next_msg_id",
+        "next_seq",
+        "packets_sent",
+        "peer_window",
+        "queue",
+        "reorder_threshold",
+        "retransmissions",
+        "rtt",
+        "spurious",
+        "tx_counter",
+        "unacked",
+    )
+
+    def __init__(self, config: Config, rtt: RttEstimator, cc: NewReno, initial_seq: int) -> None:
+        self.rtt = rtt
+        self.cc = cc
+        self.next_seq = initial_seq
+        self.cum_ack = initial_seq
+        self.next_msg_id = 0
+        self.peer_window = config.initial_peer_window
+        self.queue: deque[OutgoingMessage] = deque()
+        self.unacked: dict[int, SentPacket] = {}
+        self.flight: dict[int, SentPacket] = {}
+        self.lost: list[int] = []
+        self.by_msg_id: dict[int, OutgoingMessage] = {}
+        self.tx_counter = 0
+        self.largest_acked_tx = -1
+        self.loss_time: float | None = None
+        self.last_send_time = 0.0
+        self.backoff = 0
+        self.packets_sent = 0
+        self.retransmissions = 0
+        self.cwnd_limited = False
+        self.reorder_threshold = K_PACKET_THRESHOLD
+        self.spurious = 0
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def base(self) -> int:
+        """Lowest sequence number neither acknowledged nor abandoned."""
+        for seq in self.unacked:
+            return seq
+        return self.next_seq
+
+    def has_outstanding(self) -> bool:
+        """Whether any accepted message still awaits its fate."""
+        return bool(self.queue or self.by_msg_id)
+
+    def window_blocked(self) -> bool:
+        """Data waits only because the peer's advertised window is closed."""
+        return (
+            bool(self.queue)
+            and not self.flight
+            and not self._has_lost()
+            and self.next_seq >= self.cum_ack + self.peer_window
+        )
+
+    def can_send(self) -> bool:
+        """Whether :meth:`next_fragment` would return a packet now."""
+        if len(self.flight) >= self.cc.window:
+            return False
+        if self._has_lost():
+            return True
+        return bool(self.queue) and self.next_seq < self.cum_ack + self.peer_window
+
+    def deadline(self) -> float | None:
+        """When :meth:`on_timer` must run: time-threshold loss or retransmission timeout."""
+        if self.loss_time is not None:
+            return self.loss_time
+        if self.flight:
+            return self.last_send_time + self.rtt.backed_off(self.backoff)
+        return None
+
+    def messages(self) -> list[OutgoingMessage]:
+        """Every unfinished message, transmitted ones first, in order."""
+        return list(self.by_msg_id.values()) + [m for m in self.queue if not m.started]
+
+    # ---------------------------------------------------------------- sending
+
+    def next_fragment(self, now: float) -> tuple[Fragment, bool] | None:
+        """The next packet to transmit, and whether it is a retransmission."""
+        if len(self.flight) >= self.cc.window:
+            self.cwnd_limited = True
+            return None
+        while self.lost:
+            pkt = self.unacked.get(self.lost[0])
+            heapq.heappop(self.lost)
+            if pkt is None or not pkt.lost:
+                continue  # acknowledged or abandoned since it was declared lost
+            pkt.lost = False
+            pkt.retransmitted = True
+            self.retransmissions += 1
+            self._transmit(pkt, now)
+            return self._fragment(pkt), True
+        if not self.queue or self.next_seq >= self.cum_ack + self.peer_window:
+            return None
+        msg = self.queue[0]
+        if msg.next_index == 0:
+            msg.msg_id = self.next_msg_id
+            msg.first_seq = self.next_seq
+            self.next_msg_id += 1
+            self.by_msg_id[msg.msg_id] = msg
+        pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index)
+        msg.next_index += 1
+        if msg.next_index == msg.count:
+            self.queue.popleft()
+        self.next_seq += 1
+        self.unacked[pkt.seq] = pkt
+        self._transmit(pkt, now)
+        return self._fragment(pkt), False
+
+    def _has_lost(self) -> bool:
+        while self.lost:
+            pkt = self.unacked.get(self.lost[0])
+            if pkt is not None and pkt.lost:
+                return True
+            heapq.heappop(self.lost)
+        return False
+
+    def _transmit(self, pkt: SentPacket, now: float) -> None:
+        pkt.tx = self.tx_counter
+        self.tx_counter += 1
+        pkt.sent_time = now
+        self.flight[pkt.tx] = pkt
+        pkt.message.transmissions += 1
+        self.last_send_time = now
+        self.packets_sent += 1
+
+    def _fragment(self, pkt: SentPacket) -> Fragment:
+        msg = pkt.message
+        return Fragment(
+            seq=pkt.seq,
+            base=self.base,
+            msg_id=msg.msg_id,
+            index=pkt.index,
+            count=msg.count,
+            total_len=len(msg.data),
+            msg_type=msg.msg_type,
+            priority=msg.priority,
+            mailbox=msg.mailbox,
+            payload=msg.fragment_payload(pkt.index),
+        )
+
+    # ------------------------------------------------------- acknowledgements
+
+    def on_ack(
+        self,
+        ack: int,
+        sacks: tuple[tuple[int, int], ...],
+        ack_delay: float,
+        window: int,
+        now: float,
+    ) -> AckOutcome:
+        """Process the peer's acknowledgement state (32-bit wire values)."""
+        outcome = AckOutcome()
+        cum = unwrap(ack, self.next_seq)
+        if cum > self.next_seq:
+            outcome.bogus = True
+            return outcome
+        if cum < self.cum_ack:
+            return outcome  # an older acknowledgement, overtaken in the network
+        self.cum_ack = cum
+        self.peer_window = window
+        newest: SentPacket | None = None
+        acked = 0
+        unacked = self.unacked
+        while unacked:
+            seq = next(iter(unacked))
+            if seq >= cum:
+                break
+            pkt = unacked.pop(seq)
+            acked += 1
+            newest = self._forget(pkt, newest)
+        for start_w, end_w in sacks:
+            start = max(unwrap(start_w, cum), cum)
+            end = min(unwrap(end_w, cum), self.next_seq)
+            if end - start <= len(unacked):
+                seqs: list[int] | range = range(start, end)
+            else:
+                seqs = [s for s in unacked if start <= s < end]
+            for seq in seqs:
+                sacked = unacked.pop(seq, None)
+                if sacked is not None:
+                    acked += 1
+                    newest = self._forget(sacked, newest)
+        outcome.newly_acked = acked
+        if newest is not None:
+            if not newest.retransmitted:  # Karn: never time an ambiguous ack
+                self.rtt.on_sample(now - newest.sent_time, ack_delay)
+            self.backoff = 0
+            # Grow the window only if it was in use (RFC 7661): an application-limited
+            # sender has not shown the path can carry more.
+            if self.cwnd_limited or 2 * (len(self.flight) + acked) >= self.cc.window:
+                self.cc.on_acked(acked, newest.sent_time)
+            self.cwnd_limited = False
+            self.largest_acked_tx = max(self.largest_acked_tx, newest.tx)
+        for msg in self.by_msg_id.values():
+            if msg.next_index < msg.count or msg.first_seq + msg.count > cum:
+                break
+            outcome.completed.append(msg)
+        for msg in outcome.completed:
+            del self.by_msg_id[msg.msg_id]
+            msg.finished = True
+        self.detect_losses(now)
+        return outcome
+
+    def _forget(self, pkt: SentPacket, newest: SentPacket | None) -> SentPacket | None:
+        if pkt.lost:
+            # Declared lost, yet here is its acknowledgement before any retransmission:
+            # the network reordered more than we allowed for. Allow more (RFC 9002 6.1.1).
+            self.spurious += 1
+            self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
+        else:
+            self.flight.pop(pkt.tx, None)
+        if newest is None or pkt.tx > newest.tx:
+            return pkt
+        return newest
+
+    def detect_losses(self, now: float) -> int:
+        """Declare packets overtaken by later acknowledged transmissions lost."""
+        self.loss_time = None
+        if self.largest_acked_tx < 0:
+            return 0
+        delay = self.rtt.loss_delay()
+        lost: list[SentPacket] = []
+        for tx, pkt in self.flight.items():
+            if tx >= self.largest_acked_tx:
+                break
+            # the same expression as loss_time below, so a timer firing at loss_time always
+            # finds its packet lost (now - delay could round the other way and livelock)
+            if self.largest_acked_tx - tx >= self.reorder_threshold or pkt.sent_time + delay <= now:
+                lost.append(pkt)
+            else:
+                self.loss_time = pkt.sent_time + delay
+                break
+        for pkt in lost:
+            self._declare_lost(pkt)
+        if lost:
+            self.cc.on_lost(lost[-1].sent_time, now)
+        return len(lost)
+
+    def _declare_lost(self, pkt: SentPacket) -> None:
+        del self.flight[pkt.tx]
+        pkt.lost = True
+        heapq.heappush(self.lost, pkt.seq)
+
+    def on_timer(self, now: float) -> None:
+        """Run the loss-detection or retransmission timer if it is due."""
+        if self.loss_time is not None:
+            if now >= self.loss_time:
+                self.detect_losses(now)
+            return
+        if self.flight and now >= self.last_send_time + self.rtt.backed_off(self.backoff):
+            self.backoff += 1
+            for pkt in list(self.flight.values()):
+                self._declare_lost(pkt)
+            self.cc.on_timeout(now)
+
+    # ------------------------------------------------------------ abandoning
+
+    def message_by_wire_id(self, wire_id: int) -> OutgoingMessage | None:
+        """The unfinished transmitted message a reject notice names, if any."""
+        return self.by_msg_id.get(unwrap(wire_id, self.next_msg_id))
+
+    def abandon(self, msg: OutgoingMessage) -> None:
+        """Stop sending ``msg``: its sequence numbers are skipped, never retransmitted."""
+        msg.finished = True
+        if msg.started:
+            self.by_msg_id.pop(msg.msg_id, None)
+            for seq in range(msg.first_seq, msg.first_seq + msg.next_index):
+                pkt = self.unacked.pop(seq, None)
+                if pkt is not None and not pkt.lost:
+                    del self.flight[pkt.tx]
+        if msg.next_index < msg.count:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(msg)
+
+    def abandon_all(self) -> list[OutgoingMessage]:
+        """Abandon every unfinished message; returns them, transmitted ones first."""
+        msgs = self.messages()
+        for msg in msgs:
+            self.abandon(msg)
+        return msgs

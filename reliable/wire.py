@@ -1,0 +1,362 @@
+"""rmsg wire format, version 1: pure encode/decode of datagrams.
+
+Every datagram is one packet: a fixed 32-byte header, a variable acknowledgement
+section, a kind-specific body and a 4-byte CRC-32 trailer over everything before
+it. All integers are network byte order. The layout is specified, with a diagram,
+in ``docs/protocol.md``; this module is its executable form.
+
+Design choices worth knowing:
+
+* Every packet carries the acknowledgement state of the reverse direction
+  (cumulative ack, advertised window, SACK ranges, reject notices), so data
+  piggybacks acks for free and a pure ACK is just a packet with no body.
+* Sequence numbers, message ids and acks are 32-bit on the wire and wrap.
+  Protocol state keeps them as unbounded Python ints; :func:`unwrap` maps a
+  32-bit wire value back to the int nearest a reference point (RFC 1982 serial
+  arithmetic), so a wrap is never mistaken for an old or a future packet.
+* The decoder trusts nothing: each length is checked against what is actually
+  there, reserved flag bits must be zero, fragment fields must be coherent, and
+  the checksum is verified before any field is interpreted. Failures raise
+  :class:`MalformedPacket` with a short machine-readable reason that callers
+  count; they never escape the protocol core.
+* Room for later versions: ``magic`` + ``version`` let a v2 coexist; kinds
+  16-255 are reserved for group addressing; flag bits 8-15 are reserved for
+  the authenticated and encrypted modes, whose tag takes the place of the CRC.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+
+__all__ = [
+    "ACK_DELAY_TICK",
+    "DATA_NOTICES",
+    "DATA_SACK_RANGES",
+    "FRAGMENT_OVERHEAD",
+    "HEADER_OVERHEAD",
+    "MAGIC",
+    "MAX_MAILBOX_BYTES",
+    "MAX_NOTICES",
+    "MAX_SACK_RANGES",
+    "MSG_TYPE_MAX",
+    "MSG_TYPE_MIN",
+    "PRIORITY_MAX",
+    "SERIAL_BITS",
+    "VERSION",
+    "Flag",
+    "Fragment",
+    "Kind",
+    "MalformedPacket",
+    "Packet",
+    "RejectReason",
+    "decode",
+    "encode",
+    "fragment_capacity",
+    "unwrap",
+]
+
+MAGIC = 0x524D  # "RM"
+VERSION = 1
+SERIAL_BITS = 32
+_SERIAL_MOD = 1 << SERIAL_BITS
+_SERIAL_HALF = 1 << (SERIAL_BITS - 1)
+_SERIAL_MASK = _SERIAL_MOD - 1
+
+#: Unit of the header's ``ack_delay`` field, in seconds (10 microseconds).
+ACK_DELAY_TICK = 1e-5
+#: Most SACK ranges one packet may carry. The receiver reports the ranges
+#: nearest the cumulative ack first, which are the ones a sender acts on.
+MAX_SACK_RANGES = 32
+#: Most reject notices one packet may carry.
+MAX_NOTICES = 32
+#: SACK ranges and notices a DATA packet carries at most; pure ACKs carry the full set.
+#: Kept small so acknowledgement state costs data packets little room.
+DATA_SACK_RANGES = 4
+DATA_NOTICES = 2
+#: Longest mailbox name, in UTF-8 bytes.
+MAX_MAILBOX_BYTES = 255
+
+# magic, version, kind, flags, window, src_inc, dst_inc, ack, ack_delay, n_sack, n_notice
+_HEADER = struct.Struct("!HBBHHQQIHBB")
+_SACK = struct.Struct("!II")
+_NOTICE = struct.Struct("!IB")
+# seq, base, msg_id, frag_index, frag_count, total_len, msg_type, priority, mailbox_len
+_FRAGMENT = struct.Struct("!IIIIIIiHB")
+_PAYLOAD_LEN = struct.Struct("!H")
+_TRAILER = struct.Struct("!I")
+
+#: Bytes every packet spends on header and trailer, before SACKs and notices.
+HEADER_OVERHEAD = _HEADER.size + _TRAILER.size
+#: Bytes a DATA packet spends beyond :data:`HEADER_OVERHEAD`, before the mailbox name.
+FRAGMENT_OVERHEAD = _FRAGMENT.size + _PAYLOAD_LEN.size
+
+_U16_MAX = 0xFFFF
+#: Range of the message type field (signed 32-bit).
+MSG_TYPE_MIN = -(1 << 31)
+MSG_TYPE_MAX = (1 << 31) - 1
+#: Range of the priority field.
+PRIORITY_MAX = _U16_MAX
+
+
+class Kind(enum.IntEnum):
+    """Packet kinds. Values 16-255 are reserved for group addressing."""
+
+    DATA = 1  #: one fragment of a message, plus ack state
+    ACK = 2  #: ack state only
+    PING = 3  #: asks for an immediate ACK: liveness and zero-window probes
+    CLOSE = 4  #: the sender is closing; its incarnation ends
+    RESET = 5  #: "the incarnation you addressed is not mine": I restarted
+
+
+class Flag(enum.IntFlag):
+    """Header flag bits. Bits 8-15 are reserved (auth/encryption) and must be zero in v1."""
+
+    NONE = 0
+    ACK_NOW = 0x0001  #: the receiver should acknowledge at once, not after a delay
+    ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
+
+
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK)
+
+
+class RejectReason(enum.IntEnum):
+    """Why a receiver refused a whole message (carried in reject notices)."""
+
+    TOO_LARGE = 1  #: larger than the receiver's ``max_message_size``
+    NO_MAILBOX = 2  #: no mailbox of that name on the receiving node
+    MAILBOX_CLOSED = 3  #: the mailbox exists but no longer accepts messages
+    REFUSED = 4  #: the receiving application refused it
+
+
+class MalformedPacket(ValueError):
+    """A datagram that is not a valid v1 packet. ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fragment:
+    """The body of a DATA packet: one fragment of one message.
+
+    Sequence-like fields hold 32-bit wire values; see :func:`unwrap`.
+    """
+
+    seq: int  #: packet sequence number
+    base: int  #: sender's lowest outstanding seq: all below it is acked or abandoned
+    msg_id: int  #: per-session message number
+    index: int  #: this fragment's position, 0-based
+    count: int  #: fragments in the message, >= 1
+    total_len: int  #: whole message length in bytes
+    msg_type: int  #: signed 32-bit message type (System V style)
+    priority: int  #: 0-65535, higher is more urgent
+    mailbox: str  #: destination mailbox name ("" for the node's default)
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Packet:
+    """One decoded datagram."""
+
+    kind: Kind
+    flags: int = 0
+    window: int = 0  #: advertised receive window, in packets beyond ``ack``
+    src_incarnation: int  #: sender's incarnation (non-zero)
+    dst_incarnation: int = 0  #: receiver's incarnation as the sender knows it, 0 if unknown
+    ack: int = 0  #: cumulative ack: the next seq expected from the receiver of this packet
+    ack_delay: int = 0  #: how long the ack was held, in :data:`ACK_DELAY_TICK` units
+    sacks: tuple[tuple[int, int], ...] = ()  #: received ranges above ``ack``, [start, end)
+    notices: tuple[tuple[int, int], ...] = ()  #: (msg_id, RejectReason) pairs
+    fragment: Fragment | None = None
+
+
+def unwrap(value: int, reference: int) -> int:
+    """Map a 32-bit wire value to the unbounded int nearest ``reference``.
+
+    Serial-number arithmetic (RFC 1982): the result lies within 2**31 of
+    ``reference``, so a counter that wrapped is read as having moved forward.
+    """
+    delta = (value - reference) & _SERIAL_MASK
+    if delta >= _SERIAL_HALF:
+        delta -= _SERIAL_MOD
+    return reference + delta
+
+
+def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
+    """Payload bytes that fit in one DATA datagram of ``max_datagram_size`` bytes.
+
+    Leaves room for the ack state a DATA packet may piggyback
+    (:data:`DATA_SACK_RANGES`, :data:`DATA_NOTICES`), so adding it never
+    pushes a datagram over the size the sender promised.
+    """
+    reserved = (
+        HEADER_OVERHEAD
+        + FRAGMENT_OVERHEAD
+        + len(mailbox.encode("utf-8"))
+        + _SACK.size * DATA_SACK_RANGES
+        + _NOTICE.size * DATA_NOTICES
+    )
+    return min(_U16_MAX, max_datagram_size - reserved)
+
+
+def encode(packet: Packet) -> bytes:
+    """Serialise ``packet``; raises ``ValueError`` if a field is out of range."""
+    if len(packet.sacks) > MAX_SACK_RANGES or len(packet.notices) > MAX_NOTICES:
+        raise ValueError("too many SACK ranges or notices for one packet")
+    if packet.flags & ~_KNOWN_FLAGS:
+        raise ValueError(f"unknown flag bits {packet.flags:#x}")
+    if (packet.fragment is None) != (packet.kind != Kind.DATA):
+        raise ValueError("a DATA packet needs a fragment and only DATA may carry one")
+    try:
+        parts = [
+            _HEADER.pack(
+                MAGIC,
+                VERSION,
+                packet.kind,
+                packet.flags,
+                packet.window,
+                packet.src_incarnation,
+                packet.dst_incarnation,
+                packet.ack & _SERIAL_MASK,
+                min(packet.ack_delay, _U16_MAX),
+                len(packet.sacks),
+                len(packet.notices),
+            )
+        ]
+        for start, end in packet.sacks:
+            parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
+        for msg_id, reason in packet.notices:
+            parts.append(_NOTICE.pack(msg_id & _SERIAL_MASK, reason))
+        frag = packet.fragment
+        if frag is not None:
+            mailbox = frag.mailbox.encode("utf-8")
+            if len(mailbox) > MAX_MAILBOX_BYTES:
+                raise ValueError(f"mailbox name is {len(mailbox)} bytes, at most 255")
+            parts.append(
+                _FRAGMENT.pack(
+                    frag.seq & _SERIAL_MASK,
+                    frag.base & _SERIAL_MASK,
+                    frag.msg_id & _SERIAL_MASK,
+                    frag.index,
+                    frag.count,
+                    frag.total_len,
+                    frag.msg_type,
+                    frag.priority,
+                    len(mailbox),
+                )
+            )
+            parts.append(mailbox)
+            parts.append(_PAYLOAD_LEN.pack(len(frag.payload)))
+            parts.append(frag.payload)
+    except struct.error as exc:
+        raise ValueError(f"field out of range: {exc}") from None
+    body = b"".join(parts)
+    return body + _TRAILER.pack(zlib.crc32(body))
+
+
+def decode(data: bytes) -> Packet:
+    """Parse and verify one datagram; raises :class:`MalformedPacket`."""
+    size = len(data)
+    if size < HEADER_OVERHEAD:
+        raise MalformedPacket("short", f"{size} bytes")
+    (
+        magic,
+        version,
+        kind_value,
+        flags,
+        window,
+        src_inc,
+        dst_inc,
+        ack,
+        ack_delay,
+        n_sack,
+        n_notice,
+    ) = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise MalformedPacket("magic", f"{magic:#06x}")
+    if version != VERSION:
+        raise MalformedPacket("version", str(version))
+    end = size - _TRAILER.size
+    (crc,) = _TRAILER.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[:end]) != crc:
+        raise MalformedPacket("checksum")
+    try:
+        kind = Kind(kind_value)
+    except ValueError:
+        raise MalformedPacket("kind", str(kind_value)) from None
+    if flags & ~_KNOWN_FLAGS:
+        raise MalformedPacket("flags", f"{flags:#x}")
+    if src_inc == 0:
+        raise MalformedPacket("incarnation", "source incarnation is zero")
+    if n_sack > MAX_SACK_RANGES or n_notice > MAX_NOTICES:
+        raise MalformedPacket("length", "too many SACK ranges or notices")
+    offset = _HEADER.size
+    if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
+        raise MalformedPacket("length", "ack section overruns the datagram")
+    sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
+    offset += n_sack * _SACK.size
+    notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
+    offset += n_notice * _NOTICE.size
+    for _, reason in notices:
+        if reason not in _REJECT_REASONS:
+            raise MalformedPacket("notice", f"unknown reject reason {reason}")
+    fragment = None
+    if kind == Kind.DATA:
+        fragment = _decode_fragment(data, offset, end)
+    elif offset != end:
+        raise MalformedPacket("length", f"{end - offset} trailing bytes")
+    return Packet(
+        kind=kind,
+        flags=flags,
+        window=window,
+        src_incarnation=src_inc,
+        dst_incarnation=dst_inc,
+        ack=ack,
+        ack_delay=ack_delay,
+        sacks=sacks,
+        notices=notices,
+        fragment=fragment,
+    )
+
+
+_REJECT_REASONS = frozenset(int(r) for r in RejectReason)
+
+
+def _decode_fragment(data: bytes, offset: int, end: int) -> Fragment:
+    if offset + _FRAGMENT.size > end:
+        raise MalformedPacket("length", "fragment header overruns the datagram")
+    (seq, base, msg_id, index, count, total_len, msg_type, priority, mailbox_len) = (
+        _FRAGMENT.unpack_from(data, offset)
+    )
+    offset += _FRAGMENT.size
+    if offset + mailbox_len + _PAYLOAD_LEN.size > end:
+        raise MalformedPacket("length", "mailbox name overruns the datagram")
+    try:
+        mailbox = data[offset : offset + mailbox_len].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("mailbox", "name is not UTF-8") from None
+    offset += mailbox_len
+    (payload_len,) = _PAYLOAD_LEN.unpack_from(data, offset)
+    offset += _PAYLOAD_LEN.size
+    if offset + payload_len != end:
+        raise MalformedPacket("length", "payload length disagrees with the datagram")
+    if count == 0 or index >= count:
+        raise MalformedPacket("fragment", f"index {index} of {count}")
+    if payload_len > total_len or count > max(1, total_len):
+        raise MalformedPacket("fragment", f"{count} fragments for {total_len} bytes")
+    return Fragment(
+        seq=seq,
+        base=base,
+        msg_id=msg_id,
+        index=index,
+        count=count,
+        total_len=total_len,
+        msg_type=msg_type,
+        priority=priority,
+        mailbox=mailbox,
+        payload=bytes(data[offset:end]),
+    )
