@@ -54,8 +54,9 @@ class Config:
     initial_rto: float = 1.0
     """Retransmission timeout before any RTT sample (RFC 6298 section 2.1)."""
 
-    min_rto: float = 0.05
-    """Floor of the retransmission timeout."""
+    min_rto: float = 0.01
+    """Floor of the retransmission (probe) timeout. Low, because an expiry only
+    probes with one or two packets; the window shrinks on persistent silence."""
 
     max_rto: float = 10.0
     """Ceiling of the retransmission timeout, exponential backoff included."""

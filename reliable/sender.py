@@ -30,15 +30,20 @@ Invariants:
   fragment, never on selective acks alone: a receiver that refuses a message
   includes the refusal in every ack from the moment the cumulative ack reaches
   it, so a refusal can never be overtaken by the ack that would complete it.
-* The retransmission timer (RFC 6298, with RFC 9002's PTO refinements) backs
-  off exponentially while nothing is acknowledged; on expiry everything in
-  flight is presumed lost and the congestion window collapses.
+* The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
+  timeout) backs off exponentially while nothing is acknowledged. On expiry it
+  *probes*: the oldest packets in flight are retransmitted at once, even past
+  the congestion window, without shrinking it — a lost tail packet is the
+  usual cause and deserves no congestion response. Only
+  ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
+  (RFC 9002 section 7.6's persistent congestion).
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -50,6 +55,10 @@ from .wire import Fragment, unwrap
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
 _MAX_REORDER_THRESHOLD = 32
+#: Packets retransmitted when the probe timer fires (RFC 9002 sends one or two).
+PROBE_PACKETS = 2
+#: Consecutive probe timeouts that mean the path is congested or gone.
+PERSISTENT_CONGESTION_PROBES = 3
 
 
 @dataclass(slots=True, eq=False)
@@ -122,6 +131,7 @@ class SendStream:
         "next_seq",
         "packets_sent",
         "peer_window",
+        "probe_allowance",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -151,6 +161,7 @@ class SendStream:
         self.packets_sent = 0
         self.retransmissions = 0
         self.cwnd_limited = False
+        self.probe_allowance = 0
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.spurious = 0
 
@@ -178,7 +189,7 @@ class SendStream:
 
     def can_send(self) -> bool:
         """Whether :meth:`next_fragment` would return a packet now."""
-        if len(self.flight) >= self.cc.window:
+        if len(self.flight) >= self.cc.window and not self.probe_allowance:
             return False
         if self._has_lost():
             return True
@@ -201,8 +212,10 @@ class SendStream:
     def next_fragment(self, now: float) -> tuple[Fragment, bool] | None:
         """The next packet to transmit, and whether it is a retransmission."""
         if len(self.flight) >= self.cc.window:
-            self.cwnd_limited = True
-            return None
+            if not self.probe_allowance:
+                self.cwnd_limited = True
+                return None
+            self.probe_allowance -= 1
         while self.lost:
             pkt = self.unacked.get(self.lost[0])
             heapq.heappop(self.lost)
@@ -373,9 +386,12 @@ class SendStream:
             return
         if self.flight and now >= self.last_send_time + self.rtt.backed_off(self.backoff):
             self.backoff += 1
-            for pkt in list(self.flight.values()):
+            oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
+            for pkt in oldest:
                 self._declare_lost(pkt)
-            self.cc.on_timeout(now)
+            self.probe_allowance = len(oldest)
+            if self.backoff >= PERSISTENT_CONGESTION_PROBES:
+                self.cc.on_timeout(now)
 
     # ------------------------------------------------------------ abandoning
 
