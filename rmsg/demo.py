@@ -1,4 +1,4 @@
-"""The demo: two nodes on loopback talking through a lossy, duplicating, reordering, corrupting link.
+"""The demo: two loopback nodes talking through a lossy, duplicating, reordering, corrupting link.
 
 Both nodes' sockets are wrapped in :class:`netem.socket.FaultySocket`, so both
 directions (data and acknowledgements) suffer the impairment. Every message
