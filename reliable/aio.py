@@ -143,6 +143,18 @@ class AsyncNode:
         Raises :class:`~reliable.errors.SendBufferFull` instead of waiting for space.
         """
         _check_send_timeout(timeout)
+        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None)
+
+    def _submit(
+        self,
+        dest: str | tuple[Any, ...],
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> asyncio.Future[Receipt]:
         loop = self._require_started()
         assert self._sock is not None
         addr = resolve_destination(dest, self._sock.family)
@@ -154,6 +166,7 @@ class AsyncNode:
             priority=priority,
             mailbox=mailbox,
             timeout=timeout,
+            deadline=deadline,
         )
         future: asyncio.Future[Receipt] = loop.create_future()
         self._handles[ticket] = future
@@ -183,14 +196,7 @@ class AsyncNode:
             if remaining is not None and remaining <= 0:
                 raise errors.SendTimeout(dest, timeout or 0.0)
             try:
-                future = self.send_nowait(
-                    dest,
-                    data,
-                    msg_type=msg_type,
-                    priority=priority,
-                    mailbox=mailbox,
-                    timeout=remaining,
-                )
+                future = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline)
                 break
             except errors.SendBufferFull:
                 await self._wait_change(remaining)

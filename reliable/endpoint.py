@@ -91,8 +91,13 @@ class Endpoint:
         priority: int = 0,
         mailbox: str = "",
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> int:
         """Queue ``data`` for ``dest``; returns the ticket its events will carry.
+
+        A message not acknowledged ``timeout`` seconds after ``now`` (or by the
+        absolute ``deadline``, when a caller already spent part of its timeout
+        waiting for buffer space) is abandoned and fails with ``SendTimeout``.
 
         Raises a :class:`~reliable.errors.UsageError` for an invalid request and
         :class:`~reliable.errors.SendBufferFull` or
@@ -118,7 +123,7 @@ class Endpoint:
             priority=priority,
             mailbox=mailbox,
             created=now,
-            deadline=None if timeout is None else now + timeout,
+            deadline=deadline if deadline is not None or timeout is None else now + timeout,
             timeout=timeout,
             fragment_size=size,
             count=max(1, -(-len(data) // size)),

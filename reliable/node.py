@@ -206,7 +206,8 @@ class Node:
                         msg_type=msg_type,
                         priority=priority,
                         mailbox=mailbox,
-                        timeout=remaining if block else timeout,
+                        timeout=timeout,
+                        deadline=deadline,
                     )
                     break
                 except errors.SendBufferFull:

@@ -1,0 +1,4 @@
+"""The ``rmsg`` command-line tool (click).
+
+The library is :mod:`reliable`; the fault shim is :mod:`netem`.
+"""

@@ -1,0 +1,5 @@
+"""``python -m rmsg`` runs the CLI."""
+
+from .cli import main
+
+main()
