@@ -1,0 +1,420 @@
+"""Deterministic tests of the sans-I/O core: two endpoints, a hand-driven link, virtual time."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from reliable import Config, Endpoint, errors, events, wire
+from reliable.wire import Kind
+
+from .harness import A, B, Pair, decode_all
+
+
+def test_one_message_is_delivered_with_a_receipt() -> None:
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"hello", now=p.now, msg_type=7, priority=3, mailbox="in")
+    p.settle()
+    (got,) = p.b.of(events.MessageReceived)
+    assert (got.data, got.msg_type, got.priority, got.mailbox, got.peer) == (
+        b"hello",
+        7,
+        3,
+        "in",
+        A,
+    )
+    (receipt,) = p.a.of(events.MessageDelivered)
+    assert receipt.ticket == ticket and receipt.size == 5 and receipt.transmissions == 1
+    assert receipt.incarnation == p.b.endpoint.incarnation
+
+
+def test_messages_arrive_in_send_order() -> None:
+    p = Pair()
+    msgs = [bytes([i]) * (i * 37 % 3000) for i in range(200)]
+    for m in msgs:
+        p.a.endpoint.send(B, m, now=p.now)
+    p.settle()
+    assert p.b.received() == msgs
+    assert len(p.a.of(events.MessageDelivered)) == 200
+
+
+def test_large_message_is_fragmented_and_reassembled() -> None:
+    p = Pair()
+    data = random.Random(3).randbytes(300_000)
+    p.a.endpoint.send(B, data, now=p.now)
+    first = decode_all(p.outgoing(p.a))
+    assert all(len(wire.encode(x)) <= 1200 for x in first)
+    assert first[0].fragment is not None and first[0].fragment.count > 250
+    p.deliver(p.b, [wire.encode(x) for x in first])
+    p.settle()
+    assert p.b.received() == [data]
+
+
+def test_both_directions_at_once_piggyback_acks() -> None:
+    p = Pair()
+    for i in range(20):
+        p.a.endpoint.send(B, b"a%d" % i, now=p.now)
+        p.b.endpoint.send(A, b"b%d" % i, now=p.now)
+    p.settle()
+    assert p.b.received() == [b"a%d" % i for i in range(20)]
+    assert p.a.received() == [b"b%d" % i for i in range(20)]
+
+
+def test_a_gap_is_repaired_by_sack_before_any_timeout() -> None:
+    p = Pair()
+    for i in range(10):
+        p.a.endpoint.send(B, b"m%d" % i, now=p.now)
+    p.transfer(p.a, drop=lambda i, d: i == 0)  # the first datagram is lost
+    ack = p.outgoing(p.b)
+    (pkt,) = decode_all(ack)
+    assert pkt.sacks and pkt.ack == pkt.sacks[0][0] - 1  # the gap is reported at once
+    p.deliver(p.a, ack)
+    retransmit = decode_all(p.outgoing(p.a))
+    assert [x.fragment.seq for x in retransmit if x.fragment] == [pkt.ack]  # fast retransmit
+    assert p.now < p.a.endpoint.config.min_rto
+    p.deliver(p.b, [wire.encode(x) for x in retransmit])
+    assert p.b.received() == [b"m%d" % i for i in range(10)]
+
+
+def test_duplicates_are_delivered_once_and_counted() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"once", now=p.now)
+    out = p.outgoing(p.a)
+    p.deliver(p.b, out + out + out)
+    assert p.b.received() == [b"once"]
+    assert p.b.endpoint.stats().peers[0].duplicates == 2
+
+
+def test_corrupt_datagrams_are_dropped_and_counted() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"payload", now=p.now)
+    (d,) = p.outgoing(p.a)
+    bad = bytearray(d)
+    bad[-10] ^= 0x40
+    p.deliver(p.b, [bytes(bad)])
+    assert p.b.received() == []
+    assert p.b.endpoint.dropped == {"malformed.checksum": 1}
+    p.settle()  # the retransmission gets through
+    assert p.b.received() == [b"payload"]
+
+
+def _probe_times(p: Pair, count: int) -> list[float]:
+    p.a.endpoint.send(B, b"x", now=p.now)
+    p.outgoing(p.a)  # lost, and so is every retransmission
+    times = []
+    for _ in range(count):
+        t = p.a.endpoint.get_timer()
+        assert t is not None
+        p.now = t
+        p.a.endpoint.handle_timer(p.now)
+        if p.outgoing(p.a):
+            times.append(p.now)
+    return times
+
+
+def test_probe_timeout_backs_off_exponentially() -> None:
+    p = Pair(config_a=Config(initial_rto=0.1, peer_timeout=30))
+    times = _probe_times(p, 4)
+    assert times[0] == pytest.approx(0.1)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == pytest.approx([0.2, 0.4, 0.8])
+
+
+def test_backoff_is_capped_so_several_probes_fit_in_peer_timeout() -> None:
+    p = Pair(config_a=Config(initial_rto=0.1, peer_timeout=2.0))
+    times = _probe_times(p, 6)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) == pytest.approx(0.5)  # peer_timeout / 4
+
+
+def test_karn_no_rtt_sample_from_a_retransmitted_packet() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"x", now=p.now)
+    p.outgoing(p.a)  # the original is lost
+    p.now = p.a.endpoint.get_timer() or 0
+    p.a.endpoint.handle_timer(p.now)
+    p.transfer(p.a)
+    p.now += 0.0001
+    p.transfer(p.b)
+    assert p.a.endpoint.stats().peers[0].srtt is None  # ambiguous: not sampled
+
+
+def test_flow_control_closes_the_window_and_reopens_it() -> None:
+    cfg = Config(receive_backlog=64 * 1024, max_window=256)
+    p = Pair(config_b=cfg, release=False)
+    for _ in range(40):
+        p.a.endpoint.send(B, b"z" * 8000, now=p.now)
+    for _ in range(200):
+        p.transfer(p.a)
+        p.transfer(p.b)
+        p.tick()
+    received = p.b.of(events.MessageReceived)
+    held = sum(len(e.data) for e in received)
+    # The receiver took no more than its backlog plus one window of datagrams.
+    assert 64 * 1024 <= held <= 64 * 1024 + 256 * 1200
+    assert len(received) < 40
+    assert p.a.endpoint.stats().peers[0].peer_window == 0
+    p.release = True
+    p.deliver(p.b, [])  # the application consumes what it has
+    p.settle()
+    assert len(p.b.of(events.MessageReceived)) == 40
+
+
+def test_receiver_rejects_a_message_over_its_limit() -> None:
+    p = Pair(config_b=Config(max_message_size=10_000, send_buffer=64 * 1024 * 1024))
+    big = p.a.endpoint.send(B, b"x" * 50_000, now=p.now)
+    small = p.a.endpoint.send(B, b"fits", now=p.now)
+    p.settle()
+    failed = p.a.of(events.MessageFailed)
+    assert [f.ticket for f in failed] == [big]
+    assert isinstance(failed[0].error, errors.MessageRejected)
+    assert "max_message_size" in str(failed[0].error)
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [small]
+    assert p.b.received() == [b"fits"]
+
+
+def test_send_timeout_abandons_and_later_messages_still_flow() -> None:
+    p = Pair()
+    doomed = p.a.endpoint.send(B, b"late" * 1000, now=p.now, timeout=0.5)
+    for _ in range(5):
+        p.outgoing(p.a)  # everything for 0.5 s is lost
+        p.now += 0.1
+        p.a.endpoint.handle_timer(p.now)
+    p.now += 0.1
+    p.a.endpoint.handle_timer(p.now)
+    (failed,) = p.a.of(events.MessageFailed)
+    assert failed.ticket == doomed and isinstance(failed.error, errors.SendTimeout)
+    p.a.endpoint.send(B, b"after", now=p.now)
+    p.settle()
+    assert p.b.received() == [b"after"]  # the receiver skipped the abandoned sequence numbers
+
+
+def test_unreachable_peer_fails_pending_sends_with_its_name() -> None:
+    p = Pair(config_a=Config(peer_timeout=2.0))
+    t1 = p.a.endpoint.send(B, b"one", now=p.now)
+    t2 = p.a.endpoint.send(B, b"two" * 2000, now=p.now)
+    while not p.a.of(events.PeerUnreachable):
+        p.outgoing(p.a)  # B is gone
+        t = p.a.endpoint.get_timer()
+        assert t is not None
+        p.now = t
+        p.a.endpoint.handle_timer(p.now)
+        assert p.now < 3.0
+    assert 2.0 <= p.now < 2.1
+    failed = p.a.of(events.MessageFailed)
+    assert {f.ticket for f in failed} == {t1, t2}
+    assert all(isinstance(f.error, errors.PeerUnreachable) for f in failed)
+    assert "10.0.0.2:2000" in str(failed[0].error)
+    assert p.a.endpoint.get_timer() is None  # no more probing once declared
+
+
+def test_watching_a_silent_peer_probes_it_then_declares_it_unreachable() -> None:
+    p = Pair(config_a=Config(peer_timeout=1.0))
+    p.a.endpoint.watch(B, p.now)
+    pings = 0
+    while not p.a.of(events.PeerUnreachable):
+        pings += sum(1 for x in decode_all(p.outgoing(p.a)) if x.kind == Kind.PING)
+        p.now = p.a.endpoint.get_timer() or p.now + 1
+        p.a.endpoint.handle_timer(p.now)
+    assert pings >= 3
+
+
+def test_watching_a_live_peer_keeps_it_alive() -> None:
+    p = Pair(config_a=Config(peer_timeout=1.0))
+    p.a.endpoint.watch(B, p.now)
+    for _ in range(50):
+        p.transfer(p.a)
+        p.transfer(p.b)
+        p.tick(0.1)
+    assert p.a.of(events.PeerUnreachable) == []
+
+
+def test_peer_restart_is_detected_and_nothing_is_silently_lost() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"before", now=p.now)
+    p.settle()
+    old = p.b.endpoint.incarnation
+    inflight = p.a.endpoint.send(B, b"in flight", now=p.now)
+    p.outgoing(p.a)  # transmitted, then B crashes before it arrives
+    queued = p.a.endpoint.send(B, b"queued", now=p.now)
+    p.restart_b()
+    # B's new life speaks first: A must see a new incarnation, not duplicates.
+    p.b.endpoint.send(A, b"hello from the new B", now=p.now)
+    p.transfer(p.b)
+    p.settle()
+    (restart,) = p.a.of(events.PeerRestarted)
+    assert restart.old_incarnation == old and restart.new_incarnation == p.b.endpoint.incarnation
+    failed = {f.ticket: f.error for f in p.a.of(events.MessageFailed)}
+    assert set(failed) == {inflight}
+    assert isinstance(failed[inflight], errors.PeerRestarted)
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)][-1] == queued
+    assert p.b.received() == [b"queued"]
+    assert p.a.received() == [b"hello from the new B"]
+
+
+def test_restarted_peer_answers_old_life_traffic_with_reset() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"first", now=p.now)
+    p.settle()
+    p.restart_b()
+    second = p.a.endpoint.send(B, b"second", now=p.now)
+    p.transfer(p.a)  # addressed to B's old incarnation
+    assert p.b.endpoint.dropped == {"stale_incarnation": 1}
+    reset = p.outgoing(p.b)
+    assert [x.kind for x in decode_all(reset)] == [Kind.RESET]
+    p.deliver(p.a, reset)
+    (restart,) = p.a.of(events.PeerRestarted)
+    assert restart.new_incarnation == p.b.endpoint.incarnation
+    (failed,) = p.a.of(events.MessageFailed)
+    assert failed.ticket == second and isinstance(failed.error, errors.PeerRestarted)
+    p.a.endpoint.send(B, b"third", now=p.now)
+    p.settle()
+    assert p.b.received() == [b"third"]
+
+
+def test_reset_is_rate_limited_and_needs_our_incarnation() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"first", now=p.now)
+    p.settle()
+    p.restart_b()
+    for _ in range(5):
+        p.a.endpoint.send(B, b"again", now=p.now)
+        p.transfer(p.a)
+    assert len(p.outgoing(p.b)) == 1  # one RESET, not one per stale datagram
+    forged = wire.encode(wire.Packet(kind=Kind.RESET, src_incarnation=12345, dst_incarnation=999))
+    p.deliver(p.a, [forged])  # a RESET that does not name A's incarnation
+    assert p.a.of(events.PeerRestarted) == []
+
+
+def test_late_datagrams_from_a_dead_incarnation_are_rejected() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"x", now=p.now)
+    p.settle()
+    p.b.endpoint.send(A, b"old life", now=p.now)
+    stale = p.outgoing(p.b)  # delayed in the network
+    p.restart_b()
+    p.b.endpoint.send(A, b"new life", now=p.now)
+    p.settle()
+    p.deliver(p.a, stale)
+    assert p.a.endpoint.dropped.get("dead_incarnation") == 1
+    assert p.a.received() == [b"new life"]
+
+
+def test_close_flushes_then_tells_the_peer() -> None:
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"last words", now=p.now)
+    p.b.endpoint.send(A, b"to a closing node", now=p.now)
+    p.a.endpoint.close(p.now, timeout=1.0)
+    with pytest.raises(errors.NodeClosed):
+        p.a.endpoint.send(B, b"too late", now=p.now)
+    p.settle()
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket]
+    assert p.a.of(events.Closed)
+    (closed,) = p.b.of(events.PeerClosed)
+    assert closed.peer == A
+    assert p.b.received() == [b"last words"]
+
+
+def test_close_deadline_fails_what_could_not_be_flushed() -> None:
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"never acked", now=p.now)
+    p.a.endpoint.close(p.now, timeout=0.5)
+    while not p.a.of(events.Closed):
+        p.outgoing(p.a)
+        p.now = p.a.endpoint.get_timer() or p.now + 0.1
+        p.a.endpoint.handle_timer(p.now)
+    (failed,) = p.a.of(events.MessageFailed)
+    assert failed.ticket == ticket and isinstance(failed.error, errors.SendAborted)
+    assert p.now == pytest.approx(0.5)
+
+
+def test_pending_sends_to_a_closing_peer_fail_at_once() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"hi", now=p.now)
+    p.settle()
+    p.b.endpoint.close(p.now, timeout=1.0)
+    t = p.a.endpoint.send(B, b"in flight", now=p.now)
+    p.outgoing(p.a)  # lost
+    p.transfer(p.b)  # CLOSE
+    (failed,) = p.a.of(events.MessageFailed)
+    assert failed.ticket == t and isinstance(failed.error, errors.PeerClosed)
+
+
+class _WrapRng(random.Random):
+    """Puts every initial sequence number just below 2**32 so sessions wrap at once."""
+
+    def getrandbits(self, k: int) -> int:
+        return 2**32 - 20 if k == 32 else super().getrandbits(k)
+
+
+def test_sequence_numbers_wrap_safely() -> None:
+    p = Pair()
+    p.a.endpoint = Endpoint(Config(), rng=_WrapRng(5))
+    msgs = [b"w%d" % i * 300 for i in range(100)]
+    for m in msgs:
+        p.a.endpoint.send(B, m, now=p.now)
+    p.transfer(p.a, drop=lambda i, d: i % 7 == 3)  # losses on both sides of the wrap
+    p.settle()
+    assert p.b.received() == msgs
+
+
+def test_acks_for_data_never_sent_are_counted_not_trusted() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"x", now=p.now)
+    p.settle()
+    inc_b, inc_a = p.b.endpoint.incarnation, p.a.endpoint.incarnation
+    forged = wire.encode(
+        wire.Packet(
+            kind=Kind.ACK,
+            flags=wire.Flag.ACK,
+            src_incarnation=inc_b,
+            dst_incarnation=inc_a,
+            ack=(p.a.endpoint._peers[B].sender.next_seq + 1000) & 0xFFFFFFFF,
+            window=10,
+        )
+    )
+    p.deliver(p.a, [forged])
+    assert p.a.endpoint._peers[B].bogus_acks == 1
+    t = p.a.endpoint.send(B, b"still works", now=p.now)
+    p.settle()
+    assert p.a.of(events.MessageDelivered)[-1].ticket == t
+
+
+def test_local_misuse_fails_before_anything_is_queued() -> None:
+    ep = Endpoint(Config(max_message_size=1000))
+    with pytest.raises(errors.MessageTooLarge, match="max_message_size"):
+        ep.send(B, b"x" * 1001, now=0)
+    with pytest.raises(errors.UsageError, match="priority"):
+        ep.send(B, b"x", now=0, priority=70_000)
+    with pytest.raises(errors.UsageError, match="msg_type"):
+        ep.send(B, b"x", now=0, msg_type=2**40)
+    with pytest.raises(errors.UsageError, match="255 bytes"):
+        ep.send(B, b"x", now=0, mailbox="m" * 256)
+    with pytest.raises(errors.UsageError, match="timeout"):
+        ep.send(B, b"x", now=0, timeout=-1)
+    assert ep.peers() == [] and ep.datagrams_to_send(0) == []
+
+
+def test_send_buffer_is_bounded() -> None:
+    ep = Endpoint(Config(max_message_size=1000, send_buffer=3000))
+    for _ in range(3):
+        ep.send(B, b"x" * 1000, now=0)
+    with pytest.raises(errors.SendBufferFull):
+        ep.send(B, b"y", now=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_datagram_size", 100),
+        ("max_datagram_size", 70_000),
+        ("min_rto", -1.0),
+        ("peer_timeout", float("inf")),
+        ("max_window", 100_000),
+    ],
+)
+def test_bad_config_says_what_to_change(field: str, value: float) -> None:
+    with pytest.raises(errors.UsageError, match=f"Config.{field}"):
+        Config(**{field: value})

@@ -1,0 +1,215 @@
+"""Wire format: round trips, strict decoding, serial-number arithmetic."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reliable import wire
+from reliable.wire import Flag, Fragment, Kind, MalformedPacket, Packet, decode, encode, unwrap
+
+u32 = st.integers(0, 2**32 - 1)
+ranges = st.lists(st.tuples(u32, u32), max_size=wire.MAX_SACK_RANGES).map(tuple)
+notices = st.lists(
+    st.tuples(u32, st.sampled_from([int(r) for r in wire.RejectReason])), max_size=wire.MAX_NOTICES
+).map(tuple)
+
+
+@st.composite
+def fragments(draw: st.DrawFn) -> Fragment:
+    payload = draw(st.binary(max_size=300))
+    total = draw(st.integers(len(payload), len(payload) + 10_000))
+    count = draw(st.integers(1, max(1, total)))
+    return Fragment(
+        seq=draw(u32),
+        base=draw(u32),
+        msg_id=draw(u32),
+        index=draw(st.integers(0, count - 1)),
+        count=count,
+        total_len=total,
+        msg_type=draw(st.integers(wire.MSG_TYPE_MIN, wire.MSG_TYPE_MAX)),
+        priority=draw(st.integers(0, wire.PRIORITY_MAX)),
+        mailbox=draw(st.text(max_size=40)),
+        payload=payload,
+    )
+
+
+@st.composite
+def packets(draw: st.DrawFn) -> Packet:
+    kind = draw(st.sampled_from(list(Kind)))
+    return Packet(
+        kind=kind,
+        flags=draw(st.sampled_from([0, Flag.ACK, Flag.ACK_NOW, Flag.ACK | Flag.ACK_NOW])),
+        window=draw(st.integers(0, 0xFFFF)),
+        src_incarnation=draw(st.integers(1, 2**64 - 1)),
+        dst_incarnation=draw(st.integers(0, 2**64 - 1)),
+        ack=draw(u32),
+        ack_delay=draw(st.integers(0, 0xFFFF)),
+        sacks=draw(ranges),
+        notices=draw(notices),
+        fragment=draw(fragments()) if kind == Kind.DATA else None,
+    )
+
+
+@given(packets())
+def test_round_trip(packet: Packet) -> None:
+    assert decode(encode(packet)) == packet
+
+
+@given(packets(), st.data())
+def test_any_single_bit_flip_is_detected(packet: Packet, data: st.DataObject) -> None:
+    raw = bytearray(encode(packet))
+    bit = data.draw(st.integers(0, len(raw) * 8 - 1))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(MalformedPacket):
+        decode(bytes(raw))
+
+
+@given(st.binary(max_size=2000))
+def test_random_bytes_only_ever_raise_malformed(data: bytes) -> None:
+    try:
+        decode(data)
+    except MalformedPacket as exc:
+        assert exc.reason
+
+
+@given(packets(), st.integers(0, 64))
+def test_truncation_is_detected(packet: Packet, cut: int) -> None:
+    raw = encode(packet)
+    with pytest.raises(MalformedPacket):
+        decode(raw[: max(0, len(raw) - 1 - cut)])
+
+
+def _recrc(body: bytes) -> bytes:
+    """Re-seal a hand-built body so only the field under test is wrong."""
+    return body + struct.pack("!I", zlib.crc32(body))
+
+
+def _ack_packet() -> bytes:
+    return encode(Packet(kind=Kind.ACK, src_incarnation=7, flags=Flag.ACK, ack=5, window=10))
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [
+        (0, b"XX", "magic"),
+        (2, b"\x02", "version"),
+        (3, b"\x63", "kind"),
+        (4, b"\x80\x00", "flags"),  # reserved bit (authenticated mode) in a v1 packet
+        (8, b"\x00" * 8, "incarnation"),
+        (30, b"\x05", "length"),  # claims five SACK ranges that are not there
+        (30, b"\xff", "length"),  # more SACK ranges than a packet may carry
+    ],
+)
+def test_each_bad_field_has_its_reason(offset: int, value: bytes, reason: str) -> None:
+    raw = bytearray(_ack_packet()[:-4])
+    raw[offset : offset + len(value)] = value
+    with pytest.raises(MalformedPacket) as info:
+        decode(_recrc(bytes(raw)))
+    assert info.value.reason == reason
+
+
+def test_checksum_reason() -> None:
+    raw = bytearray(_ack_packet())
+    raw[-1] ^= 0xFF
+    with pytest.raises(MalformedPacket) as info:
+        decode(bytes(raw))
+    assert info.value.reason == "checksum"
+
+
+def _data(**changes: object) -> Fragment:
+    fields = dict(
+        seq=1,
+        base=1,
+        msg_id=0,
+        index=0,
+        count=1,
+        total_len=3,
+        msg_type=0,
+        priority=0,
+        mailbox="",
+        payload=b"abc",
+    )
+    fields.update(changes)
+    return Fragment(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        _data(count=0),  # no fragments
+        _data(index=5, count=5),  # index past the end
+        _data(count=2**32 - 1, total_len=10),  # 4 billion fragments for 10 bytes
+        _data(total_len=2),  # payload longer than the message
+    ],
+)
+def test_incoherent_fragments_are_rejected(fragment: Fragment) -> None:
+    raw = encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=fragment))
+    with pytest.raises(MalformedPacket) as info:
+        decode(raw)
+    assert info.value.reason == "fragment"
+
+
+def test_payload_length_must_match_the_datagram() -> None:
+    raw = bytearray(encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=_data()))[:-4])
+    raw[-5:-3] = struct.pack("!H", 4)  # payload_len says 4, three bytes follow
+    with pytest.raises(MalformedPacket) as info:
+        decode(_recrc(bytes(raw)))
+    assert info.value.reason == "length"
+
+
+def test_non_utf8_mailbox_is_rejected() -> None:
+    raw = bytearray(
+        encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=_data(mailbox="ab")))[:-4]
+    )
+    at = raw.index(b"ab")
+    raw[at : at + 2] = b"\xff\xfe"
+    with pytest.raises(MalformedPacket) as info:
+        decode(_recrc(bytes(raw)))
+    assert info.value.reason == "mailbox"
+
+
+def test_encode_refuses_out_of_range_fields() -> None:
+    with pytest.raises(ValueError):
+        encode(Packet(kind=Kind.ACK, src_incarnation=1, window=70_000))
+    with pytest.raises(ValueError):
+        encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=_data(mailbox="x" * 300)))
+    with pytest.raises(ValueError):
+        encode(Packet(kind=Kind.ACK, src_incarnation=1, fragment=_data()))
+
+
+def test_header_is_32_bytes_and_ack_is_36() -> None:
+    assert len(_ack_packet()) == 36
+
+
+@given(st.integers(0, 2**40), st.integers(-(2**31) + 1, 2**31 - 1))
+def test_unwrap_recovers_values_within_half_the_space(reference: int, delta: int) -> None:
+    value = reference + delta
+    if value < 0:
+        return
+    assert unwrap(value & 0xFFFFFFFF, reference) == value
+
+
+def test_unwrap_across_the_wrap() -> None:
+    assert unwrap(3, 2**32 - 2) == 2**32 + 3
+    assert unwrap(2**32 - 2, 2**32 + 3) == 2**32 - 2
+
+
+def test_fragment_capacity_fits_a_full_data_packet() -> None:
+    mailbox = "m" * 255
+    size = 1200
+    cap = wire.fragment_capacity(size, mailbox)
+    sacks = tuple((i, i + 1) for i in range(wire.DATA_SACK_RANGES))
+    notes = tuple((i, 1) for i in range(wire.DATA_NOTICES))
+    pkt = Packet(
+        kind=Kind.DATA,
+        src_incarnation=1,
+        sacks=sacks,
+        notices=notes,
+        fragment=_data(mailbox=mailbox, payload=b"x" * cap, total_len=cap),
+    )
+    assert len(encode(pkt)) <= size
