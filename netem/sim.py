@@ -35,6 +35,7 @@ class SansIOHost(Protocol):
 
 _ARRIVAL = 0
 _TIMER = 1
+_CALL = 2
 
 
 class SimNetwork:
@@ -91,6 +92,15 @@ class SimNetwork:
 
     # ---------------------------------------------------------------- driving
 
+    def call_at(
+        self, when: float, action: Callable[[], None], *, host: Hashable | None = None
+    ) -> None:
+        """Run ``action()`` at simulated time ``when`` (an application step: a send, a crash).
+
+        With ``host``, that host's output is collected and its timer re-armed afterwards.
+        """
+        heapq.heappush(self._queue, (when, next(self._order), _CALL, (action, host)))
+
     def flush(self, addr: Hashable) -> None:
         """Collect what ``addr`` wants to send and re-arm its timer (call after poking a host)."""
         host = self._hosts.get(addr)
@@ -122,6 +132,12 @@ class SimNetwork:
                 if deadline is not None and deadline <= self.now:
                     host.handle_timer(self.now)
                 self.flush(addr)
+            elif kind == _CALL:
+                action, addr = payload
+                self.now = max(self.now, when)
+                action()
+                if addr is not None:
+                    self.flush(addr)
             else:
                 dst, src, datagram = payload
                 self.now = max(self.now, when)

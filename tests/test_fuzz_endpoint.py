@@ -1,0 +1,149 @@
+"""Hostile input: whatever arrives, a node never raises, never delivers garbage and
+never grows without bound. Everything is counted."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reliable import Config, Endpoint, events, wire
+from reliable.wire import Flag, Fragment, Kind, Packet
+
+from .harness import A, B, Pair
+
+CONFIG = Config(max_window=64, max_peers=16, remembered_incarnations=8, max_message_size=50_000)
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+u32 = st.integers(0, 2**32 - 1)
+
+
+def assert_bounded(ep: Endpoint) -> None:
+    cfg = ep.config
+    assert len(ep._peers) <= cfg.max_peers
+    assert len(ep._ended) <= cfg.remembered_incarnations
+    for session in ep._peers.values():
+        r = session.receiver
+        if r.expected is not None:
+            assert all(r.expected <= s < r.expected + cfg.max_window for s in r.ooo)
+        assert len(r.ooo) <= cfg.max_window
+        assert r.partial is None or r.partial.size <= cfg.max_message_size
+        assert len(r.notices) <= cfg.max_window
+        assert len(r.ranges) <= cfg.max_window
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.binary(max_size=1500), st.integers(0, 40)), max_size=50))
+def test_random_bytes_are_counted_drops(datagrams: list[tuple[bytes, int]]) -> None:
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    for i, (data, port) in enumerate(datagrams):
+        ep.receive_datagram(data, ("192.0.2.1", port), float(i))
+        ep.handle_timer(float(i))
+        ep.datagrams_to_send(float(i))
+    assert ep.next_event() is None
+    assert sum(ep.dropped.values()) == len(datagrams)
+    assert ep.peers() == []
+
+
+@st.composite
+def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
+    kind = draw(st.sampled_from(list(Kind)))
+    fragment = None
+    if kind == Kind.DATA:
+        total = draw(st.sampled_from([0, 1, 100, 60_000, 2**32 - 1]))
+        count = draw(st.integers(1, max(1, min(total, 2**32 - 1))))
+        payload = draw(st.binary(max_size=min(total, 200)))
+        fragment = Fragment(
+            seq=draw(u32),
+            base=draw(u32),
+            msg_id=draw(u32),
+            index=draw(st.integers(0, count - 1)),
+            count=count,
+            total_len=total,
+            msg_type=draw(st.integers(-5, 5)),
+            priority=draw(st.integers(0, 3)),
+            mailbox=draw(st.sampled_from(["", "inbox"])),
+            payload=payload,
+        )
+    return Packet(
+        kind=kind,
+        flags=draw(st.sampled_from([0, Flag.ACK, Flag.ACK | Flag.ACK_NOW])),
+        window=draw(st.integers(0, 0xFFFF)),
+        src_incarnation=draw(st.sampled_from(incarnations)),
+        dst_incarnation=draw(st.sampled_from([0, *incarnations])),
+        ack=draw(u32),
+        sacks=tuple(draw(st.lists(st.tuples(u32, u32), max_size=4))),
+        notices=tuple(draw(st.lists(st.tuples(u32, st.just(1)), max_size=3))),
+        fragment=fragment,
+    )
+
+
+@FUZZ
+@given(st.data())
+def test_wellformed_hostile_packets_keep_every_bound(data: st.DataObject) -> None:
+    """Valid checksums, insane contents: seqs, acks, SACKs, bases, 2**32-fragment claims."""
+    p = Pair(CONFIG, CONFIG)
+    p.a.endpoint.send(B, b"real traffic" * 100, now=p.now)
+    p.settle()
+    incarnations = [p.a.endpoint.incarnation, p.b.endpoint.incarnation, 1, 2, 3, 2**64 - 1]
+    for _ in range(data.draw(st.integers(1, 40))):
+        pkt = data.draw(hostile_packets(incarnations))
+        src = data.draw(st.sampled_from([A, ("192.0.2.9", 9)]))
+        p.b.endpoint.receive_datagram(wire.encode(pkt), src, p.now)
+        p.now += data.draw(st.sampled_from([0.0, 0.001, 0.5]))
+        p.b.endpoint.handle_timer(p.now)
+        for d, _ in p.b.endpoint.datagrams_to_send(p.now):
+            assert len(d) <= CONFIG.max_datagram_size
+        assert_bounded(p.b.endpoint)
+    for e in p.b.drain():
+        if isinstance(e, events.MessageReceived):
+            assert len(e.data) <= CONFIG.max_message_size
+
+
+def test_a_flood_of_new_incarnations_from_one_address_stays_bounded() -> None:
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    for inc in range(1, 5001):
+        pkt = Packet(kind=Kind.PING, src_incarnation=inc)
+        ep.receive_datagram(wire.encode(pkt), A, 0.0)
+    assert len(ep.peers()) == 1
+    assert len(ep._ended) == CONFIG.remembered_incarnations
+    restarts = [e for e in iter(ep.next_event, None) if isinstance(e, events.PeerRestarted)]
+    assert len(restarts) == 4999
+
+
+def test_a_flood_of_new_addresses_is_capped_and_counted() -> None:
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    for port in range(1, 1001):
+        pkt = Packet(kind=Kind.PING, src_incarnation=port)
+        ep.receive_datagram(wire.encode(pkt), ("192.0.2.1", port), 0.0)
+    assert len(ep.peers()) == CONFIG.max_peers
+    assert ep.dropped == {"peer_limit": 1000 - CONFIG.max_peers}
+
+
+def test_a_claim_of_four_billion_fragments_allocates_nothing() -> None:
+    p = Pair(CONFIG, CONFIG)
+    frag = Fragment(
+        seq=0,
+        base=0,
+        msg_id=0,
+        index=0,
+        count=2**32 - 1,
+        total_len=2**32 - 1,
+        msg_type=0,
+        priority=0,
+        mailbox="",
+        payload=b"x" * 100,
+    )
+    pkt = Packet(kind=Kind.DATA, src_incarnation=77, fragment=frag)
+    p.b.endpoint.receive_datagram(wire.encode(pkt), A, 0.0)
+    r = p.b.endpoint._peers[A].receiver
+    assert r.partial is not None and r.partial.rejected is not None and r.partial.size == 0
+    (notice,) = wire.decode(p.outgoing(p.b)[0]).notices
+    assert notice[1] == wire.RejectReason.TOO_LARGE
+
+
+def test_unknown_peers_cannot_create_state_with_acks_or_close() -> None:
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    for kind in (Kind.ACK, Kind.CLOSE, Kind.RESET):
+        ep.receive_datagram(wire.encode(Packet(kind=kind, src_incarnation=5)), A, 0.0)
+    assert ep.peers() == []
