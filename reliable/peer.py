@@ -5,9 +5,11 @@ Theory of operation
 A session is keyed by the peer's address and lives as long as the node does
 (or until the peer closes). Within it, the pair of streams belongs to one
 *incarnation* of the peer; when a packet reveals a new incarnation the streams
-are replaced: messages the old incarnation may have seen fail with
+are reset: messages the old incarnation may have seen fail with
 ``PeerRestarted`` (we cannot know whether it delivered them before dying),
-messages never transmitted move to the new stream, and nothing is silently lost.
+messages never transmitted go to the new incarnation, and nothing is silently
+lost. Our own sequence numbering continues across the peer's restarts (see
+``SendStream.peer_restarted``).
 
 Liveness: while the session is *waiting* on the peer (messages outstanding,
 or the application waiting to receive from it specifically) it must hear from
@@ -66,7 +68,6 @@ class PeerSession:
     ) -> None:
         self.addr = addr
         self.config = config
-        self._rng = rng
         self._emit = emit
         self._on_finished = on_finished
         self.incarnation: int | None = None
@@ -100,7 +101,7 @@ class PeerSession:
         self.messages_received = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._prior = [0, 0, 0]  # packets_sent, retransmissions, duplicates of past streams
+        self._earlier_duplicates = 0  # counted by receive streams that restarts replaced
 
     # ------------------------------------------------------------ application
 
@@ -188,13 +189,8 @@ class PeerSession:
         """The peer came back as ``new_incarnation``: end the old session cleanly."""
         old = self.incarnation
         assert old is not None
-        keep = [m for m in self.sender.queue if not m.started]
-        lost = [m for m in self.sender.messages() if m.started]
-        self._prior[0] += self.sender.packets_sent
-        self._prior[1] += self.sender.retransmissions
-        self._prior[2] += self.receiver.duplicates
-        self.sender = SendStream(self.config, self.rtt, self.cc, self._rng.getrandbits(32))
-        self.sender.queue.extend(keep)
+        lost = self.sender.peer_restarted()
+        self._earlier_duplicates += self.receiver.duplicates
         self.receiver = ReceiveStream(self.config)
         self.incarnation = new_incarnation
         restarted = events.PeerRestarted(
@@ -202,7 +198,6 @@ class PeerSession:
         )
         self._emit(restarted)
         for msg in lost:
-            msg.finished = True
             self._fail(msg, errors.PeerRestarted(self.addr, old, new_incarnation))
         self._update_wait(now)
 
@@ -377,10 +372,10 @@ class PeerSession:
             peer_window=self.sender.peer_window,
             in_flight=len(self.sender.flight),
             queued_messages=len(self.sender.messages()),
-            packets_sent=self._prior[0] + self.sender.packets_sent,
-            retransmissions=self._prior[1] + self.sender.retransmissions,
+            packets_sent=self.sender.packets_sent,
+            retransmissions=self.sender.retransmissions,
             packets_received=self.packets_received,
-            duplicates=self._prior[2] + self.receiver.duplicates,
+            duplicates=self._earlier_duplicates + self.receiver.duplicates,
             corrupt=self.corrupt,
             messages_sent=self.messages_sent,
             messages_failed=self.messages_failed,

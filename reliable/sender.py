@@ -123,6 +123,7 @@ class SendStream:
         "cum_ack",
         "cwnd_limited",
         "flight",
+        "initial_peer_window",
         "largest_acked_tx",
         "last_send_time",
         "loss_time",
@@ -147,6 +148,7 @@ class SendStream:
         self.next_seq = initial_seq
         self.cum_ack = initial_seq
         self.next_msg_id = 0
+        self.initial_peer_window = config.initial_peer_window
         self.peer_window = config.initial_peer_window
         self.queue: deque[OutgoingMessage] = deque()
         self.unacked: dict[int, SentPacket] = {}
@@ -411,6 +413,31 @@ class SendStream:
         if msg.next_index < msg.count:
             with contextlib.suppress(ValueError):
                 self.queue.remove(msg)
+
+    def peer_restarted(self) -> list[OutgoingMessage]:
+        """The peer lost its state: abandon what it may have seen, keep numbering.
+
+        Returns the abandoned messages. Messages never transmitted stay queued.
+        The sequence space is *not* restarted: datagrams from before the
+        restart may still be in flight (some addressed to no incarnation in
+        particular), and the peer's new life may build its receive state from
+        one of them. Because our numbering only moves forward, the base carried
+        by every newer packet then simply advances that state; a fresh random
+        start could instead leave the two sides disagreeing forever.
+        """
+        started = [m for m in self.messages() if m.started]
+        for msg in started:
+            self.abandon(msg)
+        self.unacked.clear()
+        self.flight.clear()
+        self.lost.clear()
+        self.cum_ack = self.next_seq
+        self.peer_window = self.initial_peer_window
+        self.loss_time = None
+        self.backoff = 0
+        self.largest_acked_tx = -1
+        self.probe_allowance = 0
+        return started
 
     def abandon_all(self) -> list[OutgoingMessage]:
         """Abandon every unfinished message; returns them, transmitted ones first."""

@@ -1,0 +1,41 @@
+"""Shared fixtures. Real-socket tests use 127.0.0.1 only (see the README's network-safety notes)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    """A UDP port on 127.0.0.1 that nobody is bound to right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def rmsg_exe() -> str:
+    """The installed ``rmsg`` console script (the one a user would run)."""
+    exe = Path(sys.executable).parent / "rmsg"
+    found = str(exe) if exe.exists() else shutil.which("rmsg")
+    if found is None:
+        pytest.fail("the rmsg console script is not installed: pip install -e '.[test]'")
+    return found
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

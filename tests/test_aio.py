@@ -1,0 +1,94 @@
+"""The asyncio AsyncNode over real UDP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from reliable import AsyncNode, Config, NodeClosed, PeerUnreachable, ReceiveTimeout, UsageError
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.loopback
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_send_receive_and_receipt() -> None:
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            receipt = await a.send(b.address, b"hi", msg_type=3)
+            assert receipt.peer == b.address and receipt.incarnation == b.incarnation
+            msg = await b.receive(timeout=2)
+            assert (msg.data, msg.msg_type, msg.source) == (b"hi", 3, a.address)
+
+    run(main())
+
+
+def test_pipelined_futures_and_order() -> None:
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            msgs = [b"%05d" % i * (i % 40) for i in range(3000)]
+            futures = [a.send_nowait(b.address, m) for m in msgs]
+            got = [(await b.receive(timeout=5)).data for _ in msgs]
+            assert got == msgs
+            receipts = await asyncio.gather(*futures)
+            assert [r.size for r in receipts] == [len(m) for m in msgs]
+
+    run(main())
+
+
+def test_receive_timeouts_and_nowait() -> None:
+    async def main() -> None:
+        async with AsyncNode() as b:
+            assert b.receive_nowait() is None
+            with pytest.raises(ReceiveTimeout):
+                await b.receive(timeout=0.1)
+
+    run(main())
+
+
+def test_selective_receive_and_dead_source() -> None:
+    async def main() -> None:
+        cfg = Config(peer_timeout=0.5, initial_rto=0.05)
+        async with AsyncNode(config=cfg) as a, AsyncNode() as b, AsyncNode() as c:
+            await a.send(c.address, b"a")
+            await b.send(c.address, b"b")
+            assert (await c.receive(source=b.address, timeout=2)).data == b"b"
+            assert (await c.receive(timeout=2)).data == b"a"
+            with pytest.raises(PeerUnreachable):
+                await a.receive(source=f"127.0.0.1:{free_port()}", timeout=10)
+            with pytest.raises(PeerUnreachable):
+                await a.send(f"127.0.0.1:{free_port()}", b"x")
+
+    run(main())
+
+
+def test_close_flushes_and_refuses_more() -> None:
+    async def main() -> None:
+        async with AsyncNode() as b:
+            a = await AsyncNode().start()
+            futures = [a.send_nowait(b.address, b"x" * 3000) for _ in range(100)]
+            await a.close(timeout=5)
+            assert all(f.done() and f.exception() is None for f in futures)
+            for _ in futures:
+                await b.receive(timeout=2)
+            with pytest.raises(NodeClosed):
+                a.send_nowait(b.address, b"late")
+
+    run(main())
+
+
+def test_misuse_is_reported_before_start_or_send() -> None:
+    async def main() -> None:
+        node = AsyncNode()
+        with pytest.raises(UsageError, match="start"):
+            node.send_nowait("127.0.0.1:9", b"x")
+        async with node:
+            with pytest.raises(UsageError, match="timeout"):
+                await node.send("127.0.0.1:9", b"x", timeout=0)
+
+    run(main())

@@ -1,0 +1,167 @@
+"""The rmsg CLI: in-process with CliRunner, and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from reliable import Node
+from rmsg.cli import main
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.loopback
+
+
+def test_send_exits_zero_once_acknowledged() -> None:
+    with Node() as b:
+        result = CliRunner().invoke(main, ["send", f"127.0.0.1:{b.address[1]}", "hello there"])
+        assert result.exit_code == 0, result.output
+        assert "delivered 11 bytes" in result.output
+        assert b.receive(timeout=2).data == b"hello there"
+
+
+def test_send_reads_stdin_and_file_and_sets_type(tmp_path: Path) -> None:
+    payload = tmp_path / "blob.bin"
+    payload.write_bytes(bytes(range(256)) * 100)
+    with Node() as b:
+        dest = f"127.0.0.1:{b.address[1]}"
+        runner = CliRunner()
+        r1 = runner.invoke(
+            main, ["send", dest, "--type", "-4", "--priority", "9"], input="from stdin"
+        )
+        r2 = runner.invoke(main, ["send", dest, "--file", str(payload), "-q"])
+        assert r1.exit_code == r2.exit_code == 0, r1.output + r2.output
+        m1, m2 = b.receive(timeout=2), b.receive(timeout=2)
+        assert (m1.data, m1.msg_type, m1.priority) == (b"from stdin", -4, 9)
+        assert m2.data == payload.read_bytes()
+        assert r2.output == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["send", "127.0.0.1", "x"], 2, "HOST:PORT"),
+        (["send", "nohost.invalid:70", "x"], 2, "cannot resolve"),
+        (["send", "127.0.0.1:7", "x", "--timeout", "-1"], 2, "timeout"),
+        (["send", "127.0.0.1:7", "x", "--timeout", "soon"], 2, "not a duration"),
+        (["demo", "--loss", "150%"], 2, "probability"),
+    ],
+)
+def test_bad_arguments_fail_before_sending(args: list[str], code: int, text: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code
+    assert text in result.output
+
+
+def test_send_to_nobody_fails_with_one_line() -> None:
+    result = CliRunner().invoke(
+        main, ["send", f"127.0.0.1:{free_port()}", "x", "--timeout", "300ms"]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().count("\n") == 0
+    assert "not acknowledged within 0.3s" in result.output
+
+
+def _send_later(dest: str, messages: list[bytes]) -> threading.Thread:
+    def run() -> None:
+        time.sleep(0.3)
+        with Node() as a:
+            for m in messages:
+                a.send(dest, m)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_recv_json_count() -> None:
+    port = free_port()
+    sender = _send_later(f"127.0.0.1:{port}", [b"one", b"\xff\xfe binary"])
+    result = CliRunner().invoke(main, ["recv", "--bind", f"127.0.0.1:{port}", "--json", "-n", "2"])
+    sender.join()
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert lines[0]["data"] == "one" and lines[0]["size"] == 3
+    assert lines[1]["encoding"] == "base64"
+
+
+def test_recv_output_dir(tmp_path: Path) -> None:
+    port = free_port()
+    sender = _send_later(f"127.0.0.1:{port}", [b"first", b"second"])
+    out = tmp_path / "inbox"
+    result = CliRunner().invoke(
+        main, ["recv", "--bind", f"127.0.0.1:{port}", "--output-dir", str(out), "--count", "2"]
+    )
+    sender.join()
+    assert result.exit_code == 0, result.output
+    files = sorted(out.iterdir())
+    assert [f.read_bytes() for f in files] == [b"first", b"second"]
+
+
+def test_recv_timeout_exits_one() -> None:
+    result = CliRunner().invoke(
+        main, ["recv", "--bind", f"127.0.0.1:{free_port()}", "--timeout", "0.2"]
+    )
+    assert result.exit_code == 1 and "no message" in result.output
+
+
+def test_every_command_teaches_by_example() -> None:
+    for command in (["--help"], ["send", "--help"], ["recv", "--help"], ["demo", "--help"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0
+        assert "Example" in result.output or "Try it" in result.output
+
+
+def test_demo_runs_and_verifies() -> None:
+    result = CliRunner().invoke(main, ["demo", "--messages", "300", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["intact"] == 300 and summary["link_dropped"] > 0
+
+
+def test_installed_rmsg_send_and_recv_as_processes(rmsg_exe: str) -> None:
+    port = free_port()
+    recv = subprocess.Popen(
+        [rmsg_exe, "recv", "--bind", f"127.0.0.1:{port}", "--count", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.5)
+        for text in ["alpha", "beta", "gamma"]:
+            sent = subprocess.run(
+                [rmsg_exe, "send", f"127.0.0.1:{port}", text], capture_output=True, timeout=30
+            )
+            assert sent.returncode == 0, sent.stderr
+        out, _ = recv.communicate(timeout=30)
+        assert out == b"alpha\nbeta\ngamma\n"
+        assert recv.returncode == 0
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+
+
+def test_installed_rmsg_send_to_nobody_exits_nonzero(rmsg_exe: str) -> None:
+    done = subprocess.run(
+        [rmsg_exe, "send", f"127.0.0.1:{free_port()}", "x", "--timeout", "0.3"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith("Error: ")
+
+
+def test_installed_rmsg_demo(rmsg_exe: str) -> None:
+    done = subprocess.run(
+        [rmsg_exe, "demo", "--messages", "200"], capture_output=True, timeout=120, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "verdict                    OK" in done.stdout

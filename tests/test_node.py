@@ -1,0 +1,198 @@
+"""The blocking Node over real UDP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from reliable import (
+    AddressError,
+    Config,
+    MessageTooLarge,
+    Node,
+    NodeClosed,
+    PeerUnreachable,
+    ReceiveTimeout,
+    SendTimeout,
+    UsageError,
+    events,
+)
+
+from .conftest import free_port, ipv6_loopback_works
+
+pytestmark = pytest.mark.loopback
+
+
+@pytest.fixture
+def pair():  # type: ignore[no-untyped-def]
+    with Node() as a, Node() as b:
+        yield a, b
+
+
+def test_send_returns_a_receipt_and_receive_gets_the_message(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    receipt = a.send(b.address, b"hello", msg_type=5, priority=2, mailbox="box")
+    assert receipt.peer == b.address and receipt.size == 5 and receipt.incarnation == b.incarnation
+    msg = b.receive(timeout=2)
+    assert (msg.data, msg.source, msg.msg_type, msg.priority, msg.mailbox) == (
+        b"hello",
+        a.address,
+        5,
+        2,
+        "box",
+    )
+    assert msg.sender == f"127.0.0.1:{a.address[1]}"
+
+
+def test_string_addresses_work(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    a.send(f"127.0.0.1:{b.address[1]}", b"by string")
+    a.send(f"localhost:{b.address[1]}", b"by name")
+    assert {b.receive(timeout=2).data, b.receive(timeout=2).data} == {b"by string", b"by name"}
+
+
+def test_receive_timeout_and_nonblocking(pair) -> None:  # type: ignore[no-untyped-def]
+    _, b = pair
+    assert b.receive_nowait() is None
+    with pytest.raises(ReceiveTimeout):
+        b.receive(timeout=0)
+    start = time.monotonic()
+    with pytest.raises(ReceiveTimeout):
+        b.receive(timeout=0.2)
+    assert 0.15 < time.monotonic() - start < 1.0
+
+
+def test_send_nowait_handle(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    called = threading.Event()
+    handle = a.send_nowait(b.address, b"async-ish")
+    handle.add_done_callback(lambda h: called.set())
+    assert handle.wait(2) and handle.done()
+    assert handle.result().size == 9 and handle.exception() is None
+    assert called.wait(1)
+    assert b.receive(timeout=2).data == b"async-ish"
+
+
+def test_many_pipelined_messages_arrive_once_in_order(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    msgs = [b"%06d" % i * (i % 50) for i in range(3000)]
+    handles = [a.send_nowait(b.address, m) for m in msgs]
+    got = [b.receive(timeout=5).data for _ in msgs]
+    assert got == msgs
+    assert all(h.result(5) for h in handles)
+    assert b.receive_nowait() is None
+
+
+def test_selective_receive_by_source() -> None:
+    with Node() as a, Node() as b, Node() as c:
+        a.send(c.address, b"from a")
+        b.send(c.address, b"from b")
+        assert c.receive(source=b.address, timeout=2).data == b"from b"
+        assert c.receive(source=f"127.0.0.1:{a.address[1]}", timeout=2).data == b"from a"
+
+
+def test_concurrent_senders_keep_per_thread_order(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+
+    def blast(tag: int) -> None:
+        for i in range(300):
+            a.send_nowait(b.address, b"%d:%d" % (tag, i))
+
+    threads = [threading.Thread(target=blast, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = [b.receive(timeout=5).data.split(b":") for _ in range(1200)]
+    for tag in range(4):
+        seq = [int(i) for t, i in got if int(t) == tag]
+        assert seq == list(range(300))
+
+
+def test_unreachable_peer_fails_the_send_naming_it() -> None:
+    dead = free_port()
+    with Node(config=Config(peer_timeout=0.5, initial_rto=0.05)) as a:
+        start = time.monotonic()
+        with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{dead}"):
+            a.send(f"127.0.0.1:{dead}", b"anyone?")
+        assert time.monotonic() - start < 3
+
+
+def test_receive_from_a_dead_source_raises_instead_of_hanging() -> None:
+    dead = free_port()
+    config = Config(peer_timeout=0.5, initial_rto=0.05)
+    with Node(config=config) as a, pytest.raises(PeerUnreachable):
+        a.receive(source=f"127.0.0.1:{dead}", timeout=10)
+
+
+def test_send_timeout_abandons_the_message() -> None:
+    dead = free_port()
+    with Node() as a, pytest.raises(SendTimeout, match=r"0\.3s"):
+        a.send(f"127.0.0.1:{dead}", b"x", timeout=0.3)
+
+
+def test_close_flushes_pending_sends() -> None:
+    with Node() as b:
+        a = Node()
+        handles = [a.send_nowait(b.address, b"m%d" % i * 500) for i in range(200)]
+        a.close(timeout=5)
+        assert all(h.done() and h.exception() is None for h in handles)
+        assert [b.receive(timeout=2).data for _ in handles] == [
+            b"m%d" % i * 500 for i in range(200)
+        ]
+        with pytest.raises(NodeClosed):
+            a.send(b.address, b"after close")
+
+
+def test_peer_close_is_observed() -> None:
+    seen: list[events.Event] = []
+    with Node(on_event=seen.append) as a:
+        b = Node()
+        a.send(b.address, b"hi")
+        b.close()
+        deadline = time.monotonic() + 2
+        while not any(isinstance(e, events.PeerClosed) for e in seen):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def test_local_misuse_fails_before_sending(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    small = Node(config=Config(max_message_size=1000, send_buffer=1 << 20))
+    try:
+        with pytest.raises(MessageTooLarge, match="max_message_size"):
+            small.send(b.address, b"x" * 1001)
+        assert small.stats().datagrams_sent == 0
+    finally:
+        small.close()
+    for bad in ["nohost.invalid:7000", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "::1:7000"]:
+        with pytest.raises(AddressError):
+            a.send(bad, b"x")
+    with pytest.raises(UsageError, match="timeout"):
+        a.send(b.address, b"x", timeout=-1)
+    with pytest.raises(UsageError, match="timeout"):
+        b.receive(timeout=-0.5)
+    with pytest.raises(AddressError, match="cannot bind"):
+        Node(f"127.0.0.1:{b.address[1]}")  # taken
+
+
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")
+def test_ipv6_loopback() -> None:
+    with Node("[::1]:0") as a, Node("[::1]:0") as b:
+        a.send(f"[::1]:{b.address[1]}", b"six")
+        msg = b.receive(timeout=2)
+        assert msg.data == b"six" and msg.sender.startswith("[::1]:")
+        with pytest.raises(AddressError, match="IPv6"):
+            a.send("127.0.0.1:9", b"x")
+
+
+def test_stats_are_typed_and_count(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    for _ in range(10):
+        a.send(b.address, b"s")
+    stats = a.stats()
+    (peer,) = stats.peers
+    assert peer.messages_sent == 10 and peer.srtt is not None and peer.srtt < 0.5
+    assert stats.as_dict()["peers"][0]["messages_sent"] == 10
