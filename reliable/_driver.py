@@ -8,6 +8,7 @@ protocol core's events is here, once.
 from __future__ import annotations
 
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from .message import Message, Receipt
 __all__ = [
     "DatagramSocket",
     "EventSink",
+    "Inbox",
     "drain_socket",
     "open_socket",
     "resolve_destination",
@@ -133,3 +135,57 @@ def route_events(
             sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
         elif isinstance(event, events.Closed):
             sink.on_closed()
+
+
+_PEER_DOWN_MEMORY = 4096  # peers whose last departure is remembered for waiting receivers
+
+
+class Inbox:
+    """Delivered messages awaiting ``receive``, and which peers went away.
+
+    The state both adapters keep between the core's events and the
+    application's calls. Taking a message hands its bytes back to the core as
+    flow-control credit, so a slow consumer throttles its senders.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._messages: deque[Message] = deque()
+        self._down: dict[Address, tuple[int, errors.DeliveryFailed]] = {}
+        self._down_count = 0
+
+    def add(self, message: Message) -> None:
+        self._messages.append(message)
+
+    def take(self, peer: Address | None) -> Message | None:
+        """The oldest message (from ``peer`` only, if given), or ``None``."""
+        messages = self._messages
+        if not messages:
+            return None
+        if peer is None:
+            message = messages.popleft()
+        else:
+            for i, candidate in enumerate(messages):
+                if candidate.source == peer:
+                    del messages[i]
+                    message = candidate
+                    break
+            else:
+                return None
+        self._endpoint.release(message.source, len(message.data))
+        return message
+
+    def peer_down(self, peer: Address, error: errors.DeliveryFailed) -> None:
+        self._down_count += 1
+        self._down[peer] = (self._down_count, error)
+        if len(self._down) > _PEER_DOWN_MEMORY:
+            del self._down[next(iter(self._down))]
+
+    def mark(self) -> int:
+        """A point in time for :meth:`down_since`."""
+        return self._down_count
+
+    def down_since(self, peer: Address, mark: int) -> errors.DeliveryFailed | None:
+        """Why ``peer`` went away after ``mark``, if it did."""
+        down = self._down.get(peer)
+        return down[1] if down is not None and down[0] > mark else None

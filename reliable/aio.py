@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from . import errors, events
-from ._driver import DatagramSocket, drain_socket, open_socket, resolve_destination, route_events
+from ._driver import (
+    DatagramSocket,
+    Inbox,
+    drain_socket,
+    open_socket,
+    resolve_destination,
+    route_events,
+)
 from .addressing import Address, normalize
 from .config import Config
 from .endpoint import Endpoint, check_timeout
@@ -53,9 +60,7 @@ class AsyncNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handles: dict[int, asyncio.Future[Receipt]] = {}
-        self._inbox: deque[Message] = deque()
-        self._peer_down: dict[Address, tuple[int, errors.DeliveryFailed]] = {}
-        self._down_count = 0
+        self._inbox = Inbox(self._endpoint)
         self._changed = asyncio.Event()
         self._backlog: deque[tuple[bytes, Address]] = deque()
         self._closed = False
@@ -142,7 +147,7 @@ class AsyncNode:
 
         Raises :class:`~reliable.errors.SendBufferFull` instead of waiting for space.
         """
-        _check_send_timeout(timeout)
+        check_timeout(timeout, "timeout", positive=True)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None)
 
     def _submit(
@@ -188,7 +193,7 @@ class AsyncNode:
         Waits for send-buffer space if needed. With ``timeout`` an unacknowledged
         message is abandoned and :class:`~reliable.errors.SendTimeout` raised.
         """
-        _check_send_timeout(timeout)
+        check_timeout(timeout, "timeout", positive=True)
         loop = self._require_started()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -234,7 +239,7 @@ class AsyncNode:
         if timeout == 0:
             raise errors.ReceiveTimeout("no message waiting")
         deadline = None if timeout is None else loop.time() + timeout
-        seen_down = self._down_count
+        mark = self._inbox.mark()
         if peer is not None:
             self._endpoint.watch(peer, loop.time())
             self._pump([])
@@ -244,10 +249,8 @@ class AsyncNode:
                 if message is not None:
                     return message
                 self._check_open()
-                if peer is not None:
-                    down = self._peer_down.get(peer)
-                    if down is not None and down[0] > seen_down:
-                        raise down[1]
+                if peer is not None and (gone := self._inbox.down_since(peer, mark)):
+                    raise gone
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     raise errors.ReceiveTimeout(f"no message within {timeout:g}s")
@@ -257,21 +260,8 @@ class AsyncNode:
                 self._endpoint.unwatch(peer, loop.time())
 
     def _take(self, peer: Address | None) -> Message | None:
-        inbox = self._inbox
-        if not inbox:
-            return None
-        if peer is None:
-            message = inbox.popleft()
-        else:
-            for i, candidate in enumerate(inbox):
-                if candidate.source == peer:
-                    message = candidate
-                    del inbox[i]
-                    break
-            else:
-                return None
-        self._endpoint.release(message.source, len(message.data))
-        if not self._closed:
+        message = self._inbox.take(peer)
+        if message is not None and not self._closed:
             self._pump([])  # a window update may be due
         return message
 
@@ -349,7 +339,7 @@ class AsyncNode:
 
     # EventSink
     def on_message(self, message: Message) -> None:
-        self._inbox.append(message)
+        self._inbox.add(message)
 
     def on_outcome(
         self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
@@ -363,10 +353,7 @@ class AsyncNode:
             future.set_result(receipt)  # type: ignore[arg-type]
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
-        self._down_count += 1
-        self._peer_down[peer] = (self._down_count, error)
-        if len(self._peer_down) > 4096:
-            self._peer_down.pop(next(iter(self._peer_down)))
+        self._inbox.peer_down(peer, error)
 
     def on_closed(self) -> None:
         if self._close_done is not None and not self._close_done.done():
@@ -384,9 +371,3 @@ class AsyncNode:
     def _check_open(self) -> None:
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")
-
-
-def _check_send_timeout(timeout: float | None) -> None:
-    check_timeout(timeout, "timeout")
-    if timeout is not None and timeout <= 0:
-        raise errors.UsageError(f"a send timeout must be > 0 seconds, got {timeout}")

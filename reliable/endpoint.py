@@ -365,11 +365,13 @@ class Endpoint:
         self._emit(events.Closed())
 
 
-def check_timeout(timeout: float | None, name: str) -> None:
-    """Raise a :class:`~reliable.errors.UsageError` unless ``timeout`` is None or >= 0."""
+def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:
+    """Raise a :class:`~reliable.errors.UsageError` unless ``timeout`` is None or a
+    finite number of seconds, >= 0 (> 0 if ``positive``)."""
     if timeout is None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise errors.UsageError(f"{name} must be a number of seconds or None, got {timeout!r}")
-    if not math.isfinite(timeout) or timeout < 0:
-        raise errors.UsageError(f"{name} must be a finite number of seconds >= 0, got {timeout}")
+    if not math.isfinite(timeout) or timeout < 0 or (positive and timeout == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise errors.UsageError(f"{name} must be a finite number of seconds {bound}, got {timeout}")

@@ -25,7 +25,14 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import errors, events
-from ._driver import DatagramSocket, drain_socket, open_socket, resolve_destination, route_events
+from ._driver import (
+    DatagramSocket,
+    Inbox,
+    drain_socket,
+    open_socket,
+    resolve_destination,
+    route_events,
+)
 from .addressing import Address, normalize
 from .config import Config
 from .endpoint import Endpoint, check_timeout
@@ -112,9 +119,7 @@ class Node:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._handles: dict[int, SendHandle] = {}
-        self._inbox: deque[Message] = deque()
-        self._peer_down: dict[Address, tuple[int, errors.DeliveryFailed]] = {}
-        self._down_count = 0
+        self._inbox = Inbox(self._endpoint)
         self._closed = False
         self._failure: BaseException | None = None
         self._sleep_until: float | None = None
@@ -159,7 +164,8 @@ class Node:
         the call ends when the peer acknowledges or is declared unreachable.
         Waits for send-buffer space if the buffer is full.
         """
-        deadline = None if timeout is None else time.monotonic() + _checked(timeout)
+        check_timeout(timeout, "timeout", positive=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
         handle = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline)
         return handle.result()
 
@@ -177,7 +183,7 @@ class Node:
 
         Raises :class:`~reliable.errors.SendBufferFull` instead of waiting for space.
         """
-        _checked(timeout)
+        check_timeout(timeout, "timeout", positive=True)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, block=False)
 
     def _submit(
@@ -240,66 +246,51 @@ class Node:
         peer = None if source is None else resolve_destination(source, self._sock.family)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            message = self._take(peer)
-            if message is not None:
-                return message
-            self._check_open()
-            if timeout == 0:
-                raise errors.ReceiveTimeout("no message waiting")
-            watching = peer is not None
-            if watching:
-                self._endpoint.watch(peer, time.monotonic())
-                seen_down = self._down_count
-                out = self._endpoint.datagrams_to_send(time.monotonic())
-            try:
-                if watching:
-                    self._lock.release()
-                    try:
-                        self._transmit(out)
-                        self._wake()
-                    finally:
-                        self._lock.acquire()
-                while True:
-                    message = self._take(peer)
-                    if message is not None:
-                        return message
-                    self._check_open()
-                    if peer is not None:
-                        down = self._peer_down.get(peer)
-                        if down is not None and down[0] > seen_down:
-                            raise down[1]
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise errors.ReceiveTimeout(f"no message within {timeout:g}s")
-                    self._changed.wait(remaining)
-            finally:
-                if watching:
-                    self._endpoint.unwatch(peer, time.monotonic())
+            message = self._inbox.take(peer)
+            if message is None:
+                message = self._wait_for(peer, timeout, deadline)
+            out = self._endpoint.datagrams_to_send(time.monotonic())  # a window update may be due
+        self._transmit(out)
+        return message
+
+    def _wait_for(
+        self, peer: Address | None, timeout: float | None, deadline: float | None
+    ) -> Message:
+        """Wait (lock held, released while blocked) for a message from ``peer`` or anyone."""
+        self._check_open()
+        if timeout == 0:
+            raise errors.ReceiveTimeout("no message waiting")
+        mark = self._inbox.mark()
+        if peer is not None:
+            # Probe the named peer while we wait, so a dead one cannot leave us blocked.
+            self._endpoint.watch(peer, time.monotonic())
+            self._wake()
+        try:
+            while True:
+                message = self._inbox.take(peer)
+                if message is not None:
+                    return message
+                self._check_open()
+                if peer is not None and (gone := self._inbox.down_since(peer, mark)):
+                    raise gone
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                self._changed.wait(remaining)
+        finally:
+            if peer is not None:
+                self._endpoint.unwatch(peer, time.monotonic())
 
     def receive_nowait(self, *, source: str | tuple[Any, ...] | None = None) -> Message | None:
         """The next message if one is waiting, else ``None``; never blocks."""
         peer = None if source is None else resolve_destination(source, self._sock.family)
         with self._lock:
-            message = self._take(peer)
+            message = self._inbox.take(peer)
             if message is None:
                 self._check_open()
-            return message
-
-    def _take(self, peer: Address | None) -> Message | None:
-        inbox = self._inbox
-        if not inbox:
-            return None
-        if peer is None:
-            message = inbox.popleft()
-        else:
-            for i, candidate in enumerate(inbox):
-                if candidate.source == peer:
-                    message = candidate
-                    del inbox[i]
-                    break
-            else:
                 return None
-        self._endpoint.release(message.source, len(message.data))
+            out = self._endpoint.datagrams_to_send(time.monotonic())
+        self._transmit(out)
         return message
 
     # ----------------------------------------------------------- management
@@ -399,7 +390,7 @@ class Node:
 
     # EventSink, called under the lock from route_events
     def on_message(self, message: Message) -> None:
-        self._inbox.append(message)
+        self._inbox.add(message)
 
     def on_outcome(
         self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
@@ -409,10 +400,7 @@ class Node:
             self._resolved.append((handle, receipt, error))
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
-        self._down_count += 1
-        self._peer_down[peer] = (self._down_count, error)
-        if len(self._peer_down) > 4096:
-            self._peer_down.pop(next(iter(self._peer_down)))
+        self._inbox.peer_down(peer, error)
 
     def on_closed(self) -> None:
         self._changed.notify_all()
@@ -466,10 +454,3 @@ class Node:
     def _check_open(self) -> None:
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")
-
-
-def _checked(timeout: float | None) -> float:
-    check_timeout(timeout, "timeout")
-    if timeout is not None and timeout <= 0:
-        raise errors.UsageError(f"a send timeout must be > 0 seconds, got {timeout}")
-    return 0.0 if timeout is None else timeout

@@ -196,3 +196,19 @@ def test_stats_are_typed_and_count(pair) -> None:  # type: ignore[no-untyped-def
     (peer,) = stats.peers
     assert peer.messages_sent == 10 and peer.srtt is not None and peer.srtt < 0.5
     assert stats.as_dict()["peers"][0]["messages_sent"] == 10
+
+
+def test_a_slow_receiver_back_pressures_the_sender() -> None:
+    backlog = 64 * 1024
+    with Node(config=Config(receive_backlog=backlog)) as b, Node() as a:
+        handles = [a.send_nowait(b.address, bytes([i]) * 8000) for i in range(100)]
+        time.sleep(0.5)  # the application is not reading
+        held = sum(p.bytes_received for p in b.stats().peers)
+        assert backlog <= held <= backlog + 16 * 8000  # bounded: the window closed
+        assert sum(h.done() for h in handles) < 100
+        start = time.monotonic()
+        got = [b.receive(timeout=5).data for _ in range(100)]
+        assert got == [bytes([i]) * 8000 for i in range(100)]
+        assert all(h.result(5) for h in handles)
+        # window updates go out as the application reads, not at the next probe
+        assert time.monotonic() - start < 2.0
