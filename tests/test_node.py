@@ -212,3 +212,15 @@ def test_a_slow_receiver_back_pressures_the_sender() -> None:
         assert all(h.result(5) for h in handles)
         # window updates go out as the application reads, not at the next probe
         assert time.monotonic() - start < 2.0
+
+
+def test_a_sixteen_mebibyte_message_crosses_loopback() -> None:
+    data = bytes(range(256)) * (16 * 1024 * 1024 // 256)  # exactly the default max_message_size
+    with Node() as a, Node() as b:
+        start = time.monotonic()
+        receipt = a.send(b.address, data, timeout=60)
+        msg = b.receive(timeout=10)
+        elapsed = time.monotonic() - start
+    assert msg.data == data
+    assert receipt.fragments > 14_000 and receipt.size == len(data)
+    print(f"16 MiB over loopback in {elapsed:.2f}s ({len(data) / elapsed / 1e6:.1f} MB/s)")
