@@ -1,13 +1,33 @@
 """netem: seeded fault injection for UDP — pure models, a socket wrapper, a simulated network.
 
-The models (:mod:`netem.models`) decide; the carriers apply: :mod:`netem.socket`
-wraps a real UDP socket in-process, :mod:`netem.sim` runs sans-I/O hosts on a
-virtual clock. Same seed, same inputs, same decisions.
+The models (:mod:`netem.models`) decide, :mod:`netem.spec` reads ``tc netem``
+syntax, :mod:`netem.scenario` makes links vary over time; the carriers apply
+them: :mod:`netem.socket` wraps a real UDP socket in-process,
+:mod:`netem.proxy` relays between real addresses, :mod:`netem.sim` runs
+sans-I/O hosts on a virtual clock. Same seed, same inputs, same decisions.
 """
 
 from __future__ import annotations
 
-from .models import FaultCounters, FaultModel, Impairment
+from .models import Decision, FaultCounters, FaultModel, FourState, GilbertElliott, Impairment
+from .scenario import Link, Scenario, ScenarioError, Window
 from .sim import SansIOHost, SimNetwork
+from .spec import SpecError, format_spec, parse_spec
 
-__all__ = ["FaultCounters", "FaultModel", "Impairment", "SansIOHost", "SimNetwork"]
+__all__ = [
+    "Decision",
+    "FaultCounters",
+    "FaultModel",
+    "FourState",
+    "GilbertElliott",
+    "Impairment",
+    "Link",
+    "SansIOHost",
+    "Scenario",
+    "ScenarioError",
+    "SimNetwork",
+    "SpecError",
+    "Window",
+    "format_spec",
+    "parse_spec",
+]

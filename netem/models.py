@@ -3,23 +3,107 @@
 A :class:`FaultModel` turns one datagram sent at ``now`` into zero or more
 ``(release_time, datagram)`` pairs. It never sleeps or touches a socket: the
 carriers (socket wrapper, proxy, simulated network) decide what "release"
-means. With the same seed and the same input sequence it makes the same
-decisions, corruption positions included, because every random draw comes
-from its own ``random.Random`` in a fixed order.
+means. Every random draw comes from the model's own ``random.Random`` in a
+fixed order, so the same seed and the same input sequence give the same
+decisions — corruption positions included.
 
-Per-packet decision order follows Linux ``sch_netem``: duplication is decided
-first (the copies share the original's fate), then loss, then corruption (of
-one copy), then delay and reordering.
+Semantics follow Linux ``sch_netem`` (``netem_enqueue``), in its order:
+
+1. **duplicate** is drawn first; the copy is sent through the whole model
+   again with duplication disabled (netem re-enqueues it at the root), so it
+   gets its own loss, corruption and delay decisions;
+2. **loss** removes one copy (a duplicated packet that is "lost" still
+   arrives once, as in netem); random loss may be correlated, or come from
+   the 4-state Markov model (``loss state``) or Gilbert-Elliott
+   (``loss gemodel``) with netem's parameter meanings;
+3. **corrupt** alters the original: bit flips, or a user function; our
+   extensions ``truncate`` and ``garbage`` follow;
+4. the **queue limit** tail-drops when ``limit`` datagrams are already held;
+5. **reorder** sends a packet at once, ahead of the delayed ones, with
+   netem's ``gap`` rule; everything else gets the **delay** (constant plus
+   jitter from a uniform, normal, pareto or paretonormal distribution,
+   optionally correlated), serialised behind earlier packets by **rate**.
+
+Extensions beyond netem: ``mtu`` (datagrams above it vanish: an MTU black
+hole) and ``replay`` (a copy is re-sent much later: a stale datagram).
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import random
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["FaultCounters", "FaultModel", "Impairment"]
+__all__ = [
+    "DELAY_BUCKETS",
+    "DISTRIBUTIONS",
+    "Decision",
+    "FaultCounters",
+    "FaultModel",
+    "FourState",
+    "GilbertElliott",
+    "Impairment",
+]
+
+#: Delay distributions, as in ``tc netem ... distribution NAME``.
+DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
+#: Upper bounds (seconds) of the delay histogram buckets in :class:`FaultCounters`.
+DELAY_BUCKETS = (0.0, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
+
+
+def _probability(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a probability between 0 and 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class FourState:
+    """netem's 4-state Markov loss model (``loss state p13 p31 p32 p23 p14``).
+
+    States: 1 = transmitting in a gap period, 2 = transmitting in a burst,
+    3 = lost in a burst, 4 = isolated loss in a gap. Defaults as ``tc``:
+    ``p31 = 1 - p13``, ``p32 = 0``, ``p23 = 1``, ``p14 = 0``.
+    """
+
+    p13: float
+    p31: float | None = None
+    p32: float = 0.0
+    p23: float = 1.0
+    p14: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.p31 is None:
+            object.__setattr__(self, "p31", 1.0 - self.p13)
+        for name in ("p13", "p31", "p32", "p23", "p14"):
+            _probability(f"loss state {name}", getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class GilbertElliott:
+    """netem's Gilbert-Elliott loss model (``loss gemodel p r 1-h 1-k``).
+
+    ``p``: good-to-bad transition; ``r``: bad-to-good; ``one_minus_h``: loss
+    probability in the bad state; ``one_minus_k``: loss probability in the good
+    state. Defaults as ``tc``: ``r = 1 - p``, ``1-h = 1``, ``1-k = 0`` (with
+    only ``p`` this is a Bernoulli model; with ``p`` and ``r``, Simple Gilbert).
+    Mean bad-state sojourn is ``1/r`` packets.
+    """
+
+    p: float
+    r: float | None = None
+    one_minus_h: float = 1.0
+    one_minus_k: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.r is None:
+            object.__setattr__(self, "r", 1.0 - self.p)
+        for name in ("p", "r", "one_minus_h", "one_minus_k"):
+            _probability(f"loss gemodel {name}", getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,122 +111,429 @@ class Impairment:
     """What a link does to datagrams. Probabilities in [0, 1], times in seconds."""
 
     loss: float = 0.0
-    """Probability a datagram is dropped."""
-
+    """Probability a datagram is dropped (netem's random loss)."""
     loss_correlation: float = 0.0
-    """Weight of the previous loss decision in the next (netem's correlation): bursts."""
+    """Weight of the previous loss draw in the next: bursty random loss."""
+    loss_model: FourState | GilbertElliott | None = None
+    """A Markov loss model instead of random loss."""
 
     duplicate: float = 0.0
     """Probability a datagram is sent ``duplicate_copies`` extra times."""
-
+    duplicate_correlation: float = 0.0
     duplicate_copies: int = 1
 
     corrupt: float = 0.0
-    """Probability one copy has ``corrupt_bits`` random bits flipped."""
-
+    """Probability the datagram has ``corrupt_bits`` random bits flipped (or ``corrupt_fn``)."""
+    corrupt_correlation: float = 0.0
     corrupt_bits: int = 1
+    corrupt_fn: Callable[[bytes, random.Random], bytes] | None = None
+    """Targeted corruption (e.g. one header field) used instead of bit flips."""
+    truncate: float = 0.0
+    """Probability the datagram is cut at a random length (extension)."""
+    garbage: float = 0.0
+    """Probability 1 to ``garbage_max`` random bytes are appended (extension)."""
+    garbage_max: int = 64
 
     delay: float = 0.0
     """Constant one-way delay."""
-
     jitter: float = 0.0
-    """Uniform jitter added to ``delay`` (+/-); jitter larger than gaps reorders."""
+    """Spread of the delay: +/- for uniform, the standard deviation otherwise."""
+    delay_correlation: float = 0.0
+    distribution: str = "uniform"
+    """``uniform``, ``normal``, ``pareto`` or ``paretonormal`` (iproute2's tables)."""
 
     reorder: float = 0.0
-    """netem-style reordering: this fraction skips ``delay`` and overtakes the rest."""
+    """Probability a datagram skips the delay and overtakes the queue (needs ``delay``)."""
+    reorder_correlation: float = 0.0
+    gap: int = 0
+    """netem's gap: only every ``gap``-th datagram may be reordered (0: 1 if reorder is set)."""
 
-    corrupt_fn: Callable[[bytes, random.Random], bytes] | None = None
-    """Optional targeted corruption applied instead of bit flips."""
+    rate: float = 0.0
+    """Link bandwidth in bits per second (0: unlimited); datagrams queue behind each other."""
+    limit: int = 1000
+    """Most datagrams held (delayed or queued) at once; beyond it the tail is dropped."""
+
+    mtu: int = 0
+    """Datagrams larger than this many bytes silently vanish (0: no black hole)."""
+
+    replay: float = 0.0
+    """Probability an extra copy is re-sent ``replay_delay`` seconds later (stale replay)."""
+    replay_delay: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("loss", "loss_correlation", "duplicate", "corrupt", "reorder"):
+        for name in (
+            "loss",
+            "loss_correlation",
+            "duplicate",
+            "duplicate_correlation",
+            "corrupt",
+            "corrupt_correlation",
+            "truncate",
+            "garbage",
+            "delay_correlation",
+            "reorder",
+            "reorder_correlation",
+            "replay",
+        ):
+            _probability(name, getattr(self, name))
+        for name in ("delay", "jitter", "replay_delay", "rate"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability between 0 and 1, got {value}")
-        for name in ("delay", "jitter"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
-        if self.duplicate_copies < 1 or self.corrupt_bits < 1:
-            raise ValueError("duplicate_copies and corrupt_bits must be at least 1")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("duplicate_copies", "corrupt_bits", "garbage_max", "limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gap < 0 or self.mtu < 0:
+            raise ValueError("gap and mtu must be >= 0")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}"
+            )
+        if self.loss_model is not None and self.loss:
+            raise ValueError("give either a random loss percentage or a loss model, not both")
 
     @property
     def is_clean(self) -> bool:
-        return (
-            self.loss == self.duplicate == self.corrupt == self.reorder == 0.0
-            and self.delay == self.jitter == 0.0
-        )
+        """Whether this impairment never changes, drops, delays or reorders anything."""
+        return self == Impairment(limit=self.limit)
 
 
 @dataclass(slots=True)
 class FaultCounters:
-    """What a model did, for tests to assert on."""
+    """What a model did, for tests to assert on. ``dropped`` counts every reason."""
 
     seen: int = 0
     dropped: int = 0
+    dropped_loss: int = 0
+    dropped_mtu: int = 0
+    dropped_queue: int = 0
+    dropped_partition: int = 0
     duplicated: int = 0
     corrupted: int = 0
     reordered: int = 0
+    replayed: int = 0
     delivered: int = 0
-    delays: list[float] = field(default_factory=list)
+    delay_total: float = 0.0
+    delay_max: float = 0.0
+    delay_histogram: list[int] = field(default_factory=lambda: [0] * len(DELAY_BUCKETS))
+
+    def drop(self, reason: str) -> None:
+        self.dropped += 1
+        attr = f"dropped_{reason}"
+        setattr(self, attr, getattr(self, attr) + 1)
+
+    def add_delay(self, delay: float) -> None:
+        self.delivered += 1
+        self.delay_total += delay
+        self.delay_max = max(self.delay_max, delay)
+        self.delay_histogram[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
+
+    @property
+    def delay_mean(self) -> float:
+        return self.delay_total / self.delivered if self.delivered else 0.0
+
+    def merge(self, other: FaultCounters) -> FaultCounters:
+        """The sum of two counter sets (e.g. the phases of a timeline)."""
+        out = FaultCounters()
+        for name in FaultCounters.__dataclass_fields__:
+            if name == "delay_histogram":
+                out.delay_histogram = [
+                    a + b for a, b in zip(self.delay_histogram, other.delay_histogram, strict=True)
+                ]
+            elif name == "delay_max":
+                out.delay_max = max(self.delay_max, other.delay_max)
+            else:
+                setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        d = {name: getattr(self, name) for name in FaultCounters.__dataclass_fields__}
+        d["delay_mean"] = self.delay_mean
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The fate of one datagram, for the optional decision log."""
+
+    index: int
+    time: float
+    size: int
+    dropped: str | None  #: loss, mtu, queue, partition — or None
+    copies: int  #: datagrams released for it (duplicates and replays included)
+    corruption: tuple[str, ...]  #: e.g. ("bit 93", "truncate 40")
+    releases: tuple[float, ...]  #: release times of the copies
+    reordered: bool
+
+
+@dataclass(slots=True)
+class _Record:
+    """Scratch notes about one datagram while the model decides its fate."""
+
+    dropped: str | None = None
+    corruption: list[str] = field(default_factory=list)
+    reordered: bool = False
+
+
+class _Correlated:
+    """netem's correlated uniform: ``next = (1 - rho) * u + rho * last``."""
+
+    __slots__ = ("last", "rho", "rng")
+
+    def __init__(self, rng: random.Random, rho: float) -> None:
+        self.rng = rng
+        self.rho = rho
+        self.last = rng.random() if rho else 0.0
+
+    def draw(self) -> float:
+        u = self.rng.random()
+        if not self.rho:
+            return u
+        self.last = (1.0 - self.rho) * u + self.rho * self.last
+        return self.last
 
 
 class FaultModel:
-    """Applies an :class:`Impairment` to a stream of datagrams, deterministically."""
+    """Applies an :class:`Impairment` to a stream of datagrams, deterministically.
 
-    def __init__(self, impairment: Impairment, *, seed: int | None = 0) -> None:
+    ``log=True`` keeps a :class:`Decision` per datagram (the most recent
+    ``log_limit``), so two runs can be compared decision by decision.
+    """
+
+    def __init__(
+        self,
+        impairment: Impairment,
+        *,
+        seed: int | None = 0,
+        log: bool = False,
+        log_limit: int = 100_000,
+    ) -> None:
         self.impairment = impairment
         self.rng = random.Random(seed)
+        rng = self.rng
         self.counters = FaultCounters()
-        self._last_loss_draw = 0.0
+        self.log: deque[Decision] | None = deque(maxlen=log_limit) if log else None
+        self._dup = _Correlated(rng, impairment.duplicate_correlation)
+        self._loss = _Correlated(rng, impairment.loss_correlation)
+        self._corrupt = _Correlated(rng, impairment.corrupt_correlation)
+        self._reorder = _Correlated(rng, impairment.reorder_correlation)
+        self._delay = _Correlated(rng, impairment.delay_correlation)
+        self._state = 1  # 4-state: TX in gap; Gilbert-Elliott: good
+        self._gap = impairment.gap or (1 if impairment.reorder else 0)
+        self._counter = 0
+        self._held: list[float] = []  # heap: release times of datagrams not yet released
+        self._last_departure = -math.inf
+        self._index = 0
+
+    # ------------------------------------------------------------------ public
 
     def apply(self, data: bytes, now: float) -> list[tuple[float, bytes]]:
         """Fate of one datagram sent at ``now``: ``(release_time, bytes)`` pairs."""
+        out: list[tuple[float, bytes]] = []
+        record = _Record() if self.log is not None else None
+        self._apply(data, now, out, record, duplicate=True)
+        if self.log is not None and record is not None:
+            self.log.append(
+                Decision(
+                    index=self._index,
+                    time=now,
+                    size=len(data),
+                    dropped=record.dropped,
+                    copies=len(out),
+                    corruption=tuple(record.corruption),
+                    releases=tuple(t for t, _ in out),
+                    reordered=record.reordered,
+                )
+            )
+        self._index += 1
+        return out
+
+    def drop_partitioned(self) -> None:
+        """Count a datagram a partition swallowed (the timeline decides, the model counts)."""
+        self.counters.seen += 1
+        self.counters.drop("partition")
+
+    # ----------------------------------------------------------------- engine
+
+    def _apply(
+        self,
+        data: bytes,
+        now: float,
+        out: list[tuple[float, bytes]],
+        record: _Record | None,
+        *,
+        duplicate: bool,
+    ) -> None:
         imp = self.impairment
         c = self.counters
         c.seen += 1
-        rng = self.rng
+        if imp.mtu and len(data) > imp.mtu:
+            self._drop("mtu", record)
+            return
         copies = 1
-        if imp.duplicate and rng.random() < imp.duplicate:
+        if duplicate and imp.duplicate and self._dup.draw() < imp.duplicate:
             copies += imp.duplicate_copies
-            c.duplicated += imp.duplicate_copies
-        if imp.loss and self._lost(rng):
-            c.dropped += 1
-            return []
-        out: list[tuple[float, bytes]] = []
-        for i in range(copies):
-            datagram = data
-            if i == 0 and imp.corrupt and rng.random() < imp.corrupt:
-                datagram = self._corrupt(data, rng)
-                c.corrupted += 1
-            delay = imp.delay
-            if imp.jitter:
-                delay = max(0.0, delay + rng.uniform(-imp.jitter, imp.jitter))
-            if imp.reorder and imp.delay and rng.random() < imp.reorder:
-                delay = 0.0
-                c.reordered += 1
-            c.delays.append(delay)
-            c.delivered += 1
-            out.append((now + delay, datagram))
-        return out
+        if self._lost():
+            copies -= 1
+        if copies == 0:
+            self._drop("loss", record)
+            return
+        for _ in range(copies - 1):  # clones go round again, as netem re-enqueues them
+            c.duplicated += 1
+            self._apply(data, now, out, None, duplicate=False)
+        data = self._maybe_corrupt(data, record)
+        self._prune(now)
+        if len(self._held) >= imp.limit:
+            self._drop("queue", record)
+            return
+        release = self._release_time(len(data), now, record)
+        out.append((release, data))
+        if release > now:
+            heapq.heappush(self._held, release)
+        c.add_delay(release - now)
+        if imp.replay and self.rng.random() < imp.replay:
+            c.replayed += 1
+            out.append((release + imp.replay_delay, data))
 
-    def _lost(self, rng: random.Random) -> bool:
-        imp = self.impairment
-        draw = rng.random()
-        if imp.loss_correlation:
-            # netem's correlated uniform: blend the fresh draw with the previous one
-            draw = draw * (1 - imp.loss_correlation) + self._last_loss_draw * imp.loss_correlation
-            self._last_loss_draw = draw
-        return draw < imp.loss
+    def _drop(self, reason: str, record: _Record | None) -> None:
+        self.counters.drop(reason)
+        if record is not None:
+            record.dropped = reason
 
-    def _corrupt(self, data: bytes, rng: random.Random) -> bytes:
+    def _lost(self) -> bool:
         imp = self.impairment
-        if imp.corrupt_fn is not None:
-            return imp.corrupt_fn(data, rng)
-        if not data:
-            return data
-        buf = bytearray(data)
-        for _ in range(imp.corrupt_bits):
-            bit = rng.randrange(len(buf) * 8)
-            buf[bit >> 3] ^= 1 << (bit & 7)
-        return bytes(buf)
+        model = imp.loss_model
+        if model is None:
+            return bool(imp.loss) and self._loss.draw() < imp.loss
+        u = self.rng.random()
+        if isinstance(model, FourState):
+            return self._four_state(model, u)
+        return self._gilbert_elliott(model, u)
+
+    def _four_state(self, m: FourState, u: float) -> bool:
+        assert m.p31 is not None
+        state = self._state
+        if state == 1:  # transmitting, gap period
+            if u < m.p14:
+                self._state = 4
+                return True
+            if u < m.p14 + m.p13:
+                self._state = 3
+                return True
+            return False
+        if state == 2:  # transmitting, burst period
+            if u < m.p23:
+                self._state = 3
+                return True
+            return False
+        if state == 3:  # lost, burst period
+            if u < m.p32:
+                self._state = 2
+                return False
+            if u < m.p32 + m.p31:
+                self._state = 1
+                return False
+            return True
+        self._state = 1  # 4: an isolated loss is followed by a transmission
+        return False
+
+    def _gilbert_elliott(self, m: GilbertElliott, u: float) -> bool:
+        assert m.r is not None
+        if self._state == 1:  # good
+            if u < m.p:
+                self._state = 2
+            return self.rng.random() < m.one_minus_k
+        if u < m.r:  # bad
+            self._state = 1
+        return self.rng.random() < m.one_minus_h
+
+    def _maybe_corrupt(self, data: bytes, record: _Record | None) -> bytes:
+        imp = self.impairment
+        rng = self.rng
+        notes: list[str] = []
+        if imp.corrupt and self._corrupt.draw() < imp.corrupt:
+            if imp.corrupt_fn is not None:
+                data = imp.corrupt_fn(data, rng)
+                notes.append("custom")
+            elif data:
+                buf = bytearray(data)
+                for _ in range(imp.corrupt_bits):
+                    bit = rng.randrange(len(buf) * 8)
+                    buf[bit >> 3] ^= 1 << (bit & 7)
+                    notes.append(f"bit {bit}")
+                data = bytes(buf)
+        if imp.truncate and rng.random() < imp.truncate and data:
+            cut = rng.randrange(len(data))
+            data = data[:cut]
+            notes.append(f"truncate {cut}")
+        if imp.garbage and rng.random() < imp.garbage:
+            extra = rng.randbytes(rng.randint(1, imp.garbage_max))
+            data = data + extra
+            notes.append(f"garbage {len(extra)}")
+        if notes:
+            self.counters.corrupted += 1
+            if record is not None:
+                record.corruption = notes
+        return data
+
+    def _release_time(self, size: int, now: float, record: _Record | None) -> float:
+        imp = self.impairment
+        reorder_now = (
+            self._gap > 0
+            and self._counter >= self._gap - 1
+            and bool(imp.reorder)
+            and self._reorder.draw() < imp.reorder
+        )
+        if reorder_now:
+            self._counter = 0
+            self.counters.reordered += 1
+            if record is not None:
+                record.reordered = True
+            return now
+        self._counter += 1
+        delay = self._draw_delay()
+        start = now
+        if imp.rate:
+            if self._last_departure > now:
+                # queued behind the last datagram: its wait counts toward our delay
+                delay = max(0.0, delay - (self._last_departure - now))
+                start = self._last_departure
+            delay += size * 8 / imp.rate
+            self._last_departure = start + delay
+        return start + delay
+
+    def _draw_delay(self) -> float:
+        imp = self.impairment
+        if not imp.jitter:
+            return imp.delay
+        u = self._delay.draw()
+        if imp.distribution == "uniform":
+            value = imp.delay + (2 * u - 1) * imp.jitter
+        else:
+            value = imp.delay + imp.jitter * _table_deviate(imp.distribution, u, self.rng)
+        return max(0.0, value)
+
+    def _prune(self, now: float) -> None:
+        held = self._held
+        while held and held[0] <= now:
+            heapq.heappop(held)
+
+
+_STANDARD_NORMAL = statistics.NormalDist()
+
+
+def _table_deviate(name: str, u: float, rng: random.Random) -> float:
+    """A deviate for ``delay + jitter * deviate``, shaped like iproute2's tables.
+
+    ``normal``: the standard normal. ``pareto``: iproute2's table — a Pareto
+    variate with alpha 3, shifted by its mean (1.5) and scaled by 4/3.
+    ``paretonormal``: a 1:3 blend of a normal and a pareto deviate.
+    """
+    u = min(max(u, 1e-12), 1 - 1e-12)
+    if name == "normal":
+        return float(_STANDARD_NORMAL.inv_cdf(u))
+    pareto = (float(u ** (-1 / 3)) - 1.5) * 4 / 3
+    if name == "pareto":
+        return pareto
+    other = min(max(rng.random(), 1e-12), 1 - 1e-12)
+    return 0.25 * float(_STANDARD_NORMAL.inv_cdf(other)) + 0.75 * pareto

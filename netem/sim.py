@@ -16,7 +16,8 @@ import itertools
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
-from .models import FaultModel, Impairment
+from .models import Impairment
+from .scenario import Link, Scenario, Window, as_impairment
 
 __all__ = ["SansIOHost", "SimNetwork"]
 
@@ -46,14 +47,14 @@ class SimNetwork:
         *,
         seed: int = 0,
         latency: float = 0.0005,
-        default: Impairment | None = None,
+        default: Impairment | str | None = None,
     ) -> None:
         self.now = 0.0
         self.latency = latency
         self._seed = seed
-        self._default = default or Impairment()
+        self._default = as_impairment(default)
         self._hosts: dict[Hashable, SansIOHost] = {}
-        self._links: dict[tuple[Hashable, Hashable], FaultModel] = {}
+        self._links: dict[tuple[Hashable, Hashable], Link] = {}
         self._queue: list[tuple[float, int, int, Any]] = []
         self._order = itertools.count()
         self._timer_at: dict[Hashable, float | None] = {}
@@ -75,16 +76,46 @@ class SimNetwork:
     def host(self, addr: Hashable) -> SansIOHost:
         return self._hosts[addr]
 
-    def set_link(self, src: Hashable, dst: Hashable, impairment: Impairment) -> None:
-        """Impair datagrams from ``src`` to ``dst`` (one direction)."""
-        self._links[(src, dst)] = FaultModel(impairment, seed=self._link_seed(src, dst))
+    def set_link(self, src: Hashable, dst: Hashable, impairment: Impairment | str | Link) -> None:
+        """Impair datagrams from ``src`` to ``dst`` (one direction), from now on."""
+        link = (
+            impairment
+            if isinstance(impairment, Link)
+            else Link(as_impairment(impairment), seed=self._link_seed(src, dst))
+        )
+        if link.epoch is None:
+            link.start(self.now)
+        self._links[(src, dst)] = link
 
-    def link(self, src: Hashable, dst: Hashable) -> FaultModel:
-        model = self._links.get((src, dst))
-        if model is None:
-            model = FaultModel(self._default, seed=self._link_seed(src, dst))
-            self._links[(src, dst)] = model
-        return model
+    def set_scenario(self, a: Hashable, b: Hashable, scenario: Scenario) -> None:
+        """Apply a two-way scenario (*up* is ``a -> b``); its clock starts now."""
+        up, down = scenario.links(self._seed + _stable_hash(repr((a, b))))
+        self.set_link(a, b, up)
+        self.set_link(b, a, down)
+
+    def partition(
+        self, a: Hashable, b: Hashable, *, start: float, end: float, direction: str = "both"
+    ) -> None:
+        """Cut ``a`` off from ``b`` between simulated times ``start`` and ``end``.
+
+        ``direction`` is ``"up"`` (only ``a -> b``), ``"down"`` or ``"both"``.
+        """
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"direction must be up, down or both, got {direction!r}")
+        pairs = {"up": [(a, b)], "down": [(b, a)], "both": [(a, b), (b, a)]}[direction]
+        for src, dst in pairs:
+            link = self.link(src, dst)
+            epoch = link.epoch or 0.0
+            link.add_partition(Window(max(0.0, start - epoch), end - epoch))
+
+    def link(self, src: Hashable, dst: Hashable) -> Link:
+        """The link ``src -> dst`` (created with the default impairment on first use)."""
+        link = self._links.get((src, dst))
+        if link is None:
+            link = Link(self._default, seed=self._link_seed(src, dst))
+            link.start(0.0)
+            self._links[(src, dst)] = link
+        return link
 
     def _link_seed(self, src: Hashable, dst: Hashable) -> int:
         # Stable across runs (unlike hash() of str), distinct per direction.

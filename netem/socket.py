@@ -1,4 +1,4 @@
-"""In-process carrier: a UDP socket wrapper whose outgoing datagrams suffer a fault model.
+"""In-process carrier: a UDP socket wrapper whose outgoing datagrams suffer a :class:`Link`.
 
 Wrap each end's socket and both directions of a conversation are impaired,
 with no root, no kernel module and no proxy process. Datagrams the model
@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .models import FaultCounters, FaultModel, Impairment
+from .models import FaultCounters, Impairment
+from .scenario import Link, as_impairment
 
 __all__ = ["FaultySocket"]
 
@@ -34,14 +35,16 @@ class FaultySocket:
     def __init__(
         self,
         sock: _socket.socket,
-        impairment: Impairment | FaultModel,
+        impairment: Impairment | str | Link,
         *,
         seed: int | None = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sock
-        self.model = (
-            impairment if isinstance(impairment, FaultModel) else FaultModel(impairment, seed=seed)
+        self.link = (
+            impairment
+            if isinstance(impairment, Link)
+            else Link(as_impairment(impairment), seed=seed)
         )
         self._clock = clock
         self._lock = threading.Lock()
@@ -55,7 +58,7 @@ class FaultySocket:
 
     @classmethod
     def bind(
-        cls, address: tuple[str, int], impairment: Impairment, *, seed: int | None = 0
+        cls, address: tuple[str, int], impairment: Impairment | str | Link, *, seed: int | None = 0
     ) -> FaultySocket:
         """A new UDP socket bound to ``address``, wrapped."""
         family = _socket.AF_INET6 if ":" in address[0] else _socket.AF_INET
@@ -65,7 +68,7 @@ class FaultySocket:
 
     @property
     def counters(self) -> FaultCounters:
-        return self.model.counters
+        return self.link.counters
 
     @property
     def family(self) -> int:
@@ -77,7 +80,7 @@ class FaultySocket:
         """Impair and send; returns ``len(data)`` whatever the model decided, as UDP would."""
         with self._lock:
             now = self._clock()
-            fates = self.model.apply(bytes(data), now)
+            fates = self.link.apply(bytes(data), now)
             immediate = []
             for release, datagram in fates:
                 if release <= now:

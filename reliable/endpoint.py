@@ -226,10 +226,11 @@ class Endpoint:
             self._drop("stale_reset")
             return
         self._dirty[addr] = None
+        session.on_packet(pkt, now, self.incarnation)
         if pkt.kind == Kind.CLOSE:
+            # after its final acks: what it acknowledged on the way out is delivered
             self._peer_closed(session, now)
             return
-        session.on_packet(pkt, now, self.incarnation)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -353,13 +354,7 @@ class Endpoint:
         for addr, session in self._peers.items():
             self._control.extend((d, addr) for d in session.datagrams(now, self.incarnation))
             if session.incarnation is not None:
-                bye = encode(
-                    Packet(
-                        kind=Kind.CLOSE,
-                        src_incarnation=self.incarnation,
-                        dst_incarnation=session.incarnation,
-                    )
-                )
+                bye = session.farewell(now, self.incarnation)
                 self._control.extend([(bye, addr)] * _CLOSE_COPIES)
         self.closed = True
         self._emit(events.Closed())

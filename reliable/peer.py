@@ -262,6 +262,16 @@ class PeerSession:
             self.ping_now = False
         return out
 
+    def farewell(self, now: float, my_incarnation: int) -> bytes:
+        """The CLOSE for this peer, carrying our final acknowledgement state.
+
+        A message the peer sent us and we acknowledged must not be reported
+        to it as failed just because that acknowledgement was lost: the CLOSE
+        repeats it, and the peer processes it before failing what is left.
+        """
+        ack_flag = Flag.ACK if self.receiver.expected is not None else Flag.NONE
+        return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
+
     def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: Flag) -> bytes:
         ack = self.receiver.ack_state(now)
         return encode(

@@ -35,6 +35,7 @@ __all__ = [
     "ACK_DELAY_TICK",
     "DATA_NOTICES",
     "DATA_SACK_RANGES",
+    "DEFAULT_PORT",
     "FRAGMENT_OVERHEAD",
     "HEADER_OVERHEAD",
     "MAGIC",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 MAGIC = 0x524D  # "RM"
+#: rmsg's conventional UDP port (unregistered): dissectors bind to it, examples use it.
+DEFAULT_PORT = 7431
 VERSION = 1
 SERIAL_BITS = 32
 _SERIAL_MOD = 1 << SERIAL_BITS

@@ -4,11 +4,16 @@ turn its errors into one-line messages and exit codes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import pathlib
 import re
+import signal
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import click
@@ -484,6 +489,192 @@ def demo(
         )
     if not result.ok:
         sys.exit(1)
+
+
+# ------------------------------------------------------------------------ netem
+
+
+@main.command(context_settings=_CONTEXT)
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Where clients send.")
+@click.option("--forward", required=True, metavar="HOST:PORT", help="The server to relay to.")
+@click.option("--spec", default=None, help="tc-netem impairment for both directions.")
+@click.option("--up", default=None, help="Impairment client -> server (overrides --spec).")
+@click.option("--down", default=None, help="Impairment server -> client (overrides --spec).")
+@click.option(
+    "--scenario",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A TOML timeline of phases, partitions and flaps (see docs/netem.md).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for every decision: the same seed replays the same faults.",
+)
+@click.option(
+    "--pcap-in",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Capture what arrives, before impairment.",
+)
+@click.option(
+    "--pcap-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Capture what is sent on, after impairment.",
+)
+@click.option(
+    "--rebind-every",
+    type=DURATION,
+    default=None,
+    help="NAT rebinding: give each client a new upstream port this often.",
+)
+@click.option(
+    "--duration", type=DURATION, default=None, help="Stop after this long (default: until Ctrl-C)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the exit counters as JSON.")
+def netem(
+    listen: str,
+    forward: str,
+    spec: str | None,
+    up: str | None,
+    down: str | None,
+    scenario: str | None,
+    seed: int,
+    pcap_in: str | None,
+    pcap_out: str | None,
+    rebind_every: float | None,
+    duration: float | None,
+    as_json: bool,
+) -> None:
+    """Relay UDP between clients and a server through a faulty link.
+
+    Any UDP application works, not only rmsg. Clients send to --listen; each
+    gets its own upstream socket towards --forward (like a NAT). Impairments
+    use tc-netem syntax; the same --seed replays the same decisions. Counters
+    are printed when it stops (Ctrl-C, SIGTERM or --duration).
+
+    \b
+    Examples:
+      rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --spec "loss 10%"
+      rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 \\
+          --up "delay 20ms 5ms loss 2%" --down "delay 20ms duplicate 1%" --pcap-out out.pcap
+      rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --scenario flaky.toml
+    """
+    from netem.proxy import UdpProxy
+    from netem.scenario import Scenario, ScenarioError
+    from netem.spec import SpecError, format_spec, parse_spec
+
+    if scenario is not None and (spec or up or down):
+        raise click.UsageError("give either --scenario or --spec/--up/--down, not both")
+    try:
+        timeline = Scenario.from_toml(pathlib.Path(scenario)) if scenario else None
+        up_imp = parse_spec(up if up is not None else spec or "")
+        down_imp = parse_spec(down if down is not None else spec or "")
+    except (SpecError, ScenarioError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        proxy = UdpProxy(
+            listen,
+            forward,
+            up=None if timeline else up_imp,
+            down=None if timeline else down_imp,
+            scenario=timeline,
+            seed=seed,
+            pcap_in=pcap_in,
+            pcap_out=pcap_out,
+            rebind_every=rebind_every,
+        )
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    described = (
+        f"scenario {scenario}"
+        if timeline
+        else f"up: {format_spec(up_imp)}; down: {format_spec(down_imp)}"
+    )
+    click.echo(
+        f"netem: {reliable.format_address(proxy.address)} -> "
+        f"{reliable.format_address(proxy.forward)} ({described}, seed {seed})",
+        err=True,
+    )
+    started = time.monotonic()
+    with _terminate_as_interrupt():
+        proxy.start()
+        try:
+            while duration is None or time.monotonic() - started < duration:
+                time.sleep(0.05 if duration is None else min(0.05, duration))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            proxy.stop()
+    stats = proxy.snapshot()
+    if as_json:
+        click.echo(json.dumps(stats.as_dict(), indent=2))
+        return
+    rows = [("up", stats.up, stats.up_sent), ("down", stats.down, stats.down_sent)]
+    lines = [f"netem summary after {time.monotonic() - started:.1f}s"]
+    lines.append(
+        f"  {'dir':<5}{'seen':>9}{'sent':>9}{'dropped':>9}{'dup':>7}{'corrupt':>9}"
+        f"{'reorder':>9}{'delay mean/max ms':>20}"
+    )
+    for name, c, sent in rows:
+        lines.append(
+            f"  {name:<5}{c.seen:>9}{sent:>9}{c.dropped:>9}{c.duplicated:>7}{c.corrupted:>9}"
+            f"{c.reordered:>9}{c.delay_mean * 1000:>11.2f}/{c.delay_max * 1000:<8.2f}"
+        )
+    lines.append(
+        f"  clients {stats.clients} (expired {stats.clients_expired}, refused "
+        f"{stats.clients_refused}), rebinds {stats.rebinds}, send errors {stats.send_errors}"
+    )
+    click.echo("\n".join(lines))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while running, so counters still print when killed."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------- dissect
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("capture", type=click.Path(exists=True, dir_okay=False))
+def dissect(capture: str) -> None:
+    """Print a readable timeline of the rmsg packets in a pcap CAPTURE.
+
+    One line per datagram: time, direction, kind, sequence number, base,
+    fragment, ack, window, SACK ranges, reject notices — RETX marks a
+    retransmission, MALFORMED a datagram the link corrupted. Needs scapy.
+
+    \b
+    Examples:
+      rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --spec "loss 5%" \\
+          --pcap-out run.pcap
+      rmsg dissect run.pcap | grep RETX
+    """
+    from .dissect import dissect_file
+
+    try:
+        for entry in dissect_file(capture):
+            click.echo(entry.format())
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # scapy's own errors for unreadable files
+        raise _fail(f"cannot read {capture}: {exc}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

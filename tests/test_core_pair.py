@@ -418,3 +418,16 @@ def test_send_buffer_is_bounded() -> None:
 def test_bad_config_says_what_to_change(field: str, value: float) -> None:
     with pytest.raises(errors.UsageError, match=f"Config.{field}"):
         Config(**{field: value})
+
+
+def test_close_repeats_the_final_acks_so_delivered_messages_do_not_fail() -> None:
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"got it, but the ack was lost", now=p.now)
+    p.transfer(p.a)
+    p.outgoing(p.b)  # B's acknowledgement is lost
+    assert p.b.received() == [b"got it, but the ack was lost"]
+    p.b.endpoint.close(p.now, timeout=1.0)
+    p.transfer(p.b)  # the CLOSE arrives and carries B's acknowledgement
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket]
+    assert p.a.of(events.MessageFailed) == []
+    assert p.a.of(events.PeerClosed)

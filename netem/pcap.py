@@ -1,0 +1,101 @@
+"""A minimal pcap writer: UDP datagrams wrapped in synthetic IPv4/IPv6 + UDP headers.
+
+Classic libpcap format, link type ``LINKTYPE_RAW`` (101: each record starts
+with an IP header), microsecond timestamps — readable by tcpdump, tshark,
+Wireshark and scapy's ``rdpcap``. Only the standard library is used, so the
+proxy can capture without scapy installed. Headers carry real checksums.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+__all__ = ["LINKTYPE_RAW", "PcapWriter", "udp_packet"]
+
+LINKTYPE_RAW = 101
+_GLOBAL = struct.Struct("<IHHiIII")
+_RECORD = struct.Struct("<IIII")
+_MAGIC = 0xA1B2C3D4
+_SNAPLEN = 262_144
+_UDP = 17
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(~total & 0xFFFF)
+
+
+def udp_packet(src: tuple[Any, ...], dst: tuple[Any, ...], payload: bytes) -> bytes:
+    """An IP + UDP packet carrying ``payload`` from ``src`` to ``dst`` (``(host, port)``)."""
+    s_ip = ipaddress.ip_address(src[0])
+    d_ip = ipaddress.ip_address(dst[0])
+    length = 8 + len(payload)
+    if s_ip.version == 4 and d_ip.version == 4:
+        pseudo = s_ip.packed + d_ip.packed + struct.pack("!BBH", 0, _UDP, length)
+        udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
+        csum = _checksum(pseudo + udp) or 0xFFFF
+        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+        header = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, _UDP, 0, s_ip.packed, d_ip.packed
+        )
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        return header + udp
+    if s_ip.version == 4:
+        s_ip = ipaddress.IPv6Address(f"::ffff:{s_ip}")
+    if d_ip.version == 4:
+        d_ip = ipaddress.IPv6Address(f"::ffff:{d_ip}")
+    pseudo = s_ip.packed + d_ip.packed + struct.pack("!I3xB", length, _UDP)
+    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
+    csum = _checksum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    header = struct.pack("!IHBB16s16s", 6 << 28, length, _UDP, 64, s_ip.packed, d_ip.packed)
+    return header + udp
+
+
+class PcapWriter:
+    """Appends UDP datagrams to a pcap file; thread-safe; a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(_GLOBAL.pack(_MAGIC, 2, 4, 0, 0, _SNAPLEN, LINKTYPE_RAW))
+        self._lock = threading.Lock()
+        self.records = 0
+
+    def write(
+        self, when: float, src: tuple[Any, ...], dst: tuple[Any, ...], payload: bytes
+    ) -> None:
+        """Record ``payload`` sent from ``src`` to ``dst`` at wall-clock time ``when``."""
+        packet = udp_packet(src, dst, payload)
+        seconds = int(when)
+        micros = int((when - seconds) * 1_000_000)
+        record = _RECORD.pack(seconds, micros, len(packet), len(packet)) + packet
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(record)
+                self.records += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+    def __enter__(self) -> PcapWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,289 @@
+"""Time-varying links: phases of impairments, partitions and flapping, from Python or TOML.
+
+A :class:`Link` is one direction of a path over time. Its clock starts at the
+first datagram it sees (or at :meth:`Link.start`), so a scenario written as
+"at 5 s, loss rises to 30%" means five seconds into the run, on real or
+simulated time alike. A :class:`Scenario` holds both directions — *up* is
+client to server (the direction of the first datagram through a proxy, or
+``a -> b`` in a simulation), *down* the reverse.
+
+TOML scenario format::
+
+    seed = 7                                   # optional; carriers may override
+    [[phase]]
+    at = 0                                     # seconds from the start
+    spec = "delay 20ms 5ms loss 1%"            # both directions...
+    [[phase]]
+    at = 10
+    up = "loss 30% delay 20ms"                 # ...or each on its own
+    down = "delay 20ms"
+    [[partition]]                              # nothing gets through
+    start = 5.0
+    end = 7.5
+    direction = "both"                         # "up", "down" or "both"
+    [[flap]]                                   # a flapping link
+    start = 20
+    end = 30
+    period = 2.0                               # every period...
+    down = 0.5                                 # ...the link is down this long, then up
+    direction = "up"
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import pathlib
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import Decision, FaultCounters, FaultModel, Impairment
+from .spec import SpecError, parse_spec
+
+__all__ = ["Link", "Scenario", "ScenarioError", "Window", "as_impairment"]
+
+_DIRECTIONS = ("up", "down", "both")
+_MAX_FLAP_WINDOWS = 100_000
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be used; the message names the table and key at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A partition: nothing passes in ``[start, end)`` (seconds from the link's start)."""
+
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start < self.end):
+            raise ScenarioError(f"a partition needs 0 <= start < end, got {self.start}..{self.end}")
+
+
+def as_impairment(value: Impairment | str | None) -> Impairment:
+    """Accept an :class:`Impairment`, a ``tc netem`` spec string, or ``None`` (clean)."""
+    if value is None:
+        return Impairment()
+    if isinstance(value, Impairment):
+        return value
+    return parse_spec(value)
+
+
+class Link:
+    """One direction of a path: impairment phases over time, plus partition windows."""
+
+    def __init__(
+        self,
+        phases: Impairment | str | Sequence[tuple[float, Impairment | str]] | None = None,
+        *,
+        partitions: Sequence[Window] = (),
+        seed: int | None = 0,
+        log: bool = False,
+    ) -> None:
+        if phases is None or isinstance(phases, (Impairment, str)):
+            steps: list[tuple[float, Impairment]] = [(0.0, as_impairment(phases))]
+        else:
+            steps = sorted((float(at), as_impairment(imp)) for at, imp in phases)
+            if not steps or steps[0][0] > 0:
+                steps.insert(0, (0.0, Impairment()))
+        self._starts = [at for at, _ in steps]
+        self._impairments = [imp for _, imp in steps]
+        self._models: list[FaultModel | None] = [None] * len(steps)
+        self._windows = sorted(partitions, key=lambda w: w.start)
+        self._window_starts = [w.start for w in self._windows]
+        self._seed = seed
+        self._log = log
+        self.epoch: float | None = None
+
+    @property
+    def is_clean(self) -> bool:
+        """True if nothing is ever impaired (carriers take a fast path)."""
+        return not self._windows and all(imp.is_clean for imp in self._impairments)
+
+    def add_partition(self, window: Window) -> None:
+        """Add a partition window (seconds from the link's start)."""
+        self._windows.append(window)
+        self._windows.sort(key=lambda w: w.start)
+        self._window_starts = [w.start for w in self._windows]
+
+    def start(self, now: float) -> None:
+        """Start the timeline's clock at ``now`` (otherwise: at the first datagram)."""
+        self.epoch = now
+
+    def impairment_at(self, t: float) -> Impairment:
+        """The impairment in force ``t`` seconds after the start."""
+        return self._impairments[max(0, bisect.bisect_right(self._starts, t) - 1)]
+
+    def partitioned_at(self, t: float) -> bool:
+        i = bisect.bisect_right(self._window_starts, t) - 1
+        return i >= 0 and t < self._windows[i].end
+
+    def apply(self, data: bytes, now: float) -> list[tuple[float, bytes]]:
+        """Fate of one datagram sent at ``now``: ``(release_time, bytes)`` pairs."""
+        if self.epoch is None:
+            self.epoch = now
+        t = now - self.epoch
+        model = self._model(max(0, bisect.bisect_right(self._starts, t) - 1))
+        if self._windows and self.partitioned_at(t):
+            model.drop_partitioned()
+            return []
+        return model.apply(data, now)
+
+    def _model(self, index: int) -> FaultModel:
+        model = self._models[index]
+        if model is None:
+            seed = None if self._seed is None else self._seed * 1_000_003 + index
+            model = FaultModel(self._impairments[index], seed=seed, log=self._log)
+            self._models[index] = model
+        return model
+
+    @property
+    def counters(self) -> FaultCounters:
+        """Counters summed over every phase that has seen traffic."""
+        total = FaultCounters()
+        for model in self._models:
+            if model is not None:
+                total = total.merge(model.counters)
+        return total
+
+    def decisions(self) -> Iterator[Decision]:
+        """The decision log of every phase, in order (empty unless ``log=True``)."""
+        logs = [m.log for m in self._models if m is not None and m.log is not None]
+        return itertools.chain.from_iterable(logs)
+
+
+@dataclass(slots=True)
+class Scenario:
+    """Both directions of a path over time."""
+
+    up: list[tuple[float, Impairment]] = field(default_factory=lambda: [(0.0, Impairment())])
+    down: list[tuple[float, Impairment]] = field(default_factory=lambda: [(0.0, Impairment())])
+    up_partitions: list[Window] = field(default_factory=list)
+    down_partitions: list[Window] = field(default_factory=list)
+    seed: int | None = None
+
+    @classmethod
+    def symmetric(cls, impairment: Impairment | str) -> Scenario:
+        imp = as_impairment(impairment)
+        return cls(up=[(0.0, imp)], down=[(0.0, imp)])
+
+    def links(self, seed: int | None = 0, *, log: bool = False) -> tuple[Link, Link]:
+        """Fresh ``(up, down)`` links; the scenario's own seed wins over ``seed``."""
+        base = self.seed if self.seed is not None else seed
+        up_seed = None if base is None else base * 2 + 1
+        down_seed = None if base is None else base * 2 + 2
+        return (
+            Link(self.up, partitions=self.up_partitions, seed=up_seed, log=log),
+            Link(self.down, partitions=self.down_partitions, seed=down_seed, log=log),
+        )
+
+    @classmethod
+    def from_toml(cls, source: str | pathlib.Path) -> Scenario:
+        """Load a scenario from a TOML file path, or TOML text."""
+        if isinstance(source, pathlib.Path) or ("\n" not in source and source.endswith(".toml")):
+            path = pathlib.Path(source)
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
+        else:
+            text = str(source)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ScenarioError(f"scenario is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        unknown = set(data) - {"seed", "phase", "partition", "flap"}
+        if unknown:
+            raise ScenarioError(
+                f"unknown scenario key(s) {sorted(unknown)}: use seed, [[phase]], "
+                "[[partition]], [[flap]]"
+            )
+        scenario = cls(up=[], down=[])
+        seed = data.get("seed")
+        if seed is not None and not isinstance(seed, int):
+            raise ScenarioError(f"seed must be an integer, got {seed!r}")
+        scenario.seed = seed
+        for i, phase in enumerate(_tables(data, "phase")):
+            where = f"[[phase]] #{i + 1}"
+            at = _number(phase, "at", where, default=0.0)
+            extra = set(phase) - {"at", "spec", "up", "down"}
+            if extra:
+                raise ScenarioError(f"{where}: unknown key(s) {sorted(extra)}")
+            if "spec" in phase and ("up" in phase or "down" in phase):
+                raise ScenarioError(f"{where}: give either spec (both ways) or up/down, not both")
+            both = phase.get("spec")
+            up = _spec(phase.get("up", both), f"{where} up")
+            down = _spec(phase.get("down", both), f"{where} down")
+            scenario.up.append((at, up))
+            scenario.down.append((at, down))
+        if not scenario.up:
+            scenario.up = [(0.0, Impairment())]
+            scenario.down = [(0.0, Impairment())]
+        for i, part in enumerate(_tables(data, "partition")):
+            where = f"[[partition]] #{i + 1}"
+            window = Window(_number(part, "start", where), _number(part, "end", where))
+            scenario._add(window, _direction(part, where))
+        for i, flap in enumerate(_tables(data, "flap")):
+            where = f"[[flap]] #{i + 1}"
+            start, end = _number(flap, "start", where), _number(flap, "end", where)
+            period, outage = _number(flap, "period", where), _number(flap, "down", where)
+            if not (0 < outage < period) or end <= start:
+                raise ScenarioError(f"{where}: need start < end and 0 < down < period")
+            if (end - start) / period > _MAX_FLAP_WINDOWS:
+                raise ScenarioError(
+                    f"{where}: more than {_MAX_FLAP_WINDOWS} flaps; lengthen period"
+                )
+            direction = _direction(flap, where)
+            t = start
+            while t < end:
+                scenario._add(Window(t, min(t + outage, end)), direction)
+                t += period
+        return scenario
+
+    def _add(self, window: Window, direction: str) -> None:
+        if direction in ("up", "both"):
+            self.up_partitions.append(window)
+        if direction in ("down", "both"):
+            self.down_partitions.append(window)
+
+
+def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ScenarioError(f"{key} must be an array of tables: write [[{key}]]")
+    return value
+
+
+def _number(table: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
+    value = table.get(key, default)
+    if value is None:
+        raise ScenarioError(f"{where}: missing {key} (seconds)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ScenarioError(f"{where}: {key} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _spec(value: Any, where: str) -> Impairment:
+    if value is None:
+        return Impairment()
+    if not isinstance(value, str):
+        raise ScenarioError(f'{where}: expected a netem spec string like "delay 20ms loss 1%"')
+    try:
+        return parse_spec(value)
+    except SpecError as exc:
+        raise ScenarioError(f"{where}: {exc}") from None
+
+
+def _direction(table: dict[str, Any], where: str) -> str:
+    direction = table.get("direction", "both")
+    if direction not in _DIRECTIONS:
+        raise ScenarioError(f"{where}: direction must be up, down or both, got {direction!r}")
+    return str(direction)

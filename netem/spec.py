@@ -1,0 +1,285 @@
+"""Parse ``tc netem`` syntax into an :class:`~netem.models.Impairment`.
+
+Accepted clauses (``tc-netem(8)`` spelling; percentages as ``10%`` or ``10``):
+
+    delay TIME [JITTER [CORRELATION]] [distribution uniform|normal|pareto|paretonormal]
+    loss [random] PERCENT [CORRELATION]
+    loss state P13 [P31 [P32 [P23 [P14]]]]
+    loss gemodel P [R [1-H [1-K]]]
+    duplicate PERCENT [CORRELATION] [copies N]
+    corrupt PERCENT [CORRELATION] [bits N]
+    reorder PERCENT [CORRELATION] [gap DISTANCE]
+    rate RATE            limit PACKETS
+    truncate PERCENT     garbage PERCENT [BYTES]     mtu BYTES     replay PERCENT [TIME]
+
+The last row are rmsg extensions. Times need a unit (``20ms``, ``1.5s``,
+``250us``) — ``tc`` reads a bare number as microseconds, a classic trap, so we
+refuse it. Rates take ``bit``, ``kbit``, ``mbit``, ``gbit`` (powers of 1000),
+``kibit``, ``mibit``, ``gibit`` (1024), or ``bps``, ``kbps``, ``mbps``,
+``gbps`` (bytes per second). Errors name the token at fault and what was
+expected there.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .models import DISTRIBUTIONS, FourState, GilbertElliott, Impairment
+
+__all__ = ["SpecError", "format_spec", "parse_spec"]
+
+_NUMBER = re.compile(r"^[0-9]*\.?[0-9]+")
+_TIME_UNITS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "secs": 1.0,
+    "ms": 1e-3,
+    "msec": 1e-3,
+    "msecs": 1e-3,
+    "us": 1e-6,
+    "usec": 1e-6,
+    "usecs": 1e-6,
+}
+_RATE_UNITS = {
+    "bit": 1.0,
+    "kbit": 1e3,
+    "mbit": 1e6,
+    "gbit": 1e9,
+    "kibit": 1024.0,
+    "mibit": 1024.0**2,
+    "gibit": 1024.0**3,
+    "bps": 8.0,
+    "kbps": 8e3,
+    "mbps": 8e6,
+    "gbps": 8e9,
+}
+
+
+class SpecError(ValueError):
+    """A netem spec string that does not parse; the message names the bad token."""
+
+
+class _Tokens:
+    def __init__(self, text: str) -> None:
+        self.items = text.split()
+        self.pos = 0
+
+    def more(self) -> bool:
+        return self.pos < len(self.items)
+
+    def peek(self) -> str | None:
+        return self.items[self.pos] if self.more() else None
+
+    def next_is_number(self) -> bool:
+        token = self.peek()
+        return token is not None and bool(_NUMBER.match(token))
+
+    def take(self, expected: str) -> str:
+        if not self.more():
+            last = self.items[-1] if self.items else ""
+            raise SpecError(f"netem spec ends after {last!r}: expected {expected}")
+        token = self.items[self.pos]
+        self.pos += 1
+        return token
+
+    def fail(self, token: str, expected: str) -> SpecError:
+        return SpecError(f"netem spec: bad token {token!r} (word {self.pos}): expected {expected}")
+
+
+def _percent(tokens: _Tokens, what: str) -> float:
+    token = tokens.take(f"a percentage for {what}, like 10%")
+    text = token[:-1] if token.endswith("%") else token
+    try:
+        value = float(text) / 100
+    except ValueError:
+        raise tokens.fail(token, f"a percentage for {what}, like 10%") from None
+    if not 0 <= value <= 1:
+        raise tokens.fail(token, f"a percentage between 0% and 100% for {what}")
+    return value
+
+
+def _time(tokens: _Tokens, what: str) -> float:
+    token = tokens.take(f"a time for {what}, like 20ms")
+    match = _NUMBER.match(token)
+    unit = token[match.end() :].lower() if match else ""
+    if not match or unit not in _TIME_UNITS:
+        hint = " (tc reads a bare number as microseconds; say which you mean)" if match else ""
+        raise tokens.fail(token, f"a time with a unit for {what}, like 20ms or 1.5s{hint}")
+    return float(match.group()) * _TIME_UNITS[unit]
+
+
+def _integer(tokens: _Tokens, what: str, minimum: int = 0) -> int:
+    token = tokens.take(f"a whole number for {what}")
+    try:
+        value = int(token)
+    except ValueError:
+        raise tokens.fail(token, f"a whole number for {what}") from None
+    if value < minimum:
+        raise tokens.fail(token, f"a whole number >= {minimum} for {what}")
+    return value
+
+
+def _rate(tokens: _Tokens) -> float:
+    token = tokens.take("a rate like 1mbit")
+    match = _NUMBER.match(token)
+    unit = token[match.end() :].lower() if match else ""
+    if not match or (unit and unit not in _RATE_UNITS):
+        raise tokens.fail(token, "a rate like 1mbit, 500kbit or 10mbps")
+    return float(match.group()) * _RATE_UNITS.get(unit, 1.0)
+
+
+def parse_spec(text: str) -> Impairment:
+    """Parse a ``tc netem``-style string; raises :class:`SpecError` naming the bad token."""
+    tokens = _Tokens(text)
+    fields: dict[str, Any] = {}
+    while tokens.more():
+        word = tokens.take("a netem keyword").lower()
+        if word == "delay":
+            fields["delay"] = _time(tokens, "delay")
+            if tokens.next_is_number():
+                fields["jitter"] = _time(tokens, "jitter")
+                if tokens.next_is_number():
+                    fields["delay_correlation"] = _percent(tokens, "delay correlation")
+        elif word == "distribution":
+            name = tokens.take("a distribution name")
+            if name not in DISTRIBUTIONS:
+                raise tokens.fail(name, f"one of {', '.join(DISTRIBUTIONS)}")
+            fields["distribution"] = name
+        elif word == "loss":
+            _loss(tokens, fields)
+        elif word == "duplicate":
+            fields["duplicate"] = _percent(tokens, "duplicate")
+            if tokens.next_is_number():
+                fields["duplicate_correlation"] = _percent(tokens, "duplicate correlation")
+        elif word == "copies":
+            fields["duplicate_copies"] = _integer(tokens, "copies", 1)
+        elif word == "corrupt":
+            fields["corrupt"] = _percent(tokens, "corrupt")
+            if tokens.next_is_number():
+                fields["corrupt_correlation"] = _percent(tokens, "corrupt correlation")
+        elif word == "bits":
+            fields["corrupt_bits"] = _integer(tokens, "bits", 1)
+        elif word == "reorder":
+            fields["reorder"] = _percent(tokens, "reorder")
+            if tokens.next_is_number():
+                fields["reorder_correlation"] = _percent(tokens, "reorder correlation")
+        elif word == "gap":
+            fields["gap"] = _integer(tokens, "gap", 1)
+        elif word == "rate":
+            fields["rate"] = _rate(tokens)
+        elif word == "limit":
+            fields["limit"] = _integer(tokens, "limit", 1)
+        elif word == "truncate":
+            fields["truncate"] = _percent(tokens, "truncate")
+        elif word == "garbage":
+            fields["garbage"] = _percent(tokens, "garbage")
+            if tokens.next_is_number():
+                fields["garbage_max"] = _integer(tokens, "garbage bytes", 1)
+        elif word == "mtu":
+            fields["mtu"] = _integer(tokens, "mtu", 1)
+        elif word == "replay":
+            fields["replay"] = _percent(tokens, "replay")
+            if tokens.more() and tokens.next_is_number():
+                fields["replay_delay"] = _time(tokens, "replay delay")
+        else:
+            raise tokens.fail(
+                word,
+                "a netem keyword: delay, distribution, loss, duplicate, corrupt, reorder, gap, "
+                "rate, limit, truncate, garbage, mtu, replay",
+            )
+    if fields.get("reorder") and not fields.get("delay"):
+        raise SpecError("netem spec: reorder needs a delay to reorder against (add 'delay 10ms')")
+    try:
+        return Impairment(**fields)
+    except ValueError as exc:
+        raise SpecError(f"netem spec: {exc}") from None
+
+
+def _loss(tokens: _Tokens, fields: dict[str, Any]) -> None:
+    kind = tokens.peek()
+    if kind == "random":
+        tokens.take("random")
+        kind = tokens.peek()
+    if kind == "state":
+        tokens.take("state")
+        values = [_percent(tokens, "loss state p13")]
+        for name in ("p31", "p32", "p23", "p14"):
+            if not tokens.next_is_number():
+                break
+            values.append(_percent(tokens, f"loss state {name}"))
+        state_names = ("p13", "p31", "p32", "p23", "p14")
+        fields["loss_model"] = FourState(**dict(zip(state_names, values, strict=False)))
+    elif kind == "gemodel":
+        tokens.take("gemodel")
+        values = [_percent(tokens, "loss gemodel p")]
+        for name in ("r", "1-h", "1-k"):
+            if not tokens.next_is_number():
+                break
+            values.append(_percent(tokens, f"loss gemodel {name}"))
+        ge_names = ("p", "r", "one_minus_h", "one_minus_k")
+        fields["loss_model"] = GilbertElliott(**dict(zip(ge_names, values, strict=False)))
+    else:
+        fields["loss"] = _percent(tokens, "loss")
+        if tokens.next_is_number():
+            fields["loss_correlation"] = _percent(tokens, "loss correlation")
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:g}%"
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1000:g}ms"
+
+
+def format_spec(imp: Impairment) -> str:
+    """The ``tc netem``-style spelling of ``imp`` (``parse_spec`` reads it back)."""
+    parts: list[str] = []
+    if imp.delay or imp.jitter:
+        parts += ["delay", _ms(imp.delay)]
+        if imp.jitter:
+            parts.append(_ms(imp.jitter))
+            if imp.delay_correlation:
+                parts.append(_pct(imp.delay_correlation))
+        if imp.distribution != "uniform":
+            parts += ["distribution", imp.distribution]
+    model = imp.loss_model
+    if isinstance(model, FourState):
+        parts += ["loss", "state"] + [
+            _pct(v) for v in (model.p13, model.p31 or 0.0, model.p32, model.p23, model.p14)
+        ]
+    elif isinstance(model, GilbertElliott):
+        parts += ["loss", "gemodel"] + [
+            _pct(v) for v in (model.p, model.r or 0.0, model.one_minus_h, model.one_minus_k)
+        ]
+    elif imp.loss:
+        parts += ["loss", _pct(imp.loss)]
+        if imp.loss_correlation:
+            parts.append(_pct(imp.loss_correlation))
+    for name in ("duplicate", "corrupt", "reorder"):
+        value = getattr(imp, name)
+        if value:
+            parts += [name, _pct(value)]
+            corr = getattr(imp, f"{name}_correlation")
+            if corr:
+                parts.append(_pct(corr))
+    if imp.duplicate_copies != 1:
+        parts += ["copies", str(imp.duplicate_copies)]
+    if imp.corrupt_bits != 1:
+        parts += ["bits", str(imp.corrupt_bits)]
+    if imp.gap:
+        parts += ["gap", str(imp.gap)]
+    if imp.rate:
+        parts += ["rate", f"{imp.rate:.15g}bit"]
+    if imp.limit != 1000:
+        parts += ["limit", str(imp.limit)]
+    if imp.truncate:
+        parts += ["truncate", _pct(imp.truncate)]
+    if imp.garbage:
+        parts += ["garbage", _pct(imp.garbage), str(imp.garbage_max)]
+    if imp.mtu:
+        parts += ["mtu", str(imp.mtu)]
+    if imp.replay:
+        parts += ["replay", _pct(imp.replay), _ms(imp.replay_delay)]
+    return " ".join(parts) or "(clean)"

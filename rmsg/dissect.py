@@ -1,0 +1,120 @@
+"""``rmsg dissect``: a readable timeline of the rmsg traffic in a pcap file.
+
+scapy reads the capture (any link type it knows, IPv4 or IPv6); every UDP
+payload that starts with rmsg's magic is decoded by the library's own
+decoder, so a line says exactly what a node would have made of the datagram —
+including "MALFORMED (checksum)" for one the link corrupted. A DATA packet
+whose (sender incarnation, sequence number) was already seen is marked RETX.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reliable import wire
+from reliable.errors import format_address
+
+__all__ = ["TimelineEntry", "dissect_file", "timeline"]
+
+_MAGIC = struct.pack("!H", wire.MAGIC)
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEntry:
+    time: float  #: seconds since the first packet of the capture
+    source: tuple[Any, ...]
+    destination: tuple[Any, ...]
+    packet: wire.Packet | None  #: None when the datagram did not decode
+    error: str | None
+    retransmission: bool
+
+    def format(self) -> str:
+        where = f"{format_address(self.source)} > {format_address(self.destination)}"
+        head = f"{self.time:10.6f}  {where:<45}"
+        if self.packet is None:
+            return f"{head} MALFORMED ({self.error})"
+        p = self.packet
+        parts = [p.kind.name]
+        if p.fragment is not None:
+            f = p.fragment
+            parts += [
+                f"seq={f.seq}",
+                f"base={f.base}",
+                f"msg={f.msg_id}",
+                f"frag={f.index + 1}/{f.count}",
+            ]
+            parts.append(f"len={len(f.payload)}/{f.total_len}")
+            if f.mailbox:
+                parts.append(f"mailbox={f.mailbox!r}")
+        if p.flags & wire.Flag.ACK:
+            parts += [f"ack={p.ack}", f"win={p.window}"]
+        if p.sacks:
+            parts.append("sack=" + ",".join(f"{s}-{e - 1}" for s, e in p.sacks))
+        if p.notices:
+            parts.append(
+                "reject=" + ",".join(f"{m}:{wire.RejectReason(r).name}" for m, r in p.notices)
+            )
+        if p.flags & wire.Flag.ACK_NOW:
+            parts.append("ACK_NOW")
+        if self.retransmission:
+            parts.append("RETX")
+        return f"{head} " + " ".join(parts)
+
+
+def timeline(
+    records: Iterable[tuple[float, tuple[Any, ...], tuple[Any, ...], bytes]],
+) -> Iterator[TimelineEntry]:
+    """Decode ``(time, source, destination, udp_payload)`` records into timeline entries."""
+    seen: set[tuple[Any, int, int]] = set()
+    start: float | None = None
+    for when, src, dst, payload in records:
+        if not payload.startswith(_MAGIC):
+            continue
+        if start is None:
+            start = when
+        try:
+            pkt = wire.decode(payload)
+        except wire.MalformedPacket as exc:
+            yield TimelineEntry(when - start, src, dst, None, exc.reason, False)
+            continue
+        retx = False
+        if pkt.fragment is not None:
+            key = (src, pkt.src_incarnation, pkt.fragment.seq)
+            retx = key in seen
+            seen.add(key)
+        yield TimelineEntry(when - start, src, dst, pkt, None, retx)
+
+
+def _udp_records(path: Path) -> Iterator[tuple[float, tuple[Any, ...], tuple[Any, ...], bytes]]:
+    try:
+        from scapy.layers.inet import IP, UDP
+        from scapy.layers.inet6 import IPv6
+        from scapy.utils import PcapReader
+    except ImportError:  # pragma: no cover - scapy is in the test extra
+        raise RuntimeError("rmsg dissect needs scapy: pip install 'rmsg[scapy]'") from None
+    with PcapReader(str(path)) as reader:
+        for pkt in reader:
+            if UDP not in pkt:
+                continue
+            if IP in pkt:
+                ip = pkt[IP]
+            elif IPv6 in pkt:
+                ip = pkt[IPv6]
+            else:
+                continue
+            udp = pkt[UDP]
+            yield (
+                float(pkt.time),
+                (ip.src, int(udp.sport)),
+                (ip.dst, int(udp.dport)),
+                bytes(udp.payload),
+            )
+
+
+def dissect_file(path: str | Path) -> Iterator[TimelineEntry]:
+    """The rmsg timeline of a pcap file."""
+    return timeline(_udp_records(Path(path)))

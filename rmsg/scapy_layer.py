@@ -1,0 +1,137 @@
+"""A scapy layer for rmsg's wire format v1 (``docs/protocol.md``).
+
+Dissects and builds every packet kind; ``n_sack``, ``n_notice``, the mailbox
+and payload lengths, the message length of a single-fragment message and the
+CRC-32 trailer are filled in when left as ``None``. Bound to UDP on
+:data:`reliable.wire.DEFAULT_PORT` in both directions; for other ports use
+``bind_layers(UDP, RMSG, dport=PORT)`` or ``RMSG(bytes(udp.payload))``.
+
+    >>> from rmsg.scapy_layer import RMSG
+    >>> pkt = RMSG(kind="DATA", src_incarnation=7, seq=1, data=b"hi")
+    >>> RMSG(bytes(pkt)).data
+    b'hi'
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+from scapy.fields import (
+    ByteEnumField,
+    ByteField,
+    ConditionalField,
+    FieldLenField,
+    FlagsField,
+    IntField,
+    PacketListField,
+    ShortField,
+    SignedIntField,
+    StrLenField,
+    XIntField,
+    XLongField,
+    XShortField,
+)
+from scapy.layers.inet import UDP
+from scapy.packet import Packet, bind_layers
+
+from reliable.wire import DEFAULT_PORT, MAGIC, VERSION, Kind, RejectReason
+
+__all__ = ["RMSG", "RejectNotice", "SackRange"]
+
+_KINDS = {int(k): k.name for k in Kind}
+_REASONS = {int(r): r.name for r in RejectReason}
+
+
+def _is_data(pkt: Packet) -> bool:
+    return bool(pkt.kind == Kind.DATA)
+
+
+class SackRange(Packet):
+    """One selective-ack range, ``[start, end)``."""
+
+    name = "rmsg SACK"
+    fields_desc = [IntField("start", 0), IntField("end", 0)]
+
+    def extract_padding(self, s: bytes) -> tuple[bytes, bytes]:
+        return b"", s
+
+
+class RejectNotice(Packet):
+    """A receiver's refusal of one message."""
+
+    name = "rmsg notice"
+    fields_desc = [IntField("msg_id", 0), ByteEnumField("reason", 1, _REASONS)]
+
+    def extract_padding(self, s: bytes) -> tuple[bytes, bytes]:
+        return b"", s
+
+
+class _TotalLenField(IntField):
+    """Message length; ``None`` means 'this fragment is the whole message'."""
+
+    def i2m(self, pkt: Packet | None, x: Any) -> int:
+        if x is None:
+            return len(pkt.data or b"") if pkt is not None else 0
+        return int(x)
+
+
+class RMSG(Packet):
+    """rmsg v1: header, ack section, DATA body (for DATA), CRC-32 trailer."""
+
+    name = "rmsg"
+    fields_desc = [
+        XShortField("magic", MAGIC),
+        ByteField("version", VERSION),
+        ByteEnumField("kind", Kind.DATA, _KINDS),
+        FlagsField("flags", 0, 16, ["ACK_NOW", "ACK"]),
+        ShortField("window", 0),
+        XLongField("src_incarnation", 1),
+        XLongField("dst_incarnation", 0),
+        IntField("ack", 0),
+        ShortField("ack_delay", 0),
+        FieldLenField("n_sack", None, count_of="sacks", fmt="B"),
+        FieldLenField("n_notice", None, count_of="notices", fmt="B"),
+        PacketListField("sacks", [], SackRange, count_from=lambda p: p.n_sack),
+        PacketListField("notices", [], RejectNotice, count_from=lambda p: p.n_notice),
+        ConditionalField(IntField("seq", 0), _is_data),
+        ConditionalField(IntField("base", 0), _is_data),
+        ConditionalField(IntField("msg_id", 0), _is_data),
+        ConditionalField(IntField("frag_index", 0), _is_data),
+        ConditionalField(IntField("frag_count", 1), _is_data),
+        ConditionalField(_TotalLenField("total_len", None), _is_data),
+        ConditionalField(SignedIntField("msg_type", 0), _is_data),
+        ConditionalField(ShortField("priority", 0), _is_data),
+        ConditionalField(
+            FieldLenField("mailbox_len", None, length_of="mailbox", fmt="B"), _is_data
+        ),
+        ConditionalField(
+            StrLenField("mailbox", b"", length_from=lambda p: p.mailbox_len), _is_data
+        ),
+        ConditionalField(FieldLenField("payload_len", None, length_of="data", fmt="H"), _is_data),
+        ConditionalField(StrLenField("data", b"", length_from=lambda p: p.payload_len), _is_data),
+        XIntField("checksum", None),
+    ]
+
+    def post_build(self, pkt: bytes, pay: bytes) -> bytes:
+        if self.checksum is None:
+            body = pkt[:-4]
+            pkt = body + struct.pack("!I", zlib.crc32(body))
+        return pkt + pay
+
+    def checksum_ok(self) -> bool:
+        raw = bytes(self)
+        (trailer,) = struct.unpack("!I", raw[-4:])
+        return zlib.crc32(raw[:-4]) == int(trailer)
+
+    def mysummary(self) -> str:
+        kind = _KINDS.get(self.kind, str(self.kind))
+        if self.kind == Kind.DATA:
+            fragment = "frag=%RMSG.frag_index%/%RMSG.frag_count%"
+            return self.sprintf(f"rmsg {kind} seq=%RMSG.seq% {fragment} ack=%RMSG.ack%")
+        return self.sprintf(f"rmsg {kind} ack=%RMSG.ack% win=%RMSG.window%")
+
+
+bind_layers(UDP, RMSG, dport=DEFAULT_PORT)
+bind_layers(UDP, RMSG, sport=DEFAULT_PORT)
