@@ -237,7 +237,6 @@ class UdpProxy:
     def _relay_clean_up(self) -> None:
         """The fast path: clean link, no capture — relay a batch with no per-datagram model."""
         recv = self._listen.recvfrom
-        clients = self._clients
         forward = self.forward
         now = self._clock()
         received = sent = 0
@@ -248,10 +247,9 @@ class UdpProxy:
                 data, addr = recv(65535)
                 received += 1
                 if addr != last_addr:
-                    client = clients.get(addr) or self._new_client(addr, now)
+                    client = self._client_for(addr, now)
                     if client is None:
                         continue
-                    client.last_seen = now
                     last_addr, send = addr, client.upstream.sendto
                 try:
                     send(data, forward)
@@ -293,7 +291,6 @@ class UdpProxy:
             self._relay_clean_up()
             return
         recv = self._listen.recvfrom
-        clients = self._clients
         stats = self.stats
         fast = self._fast
         for _ in range(_BATCH):
@@ -305,12 +302,9 @@ class UdpProxy:
                 continue
             stats.up_received += 1
             now = self._clock()
-            client = clients.get(addr)
+            client = self._client_for(addr, now)
             if client is None:
-                client = self._new_client(addr, now)
-                if client is None:
-                    continue
-            client.last_seen = now
+                continue
             if self._pcap_in is not None:
                 self._pcap_in.write(time.time(), addr, self.address, data)
             if fast:
@@ -386,6 +380,21 @@ class UdpProxy:
 
     # --------------------------------------------------------------- clients
 
+    def _client_for(self, addr: tuple[Any, ...], now: float) -> _Client | None:
+        """The client's session (new if needed), rebound first if its NAT mapping is due to change.
+
+        Rebinding between datagrams, not after one was relayed, is what a NAT does:
+        the next datagram leaves from the new port; replies still in flight to the
+        old one are lost.
+        """
+        client = self._clients.get(addr)
+        if client is None:
+            return self._new_client(addr, now)
+        client.last_seen = now
+        if self._rebind_every is not None and now - client.bound_at >= self._rebind_every:
+            self._rebind(client, now)
+        return client
+
     def _new_client(self, addr: tuple[Any, ...], now: float) -> _Client | None:
         if len(self._clients) >= self._max_clients:
             self.stats.clients_refused += 1
@@ -409,8 +418,6 @@ class UdpProxy:
                 self._close_client(client)
                 del self._clients[client.address]
                 self.stats.clients_expired += 1
-            elif self._rebind_every is not None and now - client.bound_at >= self._rebind_every:
-                self._rebind(client, now)
 
     def _rebind(self, client: _Client, now: float) -> None:
         """NAT rebinding: the client's traffic now leaves from a new source port."""

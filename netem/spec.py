@@ -234,7 +234,7 @@ def _ms(value: float) -> str:
 
 
 def format_spec(imp: Impairment) -> str:
-    """The ``tc netem``-style spelling of ``imp`` (``parse_spec`` reads it back)."""
+    """The ``tc netem``-style spelling of ``imp`` (``parse_spec`` reads it back; "" if clean)."""
     parts: list[str] = []
     if imp.delay or imp.jitter:
         parts += ["delay", _ms(imp.delay)]
@@ -282,4 +282,4 @@ def format_spec(imp: Impairment) -> str:
         parts += ["mtu", str(imp.mtu)]
     if imp.replay:
         parts += ["replay", _pct(imp.replay), _ms(imp.replay_delay)]
-    return " ".join(parts) or "(clean)"
+    return " ".join(parts)

@@ -592,7 +592,7 @@ def netem(
     described = (
         f"scenario {scenario}"
         if timeline
-        else f"up: {format_spec(up_imp)}; down: {format_spec(down_imp)}"
+        else f"up: {format_spec(up_imp) or 'clean'}; down: {format_spec(down_imp) or 'clean'}"
     )
     click.echo(
         f"netem: {reliable.format_address(proxy.address)} -> "
