@@ -202,7 +202,7 @@ class Impairment:
 class FaultCounters:
     """What a model did, for tests to assert on. ``dropped`` counts every reason."""
 
-    seen: int = 0
+    seen: int = 0  #: datagrams offered to the link (duplicates not counted again)
     dropped: int = 0
     dropped_loss: int = 0
     dropped_mtu: int = 0
@@ -366,7 +366,8 @@ class FaultModel:
     ) -> None:
         imp = self.impairment
         c = self.counters
-        c.seen += 1
+        if duplicate:  # a clone re-entering the model is not a new datagram offered to the link
+            c.seen += 1
         if imp.mtu and len(data) > imp.mtu:
             self._drop("mtu", record)
             return

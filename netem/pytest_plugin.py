@@ -7,8 +7,8 @@ rmsg gets:
   spec="loss 10% delay 5ms")`` starts a :class:`~netem.proxy.UdpProxy` on a free
   loopback port and returns it (``proxy.address`` is where the client should
   send); every proxy is stopped after the test.
-* ``faulty_socket`` — a factory: ``faulty_socket("loss 5%")`` returns a
-  :class:`~netem.socket.FaultySocket` bound to a free loopback port.
+* ``faulty_socket`` — a factory: ``faulty_socket("loss 5%", incoming="delay 5ms")``
+  returns a :class:`~netem.socket.FaultySocket` bound to a free loopback port.
 * ``sim_network`` — a :class:`~netem.sim.SimNetwork` for sans-I/O code.
 * ``netem_seed`` — the seed all of them use: ``--netem-seed N`` on the command
   line, else one derived from the test's name (stable from run to run). A
@@ -88,11 +88,16 @@ def faulty_socket(netem_seed: int) -> Iterator[Callable[..., FaultySocket]]:
     """Factory for UDP sockets on 127.0.0.1 whose sends are impaired; all closed afterwards."""
     sockets: list[FaultySocket] = []
 
-    def make(impairment: Impairment | str | Link, *, host: str = "127.0.0.1") -> FaultySocket:
+    def make(
+        impairment: Impairment | str | Link,
+        *,
+        incoming: Impairment | str | Link | None = None,
+        host: str = "127.0.0.1",
+    ) -> FaultySocket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         raw = socket.socket(family, socket.SOCK_DGRAM)
         raw.bind((host, 0))
-        wrapped = FaultySocket(raw, impairment, seed=netem_seed + len(sockets))
+        wrapped = FaultySocket(raw, impairment, incoming=incoming, seed=netem_seed + len(sockets))
         sockets.append(wrapped)
         return wrapped
 

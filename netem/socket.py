@@ -1,12 +1,21 @@
-"""In-process carrier: a UDP socket wrapper whose outgoing datagrams suffer a :class:`Link`.
+"""In-process carrier: a UDP socket wrapper whose traffic suffers a :class:`Link` each way.
 
-Wrap each end's socket and both directions of a conversation are impaired,
-with no root, no kernel module and no proxy process. Datagrams the model
-delays are released by one helper thread per wrapper, in release-time order,
-so delay, jitter and reordering behave as on a real path. Receiving is not
-touched: the peer's wrapper impairs the other direction.
+``FaultySocket(sock, outgoing)`` impairs what the socket sends; add
+``incoming=`` to impair what it receives as well, so one wrapped socket makes
+both directions of a conversation bad, with no root, no kernel module and no
+proxy process.
 
-The model is driven under a lock, so the wrapper may be shared by threads
+Outgoing: the link decides at ``sendto``; datagrams it delays are released by
+a helper thread in release-time order, so delay, jitter and reordering behave
+as on a real path.
+
+Incoming: a helper thread reads the real socket, applies the incoming link and
+hands each surviving datagram, at its release time, to an internal AF_UNIX
+datagram pair (with its source address in a small header). ``fileno()`` and
+``recvfrom()`` use that pair, so ``select`` wakes exactly when an impaired
+datagram becomes due — event loops and ``reliable.Node`` work unchanged.
+
+Links are driven under a lock, so the wrapper may be shared by threads
 (``reliable.Node`` sends from application threads and its I/O thread).
 """
 
@@ -14,7 +23,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import selectors
 import socket as _socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -27,24 +38,43 @@ __all__ = ["FaultySocket"]
 
 #: Most datagrams held for delayed release; beyond this they are dropped (like a full queue).
 MAX_HELD = 100_000
+_ADDR = struct.Struct("!BHIIH")  # host length, port, flowinfo, scope id, reserved
+
+
+def _pack(data: bytes, addr: Any) -> bytes:
+    host = str(addr[0]).encode()
+    flow, scope = (int(addr[2]), int(addr[3])) if len(addr) == 4 else (0, 0)
+    return _ADDR.pack(len(host), int(addr[1]), flow, scope, len(addr)) + host + data
+
+
+def _unpack(blob: bytes) -> tuple[bytes, Any]:
+    host_len, port, flow, scope, arity = _ADDR.unpack_from(blob)
+    start = _ADDR.size + host_len
+    host = blob[_ADDR.size : start].decode()
+    addr: tuple[Any, ...] = (host, port, flow, scope) if arity == 4 else (host, port)
+    return blob[start:], addr
+
+
+def _as_link(value: Impairment | str | Link, seed: int | None) -> Link:
+    return value if isinstance(value, Link) else Link(as_impairment(value), seed=seed)
 
 
 class FaultySocket:
-    """A ``socket.socket`` look-alike that impairs what it sends."""
+    """A ``socket.socket`` look-alike that impairs what it sends (and, optionally, receives)."""
 
     def __init__(
         self,
         sock: _socket.socket,
         impairment: Impairment | str | Link,
         *,
+        incoming: Impairment | str | Link | None = None,
         seed: int | None = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sock
-        self.link = (
-            impairment
-            if isinstance(impairment, Link)
-            else Link(as_impairment(impairment), seed=seed)
+        self.link = _as_link(impairment, seed)
+        self.incoming = (
+            None if incoming is None else _as_link(incoming, None if seed is None else seed + 7919)
         )
         self._clock = clock
         self._lock = threading.Lock()
@@ -55,20 +85,38 @@ class FaultySocket:
         self._closed = False
         self.overflow = 0  #: datagrams dropped because MAX_HELD were already held
         self.send_errors = 0  #: delayed datagrams the kernel refused (buffer full)
+        self._inbox_r: _socket.socket | None = None
+        self._inbox_w: _socket.socket | None = None
+        self._stop_r: _socket.socket | None = None
+        self._stop_w: _socket.socket | None = None
+        self._receiver: threading.Thread | None = None
+        if self.incoming is not None:
+            self._start_receiver()
 
     @classmethod
     def bind(
-        cls, address: tuple[str, int], impairment: Impairment | str | Link, *, seed: int | None = 0
+        cls,
+        address: tuple[str, int],
+        impairment: Impairment | str | Link,
+        *,
+        incoming: Impairment | str | Link | None = None,
+        seed: int | None = 0,
     ) -> FaultySocket:
         """A new UDP socket bound to ``address``, wrapped."""
         family = _socket.AF_INET6 if ":" in address[0] else _socket.AF_INET
         sock = _socket.socket(family, _socket.SOCK_DGRAM)
         sock.bind(address)
-        return cls(sock, impairment, seed=seed)
+        return cls(sock, impairment, incoming=incoming, seed=seed)
 
     @property
     def counters(self) -> FaultCounters:
+        """What the outgoing link did."""
         return self.link.counters
+
+    @property
+    def incoming_counters(self) -> FaultCounters:
+        """What the incoming link did (all zero without ``incoming=``)."""
+        return self.incoming.counters if self.incoming is not None else FaultCounters()
 
     @property
     def family(self) -> int:
@@ -77,7 +125,7 @@ class FaultySocket:
     # ------------------------------------------------------------- socket API
 
     def sendto(self, data: bytes, address: Any, /) -> int:
-        """Impair and send; returns ``len(data)`` whatever the model decided, as UDP would."""
+        """Impair and send; returns ``len(data)`` whatever the link decided, as UDP would."""
         with self._lock:
             now = self._clock()
             fates = self.link.apply(bytes(data), now)
@@ -96,16 +144,22 @@ class FaultySocket:
         return len(data)
 
     def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]:
-        return self._sock.recvfrom(bufsize)
+        if self._inbox_r is None:
+            return self._sock.recvfrom(bufsize)
+        data, addr = _unpack(self._inbox_r.recv(bufsize + _ADDR.size + 256))
+        return data[:bufsize], addr
 
     def fileno(self) -> int:
-        return self._sock.fileno()
+        return self._inbox_r.fileno() if self._inbox_r is not None else self._sock.fileno()
 
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
     def setblocking(self, flag: bool, /) -> None:
-        self._sock.setblocking(flag)
+        if self._inbox_r is not None:
+            self._inbox_r.setblocking(flag)  # the real socket stays the helper's
+        else:
+            self._sock.setblocking(flag)
 
     def setsockopt(self, level: int, option: int, value: int, /) -> None:
         self._sock.setsockopt(level, option, value)
@@ -115,19 +169,26 @@ class FaultySocket:
             self._closed = True
             self._held.clear()
             self._ready.notify_all()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+        if self._stop_w is not None:
+            try:
+                self._stop_w.send(b"\0")
+            except OSError:
+                pass
+        for thread in (self._thread, self._receiver):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(1.0)
+        for s in (self._inbox_r, self._inbox_w, self._stop_r, self._stop_w):
+            if s is not None:
+                s.close()
         self._sock.close()
 
     # ---------------------------------------------------------- delayed sends
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._release_loop, name="netem-delay", daemon=True
-            )
-            self._thread.start()
+            thread = threading.Thread(target=self._release_loop, name="netem-delay", daemon=True)
+            self._thread = thread
+            thread.start()
 
     def _release_loop(self) -> None:
         while True:
@@ -147,3 +208,55 @@ class FaultySocket:
                 self._sock.sendto(datagram, address)
             except OSError:
                 self.send_errors += 1
+
+    # ------------------------------------------------------- impaired receive
+
+    def _start_receiver(self) -> None:
+        self._inbox_r, self._inbox_w = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self._stop_r, self._stop_w = _socket.socketpair()
+        for s in (self._inbox_w, self._inbox_r):
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 4 * 1024 * 1024)
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self._inbox_w.setblocking(False)
+        self._sock.setblocking(False)
+        self._receiver = threading.Thread(target=self._receive_loop, name="netem-rx", daemon=True)
+        self._receiver.start()
+
+    def _receive_loop(self) -> None:
+        assert self.incoming is not None and self._inbox_w is not None and self._stop_r is not None
+        link = self.incoming
+        pending: list[tuple[float, int, bytes, Any]] = []
+        order = itertools.count()
+        selector = selectors.DefaultSelector()
+        selector.register(self._sock, selectors.EVENT_READ)
+        selector.register(self._stop_r, selectors.EVENT_READ)
+        try:
+            while True:
+                wait = None if not pending else max(0.0, pending[0][0] - self._clock())
+                for key, _ in selector.select(wait):
+                    if key.fileobj is self._stop_r:
+                        return
+                    for _ in range(512):
+                        try:
+                            data, addr = self._sock.recvfrom(65535)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            return
+                        now = self._clock()
+                        with self._lock:
+                            fates = link.apply(data, now)
+                        for release, datagram in fates:
+                            if len(pending) < MAX_HELD:
+                                heapq.heappush(pending, (release, next(order), datagram, addr))
+                            else:
+                                self.overflow += 1
+                now = self._clock()
+                while pending and pending[0][0] <= now:
+                    _, _, datagram, addr = heapq.heappop(pending)
+                    try:
+                        self._inbox_w.send(_pack(datagram, addr))
+                    except OSError:
+                        self.overflow += 1  # the application is not reading: like a full buffer
+        finally:
+            selector.close()
