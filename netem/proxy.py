@@ -38,6 +38,7 @@ __all__ = ["ProxyStats", "UdpProxy", "parse_hostport"]
 
 _BATCH = 1024  # datagrams drained from one socket before looking at the others
 _BUFFER = 4 * 1024 * 1024
+_SWEEP_INTERVAL = 1.0  # seconds between idle-client sweeps (kept off the per-wake path)
 
 
 def parse_hostport(value: str | tuple[str, int]) -> tuple[str, int]:
@@ -153,6 +154,7 @@ class UdpProxy:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fast = self.up_link.is_clean and self.down_link.is_clean
+        self._next_sweep = 0.0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -413,6 +415,9 @@ class UdpProxy:
         return sock
 
     def _housekeeping(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_INTERVAL
         for client in list(self._clients.values()):
             if now - client.last_seen > self._idle_timeout:
                 self._close_client(client)
