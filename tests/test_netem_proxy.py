@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,3 +255,15 @@ def test_dissect_marks_retransmissions_and_corruption(tmp_path: Path, rmsg_exe: 
     assert any("RETX" in line for line in arrived)  # resent after the proxy dropped it
     assert not any("MALFORMED" in line for line in arrived)
     assert any("MALFORMED (checksum)" in line for line in _dissect(rmsg_exe, after))
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")
+def test_tshark_reads_the_captures(echo: EchoServer, tmp_path: Path) -> None:
+    capture = tmp_path / "out.pcap"
+    with UdpProxy("127.0.0.1:0", echo.address, pcap_out=capture) as proxy:
+        ping(proxy.address, 10)
+    done = subprocess.run(
+        ["tshark", "-r", str(capture), "-Y", "udp"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert len([line for line in done.stdout.splitlines() if "UDP" in line]) == 20
