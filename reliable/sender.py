@@ -47,7 +47,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import K_PACKET_THRESHOLD, Config
+from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
 from .wire import Fragment, unwrap
@@ -55,6 +55,8 @@ from .wire import Fragment, unwrap
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
 _MAX_REORDER_THRESHOLD = 32
+#: Most a proven-spurious loss history may stretch the time threshold (in RTTs).
+_MAX_TIME_THRESHOLD = 4.0
 #: Packets retransmitted when the probe timer fires (RFC 9002 sends one or two).
 PROBE_PACKETS = 2
 #: Consecutive probe timeouts that mean the path is congested or gone.
@@ -138,6 +140,7 @@ class SendStream:
         "retransmissions",
         "rtt",
         "spurious",
+        "time_threshold",
         "tx_counter",
         "unacked",
     )
@@ -165,6 +168,7 @@ class SendStream:
         self.cwnd_limited = False
         self.probe_allowance = 0
         self.reorder_threshold = K_PACKET_THRESHOLD
+        self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
 
     # ----------------------------------------------------------------- queries
@@ -306,7 +310,7 @@ class SendStream:
                 break
             pkt = unacked.pop(seq)
             acked += 1
-            newest = self._forget(pkt, newest)
+            newest = self._forget(pkt, newest, now)
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
             end = min(unwrap(end_w, cum), self.next_seq)
@@ -318,7 +322,7 @@ class SendStream:
                 sacked = unacked.pop(seq, None)
                 if sacked is not None:
                     acked += 1
-                    newest = self._forget(sacked, newest)
+                    newest = self._forget(sacked, newest, now)
         outcome.newly_acked = acked
         if newest is not None:
             if not newest.retransmitted:  # Karn: never time an ambiguous ack
@@ -340,24 +344,37 @@ class SendStream:
         self.detect_losses(now)
         return outcome
 
-    def _forget(self, pkt: SentPacket, newest: SentPacket | None) -> SentPacket | None:
+    def _forget(self, pkt: SentPacket, newest: SentPacket | None, now: float) -> SentPacket | None:
         if pkt.lost:
-            # Declared lost, yet here is its acknowledgement before any retransmission:
-            # the network reordered more than we allowed for. Allow more (RFC 9002 6.1.1).
-            self.spurious += 1
-            self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
+            # Declared lost, yet acknowledged before any retransmission went out.
+            self._spurious_loss()
         else:
             self.flight.pop(pkt.tx, None)
+            if pkt.retransmitted and now - pkt.sent_time < self.rtt.min_rtt / 2:
+                # Acknowledged sooner after the retransmission than any round trip
+                # takes: the ack was for the original, which was only reordered.
+                self._spurious_loss()
         if newest is None or pkt.tx > newest.tx:
             return pkt
         return newest
+
+    def _spurious_loss(self) -> None:
+        """The network reordered more than we allowed for: allow more, within bounds.
+
+        Both thresholds widen (RFC 9002 section 6.1.1 permits it; RFC 8985 adapts
+        its reordering window the same way). Jitter comparable to the RTT would
+        otherwise make every burst look lossy and halve the window for nothing.
+        """
+        self.spurious += 1
+        self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
+        self.time_threshold = min(self.time_threshold * 1.25, _MAX_TIME_THRESHOLD)
 
     def detect_losses(self, now: float) -> int:
         """Declare packets overtaken by later acknowledged transmissions lost."""
         self.loss_time = None
         if self.largest_acked_tx < 0:
             return 0
-        delay = self.rtt.loss_delay()
+        delay = self.rtt.loss_delay(self.time_threshold)
         lost: list[SentPacket] = []
         for tx, pkt in self.flight.items():
             if tx >= self.largest_acked_tx:

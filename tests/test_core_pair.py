@@ -431,3 +431,22 @@ def test_close_repeats_the_final_acks_so_delivered_messages_do_not_fail() -> Non
     assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket]
     assert p.a.of(events.MessageFailed) == []
     assert p.a.of(events.PeerClosed)
+
+
+def test_jitter_without_loss_widens_the_loss_thresholds_instead_of_retransmitting() -> None:
+    """Reordering comparable to the RTT must not look like loss for long (RFC 8985's lesson)."""
+    from netem import Impairment, SimNetwork
+
+    net = SimNetwork(seed=8, default=Impairment(delay=0.001, jitter=0.001))
+    a, b = Endpoint(rng=random.Random(1)), Endpoint(rng=random.Random(2))
+    net.add_host(A, a)
+    net.add_host(B, b)
+    for i in range(2000):
+        a.send(B, b"%d" % i * 100, now=0.0)
+    net.flush(A)
+    net.run(until=60.0)
+    sender = a._peers[B].sender
+    delivered = [e for e in iter(a.next_event, None) if isinstance(e, events.MessageDelivered)]
+    assert len(delivered) == 2000
+    assert sender.spurious > 0 and sender.time_threshold > 9 / 8
+    assert sender.retransmissions < 0.05 * sender.packets_sent  # nothing was ever lost
