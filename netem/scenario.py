@@ -166,11 +166,6 @@ class Scenario:
     down_partitions: list[Window] = field(default_factory=list)
     seed: int | None = None
 
-    @classmethod
-    def symmetric(cls, impairment: Impairment | str) -> Scenario:
-        imp = as_impairment(impairment)
-        return cls(up=[(0.0, imp)], down=[(0.0, imp)])
-
     def links(self, seed: int | None = 0, *, log: bool = False) -> tuple[Link, Link]:
         """Fresh ``(up, down)`` links; the scenario's own seed wins over ``seed``."""
         base = self.seed if self.seed is not None else seed

@@ -452,5 +452,7 @@ class Node:
             pass  # already full (a wake-up is pending) or closed
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            raise errors.NodeClosed(f"the node's I/O thread failed: {self._failure!r}")
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")

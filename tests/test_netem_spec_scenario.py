@@ -162,6 +162,18 @@ def test_scenario_errors_say_where(text: str, message: str) -> None:
         Scenario.from_toml(text)
 
 
+def test_link_decision_log_spans_phases_and_is_deterministic() -> None:
+    def decisions() -> list[object]:
+        link = Link([(0, "loss 30% corrupt 10%"), (0.05, "delay 5ms 2ms")], seed=9, log=True)
+        for i in range(100):
+            link.apply(b"x" * 64, i * 0.001)
+        return list(link.decisions())
+
+    first = decisions()
+    assert len(first) == 100 and first == decisions()
+    assert any(d.dropped == "loss" for d in first) and any(d.corruption for d in first)
+
+
 def test_link_phases_from_python() -> None:
     link = Link([(0, "delay 10ms"), (5, "loss 100%")], seed=1)
     assert link.apply(b"a", 100.0) == [(pytest.approx(100.01), b"a")]
