@@ -148,22 +148,15 @@ def parse_spec(text: str) -> Impairment:
             fields["distribution"] = name
         elif word == "loss":
             _loss(tokens, fields)
-        elif word == "duplicate":
-            fields["duplicate"] = _percent(tokens, "duplicate")
+        elif word in ("duplicate", "corrupt", "reorder"):
+            # PERCENT [CORRELATION], as tc spells all three
+            fields[word] = _percent(tokens, word)
             if tokens.next_is_number():
-                fields["duplicate_correlation"] = _percent(tokens, "duplicate correlation")
+                fields[f"{word}_correlation"] = _percent(tokens, f"{word} correlation")
         elif word == "copies":
             fields["duplicate_copies"] = _integer(tokens, "copies", 1)
-        elif word == "corrupt":
-            fields["corrupt"] = _percent(tokens, "corrupt")
-            if tokens.next_is_number():
-                fields["corrupt_correlation"] = _percent(tokens, "corrupt correlation")
         elif word == "bits":
             fields["corrupt_bits"] = _integer(tokens, "bits", 1)
-        elif word == "reorder":
-            fields["reorder"] = _percent(tokens, "reorder")
-            if tokens.next_is_number():
-                fields["reorder_correlation"] = _percent(tokens, "reorder correlation")
         elif word == "gap":
             fields["gap"] = _integer(tokens, "gap", 1)
         elif word == "rate":
