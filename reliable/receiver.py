@@ -282,12 +282,6 @@ class ReceiveStream:
 
     # -------------------------------------------------------- acknowledging
 
-    @property
-    def held_bytes(self) -> int:
-        """Bytes buffered for reordering and reassembly."""
-        held = sum(len(f.payload) for f in self.ooo.values()) if self.ooo else 0
-        return held + (self.partial.size if self.partial is not None else 0)
-
     def wants_ack(self, now: float) -> bool:
         """Whether an acknowledgement should go out now."""
         return self.ack_now or (self.ack_deadline is not None and now >= self.ack_deadline)

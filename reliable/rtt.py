@@ -82,11 +82,11 @@ class RttEstimator:
         """The RTO doubled ``count`` times (exponential backoff), capped at ``max_rto``."""
         return min(math.ldexp(self.rto, min(count, 30)), self.max_rto)
 
-    def loss_delay(self, threshold: float = 9 / 8) -> float:
+    def loss_delay(self, threshold: float) -> float:
         """Age after which an unacked packet overtaken by a later ack is lost (RFC 9002 6.1.2).
 
-        ``threshold`` is the RTT multiple: RFC 9002's 9/8 unless the sender widened it
-        after reordering proved its losses spurious.
+        ``threshold`` is the RTT multiple: ``K_TIME_THRESHOLD`` (9/8) unless the sender
+        widened it after reordering proved its losses spurious.
         """
         base = self.initial_rto if self.srtt is None else max(self.srtt, self.latest)
         return max(base * threshold, self.granularity)

@@ -184,15 +184,6 @@ class SendStream:
         """Whether any accepted message still awaits its fate."""
         return bool(self.queue or self.by_msg_id)
 
-    def window_blocked(self) -> bool:
-        """Data waits only because the peer's advertised window is closed."""
-        return (
-            bool(self.queue)
-            and not self.flight
-            and not self._has_lost()
-            and self.next_seq >= self.cum_ack + self.peer_window
-        )
-
     def can_send(self) -> bool:
         """Whether :meth:`next_fragment` would return a packet now."""
         if len(self.flight) >= self.cc.window and not self.probe_allowance:
