@@ -17,7 +17,6 @@ rmsg gets:
 
 from __future__ import annotations
 
-import socket
 import zlib
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -94,10 +93,9 @@ def faulty_socket(netem_seed: int) -> Iterator[Callable[..., FaultySocket]]:
         incoming: Impairment | str | Link | None = None,
         host: str = "127.0.0.1",
     ) -> FaultySocket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        raw = socket.socket(family, socket.SOCK_DGRAM)
-        raw.bind((host, 0))
-        wrapped = FaultySocket(raw, impairment, incoming=incoming, seed=netem_seed + len(sockets))
+        wrapped = FaultySocket.bind(
+            (host, 0), impairment, incoming=incoming, seed=netem_seed + len(sockets)
+        )
         sockets.append(wrapped)
         return wrapped
 
