@@ -7,13 +7,18 @@ standard library is imported here.
 
 from __future__ import annotations
 
-from . import events, wire
+from . import errors, events, wire
 from .addressing import format_address, parse_address, resolve_address
 from .config import Config
 from .endpoint import Endpoint
 from .errors import (
     AddressError,
     DeliveryFailed,
+    MailboxClosed,
+    MailboxDeleted,
+    MailboxExists,
+    MailboxFull,
+    MailboxNotFound,
     MessageRejected,
     MessageTooLarge,
     NodeClosed,
@@ -25,18 +30,29 @@ from .errors import (
     SendAborted,
     SendBufferFull,
     SendTimeout,
+    UnknownMailbox,
     UsageError,
+    WouldBlock,
 )
+from .mailbox import Selector
 from .message import Message, Receipt
-from .node import Node, SendHandle
-from .stats import NodeStats, PeerStats
+from .node import Mailbox, Node, SendHandle
+from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
     "AddressError",
+    "AsyncMailbox",
     "AsyncNode",
     "Config",
     "DeliveryFailed",
     "Endpoint",
+    "Mailbox",
+    "MailboxClosed",
+    "MailboxDeleted",
+    "MailboxExists",
+    "MailboxFull",
+    "MailboxNotFound",
+    "MailboxStats",
     "Message",
     "MessageRejected",
     "MessageTooLarge",
@@ -54,7 +70,11 @@ __all__ = [
     "SendBufferFull",
     "SendHandle",
     "SendTimeout",
+    "Selector",
+    "UnknownMailbox",
     "UsageError",
+    "WouldBlock",
+    "errors",
     "events",
     "format_address",
     "parse_address",
@@ -67,8 +87,8 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> object:
     # AsyncNode lives in its own module so importing reliable never imports asyncio.
-    if name == "AsyncNode":
-        from .aio import AsyncNode
+    if name in ("AsyncNode", "AsyncMailbox"):
+        from . import aio
 
-        return AsyncNode
+        return getattr(aio, name)
     raise AttributeError(f"module 'reliable' has no attribute {name!r}")

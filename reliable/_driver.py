@@ -7,24 +7,28 @@ protocol core's events is here, once.
 
 from __future__ import annotations
 
+import json
 import socket
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import errors, events
 from .addressing import Address, normalize, resolve_address
 from .endpoint import Endpoint
+from .mailbox import check_mailbox_name
 from .message import Message, Receipt
+from .stats import NodeStats
 
 __all__ = [
     "DatagramSocket",
+    "Departures",
     "EventSink",
-    "Inbox",
     "drain_socket",
     "open_socket",
+    "parse_stats",
     "resolve_destination",
     "route_events",
+    "split_destination",
 ]
 
 _SOCKET_BUFFER = 4 * 1024 * 1024  # bytes asked of the kernel for each direction
@@ -85,6 +89,26 @@ def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
         ) from None
 
 
+def split_destination(
+    dest: str | tuple[Any, ...], mailbox: str | None
+) -> tuple[str | tuple[Any, ...], str]:
+    """Split ``host:port/mailbox`` into the node address and the mailbox name.
+
+    ``mailbox`` given as an argument must agree with one in ``dest``; with
+    neither, the message goes to the node's default mailbox ``""``.
+    """
+    named = None
+    if isinstance(dest, str) and "/" in dest:
+        dest, named = dest.split("/", 1)
+    if named is not None and mailbox is not None and named != mailbox:
+        raise errors.UsageError(
+            f"destination names mailbox {named!r} but mailbox={mailbox!r} was given; give one"
+        )
+    name = named if named is not None else (mailbox or "")
+    check_mailbox_name(name)
+    return dest, name
+
+
 def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[bytes, Address]]:
     """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets."""
     batch: list[tuple[bytes, Address]] = []
@@ -103,11 +127,15 @@ def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[by
 class EventSink(Protocol):
     """What an adapter does with the core's events."""
 
-    def on_message(self, message: Message) -> None: ...
-
     def on_outcome(
         self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
     ) -> None: ...
+
+    def on_receive(
+        self, waiter: int, message: Message | None, error: errors.ReliableError | None
+    ) -> None: ...
+
+    def on_stats(self, peer: Any, request: int, body: bytes) -> None: ...
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
 
@@ -123,12 +151,16 @@ def route_events(
     while (event := endpoint.next_event()) is not None:
         if observer is not None:
             observer(event)
-        if isinstance(event, events.MessageReceived):
-            sink.on_message(Message.from_event(event))
-        elif isinstance(event, events.MessageDelivered):
+        if isinstance(event, events.MessageDelivered):
             sink.on_outcome(event.ticket, Receipt.from_event(event), None)
         elif isinstance(event, events.MessageFailed):
             sink.on_outcome(event.ticket, None, event.error)
+        elif isinstance(event, events.MessageTaken):
+            sink.on_receive(event.waiter, event.message, None)
+        elif isinstance(event, events.ReceiveFailed):
+            sink.on_receive(event.waiter, None, event.error)
+        elif isinstance(event, events.StatsReceived):
+            sink.on_stats(event.peer, event.request, event.body)
         elif isinstance(event, events.PeerUnreachable):
             sink.on_peer_down(event.peer, errors.PeerUnreachable(event.peer, event.silent_for))
         elif isinstance(event, events.PeerClosed):
@@ -137,53 +169,38 @@ def route_events(
             sink.on_closed()
 
 
+def parse_stats(body: bytes) -> NodeStats:
+    """A remote node's stats reply, as typed objects."""
+    try:
+        return NodeStats.from_dict(json.loads(body))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise errors.ReliableError(f"the node sent an unreadable stats reply: {exc}") from None
+
+
 _PEER_DOWN_MEMORY = 4096  # peers whose last departure is remembered for waiting receivers
 
 
-class Inbox:
-    """Delivered messages awaiting ``receive``, and which peers went away.
+class Departures:
+    """Which peers went away, so a receive waiting on one specific peer can end.
 
-    The state both adapters keep between the core's events and the
-    application's calls. Taking a message hands its bytes back to the core as
-    flow-control credit, so a slow consumer throttles its senders.
+    A receive naming a ``source`` makes the core probe that peer; if it is
+    declared unreachable (or closes) while the receive waits, the receive
+    raises that error instead of waiting out its timeout.
     """
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._endpoint = endpoint
-        self._messages: deque[Message] = deque()
+    def __init__(self) -> None:
         self._down: dict[Address, tuple[int, errors.DeliveryFailed]] = {}
-        self._down_count = 0
-
-    def add(self, message: Message) -> None:
-        self._messages.append(message)
-
-    def take(self, peer: Address | None) -> Message | None:
-        """The oldest message (from ``peer`` only, if given), or ``None``."""
-        messages = self._messages
-        if not messages:
-            return None
-        if peer is None:
-            message = messages.popleft()
-        else:
-            for i, candidate in enumerate(messages):
-                if candidate.source == peer:
-                    del messages[i]
-                    message = candidate
-                    break
-            else:
-                return None
-        self._endpoint.release(message.source, len(message.data))
-        return message
+        self._count = 0
 
     def peer_down(self, peer: Address, error: errors.DeliveryFailed) -> None:
-        self._down_count += 1
-        self._down[peer] = (self._down_count, error)
+        self._count += 1
+        self._down[peer] = (self._count, error)
         if len(self._down) > _PEER_DOWN_MEMORY:
             del self._down[next(iter(self._down))]
 
     def mark(self) -> int:
         """A point in time for :meth:`down_since`."""
-        return self._down_count
+        return self._count
 
     def down_since(self, peer: Address, mark: int) -> errors.DeliveryFailed | None:
         """Why ``peer`` went away after ``mark``, if it did."""

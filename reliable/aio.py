@@ -6,6 +6,10 @@ loop iteration, which drops packets at high rates), keeps a single
 ``call_at`` handle armed at the core's next deadline, and uses ``loop.time()``
 as the protocol clock. Requires a selector-based loop (the default on Unix,
 and uvloop).
+
+Every application call ends with a pump of the core, so the events a call
+caused are routed before the call returns: when the core says a waiting
+receive cannot be withdrawn, its future is already resolved.
 """
 
 from __future__ import annotations
@@ -20,19 +24,22 @@ from typing import Any
 from . import errors, events
 from ._driver import (
     DatagramSocket,
-    Inbox,
+    Departures,
     drain_socket,
     open_socket,
+    parse_stats,
     resolve_destination,
     route_events,
+    split_destination,
 )
 from .addressing import Address, normalize
 from .config import Config
-from .endpoint import Endpoint, check_timeout
+from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
+from .mailbox import Selector
 from .message import Message, Receipt
-from .stats import NodeStats
+from .stats import MailboxStats, NodeStats
 
-__all__ = ["AsyncNode"]
+__all__ = ["AsyncMailbox", "AsyncNode"]
 
 
 class AsyncNode:
@@ -60,7 +67,9 @@ class AsyncNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handles: dict[int, asyncio.Future[Receipt]] = {}
-        self._inbox = Inbox(self._endpoint)
+        self._receives: dict[int, asyncio.Future[Message]] = {}
+        self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
+        self._departures = Departures()
         self._changed = asyncio.Event()
         self._backlog: deque[tuple[bytes, Address]] = deque()
         self._closed = False
@@ -111,10 +120,17 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
-        for future in self._handles.values():
+        futures: list[asyncio.Future[Any]] = [
+            *self._handles.values(),
+            *self._receives.values(),
+            *self._stats_replies.values(),
+        ]
+        for future in futures:
             if not future.done():
                 future.set_exception(errors.NodeClosed("the node closed"))
         self._handles.clear()
+        self._receives.clear()
+        self._stats_replies.clear()
         self._changed.set()
         self._changed.clear()
 
@@ -129,7 +145,66 @@ class AsyncNode:
         return self._endpoint.incarnation
 
     def stats(self) -> NodeStats:
-        return self._endpoint.stats()
+        """This node's statistics: per peer, per mailbox and node-wide."""
+        now = self._loop.time() if self._loop is not None else None
+        return self._endpoint.stats(now)
+
+    async def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
+        """Ask the node at ``dest`` for its statistics over the network."""
+        check_timeout(timeout, "timeout", positive=True)
+        loop = self._require_started()
+        assert self._sock is not None
+        addr = resolve_destination(dest, self._sock.family)
+        self._check_open()
+        request = self._endpoint.query_stats(addr, loop.time())
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._stats_replies[request] = future
+        self._pump([])
+        try:
+            body = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.ReceiveTimeout(
+                f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
+                "(is an rmsg node running there, with Config.serve_stats?)"
+            ) from None
+        finally:
+            self._stats_replies.pop(request, None)
+        return parse_stats(body)
+
+    # ------------------------------------------------------------- mailboxes
+
+    def create_mailbox(
+        self,
+        name: str,
+        capacity: int | None = None,
+        *,
+        max_bytes: int | None = None,
+        port: bool = False,
+    ) -> AsyncMailbox:
+        """As :meth:`reliable.Node.create_mailbox`; returns the owner's handle."""
+        loop = self._require_started()
+        self._check_open()
+        owner = self._endpoint.create_mailbox(
+            name, capacity=capacity, max_bytes=max_bytes, port=port, now=loop.time()
+        )
+        return AsyncMailbox(self, name, owner)
+
+    def mailbox(self, name: str) -> AsyncMailbox:
+        """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
+        if not self._endpoint.has_mailbox(name):
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+        return AsyncMailbox(self, name, None)
+
+    def _manage(self, name: str, action: str) -> None:
+        loop = self._require_started()
+        self._check_open()
+        if action == "close":
+            self._endpoint.close_mailbox(name, loop.time())
+        elif action == "open":
+            self._endpoint.open_mailbox(name)
+        else:
+            self._endpoint.delete_mailbox(name, loop.time())
+        self._pump([])
 
     # --------------------------------------------------------------- sending
 
@@ -140,12 +215,13 @@ class AsyncNode:
         *,
         msg_type: int = 0,
         priority: int = 0,
-        mailbox: str = "",
+        mailbox: str | None = None,
         timeout: float | None = None,
     ) -> asyncio.Future[Receipt]:
         """Queue ``data``; returns a future resolved with the receipt or the delivery error.
 
-        Raises :class:`~reliable.errors.SendBufferFull` instead of waiting for space.
+        Raises a :class:`~reliable.errors.WouldBlock` (``SendBufferFull``,
+        ``MailboxFull``) instead of waiting; nothing was sent then.
         """
         check_timeout(timeout, "timeout", positive=True)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None)
@@ -156,20 +232,21 @@ class AsyncNode:
         data: bytes,
         msg_type: int,
         priority: int,
-        mailbox: str,
+        mailbox: str | None,
         timeout: float | None,
         deadline: float | None,
     ) -> asyncio.Future[Receipt]:
         loop = self._require_started()
         assert self._sock is not None
-        addr = resolve_destination(dest, self._sock.family)
+        node, name = split_destination(dest, mailbox)
+        addr = resolve_destination(node, self._sock.family)
         ticket = self._endpoint.send(
             addr,
             data,
             now=loop.time(),
             msg_type=msg_type,
             priority=priority,
-            mailbox=mailbox,
+            mailbox=name,
             timeout=timeout,
             deadline=deadline,
         )
@@ -185,13 +262,14 @@ class AsyncNode:
         *,
         msg_type: int = 0,
         priority: int = 0,
-        mailbox: str = "",
+        mailbox: str | None = None,
         timeout: float | None = None,
     ) -> Receipt:
-        """Send ``data`` and wait until ``dest`` acknowledged it; returns the receipt.
+        """Send ``data`` and wait until it entered its mailbox; returns the receipt.
 
-        Waits for send-buffer space if needed. With ``timeout`` an unacknowledged
-        message is abandoned and :class:`~reliable.errors.SendTimeout` raised.
+        As :meth:`reliable.Node.send`: waits for send-buffer space and for
+        room in a full mailbox; with ``timeout`` a message not in by then is
+        withdrawn and :class:`~reliable.errors.SendTimeout` raised.
         """
         check_timeout(timeout, "timeout", positive=True)
         loop = self._require_started()
@@ -203,67 +281,119 @@ class AsyncNode:
             try:
                 future = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline)
                 break
-            except errors.SendBufferFull:
+            except errors.WouldBlock:
+                self._check_open()
                 await self._wait_change(remaining)
         return await future
 
     # ------------------------------------------------------------- receiving
 
-    def receive_nowait(self, *, source: str | tuple[Any, ...] | None = None) -> Message | None:
-        """The next message if one is waiting, else ``None``."""
-        self._require_started()
-        assert self._sock is not None
-        peer = None if source is None else resolve_destination(source, self._sock.family)
-        message = self._take(peer)
-        if message is None:
-            self._check_open()
-        return message
+    def receive_nowait(
+        self,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message | None:
+        """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
+        return self._take(mailbox, None, source, msg_type, except_type, receiver)[0]
 
     async def receive(
-        self, timeout: float | None = None, *, source: str | tuple[Any, ...] | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
     ) -> Message:
-        """The next message (from ``source`` only, if given), waiting up to ``timeout`` seconds.
+        """The next message of ``mailbox``, waiting up to ``timeout`` seconds.
 
-        Raises :class:`~reliable.errors.ReceiveTimeout`, or the peer's
-        :class:`~reliable.errors.PeerUnreachable`/:class:`~reliable.errors.PeerClosed`
-        if ``source`` was named and went away while we waited.
+        Selection, ordering and errors as :meth:`reliable.Node.receive`;
+        ``receiver`` defaults to the current task's name.
         """
-        check_timeout(timeout, "timeout")
+        return await self._receive(
+            mailbox, None, source, msg_type, except_type, receiver, timeout
+        )
+
+    def _take(
+        self,
+        mailbox: str,
+        owner: int | None,
+        source: str | tuple[Any, ...] | None,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+    ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
+        self._check_open()
         peer = None if source is None else resolve_destination(source, self._sock.family)
-        message = self._take(peer)
+        selector = Selector(source=peer, msg_type=msg_type, except_type=except_type)
+        if receiver is None:
+            task = asyncio.current_task()
+            receiver = task.get_name() if task is not None else "asyncio"
+        message = self._endpoint.take(
+            mailbox, selector, owner=owner, receiver=receiver, now=loop.time()
+        )
+        if message is not None:
+            self._pump([])  # a parked message may have got in: its sender hears of it now
+        return message, selector, receiver
+
+    async def _receive(
+        self,
+        mailbox: str,
+        owner: int | None,
+        source: str | tuple[Any, ...] | None,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+        timeout: float | None,
+    ) -> Message:
+        check_timeout(timeout, "timeout")
+        mark = self._departures.mark()
+        message, selector, label = self._take(
+            mailbox, owner, source, msg_type, except_type, receiver
+        )
         if message is not None:
             return message
-        self._check_open()
         if timeout == 0:
             raise errors.ReceiveTimeout("no message waiting")
+        loop = self._require_started()
+        endpoint = self._endpoint
         deadline = None if timeout is None else loop.time() + timeout
-        mark = self._inbox.mark()
+        peer = selector.source
+        ticket = endpoint.wait_for_message(
+            mailbox, selector, owner=owner, receiver=label, now=loop.time()
+        )
+        future: asyncio.Future[Message] = loop.create_future()
+        self._receives[ticket] = future
         if peer is not None:
-            self._endpoint.watch(peer, loop.time())
-            self._pump([])
+            endpoint.watch(peer, loop.time())
+        self._pump([])
         try:
-            while True:
-                message = self._take(peer)
-                if message is not None:
-                    return message
-                self._check_open()
-                if peer is not None and (gone := self._inbox.down_since(peer, mark)):
-                    raise gone
+            while not future.done():
+                failure: errors.ReliableError | None = None
+                if self._closed or endpoint.closing:
+                    failure = errors.NodeClosed("the node closed while waiting to receive")
+                elif peer is not None:
+                    failure = self._departures.down_since(peer, mark)
                 remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    raise errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                if failure is None and remaining is not None and remaining <= 0:
+                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                if failure is not None:
+                    if self._closed or endpoint.cancel_wait(ticket):
+                        raise failure
+                    break  # answered: every call pumps, so the future is already resolved
                 await self._wait_change(remaining)
+            return future.result()
         finally:
+            self._receives.pop(ticket, None)
             if peer is not None and not self._closed:
-                self._endpoint.unwatch(peer, loop.time())
-
-    def _take(self, peer: Address | None) -> Message | None:
-        message = self._inbox.take(peer)
-        if message is not None and not self._closed:
-            self._pump([])  # a window update may be due
-        return message
+                endpoint.unwatch(peer, loop.time())
 
     # ------------------------------------------------------------------ I/O
 
@@ -338,8 +468,23 @@ class AsyncNode:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     # EventSink
-    def on_message(self, message: Message) -> None:
-        self._inbox.add(message)
+    def on_receive(
+        self, waiter: int, message: Message | None, error: errors.ReliableError | None
+    ) -> None:
+        future = self._receives.get(waiter)
+        if future is None or future.done():
+            return
+        if message is not None:
+            future.set_result(message)
+        else:
+            assert error is not None
+            future.set_exception(error)
+        self._changed.set()
+
+    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
+        future = self._stats_replies.get(request)
+        if future is not None and not future.done():
+            future.set_result(body)
 
     def on_outcome(
         self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
@@ -353,7 +498,7 @@ class AsyncNode:
             future.set_result(receipt)  # type: ignore[arg-type]
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
-        self._inbox.peer_down(peer, error)
+        self._departures.peer_down(peer, error)
 
     def on_closed(self) -> None:
         if self._close_done is not None and not self._close_done.done():
@@ -371,3 +516,58 @@ class AsyncNode:
     def _check_open(self) -> None:
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")
+
+
+class AsyncMailbox:
+    """A handle on one mailbox of an :class:`AsyncNode` (see :class:`reliable.Mailbox`)."""
+
+    __slots__ = ("_node", "_owner", "name")
+
+    def __init__(self, node: AsyncNode, name: str, owner: int | None) -> None:
+        self._node = node
+        self.name = name
+        self._owner = owner
+
+    async def receive(
+        self,
+        timeout: float | None = None,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message:
+        """As :meth:`AsyncNode.receive`, from this mailbox."""
+        return await self._node._receive(
+            self.name, self._owner, source, msg_type, except_type, receiver, timeout
+        )
+
+    def receive_nowait(
+        self,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message | None:
+        """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
+        args = (source, msg_type, except_type, receiver)
+        return self._node._take(self.name, self._owner, *args)[0]
+
+    def close(self) -> None:
+        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
+        self._node._manage(self.name, "close")
+
+    def open(self) -> None:
+        """Accept messages again after :meth:`close`."""
+        self._node._manage(self.name, "open")
+
+    def delete(self) -> None:
+        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
+        self._node._manage(self.name, "delete")
+
+    def stats(self) -> MailboxStats:
+        return self._node.stats().mailbox(self.name)
+
+    def __repr__(self) -> str:
+        return f"<AsyncMailbox {self.name!r}>"

@@ -30,6 +30,9 @@ _MIN_DATAGRAM = (
 )
 
 
+_MAY_BE_ZERO = frozenset({"inbox_capacity"})  # 0: the default mailbox is a rendezvous
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Tunables of one node. All durations are in seconds, all sizes in bytes."""
@@ -45,8 +48,22 @@ class Config:
     """Most packets a receiver buffers beyond its cumulative ack (advertised cap)."""
 
     receive_backlog: int = 32 * 1024 * 1024
-    """Bytes per peer delivered to the application and not yet consumed before
-    the advertised window closes (end-to-end back-pressure)."""
+    """Bytes per peer parked here (arrived while their mailbox was full) before
+    the advertised window closes: the transport's end-to-end back-pressure."""
+
+    inbox_capacity: int | None = None
+    """Messages the default mailbox ("") holds; None for no count limit."""
+
+    inbox_bytes: int | None = 32 * 1024 * 1024
+    """Bytes the default mailbox holds before arrivals wait for room
+    (back-pressuring their senders); None for no byte limit."""
+
+    mailbox_memory: int = 256 * 1024 * 1024
+    """Bytes all mailboxes together may hold, parked messages included.
+    Arrivals beyond it are refused, and their senders told why."""
+
+    serve_stats: bool = True
+    """Answer other nodes' statistics queries (``rmsg stats HOST:PORT``)."""
 
     send_buffer: int = 64 * 1024 * 1024
     """Bytes of accepted, unacknowledged messages the node holds across peers."""
@@ -91,9 +108,14 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None or isinstance(value, bool):
+                continue
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"Config.{f.name} must be finite, got {value}")
-            if value <= 0:
+            if f.name in _MAY_BE_ZERO:
+                if value < 0:
+                    raise UsageError(f"Config.{f.name} must be >= 0 or None, got {value}")
+            elif value <= 0:
                 raise UsageError(f"Config.{f.name} must be positive, got {value}")
         if not _MIN_DATAGRAM <= self.max_datagram_size <= 65507:
             raise UsageError(

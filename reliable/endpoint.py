@@ -23,28 +23,52 @@ Admission of a datagram, in order (each failure is counted, never raised):
 Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
 with a CLOSE packet, and a :class:`~reliable.events.Closed` event ends it.
+
+Mailboxes live here too, because admitting a message is part of
+acknowledging it: the verdict (entered, deferred because the mailbox is full,
+refused) must ride on the very acknowledgement that covers the message. The
+default mailbox ``""`` always exists; others are created, closed, reopened and
+deleted by the application. Receiving is ``take`` (never waits) and
+``wait_for_message`` (a ticket answered by a ``MessageTaken`` or
+``ReceiveFailed`` event); the adapters build blocking and asyncio calls on
+them. See :mod:`reliable.mailbox` for the semantics.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from . import errors, events
 from .config import Config
+from .control import (
+    Admitted,
+    Cancel,
+    Discarded,
+    MalformedControl,
+    StatsReply,
+    StatsRequest,
+    decode_control,
+)
+from .mailbox import Mailbox, Selector, check_mailbox_name
+from .message import Message
 from .peer import PeerSession
+from .receiver import Delivery
 from .sender import OutgoingMessage
 from .stats import NodeStats
 from .wire import (
-    MAX_MAILBOX_BYTES,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
+    Fragment,
     Kind,
     MalformedPacket,
     Packet,
+    Verdict,
     decode,
     encode,
     fragment_capacity,
@@ -55,6 +79,8 @@ __all__ = ["Endpoint"]
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
+_WIRE_ID_MASK = 0xFFFFFFFF
+DEFAULT_MAILBOX = ""
 
 
 class Endpoint:
@@ -78,6 +104,16 @@ class Endpoint:
         self._closing = False
         self._close_deadline = math.inf
         self.closed = False
+        self._now = 0.0  # the latest time a caller gave us, for stats ages
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._held = 0  # bytes in all mailboxes, parked included
+        self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
+        self._next_waiter = 1
+        self._next_owner = 1
+        self._next_query = 1
+        self._create(
+            DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
+        )
 
     # ------------------------------------------------------------ application
 
@@ -107,6 +143,7 @@ class Endpoint:
         data = bytes(data)
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
         check_timeout(timeout, "timeout")
+        self._now = now
         if self._closing:
             raise errors.NodeClosed("the node is closing and accepts no new messages")
         if self._buffered + len(data) > self.config.send_buffer:
@@ -114,6 +151,9 @@ class Endpoint:
                 f"send buffer full ({self._buffered} of {self.config.send_buffer} bytes "
                 "awaiting acknowledgement); wait for receipts or raise Config.send_buffer"
             )
+        session = self._peers.get(dest)
+        if session is not None and session.mailbox_full(mailbox):
+            raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
         size = fragment_capacity(self.config.max_datagram_size, mailbox)
         msg = OutgoingMessage(
@@ -145,8 +185,7 @@ class Endpoint:
             raise errors.UsageError(f"msg_type must fit in a signed 32-bit integer, got {msg_type}")
         if not 0 <= priority <= PRIORITY_MAX:
             raise errors.UsageError(f"priority must be between 0 and 65535, got {priority}")
-        if len(mailbox.encode("utf-8")) > MAX_MAILBOX_BYTES:
-            raise errors.UsageError("mailbox name must be at most 255 bytes of UTF-8")
+        check_mailbox_name(mailbox)
 
     def watch(self, peer: Any, now: float) -> None:
         """Start liveness checks of ``peer`` for a receive waiting specifically on it."""
@@ -157,13 +196,6 @@ class Endpoint:
         session = self._peers.get(peer)
         if session is not None:
             session.unwatch(now)
-
-    def release(self, peer: Any, nbytes: int) -> None:
-        """The application consumed ``nbytes`` received from ``peer`` (flow control credit)."""
-        session = self._peers.get(peer)
-        if session is not None:
-            session.release(nbytes)
-            self._dirty[peer] = None
 
     def close(self, now: float, timeout: float = 2.0) -> None:
         """Begin a graceful close: flush for at most ``timeout`` seconds, then tell peers."""
@@ -188,6 +220,7 @@ class Endpoint:
         """Take one datagram that arrived from ``addr``."""
         if self.closed:
             return
+        self._now = now
         self.datagrams_received += 1
         try:
             pkt = decode(data)
@@ -220,8 +253,10 @@ class Endpoint:
             if pkt.kind == Kind.RESET and pkt.dst_incarnation != self.incarnation:
                 self._drop("stale_reset")
                 return
-            self._remember_ended(addr, session.incarnation)
+            old = session.incarnation
+            self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
+            self._forget_parked(addr, old)
         elif pkt.kind == Kind.RESET:
             self._drop("stale_reset")
             return
@@ -264,6 +299,7 @@ class Endpoint:
         """Run every timer that is due at ``now``."""
         if self.closed:
             return
+        self._now = now
         for addr, session in list(self._peers.items()):
             deadline = session.deadline()
             if deadline is not None and deadline <= now:
@@ -274,15 +310,294 @@ class Endpoint:
 
     # ------------------------------------------------------------------ stats
 
-    def stats(self) -> NodeStats:
+    def stats(self, now: float | None = None) -> NodeStats:
+        """A snapshot; mailbox times are ages before ``now`` (default: the latest time seen)."""
+        at = self._now if now is None else now
         return NodeStats(
             incarnation=self.incarnation,
             peers=tuple(s.stats() for s in self._peers.values()),
+            mailboxes=tuple(box.stats(at) for box in self._mailboxes.values()),
             dropped=dict(self.dropped),
             datagrams_received=self.datagrams_received,
             datagrams_sent=self.datagrams_sent,
             send_buffer_bytes=self._buffered,
+            mailbox_bytes=self._held,
+            mailbox_memory=self.config.mailbox_memory,
         )
+
+    def query_stats(self, dest: Any, now: float) -> int:
+        """Ask node ``dest`` for its statistics; the answer is a ``StatsReceived`` event.
+
+        Returns the request number the event will carry.
+        """
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new messages")
+        self._now = now
+        request = self._next_query
+        self._next_query += 1
+        self._peer_for_send(dest, now).send_control(StatsRequest(request), now)
+        self._dirty[dest] = None
+        return request
+
+    # -------------------------------------------------------------- mailboxes
+
+    def create_mailbox(
+        self,
+        name: str,
+        *,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+        port: bool = False,
+        now: float,
+    ) -> int:
+        """Create mailbox ``name``; returns its owner token.
+
+        ``capacity`` bounds the messages it holds (0: rendezvous, None: no
+        limit) and ``max_bytes`` their bytes. A *port* delivers only to its
+        owner: ``take``/``wait_for_message`` must present the token.
+        """
+        check_mailbox_name(name)
+        if name in self._mailboxes:
+            raise errors.MailboxExists(f"mailbox {name!r} already exists on this node")
+        owner = self._next_owner
+        self._next_owner += 1
+        self._create(name, capacity, max_bytes, owner if port else None, now)
+        return owner
+
+    def _create(
+        self, name: str, capacity: int | None, max_bytes: int | None, owner: int | None, now: float
+    ) -> None:
+        self._mailboxes[name] = Mailbox(
+            name,
+            capacity=capacity,
+            max_bytes=max_bytes,
+            owner=owner,
+            on_unpark=self._unparked,
+            on_handoff=self._handed_off,
+            now=now,
+        )
+
+    def has_mailbox(self, name: str) -> bool:
+        return name in self._mailboxes
+
+    def mailbox_names(self) -> list[str]:
+        return list(self._mailboxes)
+
+    def close_mailbox(self, name: str, now: float) -> None:
+        """Refuse new messages (senders get ``MailboxClosed``); queued ones stay receivable."""
+        box = self._box(name, managing=True)
+        box.open = False
+        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+
+    def open_mailbox(self, name: str) -> None:
+        """Accept messages again after :meth:`close_mailbox`."""
+        self._box(name, managing=True).open = True
+
+    def delete_mailbox(self, name: str, now: float) -> None:
+        """Remove the mailbox: parked senders get ``MailboxClosed``, later ones
+        ``MailboxNotFound``; queued messages are discarded; waiting receives fail."""
+        box = self._box(name, managing=True)
+        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+        self._held -= box.queue.bytes
+        box.drop_queued()
+        for ticket in list(box.waiters):
+            box.cancel_wait(ticket)
+            self._waiting.pop(ticket, None)
+            error = errors.MailboxDeleted(f"mailbox {name!r} was deleted while waiting on it")
+            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
+        del self._mailboxes[name]
+
+    def take(
+        self,
+        mailbox: str = DEFAULT_MAILBOX,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        receiver: str = "",
+        now: float,
+    ) -> Message | None:
+        """The message ``selector`` chooses from ``mailbox``, if one is there; never waits."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        msg = box.take(selector or Selector(), receiver, now)
+        if msg is not None:
+            self._held -= len(msg.data)
+        return msg
+
+    def wait_for_message(
+        self,
+        mailbox: str = DEFAULT_MAILBOX,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        receiver: str = "",
+        now: float,
+    ) -> int:
+        """Queue a receive that found nothing (call :meth:`take` first); returns its ticket.
+
+        The answer is a ``MessageTaken`` event, or ``ReceiveFailed`` if the
+        mailbox is deleted. Waiting receives are served first come, first served.
+        """
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        ticket = self._next_waiter
+        self._next_waiter += 1
+        self._waiting[ticket] = mailbox
+        box.wait(ticket, selector or Selector(), receiver)
+        return ticket
+
+    def cancel_wait(self, ticket: int) -> bool:
+        """Withdraw a waiting receive; False if it was already answered (see its event)."""
+        name = self._waiting.pop(ticket, None)
+        box = None if name is None else self._mailboxes.get(name)
+        return box is not None and box.cancel_wait(ticket)
+
+    def _box(self, name: str, *, owner: int | None = None, managing: bool = False) -> Mailbox:
+        box = self._mailboxes.get(name)
+        if box is None:
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
+        if managing and name == DEFAULT_MAILBOX:
+            raise errors.UsageError("the default mailbox cannot be closed or deleted")
+        if box.owner is not None and owner != box.owner and not managing:
+            raise errors.UsageError(
+                f"mailbox {name!r} is a port: only its owner (the handle that created it) "
+                "receives from it"
+            )
+        return box
+
+    # ------------------------------------------------- mailbox admission (core)
+
+    def _screen(self, frag: Fragment) -> Verdict | None:
+        """Judge a message by its first fragment, before buffering the rest."""
+        return self._judge(frag.mailbox, frag.total_len)
+
+    def _judge(self, name: str, size: int) -> Verdict | None:
+        box = self._mailboxes.get(name)
+        if box is None:
+            self._drop("refused.no_mailbox")
+            return Verdict.NO_MAILBOX
+        verdict = None
+        if not box.open:
+            verdict = Verdict.MAILBOX_CLOSED
+        elif not box.fits(size):
+            verdict = Verdict.TOO_LARGE
+        elif self._held + size > self.config.mailbox_memory:
+            verdict = Verdict.NO_MEMORY
+        if verdict is not None:
+            box.refused += 1
+            self._drop("refused." + verdict.name.lower())
+        return verdict
+
+    def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        verdict = self._judge(d.mailbox, len(d.data))
+        if verdict is not None:
+            return verdict
+        assert session.incarnation is not None
+        msg = Message(
+            source=session.addr,
+            data=d.data,
+            msg_type=d.msg_type,
+            priority=d.priority,
+            mailbox=d.mailbox,
+            msg_id=d.msg_id,
+            incarnation=session.incarnation,
+        )
+        self._emit(
+            events.MessageReceived(
+                peer=session.addr,
+                data=d.data,
+                msg_type=d.msg_type,
+                priority=d.priority,
+                mailbox=d.mailbox,
+                msg_id=d.msg_id,
+                incarnation=session.incarnation,
+            )
+        )
+        self._held += len(d.data)
+        # Held first: a rendezvous may hand it over (and release it) inside offer().
+        session.hold(len(d.data))
+        if self._mailboxes[d.mailbox].offer(msg, now):
+            session.unhold(len(d.data))  # it went straight in: nothing parked
+            return None
+        return Verdict.DEFERRED
+
+    def _unparked(self, msg: Message, receiver: str | None) -> None:
+        """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
+        session = self._live_session(msg)
+        if session is not None:
+            session.release(len(msg.data))
+            outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
+            session.send_control(outcome, self._now)
+            self._dirty[session.addr] = None
+
+    def _handed_off(self, ticket: int, msg: Message) -> None:
+        self._held -= len(msg.data)
+        self._waiting.pop(ticket, None)
+        self._emit(events.MessageTaken(waiter=ticket, message=msg))
+
+    def _discard_parked(
+        self, box: Mailbox, predicate: Callable[[Message], bool], verdict: Verdict
+    ) -> int:
+        """Withdraw parked messages and tell their senders ``verdict``; returns how many."""
+        removed = box.remove_parked(predicate)
+        for msg in removed:
+            self._held -= len(msg.data)
+            session = self._live_session(msg)
+            if session is not None:
+                session.release(len(msg.data))
+                session.send_control(Discarded(msg.msg_id, verdict), self._now)
+                self._dirty[session.addr] = None
+        return len(removed)
+
+    def _forget_parked(self, addr: Any, incarnation: int) -> None:
+        """A peer's incarnation ended: its parked messages have nobody waiting on them."""
+        session = self._peers.get(addr)
+        for box in self._mailboxes.values():
+            if not box.parked:
+                continue
+            removed = box.remove_parked(lambda m: m.source == addr and m.incarnation == incarnation)
+            for msg in removed:
+                self._held -= len(msg.data)
+                if session is not None:
+                    session.release(len(msg.data))
+
+    def _live_session(self, msg: Message) -> PeerSession | None:
+        session = self._peers.get(msg.source)
+        if session is None or session.incarnation != msg.incarnation:
+            return None
+        return session
+
+    def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+        try:
+            ctl = decode_control(payload)
+        except MalformedControl:
+            self._drop("malformed.control")
+            return
+        if isinstance(ctl, (Admitted, Discarded)):
+            session.on_outcome(ctl, now)
+        elif isinstance(ctl, Cancel):
+            inc = session.incarnation
+            wire_id = ctl.msg_id
+
+            def withdrawn(m: Message) -> bool:
+                return (
+                    m.source == session.addr
+                    and m.incarnation == inc
+                    and m.msg_id & _WIRE_ID_MASK == wire_id
+                )
+
+            for box in self._mailboxes.values():
+                if box.parked and self._discard_parked(box, withdrawn, Verdict.CANCELLED):
+                    break
+            # Not parked: it already got in (or was discarded), and that answer is on its way.
+        elif isinstance(ctl, StatsRequest):
+            if self.config.serve_stats:
+                body = json.dumps(self.stats(now).as_dict(), default=str).encode()
+                session.send_control(StatsReply(ctl.request, body), now)
+            else:
+                self._drop("stats_refused")
+        else:
+            self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
         return list(self._peers)
@@ -296,7 +611,17 @@ class Endpoint:
         self._buffered -= len(msg.data)
 
     def _new_peer(self, addr: Any, now: float) -> PeerSession:
-        session = PeerSession(addr, self.config, self._rng, now, self._emit, self._message_finished)
+        session = PeerSession(
+            addr,
+            self.config,
+            self._rng,
+            now,
+            self._emit,
+            self._message_finished,
+            screen=self._screen,
+            deliver=self._deliver,
+            on_control=self._on_control,
+        )
         self._peers[addr] = session
         return session
 
@@ -337,6 +662,7 @@ class Endpoint:
         self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
         session.fail_all(errors.PeerClosed(session.addr))
         self._remember_ended(session.addr, session.incarnation)
+        self._forget_parked(session.addr, session.incarnation)
         del self._peers[session.addr]
         self._dirty.pop(session.addr, None)
         if self._closing:

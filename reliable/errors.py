@@ -19,6 +19,11 @@ from typing import Any
 __all__ = [
     "AddressError",
     "DeliveryFailed",
+    "MailboxClosed",
+    "MailboxDeleted",
+    "MailboxExists",
+    "MailboxFull",
+    "MailboxNotFound",
     "MessageRejected",
     "MessageTooLarge",
     "NodeClosed",
@@ -30,7 +35,9 @@ __all__ = [
     "SendAborted",
     "SendBufferFull",
     "SendTimeout",
+    "UnknownMailbox",
     "UsageError",
+    "WouldBlock",
     "format_address",
 ]
 
@@ -61,12 +68,44 @@ class MessageTooLarge(UsageError):
     """The message exceeds ``Config.max_message_size``."""
 
 
+class MailboxExists(UsageError):
+    """``create_mailbox`` named a mailbox this node already has."""
+
+
+class UnknownMailbox(UsageError):
+    """A local call named a mailbox this node does not have."""
+
+
 class NodeClosed(ReliableError):
     """The node is closed (or closing) and accepts no more work."""
 
 
-class SendBufferFull(ReliableError):
-    """Non-blocking send refused: the node's send buffer is full (would block)."""
+class MailboxDeleted(ReliableError):
+    """The mailbox a receive was waiting on was deleted."""
+
+
+class WouldBlock(ReliableError):
+    """A non-blocking call could not proceed without waiting; nothing was sent."""
+
+
+class SendBufferFull(WouldBlock):
+    """Non-blocking send refused: the node's send buffer is full."""
+
+
+class MailboxFull(WouldBlock):
+    """Non-blocking send refused: the destination mailbox is known to be full.
+
+    This node learned it when an earlier message to the mailbox had to wait
+    for room; it stays known until that message got in.
+    """
+
+    def __init__(self, peer: Any, mailbox: str) -> None:
+        super().__init__(
+            f"{format_address(peer)}/{mailbox}: mailbox full; wait for room with a "
+            "blocking send, or retry later"
+        )
+        self.peer = peer
+        self.mailbox = mailbox
 
 
 class ReceiveTimeout(ReliableError, TimeoutError):
@@ -119,6 +158,22 @@ class MessageRejected(DeliveryFailed):
     def __init__(self, peer: Any, reason: str) -> None:
         super().__init__(peer, f"message rejected by peer: {reason}")
         self.reason = reason
+
+
+class MailboxNotFound(MessageRejected):
+    """The destination node has no mailbox of that name (never created, or deleted)."""
+
+    def __init__(self, peer: Any, mailbox: str) -> None:
+        super().__init__(peer, f"no mailbox {mailbox!r} on that node")
+        self.mailbox = mailbox
+
+
+class MailboxClosed(MessageRejected):
+    """The destination mailbox was closed (or deleted) before the message got in."""
+
+    def __init__(self, peer: Any, mailbox: str) -> None:
+        super().__init__(peer, f"mailbox {mailbox!r} is closed (or was deleted)")
+        self.mailbox = mailbox
 
 
 class SendTimeout(DeliveryFailed, TimeoutError):

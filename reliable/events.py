@@ -8,9 +8,12 @@ on them directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import DeliveryFailed
+from .errors import DeliveryFailed, ReliableError
+
+if TYPE_CHECKING:
+    from .message import Message
 
 __all__ = [
     "Closed",
@@ -21,6 +24,9 @@ __all__ = [
     "PeerClosed",
     "PeerRestarted",
     "PeerUnreachable",
+    "ReceiveFailed",
+    "StatsReceived",
+    "MessageTaken",
 ]
 
 
@@ -31,7 +37,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageReceived(Event):
-    """A whole message arrived from ``peer``, in that peer's send order."""
+    """A whole message from ``peer`` arrived at its mailbox, in that peer's send order.
+
+    A fact for observers and tests: the message itself waits in the mailbox
+    (queued, or parked if the mailbox is full) until a receive takes it.
+    """
 
     peer: Any
     data: bytes
@@ -53,6 +63,9 @@ class MessageDelivered(Event):
     transmissions: int  #: datagrams sent for it, retransmissions included
     elapsed: float  #: seconds from ``send`` to acknowledgement
     incarnation: int  #: the peer incarnation that acknowledged it
+    mailbox: str = ""
+    deferred: bool = False  #: it waited at the peer for room in its mailbox
+    receiver: str | None = None  #: who took it, for a rendezvous mailbox
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +75,31 @@ class MessageFailed(Event):
     ticket: int
     peer: Any
     error: DeliveryFailed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageTaken(Event):
+    """Waiting receive ``waiter`` (see ``Endpoint.wait_for_message``) got ``message``."""
+
+    waiter: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveFailed(Event):
+    """Waiting receive ``waiter`` ended without a message (its mailbox was deleted)."""
+
+    waiter: int
+    error: ReliableError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatsReceived(Event):
+    """``peer`` answered stats query ``request`` (``Endpoint.query_stats``) with JSON ``body``."""
+
+    peer: Any
+    request: int
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,9 +11,13 @@ from .events import MessageDelivered, MessageReceived
 __all__ = ["Message", "Receipt"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Message:
-    """A message received from ``source`` (the sending node's address)."""
+    """A message received from ``source`` (the sending node's address).
+
+    Compared by identity: two receives never return the same message, and
+    equal bytes from the same sender are still two messages.
+    """
 
     source: Any
     data: bytes
@@ -43,7 +47,11 @@ class Message:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Receipt:
-    """Proof of delivery: the destination node acknowledged every fragment."""
+    """Proof of delivery: the message entered its mailbox on the destination node.
+
+    For a rendezvous mailbox (capacity 0) that means a receiver took it, and
+    ``receiver`` says which.
+    """
 
     peer: Any
     size: int  #: bytes delivered
@@ -51,6 +59,9 @@ class Receipt:
     transmissions: int  #: datagrams sent for the message, retransmissions included
     elapsed: float  #: seconds from send to acknowledgement
     incarnation: int  #: the incarnation of the peer that acknowledged it
+    mailbox: str = ""  #: the destination mailbox ("" for the node's default)
+    deferred: bool = False  #: the mailbox was full and the message waited for room
+    receiver: str | None = None  #: which receiver took it, when known (rendezvous)
 
     @property
     def retransmissions(self) -> int:
@@ -65,4 +76,7 @@ class Receipt:
             transmissions=event.transmissions,
             elapsed=event.elapsed,
             incarnation=event.incarnation,
+            mailbox=event.mailbox,
+            deferred=event.deferred,
+            receiver=event.receiver,
         )

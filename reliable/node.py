@@ -10,6 +10,11 @@ than the one it sleeps on.
 
 Futures are resolved and user callbacks run outside the lock, so a callback
 may call back into the node.
+
+Receives that must wait register with the core (which serves waiting
+receivers first come, first served, and hands a message straight to the
+longest-waiting receiver that wants it) and sleep on a condition variable
+until their message, their timeout, or their named peer's departure.
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ from typing import Any
 from . import errors, events
 from ._driver import (
     DatagramSocket,
-    Inbox,
+    Departures,
     drain_socket,
     open_socket,
+    parse_stats,
     resolve_destination,
     route_events,
+    split_destination,
 )
 from .addressing import Address, normalize
 from .config import Config
-from .endpoint import Endpoint, check_timeout
+from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
+from .mailbox import Selector
 from .message import Message, Receipt
-from .stats import NodeStats
+from .stats import MailboxStats, NodeStats
 
-__all__ = ["Node", "SendHandle"]
+__all__ = ["Mailbox", "Node", "SendHandle"]
 
 _CLOSE_GRACE = 1.0  # seconds the I/O thread may take beyond the flush timeout to exit
 
@@ -99,6 +107,9 @@ class Node:
     may supply an already bound socket-like object instead, e.g. a
     :class:`netem.socket.FaultySocket`. ``on_event`` observes every protocol
     event on the I/O thread (peer restarts, unreachable peers, ...).
+
+    Every node has a default mailbox (``""``) for direct naming; more are
+    made with :meth:`create_mailbox` and addressed as ``host:port/name``.
     """
 
     def __init__(
@@ -119,7 +130,9 @@ class Node:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._handles: dict[int, SendHandle] = {}
-        self._inbox = Inbox(self._endpoint)
+        self._taken: dict[int, Message | errors.ReliableError] = {}
+        self._stats_replies: dict[int, bytes] = {}
+        self._departures = Departures()
         self._closed = False
         self._failure: BaseException | None = None
         self._sleep_until: float | None = None
@@ -154,15 +167,18 @@ class Node:
         *,
         msg_type: int = 0,
         priority: int = 0,
-        mailbox: str = "",
+        mailbox: str | None = None,
         timeout: float | None = None,
     ) -> Receipt:
-        """Send ``data`` and block until ``dest`` acknowledged it; returns the receipt.
+        """Send ``data`` and block until it entered its mailbox; returns the receipt.
 
-        With ``timeout`` (seconds) a message not acknowledged in time is
-        abandoned and :class:`~reliable.errors.SendTimeout` raised; without it
-        the call ends when the peer acknowledges or is declared unreachable.
-        Waits for send-buffer space if the buffer is full.
+        ``dest`` is ``host:port`` (the default mailbox) or ``host:port/name``.
+        A full mailbox makes this wait for room (for a rendezvous mailbox,
+        until a receiver takes the message). With ``timeout`` (seconds) a
+        message not in by then is withdrawn and
+        :class:`~reliable.errors.SendTimeout` raised; without it the call ends
+        when the message got in or failed (the peer became unreachable, the
+        mailbox does not exist or closed, ...).
         """
         check_timeout(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -176,12 +192,15 @@ class Node:
         *,
         msg_type: int = 0,
         priority: int = 0,
-        mailbox: str = "",
+        mailbox: str | None = None,
         timeout: float | None = None,
     ) -> SendHandle:
         """Queue ``data`` for ``dest`` and return at once with a :class:`SendHandle`.
 
-        Raises :class:`~reliable.errors.SendBufferFull` instead of waiting for space.
+        Raises a :class:`~reliable.errors.WouldBlock` instead of waiting:
+        :class:`~reliable.errors.SendBufferFull` when this node's send buffer
+        is full, :class:`~reliable.errors.MailboxFull` when the destination
+        mailbox is known to be full. Nothing was sent in either case.
         """
         check_timeout(timeout, "timeout", positive=True)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, block=False)
@@ -192,13 +211,14 @@ class Node:
         data: bytes,
         msg_type: int,
         priority: int,
-        mailbox: str,
+        mailbox: str | None,
         timeout: float | None,
         deadline: float | None,
         *,
         block: bool = True,
     ) -> SendHandle:
-        addr = resolve_destination(dest, self._sock.family)
+        node, name = split_destination(dest, mailbox)
+        addr = resolve_destination(node, self._sock.family)
         with self._lock:
             while True:
                 self._check_open()
@@ -211,12 +231,12 @@ class Node:
                         now=now,
                         msg_type=msg_type,
                         priority=priority,
-                        mailbox=mailbox,
+                        mailbox=name,
                         timeout=timeout,
                         deadline=deadline,
                     )
                     break
-                except errors.SendBufferFull:
+                except errors.WouldBlock:
                     if not block:
                         raise
                     if remaining is not None and remaining <= 0:
@@ -224,80 +244,202 @@ class Node:
                     self._changed.wait(remaining)
             handle = SendHandle(ticket, addr)
             self._handles[ticket] = handle
-            out = self._endpoint.datagrams_to_send(now)
-            wake = self._timer_moved_earlier()
-        self._transmit(out)
-        if wake:
-            self._wake()
+        self._pump([])
         return handle
 
     # ------------------------------------------------------------- receiving
 
     def receive(
-        self, timeout: float | None = None, *, source: str | tuple[Any, ...] | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
     ) -> Message:
-        """The next message (from ``source`` only, if given), waiting up to ``timeout`` seconds.
+        """The next message of ``mailbox``, waiting up to ``timeout`` seconds (None: forever).
 
-        Raises :class:`~reliable.errors.ReceiveTimeout` when none came in time, and
+        Selects as System V ``msgrcv`` does: ``msg_type`` 0 takes the first
+        message, ``> 0`` the first of that type (any other type with
+        ``except_type``), ``< 0`` the first of the lowest type ``<= -msg_type``;
+        "first" is highest priority first, oldest first within a priority.
+        ``source`` takes only that peer's messages. ``receiver`` labels this
+        receiver in stats and, for a rendezvous, in the sender's receipt
+        (default: the thread's name).
+
+        Raises :class:`~reliable.errors.ReceiveTimeout` when none came in time;
         :class:`~reliable.errors.PeerUnreachable`/:class:`~reliable.errors.PeerClosed`
-        if ``source`` was named and went away while we waited.
+        if ``source`` was named and went away while we waited;
+        :class:`~reliable.errors.MailboxDeleted` if the mailbox was deleted.
         """
+        message = self._receive(
+            mailbox, None, source, msg_type, except_type, receiver, timeout, wait=True
+        )
+        assert message is not None
+        return message
+
+    def receive_nowait(
+        self,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message | None:
+        """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
+        return self._receive(
+            mailbox, None, source, msg_type, except_type, receiver, None, wait=False
+        )
+
+    def _receive(
+        self,
+        mailbox: str,
+        owner: int | None,
+        source: str | tuple[Any, ...] | None,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+        timeout: float | None,
+        *,
+        wait: bool,
+    ) -> Message | None:
         check_timeout(timeout, "timeout")
         peer = None if source is None else resolve_destination(source, self._sock.family)
+        selector = Selector(source=peer, msg_type=msg_type, except_type=except_type)
+        label = receiver if receiver is not None else threading.current_thread().name
         deadline = None if timeout is None else time.monotonic() + timeout
+        mark = self._departures.mark()
         with self._lock:
-            message = self._inbox.take(peer)
-            if message is None:
-                message = self._wait_for(peer, timeout, deadline)
-            out = self._endpoint.datagrams_to_send(time.monotonic())  # a window update may be due
-        self._transmit(out)
-        return message
-
-    def _wait_for(
-        self, peer: Address | None, timeout: float | None, deadline: float | None
-    ) -> Message:
-        """Wait (lock held, released while blocked) for a message from ``peer`` or anyone."""
-        self._check_open()
-        if timeout == 0:
+            self._check_open()
+            now = time.monotonic()
+            endpoint = self._endpoint
+            message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+            ticket = None
+            if message is None and wait and timeout != 0:
+                ticket = endpoint.wait_for_message(
+                    mailbox, selector, owner=owner, receiver=label, now=now
+                )
+                if peer is not None:
+                    # Probe the named peer while we wait, so a dead one cannot leave us blocked.
+                    endpoint.watch(peer, now)
+        self._pump([])  # a parked message may have got in: its sender hears of it now
+        if message is not None or not wait:
+            return message
+        if ticket is None:
             raise errors.ReceiveTimeout("no message waiting")
-        mark = self._inbox.mark()
-        if peer is not None:
-            # Probe the named peer while we wait, so a dead one cannot leave us blocked.
-            self._endpoint.watch(peer, time.monotonic())
-            self._wake()
         try:
-            while True:
-                message = self._inbox.take(peer)
-                if message is not None:
-                    return message
-                self._check_open()
-                if peer is not None and (gone := self._inbox.down_since(peer, mark)):
-                    raise gone
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise errors.ReceiveTimeout(f"no message within {timeout:g}s")
-                self._changed.wait(remaining)
+            return self._await_message(ticket, peer, mark, timeout, deadline)
         finally:
             if peer is not None:
-                self._endpoint.unwatch(peer, time.monotonic())
+                with self._lock:
+                    self._endpoint.unwatch(peer, time.monotonic())
 
-    def receive_nowait(self, *, source: str | tuple[Any, ...] | None = None) -> Message | None:
-        """The next message if one is waiting, else ``None``; never blocks."""
-        peer = None if source is None else resolve_destination(source, self._sock.family)
+    def _await_message(
+        self,
+        ticket: int,
+        peer: Address | None,
+        mark: int,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> Message:
         with self._lock:
-            message = self._inbox.take(peer)
-            if message is None:
-                self._check_open()
-                return None
-            out = self._endpoint.datagrams_to_send(time.monotonic())
-        self._transmit(out)
-        return message
+            while ticket not in self._taken:
+                failure: errors.ReliableError | None = None
+                if self._closed or self._endpoint.closing or self._failure is not None:
+                    failure = errors.NodeClosed("the node closed while waiting to receive")
+                elif peer is not None:
+                    failure = self._departures.down_since(peer, mark)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if failure is None and remaining is not None and remaining <= 0:
+                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                if failure is not None:
+                    if self._endpoint.cancel_wait(ticket) or self._closed:
+                        raise failure
+                    break  # answered meanwhile: its event is on the way; take it
+                self._changed.wait(remaining)
+        if ticket not in self._taken:
+            self._pump([])
+        with self._lock:
+            outcome = self._taken.pop(ticket)
+        if isinstance(outcome, errors.ReliableError):
+            raise outcome
+        return outcome
+
+    # ------------------------------------------------------------- mailboxes
+
+    def create_mailbox(
+        self,
+        name: str,
+        capacity: int | None = None,
+        *,
+        max_bytes: int | None = None,
+        port: bool = False,
+    ) -> Mailbox:
+        """Create mailbox ``name`` on this node; returns its owner's handle.
+
+        ``capacity``: most messages held (``0`` rendezvous: a send completes
+        when a receiver takes the message; ``None``: unbounded, within the
+        node's ``Config.mailbox_memory``). ``max_bytes`` bounds their bytes.
+        A *port* (``port=True``) has one receiver, the returned handle, and
+        any number of senders. Raises :class:`~reliable.errors.MailboxExists`.
+        """
+        with self._lock:
+            self._check_open()
+            owner = self._endpoint.create_mailbox(
+                name, capacity=capacity, max_bytes=max_bytes, port=port, now=time.monotonic()
+            )
+        return Mailbox(self, name, owner)
+
+    def mailbox(self, name: str) -> Mailbox:
+        """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
+        with self._lock:
+            if not self._endpoint.has_mailbox(name):
+                raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+        return Mailbox(self, name, None)
+
+    def _manage(self, name: str, action: str) -> None:
+        with self._lock:
+            self._check_open()
+            now = time.monotonic()
+            if action == "close":
+                self._endpoint.close_mailbox(name, now)
+            elif action == "open":
+                self._endpoint.open_mailbox(name)
+            else:
+                self._endpoint.delete_mailbox(name, now)
+        self._pump([])  # senders of parked messages, and waiting receivers, learn now
 
     # ----------------------------------------------------------- management
 
     def stats(self) -> NodeStats:
+        """This node's statistics: per peer, per mailbox and node-wide."""
         with self._lock:
-            return self._endpoint.stats()
+            return self._endpoint.stats(time.monotonic())
+
+    def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
+        """Ask the node at ``dest`` for its statistics over the network."""
+        check_timeout(timeout, "timeout", positive=True)
+        addr = resolve_destination(dest, self._sock.family)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._check_open()
+            request = self._endpoint.query_stats(addr, time.monotonic())
+        self._pump([])
+        with self._lock:
+            while request not in self._stats_replies:
+                self._check_open()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise errors.ReceiveTimeout(
+                        f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
+                        "(is an rmsg node running there, with Config.serve_stats?)"
+                    )
+                self._changed.wait(remaining)
+            body = self._stats_replies.pop(request)
+        return parse_stats(body)
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush outstanding sends for up to ``timeout`` seconds, tell peers, release the socket."""
@@ -305,6 +447,7 @@ class Node:
         with self._lock:
             if not self._closed and not self._endpoint.closing:
                 self._endpoint.close(time.monotonic(), timeout)
+            self._changed.notify_all()
         self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout + _CLOSE_GRACE)
@@ -369,6 +512,12 @@ class Node:
                 self._changed.notify_all()
 
     def _pump(self, batch: list[tuple[bytes, Address]]) -> None:
+        """Feed ``batch`` and due timers to the core, then send and report what it produced.
+
+        Called by the I/O thread and, with an empty batch, after every
+        application call, so what a call caused (datagrams, events) goes out at once.
+        """
+        on_io_thread = threading.current_thread() is self._thread
         with self._lock:
             resolved = self._resolved = []
             now = time.monotonic()
@@ -381,7 +530,10 @@ class Node:
             out = endpoint.datagrams_to_send(now)
             route_events(endpoint, self, self._on_event)
             self._changed.notify_all()
+            wake = not on_io_thread and self._timer_moved_earlier()
         self._transmit(out)
+        if wake:
+            self._wake()
         for handle, receipt, error in resolved:
             if error is not None:
                 handle._future.set_exception(error)
@@ -389,9 +541,6 @@ class Node:
                 handle._future.set_result(receipt)  # type: ignore[arg-type]
 
     # EventSink, called under the lock from route_events
-    def on_message(self, message: Message) -> None:
-        self._inbox.add(message)
-
     def on_outcome(
         self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
     ) -> None:
@@ -399,8 +548,18 @@ class Node:
         if handle is not None:
             self._resolved.append((handle, receipt, error))
 
+    def on_receive(
+        self, waiter: int, message: Message | None, error: errors.ReliableError | None
+    ) -> None:
+        outcome = message if message is not None else error
+        assert outcome is not None
+        self._taken[waiter] = outcome
+
+    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
+        self._stats_replies[request] = body
+
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
-        self._inbox.peer_down(peer, error)
+        self._departures.peer_down(peer, error)
 
     def on_closed(self) -> None:
         self._changed.notify_all()
@@ -456,3 +615,66 @@ class Node:
             raise errors.NodeClosed(f"the node's I/O thread failed: {self._failure!r}")
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")
+
+
+class Mailbox:
+    """A handle on one mailbox of a :class:`Node`.
+
+    The handle :meth:`Node.create_mailbox` returns is the owner's: for a
+    port it is the only one that may receive. Senders on other nodes address
+    the mailbox as ``host:port/name``.
+    """
+
+    __slots__ = ("_node", "_owner", "name")
+
+    def __init__(self, node: Node, name: str, owner: int | None) -> None:
+        self._node = node
+        self.name = name
+        self._owner = owner
+
+    def receive(
+        self,
+        timeout: float | None = None,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message:
+        """As :meth:`Node.receive`, from this mailbox."""
+        message = self._node._receive(
+            self.name, self._owner, source, msg_type, except_type, receiver, timeout, wait=True
+        )
+        assert message is not None
+        return message
+
+    def receive_nowait(
+        self,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message | None:
+        """As :meth:`Node.receive_nowait`, from this mailbox."""
+        return self._node._receive(
+            self.name, self._owner, source, msg_type, except_type, receiver, None, wait=False
+        )
+
+    def close(self) -> None:
+        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
+        self._node._manage(self.name, "close")
+
+    def open(self) -> None:
+        """Accept messages again after :meth:`close`."""
+        self._node._manage(self.name, "open")
+
+    def delete(self) -> None:
+        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
+        self._node._manage(self.name, "delete")
+
+    def stats(self) -> MailboxStats:
+        return self._node.stats().mailbox(self.name)
+
+    def __repr__(self) -> str:
+        return f"<Mailbox {self.name!r} of {self._node!r}>"

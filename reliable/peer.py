@@ -17,6 +17,16 @@ the peer at least every ``peer_timeout`` seconds. Retransmissions probe while
 data is in flight; otherwise PINGs do, with backoff up to
 ``max_probe_interval``. Silence past the timeout fails every pending message
 with ``PeerUnreachable`` and raises a ``PeerUnreachable`` event once.
+
+Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
+verdict is out of the send stream (nothing to retransmit) but not yet
+delivered: it waits in ``deferred`` for the peer's control message saying
+it entered its mailbox (the receipt) or never will (the error). While any
+message to a mailbox is deferred, that mailbox is known to be full:
+``full_mailboxes`` is what lets a non-blocking send say "would block". A
+deferred message whose send times out is withdrawn with a ``Cancel``, and its
+fate is whatever the peer answers, so a timeout is never reported for a
+message that did get in.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import Any
 from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
-from .receiver import ReceiveStream
+from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
+from .receiver import Delivery, ReceiveStream, Screen
 from .rtt import RttEstimator
 from .sender import OutgoingMessage, SendStream
 from .stats import PeerStats
@@ -40,18 +51,24 @@ from .wire import (
     Flag,
     Kind,
     Packet,
-    RejectReason,
+    Verdict,
     encode,
+    fragment_capacity,
+    unwrap,
 )
 
 __all__ = ["PeerSession"]
 
 _REASON_TEXT = {
-    RejectReason.TOO_LARGE: "larger than the receiver's max_message_size",
-    RejectReason.NO_MAILBOX: "no such mailbox",
-    RejectReason.MAILBOX_CLOSED: "mailbox closed",
-    RejectReason.REFUSED: "refused by the receiving application",
+    Verdict.TOO_LARGE: "larger than the receiver's max_message_size (or its mailbox's max_bytes)",
+    Verdict.REFUSED: "refused by the receiving application",
+    Verdict.NO_MEMORY: "the receiving node's mailbox memory (Config.mailbox_memory) is full",
 }
+
+#: What the endpoint does with a delivered message: its verdict, or None if it entered.
+Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
+#: What the endpoint does with a control message from the peer.
+OnControl = Callable[["PeerSession", bytes, float], None]
 
 
 class PeerSession:
@@ -65,8 +82,15 @@ class PeerSession:
         now: float,
         emit: Callable[[events.Event], None],
         on_finished: Callable[[OutgoingMessage], None],
+        *,
+        screen: Screen | None = None,
+        deliver: Deliver | None = None,
+        on_control: OnControl | None = None,
     ) -> None:
         self.addr = addr
+        self._screen = screen
+        self._deliver = deliver
+        self._on_control = on_control
         self.config = config
         self._emit = emit
         self._on_finished = on_finished
@@ -82,7 +106,9 @@ class PeerSession:
         )
         self.cc = NewReno(initial_cwnd=config.initial_cwnd, min_cwnd=config.min_cwnd)
         self.sender = SendStream(config, self.rtt, self.cc, rng.getrandbits(32))
-        self.receiver = ReceiveStream(config)
+        self.receiver = ReceiveStream(config, screen)
+        self.deferred: dict[int, OutgoingMessage] = {}  # by msg_id
+        self.full_mailboxes: dict[str, int] = {}  # mailbox -> our messages deferred there
         self.last_heard = now
         self.wait_since: float | None = None
         self.watchers = 0
@@ -90,11 +116,12 @@ class PeerSession:
         self.last_probe = float("-inf")
         self.probe_backoff = 0
         self.ping_now = False
-        self.unreleased = 0
+        self.parked = 0  # bytes from this peer parked here, waiting for mailbox room
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
         self.bogus_acks = 0
+        self.bogus_outcomes = 0  # control outcomes naming no message of ours
         self.corrupt = 0
         self.messages_sent = 0
         self.messages_failed = 0
@@ -122,16 +149,45 @@ class PeerSession:
         self.watchers = max(0, self.watchers - 1)
         self._update_wait(now)
 
+    def hold(self, nbytes: int) -> None:
+        """A message from this peer parked here: its bytes narrow the window."""
+        self.parked += nbytes
+
+    def unhold(self, nbytes: int) -> None:
+        """Undo :meth:`hold` for a message that did not have to park after all."""
+        self.parked -= nbytes
+
     def release(self, nbytes: int) -> None:
-        """The application consumed ``nbytes`` of delivered data: reopen the window."""
+        """Parked bytes left parking (admitted, taken or discarded): reopen the window."""
         before = self.window()
-        self.unreleased = max(0, self.unreleased - nbytes)
+        self.parked = max(0, self.parked - nbytes)
         if before < self.config.max_window // 2 <= self.window():
             self.receiver.ack_now = True  # window update, so a blocked sender resumes
 
     def window(self) -> int:
-        room = (self.config.receive_backlog - self.unreleased) // self.config.max_datagram_size
+        room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
         return max(0, min(self.config.max_window, room))
+
+    def send_control(self, message: ControlMessage, now: float) -> None:
+        """Queue a control message for the peer (reliable, ahead of waiting data)."""
+        payload = encode_control(message)
+        size = fragment_capacity(self.config.max_datagram_size, "")
+        self.sender.control.append(
+            OutgoingMessage(
+                ticket=0,
+                data=payload,
+                msg_type=0,
+                priority=0,
+                mailbox="",
+                created=now,
+                deadline=None,
+                timeout=None,
+                fragment_size=size,
+                count=max(1, -(-len(payload) // size)),
+                control=True,
+            )
+        )
+        self._update_wait(now)
 
     # ---------------------------------------------------------------- network
 
@@ -148,50 +204,101 @@ class PeerSession:
             deliveries = self.receiver.on_fragment(
                 pkt.fragment,
                 now,
-                has_room=self.unreleased < self.config.receive_backlog,
+                has_room=self.parked < self.config.receive_backlog,
                 ack_now=bool(pkt.flags & Flag.ACK_NOW),
             )
-            assert self.incarnation is not None
             for d in deliveries:
-                self.unreleased += len(d.data)
-                self.messages_received += 1
-                self.bytes_received += len(d.data)
-                self._emit(
-                    events.MessageReceived(
-                        peer=self.addr,
-                        data=d.data,
-                        msg_type=d.msg_type,
-                        priority=d.priority,
-                        mailbox=d.mailbox,
-                        msg_id=d.msg_id,
-                        incarnation=self.incarnation,
-                    )
-                )
+                self._take_delivery(d, now)
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
         self._update_wait(now)
 
+    def _take_delivery(self, d: Delivery, now: float) -> None:
+        if d.control:
+            if self._on_control is not None:
+                self._on_control(self, d.data, now)
+            return
+        verdict = None if self._deliver is None else self._deliver(self, d, now)
+        if verdict is not None:
+            self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
+        if verdict is None or verdict == Verdict.DEFERRED:
+            self.messages_received += 1
+            self.bytes_received += len(d.data)
+
     def _on_ack(self, pkt: Packet, now: float) -> None:
         sender = self.sender
-        for wire_id, reason in pkt.notices:
+        for wire_id, code in pkt.notices:
             msg = sender.message_by_wire_id(wire_id)
-            if msg is not None and not msg.finished:
+            if msg is None or msg.finished:
+                continue
+            verdict = Verdict(code)
+            if verdict == Verdict.DEFERRED:
+                msg.deferred = True  # acknowledged below, or by a later ack; not yet delivered
+            else:
                 sender.abandon(msg)
-                text = _REASON_TEXT.get(RejectReason(reason), "refused")
-                self._fail(msg, errors.MessageRejected(self.addr, text))
+                self._fail(msg, self._refusal(msg, verdict))
         outcome = sender.on_ack(pkt.ack, pkt.sacks, pkt.ack_delay * ACK_DELAY_TICK, pkt.window, now)
         if outcome.bogus:
             self.bogus_acks += 1
         for msg in outcome.completed:
+            self._acknowledged(msg, now)
+
+    def _acknowledged(self, msg: OutgoingMessage, now: float) -> None:
+        """Every fragment of ``msg`` reached the peer: delivered, unless its mailbox deferred it."""
+        if isinstance(msg.outcome, (Admitted, Discarded)):
+            self._settle(msg, msg.outcome, now)  # the outcome overtook this acknowledgement
+        elif msg.deferred and not msg.control:
+            self.deferred[msg.msg_id] = msg
+            self.full_mailboxes[msg.mailbox] = self.full_mailboxes.get(msg.mailbox, 0) + 1
+        else:
             self._complete(msg, now)
+
+    def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
+        """The peer's control message about one of our deferred messages."""
+        msg_id = unwrap(outcome.msg_id, self.sender.next_msg_id)
+        msg = self.deferred.get(msg_id)
+        if msg is not None:
+            self._settle(msg, outcome, now)
+            return
+        msg = self.sender.by_msg_id.get(msg_id)
+        if msg is not None and not msg.control:
+            msg.outcome = outcome  # its acknowledgement is still on the way
+        else:
+            self.bogus_outcomes += 1
+
+    def _settle(self, msg: OutgoingMessage, outcome: Admitted | Discarded, now: float) -> None:
+        if self.deferred.pop(msg.msg_id, None) is not None:
+            left = self.full_mailboxes[msg.mailbox] - 1
+            if left:
+                self.full_mailboxes[msg.mailbox] = left
+            else:
+                del self.full_mailboxes[msg.mailbox]
+        if isinstance(outcome, Admitted):
+            self._complete(msg, now, receiver=outcome.receiver if outcome.taken else None)
+        else:
+            self._fail(msg, self._refusal(msg, outcome.verdict))
+        self._update_wait(now)
+
+    def _refusal(self, msg: OutgoingMessage, verdict: Verdict) -> errors.DeliveryFailed:
+        if verdict == Verdict.NO_MAILBOX:
+            return errors.MailboxNotFound(self.addr, msg.mailbox)
+        if verdict == Verdict.MAILBOX_CLOSED:
+            return errors.MailboxClosed(self.addr, msg.mailbox)
+        if verdict == Verdict.CANCELLED:
+            return errors.SendTimeout(self.addr, msg.timeout or 0.0)
+        return errors.MessageRejected(self.addr, _REASON_TEXT.get(verdict, "refused"))
+
+    def mailbox_full(self, mailbox: str) -> bool:
+        """Whether a message of ours still waits for room in ``mailbox`` of this peer."""
+        return mailbox in self.full_mailboxes
 
     def restart(self, new_incarnation: int, now: float) -> None:
         """The peer came back as ``new_incarnation``: end the old session cleanly."""
         old = self.incarnation
         assert old is not None
-        lost = self.sender.peer_restarted()
+        lost = self.sender.peer_restarted() + self._drop_deferred()
         self._earlier_duplicates += self.receiver.duplicates
-        self.receiver = ReceiveStream(self.config)
+        self.receiver = ReceiveStream(self.config, self._screen)
         self.incarnation = new_incarnation
         restarted = events.PeerRestarted(
             peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
@@ -203,11 +310,17 @@ class PeerSession:
 
     def fail_all(self, error: errors.DeliveryFailed) -> None:
         """Abandon every pending message with ``error`` (peer closed, node closing)."""
-        for msg in self.sender.abandon_all():
+        for msg in self.sender.abandon_all() + self._drop_deferred():
             self._fail(msg, error)
 
+    def _drop_deferred(self) -> list[OutgoingMessage]:
+        dropped = list(self.deferred.values())
+        self.deferred.clear()
+        self.full_mailboxes.clear()
+        return dropped
+
     def has_pending(self) -> bool:
-        return self.sender.has_outstanding()
+        return self.sender.has_outstanding() or bool(self.deferred)
 
     # ----------------------------------------------------------------- output
 
@@ -293,7 +406,7 @@ class PeerSession:
     def deadline(self) -> float | None:
         """Earliest time :meth:`on_timer` has work to do."""
         candidates = [self.sender.deadline(), self.receiver.ack_deadline]
-        while self._deadlines and self._deadlines[0][2].finished:
+        while self._deadlines and self._deadlines[0][2].settled_or_cancelling():
             heapq.heappop(self._deadlines)
         if self._deadlines:
             candidates.append(self._deadlines[0][0])
@@ -308,7 +421,13 @@ class PeerSession:
         self.sender.on_timer(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, msg = heapq.heappop(self._deadlines)
-            if not msg.finished:
+            if msg.settled_or_cancelling():
+                continue
+            if msg.deferred:
+                # The peer holds it: withdraw it, and let its answer decide the outcome.
+                msg.cancelling = True
+                self.send_control(Cancel(msg.msg_id), now)
+            else:
                 self.sender.abandon(msg)
                 self._fail(msg, errors.SendTimeout(self.addr, msg.timeout or 0.0))
         if self.receiver.ack_deadline is not None and now >= self.receiver.ack_deadline:
@@ -331,7 +450,7 @@ class PeerSession:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
 
     def _update_wait(self, now: float) -> None:
-        waiting = self.watchers > 0 or self.sender.has_outstanding()
+        waiting = self.watchers > 0 or self.has_pending()
         if not waiting:
             self.wait_since = None
         elif self.wait_since is None:
@@ -345,7 +464,10 @@ class PeerSession:
 
     # --------------------------------------------------------------- outcomes
 
-    def _complete(self, msg: OutgoingMessage, now: float) -> None:
+    def _complete(self, msg: OutgoingMessage, now: float, receiver: str | None = None) -> None:
+        msg.settled = True
+        if msg.control:
+            return
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
         self._on_finished(msg)
@@ -359,10 +481,16 @@ class PeerSession:
                 transmissions=msg.transmissions,
                 elapsed=now - msg.created,
                 incarnation=self.incarnation,
+                mailbox=msg.mailbox,
+                deferred=msg.deferred,
+                receiver=receiver,
             )
         )
 
     def _fail(self, msg: OutgoingMessage, error: errors.DeliveryFailed) -> None:
+        msg.settled = True
+        if msg.control:
+            return
         self.messages_failed += 1
         self._on_finished(msg)
         self._emit(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))

@@ -18,19 +18,27 @@ complete messages there are still delivered, partial ones dropped.
 
 Acknowledgements are delayed (up to ``max_ack_delay``, or ``ack_every``
 packets) unless something calls for one at once: a gap, a duplicate, a
-request from the sender, a refusal. A refused message produces a notice that
-rides on every ack until the sender's base passes it; the cumulative ack is
-held back so that it never covers a refused message whose notice did not fit
-in the same packet.
+request from the sender, a verdict. A message the node refused or deferred
+(see :class:`~reliable.wire.Verdict`) produces a notice that rides on every
+ack until the sender's base passes it; the cumulative ack is held back so
+that it never covers such a message whose notice did not fit in the same
+packet. The sender therefore always learns the verdict no later than the
+acknowledgement itself.
+
+Verdicts come from outside: ``screen`` judges a message by its first
+fragment (so a message for a missing mailbox is refused before it is
+buffered), and the session records the node's verdict on each delivery
+with :meth:`ReceiveStream.add_notice` before any ack can go out.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import Config
-from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, RejectReason, unwrap
+from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, Verdict, unwrap
 
 __all__ = ["AckState", "Delivery", "ReceiveStream"]
 
@@ -44,6 +52,12 @@ class Delivery:
     msg_type: int
     priority: int
     mailbox: str
+    last_seq: int  #: sequence number of its last fragment (where a verdict notice attaches)
+    control: bool = False  #: a control message for the node, not for a mailbox
+
+
+#: Judges a message by its first fragment: a refusal, or None to receive it.
+Screen = Callable[[Fragment], Verdict | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +78,8 @@ class _Partial:
     msg_type: int
     priority: int
     mailbox: str
-    rejected: RejectReason | None
+    control: bool
+    rejected: Verdict | None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     next_index: int = 0
@@ -72,7 +87,7 @@ class _Partial:
 
 @dataclass(slots=True)
 class _Notice:
-    reason: RejectReason
+    reason: Verdict
     first_seq: int
 
 
@@ -100,9 +115,11 @@ class ReceiveStream:
         "ranges",
         "reassembly_errors",
         "refused",
+        "screen",
     )
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, screen: Screen | None = None) -> None:
+        self.screen = screen
         self.max_window = config.max_window
         self.max_message_size = config.max_message_size
         self.ack_every = config.ack_every
@@ -155,7 +172,9 @@ class ReceiveStream:
             self.beyond_window += 1
             self.ack_now = True
             return delivered
-        if seq == self.expected and not has_room:
+        if seq == self.expected and not has_room and not frag.control:
+            # Control messages pass: they are never held, and a withdrawal (CANCEL)
+            # must get through precisely when parked messages have closed the window.
             self.no_room += 1
             self.ack_now = True
             return delivered
@@ -208,10 +227,12 @@ class ReceiveStream:
             self.last_msg_id = msg_id
             rejected = None
             if frag.total_len > self.max_message_size:
-                rejected = RejectReason.TOO_LARGE
-                self.notices[msg_id] = _Notice(rejected, seq)
+                rejected = Verdict.TOO_LARGE
+            elif self.screen is not None and not frag.control:
+                rejected = self.screen(frag)
+            if rejected is not None:
+                self.add_notice(msg_id, rejected, seq)
                 self.refused += 1
-                self.ack_now = True
             partial = self.partial = _Partial(
                 msg_id=msg_id,
                 count=frag.count,
@@ -219,6 +240,7 @@ class ReceiveStream:
                 msg_type=frag.msg_type,
                 priority=frag.priority,
                 mailbox=frag.mailbox,
+                control=frag.control,
                 rejected=rejected,
             )
         elif (
@@ -250,8 +272,21 @@ class ReceiveStream:
             return
         data = partial.chunks[0] if partial.count == 1 else b"".join(partial.chunks)
         delivered.append(
-            Delivery(partial.msg_id, data, partial.msg_type, partial.priority, partial.mailbox)
+            Delivery(
+                partial.msg_id,
+                data,
+                partial.msg_type,
+                partial.priority,
+                partial.mailbox,
+                seq,
+                partial.control,
+            )
         )
+
+    def add_notice(self, msg_id: int, verdict: Verdict, seq: int) -> None:
+        """Report ``verdict`` on message ``msg_id``, whose last fragment so far is ``seq``."""
+        self.notices[msg_id] = _Notice(verdict, seq)
+        self.ack_now = True
 
     def _add_range(self, seq: int) -> None:
         ranges = self.ranges

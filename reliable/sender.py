@@ -2,7 +2,11 @@
 
 Theory of operation
 -------------------
-Messages wait in ``queue`` until the windows allow their fragments out. A
+Messages wait in ``queue`` until the windows allow their fragments out.
+Control messages (node to node, see :mod:`reliable.control`) wait in
+``control`` and go first, between two messages, and past the peer's flow
+control window: they are small, never held by the receiver, and one of them
+withdraws messages that are holding that window closed. A
 fragment gets its sequence number when it is first transmitted, so messages
 abandoned before that never consume sequence space, and a message's fragments
 always occupy consecutive numbers (the receiver reassembles by walking them in
@@ -81,7 +85,16 @@ class OutgoingMessage:
     first_seq: int = -1  #: assigned at first transmission
     next_index: int = 0  #: next fragment to transmit for the first time
     transmissions: int = 0
-    finished: bool = False
+    finished: bool = False  #: left the send stream: acknowledged, abandoned or failed
+    control: bool = False  #: a node-to-node control message, invisible to the application
+    deferred: bool = False  #: the receiver holds it until its mailbox has room
+    cancelling: bool = False  #: deferred, timed out, withdrawal requested
+    outcome: object = None  #: a control-message verdict that overtook the acknowledgement
+    settled: bool = False  #: its outcome was reported (delivered or failed)
+
+    def settled_or_cancelling(self) -> bool:
+        """Whether its send deadline no longer matters."""
+        return self.settled or self.cancelling
 
     @property
     def started(self) -> bool:
@@ -122,6 +135,7 @@ class SendStream:
         "backoff",
         "by_msg_id",
         "cc",
+        "control",
         "cum_ack",
         "cwnd_limited",
         "flight",
@@ -154,6 +168,7 @@ class SendStream:
         self.initial_peer_window = config.initial_peer_window
         self.peer_window = config.initial_peer_window
         self.queue: deque[OutgoingMessage] = deque()
+        self.control: deque[OutgoingMessage] = deque()
         self.unacked: dict[int, SentPacket] = {}
         self.flight: dict[int, SentPacket] = {}
         self.lost: list[int] = []
@@ -182,7 +197,7 @@ class SendStream:
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
-        return bool(self.queue or self.by_msg_id)
+        return bool(self.queue or self.control or self.by_msg_id)
 
     def can_send(self) -> bool:
         """Whether :meth:`next_fragment` would return a packet now."""
@@ -190,7 +205,20 @@ class SendStream:
             return False
         if self._has_lost():
             return True
-        return bool(self.queue) and self.next_seq < self.cum_ack + self.peer_window
+        return self._next_message() is not None
+
+    def _next_message(self) -> OutgoingMessage | None:
+        """The message whose next fragment goes out first, if flow control allows it."""
+        queue = self.queue
+        if queue and queue[0].started:
+            msg = queue[0]  # a message's fragments take consecutive sequence numbers
+        elif self.control:
+            return self.control[0]
+        elif queue:
+            msg = queue[0]
+        else:
+            return None
+        return msg if self.next_seq < self.cum_ack + self.peer_window else None
 
     def deadline(self) -> float | None:
         """When :meth:`on_timer` must run: time-threshold loss or retransmission timeout."""
@@ -202,7 +230,8 @@ class SendStream:
 
     def messages(self) -> list[OutgoingMessage]:
         """Every unfinished message, transmitted ones first, in order."""
-        return list(self.by_msg_id.values()) + [m for m in self.queue if not m.started]
+        waiting = [m for m in (*self.control, *self.queue) if not m.started]
+        return list(self.by_msg_id.values()) + waiting
 
     # ---------------------------------------------------------------- sending
 
@@ -223,9 +252,9 @@ class SendStream:
             self.retransmissions += 1
             self._transmit(pkt, now)
             return self._fragment(pkt), True
-        if not self.queue or self.next_seq >= self.cum_ack + self.peer_window:
+        msg = self._next_message()
+        if msg is None:
             return None
-        msg = self.queue[0]
         if msg.next_index == 0:
             msg.msg_id = self.next_msg_id
             msg.first_seq = self.next_seq
@@ -234,7 +263,7 @@ class SendStream:
         pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index)
         msg.next_index += 1
         if msg.next_index == msg.count:
-            self.queue.popleft()
+            (self.control if msg.control else self.queue).popleft()
         self.next_seq += 1
         self.unacked[pkt.seq] = pkt
         self._transmit(pkt, now)
@@ -270,6 +299,7 @@ class SendStream:
             priority=msg.priority,
             mailbox=msg.mailbox,
             payload=msg.fragment_payload(pkt.index),
+            control=msg.control,
         )
 
     # ------------------------------------------------------- acknowledgements
@@ -420,7 +450,7 @@ class SendStream:
                     del self.flight[pkt.tx]
         if msg.next_index < msg.count:
             with contextlib.suppress(ValueError):
-                self.queue.remove(msg)
+                (self.control if msg.control else self.queue).remove(msg)
 
     def peer_restarted(self) -> list[OutgoingMessage]:
         """The peer lost its state: abandon what it may have seen, keep numbering.
@@ -436,6 +466,10 @@ class SendStream:
         started = [m for m in self.messages() if m.started]
         for msg in started:
             self.abandon(msg)
+        # Control messages speak of the old incarnation's messages: meaningless now.
+        for msg in self.control:
+            msg.finished = True
+        self.control.clear()
         self.unacked.clear()
         self.flight.clear()
         self.lost.clear()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["NodeStats", "PeerStats"]
+__all__ = ["MailboxStats", "NodeStats", "PeerStats"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,15 +39,51 @@ class PeerStats:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MailboxStats:
+    """One mailbox, after System V's ``msqid_ds``.
+
+    Times are ages in seconds before the snapshot (so they read the same on
+    any host); ``None`` means it never happened.
+    """
+
+    name: str
+    kind: str  #: "mailbox" or "port" (one receiving owner)
+    state: str  #: "open" or "closed" (refusing new messages)
+    capacity: int | None  #: most messages queued; 0 is a rendezvous, None unbounded
+    max_bytes: int | None  #: most bytes queued; None unbounded
+    messages: int  #: queued now (msg_qnum)
+    bytes: int  #: queued now (msg_cbytes)
+    parked: int  #: arrived while full, held until room appears (blocked senders)
+    parked_bytes: int
+    high_water: int  #: most messages ever queued at once
+    total_in: int  #: messages that entered the mailbox
+    total_out: int  #: messages taken by receivers
+    deferred: int  #: arrivals that had to park
+    refused: int  #: arrivals refused (closed, too large, out of memory)
+    discarded: int  #: parked or queued messages dropped by close, delete or cancel
+    waiting_receivers: int
+    last_send_age: float | None  #: msg_stime
+    last_sender: Any  #: msg_lspid: the source of the last arrival
+    last_receive_age: float | None  #: msg_rtime
+    last_receiver: str | None  #: msg_lrpid: the label of the last receiver
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeStats:
     """The whole node: its incarnation, per-peer figures and node-wide drop counters."""
 
     incarnation: int
     peers: tuple[PeerStats, ...]
+    mailboxes: tuple[MailboxStats, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
     datagrams_received: int = 0
     datagrams_sent: int = 0
     send_buffer_bytes: int = 0
+    mailbox_bytes: int = 0  #: held in all mailboxes, parked messages included
+    mailbox_memory: int = 0  #: the node-wide cap on ``mailbox_bytes``
 
     @property
     def retransmissions(self) -> int:
@@ -61,9 +97,33 @@ class NodeStats:
     def corrupt(self) -> int:
         return self.dropped.get("malformed.checksum", 0)
 
+    def mailbox(self, name: str) -> MailboxStats:
+        """The stats of mailbox ``name``; raises ``KeyError`` if the node has none."""
+        for box in self.mailboxes:
+            if box.name == name:
+                return box
+        raise KeyError(name)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["retransmissions"] = self.retransmissions
         d["duplicates"] = self.duplicates
         d["corrupt"] = self.corrupt
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NodeStats:
+        """Rebuild a snapshot from :meth:`as_dict` output (e.g. a remote node's JSON)."""
+
+        def addr(value: Any) -> Any:
+            return tuple(value) if isinstance(value, list) else value
+
+        peers = tuple(
+            PeerStats(**{**p, "address": addr(p["address"])}) for p in d.get("peers", ())
+        )
+        boxes = tuple(
+            MailboxStats(**{**m, "last_sender": addr(m.get("last_sender"))})
+            for m in d.get("mailboxes", ())
+        )
+        names = {f.name for f in fields(cls)} - {"peers", "mailboxes"}
+        return cls(peers=peers, mailboxes=boxes, **{k: v for k, v in d.items() if k in names})

@@ -8,7 +8,7 @@ in ``docs/protocol.md``; this module is its executable form.
 Design choices worth knowing:
 
 * Every packet carries the acknowledgement state of the reverse direction
-  (cumulative ack, advertised window, SACK ranges, reject notices), so data
+  (cumulative ack, advertised window, SACK ranges, verdict notices), so data
   piggybacks acks for free and a pure ACK is just a packet with no body.
 * Sequence numbers, message ids and acks are 32-bit on the wire and wrap.
   Protocol state keeps them as unbounded Python ints; :func:`unwrap` maps a
@@ -52,7 +52,7 @@ __all__ = [
     "Kind",
     "MalformedPacket",
     "Packet",
-    "RejectReason",
+    "Verdict",
     "decode",
     "encode",
     "fragment_capacity",
@@ -73,7 +73,7 @@ ACK_DELAY_TICK = 1e-5
 #: Most SACK ranges one packet may carry. The receiver reports the ranges
 #: nearest the cumulative ack first, which are the ones a sender acts on.
 MAX_SACK_RANGES = 32
-#: Most reject notices one packet may carry.
+#: Most verdict notices one packet may carry.
 MAX_NOTICES = 32
 #: SACK ranges and notices a DATA packet carries at most; pure ACKs carry the full set.
 #: Kept small so acknowledgement state costs data packets little room.
@@ -120,18 +120,29 @@ class Flag(enum.IntFlag):
     NONE = 0
     ACK_NOW = 0x0001  #: the receiver should acknowledge at once, not after a delay
     ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
+    CONTROL = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
 
 
-_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK)
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL)
 
 
-class RejectReason(enum.IntEnum):
-    """Why a receiver refused a whole message (carried in reject notices)."""
+class Verdict(enum.IntEnum):
+    """A receiver's word on a whole message, carried in the notices of its acks.
+
+    A message acknowledged without a notice entered its mailbox. The refusals
+    (1-5) end the message; ``DEFERRED`` means the node holds it while its
+    mailbox is full (or, for a rendezvous mailbox, until a receiver takes it)
+    and will report the outcome in a control message. ``CANCELLED`` appears
+    only in control messages.
+    """
 
     TOO_LARGE = 1  #: larger than the receiver's ``max_message_size``
     NO_MAILBOX = 2  #: no mailbox of that name on the receiving node
     MAILBOX_CLOSED = 3  #: the mailbox exists but no longer accepts messages
     REFUSED = 4  #: the receiving application refused it
+    NO_MEMORY = 5  #: the receiving node's mailbox memory cap is reached
+    DEFERRED = 6  #: held until the mailbox has room; the outcome follows
+    CANCELLED = 7  #: withdrawn at the sender's request before it entered the mailbox
 
 
 class MalformedPacket(ValueError):
@@ -159,6 +170,7 @@ class Fragment:
     priority: int  #: 0-65535, higher is more urgent
     mailbox: str  #: destination mailbox name ("" for the node's default)
     payload: bytes
+    control: bool = False  #: carried as :attr:`Flag.CONTROL`: a message for the node itself
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +185,7 @@ class Packet:
     ack: int = 0  #: cumulative ack: the next seq expected from the receiver of this packet
     ack_delay: int = 0  #: how long the ack was held, in :data:`ACK_DELAY_TICK` units
     sacks: tuple[tuple[int, int], ...] = ()  #: received ranges above ``ack``, [start, end)
-    notices: tuple[tuple[int, int], ...] = ()  #: (msg_id, RejectReason) pairs
+    notices: tuple[tuple[int, int], ...] = ()  #: (msg_id, Verdict) pairs
     fragment: Fragment | None = None
 
 
@@ -214,13 +226,18 @@ def encode(packet: Packet) -> bytes:
         raise ValueError(f"unknown flag bits {packet.flags:#x}")
     if (packet.fragment is None) != (packet.kind != Kind.DATA):
         raise ValueError("a DATA packet needs a fragment and only DATA may carry one")
+    flags = packet.flags
+    if packet.fragment is not None and packet.fragment.control:
+        flags |= Flag.CONTROL
+    elif flags & Flag.CONTROL:
+        raise ValueError("Flag.CONTROL belongs on DATA packets whose fragment is control")
     try:
         parts = [
             _HEADER.pack(
                 MAGIC,
                 VERSION,
                 packet.kind,
-                packet.flags,
+                flags,
                 packet.window,
                 packet.src_incarnation,
                 packet.dst_incarnation,
@@ -305,11 +322,13 @@ def decode(data: bytes) -> Packet:
     notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
     offset += n_notice * _NOTICE.size
     for _, reason in notices:
-        if reason not in _REJECT_REASONS:
-            raise MalformedPacket("notice", f"unknown reject reason {reason}")
+        if reason not in _VERDICTS:
+            raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
     if kind == Kind.DATA:
-        fragment = _decode_fragment(data, offset, end)
+        fragment = _decode_fragment(data, offset, end, bool(flags & Flag.CONTROL))
+    elif flags & Flag.CONTROL:
+        raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
     return Packet(
@@ -326,10 +345,10 @@ def decode(data: bytes) -> Packet:
     )
 
 
-_REJECT_REASONS = frozenset(int(r) for r in RejectReason)
+_VERDICTS = frozenset(int(r) for r in Verdict)
 
 
-def _decode_fragment(data: bytes, offset: int, end: int) -> Fragment:
+def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> Fragment:
     if offset + _FRAGMENT.size > end:
         raise MalformedPacket("length", "fragment header overruns the datagram")
     (seq, base, msg_id, index, count, total_len, msg_type, priority, mailbox_len) = (
@@ -362,4 +381,5 @@ def _decode_fragment(data: bytes, offset: int, end: int) -> Fragment:
         priority=priority,
         mailbox=mailbox,
         payload=bytes(data[offset:end]),
+        control=control,
     )

@@ -50,13 +50,15 @@ class TimelineEntry:
             parts.append(f"len={len(f.payload)}/{f.total_len}")
             if f.mailbox:
                 parts.append(f"mailbox={f.mailbox!r}")
+            if f.control:
+                parts.append("CONTROL")
         if p.flags & wire.Flag.ACK:
             parts += [f"ack={p.ack}", f"win={p.window}"]
         if p.sacks:
             parts.append("sack=" + ",".join(f"{s}-{e - 1}" for s, e in p.sacks))
         if p.notices:
             parts.append(
-                "reject=" + ",".join(f"{m}:{wire.RejectReason(r).name}" for m, r in p.notices)
+                "verdict=" + ",".join(f"{m}:{wire.Verdict(r).name}" for m, r in p.notices)
             )
         if p.flags & wire.Flag.ACK_NOW:
             parts.append("ACK_NOW")

@@ -36,12 +36,12 @@ from scapy.fields import (
 from scapy.layers.inet import UDP
 from scapy.packet import Packet, bind_layers
 
-from reliable.wire import DEFAULT_PORT, MAGIC, VERSION, Kind, RejectReason
+from reliable.wire import DEFAULT_PORT, MAGIC, VERSION, Kind, Verdict
 
 __all__ = ["RMSG", "RejectNotice", "SackRange"]
 
 _KINDS = {int(k): k.name for k in Kind}
-_REASONS = {int(r): r.name for r in RejectReason}
+_REASONS = {int(r): r.name for r in Verdict}
 
 
 def _is_data(pkt: Packet) -> bool:
@@ -85,7 +85,7 @@ class RMSG(Packet):
         XShortField("magic", MAGIC),
         ByteField("version", VERSION),
         ByteEnumField("kind", Kind.DATA, _KINDS),
-        FlagsField("flags", 0, 16, ["ACK_NOW", "ACK"]),
+        FlagsField("flags", 0, 16, ["ACK_NOW", "ACK", "CONTROL"]),
         ShortField("window", 0),
         XLongField("src_incarnation", 1),
         XLongField("dst_incarnation", 0),

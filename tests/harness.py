@@ -24,7 +24,13 @@ class Side:
     addr: Any
     endpoint: Endpoint
     events: list[events.Event] = field(default_factory=list)
-    released: int = 0
+    released: int = 0  #: messages the harness took out of mailboxes
+    owners: dict[str, int] = field(default_factory=dict)  #: owner tokens of created mailboxes
+
+    def create_mailbox(self, name: str, **options: Any) -> int:
+        owner = self.endpoint.create_mailbox(name, now=0.0, **options)
+        self.owners[name] = owner
+        return owner
 
     def drain(self) -> list[events.Event]:
         while (e := self.endpoint.next_event()) is not None:
@@ -78,13 +84,13 @@ class Pair:
         self._release(side)
 
     def _release(self, side: Side) -> None:
-        """Consume newly delivered messages (flow-control credit), as an application would."""
+        """Take every message waiting in a mailbox, as a prompt application would."""
         if not self.release:
             return
-        got = side.of(events.MessageReceived)
-        for e in got[side.released :]:
-            side.endpoint.release(e.peer, len(e.data))
-        side.released = len(got)
+        endpoint = side.endpoint
+        for name in endpoint.mailbox_names():
+            while endpoint.take(name, owner=side.owners.get(name), now=self.now) is not None:
+                side.released += 1
 
     def transfer(
         self,

@@ -15,6 +15,7 @@ from .harness import A, B, Pair, decode_all
 
 def test_one_message_is_delivered_with_a_receipt() -> None:
     p = Pair()
+    p.b.create_mailbox("in")
     ticket = p.a.endpoint.send(B, b"hello", now=p.now, msg_type=7, priority=3, mailbox="in")
     p.settle()
     (got,) = p.b.of(events.MessageReceived)
@@ -142,7 +143,8 @@ def test_karn_no_rtt_sample_from_a_retransmitted_packet() -> None:
 
 
 def test_flow_control_closes_the_window_and_reopens_it() -> None:
-    cfg = Config(receive_backlog=64 * 1024, max_window=256)
+    limit = 64 * 1024
+    cfg = Config(receive_backlog=limit, inbox_bytes=limit, max_window=256)
     p = Pair(config_b=cfg, release=False)
     for _ in range(40):
         p.a.endpoint.send(B, b"z" * 8000, now=p.now)
@@ -150,16 +152,19 @@ def test_flow_control_closes_the_window_and_reopens_it() -> None:
         p.transfer(p.a)
         p.transfer(p.b)
         p.tick()
-    received = p.b.of(events.MessageReceived)
-    held = sum(len(e.data) for e in received)
-    # The receiver took no more than its backlog plus one window of datagrams.
-    assert 64 * 1024 <= held <= 64 * 1024 + 256 * 1200
-    assert len(received) < 40
+    (inbox,) = p.b.endpoint.stats().mailboxes
+    # The inbox filled; arrivals parked until parking closed the window.
+    assert inbox.bytes <= limit and limit <= inbox.parked_bytes <= limit + 256 * 1200
+    assert inbox.messages + inbox.parked < 40
     assert p.a.endpoint.stats().peers[0].peer_window == 0
+    delivered = p.a.of(events.MessageDelivered)
+    assert len(delivered) == inbox.messages  # the parked ones wait for room
     p.release = True
     p.deliver(p.b, [])  # the application consumes what it has
     p.settle()
-    assert len(p.b.of(events.MessageReceived)) == 40
+    assert len(p.b.of(events.MessageReceived)) == 40 and p.b.released == 40
+    delivered = p.a.of(events.MessageDelivered)
+    assert len(delivered) == 40 and sum(d.deferred for d in delivered) >= 8
 
 
 def test_receiver_rejects_a_message_over_its_limit() -> None:

@@ -64,6 +64,7 @@ def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
             priority=draw(st.integers(0, 3)),
             mailbox=draw(st.sampled_from(["", "inbox"])),
             payload=payload,
+            control=draw(st.booleans()),  # control messages reach the control decoder
         )
     return Packet(
         kind=kind,
@@ -139,7 +140,7 @@ def test_a_claim_of_four_billion_fragments_allocates_nothing() -> None:
     r = p.b.endpoint._peers[A].receiver
     assert r.partial is not None and r.partial.rejected is not None and r.partial.size == 0
     (notice,) = wire.decode(p.outgoing(p.b)[0]).notices
-    assert notice[1] == wire.RejectReason.TOO_LARGE
+    assert notice[1] == wire.Verdict.TOO_LARGE
 
 
 def test_unknown_peers_cannot_create_state_with_acks_or_close() -> None:

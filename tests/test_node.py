@@ -17,6 +17,7 @@ from reliable import (
     ReceiveTimeout,
     SendTimeout,
     UsageError,
+    errors,
     events,
 )
 
@@ -33,9 +34,11 @@ def pair():  # type: ignore[no-untyped-def]
 
 def test_send_returns_a_receipt_and_receive_gets_the_message(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
+    box = b.create_mailbox("box")
     receipt = a.send(b.address, b"hello", msg_type=5, priority=2, mailbox="box")
     assert receipt.peer == b.address and receipt.size == 5 and receipt.incarnation == b.incarnation
-    msg = b.receive(timeout=2)
+    assert receipt.mailbox == "box" and not receipt.deferred
+    msg = box.receive(timeout=2)
     assert (msg.data, msg.source, msg.msg_type, msg.priority, msg.mailbox) == (
         b"hello",
         a.address,
@@ -199,17 +202,23 @@ def test_stats_are_typed_and_count(pair) -> None:  # type: ignore[no-untyped-def
 
 
 def test_a_slow_receiver_back_pressures_the_sender() -> None:
-    backlog = 64 * 1024
-    with Node(config=Config(receive_backlog=backlog)) as b, Node() as a:
+    limit = 64 * 1024
+    config = Config(receive_backlog=limit, inbox_bytes=limit)
+    with Node(config=config) as b, Node() as a:
         handles = [a.send_nowait(b.address, bytes([i]) * 8000) for i in range(100)]
         time.sleep(0.5)  # the application is not reading
-        held = sum(p.bytes_received for p in b.stats().peers)
-        assert backlog <= held <= backlog + 16 * 8000  # bounded: the window closed
+        (inbox,) = b.stats().mailboxes
+        assert inbox.bytes <= limit and inbox.parked > 0  # full: later arrivals wait
+        held = inbox.bytes + inbox.parked_bytes
+        assert held <= 2 * limit + 16 * 8000  # bounded: parking closed the window
         assert sum(h.done() for h in handles) < 100
+        with pytest.raises(errors.MailboxFull):  # a non-blocking send now says "would block"
+            a.send_nowait(b.address, b"more")
         start = time.monotonic()
         got = [b.receive(timeout=5).data for _ in range(100)]
         assert got == [bytes([i]) * 8000 for i in range(100)]
-        assert all(h.result(5) for h in handles)
+        receipts = [h.result(5) for h in handles]
+        assert any(r.deferred for r in receipts) and not receipts[0].deferred
         # window updates go out as the application reads, not at the next probe
         assert time.monotonic() - start < 2.0
 

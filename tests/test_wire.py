@@ -15,7 +15,7 @@ from reliable.wire import Flag, Fragment, Kind, MalformedPacket, Packet, decode,
 u32 = st.integers(0, 2**32 - 1)
 ranges = st.lists(st.tuples(u32, u32), max_size=wire.MAX_SACK_RANGES).map(tuple)
 notices = st.lists(
-    st.tuples(u32, st.sampled_from([int(r) for r in wire.RejectReason])), max_size=wire.MAX_NOTICES
+    st.tuples(u32, st.sampled_from([int(r) for r in wire.Verdict])), max_size=wire.MAX_NOTICES
 ).map(tuple)
 
 

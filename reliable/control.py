@@ -1,0 +1,143 @@
+"""Node-to-node control messages: the mailbox outcome protocol and stats queries.
+
+Control messages travel as ordinary reliable messages (sequenced,
+acknowledged, retransmitted, deduplicated) marked with ``Flag.CONTROL``, so
+they need no reliability machinery of their own and arrive exactly once, in
+order with the data around them. They are addressed to the node, never to a
+mailbox, and never reach the application.
+
+Why they exist: a message to a full mailbox is acknowledged with a
+``DEFERRED`` verdict (the node holds it, so the sender must not retransmit
+it), but its sender still waits to learn whether it got in. ``Admitted`` and
+``Discarded`` carry that second, later answer; ``Cancel`` is the sender
+withdrawing a deferred message whose send timed out, and the answer to it
+is one of the other two, so a timed-out send is never reported failed when it
+was in fact delivered.
+
+Every control message is one byte of operation code followed by its fields,
+network byte order. See ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from .wire import Verdict
+
+__all__ = [
+    "Admitted",
+    "Cancel",
+    "ControlMessage",
+    "Discarded",
+    "MalformedControl",
+    "Op",
+    "StatsReply",
+    "StatsRequest",
+    "decode_control",
+    "encode_control",
+]
+
+_U32 = struct.Struct("!I")
+_ADMITTED = struct.Struct("!IBB")  # msg_id, taken, receiver label length
+_DISCARDED = struct.Struct("!IB")  # msg_id, verdict
+_MAX_LABEL = 255
+
+
+class Op(enum.IntEnum):
+    ADMITTED = 1
+    DISCARDED = 2
+    CANCEL = 3
+    STATS_REQUEST = 4
+    STATS_REPLY = 5
+
+
+class MalformedControl(ValueError):
+    """A control message that does not parse; the node counts and ignores it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """Deferred message ``msg_id`` entered its mailbox (``taken``: a receiver took it)."""
+
+    msg_id: int
+    taken: bool = False
+    receiver: str = ""  #: who took it, when ``taken`` (a rendezvous)
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """Deferred message ``msg_id`` will never enter its mailbox; ``verdict`` says why."""
+
+    msg_id: int
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The sender withdraws deferred message ``msg_id`` (its send timed out)."""
+
+    msg_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Asks the node for its statistics."""
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply:
+    """The answer to :class:`StatsRequest` ``request``: the node's stats as JSON."""
+
+    request: int
+    body: bytes
+
+
+ControlMessage = Admitted | Discarded | Cancel | StatsRequest | StatsReply
+
+
+def encode_control(msg: ControlMessage) -> bytes:
+    if isinstance(msg, Admitted):
+        label = msg.receiver.encode("utf-8")[:_MAX_LABEL]
+        head = _ADMITTED.pack(msg.msg_id & 0xFFFFFFFF, int(msg.taken), len(label))
+        return bytes([Op.ADMITTED]) + head + label
+    if isinstance(msg, Discarded):
+        return bytes([Op.DISCARDED]) + _DISCARDED.pack(msg.msg_id & 0xFFFFFFFF, msg.verdict)
+    if isinstance(msg, Cancel):
+        return bytes([Op.CANCEL]) + _U32.pack(msg.msg_id & 0xFFFFFFFF)
+    if isinstance(msg, StatsRequest):
+        return bytes([Op.STATS_REQUEST]) + _U32.pack(msg.request & 0xFFFFFFFF)
+    return bytes([Op.STATS_REPLY]) + _U32.pack(msg.request & 0xFFFFFFFF) + msg.body
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    """Parse one control message; raises :class:`MalformedControl`."""
+    if not data:
+        raise MalformedControl("empty control message")
+    op, body = data[0], data[1:]
+    try:
+        if op == Op.ADMITTED:
+            msg_id, taken, n = _ADMITTED.unpack_from(body)
+            label = body[_ADMITTED.size :]
+            if len(label) != n or taken > 1:
+                raise MalformedControl("bad ADMITTED")
+            return Admitted(msg_id, bool(taken), label.decode("utf-8"))
+        if op == Op.DISCARDED:
+            if len(body) != _DISCARDED.size:
+                raise MalformedControl("bad DISCARDED")
+            msg_id, verdict = _DISCARDED.unpack(body)
+            return Discarded(msg_id, Verdict(verdict))
+        if op in (Op.CANCEL, Op.STATS_REQUEST):
+            if len(body) != _U32.size:
+                raise MalformedControl(f"bad {Op(op).name}")
+            (value,) = _U32.unpack(body)
+            return Cancel(value) if op == Op.CANCEL else StatsRequest(value)
+        if op == Op.STATS_REPLY:
+            (request,) = _U32.unpack_from(body)
+            return StatsReply(request, bytes(body[_U32.size :]))
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise MalformedControl(str(exc)) from None
+    raise MalformedControl(f"unknown control operation {op}")

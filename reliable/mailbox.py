@@ -1,0 +1,353 @@
+"""Mailboxes: where delivered messages wait for ``receive``, with OS message-queue semantics.
+
+Pure data structures driven by the protocol core; no I/O, no clock reads.
+
+Ordering
+--------
+A mailbox is a priority queue: higher ``priority`` first, first-in first-out
+within a priority (POSIX ``mq_receive``). A receive may select (System V
+``msgrcv``): by source, and by type — ``0`` the first message, ``t > 0`` the
+first of type ``t`` (or, with ``except_type``, the first of any other type),
+``t < 0`` the first of the lowest type ``<= |t|``. "First" always means first
+in priority order.
+
+Since the transport delivers each sender's messages in send order, a
+mailbox holds them in send order within each priority: that is the ordering
+guarantee, per (sender, mailbox, priority).
+
+Capacity
+--------
+``capacity`` messages and/or ``max_bytes`` bytes (``None``: unlimited, then
+only the node-wide memory cap applies). A message arriving at a full mailbox
+is *parked*: the node holds it, its sender's transport is told so with a
+``DEFERRED`` verdict, and it enters the mailbox when room appears, highest
+priority first. While anything is parked, newer arrivals park behind it, so
+parking never reorders a sender's messages. A mailbox of capacity 0 is a
+*rendezvous*: every message parks until a receiver takes it, and its sender
+learns which receiver did.
+
+Receivers
+---------
+Receivers that found nothing wait in a FIFO queue. An arriving message goes
+to the longest-waiting receiver whose selection it matches, so no message
+ever sits in a mailbox while a receiver that wants it waits (the invariant
+the property tests check), and waiting receivers are served in arrival order.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError
+from .message import Message
+from .stats import MailboxStats
+from .wire import MAX_MAILBOX_BYTES, MSG_TYPE_MAX, MSG_TYPE_MIN
+
+__all__ = ["Mailbox", "MessageQueue", "Selector", "check_mailbox_name"]
+
+
+def check_mailbox_name(name: str) -> None:
+    """Raise a :class:`UsageError` unless ``name`` is a valid mailbox name."""
+    if not isinstance(name, str):
+        raise UsageError(f"a mailbox name is a string, got {name!r}")
+    if len(name.encode("utf-8")) > MAX_MAILBOX_BYTES:
+        raise UsageError(f"mailbox name {name[:20]!r}... is over 255 bytes of UTF-8; shorten it")
+    if "/" in name:
+        raise UsageError(f"mailbox name {name!r} may not contain '/'")
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Which messages a receive accepts (``source`` None: any sender)."""
+
+    source: Any = None
+    msg_type: int = 0
+    except_type: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.msg_type, bool) or not isinstance(self.msg_type, int):
+            raise UsageError(f"msg_type must be an integer, got {self.msg_type!r}")
+        if not MSG_TYPE_MIN <= self.msg_type <= MSG_TYPE_MAX:
+            raise UsageError(f"msg_type must fit in a signed 32-bit integer, got {self.msg_type}")
+        if self.except_type and self.msg_type <= 0:
+            raise UsageError("except_type needs a positive msg_type (as msgrcv's MSG_EXCEPT)")
+
+    def admits(self, msg: Message) -> bool:
+        """Whether ``msg`` alone could satisfy this selection."""
+        if self.source is not None and msg.source != self.source:
+            return False
+        t = self.msg_type
+        if t == 0:
+            return True
+        if t > 0:
+            return (msg.msg_type != t) if self.except_type else (msg.msg_type == t)
+        return msg.msg_type <= -t
+
+
+ANY = Selector()
+
+
+class MessageQueue:
+    """Messages in priority order (highest first), FIFO within a priority."""
+
+    __slots__ = ("_levels", "_priorities", "bytes", "count")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, deque[Message]] = {}
+        self._priorities: list[int] = []  # ascending; iterate reversed
+        self.count = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Message]:
+        for priority in reversed(self._priorities):
+            yield from self._levels[priority]
+
+    def push(self, msg: Message) -> None:
+        level = self._levels.get(msg.priority)
+        if level is None:
+            level = self._levels[msg.priority] = deque()
+            bisect.insort(self._priorities, msg.priority)
+        level.append(msg)
+        self.count += 1
+        self.bytes += len(msg.data)
+
+    def take(self, selector: Selector = ANY) -> Message | None:
+        """Remove and return the first message ``selector`` chooses, or ``None``."""
+        if not self.count:
+            return None
+        if selector is ANY:
+            return self._remove(self._priorities[-1], 0)
+        best: tuple[int, int] | None = None  # (priority, index in its level)
+        best_type = 0
+        for priority in reversed(self._priorities):
+            for i, msg in enumerate(self._levels[priority]):
+                if not selector.admits(msg):
+                    continue
+                if selector.msg_type >= 0:
+                    return self._remove(priority, i)
+                if best is None or msg.msg_type < best_type:
+                    best, best_type = (priority, i), msg.msg_type
+        return None if best is None else self._remove(*best)
+
+    def remove_where(self, predicate: Callable[[Message], bool]) -> list[Message]:
+        """Remove and return every message ``predicate`` picks, in queue order."""
+        removed = [m for m in self if predicate(m)]
+        for msg in removed:
+            level = self._levels[msg.priority]
+            level.remove(msg)
+            self._settle(msg, level)
+        return removed
+
+    def _remove(self, priority: int, index: int) -> Message:
+        level = self._levels[priority]
+        msg = level.popleft() if index == 0 else level[index]
+        if index:
+            del level[index]
+        self._settle(msg, level)
+        return msg
+
+    def _settle(self, msg: Message, level: deque[Message]) -> None:
+        self.count -= 1
+        self.bytes -= len(msg.data)
+        if not level:
+            del self._levels[msg.priority]
+            self._priorities.remove(msg.priority)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    selector: Selector
+    receiver: str
+
+
+class Mailbox:
+    """One named mailbox (or port) on a node.
+
+    ``on_unpark(message, receiver)`` is called when a parked message leaves
+    parking (into the queue, or with ``receiver`` set, straight to that
+    receiver); ``on_handoff(ticket, message)`` when a waiting receiver is served.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        capacity: int | None,
+        max_bytes: int | None,
+        owner: int | None,
+        on_unpark: Callable[[Message, str | None], None],
+        on_handoff: Callable[[int, Message], None],
+        now: float,
+    ) -> None:
+        for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise UsageError(
+                    f"{label} must be None (unbounded) or an integer >= 0, got {value!r}"
+                )
+        if max_bytes == 0 and capacity != 0:
+            raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
+        self.name = name
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.owner = owner
+        self.open = True
+        self.queue = MessageQueue()
+        self.parked = MessageQueue()
+        self.waiters: OrderedDict[int, _Waiter] = OrderedDict()
+        self._on_unpark = on_unpark
+        self._on_handoff = on_handoff
+        self.created = now
+        self.high_water = 0
+        self.total_in = 0
+        self.total_out = 0
+        self.deferred = 0
+        self.refused = 0
+        self.discarded = 0
+        self.last_send: tuple[float, Any] | None = None
+        self.last_receive: tuple[float, str] | None = None
+
+    @property
+    def rendezvous(self) -> bool:
+        return self.capacity == 0
+
+    def fits(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes could ever enter (else refuse it at once)."""
+        return self.max_bytes is None or self.rendezvous or size <= self.max_bytes
+
+    # ----------------------------------------------------------------- arrivals
+
+    def offer(self, msg: Message, now: float) -> bool:
+        """Take an arriving message; returns False if it was parked (deferred)."""
+        self.last_send = (now, msg.source)
+        if not self.parked and not self.rendezvous:
+            if self._hand_to_waiter(msg, None, now):
+                return True
+            if self._has_room(len(msg.data)):
+                self._enqueue(msg)
+                return True
+        self.deferred += 1
+        self.parked.push(msg)
+        if self.rendezvous:
+            self._hand_to_waiter_from_parking(msg, now)
+        return False
+
+    def _has_room(self, size: int) -> bool:
+        if self.capacity is not None and self.queue.count >= self.capacity:
+            return False
+        return self.max_bytes is None or self.queue.bytes + size <= self.max_bytes
+
+    def _enqueue(self, msg: Message) -> None:
+        self.total_in += 1
+        self.queue.push(msg)
+        self.high_water = max(self.high_water, self.queue.count)
+
+    def _hand_to_waiter(self, msg: Message, receiver: str | None, now: float) -> bool:
+        for ticket, waiter in self.waiters.items():
+            if waiter.selector.admits(msg):
+                del self.waiters[ticket]
+                self.total_in += 1
+                self._served(waiter.receiver, now)
+                self._on_handoff(ticket, msg)
+                return True
+        return False
+
+    def _hand_to_waiter_from_parking(self, msg: Message, now: float) -> None:
+        for ticket, waiter in self.waiters.items():
+            if waiter.selector.admits(msg):
+                del self.waiters[ticket]
+                self.parked.remove_where(lambda m: m is msg)
+                self.total_in += 1
+                self._served(waiter.receiver, now)
+                self._on_unpark(msg, waiter.receiver)
+                self._on_handoff(ticket, msg)
+                return
+
+    # ---------------------------------------------------------------- receiving
+
+    def take(self, selector: Selector, receiver: str, now: float) -> Message | None:
+        """The first message ``selector`` chooses, if any, without waiting."""
+        if self.rendezvous:
+            msg = self.parked.take(selector)
+            if msg is not None:
+                self.total_in += 1
+                self._served(receiver, now)
+                self._on_unpark(msg, receiver)
+            return msg
+        msg = self.queue.take(selector)
+        if msg is not None:
+            self._served(receiver, now)
+            self._refill(now)
+        return msg
+
+    def wait(self, ticket: int, selector: Selector, receiver: str) -> None:
+        """Queue a receiver that found nothing; it is served by :meth:`offer` or a refill."""
+        self.waiters[ticket] = _Waiter(selector, receiver)
+
+    def cancel_wait(self, ticket: int) -> bool:
+        return self.waiters.pop(ticket, None) is not None
+
+    def _served(self, receiver: str, now: float) -> None:
+        self.total_out += 1
+        self.last_receive = (now, receiver)
+
+    def _refill(self, now: float) -> None:
+        """Room appeared: admit parked messages, highest priority first."""
+        while self.parked and self._has_room(self._next_parked_size()):
+            msg = self.parked.take()
+            assert msg is not None
+            self._on_unpark(msg, None)
+            if not self._hand_to_waiter(msg, None, now):
+                self._enqueue(msg)
+
+    def _next_parked_size(self) -> int:
+        return len(next(iter(self.parked)).data)
+
+    # ------------------------------------------------------------- management
+
+    def remove_parked(self, predicate: Callable[[Message], bool]) -> list[Message]:
+        """Withdraw parked messages (cancelled, or their sender ended); returns them."""
+        removed = self.parked.remove_where(predicate)
+        self.discarded += len(removed)
+        return removed
+
+    def drop_queued(self) -> int:
+        """Discard every queued message (the mailbox is being deleted); returns how many."""
+        dropped = self.queue.remove_where(lambda _m: True)
+        self.discarded += len(dropped)
+        return len(dropped)
+
+    def stats(self, now: float) -> MailboxStats:
+        def age(when: tuple[float, Any] | None) -> float | None:
+            return None if when is None else max(0.0, now - when[0])
+
+        return MailboxStats(
+            name=self.name,
+            kind="port" if self.owner is not None else "mailbox",
+            state="open" if self.open else "closed",
+            capacity=self.capacity,
+            max_bytes=self.max_bytes,
+            messages=self.queue.count,
+            bytes=self.queue.bytes,
+            parked=self.parked.count,
+            parked_bytes=self.parked.bytes,
+            high_water=self.high_water,
+            total_in=self.total_in,
+            total_out=self.total_out,
+            deferred=self.deferred,
+            refused=self.refused,
+            discarded=self.discarded,
+            waiting_receivers=len(self.waiters),
+            last_send_age=age(self.last_send),
+            last_sender=None if self.last_send is None else self.last_send[1],
+            last_receive_age=age(self.last_receive),
+            last_receiver=None if self.last_receive is None else self.last_receive[1],
+        )
