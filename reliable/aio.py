@@ -315,9 +315,7 @@ class AsyncNode:
         Selection, ordering and errors as :meth:`reliable.Node.receive`;
         ``receiver`` defaults to the current task's name.
         """
-        return await self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, timeout
-        )
+        return await self._receive(mailbox, None, source, msg_type, except_type, receiver, timeout)
 
     def _take(
         self,

@@ -118,9 +118,7 @@ class NodeStats:
         def addr(value: Any) -> Any:
             return tuple(value) if isinstance(value, list) else value
 
-        peers = tuple(
-            PeerStats(**{**p, "address": addr(p["address"])}) for p in d.get("peers", ())
-        )
+        peers = tuple(PeerStats(**{**p, "address": addr(p["address"])}) for p in d.get("peers", ()))
         boxes = tuple(
             MailboxStats(**{**m, "last_sender": addr(m.get("last_sender"))})
             for m in d.get("mailboxes", ())

@@ -57,9 +57,7 @@ class TimelineEntry:
         if p.sacks:
             parts.append("sack=" + ",".join(f"{s}-{e - 1}" for s, e in p.sacks))
         if p.notices:
-            parts.append(
-                "verdict=" + ",".join(f"{m}:{wire.Verdict(r).name}" for m, r in p.notices)
-            )
+            parts.append("verdict=" + ",".join(f"{m}:{wire.Verdict(r).name}" for m, r in p.notices))
         if p.flags & wire.Flag.ACK_NOW:
             parts.append("ACK_NOW")
         if self.retransmission:

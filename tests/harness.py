@@ -117,9 +117,18 @@ class Pair:
             if t is not None and t <= self.now:
                 side.endpoint.handle_timer(self.now)
 
-    def settle(self, *, max_steps: int = 100_000, dt: float = TICK) -> int:
+    def run(self, seconds: float) -> None:
+        """Exchange for ``seconds`` of virtual time (for states that keep timers armed,
+        such as a sender waiting on a deferred message, which keeps probing its peer)."""
+        self.settle(until=self.now + seconds)
+
+    def settle(
+        self, *, max_steps: int = 100_000, dt: float = TICK, until: float | None = None
+    ) -> int:
         """Exchange until neither side has anything to send or any timer; returns steps."""
         for step in range(max_steps):
+            if until is not None and self.now >= until:
+                return step
             moved = self.transfer(self.a) + self.transfer(self.b)
             if not moved:
                 timers = [s.endpoint.get_timer() for s in (self.a, self.b)]
