@@ -124,6 +124,7 @@ class Node:
         self._sock: DatagramSocket = sock if sock is not None else open_socket(bind)
         if sock is not None:
             sock.setblocking(False)
+        self._address = normalize(self._sock.getsockname())
         self._endpoint = Endpoint(config, rng=rng)
         self.config = self._endpoint.config
         self._on_event = on_event
@@ -148,8 +149,8 @@ class Node:
 
     @property
     def address(self) -> Address:
-        """The bound socket address, e.g. ``('127.0.0.1', 40123)``."""
-        return normalize(self._sock.getsockname())
+        """The bound socket address, e.g. ``('127.0.0.1', 40123)`` (still known after close)."""
+        return self._address
 
     @property
     def incarnation(self) -> int:

@@ -24,6 +24,7 @@ from reliable import Node, ReceiveTimeout, ReliableError, UsageError
 from reliable.addressing import parse_address
 
 from .demo import DemoProgress, run_demo
+from .statstable import format_stats
 
 __all__ = ["main"]
 
@@ -111,6 +112,7 @@ def main() -> None:
       rmsg demo                                  # lossy loopback link, live counts
       rmsg recv --bind 127.0.0.1:7000            # terminal 1
       rmsg send 127.0.0.1:7000 "hello"           # terminal 2
+      rmsg stats 127.0.0.1:7000                  # its mailboxes and peers
     """
 
 
@@ -142,13 +144,18 @@ def main() -> None:
     show_default=True,
     help="Message priority, higher is more urgent.",
 )
-@click.option("--mailbox", default="", help="Destination mailbox name on the receiving node.")
+@click.option(
+    "--mailbox",
+    default=None,
+    help="Destination mailbox on the receiving node (or write DEST as HOST:PORT/NAME).",
+)
 @click.option(
     "--timeout",
     type=DURATION,
     default=10.0,
     show_default=True,
-    help="Give up if not acknowledged within this long (e.g. 10s, 500ms).",
+    help="Give up if not in the mailbox within this long (e.g. 10s, 500ms); "
+    "a message waiting for room is then withdrawn.",
 )
 @click.option(
     "--bind",
@@ -163,22 +170,26 @@ def send(
     path: str | None,
     msg_type: int,
     priority: int,
-    mailbox: str,
+    mailbox: str | None,
     timeout: float,
     bind: str | None,
     quiet: bool,
 ) -> None:
-    """Send one message to DEST and wait until it is acknowledged.
+    """Send one message to DEST and wait until it is in its mailbox.
 
+    DEST is HOST:PORT (the node's default mailbox) or HOST:PORT/MAILBOX.
     The message is MESSAGE, or the contents of --file, or standard input.
-    Exits 0 only once DEST's node has acknowledged every byte; prints a
-    one-line error and exits 1 if it is unreachable or refuses the message.
+    A full mailbox makes the send wait for room; a rendezvous mailbox
+    (capacity 0), until a receiver takes it. Exits 0 only then, printing the
+    receipt; prints a one-line error and exits 1 if the node is unreachable,
+    has no such mailbox, or refuses the message.
 
     \b
     Examples:
       rmsg send 127.0.0.1:7000 "hello"
+      rmsg send 127.0.0.1:7000/jobs "build #42" --type 3 --priority 9
       rmsg send [::1]:7000 --file report.pdf --timeout 30s
-      echo '{"job": 42}' | rmsg send 127.0.0.1:7000 --type 3 --priority 9
+      echo '{"job": 42}' | rmsg send 127.0.0.1:7000/jobs --type 3
     """
     if message is not None and path is not None:
         raise click.UsageError("give either MESSAGE or --file, not both")
@@ -186,7 +197,7 @@ def send(
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
     data = _read_message(message, path)
     try:
-        with Node(bind or _wildcard_for(dest)) as node:
+        with Node(bind or _wildcard_for(dest.split("/", 1)[0])) as node:
             receipt = node.send(
                 dest, data, msg_type=msg_type, priority=priority, mailbox=mailbox, timeout=timeout
             )
@@ -195,10 +206,17 @@ def send(
     except ReliableError as exc:
         raise _fail(str(exc)) from None
     if not quiet:
+        where = reliable.format_address(receipt.peer)
+        if receipt.mailbox:
+            where += f"/{receipt.mailbox}"
+        notes = [f"{receipt.fragments} fragment(s)", f"{receipt.retransmissions} retransmission(s)"]
+        if receipt.deferred:
+            notes.append("waited for room")
+        if receipt.receiver is not None:
+            notes.append(f"taken by {receipt.receiver!r}")
         click.echo(
-            f"delivered {receipt.size} bytes to {reliable.format_address(receipt.peer)} in "
-            f"{receipt.elapsed * 1000:.1f} ms ({receipt.fragments} fragment(s), "
-            f"{receipt.retransmissions} retransmission(s))",
+            f"delivered {receipt.size} bytes to {where} in {receipt.elapsed * 1000:.1f} ms "
+            f"({', '.join(notes)})",
             err=True,
         )
 
@@ -249,6 +267,38 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     is_flag=True,
     help="Raw mode: write messages back to back, without a newline after each.",
 )
+@click.option(
+    "--mailbox",
+    default=None,
+    metavar="NAME",
+    help="Create mailbox NAME on this node and receive from it (senders address "
+    "HOST:PORT/NAME) [default: the node's default mailbox].",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Most messages the mailbox holds; a full one makes senders wait. "
+    "0 is a rendezvous: a send completes when this receiver takes it. [default: unbounded]",
+)
+@click.option(
+    "--max-bytes", type=click.IntRange(min=1), default=None, help="Most bytes the mailbox holds."
+)
+@click.option(
+    "--port",
+    "as_port",
+    is_flag=True,
+    help="Make the mailbox a port: this process is its only receiver.",
+)
+@click.option(
+    "--type",
+    "msg_type",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Receive only this type (>0), or the lowest type <= |T| first (<0), as msgrcv.",
+)
+@click.option("--except-type", is_flag=True, help="With --type T > 0: receive every type except T.")
 def recv(
     bind: str,
     as_json: bool,
@@ -256,18 +306,29 @@ def recv(
     output_dir: str | None,
     timeout: float | None,
     no_newline: bool,
+    mailbox: str | None,
+    capacity: int | None,
+    max_bytes: int | None,
+    as_port: bool,
+    msg_type: int,
+    except_type: bool,
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
     By default each message is written raw to stdout followed by a newline.
+    Messages come highest priority first, oldest first within a priority.
     Stop with Ctrl-C, --count or --timeout.
 
     \b
     Examples:
       rmsg recv --bind 127.0.0.1:7000
+      rmsg recv --bind 127.0.0.1:7000 --mailbox jobs --capacity 10 --type 3
+      rmsg recv --bind 127.0.0.1:7000 --mailbox meet --capacity 0   # rendezvous
       rmsg recv --bind [::1]:7000 --json --count 10
       rmsg recv --bind 0.0.0.0:7000 --output-dir inbox/
     """
+    if mailbox is None and (capacity is not None or max_bytes is not None or as_port):
+        raise click.UsageError("--capacity, --max-bytes and --port describe a --mailbox NAME")
     out_dir = None
     if output_dir is not None:
         out_dir = pathlib.Path(output_dir)
@@ -275,14 +336,30 @@ def recv(
     stdout: BinaryIO = sys.stdout.buffer
     received = 0
     try:
+        selector = reliable.Selector(msg_type=msg_type, except_type=except_type)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
         node = Node(bind)
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
-    click.echo(f"listening on {reliable.format_address(node.address)}", err=True)
+    try:
+        box = (
+            node.mailbox("")
+            if mailbox is None
+            else node.create_mailbox(mailbox, capacity, max_bytes=max_bytes, port=as_port)
+        )
+    except UsageError as exc:
+        node.close(timeout=0)
+        raise click.BadParameter(str(exc), param_hint="--mailbox") from None
+    where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
+    click.echo(f"listening on {where}", err=True)
     try:
         while count is None or received < count:
             try:
-                msg = node.receive(timeout=timeout)
+                msg = box.receive(
+                    timeout, msg_type=selector.msg_type, except_type=selector.except_type
+                )
             except ReceiveTimeout:
                 raise _fail(f"no message for {timeout:g}s") from None
             received += 1
@@ -319,6 +396,48 @@ def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = 
             record["data"] = base64.b64encode(msg.data).decode("ascii")
             record["encoding"] = "base64"
     stream.write(json.dumps(record).encode("utf-8") + b"\n")
+
+
+# ----------------------------------------------------------------------- stats
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("node_address", metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw statistics as JSON.")
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default=3.0,
+    show_default=True,
+    help="Give up if the node does not answer within this long.",
+)
+def stats(node_address: str, as_json: bool, timeout: float) -> None:
+    """Ask the rmsg node at HOST:PORT for its statistics and print them.
+
+    Like ipcs: one row per mailbox (messages and bytes queued, capacity,
+    parked senders, high-water mark, totals in and out, last sender and
+    receiver), one per peer (SRTT, RTTVAR, RTO, in-flight, retransmissions,
+    duplicates and corrupt datagrams dropped), then node-wide totals.
+    The node must be running with Config.serve_stats (the default).
+
+    \b
+    Examples:
+      rmsg stats 127.0.0.1:7000
+      rmsg stats 127.0.0.1:7000 --json | jq '.mailboxes[] | {name, messages}'
+    """
+    if timeout <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="--timeout")
+    try:
+        with Node(_wildcard_for(node_address)) as node:
+            snapshot = node.query_stats(node_address, timeout=timeout)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ReliableError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(snapshot.as_dict(), default=str, indent=2))
+    else:
+        click.echo(format_stats(snapshot, node_address))
 
 
 # ------------------------------------------------------------------------ demo

@@ -69,12 +69,12 @@ def test_send_to_nobody_fails_with_one_line() -> None:
     assert "not acknowledged within 0.3s" in result.output
 
 
-def _send_later(dest: str, messages: list[bytes]) -> threading.Thread:
+def _send_later(dest: str, messages: list[bytes], msg_type: int = 0) -> threading.Thread:
     def run() -> None:
         time.sleep(0.3)
         with Node() as a:
             for m in messages:
-                a.send(dest, m)
+                a.send(dest, m, msg_type=msg_type)
 
     t = threading.Thread(target=run)
     t.start()
@@ -113,7 +113,8 @@ def test_recv_timeout_exits_one() -> None:
 
 
 def test_every_command_teaches_by_example() -> None:
-    for command in (["--help"], ["send", "--help"], ["recv", "--help"], ["demo", "--help"]):
+    commands = ["send", "recv", "demo", "stats", "netem", "dissect"]
+    for command in (["--help"], *([c, "--help"] for c in commands)):
         result = CliRunner().invoke(main, command)
         assert result.exit_code == 0
         assert "Example" in result.output or "Try it" in result.output
@@ -165,3 +166,66 @@ def test_installed_rmsg_demo(rmsg_exe: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "verdict                    OK" in done.stdout
+
+
+def test_recv_from_a_named_bounded_mailbox_by_type() -> None:
+    port = free_port()
+    dest = f"127.0.0.1:{port}/jobs"
+    senders = [
+        _send_later(dest, [b"skip me"], msg_type=1),
+        _send_later(dest, [b"wanted", b"wanted too"], msg_type=3),
+    ]
+    mailbox = ["--mailbox", "jobs", "--capacity", "5", "--type", "3"]
+    result = CliRunner().invoke(
+        main, ["recv", "--bind", f"127.0.0.1:{port}", *mailbox, "--json", "-n", "2"]
+    )
+    for t in senders:
+        t.join()
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [(x["data"], x["type"], x["mailbox"]) for x in lines] == [
+        ("wanted", 3, "jobs"),
+        ("wanted too", 3, "jobs"),
+    ]
+    assert f"listening on 127.0.0.1:{port}/jobs" in result.output
+
+
+def test_send_to_a_missing_mailbox_fails_with_its_name() -> None:
+    with Node() as b:
+        result = CliRunner().invoke(main, ["send", f"127.0.0.1:{b.address[1]}/nope", "x"])
+    assert result.exit_code == 1 and "no mailbox 'nope'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--capacity", "3"], "describe a --mailbox"),
+        (["--mailbox", "a/b"], "'/'"),
+        (["--type", "0", "--except-type"], "except_type"),
+    ],
+)
+def test_recv_rejects_bad_mailbox_options(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["recv", "--bind", f"127.0.0.1:{free_port()}", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_stats_prints_mailboxes_and_peers_of_a_remote_node() -> None:
+    with Node() as b, Node() as a:
+        box = b.create_mailbox("jobs", 4)
+        a.send(b.address, b"x", mailbox="jobs")
+        dest = f"127.0.0.1:{b.address[1]}"
+        table = CliRunner().invoke(main, ["stats", dest])
+        raw = CliRunner().invoke(main, ["stats", dest, "--json"])
+        box.receive(timeout=1)
+        a_port = a.address[1]
+    assert table.exit_code == 0, table.output
+    assert "------ Mailboxes ------" in table.output and "'jobs'" in table.output
+    assert f"127.0.0.1:{a_port}" in table.output  # a peer row
+    data = json.loads(raw.stdout)
+    (jobs,) = [m for m in data["mailboxes"] if m["name"] == "jobs"]
+    assert (jobs["messages"], jobs["capacity"]) == (1, 4)
+
+
+def test_stats_of_nothing_times_out_with_a_hint() -> None:
+    result = CliRunner().invoke(main, ["stats", f"127.0.0.1:{free_port()}", "--timeout", "0.3"])
+    assert result.exit_code == 1 and "serve_stats" in result.output

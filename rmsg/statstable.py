@@ -1,0 +1,129 @@
+"""``rmsg stats``: a node's statistics as ``ipcs``-style tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reliable import NodeStats, format_address
+
+__all__ = ["format_stats"]
+
+
+def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [f"------ {title} ------", line.format(*headers).rstrip()]
+    out += [line.format(*row).rstrip() for row in rows]
+    return out
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def _ago(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds:.1f}s ago"
+
+
+def _limit(value: int | None) -> str:
+    return "unbounded" if value is None else str(value)
+
+
+def format_stats(stats: NodeStats, where: str) -> str:
+    """Mailboxes (as ``ipcs -q``), peers and node totals, one table each."""
+    boxes = [
+        [
+            repr(m.name) if m.name else "(default)",
+            m.kind,
+            m.state,
+            "rendezvous" if m.capacity == 0 else _limit(m.capacity),
+            _limit(m.max_bytes),
+            str(m.messages),
+            str(m.bytes),
+            str(m.parked),
+            str(m.high_water),
+            str(m.total_in),
+            str(m.total_out),
+            str(m.waiting_receivers),
+            f"{_ago(m.last_send_age)} from {format_address(m.last_sender)}"
+            if m.last_sender is not None
+            else "never",
+            f"{_ago(m.last_receive_age)} by {m.last_receiver!r}"
+            if m.last_receive_age is not None
+            else "never",
+        ]
+        for m in stats.mailboxes
+    ]
+    peers = [
+        [
+            format_address(p.address),
+            _ms(p.srtt),
+            _ms(p.rttvar if p.srtt is not None else None),
+            _ms(p.rto),
+            str(p.in_flight),
+            str(p.cwnd),
+            str(p.retransmissions),
+            str(p.duplicates),
+            str(p.corrupt),
+            str(p.messages_sent),
+            str(p.messages_received),
+            str(p.messages_failed),
+            "unreachable" if p.unreachable else "ok",
+        ]
+        for p in stats.peers
+    ]
+    dropped = ", ".join(f"{k}={v}" for k, v in sorted(stats.dropped.items())) or "none"
+    lines = [f"rmsg node {where}  incarnation {stats.incarnation:#018x}", ""]
+    lines += _table(
+        "Mailboxes",
+        [
+            "name",
+            "kind",
+            "state",
+            "capacity",
+            "max-bytes",
+            "messages",
+            "bytes",
+            "parked",
+            "high-water",
+            "in",
+            "out",
+            "waiting",
+            "last send",
+            "last receive",
+        ],
+        boxes,
+    )
+    lines.append("")
+    lines += _table(
+        "Peers",
+        [
+            "address",
+            "srtt-ms",
+            "rttvar-ms",
+            "rto-ms",
+            "in-flight",
+            "cwnd",
+            "retrans",
+            "dups",
+            "corrupt",
+            "sent",
+            "received",
+            "failed",
+            "state",
+        ],
+        peers,
+    )
+    lines += [
+        "",
+        "------ Node ------",
+        f"datagrams received {stats.datagrams_received}, sent {stats.datagrams_sent}",
+        f"retransmissions {stats.retransmissions}, duplicates {stats.duplicates}, "
+        f"corrupt {stats.corrupt}",
+        f"mailbox memory {stats.mailbox_bytes} of {stats.mailbox_memory} bytes, "
+        f"send buffer {stats.send_buffer_bytes} bytes",
+        f"dropped: {dropped}",
+    ]
+    return "\n".join(lines)
