@@ -1,0 +1,21 @@
+"""The Python examples in the guides run, and do what their asserts say."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def _examples(name: str) -> list[str]:
+    return _BLOCK.findall((DOCS / name).read_text())
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("code", _examples("mailboxes.md"))
+def test_mailbox_guide_examples_run(code: str) -> None:
+    exec(compile(code, "docs/mailboxes.md", "exec"), {})  # noqa: S102 - our own docs
