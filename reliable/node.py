@@ -132,7 +132,7 @@ class Node:
         self._changed = threading.Condition(self._lock)
         self._handles: dict[int, SendHandle] = {}
         self._taken: dict[int, Message | errors.ReliableError] = {}
-        self._stats_replies: dict[int, bytes] = {}
+        self._stats_replies: dict[int, bytes | None] = {}  # pending queries: None until answered
         self._departures = Departures()
         self._closed = False
         self._failure: BaseException | None = None
@@ -428,18 +428,21 @@ class Node:
         with self._lock:
             self._check_open()
             request = self._endpoint.query_stats(addr, time.monotonic())
+            self._stats_replies[request] = None
         self._pump([])
         with self._lock:
-            while request not in self._stats_replies:
-                self._check_open()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise errors.ReceiveTimeout(
-                        f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
-                        "(is an rmsg node running there, with Config.serve_stats?)"
-                    )
-                self._changed.wait(remaining)
-            body = self._stats_replies.pop(request)
+            try:
+                while (body := self._stats_replies[request]) is None:
+                    self._check_open()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise errors.ReceiveTimeout(
+                            f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
+                            "(is an rmsg node running there, with Config.serve_stats?)"
+                        )
+                    self._changed.wait(remaining)
+            finally:
+                del self._stats_replies[request]  # a late reply is then ignored
         return parse_stats(body)
 
     def close(self, timeout: float = 2.0) -> None:
@@ -557,7 +560,8 @@ class Node:
         self._taken[waiter] = outcome
 
     def on_stats(self, peer: Any, request: int, body: bytes) -> None:
-        self._stats_replies[request] = body
+        if request in self._stats_replies:
+            self._stats_replies[request] = body
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
         self._departures.peer_down(peer, error)
