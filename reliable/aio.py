@@ -330,7 +330,7 @@ class AsyncNode:
         assert self._sock is not None
         self._check_open()
         peer = None if source is None else resolve_destination(source, self._sock.family)
-        selector = Selector(source=peer, msg_type=msg_type, except_type=except_type)
+        selector = Selector.of(peer, msg_type, except_type)
         if receiver is None:
             task = asyncio.current_task()
             receiver = task.get_name() if task is not None else "asyncio"

@@ -54,7 +54,7 @@ from .control import (
     StatsRequest,
     decode_control,
 )
-from .mailbox import Mailbox, Selector, check_mailbox_name
+from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession
 from .receiver import Delivery
@@ -209,6 +209,10 @@ class Endpoint:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    def has_output(self) -> bool:
+        """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""
+        return bool(self._dirty or self._control or self._events)
 
     def next_event(self) -> events.Event | None:
         """The oldest event not yet taken, or ``None``."""
@@ -419,7 +423,7 @@ class Endpoint:
         """The message ``selector`` chooses from ``mailbox``, if one is there; never waits."""
         box = self._box(mailbox, owner=owner)
         self._now = now
-        msg = box.take(selector or Selector(), receiver, now)
+        msg = box.take(selector or ANY, receiver, now)
         if msg is not None:
             self._held -= len(msg.data)
         return msg
@@ -443,7 +447,7 @@ class Endpoint:
         ticket = self._next_waiter
         self._next_waiter += 1
         self._waiting[ticket] = mailbox
-        box.wait(ticket, selector or Selector(), receiver)
+        box.wait(ticket, selector or ANY, receiver)
         return ticket
 
     def cancel_wait(self, ticket: int) -> bool:

@@ -76,6 +76,13 @@ class Selector:
         if self.except_type and self.msg_type <= 0:
             raise UsageError("except_type needs a positive msg_type (as msgrcv's MSG_EXCEPT)")
 
+    @staticmethod
+    def of(source: Any = None, msg_type: int = 0, except_type: bool = False) -> Selector:
+        """A selector; the shared "anything" one when nothing is selected (a fast path)."""
+        if source is None and msg_type == 0 and not except_type:
+            return ANY
+        return Selector(source, msg_type, except_type)
+
     def admits(self, msg: Message) -> bool:
         """Whether ``msg`` alone could satisfy this selection."""
         if self.source is not None and msg.source != self.source:
@@ -122,7 +129,7 @@ class MessageQueue:
         """Remove and return the first message ``selector`` chooses, or ``None``."""
         if not self.count:
             return None
-        if selector is ANY:
+        if selector is ANY or selector == ANY:
             return self._remove(self._priorities[-1], 0)
         best: tuple[int, int] | None = None  # (priority, index in its level)
         best_type = 0

@@ -309,7 +309,7 @@ class Node:
     ) -> Message | None:
         check_timeout(timeout, "timeout")
         peer = None if source is None else resolve_destination(source, self._sock.family)
-        selector = Selector(source=peer, msg_type=msg_type, except_type=except_type)
+        selector = Selector.of(peer, msg_type, except_type)
         label = receiver if receiver is not None else threading.current_thread().name
         deadline = None if timeout is None else time.monotonic() + timeout
         mark = self._departures.mark()
@@ -523,14 +523,17 @@ class Node:
         """
         on_io_thread = threading.current_thread() is self._thread
         with self._lock:
+            endpoint = self._endpoint
+            if not on_io_thread and not endpoint.has_output():
+                return  # the call changed nothing that needs sending or reporting
             resolved = self._resolved = []
             now = time.monotonic()
-            endpoint = self._endpoint
             for data, addr in batch:
                 endpoint.receive_datagram(data, addr, now)
-            timer = endpoint.get_timer()
-            if timer is not None and timer <= now:
-                endpoint.handle_timer(now)
+            if on_io_thread:  # timers are the I/O thread's; a call only wakes it (below)
+                timer = endpoint.get_timer()
+                if timer is not None and timer <= now:
+                    endpoint.handle_timer(now)
             out = endpoint.datagrams_to_send(now)
             route_events(endpoint, self, self._on_event)
             self._changed.notify_all()
