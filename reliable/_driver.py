@@ -17,12 +17,13 @@ from .addressing import Address, normalize, resolve_address
 from .endpoint import Endpoint
 from .mailbox import check_mailbox_name
 from .message import Message, Receipt
-from .stats import NodeStats
+from .stats import MailboxStats, NodeStats
 
 __all__ = [
     "DatagramSocket",
     "Departures",
     "EventSink",
+    "MailboxHandle",
     "drain_socket",
     "open_socket",
     "parse_stats",
@@ -206,3 +207,40 @@ class Departures:
         """Why ``peer`` went away after ``mark``, if it did."""
         down = self._down.get(peer)
         return down[1] if down is not None and down[0] > mark else None
+
+
+class _ManagedNode(Protocol):
+    def _manage(self, name: str, action: str) -> None: ...
+
+    def stats(self) -> NodeStats: ...
+
+
+class MailboxHandle:
+    """What the blocking and asyncio mailbox handles share: managing the mailbox.
+
+    The handle a ``create_mailbox`` returns carries the owner token, which a
+    port requires of its receiver; other handles carry ``None``.
+    """
+
+    def __init__(self, node: _ManagedNode, name: str, owner: int | None) -> None:
+        self._managed = node
+        self.name = name
+        self._owner = owner
+
+    def close(self) -> None:
+        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
+        self._managed._manage(self.name, "close")
+
+    def open(self) -> None:
+        """Accept messages again after :meth:`close`."""
+        self._managed._manage(self.name, "open")
+
+    def delete(self) -> None:
+        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
+        self._managed._manage(self.name, "delete")
+
+    def stats(self) -> MailboxStats:
+        return self._managed.stats().mailbox(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -25,6 +25,7 @@ from . import errors, events
 from ._driver import (
     DatagramSocket,
     Departures,
+    MailboxHandle,
     drain_socket,
     open_socket,
     parse_stats,
@@ -37,7 +38,7 @@ from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
 from .message import Message, Receipt
-from .stats import MailboxStats, NodeStats
+from .stats import NodeStats
 
 __all__ = ["AsyncMailbox", "AsyncNode"]
 
@@ -516,15 +517,12 @@ class AsyncNode:
             raise errors.NodeClosed("the node is closed")
 
 
-class AsyncMailbox:
+class AsyncMailbox(MailboxHandle):
     """A handle on one mailbox of an :class:`AsyncNode` (see :class:`reliable.Mailbox`)."""
 
-    __slots__ = ("_node", "_owner", "name")
-
     def __init__(self, node: AsyncNode, name: str, owner: int | None) -> None:
+        super().__init__(node, name, owner)
         self._node = node
-        self.name = name
-        self._owner = owner
 
     async def receive(
         self,
@@ -551,21 +549,3 @@ class AsyncMailbox:
         """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
         args = (source, msg_type, except_type, receiver)
         return self._node._take(self.name, self._owner, *args)[0]
-
-    def close(self) -> None:
-        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
-        self._node._manage(self.name, "close")
-
-    def open(self) -> None:
-        """Accept messages again after :meth:`close`."""
-        self._node._manage(self.name, "open")
-
-    def delete(self) -> None:
-        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
-        self._node._manage(self.name, "delete")
-
-    def stats(self) -> MailboxStats:
-        return self._node.stats().mailbox(self.name)
-
-    def __repr__(self) -> str:
-        return f"<AsyncMailbox {self.name!r}>"

@@ -33,6 +33,7 @@ from . import errors, events
 from ._driver import (
     DatagramSocket,
     Departures,
+    MailboxHandle,
     drain_socket,
     open_socket,
     parse_stats,
@@ -45,7 +46,7 @@ from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
 from .message import Message, Receipt
-from .stats import MailboxStats, NodeStats
+from .stats import NodeStats
 
 __all__ = ["Mailbox", "Node", "SendHandle"]
 
@@ -625,7 +626,7 @@ class Node:
             raise errors.NodeClosed("the node is closed")
 
 
-class Mailbox:
+class Mailbox(MailboxHandle):
     """A handle on one mailbox of a :class:`Node`.
 
     The handle :meth:`Node.create_mailbox` returns is the owner's: for a
@@ -633,12 +634,9 @@ class Mailbox:
     the mailbox as ``host:port/name``.
     """
 
-    __slots__ = ("_node", "_owner", "name")
-
     def __init__(self, node: Node, name: str, owner: int | None) -> None:
+        super().__init__(node, name, owner)
         self._node = node
-        self.name = name
-        self._owner = owner
 
     def receive(
         self,
@@ -668,21 +666,3 @@ class Mailbox:
         return self._node._receive(
             self.name, self._owner, source, msg_type, except_type, receiver, None, wait=False
         )
-
-    def close(self) -> None:
-        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
-        self._node._manage(self.name, "close")
-
-    def open(self) -> None:
-        """Accept messages again after :meth:`close`."""
-        self._node._manage(self.name, "open")
-
-    def delete(self) -> None:
-        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
-        self._node._manage(self.name, "delete")
-
-    def stats(self) -> MailboxStats:
-        return self._node.stats().mailbox(self.name)
-
-    def __repr__(self) -> str:
-        return f"<Mailbox {self.name!r} of {self._node!r}>"
