@@ -21,7 +21,7 @@ from typing import Any
 
 from netem.models import Impairment
 from netem.socket import FaultySocket
-from reliable import Config, Node, ReceiveTimeout, ReliableError, SendHandle
+from reliable import Config, Node, ReceiveTimeout, ReliableError, SendHandle, WouldBlock
 from reliable._driver import open_socket
 
 __all__ = ["DemoProgress", "DemoResult", "run_demo"]
@@ -169,9 +169,16 @@ def run_demo(
             )
 
     try:
+        pending: bytes | None = None
         while (sent < messages or outstanding) and not timed_out:
             while sent < messages and len(outstanding) < _WINDOW:
-                outstanding.append(sender.send_nowait(dest, _payload(sent, size, rng)))
+                if pending is None:
+                    pending = _payload(sent, size, rng)
+                try:
+                    outstanding.append(sender.send_nowait(dest, pending))
+                except WouldBlock:
+                    break  # send buffer (or the receiver's mailbox) full: wait for the oldest
+                pending = None
                 sent += 1
             while outstanding and outstanding[0].done():
                 settle(outstanding.popleft())

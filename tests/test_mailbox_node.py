@@ -117,7 +117,13 @@ def test_several_receivers_each_message_to_exactly_one_served_in_turn(pair) -> N
 def test_deleting_a_mailbox_mid_stream_fails_pending_sends_cleanly(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     box = b.create_mailbox("doomed", 1)
-    handles = [a.send_nowait(_dest(b, "doomed"), bytes([i])) for i in range(5)]
+    handles = []
+    for i in range(5):
+        try:
+            handles.append(a.send_nowait(_dest(b, "doomed"), bytes([i])))
+        except errors.MailboxFull:  # the deferral of an earlier one is already known
+            break
+    assert len(handles) >= 2
     handles[0].result(5)
     time.sleep(0.2)
     waiter_error = []

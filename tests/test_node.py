@@ -205,18 +205,23 @@ def test_a_slow_receiver_back_pressures_the_sender() -> None:
     limit = 64 * 1024
     config = Config(receive_backlog=limit, inbox_bytes=limit)
     with Node(config=config) as b, Node() as a:
-        handles = [a.send_nowait(b.address, bytes([i]) * 8000) for i in range(100)]
+        handles = []
+        for i in range(100):
+            try:
+                handles.append(a.send_nowait(b.address, bytes([i]) * 8000))
+            except errors.MailboxFull:  # a deferral came back while we were still queueing
+                break
         time.sleep(0.5)  # the application is not reading
         (inbox,) = b.stats().mailboxes
         assert inbox.bytes <= limit and inbox.parked > 0  # full: later arrivals wait
         held = inbox.bytes + inbox.parked_bytes
         assert held <= 2 * limit + 16 * 8000  # bounded: parking closed the window
-        assert sum(h.done() for h in handles) < 100
+        assert len(handles) > 9 and sum(h.done() for h in handles) < len(handles)
         with pytest.raises(errors.MailboxFull):  # a non-blocking send now says "would block"
             a.send_nowait(b.address, b"more")
         start = time.monotonic()
-        got = [b.receive(timeout=5).data for _ in range(100)]
-        assert got == [bytes([i]) * 8000 for i in range(100)]
+        got = [b.receive(timeout=5).data for _ in handles]
+        assert got == [bytes([i]) * 8000 for i in range(len(handles))]
         receipts = [h.result(5) for h in handles]
         assert any(r.deferred for r in receipts) and not receipts[0].deferred
         # window updates go out as the application reads, not at the next probe
