@@ -7,12 +7,13 @@ standard library is imported here.
 
 from __future__ import annotations
 
-from . import errors, events, wire
+from . import errors, events, security, wire
 from .addressing import format_address, parse_address, resolve_address
 from .config import Config
 from .endpoint import Endpoint
 from .errors import (
     AddressError,
+    AuthenticationFailed,
     DeliveryFailed,
     MailboxClosed,
     MailboxDeleted,
@@ -41,6 +42,7 @@ from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
     "AddressError",
+    "AuthenticationFailed",
     "AsyncMailbox",
     "AsyncNode",
     "Config",
@@ -77,6 +79,7 @@ __all__ = [
     "errors",
     "events",
     "format_address",
+    "security",
     "parse_address",
     "resolve_address",
     "wire",

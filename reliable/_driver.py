@@ -166,6 +166,8 @@ def route_events(
             sink.on_peer_down(event.peer, errors.PeerUnreachable(event.peer, event.silent_for))
         elif isinstance(event, events.PeerClosed):
             sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
+        elif isinstance(event, events.PeerRejectedUs):
+            sink.on_peer_down(event.peer, event.error)
         elif isinstance(event, events.Closed):
             sink.on_closed()
 

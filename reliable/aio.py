@@ -38,6 +38,7 @@ from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
 from .message import Message, Receipt
+from .security import Security
 from .stats import NodeStats
 
 __all__ = ["AsyncMailbox", "AsyncNode"]
@@ -58,10 +59,11 @@ class AsyncNode:
         sock: DatagramSocket | None = None,
         rng: random.Random | None = None,
         on_event: Callable[[events.Event], None] | None = None,
+        security: Security | None = None,
     ) -> None:
         self._bind = bind
         self._given_sock = sock
-        self._endpoint = Endpoint(config, rng=rng)
+        self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._on_event = on_event
         self._sock: DatagramSocket | None = None

@@ -65,6 +65,13 @@ class Config:
     serve_stats: bool = True
     """Answer other nodes' statistics queries (``rmsg stats HOST:PORT``)."""
 
+    validate_addresses: bool = True
+    """Keep no state for a new peer until it echoes a cookie sent to its address
+    (one extra round trip on first contact; spoofed sources never get state)."""
+
+    max_challenges_per_second: int = 10_000
+    """Cookie challenges a node sends per second at most, to all addresses together."""
+
     send_buffer: int = 64 * 1024 * 1024
     """Bytes of accepted, unacknowledged messages the node holds across peers."""
 

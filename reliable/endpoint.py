@@ -10,15 +10,22 @@ endpoint is fully deterministic.
 
 Admission of a datagram, in order (each failure is counted, never raised):
 
-1. it must decode: magic, version, lengths, checksum (``malformed.*``);
+1. it must pass the node's security mode (:mod:`reliable.security`: CRC, or
+   MAC/AEAD tag; ``security.*``, answered with a rate-limited, unsealed
+   AUTH_FAILED so a peer with the wrong key learns it at once) and decode
+   (``malformed.*``);
 2. it must be addressed to this incarnation or to none (``stale_incarnation``,
    answered with a rate-limited RESET so a peer that outlived our previous
    life learns of the restart at once);
 3. it must not come from an incarnation that already ended
    (``dead_incarnation``);
-4. a new peer needs room under ``max_peers`` and a DATA or PING packet
-   (``peer_limit``, ``unknown_peer``);
-5. a new incarnation from a known address is a restart of that peer.
+4. a new peer needs room under ``max_peers``, a DATA or PING packet
+   (``peer_limit``, ``unknown_peer``) and, with ``validate_addresses``, a
+   valid cookie: otherwise it is answered with a CHALLENGE carrying one and
+   no state is kept (``unvalidated``) — so a spoofed source address never
+   gets state, and never gets more than one small reply per datagram;
+5. a new incarnation from a known address is a restart of that peer;
+6. in the sealed modes, its packet number must be new (``replay``).
 
 Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
@@ -36,9 +43,12 @@ them. See :mod:`reliable.mailbox` for the semantics.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import random
+import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +68,7 @@ from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession
 from .receiver import Delivery
+from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
 from .stats import NodeStats
 from .wire import (
@@ -70,7 +81,9 @@ from .wire import (
     Packet,
     Verdict,
     decode,
+    decode_body,
     encode,
+    encode_body,
     fragment_capacity,
 )
 
@@ -79,6 +92,9 @@ __all__ = ["Endpoint"]
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
+_COOKIE_LIFETIME = 30.0  # seconds a CHALLENGE's cookie stays valid (two buckets)
+_AMPLIFICATION = 3  # an unvalidated address never gets a reply over 3x its datagram
+_MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
 _WIRE_ID_MASK = 0xFFFFFFFF
 DEFAULT_MAILBOX = ""
 
@@ -86,10 +102,27 @@ DEFAULT_MAILBOX = ""
 class Endpoint:
     """One rmsg node's protocol state, for every peer it talks to."""
 
-    def __init__(self, config: Config | None = None, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        rng: random.Random | None = None,
+        security: Security | None = None,
+    ) -> None:
         self.config = config or Config()
         self._rng = rng if rng is not None else random.Random()
-        self.incarnation = self._rng.getrandbits(64) or 1
+        self.security: Security = security if security is not None else Integrity()
+        if self.security.needs_unique_incarnation:
+            # AEAD nonces are unique only while incarnations are: never from a seeded RNG.
+            self.incarnation = secrets.randbits(64) or 1
+        else:
+            self.incarnation = self._rng.getrandbits(64) or 1
+        # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
+        self._cookie_key = self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16)
+        self._packet_number = 0
+        self._challenge_budget = float(self.config.max_challenges_per_second)
+        self._challenge_clock = 0.0
+        self.challenges_sent = 0
         self._peers: dict[Any, PeerSession] = {}
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
@@ -227,17 +260,30 @@ class Endpoint:
         self._now = now
         self.datagrams_received += 1
         try:
-            pkt = decode(data)
+            packet_number, body = self.security.open(data)
+            pkt = decode_body(body)
+        except SecurityError as exc:
+            if not self._auth_failed_reply(data, addr, now):
+                self._drop(exc.reason)
+                if exc.refusal:
+                    self._refuse(data, addr, exc.refusal, now)
+            return
         except MalformedPacket as exc:
             self._drop("malformed." + exc.reason)
             session = self._peers.get(addr)
             if session is not None and exc.reason == "checksum":
                 session.corrupt += 1
             return
+        if pkt.kind == Kind.AUTH_FAILED:
+            self._peer_refused_us(pkt, addr, now)
+            return
+        if pkt.kind == Kind.CHALLENGE:
+            self._challenged(pkt, addr, now)
+            return
         if pkt.dst_incarnation not in (0, self.incarnation):
             self._drop("stale_incarnation")
             if pkt.kind not in (Kind.RESET, Kind.CLOSE):
-                self._send_reset(addr, pkt.src_incarnation, now)
+                self._send_reset(addr, pkt.src_incarnation, now, len(data))
             return
         if (addr, pkt.src_incarnation) in self._ended:
             self._drop("dead_incarnation")
@@ -249,6 +295,10 @@ class Endpoint:
                 return
             if len(self._peers) >= self.config.max_peers:
                 self._drop("peer_limit")
+                return
+            if self.config.validate_addresses and not self._cookie_valid(pkt, addr, now):
+                self._drop("unvalidated")
+                self._challenge(pkt, addr, len(data), now)
                 return
             session = self._new_peer(addr, now)
         if session.incarnation is None:
@@ -263,6 +313,9 @@ class Endpoint:
             self._forget_parked(addr, old)
         elif pkt.kind == Kind.RESET:
             self._drop("stale_reset")
+            return
+        if packet_number is not None and not session.replay.accept(packet_number):
+            self._drop("replay")
             return
         self._dirty[addr] = None
         session.on_packet(pkt, now, self.incarnation)
@@ -281,12 +334,18 @@ class Endpoint:
             dirty = self._dirty
             self._dirty = {}
             inc = self.incarnation
+            seal = self._seal
             for addr in dirty:
                 session = self._peers.get(addr)
                 if session is not None:
-                    out.extend((d, addr) for d in session.datagrams(now, inc))
+                    out.extend((seal(body), addr) for body in session.datagrams(now, inc))
         self.datagrams_sent += len(out)
         return out
+
+    def _seal(self, body: bytes) -> bytes:
+        number = self._packet_number
+        self._packet_number = number + 1
+        return self.security.seal(body, self.incarnation, number)
 
     # ----------------------------------------------------------------- timers
 
@@ -648,18 +707,124 @@ class Endpoint:
         while len(self._ended) > self.config.remembered_incarnations:
             self._ended.popitem(last=False)
 
-    def _send_reset(self, addr: Any, their_incarnation: int, now: float) -> None:
+    def _may_answer(self, addr: Any, now: float) -> bool:
+        """Rate limit for unsolicited replies (RESET, AUTH_FAILED): one per interval per address."""
         last = self._reset_sent.get(addr)
         if last is not None and now - last < _RESET_INTERVAL:
-            return
+            return False
         self._reset_sent[addr] = now
         self._reset_sent.move_to_end(addr)
         while len(self._reset_sent) > _RESET_MEMORY:
             self._reset_sent.popitem(last=False)
+        return True
+
+    def _answer(self, reply: bytes, addr: Any, received: int) -> bool:
+        """Queue a reply to an address we have not validated, within the amplification bound."""
+        if len(reply) > _AMPLIFICATION * received:
+            self._drop("amplification_limited")
+            return False
+        self._control.append((reply, addr))
+        return True
+
+    def _send_reset(self, addr: Any, their_incarnation: int, now: float, received: int) -> None:
+        if not self._may_answer(addr, now):
+            return
         pkt = Packet(
             kind=Kind.RESET, src_incarnation=self.incarnation, dst_incarnation=their_incarnation
         )
-        self._control.append((encode(pkt), addr))
+        self._answer(self._seal(encode_body(pkt)), addr, received)
+
+    # ------------------------------------------------------- address validation
+
+    def _cookie(self, addr: Any, incarnation: int, bucket: int) -> bytes:
+        material = repr(addr).encode() + incarnation.to_bytes(8, "big")
+        material += bucket.to_bytes(8, "big", signed=True)
+        return hashlib.blake2b(material, key=self._cookie_key, digest_size=16).digest()
+
+    def _cookie_valid(self, pkt: Packet, addr: Any, now: float) -> bool:
+        """A cookie we issued to this address and incarnation within the last lifetime or two.
+
+        Stateless: the cookie is a MAC of what it vouches for, so a flood of
+        spoofed sources costs no memory.
+        """
+        if pkt.cookie is None:
+            return False
+        bucket = math.floor(now / _COOKIE_LIFETIME)
+        return any(
+            hmac.compare_digest(pkt.cookie, self._cookie(addr, pkt.src_incarnation, b))
+            for b in (bucket, bucket - 1)
+        )
+
+    def _challenge(self, pkt: Packet, addr: Any, received: int, now: float) -> None:
+        rate = self.config.max_challenges_per_second
+        elapsed = max(0.0, now - self._challenge_clock)
+        self._challenge_budget = min(float(rate), self._challenge_budget + elapsed * rate)
+        self._challenge_clock = now
+        if self._challenge_budget < 1:
+            self._drop("challenge_limited")
+            return
+        self._challenge_budget -= 1
+        cookie = self._cookie(addr, pkt.src_incarnation, math.floor(now / _COOKIE_LIFETIME))
+        challenge = Packet(
+            kind=Kind.CHALLENGE,
+            src_incarnation=self.incarnation,
+            dst_incarnation=pkt.src_incarnation,
+            cookie=cookie,
+        )
+        if self._answer(self._seal(encode_body(challenge)), addr, received):
+            self.challenges_sent += 1
+
+    def _challenged(self, pkt: Packet, addr: Any, now: float) -> None:
+        """The peer wants our address proven: echo its cookie from now on."""
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
+            self._drop("stray_challenge")
+            return
+        session.on_challenge(pkt.cookie, now)
+        self._dirty[addr] = None
+
+    # ------------------------------------------------------ security refusals
+
+    def _refuse(self, data: bytes, addr: Any, refusal: int, now: float) -> None:
+        """Tell the sender its datagram failed our security check, so it fails fast.
+
+        Unsealed (it may not share our key), echoing the incarnation it
+        claimed so that an off-path attacker cannot forge one, rate-limited
+        and never larger than a small multiple of what it answers.
+        """
+        if len(data) < 16 or data[3] == Kind.AUTH_FAILED:
+            return
+        their = int.from_bytes(data[8:16], "big")
+        if their == 0 or not self._may_answer(addr, now):
+            return
+        reply = Packet(
+            kind=Kind.AUTH_FAILED,
+            src_incarnation=self.incarnation,
+            dst_incarnation=their,
+            refusal=refusal,
+        )
+        self._answer(encode(reply), addr, len(data))
+
+    def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
+        """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
+        if len(data) < 4 or data[3] != Kind.AUTH_FAILED:
+            return False
+        try:
+            pkt = decode(data)
+        except MalformedPacket:
+            return False
+        self._peer_refused_us(pkt, addr, now)
+        return True
+
+    def _peer_refused_us(self, pkt: Packet, addr: Any, now: float) -> None:
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation:
+            self._drop("stray_auth_failed")  # the echo is what proves it answers us
+            return
+        self._drop("auth_failed")
+        error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
+        self._emit(events.PeerRejectedUs(peer=addr, error=error))
+        session.fail_all(error)
 
     def _peer_closed(self, session: PeerSession, now: float) -> None:
         assert session.incarnation is not None
@@ -682,10 +847,12 @@ class Endpoint:
             session.fail_all(errors.SendAborted(session.addr))
         # Flush whatever the sessions still owe (final acks), then say goodbye.
         for addr, session in self._peers.items():
-            self._control.extend((d, addr) for d in session.datagrams(now, self.incarnation))
+            for body in session.datagrams(now, self.incarnation):
+                self._control.append((self._seal(body), addr))
             if session.incarnation is not None:
                 bye = session.farewell(now, self.incarnation)
-                self._control.extend([(bye, addr)] * _CLOSE_COPIES)
+                # two copies, each its own packet number (a replay window drops repeats)
+                self._control.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
         self.closed = True
         self._emit(events.Closed())
 

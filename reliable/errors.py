@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "AddressError",
+    "AuthenticationFailed",
     "DeliveryFailed",
     "MailboxClosed",
     "MailboxDeleted",
@@ -143,6 +144,14 @@ class PeerRestarted(DeliveryFailed):
         )
         self.old_incarnation = old_incarnation
         self.new_incarnation = new_incarnation
+
+
+class AuthenticationFailed(DeliveryFailed):
+    """The peer refused our datagrams' security: its key or mode differs from ours."""
+
+    def __init__(self, peer: Any, reason: str) -> None:
+        super().__init__(peer, f"security check failed at the peer: {reason}")
+        self.reason = reason
 
 
 class PeerClosed(DeliveryFailed):

@@ -22,6 +22,7 @@ __all__ = [
     "MessageFailed",
     "MessageReceived",
     "PeerClosed",
+    "PeerRejectedUs",
     "PeerRestarted",
     "PeerUnreachable",
     "ReceiveFailed",
@@ -117,6 +118,14 @@ class PeerUnreachable(Event):
 
     peer: Any
     silent_for: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerRejectedUs(Event):
+    """``peer`` answered our datagrams with AUTH_FAILED: our keys or modes differ."""
+
+    peer: Any
+    error: DeliveryFailed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

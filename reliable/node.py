@@ -46,6 +46,7 @@ from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
 from .message import Message, Receipt
+from .security import Security
 from .stats import NodeStats
 
 __all__ = ["Mailbox", "Node", "SendHandle"]
@@ -108,6 +109,8 @@ class Node:
     may supply an already bound socket-like object instead, e.g. a
     :class:`netem.socket.FaultySocket`. ``on_event`` observes every protocol
     event on the I/O thread (peer restarts, unreachable peers, ...).
+    ``security`` selects the mode (:func:`reliable.security.make_security`;
+    default: integrity only); both ends must use the same mode and key.
 
     Every node has a default mailbox (``""``) for direct naming; more are
     made with :meth:`create_mailbox` and addressed as ``host:port/name``.
@@ -121,12 +124,13 @@ class Node:
         sock: DatagramSocket | None = None,
         rng: random.Random | None = None,
         on_event: Callable[[events.Event], None] | None = None,
+        security: Security | None = None,
     ) -> None:
         self._sock: DatagramSocket = sock if sock is not None else open_socket(bind)
         if sock is not None:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
-        self._endpoint = Endpoint(config, rng=rng)
+        self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._on_event = on_event
         self._lock = threading.Lock()

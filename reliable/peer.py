@@ -42,6 +42,7 @@ from .congestion import NewReno
 from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
 from .receiver import Delivery, ReceiveStream, Screen
 from .rtt import RttEstimator
+from .security import ReplayWindow
 from .sender import OutgoingMessage, SendStream
 from .stats import PeerStats
 from .wire import (
@@ -52,7 +53,7 @@ from .wire import (
     Kind,
     Packet,
     Verdict,
-    encode,
+    encode_body,
     fragment_capacity,
     unwrap,
 )
@@ -117,6 +118,8 @@ class PeerSession:
         self.probe_backoff = 0
         self.ping_now = False
         self.parked = 0  # bytes from this peer parked here, waiting for mailbox room
+        self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
+        self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
@@ -193,6 +196,7 @@ class PeerSession:
 
     def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> None:
         """Process a verified packet from the current incarnation of this peer."""
+        self.cookie = None  # it has state for us now: no more echoing
         self.last_heard = now
         self.unreachable = False
         self.probe_backoff = 0
@@ -292,6 +296,17 @@ class PeerSession:
         """Whether a message of ours still waits for room in ``mailbox`` of this peer."""
         return mailbox in self.full_mailboxes
 
+    def on_challenge(self, cookie: bytes, now: float) -> None:
+        """The peer keeps no state for us until we prove our address: echo its cookie.
+
+        It dropped what we sent, so that goes again at once, cookie attached.
+        """
+        self.cookie = cookie
+        self.last_heard = now  # it answered: it is alive
+        self.sender.resend_now()
+        if not self.sender.flight and not self.sender.can_send():
+            self.ping_now = True
+
     def restart(self, new_incarnation: int, now: float) -> None:
         """The peer came back as ``new_incarnation``: end the old session cleanly."""
         old = self.incarnation
@@ -299,6 +314,7 @@ class PeerSession:
         lost = self.sender.peer_restarted() + self._drop_deferred()
         self._earlier_duplicates += self.receiver.duplicates
         self.receiver = ReceiveStream(self.config, self._screen)
+        self.replay = ReplayWindow()
         self.incarnation = new_incarnation
         restarted = events.PeerRestarted(
             peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
@@ -342,7 +358,7 @@ class PeerSession:
                 more = sender.can_send()
                 flags = ack_flag | (Flag.ACK_NOW if retransmission or not more else Flag.NONE)
                 out.append(
-                    encode(
+                    encode_body(
                         Packet(
                             kind=Kind.DATA,
                             flags=flags,
@@ -353,6 +369,7 @@ class PeerSession:
                             ack_delay=ack.ack_delay,
                             sacks=ack.sacks,
                             notices=ack.notices,
+                            cookie=self.cookie,
                             fragment=frag,
                         )
                     )
@@ -387,7 +404,7 @@ class PeerSession:
 
     def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: Flag) -> bytes:
         ack = self.receiver.ack_state(now)
-        return encode(
+        return encode_body(
             Packet(
                 kind=kind,
                 flags=ack_flag,
@@ -398,6 +415,7 @@ class PeerSession:
                 ack_delay=ack.ack_delay,
                 sacks=ack.sacks,
                 notices=ack.notices,
+                cookie=self.cookie,
             )
         )
 

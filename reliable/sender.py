@@ -418,6 +418,12 @@ class SendStream:
         pkt.lost = True
         heapq.heappush(self.lost, pkt.seq)
 
+    def resend_now(self) -> None:
+        """Everything in flight was dropped unread (the peer had no state for us):
+        send it again at once, with no congestion response."""
+        for pkt in list(self.flight.values()):
+            self._declare_lost(pkt)
+
     def on_timer(self, now: float) -> None:
         """Run the loss-detection or retransmission timer if it is due."""
         if self.loss_time is not None:

@@ -20,8 +20,11 @@ Design choices worth knowing:
   :class:`MalformedPacket` with a short machine-readable reason that callers
   count; they never escape the protocol core.
 * Room for later versions: ``magic`` + ``version`` let a v2 coexist; kinds
-  16-255 are reserved for group addressing; flag bits 8-15 are reserved for
-  the authenticated and encrypted modes, whose tag takes the place of the CRC.
+  16-255 are reserved for group addressing.
+* Security modes (:mod:`reliable.security`) reuse this layout: ``encode_body``
+  and ``decode_body`` handle a packet without its trailer, and a sealed
+  datagram inserts a packet number after the header and a MAC or AEAD tag
+  before the CRC, with a mode bit in the flags saying which.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ __all__ = [
     "ACK_DELAY_TICK",
     "DATA_NOTICES",
     "DATA_SACK_RANGES",
+    "COOKIE_SIZE",
     "DEFAULT_PORT",
     "FRAGMENT_OVERHEAD",
+    "MODE_FLAGS",
     "HEADER_OVERHEAD",
     "MAGIC",
     "MAX_MAILBOX_BYTES",
@@ -54,7 +59,9 @@ __all__ = [
     "Packet",
     "Verdict",
     "decode",
+    "decode_body",
     "encode",
+    "encode_body",
     "fragment_capacity",
     "unwrap",
 ]
@@ -90,6 +97,14 @@ _NOTICE = struct.Struct("!IB")
 _FRAGMENT = struct.Struct("!IIIIIIiHB")
 _PAYLOAD_LEN = struct.Struct("!H")
 _TRAILER = struct.Struct("!I")
+_REFUSAL = struct.Struct("!B")
+_PREAMBLE = struct.Struct("!HB")  # magic, version
+
+#: Bytes of an address-validation cookie (``Flag.COOKIE``).
+COOKIE_SIZE = 16
+#: Most bytes a security mode adds to a datagram (a packet number and a 16-byte
+#: tag; the CRC stays); datagram sizing always leaves room for them.
+SECURITY_OVERHEAD = 8 + 16
 
 #: Bytes every packet spends on header and trailer, before SACKs and notices.
 HEADER_OVERHEAD = _HEADER.size + _TRAILER.size
@@ -112,18 +127,26 @@ class Kind(enum.IntEnum):
     PING = 3  #: asks for an immediate ACK: liveness and zero-window probes
     CLOSE = 4  #: the sender is closing; its incarnation ends
     RESET = 5  #: "the incarnation you addressed is not mine": I restarted
+    CHALLENGE = 6  #: "prove you are at this address": echo the cookie it carries
+    AUTH_FAILED = 7  #: "your datagram failed my security check" (sent unsealed)
 
 
 class Flag(enum.IntFlag):
-    """Header flag bits. Bits 8-15 are reserved (auth/encryption) and must be zero in v1."""
+    """Header flag bits. Unknown bits must be zero in v1."""
 
     NONE = 0
     ACK_NOW = 0x0001  #: the receiver should acknowledge at once, not after a delay
     ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
     CONTROL = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
+    COOKIE = 0x0008  #: an address-validation cookie follows the header
+    AUTHENTICATED = 0x0100  #: sealed with a MAC (set by the security layer)
+    ENCRYPTED = 0x0200  #: sealed with an AEAD (set by the security layer)
 
 
-_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL)
+#: The security-mode bits; a datagram carries at most one, and only sealed ones do.
+MODE_FLAGS = int(Flag.AUTHENTICATED | Flag.ENCRYPTED)
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE)
+_FLAGS_OFFSET = 4  # of the u16 flags field in the header
 
 
 class Verdict(enum.IntEnum):
@@ -186,6 +209,8 @@ class Packet:
     ack_delay: int = 0  #: how long the ack was held, in :data:`ACK_DELAY_TICK` units
     sacks: tuple[tuple[int, int], ...] = ()  #: received ranges above ``ack``, [start, end)
     notices: tuple[tuple[int, int], ...] = ()  #: (msg_id, Verdict) pairs
+    cookie: bytes | None = None  #: address-validation cookie (carried as ``Flag.COOKIE``)
+    refusal: int = 0  #: AUTH_FAILED only: why (1 bad tag, 2 unsealed, 3 wrong mode)
     fragment: Fragment | None = None
 
 
@@ -210,6 +235,8 @@ def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
     """
     reserved = (
         HEADER_OVERHEAD
+        + SECURITY_OVERHEAD
+        + COOKIE_SIZE
         + FRAGMENT_OVERHEAD
         + len(mailbox.encode("utf-8"))
         + _SACK.size * DATA_SACK_RANGES
@@ -219,7 +246,14 @@ def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
 
 
 def encode(packet: Packet) -> bytes:
-    """Serialise ``packet``; raises ``ValueError`` if a field is out of range."""
+    """Serialise ``packet`` with its CRC-32 trailer; raises ``ValueError`` if a field is
+    out of range."""
+    body = encode_body(packet)
+    return body + _TRAILER.pack(zlib.crc32(body))
+
+
+def encode_body(packet: Packet) -> bytes:
+    """Serialise ``packet`` without a trailer (for a security mode to seal)."""
     if len(packet.sacks) > MAX_SACK_RANGES or len(packet.notices) > MAX_NOTICES:
         raise ValueError("too many SACK ranges or notices for one packet")
     if packet.flags & ~_KNOWN_FLAGS:
@@ -231,6 +265,14 @@ def encode(packet: Packet) -> bytes:
         flags |= Flag.CONTROL
     elif flags & Flag.CONTROL:
         raise ValueError("Flag.CONTROL belongs on DATA packets whose fragment is control")
+    if flags & Flag.COOKIE:
+        raise ValueError("Flag.COOKIE is set from Packet.cookie")
+    if packet.cookie is not None:
+        if len(packet.cookie) != COOKIE_SIZE:
+            raise ValueError(f"a cookie is {COOKIE_SIZE} bytes")
+        flags |= Flag.COOKIE
+    elif packet.kind == Kind.CHALLENGE:
+        raise ValueError("a CHALLENGE carries a cookie")
     try:
         parts = [
             _HEADER.pack(
@@ -247,6 +289,8 @@ def encode(packet: Packet) -> bytes:
                 len(packet.notices),
             )
         ]
+        if packet.cookie is not None:
+            parts.append(packet.cookie)
         for start, end in packet.sacks:
             parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
         for msg_id, reason in packet.notices:
@@ -272,17 +316,44 @@ def encode(packet: Packet) -> bytes:
             parts.append(mailbox)
             parts.append(_PAYLOAD_LEN.pack(len(frag.payload)))
             parts.append(frag.payload)
+        elif packet.kind == Kind.AUTH_FAILED:
+            parts.append(_REFUSAL.pack(packet.refusal))
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
-    body = b"".join(parts)
-    return body + _TRAILER.pack(zlib.crc32(body))
+    return b"".join(parts)
 
 
 def decode(data: bytes) -> Packet:
-    """Parse and verify one datagram; raises :class:`MalformedPacket`."""
+    """Parse and verify one unsealed datagram (CRC-32 trailer); raises :class:`MalformedPacket`."""
     size = len(data)
     if size < HEADER_OVERHEAD:
         raise MalformedPacket("short", f"{size} bytes")
+    check_preamble(data)
+    end = size - _TRAILER.size
+    (crc,) = _TRAILER.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[:end]) != crc:
+        raise MalformedPacket("checksum")
+    return decode_body(data, end)
+
+
+def check_preamble(data: bytes) -> None:
+    """Magic and version, the two fields read before anything is verified."""
+    magic, version = _PREAMBLE.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise MalformedPacket("magic", f"{magic:#06x}")
+    if version != VERSION:
+        raise MalformedPacket("version", str(version))
+
+
+def decode_body(data: bytes, end: int | None = None) -> Packet:
+    """Parse a verified packet without its trailer (``data[:end]``).
+
+    The security-mode bits in the flags are the sealing layer's business and
+    are ignored here.
+    """
+    end = len(data) if end is None else end
+    if end < _HEADER.size:
+        raise MalformedPacket("short", f"{end} bytes")
     (
         magic,
         version,
@@ -300,14 +371,11 @@ def decode(data: bytes) -> Packet:
         raise MalformedPacket("magic", f"{magic:#06x}")
     if version != VERSION:
         raise MalformedPacket("version", str(version))
-    end = size - _TRAILER.size
-    (crc,) = _TRAILER.unpack_from(data, end)
-    if zlib.crc32(memoryview(data)[:end]) != crc:
-        raise MalformedPacket("checksum")
     try:
         kind = Kind(kind_value)
     except ValueError:
         raise MalformedPacket("kind", str(kind_value)) from None
+    flags &= ~MODE_FLAGS
     if flags & ~_KNOWN_FLAGS:
         raise MalformedPacket("flags", f"{flags:#x}")
     if src_inc == 0:
@@ -315,6 +383,15 @@ def decode(data: bytes) -> Packet:
     if n_sack > MAX_SACK_RANGES or n_notice > MAX_NOTICES:
         raise MalformedPacket("length", "too many SACK ranges or notices")
     offset = _HEADER.size
+    cookie = None
+    if flags & Flag.COOKIE:
+        if offset + COOKIE_SIZE > end:
+            raise MalformedPacket("length", "cookie overruns the datagram")
+        cookie = bytes(data[offset : offset + COOKIE_SIZE])
+        offset += COOKIE_SIZE
+        flags &= ~Flag.COOKIE
+    elif kind == Kind.CHALLENGE:
+        raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
     if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
         raise MalformedPacket("length", "ack section overruns the datagram")
     sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
@@ -325,10 +402,15 @@ def decode(data: bytes) -> Packet:
         if reason not in _VERDICTS:
             raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
+    refusal = 0
     if kind == Kind.DATA:
         fragment = _decode_fragment(data, offset, end, bool(flags & Flag.CONTROL))
     elif flags & Flag.CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
+    elif kind == Kind.AUTH_FAILED:
+        if offset + _REFUSAL.size != end:
+            raise MalformedPacket("length", "AUTH_FAILED carries one byte")
+        (refusal,) = _REFUSAL.unpack_from(data, offset)
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
     return Packet(
@@ -341,6 +423,8 @@ def decode(data: bytes) -> Packet:
         ack_delay=ack_delay,
         sacks=sacks,
         notices=notices,
+        cookie=cookie,
+        refusal=refusal,
         fragment=fragment,
     )
 

@@ -13,8 +13,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar
 
 import click
 
@@ -97,6 +97,34 @@ class Duration(_FloatParam):
 PROBABILITY = Probability()
 DURATION = Duration()
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def security_options(command: F) -> F:
+    """--security and --keyfile; the key itself never goes on the command line."""
+    command = click.option(
+        "--keyfile",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Pre-shared key file (write one with 'rmsg keygen'); default: $RMSG_KEY (hex).",
+    )(command)
+    return click.option(
+        "--security",
+        type=click.Choice(reliable.security.MODES),
+        default="integrity",
+        show_default=True,
+        envvar="RMSG_SECURITY",
+        help="CRC only, a MAC on every datagram, or encryption (needs rmsg[crypto]). "
+        "Both ends must agree. Also $RMSG_SECURITY.",
+    )(command)
+
+
+def _security(mode: str, keyfile: str | None) -> reliable.security.Security:
+    try:
+        return reliable.security.make_security(mode, keyfile=keyfile)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc), param_hint="--security/--keyfile") from None
+
 
 @click.group(context_settings=_CONTEXT)
 @click.version_option(reliable.__version__, prog_name="rmsg")
@@ -164,7 +192,10 @@ def main() -> None:
     help="Local address to send from [default: any, same family as DEST].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@security_options
 def send(
+    security: str,
+    keyfile: str | None,
     dest: str,
     message: str | None,
     path: str | None,
@@ -197,7 +228,9 @@ def send(
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
     data = _read_message(message, path)
     try:
-        with Node(bind or _wildcard_for(dest.split("/", 1)[0])) as node:
+        with Node(
+            bind or _wildcard_for(dest.split("/", 1)[0]), security=_security(security, keyfile)
+        ) as node:
             receipt = node.send(
                 dest, data, msg_type=msg_type, priority=priority, mailbox=mailbox, timeout=timeout
             )
@@ -299,7 +332,10 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     help="Receive only this type (>0), or the lowest type <= |T| first (<0), as msgrcv.",
 )
 @click.option("--except-type", is_flag=True, help="With --type T > 0: receive every type except T.")
+@security_options
 def recv(
+    security: str,
+    keyfile: str | None,
     bind: str,
     as_json: bool,
     count: int | None,
@@ -340,7 +376,7 @@ def recv(
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        node = Node(bind)
+        node = Node(bind, security=_security(security, keyfile))
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
     try:
@@ -411,7 +447,10 @@ def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = 
     show_default=True,
     help="Give up if the node does not answer within this long.",
 )
-def stats(node_address: str, as_json: bool, timeout: float) -> None:
+@security_options
+def stats(
+    security: str, keyfile: str | None, node_address: str, as_json: bool, timeout: float
+) -> None:
     """Ask the rmsg node at HOST:PORT for its statistics and print them.
 
     Like ipcs: one row per mailbox (messages and bytes queued, capacity,
@@ -428,7 +467,7 @@ def stats(node_address: str, as_json: bool, timeout: float) -> None:
     if timeout <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
     try:
-        with Node(_wildcard_for(node_address)) as node:
+        with Node(_wildcard_for(node_address), security=_security(security, keyfile)) as node:
             snapshot = node.query_stats(node_address, timeout=timeout)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
@@ -438,6 +477,33 @@ def stats(node_address: str, as_json: bool, timeout: float) -> None:
         click.echo(json.dumps(snapshot.as_dict(), default=str, indent=2))
     else:
         click.echo(format_stats(snapshot, node_address))
+
+
+# ---------------------------------------------------------------------- keygen
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("path", type=click.Path(dir_okay=False))
+def keygen(path: str) -> None:
+    """Write a new random 32-byte pre-shared key to PATH, readable by you only.
+
+    Give the same file to every node of a group (--keyfile PATH), or export
+    it as RMSG_KEY. Keys never go on the command line, where ps shows them
+    to every user. PATH must not exist yet.
+
+    \b
+    Examples:
+      rmsg keygen ~/.config/rmsg/key
+      rmsg recv --bind 127.0.0.1:7000 --security authenticated --keyfile ~/.config/rmsg/key
+      RMSG_KEY=$(cat ~/.config/rmsg/key) rmsg send 127.0.0.1:7000 hi --security encrypted
+    """
+    try:
+        reliable.security.write_keyfile(path)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc), param_hint="PATH") from None
+    except OSError as exc:
+        raise _fail(f"cannot write {path}: {exc.strerror}") from None
+    click.echo(f"wrote a new key to {path} (mode 600)", err=True)
 
 
 # ------------------------------------------------------------------------ demo

@@ -28,6 +28,8 @@ from scapy.fields import (
     PacketListField,
     ShortField,
     SignedIntField,
+    StrField,
+    StrFixedLenField,
     StrLenField,
     XIntField,
     XLongField,
@@ -44,8 +46,33 @@ _KINDS = {int(k): k.name for k in Kind}
 _REASONS = {int(r): r.name for r in Verdict}
 
 
+_FLAG_NAMES = [
+    "ACK_NOW",
+    "ACK",
+    "CONTROL",
+    "COOKIE",
+    *("b4", "b5", "b6", "b7"),  # unassigned
+    "AUTHENTICATED",
+    "ENCRYPTED",
+]
+_AUTHENTICATED, _ENCRYPTED = 0x0100, 0x0200
+
+
+def _flags(pkt: Packet) -> int:
+    return int(pkt.flags or 0)
+
+
+def _sealed(pkt: Packet) -> bool:
+    return bool(_flags(pkt) & (_AUTHENTICATED | _ENCRYPTED))
+
+
+def _readable(pkt: Packet) -> bool:
+    """The body is in clear: unsealed, or authenticated (signed, not encrypted)."""
+    return not _flags(pkt) & _ENCRYPTED
+
+
 def _is_data(pkt: Packet) -> bool:
-    return bool(pkt.kind == Kind.DATA)
+    return bool(pkt.kind == Kind.DATA) and _readable(pkt)
 
 
 class SackRange(Packet):
@@ -85,7 +112,7 @@ class RMSG(Packet):
         XShortField("magic", MAGIC),
         ByteField("version", VERSION),
         ByteEnumField("kind", Kind.DATA, _KINDS),
-        FlagsField("flags", 0, 16, ["ACK_NOW", "ACK", "CONTROL"]),
+        FlagsField("flags", 0, 16, _FLAG_NAMES),
         ShortField("window", 0),
         XLongField("src_incarnation", 1),
         XLongField("dst_incarnation", 0),
@@ -93,8 +120,19 @@ class RMSG(Packet):
         ShortField("ack_delay", 0),
         FieldLenField("n_sack", None, count_of="sacks", fmt="B"),
         FieldLenField("n_notice", None, count_of="notices", fmt="B"),
-        PacketListField("sacks", [], SackRange, count_from=lambda p: p.n_sack),
-        PacketListField("notices", [], RejectNotice, count_from=lambda p: p.n_notice),
+        ConditionalField(XLongField("packet_number", 0), _sealed),
+        ConditionalField(StrField("sealed", b""), lambda p: not _readable(p)),
+        ConditionalField(
+            StrFixedLenField("cookie", b"\0" * 16, 16),
+            lambda p: _readable(p) and bool(_flags(p) & 0x8),
+        ),
+        ConditionalField(
+            PacketListField("sacks", [], SackRange, count_from=lambda p: p.n_sack), _readable
+        ),
+        ConditionalField(
+            PacketListField("notices", [], RejectNotice, count_from=lambda p: p.n_notice),
+            _readable,
+        ),
         ConditionalField(IntField("seq", 0), _is_data),
         ConditionalField(IntField("base", 0), _is_data),
         ConditionalField(IntField("msg_id", 0), _is_data),
@@ -111,10 +149,16 @@ class RMSG(Packet):
         ),
         ConditionalField(FieldLenField("payload_len", None, length_of="data", fmt="H"), _is_data),
         ConditionalField(StrLenField("data", b"", length_from=lambda p: p.payload_len), _is_data),
-        XIntField("checksum", None),
+        ConditionalField(ByteField("refusal", 1), lambda p: p.kind == Kind.AUTH_FAILED),
+        ConditionalField(XIntField("checksum", None), lambda p: not _sealed(p)),
+        ConditionalField(
+            StrFixedLenField("tag", b"\0" * 16, 16), lambda p: _sealed(p) and _readable(p)
+        ),
     ]
 
     def post_build(self, pkt: bytes, pay: bytes) -> bytes:
+        if _sealed(self):
+            return pkt + pay  # the tag is the security layer's to compute
         if self.checksum is None:
             body = pkt[:-4]
             pkt = body + struct.pack("!I", zlib.crc32(body))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reliable import Config, Endpoint, events, wire
+from reliable.security import Security
 
 A = ("10.0.0.1", 1000)  # never used as a socket address: pure labels for the fake link
 B = ("10.0.0.2", 2000)
@@ -55,13 +56,32 @@ class Pair:
         *,
         seed: int = 1,
         release: bool = True,
+        security_a: Security | None = None,
+        security_b: Security | None = None,
     ) -> None:
         self.now = 0.0
         self.seed = seed
-        self.a = Side(A, Endpoint(config_a or Config(), rng=random.Random(seed)))
-        self.b = Side(B, Endpoint(config_b or Config(), rng=random.Random(seed + 1)))
+        self.a = Side(
+            A, Endpoint(config_a or Config(), rng=random.Random(seed), security=security_a)
+        )
+        self.b = Side(
+            B, Endpoint(config_b or Config(), rng=random.Random(seed + 1), security=security_b)
+        )
         self.release = release
         self.log: list[tuple[Any, wire.Packet | None]] = []
+
+    def connect(self) -> None:
+        """Let each end validate the other's address (the first contact costs a round
+        trip: a CHALLENGE and its echo), then forget that exchange's events, so a
+        test can watch the transport between two nodes that already know each other."""
+        for side in (self.a, self.b):
+            side.endpoint.send(self.other(side).addr, b"", now=self.now)
+        self.settle()
+        for side in (self.a, self.b):
+            side.drain()
+            side.events.clear()
+            while side.endpoint.take(now=self.now) is not None:
+                pass
 
     def side(self, addr: Any) -> Side:
         return self.a if addr == A else self.b

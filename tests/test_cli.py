@@ -69,12 +69,14 @@ def test_send_to_nobody_fails_with_one_line() -> None:
     assert "not acknowledged within 0.3s" in result.output
 
 
-def _send_later(dest: str, messages: list[bytes], msg_type: int = 0) -> threading.Thread:
+def _send_later(
+    dest: str, messages: list[bytes], types: list[int] | None = None
+) -> threading.Thread:
     def run() -> None:
         time.sleep(0.3)
         with Node() as a:
-            for m in messages:
-                a.send(dest, m, msg_type=msg_type)
+            for m, t in zip(messages, types or [0] * len(messages), strict=True):
+                a.send(dest, m, msg_type=t)
 
     t = threading.Thread(target=run)
     t.start()
@@ -171,10 +173,8 @@ def test_installed_rmsg_demo(rmsg_exe: str) -> None:
 def test_recv_from_a_named_bounded_mailbox_by_type() -> None:
     port = free_port()
     dest = f"127.0.0.1:{port}/jobs"
-    senders = [
-        _send_later(dest, [b"skip me"], msg_type=1),
-        _send_later(dest, [b"wanted", b"wanted too"], msg_type=3),
-    ]
+    # one sender, in this order, so every send completes before recv has its two and exits
+    senders = [_send_later(dest, [b"skip me", b"wanted", b"wanted too"], [1, 3, 3])]
     mailbox = ["--mailbox", "jobs", "--capacity", "5", "--type", "3"]
     result = CliRunner().invoke(
         main, ["recv", "--bind", f"127.0.0.1:{port}", *mailbox, "--json", "-n", "2"]

@@ -15,6 +15,7 @@ from .harness import A, B, Pair, decode_all
 
 def test_one_message_is_delivered_with_a_receipt() -> None:
     p = Pair()
+    p.connect()
     p.b.create_mailbox("in")
     ticket = p.a.endpoint.send(B, b"hello", now=p.now, msg_type=7, priority=3, mailbox="in")
     p.settle()
@@ -65,6 +66,7 @@ def test_both_directions_at_once_piggyback_acks() -> None:
 
 def test_a_gap_is_repaired_by_sack_before_any_timeout() -> None:
     p = Pair()
+    p.connect()
     for i in range(10):
         p.a.endpoint.send(B, b"m%d" % i, now=p.now)
     p.transfer(p.a, drop=lambda i, d: i == 0)  # the first datagram is lost
@@ -81,6 +83,7 @@ def test_a_gap_is_repaired_by_sack_before_any_timeout() -> None:
 
 def test_duplicates_are_delivered_once_and_counted() -> None:
     p = Pair()
+    p.connect()
     p.a.endpoint.send(B, b"once", now=p.now)
     out = p.outgoing(p.a)
     p.deliver(p.b, out + out + out)
@@ -427,6 +430,7 @@ def test_bad_config_says_what_to_change(field: str, value: float) -> None:
 
 def test_close_repeats_the_final_acks_so_delivered_messages_do_not_fail() -> None:
     p = Pair()
+    p.connect()
     ticket = p.a.endpoint.send(B, b"got it, but the ack was lost", now=p.now)
     p.transfer(p.a)
     p.outgoing(p.b)  # B's acknowledgement is lost

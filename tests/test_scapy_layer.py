@@ -32,6 +32,8 @@ def test_scapy_dissects_what_the_library_encodes(packet: wire.Packet) -> None:
         )
         assert (layer.msg_type, layer.priority) == (f.msg_type, f.priority)
         assert layer.mailbox == f.mailbox.encode() and layer.data == f.payload
+    if packet.cookie is not None:
+        assert layer.cookie == packet.cookie
 
 
 @settings(max_examples=100, deadline=None)
@@ -48,7 +50,7 @@ def test_library_decodes_what_scapy_builds(
         kind=int(kind),
         src_incarnation=99,
         dst_incarnation=7,
-        flags="ACK",
+        flags="ACK+COOKIE" if kind == wire.Kind.CHALLENGE else "ACK",
         ack=5,
         window=12,
         sacks=[SackRange(start=s, end=e) for s, e in sacks],
@@ -56,12 +58,16 @@ def test_library_decodes_what_scapy_builds(
     )
     if kind == wire.Kind.DATA:
         layer.seq, layer.data, layer.mailbox = 42, data, mailbox.encode()
+    if kind == wire.Kind.CHALLENGE:
+        layer.cookie = bytes(range(16))
     decoded = wire.decode(bytes(layer))  # lengths, counts and CRC were filled in by post_build
     assert decoded.kind == kind and decoded.sacks == tuple(sacks) and decoded.notices == ((3, 2),)
     if kind == wire.Kind.DATA:
         assert decoded.fragment is not None
         assert decoded.fragment.payload == data and decoded.fragment.mailbox == mailbox
         assert decoded.fragment.total_len == len(data)
+    assert decoded.cookie == (bytes(range(16)) if kind == wire.Kind.CHALLENGE else None)
+    assert decoded.refusal == (1 if kind == wire.Kind.AUTH_FAILED else 0)
 
 
 def test_bound_to_the_default_port_both_ways() -> None:

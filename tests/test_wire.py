@@ -51,6 +51,10 @@ def packets(draw: st.DrawFn) -> Packet:
         ack_delay=draw(st.integers(0, 0xFFFF)),
         sacks=draw(ranges),
         notices=draw(notices),
+        cookie=draw(st.binary(min_size=16, max_size=16))
+        if kind == Kind.CHALLENGE
+        else draw(st.none() | st.binary(min_size=16, max_size=16)),
+        refusal=draw(st.integers(0, 255)) if kind == Kind.AUTH_FAILED else 0,
         fragment=draw(fragments()) if kind == Kind.DATA else None,
     )
 
