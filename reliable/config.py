@@ -58,6 +58,11 @@ class Config:
     """Bytes the default mailbox holds before arrivals wait for room
     (back-pressuring their senders); None for no byte limit."""
 
+    receive_memory: int = 64 * 1024 * 1024
+    """Bytes all peers' reorder buffers and partial messages may hold together.
+    Past it, fragments that would wait are dropped (and retransmitted later);
+    in-order single-datagram messages still pass, so established peers keep going."""
+
     mailbox_memory: int = 256 * 1024 * 1024
     """Bytes all mailboxes together may hold, parked messages included.
     Arrivals beyond it are refused, and their senders told why."""
@@ -135,6 +140,11 @@ class Config:
             raise UsageError("Config.min_rto must not exceed Config.max_rto")
         if self.min_cwnd > self.initial_cwnd:
             raise UsageError("Config.min_cwnd must not exceed Config.initial_cwnd")
+        if self.receive_memory < self.max_message_size:
+            raise UsageError(
+                "Config.receive_memory must hold at least one message of max_message_size "
+                f"({self.max_message_size} bytes), got {self.receive_memory}"
+            )
         if self.send_buffer < self.max_message_size:
             raise UsageError(
                 "Config.send_buffer must hold at least one message of max_message_size "

@@ -67,7 +67,7 @@ from .control import (
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession
-from .receiver import Delivery
+from .receiver import Delivery, MemoryBudget
 from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
 from .stats import NodeStats
@@ -120,6 +120,7 @@ class Endpoint:
         # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
         self._cookie_key = self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16)
         self._packet_number = 0
+        self._receive_budget = MemoryBudget(self.config.receive_memory)
         self._challenge_budget = float(self.config.max_challenges_per_second)
         self._challenge_clock = 0.0
         self.challenges_sent = 0
@@ -386,6 +387,9 @@ class Endpoint:
             send_buffer_bytes=self._buffered,
             mailbox_bytes=self._held,
             mailbox_memory=self.config.mailbox_memory,
+            receive_bytes=self._receive_budget.used,
+            receive_memory=self._receive_budget.limit,
+            challenges_sent=self.challenges_sent,
         )
 
     def query_stats(self, dest: Any, now: float) -> int:
@@ -654,7 +658,9 @@ class Endpoint:
                     break
             # Not parked: it already got in (or was discarded), and that answer is on its way.
         elif isinstance(ctl, StatsRequest):
-            if self.config.serve_stats:
+            if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
+                self._drop("shed.stats")  # it asks faster than it reads: answer later asks
+            elif self.config.serve_stats:
                 body = json.dumps(self.stats(now).as_dict(), default=str).encode()
                 session.send_control(StatsReply(ctl.request, body), now)
             else:
@@ -684,6 +690,7 @@ class Endpoint:
             screen=self._screen,
             deliver=self._deliver,
             on_control=self._on_control,
+            budget=self._receive_budget,
         )
         self._peers[addr] = session
         return session
@@ -832,6 +839,7 @@ class Endpoint:
         session.fail_all(errors.PeerClosed(session.addr))
         self._remember_ended(session.addr, session.incarnation)
         self._forget_parked(session.addr, session.incarnation)
+        session.receiver.release()
         del self._peers[session.addr]
         self._dirty.pop(session.addr, None)
         if self._closing:

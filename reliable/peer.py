@@ -40,7 +40,7 @@ from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
 from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
-from .receiver import Delivery, ReceiveStream, Screen
+from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
 from .security import ReplayWindow
 from .sender import OutgoingMessage, SendStream
@@ -87,8 +87,10 @@ class PeerSession:
         screen: Screen | None = None,
         deliver: Deliver | None = None,
         on_control: OnControl | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.addr = addr
+        self._budget = budget if budget is not None else MemoryBudget(config.receive_memory)
         self._screen = screen
         self._deliver = deliver
         self._on_control = on_control
@@ -107,7 +109,7 @@ class PeerSession:
         )
         self.cc = NewReno(initial_cwnd=config.initial_cwnd, min_cwnd=config.min_cwnd)
         self.sender = SendStream(config, self.rtt, self.cc, rng.getrandbits(32))
-        self.receiver = ReceiveStream(config, screen)
+        self.receiver = ReceiveStream(config, screen, self._budget)
         self.deferred: dict[int, OutgoingMessage] = {}  # by msg_id
         self.full_mailboxes: dict[str, int] = {}  # mailbox -> our messages deferred there
         self.last_heard = now
@@ -132,6 +134,7 @@ class PeerSession:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._earlier_duplicates = 0  # counted by receive streams that restarts replaced
+        self._earlier_shed = 0
 
     # ------------------------------------------------------------ application
 
@@ -313,7 +316,9 @@ class PeerSession:
         assert old is not None
         lost = self.sender.peer_restarted() + self._drop_deferred()
         self._earlier_duplicates += self.receiver.duplicates
-        self.receiver = ReceiveStream(self.config, self._screen)
+        self._earlier_shed += self.receiver.shed
+        self.receiver.release()
+        self.receiver = ReceiveStream(self.config, self._screen, self._budget)
         self.replay = ReplayWindow()
         self.incarnation = new_incarnation
         restarted = events.PeerRestarted(
@@ -532,6 +537,7 @@ class PeerSession:
             retransmissions=self.sender.retransmissions,
             packets_received=self.packets_received,
             duplicates=self._earlier_duplicates + self.receiver.duplicates,
+            shed=self._earlier_shed + self.receiver.shed,
             corrupt=self.corrupt,
             messages_sent=self.messages_sent,
             messages_failed=self.messages_failed,

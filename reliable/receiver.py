@@ -82,7 +82,20 @@ class _Partial:
     rejected: Verdict | None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    reserved: int = 0  # bytes of the node's receive memory set aside for it
+    first_seq: int = 0
     next_index: int = 0
+
+
+class MemoryBudget:
+    """Bytes that all receive streams of a node may hold waiting (reorder buffers and
+    partial messages), shared so that many peers cannot add up to too much."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 @dataclass(slots=True)
@@ -100,9 +113,12 @@ class ReceiveStream:
         "ack_now",
         "ack_pending",
         "beyond_window",
+        "budget",
+        "covered",
         "duplicates",
         "expected",
         "first_unacked_time",
+        "held",
         "last_msg_id",
         "max_ack_delay",
         "max_message_size",
@@ -116,10 +132,17 @@ class ReceiveStream:
         "reassembly_errors",
         "refused",
         "screen",
+        "shed",
     )
 
-    def __init__(self, config: Config, screen: Screen | None = None) -> None:
+    def __init__(
+        self, config: Config, screen: Screen | None = None, budget: MemoryBudget | None = None
+    ) -> None:
         self.screen = screen
+        self.budget = budget if budget is not None else MemoryBudget(config.receive_memory)
+        self.held = 0  # bytes charged to the budget: reorder buffer and reservation
+        self.covered: set[int] = set()  # reorder-buffer seqs inside the reservation
+        self.shed = 0  # fragments dropped because the node's receive memory was full
         self.max_window = config.max_window
         self.max_message_size = config.max_message_size
         self.ack_every = config.ack_every
@@ -178,6 +201,14 @@ class ReceiveStream:
             self.no_room += 1
             self.ack_now = True
             return delivered
+        if self._in_reservation(frag, seq):
+            self.covered.add(seq)  # its bytes are already set aside
+        elif self._over_budget(frag, seq):
+            self.shed += 1  # the node is full: the sender will retransmit it later
+            self.ack_now = True
+            return delivered
+        else:
+            self._hold(len(frag.payload))
         self.ooo[seq] = frag
         self._add_range(seq)
         if seq == self.expected:
@@ -199,6 +230,7 @@ class ReceiveStream:
             frag = self.ooo.pop(self.expected, None)
             if frag is None:
                 break
+            self._unstore(frag, self.expected)
             self._reassemble(frag, self.expected, delivered)
             self.expected += 1
         self._trim_ranges()
@@ -208,11 +240,13 @@ class ReceiveStream:
         assert self.expected is not None
         for seq in sorted(s for s in self.ooo if s < base):
             if seq != self.expected:
-                self.partial = None  # a gap: the message in progress can never complete
-            self._reassemble(self.ooo.pop(seq), seq, delivered)
+                self._end_partial()  # a gap: the message in progress can never complete
+            frag = self.ooo.pop(seq)
+            self._unstore(frag, seq)
+            self._reassemble(frag, seq, delivered)
             self.expected = seq + 1
         if self.expected < base:
-            self.partial = None
+            self._end_partial()
             self.expected = base
         self._trim_ranges()
         self._advance(delivered)
@@ -222,6 +256,7 @@ class ReceiveStream:
         if frag.index == 0:
             if partial is not None:
                 self.reassembly_errors += 1
+                self._end_partial()
             reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
             msg_id = unwrap(frag.msg_id, reference)
             self.last_msg_id = msg_id
@@ -243,6 +278,17 @@ class ReceiveStream:
                 control=frag.control,
                 rejected=rejected,
             )
+            partial.first_seq = seq
+            if rejected is None and frag.count > 1:
+                # Its whole length is reserved now, so a started message can always
+                # finish: partial messages never deadlock over the shared budget. Its
+                # fragments already waiting here move into the reservation.
+                partial.reserved = frag.total_len
+                self._hold(partial.reserved)
+                for later, waiting in self.ooo.items():
+                    if later not in self.covered and self._in_reservation(waiting, later):
+                        self.covered.add(later)
+                        self._hold(-len(waiting.payload))
         elif (
             partial is None
             or frag.index != partial.next_index
@@ -252,7 +298,7 @@ class ReceiveStream:
         ):
             # The tail of a message whose start was skipped, or a broken sender.
             self.reassembly_errors += 1
-            self.partial = None
+            self._end_partial()
             return
         partial.next_index += 1
         if partial.rejected is None:
@@ -260,11 +306,11 @@ class ReceiveStream:
             partial.size += len(frag.payload)
             if partial.size > partial.total_len:
                 self.reassembly_errors += 1
-                self.partial = None
+                self._end_partial()
                 return
         if partial.next_index < partial.count:
             return
-        self.partial = None
+        self._end_partial()
         if partial.rejected is not None:
             return
         if partial.size != partial.total_len:
@@ -282,6 +328,70 @@ class ReceiveStream:
                 partial.control,
             )
         )
+
+    def _over_budget(self, frag: Fragment, seq: int) -> bool:
+        """Whether storing ``frag`` would take the node past its receive memory.
+
+        In-order fragments of a message already started never are (its length
+        was reserved); neither is an in-order single-datagram message (it is
+        delivered at once) or a control message. A fragment that starts a
+        multi-datagram message needs room for the whole message.
+        """
+        if frag.control or frag.total_len > self.max_message_size:
+            return False  # (one too large is refused without storing a byte)
+        starts = frag.index == 0 and frag.count > 1
+        if seq == self.expected and not starts:
+            return False
+        need = frag.total_len if starts else len(frag.payload)
+        if starts and seq == self.expected:
+            # Its own later fragments, already waiting here, move into the reservation:
+            # counting them twice would let them lock out the message they belong to.
+            wire_id = frag.msg_id
+            need -= sum(
+                len(f.payload)
+                for later, f in self.ooo.items()
+                if f.msg_id == wire_id and seq < later < seq + frag.count
+            )
+        return self.budget.used + need > self.budget.limit
+
+    def _in_reservation(self, frag: Fragment, seq: int) -> bool:
+        """Whether ``frag`` belongs to the message in progress, whose bytes are reserved."""
+        partial = self.partial
+        return (
+            partial is not None
+            and partial.reserved > 0
+            and frag.msg_id == partial.msg_id & 0xFFFFFFFF
+            and partial.first_seq < seq < partial.first_seq + partial.count
+        )
+
+    def _unstore(self, frag: Fragment, seq: int) -> None:
+        """``frag`` left the reorder buffer: return its bytes unless a reservation covers them."""
+        if seq in self.covered:
+            self.covered.discard(seq)
+        else:
+            self._hold(-len(frag.payload))
+
+    def _hold(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.budget.used += nbytes
+
+    def _end_partial(self) -> None:
+        """The message in progress is complete, refused or broken: release its reservation."""
+        if self.partial is not None:
+            self._hold(-self.partial.reserved)
+            self.partial = None
+            for seq in self.covered:  # still waiting: their bytes count on their own again
+                frag = self.ooo.get(seq)
+                if frag is not None:
+                    self._hold(len(frag.payload))
+            self.covered.clear()
+
+    def release(self) -> None:
+        """This stream is being discarded (peer restarted or gone): return what it held."""
+        self._hold(-self.held)
+        self.ooo.clear()
+        self.covered.clear()
+        self.partial = None
 
     def add_notice(self, msg_id: int, verdict: Verdict, seq: int) -> None:
         """Report ``verdict`` on message ``msg_id``, whose last fragment so far is ``seq``."""

@@ -27,6 +27,7 @@ class PeerStats:
     packets_received: int
     duplicates: int
     corrupt: int
+    shed: int  #: fragments dropped because the node's receive memory was full
     messages_sent: int
     messages_failed: int
     messages_received: int
@@ -84,6 +85,9 @@ class NodeStats:
     send_buffer_bytes: int = 0
     mailbox_bytes: int = 0  #: held in all mailboxes, parked messages included
     mailbox_memory: int = 0  #: the node-wide cap on ``mailbox_bytes``
+    receive_bytes: int = 0  #: held in reorder buffers and partial messages, all peers
+    receive_memory: int = 0  #: the node-wide cap on ``receive_bytes``
+    challenges_sent: int = 0  #: address-validation challenges sent to new addresses
 
     @property
     def retransmissions(self) -> int:

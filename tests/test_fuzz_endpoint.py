@@ -31,6 +31,11 @@ def assert_bounded(ep: Endpoint) -> None:
         assert r.partial is None or r.partial.size <= cfg.max_message_size
         assert len(r.notices) <= cfg.max_window
         assert len(r.ranges) <= cfg.max_window
+        # receive-memory accounting: exactly what waits, reservations included
+        waiting = sum(len(f.payload) for seq, f in r.ooo.items() if seq not in r.covered)
+        assert r.held == waiting + (r.partial.reserved if r.partial is not None else 0)
+    assert ep._receive_budget.used == sum(s.receiver.held for s in ep._peers.values())
+    assert ep._receive_budget.used <= cfg.receive_memory + cfg.max_message_size
 
 
 @FUZZ

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliable import Config, Endpoint, errors, events, wire
+from reliable.control import StatsRequest
 from reliable.security import (
     Authenticated,
     Encrypted,
@@ -340,3 +341,57 @@ def test_a_spoofed_flood_is_absorbed_while_a_real_peer_is_served() -> None:
     assert stats.dropped["unvalidated"] == 100_000, "the flood was counted"
     assert p.b.endpoint.challenges_sent <= 2000 * (p.now + 1)  # rate-limited replies
     assert grown < 2_000_000, f"memory grew by {grown} bytes"
+
+
+# ------------------------------------------------------------- resource limits
+
+
+def test_receive_memory_is_shared_fairly_and_never_deadlocks() -> None:
+    """Three senders push multi-datagram messages through a reordering link at a node
+    whose receive memory holds barely one of them: all arrive, within the cap."""
+    from netem import Impairment, SimNetwork
+
+    config = Config(max_message_size=40_000, receive_memory=48_000, peer_timeout=30.0)
+    net = SimNetwork(seed=3, default=Impairment(loss=0.05, reorder=0.3, delay=0.002))
+    sink = Endpoint(config, rng=random.Random(9))
+    net.add_host(("sink", 1), sink)
+    senders = [Endpoint(config, rng=random.Random(n)) for n in range(3)]
+    for n, ep in enumerate(senders):
+        net.add_host(("src", n), ep)
+        for i in range(4):
+            net.call_at(
+                0.001 * i,
+                lambda ep=ep, n=n, i=i: ep.send(("sink", 1), bytes([n, i]) * 15_000, now=net.now),
+                host=("src", n),
+            )
+    got: list[bytes] = []
+    peak = 0
+
+    def done() -> bool:
+        nonlocal peak
+        peak = max(peak, sink.stats().receive_bytes)
+        while (msg := sink.take(now=net.now)) is not None:
+            got.append(msg.data)
+        return len(got) == 12
+
+    net.run(stop=done, until=600.0)
+    assert sorted(got) == sorted(bytes([n, i]) * 15_000 for n in range(3) for i in range(4))
+    assert peak <= config.receive_memory
+    stats = sink.stats()
+    assert stats.receive_bytes == 0 and sum(p.shed for p in stats.peers) > 0
+
+
+def test_receive_memory_must_hold_one_message() -> None:
+    with pytest.raises(errors.UsageError, match="receive_memory"):
+        Config(max_message_size=1 << 20, receive_memory=1 << 19)
+
+
+def test_stats_queries_are_shed_when_replies_pile_up() -> None:
+    p = Pair()
+    p.connect()
+    session = p.b.endpoint._peers[A]
+    for _ in range(64):
+        session.send_control(StatsRequest(0), p.now)
+    p.a.endpoint.query_stats(B, p.now)
+    p.transfer(p.a)
+    assert p.b.endpoint.stats().dropped["shed.stats"] == 1
