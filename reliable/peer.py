@@ -304,8 +304,10 @@ class PeerSession:
 
         It dropped what we sent, so that goes again at once, cookie attached.
         """
-        self.cookie = cookie
         self.last_heard = now  # it answered: it is alive
+        if cookie == self.cookie:
+            return  # another answer to the same first flight: already resent with it
+        self.cookie = cookie
         self.sender.resend_now()
         if not self.sender.flight and not self.sender.can_send():
             self.ping_now = True
