@@ -95,6 +95,13 @@ class RejectNotice(Packet):
         return b"", s
 
 
+class _SealedField(StrField):
+    """An encrypted body: everything up to the 4-byte CRC trailer."""
+
+    def getfield(self, pkt: Packet, s: bytes) -> tuple[bytes, bytes]:
+        return s[-4:], s[:-4]
+
+
 class _TotalLenField(IntField):
     """Message length; ``None`` means 'this fragment is the whole message'."""
 
@@ -105,7 +112,12 @@ class _TotalLenField(IntField):
 
 
 class RMSG(Packet):
-    """rmsg v1: header, ack section, DATA body (for DATA), CRC-32 trailer."""
+    """rmsg v1: header, ack section, DATA body (for DATA), CRC-32 trailer.
+
+    Sealed datagrams (authenticated or encrypted modes) add the packet number
+    after the header and the 16-byte tag before the CRC; an encrypted body is
+    shown as ``sealed`` bytes. Building one leaves the tag to you: a forgery.
+    """
 
     name = "rmsg"
     fields_desc = [
@@ -121,7 +133,7 @@ class RMSG(Packet):
         FieldLenField("n_sack", None, count_of="sacks", fmt="B"),
         FieldLenField("n_notice", None, count_of="notices", fmt="B"),
         ConditionalField(XLongField("packet_number", 0), _sealed),
-        ConditionalField(StrField("sealed", b""), lambda p: not _readable(p)),
+        ConditionalField(_SealedField("sealed", b""), lambda p: not _readable(p)),
         ConditionalField(
             StrFixedLenField("cookie", b"\0" * 16, 16),
             lambda p: _readable(p) and bool(_flags(p) & 0x8),
@@ -150,15 +162,13 @@ class RMSG(Packet):
         ConditionalField(FieldLenField("payload_len", None, length_of="data", fmt="H"), _is_data),
         ConditionalField(StrLenField("data", b"", length_from=lambda p: p.payload_len), _is_data),
         ConditionalField(ByteField("refusal", 1), lambda p: p.kind == Kind.AUTH_FAILED),
-        ConditionalField(XIntField("checksum", None), lambda p: not _sealed(p)),
         ConditionalField(
             StrFixedLenField("tag", b"\0" * 16, 16), lambda p: _sealed(p) and _readable(p)
         ),
+        XIntField("checksum", None),  # sealed or not, a CRC-32 ends every datagram
     ]
 
     def post_build(self, pkt: bytes, pay: bytes) -> bytes:
-        if _sealed(self):
-            return pkt + pay  # the tag is the security layer's to compute
         if self.checksum is None:
             body = pkt[:-4]
             pkt = body + struct.pack("!I", zlib.crc32(body))

@@ -84,3 +84,40 @@ def test_a_corrupted_packet_fails_its_checksum() -> None:
     raw = bytearray(bytes(RMSG(kind="ACK", src_incarnation=3, flags="ACK", ack=9)))
     raw[12] ^= 0x01
     assert not RMSG(bytes(raw)).checksum_ok()
+
+
+def test_scapy_reads_sealed_datagrams_and_its_forgeries_are_refused() -> None:
+    import random
+
+    from reliable import Config, Endpoint
+    from reliable.security import Authenticated, Encrypted
+
+    key = bytes(range(32))
+    for security in (Authenticated(key), Encrypted(key)):
+        victim = Endpoint(Config(validate_addresses=False), rng=random.Random(1), security=security)
+        body = wire.encode_body(wire.Packet(kind=wire.Kind.PING, src_incarnation=77))
+        genuine = security.seal(body, 77, 3)
+        layer = RMSG(genuine)
+        assert layer.packet_number == 3 and layer.checksum_ok()
+        assert layer.flags.AUTHENTICATED or layer.flags.ENCRYPTED
+        # a forgery: a DATA message with a made-up tag (and a correct CRC)
+        forged = RMSG(
+            kind="DATA",
+            flags="AUTHENTICATED",
+            src_incarnation=78,
+            packet_number=1,
+            data=b"transfer everything",
+            tag=b"\x42" * 16,
+        )
+        victim.receive_datagram(bytes(forged), ("198.18.0.9", 4000), 0.0)
+        # a tampered genuine one: a header field changed, CRC recomputed
+        tampered = RMSG(genuine)
+        tampered.window = 999
+        tampered.checksum = None
+        victim.receive_datagram(bytes(tampered), ("198.18.0.9", 4001), 0.0)
+        # a truncated one
+        victim.receive_datagram(genuine[:-9], ("198.18.0.9", 4002), 0.0)
+        assert victim.peers() == [] and victim.next_event() is None
+        dropped = victim.stats().dropped
+        assert sum(dropped.values()) == 3
+        assert dropped.get("security.bad_tag", 0) + dropped.get("security.wrong_mode", 0) == 2
