@@ -60,6 +60,10 @@ from .wire import (
 
 __all__ = ["PeerSession"]
 
+# Plain ints on the per-packet paths (enum flag arithmetic is slow).
+_ACK = int(Flag.ACK)
+_ACK_NOW = int(Flag.ACK_NOW)
+
 _REASON_TEXT = {
     Verdict.TOO_LARGE: "larger than the receiver's max_message_size (or its mailbox's max_bytes)",
     Verdict.REFUSED: "refused by the receiving application",
@@ -204,7 +208,7 @@ class PeerSession:
         self.unreachable = False
         self.probe_backoff = 0
         self.packets_received += 1
-        if pkt.dst_incarnation == my_incarnation and pkt.flags & Flag.ACK:
+        if pkt.dst_incarnation == my_incarnation and pkt.flags & _ACK:
             self._on_ack(pkt, now)
         if pkt.kind == Kind.DATA:
             assert pkt.fragment is not None
@@ -212,7 +216,7 @@ class PeerSession:
                 pkt.fragment,
                 now,
                 has_room=self.parked < self.config.receive_backlog,
-                ack_now=bool(pkt.flags & Flag.ACK_NOW),
+                ack_now=bool(pkt.flags & _ACK_NOW),
             )
             for d in deliveries:
                 self._take_delivery(d, now)
@@ -353,7 +357,7 @@ class PeerSession:
         sender = self.sender
         receiver = self.receiver
         dst = self.incarnation or 0
-        ack_flag = Flag.ACK if receiver.expected is not None else Flag.NONE
+        ack_flag = _ACK if receiver.expected is not None else 0
         if sender.can_send():
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
@@ -363,7 +367,7 @@ class PeerSession:
                     break
                 frag, retransmission = step
                 more = sender.can_send()
-                flags = ack_flag | (Flag.ACK_NOW if retransmission or not more else Flag.NONE)
+                flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
                     encode_body(
                         Packet(
@@ -406,10 +410,10 @@ class PeerSession:
         to it as failed just because that acknowledgement was lost: the CLOSE
         repeats it, and the peer processes it before failing what is left.
         """
-        ack_flag = Flag.ACK if self.receiver.expected is not None else Flag.NONE
+        ack_flag = _ACK if self.receiver.expected is not None else 0
         return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
 
-    def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: Flag) -> bytes:
+    def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: int) -> bytes:
         ack = self.receiver.ack_state(now)
         return encode_body(
             Packet(
