@@ -167,3 +167,29 @@ class Pair:
 
 def decode_all(datagrams: list[bytes]) -> list[wire.Packet]:
     return [wire.decode(d) for d in datagrams]
+
+
+def forged_datagram(rng: random.Random, i: int, size: int = 600) -> bytes:
+    """What a spoofing flooder sends: a well-formed packet (valid CRC) from a made-up
+    incarnation; a third are PINGs, the rest single-datagram DATA, and every other
+    one tries a made-up cookie."""
+    fragment = wire.Fragment(
+        seq=rng.getrandbits(32),
+        base=0,
+        msg_id=0,
+        index=0,
+        count=1,
+        total_len=size,
+        msg_type=0,
+        priority=0,
+        mailbox="",
+        payload=rng.randbytes(size),
+    )
+    return wire.encode(
+        wire.Packet(
+            kind=wire.Kind.PING if i % 3 == 0 else wire.Kind.DATA,
+            src_incarnation=rng.getrandbits(64) | 1,
+            cookie=rng.randbytes(16) if i % 2 else None,
+            fragment=None if i % 3 == 0 else fragment,
+        )
+    )

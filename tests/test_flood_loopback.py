@@ -16,8 +16,9 @@ import threading
 
 import pytest
 
-from reliable import Config, Node, wire
-from reliable.wire import Fragment, Kind, Packet
+from reliable import Config, Node
+
+from .harness import forged_datagram
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
 
@@ -52,34 +53,11 @@ def _udp_ip(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes
     return ip + udp
 
 
-def _forged(rng: random.Random, i: int) -> bytes:
-    fragment = Fragment(
-        seq=rng.getrandbits(32),
-        base=0,
-        msg_id=0,
-        index=0,
-        count=1,
-        total_len=500,
-        msg_type=0,
-        priority=0,
-        mailbox="",
-        payload=rng.randbytes(500),
-    )
-    return wire.encode(
-        Packet(
-            kind=Kind.PING if i % 3 == 0 else Kind.DATA,
-            src_incarnation=rng.getrandbits(64) | 1,
-            cookie=rng.randbytes(16) if i % 2 else None,
-            fragment=None if i % 3 == 0 else fragment,
-        )
-    )
-
-
 @pytest.mark.timeout(120)
 def test_a_spoofed_flood_over_udp_leaves_a_real_peer_served() -> None:
     raw = _raw_socket()
     rng = random.Random(7)
-    payloads = [_forged(rng, i) for i in range(500)]
+    payloads = [forged_datagram(rng, i, 500) for i in range(500)]
     sources = [(f"127.77.{n // 250}.{1 + n % 250}", 20000 + n) for n in range(SOURCES)]
     with raw, Node(config=Config(peer_timeout=30.0)) as victim, Node() as friend:
         target = victim.address

@@ -27,7 +27,7 @@ from reliable.security import (
 )
 from reliable.wire import Fragment, Kind, MalformedPacket, Packet
 
-from .harness import A, B, Pair
+from .harness import A, B, Pair, forged_datagram
 from .test_wire import packets
 
 KEY = bytes(range(32))
@@ -295,30 +295,7 @@ def test_a_spoofed_flood_is_absorbed_while_a_real_peer_is_served() -> None:
     p = Pair(config_b=Config(max_challenges_per_second=2000))
     p.connect()
     rng = random.Random(2026)
-
-    def forged(i: int) -> bytes:
-        fragment = Fragment(
-            seq=rng.getrandbits(32),
-            base=0,
-            msg_id=0,
-            index=0,
-            count=1,
-            total_len=600,
-            msg_type=0,
-            priority=0,
-            mailbox="",
-            payload=rng.randbytes(600),
-        )
-        return wire.encode(
-            Packet(
-                kind=Kind.PING if i % 3 == 0 else Kind.DATA,
-                src_incarnation=rng.getrandbits(64) | 1,
-                cookie=rng.randbytes(16) if i % 2 else None,  # half try a made-up cookie
-                fragment=None if i % 3 == 0 else fragment,
-            )
-        )
-
-    floods = [forged(i) for i in range(1000)]
+    floods = [forged_datagram(rng, i) for i in range(1000)]
     sources = [(f"198.18.{n // 250}.{n % 250}", 1000 + n) for n in range(5000)]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
