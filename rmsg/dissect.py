@@ -28,17 +28,20 @@ class TimelineEntry:
     time: float  #: seconds since the first packet of the capture
     source: tuple[Any, ...]
     destination: tuple[Any, ...]
-    packet: wire.Packet | None  #: None when the datagram did not decode
+    packet: wire.Packet | None  #: None when the datagram did not decode (or is encrypted)
     error: str | None
     retransmission: bool
+    sealed: str = ""  #: "AUTHENTICATED pn=N" or "ENCRYPTED pn=N" for sealed datagrams
 
     def format(self) -> str:
         where = f"{format_address(self.source)} > {format_address(self.destination)}"
         head = f"{self.time:10.6f}  {where:<45}"
         if self.packet is None:
+            if self.sealed:
+                return f"{head} {self.sealed} (body encrypted)"
             return f"{head} MALFORMED ({self.error})"
         p = self.packet
-        parts = [p.kind.name]
+        parts = [self.sealed, p.kind.name] if self.sealed else [p.kind.name]
         if p.fragment is not None:
             f = p.fragment
             parts += [
@@ -76,17 +79,42 @@ def timeline(
             continue
         if start is None:
             start = when
+        sealed = ""
         try:
-            pkt = wire.decode(payload)
-        except wire.MalformedPacket as exc:
-            yield TimelineEntry(when - start, src, dst, None, exc.reason, False)
+            flags, pn = _seal_info(payload)
+            if flags & wire.Flag.ENCRYPTED:
+                kind = wire.Kind(payload[3]).name if payload[3] in _KINDS else str(payload[3])
+                note = f"ENCRYPTED pn={pn} {kind}"
+                yield TimelineEntry(when - start, src, dst, None, None, False, note)
+                continue
+            if flags & wire.Flag.AUTHENTICATED:
+                # shown, not verified: a dissector has no key (and wants none)
+                sealed = f"AUTHENTICATED pn={pn}"
+                pkt = wire.decode_body(payload[:32] + payload[40:-20])
+            else:
+                pkt = wire.decode(payload)
+        except (wire.MalformedPacket, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, wire.MalformedPacket) else str(exc)
+            yield TimelineEntry(when - start, src, dst, None, reason, False)
             continue
         retx = False
         if pkt.fragment is not None:
             key = (src, pkt.src_incarnation, pkt.fragment.seq)
             retx = key in seen
             seen.add(key)
-        yield TimelineEntry(when - start, src, dst, pkt, None, retx)
+        yield TimelineEntry(when - start, src, dst, pkt, None, retx, sealed)
+
+
+_KINDS = {int(k) for k in wire.Kind}
+
+
+def _seal_info(payload: bytes) -> tuple[int, int]:
+    """The flags, and the packet number of a sealed datagram (0 if unsealed)."""
+    if len(payload) < 40:
+        return 0, 0
+    (flags,) = struct.unpack_from("!H", payload, 4)
+    pn = struct.unpack_from("!Q", payload, 32)[0] if flags & wire.MODE_FLAGS else 0
+    return flags, pn
 
 
 def _udp_records(path: Path) -> Iterator[tuple[float, tuple[Any, ...], tuple[Any, ...], bytes]]:

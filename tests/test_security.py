@@ -372,3 +372,17 @@ def test_stats_queries_are_shed_when_replies_pile_up() -> None:
     p.a.endpoint.query_stats(B, p.now)
     p.transfer(p.a)
     assert p.b.endpoint.stats().dropped["shed.stats"] == 1
+
+
+def test_the_dissector_shows_sealed_datagrams_without_the_key() -> None:
+    from rmsg.dissect import timeline
+
+    body = wire.encode_body(Packet(kind=Kind.ACK, src_incarnation=5, ack=9, flags=wire.Flag.ACK))
+    records = [
+        (0.0, ("a", 1), ("b", 2), Authenticated(KEY).seal(body, 5, 41)),
+        (0.1, ("a", 1), ("b", 2), Encrypted(KEY).seal(body, 5, 42)),
+    ]
+    signed, secret = list(timeline(records))
+    assert signed.packet is not None and signed.packet.ack == 9
+    assert "AUTHENTICATED pn=41 ACK" in signed.format()
+    assert secret.packet is None and "ENCRYPTED pn=42 ACK (body encrypted)" in secret.format()
