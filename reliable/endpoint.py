@@ -124,6 +124,8 @@ class Endpoint:
         self._challenge_budget = float(self.config.max_challenges_per_second)
         self._challenge_clock = 0.0
         self.challenges_sent = 0
+        self._departed_retransmissions = 0
+        self._departed_duplicates = 0
         self._peers: dict[Any, PeerSession] = {}
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
@@ -390,6 +392,8 @@ class Endpoint:
             receive_bytes=self._receive_budget.used,
             receive_memory=self._receive_budget.limit,
             challenges_sent=self.challenges_sent,
+            departed_retransmissions=self._departed_retransmissions,
+            departed_duplicates=self._departed_duplicates,
         )
 
     def query_stats(self, dest: Any, now: float) -> int:
@@ -840,6 +844,9 @@ class Endpoint:
         self._remember_ended(session.addr, session.incarnation)
         self._forget_parked(session.addr, session.incarnation)
         session.receiver.release()
+        gone = session.stats()
+        self._departed_retransmissions += gone.retransmissions
+        self._departed_duplicates += gone.duplicates
         del self._peers[session.addr]
         self._dirty.pop(session.addr, None)
         if self._closing:

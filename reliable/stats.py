@@ -88,14 +88,17 @@ class NodeStats:
     receive_bytes: int = 0  #: held in reorder buffers and partial messages, all peers
     receive_memory: int = 0  #: the node-wide cap on ``receive_bytes``
     challenges_sent: int = 0  #: address-validation challenges sent to new addresses
+    departed_retransmissions: int = 0  #: of peers no longer listed (closed)
+    departed_duplicates: int = 0
 
     @property
     def retransmissions(self) -> int:
-        return sum(p.retransmissions for p in self.peers)
+        """Node-wide, peers that have gone included."""
+        return self.departed_retransmissions + sum(p.retransmissions for p in self.peers)
 
     @property
     def duplicates(self) -> int:
-        return sum(p.duplicates for p in self.peers)
+        return self.departed_duplicates + sum(p.duplicates for p in self.peers)
 
     @property
     def corrupt(self) -> int:
