@@ -32,6 +32,21 @@ def rmsg_exe() -> str:
     return found
 
 
+@pytest.fixture
+def testnet():  # type: ignore[no-untyped-def]
+    """Three test hosts in network namespaces on one bridge (198.18.0.1-3), torn down after.
+
+    Skips where namespaces cannot be made (not root, no iproute2); CI runs as root.
+    """
+    from tools.testnet import TestNetwork, available
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    with TestNetwork(hosts=3) as net:
+        yield net
+
+
 def ipv6_loopback_works() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
