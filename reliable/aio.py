@@ -73,7 +73,10 @@ class AsyncNode:
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
         self._departures = Departures()
-        self._changed = asyncio.Event()
+        # Futures of coroutines waiting for "something changed". Registered synchronously,
+        # right after their condition was checked, so no change can slip in between
+        # (an Event pulsed with set()+clear() loses a wake-up to a waiter that has not run yet).
+        self._waiters: list[asyncio.Future[None]] = []
         self._backlog: deque[tuple[bytes, Address]] = deque()
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
@@ -134,8 +137,7 @@ class AsyncNode:
         self._handles.clear()
         self._receives.clear()
         self._stats_replies.clear()
-        self._changed.set()
-        self._changed.clear()
+        self._notify()
 
     @property
     def address(self) -> Address:
@@ -420,8 +422,7 @@ class AsyncNode:
         self._transmit(endpoint.datagrams_to_send(now))
         route_events(endpoint, self, self._on_event)
         self._arm_timer()
-        self._changed.set()
-        self._changed.clear()
+        self._notify()
 
     def _arm_timer(self) -> None:
         assert self._loop is not None
@@ -464,9 +465,17 @@ class AsyncNode:
             backlog.popleft()
         self._loop.remove_writer(self._sock.fileno())
 
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _wait_change(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            waiter: asyncio.Future[None] = self._require_started().create_future()
+            self._waiters.append(waiter)
+            await asyncio.wait_for(waiter, timeout)
 
     # EventSink
     def on_receive(
@@ -480,7 +489,7 @@ class AsyncNode:
         else:
             assert error is not None
             future.set_exception(error)
-        self._changed.set()
+        self._notify()
 
     def on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)

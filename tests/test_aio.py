@@ -92,3 +92,24 @@ def test_misuse_is_reported_before_start_or_send() -> None:
                 await node.send("127.0.0.1:9", b"x", timeout=0)
 
     run(main())
+
+
+def test_request_reply_never_loses_a_wakeup() -> None:
+    """A reply arriving in the same loop turn in which the receiver starts waiting
+    must still wake it (an Event pulsed set()+clear() used to lose that wake-up)."""
+
+    async def main() -> None:
+        async with AsyncNode() as server, AsyncNode() as client:
+
+            async def echo() -> None:
+                for _ in range(2000):
+                    msg = await server.receive(timeout=5)
+                    server.send_nowait(msg.source, msg.data)
+
+            echoing = asyncio.ensure_future(echo())
+            for i in range(2000):
+                client.send_nowait(server.address, b"%d" % i)
+                assert (await client.receive(timeout=5)).data == b"%d" % i
+            await echoing
+
+    run(main())
