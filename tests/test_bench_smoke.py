@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,20 @@ def test_bench_proxy_quick_prints_a_ratio() -> None:
     assert done.returncode == 0, done.stderr
     assert "ratio" in done.stdout and "datagrams/s" in done.stdout
     assert "proxy CPU" in done.stdout
+
+
+def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
+    """A smoke run of `rmsg bench`: it works and reports; the figures are not judged here."""
+    done = subprocess.run(
+        [rmsg_exe, "bench", "--quick", "--duration", "0.2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    transports = {t["transport"] for t in report["throughput"]}
+    assert transports == {"udp", "tcp", "rmsg", "rmsg-async"}
+    rmsg = [t for t in report["throughput"] if t["transport"] == "rmsg"]
+    assert all(t["messages"] > 0 and t["retransmission_ratio"] is not None for t in rmsg)
+    assert {(x["transport"], x["pinned"]) for x in report["latency"]} >= {("rmsg", False)}

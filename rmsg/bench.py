@@ -1,0 +1,618 @@
+"""``rmsg bench``: rmsg side by side with raw UDP and length-framed TCP, in one run.
+
+Every figure comes from two processes on loopback (a sender and a receiver,
+or a client and an echo server), started fresh for each measurement. Rounds
+are interleaved — each round measures every case once — so drift on a
+shared machine hits every transport alike, and the report gives the median
+over rounds. Ratios are to raw UDP and to TCP *of the same run*.
+
+Measured, per message size (64 B, 1 KiB, 64 KiB, one 16 MiB message):
+
+* messages/s and MB/s at the receiver (first to last message);
+* CPU seconds per message (sender and receiver together) and peak RSS;
+* for rmsg, the retransmission ratio, at 0/1/5/10% loss each way through
+  netem (``FaultySocket`` on the receiver's socket);
+
+and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
+processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
+lose datagrams: its loss is reported); TCP is what users would pick instead.
+
+Every load loop is bounded in count and in time. Loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import multiprocessing as mp
+import os
+import resource
+import socket
+import statistics
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = ["BenchReport", "Latency", "Throughput", "format_report", "run_bench"]
+
+SIZES = (64, 1024, 64 * 1024)
+BIG = 16 * 1024 * 1024
+LOSSES = (0.0, 0.01, 0.05, 0.10)
+MAX_MESSAGES = 2_000_000  # hard bound on any sending loop, on top of its time bound
+_UDP_MAX = 65507
+_FRAME = struct.Struct("!I")
+_WINDOW = 256  # rmsg messages a benchmark sender keeps unconfirmed ...
+_WINDOW_BYTES = 4 * 1024 * 1024  # ... and bytes, so large messages drain in bounded time
+_LISTEN = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    transport: str  #: udp, tcp, rmsg, rmsg-async
+    size: int
+    loss: float
+    messages: int  #: received
+    seconds: float
+    messages_per_s: float
+    mb_per_s: float
+    cpu_us_per_message: float
+    peak_rss_kib: int
+    retransmission_ratio: float | None = None  #: rmsg: retransmitted / sent packets
+    lost: int = 0  #: udp: sent but never received
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    transport: str
+    pinned: bool
+    p50_us: float
+    p99_us: float
+    samples: int
+
+
+@dataclass(slots=True)
+class BenchReport:
+    throughput: list[Throughput] = field(default_factory=list)
+    latency: list[Latency] = field(default_factory=list)
+    rounds: int = 0
+    cpus: int = 0
+
+    def find(self, transport: str, size: int, loss: float = 0.0) -> Throughput | None:
+        for t in self.throughput:
+            if (t.transport, t.size, t.loss) == (transport, size, loss):
+                return t
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "cpus": self.cpus,
+            "throughput": [asdict(t) for t in self.throughput],
+            "latency": [asdict(x) for x in self.latency],
+        }
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
+def _usage() -> tuple[float, int]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+def _rmsg_socket(loss: float, seed: int) -> Any:
+    from netem import Impairment
+    from netem.socket import FaultySocket
+    from reliable._driver import open_socket
+
+    sock = open_socket(f"{_LISTEN}:0")
+    if not loss:
+        return sock
+    return FaultySocket(sock, Impairment(loss=loss), incoming=Impairment(loss=loss), seed=seed)
+
+
+def _receiver(conn: Connection, transport: str, size: int, loss: float, limit: float) -> None:
+    """Receive until told how many were sent (and they arrived), or until idle."""
+    cpu0, _ = _usage()
+    count = 0
+    first = last = 0.0
+    expected: int | None = None
+    deadline = time.monotonic() + limit
+
+    def finished() -> bool:
+        """Everything the sender reports having sent is here (or time is up)."""
+        nonlocal expected
+        if expected is None and conn.poll():
+            expected = conn.recv()
+        return (expected is not None and count >= expected) or time.monotonic() > deadline
+
+    def tick() -> bool:
+        nonlocal first, last, count
+        now = time.monotonic()
+        if count == 0:
+            first = now
+        count += 1
+        last = now
+        return finished()
+
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+        sock.bind((_LISTEN, 0))
+        conn.send(sock.getsockname())
+        sock.settimeout(0.5)
+        with sock:
+            while time.monotonic() < deadline:
+                try:
+                    sock.recv(_UDP_MAX)
+                except TimeoutError:
+                    finished()
+                    if expected is not None:
+                        break  # the sender is done and nothing more is coming
+                    continue
+                if tick():
+                    break
+    elif transport == "tcp":
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind((_LISTEN, 0))
+        server.listen(1)
+        conn.send(server.getsockname())
+        peer, _ = server.accept()
+        with server, peer:
+            stream = peer.makefile("rb", buffering=1 << 20)
+            while True:
+                head = stream.read(4)
+                if len(head) < 4:
+                    break
+                stream.read(_FRAME.unpack(head)[0])
+                if tick():
+                    break
+    elif transport == "rmsg":
+        from reliable import Config, Node, ReceiveTimeout
+
+        config = Config(peer_timeout=30.0)
+        with Node(sock=_rmsg_socket(loss, 1), config=config) as node:
+            conn.send(node.address)
+            while time.monotonic() < deadline:
+                try:
+                    node.receive(timeout=0.1)
+                except ReceiveTimeout:
+                    if finished():
+                        break
+                    continue
+                if tick():
+                    break
+    else:
+        asyncio.run(_async_receiver(conn, loss, tick, finished, deadline))
+    cpu1, rss = _usage()
+    conn.send((count, max(last - first, 1e-9), cpu1 - cpu0, rss))
+
+
+async def _async_receiver(
+    conn: Connection,
+    loss: float,
+    tick: Callable[[], bool],
+    finished: Callable[[], bool],
+    deadline: float,
+) -> None:
+    from reliable import Config, ReceiveTimeout
+    from reliable.aio import AsyncNode
+
+    config = Config(peer_timeout=30.0)
+    async with AsyncNode(sock=_rmsg_socket(loss, 1), config=config) as node:
+        conn.send(node.address)
+        while time.monotonic() < deadline:
+            try:
+                await node.receive(timeout=0.1)
+            except ReceiveTimeout:
+                if finished():
+                    break
+                continue
+            if tick():
+                break
+
+
+def _sender(
+    conn: Connection, transport: str, addr: Any, size: int, loss: float, duration: float, one: bool
+) -> None:
+    """Send ``size``-byte messages for ``duration`` seconds (or one, if ``one``)."""
+    payload = b"\x5a" * (min(size, _UDP_MAX) if transport == "udp" else size)
+    cpu0, _ = _usage()
+    sent = 0
+    retransmissions = packets = 0
+    started = time.monotonic()
+    end = started + duration
+    budget = 1 if one else MAX_MESSAGES
+    if transport == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            while sent < budget and time.monotonic() < end:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    sock.sendto(payload, addr)
+                    sent += 1
+    elif transport == "tcp":
+        frame = _FRAME.pack(len(payload)) + payload
+        with socket.create_connection(addr) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while sent < budget and time.monotonic() < end:
+                sock.sendall(frame)
+                sent += 1
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # wait until the receiver has read it all and closed
+    elif transport == "rmsg":
+        from reliable import Config, Node
+
+        with Node(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
+            outstanding: deque[Any] = deque()
+            window = _window(len(payload))
+            while sent < budget and time.monotonic() < end:
+                if len(outstanding) >= window:
+                    outstanding.popleft().result(60)
+                outstanding.append(node.send_nowait(addr, payload))
+                sent += 1
+            for handle in outstanding:
+                handle.result(120)
+            stats = node.stats()
+            retransmissions, packets = (
+                stats.retransmissions,
+                sum(p.packets_sent for p in stats.peers),
+            )
+    else:
+        sent, retransmissions, packets = asyncio.run(
+            _async_sender(addr, payload, loss, end, budget)
+        )
+    cpu1, rss = _usage()
+    # until every message was confirmed (rmsg) or read (tcp): the time a single message takes
+    elapsed = time.monotonic() - started
+    conn.send((sent, cpu1 - cpu0, rss, retransmissions, packets, elapsed))
+
+
+async def _async_sender(
+    addr: Any, payload: bytes, loss: float, end: float, budget: int
+) -> tuple[int, int, int]:
+    from reliable import Config
+    from reliable.aio import AsyncNode
+
+    sent = 0
+    async with AsyncNode(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
+        outstanding: deque[asyncio.Future[Any]] = deque()
+        window = _window(len(payload))
+        while sent < budget and time.monotonic() < end:
+            if len(outstanding) >= window:
+                await outstanding.popleft()
+            outstanding.append(node.send_nowait(addr, payload))
+            sent += 1
+        await asyncio.gather(*outstanding)
+        stats = node.stats()
+        return sent, stats.retransmissions, sum(p.packets_sent for p in stats.peers)
+
+
+def _window(size: int) -> int:
+    return max(1, min(_WINDOW, _WINDOW_BYTES // max(size, 1)))
+
+
+def _measure_throughput(
+    transport: str, size: int, loss: float, duration: float, one: bool
+) -> Throughput:
+    ctx = mp.get_context("spawn")
+    rx_parent, rx_child = ctx.Pipe()
+    tx_parent, tx_child = ctx.Pipe()
+    limit = duration + (120.0 if one or loss else 30.0)
+    receiver = ctx.Process(target=_receiver, args=(rx_child, transport, size, loss, limit))
+    processes = [receiver]
+    receiver.start()
+    try:
+        addr = rx_parent.recv()
+        sender = ctx.Process(
+            target=_sender, args=(tx_child, transport, addr, size, loss, duration, one)
+        )
+        processes.append(sender)
+        sender.start()
+        sent, tx_cpu, tx_rss, retx, packets, tx_elapsed = tx_parent.recv()
+        sender.join(30)
+        rx_parent.send(sent)
+        received, seconds, rx_cpu, rx_rss = rx_parent.recv()
+        receiver.join(30)
+    finally:
+        _reap(processes)
+    messages = max(received, 1)
+    if one:  # one message has no first-to-last interval: time it from send to confirmation
+        seconds = tx_elapsed
+    return Throughput(
+        transport=transport,
+        size=size,
+        loss=loss,
+        messages=received,
+        seconds=seconds,
+        messages_per_s=received / seconds if received > 1 or one else 0.0,
+        mb_per_s=received * size / seconds / 1e6 if received > 1 or one else 0.0,
+        cpu_us_per_message=(tx_cpu + rx_cpu) / messages * 1e6,
+        peak_rss_kib=max(tx_rss, rx_rss),
+        retransmission_ratio=(retx / packets if packets else None)
+        if transport.startswith("rmsg")
+        else None,
+        lost=max(0, sent - received) if transport == "udp" else 0,
+    )
+
+
+def _reap(processes: list[Any]) -> None:
+    """End only the processes this benchmark started (by handle), if still running."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+# -------------------------------------------------------------------- latency
+
+
+def _echo(conn: Connection, transport: str, cpu: int | None, count: int) -> None:
+    _pin(cpu)
+    if transport == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((_LISTEN, 0))
+            conn.send(sock.getsockname())
+            sock.settimeout(10)
+            for _ in range(count):
+                data, peer = sock.recvfrom(256)
+                sock.sendto(data, peer)
+    elif transport == "tcp":
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.bind((_LISTEN, 0))
+            server.listen(1)
+            conn.send(server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(count):
+                    peer.sendall(_recv_exact(peer, 64))
+    elif transport == "rmsg":
+        from reliable import Node
+
+        with Node() as node:
+            conn.send(node.address)
+            for _ in range(count):
+                msg = node.receive(timeout=10)
+                node.send_nowait(msg.source, msg.data)
+            time.sleep(0.2)  # let the last reply's acknowledgement come back
+    else:
+
+        async def serve() -> None:
+            from reliable.aio import AsyncNode
+
+            async with AsyncNode() as node:
+                conn.send(node.address)
+                for _ in range(count):
+                    msg = await node.receive(timeout=10)
+                    node.send_nowait(msg.source, msg.data)
+                await asyncio.sleep(0.2)
+
+        asyncio.run(serve())
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _ping(conn: Connection, transport: str, addr: Any, cpu: int | None, count: int) -> None:
+    _pin(cpu)
+    payload = b"p" * 64
+    samples: list[float] = []
+    if transport == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(10)
+            for _ in range(count):
+                start = time.perf_counter()
+                sock.sendto(payload, addr)
+                sock.recv(256)
+                samples.append(time.perf_counter() - start)
+    elif transport == "tcp":
+        with socket.create_connection(addr) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(count):
+                start = time.perf_counter()
+                sock.sendall(payload)
+                _recv_exact(sock, 64)
+                samples.append(time.perf_counter() - start)
+    elif transport == "rmsg":
+        from reliable import Node
+
+        with Node() as node:
+            for _ in range(count):
+                start = time.perf_counter()
+                node.send_nowait(addr, payload)
+                node.receive(timeout=10)
+                samples.append(time.perf_counter() - start)
+    else:
+
+        async def ping() -> None:
+            from reliable.aio import AsyncNode
+
+            async with AsyncNode() as node:
+                for _ in range(count):
+                    start = time.perf_counter()
+                    node.send_nowait(addr, payload)
+                    await node.receive(timeout=10)
+                    samples.append(time.perf_counter() - start)
+
+        asyncio.run(ping())
+    conn.send(samples)
+
+
+def _measure_latency(transport: str, pinned: bool, count: int) -> Latency:
+    ctx = mp.get_context("spawn")
+    echo_parent, echo_child = ctx.Pipe()
+    ping_parent, ping_child = ctx.Pipe()
+    cpu = 0 if pinned else None
+    echo = ctx.Process(target=_echo, args=(echo_child, transport, cpu, count))
+    processes = [echo]
+    echo.start()
+    try:
+        addr = echo_parent.recv()
+        pinger = ctx.Process(target=_ping, args=(ping_child, transport, addr, cpu, count))
+        processes.append(pinger)
+        pinger.start()
+        samples = sorted(ping_parent.recv())
+        pinger.join(30)
+        echo.join(30)
+    finally:
+        _reap(processes)
+    return Latency(
+        transport=transport,
+        pinned=pinned,
+        p50_us=statistics.median(samples) * 1e6,
+        p99_us=samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
+        samples=len(samples),
+    )
+
+
+# ---------------------------------------------------------------------- runner
+
+
+def _cases(quick: bool) -> Iterator[tuple[str, int, float, bool]]:
+    sizes = (64, 1024) if quick else SIZES
+    losses = (0.0, 0.05) if quick else LOSSES
+    for size in sizes:
+        yield "udp", size, 0.0, False
+        yield "tcp", size, 0.0, False
+        for loss in losses:
+            yield "rmsg", size, loss, False
+            yield "rmsg-async", size, loss, False
+    if not quick:
+        yield "tcp", BIG, 0.0, True
+        yield "rmsg", BIG, 0.0, True
+        yield "rmsg-async", BIG, 0.0, True
+
+
+def run_bench(
+    *,
+    quick: bool = False,
+    rounds: int | None = None,
+    duration: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure everything; ``quick`` is a smoke run (small matrix, short windows)."""
+    rounds = rounds if rounds is not None else (1 if quick else 3)
+    duration = duration if duration is not None else (0.3 if quick else 1.5)
+    pings = 200 if quick else 3000
+    cases = list(_cases(quick))
+    seen: dict[tuple[str, int, float], list[Throughput]] = {}
+    lat: dict[tuple[str, bool], list[Latency]] = {}
+    pinned_options = (True, False) if (os.cpu_count() or 1) > 1 else (False,)
+    for r in range(rounds):
+        for transport, size, loss, one in cases:
+            if progress is not None:
+                progress(f"round {r + 1}/{rounds}: {transport} {size} B, {loss:.0%} loss")
+            result = _measure_throughput(transport, size, loss, duration, one)
+            seen.setdefault((transport, size, loss), []).append(result)
+        for transport in ("udp", "tcp", "rmsg", "rmsg-async"):
+            for pinned in pinned_options:
+                if progress is not None:
+                    where = "pinned" if pinned else "unpinned"
+                    progress(f"round {r + 1}/{rounds}: {transport} request/reply, {where}")
+                lat.setdefault((transport, pinned), []).append(
+                    _measure_latency(transport, pinned, pings)
+                )
+    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1)
+    for results in seen.values():
+        report.throughput.append(_median(results, "messages_per_s"))
+    for results_l in lat.values():
+        report.latency.append(_median(results_l, "p50_us"))
+    return report
+
+
+def _median(results: list[Any], key: str) -> Any:
+    ordered = sorted(results, key=lambda r: getattr(r, key))
+    return ordered[len(ordered) // 2]
+
+
+# ------------------------------------------------------------------- display
+
+
+def _size(n: int) -> str:
+    return (
+        f"{n // (1024 * 1024)} MiB"
+        if n >= 1024 * 1024
+        else f"{n // 1024} KiB"
+        if n >= 1024
+        else f"{n} B"
+    )
+
+
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"rmsg bench: loopback, {report.cpus} CPUs, median of {report.rounds} round(s)",
+        "",
+        f"{'size':>7}  {'transport':<11}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
+        f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
+    ]
+    for t in sorted(
+        report.throughput,
+        key=lambda t: (t.size, t.transport != "udp", t.transport != "tcp", t.transport, t.loss),
+    ):
+        udp = report.find("udp", t.size)
+        tcp = report.find("tcp", t.size)
+        x_udp = (
+            f"{t.messages_per_s / udp.messages_per_s:.2f}" if udp and udp.messages_per_s else "-"
+        )
+        x_tcp = (
+            f"{t.messages_per_s / tcp.messages_per_s:.2f}" if tcp and tcp.messages_per_s else "-"
+        )
+        if t.size == BIG and tcp and tcp.mb_per_s:
+            x_tcp = f"{t.mb_per_s / tcp.mb_per_s:.2f}"
+        retx = "-" if t.retransmission_ratio is None else f"{t.retransmission_ratio:.1%}"
+        lost = f" (lost {t.lost})" if t.lost else ""
+        lines.append(
+            f"{_size(t.size):>7}  {t.transport:<11}{t.loss:>5.0%}  {t.messages_per_s:>10,.0f}  "
+            f"{t.mb_per_s:>8.1f}  {x_udp:>6}  {x_tcp:>6}  {t.cpu_us_per_message:>10.1f}  "
+            f"{t.peak_rss_kib / 1024:>7.1f}  {retx:>6}{lost}"
+        )
+    lines += ["", f"request/reply, 64 B  {'':<9}{'p50 us':>9}  {'p99 us':>9}  {'p50 x UDP':>9}"]
+    for x in sorted(report.latency, key=lambda x: (not x.pinned, x.transport)):
+        base = next(
+            (b for b in report.latency if b.transport == "udp" and b.pinned == x.pinned), None
+        )
+        ratio = f"{x.p50_us / base.p50_us:.2f}" if base else "-"
+        where = "pinned" if x.pinned else "unpinned"
+        lines.append(f"{x.transport:<11}{where:<18}{x.p50_us:>9.1f}  {x.p99_us:>9.1f}  {ratio:>9}")
+    return "\n".join(lines)
+
+
+def plot_report(report: BenchReport, path: str) -> None:
+    """Bar charts of messages/s by size and transport (needs matplotlib: rmsg[plot])."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'rmsg[plot]'") from None
+    sizes = sorted({t.size for t in report.throughput if t.size != BIG})
+    labels = sorted({(t.transport, t.loss) for t in report.throughput if t.size != BIG})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        values = [
+            (found.messages_per_s if (found := report.find(tr, size, loss)) else 0.0)
+            for tr, loss in labels
+        ]
+        ax.bar(range(len(labels)), values)
+        ax.set_xticks(range(len(labels)), [f"{tr}\n{loss:.0%}" for tr, loss in labels], fontsize=7)
+        ax.set_title(f"{_size(size)} messages")
+        ax.set_ylabel("messages/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
