@@ -123,7 +123,10 @@ def format_stats(stats: NodeStats, where: str) -> str:
         f"retransmissions {stats.retransmissions}, duplicates {stats.duplicates}, "
         f"corrupt {stats.corrupt}",
         f"mailbox memory {stats.mailbox_bytes} of {stats.mailbox_memory} bytes, "
+        f"receive memory {stats.receive_bytes} of {stats.receive_memory} bytes, "
         f"send buffer {stats.send_buffer_bytes} bytes",
+        f"address challenges sent {stats.challenges_sent}, "
+        f"fragments shed {sum(p.shed for p in stats.peers)}",
         f"dropped: {dropped}",
     ]
     return "\n".join(lines)
