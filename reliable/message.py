@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import format_address
-from .events import MessageDelivered, MessageReceived
+from .events import MessageDelivered
 
 __all__ = ["Message", "Receipt"]
 
@@ -31,18 +31,6 @@ class Message:
     def sender(self) -> str:
         """The source as ``host:port`` text."""
         return format_address(self.source)
-
-    @classmethod
-    def from_event(cls, event: MessageReceived) -> Message:
-        return cls(
-            source=event.peer,
-            data=event.data,
-            msg_type=event.msg_type,
-            priority=event.priority,
-            mailbox=event.mailbox,
-            msg_id=event.msg_id,
-            incarnation=event.incarnation,
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

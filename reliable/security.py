@@ -45,13 +45,12 @@ import os
 import secrets
 import stat
 import struct
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import UsageError
-from .wire import HEADER_OVERHEAD, MODE_FLAGS, Flag, MalformedPacket, check_preamble
+from .wire import MODE_FLAGS, Flag, MalformedPacket, check_crc, with_crc
 
 __all__ = [
     "ENV_KEY",
@@ -129,15 +128,10 @@ class Integrity:
     needs_unique_incarnation = False
 
     def seal(self, body: bytes, incarnation: int, packet_number: int) -> bytes:
-        return body + _CRC.pack(zlib.crc32(body))
+        return with_crc(body)
 
     def open(self, data: bytes) -> tuple[int | None, bytes]:
-        if len(data) < HEADER_OVERHEAD:
-            raise MalformedPacket("short", f"{len(data)} bytes")
-        check_preamble(data)
-        end = len(data) - _CRC.size
-        if zlib.crc32(memoryview(data)[:end]) != _CRC.unpack_from(data, end)[0]:
-            raise MalformedPacket("checksum")
+        end = check_crc(data)
         if _FLAGS.unpack_from(data, _FLAGS_AT)[0] & MODE_FLAGS:  # intact, so it means it
             raise SecurityError("security.sealed", WRONG_MODE)
         return None, data[:end]
@@ -185,12 +179,7 @@ class _Sealed:
 
     def _split(self, data: bytes) -> tuple[bytes, int, bytes]:
         """Check preamble, CRC and mode; returns (sealed head, packet number, incarnation)."""
-        if len(data) < HEADER_OVERHEAD:
-            raise MalformedPacket("short", f"{len(data)} bytes")
-        check_preamble(data)
-        end = len(data) - _CRC.size  # both layouts end in a CRC
-        if zlib.crc32(memoryview(data)[:end]) != _CRC.unpack_from(data, end)[0]:
-            raise MalformedPacket("checksum")
+        check_crc(data)  # both layouts end in a CRC
         (flags,) = _FLAGS.unpack_from(data, _FLAGS_AT)
         mode = flags & MODE_FLAGS
         if mode == 0:
@@ -213,7 +202,7 @@ class Authenticated(_Sealed):
     def seal(self, body: bytes, incarnation: int, packet_number: int) -> bytes:
         sealed = self._head(body, packet_number) + body[_HEADER:]
         subkey = self._subkey(incarnation.to_bytes(8, "big"))
-        return _with_crc(sealed + hashlib.blake2b(sealed, key=subkey, digest_size=_TAG).digest())
+        return with_crc(sealed + hashlib.blake2b(sealed, key=subkey, digest_size=_TAG).digest())
 
     def open(self, data: bytes) -> tuple[int | None, bytes]:
         _, pn, incarnation = self._split(data)
@@ -250,7 +239,7 @@ class Encrypted(_Sealed):
     def seal(self, body: bytes, incarnation: int, packet_number: int) -> bytes:
         head = self._head(body, packet_number)
         aead = self._subkey(incarnation.to_bytes(8, "big"))
-        return _with_crc(head + aead.encrypt(_nonce(packet_number), body[_HEADER:], head))
+        return with_crc(head + aead.encrypt(_nonce(packet_number), body[_HEADER:], head))
 
     def open(self, data: bytes) -> tuple[int | None, bytes]:
         from cryptography.exceptions import InvalidTag
@@ -266,10 +255,6 @@ class Encrypted(_Sealed):
 
 def _nonce(packet_number: int) -> bytes:
     return b"\0\0\0\0" + _PN.pack(packet_number)
-
-
-def _with_crc(sealed: bytes) -> bytes:
-    return sealed + _CRC.pack(zlib.crc32(sealed))
 
 
 # ------------------------------------------------------------------------ keys

@@ -58,12 +58,14 @@ __all__ = [
     "MalformedPacket",
     "Packet",
     "Verdict",
+    "check_crc",
     "decode",
     "decode_body",
     "encode",
     "encode_body",
     "fragment_capacity",
     "unwrap",
+    "with_crc",
 ]
 
 MAGIC = 0x524D  # "RM"
@@ -252,8 +254,25 @@ def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
 def encode(packet: Packet) -> bytes:
     """Serialise ``packet`` with its CRC-32 trailer; raises ``ValueError`` if a field is
     out of range."""
-    body = encode_body(packet)
-    return body + _TRAILER.pack(zlib.crc32(body))
+    return with_crc(encode_body(packet))
+
+
+def with_crc(data: bytes) -> bytes:
+    """``data`` followed by its CRC-32 trailer (every datagram ends in one, sealed or not)."""
+    return data + _TRAILER.pack(zlib.crc32(data))
+
+
+def check_crc(data: bytes) -> int:
+    """Verify preamble, length and CRC-32 trailer of a datagram; returns where the trailer
+    starts. Raises :class:`MalformedPacket` (``short``, ``magic``, ``version``, ``checksum``)."""
+    if len(data) < HEADER_OVERHEAD:
+        raise MalformedPacket("short", f"{len(data)} bytes")
+    check_preamble(data)
+    end = len(data) - _TRAILER.size
+    (crc,) = _TRAILER.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[:end]) != crc:
+        raise MalformedPacket("checksum")
+    return end
 
 
 def encode_body(packet: Packet) -> bytes:
@@ -329,15 +348,7 @@ def encode_body(packet: Packet) -> bytes:
 
 def decode(data: bytes) -> Packet:
     """Parse and verify one unsealed datagram (CRC-32 trailer); raises :class:`MalformedPacket`."""
-    size = len(data)
-    if size < HEADER_OVERHEAD:
-        raise MalformedPacket("short", f"{size} bytes")
-    check_preamble(data)
-    end = size - _TRAILER.size
-    (crc,) = _TRAILER.unpack_from(data, end)
-    if zlib.crc32(memoryview(data)[:end]) != crc:
-        raise MalformedPacket("checksum")
-    return decode_body(data, end)
+    return decode_body(data, check_crc(data))
 
 
 def check_preamble(data: bytes) -> None:
