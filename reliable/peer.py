@@ -442,8 +442,7 @@ class PeerSession:
         if self.wait_since is not None and not self.unreachable:
             heard = max(self.last_heard, self.wait_since)
             candidates.append(heard + self.config.peer_timeout)
-            if not self.sender.flight:
-                candidates.append(max(self.last_heard, self.last_probe) + self._probe_interval())
+            candidates.append(self._next_probe())
         return min((c for c in candidates if c is not None), default=None)
 
     def on_timer(self, now: float) -> None:
@@ -467,13 +466,25 @@ class PeerSession:
         silent_since = max(self.last_heard, self.wait_since)
         if now >= silent_since + self.config.peer_timeout:
             self._declare_unreachable(now, now - silent_since)
-        elif (
-            not self.sender.flight
-            and now >= max(self.last_heard, self.last_probe) + self._probe_interval()
-        ):
+        elif now >= self._next_probe():
             self.ping_now = True
             self.last_probe = now
             self.probe_backoff += 1
+
+    def _next_probe(self) -> float:
+        """When to PING a silent peer we wait on.
+
+        With data in flight the retransmissions are the probes, but their
+        backoff spaces them up to ``peer_timeout / 4`` apart: only a handful
+        would fit in the timeout, and on a lossy path all of them can be lost
+        to a live peer. Once the gap since anything was sent exceeds
+        ``max_probe_interval``, PINGs (which the peer answers with its
+        acknowledgements) keep checking at that pace.
+        """
+        if self.sender.flight:
+            last = max(self.last_heard, self.last_probe, self.sender.last_send_time)
+            return last + self.config.max_probe_interval
+        return max(self.last_heard, self.last_probe) + self._probe_interval()
 
     def _probe_interval(self) -> float:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)

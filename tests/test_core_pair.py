@@ -459,3 +459,22 @@ def test_jitter_without_loss_widens_the_loss_thresholds_instead_of_retransmittin
     assert len(delivered) == 2000
     assert sender.spurious > 0 and sender.time_threshold > 9 / 8
     assert sender.retransmissions < 0.05 * sender.packets_sent  # nothing was ever lost
+
+
+def test_a_long_silence_keeps_being_probed_every_second_while_data_waits() -> None:
+    """Retransmission backoff spaces resends up to peer_timeout/4 apart; PINGs fill the
+    gaps, so a lossy but live peer gets many chances to answer before the timeout."""
+    p = Pair(Config(peer_timeout=30.0), Config(peer_timeout=30.0))
+    p.connect()
+    ticket = p.a.endpoint.send(B, b"patience", now=p.now)
+    kinds: list[wire.Kind] = []
+    start = p.now
+    while p.now < start + 20.0:  # everything is lost, both ways, for 20 s
+        kinds += [wire.decode(d).kind for d in p.outgoing(p.a)]
+        p.outgoing(p.b)
+        p.tick(0.05)
+    assert kinds.count(wire.Kind.PING) >= 12  # about one a second once backoff passes 1 s
+    assert kinds.count(wire.Kind.DATA) <= 15  # the retransmissions themselves back off
+    p.settle()  # the link heals
+    (receipt,) = p.a.of(events.MessageDelivered)
+    assert receipt.ticket == ticket and not p.a.of(events.MessageFailed)
