@@ -92,7 +92,14 @@ def test_a_spoofed_flood_over_udp_leaves_a_real_peer_served() -> None:
     assert not failures, failures
     assert got == [b"real %03d" % i for i in range(200)], "the real peer kept being served"
     assert [p.address for p in stats.peers] == [friend.address], "no spoofed source got state"
-    assert stats.dropped.get("unvalidated", 0) >= FLOOD // 2, "the flood reached and was counted"
+    # How much of the flood the kernel lets through depends on how busy the machine is;
+    # what does get through must all be counted, as a drop, never as a peer's traffic.
+    flooded = stats.datagrams_received - stats.peers[0].packets_received
+    assert flooded >= FLOOD // 10, "too little of the flood reached the node to test anything"
+    # (the real peer's first flight is dropped too, for want of a cookie: a few more;
+    # challenge_limited counts those of them that got no CHALLENGE)
+    unvalidated = stats.dropped.get("unvalidated", 0)
+    assert flooded <= unvalidated <= flooded + 10, "every forged datagram counted"
     assert stats.receive_bytes <= stats.receive_memory
     assert stats.challenges_sent <= Config().max_challenges_per_second * 60
     assert after - before < 50_000, f"RSS grew {after - before} KiB"  # KiB on Linux
