@@ -58,6 +58,7 @@ class SimNetwork:
         self._queue: list[tuple[float, int, int, Any]] = []
         self._order = itertools.count()
         self._timer_at: dict[Hashable, float | None] = {}
+        self._groups: dict[Hashable, set[Hashable]] = {}
         self.undeliverable = 0
         self.events_processed = 0
 
@@ -72,6 +73,18 @@ class SimNetwork:
         """Take a host off the network (a crash); datagrams to it vanish."""
         self._hosts.pop(addr, None)
         self._timer_at.pop(addr, None)
+
+    def subscribe(self, group: Hashable, addr: Hashable) -> None:
+        """Make host ``addr`` receive datagrams sent to ``group`` (multicast or broadcast).
+
+        A datagram to a group goes to every subscriber but its sender, each copy
+        through the sender's own faulty link to that subscriber, as IP multicast
+        would copy it at a switch.
+        """
+        self._groups.setdefault(group, set()).add(addr)
+
+    def unsubscribe(self, group: Hashable, addr: Hashable) -> None:
+        self._groups.get(group, set()).discard(addr)
 
     def host(self, addr: Hashable) -> SansIOHost:
         return self._hosts[addr]
@@ -138,11 +151,19 @@ class SimNetwork:
         if host is None:
             return
         for data, dst in host.datagrams_to_send(self.now):
-            for release, datagram in self.link(addr, dst).apply(data, self.now):
-                heapq.heappush(
-                    self._queue,
-                    (release + self.latency, next(self._order), _ARRIVAL, (dst, addr, datagram)),
-                )
+            subscribers = self._groups.get(dst)
+            targets = [dst] if subscribers is None else sorted(subscribers - {addr}, key=repr)
+            for target in targets:
+                for release, datagram in self.link(addr, target).apply(data, self.now):
+                    heapq.heappush(
+                        self._queue,
+                        (
+                            release + self.latency,
+                            next(self._order),
+                            _ARRIVAL,
+                            (target, addr, datagram),
+                        ),
+                    )
         deadline = host.get_timer()
         if deadline is not None and deadline != self._timer_at.get(addr):
             heapq.heappush(self._queue, (deadline, next(self._order), _TIMER, addr))

@@ -161,7 +161,7 @@ class FaultySocket:
         else:
             self._sock.setblocking(flag)
 
-    def setsockopt(self, level: int, option: int, value: int, /) -> None:
+    def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None:
         self._sock.setsockopt(level, option, value)
 
     def close(self) -> None:

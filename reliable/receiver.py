@@ -224,6 +224,35 @@ class ReceiveStream:
             self.ack_deadline = now + self.max_ack_delay
         return delivered
 
+    def skip_to(self, base: int) -> list[Delivery]:
+        """The sender gave up on everything below ``base`` (a group stream's GSYNC says so).
+
+        ``base`` is unbounded (already unwrapped). A stream that has seen nothing starts there.
+        """
+        delivered: list[Delivery] = []
+        if self.expected is None:
+            self.expected = base
+        elif base > self.expected:
+            self._expire_notices(base)
+            self._skip_to(base, delivered)
+        return delivered
+
+    def missing(self, high: int, limit: int) -> list[tuple[int, int]]:
+        """Gaps below ``high`` (one past the newest seq the sender says it sent), oldest first."""
+        if self.expected is None or high <= self.expected:
+            return []
+        gaps: list[tuple[int, int]] = []
+        start = self.expected
+        for run_start, run_end in self.ranges:
+            if len(gaps) >= limit or run_start >= high:
+                break
+            if run_start > start:
+                gaps.append((start, run_start))
+            start = max(start, run_end)
+        if start < high and len(gaps) < limit:
+            gaps.append((start, high))
+        return gaps
+
     def _advance(self, delivered: list[Delivery]) -> None:
         assert self.expected is not None
         while True:

@@ -19,8 +19,9 @@ Design choices worth knowing:
   the checksum is verified before any field is interpreted. Failures raise
   :class:`MalformedPacket` with a short machine-readable reason that callers
   count; they never escape the protocol core.
-* Room for later versions: ``magic`` + ``version`` let a v2 coexist; kinds
-  16-255 are reserved for group addressing.
+* Room for later versions: ``magic`` + ``version`` let a v2 coexist. Kinds
+  16 and up are group addressing (:mod:`reliable.group`); they share the
+  header and add a length-prefixed group name after the ack section.
 * Security modes (:mod:`reliable.security`) reuse this layout: ``encode_body``
   and ``decode_body`` handle a packet without its trailer, and a sealed
   datagram inserts a packet number after the header and a MAC or AEAD tag
@@ -41,6 +42,8 @@ __all__ = [
     "COOKIE_SIZE",
     "DEFAULT_PORT",
     "FRAGMENT_OVERHEAD",
+    "GROUP_KINDS",
+    "MAX_GROUP_BYTES",
     "MODE_FLAGS",
     "HEADER_OVERHEAD",
     "MAGIC",
@@ -49,6 +52,7 @@ __all__ = [
     "MAX_SACK_RANGES",
     "MSG_TYPE_MAX",
     "MSG_TYPE_MIN",
+    "SECURITY_OVERHEAD",
     "PRIORITY_MAX",
     "SERIAL_BITS",
     "VERSION",
@@ -131,6 +135,16 @@ class Kind(enum.IntEnum):
     RESET = 5  #: "the incarnation you addressed is not mine": I restarted
     CHALLENGE = 6  #: "prove you are at this address": echo the cookie it carries
     AUTH_FAILED = 7  #: "your datagram failed my security check" (sent unsealed)
+    # Group addressing (docs/protocol.md section 10); each carries a group name.
+    GDATA = 16  #: one fragment of a group message, sent to the group address
+    GACK = 17  #: a member's ack state for one sender's group stream (unicast to it)
+    GNAK = 18  #: a member's gaps in one sender's stream (to the group, for suppression)
+    GSYNC = 19  #: a sender's heartbeat: the stream range it can still repair
+    JOIN = 20  #: "I am a member of this group" (to the group, periodically)
+    LEAVE = 21  #: "I left this group"
+    SOLICIT = 22  #: "members, announce yourselves" (answered by at most one JOIN each)
+    ANNOUNCE = 23  #: "I serve this anycast service" (to a discovery group)
+    WITHDRAW = 24  #: "I no longer serve this anycast service"
 
 
 class Flag(enum.IntFlag):
@@ -218,6 +232,16 @@ class Packet:
     cookie: bytes | None = None  #: address-validation cookie (carried as ``Flag.COOKIE``)
     refusal: int = 0  #: AUTH_FAILED only: why (1 bad tag, 2 unsealed, 3 wrong mode)
     fragment: Fragment | None = None
+    group: str = ""  #: group kinds only: the group (or anycast service) name
+
+
+#: Kinds that carry a group name.
+GROUP_KINDS = frozenset(k for k in Kind if k >= 16)
+_GROUP_KIND_VALUES = frozenset(int(k) for k in GROUP_KINDS)
+_DATA_KINDS = frozenset((Kind.DATA, Kind.GDATA))
+#: Longest group or service name, in UTF-8 bytes.
+MAX_GROUP_BYTES = 255
+_GROUP_LEN = struct.Struct("!B")
 
 
 def unwrap(value: int, reference: int) -> int:
@@ -232,7 +256,7 @@ def unwrap(value: int, reference: int) -> int:
     return reference + delta
 
 
-def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
+def fragment_capacity(max_datagram_size: int, mailbox: str, group: str = "") -> int:
     """Payload bytes that fit in one DATA datagram of ``max_datagram_size`` bytes.
 
     Leaves room for the ack state a DATA packet may piggyback
@@ -245,6 +269,7 @@ def fragment_capacity(max_datagram_size: int, mailbox: str) -> int:
         + COOKIE_SIZE
         + FRAGMENT_OVERHEAD
         + len(mailbox.encode("utf-8"))
+        + (1 + len(group.encode("utf-8")) if group else 0)
         + _SACK.size * DATA_SACK_RANGES
         + _NOTICE.size * DATA_NOTICES
     )
@@ -281,8 +306,11 @@ def encode_body(packet: Packet) -> bytes:
         raise ValueError("too many SACK ranges or notices for one packet")
     if packet.flags & ~_KNOWN_FLAGS:
         raise ValueError(f"unknown flag bits {packet.flags:#x}")
-    if (packet.fragment is None) != (packet.kind != Kind.DATA):
-        raise ValueError("a DATA packet needs a fragment and only DATA may carry one")
+    if (packet.fragment is None) != (packet.kind not in _DATA_KINDS):
+        raise ValueError("a DATA or GDATA packet needs a fragment and only they may carry one")
+    is_group = packet.kind in _GROUP_KIND_VALUES
+    if packet.group and not is_group:
+        raise ValueError("only group kinds carry a group name")
     flags = int(packet.flags)
     if packet.fragment is not None and packet.fragment.control:
         flags |= _CONTROL
@@ -318,6 +346,12 @@ def encode_body(packet: Packet) -> bytes:
             parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
         for msg_id, reason in packet.notices:
             parts.append(_NOTICE.pack(msg_id & _SERIAL_MASK, reason))
+        if is_group:
+            group = packet.group.encode("utf-8")
+            if not group or len(group) > MAX_GROUP_BYTES:
+                raise ValueError(f"a group name is 1-{MAX_GROUP_BYTES} bytes, got {len(group)}")
+            parts.append(_GROUP_LEN.pack(len(group)))
+            parts.append(group)
         frag = packet.fragment
         if frag is not None:
             mailbox = frag.mailbox.encode("utf-8")
@@ -417,7 +451,20 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
             raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
     refusal = 0
-    if kind == Kind.DATA:
+    group = ""
+    if kind_value in _GROUP_KIND_VALUES:
+        if offset >= end:
+            raise MalformedPacket("length", "group name missing")
+        group_len = data[offset]
+        offset += 1
+        if group_len == 0 or offset + group_len > end:
+            raise MalformedPacket("group", "group name empty or overruns the datagram")
+        try:
+            group = bytes(data[offset : offset + group_len]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPacket("group", "name is not UTF-8") from None
+        offset += group_len
+    if kind in _DATA_KINDS:
         fragment = _decode_fragment(data, offset, end, bool(flags & _CONTROL))
     elif flags & _CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
@@ -440,6 +487,7 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
         cookie=cookie,
         refusal=refusal,
         fragment=fragment,
+        group=group,
     )
 
 

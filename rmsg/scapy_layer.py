@@ -38,11 +38,12 @@ from scapy.fields import (
 from scapy.layers.inet import UDP
 from scapy.packet import Packet, bind_layers
 
-from reliable.wire import DEFAULT_PORT, MAGIC, VERSION, Kind, Verdict
+from reliable.wire import DEFAULT_PORT, GROUP_KINDS, MAGIC, VERSION, Kind, Verdict
 
 __all__ = ["RMSG", "RejectNotice", "SackRange"]
 
 _KINDS = {int(k): k.name for k in Kind}
+_FIRST_GROUP_KIND = min(GROUP_KINDS)
 _REASONS = {int(r): r.name for r in Verdict}
 
 
@@ -72,7 +73,11 @@ def _readable(pkt: Packet) -> bool:
 
 
 def _is_data(pkt: Packet) -> bool:
-    return bool(pkt.kind == Kind.DATA) and _readable(pkt)
+    return pkt.kind in (Kind.DATA, Kind.GDATA) and _readable(pkt)
+
+
+def _is_group(pkt: Packet) -> bool:
+    return pkt.kind >= _FIRST_GROUP_KIND and _readable(pkt)
 
 
 class SackRange(Packet):
@@ -145,6 +150,8 @@ class RMSG(Packet):
             PacketListField("notices", [], RejectNotice, count_from=lambda p: p.n_notice),
             _readable,
         ),
+        ConditionalField(FieldLenField("group_len", None, length_of="group", fmt="B"), _is_group),
+        ConditionalField(StrLenField("group", b"", length_from=lambda p: p.group_len), _is_group),
         ConditionalField(IntField("seq", 0), _is_data),
         ConditionalField(IntField("base", 0), _is_data),
         ConditionalField(IntField("msg_id", 0), _is_data),
@@ -181,6 +188,8 @@ class RMSG(Packet):
 
     def mysummary(self) -> str:
         kind = _KINDS.get(self.kind, str(self.kind))
+        if self.kind >= _FIRST_GROUP_KIND and _readable(self):
+            return self.sprintf(f"rmsg {kind} group=%RMSG.group% ack=%RMSG.ack%")
         if self.kind == Kind.DATA:
             fragment = "frag=%RMSG.frag_index%/%RMSG.frag_count%"
             return self.sprintf(f"rmsg {kind} seq=%RMSG.seq% {fragment} ack=%RMSG.ack%")

@@ -34,6 +34,8 @@ def test_scapy_dissects_what_the_library_encodes(packet: wire.Packet) -> None:
         assert layer.mailbox == f.mailbox.encode() and layer.data == f.payload
     if packet.cookie is not None:
         assert layer.cookie == packet.cookie
+    if packet.group:
+        assert layer.group == packet.group.encode()
 
 
 @settings(max_examples=100, deadline=None)
@@ -56,13 +58,16 @@ def test_library_decodes_what_scapy_builds(
         sacks=[SackRange(start=s, end=e) for s, e in sacks],
         notices=[RejectNotice(msg_id=3, reason=2)],
     )
-    if kind == wire.Kind.DATA:
+    if kind in (wire.Kind.DATA, wire.Kind.GDATA):
         layer.seq, layer.data, layer.mailbox = 42, data, mailbox.encode()
+    if kind in wire.GROUP_KINDS:
+        layer.group = b"239.1.2.3:7000"
     if kind == wire.Kind.CHALLENGE:
         layer.cookie = bytes(range(16))
     decoded = wire.decode(bytes(layer))  # lengths, counts and CRC were filled in by post_build
     assert decoded.kind == kind and decoded.sacks == tuple(sacks) and decoded.notices == ((3, 2),)
-    if kind == wire.Kind.DATA:
+    assert decoded.group == ("239.1.2.3:7000" if kind in wire.GROUP_KINDS else "")
+    if kind in (wire.Kind.DATA, wire.Kind.GDATA):
         assert decoded.fragment is not None
         assert decoded.fragment.payload == data and decoded.fragment.mailbox == mailbox
         assert decoded.fragment.total_len == len(data)

@@ -55,7 +55,10 @@ def packets(draw: st.DrawFn) -> Packet:
         if kind == Kind.CHALLENGE
         else draw(st.none() | st.binary(min_size=16, max_size=16)),
         refusal=draw(st.integers(0, 255)) if kind == Kind.AUTH_FAILED else 0,
-        fragment=draw(fragments()) if kind == Kind.DATA else None,
+        fragment=draw(fragments()) if kind in (Kind.DATA, Kind.GDATA) else None,
+        group=draw(st.text(min_size=1, max_size=30).filter(lambda g: len(g.encode()) <= 255))
+        if kind in wire.GROUP_KINDS
+        else "",
     )
 
 
