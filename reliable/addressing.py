@@ -10,12 +10,24 @@ no flow label or scope become ``(host, port)``).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import AddressError, format_address
 
-__all__ = ["format_address", "normalize", "parse_address", "resolve_address"]
+__all__ = [
+    "GroupAddress",
+    "ServiceAddress",
+    "format_address",
+    "is_group_url",
+    "normalize",
+    "parse_address",
+    "parse_group",
+    "parse_service",
+    "resolve_address",
+]
 
 Address = tuple[Any, ...]
 
@@ -71,6 +83,111 @@ def resolve_address(
         raise AddressError(f"cannot resolve {host!r}")
     fam, _, _, _, sockaddr = infos[0]
     return int(fam), normalize(sockaddr)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAddress:
+    """A multicast group or broadcast address and port, plus the mailbox members deliver to.
+
+    Spelled ``multicast://239.1.2.3:7000/inbox`` or ``broadcast://:7000/inbox``
+    (no host: the broadcast address of the node's own subnet, 127.255.255.255
+    on loopback) or ``broadcast://198.18.0.255:7000``.
+    """
+
+    scheme: str  #: "multicast" or "broadcast"
+    host: str  #: the group or broadcast IPv4 address; "" until a broadcast is resolved
+    port: int
+    mailbox: str = ""
+
+    @property
+    def name(self) -> str:
+        """The group's name on the wire: its socket address."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        """The group without its mailbox, as receipts and events name it."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.url + (f"/{self.mailbox}" if self.mailbox else "")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAddress:
+    """An anycast service: ``anycast://printer`` or ``anycast://printer/jobs``."""
+
+    service: str
+    mailbox: str = ""
+
+    def __str__(self) -> str:
+        return f"anycast://{self.service}" + (f"/{self.mailbox}" if self.mailbox else "")
+
+
+_SCHEMES = ("multicast://", "broadcast://", "anycast://")
+
+
+def is_group_url(text: object) -> bool:
+    """Whether ``text`` is spelled as a group or anycast destination."""
+    return isinstance(text, str) and text.startswith(_SCHEMES)
+
+
+def parse_group(text: str) -> GroupAddress:
+    """Parse ``multicast://GROUP:PORT[/MAILBOX]`` or ``broadcast://[ADDR]:PORT[/MAILBOX]``."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("multicast", "broadcast"):
+        raise AddressError(
+            f"{text!r} is not a group address: write multicast://239.1.2.3:7000/inbox "
+            "or broadcast://:7000/inbox"
+        )
+    where, _, mailbox = rest.partition("/")
+    host, colon, port_text = where.rpartition(":")
+    if not colon or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise AddressError(f"{text!r} needs a port between 1 and 65535, e.g. {scheme}://:7000")
+    port = int(port_text)
+    if scheme == "multicast":
+        try:
+            ip = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise AddressError(
+                f"multicast group {host!r} in {text!r} must be an IPv4 address "
+                "(IPv6 groups are not supported yet)"
+            ) from None
+        if not ip.is_multicast:
+            raise AddressError(
+                f"{host} is not a multicast address: use one in 224.0.0.0/4, "
+                "e.g. 239.1.2.3 (the organisation-local range)"
+            )
+    elif host:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise AddressError(
+                f"broadcast address {host!r} in {text!r} must be IPv4, or empty for the "
+                "node's own subnet: broadcast://:7000"
+            ) from None
+    return GroupAddress(scheme, host, port, mailbox)
+
+
+def parse_service(text: str) -> ServiceAddress:
+    """Parse ``anycast://SERVICE[/MAILBOX]``."""
+    if not text.startswith("anycast://"):
+        raise AddressError(f"{text!r} is not an anycast address: write anycast://printer")
+    service, _, mailbox = text[len("anycast://") :].partition("/")
+    check_service_name(service)
+    return ServiceAddress(service, mailbox)
+
+
+def check_service_name(service: str) -> None:
+    if not service or len(service.encode("utf-8")) > 255 or "/" in service:
+        raise AddressError(
+            f"service name {service!r} must be 1-255 bytes of UTF-8 without '/', "
+            "e.g. anycast://printer"
+        )
 
 
 def normalize(sockaddr: Any) -> Address:

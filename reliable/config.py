@@ -117,6 +117,25 @@ class Config:
     remembered_incarnations: int = 1024
     """Ended peer incarnations remembered so their late datagrams are rejected."""
 
+    group_window: int = 128
+    """Group-message fragments a sender keeps in flight to a group before waiting for
+    its slowest expected member to acknowledge (group flow control)."""
+
+    group_timeout: float = 10.0
+    """Default time a group send waits for each expected member to acknowledge;
+    the receipt lists members that did not as missing."""
+
+    announce_interval: float = 1.0
+    """Seconds between a group member's JOIN (and a service's ANNOUNCE) heartbeats.
+    Members and services silent for ``peer_timeout`` are dropped."""
+
+    nak_delay: float = 0.02
+    """Upper bound of the random delay before a member reports a gap to its group;
+    a report heard from another member meanwhile suppresses its own."""
+
+    multicast_ttl: int = 1
+    """IP TTL of multicast datagrams; the adapters refuse more than 1 on loopback."""
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

@@ -51,9 +51,12 @@ import random
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from . import errors, events
+from .addressing import GroupAddress, ServiceAddress, check_service_name
+from .anycast import Services
 from .config import Config
 from .control import (
     Admitted,
@@ -64,6 +67,7 @@ from .control import (
     StatsRequest,
     decode_control,
 )
+from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession
@@ -72,6 +76,7 @@ from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
 from .stats import NodeStats
 from .wire import (
+    GROUP_KINDS,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
@@ -97,6 +102,55 @@ _AMPLIFICATION = 3  # an unvalidated address never gets a reply over 3x its data
 _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
 _WIRE_ID_MASK = 0xFFFFFFFF
 DEFAULT_MAILBOX = ""
+_FIRST_GROUP_KIND = min(GROUP_KINDS)
+_SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
+#: Failures after which an anycast message is tried on another member.
+_FAILOVER_ERRORS = (
+    errors.PeerUnreachable,
+    errors.PeerClosed,
+    errors.PeerRestarted,
+    errors.MessageRejected,
+    errors.AuthenticationFailed,
+)
+ANYCAST_POLICIES = ("round-robin", "lowest-rtt")
+
+
+class _Anycast:
+    """One anycast send: the application's ticket and the members tried so far."""
+
+    __slots__ = (
+        "data",
+        "deadline",
+        "mailbox",
+        "member",
+        "msg_type",
+        "policy",
+        "priority",
+        "service",
+        "ticket",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        ticket: int,
+        service: ServiceAddress,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        deadline: float | None,
+        policy: str,
+    ) -> None:
+        self.ticket = ticket
+        self.service = service.service
+        self.mailbox = service.mailbox
+        self.data = data
+        self.msg_type = msg_type
+        self.priority = priority
+        self.deadline = deadline
+        self.policy = policy
+        self.member: Any = None
+        self.tried: list[tuple[Any, str]] = []
 
 
 class Endpoint:
@@ -147,6 +201,20 @@ class Endpoint:
         self._next_waiter = 1
         self._next_owner = 1
         self._next_query = 1
+        self._groups = Groups(
+            self.config,
+            self._rng,
+            self.incarnation,
+            emit=self._emit,
+            admit=self._deliver_group,
+            screen=self._screen,
+            drop=self._drop,
+            budget=self._receive_budget,
+        )
+        self._services = Services(
+            self.config, self._rng, self.incarnation, emit=self._emit, drop=self._drop
+        )
+        self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -248,7 +316,13 @@ class Endpoint:
 
     def has_output(self) -> bool:
         """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""
-        return bool(self._dirty or self._control or self._events)
+        return bool(
+            self._dirty
+            or self._control
+            or self._events
+            or self._groups.pending
+            or self._services.pending
+        )
 
     def next_event(self) -> events.Event | None:
         """The oldest event not yet taken, or ``None``."""
@@ -276,6 +350,9 @@ class Endpoint:
             session = self._peers.get(addr)
             if session is not None and exc.reason == "checksum":
                 session.corrupt += 1
+            return
+        if pkt.kind >= _FIRST_GROUP_KIND:
+            self._on_group_packet(pkt, addr, len(data), now)
             return
         if pkt.kind == Kind.AUTH_FAILED:
             self._peer_refused_us(pkt, addr, now)
@@ -342,8 +419,14 @@ class Endpoint:
                 session = self._peers.get(addr)
                 if session is not None:
                     out.extend((seal(body), addr) for body in session.datagrams(now, inc))
+        if (self._groups.pending or self._services.pending) and not self.closed:
+            self._group_output(out, now)
         self.datagrams_sent += len(out)
         return out
+
+    def _group_output(self, out: list[tuple[bytes, Any]], now: float) -> None:
+        for pkt, dest in self._groups.datagrams(now) + self._services.datagrams(now):
+            out.append((self._seal(encode_body(pkt)), dest))
 
     def _seal(self, body: bytes) -> bytes:
         number = self._packet_number
@@ -357,8 +440,14 @@ class Endpoint:
         if self.closed:
             return None
         deadlines = [d for s in self._peers.values() if (d := s.deadline()) is not None]
+        for part in (self._groups.deadline(), self._services.deadline()):
+            if part is not None:
+                deadlines.append(part)
         if self._closing:
             deadlines.append(self._close_deadline)
+            linger = self._groups.linger_until()
+            if linger is not None and linger > self._now:
+                deadlines.append(linger)
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -371,6 +460,12 @@ class Endpoint:
             if deadline is not None and deadline <= now:
                 session.on_timer(now)
                 self._dirty[addr] = None
+        groups_due = self._groups.deadline()
+        if groups_due is not None and groups_due <= now:
+            self._groups.on_timer(now)
+        services_due = self._services.deadline()
+        if services_due is not None and services_due <= now:
+            self._services.on_timer(now)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -394,6 +489,7 @@ class Endpoint:
             challenges_sent=self.challenges_sent,
             departed_retransmissions=self._departed_retransmissions,
             departed_duplicates=self._departed_duplicates,
+            groups=tuple(self._groups.stats() + self._services.stats()),
         )
 
     def query_stats(self, dest: Any, now: float) -> int:
@@ -536,6 +632,259 @@ class Endpoint:
             )
         return box
 
+    # ------------------------------------------------------ group addressing
+
+    def open_group(self, group: GroupAddress, now: float, *, join: bool = False) -> None:
+        """Watch ``group``'s membership (to send to it); with ``join``, become a member.
+
+        Members receive the group's messages into the mailbox each message names.
+        The driver must already receive datagrams sent to ``group.sockaddr``.
+        """
+        self._check_group(group)
+        if self._closing:
+            raise errors.NodeClosed("the node is closing")
+        self._now = now
+        self._groups.open(group.name, group.sockaddr, group.url, now, join=join)
+
+    def leave_group(self, group: GroupAddress, now: float) -> None:
+        """Stop being a member (a LEAVE tells the others); the group stays watched."""
+        self._now = now
+        self._groups.leave(group.name, now)
+
+    def is_open_group(self, group: GroupAddress) -> bool:
+        return self._groups.is_open(group.name)
+
+    def is_member(self, group: GroupAddress) -> bool:
+        return self._groups.is_member(group.name)
+
+    def group_members(self, group: GroupAddress) -> dict[Any, int]:
+        """Live members of ``group`` as heard here: address -> incarnation."""
+        return self._groups.members(group.name)
+
+    def send_group(
+        self,
+        group: GroupAddress,
+        data: bytes,
+        *,
+        now: float,
+        msg_type: int = 0,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> int:
+        """Queue ``data`` for every live member of ``group``; returns the ticket.
+
+        A :class:`~reliable.events.GroupSendDone` event carrying a
+        :class:`~reliable.message.GroupReceipt` answers it once every member it
+        was meant for has answered, left, or let ``timeout`` (default
+        ``Config.group_timeout``) pass. Opens the group if needed; a group just
+        opened knows no members until they answer its SOLICIT.
+        """
+        data = bytes(data)
+        self._check_group(group)
+        self.check_message(data, msg_type=msg_type, priority=priority, mailbox=group.mailbox)
+        check_timeout(timeout, "timeout", positive=True)
+        self._check_room(len(data))
+        if not self._groups.is_open(group.name):
+            self.open_group(group, now)
+        self._now = now
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._groups.send(
+            group.name,
+            ticket,
+            data,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=group.mailbox,
+            fragment_size=fragment_capacity(
+                self.config.max_datagram_size, group.mailbox, group.name
+            ),
+            deadline=now + (self.config.group_timeout if timeout is None else timeout),
+            now=now,
+        )
+        return ticket
+
+    def _check_group(self, group: GroupAddress) -> None:
+        if not isinstance(group, GroupAddress):
+            raise errors.UsageError(f"expected a GroupAddress, got {group!r}")
+        if not group.host:
+            raise errors.UsageError(
+                f"{group} has no address yet: the adapter resolves broadcast://:PORT to "
+                "its subnet's broadcast address"
+            )
+
+    def _check_room(self, size: int) -> None:
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new messages")
+        held = self._buffered + self._groups.buffered()
+        if held + size > self.config.send_buffer:
+            raise errors.SendBufferFull(
+                f"send buffer full ({held} of {self.config.send_buffer} bytes "
+                "awaiting acknowledgement); wait for receipts or raise Config.send_buffer"
+            )
+
+    # ---------------------------------------------------------------- anycast
+
+    def serve(self, service: str, announce_on: list[GroupAddress], now: float) -> None:
+        """Announce that this node serves ``service`` on each discovery group given."""
+        check_service_name(service)
+        groups = {}
+        for group in announce_on:
+            self.open_group(group, now)
+            groups[group.name] = group.sockaddr
+        self._now = now
+        self._services.serve(service, groups, now)
+
+    def unserve(self, service: str) -> None:
+        """Withdraw ``service``: a WITHDRAW goes to each discovery group it was announced on."""
+        self._services.unserve(service)
+
+    def discover(self, group: GroupAddress, now: float) -> None:
+        """Learn the services announced on ``group`` (members answer its SOLICIT at once)."""
+        self.open_group(group, now)
+
+    def add_service_members(self, service: str, members: list[Any]) -> None:
+        """Members of ``service`` known without announcements (a static list)."""
+        check_service_name(service)
+        self._services.add_static(service, list(members))
+
+    def service_members(self, service: str) -> list[Any]:
+        """Members a send to ``service`` may go to now: announced first, then static."""
+        return self._services.candidates(service)
+
+    def send_anycast(
+        self,
+        service: ServiceAddress,
+        data: bytes,
+        *,
+        now: float,
+        msg_type: int = 0,
+        priority: int = 0,
+        timeout: float | None = None,
+        policy: str = "round-robin",
+    ) -> int:
+        """Queue ``data`` for one live member of ``service``; returns the ticket.
+
+        The answer is a ``MessageDelivered`` whose ``peer`` is the member that
+        took it (``failovers`` lists members tried before), or a
+        ``MessageFailed`` with :class:`~reliable.errors.NoServiceMember` once
+        every candidate failed, or ``SendTimeout``.
+        """
+        data = bytes(data)
+        if policy not in ANYCAST_POLICIES:
+            raise errors.UsageError(
+                f"anycast policy must be one of {', '.join(ANYCAST_POLICIES)}, got {policy!r}"
+            )
+        self.check_message(data, msg_type=msg_type, priority=priority, mailbox=service.mailbox)
+        check_timeout(timeout, "timeout")
+        self._check_room(len(data))
+        member = self._services.choose(
+            service.service, policy=policy, exclude=set(), rtt=self._srtt
+        )
+        if member is None:
+            raise errors.NoServiceMember(service.service)
+        self._now = now
+        attempt = _Anycast(
+            self._next_ticket,
+            service,
+            data,
+            msg_type,
+            priority,
+            None if timeout is None else now + timeout,
+            policy,
+        )
+        self._next_ticket += 1
+        self._anycast_to(attempt, member, now)
+        return attempt.ticket
+
+    def _anycast_to(self, attempt: _Anycast, member: Any, now: float) -> None:
+        inner = self.send(
+            member,
+            attempt.data,
+            now=now,
+            msg_type=attempt.msg_type,
+            priority=attempt.priority,
+            mailbox=attempt.mailbox,
+            deadline=attempt.deadline,
+        )
+        attempt.member = member
+        self._anycast[inner] = attempt
+
+    def _anycast_outcome(
+        self, attempt: _Anycast, event: events.MessageDelivered | events.MessageFailed
+    ) -> None:
+        if isinstance(event, events.MessageDelivered):
+            failovers = tuple(attempt.tried)
+            self._events.append(replace(event, ticket=attempt.ticket, failovers=failovers))
+            return
+        error = event.error
+        if not isinstance(error, _FAILOVER_ERRORS):
+            self._events.append(replace(event, ticket=attempt.ticket))
+            return
+        attempt.tried.append((attempt.member, _short_reason(error)))
+        now = self._now
+        tried = {m for m, _ in attempt.tried}
+        member = None
+        if attempt.deadline is None or now < attempt.deadline:
+            member = self._services.choose(
+                attempt.service, policy=attempt.policy, exclude=tried, rtt=self._srtt
+            )
+        if member is not None and not self._closing:
+            try:
+                self._anycast_to(attempt, member, now)
+                return
+            except errors.ReliableError:
+                pass  # no room now: report the failure rather than hold it
+        failure = errors.NoServiceMember(attempt.service, tuple(attempt.tried))
+        self._events.append(
+            events.MessageFailed(ticket=attempt.ticket, peer=failure.peer, error=failure)
+        )
+
+    def _srtt(self, member: Any) -> float | None:
+        session = self._peers.get(member)
+        return None if session is None else session.rtt.srtt
+
+    def _on_group_packet(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        if pkt.kind in _SERVICE_KINDS:
+            self._services.on_packet(pkt, addr, now)
+            return
+        if pkt.kind == Kind.SOLICIT and pkt.src_incarnation != self.incarnation:
+            self._services.solicited(pkt.group, now)
+        self._groups.on_packet(pkt, addr, size, now)
+
+    def _deliver_group(
+        self, sender: Any, incarnation: int, url: str, d: Delivery, now: float
+    ) -> Verdict | None:
+        """A group message is whole and in order: into its mailbox (or parked), or refused."""
+        verdict = self._judge(d.mailbox, len(d.data))
+        if verdict is not None:
+            return verdict
+        msg = Message(
+            source=sender,
+            data=d.data,
+            msg_type=d.msg_type,
+            priority=d.priority,
+            mailbox=d.mailbox,
+            msg_id=d.msg_id,
+            incarnation=incarnation,
+            group=url,
+        )
+        self._emit(
+            events.MessageReceived(
+                peer=sender,
+                data=d.data,
+                msg_type=d.msg_type,
+                priority=d.priority,
+                mailbox=d.mailbox,
+                msg_id=d.msg_id,
+                incarnation=incarnation,
+            )
+        )
+        self._held += len(d.data)
+        # Parked or not, it is the member's now: the mailbox memory cap bounds what parks.
+        self._mailboxes[d.mailbox].offer(msg, now)
+        return None
+
     # ------------------------------------------------- mailbox admission (core)
 
     def _screen(self, frag: Fragment) -> Verdict | None:
@@ -594,6 +943,8 @@ class Endpoint:
 
     def _unparked(self, msg: Message, receiver: str | None) -> None:
         """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
+        if msg.group is not None:
+            return  # a group's sender counted it delivered when it parked
         session = self._live_session(msg)
         if session is not None:
             session.release(len(msg.data))
@@ -613,7 +964,7 @@ class Endpoint:
         removed = box.remove_parked(predicate)
         for msg in removed:
             self._held -= len(msg.data)
-            session = self._live_session(msg)
+            session = self._live_session(msg) if msg.group is None else None
             if session is not None:
                 session.release(len(msg.data))
                 session.send_control(Discarded(msg.msg_id, verdict), self._now)
@@ -626,7 +977,9 @@ class Endpoint:
         for box in self._mailboxes.values():
             if not box.parked:
                 continue
-            removed = box.remove_parked(lambda m: m.source == addr and m.incarnation == incarnation)
+            removed = box.remove_parked(
+                lambda m: m.source == addr and m.incarnation == incarnation and m.group is None
+            )
             for msg in removed:
                 self._held -= len(msg.data)
                 if session is not None:
@@ -678,6 +1031,13 @@ class Endpoint:
     # --------------------------------------------------------------- internal
 
     def _emit(self, event: events.Event) -> None:
+        if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
+            attempt = self._anycast.pop(event.ticket, None)
+            if attempt is not None:
+                self._anycast_outcome(attempt, event)
+                return
+        if isinstance(event, (events.PeerUnreachable, events.PeerClosed)):
+            self._services.member_down(event.peer, _short_reason_of_event(event))
         self._events.append(event)
 
     def _message_finished(self, msg: OutgoingMessage) -> None:
@@ -855,9 +1215,20 @@ class Endpoint:
     def _maybe_finish_close(self, now: float) -> None:
         if self.closed:
             return
-        pending = any(s.has_pending() for s in self._peers.values())
+        linger = self._groups.linger_until()
+        pending = (
+            self._groups.has_outstanding()
+            or (linger is not None and linger > now)
+            or any(s.has_pending() for s in self._peers.values())
+        )
         if pending and now < self._close_deadline:
             return
+        self._groups.flush_acks()
+        self._group_output(self._control, now)  # final acks, before the LEAVEs
+        self._groups.close("closing")
+        for service in list(self._services.served):
+            self._services.unserve(service)
+        self._group_output(self._control, now)
         for session in self._peers.values():
             session.fail_all(errors.SendAborted(session.addr))
         # Flush whatever the sessions still owe (final acks), then say goodbye.
@@ -870,6 +1241,23 @@ class Endpoint:
                 self._control.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
         self.closed = True
         self._emit(events.Closed())
+
+
+def _short_reason(error: errors.DeliveryFailed) -> str:
+    """A failure as one word or two, for anycast receipts (``failovers``)."""
+    names = {
+        errors.PeerUnreachable: "unreachable",
+        errors.PeerClosed: "closed",
+        errors.PeerRestarted: "restarted",
+        errors.MailboxNotFound: "no_mailbox",
+        errors.MailboxClosed: "mailbox_closed",
+        errors.AuthenticationFailed: "auth_failed",
+    }
+    return names.get(type(error), type(error).__name__)
+
+
+def _short_reason_of_event(event: events.PeerUnreachable | events.PeerClosed) -> str:
+    return "unreachable" if isinstance(event, events.PeerUnreachable) else "closed"
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "NoServiceMember",
     "AddressError",
     "AuthenticationFailed",
     "DeliveryFailed",
@@ -198,3 +199,25 @@ class SendAborted(DeliveryFailed):
 
     def __init__(self, peer: Any) -> None:
         super().__init__(peer, "node closed before the peer acknowledged the message")
+
+
+class NoServiceMember(DeliveryFailed):
+    """No live member of an anycast service took the message.
+
+    ``tried`` lists the members tried, in order, with why each failed. The
+    message may have reached one of them (see the failover guarantee in
+    docs/groups.md).
+    """
+
+    def __init__(self, service: str, tried: tuple[tuple[Any, str], ...] = ()) -> None:
+        if tried:
+            detail = "; ".join(f"{format_address(m)}: {why}" for m, why in tried)
+            reason = f"every member tried failed ({detail})"
+        else:
+            reason = (
+                "no live member is known: serve it somewhere, discover it on a group the "
+                "members announce on, or list members statically"
+            )
+        super().__init__(f"anycast://{service}", reason)
+        self.service = service
+        self.tried = tried

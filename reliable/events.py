@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import DeliveryFailed, ReliableError
 
 if TYPE_CHECKING:
-    from .message import Message
+    from .message import GroupReceipt, Message
 
 __all__ = [
     "Closed",
+    "GroupSendDone",
+    "MemberJoined",
+    "MemberLeft",
     "Event",
     "MessageDelivered",
     "MessageFailed",
@@ -67,6 +70,7 @@ class MessageDelivered(Event):
     mailbox: str = ""
     deferred: bool = False  #: it waited at the peer for room in its mailbox
     receiver: str | None = None  #: who took it, for a rendezvous mailbox
+    failovers: tuple[tuple[Any, str], ...] = ()  #: anycast: members tried before, and why
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,3 +143,30 @@ class PeerClosed(Event):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Closed(Event):
     """This endpoint finished closing; it sends and accepts nothing more."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupSendDone(Event):
+    """Group message ``ticket`` is resolved: ``receipt`` says which members have it."""
+
+    ticket: int
+    receipt: GroupReceipt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberJoined(Event):
+    """``member`` joined ``group`` (a group address or ``anycast://`` service), as heard here."""
+
+    group: str
+    member: Any
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberLeft(Event):
+    """``member`` left ``group``; ``reason`` is left, unreachable, restarted or withdrawn."""
+
+    group: str
+    member: Any
+    incarnation: int
+    reason: str

@@ -8,7 +8,7 @@ from typing import Any
 from .errors import format_address
 from .events import MessageDelivered
 
-__all__ = ["Message", "Receipt"]
+__all__ = ["GroupReceipt", "Message", "Receipt"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -26,6 +26,7 @@ class Message:
     mailbox: str = ""
     msg_id: int = 0
     incarnation: int = 0
+    group: str | None = None  #: the group it was sent to (``multicast://...``), if any
 
     @property
     def sender(self) -> str:
@@ -50,6 +51,8 @@ class Receipt:
     mailbox: str = ""  #: the destination mailbox ("" for the node's default)
     deferred: bool = False  #: the mailbox was full and the message waited for room
     receiver: str | None = None  #: which receiver took it, when known (rendezvous)
+    #: anycast only: members tried first that failed, with why (see docs/groups.md)
+    failovers: tuple[tuple[Any, str], ...] = ()
 
     @property
     def retransmissions(self) -> int:
@@ -67,4 +70,38 @@ class Receipt:
             mailbox=event.mailbox,
             deferred=event.deferred,
             receiver=event.receiver,
+            failovers=event.failovers,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupReceipt:
+    """What became of one message sent to a group: who has it, and who does not and why.
+
+    ``acked`` members acknowledged it: it is in their mailbox (or parked there
+    until it has room). ``missing`` maps every other member the message was
+    meant for, the live members when it was sent, to the reason: ``timeout``
+    (no acknowledgement in time), ``left``, ``unreachable``, ``restarted``, or
+    a refusal (``no_mailbox``, ``mailbox_closed``, ``too_large``, ``no_memory``).
+    """
+
+    group: str  #: the destination, e.g. ``multicast://239.1.2.3:7000/inbox``
+    size: int
+    fragments: int
+    transmissions: int  #: datagrams sent for it, to the group and unicast repairs
+    elapsed: float
+    acked: tuple[Any, ...]
+    missing: dict[Any, str]
+
+    @property
+    def complete(self) -> bool:
+        """Every member it was meant for has it."""
+        return not self.missing
+
+    def __str__(self) -> str:
+        have = ", ".join(format_address(m) for m in self.acked) or "nobody"
+        text = f"{self.group}: {len(self.acked)} acked ({have})"
+        if self.missing:
+            gone = ", ".join(f"{format_address(m)} ({why})" for m, why in self.missing.items())
+            text += f"; {len(self.missing)} missing: {gone}"
+        return text

@@ -90,6 +90,8 @@ class NodeStats:
     challenges_sent: int = 0  #: address-validation challenges sent to new addresses
     departed_retransmissions: int = 0  #: of peers no longer listed (closed)
     departed_duplicates: int = 0
+    #: one dict per open group or anycast service: membership and repair counters
+    groups: tuple[dict[str, Any], ...] = ()
 
     @property
     def retransmissions(self) -> int:
@@ -130,5 +132,10 @@ class NodeStats:
             MailboxStats(**{**m, "last_sender": addr(m.get("last_sender"))})
             for m in d.get("mailboxes", ())
         )
-        names = {f.name for f in fields(cls)} - {"peers", "mailboxes"}
-        return cls(peers=peers, mailboxes=boxes, **{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"peers", "mailboxes", "groups"}
+        return cls(
+            peers=peers,
+            mailboxes=boxes,
+            groups=tuple(d.get("groups", ())),
+            **{k: v for k, v in d.items() if k in names},
+        )

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reliable import Config, Endpoint, events, wire
-from reliable.wire import Flag, Fragment, Kind, Packet
+from reliable.wire import GROUP_KINDS, Flag, Fragment, Kind, Packet
 
 from .harness import A, B, Pair
 
@@ -34,7 +34,13 @@ def assert_bounded(ep: Endpoint) -> None:
         # receive-memory accounting: exactly what waits, reservations included
         waiting = sum(len(f.payload) for seq, f in r.ooo.items() if seq not in r.covered)
         assert r.held == waiting + (r.partial.reserved if r.partial is not None else 0)
-    assert ep._receive_budget.used == sum(s.receiver.held for s in ep._peers.values())
+    group_streams = [m for g in ep._groups._groups.values() for m in g.streams.values()]
+    for g in ep._groups._groups.values():
+        assert len(g.streams) <= cfg.max_peers and len(g.view) <= cfg.max_peers
+        if g.sender is not None:
+            assert g.sender.buffered <= cfg.send_buffer
+    held = sum(s.receiver.held for s in ep._peers.values())
+    assert ep._receive_budget.used == held + sum(m.receive.held for m in group_streams)
     assert ep._receive_budget.used <= cfg.receive_memory + cfg.max_message_size
 
 
@@ -55,7 +61,7 @@ def test_random_bytes_are_counted_drops(datagrams: list[tuple[bytes, int]]) -> N
 def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
     kind = draw(st.sampled_from(list(Kind)))
     fragment = None
-    if kind == Kind.DATA:
+    if kind in (Kind.DATA, Kind.GDATA):
         total = draw(st.sampled_from([0, 1, 100, 60_000, 2**32 - 1]))
         count = draw(st.integers(1, max(1, min(total, 2**32 - 1))))
         payload = draw(st.binary(max_size=min(total, 200)))
@@ -86,6 +92,9 @@ def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
         else draw(st.none() | st.binary(min_size=16, max_size=16)),
         refusal=draw(st.integers(0, 3)) if kind == Kind.AUTH_FAILED else 0,
         fragment=fragment,
+        group=draw(st.sampled_from(["239.1.2.3:7000", "printer", "x"]))
+        if kind in GROUP_KINDS
+        else "",
     )
 
 
@@ -162,3 +171,50 @@ def test_unknown_peers_cannot_create_state_with_acks_or_close() -> None:
     for kind in (Kind.ACK, Kind.CLOSE, Kind.RESET):
         ep.receive_datagram(wire.encode(Packet(kind=kind, src_incarnation=5)), A, 0.0)
     assert ep.peers() == []
+
+
+@FUZZ
+@given(st.data())
+def test_hostile_group_packets_keep_every_bound_and_never_amplify(data: st.DataObject) -> None:
+    """A member, a group sender and an anycast server at once, under hostile group traffic.
+
+    Whatever arrives, state stays bounded and no address is ever sent more group
+    traffic (acks, NAK-driven repairs aimed at it) than it sent us.
+    """
+    from reliable.addressing import GroupAddress
+
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    joined = GroupAddress("multicast", "239.1.2.3", 7000)
+    other = GroupAddress("multicast", "239.1.2.4", 7000)
+    ep.open_group(joined, 0.0, join=True)
+    ep.serve("printer", [other], 0.0)
+    ep.send_group(other, b"ours" * 300, now=0.0)
+    sources = [(f"192.0.2.{i}", 7000) for i in range(1, 30)]
+    incarnations = [ep.incarnation, 1, 2, 3, 2**64 - 1]
+    received: dict[object, int] = {}
+    sent: dict[object, int] = {}
+    now = 0.0
+    for _ in range(data.draw(st.integers(1, 60))):
+        pkt = data.draw(hostile_packets(incarnations))
+        if pkt.kind in GROUP_KINDS:
+            pkt = dataclasses.replace(
+                pkt, group=data.draw(st.sampled_from([joined.name, other.name, "printer", "x"]))
+            )
+        src = data.draw(st.sampled_from(sources))
+        if data.draw(st.integers(0, 9)) == 0:
+            ep.send_group(other, b"more" * 400, now=now)  # expecting whoever "joined" so far
+        raw = wire.encode(pkt)
+        ep.receive_datagram(raw, src, now)
+        received[src] = received.get(src, 0) + len(raw)
+        now += data.draw(st.sampled_from([0.0, 0.001, 0.05, 0.5]))
+        if (timer := ep.get_timer()) is not None and timer <= now:
+            ep.handle_timer(now)
+        for d, dst in ep.datagrams_to_send(now):
+            assert len(d) <= CONFIG.max_datagram_size
+            if wire.decode(d).kind in GROUP_KINDS and dst not in (joined.sockaddr, other.sockaddr):
+                sent[dst] = sent.get(dst, 0) + len(d)
+        assert_bounded(ep)
+    for dst, nbytes in sent.items():
+        assert nbytes <= received.get(dst, 0), f"{dst} got {nbytes} bytes for {received.get(dst)}"
+    while ep.next_event() is not None:
+        pass
