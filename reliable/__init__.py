@@ -8,7 +8,15 @@ standard library is imported here.
 from __future__ import annotations
 
 from . import errors, events, security, wire
-from .addressing import format_address, parse_address, resolve_address
+from .addressing import (
+    GroupAddress,
+    ServiceAddress,
+    format_address,
+    parse_address,
+    parse_group,
+    parse_service,
+    resolve_address,
+)
 from .config import Config
 from .endpoint import Endpoint
 from .errors import (
@@ -23,6 +31,7 @@ from .errors import (
     MessageRejected,
     MessageTooLarge,
     NodeClosed,
+    NoServiceMember,
     PeerClosed,
     PeerRestarted,
     PeerUnreachable,
@@ -36,11 +45,17 @@ from .errors import (
     WouldBlock,
 )
 from .mailbox import Selector
-from .message import Message, Receipt
+from .message import GroupReceipt, Message, Receipt
 from .node import Mailbox, Node, SendHandle
 from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
+    "GroupAddress",
+    "GroupReceipt",
+    "NoServiceMember",
+    "ServiceAddress",
+    "parse_group",
+    "parse_service",
     "AddressError",
     "AuthenticationFailed",
     "AsyncMailbox",

@@ -13,10 +13,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import errors, events
-from .addressing import Address, normalize, resolve_address
+from .addressing import (
+    Address,
+    GroupAddress,
+    ServiceAddress,
+    normalize,
+    parse_group,
+    parse_service,
+    resolve_address,
+)
 from .endpoint import Endpoint
 from .mailbox import check_mailbox_name
-from .message import Message, Receipt
+from .message import GroupReceipt, Message, Receipt
 from .stats import MailboxStats, NodeStats
 
 __all__ = [
@@ -110,6 +118,27 @@ def split_destination(
     return dest, name
 
 
+def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:
+    """Parse a ``multicast://``, ``broadcast://`` or ``anycast://`` destination.
+
+    A ``mailbox`` argument must agree with a mailbox in the URL, as for
+    :func:`split_destination`.
+    """
+    target: GroupAddress | ServiceAddress = (
+        parse_service(dest) if dest.startswith("anycast://") else parse_group(dest)
+    )
+    if mailbox is not None and target.mailbox and mailbox != target.mailbox:
+        raise errors.UsageError(
+            f"destination names mailbox {target.mailbox!r} but mailbox={mailbox!r} was given; "
+            "give one"
+        )
+    name = target.mailbox or (mailbox or "")
+    check_mailbox_name(name)
+    if isinstance(target, GroupAddress):
+        return GroupAddress(target.scheme, target.host, target.port, name)
+    return ServiceAddress(target.service, name)
+
+
 def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[bytes, Address]]:
     """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets."""
     batch: list[tuple[bytes, Address]] = []
@@ -129,7 +158,10 @@ class EventSink(Protocol):
     """What an adapter does with the core's events."""
 
     def on_outcome(
-        self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.DeliveryFailed | None,
     ) -> None: ...
 
     def on_receive(
@@ -154,6 +186,8 @@ def route_events(
             observer(event)
         if isinstance(event, events.MessageDelivered):
             sink.on_outcome(event.ticket, Receipt.from_event(event), None)
+        elif isinstance(event, events.GroupSendDone):
+            sink.on_outcome(event.ticket, event.receipt, None)
         elif isinstance(event, events.MessageFailed):
             sink.on_outcome(event.ticket, None, event.error)
         elif isinstance(event, events.MessageTaken):

@@ -27,17 +27,27 @@ from ._driver import (
     Departures,
     MailboxHandle,
     drain_socket,
+    group_destination,
     open_socket,
     parse_stats,
     resolve_destination,
     route_events,
     split_destination,
 )
-from .addressing import Address, normalize
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    ServiceAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
 from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
-from .message import Message, Receipt
+from .message import GroupReceipt, Message, Receipt
+from .node import DISCOVERY_WAIT
 from .security import Security
 from .stats import NodeStats
 
@@ -69,7 +79,8 @@ class AsyncNode:
         self._sock: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._handles: dict[int, asyncio.Future[Receipt]] = {}
+        self._handles: dict[int, asyncio.Future[Receipt | GroupReceipt]] = {}
+        self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
         self._departures = Departures()
@@ -93,6 +104,7 @@ class AsyncNode:
         self._sock = sock
         self._close_done = self._loop.create_future()
         self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._groups = GroupSockets(sock, self.config)
         return self
 
     async def __aenter__(self) -> AsyncNode:
@@ -126,6 +138,10 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
+        if self._groups is not None:
+            for group_sock in self._groups.sockets():
+                self._loop.remove_reader(group_sock.fileno())
+            self._groups.close()
         futures: list[asyncio.Future[Any]] = [
             *self._handles.values(),
             *self._receives.values(),
@@ -222,14 +238,16 @@ class AsyncNode:
         priority: int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
-    ) -> asyncio.Future[Receipt]:
+        policy: str = "round-robin",
+    ) -> asyncio.Future[Receipt | GroupReceipt]:
         """Queue ``data``; returns a future resolved with the receipt or the delivery error.
 
         Raises a :class:`~reliable.errors.WouldBlock` (``SendBufferFull``,
-        ``MailboxFull``) instead of waiting; nothing was sent then.
+        ``MailboxFull``) instead of waiting; nothing was sent then. A group
+        destination must already be open (:meth:`members` opens one).
         """
         check_timeout(timeout, "timeout", positive=True)
-        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None)
+        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, policy)
 
     def _submit(
         self,
@@ -240,22 +258,42 @@ class AsyncNode:
         mailbox: str | None,
         timeout: float | None,
         deadline: float | None,
-    ) -> asyncio.Future[Receipt]:
+        policy: str,
+    ) -> asyncio.Future[Receipt | GroupReceipt]:
         loop = self._require_started()
         assert self._sock is not None
-        node, name = split_destination(dest, mailbox)
-        addr = resolve_destination(node, self._sock.family)
-        ticket = self._endpoint.send(
-            addr,
-            data,
-            now=loop.time(),
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=name,
-            timeout=timeout,
-            deadline=deadline,
-        )
-        future: asyncio.Future[Receipt] = loop.create_future()
+        now = loop.time()
+        if isinstance(dest, str) and is_group_url(dest):
+            target = group_destination(dest, mailbox)
+            if isinstance(target, ServiceAddress):
+                ticket = self._endpoint.send_anycast(
+                    target,
+                    data,
+                    now=now,
+                    msg_type=msg_type,
+                    priority=priority,
+                    timeout=timeout,
+                    policy=policy,
+                )
+            else:
+                group = self._open_group(target, join=False)
+                ticket = self._endpoint.send_group(
+                    group, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+                )
+        else:
+            node, name = split_destination(dest, mailbox)
+            addr = resolve_destination(node, self._sock.family)
+            ticket = self._endpoint.send(
+                addr,
+                data,
+                now=now,
+                msg_type=msg_type,
+                priority=priority,
+                mailbox=name,
+                timeout=timeout,
+                deadline=deadline,
+            )
+        future: asyncio.Future[Receipt | GroupReceipt] = loop.create_future()
         self._handles[ticket] = future
         self._pump([])
         return future
@@ -269,27 +307,111 @@ class AsyncNode:
         priority: int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
-    ) -> Receipt:
+        policy: str = "round-robin",
+    ) -> Receipt | GroupReceipt:
         """Send ``data`` and wait until it entered its mailbox; returns the receipt.
 
         As :meth:`reliable.Node.send`: waits for send-buffer space and for
         room in a full mailbox; with ``timeout`` a message not in by then is
-        withdrawn and :class:`~reliable.errors.SendTimeout` raised.
+        withdrawn and :class:`~reliable.errors.SendTimeout` raised. Group and
+        anycast destinations work as there.
         """
         check_timeout(timeout, "timeout", positive=True)
         loop = self._require_started()
+        if isinstance(dest, str) and dest.startswith(("multicast://", "broadcast://")):
+            group = group_destination(dest, mailbox)
+            assert isinstance(group, GroupAddress)
+            if not self._endpoint.is_open_group(self._resolve(group)):
+                self._open_group(group, join=False)
+                await asyncio.sleep(DISCOVERY_WAIT)  # members answer the SOLICIT
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise errors.SendTimeout(dest, timeout or 0.0)
             try:
-                future = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline)
+                future = self._submit(
+                    dest, data, msg_type, priority, mailbox, timeout, deadline, policy
+                )
                 break
             except errors.WouldBlock:
                 self._check_open()
                 await self._wait_change(remaining)
         return await future
+
+    # ---------------------------------------------------------------- groups
+
+    def join(self, group: str) -> None:
+        """Become a member of ``group``, as :meth:`reliable.Node.join`."""
+        self._open_group(parse_group(group), join=True)
+
+    def leave(self, group: str) -> None:
+        loop = self._require_started()
+        self._endpoint.leave_group(self._resolve(parse_group(group)), loop.time())
+        self._pump([])
+
+    def members(self, group: str) -> dict[Address, int]:
+        """Live members of ``group`` as heard here; opens it (and so starts discovery)."""
+        return self._endpoint.group_members(self._open_group(parse_group(group), join=False))
+
+    async def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
+        check_timeout(timeout, "timeout")
+        loop = self._require_started()
+        deadline = loop.time() + timeout
+        while True:
+            found = self.members(group)
+            remaining = deadline - loop.time()
+            if len(found) >= count or remaining <= 0:
+                return found
+            self._check_open()
+            await self._wait_change(min(remaining, 0.05))
+
+    def serve(self, service: str, *, announce: str | list[str]) -> None:
+        loop = self._require_started()
+        groups = [announce] if isinstance(announce, str) else list(announce)
+        targets = [self._open_group(parse_group(g), join=False) for g in groups]
+        self._endpoint.serve(service, targets, loop.time())
+        self._pump([])
+
+    def unserve(self, service: str) -> None:
+        self._endpoint.unserve(service)
+        self._pump([])
+
+    def discover(self, group: str) -> None:
+        loop = self._require_started()
+        self._endpoint.discover(self._open_group(parse_group(group), join=False), loop.time())
+        self._pump([])
+
+    def add_service_members(self, service: str, members: list[str | tuple[Any, ...]]) -> None:
+        self._require_started()
+        assert self._sock is not None
+        family = self._sock.family
+        self._endpoint.add_service_members(
+            service, [resolve_destination(m, family) for m in members]
+        )
+
+    def service_members(self, service: str) -> list[Address]:
+        return self._endpoint.service_members(service)
+
+    def _resolve(self, group: GroupAddress) -> GroupAddress:
+        self._require_started()
+        assert self._groups is not None
+        return self._groups.resolve(group)
+
+    def _open_group(self, group: GroupAddress, *, join: bool) -> GroupAddress:
+        loop = self._require_started()
+        self._check_open()
+        assert self._groups is not None
+        target = self._groups.resolve(group)
+        sock = self._groups.open(target)
+        if sock is not None:
+            loop.add_reader(sock.fileno(), self._on_group_readable, sock)
+        self._endpoint.open_group(target, loop.time(), join=join)
+        self._pump([])
+        return target
+
+    def _on_group_readable(self, sock: DatagramSocket) -> None:
+        self._pump(drain_socket(sock))
 
     # ------------------------------------------------------------- receiving
 
@@ -497,7 +619,10 @@ class AsyncNode:
             future.set_result(body)
 
     def on_outcome(
-        self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.DeliveryFailed | None,
     ) -> None:
         future = self._handles.pop(ticket, None)
         if future is None or future.done():

@@ -35,23 +35,34 @@ from ._driver import (
     Departures,
     MailboxHandle,
     drain_socket,
+    group_destination,
     open_socket,
     parse_stats,
     resolve_destination,
     route_events,
     split_destination,
 )
-from .addressing import Address, normalize
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    ServiceAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
 from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
 from .mailbox import Selector
-from .message import Message, Receipt
+from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
 
 __all__ = ["Mailbox", "Node", "SendHandle"]
 
 _CLOSE_GRACE = 1.0  # seconds the I/O thread may take beyond the flush timeout to exit
+#: After opening a group to send to it, how long members get to answer its SOLICIT.
+DISCOVERY_WAIT = 0.2
 
 
 class SendHandle:
@@ -64,10 +75,10 @@ class SendHandle:
 
     __slots__ = ("_future", "destination", "ticket")
 
-    def __init__(self, ticket: int, destination: Address) -> None:
+    def __init__(self, ticket: int, destination: Any) -> None:
         self.ticket = ticket
         self.destination = destination
-        self._future: Future[Receipt] = Future()
+        self._future: Future[Receipt | GroupReceipt] = Future()
 
     def done(self) -> bool:
         return self._future.done()
@@ -81,7 +92,7 @@ class SendHandle:
             return False
         return True
 
-    def result(self, timeout: float | None = None) -> Receipt:
+    def result(self, timeout: float | None = None) -> Receipt | GroupReceipt:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
         check_timeout(timeout, "timeout")
         return self._future.result(timeout)
@@ -146,7 +157,11 @@ class Node:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._backlog: deque[tuple[bytes, Address]] = deque()
-        self._resolved: list[tuple[SendHandle, Receipt | None, errors.DeliveryFailed | None]] = []
+        self._resolved: list[
+            tuple[SendHandle, Receipt | GroupReceipt | None, errors.DeliveryFailed | None]
+        ] = []
+        self._groups = GroupSockets(self._sock, self.config)
+        self._unregistered: list[socket.socket] = []  # group sockets for the I/O thread
         self._thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
         self._thread.start()
 
@@ -175,10 +190,17 @@ class Node:
         priority: int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
-    ) -> Receipt:
+        policy: str = "round-robin",
+    ) -> Receipt | GroupReceipt:
         """Send ``data`` and block until it entered its mailbox; returns the receipt.
 
-        ``dest`` is ``host:port`` (the default mailbox) or ``host:port/name``.
+        ``dest`` is ``host:port`` (the default mailbox) or ``host:port/name``;
+        or a group: ``multicast://239.1.2.3:7000/name`` or ``broadcast://:7000/name``,
+        answered by a :class:`~reliable.message.GroupReceipt` listing which members
+        have it once each answered or ``timeout`` (default ``Config.group_timeout``)
+        passed; or ``anycast://service/name``, delivered to one live member chosen
+        by ``policy`` (``round-robin`` or ``lowest-rtt``), failing over to another
+        if that one fails (docs/groups.md).
         A full mailbox makes this wait for room (for a rendezvous mailbox,
         until a receiver takes the message). With ``timeout`` (seconds) a
         message not in by then is withdrawn and
@@ -188,7 +210,7 @@ class Node:
         """
         check_timeout(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        handle = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline)
+        handle = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline, policy)
         return handle.result()
 
     def send_nowait(
@@ -200,6 +222,7 @@ class Node:
         priority: int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
+        policy: str = "round-robin",
     ) -> SendHandle:
         """Queue ``data`` for ``dest`` and return at once with a :class:`SendHandle`.
 
@@ -209,7 +232,9 @@ class Node:
         mailbox is known to be full. Nothing was sent in either case.
         """
         check_timeout(timeout, "timeout", positive=True)
-        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, block=False)
+        return self._submit(
+            dest, data, msg_type, priority, mailbox, timeout, None, policy, block=False
+        )
 
     def _submit(
         self,
@@ -220,38 +245,166 @@ class Node:
         mailbox: str | None,
         timeout: float | None,
         deadline: float | None,
+        policy: str,
         *,
         block: bool = True,
     ) -> SendHandle:
-        node, name = split_destination(dest, mailbox)
-        addr = resolve_destination(node, self._sock.family)
+        endpoint = self._endpoint
+        enqueue: Callable[[float], int]
+        label: Any
+        if isinstance(dest, str) and is_group_url(dest):
+            target = group_destination(dest, mailbox)
+            if isinstance(target, ServiceAddress):
+                service = target
+
+                def enqueue(now: float) -> int:
+                    return endpoint.send_anycast(
+                        service,
+                        data,
+                        now=now,
+                        msg_type=msg_type,
+                        priority=priority,
+                        timeout=timeout,
+                        policy=policy,
+                    )
+
+                label = str(service)
+            else:
+                group = self._open_group(target, join=False, discover=True)
+
+                def enqueue(now: float) -> int:
+                    return endpoint.send_group(
+                        group, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+                    )
+
+                label = str(group)
+        else:
+            node, name = split_destination(dest, mailbox)
+            addr = resolve_destination(node, self._sock.family)
+
+            def enqueue(now: float) -> int:
+                return endpoint.send(
+                    addr,
+                    data,
+                    now=now,
+                    msg_type=msg_type,
+                    priority=priority,
+                    mailbox=name,
+                    timeout=timeout,
+                    deadline=deadline,
+                )
+
+            label = addr
         with self._lock:
             while True:
                 self._check_open()
                 now = time.monotonic()
                 remaining = None if deadline is None else deadline - now
                 try:
-                    ticket = self._endpoint.send(
-                        addr,
-                        data,
-                        now=now,
-                        msg_type=msg_type,
-                        priority=priority,
-                        mailbox=name,
-                        timeout=timeout,
-                        deadline=deadline,
-                    )
+                    ticket = enqueue(now)
                     break
                 except errors.WouldBlock:
                     if not block:
                         raise
                     if remaining is not None and remaining <= 0:
-                        raise errors.SendTimeout(addr, timeout or 0.0) from None
+                        raise errors.SendTimeout(label, timeout or 0.0) from None
                     self._changed.wait(remaining)
-            handle = SendHandle(ticket, addr)
+            handle = SendHandle(ticket, label)
             self._handles[ticket] = handle
         self._pump([])
         return handle
+
+    # ---------------------------------------------------------------- groups
+
+    def join(self, group: str) -> None:
+        """Become a member of ``group`` (``multicast://239.1.2.3:7000`` or
+        ``broadcast://:7000``): its messages arrive in this node's mailboxes
+        (the mailbox each names), and its senders' receipts count this node."""
+        self._open_group(parse_group(group), join=True, discover=False)
+
+    def leave(self, group: str) -> None:
+        """Stop being a member of ``group``; its members and senders hear a LEAVE."""
+        target = self._resolve_group(parse_group(group))
+        with self._lock:
+            self._endpoint.leave_group(target, time.monotonic())
+        self._pump([])
+
+    def members(self, group: str) -> dict[Address, int]:
+        """Live members of ``group`` as heard here (address -> incarnation); opens it."""
+        target = self._open_group(parse_group(group), join=False, discover=False)
+        with self._lock:
+            return self._endpoint.group_members(target)
+
+    def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
+        """Block until ``group`` has at least ``count`` live members or ``timeout`` passes."""
+        check_timeout(timeout, "timeout")
+        target = self._open_group(parse_group(group), join=False, discover=False)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                found = self._endpoint.group_members(target)
+                remaining = deadline - time.monotonic()
+                if len(found) >= count or remaining <= 0:
+                    return found
+                self._check_open()
+                self._changed.wait(min(remaining, 0.05))
+
+    def serve(self, service: str, *, announce: str | list[str]) -> None:
+        """Serve anycast ``service``: announce it on each discovery group in ``announce``."""
+        groups = [announce] if isinstance(announce, str) else list(announce)
+        targets = [self._open_group(parse_group(g), join=False, discover=False) for g in groups]
+        with self._lock:
+            self._endpoint.serve(service, targets, time.monotonic())
+        self._pump([])
+
+    def unserve(self, service: str) -> None:
+        with self._lock:
+            self._endpoint.unserve(service)
+        self._pump([])
+
+    def discover(self, group: str) -> None:
+        """Learn the anycast services announced on ``group``."""
+        target = self._open_group(parse_group(group), join=False, discover=False)
+        with self._lock:
+            self._endpoint.discover(target, time.monotonic())
+        self._pump([])
+
+    def add_service_members(self, service: str, members: list[str | tuple[Any, ...]]) -> None:
+        """Members of ``service`` known without announcements (``host:port`` each)."""
+        addrs = [resolve_destination(m, self._sock.family) for m in members]
+        with self._lock:
+            self._endpoint.add_service_members(service, addrs)
+
+    def service_members(self, service: str) -> list[Address]:
+        with self._lock:
+            return self._endpoint.service_members(service)
+
+    def _resolve_group(self, group: GroupAddress) -> GroupAddress:
+        with self._lock:
+            return self._groups.resolve(group)
+
+    def _open_group(self, group: GroupAddress, *, join: bool, discover: bool) -> GroupAddress:
+        """Hear ``group`` (one socket per group) and open it in the core.
+
+        With ``discover``, a group opened only now gets ``DISCOVERY_WAIT`` seconds
+        for its members to answer the SOLICIT before the caller sends to it.
+        """
+        with self._lock:
+            self._check_open()
+            target = self._groups.resolve(group)
+            fresh = not self._endpoint.is_open_group(target)
+            sock = self._groups.open(target)
+            if sock is not None:
+                self._unregistered.append(sock)
+            self._endpoint.open_group(target, time.monotonic(), join=join)
+        self._wake()
+        self._pump([])
+        if discover and fresh:
+            deadline = time.monotonic() + DISCOVERY_WAIT
+            with self._lock:
+                while (remaining := deadline - time.monotonic()) > 0:
+                    self._changed.wait(remaining)
+        return target
 
     # ------------------------------------------------------------- receiving
 
@@ -464,6 +617,8 @@ class Node:
             self._closed = True
             self._changed.notify_all()
         self._sock.close()
+        with self._lock:
+            self._groups.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -486,6 +641,9 @@ class Node:
                     closed = self._endpoint.closed
                     timer = self._endpoint.get_timer()
                     self._sleep_until = timer
+                    for group_sock in self._unregistered:
+                        selector.register(group_sock, selectors.EVENT_READ, group_sock)
+                    self._unregistered.clear()
                 if closed:
                     self._pump([])  # the final CLOSE packets and the last events
                     self._flush_backlog()
@@ -499,6 +657,7 @@ class Node:
                     writing = False
                 wait = None if timer is None else max(0.0, timer - time.monotonic())
                 ready = selector.select(wait)
+                batch = []
                 for key, _ in ready:
                     if key.data == "wake":
                         try:
@@ -506,7 +665,9 @@ class Node:
                                 pass
                         except (BlockingIOError, InterruptedError):
                             pass
-                batch = drain_socket(self._sock)
+                    elif isinstance(key.data, socket.socket):
+                        batch.extend(drain_socket(key.data))
+                batch.extend(drain_socket(self._sock))
                 self._pump(batch)
                 if self._backlog:
                     self._flush_backlog()
@@ -554,7 +715,10 @@ class Node:
 
     # EventSink, called under the lock from route_events
     def on_outcome(
-        self, ticket: int, receipt: Receipt | None, error: errors.DeliveryFailed | None
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.DeliveryFailed | None,
     ) -> None:
         handle = self._handles.pop(ticket, None)
         if handle is not None:

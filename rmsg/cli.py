@@ -192,6 +192,43 @@ def main() -> None:
     help="Local address to send from [default: any, same family as DEST].",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option(
+    "--wait-members",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Group DEST: first wait (within --timeout) until N members have announced themselves.",
+)
+@click.option(
+    "--discover",
+    "discover_on",
+    multiple=True,
+    metavar="GROUP",
+    help="anycast DEST: learn the service's members from announcements on this "
+    "multicast:// or broadcast:// group (repeatable).",
+)
+@click.option(
+    "--member",
+    "members",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="anycast DEST: a member of the service known without announcements (repeatable).",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["round-robin", "lowest-rtt"]),
+    default="round-robin",
+    show_default=True,
+    help="anycast DEST: how the member is chosen.",
+)
+@click.option(
+    "--netem",
+    "impair",
+    default=None,
+    metavar="SPEC",
+    help="Impair this process's outgoing datagrams with a tc-netem SPEC "
+    "(e.g. 'loss 10%'): test a link's faults without root.",
+)
 @security_options
 def send(
     security: str,
@@ -205,6 +242,11 @@ def send(
     timeout: float,
     bind: str | None,
     quiet: bool,
+    wait_members: int | None,
+    discover_on: tuple[str, ...],
+    members: tuple[str, ...],
+    policy: str,
+    impair: str | None,
 ) -> None:
     """Send one message to DEST and wait until it is in its mailbox.
 
@@ -215,34 +257,89 @@ def send(
     receipt; prints a one-line error and exits 1 if the node is unreachable,
     has no such mailbox, or refuses the message.
 
+    DEST may also be a group (docs/groups.md): multicast://GROUP:PORT/MAILBOX
+    or broadcast://:PORT/MAILBOX sends to every member that joined it
+    ('rmsg recv --join') and prints who acknowledged and who did not; it
+    exits 0 only if every member has it. anycast://SERVICE/MAILBOX sends to
+    one member of a service ('rmsg recv --serve'), failing over to another
+    if that one fails, and prints which member took it. Group sends bind to
+    127.0.0.1 unless --bind names the interface address to use.
+
     \b
     Examples:
       rmsg send 127.0.0.1:7000 "hello"
       rmsg send 127.0.0.1:7000/jobs "build #42" --type 3 --priority 9
       rmsg send [::1]:7000 --file report.pdf --timeout 30s
       echo '{"job": 42}' | rmsg send 127.0.0.1:7000/jobs --type 3
+      rmsg send multicast://239.1.2.3:7400/news "hello all" --wait-members 3
+      rmsg send broadcast://:7401 "anyone there?"
+      rmsg send anycast://printer/jobs "page 1" --discover multicast://239.1.2.4:7402
+      rmsg send anycast://printer "page 2" --member 127.0.0.1:7001 --member 127.0.0.1:7002
     """
     if message is not None and path is not None:
         raise click.UsageError("give either MESSAGE or --file, not both")
     if timeout <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
+    grouped = reliable.addressing.is_group_url(dest)
+    anycast = dest.startswith("anycast://")
+    if (discover_on or members) and not anycast:
+        raise click.UsageError("--discover and --member describe an anycast:// DEST")
+    if wait_members is not None and (anycast or not grouped):
+        raise click.UsageError("--wait-members applies to a multicast:// or broadcast:// DEST")
+    if anycast and not (discover_on or members):
+        raise click.UsageError(
+            "an anycast DEST needs its members: --discover GROUP (where they announce "
+            "themselves) or --member HOST:PORT"
+        )
     data = _read_message(message, path)
+    local = bind or ("127.0.0.1:0" if grouped else _wildcard_for(dest.split("/", 1)[0]))
+    deadline = time.monotonic() + timeout
     try:
-        with Node(
-            bind or _wildcard_for(dest.split("/", 1)[0]), security=_security(security, keyfile)
-        ) as node:
+        with _node(local, security, keyfile, impair) as node:
+            if wait_members is not None:
+                found = node.wait_for_members(_group_of(dest), wait_members, timeout)
+                if len(found) < wait_members:
+                    raise _fail(
+                        f"only {len(found)} of {wait_members} members of {_group_of(dest)} "
+                        f"announced themselves within {timeout:g}s"
+                    )
+            for group in discover_on:
+                node.discover(group)
+            if members:
+                node.add_service_members(dest[len("anycast://") :].split("/", 1)[0], list(members))
+            if discover_on:
+                service = dest[len("anycast://") :].split("/", 1)[0]
+                _await(lambda: bool(node.service_members(service)), deadline)
+            waited = wait_members is not None or bool(discover_on)
+            remaining = max(0.001, deadline - time.monotonic()) if waited else timeout
             receipt = node.send(
-                dest, data, msg_type=msg_type, priority=priority, mailbox=mailbox, timeout=timeout
+                dest,
+                data,
+                msg_type=msg_type,
+                priority=priority,
+                mailbox=mailbox,
+                timeout=remaining,
+                policy=policy,
             )
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     except ReliableError as exc:
         raise _fail(str(exc)) from None
+    if isinstance(receipt, reliable.GroupReceipt):
+        _report_group(receipt, quiet)
+        return
     if not quiet:
         where = reliable.format_address(receipt.peer)
         if receipt.mailbox:
             where += f"/{receipt.mailbox}"
         notes = [f"{receipt.fragments} fragment(s)", f"{receipt.retransmissions} retransmission(s)"]
+        if anycast:
+            where = f"{dest.split('/', 3)[2]} member {where}"
+            tried = ", ".join(
+                f"{reliable.format_address(m)} ({why})" for m, why in receipt.failovers
+            )
+            if tried:
+                notes.append(f"failed over from {tried}")
         if receipt.deferred:
             notes.append("waited for room")
         if receipt.receiver is not None:
@@ -252,6 +349,55 @@ def send(
             f"({', '.join(notes)})",
             err=True,
         )
+
+
+def _group_of(dest: str) -> str:
+    """``multicast://239.1.2.3:7000/inbox`` -> ``multicast://239.1.2.3:7000``."""
+    scheme, _, rest = dest.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _await(condition: Callable[[], bool], deadline: float) -> None:
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _node(bind: str, security: str, keyfile: str | None, impair: str | None) -> Node:
+    """A node on ``bind``; with ``impair``, its outgoing datagrams go through netem."""
+    sec = _security(security, keyfile)
+    if impair is None:
+        return Node(bind, security=sec)
+    from netem.socket import FaultySocket
+    from netem.spec import SpecError, parse_spec
+
+    try:
+        impairment = parse_spec(impair)
+    except SpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--netem") from None
+    family, address = reliable.resolve_address(bind, allow_zero_port=True)
+    raw = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        raw.bind(address)
+    except OSError as exc:
+        raw.close()
+        raise click.BadParameter(
+            f"cannot bind {bind}: {exc.strerror}", param_hint="--bind"
+        ) from None
+    return Node(sock=FaultySocket(raw, impairment, seed=None), security=sec)
+
+
+def _report_group(receipt: reliable.GroupReceipt, quiet: bool) -> None:
+    """Print who has a group message; exit 1 unless every member it was meant for does."""
+    if not receipt.acked and not receipt.missing:
+        raise _fail(f"{receipt.group}: no members were known, so nobody received it")
+    if not quiet or receipt.missing:
+        click.echo(
+            f"{receipt.size} bytes in {receipt.elapsed * 1000:.1f} ms, "
+            f"{receipt.transmissions} datagram(s): {receipt}",
+            err=True,
+        )
+    if receipt.missing:
+        raise click.exceptions.Exit(1)
 
 
 def _read_message(message: str | None, path: str | None) -> bytes:
@@ -332,6 +478,37 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     help="Receive only this type (>0), or the lowest type <= |T| first (<0), as msgrcv.",
 )
 @click.option("--except-type", is_flag=True, help="With --type T > 0: receive every type except T.")
+@click.option(
+    "--join",
+    "groups",
+    multiple=True,
+    metavar="GROUP",
+    help="Become a member of multicast://GROUP:PORT or broadcast://:PORT and receive "
+    "what is sent to it (repeatable). --bind must name this host's address on the "
+    "interface to use, e.g. 127.0.0.1:7000.",
+)
+@click.option(
+    "--serve",
+    "services",
+    multiple=True,
+    metavar="SERVICE",
+    help="Serve anycast://SERVICE: senders pick one member per message (repeatable).",
+)
+@click.option(
+    "--announce",
+    "announce_on",
+    multiple=True,
+    metavar="GROUP",
+    help="Announce the --serve services on this multicast:// or broadcast:// group, "
+    "where senders discover them (repeatable).",
+)
+@click.option(
+    "--netem",
+    "impair",
+    default=None,
+    metavar="SPEC",
+    help="Impair this process's outgoing datagrams (acks, NAKs) with a tc-netem SPEC.",
+)
 @security_options
 def recv(
     security: str,
@@ -348,6 +525,10 @@ def recv(
     as_port: bool,
     msg_type: int,
     except_type: bool,
+    groups: tuple[str, ...],
+    services: tuple[str, ...],
+    announce_on: tuple[str, ...],
+    impair: str | None,
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
@@ -362,9 +543,17 @@ def recv(
       rmsg recv --bind 127.0.0.1:7000 --mailbox meet --capacity 0   # rendezvous
       rmsg recv --bind [::1]:7000 --json --count 10
       rmsg recv --bind 0.0.0.0:7000 --output-dir inbox/
+      rmsg recv --bind 127.0.0.1:7001 --join multicast://239.1.2.3:7400 --mailbox news
+      rmsg recv --bind 127.0.0.1:7002 --join broadcast://:7401
+      rmsg recv --bind 127.0.0.1:7003 --serve printer --announce multicast://239.1.2.4:7402
     """
     if mailbox is None and (capacity is not None or max_bytes is not None or as_port):
         raise click.UsageError("--capacity, --max-bytes and --port describe a --mailbox NAME")
+    if services and not announce_on:
+        click.echo(
+            "note: --serve without --announce: senders must list this node with --member",
+            err=True,
+        )
     out_dir = None
     if output_dir is not None:
         out_dir = pathlib.Path(output_dir)
@@ -376,9 +565,17 @@ def recv(
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        node = Node(bind, security=_security(security, keyfile))
+        node = _node(bind, security, keyfile, impair)
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
+    try:
+        for group in groups:
+            node.join(group)
+        for service in services:
+            node.serve(service, announce=list(announce_on))
+    except UsageError as exc:
+        node.close(timeout=0)
+        raise click.UsageError(str(exc)) from None
     try:
         box = (
             node.mailbox("")
@@ -389,7 +586,8 @@ def recv(
         node.close(timeout=0)
         raise click.BadParameter(str(exc), param_hint="--mailbox") from None
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
-    click.echo(f"listening on {where}", err=True)
+    extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
+    click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
     try:
         while count is None or received < count:
             try:
@@ -423,6 +621,8 @@ def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = 
         "priority": msg.priority,
         "mailbox": msg.mailbox,
     }
+    if msg.group is not None:
+        record["group"] = msg.group
     if saved_as is not None:
         record["file"] = saved_as
     else:
