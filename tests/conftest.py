@@ -47,6 +47,18 @@ def testnet():  # type: ignore[no-untyped-def]
         yield net
 
 
+@pytest.fixture
+def testnet4():  # type: ignore[no-untyped-def]
+    """Four test hosts (198.18.0.1-4): a sender and three group members."""
+    from tools.testnet import TestNetwork, available
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    with TestNetwork(hosts=4) as net:
+        yield net
+
+
 def ipv6_loopback_works() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:

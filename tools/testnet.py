@@ -141,7 +141,9 @@ class TestNetwork:
     def _build(self) -> None:
         _ip("netns", "add", self.switch)
         self._made.append(self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        # No IGMP snooping: with no querier on the segment, the bridge would forget
+        # multicast listeners after its timers ran out; flooding is what a hub would do.
+        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         _ip("-n", self.switch, "link", "set", "br0", "up")
         for host in self.hosts:
             _ip("netns", "add", host.name)
