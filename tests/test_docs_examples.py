@@ -19,3 +19,9 @@ def _examples(name: str) -> list[str]:
 @pytest.mark.parametrize("code", _examples("mailboxes.md"))
 def test_mailbox_guide_examples_run(code: str) -> None:
     exec(compile(code, "docs/mailboxes.md", "exec"), {})  # our own docs, run as written
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("code", _examples("groups.md"))
+def test_groups_guide_examples_run(code: str) -> None:
+    exec(compile(code, "docs/groups.md", "exec"), {})
