@@ -34,6 +34,7 @@ grows without bound.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ class GroupSendStream:
         self._tries: dict[int, int] = {}
         self._repairs: dict[int, Any] = {}  # seq -> None (to the group) or a member address
         self.progress: dict[Any, _Progress] = {}
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, ticket), resolved ones lazily
+        self._expired: list[GroupMessage] = []  # timed out before all of it was sent
         self.rtt = RttEstimator(
             initial_rto=config.initial_rto,
             min_rto=config.min_rto,
@@ -168,6 +171,7 @@ class GroupSendStream:
             self._pending.append(seq)
         self.next_seq += count
         self.messages[ticket] = msg
+        heapq.heappush(self._deadlines, (deadline, ticket))
         self.buffered += len(data)
         for member, incarnation in expected.items():
             if member not in self.progress or self.progress[member].incarnation != incarnation:
@@ -254,7 +258,11 @@ class GroupSendStream:
             msg = self._by_wire_id(wire_id)
             if msg is not None and verdict != Verdict.DEFERRED:
                 msg.refused[member] = Verdict(verdict)
+        # Messages are in sequence order: none at or beyond what it acknowledged can be whole.
+        reach = max([progress.cum or 0, *(end for _, end in progress.sacks)])
         for msg in self.messages.values():
+            if msg.first_seq >= reach:
+                break
             if member in msg.acked or member in msg.refused:
                 continue
             if all(progress.covers(s) for s in range(msg.first_seq, msg.first_seq + msg.count)):
@@ -301,8 +309,15 @@ class GroupSendStream:
 
     # -------------------------------------------------------------- timers
 
+    def _earliest_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and heap[0][1] not in self.messages:
+            heapq.heappop(heap)  # resolved already
+        return heap[0][0] if heap else None
+
     def deadline(self) -> float | None:
-        times = [msg.deadline for msg in self.messages.values()]
+        first = self._earliest_deadline()
+        times = [] if first is None else [first]
         for seq, sent in self._sent_at.items():
             times.append(sent + self.rtt.backed_off(self._tries[seq] - 1))
         if self.messages:
@@ -310,11 +325,12 @@ class GroupSendStream:
         return min(times, default=None)
 
     def on_timer(self, now: float) -> None:
-        for msg in self.messages.values():
-            if msg.deadline <= now:
-                msg.timed_out = True
-                for member in msg.waiting_on():
-                    msg.gone[member] = "timeout"
+        while (first := self._earliest_deadline()) is not None and first <= now:
+            msg = self.messages[heapq.heappop(self._deadlines)[1]]
+            msg.timed_out = True
+            self._expired.append(msg)
+            for member in msg.waiting_on():
+                msg.gone[member] = "timeout"
         for seq, sent in list(self._sent_at.items()):
             if seq in self._repairs or now < sent + self.rtt.backed_off(self._tries[seq] - 1):
                 continue
@@ -343,11 +359,16 @@ class GroupSendStream:
 
         Removes them from the stream; the base moves past them.
         """
-        done = [
-            m
-            for m in self.messages.values()
-            if m.timed_out or (not m.unsent and not m.waiting_on())
-        ]
+        # Only messages already sent can be answered; the rest wait behind the window.
+        frontier = self._pending[0] if self._pending else self.next_seq
+        done = []
+        for m in self.messages.values():
+            if m.first_seq >= frontier:
+                break
+            if m.timed_out or not (m.unsent or m.waiting_on()):
+                done.append(m)
+        done.extend(m for m in self._expired if not m.resolved and m.first_seq >= frontier)
+        self._expired.clear()
         for msg in done:
             msg.resolved = True
             del self.messages[msg.ticket]
@@ -385,6 +406,7 @@ class GroupSendStream:
     def abandon_all(self, reason: str) -> list[GroupMessage]:
         for msg in self.messages.values():
             msg.timed_out = True
+            self._expired.append(msg)
             for member in msg.waiting_on():
                 msg.gone[member] = reason
         return self.resolved()
