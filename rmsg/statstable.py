@@ -116,6 +116,33 @@ def format_stats(stats: NodeStats, where: str) -> str:
         ],
         peers,
     )
+    if stats.groups:
+        lines.append("")
+        lines += _table(
+            "Groups and services",
+            [
+                "group",
+                "role",
+                "members",
+                "unresolved",
+                "sent",
+                "repairs",
+                "naks-in",
+                "naks-out",
+                "suppressed",
+            ],
+            [
+                [
+                    str(g.get("group", "?")),
+                    "member" if g.get("member") else "watcher",
+                    str(g.get("members", 0)),
+                    *(str(g.get(k, "-")) for k in ("unresolved", "transmissions", "repairs")),
+                    *(str(g.get(k, "-")) for k in ("naks_received", "naks_sent")),
+                    str(g.get("naks_suppressed", "-")),
+                ]
+                for g in stats.groups
+            ],
+        )
     lines += [
         "",
         "------ Node ------",

@@ -217,6 +217,10 @@ def test_cli_send_prints_the_group_receipt() -> None:
         assert member.receive(timeout=5).data == b"hi"
         missing = CliRunner().invoke(main, ["send", group + "/nosuch", "hi", "--wait-members", "1"])
         assert missing.exit_code == 1 and "no_mailbox" in missing.output
+        table = CliRunner().invoke(main, ["stats", f"127.0.0.1:{member.address[1]}"])
+        assert table.exit_code == 0 and "------ Groups and services ------" in table.output
+        row = next(line for line in table.output.splitlines() if line.startswith(group))
+        assert row.split()[1:3] == ["member", "0"]  # it knows no other member
     finally:
         member.close(timeout=0.5)
 
