@@ -139,6 +139,50 @@ def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceA
     return ServiceAddress(target.service, name)
 
 
+#: Where a message goes once its destination is parsed: a node and mailbox, a group, a service.
+Target = tuple[Address, str] | GroupAddress | ServiceAddress
+
+
+def enqueue(
+    endpoint: Endpoint,
+    target: Target,
+    data: bytes,
+    *,
+    now: float,
+    msg_type: int,
+    priority: int,
+    timeout: float | None,
+    deadline: float | None,
+    policy: str,
+) -> int:
+    """Queue ``data`` for ``target`` in the core, whatever kind of destination it is."""
+    if isinstance(target, ServiceAddress):
+        return endpoint.send_anycast(
+            target,
+            data,
+            now=now,
+            msg_type=msg_type,
+            priority=priority,
+            timeout=timeout,
+            policy=policy,
+        )
+    if isinstance(target, GroupAddress):
+        return endpoint.send_group(
+            target, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+        )
+    addr, mailbox = target
+    return endpoint.send(
+        addr,
+        data,
+        now=now,
+        msg_type=msg_type,
+        priority=priority,
+        mailbox=mailbox,
+        timeout=timeout,
+        deadline=deadline,
+    )
+
+
 def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[bytes, Address]]:
     """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets."""
     batch: list[tuple[bytes, Address]] = []

@@ -26,7 +26,9 @@ from ._driver import (
     DatagramSocket,
     Departures,
     MailboxHandle,
+    Target,
     drain_socket,
+    enqueue,
     group_destination,
     open_socket,
     parse_stats,
@@ -38,7 +40,6 @@ from ._groupsock import GroupSockets
 from .addressing import (
     Address,
     GroupAddress,
-    ServiceAddress,
     is_group_url,
     normalize,
     parse_group,
@@ -262,37 +263,25 @@ class AsyncNode:
     ) -> asyncio.Future[Receipt | GroupReceipt]:
         loop = self._require_started()
         assert self._sock is not None
-        now = loop.time()
+        target: Target
         if isinstance(dest, str) and is_group_url(dest):
             target = group_destination(dest, mailbox)
-            if isinstance(target, ServiceAddress):
-                ticket = self._endpoint.send_anycast(
-                    target,
-                    data,
-                    now=now,
-                    msg_type=msg_type,
-                    priority=priority,
-                    timeout=timeout,
-                    policy=policy,
-                )
-            else:
-                group = self._open_group(target, join=False)
-                ticket = self._endpoint.send_group(
-                    group, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
-                )
+            if isinstance(target, GroupAddress):
+                target = self._open_group(target, join=False)
         else:
             node, name = split_destination(dest, mailbox)
-            addr = resolve_destination(node, self._sock.family)
-            ticket = self._endpoint.send(
-                addr,
-                data,
-                now=now,
-                msg_type=msg_type,
-                priority=priority,
-                mailbox=name,
-                timeout=timeout,
-                deadline=deadline,
-            )
+            target = (resolve_destination(node, self._sock.family), name)
+        ticket = enqueue(
+            self._endpoint,
+            target,
+            data,
+            now=loop.time(),
+            msg_type=msg_type,
+            priority=priority,
+            timeout=timeout,
+            deadline=deadline,
+            policy=policy,
+        )
         future: asyncio.Future[Receipt | GroupReceipt] = loop.create_future()
         self._handles[ticket] = future
         self._pump([])

@@ -34,7 +34,9 @@ from ._driver import (
     DatagramSocket,
     Departures,
     MailboxHandle,
+    Target,
     drain_socket,
+    enqueue,
     group_destination,
     open_socket,
     parse_stats,
@@ -46,7 +48,6 @@ from ._groupsock import GroupSockets
 from .addressing import (
     Address,
     GroupAddress,
-    ServiceAddress,
     is_group_url,
     normalize,
     parse_group,
@@ -249,59 +250,33 @@ class Node:
         *,
         block: bool = True,
     ) -> SendHandle:
-        endpoint = self._endpoint
-        enqueue: Callable[[float], int]
-        label: Any
+        target: Target
         if isinstance(dest, str) and is_group_url(dest):
             target = group_destination(dest, mailbox)
-            if isinstance(target, ServiceAddress):
-                service = target
-
-                def enqueue(now: float) -> int:
-                    return endpoint.send_anycast(
-                        service,
-                        data,
-                        now=now,
-                        msg_type=msg_type,
-                        priority=priority,
-                        timeout=timeout,
-                        policy=policy,
-                    )
-
-                label = str(service)
-            else:
-                group = self._open_group(target, join=False, discover=True)
-
-                def enqueue(now: float) -> int:
-                    return endpoint.send_group(
-                        group, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
-                    )
-
-                label = str(group)
+            if isinstance(target, GroupAddress):
+                target = self._open_group(target, join=False, discover=True)
+            label: Any = str(target)
         else:
             node, name = split_destination(dest, mailbox)
-            addr = resolve_destination(node, self._sock.family)
-
-            def enqueue(now: float) -> int:
-                return endpoint.send(
-                    addr,
-                    data,
-                    now=now,
-                    msg_type=msg_type,
-                    priority=priority,
-                    mailbox=name,
-                    timeout=timeout,
-                    deadline=deadline,
-                )
-
-            label = addr
+            label = resolve_destination(node, self._sock.family)
+            target = (label, name)
         with self._lock:
             while True:
                 self._check_open()
                 now = time.monotonic()
                 remaining = None if deadline is None else deadline - now
                 try:
-                    ticket = enqueue(now)
+                    ticket = enqueue(
+                        self._endpoint,
+                        target,
+                        data,
+                        now=now,
+                        msg_type=msg_type,
+                        priority=priority,
+                        timeout=timeout,
+                        deadline=deadline,
+                        policy=policy,
+                    )
                     break
                 except errors.WouldBlock:
                     if not block:
