@@ -21,6 +21,7 @@ import click
 import reliable
 from netem.models import Impairment
 from reliable import Node, ReceiveTimeout, ReliableError, UsageError
+from reliable._driver import open_socket
 from reliable.addressing import parse_address
 
 from .demo import DemoProgress, run_demo
@@ -374,16 +375,8 @@ def _node(bind: str, security: str, keyfile: str | None, impair: str | None) -> 
         impairment = parse_spec(impair)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint="--netem") from None
-    family, address = reliable.resolve_address(bind, allow_zero_port=True)
-    raw = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        raw.bind(address)
-    except OSError as exc:
-        raw.close()
-        raise click.BadParameter(
-            f"cannot bind {bind}: {exc.strerror}", param_hint="--bind"
-        ) from None
-    return Node(sock=FaultySocket(raw, impairment, seed=None), security=sec)
+    # open_socket raises AddressError (a UsageError) naming what failed, as Node(bind) would
+    return Node(sock=FaultySocket(open_socket(bind), impairment, seed=None), security=sec)
 
 
 def _report_group(receipt: reliable.GroupReceipt, quiet: bool) -> None:
