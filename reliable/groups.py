@@ -28,7 +28,7 @@ from .group_sender import GroupMessage, GroupSendStream
 from .membership import Change, MemberView
 from .message import GroupReceipt
 from .receiver import Delivery, MemoryBudget, Screen
-from .wire import SECURITY_OVERHEAD, Kind, Packet, Verdict, encode, unwrap
+from .wire import SECURITY_OVERHEAD, Kind, Packet, Verdict, encoded_size, unwrap
 
 __all__ = ["Groups"]
 
@@ -455,4 +455,4 @@ class Groups:
 
 def _size(pkt: Packet) -> int:
     """Bytes ``pkt`` occupies on the wire, sealed (an upper bound: the largest mode)."""
-    return len(encode(pkt)) + SECURITY_OVERHEAD
+    return encoded_size(pkt) + SECURITY_OVERHEAD

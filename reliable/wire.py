@@ -67,6 +67,7 @@ __all__ = [
     "decode_body",
     "encode",
     "encode_body",
+    "encoded_size",
     "fragment_capacity",
     "unwrap",
     "with_crc",
@@ -274,6 +275,20 @@ def fragment_capacity(max_datagram_size: int, mailbox: str, group: str = "") -> 
         + _NOTICE.size * DATA_NOTICES
     )
     return min(_U16_MAX, max_datagram_size - reserved)
+
+
+def encoded_size(packet: Packet) -> int:
+    """Bytes ``encode(packet)`` produces, without encoding it (unsealed; no DATA body)."""
+    if packet.fragment is not None:
+        raise ValueError("encoded_size is for packets without a fragment")
+    size = HEADER_OVERHEAD + _SACK.size * len(packet.sacks) + _NOTICE.size * len(packet.notices)
+    if packet.cookie is not None:
+        size += COOKIE_SIZE
+    if packet.kind in _GROUP_KIND_VALUES:
+        size += 1 + len(packet.group.encode("utf-8"))
+    if packet.kind == Kind.AUTH_FAILED:
+        size += _REFUSAL.size
+    return size
 
 
 def encode(packet: Packet) -> bytes:

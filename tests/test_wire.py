@@ -67,6 +67,12 @@ def test_round_trip(packet: Packet) -> None:
     assert decode(encode(packet)) == packet
 
 
+@given(packets())
+def test_encoded_size_is_exact(packet: Packet) -> None:
+    if packet.fragment is None:
+        assert wire.encoded_size(packet) == len(encode(packet))
+
+
 @given(packets(), st.data())
 def test_any_single_bit_flip_is_detected(packet: Packet, data: st.DataObject) -> None:
     raw = bytearray(encode(packet))
