@@ -1225,7 +1225,7 @@ class Endpoint:
             return
         self._groups.flush_acks()
         self._group_output(self._control, now)  # final acks, before the LEAVEs
-        self._groups.close("closing")
+        self._groups.close("closing", now)
         for service in list(self._services.served):
             self._services.unserve(service)
         self._group_output(self._control, now)

@@ -28,7 +28,7 @@ from .group_sender import GroupMessage, GroupSendStream
 from .membership import Change, MemberView
 from .message import GroupReceipt
 from .receiver import Delivery, MemoryBudget, Screen
-from .wire import SECURITY_OVERHEAD, Kind, Packet, Verdict, encoded_size, unwrap
+from .wire import ACK_DELAY_TICK, SECURITY_OVERHEAD, Kind, Packet, Verdict, encoded_size, unwrap
 
 __all__ = ["Groups"]
 
@@ -188,13 +188,14 @@ class Groups:
                     stream.gack_due = True
                     self.pending = True
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, now: float) -> None:
         """The node is going: give up on every group message, leave every group."""
+        self._now = now
         for group in self._groups.values():
             if group.sender is not None:
                 self._report(group, group.sender.abandon_all(reason))
             if group.member:
-                self.leave(group.name, 0.0)
+                self.leave(group.name, now)
 
     # ------------------------------------------------------------- network
 
@@ -227,7 +228,7 @@ class Groups:
                 self._drop("group.stray_ack")
                 return
             group.view.touch(addr, pkt.src_incarnation, now)
-            delay = pkt.ack_delay * 1e-5
+            delay = pkt.ack_delay * ACK_DELAY_TICK
             group.sender.on_ack(
                 addr, pkt.src_incarnation, pkt.ack, pkt.sacks, pkt.notices, delay, now
             )
