@@ -41,14 +41,14 @@ _SOLICITS = 3  # SOLICITs sent when a group is opened, so one lost copy does not
 _SOLICIT_INTERVAL = 0.05
 #: A closing member keeps answering a sender heard from this recently (its last acks
 #: may have been lost, and the sender's retransmission asks again).
-_LINGER = 0.25
+_LINGER = 0.5
 
 
 class _Group:
     __slots__ = (
         "dest",
+        "farewells",
         "join_at",
-        "leaves",
         "member",
         "name",
         "sender",
@@ -66,7 +66,7 @@ class _Group:
         self.view = view
         self.member = False
         self.join_at: float | None = None
-        self.leaves = 0
+        self.farewells: list[Packet] = []  # LEAVEs still to send
         self.solicit_at: float | None = None
         self.solicits = _SOLICITS
         self.sender: GroupSendStream | None = None
@@ -111,7 +111,7 @@ class Groups:
             group.solicit_at = now
         if join and not group.member:
             group.member = True
-            group.leaves = 0
+            group.farewells = []
             group.join_at = now
         self.pending = True
 
@@ -122,7 +122,26 @@ class Groups:
             return
         group.member = False
         group.join_at = None
-        group.leaves = _LEAVE_COPIES
+        # Each sender gets a LEAVE carrying our final acknowledgement of its stream, so
+        # that ack is as safe as the LEAVE itself (a lost GACK would read as "left").
+        inc = self.incarnation
+        farewells = []
+        for stream in group.streams.values():
+            state = stream.ack_state(now)
+            farewells.append(
+                Packet(
+                    kind=Kind.LEAVE,
+                    src_incarnation=inc,
+                    dst_incarnation=stream.incarnation,
+                    ack=state.ack,
+                    sacks=state.sacks,
+                    notices=state.notices,
+                    group=name,
+                )
+            )
+        if not farewells:
+            farewells.append(Packet(kind=Kind.LEAVE, src_incarnation=inc, group=name))
+        group.farewells = farewells * _LEAVE_COPIES
         for stream in group.streams.values():
             stream.receive.release()
         group.streams.clear()
@@ -216,6 +235,8 @@ class Groups:
                 return
             group.view.heard(addr, pkt.src_incarnation, now)
         elif kind == Kind.LEAVE:
+            if pkt.dst_incarnation == self.incarnation and group.sender is not None:
+                self._acknowledged(group, pkt, addr, now)  # its final word on our stream
             group.view.remove(addr, "left", pkt.src_incarnation)
         elif kind == Kind.SOLICIT:
             if group.member and (
@@ -228,17 +249,20 @@ class Groups:
                 self._drop("group.stray_ack")
                 return
             group.view.touch(addr, pkt.src_incarnation, now)
-            delay = pkt.ack_delay * ACK_DELAY_TICK
-            group.sender.on_ack(
-                addr, pkt.src_incarnation, pkt.ack, pkt.sacks, pkt.notices, delay, now
-            )
-            self._report(group, group.sender.resolved())
+            self._acknowledged(group, pkt, addr, now)
         elif kind == Kind.GNAK:
             self._on_nak(group, pkt, addr, now)
         elif kind in (Kind.GDATA, Kind.GSYNC):
             self._on_stream(group, pkt, addr, size, now)
         else:
             self._drop("group.kind")
+
+    def _acknowledged(self, group: _Group, pkt: Packet, addr: Any, now: float) -> None:
+        sender = group.sender
+        assert sender is not None
+        delay = pkt.ack_delay * ACK_DELAY_TICK
+        sender.on_ack(addr, pkt.src_incarnation, pkt.ack, pkt.sacks, pkt.notices, delay, now)
+        self._report(group, sender.resolved())
 
     def _on_nak(self, group: _Group, pkt: Packet, addr: Any, now: float) -> None:
         if pkt.dst_incarnation == self.incarnation:
@@ -306,9 +330,8 @@ class Groups:
             if group.member and group.join_at is not None and now >= group.join_at:
                 out.append((Packet(kind=Kind.JOIN, src_incarnation=inc, group=name), group.dest))
                 group.join_at = now + self.config.announce_interval
-            while group.leaves:
-                group.leaves -= 1
-                out.append((Packet(kind=Kind.LEAVE, src_incarnation=inc, group=name), group.dest))
+            out.extend((farewell, group.dest) for farewell in group.farewells)
+            group.farewells = []
             sender = group.sender
             if sender is not None:
                 for seq, target in sender.due(now):

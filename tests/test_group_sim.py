@@ -248,3 +248,32 @@ def test_one_loss_upstream_of_every_member_draws_few_naks() -> None:
     suppressed = sum(g["naks_suppressed"] for ep in nodes.values() for g in ep.stats().groups)
     assert naks <= members // 2, (naks, suppressed)
     assert suppressed >= 1
+
+
+def test_a_leave_carries_the_final_ack_so_a_lost_gack_is_not_read_as_missing() -> None:
+    from reliable import wire
+
+    net, sender, nodes = build(1, seed=17)
+    net.run(until=1.0)
+    (addr,) = nodes
+    member = nodes[addr]
+    lost: list[int] = []
+    original = net.flush
+
+    def flush(host: object) -> None:
+        if host == addr:  # the member's GACKs vanish, everything else goes through
+            for data, dst in member.datagrams_to_send(net.now):
+                if wire.decode(data).kind == wire.Kind.GACK:
+                    lost.append(len(data))
+                else:
+                    member._control.append((data, dst))
+        original(host)
+
+    net.flush = flush  # type: ignore[method-assign]
+    net.call_at(1.0, lambda: sender.send_group(G, b"last words", now=net.now), host=SENDER)
+    net.run(until=1.05)
+    assert lost, "the member acknowledged (and lost it)"
+    net.call_at(1.05, lambda: member.leave_group(G, net.now), host=addr)
+    net.run(until=1.5)
+    (receipt,) = receipts(sender).values()
+    assert receipt.acked == (addr,) and receipt.complete, receipt
