@@ -145,6 +145,8 @@ class Services:
     # ---------------------------------------------------------- timers, output
 
     def deadline(self) -> float | None:
+        if not self._announce_at and not self.directory:
+            return None  # the common case: a node that neither serves nor discovers
         times = list(self._announce_at.values())
         times.extend(d for v in self.directory.values() if (d := v.deadline()) is not None)
         return min(times, default=None)

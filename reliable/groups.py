@@ -387,6 +387,8 @@ class Groups:
     # --------------------------------------------------------------- timers
 
     def deadline(self) -> float | None:
+        if not self._groups:
+            return None  # the common case: a node with no group open
         times: list[float] = []
         for group in self._groups.values():
             if group.join_at is not None:
