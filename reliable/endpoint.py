@@ -75,6 +75,7 @@ from .receiver import Delivery, MemoryBudget
 from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
 from .stats import NodeStats
+from .timers import TimerHeap
 from .wire import (
     GROUP_KINDS,
     MSG_TYPE_MAX,
@@ -181,6 +182,7 @@ class Endpoint:
         self._departed_retransmissions = 0
         self._departed_duplicates = 0
         self._peers: dict[Any, PeerSession] = {}
+        self._timers = TimerHeap()  # sessions' deadlines; see reliable/timers.py
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
@@ -300,6 +302,7 @@ class Endpoint:
         session = self._peers.get(peer)
         if session is not None:
             session.unwatch(now)
+            self._dirty[peer] = None  # its deadline may have moved
 
     def close(self, now: float, timeout: float = 2.0) -> None:
         """Begin a graceful close: flush for at most ``timeout`` seconds, then tell peers."""
@@ -415,10 +418,12 @@ class Endpoint:
             self._dirty = {}
             inc = self.incarnation
             seal = self._seal
+            timers = self._timers
             for addr in dirty:
                 session = self._peers.get(addr)
                 if session is not None:
                     out.extend((seal(body), addr) for body in session.datagrams(now, inc))
+                    timers.update(addr, session.deadline())
         if (self._groups.pending or self._services.pending) and not self.closed:
             self._group_output(out, now)
         self.datagrams_sent += len(out)
@@ -436,10 +441,15 @@ class Endpoint:
     # ----------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
-        """Absolute time of the next timer, or ``None``. A pure query."""
+        """Absolute time of the next timer, or ``None``.
+
+        A query: it changes no protocol state (it only refreshes the timer index).
+        """
         if self.closed:
             return None
-        deadlines = [d for s in self._peers.values() if (d := s.deadline()) is not None]
+        self._refile_dirty()
+        first = self._timers.earliest(self._deadline_of)
+        deadlines = [] if first is None else [first]
         for part in (self._groups.deadline(), self._services.deadline()):
             if part is not None:
                 deadlines.append(part)
@@ -455,11 +465,10 @@ class Endpoint:
         if self.closed:
             return
         self._now = now
-        for addr, session in list(self._peers.items()):
-            deadline = session.deadline()
-            if deadline is not None and deadline <= now:
-                session.on_timer(now)
-                self._dirty[addr] = None
+        self._refile_dirty()
+        for addr in self._timers.due(now, self._deadline_of):
+            self._peers[addr].on_timer(now)
+            self._dirty[addr] = None
         groups_due = self._groups.deadline()
         if groups_due is not None and groups_due <= now:
             self._groups.on_timer(now)
@@ -468,6 +477,20 @@ class Endpoint:
             self._services.on_timer(now)
         if self._closing:
             self._maybe_finish_close(now)
+
+    def _deadline_of(self, addr: Any) -> float | None:
+        session = self._peers.get(addr)
+        return None if session is None else session.deadline()
+
+    def _refile_dirty(self) -> None:
+        """Sessions touched since the last flush may have moved their deadlines earlier."""
+        if self._dirty:
+            timers = self._timers
+            peers = self._peers
+            for addr in self._dirty:
+                session = peers.get(addr)
+                if session is not None:
+                    timers.update(addr, session.deadline())
 
     # ------------------------------------------------------------------ stats
 
