@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .bench_scale import ScaleReport, format_scale, run_scale
+
 __all__ = ["BenchReport", "Latency", "Throughput", "format_report", "run_bench"]
 
 SIZES = (64, 1024, 64 * 1024)
@@ -81,6 +83,7 @@ class BenchReport:
     latency: list[Latency] = field(default_factory=list)
     rounds: int = 0
     cpus: int = 0
+    scale: ScaleReport | None = None
 
     def find(self, transport: str, size: int, loss: float = 0.0) -> Throughput | None:
         for t in self.throughput:
@@ -94,6 +97,7 @@ class BenchReport:
             "cpus": self.cpus,
             "throughput": [asdict(t) for t in self.throughput],
             "latency": [asdict(x) for x in self.latency],
+            "scale": None if self.scale is None else self.scale.as_dict(),
         }
 
 
@@ -506,6 +510,7 @@ def run_bench(
     rounds: int | None = None,
     duration: float | None = None,
     progress: Callable[[str], None] | None = None,
+    scale: bool = False,
 ) -> BenchReport:
     """Measure everything; ``quick`` is a smoke run (small matrix, short windows)."""
     rounds = rounds if rounds is not None else (1 if quick else 3)
@@ -534,6 +539,8 @@ def run_bench(
         report.throughput.append(_median(results, "messages_per_s"))
     for results_l in lat.values():
         report.latency.append(_median(results_l, "p50_us"))
+    if scale:
+        report.scale = run_scale(quick=quick, progress=progress)
     return report
 
 
@@ -591,6 +598,8 @@ def format_report(report: BenchReport) -> str:
         ratio = f"{x.p50_us / base.p50_us:.2f}" if base else "-"
         where = "pinned" if x.pinned else "unpinned"
         lines.append(f"{x.transport:<11}{where:<18}{x.p50_us:>9.1f}  {x.p99_us:>9.1f}  {ratio:>9}")
+    if report.scale is not None:
+        lines += ["", format_scale(report.scale)]
     return "\n".join(lines)
 
 

@@ -38,6 +38,9 @@ def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
     report = json.loads(done.stdout)
     transports = {t["transport"] for t in report["throughput"]}
     assert transports == {"udp", "tcp", "rmsg", "rmsg-async"}
+    scale = report["scale"]
+    assert scale["many_peers_msgs_per_s"] > 0 and scale["one_peer_msgs_per_s"] > 0
+    assert scale["sim_cpu_s"] > 0 and scale["slow_rss_peak_kib"] > 0
     rmsg = [t for t in report["throughput"] if t["transport"] == "rmsg"]
     assert all(t["messages"] > 0 and t["retransmission_ratio"] is not None for t in rmsg)
     assert {(x["transport"], x["pinned"]) for x in report["latency"]} >= {("rmsg", False)}
