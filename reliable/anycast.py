@@ -30,6 +30,13 @@ from .wire import Kind, Packet
 __all__ = ["Services"]
 
 _MAX_SERVICES = 256  # distinct service names a directory tracks; more are dropped
+#: An ANNOUNCE always carries a cookie-sized field (zeros, or an echoed cookie), so the
+#: unicast SOLICIT that checks its source is never larger than the ANNOUNCE itself.
+_NO_COOKIE = bytes(16)
+
+#: Issues a cookie for (address, incarnation, now); checks one echoed in a packet.
+IssueCookie = Callable[[Any, int, float], bytes]
+CheckCookie = Callable[[Packet, Any, float], bool]
 
 
 class Services:
@@ -43,8 +50,15 @@ class Services:
         *,
         emit: Callable[[events.Event], None],
         drop: Callable[[str], None],
+        issue_cookie: IssueCookie,
+        cookie_valid: CheckCookie,
     ) -> None:
         self.config = config
+        self._issue_cookie = issue_cookie
+        self._cookie_valid = cookie_valid
+        # (address, incarnation) of announcers that echoed our cookie: they receive there
+        self._confirmed: set[tuple[Any, int]] = set()
+        self._unicast: list[tuple[Packet, Any]] = []  # confirmation SOLICITs and echoes
         self._rng = rng
         self.incarnation = incarnation
         self._emit = emit
@@ -71,6 +85,18 @@ class Services:
         for dest in groups.values():
             self._withdrawals.extend([(service, dest)] * 2)  # best-effort: two copies
         self.pending = True
+
+    def confirm_request(self, pkt: Packet, addr: Any) -> None:
+        """A unicast SOLICIT with a cookie: "do you serve this, at this address?" Echo it."""
+        if pkt.group not in self.served:
+            self._drop("anycast.not_served")
+        elif pkt.cookie is not None:
+            inc = self.incarnation
+            echo = Packet(
+                kind=Kind.ANNOUNCE, src_incarnation=inc, group=pkt.group, cookie=pkt.cookie
+            )
+            self._unicast.append((echo, addr))  # the same size as the SOLICIT
+            self.pending = True
 
     def solicited(self, group: str, now: float) -> None:
         """Someone asked who is on ``group``: announce what we serve there, soon and once."""
@@ -106,6 +132,22 @@ class Services:
             self._drop("peer_limit")
             return
         view.heard(addr, pkt.src_incarnation, now)
+        member = (addr, pkt.src_incarnation)
+        if member in self._confirmed:
+            return
+        if self._cookie_valid(pkt, addr, now):
+            self._confirmed.add(member)  # it received our SOLICIT there: a real member
+        elif pkt.cookie is None:
+            self._drop("anycast.unconfirmable")  # too small to answer without amplifying
+        else:
+            # Before any message goes there, check the announcer receives at that address
+            # (a forged ANNOUNCE could name anyone): one SOLICIT, exactly the ANNOUNCE's size.
+            cookie = self._issue_cookie(addr, pkt.src_incarnation, now)
+            probe = Packet(
+                kind=Kind.SOLICIT, src_incarnation=self.incarnation, group=pkt.group, cookie=cookie
+            )
+            self._unicast.append((probe, addr))
+            self.pending = True
 
     def member_down(self, addr: Any, reason: str) -> None:
         """A unicast session with ``addr`` ended: it serves nothing until it announces again."""
@@ -113,9 +155,13 @@ class Services:
             view.remove(addr, reason)
 
     def candidates(self, service: str) -> list[Any]:
-        """Live members: announced ones (oldest first), then static ones not announced."""
+        """Live members: confirmed announcers (oldest first), then static ones not announced."""
         view = self.directory.get(service)
-        found = list(view.members()) if view is not None else []
+        found = (
+            [m for m, inc in view.members().items() if (m, inc) in self._confirmed]
+            if view is not None
+            else []
+        )
         found.extend(m for m in self.static.get(service, ()) if m not in found)
         return found
 
@@ -164,17 +210,23 @@ class Services:
             for service, dest in self._withdrawals
         ]
         self._withdrawals.clear()
+        out.extend(self._unicast)
+        self._unicast.clear()
         for service, due in self._announce_at.items():
             if now >= due:
-                for dest in self.served[service].values():
-                    out.append(
-                        (Packet(kind=Kind.ANNOUNCE, src_incarnation=inc, group=service), dest)
-                    )
+                announce = Packet(
+                    kind=Kind.ANNOUNCE, src_incarnation=inc, group=service, cookie=_NO_COOKIE
+                )
+                out.extend((announce, dest) for dest in self.served[service].values())
                 self._announce_at[service] = now + self.config.announce_interval
         return out
 
     def _changed(self, service: str, change: Change) -> None:
         url = f"anycast://{service}"
+        if change.reason is not None and not any(
+            v.incarnation(change.member) == change.incarnation for v in self.directory.values()
+        ):
+            self._confirmed.discard((change.member, change.incarnation))  # keeps it bounded
         if change.reason is None:
             self._emit(
                 events.MemberJoined(group=url, member=change.member, incarnation=change.incarnation)

@@ -214,7 +214,13 @@ class Endpoint:
             budget=self._receive_budget,
         )
         self._services = Services(
-            self.config, self._rng, self.incarnation, emit=self._emit, drop=self._drop
+            self.config,
+            self._rng,
+            self.incarnation,
+            emit=self._emit,
+            drop=self._drop,
+            issue_cookie=self._issue_cookie,
+            cookie_valid=self._cookie_valid,
         )
         self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
         self._create(
@@ -872,6 +878,9 @@ class Endpoint:
             self._services.on_packet(pkt, addr, now)
             return
         if pkt.kind == Kind.SOLICIT and pkt.src_incarnation != self.incarnation:
+            if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
+                self._services.confirm_request(pkt, addr)
+                return
             self._services.solicited(pkt.group, now)
         self._groups.on_packet(pkt, addr, size, now)
 
@@ -1134,6 +1143,9 @@ class Endpoint:
         material = repr(addr).encode() + incarnation.to_bytes(8, "big")
         material += bucket.to_bytes(8, "big", signed=True)
         return hashlib.blake2b(material, key=self._cookie_key, digest_size=16).digest()
+
+    def _issue_cookie(self, addr: Any, incarnation: int, now: float) -> bytes:
+        return self._cookie(addr, incarnation, math.floor(now / _COOKIE_LIFETIME))
 
     def _cookie_valid(self, pkt: Packet, addr: Any, now: float) -> bool:
         """A cookie we issued to this address and incarnation within the last lifetime or two.

@@ -114,27 +114,29 @@ def test_failover_when_a_member_dies_mid_stream(
     kill_at: float, loss: float, seed: int, announce: bool
 ) -> None:
     net, client, nodes = build(3, seed, Impairment(loss=loss), announce=announce)
-    net.run(until=1.5)
+    # discovery (announcements, each confirmed by a SOLICIT round trip) through the loss
+    net.run(until=10.0, stop=lambda: len(client.service_members("printer")) == 3)
     assert len(client.service_members("printer")) == 3
+    start = net.now
     victim = sorted(nodes)[seed % 3]
     tickets: dict[int, int] = {}
     count = 60
     for i in range(count):
         net.call_at(
-            1.5 + i * 0.01,
+            start + i * 0.01,
             lambda i=i: tickets.__setitem__(
                 client.send_anycast(SERVICE, _TAG.pack(i), now=net.now), i
             ),
             host=CLIENT,
         )
-    net.call_at(1.5 + kill_at, lambda: net.remove_host(victim))
+    net.call_at(start + kill_at, lambda: net.remove_host(victim))
     done: dict[int, events.Event] = {}
 
     def finished() -> bool:
         outcomes(client, done)
         return len(done) == count
 
-    net.run(until=30.0, stop=finished)
+    net.run(until=start + 30.0, stop=finished)
     assert len(done) == count, "some anycast sends were never answered"
     got = {addr: taken(ep, net.now) for addr, ep in nodes.items() if addr != victim}
     where: dict[int, list[tuple[str, int]]] = {}
@@ -198,3 +200,38 @@ def test_a_member_without_the_mailbox_is_skipped() -> None:
     outcomes(client, done)
     assert all(isinstance(e, events.MessageDelivered) and e.peer == keeper for e in done.values())
     assert any(e.failovers for e in done.values())  # type: ignore[union-attr]
+
+
+def test_a_forged_announcement_never_aims_messages_at_its_victim() -> None:
+    """An ANNOUNCE claims a source address; the client checks it before trusting it."""
+    from reliable import wire
+
+    net, client, nodes = build(1, seed=8)
+    victim_addr = ("10.0.1.99", 7000)
+    victim = Endpoint(CONFIG, rng=random.Random(99))  # a bystander that serves nothing
+    net.add_host(victim_addr, victim)
+    forged = wire.Packet(
+        kind=wire.Kind.ANNOUNCE, src_incarnation=4242, group="printer", cookie=bytes(16)
+    )
+    raw = wire.encode(forged)
+    for i in range(5):  # "from" the victim, every 0.2 s
+        net.call_at(
+            0.2 * i, lambda: client.receive_datagram(raw, victim_addr, net.now), host=CLIENT
+        )
+    net.run(until=1.5)
+    assert client.service_members("printer") == sorted(nodes)  # the real one only
+    for i in range(10):
+        net.call_at(
+            1.5 + i * 0.01,
+            lambda i=i: client.send_anycast(SERVICE, _TAG.pack(i), now=net.now),
+            host=CLIENT,
+        )
+    net.run(until=3.0)
+    done: dict[int, events.Event] = {}
+    outcomes(client, done)
+    assert all(
+        isinstance(e, events.MessageDelivered) and e.peer != victim_addr for e in done.values()
+    )
+    # The victim got one SOLICIT per forged ANNOUNCE, each the ANNOUNCE's size, and no data.
+    assert victim.stats().datagrams_received == 5
+    assert victim.stats().dropped == {"anycast.not_served": 5}
