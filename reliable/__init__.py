@@ -1,8 +1,11 @@
 """rmsg's library: reliable, exactly-once, in-order message passing over UDP.
 
 The protocol core is :class:`Endpoint` (sans-I/O); :class:`Node` drives it with
-a socket and a background thread, :class:`AsyncNode` with asyncio. Only the
-standard library is imported here.
+a socket and a background thread, :class:`AsyncNode` with asyncio. Messages go
+to one node (``host:port/mailbox``), to a multicast group or a subnet's
+broadcast members (``multicast://239.1.2.3:7000/inbox``, ``broadcast://:7000``,
+answered by a :class:`GroupReceipt`), or to one member of a service
+(``anycast://printer``). Only the standard library is imported here.
 """
 
 from __future__ import annotations

@@ -126,6 +126,9 @@ class Node:
 
     Every node has a default mailbox (``""``) for direct naming; more are
     made with :meth:`create_mailbox` and addressed as ``host:port/name``.
+    Group addressing (:meth:`join`, :meth:`serve`, sends to ``multicast://``,
+    ``broadcast://`` and ``anycast://``) needs the node bound to one specific
+    IPv4 address; see docs/groups.md.
     """
 
     def __init__(
