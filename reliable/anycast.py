@@ -24,7 +24,7 @@ from typing import Any
 
 from . import events
 from .config import Config
-from .membership import Change, MemberView
+from .membership import Change, MemberView, change_event
 from .wire import Kind, Packet
 
 __all__ = ["Services"]
@@ -227,19 +227,7 @@ class Services:
             v.incarnation(change.member) == change.incarnation for v in self.directory.values()
         ):
             self._confirmed.discard((change.member, change.incarnation))  # keeps it bounded
-        if change.reason is None:
-            self._emit(
-                events.MemberJoined(group=url, member=change.member, incarnation=change.incarnation)
-            )
-        else:
-            self._emit(
-                events.MemberLeft(
-                    group=url,
-                    member=change.member,
-                    incarnation=change.incarnation,
-                    reason=change.reason,
-                )
-            )
+        self._emit(change_event(url, change))
 
     def stats(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -891,28 +891,7 @@ class Endpoint:
         verdict = self._judge(d.mailbox, len(d.data))
         if verdict is not None:
             return verdict
-        msg = Message(
-            source=sender,
-            data=d.data,
-            msg_type=d.msg_type,
-            priority=d.priority,
-            mailbox=d.mailbox,
-            msg_id=d.msg_id,
-            incarnation=incarnation,
-            group=url,
-        )
-        self._emit(
-            events.MessageReceived(
-                peer=sender,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=incarnation,
-            )
-        )
-        self._held += len(d.data)
+        msg = self._arrived(sender, incarnation, d, url)
         # Parked or not, it is the member's now: the mailbox memory cap bounds what parks.
         self._mailboxes[d.mailbox].offer(msg, now)
         return None
@@ -945,33 +924,39 @@ class Endpoint:
         if verdict is not None:
             return verdict
         assert session.incarnation is not None
-        msg = Message(
-            source=session.addr,
-            data=d.data,
-            msg_type=d.msg_type,
-            priority=d.priority,
-            mailbox=d.mailbox,
-            msg_id=d.msg_id,
-            incarnation=session.incarnation,
-        )
-        self._emit(
-            events.MessageReceived(
-                peer=session.addr,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=session.incarnation,
-            )
-        )
-        self._held += len(d.data)
+        msg = self._arrived(session.addr, session.incarnation, d, None)
         # Held first: a rendezvous may hand it over (and release it) inside offer().
         session.hold(len(d.data))
         if self._mailboxes[d.mailbox].offer(msg, now):
             session.unhold(len(d.data))  # it went straight in: nothing parked
             return None
         return Verdict.DEFERRED
+
+    def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
+        """The message a delivery makes, announced as an event and counted as held."""
+        msg = Message(
+            source=source,
+            data=d.data,
+            msg_type=d.msg_type,
+            priority=d.priority,
+            mailbox=d.mailbox,
+            msg_id=d.msg_id,
+            incarnation=incarnation,
+            group=group,
+        )
+        self._emit(
+            events.MessageReceived(
+                peer=source,
+                data=d.data,
+                msg_type=d.msg_type,
+                priority=d.priority,
+                mailbox=d.mailbox,
+                msg_id=d.msg_id,
+                incarnation=incarnation,
+            )
+        )
+        self._held += len(d.data)
+        return msg
 
     def _unparked(self, msg: Message, receiver: str | None) -> None:
         """A parked message got in (or, with ``receiver``, was taken): tell its sender."""

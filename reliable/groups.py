@@ -25,7 +25,7 @@ from . import events
 from .config import Config
 from .group_member import MemberStream
 from .group_sender import GroupMessage, GroupSendStream
-from .membership import Change, MemberView
+from .membership import Change, MemberView, change_event
 from .message import GroupReceipt
 from .receiver import Delivery, MemoryBudget, Screen
 from .wire import ACK_DELAY_TICK, SECURITY_OVERHEAD, Kind, Packet, Verdict, encoded_size, unwrap
@@ -422,22 +422,8 @@ class Groups:
 
     def _changed(self, name: str, change: Change) -> None:
         group = self._groups[name]
-        if change.reason is None:
-            self._emit(
-                events.MemberJoined(
-                    group=group.url, member=change.member, incarnation=change.incarnation
-                )
-            )
-            return
-        self._emit(
-            events.MemberLeft(
-                group=group.url,
-                member=change.member,
-                incarnation=change.incarnation,
-                reason=change.reason,
-            )
-        )
-        if group.sender is not None:
+        self._emit(change_event(group.url, change))
+        if change.reason is not None and group.sender is not None:
             group.sender.member_gone(change.member, change.reason)
             self._report(group, group.sender.resolved())
 

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Change", "MemberView"]
+from . import events
+
+__all__ = ["Change", "MemberView", "change_event"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,17 @@ class Change:
     member: Any
     incarnation: int
     reason: str | None = None  #: "left", "unreachable", "restarted" or "withdrawn"
+
+
+def change_event(group: str, change: Change) -> events.MemberJoined | events.MemberLeft:
+    """The event that tells the application about ``change`` in ``group`` (a URL)."""
+    if change.reason is None:
+        return events.MemberJoined(
+            group=group, member=change.member, incarnation=change.incarnation
+        )
+    return events.MemberLeft(
+        group=group, member=change.member, incarnation=change.incarnation, reason=change.reason
+    )
 
 
 @dataclass(slots=True)
