@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hypothesis import strategies as st
+
+from netem import Impairment
 from reliable import Config, Endpoint, events, wire
 from reliable.security import Security
 
@@ -193,3 +196,16 @@ def forged_datagram(rng: random.Random, i: int, size: int = 600) -> bytes:
             fragment=None if i % 3 == 0 else fragment,
         )
     )
+
+
+#: A lossy link for the simulator properties: every fault at once, each up to a rate
+#: where the protocol must still deliver within the test's simulated time.
+links = st.builds(
+    Impairment,
+    loss=st.floats(0, 0.3),
+    duplicate=st.floats(0, 0.2),
+    corrupt=st.floats(0, 0.1),
+    delay=st.floats(0, 0.01),
+    jitter=st.floats(0, 0.01),
+    reorder=st.floats(0, 0.3),
+)

@@ -20,19 +20,12 @@ from reliable import Config, Endpoint, events
 from reliable.addressing import GroupAddress
 from reliable.message import GroupReceipt
 
+from .harness import links
+
 G = GroupAddress("multicast", "239.1.2.3", 7000)
 SENDER = ("10.0.0.1", 7000)
 _TAG = struct.Struct("!I")
 
-links = st.builds(
-    Impairment,
-    loss=st.floats(0, 0.3),
-    duplicate=st.floats(0, 0.2),
-    corrupt=st.floats(0, 0.1),
-    delay=st.floats(0, 0.01),
-    jitter=st.floats(0, 0.01),
-    reorder=st.floats(0, 0.3),
-)
 
 CONFIG = Config(peer_timeout=3.0, announce_interval=0.5, group_timeout=30.0)
 

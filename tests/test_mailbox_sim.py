@@ -17,20 +17,13 @@ from hypothesis import strategies as st
 from netem import Impairment, SimNetwork
 from reliable import Config, Endpoint, Message, errors, events
 
+from .harness import links
+
 P1 = ("sim-p1", 1)
 P2 = ("sim-p2", 2)
 C = ("sim-c", 3)
 _TAG = struct.Struct("!BI")  # producer, index
 
-links = st.builds(
-    Impairment,
-    loss=st.floats(0, 0.3),
-    duplicate=st.floats(0, 0.2),
-    corrupt=st.floats(0, 0.1),
-    delay=st.floats(0, 0.01),
-    jitter=st.floats(0, 0.01),
-    reorder=st.floats(0, 0.3),
-)
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
