@@ -19,13 +19,14 @@ Why separate from the throughput matrix: these ask different questions.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import multiprocessing
 import random
 import resource
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -159,6 +160,14 @@ class _Peers:
                 self._dirty.add(index)
         return True
 
+    def greet(self, dest: Any, limit: float) -> bool:
+        """Each peer sends ``dest`` one message (first contact, address validation)."""
+        now = time.monotonic()
+        for i in range(len(self.endpoints)):
+            self.send(i, dest, b"hello", now)
+        count = len(self.endpoints)
+        return self.run(lambda: sum(self.delivered) >= count, limit)
+
     def close(self) -> None:
         self._selector.close()
         for sock in self.sockets:
@@ -171,10 +180,7 @@ def _aggregate_rate(
     """Messages/s from ``count`` peers to the sink, and the sink's CPU us per message."""
     peers = _Peers(count)
     try:
-        now = time.monotonic()
-        for i in range(count):  # first contact (address validation) outside the timing
-            peers.send(i, dest, b"hello", now)
-        if not peers.run(lambda: sum(peers.delivered) == count, limit):
+        if not peers.greet(dest, limit):  # first contact stays outside the timing
             return 0.0, 0.0
         payload = b"x" * size
         sink.send("stat")
@@ -193,12 +199,29 @@ def _aggregate_rate(
         peers.close()
 
 
-def measure_peers(count: int, messages: int, size: int = 64, limit: float = 120.0) -> ScaleReport:
+@contextlib.contextmanager
+def _child(target: Callable[..., None], *args: Any) -> Iterator[Connection]:
+    """Run ``target(conn, *args)`` in a fresh process; yields our end of ``conn``.
+
+    On exit the child is told to stop, and killed (by its handle) if it does not.
+    """
     parent, child = multiprocessing.Pipe()
-    sink = multiprocessing.get_context("spawn").Process(target=_sink, args=(child,), daemon=True)
-    sink.start()
-    report = ScaleReport(peers=count)
+    process = multiprocessing.get_context("spawn").Process(
+        target=target, args=(child, *args), daemon=True
+    )
+    process.start()
     try:
+        yield parent
+    finally:
+        parent.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+
+
+def measure_peers(count: int, messages: int, size: int = 64, limit: float = 120.0) -> ScaleReport:
+    report = ScaleReport(peers=count)
+    with _child(_sink) as parent:
         dest = parent.recv()
         report.one_peer_msgs_per_s, report.one_peer_receiver_us = _aggregate_rate(
             1, messages, dest, size, limit, parent
@@ -207,10 +230,7 @@ def measure_peers(count: int, messages: int, size: int = 64, limit: float = 120.
         after_one = parent.recv()[1]
         idle = _Peers(count)
         try:
-            now = time.monotonic()
-            for i in range(count):
-                idle.send(i, dest, b"hello", now)
-            idle.run(lambda: sum(idle.delivered) == count, limit)
+            idle.greet(dest, limit)
             time.sleep(0.2)
             parent.send("stat")
             after_idle = parent.recv()[1]
@@ -220,11 +240,6 @@ def measure_peers(count: int, messages: int, size: int = 64, limit: float = 120.
         report.many_peers_msgs_per_s, report.many_peers_receiver_us = _aggregate_rate(
             count, messages, dest, size, limit, parent
         )
-    finally:
-        parent.send("stop")
-        sink.join(10)
-        if sink.is_alive():
-            sink.kill()
     return report
 
 
@@ -275,12 +290,8 @@ def _slow_sink(conn: Connection, capacity: int, pause: float) -> None:
 
 
 def measure_slow_receiver(total: int, size: int = 65536, pause: float = 0.0) -> ScaleReport:
-    parent, child = multiprocessing.Pipe()
-    ctx = multiprocessing.get_context("spawn")
-    sink = ctx.Process(target=_slow_sink, args=(child, 8, pause), daemon=True)
-    sink.start()
     report = ScaleReport(slow_bytes=total)
-    try:
+    with _child(_slow_sink, 8, pause) as parent:
         host, port = parent.recv()
         payload = bytes(size)
         count = total // size
@@ -293,11 +304,6 @@ def measure_slow_receiver(total: int, size: int = 65536, pause: float = 0.0) -> 
                 elif i > count // 10:
                     report.slow_rss_peak_kib = max(report.slow_rss_peak_kib, _rss_kib())
         report.slow_seconds = time.monotonic() - start
-    finally:
-        parent.send("stop")
-        sink.join(10)
-        if sink.is_alive():
-            sink.kill()
     return report
 
 
