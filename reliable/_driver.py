@@ -109,13 +109,18 @@ def split_destination(
     named = None
     if isinstance(dest, str) and "/" in dest:
         dest, named = dest.split("/", 1)
+    return dest, _mailbox_name(named, mailbox)
+
+
+def _mailbox_name(named: str | None, mailbox: str | None) -> str:
+    """The mailbox a destination names, or the ``mailbox`` argument; they must agree."""
     if named is not None and mailbox is not None and named != mailbox:
         raise errors.UsageError(
             f"destination names mailbox {named!r} but mailbox={mailbox!r} was given; give one"
         )
     name = named if named is not None else (mailbox or "")
     check_mailbox_name(name)
-    return dest, name
+    return name
 
 
 def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:
@@ -127,13 +132,7 @@ def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceA
     target: GroupAddress | ServiceAddress = (
         parse_service(dest) if dest.startswith("anycast://") else parse_group(dest)
     )
-    if mailbox is not None and target.mailbox and mailbox != target.mailbox:
-        raise errors.UsageError(
-            f"destination names mailbox {target.mailbox!r} but mailbox={mailbox!r} was given; "
-            "give one"
-        )
-    name = target.mailbox or (mailbox or "")
-    check_mailbox_name(name)
+    name = _mailbox_name(target.mailbox or None, mailbox)
     if isinstance(target, GroupAddress):
         return GroupAddress(target.scheme, target.host, target.port, name)
     return ServiceAddress(target.service, name)

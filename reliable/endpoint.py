@@ -256,13 +256,7 @@ class Endpoint:
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
         check_timeout(timeout, "timeout")
         self._now = now
-        if self._closing:
-            raise errors.NodeClosed("the node is closing and accepts no new messages")
-        if self._buffered + len(data) > self.config.send_buffer:
-            raise errors.SendBufferFull(
-                f"send buffer full ({self._buffered} of {self.config.send_buffer} bytes "
-                "awaiting acknowledgement); wait for receipts or raise Config.send_buffer"
-            )
+        self._check_room(len(data))
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
@@ -713,9 +707,9 @@ class Endpoint:
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=group.mailbox)
         check_timeout(timeout, "timeout", positive=True)
         self._check_room(len(data))
-        if not self._groups.is_open(group.name):
-            self.open_group(group, now)
         self._now = now
+        # checked above: a valid group, a node still open
+        self._groups.open(group.name, group.sockaddr, group.url, now, join=False)
         ticket = self._next_ticket
         self._next_ticket += 1
         self._groups.send(
@@ -743,6 +737,8 @@ class Endpoint:
             )
 
     def _check_room(self, size: int) -> None:
+        """Raise unless the node is open and its one send buffer (unicast, group and anycast
+        messages together) has room for ``size`` more bytes."""
         if self._closing:
             raise errors.NodeClosed("the node is closing and accepts no new messages")
         held = self._buffered + self._groups.buffered()
