@@ -109,9 +109,12 @@ class MemberStream:
 
     def on_sync(self, base: int, high: int, now: float) -> list[Delivery]:
         """The sender's heartbeat: it holds ``[base, high)``; below is given up."""
+        expected = self.receive.expected
         delivered = self.receive.skip_to(base)
         self.high = high if self.high is None else max(self.high, high)
-        if delivered:
+        if delivered or (expected is not None and base < expected):
+            # It still holds what we have: our acknowledgement was lost. Say it again
+            # (its retransmissions may be backed off for seconds, or lost as well).
             self.gack_due = True
         self._schedule_nak(now)
         return delivered

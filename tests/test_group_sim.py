@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from netem import Impairment, SimNetwork
@@ -73,6 +73,12 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 
 @SETTINGS
+@example(  # a member's last GACK lost, then only GSYNCs reached it: it must re-acknowledge
+    members=4,
+    sizes=[3099, 0, 0, 0, 1031, 0, 0],
+    link=Impairment(loss=0.296875, duplicate=0.015625, jitter=1.192092896e-07, reorder=0.00390625),
+    seed=31,
+)
 @given(
     members=st.integers(1, 4),
     sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=25),
