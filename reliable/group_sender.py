@@ -110,6 +110,8 @@ class GroupSendStream:
         self.group = group
         self.config = config
         self.next_seq = rng.getrandbits(32)
+        #: The stream's first (random) seq: an ack at or below it proves nothing was heard.
+        self.initial_seq = self.next_seq
         self._next_msg_id = rng.getrandbits(32)
         self.messages: dict[int, GroupMessage] = {}  # ticket -> unresolved message, in send order
         self._by_seq: dict[int, GroupMessage] = {}  # unresolved messages' fragments
@@ -244,14 +246,16 @@ class GroupSendStream:
             progress = self.progress[member] = _Progress(incarnation)
         reference = self.next_seq
         cum = unwrap(ack, reference)
-        if cum > self.next_seq:
-            return  # acknowledges fragments never sent: a confused or hostile member
+        if not self.initial_seq <= cum <= self.next_seq:
+            # Acknowledges fragments never sent: a confused or hostile member. (The first
+            # seq is random, so a blind forger rarely names a real one.)
+            return
         if progress.cum is None or cum > progress.cum:
             progress.cum = cum
         progress.sacks = tuple(
             (s, e)
             for s, e in ((unwrap(a, reference), unwrap(b, reference)) for a, b in sacks)
-            if s < e <= self.next_seq
+            if self.initial_seq <= s < e <= self.next_seq
         )
         self._sample_rtt(progress, ack_delay, now)
         for wire_id, verdict in notices:
@@ -383,8 +387,13 @@ class GroupSendStream:
         return done
 
     def _has_acked(self, member: Any) -> bool:
+        """Whether ``member`` acknowledged a fragment we sent: proof it hears us there.
+
+        An acknowledgement of nothing (the stream's first seq) proves nothing: anyone
+        can send that, so it must not aim unicast repairs at an address.
+        """
         progress = self.progress.get(member)
-        return progress is not None and progress.cum is not None
+        return progress is not None and progress.cum is not None and progress.cum > self.initial_seq
 
     def _covered(self, member: Any, seq: int) -> bool:
         progress = self.progress.get(member)

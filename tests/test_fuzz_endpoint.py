@@ -218,3 +218,41 @@ def test_hostile_group_packets_keep_every_bound_and_never_amplify(data: st.DataO
         assert nbytes <= received.get(dst, 0), f"{dst} got {nbytes} bytes for {received.get(dst)}"
     while ep.next_event() is not None:
         pass
+
+
+def test_an_acknowledgement_of_nothing_earns_no_unicast_repairs() -> None:
+    """A forged JOIN plus a GACK that acknowledges no fragment we sent (the stream's
+    first seq, or a blind guess outside what was sent) must not aim repairs at an address.
+
+    Hypothesis found the blind guess: ``ack=0`` unwrapped to a value below the stream's
+    start and counted as "has acknowledged", and RTO repairs followed, 24x amplified.
+    """
+    from reliable.addressing import GroupAddress
+
+    ep = Endpoint(CONFIG, rng=random.Random(0))
+    group = GroupAddress("multicast", "239.1.2.4", 7000)
+    ep.open_group(group, 0.0, join=False)
+    victim = ("192.0.2.9", 7000)
+    join = Packet(kind=Kind.JOIN, src_incarnation=1, group=group.name)
+    ep.receive_datagram(wire.encode(join), victim, 0.0)
+    ep.send_group(group, b"x" * 1000, now=0.0)
+    sender = ep._groups._groups[group.name].sender
+    assert sender is not None
+    now, unicast = 0.0, 0
+    for step in range(400):
+        if step % 10 == 0:  # the forger keeps "acknowledging" and stays a member
+            for ack in (sender.initial_seq, 0, sender.initial_seq - 7):
+                gack = Packet(
+                    kind=Kind.GACK,
+                    src_incarnation=1,
+                    dst_incarnation=ep.incarnation,
+                    ack=ack & 0xFFFFFFFF,
+                    group=group.name,
+                )
+                ep.receive_datagram(wire.encode(gack), victim, now)
+        for d, dst in ep.datagrams_to_send(now):
+            unicast += dst == victim and wire.decode(d).kind == Kind.GDATA
+        now += 0.05
+        if (timer := ep.get_timer()) is not None and timer <= now:
+            ep.handle_timer(now)
+    assert unicast == 0
