@@ -67,8 +67,10 @@ __all__ = [
     "decode_body",
     "encode",
     "encode_body",
+    "data_budget",
     "encoded_size",
     "fragment_capacity",
+    "record_size",
     "unwrap",
     "with_crc",
 ]
@@ -232,8 +234,17 @@ class Packet:
     notices: tuple[tuple[int, int], ...] = ()  #: (msg_id, Verdict) pairs
     cookie: bytes | None = None  #: address-validation cookie (carried as ``Flag.COOKIE``)
     refusal: int = 0  #: AUTH_FAILED only: why (1 bad tag, 2 unsealed, 3 wrong mode)
-    fragment: Fragment | None = None
+    fragment: Fragment | None = None  #: DATA and GDATA: the (first) fragment
     group: str = ""  #: group kinds only: the group (or anycast service) name
+    #: DATA only: further fragments packed into the same datagram, in order.
+    bundle: tuple[Fragment, ...] = ()
+
+    @property
+    def fragments(self) -> tuple[Fragment, ...]:
+        """Every fragment the datagram carries (none for kinds other than DATA and GDATA)."""
+        if self.fragment is None:
+            return ()
+        return (self.fragment, *self.bundle) if self.bundle else (self.fragment,)
 
 
 #: Kinds that carry a group name.
@@ -275,6 +286,21 @@ def fragment_capacity(max_datagram_size: int, mailbox: str, group: str = "") -> 
         + _NOTICE.size * DATA_NOTICES
     )
     return min(_U16_MAX, max_datagram_size - reserved)
+
+
+def data_budget(max_datagram_size: int, group: str = "") -> int:
+    """Bytes a DATA datagram of ``max_datagram_size`` has for fragment records.
+
+    The rest is reserved for the header, the worst-case sealing and cookie,
+    and the ack state DATA may piggyback. A fragment record costs
+    :func:`record_size` bytes; a datagram carries as many as fit.
+    """
+    return fragment_capacity(max_datagram_size, "", group) + FRAGMENT_OVERHEAD
+
+
+def record_size(mailbox_bytes: int, payload_bytes: int) -> int:
+    """Bytes one fragment record takes in a DATA body."""
+    return FRAGMENT_OVERHEAD + mailbox_bytes + payload_bytes
 
 
 def encoded_size(packet: Packet) -> int:
@@ -323,6 +349,11 @@ def encode_body(packet: Packet) -> bytes:
         raise ValueError(f"unknown flag bits {packet.flags:#x}")
     if (packet.fragment is None) != (packet.kind not in _DATA_KINDS):
         raise ValueError("a DATA or GDATA packet needs a fragment and only they may carry one")
+    if packet.bundle and packet.kind != Kind.DATA:
+        raise ValueError("only DATA packets bundle several fragments")
+    control = packet.fragment is not None and packet.fragment.control
+    if any(f.control != control for f in packet.bundle):
+        raise ValueError("a bundle's fragments are all control fragments or none is")
     is_group = packet.kind in _GROUP_KIND_VALUES
     if packet.group and not is_group:
         raise ValueError("only group kinds carry a group name")
@@ -367,32 +398,36 @@ def encode_body(packet: Packet) -> bytes:
                 raise ValueError(f"a group name is 1-{MAX_GROUP_BYTES} bytes, got {len(group)}")
             parts.append(_GROUP_LEN.pack(len(group)))
             parts.append(group)
-        frag = packet.fragment
-        if frag is not None:
-            mailbox = frag.mailbox.encode("utf-8")
-            if len(mailbox) > MAX_MAILBOX_BYTES:
-                raise ValueError(f"mailbox name is {len(mailbox)} bytes, at most 255")
-            parts.append(
-                _FRAGMENT.pack(
-                    frag.seq & _SERIAL_MASK,
-                    frag.base & _SERIAL_MASK,
-                    frag.msg_id & _SERIAL_MASK,
-                    frag.index,
-                    frag.count,
-                    frag.total_len,
-                    frag.msg_type,
-                    frag.priority,
-                    len(mailbox),
-                )
-            )
-            parts.append(mailbox)
-            parts.append(_PAYLOAD_LEN.pack(len(frag.payload)))
-            parts.append(frag.payload)
+        if packet.fragment is not None:
+            for frag in packet.fragments:
+                _encode_fragment(frag, parts)
         elif packet.kind == Kind.AUTH_FAILED:
             parts.append(_REFUSAL.pack(packet.refusal))
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
     return b"".join(parts)
+
+
+def _encode_fragment(frag: Fragment, parts: list[bytes]) -> None:
+    mailbox = frag.mailbox.encode("utf-8")
+    if len(mailbox) > MAX_MAILBOX_BYTES:
+        raise ValueError(f"mailbox name is {len(mailbox)} bytes, at most 255")
+    parts.append(
+        _FRAGMENT.pack(
+            frag.seq & _SERIAL_MASK,
+            frag.base & _SERIAL_MASK,
+            frag.msg_id & _SERIAL_MASK,
+            frag.index,
+            frag.count,
+            frag.total_len,
+            frag.msg_type,
+            frag.priority,
+            len(mailbox),
+        )
+    )
+    parts.append(mailbox)
+    parts.append(_PAYLOAD_LEN.pack(len(frag.payload)))
+    parts.append(frag.payload)
 
 
 def decode(data: bytes) -> Packet:
@@ -465,6 +500,7 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
         if reason not in _VERDICTS:
             raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
+    bundle: tuple[Fragment, ...] = ()
     refusal = 0
     group = ""
     if kind_value in _GROUP_KIND_VALUES:
@@ -480,7 +516,16 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
             raise MalformedPacket("group", "name is not UTF-8") from None
         offset += group_len
     if kind in _DATA_KINDS:
-        fragment = _decode_fragment(data, offset, end, bool(flags & _CONTROL))
+        control = bool(flags & _CONTROL)
+        fragment, offset = _decode_fragment(data, offset, end, control)
+        if offset != end:
+            if kind != Kind.DATA:
+                raise MalformedPacket("length", "a GDATA packet carries one fragment")
+            more = []
+            while offset != end:
+                extra, offset = _decode_fragment(data, offset, end, control)
+                more.append(extra)
+            bundle = tuple(more)
     elif flags & _CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
     elif kind == Kind.AUTH_FAILED:
@@ -503,13 +548,15 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
         refusal=refusal,
         fragment=fragment,
         group=group,
+        bundle=bundle,
     )
 
 
 _VERDICTS = frozenset(int(r) for r in Verdict)
 
 
-def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> Fragment:
+def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> tuple[Fragment, int]:
+    """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
         raise MalformedPacket("length", "fragment header overruns the datagram")
     (seq, base, msg_id, index, count, total_len, msg_type, priority, mailbox_len) = (
@@ -525,8 +572,9 @@ def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> Fragm
     offset += mailbox_len
     (payload_len,) = _PAYLOAD_LEN.unpack_from(data, offset)
     offset += _PAYLOAD_LEN.size
-    if offset + payload_len != end:
-        raise MalformedPacket("length", "payload length disagrees with the datagram")
+    stop = offset + payload_len
+    if stop > end:
+        raise MalformedPacket("length", "payload overruns the datagram")
     if count == 0 or index >= count:
         raise MalformedPacket("fragment", f"index {index} of {count}")
     if payload_len > total_len or count > max(1, total_len):
@@ -541,6 +589,6 @@ def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> Fragm
         msg_type=msg_type,
         priority=priority,
         mailbox=mailbox,
-        payload=bytes(data[offset:end]),
+        payload=bytes(data[offset:stop]),
         control=control,
-    )
+    ), stop

@@ -56,6 +56,7 @@ def packets(draw: st.DrawFn) -> Packet:
         else draw(st.none() | st.binary(min_size=16, max_size=16)),
         refusal=draw(st.integers(0, 255)) if kind == Kind.AUTH_FAILED else 0,
         fragment=draw(fragments()) if kind in (Kind.DATA, Kind.GDATA) else None,
+        bundle=tuple(draw(st.lists(fragments(), max_size=3))) if kind == Kind.DATA else (),
         group=draw(st.text(min_size=1, max_size=30).filter(lambda g: len(g.encode()) <= 255))
         if kind in wire.GROUP_KINDS
         else "",
@@ -226,3 +227,35 @@ def test_fragment_capacity_fits_a_full_data_packet() -> None:
         fragment=_data(mailbox=mailbox, payload=b"x" * cap, total_len=cap),
     )
     assert len(encode(pkt)) <= size
+
+
+def test_a_bundle_decodes_to_its_fragments_in_order() -> None:
+    frags = [_data(payload=bytes([i]) * (i + 1), total_len=i + 1) for i in range(5)]
+    packet = Packet(kind=Kind.DATA, src_incarnation=3, fragment=frags[0], bundle=tuple(frags[1:]))
+    decoded = decode(encode(packet))
+    assert decoded.fragments == tuple(frags)
+    budget = wire.data_budget(1200)
+    assert sum(wire.record_size(0, len(f.payload)) for f in frags) <= budget
+
+
+def test_bundles_are_for_data_only_and_share_the_control_flag() -> None:
+    frag = _data()
+    with pytest.raises(ValueError, match="only DATA"):
+        encode(Packet(kind=Kind.GDATA, src_incarnation=1, group="g", fragment=frag, bundle=(frag,)))
+    control = Fragment(**{**_fields(frag), "control": True})
+    with pytest.raises(ValueError, match="control"):
+        encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag, bundle=(control,)))
+    # a GDATA body with a second record is malformed, not silently half-read
+    one = encode(Packet(kind=Kind.GDATA, src_incarnation=1, group="g", fragment=frag))[:-4]
+    single = encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag))[:-4]
+    two = encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag, bundle=(frag,)))[:-4]
+    record = two[len(single) :]
+    with pytest.raises(MalformedPacket, match="one fragment"):
+        decode(_recrc(one + record))
+    # a bundle's tail shorter than a record header is malformed
+    with pytest.raises(MalformedPacket, match="overruns"):
+        decode(_recrc(two[:-3]))
+
+
+def _fields(frag: Fragment) -> dict[str, object]:
+    return {name: getattr(frag, name) for name in Fragment.__slots__}
