@@ -39,8 +39,11 @@ class Config:
 
     max_datagram_size: int = 1200
     """Largest UDP payload the node sends. 1200 is safe on any path (QUIC's
-    choice); raise it on loopback or a known LAN for fewer, larger datagrams."""
-
+    choice); raise it on a known LAN for fewer, larger datagrams."""
+    loopback_datagram_size: int | None = 65000
+    """Largest UDP payload sent to a peer at a loopback address (127.0.0.0/8,
+    ::1), whose path carries 64 KiB datagrams whole. ``None`` uses
+    ``max_datagram_size`` there too."""
     max_message_size: int = 16 * 1024 * 1024
     """Largest message accepted by ``send`` and by the receiver's reassembly."""
 
@@ -152,6 +155,12 @@ class Config:
             raise UsageError(
                 f"Config.max_datagram_size must be between {_MIN_DATAGRAM} and 65507 "
                 f"(the largest UDP payload), got {self.max_datagram_size}"
+            )
+        loopback = self.loopback_datagram_size
+        if loopback is not None and not _MIN_DATAGRAM <= loopback <= 65507:
+            raise UsageError(
+                f"Config.loopback_datagram_size must be between {_MIN_DATAGRAM} and 65507 "
+                f"(the largest UDP payload) or None, got {loopback}"
             )
         if self.max_window > 0xFFFF:
             raise UsageError(f"Config.max_window must be at most 65535, got {self.max_window}")

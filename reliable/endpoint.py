@@ -261,7 +261,7 @@ class Endpoint:
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
-        size = fragment_capacity(self.config.max_datagram_size, mailbox)
+        size = fragment_capacity(peer.datagram_size, mailbox)
         msg = OutgoingMessage(
             ticket=self._next_ticket,
             data=data,
@@ -316,6 +316,15 @@ class Endpoint:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    def in_flight(self, dest: Any) -> bool:
+        """Whether data sent to ``dest`` awaits acknowledgement (the link to it is busy).
+
+        Adapters use it to batch: a send to a busy peer can wait a moment for
+        others to share its datagram; a send to an idle one should leave now.
+        """
+        session = self._peers.get(dest)
+        return session is not None and bool(session.sender.unacked)
 
     def has_output(self) -> bool:
         """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""

@@ -32,6 +32,7 @@ message that did get in.
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import random
 from collections.abc import Callable
 from typing import Any
@@ -50,11 +51,14 @@ from .wire import (
     DATA_NOTICES,
     DATA_SACK_RANGES,
     Flag,
+    Fragment,
     Kind,
     Packet,
     Verdict,
+    data_budget,
     encode_body,
     fragment_capacity,
+    record_size,
     unwrap,
 )
 
@@ -74,6 +78,24 @@ _REASON_TEXT = {
 Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
 #: What the endpoint does with a control message from the peer.
 OnControl = Callable[["PeerSession", bytes, float], None]
+
+
+def path_datagram_size(addr: Any, config: Config) -> int:
+    """The datagram size for a peer at ``addr``.
+
+    A loopback path's MTU is 64 KiB and nothing on it fragments or drops a
+    large datagram, so a loopback peer gets ``Config.loopback_datagram_size``:
+    a 64 KiB message then costs two datagrams, not 56, and small messages
+    bundle by the dozen. Every other peer gets ``Config.max_datagram_size``,
+    which suits any Internet path.
+    """
+    if config.loopback_datagram_size is None or not isinstance(addr, tuple) or not addr:
+        return config.max_datagram_size
+    try:
+        loopback = ipaddress.ip_address(str(addr[0]).partition("%")[0]).is_loopback
+    except ValueError:
+        return config.max_datagram_size
+    return config.loopback_datagram_size if loopback else config.max_datagram_size
 
 
 class PeerSession:
@@ -99,6 +121,8 @@ class PeerSession:
         self._deliver = deliver
         self._on_control = on_control
         self.config = config
+        #: Largest datagram this session sends; the path decides (see ``path_datagram_size``).
+        self.datagram_size = path_datagram_size(addr, config)
         self._emit = emit
         self._on_finished = on_finished
         self.incarnation: int | None = None
@@ -143,7 +167,7 @@ class PeerSession:
     # ------------------------------------------------------------ application
 
     def enqueue(self, msg: OutgoingMessage, now: float) -> None:
-        self.sender.queue.append(msg)
+        self.sender.enqueue(msg)
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
         self.unreachable = False
@@ -175,13 +199,13 @@ class PeerSession:
             self.receiver.ack_now = True  # window update, so a blocked sender resumes
 
     def window(self) -> int:
-        room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
+        room = (self.config.receive_backlog - self.parked) // self.datagram_size
         return max(0, min(self.config.max_window, room))
 
     def send_control(self, message: ControlMessage, now: float) -> None:
         """Queue a control message for the peer (reliable, ahead of waiting data)."""
         payload = encode_control(message)
-        size = fragment_capacity(self.config.max_datagram_size, "")
+        size = fragment_capacity(self.datagram_size, "")
         self.sender.control.append(
             OutgoingMessage(
                 ticket=0,
@@ -211,15 +235,18 @@ class PeerSession:
         if pkt.dst_incarnation == my_incarnation and pkt.flags & _ACK:
             self._on_ack(pkt, now)
         if pkt.kind == Kind.DATA:
-            assert pkt.fragment is not None
-            deliveries = self.receiver.on_fragment(
-                pkt.fragment,
-                now,
-                has_room=self.parked < self.config.receive_backlog,
-                ack_now=bool(pkt.flags & _ACK_NOW),
-            )
-            for d in deliveries:
-                self._take_delivery(d, now)
+            receiver = self.receiver
+            last = len(pkt.bundle)
+            for i, frag in enumerate(pkt.fragments):
+                deliveries = receiver.on_fragment(
+                    frag,
+                    now,
+                    has_room=self.parked < self.config.receive_backlog,
+                    ack_now=bool(pkt.flags & _ACK_NOW),
+                    counts=i == last,  # the ack policy counts datagrams, not fragments
+                )
+                for d in deliveries:
+                    self._take_delivery(d, now)
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
         self._update_wait(now)
@@ -358,6 +385,7 @@ class PeerSession:
         receiver = self.receiver
         dst = self.incarnation or 0
         ack_flag = _ACK if receiver.expected is not None else 0
+        budget = data_budget(self.datagram_size)
         if sender.can_send():
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
@@ -365,7 +393,17 @@ class PeerSession:
                 step = sender.next_fragment(now)
                 if step is None:
                     break
-                frag, retransmission = step
+                first, retransmission = step
+                bundle: list[Fragment] = []
+                used = record_size(len(first.mailbox.encode("utf-8")), len(first.payload))
+                while True:
+                    step = sender.next_fragment(now, room=budget - used, control=first.control)
+                    if step is None:
+                        break
+                    frag, again = step
+                    bundle.append(frag)
+                    retransmission = retransmission or again
+                    used += record_size(len(frag.mailbox.encode("utf-8")), len(frag.payload))
                 more = sender.can_send()
                 flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
@@ -381,7 +419,8 @@ class PeerSession:
                             sacks=ack.sacks,
                             notices=ack.notices,
                             cookie=self.cookie,
-                            fragment=frag,
+                            fragment=first,
+                            bundle=tuple(bundle),
                         )
                     )
                 )

@@ -167,9 +167,13 @@ class ReceiveStream:
     # ------------------------------------------------------------- receiving
 
     def on_fragment(
-        self, frag: Fragment, now: float, *, has_room: bool, ack_now: bool
+        self, frag: Fragment, now: float, *, has_room: bool, ack_now: bool, counts: bool = True
     ) -> list[Delivery]:
-        """Take one DATA fragment; returns the messages it completed, in order."""
+        """Take one DATA fragment; returns the messages it completed, in order.
+
+        ``counts`` is false for all but the last fragment of a bundle: the
+        every-``ack_every``-packets rule counts datagrams.
+        """
         if self.expected is None:
             seq = frag.seq
             base = unwrap(frag.base, seq)
@@ -215,7 +219,7 @@ class ReceiveStream:
             self._advance(delivered)
         else:
             self.ack_now = True  # a gap: report it at once so the sender can repair it
-        self.ack_pending += 1
+        self.ack_pending += counts
         if self.first_unacked_time is None:
             self.first_unacked_time = now
         if ack_now or self.ack_pending >= self.ack_every:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
-from .wire import Fragment, unwrap
+from .wire import FRAGMENT_OVERHEAD, Fragment, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -91,6 +91,15 @@ class OutgoingMessage:
     cancelling: bool = False  #: deferred, timed out, withdrawal requested
     outcome: object = None  #: a control-message verdict that overtook the acknowledgement
     settled: bool = False  #: its outcome was reported (delivered or failed)
+    record_overhead: int = field(init=False, default=0)  #: wire bytes per fragment beyond payload
+
+    def __post_init__(self) -> None:
+        self.record_overhead = FRAGMENT_OVERHEAD + len(self.mailbox.encode("utf-8"))
+
+    def record_bytes(self, index: int) -> int:
+        """Bytes fragment ``index`` takes in a DATA body (see :func:`wire.record_size`)."""
+        start = index * self.fragment_size
+        return self.record_overhead + max(0, min(self.fragment_size, len(self.data) - start))
 
     def settled_or_cancelling(self) -> bool:
         """Whether its send deadline no longer matters."""
@@ -235,18 +244,30 @@ class SendStream:
 
     # ---------------------------------------------------------------- sending
 
-    def next_fragment(self, now: float) -> tuple[Fragment, bool] | None:
-        """The next packet to transmit, and whether it is a retransmission."""
-        if len(self.flight) >= self.cc.window:
-            if not self.probe_allowance:
-                self.cwnd_limited = True
+    def next_fragment(
+        self,
+        now: float,
+        *,
+        room: int | None = None,
+        control: bool | None = None,
+    ) -> tuple[Fragment, bool] | None:
+        """The next packet to transmit, and whether it is a retransmission.
+
+        With ``room``, only a fragment whose record fits in that many bytes
+        and whose control flag equals ``control`` (a fragment joining a
+        bundle). Returns ``None``, changing nothing, when there is none.
+        """
+        if len(self.flight) >= self.cc.window and not self.probe_allowance:
+            self.cwnd_limited = True
+            return None
+        if self._has_lost():
+            pkt = self.unacked[self.lost[0]]
+            if room is not None and (
+                pkt.message.control != control or pkt.message.record_bytes(pkt.index) > room
+            ):
                 return None
-            self.probe_allowance -= 1
-        while self.lost:
-            pkt = self.unacked.get(self.lost[0])
             heapq.heappop(self.lost)
-            if pkt is None or not pkt.lost:
-                continue  # acknowledged or abandoned since it was declared lost
+            self._use_window()
             pkt.lost = False
             pkt.retransmitted = True
             self.retransmissions += 1
@@ -255,6 +276,9 @@ class SendStream:
         msg = self._next_message()
         if msg is None:
             return None
+        if room is not None and (msg.control != control or msg.record_bytes(msg.next_index) > room):
+            return None
+        self._use_window()
         if msg.next_index == 0:
             msg.msg_id = self.next_msg_id
             msg.first_seq = self.next_seq
@@ -268,6 +292,14 @@ class SendStream:
         self.unacked[pkt.seq] = pkt
         self._transmit(pkt, now)
         return self._fragment(pkt), False
+
+    def _use_window(self) -> None:
+        if len(self.flight) >= self.cc.window:
+            self.probe_allowance -= 1  # a probe may exceed the window
+
+    def enqueue(self, msg: OutgoingMessage) -> None:
+        """Queue an application message behind the others."""
+        self.queue.append(msg)
 
     def _has_lost(self) -> bool:
         while self.lost:

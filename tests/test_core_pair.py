@@ -67,8 +67,9 @@ def test_both_directions_at_once_piggyback_acks() -> None:
 def test_a_gap_is_repaired_by_sack_before_any_timeout() -> None:
     p = Pair()
     p.connect()
-    for i in range(10):
-        p.a.endpoint.send(B, b"m%d" % i, now=p.now)
+    msgs = [(b"m%d" % i).ljust(1000, b".") for i in range(10)]  # a datagram each
+    for m in msgs:
+        p.a.endpoint.send(B, m, now=p.now)
     p.transfer(p.a, drop=lambda i, d: i == 0)  # the first datagram is lost
     ack = p.outgoing(p.b)
     (pkt,) = decode_all(ack)
@@ -78,7 +79,7 @@ def test_a_gap_is_repaired_by_sack_before_any_timeout() -> None:
     assert [x.fragment.seq for x in retransmit if x.fragment] == [pkt.ack]  # fast retransmit
     assert p.now < p.a.endpoint.config.min_rto
     p.deliver(p.b, [wire.encode(x) for x in retransmit])
-    assert p.b.received() == [b"m%d" % i for i in range(10)]
+    assert p.b.received() == msgs
 
 
 def test_duplicates_are_delivered_once_and_counted() -> None:

@@ -240,7 +240,7 @@ def test_encrypted_incarnations_never_repeat_even_with_a_seeded_rng() -> None:
 def test_packet_numbers_only_go_up() -> None:
     p = Pair(security_a=Encrypted(KEY), security_b=Encrypted(KEY))
     for i in range(20):
-        p.a.endpoint.send(B, b"%d" % i, now=p.now)
+        p.a.endpoint.send(B, (b"%d" % i).ljust(1000, b"."), now=p.now)  # a datagram each
     numbers = []
     for _ in range(50):
         for d in p.outgoing(p.a):
