@@ -73,6 +73,8 @@ def resolve_address(
 ) -> tuple[int, Address]:
     """Parse and resolve ``text`` once; returns ``(address family, socket address)``."""
     host, port = parse_address(text, allow_zero_port=allow_zero_port)
+    if family in (socket.AF_UNSPEC, socket.AF_INET) and _is_ipv4_literal(host):
+        return socket.AF_INET, (host, port)  # no lookup: this runs on every send
     try:
         infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
     except socket.gaierror as exc:
@@ -83,6 +85,14 @@ def resolve_address(
         raise AddressError(f"cannot resolve {host!r}")
     fam, _, _, _, sockaddr = infos[0]
     return int(fam), normalize(sockaddr)
+
+
+def _is_ipv4_literal(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ class AsyncNode:
         self._sock: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
         self._handles: dict[int, asyncio.Future[Receipt | GroupReceipt]] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
@@ -284,8 +285,16 @@ class AsyncNode:
         )
         future: asyncio.Future[Receipt | GroupReceipt] = loop.create_future()
         self._handles[ticket] = future
-        self._pump([])
+        if not self._pump_soon:
+            # One pump per loop turn for every send made in it: a coroutine sending in a
+            # loop gets its messages packed into datagrams, not one datagram each.
+            self._pump_soon = True
+            loop.call_soon(self._deferred_pump)
         return future
+
+    def _deferred_pump(self) -> None:
+        self._pump_soon = False
+        self._pump([])
 
     async def send(
         self,

@@ -157,6 +157,7 @@ class Node:
         self._closed = False
         self._failure: BaseException | None = None
         self._sleep_until: float | None = None
+        self._io_busy = False  # the I/O thread is awake and will send before it sleeps
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -289,7 +290,14 @@ class Node:
                     self._changed.wait(remaining)
             handle = SendHandle(ticket, label)
             self._handles[ticket] = handle
-        self._pump([])
+            # To a busy peer, hand the send to the I/O thread: the sends made before it
+            # runs share datagrams. To an idle one, send it from here, at once.
+            defer = self._endpoint.in_flight(label)  # a group send's label names no peer
+            if defer and not self._io_busy:
+                self._io_busy = True
+                self._wake()
+        if not defer:
+            self._pump([])
         return handle
 
     # ---------------------------------------------------------------- groups
@@ -622,6 +630,11 @@ class Node:
                     for group_sock in self._unregistered:
                         selector.register(group_sock, selectors.EVENT_READ, group_sock)
                     self._unregistered.clear()
+                    # Calls made while we were busy left their output to us (see _pump).
+                    self._io_busy = self._endpoint.has_output()
+                if self._io_busy and not closed:
+                    self._pump([])
+                    continue
                 if closed:
                     self._pump([])  # the final CLOSE packets and the last events
                     self._flush_backlog()
@@ -635,6 +648,7 @@ class Node:
                     writing = False
                 wait = None if timer is None else max(0.0, timer - time.monotonic())
                 ready = selector.select(wait)
+                self._io_busy = True
                 batch = []
                 for key, _ in ready:
                     if key.data == "wake":
@@ -668,8 +682,10 @@ class Node:
         on_io_thread = threading.current_thread() is self._thread
         with self._lock:
             endpoint = self._endpoint
-            if not on_io_thread and not endpoint.has_output():
-                return  # the call changed nothing that needs sending or reporting
+            if not on_io_thread and (self._io_busy or not endpoint.has_output()):
+                # Nothing to send, or the I/O thread is awake and will send it before it
+                # sleeps again: calls made meanwhile leave in one go, packed into datagrams.
+                return
             resolved = self._resolved = []
             now = time.monotonic()
             for data, addr in batch:
