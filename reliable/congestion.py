@@ -1,7 +1,10 @@
-"""Congestion control: NewReno in packets (RFC 5681, RFC 6582, RFC 9002 section 7).
+"""Congestion control: NewReno in bytes (RFC 5681, RFC 6582, RFC 9002 section 7).
 
-Slow start doubles the window each round trip until the first loss, then
-congestion avoidance adds one packet per round trip. A loss halves the window
+The window counts bytes, as RFC 9002's does, because a datagram may carry
+one large fragment or dozens of small ones bundled: a window in packets
+would let a few tiny messages close it. Slow start doubles the window each
+round trip until the first loss, then congestion avoidance adds one
+``max_datagram`` per round trip. A loss halves the window
 once per round trip: losses of packets sent before the current recovery
 period began do not reduce it again. A retransmission timeout means the path
 may be gone, so the window collapses to ``min_cwnd`` and slow start resumes.
@@ -15,29 +18,31 @@ _LOSS_REDUCTION = 0.5
 
 
 class NewReno:
-    """Congestion window for one peer, counted in packets."""
+    """Congestion window for one peer, counted in bytes."""
 
-    __slots__ = ("cwnd", "min_cwnd", "recovery_start", "ssthresh")
+    __slots__ = ("cwnd", "max_datagram", "min_cwnd", "recovery_start", "ssthresh")
 
-    def __init__(self, *, initial_cwnd: int, min_cwnd: int) -> None:
+    def __init__(self, *, initial_cwnd: int, min_cwnd: int, max_datagram: int = 1) -> None:
+        """Windows in bytes; ``max_datagram`` is the additive-increase step (1: units)."""
         self.cwnd = float(initial_cwnd)
         self.min_cwnd = float(min_cwnd)
+        self.max_datagram = max_datagram
         self.ssthresh = float("inf")
         self.recovery_start = float("-inf")
 
     @property
     def window(self) -> int:
-        """Packets that may be in flight."""
+        """Bytes that may be in flight."""
         return int(self.cwnd)
 
-    def on_acked(self, count: int, newest_sent_time: float) -> None:
-        """``count`` packets were acknowledged; the newest was sent at ``newest_sent_time``."""
+    def on_acked(self, nbytes: int, newest_sent_time: float) -> None:
+        """``nbytes`` were acknowledged; the newest was sent at ``newest_sent_time``."""
         if newest_sent_time <= self.recovery_start:
             return  # still recovering from a loss: no growth until new data is acked
         if self.cwnd < self.ssthresh:
-            self.cwnd += count
+            self.cwnd += nbytes
         else:
-            self.cwnd += count / self.cwnd
+            self.cwnd += self.max_datagram * nbytes / self.cwnd
 
     def on_lost(self, newest_lost_sent_time: float, now: float) -> None:
         """Packets were declared lost; the newest of them was sent at ``newest_lost_sent_time``."""

@@ -135,7 +135,13 @@ class PeerSession:
             max_ack_delay=config.max_ack_delay,
             granularity=K_GRANULARITY,
         )
-        self.cc = NewReno(initial_cwnd=config.initial_cwnd, min_cwnd=config.min_cwnd)
+        # Config counts the windows in datagrams; the controller counts bytes.
+        size = self.datagram_size
+        self.cc = NewReno(
+            initial_cwnd=config.initial_cwnd * size,
+            min_cwnd=config.min_cwnd * size,
+            max_datagram=size,
+        )
         self.sender = SendStream(config, self.rtt, self.cc, rng.getrandbits(32))
         self.receiver = ReceiveStream(config, screen, self._budget)
         self.deferred: dict[int, OutgoingMessage] = {}  # by msg_id
@@ -199,7 +205,8 @@ class PeerSession:
             self.receiver.ack_now = True  # window update, so a blocked sender resumes
 
     def window(self) -> int:
-        room = (self.config.receive_backlog - self.parked) // self.datagram_size
+        # In fragments, which may be small: the receive memory budget bounds their bytes.
+        room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
         return max(0, min(self.config.max_window, room))
 
     def send_control(self, message: ControlMessage, now: float) -> None:
@@ -339,7 +346,8 @@ class PeerSession:
         if cookie == self.cookie:
             return  # another answer to the same first flight: already resent with it
         self.cookie = cookie
-        self.sender.resend_now()
+        self.sender.handshake_sample(now)
+        self.sender.resend_now(now)
         if not self.sender.flight and not self.sender.can_send():
             self.ping_now = True
 
@@ -404,6 +412,7 @@ class PeerSession:
                     bundle.append(frag)
                     retransmission = retransmission or again
                     used += record_size(len(frag.mailbox.encode("utf-8")), len(frag.payload))
+                sender.end_datagram()
                 more = sender.can_send()
                 flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(

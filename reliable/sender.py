@@ -14,8 +14,9 @@ order). A retransmission reuses the sequence number, as in TCP.
 
 Every transmission also gets a ``tx`` number, strictly increasing. Loss
 detection works in transmission order, RACK-style (RFC 8985, with RFC 9002's
-thresholds): a packet in flight is lost when one transmitted at least
-``K_PACKET_THRESHOLD`` transmissions later was acknowledged, or when it is
+thresholds): a packet in flight is lost when one sent at least
+``K_PACKET_THRESHOLD`` datagrams later was acknowledged (fragments bundled
+in one datagram are reordered together, so the threshold counts datagrams), or when it is
 older than ``9/8 * RTT`` and a later transmission was acknowledged. Working in
 transmission order rather than sequence order is what lets a retransmitted
 packet be judged by its new transmission, not its old sequence position.
@@ -27,8 +28,8 @@ Invariants:
   key is the *base* every DATA packet carries; the receiver may discard
   anything below it.
 * ``flight`` holds, in transmission order, the packets of ``unacked`` that are
-  in the network (not yet declared lost). Its size is bounded by the
-  congestion window; new sequence numbers are bounded by the peer's
+  in the network (not yet declared lost). Its size in bytes is bounded by
+  the congestion window; new sequence numbers are bounded by the peer's
   cumulative ack plus its advertised window (flow control).
 * A message is *delivered* only when the cumulative ack passes its last
   fragment, never on selective acks alone: a receiver that refuses a message
@@ -122,7 +123,9 @@ class SentPacket:
     seq: int
     message: OutgoingMessage
     index: int
+    size: int  #: record bytes: what it counts against the congestion window
     tx: int = 0
+    datagram: int = 0  #: the datagram it went out in (its fragments share the number)
     sent_time: float = 0.0
     retransmitted: bool = False
     lost: bool = False
@@ -147,8 +150,11 @@ class SendStream:
         "control",
         "cum_ack",
         "cwnd_limited",
+        "datagrams_sent",
         "flight",
+        "in_flight_bytes",
         "initial_peer_window",
+        "largest_acked_datagram",
         "largest_acked_tx",
         "last_send_time",
         "loss_time",
@@ -158,6 +164,7 @@ class SendStream:
         "packets_sent",
         "peer_window",
         "probe_allowance",
+        "probe_time",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -180,10 +187,13 @@ class SendStream:
         self.control: deque[OutgoingMessage] = deque()
         self.unacked: dict[int, SentPacket] = {}
         self.flight: dict[int, SentPacket] = {}
+        self.in_flight_bytes = 0  # sizes of the packets in flight
         self.lost: list[int] = []
         self.by_msg_id: dict[int, OutgoingMessage] = {}
         self.tx_counter = 0
         self.largest_acked_tx = -1
+        self.datagrams_sent = 0  # numbers the datagrams fragments leave in
+        self.largest_acked_datagram = -1
         self.loss_time: float | None = None
         self.last_send_time = 0.0
         self.backoff = 0
@@ -191,6 +201,7 @@ class SendStream:
         self.retransmissions = 0
         self.cwnd_limited = False
         self.probe_allowance = 0
+        self.probe_time = float("-inf")  # when the retransmission timer last probed
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
@@ -210,7 +221,7 @@ class SendStream:
 
     def can_send(self) -> bool:
         """Whether :meth:`next_fragment` would return a packet now."""
-        if len(self.flight) >= self.cc.window and not self.probe_allowance:
+        if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             return False
         if self._has_lost():
             return True
@@ -257,7 +268,7 @@ class SendStream:
         and whose control flag equals ``control`` (a fragment joining a
         bundle). Returns ``None``, changing nothing, when there is none.
         """
-        if len(self.flight) >= self.cc.window and not self.probe_allowance:
+        if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             self.cwnd_limited = True
             return None
         if self._has_lost():
@@ -284,7 +295,8 @@ class SendStream:
             msg.first_seq = self.next_seq
             self.next_msg_id += 1
             self.by_msg_id[msg.msg_id] = msg
-        pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index)
+        size = msg.record_bytes(msg.next_index)
+        pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index, size=size)
         msg.next_index += 1
         if msg.next_index == msg.count:
             (self.control if msg.control else self.queue).popleft()
@@ -293,8 +305,12 @@ class SendStream:
         self._transmit(pkt, now)
         return self._fragment(pkt), False
 
+    def end_datagram(self) -> None:
+        """The fragments taken since the last call leave together, in one datagram."""
+        self.datagrams_sent += 1
+
     def _use_window(self) -> None:
-        if len(self.flight) >= self.cc.window:
+        if self.in_flight_bytes >= self.cc.window:
             self.probe_allowance -= 1  # a probe may exceed the window
 
     def enqueue(self, msg: OutgoingMessage) -> None:
@@ -313,7 +329,9 @@ class SendStream:
         pkt.tx = self.tx_counter
         self.tx_counter += 1
         pkt.sent_time = now
+        pkt.datagram = self.datagrams_sent
         self.flight[pkt.tx] = pkt
+        self.in_flight_bytes += pkt.size
         pkt.message.transmissions += 1
         self.last_send_time = now
         self.packets_sent += 1
@@ -355,7 +373,7 @@ class SendStream:
         self.cum_ack = cum
         self.peer_window = window
         newest: SentPacket | None = None
-        acked = 0
+        acked = acked_bytes = 0
         unacked = self.unacked
         while unacked:
             seq = next(iter(unacked))
@@ -363,6 +381,7 @@ class SendStream:
                 break
             pkt = unacked.pop(seq)
             acked += 1
+            acked_bytes += pkt.size
             newest = self._forget(pkt, newest, now)
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
@@ -375,18 +394,23 @@ class SendStream:
                 sacked = unacked.pop(seq, None)
                 if sacked is not None:
                     acked += 1
+                    acked_bytes += sacked.size
                     newest = self._forget(sacked, newest, now)
         outcome.newly_acked = acked
         if newest is not None:
-            if not newest.retransmitted:  # Karn: never time an ambiguous ack
+            # Karn: never time an ambiguous ack. Nor one that may answer a probe sent
+            # after the packet: its own acks may have been lost, and the sample would
+            # measure the probe timeout (seconds, at startup), not the path.
+            if not newest.retransmitted and newest.sent_time > self.probe_time:
                 self.rtt.on_sample(now - newest.sent_time, ack_delay)
             self.backoff = 0
             # Grow the window only if it was in use (RFC 7661): an application-limited
             # sender has not shown the path can carry more.
-            if self.cwnd_limited or 2 * (len(self.flight) + acked) >= self.cc.window:
-                self.cc.on_acked(acked, newest.sent_time)
+            if self.cwnd_limited or 2 * (self.in_flight_bytes + acked_bytes) >= self.cc.window:
+                self.cc.on_acked(acked_bytes, newest.sent_time)
             self.cwnd_limited = False
             self.largest_acked_tx = max(self.largest_acked_tx, newest.tx)
+            self.largest_acked_datagram = max(self.largest_acked_datagram, newest.datagram)
         for msg in self.by_msg_id.values():
             if msg.next_index < msg.count or msg.first_seq + msg.count > cum:
                 break
@@ -402,7 +426,7 @@ class SendStream:
             # Declared lost, yet acknowledged before any retransmission went out.
             self._spurious_loss()
         else:
-            self.flight.pop(pkt.tx, None)
+            self._leave_flight(pkt)
             if pkt.retransmitted and now - pkt.sent_time < self.rtt.min_rtt / 2:
                 # Acknowledged sooner after the retransmission than any round trip
                 # takes: the ack was for the original, which was only reordered.
@@ -434,7 +458,9 @@ class SendStream:
                 break
             # the same expression as loss_time below, so a timer firing at loss_time always
             # finds its packet lost (now - delay could round the other way and livelock)
-            if self.largest_acked_tx - tx >= self.reorder_threshold or pkt.sent_time + delay <= now:
+            # The packet threshold counts datagrams: a bundle is reordered as one.
+            overtaken = self.largest_acked_datagram - pkt.datagram >= self.reorder_threshold
+            if overtaken or pkt.sent_time + delay <= now:
                 lost.append(pkt)
             else:
                 self.loss_time = pkt.sent_time + delay
@@ -445,14 +471,34 @@ class SendStream:
             self.cc.on_lost(lost[-1].sent_time, now)
         return len(lost)
 
+    def _leave_flight(self, pkt: SentPacket) -> None:
+        if self.flight.pop(pkt.tx, None) is not None:
+            self.in_flight_bytes -= pkt.size
+
     def _declare_lost(self, pkt: SentPacket) -> None:
-        del self.flight[pkt.tx]
+        self._leave_flight(pkt)
         pkt.lost = True
         heapq.heappush(self.lost, pkt.seq)
 
-    def resend_now(self) -> None:
+    def handshake_sample(self, now: float) -> None:
+        """The peer challenged our first flight: time the round trip from it.
+
+        No acknowledgement can time that flight (it is all resent, so Karn's
+        rule rejects every sample), and until a sample arrives the timer
+        waits ``initial_rto`` (1 s) on any loss. The challenge answers one of
+        the flight's datagrams, so ``now`` minus the oldest send time bounds
+        the RTT from above: a safe first estimate.
+        """
+        if self.rtt.samples or self.backoff or not self.flight:
+            return
+        oldest = next(iter(self.flight.values()))
+        if not oldest.retransmitted and oldest.sent_time > self.probe_time:
+            self.rtt.on_sample(now - oldest.sent_time)
+
+    def resend_now(self, now: float) -> None:
         """Everything in flight was dropped unread (the peer had no state for us):
         send it again at once, with no congestion response."""
+        self.probe_time = now
         for pkt in list(self.flight.values()):
             self._declare_lost(pkt)
 
@@ -464,6 +510,7 @@ class SendStream:
             return
         if self.flight and now >= self.last_send_time + self.rtt.backed_off(self.backoff):
             self.backoff += 1
+            self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
             for pkt in oldest:
                 self._declare_lost(pkt)
@@ -485,7 +532,7 @@ class SendStream:
             for seq in range(msg.first_seq, msg.first_seq + msg.next_index):
                 pkt = self.unacked.pop(seq, None)
                 if pkt is not None and not pkt.lost:
-                    del self.flight[pkt.tx]
+                    self._leave_flight(pkt)
         if msg.next_index < msg.count:
             with contextlib.suppress(ValueError):
                 (self.control if msg.control else self.queue).remove(msg)
@@ -510,12 +557,14 @@ class SendStream:
         self.control.clear()
         self.unacked.clear()
         self.flight.clear()
+        self.in_flight_bytes = 0
         self.lost.clear()
         self.cum_ack = self.next_seq
         self.peer_window = self.initial_peer_window
         self.loss_time = None
         self.backoff = 0
         self.largest_acked_tx = -1
+        self.largest_acked_datagram = -1
         self.probe_allowance = 0
         return started
 

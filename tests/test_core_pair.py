@@ -479,3 +479,40 @@ def test_a_long_silence_keeps_being_probed_every_second_while_data_waits() -> No
     p.settle()  # the link heals
     (receipt,) = p.a.of(events.MessageDelivered)
     assert receipt.ticket == ticket and not p.a.of(events.MessageFailed)
+
+
+def test_the_first_flight_is_timed_from_the_challenge() -> None:
+    """Karn's rule rejects every sample of a resent first flight; the CHALLENGE times it,
+    so a loss right after first contact waits about an RTT, not initial_rto (1 s)."""
+    p = Pair()
+    p.a.endpoint.send(B, b"first", now=p.now)
+    first = p.outgoing(p.a)
+    p.now += 0.004  # the round trip
+    p.deliver(p.b, first)  # b keeps no state: it answers with a CHALLENGE
+    p.transfer(p.b)
+    rtt = p.a.endpoint._peers[B].rtt
+    assert rtt.samples == 1 and rtt.srtt == pytest.approx(0.004)
+    assert rtt.rto < 0.1
+
+
+def test_an_ack_that_may_answer_a_probe_is_not_timed() -> None:
+    """Data whose acks were lost is acknowledged again only after a probe timeout; that
+    sample would time the timeout (seconds at startup), not the path. Seen in the bench
+    at 10% loss: a 2 s first sample made every later loss wait 6 s."""
+    p = Pair()
+    p.connect()
+    rtt = p.a.endpoint._peers[B].rtt
+    before = rtt.samples
+    for name in b"wxyz":
+        p.a.endpoint.send(B, bytes([name]) * 1000, now=p.now)  # a datagram each
+    p.transfer(p.a, drop=lambda i, d: i < 2)  # w and x are lost; y and z arrive
+    p.transfer(p.b, drop=lambda i, d: True)  # and their acks are lost
+    while not p.a.endpoint._peers[B].sender.backoff:
+        p.tick(0.01)  # the probe timeout fires and resends w and x ...
+    p.transfer(p.a, drop=lambda i, d: True)  # ... which are lost again
+    p.now += 0.5
+    p.b.endpoint.send(A, b"reply", now=p.now)  # its DATA acknowledges y and z at last
+    p.transfer(p.b)
+    assert rtt.samples == before  # y and z were sent before the probe: not timed
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 4

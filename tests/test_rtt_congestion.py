@@ -91,3 +91,14 @@ def test_timeout_collapses_to_min_cwnd() -> None:
     cc.on_timeout(now=1.0)
     assert cc.window == 2
     assert cc.ssthresh == 20
+
+
+def test_the_window_counts_bytes_and_grows_one_datagram_per_window() -> None:
+    cc = NewReno(initial_cwnd=10 * 1200, min_cwnd=2 * 1200, max_datagram=1200)
+    cc.on_lost(newest_lost_sent_time=0.5, now=1.0)  # out of slow start at 6,000 bytes
+    assert cc.window == 6000
+    cc.on_acked(6000, newest_sent_time=1.5)  # a window's worth acknowledged: +1 datagram
+    assert cc.window == 7200
+    for t in range(8):
+        cc.on_lost(newest_lost_sent_time=2.0 + t, now=2.5 + t)
+    assert cc.window == 2400  # never below min_cwnd bytes
