@@ -80,7 +80,7 @@ class _Partial:
     mailbox: str
     control: bool
     rejected: Verdict | None
-    chunks: list[bytes] = field(default_factory=list)
+    chunks: list[bytes | memoryview] = field(default_factory=list)
     size: int = 0
     reserved: int = 0  # bytes of the node's receive memory set aside for it
     first_seq: int = 0
@@ -349,7 +349,7 @@ class ReceiveStream:
         if partial.size != partial.total_len:
             self.reassembly_errors += 1
             return
-        data = partial.chunks[0] if partial.count == 1 else b"".join(partial.chunks)
+        data = bytes(partial.chunks[0]) if partial.count == 1 else b"".join(partial.chunks)
         delivered.append(
             Delivery(
                 partial.msg_id,

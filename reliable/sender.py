@@ -111,9 +111,10 @@ class OutgoingMessage:
         """Whether any fragment has been transmitted (and so may have been received)."""
         return self.next_index > 0
 
-    def fragment_payload(self, index: int) -> bytes:
+    def fragment_payload(self, index: int) -> bytes | memoryview:
+        """A view, not a copy: the datagram's encoding copies it once."""
         start = index * self.fragment_size
-        return self.data[start : start + self.fragment_size]
+        return memoryview(self.data)[start : start + self.fragment_size]
 
 
 @dataclass(slots=True, eq=False)

@@ -215,7 +215,8 @@ class Fragment:
     msg_type: int  #: signed 32-bit message type (System V style)
     priority: int  #: 0-65535, higher is more urgent
     mailbox: str  #: destination mailbox name ("" for the node's default)
-    payload: bytes
+    #: A view into a larger buffer when that saves copying a big fragment (see decode).
+    payload: bytes | memoryview
     control: bool = False  #: carried as :attr:`Flag.CONTROL`: a message for the node itself
 
 
@@ -371,7 +372,7 @@ def encode_body(packet: Packet) -> bytes:
     elif packet.kind == Kind.CHALLENGE:
         raise ValueError("a CHALLENGE carries a cookie")
     try:
-        parts = [
+        parts: list[bytes | memoryview] = [
             _HEADER.pack(
                 MAGIC,
                 VERSION,
@@ -408,7 +409,7 @@ def encode_body(packet: Packet) -> bytes:
     return b"".join(parts)
 
 
-def _encode_fragment(frag: Fragment, parts: list[bytes]) -> None:
+def _encode_fragment(frag: Fragment, parts: list[bytes | memoryview]) -> None:
     mailbox = frag.mailbox.encode("utf-8")
     if len(mailbox) > MAX_MAILBOX_BYTES:
         raise ValueError(f"mailbox name is {len(mailbox)} bytes, at most 255")
@@ -555,6 +556,18 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
 _VERDICTS = frozenset(int(r) for r in Verdict)
 
 
+def _payload(data: bytes, start: int, stop: int) -> bytes | memoryview:
+    """A fragment's payload: a view when it is most of the datagram, else a copy.
+
+    The view saves copying a large fragment twice (here and at reassembly);
+    a small one is copied so that it never pins a 64 KiB datagram: what a
+    fragment holds stays within twice what it is charged for.
+    """
+    if 2 * (stop - start) >= len(data):
+        return memoryview(data)[start:stop].toreadonly()
+    return bytes(data[start:stop])
+
+
 def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
@@ -589,6 +602,6 @@ def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> tuple
         msg_type=msg_type,
         priority=priority,
         mailbox=mailbox,
-        payload=bytes(data[offset:stop]),
+        payload=_payload(data, offset, stop),
         control=control,
     ), stop
