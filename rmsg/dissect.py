@@ -55,6 +55,8 @@ class TimelineEntry:
                 parts.append(f"mailbox={f.mailbox!r}")
             if f.control:
                 parts.append("CONTROL")
+            if p.bundle:
+                parts.append(f"+{len(p.bundle)} bundled (seq {p.bundle[-1].seq} last)")
         if p.flags & wire.Flag.ACK:
             parts += [f"ack={p.ack}", f"win={p.window}"]
         if p.sacks:
@@ -98,9 +100,9 @@ def timeline(
             yield TimelineEntry(when - start, src, dst, None, reason, False)
             continue
         retx = False
-        if pkt.fragment is not None:
-            key = (src, pkt.src_incarnation, pkt.fragment.seq)
-            retx = key in seen
+        for frag in pkt.fragments:  # a datagram retransmits if any fragment it bundles does
+            key = (src, pkt.src_incarnation, frag.seq)
+            retx = retx or key in seen
             seen.add(key)
         yield TimelineEntry(when - start, src, dst, pkt, None, retx, sealed)
 

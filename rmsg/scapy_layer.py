@@ -1,6 +1,7 @@
 """A scapy layer for rmsg's wire format v1 (``docs/protocol.md``).
 
-Dissects and builds every packet kind; ``n_sack``, ``n_notice``, the mailbox
+Dissects and builds every packet kind, a DATA packet's bundled fragments
+included (``bundle``, a list of :class:`BundledFragment`); ``n_sack``, ``n_notice``, the mailbox
 and payload lengths, the message length of a single-fragment message and the
 CRC-32 trailer are filled in when left as ``None``. Bound to UDP on
 :data:`reliable.wire.DEFAULT_PORT` in both directions; for other ports use
@@ -18,6 +19,7 @@ import struct
 import zlib
 from typing import Any
 
+from scapy.base_classes import BasePacket
 from scapy.fields import (
     ByteEnumField,
     ByteField,
@@ -40,7 +42,7 @@ from scapy.packet import Packet, bind_layers
 
 from reliable.wire import DEFAULT_PORT, GROUP_KINDS, MAGIC, VERSION, Kind, Verdict
 
-__all__ = ["RMSG", "RejectNotice", "SackRange"]
+__all__ = ["RMSG", "BundledFragment", "RejectNotice", "SackRange"]
 
 _KINDS = {int(k): k.name for k in Kind}
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
@@ -116,6 +118,41 @@ class _TotalLenField(IntField):
         return int(x)
 
 
+class BundledFragment(Packet):
+    """A further fragment record bundled into a DATA datagram (same layout as the first)."""
+
+    name = "rmsg fragment"
+    fields_desc = [
+        IntField("seq", 0),
+        IntField("base", 0),
+        IntField("msg_id", 0),
+        IntField("frag_index", 0),
+        IntField("frag_count", 1),
+        _TotalLenField("total_len", None),
+        SignedIntField("msg_type", 0),
+        ShortField("priority", 0),
+        FieldLenField("mailbox_len", None, length_of="mailbox", fmt="B"),
+        StrLenField("mailbox", b"", length_from=lambda p: p.mailbox_len),
+        FieldLenField("payload_len", None, length_of="data", fmt="H"),
+        StrLenField("data", b"", length_from=lambda p: p.payload_len),
+    ]
+
+    def extract_padding(self, s: bytes) -> tuple[bytes, bytes]:
+        return b"", s
+
+
+class _BundleField(PacketListField):
+    """The records after the first, up to the tag (sealed) and the CRC trailer."""
+
+    def getfield(self, pkt: Packet, s: bytes) -> tuple[bytes, list[BasePacket]]:
+        tail = 4 + (16 if _sealed(pkt) else 0)
+        records = PacketListField(
+            self.name, [], BundledFragment, length_from=lambda _: max(0, len(s) - tail)
+        )
+        rest, found = records.getfield(pkt, s)
+        return rest, found
+
+
 class RMSG(Packet):
     """rmsg v1: header, ack section, DATA body (for DATA), CRC-32 trailer.
 
@@ -168,6 +205,10 @@ class RMSG(Packet):
         ),
         ConditionalField(FieldLenField("payload_len", None, length_of="data", fmt="H"), _is_data),
         ConditionalField(StrLenField("data", b"", length_from=lambda p: p.payload_len), _is_data),
+        ConditionalField(
+            _BundleField("bundle", [], BundledFragment),
+            lambda p: p.kind == Kind.DATA and _readable(p),
+        ),
         ConditionalField(ByteField("refusal", 1), lambda p: p.kind == Kind.AUTH_FAILED),
         ConditionalField(
             StrFixedLenField("tag", b"\0" * 16, 16), lambda p: _sealed(p) and _readable(p)
@@ -192,7 +233,8 @@ class RMSG(Packet):
             return self.sprintf(f"rmsg {kind} group=%RMSG.group% ack=%RMSG.ack%")
         if self.kind == Kind.DATA:
             fragment = "frag=%RMSG.frag_index%/%RMSG.frag_count%"
-            return self.sprintf(f"rmsg {kind} seq=%RMSG.seq% {fragment} ack=%RMSG.ack%")
+            more = f" +{len(self.bundle)} bundled" if self.bundle else ""
+            return self.sprintf(f"rmsg {kind} seq=%RMSG.seq% {fragment}{more} ack=%RMSG.ack%")
         return self.sprintf(f"rmsg {kind} ack=%RMSG.ack% win=%RMSG.window%")
 
 

@@ -32,6 +32,11 @@ def test_scapy_dissects_what_the_library_encodes(packet: wire.Packet) -> None:
         )
         assert (layer.msg_type, layer.priority) == (f.msg_type, f.priority)
         assert layer.mailbox == f.mailbox.encode() and layer.data == f.payload
+    bundle = layer.bundle if packet.kind == wire.Kind.DATA else []
+    assert [(b.seq, b.msg_id, b.mailbox, b.data) for b in bundle] == [
+        (f.seq, f.msg_id, f.mailbox.encode(), f.payload) for f in packet.bundle
+    ]
+    assert int(layer.checksum) == int.from_bytes(raw[-4:], "big")
     if packet.cookie is not None:
         assert layer.cookie == packet.cookie
     if packet.group:
