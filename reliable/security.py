@@ -115,7 +115,7 @@ class Security(Protocol):
 
     def seal(self, body: bytes, incarnation: int, packet_number: int) -> bytes: ...
 
-    def open(self, data: bytes) -> tuple[int | None, bytes]:
+    def open(self, data: bytes) -> tuple[int | None, bytes | memoryview]:
         """``(packet number or None, body)``; raises :class:`SecurityError` or
         :class:`~reliable.wire.MalformedPacket`."""
         ...
@@ -130,11 +130,11 @@ class Integrity:
     def seal(self, body: bytes, incarnation: int, packet_number: int) -> bytes:
         return with_crc(body)
 
-    def open(self, data: bytes) -> tuple[int | None, bytes]:
+    def open(self, data: bytes) -> tuple[int | None, bytes | memoryview]:
         end = check_crc(data)
         if _FLAGS.unpack_from(data, _FLAGS_AT)[0] & MODE_FLAGS:  # intact, so it means it
             raise SecurityError("security.sealed", WRONG_MODE)
-        return None, data[:end]
+        return None, memoryview(data)[:end]  # a view: a 64 KiB datagram is not copied
 
 
 class _Sealed:
@@ -204,7 +204,7 @@ class Authenticated(_Sealed):
         subkey = self._subkey(incarnation.to_bytes(8, "big"))
         return with_crc(sealed + hashlib.blake2b(sealed, key=subkey, digest_size=_TAG).digest())
 
-    def open(self, data: bytes) -> tuple[int | None, bytes]:
+    def open(self, data: bytes) -> tuple[int | None, bytes | memoryview]:
         _, pn, incarnation = self._split(data)
         end = len(data) - _CRC.size - _TAG
         expected = hashlib.blake2b(
@@ -241,7 +241,7 @@ class Encrypted(_Sealed):
         aead = self._subkey(incarnation.to_bytes(8, "big"))
         return with_crc(head + aead.encrypt(_nonce(packet_number), body[_HEADER:], head))
 
-    def open(self, data: bytes) -> tuple[int | None, bytes]:
+    def open(self, data: bytes) -> tuple[int | None, bytes | memoryview]:
         from cryptography.exceptions import InvalidTag
 
         head, pn, incarnation = self._split(data)

@@ -445,7 +445,7 @@ def check_preamble(data: bytes) -> None:
         raise MalformedPacket("version", str(version))
 
 
-def decode_body(data: bytes, end: int | None = None) -> Packet:
+def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
     """Parse a verified packet without its trailer (``data[:end]``).
 
     The security-mode bits in the flags are the sealing layer's business and
@@ -556,7 +556,7 @@ def decode_body(data: bytes, end: int | None = None) -> Packet:
 _VERDICTS = frozenset(int(r) for r in Verdict)
 
 
-def _payload(data: bytes, start: int, stop: int) -> bytes | memoryview:
+def _payload(data: bytes | memoryview, start: int, stop: int) -> bytes | memoryview:
     """A fragment's payload: a view when it is most of the datagram, else a copy.
 
     The view saves copying a large fragment twice (here and at reassembly);
@@ -568,7 +568,9 @@ def _payload(data: bytes, start: int, stop: int) -> bytes | memoryview:
     return bytes(data[start:stop])
 
 
-def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> tuple[Fragment, int]:
+def _decode_fragment(
+    data: bytes | memoryview, offset: int, end: int, control: bool
+) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
         raise MalformedPacket("length", "fragment header overruns the datagram")
@@ -579,7 +581,7 @@ def _decode_fragment(data: bytes, offset: int, end: int, control: bool) -> tuple
     if offset + mailbox_len + _PAYLOAD_LEN.size > end:
         raise MalformedPacket("length", "mailbox name overruns the datagram")
     try:
-        mailbox = data[offset : offset + mailbox_len].decode("utf-8")
+        mailbox = str(data[offset : offset + mailbox_len], "utf-8")
     except UnicodeDecodeError:
         raise MalformedPacket("mailbox", "name is not UTF-8") from None
     offset += mailbox_len
