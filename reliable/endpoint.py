@@ -261,7 +261,7 @@ class Endpoint:
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
-        size = fragment_capacity(peer.datagram_size, mailbox)
+        size = fragment_capacity(peer.current_datagram_size(), mailbox)
         msg = OutgoingMessage(
             ticket=self._next_ticket,
             data=data,

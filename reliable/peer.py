@@ -204,6 +204,15 @@ class PeerSession:
         if before < self.config.max_window // 2 <= self.window():
             self.receiver.ack_now = True  # window update, so a blocked sender resumes
 
+    def current_datagram_size(self) -> int:
+        """The size to fill datagrams to now: the path's, but at least four per window.
+
+        As Linux sizes TSO bursts: a window of two huge datagrams leaves loss
+        detection nothing to compare, so every loss waits for the probe timeout.
+        """
+        quarter = int(self.cc.window) // 4
+        return min(self.datagram_size, max(self.config.max_datagram_size, quarter))
+
     def window(self) -> int:
         # In fragments, which may be small: the receive memory budget bounds their bytes.
         room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
@@ -212,7 +221,7 @@ class PeerSession:
     def send_control(self, message: ControlMessage, now: float) -> None:
         """Queue a control message for the peer (reliable, ahead of waiting data)."""
         payload = encode_control(message)
-        size = fragment_capacity(self.datagram_size, "")
+        size = fragment_capacity(self.current_datagram_size(), "")
         self.sender.control.append(
             OutgoingMessage(
                 ticket=0,
@@ -393,7 +402,7 @@ class PeerSession:
         receiver = self.receiver
         dst = self.incarnation or 0
         ack_flag = _ACK if receiver.expected is not None else 0
-        budget = data_budget(self.datagram_size)
+        budget = data_budget(self.current_datagram_size())
         if sender.can_send():
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()

@@ -516,3 +516,28 @@ def test_an_ack_that_may_answer_a_probe_is_not_timed() -> None:
     assert rtt.samples == before  # y and z were sent before the probe: not timed
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 4
+
+
+def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> None:
+    """64 KiB datagrams to a loopback peer, except that a window always spans four or
+    more datagrams: with two, one loss leaves loss detection nothing to compare."""
+    a = Endpoint(rng=random.Random(1))
+    lo = ("127.0.0.1", 9)
+    a.send(lo, b"x" * 1_000_000, now=0.0)
+    session = a._peers[lo]
+    first = [d for d, _ in a.datagrams_to_send(0.0)]
+    assert session.datagram_size == 65000 and session.cc.window == 10 * 65000
+    assert max(len(d) for d in first) <= 65000 and len(first) >= 10
+    session.cc.cwnd = 2 * 65000.0  # after losses: the floor of two datagrams' worth
+    a.send(lo, b"y" * 1_000_000, now=0.0)  # cut to fit four datagrams in that window
+    small = [m for m in session.sender.queue if m.data[:1] == b"y"]
+    assert small[0].fragment_size <= 2 * 65000 // 4
+    small_msgs = Endpoint(rng=random.Random(2))
+    for _ in range(200):
+        small_msgs.send(lo, b"z" * 1000, now=0.0)
+    small_msgs._peers[lo].cc.cwnd = 2 * 65000.0
+    bundles = [d for d, _ in small_msgs.datagrams_to_send(0.0)]
+    assert len(bundles) >= 4 and max(len(d) for d in bundles) <= 2 * 65000 // 4
+    elsewhere = Endpoint(rng=random.Random(1))
+    elsewhere.send(B, b"x" * 100_000, now=0.0)
+    assert max(len(d) for d, _ in elsewhere.datagrams_to_send(0.0)) <= 1200
