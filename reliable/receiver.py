@@ -301,6 +301,23 @@ class ReceiveStream:
             if rejected is not None:
                 self.add_notice(msg_id, rejected, seq)
                 self.refused += 1
+            if frag.count == 1:  # the common case, without the bookkeeping of a partial
+                if rejected is None:
+                    if len(frag.payload) != frag.total_len:
+                        self.reassembly_errors += 1
+                        return
+                    delivered.append(
+                        Delivery(
+                            msg_id,
+                            bytes(frag.payload),
+                            frag.msg_type,
+                            frag.priority,
+                            frag.mailbox,
+                            seq,
+                            frag.control,
+                        )
+                    )
+                return
             partial = self.partial = _Partial(
                 msg_id=msg_id,
                 count=frag.count,
