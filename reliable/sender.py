@@ -52,7 +52,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
+from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
 from .wire import FRAGMENT_OVERHEAD, Fragment, unwrap
@@ -246,7 +246,7 @@ class SendStream:
         if self.loss_time is not None:
             return self.loss_time
         if self.flight:
-            return self.last_send_time + self.rtt.backed_off(self.backoff)
+            return self.last_send_time + self._probe_delay()
         return None
 
     def messages(self) -> list[OutgoingMessage]:
@@ -503,13 +503,27 @@ class SendStream:
         for pkt in list(self.flight.values()):
             self._declare_lost(pkt)
 
+    def _probe_delay(self) -> float:
+        """How long the tail may go unacknowledged before a probe.
+
+        The first probe is a tail loss probe (RFC 8985): two smoothed RTTs,
+        not the RTO, whose four RTT variances make it several times longer
+        on a jittery path. The tail of every burst asks for an immediate
+        ack, so no delayed-ack allowance is needed. Later probes back off
+        from the RTO.
+        """
+        rtt = self.rtt
+        if self.backoff == 0 and rtt.srtt is not None:
+            return min(rtt.rto, max(2 * rtt.srtt, K_GRANULARITY))
+        return rtt.backed_off(self.backoff)
+
     def on_timer(self, now: float) -> None:
         """Run the loss-detection or retransmission timer if it is due."""
         if self.loss_time is not None:
             if now >= self.loss_time:
                 self.detect_losses(now)
             return
-        if self.flight and now >= self.last_send_time + self.rtt.backed_off(self.backoff):
+        if self.flight and now >= self.last_send_time + self._probe_delay():
             self.backoff += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
