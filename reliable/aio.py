@@ -265,13 +265,16 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         target: Target
+        peer: Any = None
         if isinstance(dest, str) and is_group_url(dest):
             target = group_destination(dest, mailbox)
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False)
         else:
             node, name = split_destination(dest, mailbox)
-            target = (resolve_destination(node, self._sock.family), name)
+            peer = resolve_destination(node, self._sock.family)
+            target = (peer, name)
+        busy = peer is not None and self._endpoint.in_flight(peer)
         ticket = enqueue(
             self._endpoint,
             target,
@@ -285,9 +288,11 @@ class AsyncNode:
         )
         future: asyncio.Future[Receipt | GroupReceipt] = loop.create_future()
         self._handles[ticket] = future
-        if not self._pump_soon:
-            # One pump per loop turn for every send made in it: a coroutine sending in a
-            # loop gets its messages packed into datagrams, not one datagram each.
+        if not busy:
+            self._pump([])  # an idle peer: send at once
+        elif not self._pump_soon:
+            # To a busy peer, one pump per loop turn for every send made in it: a
+            # coroutine sending in a loop gets its messages packed into datagrams.
             self._pump_soon = True
             loop.call_soon(self._deferred_pump)
         return future
