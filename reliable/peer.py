@@ -51,14 +51,12 @@ from .wire import (
     DATA_NOTICES,
     DATA_SACK_RANGES,
     Flag,
-    Fragment,
     Kind,
     Packet,
     Verdict,
     data_budget,
     encode_body,
     fragment_capacity,
-    record_size,
     unwrap,
 )
 
@@ -402,26 +400,15 @@ class PeerSession:
         receiver = self.receiver
         dst = self.incarnation or 0
         ack_flag = _ACK if receiver.expected is not None else 0
-        budget = data_budget(self.current_datagram_size())
         if sender.can_send():
+            budget = data_budget(self.current_datagram_size())
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:
-                step = sender.next_fragment(now)
+                step = sender.next_datagram(now, budget)
                 if step is None:
                     break
-                first, retransmission = step
-                bundle: list[Fragment] = []
-                used = record_size(len(first.mailbox.encode("utf-8")), len(first.payload))
-                while True:
-                    step = sender.next_fragment(now, room=budget - used, control=first.control)
-                    if step is None:
-                        break
-                    frag, again = step
-                    bundle.append(frag)
-                    retransmission = retransmission or again
-                    used += record_size(len(frag.mailbox.encode("utf-8")), len(frag.payload))
-                sender.end_datagram()
+                fragments, retransmission = step
                 more = sender.can_send()
                 flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
@@ -437,8 +424,8 @@ class PeerSession:
                             sacks=ack.sacks,
                             notices=ack.notices,
                             cookie=self.cookie,
-                            fragment=first,
-                            bundle=tuple(bundle),
+                            fragment=fragments[0],
+                            bundle=tuple(fragments[1:]),
                         )
                     )
                 )

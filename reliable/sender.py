@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
-from .wire import FRAGMENT_OVERHEAD, Fragment, unwrap
+from .wire import Fragment, record_size, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -92,15 +92,16 @@ class OutgoingMessage:
     cancelling: bool = False  #: deferred, timed out, withdrawal requested
     outcome: object = None  #: a control-message verdict that overtook the acknowledgement
     settled: bool = False  #: its outcome was reported (delivered or failed)
-    record_overhead: int = field(init=False, default=0)  #: wire bytes per fragment beyond payload
+    mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
 
     def __post_init__(self) -> None:
-        self.record_overhead = FRAGMENT_OVERHEAD + len(self.mailbox.encode("utf-8"))
+        self.mailbox_bytes = len(self.mailbox.encode("utf-8"))
 
     def record_bytes(self, index: int) -> int:
-        """Bytes fragment ``index`` takes in a DATA body (see :func:`wire.record_size`)."""
+        """Bytes fragment ``index`` takes in a DATA body."""
         start = index * self.fragment_size
-        return self.record_overhead + max(0, min(self.fragment_size, len(self.data) - start))
+        payload = max(0, min(self.fragment_size, len(self.data) - start))
+        return record_size(self.mailbox_bytes, payload)
 
     def settled_or_cancelling(self) -> bool:
         """Whether its send deadline no longer matters."""
@@ -221,7 +222,7 @@ class SendStream:
         return bool(self.queue or self.control or self.by_msg_id)
 
     def can_send(self) -> bool:
-        """Whether :meth:`next_fragment` would return a packet now."""
+        """Whether :meth:`next_datagram` would return a datagram now."""
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             return False
         if self._has_lost():
@@ -256,27 +257,44 @@ class SendStream:
 
     # ---------------------------------------------------------------- sending
 
-    def next_fragment(
-        self,
-        now: float,
-        *,
-        room: int | None = None,
-        control: bool | None = None,
-    ) -> tuple[Fragment, bool] | None:
-        """The next packet to transmit, and whether it is a retransmission.
+    def next_datagram(self, now: float, budget: int) -> tuple[list[Fragment], bool] | None:
+        """The fragments of the next DATA datagram, and whether any is a retransmission.
 
-        With ``room``, only a fragment whose record fits in that many bytes
-        and whose control flag equals ``control`` (a fragment joining a
-        bundle). Returns ``None``, changing nothing, when there is none.
+        The first fragment goes whatever its size; more follow, in order, while
+        their records fit in ``budget`` bytes and share the first's control flag
+        (control and application fragments never share a datagram).
+        """
+        step = self._next_fragment(now, None, False)
+        if step is None:
+            return None
+        first, retransmission, used = step
+        fragments = [first]
+        while True:
+            step = self._next_fragment(now, budget - used, first.control)
+            if step is None:
+                break
+            fragment, again, size = step
+            fragments.append(fragment)
+            retransmission = retransmission or again
+            used += size
+        self.datagrams_sent += 1
+        return fragments, retransmission
+
+    def _next_fragment(
+        self, now: float, room: int | None, control: bool
+    ) -> tuple[Fragment, bool, int] | None:
+        """The next fragment to transmit, whether it is a retransmission, and its record size.
+
+        With ``room``, only one whose record fits in that many bytes and whose
+        control flag is ``control``. Returns ``None``, changing nothing, when
+        there is none.
         """
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             self.cwnd_limited = True
             return None
         if self._has_lost():
             pkt = self.unacked[self.lost[0]]
-            if room is not None and (
-                pkt.message.control != control or pkt.message.record_bytes(pkt.index) > room
-            ):
+            if room is not None and (pkt.message.control != control or pkt.size > room):
                 return None
             heapq.heappop(self.lost)
             self._use_window()
@@ -284,11 +302,12 @@ class SendStream:
             pkt.retransmitted = True
             self.retransmissions += 1
             self._transmit(pkt, now)
-            return self._fragment(pkt), True
+            return self._fragment(pkt), True, pkt.size
         msg = self._next_message()
         if msg is None:
             return None
-        if room is not None and (msg.control != control or msg.record_bytes(msg.next_index) > room):
+        size = msg.record_bytes(msg.next_index)
+        if room is not None and (msg.control != control or size > room):
             return None
         self._use_window()
         if msg.next_index == 0:
@@ -296,7 +315,6 @@ class SendStream:
             msg.first_seq = self.next_seq
             self.next_msg_id += 1
             self.by_msg_id[msg.msg_id] = msg
-        size = msg.record_bytes(msg.next_index)
         pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index, size=size)
         msg.next_index += 1
         if msg.next_index == msg.count:
@@ -304,11 +322,7 @@ class SendStream:
         self.next_seq += 1
         self.unacked[pkt.seq] = pkt
         self._transmit(pkt, now)
-        return self._fragment(pkt), False
-
-    def end_datagram(self) -> None:
-        """The fragments taken since the last call leave together, in one datagram."""
-        self.datagrams_sent += 1
+        return self._fragment(pkt), False, size
 
     def _use_window(self) -> None:
         if self.in_flight_bytes >= self.cc.window:
