@@ -58,26 +58,36 @@ def test_random_bytes_are_counted_drops(datagrams: list[tuple[bytes, int]]) -> N
 
 
 @st.composite
+def hostile_fragments(draw: st.DrawFn, control: bool) -> Fragment:
+    total = draw(st.sampled_from([0, 1, 100, 60_000, 2**32 - 1]))
+    count = draw(st.integers(1, max(1, min(total, 2**32 - 1))))
+    return Fragment(
+        seq=draw(u32),
+        base=draw(u32),
+        msg_id=draw(u32),
+        index=draw(st.integers(0, count - 1)),
+        count=count,
+        total_len=total,
+        msg_type=draw(st.integers(-5, 5)),
+        priority=draw(st.integers(0, 3)),
+        mailbox=draw(st.sampled_from(["", "inbox"])),
+        payload=draw(st.binary(max_size=min(total, 200))),
+        control=control,
+    )
+
+
+@st.composite
 def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
     kind = draw(st.sampled_from(list(Kind)))
     fragment = None
-    if kind in (Kind.DATA, Kind.GDATA):
-        total = draw(st.sampled_from([0, 1, 100, 60_000, 2**32 - 1]))
-        count = draw(st.integers(1, max(1, min(total, 2**32 - 1))))
-        payload = draw(st.binary(max_size=min(total, 200)))
-        fragment = Fragment(
-            seq=draw(u32),
-            base=draw(u32),
-            msg_id=draw(u32),
-            index=draw(st.integers(0, count - 1)),
-            count=count,
-            total_len=total,
-            msg_type=draw(st.integers(-5, 5)),
-            priority=draw(st.integers(0, 3)),
-            mailbox=draw(st.sampled_from(["", "inbox"])),
-            payload=payload,
-            control=draw(st.booleans()),  # control messages reach the control decoder
-        )
+    bundle: tuple[Fragment, ...] = ()
+    if kind == Kind.DATA and draw(st.integers(0, 3)) == 0:  # a bundle of insane fragments
+        control = draw(st.booleans())
+        fragment = draw(hostile_fragments(control))
+        bundle = tuple(draw(st.lists(hostile_fragments(control), min_size=1, max_size=4)))
+    elif kind in (Kind.DATA, Kind.GDATA):
+        # control messages reach the control decoder
+        fragment = draw(hostile_fragments(draw(st.booleans())))
     return Packet(
         kind=kind,
         flags=draw(st.sampled_from([0, Flag.ACK, Flag.ACK | Flag.ACK_NOW])),
@@ -92,6 +102,7 @@ def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
         else draw(st.none() | st.binary(min_size=16, max_size=16)),
         refusal=draw(st.integers(0, 3)) if kind == Kind.AUTH_FAILED else 0,
         fragment=fragment,
+        bundle=bundle,
         group=draw(st.sampled_from(["239.1.2.3:7000", "printer", "x"]))
         if kind in GROUP_KINDS
         else "",
