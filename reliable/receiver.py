@@ -43,9 +43,10 @@ from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, Verdic
 __all__ = ["AckState", "Delivery", "ReceiveStream"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
-    """A reassembled message, ready for the application."""
+    """A reassembled message, ready for the application (one per message: not frozen,
+    which would cost more to build than the rest of its life)."""
 
     msg_id: int
     data: bytes
