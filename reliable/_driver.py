@@ -83,6 +83,17 @@ def open_socket(bind: str | tuple[str, int]) -> socket.socket:
     return sock
 
 
+def receive_buffer(sock: object) -> int | None:
+    """The kernel's receive buffer for ``sock``, in bytes; ``None`` if it cannot say."""
+    getsockopt = getattr(sock, "getsockopt", None)
+    if getsockopt is None:
+        return None  # a wrapper such as netem's FaultySocket
+    try:
+        return int(getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
     """Resolve ``dest`` for a socket of ``family``, with an error that says what to change."""
     text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest

@@ -32,6 +32,7 @@ from ._driver import (
     group_destination,
     open_socket,
     parse_stats,
+    receive_buffer,
     resolve_destination,
     route_events,
     split_destination,
@@ -104,6 +105,7 @@ class AsyncNode:
         sock = self._given_sock if self._given_sock is not None else open_socket(self._bind)
         sock.setblocking(False)
         self._sock = sock
+        self._endpoint.set_receive_buffer(receive_buffer(sock))
         self._close_done = self._loop.create_future()
         self._loop.add_reader(sock.fileno(), self._on_readable)
         self._groups = GroupSockets(sock, self.config)

@@ -40,6 +40,7 @@ from ._driver import (
     group_destination,
     open_socket,
     parse_stats,
+    receive_buffer,
     resolve_destination,
     route_events,
     split_destination,
@@ -147,6 +148,7 @@ class Node:
         self._address = normalize(self._sock.getsockname())
         self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
+        self._endpoint.set_receive_buffer(receive_buffer(self._sock))
         self._on_event = on_event
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)

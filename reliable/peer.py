@@ -50,6 +50,7 @@ from .wire import (
     ACK_DELAY_TICK,
     DATA_NOTICES,
     DATA_SACK_RANGES,
+    FRAGMENT_OVERHEAD,
     Flag,
     Kind,
     Packet,
@@ -62,6 +63,8 @@ from .wire import (
 
 __all__ = ["PeerSession"]
 
+#: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
+_MIN_BUFFER_WINDOW = 8
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
@@ -152,6 +155,8 @@ class PeerSession:
         self.probe_backoff = 0
         self.ping_now = False
         self.parked = 0  # bytes from this peer parked here, waiting for mailbox room
+        self.socket_buffer: int | None = None  # the kernel receive buffer, if the adapter said
+        self.record_average = 0.0  # moving average of this peer's fragment sizes on the wire
         self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
         self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
@@ -212,9 +217,19 @@ class PeerSession:
         return min(self.datagram_size, max(self.config.max_datagram_size, quarter))
 
     def window(self) -> int:
-        # In fragments, which may be small: the receive memory budget bounds their bytes.
+        """The receive window to advertise, in fragments.
+
+        Fragments may be small, so the receive memory budget bounds their
+        bytes. And when the adapter said how big the socket's kernel buffer
+        is, the window holds what fits in half of it at this peer's fragment
+        sizes: beyond that the kernel drops datagrams before we see them.
+        """
         room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
-        return max(0, min(self.config.max_window, room))
+        window = max(0, min(self.config.max_window, room))
+        if self.socket_buffer and self.record_average:
+            fits = int(self.socket_buffer / 2 / self.record_average)
+            window = min(window, max(_MIN_BUFFER_WINDOW, fits))
+        return window
 
     def send_control(self, message: ControlMessage, now: float) -> None:
         """Queue a control message for the peer (reliable, ahead of waiting data)."""
@@ -252,6 +267,9 @@ class PeerSession:
             receiver = self.receiver
             last = len(pkt.bundle)
             for i, frag in enumerate(pkt.fragments):
+                size = FRAGMENT_OVERHEAD + len(frag.payload)
+                average = self.record_average
+                self.record_average = average + (size - average) / 8 if average else size
                 deliveries = receiver.on_fragment(
                     frag,
                     now,

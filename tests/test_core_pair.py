@@ -561,3 +561,21 @@ def test_the_first_probe_is_a_tail_loss_probe_at_two_rtts() -> None:
     p.deliver(p.b, sent)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 1
+
+
+def test_the_window_fits_the_receivers_socket_buffer_at_the_peers_fragment_size() -> None:
+    """The kernel drops what overflows a socket's receive buffer before the protocol
+    sees it; an adapter that says how big it is gets windows that fit half of it."""
+    p = Pair()
+    p.b.endpoint.set_receive_buffer(200_000)
+    data = random.Random(5).randbytes(300_000)
+    p.a.endpoint.send(B, data, now=p.now)
+    p.settle()
+    assert p.b.received() == [data]
+    fragment = p.a.endpoint._peers[B].sender.peer_window
+    record = wire.data_budget(1200)  # full fragments of 1200-byte datagrams
+    assert fragment == 100_000 // record
+    p.b.endpoint.set_receive_buffer(None)
+    p.a.endpoint.send(B, b"again", now=p.now)
+    p.settle()
+    assert p.a.endpoint._peers[B].sender.peer_window == 4096  # max_window: no bound
