@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
+from .config import K_GRANULARITY, Config
 from .rtt import RttEstimator
 from .wire import Fragment, Verdict, unwrap
 
@@ -127,7 +127,7 @@ class GroupSendStream:
             min_rto=config.min_rto,
             max_rto=config.max_rto,
             max_ack_delay=_MEMBER_ACK_DELAY,
-            granularity=0.001,
+            granularity=K_GRANULARITY,
         )
         self.buffered = 0
         self.transmissions = 0
