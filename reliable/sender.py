@@ -52,7 +52,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
+from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
 from .wire import Fragment, record_size, unwrap
@@ -523,12 +523,15 @@ class SendStream:
         The first probe is a tail loss probe (RFC 8985): two smoothed RTTs,
         not the RTO, whose four RTT variances make it several times longer
         on a jittery path. The tail of every burst asks for an immediate
-        ack, so no delayed-ack allowance is needed. Later probes back off
-        from the RTO.
+        ack, so no delayed-ack allowance is needed. It waits at least
+        ``min_rto`` (as Linux floors its probe at 10 ms): on loopback two
+        RTTs can be a fraction of a millisecond, less than a busy receiver
+        takes to answer, and the probe would be spurious. Later probes back
+        off from the RTO.
         """
         rtt = self.rtt
         if self.backoff == 0 and rtt.srtt is not None:
-            return min(rtt.rto, max(2 * rtt.srtt, K_GRANULARITY))
+            return min(rtt.rto, max(2 * rtt.srtt, rtt.min_rto))
         return rtt.backed_off(self.backoff)
 
     def on_timer(self, now: float) -> None:

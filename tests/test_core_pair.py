@@ -545,22 +545,28 @@ def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> No
 
 def test_the_first_probe_is_a_tail_loss_probe_at_two_rtts() -> None:
     """A lost burst tail is probed after two smoothed RTTs (RFC 8985), not a whole RTO:
-    at 10% loss on loopback, RTO-long stalls took half the time."""
-    p = Pair()
-    p.connect()
-    rtt = p.a.endpoint._peers[B].rtt
-    assert rtt.srtt is not None and 2 * rtt.srtt < rtt.rto
-    p.a.endpoint.send(B, b"tail", now=p.now)
-    p.transfer(p.a, drop=lambda i, d: True)
-    sent, waited = [], 0.0
-    while not sent:
-        p.tick(0.0001)
-        waited += 0.0001
-        sent = p.outgoing(p.a)
-    assert max(2 * rtt.srtt, 0.001) <= waited + 1e-9 < rtt.rto
-    p.deliver(p.b, sent)
-    p.settle()
-    assert len(p.a.of(events.MessageDelivered)) == 1
+    at 10% loss on loopback, RTO-long stalls took half the time. Never sooner than
+    min_rto, though: a busy loopback receiver can take longer than two tiny RTTs."""
+    for min_rto in (0.002, 0.01):
+        config = Config(min_rto=min_rto)
+        p = Pair(config, config)
+        p.connect()
+        rtt = p.a.endpoint._peers[B].rtt
+        assert rtt.srtt is not None and 2 * rtt.srtt < rtt.rto
+        p.a.endpoint.send(B, b"tail", now=p.now)
+        p.transfer(p.a, drop=lambda i, d: True)
+        sent, waited = [], 0.0
+        while not sent:
+            p.tick(0.0001)
+            waited += 0.0001
+            sent = p.outgoing(p.a)
+        expected = min(rtt.rto, max(2 * rtt.srtt, min_rto))
+        assert expected <= waited + 1e-9 < expected + 0.0002
+        if min_rto == 0.002:
+            assert waited < rtt.rto  # the tail loss probe, well before the RTO
+        p.deliver(p.b, sent)
+        p.settle()
+        assert len(p.a.of(events.MessageDelivered)) == 1
 
 
 def test_the_window_fits_the_receivers_socket_buffer_at_the_peers_fragment_size() -> None:
