@@ -169,20 +169,29 @@ class SimNetwork:
             heapq.heappush(self._queue, (deadline, next(self._order), _TIMER, addr))
         self._timer_at[addr] = deadline
 
+    def _drop_superseded(self) -> None:
+        """Pop timer entries at the head of the queue that a later re-arm superseded,
+        so the head is the next event that will really happen."""
+        queue = self._queue
+        while queue and queue[0][2] == _TIMER:
+            when, _, _, addr = queue[0]
+            if addr in self._hosts and self._timer_at.get(addr) == when:
+                return
+            heapq.heappop(queue)
+
     def step(self) -> bool:
         """Process the next event; ``False`` when nothing is left to happen."""
+        self._drop_superseded()
         while self._queue:
             when, _, kind, payload = heapq.heappop(self._queue)
             if kind == _TIMER:
                 addr = payload
-                host = self._hosts.get(addr)
-                if host is None or self._timer_at.get(addr) != when:
-                    continue  # superseded by a later re-arm
+                timed = self._hosts[addr]  # live: superseded entries were dropped above
                 self.now = max(self.now, when)
                 self._timer_at[addr] = None
-                deadline = host.get_timer()
+                deadline = timed.get_timer()
                 if deadline is not None and deadline <= self.now:
-                    host.handle_timer(self.now)
+                    timed.handle_timer(self.now)
                 self.flush(addr)
             elif kind == _CALL:
                 action, addr = payload
@@ -214,6 +223,7 @@ class SimNetwork:
         for _ in range(max_events):
             if stop is not None and stop():
                 return
+            self._drop_superseded()  # a stale head must not let a later event slip past until
             if until is not None and (not self._queue or self._queue[0][0] > until):
                 self.now = max(self.now, until)
                 return

@@ -115,7 +115,28 @@ class Config:
     """Longest gap between liveness probes of a silent peer we are waiting on."""
 
     max_peers: int = 4096
-    """Most peers a node keeps state for; datagrams from further peers are dropped."""
+    """Most peers a node keeps state for. When it is reached, a new peer (once
+    its address is validated) takes the place of the least recently heard idle
+    session; only when no session is idle is it dropped (``peer_limit``)."""
+
+    idle_timeout: float = 30.0
+    """Silence after which an idle session (nothing to send, nothing held for
+    the peer, nobody waiting on it) is dropped, as QUIC's idle timeout. A
+    peer heard from again resumes where it was (one validation round trip).
+    A session that holds receive or mailbox memory for its peer is checked
+    like one with messages in flight: probed, and dropped with what it held
+    after ``peer_timeout`` of silence."""
+
+    peer_receive_memory: int | None = None
+    """Bytes of ``receive_memory`` one peer may hold (reorder buffer and partial
+    message). ``None``: a fair share, a quarter of ``receive_memory`` but at
+    least ``max_message_size``, so one peer can always send a message of the
+    largest size and no single peer can take everything."""
+
+    remembered_sessions: int = 16384
+    """Dropped sessions whose sequence numbers are remembered, so that a peer
+    heard from again after its session was dropped resumes exactly where it
+    was: nothing delivered twice, nothing sent into a stale window."""
 
     remembered_incarnations: int = 1024
     """Ended peer incarnations remembered so their late datagrams are rejected."""
@@ -138,6 +159,13 @@ class Config:
 
     multicast_ttl: int = 1
     """IP TTL of multicast datagrams; the adapters refuse more than 1 on loopback."""
+
+    @property
+    def peer_receive_share(self) -> int:
+        """The receive memory one peer may hold: ``peer_receive_memory`` or its default."""
+        if self.peer_receive_memory is not None:
+            return self.peer_receive_memory
+        return max(self.max_message_size, self.receive_memory // 4)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -168,6 +196,13 @@ class Config:
             raise UsageError("Config.min_rto must not exceed Config.max_rto")
         if self.min_cwnd > self.initial_cwnd:
             raise UsageError("Config.min_cwnd must not exceed Config.initial_cwnd")
+        share = self.peer_receive_memory
+        if share is not None and not self.max_message_size <= share <= self.receive_memory:
+            raise UsageError(
+                "Config.peer_receive_memory must hold a message of max_message_size "
+                f"({self.max_message_size}) and fit in receive_memory ({self.receive_memory}), "
+                f"got {share}"
+            )
         if self.receive_memory < self.max_message_size:
             raise UsageError(
                 "Config.receive_memory must hold at least one message of max_message_size "

@@ -19,13 +19,22 @@ Admission of a datagram, in order (each failure is counted, never raised):
    life learns of the restart at once);
 3. it must not come from an incarnation that already ended
    (``dead_incarnation``);
-4. a new peer needs room under ``max_peers``, a DATA or PING packet
-   (``peer_limit``, ``unknown_peer``) and, with ``validate_addresses``, a
-   valid cookie: otherwise it is answered with a CHALLENGE carrying one and
-   no state is kept (``unvalidated``) — so a spoofed source address never
-   gets state, and never gets more than one small reply per datagram;
+4. a new peer needs a DATA or PING packet (``unknown_peer``), with
+   ``validate_addresses`` a valid cookie — otherwise it is answered with a
+   CHALLENGE carrying one and no state is kept (``unvalidated``), so a
+   spoofed source address never gets state, and never gets more than one
+   small reply per datagram — and room under ``max_peers``: when the table
+   is full, the least recently heard idle session makes way (``evicted``);
+   with none idle, the packet is dropped (``peer_limit``);
 5. a new incarnation from a known address is a restart of that peer;
 6. in the sealed modes, its packet number must be new (``replay``).
+
+Sessions do not outlive their use (see :mod:`reliable.peer`): an idle
+session whose peer stays silent, or one holding memory for a peer that went
+silent, is dropped (``SessionDropped``, counted in ``sessions_dropped``). What
+it had reached is kept as a :class:`~reliable.peer.Resumption` (at most
+``remembered_sessions`` of them), so a peer heard from again continues where
+it was.
 
 Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
@@ -70,7 +79,7 @@ from .control import (
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
-from .peer import PeerSession
+from .peer import PeerSession, Resumption
 from .receiver import Delivery, MemoryBudget
 from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
@@ -181,6 +190,9 @@ class Endpoint:
         self.challenges_sent = 0
         self._departed_retransmissions = 0
         self._departed_duplicates = 0
+        self._departed_forged_acks = 0
+        self.sessions_dropped: dict[str, int] = {}
+        self._resumable: OrderedDict[Any, Resumption] = OrderedDict()  # dropped sessions
         self._peers: dict[Any, PeerSession] = {}
         self._timers = TimerHeap()  # sessions' deadlines; see reliable/timers.py
         self._dirty: dict[Any, None] = {}
@@ -350,6 +362,22 @@ class Endpoint:
             or self._services.pending
         )
 
+    def quiet(self) -> bool:
+        """Whether nothing is under way: no datagram queued, no session waiting on its
+        peer, no group or service timer, not closing. The only timers left, if any,
+        are idle sessions' expiries: a simulation may stop here. (Events not yet
+        taken do not count.)"""
+        return not (
+            self._dirty
+            or self._control
+            or self._groups.pending
+            or self._services.pending
+            or self._closing
+            or self._groups.deadline() is not None
+            or self._services.deadline() is not None
+            or any(s.wait_since is not None for s in self._peers.values())
+        )
+
     def next_event(self) -> events.Event | None:
         """The oldest event not yet taken, or ``None``."""
         return self._events.popleft() if self._events else None
@@ -365,16 +393,16 @@ class Endpoint:
         try:
             packet_number, body = self.security.open(data)
             pkt = decode_body(body)
-        except SecurityError as exc:
+        except SecurityError as refused:
             if not self._auth_failed_reply(data, addr, now):
-                self._drop(exc.reason)
-                if exc.refusal:
-                    self._refuse(data, addr, exc.refusal, now)
+                self._drop(refused.reason)
+                if refused.refusal:
+                    self._refuse(data, addr, refused.refusal, now)
             return
-        except MalformedPacket as exc:
-            self._drop("malformed." + exc.reason)
+        except MalformedPacket as malformed:
+            self._drop("malformed." + malformed.reason)
             session = self._peers.get(addr)
-            if session is not None and exc.reason == "checksum":
+            if session is not None and malformed.reason == "checksum":
                 session.corrupt += 1
             return
         if pkt.kind >= _FIRST_GROUP_KIND:
@@ -399,12 +427,13 @@ class Endpoint:
             if pkt.kind not in (Kind.DATA, Kind.PING):
                 self._drop("unknown_peer")
                 return
-            if len(self._peers) >= self.config.max_peers:
-                self._drop("peer_limit")
-                return
             if self.config.validate_addresses and not self._cookie_valid(pkt, addr, now):
                 self._drop("unvalidated")
                 self._challenge(pkt, addr, len(data), now)
+                return
+            # Only a validated address may evict: spoofed sources must not push live peers out.
+            if len(self._peers) >= self.config.max_peers and not self._evict_idle(now):
+                self._drop("peer_limit")
                 return
             session = self._new_peer(addr, now)
         if session.incarnation is None:
@@ -490,8 +519,12 @@ class Endpoint:
         self._now = now
         self._refile_dirty()
         for addr in self._timers.due(now, self._deadline_of):
-            self._peers[addr].on_timer(now)
-            self._dirty[addr] = None
+            session = self._peers[addr]
+            session.on_timer(now)
+            if session.expired:
+                self._drop_session(session, "idle" if session.idle() else "unreachable")
+            else:
+                self._dirty[addr] = None
         groups_due = self._groups.deadline()
         if groups_due is not None and groups_due <= now:
             self._groups.on_timer(now)
@@ -524,7 +557,7 @@ class Endpoint:
             incarnation=self.incarnation,
             peers=tuple(s.stats() for s in self._peers.values()),
             mailboxes=tuple(box.stats(at) for box in self._mailboxes.values()),
-            dropped=dict(self.dropped),
+            dropped=self._drop_counts(),
             datagrams_received=self.datagrams_received,
             datagrams_sent=self.datagrams_sent,
             send_buffer_bytes=self._buffered,
@@ -535,8 +568,17 @@ class Endpoint:
             challenges_sent=self.challenges_sent,
             departed_retransmissions=self._departed_retransmissions,
             departed_duplicates=self._departed_duplicates,
+            sessions_dropped=dict(self.sessions_dropped),
             groups=tuple(self._groups.stats() + self._services.stats()),
         )
+
+    def _drop_counts(self) -> dict[str, int]:
+        """``dropped``, with forged acknowledgements (counted by the sessions) added."""
+        counts = dict(self.dropped)
+        forged = self._departed_forged_acks + sum(s.bogus_acks for s in self._peers.values())
+        if forged:
+            counts["forged_ack"] = forged
+        return counts
 
     def query_stats(self, dest: Any, now: float) -> int:
         """Ask node ``dest`` for its statistics; the answer is a ``StatsReceived`` event.
@@ -1091,6 +1133,7 @@ class Endpoint:
             deliver=self._deliver,
             on_control=self._on_control,
             budget=self._receive_budget,
+            resume=self._resumable.pop(addr, None),
         )
         session.socket_buffer = self._socket_buffer
         self._peers[addr] = session
@@ -1099,10 +1142,10 @@ class Endpoint:
     def _peer_for_send(self, addr: Any, now: float) -> PeerSession:
         session = self._peers.get(addr)
         if session is None:
-            if len(self._peers) >= self.config.max_peers:
+            if len(self._peers) >= self.config.max_peers and not self._evict_idle(now):
                 raise errors.UsageError(
-                    f"the node already tracks Config.max_peers={self.config.max_peers} peers; "
-                    "raise the limit"
+                    f"the node already tracks Config.max_peers={self.config.max_peers} peers, "
+                    "none of them idle; raise the limit"
                 )
             session = self._new_peer(addr, now)
         return session
@@ -1242,15 +1285,44 @@ class Endpoint:
         self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
         session.fail_all(errors.PeerClosed(session.addr))
         self._remember_ended(session.addr, session.incarnation)
-        self._forget_parked(session.addr, session.incarnation)
+        self._remove_session(session)
+        if self._closing:
+            self._maybe_finish_close(now)
+
+    def _remove_session(self, session: PeerSession) -> None:
+        """Forget ``session``: what it held is released, its counters go to the node's."""
+        if session.incarnation is not None:
+            self._forget_parked(session.addr, session.incarnation)
         session.receiver.release()
         gone = session.stats()
         self._departed_retransmissions += gone.retransmissions
         self._departed_duplicates += gone.duplicates
+        self._departed_forged_acks += gone.forged_acks
         del self._peers[session.addr]
         self._dirty.pop(session.addr, None)
-        if self._closing:
-            self._maybe_finish_close(now)
+
+    def _drop_session(self, session: PeerSession, reason: str) -> None:
+        """Forget a session nobody needs any more; a later one resumes where it stood."""
+        released = session.holds_memory()
+        resumption = session.resumption()  # before what it holds is released: that sets the fence
+        # Nothing is pending (an idle session), or it already failed (an unreachable one).
+        session.fail_all(errors.PeerUnreachable(session.addr, self._now - session.last_heard))
+        self._remove_session(session)
+        self._resumable[session.addr] = resumption
+        self._resumable.move_to_end(session.addr)
+        while len(self._resumable) > self.config.remembered_sessions:
+            self._resumable.popitem(last=False)
+        self.sessions_dropped[reason] = self.sessions_dropped.get(reason, 0) + 1
+        self._emit(events.SessionDropped(peer=session.addr, reason=reason, released=released))
+
+    def _evict_idle(self, now: float) -> bool:
+        """Make room under ``max_peers`` by dropping the least recently heard idle session."""
+        idle = [s for s in self._peers.values() if s.idle()]
+        if not idle:
+            return False
+        self._now = now
+        self._drop_session(min(idle, key=lambda s: s.last_heard), "evicted")
+        return True
 
     def _maybe_finish_close(self, now: float) -> None:
         if self.closed:

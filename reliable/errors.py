@@ -30,6 +30,7 @@ __all__ = [
     "MessageTooLarge",
     "NodeClosed",
     "PeerClosed",
+    "PeerDroppedSession",
     "PeerRestarted",
     "PeerUnreachable",
     "ReceiveTimeout",
@@ -145,6 +146,22 @@ class PeerRestarted(DeliveryFailed):
         )
         self.old_incarnation = old_incarnation
         self.new_incarnation = new_incarnation
+
+
+class PeerDroppedSession(DeliveryFailed):
+    """The peer dropped our session while it held data from us.
+
+    It hears nothing from us for ``Config.peer_timeout`` and releases what it
+    was holding (a partial message, messages waiting for mailbox room). The
+    message may or may not have been delivered before that.
+    """
+
+    def __init__(self, peer: Any) -> None:
+        super().__init__(
+            peer,
+            "the peer dropped our session after a silence, with the message in flight; "
+            "it may or may not have been delivered",
+        )
 
 
 class AuthenticationFailed(DeliveryFailed):

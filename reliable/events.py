@@ -29,6 +29,7 @@ __all__ = [
     "PeerRestarted",
     "PeerUnreachable",
     "ReceiveFailed",
+    "SessionDropped",
     "StatsReceived",
     "MessageTaken",
 ]
@@ -122,6 +123,22 @@ class PeerUnreachable(Event):
 
     peer: Any
     silent_for: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionDropped(Event):
+    """This node forgot its session with ``peer``, releasing ``released`` bytes.
+
+    ``reason`` is ``"idle"`` (nothing pending, silent past ``Config.idle_timeout``
+    and a probe), ``"unreachable"`` (it held memory for a peer that went
+    silent), or ``"evicted"`` (the least recently heard idle session, to make
+    room under ``Config.max_peers``). Nothing accepted is lost: an idle session
+    has nothing in flight, and a peer heard from again resumes where it was.
+    """
+
+    peer: Any
+    reason: str
+    released: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

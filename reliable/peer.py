@@ -12,11 +12,33 @@ lost. Our own sequence numbering continues across the peer's restarts (see
 ``SendStream.peer_restarted``).
 
 Liveness: while the session is *waiting* on the peer (messages outstanding,
-or the application waiting to receive from it specifically) it must hear from
-the peer at least every ``peer_timeout`` seconds. Retransmissions probe while
-data is in flight; otherwise PINGs do, with backoff up to
-``max_probe_interval``. Silence past the timeout fails every pending message
-with ``PeerUnreachable`` and raises a ``PeerUnreachable`` event once.
+the application waiting to receive from it specifically, or receive or
+mailbox memory held for it) it must hear from the peer at least every
+``peer_timeout`` seconds. Retransmissions probe while data is in flight;
+otherwise PINGs do, with backoff up to ``max_probe_interval``. Silence past
+the timeout fails every pending message with ``PeerUnreachable`` and raises a
+``PeerUnreachable`` event once.
+
+Expiry: a session is not kept just because its peer once spoke. An idle
+session (not waiting) that hears nothing for ``idle_timeout`` is
+``expired``, as QUIC's idle timeout closes a connection, and so is one
+declared unreachable while it held memory for its peer (a sender that died
+in the middle of a message: that one was probed first, as every waiting
+session is). Idle sessions are not kept alive with probes: dropping one
+costs its peer at most a validation round trip on its next message. The
+endpoint then drops an expired session, keeping only a
+:class:`Resumption`: the sequence numbers both streams had reached, so that
+if the peer (the same incarnation) speaks again a new session continues
+exactly there — what was delivered is recognised as a duplicate, and our
+numbering never jumps back into a window the peer still holds.
+
+A session dropped while it held data is *fenced*: the peer may still be
+alive, and it forgot (as selectively acknowledged) fragments we no longer
+have, so its messages below the fence can never complete here and must not
+look delivered. Until the peer's packets show it gave up below the fence,
+the new session accepts none of its data and answers with a DROPPED packet;
+the peer fails those messages with ``PeerDroppedSession`` (which may or may
+not have been delivered) and numbers on from there.
 
 Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
 verdict is out of the send stream (nothing to retransmit) but not yet
@@ -35,6 +57,7 @@ import heapq
 import ipaddress
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import errors, events
@@ -61,7 +84,7 @@ from .wire import (
     unwrap,
 )
 
-__all__ = ["PeerSession"]
+__all__ = ["PeerSession", "Resumption"]
 
 #: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
 _MIN_BUFFER_WINDOW = 8
@@ -75,10 +98,26 @@ _REASON_TEXT = {
     Verdict.NO_MEMORY: "the receiving node's mailbox memory (Config.mailbox_memory) is full",
 }
 
+#: Packets that show a fenced session's peer still sending from before the fence.
+_FENCED_KINDS = frozenset({Kind.DATA, Kind.PING, Kind.ACK})
+
 #: What the endpoint does with a delivered message: its verdict, or None if it entered.
 Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
 #: What the endpoint does with a control message from the peer.
 OnControl = Callable[["PeerSession", bytes, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """Where a dropped session's streams stood, for a later session with the same peer."""
+
+    incarnation: int | None
+    next_seq: int  #: our next sequence number to the peer
+    next_msg_id: int
+    expected: int | None  #: the peer's next sequence number to us (None: it sent nothing)
+    last_msg_id: int | None
+    #: One past what was dropped with data held for the peer; None if nothing was.
+    fence: int | None = None
 
 
 def path_datagram_size(addr: Any, config: Config) -> int:
@@ -115,6 +154,7 @@ class PeerSession:
         deliver: Deliver | None = None,
         on_control: OnControl | None = None,
         budget: MemoryBudget | None = None,
+        resume: Resumption | None = None,
     ) -> None:
         self.addr = addr
         self._budget = budget if budget is not None else MemoryBudget(config.receive_memory)
@@ -143,14 +183,26 @@ class PeerSession:
             min_cwnd=config.min_cwnd * size,
             max_datagram=size,
         )
-        self.sender = SendStream(config, self.rtt, self.cc, rng.getrandbits(32))
+        initial_seq = rng.getrandbits(32)  # drawn even when resuming: one rng stream either way
+        if resume is None:
+            self.sender = SendStream(config, self.rtt, self.cc, initial_seq)
+        else:
+            self.sender = SendStream(config, self.rtt, self.cc, resume.next_seq, resume.next_msg_id)
+            self.incarnation = resume.incarnation
         self.receiver = ReceiveStream(config, screen, self._budget)
+        if resume is not None and resume.expected is not None:
+            self.receiver.resume(resume.expected, resume.last_msg_id)
+        #: Set on a session resumed after data was dropped: see "Expiry" above.
+        self.fence = None if resume is None else resume.fence
+        self.tell_dropped = False  # a DROPPED packet is due
+        self.fenced_out = 0  # DATA packets refused from before the fence
         self.deferred: dict[int, OutgoingMessage] = {}  # by msg_id
         self.full_mailboxes: dict[str, int] = {}  # mailbox -> our messages deferred there
         self.last_heard = now
         self.wait_since: float | None = None
         self.watchers = 0
         self.unreachable = False
+        self.expired = False  # nobody needs this session any more: the endpoint drops it
         self.last_probe = float("-inf")
         self.probe_backoff = 0
         self.ping_now = False
@@ -263,6 +315,15 @@ class PeerSession:
         self.packets_received += 1
         if pkt.dst_incarnation == my_incarnation and pkt.flags & _ACK:
             self._on_ack(pkt, now)
+        if self.fence is not None and pkt.kind in _FENCED_KINDS:
+            frag = pkt.fragment
+            if frag is not None and not self.receiver.before_fence(frag, self.fence):
+                self.fence = None  # it gave up below the fence: its stream goes on from its base
+            else:
+                self.tell_dropped = True
+                self.fenced_out += pkt.kind == Kind.DATA
+                self._update_wait(now)
+                return
         if pkt.kind == Kind.DATA:
             receiver = self.receiver
             last = len(pkt.bundle)
@@ -281,6 +342,8 @@ class PeerSession:
                     self._take_delivery(d, now)
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
+        elif pkt.kind == Kind.DROPPED:
+            self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
 
     def _take_delivery(self, d: Delivery, now: float) -> None:
@@ -336,13 +399,29 @@ class PeerSession:
         else:
             self.bogus_outcomes += 1
 
-    def _settle(self, msg: OutgoingMessage, outcome: Admitted | Discarded, now: float) -> None:
+    def _peer_dropped(self, pkt: Packet, my_incarnation: int) -> None:
+        """The peer dropped what we sent it below a fence: those messages fail."""
+        if pkt.dst_incarnation != my_incarnation:
+            self.bogus_outcomes += 1  # not addressed to this life of ours
+            return
+        fence = unwrap(pkt.ack, self.sender.next_seq)
+        lost = self.sender.abandon_below(fence)
+        lost += [m for m in self.deferred.values() if m.first_seq < fence]
+        for msg in lost:
+            self._undefer(msg)
+            self._fail(msg, errors.PeerDroppedSession(self.addr))
+
+    def _undefer(self, msg: OutgoingMessage) -> None:
+        """``msg`` no longer waits at the peer for mailbox room (if it did)."""
         if self.deferred.pop(msg.msg_id, None) is not None:
             left = self.full_mailboxes[msg.mailbox] - 1
             if left:
                 self.full_mailboxes[msg.mailbox] = left
             else:
                 del self.full_mailboxes[msg.mailbox]
+
+    def _settle(self, msg: OutgoingMessage, outcome: Admitted | Discarded, now: float) -> None:
+        self._undefer(msg)
         if isinstance(outcome, Admitted):
             self._complete(msg, now, receiver=outcome.receiver if outcome.taken else None)
         else:
@@ -409,6 +488,34 @@ class PeerSession:
     def has_pending(self) -> bool:
         return self.sender.has_outstanding() or bool(self.deferred)
 
+    def holds_memory(self) -> int:
+        """Bytes this node holds for the peer: reorder buffer, partial message, parked."""
+        return self.receiver.held + self.parked
+
+    def idle(self) -> bool:
+        """Whether nothing depends on this session: it may be dropped to make room."""
+        return not (self.watchers or self.has_pending() or self.holds_memory())
+
+    def resumption(self) -> Resumption:
+        """Where both streams stand, for a later session with the same peer incarnation.
+
+        Call it before the receive stream is released: what it holds sets the fence.
+        """
+        receiver = self.receiver
+        fence = receiver.fence()
+        if fence is None and self.parked:
+            fence = receiver.expected  # its parked messages are dropped with the session
+        if self.fence is not None:
+            fence = self.fence if fence is None else max(fence, self.fence)
+        return Resumption(
+            incarnation=self.incarnation,
+            next_seq=self.sender.next_seq,
+            next_msg_id=self.sender.next_msg_id,
+            expected=receiver.expected,
+            last_msg_id=receiver.last_msg_id,
+            fence=fence,
+        )
+
     # ----------------------------------------------------------------- output
 
     def datagrams(self, now: float, my_incarnation: int) -> list[bytes]:
@@ -417,6 +524,17 @@ class PeerSession:
         sender = self.sender
         receiver = self.receiver
         dst = self.incarnation or 0
+        if self.tell_dropped:
+            self.tell_dropped = False
+            if self.fence is not None:
+                dropped = Packet(
+                    kind=Kind.DROPPED,
+                    window=self.window(),
+                    src_incarnation=my_incarnation,
+                    dst_incarnation=dst,
+                    ack=self.fence,
+                )
+                out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
         if sender.can_send():
             budget = data_budget(self.current_datagram_size())
@@ -505,6 +623,8 @@ class PeerSession:
             heard = max(self.last_heard, self.wait_since)
             candidates.append(heard + self.config.peer_timeout)
             candidates.append(self._next_probe())
+        elif self.wait_since is None:
+            candidates.append(self.last_heard + self.config.idle_timeout)
         return min((c for c in candidates if c is not None), default=None)
 
     def on_timer(self, now: float) -> None:
@@ -523,7 +643,11 @@ class PeerSession:
         if self.receiver.ack_deadline is not None and now >= self.receiver.ack_deadline:
             self.receiver.ack_now = True
         self._update_wait(now)
-        if self.wait_since is None or self.unreachable:
+        if self.wait_since is None:
+            # Idle, and silent for idle_timeout: nothing here is worth keeping.
+            self.expired = now >= self.last_heard + self.config.idle_timeout
+            return
+        if self.unreachable:
             return
         silent_since = max(self.last_heard, self.wait_since)
         if now >= silent_since + self.config.peer_timeout:
@@ -552,7 +676,7 @@ class PeerSession:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
 
     def _update_wait(self, now: float) -> None:
-        waiting = self.watchers > 0 or self.has_pending()
+        waiting = self.watchers > 0 or self.has_pending() or self.holds_memory() > 0
         if not waiting:
             self.wait_since = None
         elif self.wait_since is None:
@@ -563,6 +687,8 @@ class PeerSession:
         self.wait_since = None
         self._emit(events.PeerUnreachable(peer=self.addr, silent_for=silent_for))
         self.fail_all(errors.PeerUnreachable(self.addr, silent_for))
+        # Memory held for a silent peer (a sender that died mid-message) is released now.
+        self.expired = not self.watchers and self.holds_memory() > 0
 
     # --------------------------------------------------------------- outcomes
 
@@ -624,4 +750,5 @@ class PeerSession:
             bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received,
             unreachable=self.unreachable,
+            forged_acks=self.bogus_acks,
         )

@@ -133,6 +133,7 @@ class ReceiveStream:
         "reassembly_errors",
         "refused",
         "screen",
+        "share",
         "shed",
     )
 
@@ -141,6 +142,7 @@ class ReceiveStream:
     ) -> None:
         self.screen = screen
         self.budget = budget if budget is not None else MemoryBudget(config.receive_memory)
+        self.share = config.peer_receive_share  # the most of the budget this peer may hold
         self.held = 0  # bytes charged to the budget: reorder buffer and reservation
         self.covered: set[int] = set()  # reorder-buffer seqs inside the reservation
         self.shed = 0  # fragments dropped because the node's receive memory was full
@@ -381,7 +383,8 @@ class ReceiveStream:
         )
 
     def _over_budget(self, frag: Fragment, seq: int) -> bool:
-        """Whether storing ``frag`` would take the node past its receive memory.
+        """Whether storing ``frag`` would take the node past its receive memory, or
+        this peer past its share of it (``Config.peer_receive_share``).
 
         In-order fragments of a message already started never are (its length
         was reserved); neither is an in-order single-datagram message (it is
@@ -403,7 +406,45 @@ class ReceiveStream:
                 for later, f in self.ooo.items()
                 if f.msg_id == wire_id and seq < later < seq + frag.count
             )
-        return self.budget.used + need > self.budget.limit
+        if self.budget.used + need > self.budget.limit:
+            return True
+        # The share bounds what waits out of order. The fragment the stream is
+        # waiting for is exempt: refusing it because later fragments fill the
+        # share would leave them waiting for it forever (they were selectively
+        # acknowledged, so the sender will not send them again).
+        return seq != self.expected and self.held + need > self.share
+
+    def resume(self, expected: int, last_msg_id: int | None) -> None:
+        """Continue where a dropped session of the same peer incarnation stopped.
+
+        Everything below ``expected`` was delivered (or skipped) then, so a
+        retransmission of it is a duplicate now, never a second delivery.
+        """
+        self.expected = expected
+        self.last_msg_id = last_msg_id
+
+    def fence(self) -> int | None:
+        """One past every sequence number this stream holds data for, or None if it
+        holds none: what a peer must give up on if this stream is discarded.
+
+        A partial message counts up to its last fragment: its remaining
+        fragments, arriving at a stream that no longer has its start, would be
+        acknowledged without ever being delivered.
+        """
+        if self.expected is None or not (self.ooo or self.partial is not None):
+            return None
+        fence = self.expected
+        if self.ooo:
+            fence = max(fence, max(self.ooo) + 1)
+        if self.partial is not None:
+            fence = max(fence, self.partial.first_seq + self.partial.count)
+        return fence
+
+    def before_fence(self, frag: Fragment, fence: int) -> bool:
+        """Whether ``frag``'s packet still comes from before the sender gave up below ``fence``."""
+        assert self.expected is not None
+        seq = unwrap(frag.seq, self.expected)
+        return unwrap(frag.base, seq) < fence
 
     def _in_reservation(self, frag: Fragment, seq: int) -> bool:
         """Whether ``frag`` belongs to the message in progress, whose bytes are reserved."""

@@ -177,12 +177,19 @@ class SendStream:
         "unacked",
     )
 
-    def __init__(self, config: Config, rtt: RttEstimator, cc: NewReno, initial_seq: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rtt: RttEstimator,
+        cc: NewReno,
+        initial_seq: int,
+        first_msg_id: int = 0,
+    ) -> None:
         self.rtt = rtt
         self.cc = cc
         self.next_seq = initial_seq
         self.cum_ack = initial_seq
-        self.next_msg_id = 0
+        self.next_msg_id = first_msg_id
         self.initial_peer_window = config.initial_peer_window
         self.peer_window = config.initial_peer_window
         self.queue: deque[OutgoingMessage] = deque()
@@ -599,6 +606,18 @@ class SendStream:
         self.largest_acked_datagram = -1
         self.probe_allowance = 0
         return started
+
+    def abandon_below(self, fence: int) -> list[OutgoingMessage]:
+        """The peer dropped everything we sent below ``fence`` (an unbounded sequence
+        number): abandon every transmitted message that began there; returns them.
+
+        Idempotent: a message that begins at or above ``fence`` is untouched, so a
+        repeated notice cannot take messages sent after the first one.
+        """
+        lost = [m for m in self.by_msg_id.values() if m.first_seq < fence]
+        for msg in lost:
+            self.abandon(msg)
+        return lost
 
     def abandon_all(self) -> list[OutgoingMessage]:
         """Abandon every unfinished message; returns them, transmitted ones first."""

@@ -34,6 +34,7 @@ class PeerStats:
     bytes_sent: int
     bytes_received: int
     unreachable: bool
+    forged_acks: int = 0  #: acknowledgements of sequence numbers never sent (dropped)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +91,8 @@ class NodeStats:
     challenges_sent: int = 0  #: address-validation challenges sent to new addresses
     departed_retransmissions: int = 0  #: of peers no longer listed (closed)
     departed_duplicates: int = 0
+    #: sessions forgotten, by reason: "idle", "unreachable", "evicted" (see SessionDropped)
+    sessions_dropped: dict[str, int] = field(default_factory=dict)
     #: one dict per open group or anycast service: membership and repair counters
     groups: tuple[dict[str, Any], ...] = ()
 
@@ -127,9 +130,17 @@ class NodeStats:
         def addr(value: Any) -> Any:
             return tuple(value) if isinstance(value, list) else value
 
-        peers = tuple(PeerStats(**{**p, "address": addr(p["address"])}) for p in d.get("peers", ()))
+        def known(kind: type, values: dict[str, Any]) -> dict[str, Any]:
+            # A newer node may report fields this one does not know: skip them.
+            names = {f.name for f in fields(kind)}
+            return {k: v for k, v in values.items() if k in names}
+
+        peers = tuple(
+            PeerStats(**known(PeerStats, {**p, "address": addr(p["address"])}))
+            for p in d.get("peers", ())
+        )
         boxes = tuple(
-            MailboxStats(**{**m, "last_sender": addr(m.get("last_sender"))})
+            MailboxStats(**known(MailboxStats, {**m, "last_sender": addr(m.get("last_sender"))}))
             for m in d.get("mailboxes", ())
         )
         names = {f.name for f in fields(cls)} - {"peers", "mailboxes", "groups"}

@@ -138,6 +138,7 @@ class Kind(enum.IntEnum):
     RESET = 5  #: "the incarnation you addressed is not mine": I restarted
     CHALLENGE = 6  #: "prove you are at this address": echo the cookie it carries
     AUTH_FAILED = 7  #: "your datagram failed my security check" (sent unsealed)
+    DROPPED = 8  #: "I dropped what you sent me below ``ack``: fail it, and go on from there"
     # Group addressing (docs/protocol.md section 10); each carries a group name.
     GDATA = 16  #: one fragment of a group message, sent to the group address
     GACK = 17  #: a member's ack state for one sender's group stream (unicast to it)

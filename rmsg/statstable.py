@@ -75,6 +75,7 @@ def format_stats(stats: NodeStats, where: str) -> str:
         for p in stats.peers
     ]
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(stats.dropped.items())) or "none"
+    sessions = ", ".join(f"{k}={v}" for k, v in sorted(stats.sessions_dropped.items())) or "none"
     lines = [f"rmsg node {where}  incarnation {stats.incarnation:#018x}", ""]
     lines += _table(
         "Mailboxes",
@@ -154,6 +155,7 @@ def format_stats(stats: NodeStats, where: str) -> str:
         f"send buffer {stats.send_buffer_bytes} bytes",
         f"address challenges sent {stats.challenges_sent}, "
         f"fragments shed {sum(p.shed for p in stats.peers)}",
+        f"sessions dropped: {sessions}",
         f"dropped: {dropped}",
     ]
     return "\n".join(lines)

@@ -148,12 +148,16 @@ class Pair:
     def settle(
         self, *, max_steps: int = 100_000, dt: float = TICK, until: float | None = None
     ) -> int:
-        """Exchange until neither side has anything to send or any timer; returns steps."""
+        """Exchange until neither side has anything to send or any timer but idle
+        sessions' expiries (``Endpoint.quiet``); returns steps. With ``until``, run
+        to that time whatever happens (idle sessions may then be dropped)."""
         for step in range(max_steps):
             if until is not None and self.now >= until:
                 return step
             moved = self.transfer(self.a) + self.transfer(self.b)
             if not moved:
+                if until is None and self.a.endpoint.quiet() and self.b.endpoint.quiet():
+                    return step
                 timers = [s.endpoint.get_timer() for s in (self.a, self.b)]
                 pending = [t for t in timers if t is not None]
                 if not pending:

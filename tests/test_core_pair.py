@@ -216,7 +216,15 @@ def test_unreachable_peer_fails_pending_sends_with_its_name() -> None:
     assert {f.ticket for f in failed} == {t1, t2}
     assert all(isinstance(f.error, errors.PeerUnreachable) for f in failed)
     assert "10.0.0.2:2000" in str(failed[0].error)
-    assert p.a.endpoint.get_timer() is None  # no more probing once declared
+    # No more probing once declared: the one timer left drops the idle session at last.
+    p.outgoing(p.a)
+    assert p.a.endpoint.quiet()
+    assert p.a.endpoint.get_timer() == Config().idle_timeout
+    p.now = Config().idle_timeout
+    p.a.endpoint.handle_timer(p.now)
+    assert p.a.endpoint.peers() == [] and p.a.endpoint.get_timer() is None
+    (dropped,) = p.a.of(events.SessionDropped)
+    assert (dropped.peer, dropped.reason) == (B, "idle")
 
 
 def test_watching_a_silent_peer_probes_it_then_declares_it_unreachable() -> None:
@@ -454,7 +462,7 @@ def test_jitter_without_loss_widens_the_loss_thresholds_instead_of_retransmittin
     for i in range(2000):
         a.send(B, b"%d" % i * 100, now=0.0)
     net.flush(A)
-    net.run(until=60.0)
+    net.run(until=20.0)  # (before the idle session expires, so it can be inspected)
     sender = a._peers[B].sender
     delivered = [e for e in iter(a.next_event, None) if isinstance(e, events.MessageDelivered)]
     assert len(delivered) == 2000

@@ -147,12 +147,39 @@ def test_a_flood_of_new_incarnations_from_one_address_stays_bounded() -> None:
 
 
 def test_a_flood_of_new_addresses_is_capped_and_counted() -> None:
-    ep = Endpoint(UNVALIDATED, rng=random.Random(0))
+    """Idle sessions make way for new peers; what each reached is remembered, boundedly."""
+    config = dataclasses.replace(UNVALIDATED, remembered_sessions=100)
+    ep = Endpoint(config, rng=random.Random(0))
     for port in range(1, 1001):
         pkt = Packet(kind=Kind.PING, src_incarnation=port)
         ep.receive_datagram(wire.encode(pkt), ("192.0.2.1", port), 0.0)
     assert len(ep.peers()) == CONFIG.max_peers
+    assert ep.dropped == {}
+    assert ep.stats().sessions_dropped == {"evicted": 1000 - CONFIG.max_peers}
+    assert len(ep._resumable) == 100
+
+
+def test_a_flood_of_new_addresses_cannot_evict_sessions_that_hold_data() -> None:
+    ep = Endpoint(UNVALIDATED, rng=random.Random(0))
+    for port in range(1, 1001):
+        # The first of two fragments: each peer now holds a reservation here.
+        frag = Fragment(
+            seq=7,
+            base=7,
+            msg_id=0,
+            index=0,
+            count=2,
+            total_len=400,
+            msg_type=0,
+            priority=0,
+            mailbox="",
+            payload=b"x" * 200,
+        )
+        pkt = Packet(kind=Kind.DATA, src_incarnation=port, fragment=frag)
+        ep.receive_datagram(wire.encode(pkt), ("192.0.2.1", port), 0.0)
+    assert len(ep.peers()) == CONFIG.max_peers
     assert ep.dropped == {"peer_limit": 1000 - CONFIG.max_peers}
+    assert ep.stats().sessions_dropped == {}
 
 
 def test_a_claim_of_four_billion_fragments_allocates_nothing() -> None:
