@@ -134,6 +134,49 @@ def test_out_of_descriptors_refuses_new_clients_and_keeps_relaying(
         assert "warning: max_clients 100 is above the" in stderr
 
 
+def test_a_rebind_without_a_free_descriptor_keeps_the_old_port(
+    echo: EchoServer, rmsg_exe: str, tmp_path: Path
+) -> None:
+    """At the descriptor limit a NAT rebind cannot open its new socket: the client
+    stays on its old port (counted) instead of being left with none."""
+    listen = free_port()
+    target = ("127.0.0.1", listen)
+    proc = _start_netem(
+        rmsg_exe,
+        [
+            "--listen",
+            f"127.0.0.1:{listen}",
+            "--forward",
+            f"127.0.0.1:{echo.address[1]}",
+            "--max-clients",
+            "100",
+            "--rebind-every",
+            "50ms",
+            "--json",
+        ],
+        tmp_path / "stderr",
+        fd_limit=40,
+    )
+    keeper = _udp_client()
+    one_shots: list[socket.socket] = []
+    try:
+        assert _echoed(keeper, target, b"before")
+        for i in range(60):  # take every descriptor the proxy has left
+            one_shots.append(_udp_client())
+            one_shots[-1].sendto(b"one-shot %d" % i, target)
+        time.sleep(0.1)  # past --rebind-every: the next datagram asks for a new port
+        assert _echoed(keeper, target, b"after")
+    finally:
+        for sock in [keeper, *one_shots]:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, (tmp_path / "stderr").read_text()
+    stats = json.loads(out)
+    assert stats["refused"]["EMFILE"] > 0 and stats["rebind_errors"] >= 1
+    assert len(set(echo.sources)) == stats["clients"]  # the keeper never moved
+
+
 def test_idle_clients_expire_and_make_room_for_new_ones(echo: EchoServer) -> None:
     """A full proxy refuses a new client; once the others go idle it takes it, and a
     returning client gets a fresh upstream port (its old one was closed)."""
