@@ -12,18 +12,39 @@ idle clients, and (with ``rebind_every``) moves each client to a fresh
 upstream socket — NAT rebinding: the server suddenly sees the client's
 traffic from a new source port.
 
+Staying up. Each client costs one file descriptor, so a proxy fed many
+one-shot clients (``dig`` retries from a new port every time) runs out of
+them. Three rules keep it relaying for the clients it has:
+
+* the client cap defaults to what the descriptor limit (``RLIMIT_NOFILE``)
+  leaves after the descriptors already open and a small reserve;
+* a client whose upstream socket cannot be opened (``EMFILE``, ``ENFILE``,
+  ``ENOBUFS``, any ``OSError``) or that would exceed the cap is *refused*:
+  its datagram is dropped and counted in ``ProxyStats.refused`` by reason,
+  and the next datagram from it tries again;
+* idle clients expire after ``idle_timeout``, which closes their socket.
+
+Per-datagram errors are counted, never raised. Anything else that escapes
+the loop (a bug, a capture file that cannot be written) is fatal: the relay
+thread records it in :attr:`UdpProxy.error` and ends, and :meth:`UdpProxy.wait`
+and :meth:`UdpProxy.stop` raise :class:`ProxyFailed` — the proxy never stops
+relaying quietly.
+
 Captures: ``pcap_in`` records what the proxy received, ``pcap_out`` what it
 sent, both directions, before and after impairment.
 """
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
+import os
 import selectors
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +55,59 @@ from .models import FaultCounters, Impairment
 from .pcap import PcapWriter
 from .scenario import Link, Scenario, as_impairment
 
-__all__ = ["ProxyStats", "UdpProxy", "parse_hostport"]
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Windows
+    resource = None  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_MAX_CLIENTS",
+    "ProxyFailed",
+    "ProxyStats",
+    "UdpProxy",
+    "fd_client_limit",
+    "parse_hostport",
+]
 
 _BATCH = 1024  # datagrams drained from one socket before looking at the others
 _BUFFER = 4 * 1024 * 1024
-_SWEEP_INTERVAL = 1.0  # seconds between idle-client sweeps (kept off the per-wake path)
+_SWEEP_INTERVAL = 1.0  # longest gap between idle-client sweeps (kept off the per-wake path)
+DEFAULT_MAX_CLIENTS = 4096  #: the client cap when the descriptor limit allows more
+#: Descriptors kept free beyond those open when the proxy is built: a rebind's new
+#: socket, captures, and whatever else the process opens later (imports, logs).
+FD_RESERVE = 16
+REFUSED_CAP = "max_clients"  #: the ``refused`` reason when the client cap is reached
+
+
+class ProxyFailed(RuntimeError):
+    """The relay thread stopped on an unexpected error; ``error`` is that exception."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"netem proxy stopped relaying: {type(error).__name__}: {error}")
+        self.error = error
+
+
+def fd_client_limit() -> int | None:
+    """How many clients this process's descriptor limit leaves room for right now.
+
+    The soft ``RLIMIT_NOFILE`` minus the descriptors already open minus
+    :data:`FD_RESERVE`, at least 1; ``None`` when the limit is unknown or infinite.
+    """
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - _open_descriptors() - FD_RESERVE)
+
+
+def _open_descriptors() -> int:
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(fd_dir)) - 1  # listdir's own descriptor
+        except OSError:
+            continue
+    return 8  # stdio, the listen socket, the wake pair, the selector, spare
 
 
 def parse_hostport(value: str | tuple[str, int]) -> tuple[str, int]:
@@ -66,10 +135,15 @@ class ProxyStats:
     up_sent: int = 0
     down_received: int = 0
     down_sent: int = 0
-    clients: int = 0
-    clients_expired: int = 0
-    clients_refused: int = 0
+    clients: int = 0  #: clients admitted so far
+    clients_active: int = 0  #: clients holding an upstream socket now
+    clients_expired: int = 0  #: closed after ``idle_timeout`` without a datagram
+    clients_refused: int = 0  #: datagrams from new clients dropped: the sum of ``refused``
+    #: refusals by reason: ``"max_clients"`` (the cap) or the errno name of the
+    #: failure to open the upstream socket (``"EMFILE"``, ``"ENFILE"``, ``"ENOBUFS"``...)
+    refused: dict[str, int] = field(default_factory=dict)
     rebinds: int = 0
+    rebind_errors: int = 0  #: rebinds skipped (no new socket): the client kept its port
     send_errors: int = 0
     strays: int = 0  #: datagrams to an upstream socket from anyone but the server
     up: FaultCounters = field(default_factory=FaultCounters)
@@ -77,6 +151,7 @@ class ProxyStats:
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("up", "down")}
+        d["refused"] = dict(self.refused)
         d["up"] = self.up.as_dict()
         d["down"] = self.down.as_dict()
         return d
@@ -91,7 +166,15 @@ class _Client:
 
 
 class UdpProxy:
-    """A fault-injecting UDP relay. Use as a context manager or ``start()``/``stop()``."""
+    """A fault-injecting UDP relay. Use as a context manager or ``start()``/``stop()``.
+
+    ``idle_timeout`` (seconds) closes a client's upstream socket after that long
+    without a datagram from it (120 s: RFC 4787 REQ-5's floor for a NAT's UDP
+    mapping). ``max_clients`` caps the clients held at once; by default it is
+    :data:`DEFAULT_MAX_CLIENTS` or what :func:`fd_client_limit` leaves, whichever
+    is lower. An explicit cap above the descriptor limit is honoured with a
+    ``RuntimeWarning``: clients beyond the limit are refused as ``EMFILE``.
+    """
 
     def __init__(
         self,
@@ -106,13 +189,17 @@ class UdpProxy:
         pcap_out: str | Path | None = None,
         rebind_every: float | None = None,
         idle_timeout: float = 120.0,
-        max_clients: int = 4096,
+        max_clients: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if scenario is not None and (up is not None or down is not None):
             raise ValueError("give either a scenario or up/down impairments, not both")
         if rebind_every is not None and rebind_every <= 0:
             raise ValueError("rebind_every must be a positive number of seconds")
+        if not idle_timeout > 0:
+            raise ValueError("idle_timeout must be a positive number of seconds")
+        if max_clients is not None and max_clients < 1:
+            raise ValueError("max_clients must be at least 1 (or None for the default)")
         listen_addr = parse_hostport(listen)
         self._forward_text = parse_hostport(forward)
         if scenario is not None:
@@ -142,7 +229,7 @@ class UdpProxy:
         self._clock = clock
         self._rebind_every = rebind_every
         self._idle_timeout = idle_timeout
-        self._max_clients = max_clients
+        self._sweep_interval = min(_SWEEP_INTERVAL, idle_timeout / 4)
         self._clients: dict[tuple[Any, ...], _Client] = {}
         self._heap: list[tuple[float, int, bool, tuple[Any, ...], bytes]] = []
         self._order = itertools.count()
@@ -152,9 +239,25 @@ class UdpProxy:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = threading.Event()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._fast = self.up_link.is_clean and self.down_link.is_clean
         self._next_sweep = 0.0
+        # Measured last, with the proxy's own descriptors (and captures) open.
+        room = fd_client_limit()
+        if max_clients is None:
+            max_clients = DEFAULT_MAX_CLIENTS if room is None else min(DEFAULT_MAX_CLIENTS, room)
+        elif room is not None and max_clients > room:
+            warnings.warn(
+                f"max_clients {max_clients} is above the {room} clients this process's "
+                f"descriptor limit leaves room for: clients beyond that are refused as "
+                f"EMFILE (raise it with ulimit -n)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.max_clients: int = max_clients
+        """The most clients held at once; new ones beyond it are refused."""
 
     # ------------------------------------------------------------- lifecycle
 
@@ -162,6 +265,24 @@ class UdpProxy:
     def address(self) -> tuple[Any, ...]:
         """Where clients send: the bound listen address."""
         return tuple(self._listen.getsockname()[:2])
+
+    @property
+    def error(self) -> BaseException | None:
+        """The unexpected error that stopped the relay thread, or ``None``."""
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the relay thread ends or ``timeout`` seconds pass.
+
+        Returns whether it has ended (``stop()`` was called); raises
+        :class:`ProxyFailed` if it ended on an error. Poll it to notice a failure.
+        """
+        if self._thread is None:
+            return False
+        ended = self._done.wait(timeout)
+        if self._error is not None:
+            raise ProxyFailed(self._error)
+        return ended
 
     def start(self) -> UdpProxy:
         if self._thread is None:
@@ -177,7 +298,11 @@ class UdpProxy:
         return self
 
     def stop(self) -> None:
-        """Stop relaying, close sockets and captures. Idempotent."""
+        """Stop relaying, close sockets and captures. Idempotent.
+
+        Raises :class:`ProxyFailed` (after closing everything) if the relay
+        thread had stopped on an error, so a failure is never lost.
+        """
         self._stop.set()
         try:
             self._wake_w.send(b"\0")
@@ -187,6 +312,7 @@ class UdpProxy:
             self._thread.join(5)
         for client in list(self._clients.values()):
             self._close_client(client)
+        self._clients.clear()
         for s in (self._listen, self._wake_r, self._wake_w):
             s.close()
         self._selector.close()
@@ -195,6 +321,9 @@ class UdpProxy:
                 writer.close()
         self.stats.up = self.up_link.counters
         self.stats.down = self.down_link.counters
+        self.stats.clients_active = 0
+        if self._error is not None:
+            raise ProxyFailed(self._error)
 
     def __enter__(self) -> UdpProxy:
         return self.start()
@@ -211,14 +340,23 @@ class UdpProxy:
         """Current statistics, link counters included."""
         self.stats.up = self.up_link.counters
         self.stats.down = self.down_link.counters
+        self.stats.clients_active = len(self._clients)
         return self.stats
 
     # ------------------------------------------------------------------ loop
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # recorded, then raised by wait() and stop()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _loop(self) -> None:
         select = self._selector.select
         while not self._stop.is_set():
-            timeout = 1.0
+            timeout = max(0.0, min(1.0, self._next_sweep - self._clock()))
             if self._heap:
                 timeout = max(0.0, min(timeout, self._heap[0][0] - self._clock()))
             for key, _ in select(timeout):
@@ -258,7 +396,7 @@ class UdpProxy:
                     sent += 1
                 except OSError:
                     self.stats.send_errors += 1
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # would block (drained), or an error the next wake retries
             pass
         finally:
             self.stats.up_received += received
@@ -398,26 +536,45 @@ class UdpProxy:
         return client
 
     def _new_client(self, addr: tuple[Any, ...], now: float) -> _Client | None:
-        if len(self._clients) >= self._max_clients:
-            self.stats.clients_refused += 1
+        """A session for a new client, or ``None`` (refused, counted) if it cannot have one."""
+        if len(self._clients) >= self.max_clients:
+            self._refuse(REFUSED_CAP)
             return None
-        client = _Client(addr, self._open_upstream(), now, now)
+        try:
+            upstream = self._open_upstream()
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, no ephemeral port...
+            self._refuse(_reason(exc))
+            return None
+        client = _Client(addr, upstream, now, now)
+        try:
+            self._selector.register(upstream, selectors.EVENT_READ, client)
+        except OSError as exc:  # epoll out of memory or watches
+            upstream.close()
+            self._refuse(_reason(exc))
+            return None
         self._clients[addr] = client
-        self._selector.register(client.upstream, selectors.EVENT_READ, client)
         self.stats.clients += 1
         return client
 
+    def _refuse(self, reason: str) -> None:
+        self.stats.clients_refused += 1
+        self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+
     def _open_upstream(self) -> socket.socket:
         sock = socket.socket(self._forward_family, socket.SOCK_DGRAM)
-        _tune(sock)
-        sock.bind((self._upstream_host, 0))
-        sock.setblocking(False)
+        try:
+            _tune(sock)
+            sock.bind((self._upstream_host, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         return sock
 
     def _housekeeping(self, now: float) -> None:
         if now < self._next_sweep:
             return
-        self._next_sweep = now + _SWEEP_INTERVAL
+        self._next_sweep = now + self._sweep_interval
         for client in list(self._clients.values()):
             if now - client.last_seen > self._idle_timeout:
                 self._close_client(client)
@@ -425,13 +582,28 @@ class UdpProxy:
                 self.stats.clients_expired += 1
 
     def _rebind(self, client: _Client, now: float) -> None:
-        """NAT rebinding: the client's traffic now leaves from a new source port."""
+        """NAT rebinding: the client's traffic now leaves from a new source port.
+
+        The old socket closes only once the new one is open and watched; if either
+        fails, the client keeps its port (counted in ``rebind_errors``) and the
+        next datagram after ``rebind_every`` tries again.
+        """
+        client.bound_at = now
+        try:
+            new = self._open_upstream()
+        except OSError:
+            self.stats.rebind_errors += 1
+            return
+        try:
+            self._selector.register(new, selectors.EVENT_READ, client)
+        except OSError:
+            new.close()
+            self.stats.rebind_errors += 1
+            return
         old = client.upstream
         self._selector.unregister(old)
         old.close()  # replies to the old port now bounce, as behind a real NAT
-        client.upstream = self._open_upstream()
-        client.bound_at = now
-        self._selector.register(client.upstream, selectors.EVENT_READ, client)
+        client.upstream = new
         self.stats.rebinds += 1
 
     def _close_client(self, client: _Client) -> None:
@@ -440,6 +612,11 @@ class UdpProxy:
         except (KeyError, ValueError, OSError):
             pass
         client.upstream.close()
+
+
+def _reason(exc: OSError) -> str:
+    """The errno name of a failure (``EMFILE``), for the ``refused`` counters."""
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
 def _seed(seed: int | None, offset: int) -> int | None:

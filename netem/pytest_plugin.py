@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from .models import Impairment
-from .proxy import UdpProxy
+from .proxy import ProxyFailed, UdpProxy
 from .scenario import Link, Scenario
 from .sim import SimNetwork
 from .socket import FaultySocket
@@ -78,8 +78,14 @@ def netem_proxy(netem_seed: int) -> Iterator[Callable[..., UdpProxy]]:
         return proxy.start()
 
     yield start
-    for proxy in proxies:
-        proxy.stop()
+    failures: list[ProxyFailed] = []
+    for proxy in proxies:  # stop them all, then report a relay that failed (as a test error)
+        try:
+            proxy.stop()
+        except ProxyFailed as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture

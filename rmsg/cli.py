@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar
 
@@ -26,6 +27,9 @@ from reliable.addressing import parse_address
 
 from .demo import DemoProgress, run_demo
 from .statstable import format_stats
+
+if TYPE_CHECKING:
+    from netem.proxy import ProxyStats
 
 __all__ = ["main"]
 
@@ -991,6 +995,20 @@ def demo(
     help="NAT rebinding: give each client a new upstream port this often.",
 )
 @click.option(
+    "--client-idle-timeout",
+    type=DURATION,
+    default=120.0,
+    show_default=True,
+    help="Forget a client (and close its upstream port) after this long without a datagram.",
+)
+@click.option(
+    "--max-clients",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Clients held at once; more are refused and counted. "
+    "[default: 4096, or what the descriptor limit (ulimit -n) leaves]",
+)
+@click.option(
     "--duration", type=DURATION, default=None, help="Stop after this long (default: until Ctrl-C)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the exit counters as JSON.")
@@ -1005,6 +1023,8 @@ def netem(
     pcap_in: str | None,
     pcap_out: str | None,
     rebind_every: float | None,
+    client_idle_timeout: float,
+    max_clients: int | None,
     duration: float | None,
     as_json: bool,
 ) -> None:
@@ -1013,7 +1033,10 @@ def netem(
     Any UDP application works, not only rmsg. Clients send to --listen; each
     gets its own upstream socket towards --forward (like a NAT). Impairments
     use tc-netem syntax; the same --seed replays the same decisions. Counters
-    are printed when it stops (Ctrl-C, SIGTERM or --duration).
+    are printed when it stops (Ctrl-C, SIGTERM or --duration). New clients
+    beyond --max-clients or the descriptor limit are refused and counted, the
+    others keep being relayed. Exit status: 0 after a normal stop, 1 if the
+    relay failed (the error is named), 2 for bad options.
 
     \b
     Examples:
@@ -1022,7 +1045,7 @@ def netem(
           --up "delay 20ms 5ms loss 2%" --down "delay 20ms duplicate 1%" --pcap-out out.pcap
       rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --scenario flaky.toml
     """
-    from netem.proxy import UdpProxy
+    from netem.proxy import ProxyFailed, UdpProxy
     from netem.scenario import Scenario, ScenarioError
     from netem.spec import SpecError, format_spec, parse_spec
 
@@ -1035,19 +1058,25 @@ def netem(
     except (SpecError, ScenarioError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        proxy = UdpProxy(
-            listen,
-            forward,
-            up=None if timeline else up_imp,
-            down=None if timeline else down_imp,
-            scenario=timeline,
-            seed=seed,
-            pcap_in=pcap_in,
-            pcap_out=pcap_out,
-            rebind_every=rebind_every,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            proxy = UdpProxy(
+                listen,
+                forward,
+                up=None if timeline else up_imp,
+                down=None if timeline else down_imp,
+                scenario=timeline,
+                seed=seed,
+                pcap_in=pcap_in,
+                pcap_out=pcap_out,
+                rebind_every=rebind_every,
+                idle_timeout=client_idle_timeout,
+                max_clients=max_clients,
+            )
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
+    for warning in caught:
+        click.echo(f"netem: warning: {warning.message}", err=True)
     described = (
         f"scenario {scenario}"
         if timeline
@@ -1059,21 +1088,34 @@ def netem(
         err=True,
     )
     started = time.monotonic()
+    failure: ProxyFailed | None = None
     with _terminate_as_interrupt():
         proxy.start()
         try:
+            # wait() raises as soon as the relay thread fails, so a dead relay ends the run
             while duration is None or time.monotonic() - started < duration:
-                time.sleep(0.05 if duration is None else min(0.05, duration))
+                proxy.wait(0.05 if duration is None else min(0.05, duration))
         except KeyboardInterrupt:
             pass
+        except ProxyFailed:
+            pass  # stop() raises it again, after closing everything
         finally:
-            proxy.stop()
+            try:
+                proxy.stop()
+            except ProxyFailed as exc:
+                failure = exc
     stats = proxy.snapshot()
     if as_json:
         click.echo(json.dumps(stats.as_dict(), indent=2))
-        return
+    else:
+        click.echo(_netem_summary(stats, time.monotonic() - started))
+    if failure is not None:
+        raise _fail(str(failure))
+
+
+def _netem_summary(stats: ProxyStats, elapsed: float) -> str:
     rows = [("up", stats.up, stats.up_sent), ("down", stats.down, stats.down_sent)]
-    lines = [f"netem summary after {time.monotonic() - started:.1f}s"]
+    lines = [f"netem summary after {elapsed:.1f}s"]
     lines.append(
         f"  {'dir':<5}{'seen':>9}{'sent':>9}{'dropped':>9}{'dup':>7}{'corrupt':>9}"
         f"{'reorder':>9}{'delay mean/max ms':>20}"
@@ -1083,11 +1125,14 @@ def netem(
             f"  {name:<5}{c.seen:>9}{sent:>9}{c.dropped:>9}{c.duplicated:>7}{c.corrupted:>9}"
             f"{c.reordered:>9}{c.delay_mean * 1000:>11.2f}/{c.delay_max * 1000:<8.2f}"
         )
+    reasons = ", ".join(f"{name} {count}" for name, count in sorted(stats.refused.items()))
     lines.append(
         f"  clients {stats.clients} (expired {stats.clients_expired}, refused "
-        f"{stats.clients_refused}), rebinds {stats.rebinds}, send errors {stats.send_errors}"
+        f"{stats.clients_refused}{f': {reasons}' if reasons else ''}), rebinds {stats.rebinds}"
+        f"{f' ({stats.rebind_errors} failed)' if stats.rebind_errors else ''}, "
+        f"send errors {stats.send_errors}"
     )
-    click.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

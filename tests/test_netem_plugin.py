@@ -62,6 +62,34 @@ def test_a_failing_test_reports_its_seed(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*netem seed: 1234 (replay with --netem-seed 1234)*"])
 
 
+@pytest.mark.loopback
+def test_a_failed_proxy_errors_the_test_and_the_others_still_stop(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading, time
+
+        started = []
+
+        def broken_clock():
+            if threading.current_thread().name == "netem-proxy":
+                raise RuntimeError("injected")
+            return time.monotonic()
+
+        def test_uses_two_proxies(netem_proxy):
+            started.append(netem_proxy(("127.0.0.1", 9), clock=broken_clock))
+            started.append(netem_proxy(("127.0.0.1", 9)))
+
+        def test_the_healthy_one_was_stopped():
+            assert started[1].wait(0) is True and started[1].error is None
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ProxyFailed: netem proxy stopped relaying: RuntimeError*"])
+
+
 def test_seed_defaults_to_the_test_name(netem_seed: int, request: pytest.FixtureRequest) -> None:
     import zlib
 
