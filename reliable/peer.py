@@ -751,4 +751,5 @@ class PeerSession:
             bytes_received=self.bytes_received,
             unreachable=self.unreachable,
             forged_acks=self.bogus_acks,
+            held_bytes=self.holds_memory(),
         )

@@ -35,6 +35,7 @@ class PeerStats:
     bytes_received: int
     unreachable: bool
     forged_acks: int = 0  #: acknowledgements of sequence numbers never sent (dropped)
+    held_bytes: int = 0  #: held here for this peer: reorder buffer, partial message, parked
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
