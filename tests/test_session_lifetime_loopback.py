@@ -53,7 +53,7 @@ def _start_sender(dest: str, size: int) -> subprocess.Popen[str]:
 
 def test_memory_of_senders_killed_mid_message_comes_back_and_live_peers_get_through() -> None:
     with Node(config=CONFIG) as receiver:
-        dest = "%s:%d" % receiver.address
+        dest = "{}:{}".format(*receiver.address)
         senders = []
         try:
             seen: set[object] = set()
