@@ -19,6 +19,13 @@ otherwise PINGs do, with backoff up to ``max_probe_interval``. Silence past
 the timeout fails every pending message with ``PeerUnreachable`` and raises a
 ``PeerUnreachable`` event once.
 
+First contact: a peer never heard from may simply not have started yet (a
+producer started before its consumer). While any pending send to it was
+given its own timeout, silence does not make it unreachable: the session
+keeps probing, and each message fails by its own deadline. Without such a
+send, ``peer_timeout`` applies as to any peer. Once the peer has been heard
+from, it is held to ``peer_timeout`` like every established session.
+
 Expiry: a session is not kept just because its peer once spoke. An idle
 session (not waiting) that hears nothing for ``idle_timeout`` is
 ``expired``, as QUIC's idle timeout closes a connection, and so is one
@@ -202,7 +209,9 @@ class PeerSession:
         self.wait_since: float | None = None
         self.watchers = 0
         self.unreachable = False
-        self.expired = False  # nobody needs this session any more: the endpoint drops it
+        self.expired = False
+        # Heard from this peer incarnation at all (a dropped session's record says so too)?
+        self.heard = resume is not None and resume.incarnation is not None  # nobody needs this session any more: the endpoint drops it
         self.last_probe = float("-inf")
         self.probe_backoff = 0
         self.ping_now = False
@@ -310,6 +319,7 @@ class PeerSession:
         """Process a verified packet from the current incarnation of this peer."""
         self.cookie = None  # it has state for us now: no more echoing
         self.last_heard = now
+        self.heard = True
         self.unreachable = False
         self.probe_backoff = 0
         self.packets_received += 1
@@ -447,6 +457,7 @@ class PeerSession:
         It dropped what we sent, so that goes again at once, cookie attached.
         """
         self.last_heard = now  # it answered: it is alive
+        self.heard = True
         if cookie == self.cookie:
             return  # another answer to the same first flight: already resent with it
         self.cookie = cookie
@@ -620,8 +631,9 @@ class PeerSession:
         if self._deadlines:
             candidates.append(self._deadlines[0][0])
         if self.wait_since is not None and not self.unreachable:
-            heard = max(self.last_heard, self.wait_since)
-            candidates.append(heard + self.config.peer_timeout)
+            if not self._awaits_first_contact(None):
+                heard = max(self.last_heard, self.wait_since)
+                candidates.append(heard + self.config.peer_timeout)
             candidates.append(self._next_probe())
         elif self.wait_since is None:
             candidates.append(self.last_heard + self.config.idle_timeout)
@@ -650,7 +662,7 @@ class PeerSession:
         if self.unreachable:
             return
         silent_since = max(self.last_heard, self.wait_since)
-        if now >= silent_since + self.config.peer_timeout:
+        if now >= silent_since + self.config.peer_timeout and not self._awaits_first_contact(now):
             self._declare_unreachable(now, now - silent_since)
         elif now >= self._next_probe():
             self.ping_now = True
@@ -671,6 +683,15 @@ class PeerSession:
             last = max(self.last_heard, self.last_probe, self.sender.last_send_time)
             return last + self.config.max_probe_interval
         return max(self.last_heard, self.last_probe) + self._probe_interval()
+
+    def _awaits_first_contact(self, now: float | None) -> bool:
+        """Never heard from, and a send to it chose to wait (a deadline after ``now``)."""
+        if self.heard:
+            return False
+        return any(
+            not msg.settled_or_cancelling() and (now is None or deadline > now)
+            for deadline, _, msg in self._deadlines
+        )
 
     def _probe_interval(self) -> float:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)

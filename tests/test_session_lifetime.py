@@ -237,3 +237,54 @@ def test_forged_acks_are_counted_in_peer_stats_and_node_drops() -> None:
     stats = p.a.endpoint.stats()
     assert stats.peers[0].forged_acks == 1
     assert stats.dropped.get("forged_ack") == 1
+
+
+def test_a_send_with_a_timeout_waits_for_a_peer_that_has_not_started_yet() -> None:
+    """A producer started before its consumer failed after peer_timeout (5 s) whatever
+    timeout its send had."""
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"early", now=p.now, timeout=20.0)
+    while p.now < 12.0:  # nobody listens at B yet: everything A sends vanishes
+        p.outgoing(p.a)
+        p.tick(0.05)
+    assert not p.a.of(events.MessageFailed)
+    p.settle()  # B is up now
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket]
+    assert p.b.received() == [b"early"]
+
+
+def test_waiting_for_first_contact_ends_at_the_sends_own_timeout() -> None:
+    p = Pair()
+    ticket = p.a.endpoint.send(B, b"nobody", now=p.now, timeout=8.0)
+    while not p.a.of(events.MessageFailed):
+        assert p.now < 9.0
+        p.outgoing(p.a)
+        p.tick(0.05)
+    (failed,) = p.a.of(events.MessageFailed)
+    assert failed.ticket == ticket and isinstance(failed.error, errors.SendTimeout)
+    assert 8.0 <= p.now < 8.1
+
+
+def test_without_a_timeout_a_silent_new_peer_is_unreachable_after_peer_timeout() -> None:
+    p = Pair()
+    p.a.endpoint.send(B, b"nobody", now=p.now)
+    while not p.a.of(events.MessageFailed):
+        assert p.now < 6.0
+        p.outgoing(p.a)
+        p.tick(0.05)
+    assert isinstance(p.a.of(events.MessageFailed)[0].error, errors.PeerUnreachable)
+    assert Config().peer_timeout <= p.now < Config().peer_timeout + 0.1
+
+
+def test_an_established_peer_that_goes_silent_is_unreachable_whatever_the_send_timeout() -> None:
+    """Waiting for first contact must not weaken dead-peer detection."""
+    p = Pair()
+    p.connect()
+    start = p.now
+    p.a.endpoint.send(B, b"into the void", now=p.now, timeout=30.0)
+    while not p.a.of(events.MessageFailed):
+        assert p.now < start + 6.0
+        p.outgoing(p.a)
+        p.outgoing(p.b)
+        p.tick(0.05)
+    assert isinstance(p.a.of(events.MessageFailed)[0].error, errors.PeerUnreachable)
