@@ -22,7 +22,7 @@ from .addressing import (
     parse_service,
     resolve_address,
 )
-from .endpoint import Endpoint
+from .endpoint import Endpoint, check_integer, message_bytes
 from .mailbox import check_mailbox_name
 from .message import GroupReceipt, Message, Receipt
 from .stats import MailboxStats, NodeStats
@@ -147,6 +147,14 @@ def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceA
     if isinstance(target, GroupAddress):
         return GroupAddress(target.scheme, target.host, target.port, name)
     return ServiceAddress(target.service, name)
+
+
+def checked_message(data: object, msg_type: object, priority: object) -> bytes:
+    """``data`` as bytes, with ``msg_type`` and ``priority`` checked: before anything is
+    sent for the call (a group's discovery included), with an error that says what to pass."""
+    check_integer(msg_type, "msg_type")
+    check_integer(priority, "priority")
+    return message_bytes(data)
 
 
 #: Where a message goes once its destination is parsed: a node and mailbox, a group, a service.

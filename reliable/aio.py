@@ -27,6 +27,7 @@ from ._driver import (
     Departures,
     MailboxHandle,
     Target,
+    checked_message,
     drain_socket,
     enqueue,
     group_destination,
@@ -264,6 +265,7 @@ class AsyncNode:
         deadline: float | None,
         policy: str,
     ) -> asyncio.Future[Receipt | GroupReceipt]:
+        data = checked_message(data, msg_type, priority)
         loop = self._require_started()
         assert self._sock is not None
         target: Target
@@ -322,6 +324,7 @@ class AsyncNode:
         anycast destinations work as there.
         """
         check_timeout(timeout, "timeout", positive=True)
+        data = checked_message(data, msg_type, priority)
         loop = self._require_started()
         if isinstance(dest, str) and dest.startswith(("multicast://", "broadcast://")):
             group = group_destination(dest, mailbox)

@@ -265,7 +265,7 @@ class Endpoint:
         :class:`~reliable.errors.NodeClosed` when it cannot be taken now;
         in every case nothing was queued.
         """
-        data = bytes(data)
+        data = message_bytes(data)
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
         check_timeout(timeout, "timeout")
         self._now = now
@@ -295,6 +295,8 @@ class Endpoint:
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
+        check_integer(msg_type, "msg_type")
+        check_integer(priority, "priority")
         if len(data) > self.config.max_message_size:
             raise errors.MessageTooLarge(
                 f"message is {len(data)} bytes, over Config.max_message_size "
@@ -767,7 +769,7 @@ class Endpoint:
         ``Config.group_timeout``) pass. Opens the group if needed; a group just
         opened knows no members until they answer its SOLICIT.
         """
-        data = bytes(data)
+        data = message_bytes(data)
         self._check_group(group)
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=group.mailbox)
         check_timeout(timeout, "timeout", positive=True)
@@ -860,7 +862,7 @@ class Endpoint:
         ``MessageFailed`` with :class:`~reliable.errors.NoServiceMember` once
         every candidate failed, or ``SendTimeout``.
         """
-        data = bytes(data)
+        data = message_bytes(data)
         if policy not in ANYCAST_POLICIES:
             raise errors.UsageError(
                 f"anycast policy must be one of {', '.join(ANYCAST_POLICIES)}, got {policy!r}"
@@ -1370,6 +1372,24 @@ def _short_reason(error: errors.DeliveryFailed) -> str:
 
 def _short_reason_of_event(event: events.PeerUnreachable | events.PeerClosed) -> str:
     return "unreachable" if isinstance(event, events.PeerUnreachable) else "closed"
+
+
+def message_bytes(data: object) -> bytes:
+    """``data`` as ``bytes``, or a :class:`~reliable.errors.UsageError` saying what to pass."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    hint = "; encode text first, e.g. text.encode()" if isinstance(data, str) else ""
+    raise errors.UsageError(
+        f"a message is bytes, bytearray or memoryview, got {type(data).__name__}{hint}"
+    )
+
+
+def check_integer(value: object, name: str) -> None:
+    """Raise a :class:`~reliable.errors.UsageError` unless ``value`` is an int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.UsageError(f"{name} must be an integer, got {value!r}")
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

@@ -35,6 +35,7 @@ from ._driver import (
     Departures,
     MailboxHandle,
     Target,
+    checked_message,
     drain_socket,
     enqueue,
     group_destination,
@@ -256,6 +257,7 @@ class Node:
         *,
         block: bool = True,
     ) -> SendHandle:
+        data = checked_message(data, msg_type, priority)
         target: Target
         if isinstance(dest, str) and is_group_url(dest):
             target = group_destination(dest, mailbox)

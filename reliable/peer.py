@@ -209,9 +209,9 @@ class PeerSession:
         self.wait_since: float | None = None
         self.watchers = 0
         self.unreachable = False
-        self.expired = False
+        self.expired = False  # nobody needs this session any more: the endpoint drops it
         # Heard from this peer incarnation at all (a dropped session's record says so too)?
-        self.heard = resume is not None and resume.incarnation is not None  # nobody needs this session any more: the endpoint drops it
+        self.heard = resume is not None and resume.incarnation is not None
         self.last_probe = float("-inf")
         self.probe_backoff = 0
         self.ping_now = False

@@ -245,3 +245,14 @@ def test_a_sixteen_mebibyte_message_crosses_loopback(
     # loopback datagrams carry up to Config.loopback_datagram_size, or 1200 bytes without it
     assert receipt.fragments in fragments and receipt.size == len(data)
     print(f"16 MiB over loopback in {elapsed:.2f}s ({len(data) / elapsed / 1e6:.1f} MB/s)")
+
+
+def test_a_bad_message_argument_raises_usage_error_before_anything_is_sent() -> None:
+    with Node() as node:
+        with pytest.raises(UsageError, match="encode text first"):
+            node.send(node.address, "text")  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="msg_type"):
+            # checked before the group is opened (which would send a SOLICIT)
+            node.send_nowait("multicast://239.1.2.3:7400", b"x", msg_type=True)
+        assert node.stats().datagrams_sent == 0
+        assert node.stats().groups == ()

@@ -288,3 +288,26 @@ def test_an_established_peer_that_goes_silent_is_unreachable_whatever_the_send_t
         p.outgoing(p.b)
         p.tick(0.05)
     assert isinstance(p.a.of(events.MessageFailed)[0].error, errors.PeerUnreachable)
+
+
+def test_bad_message_arguments_fail_before_anything_is_sent() -> None:
+    """send("text") raised a bare TypeError, and msg_type=True was accepted by send but
+    refused by receive."""
+    ep = Endpoint(rng=random.Random(1))
+    for data, words in (("text", "encode text first"), (42, "got int")):
+        try:
+            ep.send(B, data, now=0.0)  # type: ignore[arg-type]
+        except errors.UsageError as exc:
+            assert words in str(exc)
+        else:
+            raise AssertionError("accepted")
+    for field in ("msg_type", "priority"):
+        for bad in (True, 1.5, "3"):
+            try:
+                ep.send(B, b"x", now=0.0, **{field: bad})  # type: ignore[arg-type]
+            except errors.UsageError as exc:
+                assert field in str(exc)
+            else:
+                raise AssertionError(f"{field}={bad!r} accepted")
+    assert ep.peers() == [] and ep.datagrams_to_send(0.0) == []
+    assert ep.send(B, bytearray(b"ok"), now=0.0) and ep.send(B, memoryview(b"ok"), now=0.0)
