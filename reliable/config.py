@@ -31,6 +31,8 @@ _MIN_DATAGRAM = (
 
 
 _MAY_BE_ZERO = frozenset({"inbox_capacity"})  # 0: the default mailbox is a rendezvous
+#: The choices of ``Config.os_errors``.
+OS_ERROR_POLICIES = ("fail", "ignore")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +116,19 @@ class Config:
     max_probe_interval: float = 1.0
     """Longest gap between liveness probes of a silent peer we are waiting on."""
 
+    os_errors: str = "fail"
+    """What the node does when the operating system says a peer we wait on
+    cannot be reached: an ICMP port, host or network unreachable for a datagram
+    we sent (read from the socket's error queue, on Linux), or a send refused
+    at once for want of a route. ``"fail"`` fails the peer's pending messages
+    there and then with ``PeerUnreachable`` naming the OS's reason; ``"ignore"``
+    rides such errors out, and the peer fails only after ``peer_timeout`` of
+    silence. Even with ``"fail"``, a peer we have heard from fails on a report
+    only if it is a port or protocol unreachable and we have waited a
+    retransmission timeout without an answer; network and host unreachables
+    (routing, which may recover) fail only a peer never heard from. See
+    docs/security.md on forged ICMP."""
+
     max_peers: int = 4096
     """Most peers a node keeps state for; datagrams from further peers are dropped."""
 
@@ -142,7 +157,7 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or isinstance(value, bool):
+            if value is None or isinstance(value, (bool, str)):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"Config.{f.name} must be finite, got {value}")
@@ -151,6 +166,11 @@ class Config:
                     raise UsageError(f"Config.{f.name} must be >= 0 or None, got {value}")
             elif value <= 0:
                 raise UsageError(f"Config.{f.name} must be positive, got {value}")
+        if self.os_errors not in OS_ERROR_POLICIES:
+            raise UsageError(
+                f"Config.os_errors must be one of {', '.join(map(repr, OS_ERROR_POLICIES))}, "
+                f"got {self.os_errors!r}"
+            )
         if not _MIN_DATAGRAM <= self.max_datagram_size <= 65507:
             raise UsageError(
                 f"Config.max_datagram_size must be between {_MIN_DATAGRAM} and 65507 "

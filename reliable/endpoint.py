@@ -432,6 +432,38 @@ class Endpoint:
         if self._closing:
             self._maybe_finish_close(now)
 
+    def handle_unreachable(
+        self,
+        addr: Any,
+        reason: str,
+        now: float,
+        *,
+        errno: int | None = None,
+        soft: bool = False,
+    ) -> bool:
+        """The operating system says ``addr`` cannot be reached; ``reason`` says how.
+
+        Adapters call this for an ICMP error about a datagram sent to ``addr``
+        (e.g. "connection refused (the OS reported ICMP port unreachable)") or
+        a send the OS refused at once ("network is unreachable"), with the OS's
+        ``errno`` if there is one. ``soft`` marks a report that routing may take
+        back (network or host unreachable) rather than the peer's host refusing.
+        Unless ``Config.os_errors`` is ``"ignore"``, a peer we wait on then fails
+        at once with ``PeerUnreachable`` naming ``reason`` — subject to the
+        session's own evidence that it is alive (see :mod:`reliable.peer`).
+        Returns whether a peer failed on it; a report about an address the
+        node keeps no session for changes nothing.
+        """
+        session = self._peers.get(addr)
+        if session is None or self.closed:
+            return False
+        self._now = now
+        failed = session.on_unreachable(reason, now, errno=errno, soft=soft)
+        self._dirty[addr] = None  # its deadline moved
+        if failed and self._closing:
+            self._maybe_finish_close(now)
+        return failed
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
         out = self._control

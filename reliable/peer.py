@@ -18,6 +18,19 @@ data is in flight; otherwise PINGs do, with backoff up to
 ``max_probe_interval``. Silence past the timeout fails every pending message
 with ``PeerUnreachable`` and raises a ``PeerUnreachable`` event once.
 
+The operating system may know sooner: an ICMP port unreachable for a datagram
+we sent, or a send refused for want of a route. The adapter hands such a
+report to :meth:`PeerSession.on_unreachable`, and one small rule
+(``_fails_on_report``) decides whether it ends the wait now, through the same
+path as the timeout, or is ridden out (``Config.os_errors``). ICMP is not
+authenticated, so the rule trusts a report only as far as the session's own
+evidence allows: any report fails a peer never heard from (nothing says it is
+alive; TCP aborts a connection attempt on the same grounds), but a peer that
+has answered fails only on a definite report (port or protocol unreachable:
+its host says nothing listens) and only once we have waited a retransmission
+timeout without an answer. Network and host unreachables come from routing, which recovers;
+RFC 1122 section 4.2.3.9 calls them soft, and so do we for a live session.
+
 Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
 verdict is out of the send stream (nothing to retransmit) but not yet
 delivered: it waits in ``deferred`` for the peer's control message saying
@@ -148,6 +161,7 @@ class PeerSession:
         self.deferred: dict[int, OutgoingMessage] = {}  # by msg_id
         self.full_mailboxes: dict[str, int] = {}  # mailbox -> our messages deferred there
         self.last_heard = now
+        self.heard_from = False  # anything from the peer yet (a packet or a challenge)
         self.wait_since: float | None = None
         self.watchers = 0
         self.unreachable = False
@@ -165,6 +179,7 @@ class PeerSession:
         self.bogus_acks = 0
         self.bogus_outcomes = 0  # control outcomes naming no message of ours
         self.corrupt = 0
+        self.os_errors = 0  # the OS's reports that the peer cannot be reached
         self.messages_sent = 0
         self.messages_failed = 0
         self.messages_received = 0
@@ -258,6 +273,7 @@ class PeerSession:
         """Process a verified packet from the current incarnation of this peer."""
         self.cookie = None  # it has state for us now: no more echoing
         self.last_heard = now
+        self.heard_from = True
         self.unreachable = False
         self.probe_backoff = 0
         self.packets_received += 1
@@ -368,6 +384,7 @@ class PeerSession:
         It dropped what we sent, so that goes again at once, cookie attached.
         """
         self.last_heard = now  # it answered: it is alive
+        self.heard_from = True
         if cookie == self.cookie:
             return  # another answer to the same first flight: already resent with it
         self.cookie = cookie
@@ -558,11 +575,52 @@ class PeerSession:
         elif self.wait_since is None:
             self.wait_since = now
 
-    def _declare_unreachable(self, now: float, silent_for: float) -> None:
+    def on_unreachable(
+        self, cause: str, now: float, *, errno: int | None = None, soft: bool = False
+    ) -> bool:
+        """The operating system says the peer cannot be reached; ``cause`` says how.
+
+        ``soft`` marks a report that routing may take back (network or host
+        unreachable), as opposed to the peer's host refusing the datagram.
+        Returns whether the session failed on it (see ``_fails_on_report``).
+        """
+        self.os_errors += 1
+        if not self._fails_on_report(now, soft):
+            return False
+        assert self.wait_since is not None  # a session nothing waits on does not fail
+        silent_for = now - max(self.last_heard, self.wait_since)
+        self._declare_unreachable(now, silent_for, cause=cause, errno=errno)
+        return True
+
+    def _fails_on_report(self, now: float, soft: bool) -> bool:
+        """Whether an OS report of unreachability ends the wait now, or is ridden out.
+
+        The one place that decides, so a policy (``Config.os_errors``, or a
+        session told to wait for a peer that has not started) changes it here.
+        """
+        if self.config.os_errors == "ignore" or self.wait_since is None or self.unreachable:
+            return False  # ignoring them, or nothing waits on the peer
+        if not self.heard_from:
+            return True  # nothing says it is alive: believe the OS
+        # It has answered before: ICMP is unauthenticated and routes recover, so only a
+        # refusal from its host counts, once it owes us an answer: a retransmission
+        # timeout of silence while we wait (a healthy peer answers sooner).
+        return not soft and now - max(self.last_heard, self.wait_since) >= self.rtt.rto
+
+    def _declare_unreachable(
+        self,
+        now: float,
+        silent_for: float,
+        *,
+        cause: str | None = None,
+        errno: int | None = None,
+    ) -> None:
         self.unreachable = True
         self.wait_since = None
-        self._emit(events.PeerUnreachable(peer=self.addr, silent_for=silent_for))
-        self.fail_all(errors.PeerUnreachable(self.addr, silent_for))
+        self._emit(
+            events.PeerUnreachable(peer=self.addr, silent_for=silent_for, cause=cause, errno=errno)
+        )
+        self.fail_all(errors.PeerUnreachable(self.addr, silent_for, cause=cause, errno=errno))
 
     # --------------------------------------------------------------- outcomes
 
@@ -618,6 +676,7 @@ class PeerSession:
             duplicates=self._earlier_duplicates + self.receiver.duplicates,
             shed=self._earlier_shed + self.receiver.shed,
             corrupt=self.corrupt,
+            os_errors=self.os_errors,
             messages_sent=self.messages_sent,
             messages_failed=self.messages_failed,
             messages_received=self.messages_received,

@@ -34,6 +34,7 @@ class PeerStats:
     bytes_sent: int
     bytes_received: int
     unreachable: bool
+    os_errors: int = 0  #: reports from the operating system that the peer cannot be reached
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
