@@ -3,13 +3,30 @@
 The adapters differ only in how they wait (a thread and ``selectors`` versus
 the event loop) and in their future types; everything they do with the
 protocol core's events is here, once.
+
+What the operating system says about unreachable peers is read here too.
+An unconnected UDP socket hears nothing of ICMP errors by default; with
+``IP_RECVERR`` (``IPV6_RECVERR``) Linux queues one message per error on the
+socket's error queue, naming the destination of the datagram that provoked
+it, and leaves the error pending on the socket, so the next ``recvfrom`` or
+``sendto`` raises it — whatever destination that call is about. Hence: every
+error a call raises sends us to read the error queue, which says whose it
+was; a ``sendto`` that failed is tried once more, and only a second failure
+with nothing queued is blamed on its own destination (a missing route).
+Reading the queue also clears the socket's readiness (POLLERR), which would
+otherwise wake the adapter for ever. See ip(7) and ipv6(7).
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import json
+import os
 import socket
+import struct
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import errors, events
@@ -32,11 +49,17 @@ __all__ = [
     "Departures",
     "EventSink",
     "MailboxHandle",
-    "drain_socket",
     "open_socket",
     "parse_stats",
     "resolve_destination",
+    "Unreachable",
+    "drain_socket",
+    "enable_error_queue",
+    "parse_extended_error",
+    "read_error_queue",
+    "report_unreachable",
     "route_events",
+    "send_datagram",
     "split_destination",
 ]
 
@@ -64,8 +87,15 @@ class DatagramSocket(Protocol):
     def close(self) -> None: ...
 
 
-def open_socket(bind: str | tuple[str, int]) -> socket.socket:
-    """A non-blocking UDP socket bound to ``bind`` (``host:port``, port 0 for any)."""
+def open_socket(bind: str | tuple[str, int], *, error_queue: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``bind`` (``host:port``, port 0 for any).
+
+    ``error_queue`` asks the OS to queue ICMP errors (see
+    :func:`enable_error_queue`); only for a caller that reads them with
+    :func:`drain_socket` and :func:`send_datagram`, since an unread error queue
+    keeps the socket ready to read (a wrapper without ``recvmsg``, such as
+    netem's ``FaultySocket``, cannot).
+    """
     family, sockaddr = resolve_address(bind, allow_zero_port=True)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -74,6 +104,8 @@ def open_socket(bind: str | tuple[str, int]) -> socket.socket:
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
             except OSError:  # pragma: no cover - the kernel may cap it; not fatal
                 pass
+        if error_queue:
+            enable_error_queue(sock)
         sock.bind(sockaddr)
         sock.setblocking(False)
     except OSError as exc:
@@ -201,19 +233,240 @@ def enqueue(
     )
 
 
-def drain_socket(sock: DatagramSocket, limit: int = RECV_BATCH) -> list[tuple[bytes, Address]]:
-    """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets."""
+def drain_socket(
+    sock: DatagramSocket,
+    limit: int = RECV_BATCH,
+    reports: list[Unreachable] | None = None,
+) -> list[tuple[bytes, Address]]:
+    """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets.
+
+    With ``reports``, what the OS queued about unreachable destinations is
+    added to it: read when ``recvfrom`` raised a pending ICMP error, and when
+    the wake-up found nothing to read (the error queue alone makes a socket
+    ready).
+    """
     batch: list[tuple[bytes, Address]] = []
+    failed = False
     for _ in range(limit):
         try:
             data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
-            # e.g. ECONNREFUSED surfaced by an ICMP error: nothing to read this time
+            # e.g. ECONNREFUSED: an ICMP error for an earlier datagram, pending on the socket
+            failed = True
             continue
         batch.append((data, normalize(addr)))
+    if reports is not None and (failed or not batch):
+        reports.extend(read_error_queue(sock))
     return batch
+
+
+# ---------------------------------------------------- the OS's word on peers
+
+# Linux's numbers; the socket module does not export them all (ip(7), ipv6(7)).
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_ERROR_MESSAGES = {(socket.IPPROTO_IP, _IP_RECVERR), (socket.IPPROTO_IPV6, _IPV6_RECVERR)}
+_ORIGIN_ICMP = 2
+_ORIGIN_ICMP6 = 3
+#: struct sock_extended_err: ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+_ANCILLARY = 512  # bytes: one sock_extended_err and the offender's sockaddr_in6, with room
+
+#: errno of an unreachable destination -> whether it is *soft*: routing's word,
+#: which may be taken back (RFC 1122 section 4.2.3.9), rather than the peer's host's.
+#: Other errors (ENOBUFS, EMSGSIZE, ...) say nothing about reachability.
+_UNREACHABLE = {
+    _errno.ECONNREFUSED: False,  # ICMP port unreachable: the host is up, nothing listens
+    _errno.ENOPROTOOPT: False,  # ICMP protocol unreachable
+    _errno.ENETUNREACH: True,  # no route, or ICMP network unreachable
+    _errno.EHOSTUNREACH: True,  # no route to host, ICMP host unreachable, TTL exceeded
+    _errno.EHOSTDOWN: True,  # ICMP destination host unknown
+    _errno.EACCES: True,  # ICMPv6 administratively prohibited
+    _errno.EPERM: True,  # a local firewall (or a full connection-tracking table)
+}
+if hasattr(_errno, "ENONET"):  # Linux: ICMP source host isolated
+    _UNREACHABLE[_errno.ENONET] = True
+
+_ICMP_UNREACH = {
+    0: "network unreachable",
+    1: "host unreachable",
+    2: "protocol unreachable",
+    3: "port unreachable",
+    5: "source route failed",
+    6: "destination network unknown",
+    7: "destination host unknown",
+    8: "source host isolated",
+    9: "network administratively prohibited",
+    10: "host administratively prohibited",
+    11: "network unreachable for TOS",
+    12: "host unreachable for TOS",
+    13: "communication administratively prohibited",
+}
+_ICMP6_UNREACH = {
+    0: "no route to destination",
+    1: "communication administratively prohibited",
+    2: "beyond scope of source address",
+    3: "address unreachable",
+    4: "port unreachable",
+    5: "source address failed policy",
+    6: "reject route to destination",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """The OS's word that datagrams to ``addr`` do not get through.
+
+    ``reason`` is for people ("connection refused (the OS reported ICMP port
+    unreachable)"); ``soft`` is as for ``Endpoint.handle_unreachable``.
+    """
+
+    addr: Address
+    reason: str
+    errno: int
+    soft: bool
+
+
+def enable_error_queue(sock: socket.socket) -> bool:
+    """Have the OS queue ICMP errors per destination on ``sock``; whether it could.
+
+    Linux only (``IP_RECVERR``, and ``IPV6_RECVERR`` on an IPv6 socket, whose
+    IPv4-mapped traffic takes the IPv4 option too); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(sock, "recvmsg"):
+        return False
+    options = [(socket.IPPROTO_IP, _IP_RECVERR)]
+    if sock.family == socket.AF_INET6:
+        options.insert(0, (socket.IPPROTO_IPV6, _IPV6_RECVERR))
+    elif sock.family != socket.AF_INET:
+        return False
+    enabled = False
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 1)
+            enabled = True
+        except OSError:
+            pass
+    return enabled
+
+
+def read_error_queue(sock: object, limit: int = RECV_BATCH) -> list[Unreachable]:
+    """Empty ``sock``'s error queue (up to ``limit`` messages) into unreachability reports.
+
+    Returns nothing for a socket without an error queue, or a wrapper without
+    ``recvmsg`` (netem's ``FaultySocket``); errors that say nothing about
+    reachability (a path MTU, a local ENOBUFS) are read and dropped.
+    """
+    recvmsg = getattr(sock, "recvmsg", None)
+    if recvmsg is None:
+        return []
+    reports: list[Unreachable] = []
+    for _ in range(limit):
+        try:
+            _data, ancdata, _flags, dest = recvmsg(0, _ANCILLARY, _MSG_ERRQUEUE)
+        except OSError:  # EAGAIN: empty; EINVAL etc.: no error queue here
+            break
+        for level, kind, payload in ancdata:
+            report = parse_extended_error(level, kind, payload, dest)
+            if report is not None:
+                reports.append(report)
+    return reports
+
+
+def parse_extended_error(level: int, kind: int, payload: bytes, dest: Any) -> Unreachable | None:
+    """One error-queue control message about a datagram to ``dest``, if it says unreachable.
+
+    ``payload`` is a ``struct sock_extended_err`` followed by the sockaddr of
+    the node that reported it (the ICMP's source).
+    """
+    if (level, kind) not in _ERROR_MESSAGES or len(payload) < _EXTENDED_ERR.size:
+        return None
+    err, origin, icmp_type, code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(payload)
+    if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6) or err not in _UNREACHABLE:
+        return None
+    if not isinstance(dest, tuple) or len(dest) < 2:
+        return None
+    addr = normalize(dest)
+    if origin == _ORIGIN_ICMP:
+        name = _ICMP_UNREACH.get(code) if icmp_type == 3 else None
+    else:
+        name = _ICMP6_UNREACH.get(code) if icmp_type == 1 else None
+    if name is None:
+        exceeded = icmp_type == (11 if origin == _ORIGIN_ICMP else 3)
+        name = "time exceeded" if exceeded else f"type {icmp_type} code {code}"
+    offender = _sockaddr_host(payload[_EXTENDED_ERR.size :])
+    source = f" from {offender}" if offender is not None and offender != addr[0] else ""
+    reason = f"{_strerror(err)} (the OS reported ICMP {name}{source})"
+    return Unreachable(addr, reason, err, _UNREACHABLE[err])
+
+
+def _sockaddr_host(raw: bytes) -> str | None:
+    """The host of a ``sockaddr_in``/``sockaddr_in6`` in native layout, or None."""
+    if len(raw) < 2:
+        return None
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET and len(raw) >= 8:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8])
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    return None
+
+
+def _strerror(err: int) -> str:
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
+
+
+def send_datagram(
+    sock: DatagramSocket, data: bytes, addr: Address, reports: list[Unreachable]
+) -> None:
+    """``sendto``, adding what the OS says about unreachable destinations to ``reports``.
+
+    Raises ``BlockingIOError`` or ``InterruptedError`` (the caller keeps the
+    datagram for later). Any other error is read for what it says (see the
+    module docstring) and otherwise swallowed: the protocol retransmits.
+    """
+    try:
+        sock.sendto(data, addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError:
+        pass
+    # Perhaps an earlier datagram's ICMP error, pending: the queue says whose. Once more.
+    reports.extend(read_error_queue(sock))
+    try:
+        sock.sendto(data, addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError as exc:
+        failure = exc
+    queued = read_error_queue(sock)
+    reports.extend(queued)
+    report = None if queued else refused_send(failure, addr)
+    if report is not None:
+        reports.append(report)
+
+
+def refused_send(failure: OSError, addr: Address) -> Unreachable | None:
+    """A ``sendto`` to ``addr`` that failed with ``failure`` (twice), as a report if it is one.
+
+    ECONNREFUSED never is: the OS only raises it for an earlier datagram's ICMP.
+    """
+    err = failure.errno
+    if err is None or err == _errno.ECONNREFUSED or err not in _UNREACHABLE:
+        return None
+    return Unreachable(addr, f"{_strerror(err)} (the OS refused the send)", err, _UNREACHABLE[err])
+
+
+def report_unreachable(endpoint: Endpoint, reports: list[Unreachable], now: float) -> None:
+    """Hand the OS's reports to the core."""
+    for r in reports:
+        endpoint.handle_unreachable(r.addr, r.reason, now, errno=r.errno, soft=r.soft)
 
 
 class EventSink(Protocol):
@@ -259,7 +512,10 @@ def route_events(
         elif isinstance(event, events.StatsReceived):
             sink.on_stats(event.peer, event.request, event.body)
         elif isinstance(event, events.PeerUnreachable):
-            sink.on_peer_down(event.peer, errors.PeerUnreachable(event.peer, event.silent_for))
+            error = errors.PeerUnreachable(
+                event.peer, event.silent_for, cause=event.cause, errno=event.errno
+            )
+            sink.on_peer_down(event.peer, error)
         elif isinstance(event, events.PeerClosed):
             sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
         elif isinstance(event, events.PeerRejectedUs):

@@ -27,6 +27,7 @@ from ._driver import (
     Departures,
     MailboxHandle,
     Target,
+    Unreachable,
     checked_message,
     drain_socket,
     enqueue,
@@ -34,8 +35,10 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    report_unreachable,
     resolve_destination,
     route_events,
+    send_datagram,
     split_destination,
 )
 from ._groupsock import GroupSockets
@@ -103,7 +106,11 @@ class AsyncNode:
         if self._loop is not None:
             return self
         self._loop = asyncio.get_running_loop()
-        sock = self._given_sock if self._given_sock is not None else open_socket(self._bind)
+        sock = (
+            self._given_sock
+            if self._given_sock is not None
+            else open_socket(self._bind, error_queue=True)
+        )
         sock.setblocking(False)
         self._sock = sock
         self._endpoint.set_receive_buffer(receive_buffer(sock))
@@ -532,7 +539,10 @@ class AsyncNode:
 
     def _on_readable(self) -> None:
         assert self._sock is not None
-        self._pump(drain_socket(self._sock))
+        reports: list[Unreachable] = []
+        batch = drain_socket(self._sock, reports=reports)
+        self._take_reports(reports)
+        self._pump(batch)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -566,34 +576,45 @@ class AsyncNode:
             self._timer = self._loop.call_at(timer, self._on_timer)
 
     def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
+        """Send ``out``; called by :meth:`_pump`, which routes what OS reports cause."""
         if self._backlog:
             self._backlog.extend(out)
             return
         assert self._sock is not None
+        reports: list[Unreachable] = []
         for i, (data, addr) in enumerate(out):
             try:
-                self._sock.sendto(data, addr)
+                send_datagram(self._sock, data, addr, reports)
             except (BlockingIOError, InterruptedError):
                 self._backlog.extend(out[i:])
                 assert self._loop is not None
                 self._loop.add_writer(self._sock.fileno(), self._on_writable)
-                return
-            except OSError:
-                continue  # unroutable right now; the protocol retransmits
+                break
+        self._take_reports(reports)
 
     def _on_writable(self) -> None:
         assert self._sock is not None and self._loop is not None
         backlog = self._backlog
+        reports: list[Unreachable] = []
         while backlog:
             data, addr = backlog[0]
             try:
-                self._sock.sendto(data, addr)
+                send_datagram(self._sock, data, addr, reports)
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                pass
+                break
             backlog.popleft()
-        self._loop.remove_writer(self._sock.fileno())
+        else:
+            self._loop.remove_writer(self._sock.fileno())
+        if self._take_reports(reports):
+            self._pump([])  # route what they caused
+
+    def _take_reports(self, reports: list[Unreachable]) -> bool:
+        """Hand the OS's word on unreachable peers to the core; whether there was any."""
+        if not reports or self._closed:
+            return False
+        assert self._loop is not None
+        report_unreachable(self._endpoint, reports, self._loop.time())
+        return True
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []

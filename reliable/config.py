@@ -31,6 +31,8 @@ _MIN_DATAGRAM = (
 
 
 _MAY_BE_ZERO = frozenset({"inbox_capacity"})  # 0: the default mailbox is a rendezvous
+#: The choices of ``Config.os_errors``.
+OS_ERROR_POLICIES = ("fail", "ignore")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +116,28 @@ class Config:
     max_probe_interval: float = 1.0
     """Longest gap between liveness probes of a silent peer we are waiting on."""
 
+    os_errors: str = "fail"
+    """What the node does when the operating system says a peer we wait on
+    cannot be reached: an ICMP port, host or network unreachable for a datagram
+    we sent (read from the socket's error queue, on Linux), or a send refused
+    at once for want of a route. ``"fail"`` fails the peer's pending messages
+    there and then with ``PeerUnreachable`` naming the OS's reason; ``"ignore"``
+    rides such errors out, and the peer fails only after ``peer_timeout`` of
+    silence. Even with ``"fail"``, a peer we have heard from fails on a report
+    only if it is a port or protocol unreachable and we have waited a
+    retransmission timeout without an answer; network and host unreachables
+    (routing, which may recover) fail only a peer never heard from. See
+    docs/security.md on forged ICMP."""
+
+    wait_for_peer: bool = False
+    """Let sends wait for a peer that has not started yet, as ZeroMQ does, so
+    either side may start first. While a peer has never been heard from, its
+    silence and the operating system's refusals (a closed port) are ridden
+    out: a send waits until the peer answers or its own ``timeout`` passes
+    (without one, until it answers). Off: a new peer is held to
+    ``peer_timeout`` and a refusal fails the send at once. A peer once heard
+    from is held to ``peer_timeout`` either way."""
+
     max_peers: int = 4096
     """Most peers a node keeps state for. When it is reached, a new peer (once
     its address is validated) takes the place of the least recently heard idle
@@ -170,7 +194,7 @@ class Config:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or isinstance(value, bool):
+            if value is None or isinstance(value, (bool, str)):
                 continue
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"Config.{f.name} must be finite, got {value}")
@@ -179,6 +203,11 @@ class Config:
                     raise UsageError(f"Config.{f.name} must be >= 0 or None, got {value}")
             elif value <= 0:
                 raise UsageError(f"Config.{f.name} must be positive, got {value}")
+        if self.os_errors not in OS_ERROR_POLICIES:
+            raise UsageError(
+                f"Config.os_errors must be one of {', '.join(map(repr, OS_ERROR_POLICIES))}, "
+                f"got {self.os_errors!r}"
+            )
         if not _MIN_DATAGRAM <= self.max_datagram_size <= 65507:
             raise UsageError(
                 f"Config.max_datagram_size must be between {_MIN_DATAGRAM} and 65507 "

@@ -463,6 +463,39 @@ class Endpoint:
         if self._closing:
             self._maybe_finish_close(now)
 
+    def handle_unreachable(
+        self,
+        addr: Any,
+        reason: str,
+        now: float,
+        *,
+        errno: int | None = None,
+        soft: bool = False,
+    ) -> bool:
+        """The operating system says ``addr`` cannot be reached; ``reason`` says how.
+
+        Adapters call this for an ICMP error about a datagram sent to ``addr``
+        (e.g. "connection refused (the OS reported ICMP port unreachable)") or
+        a send the OS refused at once ("network is unreachable"), with the OS's
+        ``errno`` if there is one. ``soft`` marks a report that routing may take
+        back (network or host unreachable) rather than the peer's host refusing.
+        Unless ``Config.os_errors`` is ``"ignore"``, a peer we wait on then fails
+        at once with ``PeerUnreachable`` naming ``reason`` — subject to the
+        session's own evidence that it is alive (see :mod:`reliable.peer`).
+        Returns whether a peer failed on it; a report about an address the
+        node keeps no session for changes nothing.
+        """
+        session = self._peers.get(addr)
+        if session is None or self.closed:
+            return False
+        self._now = now
+        failed = session.on_unreachable(reason, now, errno=errno, soft=soft)
+        if not self._drop_if_expired(session):
+            self._dirty[addr] = None  # its deadline moved
+        if failed and self._closing:
+            self._maybe_finish_close(now)
+        return failed
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
         out = self._control
@@ -523,9 +556,7 @@ class Endpoint:
         for addr in self._timers.due(now, self._deadline_of):
             session = self._peers[addr]
             session.on_timer(now)
-            if session.expired:
-                self._drop_session(session, "idle" if session.idle() else "unreachable")
-            else:
+            if not self._drop_if_expired(session):
                 self._dirty[addr] = None
         groups_due = self._groups.deadline()
         if groups_due is not None and groups_due <= now:
@@ -1316,6 +1347,13 @@ class Endpoint:
             self._resumable.popitem(last=False)
         self.sessions_dropped[reason] = self.sessions_dropped.get(reason, 0) + 1
         self._emit(events.SessionDropped(peer=session.addr, reason=reason, released=released))
+
+    def _drop_if_expired(self, session: PeerSession) -> bool:
+        """Drop ``session`` if it says nobody needs it any more; returns whether it did."""
+        if not session.expired:
+            return False
+        self._drop_session(session, "idle" if session.idle() else "unreachable")
+        return True
 
     def _evict_idle(self, now: float) -> bool:
         """Make room under ``max_peers`` by dropping the least recently heard idle session."""

@@ -128,11 +128,22 @@ class DeliveryFailed(ReliableError):
 
 
 class PeerUnreachable(DeliveryFailed):
-    """Nothing was heard from the peer for ``after`` seconds while waiting on it."""
+    """Nothing was heard from the peer for ``after`` seconds while waiting on it.
 
-    def __init__(self, peer: Any, after: float) -> None:
-        super().__init__(peer, f"peer unreachable: no answer for {after:.1f}s")
+    ``cause`` is set when the operating system said the peer cannot be reached
+    (an ICMP port, host or network unreachable, or a send refused for want of
+    a route) and the node failed at once on its word rather than waiting out
+    ``Config.peer_timeout``; ``errno`` is then the OS's error number.
+    """
+
+    def __init__(
+        self, peer: Any, after: float, *, cause: str | None = None, errno: int | None = None
+    ) -> None:
+        reason = f"no answer for {after:.1f}s" if cause is None else cause
+        super().__init__(peer, f"peer unreachable: {reason}")
         self.after = after
+        self.cause = cause
+        self.errno = errno
 
 
 class PeerRestarted(DeliveryFailed):

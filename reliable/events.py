@@ -119,10 +119,16 @@ class PeerRestarted(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerUnreachable(Event):
-    """``peer`` stayed silent for ``silent_for`` seconds while we waited on it."""
+    """``peer`` stayed silent for ``silent_for`` seconds while we waited on it.
+
+    Or, with ``cause`` set, the operating system said it cannot be reached
+    (``cause`` says how, ``errno`` is the OS's number if it gave one).
+    """
 
     peer: Any
     silent_for: float
+    cause: str | None = None
+    errno: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

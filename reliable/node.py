@@ -35,6 +35,7 @@ from ._driver import (
     Departures,
     MailboxHandle,
     Target,
+    Unreachable,
     checked_message,
     drain_socket,
     enqueue,
@@ -42,8 +43,10 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    report_unreachable,
     resolve_destination,
     route_events,
+    send_datagram,
     split_destination,
 )
 from ._groupsock import GroupSockets
@@ -143,7 +146,9 @@ class Node:
         on_event: Callable[[events.Event], None] | None = None,
         security: Security | None = None,
     ) -> None:
-        self._sock: DatagramSocket = sock if sock is not None else open_socket(bind)
+        self._sock: DatagramSocket = (
+            sock if sock is not None else open_socket(bind, error_queue=True)
+        )
         if sock is not None:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
@@ -663,7 +668,9 @@ class Node:
                             pass
                     elif isinstance(key.data, socket.socket):
                         batch.extend(drain_socket(key.data))
-                batch.extend(drain_socket(self._sock))
+                reports: list[Unreachable] = []
+                batch.extend(drain_socket(self._sock, reports=reports))
+                self._take_reports(reports)
                 self._pump(batch)
                 if self._backlog:
                     self._flush_backlog()
@@ -753,27 +760,42 @@ class Node:
             self._backlog.extend(out)
             return
         sock = self._sock
+        reports: list[Unreachable] = []
         for i, (data, addr) in enumerate(out):
             try:
-                sock.sendto(data, addr)
+                send_datagram(sock, data, addr, reports)
             except (BlockingIOError, InterruptedError):
                 self._backlog.extend(out[i:])
                 self._wake()
-                return
-            except OSError:
-                continue  # unroutable right now; the protocol retransmits
+                break
+        self._take_reports(reports)
 
     def _flush_backlog(self) -> None:
         backlog = self._backlog
+        reports: list[Unreachable] = []
         while backlog:
             data, addr = backlog[0]
             try:
-                self._sock.sendto(data, addr)
+                send_datagram(self._sock, data, addr, reports)
             except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                pass
+                break
             backlog.popleft()
+        self._take_reports(reports)
+
+    def _take_reports(self, reports: list[Unreachable]) -> None:
+        """Hand the OS's word on unreachable peers to the core.
+
+        What it causes (failed sends, events) goes out with the I/O thread's
+        next pump: at once, since the core then has output.
+        """
+        if not reports:
+            return
+        with self._lock:
+            if self._endpoint.closed:
+                return
+            report_unreachable(self._endpoint, reports, time.monotonic())
+        if threading.current_thread() is not self._thread:
+            self._wake()
 
     def _timer_moved_earlier(self) -> bool:
         timer = self._endpoint.get_timer()

@@ -20,11 +20,11 @@ the timeout fails every pending message with ``PeerUnreachable`` and raises a
 ``PeerUnreachable`` event once.
 
 First contact: a peer never heard from may simply not have started yet (a
-producer started before its consumer). While any pending send to it was
-given its own timeout, silence does not make it unreachable: the session
-keeps probing, and each message fails by its own deadline. Without such a
-send, ``peer_timeout`` applies as to any peer. Once the peer has been heard
-from, it is held to ``peer_timeout`` like every established session.
+producer started before its consumer). With ``Config.wait_for_peer``, while
+sends to such a peer are pending, neither silence nor the OS's refusals make
+it unreachable: the session keeps probing, and each message fails only by
+its own deadline. Without it, ``peer_timeout`` applies as to any peer. Once
+the peer has been heard from, it is held to ``peer_timeout`` either way.
 
 Expiry: a session is not kept just because its peer once spoke. An idle
 session (not waiting) that hears nothing for ``idle_timeout`` is
@@ -46,6 +46,19 @@ look delivered. Until the peer's packets show it gave up below the fence,
 the new session accepts none of its data and answers with a DROPPED packet;
 the peer fails those messages with ``PeerDroppedSession`` (which may or may
 not have been delivered) and numbers on from there.
+
+The operating system may know sooner: an ICMP port unreachable for a datagram
+we sent, or a send refused for want of a route. The adapter hands such a
+report to :meth:`PeerSession.on_unreachable`, and one small rule
+(``_fails_on_report``) decides whether it ends the wait now, through the same
+path as the timeout, or is ridden out (``Config.os_errors``). ICMP is not
+authenticated, so the rule trusts a report only as far as the session's own
+evidence allows: any report fails a peer never heard from (nothing says it is
+alive; TCP aborts a connection attempt on the same grounds), but a peer that
+has answered fails only on a definite report (port or protocol unreachable:
+its host says nothing listens) and only once we have waited a retransmission
+timeout without an answer. Network and host unreachables come from routing, which recovers;
+RFC 1122 section 4.2.3.9 calls them soft, and so do we for a live session.
 
 Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
 verdict is out of the send stream (nothing to retransmit) but not yet
@@ -226,6 +239,7 @@ class PeerSession:
         self.bogus_acks = 0
         self.bogus_outcomes = 0  # control outcomes naming no message of ours
         self.corrupt = 0
+        self.os_errors = 0  # the OS's reports that the peer cannot be reached
         self.messages_sent = 0
         self.messages_failed = 0
         self.messages_received = 0
@@ -631,7 +645,7 @@ class PeerSession:
         if self._deadlines:
             candidates.append(self._deadlines[0][0])
         if self.wait_since is not None and not self.unreachable:
-            if not self._awaits_first_contact(None):
+            if not self._awaits_first_contact():
                 heard = max(self.last_heard, self.wait_since)
                 candidates.append(heard + self.config.peer_timeout)
             candidates.append(self._next_probe())
@@ -657,12 +671,13 @@ class PeerSession:
         self._update_wait(now)
         if self.wait_since is None:
             # Idle, and silent for idle_timeout: nothing here is worth keeping.
-            self.expired = now >= self.last_heard + self.config.idle_timeout
+            if now >= self.last_heard + self.config.idle_timeout:
+                self.expired = True
             return
         if self.unreachable:
             return
         silent_since = max(self.last_heard, self.wait_since)
-        if now >= silent_since + self.config.peer_timeout and not self._awaits_first_contact(now):
+        if now >= silent_since + self.config.peer_timeout and not self._awaits_first_contact():
             self._declare_unreachable(now, now - silent_since)
         elif now >= self._next_probe():
             self.ping_now = True
@@ -684,14 +699,9 @@ class PeerSession:
             return last + self.config.max_probe_interval
         return max(self.last_heard, self.last_probe) + self._probe_interval()
 
-    def _awaits_first_contact(self, now: float | None) -> bool:
-        """Never heard from, and a send to it chose to wait (a deadline after ``now``)."""
-        if self.heard:
-            return False
-        return any(
-            not msg.settled_or_cancelling() and (now is None or deadline > now)
-            for deadline, _, msg in self._deadlines
-        )
+    def _awaits_first_contact(self) -> bool:
+        """Sends wait for a peer never heard from to start (``Config.wait_for_peer``)."""
+        return self.config.wait_for_peer and not self.heard and self.has_pending()
 
     def _probe_interval(self) -> float:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
@@ -703,11 +713,54 @@ class PeerSession:
         elif self.wait_since is None:
             self.wait_since = now
 
-    def _declare_unreachable(self, now: float, silent_for: float) -> None:
+    def on_unreachable(
+        self, cause: str, now: float, *, errno: int | None = None, soft: bool = False
+    ) -> bool:
+        """The operating system says the peer cannot be reached; ``cause`` says how.
+
+        ``soft`` marks a report that routing may take back (network or host
+        unreachable), as opposed to the peer's host refusing the datagram.
+        Returns whether the session failed on it (see ``_fails_on_report``).
+        """
+        self.os_errors += 1
+        if not self._fails_on_report(now, soft):
+            return False
+        assert self.wait_since is not None  # a session nothing waits on does not fail
+        silent_for = now - max(self.last_heard, self.wait_since)
+        self._declare_unreachable(now, silent_for, cause=cause, errno=errno)
+        return True
+
+    def _fails_on_report(self, now: float, soft: bool) -> bool:
+        """Whether an OS report of unreachability ends the wait now, or is ridden out.
+
+        The one place that decides, so a policy (``Config.os_errors``, or a
+        session told to wait for a peer that has not started) changes it here.
+        """
+        if self.config.os_errors == "ignore" or self.wait_since is None or self.unreachable:
+            return False  # ignoring them, or nothing waits on the peer
+        if not self.heard:
+            # Nothing says it is alive: believe the OS, unless sends wait for the peer
+            # to start (Config.wait_for_peer), for which a refusal is the expected news.
+            return not self._awaits_first_contact()
+        # It has answered before: ICMP is unauthenticated and routes recover, so only a
+        # refusal from its host counts, once it owes us an answer: a retransmission
+        # timeout of silence while we wait (a healthy peer answers sooner).
+        return not soft and now - max(self.last_heard, self.wait_since) >= self.rtt.rto
+
+    def _declare_unreachable(
+        self,
+        now: float,
+        silent_for: float,
+        *,
+        cause: str | None = None,
+        errno: int | None = None,
+    ) -> None:
         self.unreachable = True
         self.wait_since = None
-        self._emit(events.PeerUnreachable(peer=self.addr, silent_for=silent_for))
-        self.fail_all(errors.PeerUnreachable(self.addr, silent_for))
+        self._emit(
+            events.PeerUnreachable(peer=self.addr, silent_for=silent_for, cause=cause, errno=errno)
+        )
+        self.fail_all(errors.PeerUnreachable(self.addr, silent_for, cause=cause, errno=errno))
         # Memory held for a silent peer (a sender that died mid-message) is released now.
         self.expired = not self.watchers and self.holds_memory() > 0
 
@@ -765,6 +818,7 @@ class PeerSession:
             duplicates=self._earlier_duplicates + self.receiver.duplicates,
             shed=self._earlier_shed + self.receiver.shed,
             corrupt=self.corrupt,
+            os_errors=self.os_errors,
             messages_sent=self.messages_sent,
             messages_failed=self.messages_failed,
             messages_received=self.messages_received,

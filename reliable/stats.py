@@ -36,6 +36,7 @@ class PeerStats:
     unreachable: bool
     forged_acks: int = 0  #: acknowledgements of sequence numbers never sent (dropped)
     held_bytes: int = 0  #: held here for this peer: reorder buffer, partial message, parked
+    os_errors: int = 0  #: reports from the operating system that the peer cannot be reached
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

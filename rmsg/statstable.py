@@ -154,7 +154,8 @@ def format_stats(stats: NodeStats, where: str) -> str:
         f"receive memory {stats.receive_bytes} of {stats.receive_memory} bytes, "
         f"send buffer {stats.send_buffer_bytes} bytes",
         f"address challenges sent {stats.challenges_sent}, "
-        f"fragments shed {sum(p.shed for p in stats.peers)}",
+        f"fragments shed {sum(p.shed for p in stats.peers)}, "
+        f"peers reported unreachable by the OS {sum(p.os_errors for p in stats.peers)} times",
         f"sessions dropped: {sessions}",
         f"dropped: {dropped}",
     ]

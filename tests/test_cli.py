@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,7 +67,9 @@ def test_send_to_nobody_fails_with_one_line() -> None:
     )
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0
-    assert "not acknowledged within 0.3s" in result.output
+    # Linux reports the closed port at once (IP_RECVERR); elsewhere the send times out.
+    expected = "connection refused" if sys.platform == "linux" else "not acknowledged within 0.3s"
+    assert expected in result.output
 
 
 def _send_later(

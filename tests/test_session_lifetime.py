@@ -239,22 +239,25 @@ def test_forged_acks_are_counted_in_peer_stats_and_node_drops() -> None:
     assert stats.dropped.get("forged_ack") == 1
 
 
-def test_a_send_with_a_timeout_waits_for_a_peer_that_has_not_started_yet() -> None:
-    """A producer started before its consumer failed after peer_timeout (5 s) whatever
-    timeout its send had."""
-    p = Pair()
+WAITS = Config(wait_for_peer=True)
+
+
+def test_a_send_waits_for_a_peer_that_has_not_started_yet() -> None:
+    """A producer started before its consumer failed after peer_timeout (5 s)."""
+    p = Pair(WAITS)
     ticket = p.a.endpoint.send(B, b"early", now=p.now, timeout=20.0)
+    untimed = p.a.endpoint.send(B, b"no timeout", now=p.now)
     while p.now < 12.0:  # nobody listens at B yet: everything A sends vanishes
         p.outgoing(p.a)
         p.tick(0.05)
     assert not p.a.of(events.MessageFailed)
     p.settle()  # B is up now
-    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket]
-    assert p.b.received() == [b"early"]
+    assert [e.ticket for e in p.a.of(events.MessageDelivered)] == [ticket, untimed]
+    assert p.b.received() == [b"early", b"no timeout"]
 
 
 def test_waiting_for_first_contact_ends_at_the_sends_own_timeout() -> None:
-    p = Pair()
+    p = Pair(WAITS)
     ticket = p.a.endpoint.send(B, b"nobody", now=p.now, timeout=8.0)
     while not p.a.of(events.MessageFailed):
         assert p.now < 9.0
@@ -265,9 +268,19 @@ def test_waiting_for_first_contact_ends_at_the_sends_own_timeout() -> None:
     assert 8.0 <= p.now < 8.1
 
 
-def test_without_a_timeout_a_silent_new_peer_is_unreachable_after_peer_timeout() -> None:
+def test_a_refusal_from_the_os_is_ridden_out_while_waiting_for_first_contact() -> None:
+    p = Pair(WAITS)
+    p.a.endpoint.send(B, b"early", now=p.now, timeout=20.0)
+    p.outgoing(p.a)
+    p.a.endpoint.handle_unreachable(B, "connection refused", p.now + 0.01, errno=111)
+    assert not p.a.of(events.MessageFailed)
+    p.settle()
+    assert p.b.received() == [b"early"]
+
+
+def test_by_default_a_silent_new_peer_is_unreachable_after_peer_timeout() -> None:
     p = Pair()
-    p.a.endpoint.send(B, b"nobody", now=p.now)
+    p.a.endpoint.send(B, b"nobody", now=p.now, timeout=20.0)
     while not p.a.of(events.MessageFailed):
         assert p.now < 6.0
         p.outgoing(p.a)
@@ -276,9 +289,9 @@ def test_without_a_timeout_a_silent_new_peer_is_unreachable_after_peer_timeout()
     assert Config().peer_timeout <= p.now < Config().peer_timeout + 0.1
 
 
-def test_an_established_peer_that_goes_silent_is_unreachable_whatever_the_send_timeout() -> None:
+def test_an_established_peer_that_goes_silent_is_unreachable_even_when_waiting_for_peers() -> None:
     """Waiting for first contact must not weaken dead-peer detection."""
-    p = Pair()
+    p = Pair(WAITS)
     p.connect()
     start = p.now
     p.a.endpoint.send(B, b"into the void", now=p.now, timeout=30.0)
@@ -311,3 +324,21 @@ def test_bad_message_arguments_fail_before_anything_is_sent() -> None:
                 raise AssertionError(f"{field}={bad!r} accepted")
     assert ep.peers() == [] and ep.datagrams_to_send(0.0) == []
     assert ep.send(B, bytearray(b"ok"), now=0.0) and ep.send(B, memoryview(b"ok"), now=0.0)
+
+
+def test_an_os_refusal_from_a_dead_sender_releases_what_it_held() -> None:
+    """The OS's word (ICMP port unreachable for our probe) ended the wait outside the timer,
+    and the session was never dropped: its reservation stayed held for good."""
+    p = Pair(SMALL, SMALL)
+    p.connect()
+    p.a.endpoint.send(B, bytes(200_000), now=p.now)
+    p.deliver(p.b, p.outgoing(p.a))  # the first flight arrives; then A's process dies
+    p.now += 1.0
+    p.b.endpoint.handle_timer(p.now)
+    p.outgoing(p.b)  # B's probe meets a closed port
+    assert p.b.endpoint.handle_unreachable(A, "connection refused", p.now, errno=111)
+    (dropped,) = p.b.of(events.SessionDropped)
+    assert (dropped.peer, dropped.reason) == (A, "unreachable")
+    assert p.b.endpoint.stats().receive_bytes == 0 and p.b.endpoint.peers() == []
+    p.now += 40.0  # nothing comes back to life, no timer loops
+    assert p.b.endpoint.get_timer() is None

@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from reliable import Config, Node
+from reliable import Config, Node, PeerUnreachable
+
+from .conftest import free_port
 
 pytestmark = pytest.mark.loopback
 
@@ -85,3 +87,21 @@ def test_memory_of_senders_killed_mid_message_comes_back_and_live_peers_get_thro
             receipt = live.send(dest, bytes(8 << 20), timeout=20)
             assert receipt.size == 8 << 20
         assert len(receiver.receive(timeout=5).data) == 8 << 20
+
+
+def test_a_producer_started_before_its_consumer_delivers_once_the_consumer_is_up() -> None:
+    """ZeroMQ users start either side first; the closed port's ICMP refusals are ridden out."""
+    port = free_port()
+    with Node(config=Config(wait_for_peer=True)) as producer:
+        handle = producer.send_nowait(f"127.0.0.1:{port}", b"first", timeout=15)
+        time.sleep(1.5)  # nobody there yet: the kernel answers "port unreachable"
+        assert not handle.done()
+        assert producer.stats().peers[0].os_errors > 0
+        with Node(f"127.0.0.1:{port}") as consumer:
+            assert handle.result(timeout=10).size == 5
+            assert consumer.receive(timeout=5).data == b"first"
+
+
+def test_by_default_a_closed_port_fails_the_send_at_once() -> None:
+    with Node() as producer, pytest.raises(PeerUnreachable, match="refused"):
+        producer.send(f"127.0.0.1:{free_port()}", b"x", timeout=15)
