@@ -160,6 +160,47 @@ def test_failover_when_a_member_dies_mid_stream(
     assert all(m == victim for e in failed_over for m, _ in e.failovers)  # type: ignore[union-attr]
 
 
+def test_a_send_crossing_a_members_close_fails_over_at_once() -> None:
+    """A member's CLOSE reaches other nodes a link delay after its ``close()``.
+
+    A send chosen in between goes to the closing member; its CLOSE then fails
+    the message there ("closed") and it goes to the other member at once, not
+    after ``peer_timeout``. The anycast example in docs/groups.md depends on
+    exactly this: the client may or may not have heard the CLOSE when it sends.
+    """
+    net, client, nodes = build(2, seed=7, link=Impairment(delay=0.01))
+    net.run(until=1.0)
+    assert sorted(client.service_members("printer")) == sorted(nodes)
+    done: dict[int, events.Event] = {}
+    first = client.send_anycast(SERVICE, _TAG.pack(1), now=net.now)
+    net.flush(CLIENT)
+    net.run(until=1.5)
+    outcomes(client, done)
+    closing = done[first].peer  # type: ignore[attr-defined]
+    (other,) = set(nodes) - {closing}
+    client.send_anycast(SERVICE, _TAG.pack(2), now=net.now)  # round-robin: to the other one
+    net.flush(CLIENT)
+    net.run(until=2.0)
+    start = net.now
+    net.call_at(start, lambda: nodes[closing].close(start, 0.0), host=closing)
+    # the CLOSE and WITHDRAW are on the wire; the closed node's socket is gone
+    net.call_at(start + 0.001, lambda: net.remove_host(closing))
+    third: list[int] = []
+    net.call_at(
+        start + 0.002,
+        lambda: third.append(client.send_anycast(SERVICE, _TAG.pack(3), now=net.now)),
+        host=CLIENT,
+    )
+    net.run(until=start + 1.0)  # well within peer_timeout (2 s)
+    outcomes(client, done)
+    assert third[0] in done, "no outcome yet: the CLOSE did not fail it over"
+    outcome = done[third[0]]
+    assert isinstance(outcome, events.MessageDelivered), outcome
+    assert outcome.peer == other
+    assert outcome.failovers == ((closing, "closed"),)  # sent to it before its CLOSE arrived
+    assert 3 in taken(nodes[other], net.now)
+
+
 def test_every_member_failing_is_reported_with_who_was_tried() -> None:
     net, client, nodes = build(2, seed=4, announce=False)
     net.call_at(0.0, lambda: client.send_anycast(SERVICE, b"x" * 4, now=0.0), host=CLIENT)
