@@ -19,12 +19,14 @@ otherwise wake the adapter for ever. See ip(7) and ipv6(7).
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import json
 import os
 import socket
 import struct
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -564,34 +566,64 @@ class Departures:
 
 
 class _ManagedNode(Protocol):
-    def _manage(self, name: str, action: str) -> None: ...
+    def _manage(self, name: str, action: str, owner: int | None) -> None: ...
+
+    def _port_abandoned(self, name: str, owner: int) -> None: ...
 
     def stats(self) -> NodeStats: ...
+
+
+def manage_mailbox(
+    endpoint: Endpoint, name: str, action: str, owner: int | None, now: float
+) -> None:
+    """Close, open or delete mailbox ``name`` in the core (a port: by its owner only)."""
+    if action == "close":
+        endpoint.close_mailbox(name, now, owner=owner)
+    elif action == "open":
+        endpoint.open_mailbox(name, owner=owner)
+    else:
+        endpoint.delete_mailbox(name, now, owner=owner)
+
+
+def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now: float) -> None:
+    """Delete the ports whose owner handles are gone (see :class:`MailboxHandle`)."""
+    while ports:
+        name, owner = ports.pop()
+        with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
+            endpoint.delete_mailbox(name, now, owner=owner)
 
 
 class MailboxHandle:
     """What the blocking and asyncio mailbox handles share: managing the mailbox.
 
     The handle a ``create_mailbox`` returns carries the owner token, which a
-    port requires of its receiver; other handles carry ``None``.
+    port requires of its receiver and of whoever closes, opens or deletes it;
+    other handles carry ``None``. When a port's owner handle is garbage
+    collected, the port is deleted: nobody could ever receive from it, so
+    senders must learn ``MailboxNotFound`` rather than be acknowledged into
+    the void. The deletion runs on the node's own schedule (the I/O thread, or
+    the event loop), never inside the garbage collector, which may run while
+    the node's lock is held.
     """
 
     def __init__(self, node: _ManagedNode, name: str, owner: int | None) -> None:
         self._managed = node
         self.name = name
         self._owner = owner
+        if owner is not None:
+            weakref.finalize(self, node._port_abandoned, name, owner)
 
     def close(self) -> None:
         """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
-        self._managed._manage(self.name, "close")
+        self._managed._manage(self.name, "close", self._owner)
 
     def open(self) -> None:
         """Accept messages again after :meth:`close`."""
-        self._managed._manage(self.name, "open")
+        self._managed._manage(self.name, "open", self._owner)
 
     def delete(self) -> None:
         """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
-        self._managed._manage(self.name, "delete")
+        self._managed._manage(self.name, "delete", self._owner)
 
     def stats(self) -> MailboxStats:
         return self._managed.stats().mailbox(self.name)

@@ -29,9 +29,11 @@ from ._driver import (
     Target,
     Unreachable,
     checked_message,
+    delete_abandoned_ports,
     drain_socket,
     enqueue,
     group_destination,
+    manage_mailbox,
     open_socket,
     parse_stats,
     receive_buffer,
@@ -98,6 +100,7 @@ class AsyncNode:
         self._backlog: deque[tuple[bytes, Address]] = deque()
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
+        self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
 
     # ------------------------------------------------------------- lifecycle
 
@@ -228,15 +231,27 @@ class AsyncNode:
             raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
         return AsyncMailbox(self, name, None)
 
-    def _manage(self, name: str, action: str) -> None:
+    def _manage(self, name: str, action: str, owner: int | None) -> None:
         loop = self._require_started()
         self._check_open()
-        if action == "close":
-            self._endpoint.close_mailbox(name, loop.time())
-        elif action == "open":
-            self._endpoint.open_mailbox(name)
-        else:
-            self._endpoint.delete_mailbox(name, loop.time())
+        manage_mailbox(self._endpoint, name, action, owner, loop.time())
+        self._pump([])
+
+    def _port_abandoned(self, name: str, owner: int) -> None:
+        """A port's owner handle was garbage collected: delete the port on the loop.
+
+        Called by the garbage collector, on whatever thread dropped the handle.
+        """
+        loop = self._loop
+        if loop is None or self._closed or loop.is_closed():
+            return
+        self._abandoned.append((name, owner))
+        loop.call_soon_threadsafe(self._delete_abandoned)
+
+    def _delete_abandoned(self) -> None:
+        if self._closed or self._loop is None:
+            return
+        delete_abandoned_ports(self._endpoint, self._abandoned, self._loop.time())
         self._pump([])
 
     # --------------------------------------------------------------- sending

@@ -671,20 +671,27 @@ class Endpoint:
     def mailbox_names(self) -> list[str]:
         return list(self._mailboxes)
 
-    def close_mailbox(self, name: str, now: float) -> None:
-        """Refuse new messages (senders get ``MailboxClosed``); queued ones stay receivable."""
-        box = self._box(name, managing=True)
+    def close_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
+        """Refuse new messages (senders get ``MailboxClosed``); queued ones stay receivable.
+
+        A port is managed by its owner only: ``owner`` must be its token.
+        """
+        box = self._box(name, owner=owner, managing=True)
         box.open = False
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
 
-    def open_mailbox(self, name: str) -> None:
+    def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
-        self._box(name, managing=True).open = True
+        self._box(name, owner=owner, managing=True).open = True
 
-    def delete_mailbox(self, name: str, now: float) -> None:
+    def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Remove the mailbox: parked senders get ``MailboxClosed``, later ones
-        ``MailboxNotFound``; queued messages are discarded; waiting receives fail."""
-        box = self._box(name, managing=True)
+        ``MailboxNotFound``; queued messages are discarded; waiting receives fail.
+
+        A port is deleted by its owner only (``owner``), and should be once the
+        owner is gone: nobody else can ever receive what it would accept.
+        """
+        box = self._box(name, owner=owner, managing=True)
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
         self._held -= box.queue.bytes
         box.drop_queued()
@@ -746,10 +753,11 @@ class Endpoint:
             raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
         if managing and name == DEFAULT_MAILBOX:
             raise errors.UsageError("the default mailbox cannot be closed or deleted")
-        if box.owner is not None and owner != box.owner and not managing:
+        if box.owner is not None and owner != box.owner:
+            doing = "closes, opens or deletes" if managing else "receives from"
             raise errors.UsageError(
                 f"mailbox {name!r} is a port: only its owner (the handle that created it) "
-                "receives from it"
+                f"{doing} it"
             )
         return box
 

@@ -37,9 +37,11 @@ from ._driver import (
     Target,
     Unreachable,
     checked_message,
+    delete_abandoned_ports,
     drain_socket,
     enqueue,
     group_destination,
+    manage_mailbox,
     open_socket,
     parse_stats,
     receive_buffer,
@@ -175,6 +177,7 @@ class Node:
         ] = []
         self._groups = GroupSockets(self._sock, self.config)
         self._unregistered: list[socket.socket] = []  # group sockets for the I/O thread
+        self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
         self._thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
         self._thread.start()
 
@@ -554,17 +557,22 @@ class Node:
                 raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
         return Mailbox(self, name, None)
 
-    def _manage(self, name: str, action: str) -> None:
+    def _manage(self, name: str, action: str, owner: int | None) -> None:
         with self._lock:
             self._check_open()
-            now = time.monotonic()
-            if action == "close":
-                self._endpoint.close_mailbox(name, now)
-            elif action == "open":
-                self._endpoint.open_mailbox(name)
-            else:
-                self._endpoint.delete_mailbox(name, now)
+            manage_mailbox(self._endpoint, name, action, owner, time.monotonic())
         self._pump([])  # senders of parked messages, and waiting receivers, learn now
+
+    def _port_abandoned(self, name: str, owner: int) -> None:
+        """A port's owner handle was garbage collected: the I/O thread deletes the port.
+
+        Called by the garbage collector, possibly on a thread that holds the
+        node's lock, so it only records the port (``list.append`` is atomic)
+        and wakes the I/O thread.
+        """
+        if not self._closed:
+            self._abandoned.append((name, owner))
+            self._wake()
 
     # ----------------------------------------------------------- management
 
@@ -633,6 +641,8 @@ class Node:
         try:
             while True:
                 with self._lock:
+                    if self._abandoned:
+                        delete_abandoned_ports(self._endpoint, self._abandoned, time.monotonic())
                     closed = self._endpoint.closed
                     timer = self._endpoint.get_timer()
                     self._sleep_until = timer

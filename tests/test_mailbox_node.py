@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import threading
 import time
@@ -271,3 +272,47 @@ def test_asyncio_mailboxes() -> None:
             assert b.stats().mailbox("meet").total_out == 1
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_only_the_owner_handle_closes_opens_or_deletes_a_port(pair) -> None:  # type: ignore[no-untyped-def]
+    server, _ = pair
+    owner = server.create_mailbox("p", port=True)
+    other = server.mailbox("p")
+    for action in (other.close, other.open, other.delete):
+        with pytest.raises(errors.UsageError, match="only its owner"):
+            action()
+    owner.close()
+    owner.open()
+    owner.delete()
+    assert "p" not in [m.name for m in server.stats().mailboxes]
+
+
+def test_a_port_whose_owner_handle_is_gone_is_deleted_and_senders_told(pair) -> None:  # type: ignore[no-untyped-def]
+    """It kept acknowledging messages that nobody could ever receive."""
+    server, client = pair
+    owner = server.create_mailbox("p", port=True)
+    client.send(_dest(server, "p"), b"while the owner lives")
+    del owner
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while "p" in [m.name for m in server.stats().mailboxes]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(errors.MailboxNotFound):
+        client.send(_dest(server, "p"), b"after", timeout=5)
+
+
+def test_an_async_port_whose_owner_handle_is_gone_is_deleted() -> None:
+    async def main() -> None:
+        async with AsyncNode() as server, AsyncNode() as client:
+            owner = server.create_mailbox("p", port=True)
+            dest = "{}:{}/p".format(*server.address)
+            await client.send(dest, b"while the owner lives")
+            del owner
+            gc.collect()
+            await asyncio.sleep(0.05)
+            assert "p" not in [m.name for m in server.stats().mailboxes]
+            with pytest.raises(errors.MailboxNotFound):
+                await client.send(dest, b"after", timeout=5)
+
+    asyncio.run(main())
