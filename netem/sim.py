@@ -180,37 +180,35 @@ class SimNetwork:
             heapq.heappop(queue)
 
     def step(self) -> bool:
-        """Process the next event; ``False`` when nothing is left to happen."""
+        """Process the next event (exactly one); ``False`` when nothing is left to happen."""
         self._drop_superseded()
-        while self._queue:
-            when, _, kind, payload = heapq.heappop(self._queue)
-            if kind == _TIMER:
-                addr = payload
-                timed = self._hosts[addr]  # live: superseded entries were dropped above
-                self.now = max(self.now, when)
-                self._timer_at[addr] = None
-                deadline = timed.get_timer()
-                if deadline is not None and deadline <= self.now:
-                    timed.handle_timer(self.now)
+        if not self._queue:
+            return False
+        when, _, kind, payload = heapq.heappop(self._queue)
+        self.now = max(self.now, when)
+        if kind == _TIMER:
+            addr = payload
+            timed = self._hosts[addr]  # live: superseded entries were dropped above
+            self._timer_at[addr] = None
+            deadline = timed.get_timer()
+            if deadline is not None and deadline <= self.now:
+                timed.handle_timer(self.now)
+            self.flush(addr)
+        elif kind == _CALL:
+            action, addr = payload
+            action()
+            if addr is not None:
                 self.flush(addr)
-            elif kind == _CALL:
-                action, addr = payload
-                self.now = max(self.now, when)
-                action()
-                if addr is not None:
-                    self.flush(addr)
+        else:
+            dst, src, datagram = payload
+            host = self._hosts.get(dst)
+            if host is None:
+                self.undeliverable += 1  # to a host taken off the network
             else:
-                dst, src, datagram = payload
-                self.now = max(self.now, when)
-                host = self._hosts.get(dst)
-                if host is None:
-                    self.undeliverable += 1
-                    continue
                 host.receive_datagram(datagram, src, self.now)
                 self.flush(dst)
-            self.events_processed += 1
-            return True
-        return False
+        self.events_processed += 1
+        return True
 
     def run(
         self,

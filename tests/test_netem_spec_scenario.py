@@ -202,3 +202,43 @@ def test_sim_scenario_applies_both_directions() -> None:
     )
     assert net.link("a", "b").impairment_at(0).delay == 0.01
     assert net.link("b", "a").impairment_at(0).delay == 0.03
+
+
+def test_sim_run_until_never_processes_a_later_event() -> None:
+    """A superseded timer at the head of the queue, or a datagram to a host taken off the
+    network, let run(until=...) process the next event whatever its time."""
+    from netem import SimNetwork
+
+    class Host:
+        def __init__(self) -> None:
+            self.timer: float | None = 1.0
+            self.fired: list[float] = []
+            self.out: list[tuple[bytes, object]] = []
+
+        def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
+            pass
+
+        def datagrams_to_send(self, now: float) -> list[tuple[bytes, object]]:
+            out, self.out = self.out, []
+            return out
+
+        def get_timer(self) -> float | None:
+            return self.timer
+
+        def handle_timer(self, now: float) -> None:
+            self.fired.append(now)
+            self.timer = None
+
+    net = SimNetwork()
+    host, gone = Host(), Host()
+    net.add_host("h", host)
+    net.add_host("gone", gone)
+    host.timer = 100.0  # re-armed later: the entry at 1.0 is superseded
+    net.flush("h")
+    host.out = [(b"x", "gone")]
+    net.flush("h")
+    net.remove_host("gone")  # its timer entry and the datagram to it become stale
+    net.run(until=50.0)
+    assert host.fired == [] and net.now == 50.0
+    net.run(until=150.0)
+    assert host.fired == [100.0]
