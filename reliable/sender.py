@@ -36,12 +36,14 @@ Invariants:
   includes the refusal in every ack from the moment the cumulative ack reaches
   it, so a refusal can never be overtaken by the ack that would complete it.
 * The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
-  timeout) backs off exponentially while nothing is acknowledged. On expiry it
+  timeout) backs off exponentially until an RTT sample arrives (Karn's
+  algorithm: an ack of a retransmission is no sample, so it must not
+  collapse the backoff either). On expiry it
   *probes*: the oldest packets in flight are retransmitted at once, even past
   the congestion window, without shrinking it — a lost tail packet is the
   usual cause and deserves no congestion response. Only
-  ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
-  (RFC 9002 section 7.6's persistent congestion).
+  ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries with no ack between
+  them collapse the window (RFC 9002 section 7.6's persistent congestion).
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ class SendStream:
         "peer_window",
         "probe_allowance",
         "probe_time",
+        "probes",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -198,7 +201,8 @@ class SendStream:
         self.largest_acked_datagram = -1
         self.loss_time: float | None = None
         self.last_send_time = 0.0
-        self.backoff = 0
+        self.backoff = 0  # doublings of the probe timeout, kept until an RTT sample (Karn)
+        self.probes = 0  # probe timeouts since anything was acknowledged
         self.packets_sent = 0
         self.retransmissions = 0
         self.cwnd_limited = False
@@ -418,7 +422,8 @@ class SendStream:
             # measure the probe timeout (seconds, at startup), not the path.
             if not newest.retransmitted and newest.sent_time > self.probe_time:
                 self.rtt.on_sample(now - newest.sent_time, ack_delay)
-            self.backoff = 0
+                self.backoff = 0  # Karn: a backed-off timer stays until a valid sample
+            self.probes = 0
             # Grow the window only if it was in use (RFC 7661): an application-limited
             # sender has not shown the path can carry more.
             if self.cwnd_limited or 2 * (self.in_flight_bytes + acked_bytes) >= self.cc.window:
@@ -542,12 +547,13 @@ class SendStream:
             return
         if self.flight and now >= self.last_send_time + self._probe_delay():
             self.backoff += 1
+            self.probes += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
             for pkt in oldest:
                 self._declare_lost(pkt)
             self.probe_allowance = len(oldest)
-            if self.backoff >= PERSISTENT_CONGESTION_PROBES:
+            if self.probes >= PERSISTENT_CONGESTION_PROBES:
                 self.cc.on_timeout(now)
 
     # ------------------------------------------------------------ abandoning
@@ -595,6 +601,7 @@ class SendStream:
         self.peer_window = self.initial_peer_window
         self.loss_time = None
         self.backoff = 0
+        self.probes = 0
         self.largest_acked_tx = -1
         self.largest_acked_datagram = -1
         self.probe_allowance = 0
