@@ -37,14 +37,13 @@ Invariants:
   it, so a refusal can never be overtaken by the ack that would complete it.
 * The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
   timeout) runs from the last transmission or the last acknowledgement of
-  anything, whichever is later, and backs off exponentially until an RTT
-  sample arrives (Karn's algorithm: an ack of a retransmission is no
-  sample, so it must not collapse the backoff either). On expiry it
+  anything, whichever is later, and backs off exponentially while nothing
+  is acknowledged. On expiry it
   *probes*: the oldest packets in flight are retransmitted at once, even past
   the congestion window, without shrinking it — a lost tail packet is the
   usual cause and deserves no congestion response. Only
-  ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries with no ack between
-  them collapse the window (RFC 9002 section 7.6's persistent congestion).
+  ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
+  (RFC 9002 section 7.6's persistent congestion).
 
 Timing a slow link. On a rate-limited link a round trip includes the
 datagram's serialisation and the queue ahead of it: 64 KiB take 65 ms at
@@ -192,7 +191,6 @@ class SendStream:
         "peer_window",
         "probe_allowance",
         "probe_time",
-        "probes",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -226,8 +224,7 @@ class SendStream:
         self.loss_time: float | None = None
         self.last_send_time = 0.0
         self.last_ack_time = 0.0  # when an acknowledgement last acknowledged anything
-        self.backoff = 0  # doublings of the probe timeout, kept until an RTT sample (Karn)
-        self.probes = 0  # probe timeouts since anything was acknowledged
+        self.backoff = 0
         self.packets_sent = 0
         self.retransmissions = 0
         self.cwnd_limited = False
@@ -453,8 +450,7 @@ class SendStream:
             # measure the probe timeout (seconds, at startup), not the path.
             if not newest.retransmitted and newest.sent_time > self.probe_time:
                 self.rtt.on_sample(now - newest.sent_time, ack_delay, newest.datagram_size)
-                self.backoff = 0  # Karn: a backed-off timer stays until a valid sample
-            self.probes = 0
+            self.backoff = 0
             self.dropped_ahead = 0
             self.last_ack_time = now
             # Grow the window only if it was in use (RFC 7661): an application-limited
@@ -605,13 +601,12 @@ class SendStream:
             return
         if self.flight and now >= self._probe_deadline():
             self.backoff += 1
-            self.probes += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
             for pkt in oldest:
                 self._declare_lost(pkt)
             self.probe_allowance = len(oldest)
-            if self.probes >= PERSISTENT_CONGESTION_PROBES:
+            if self.backoff >= PERSISTENT_CONGESTION_PROBES:
                 self.cc.on_timeout(now)
 
     # ------------------------------------------------------------ abandoning
@@ -660,7 +655,6 @@ class SendStream:
         self.peer_window = self.initial_peer_window
         self.loss_time = None
         self.backoff = 0
-        self.probes = 0
         self.largest_acked_tx = -1
         self.largest_acked_datagram = -1
         self.probe_allowance = 0

@@ -146,30 +146,6 @@ def test_karn_no_rtt_sample_from_a_retransmitted_packet() -> None:
     assert p.a.endpoint.stats().peers[0].srtt is None  # ambiguous: not sampled
 
 
-def test_karn_a_backed_off_probe_timer_stays_backed_off_until_an_rtt_sample() -> None:
-    """Karn's other half (RFC 6298 section 5): the backoff collapses only with a new
-    RTT sample. Reset by any ack, a probe timeout shorter than the path's round trip
-    (a slow link, a tiny first sample) fired again before every ack, and each probe
-    made the next ack ambiguous: no sample ever corrected the estimate."""
-    p = Pair()
-    p.connect()
-    sender = p.a.endpoint._peers[B].sender
-    for name in b"wx":
-        p.a.endpoint.send(B, bytes([name]) * 1000, now=p.now)
-    originals = p.outgoing(p.a)
-    while not sender.backoff:
-        p.tick()  # the link is slow: the probe timer fires before any ack
-    copies = p.outgoing(p.a)
-    p.deliver(p.b, originals + copies)
-    p.transfer(p.b)  # acknowledges both; but which transmissions? No sample
-    assert not sender.flight and sender.probes == 0  # answered: not persistent congestion
-    assert sender.backoff == 1
-    p.tick()
-    p.a.endpoint.send(B, b"y", now=p.now)  # sent after the probe: its ack is a sample
-    p.settle()
-    assert sender.backoff == 0
-
-
 def test_flow_control_closes_the_window_and_reopens_it() -> None:
     limit = 64 * 1024
     cfg = Config(receive_backlog=limit, inbox_bytes=limit, max_window=256)
