@@ -6,6 +6,11 @@ RFC 9002 section 5: the peer reports how long it held each acknowledgement
 the minimum RTT seen, and the RTO adds the peer's ``max_ack_delay`` so a
 delayed ack never looks like a loss. Karn's rule is the caller's job: only
 acknowledgements of packets transmitted once are offered as samples.
+
+A sample also records the size of the datagram it timed. On a rate-limited
+link the round trip grows with the datagram (its serialisation is part of
+it), so the largest datagram timed bounds how long a larger one may take:
+:meth:`RttEstimator.serialization_bound`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class RttEstimator:
         "min_rto",
         "min_rtt",
         "rttvar",
+        "sampled_size",
         "samples",
         "srtt",
     )
@@ -53,12 +59,15 @@ class RttEstimator:
         self.min_rtt = float("inf")
         self.latest = 0.0
         self.samples = 0
+        self.sampled_size = 0  # bytes of the largest datagram a sample timed
 
-    def on_sample(self, rtt: float, ack_delay: float = 0.0) -> None:
-        """Fold in one measurement: ``rtt`` from send to ack, ``ack_delay`` held by the peer."""
+    def on_sample(self, rtt: float, ack_delay: float = 0.0, size: int = 0) -> None:
+        """Fold in one measurement: ``rtt`` from send to ack, ``ack_delay`` held by the peer,
+        ``size`` the bytes of the datagram timed."""
         if rtt < 0:
             return
         self.samples += 1
+        self.sampled_size = max(self.sampled_size, size)
         self.latest = rtt
         self.min_rtt = min(self.min_rtt, rtt)
         ack_delay = min(max(ack_delay, 0.0), self.max_ack_delay)
@@ -77,6 +86,23 @@ class RttEstimator:
             return min(max(self.initial_rto, self.min_rto), self.max_rto)
         rto = self.srtt + max(self.granularity, 4 * self.rttvar) + self.max_ack_delay
         return min(max(rto, self.min_rto), self.max_rto)
+
+    def serialization_bound(self, size: int) -> float:
+        """Longest a ``size``-byte datagram may take to be acknowledged (0: one as large was timed).
+
+        A round trip of ``t`` seconds timed on an ``s``-byte datagram shows that
+        the path carries at least ``s / t`` bytes per second, so ``size`` bytes
+        are acknowledged within ``t * (1 + size / s)``. On a slow link a round
+        trip timed with small datagrams says little about a large one: 64 KiB
+        take 65 ms to serialise at 8 Mbit/s, sixty times a tiny packet's round
+        trip on loopback. Never more than ``initial_rto``, what a timer waits
+        knowing nothing; ``t`` is the smoothed RTT.
+        """
+        if self.srtt is None or size <= self.sampled_size:
+            return 0.0
+        if not self.sampled_size:
+            return self.initial_rto
+        return min(self.srtt * (1 + size / self.sampled_size), self.initial_rto)
 
     def backed_off(self, count: int) -> float:
         """The RTO doubled ``count`` times (exponential backoff), capped at ``max_rto``."""

@@ -36,12 +36,33 @@ Invariants:
   includes the refusal in every ack from the moment the cumulative ack reaches
   it, so a refusal can never be overtaken by the ack that would complete it.
 * The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
-  timeout) backs off exponentially while nothing is acknowledged. On expiry it
+  timeout) runs from the last transmission or the last acknowledgement of
+  anything, whichever is later, and backs off exponentially while nothing
+  is acknowledged. On expiry it
   *probes*: the oldest packets in flight are retransmitted at once, even past
   the congestion window, without shrinking it — a lost tail packet is the
   usual cause and deserves no congestion response. Only
   ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
   (RFC 9002 section 7.6's persistent congestion).
+
+Timing a slow link. On a rate-limited link a round trip includes the
+datagram's serialisation and the queue ahead of it: 64 KiB take 65 ms at
+8 Mbit/s, while the round trip first timed (a tiny packet, the cookie
+exchange) may be 1 ms. A probe that trusts the tiny round trip fires before
+the first acknowledgement can return; the probe makes that acknowledgement
+ambiguous, so no sample corrects the estimate, and the next probe fires
+too: 1 MiB once took 6.8 s and 152 transmissions of 17 fragments. Three
+rules keep the timer honest, none needing a rate estimate:
+
+* a sample of ``t`` seconds on an ``s``-byte datagram proves the path
+  carries ``s / t`` bytes per second, so a larger datagram at the head of
+  the flight gets ``t * (1 + size / s)`` before a probe
+  (:meth:`RttEstimator.serialization_bound`), and so do the bytes the peer
+  dropped unread ahead of a resent first flight;
+* the timer restarts on every acknowledgement (RFC 6298 5.3): a queue that
+  drains one datagram at a time keeps it from firing;
+* the tail loss probe waits at least the latest RTT, which the smoothed one
+  lags while the queue grows.
 """
 
 from __future__ import annotations
@@ -55,7 +76,7 @@ from dataclasses import dataclass, field
 from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
-from .wire import Fragment, record_size, unwrap
+from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -128,6 +149,7 @@ class SentPacket:
     size: int  #: record bytes: what it counts against the congestion window
     tx: int = 0
     datagram: int = 0  #: the datagram it went out in (its fragments share the number)
+    datagram_size: int = 0  #: that datagram's bytes: header and records (not ack state, sealing)
     sent_time: float = 0.0
     retransmitted: bool = False
     lost: bool = False
@@ -153,11 +175,13 @@ class SendStream:
         "cum_ack",
         "cwnd_limited",
         "datagrams_sent",
+        "dropped_ahead",
         "flight",
         "in_flight_bytes",
         "initial_peer_window",
         "largest_acked_datagram",
         "largest_acked_tx",
+        "last_ack_time",
         "last_send_time",
         "loss_time",
         "lost",
@@ -197,6 +221,7 @@ class SendStream:
         self.unacked: dict[int, SentPacket] = {}
         self.flight: dict[int, SentPacket] = {}
         self.in_flight_bytes = 0  # sizes of the packets in flight
+        self.dropped_ahead = 0  # bytes the peer dropped unread, still crossing before the flight
         self.lost: list[int] = []
         self.by_msg_id: dict[int, OutgoingMessage] = {}
         self.tx_counter = 0
@@ -205,6 +230,7 @@ class SendStream:
         self.largest_acked_datagram = -1
         self.loss_time: float | None = None
         self.last_send_time = 0.0
+        self.last_ack_time = 0.0  # when an acknowledgement last acknowledged anything
         self.backoff = 0
         self.packets_sent = 0
         self.retransmissions = 0
@@ -254,7 +280,7 @@ class SendStream:
         if self.loss_time is not None:
             return self.loss_time
         if self.flight:
-            return self.last_send_time + self._probe_delay()
+            return self._probe_deadline()
         return None
 
     def messages(self) -> list[OutgoingMessage]:
@@ -274,23 +300,29 @@ class SendStream:
         step = self._next_fragment(now, None, False)
         if step is None:
             return None
-        first, retransmission, used = step
+        first, retransmission, pkt = step
         fragments = [first]
+        packets = [pkt]
+        used = pkt.size
         while True:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
                 break
-            fragment, again, size = step
+            fragment, again, pkt = step
             fragments.append(fragment)
+            packets.append(pkt)
             retransmission = retransmission or again
-            used += size
+            used += pkt.size
+        size = HEADER_OVERHEAD + used
+        for pkt in packets:
+            pkt.datagram_size = size
         self.datagrams_sent += 1
         return fragments, retransmission
 
     def _next_fragment(
         self, now: float, room: int | None, control: bool
-    ) -> tuple[Fragment, bool, int] | None:
-        """The next fragment to transmit, whether it is a retransmission, and its record size.
+    ) -> tuple[Fragment, bool, SentPacket] | None:
+        """The next fragment to transmit, whether it is a retransmission, and its packet.
 
         With ``room``, only one whose record fits in that many bytes and whose
         control flag is ``control``. Returns ``None``, changing nothing, when
@@ -309,7 +341,7 @@ class SendStream:
             pkt.retransmitted = True
             self.retransmissions += 1
             self._transmit(pkt, now)
-            return self._fragment(pkt), True, pkt.size
+            return self._fragment(pkt), True, pkt
         msg = self._next_message()
         if msg is None:
             return None
@@ -329,7 +361,7 @@ class SendStream:
         self.next_seq += 1
         self.unacked[pkt.seq] = pkt
         self._transmit(pkt, now)
-        return self._fragment(pkt), False, size
+        return self._fragment(pkt), False, pkt
 
     def _use_window(self) -> None:
         if self.in_flight_bytes >= self.cc.window:
@@ -424,8 +456,10 @@ class SendStream:
             # after the packet: its own acks may have been lost, and the sample would
             # measure the probe timeout (seconds, at startup), not the path.
             if not newest.retransmitted and newest.sent_time > self.probe_time:
-                self.rtt.on_sample(now - newest.sent_time, ack_delay)
+                self.rtt.on_sample(now - newest.sent_time, ack_delay, newest.datagram_size)
             self.backoff = 0
+            self.dropped_ahead = 0
+            self.last_ack_time = now
             # Grow the window only if it was in use (RFC 7661): an application-limited
             # sender has not shown the path can carry more.
             if self.cwnd_limited or 2 * (self.in_flight_bytes + acked_bytes) >= self.cc.window:
@@ -515,17 +549,25 @@ class SendStream:
             return
         oldest = next(iter(self.flight.values()))
         if not oldest.retransmitted and oldest.sent_time > self.probe_time:
-            self.rtt.on_sample(now - oldest.sent_time)
+            self.rtt.on_sample(now - oldest.sent_time, size=oldest.datagram_size)
 
     def resend_now(self, now: float) -> None:
         """Everything in flight was dropped unread (the peer had no state for us):
-        send it again at once, with no congestion response."""
+        send it again at once, with no congestion response. The copies queue behind
+        what the peer will yet drop: until an acknowledgement, the probe timer
+        allows for those bytes too."""
         self.probe_time = now
+        self.dropped_ahead = self.in_flight_bytes
         for pkt in list(self.flight.values()):
             self._declare_lost(pkt)
 
+    def _probe_deadline(self) -> float:
+        """When the tail has gone unacknowledged too long: a probe delay after the last
+        transmission or the last acknowledgement of anything, whichever is later."""
+        return max(self.last_send_time, self.last_ack_time) + self._probe_delay()
+
     def _probe_delay(self) -> float:
-        """How long the tail may go unacknowledged before a probe.
+        """How long the flight may go unacknowledged before a probe.
 
         The first probe is a tail loss probe (RFC 8985): two smoothed RTTs,
         not the RTO, whose four RTT variances make it several times longer
@@ -533,13 +575,30 @@ class SendStream:
         ack, so no delayed-ack allowance is needed. It waits at least
         ``min_rto`` (as Linux floors its probe at 10 ms): on loopback two
         RTTs can be a fraction of a millisecond, less than a busy receiver
-        takes to answer, and the probe would be spurious. Later probes back
-        off from the RTO.
+        takes to answer, and the probe would be spurious. Nor less than the
+        latest RTT: the smoothed one lags a queue that is growing. Later
+        probes back off from the RTO.
+
+        Whatever the backoff, it is never shorter than the next datagram
+        (the flight's head, behind anything the peer dropped unread) may
+        take to cross at the rate the samples have shown
+        (:meth:`RttEstimator.serialization_bound`), plus the peer's ack
+        delay if more datagrams follow the head (only a burst's tail asks
+        for an immediate ack).
         """
         rtt = self.rtt
         if self.backoff == 0 and rtt.srtt is not None:
-            return min(rtt.rto, max(2 * rtt.srtt, rtt.min_rto))
-        return rtt.backed_off(self.backoff)
+            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, rtt.min_rto))
+        else:
+            delay = rtt.backed_off(self.backoff)
+        flight = self.flight.values()
+        head = next(iter(flight), None)
+        if head is not None:
+            crossing = rtt.serialization_bound(self.dropped_ahead + head.datagram_size)
+            if crossing and head.datagram != next(reversed(flight)).datagram:
+                crossing += rtt.max_ack_delay  # more follows: the head's ack may be delayed
+            delay = max(delay, crossing)
+        return delay
 
     def on_timer(self, now: float) -> None:
         """Run the loss-detection or retransmission timer if it is due."""
@@ -547,7 +606,7 @@ class SendStream:
             if now >= self.loss_time:
                 self.detect_losses(now)
             return
-        if self.flight and now >= self.last_send_time + self._probe_delay():
+        if self.flight and now >= self._probe_deadline():
             self.backoff += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
@@ -596,6 +655,7 @@ class SendStream:
         self.control.clear()
         self.unacked.clear()
         self.flight.clear()
+        self.dropped_ahead = 0
         self.in_flight_bytes = 0
         self.lost.clear()
         self.cum_ack = self.next_seq

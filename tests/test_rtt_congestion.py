@@ -102,3 +102,19 @@ def test_the_window_counts_bytes_and_grows_one_datagram_per_window() -> None:
     for t in range(8):
         cc.on_lost(newest_lost_sent_time=2.0 + t, now=2.5 + t)
     assert cc.window == 2400  # never below min_cwnd bytes
+
+
+def test_a_datagram_larger_than_any_timed_is_allowed_its_serialisation() -> None:
+    """A sample of t seconds on an s-byte datagram shows the path carries s/t bytes per
+    second at least: S bytes cross within t * (1 + S/s). At 8 Mbit/s a 60-byte datagram
+    takes about 1 ms there and back, a 64 KiB one 65 ms more."""
+    rtt = estimator(initial_rto=1.0)
+    assert rtt.serialization_bound(65000) == 0.0  # no sample: the initial RTO rules anyway
+    rtt.on_sample(0.001, size=60)
+    assert rtt.serialization_bound(60) == 0.0  # timed: two RTTs cover it
+    assert rtt.serialization_bound(600) == pytest.approx(0.011)
+    assert rtt.serialization_bound(65000) == 1.0  # never longer than knowing nothing
+    rtt.on_sample(0.07, size=65000)
+    assert rtt.sampled_size == 65000 and rtt.serialization_bound(65000) == 0.0
+    rtt.on_sample(0.001, size=60)
+    assert rtt.sampled_size == 65000  # the largest datagram timed
