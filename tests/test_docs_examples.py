@@ -25,3 +25,16 @@ def test_mailbox_guide_examples_run(code: str) -> None:
 @pytest.mark.parametrize("code", _examples("groups.md"))
 def test_groups_guide_examples_run(code: str) -> None:
     exec(compile(code, "docs/groups.md", "exec"), {})
+
+
+def _section(name: str, heading: str) -> str:
+    text = (DOCS / name).read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize("code", _BLOCK.findall(_section("usage.md", "Cancellation")))
+def test_usage_cancellation_examples_run(code: str) -> None:
+    exec(compile(code, "docs/usage.md", "exec"), {})  # our own docs, run as written
