@@ -720,9 +720,13 @@ class Node:
         finally:
             selector.close()
             with self._lock:
+                closing = self._closed  # close() released the socket while we were held up
                 self._closed = True
                 self._fail_handles(errors.NodeClosed("the node's I/O thread stopped"))
                 self._changed.notify_all()
+            if closing:
+                self._wake_r.close()  # close() left these to us: we were still running
+                self._wake_w.close()
 
     def _pump(
         self,
