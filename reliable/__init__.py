@@ -21,7 +21,7 @@ from .addressing import (
     resolve_address,
 )
 from .config import Config
-from .endpoint import Endpoint
+from .endpoint import Endpoint, Withdrawal
 from .errors import (
     AddressError,
     AuthenticationFailed,
@@ -42,6 +42,7 @@ from .errors import (
     ReliableError,
     SendAborted,
     SendBufferFull,
+    SendCancelled,
     SendTimeout,
     UnknownMailbox,
     UsageError,
@@ -63,6 +64,7 @@ __all__ = [
     "AuthenticationFailed",
     "AsyncMailbox",
     "AsyncNode",
+    "AsyncSendHandle",
     "Config",
     "DeliveryFailed",
     "Endpoint",
@@ -88,11 +90,13 @@ __all__ = [
     "ReliableError",
     "SendAborted",
     "SendBufferFull",
+    "SendCancelled",
     "SendHandle",
     "SendTimeout",
     "Selector",
     "UnknownMailbox",
     "UsageError",
+    "Withdrawal",
     "WouldBlock",
     "errors",
     "events",
@@ -108,7 +112,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> object:
     # AsyncNode lives in its own module so importing reliable never imports asyncio.
-    if name in ("AsyncNode", "AsyncMailbox"):
+    if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle"):
         from . import aio
 
         return getattr(aio, name)

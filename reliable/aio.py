@@ -10,6 +10,14 @@ and uvloop).
 Every application call ends with a pump of the core, so the events a call
 caused are routed before the call returns: when the core says a waiting
 receive cannot be withdrawn, its future is already resolved.
+
+Cancellation follows asyncio's convention and the core's withdrawal rules:
+cancelling ``await node.send(...)`` (or the :class:`AsyncSendHandle` a
+``send_nowait`` returned) raises ``CancelledError`` and withdraws the message
+if it can still be withdrawn. :meth:`AsyncSendHandle.withdraw` does the same
+without cancelling the future, which then reports the message's real fate.
+Closing waits (briefly) for the socket to take the final datagrams (CLOSE)
+before releasing it.
 """
 
 from __future__ import annotations
@@ -52,14 +60,54 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
-from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
+from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import DISCOVERY_WAIT
+from .node import _CLOSE_GRACE, DISCOVERY_WAIT
 from .security import Security
 from .stats import NodeStats
 
-__all__ = ["AsyncMailbox", "AsyncNode"]
+__all__ = ["AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+
+
+class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
+    """The pending outcome of :meth:`AsyncNode.send_nowait`: an ``asyncio.Future``
+    resolved with the :class:`~reliable.Receipt` or the delivery error.
+
+    ``ticket`` is the number the node's ``MessageDelivered``/``MessageFailed``
+    events carry for it. Cancelling it (``cancel()``, or cancelling a task
+    awaiting it) withdraws the message if it can still be withdrawn; the
+    future is cancelled either way, so a message that could not be withdrawn
+    reports its fate only to ``on_event``. To keep that fate, call
+    :meth:`withdraw` instead.
+    """
+
+    def __init__(self, node: AsyncNode, ticket: int, destination: Any) -> None:
+        super().__init__(loop=node._loop)
+        self._node = node
+        self.ticket = ticket
+        self.destination = destination
+
+    def withdraw(self) -> bool:
+        """Withdraw the message if it can still be withdrawn; the future stays live.
+
+        ``True``: withdrawn, certainly not delivered; the future now holds
+        :class:`~reliable.errors.SendCancelled` (``delivered=False``).
+        ``False``: the outcome was already known, or the message could not be
+        withdrawn at once; the future will hold its real fate (a receipt, a
+        ``DeliveryFailed``, or ``SendCancelled`` if it was waiting at the
+        receiver's full mailbox and the receiver gave it back).
+        """
+        if self.done():
+            return False
+        return self._node._withdraw(self.ticket) is Withdrawal.WITHDRAWN
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the future (asyncio's meaning) and withdraw the message if it can be."""
+        cancelled = super().cancel(msg)
+        if cancelled:
+            self._node._withdraw(self.ticket)  # its outcome event still reaches on_event
+        return cancelled
 
 
 class AsyncNode:
@@ -88,7 +136,7 @@ class AsyncNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
-        self._handles: dict[int, asyncio.Future[Receipt | GroupReceipt]] = {}
+        self._handles: dict[int, AsyncSendHandle] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -98,6 +146,7 @@ class AsyncNode:
         # (an Event pulsed with set()+clear() loses a wake-up to a waiter that has not run yet).
         self._waiters: list[asyncio.Future[None]] = []
         self._backlog: deque[tuple[bytes, Address]] = deque()
+        self._drained: asyncio.Future[None] | None = None  # close() waits for the backlog
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
@@ -138,9 +187,15 @@ class AsyncNode:
             self._pump([])
         assert self._close_done is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + 1.0)
+            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + _CLOSE_GRACE)
         except TimeoutError:  # pragma: no cover - the core always closes by its deadline
-            pass
+            self._endpoint.close(self._loop.time(), 0)  # end it now: CLOSE before the socket goes
+            self._pump([])
+        if self._backlog and not self._closed:
+            # The socket was full: the final datagrams (CLOSE) wait in the backlog.
+            self._drained = self._loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained), _CLOSE_GRACE)
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -266,8 +321,9 @@ class AsyncNode:
         mailbox: str | None = None,
         timeout: float | None = None,
         policy: str = "round-robin",
-    ) -> asyncio.Future[Receipt | GroupReceipt]:
-        """Queue ``data``; returns a future resolved with the receipt or the delivery error.
+    ) -> AsyncSendHandle:
+        """Queue ``data``; returns an :class:`AsyncSendHandle`, a future resolved with
+        the receipt or the delivery error.
 
         Raises a :class:`~reliable.errors.WouldBlock` (``SendBufferFull``,
         ``MailboxFull``) instead of waiting; nothing was sent then. A group
@@ -286,7 +342,7 @@ class AsyncNode:
         timeout: float | None,
         deadline: float | None,
         policy: str,
-    ) -> asyncio.Future[Receipt | GroupReceipt]:
+    ) -> AsyncSendHandle:
         data = checked_message(data, msg_type, priority)
         loop = self._require_started()
         assert self._sock is not None
@@ -312,7 +368,7 @@ class AsyncNode:
             deadline=deadline,
             policy=policy,
         )
-        future: asyncio.Future[Receipt | GroupReceipt] = loop.create_future()
+        future = AsyncSendHandle(self, ticket, peer if peer is not None else str(target))
         self._handles[ticket] = future
         if not busy:
             self._pump([])  # an idle peer: send at once
@@ -344,6 +400,13 @@ class AsyncNode:
         room in a full mailbox; with ``timeout`` a message not in by then is
         withdrawn and :class:`~reliable.errors.SendTimeout` raised. Group and
         anycast destinations work as there.
+
+        Cancelling the call withdraws the message if it can still be
+        withdrawn (not wholly sent yet, or waiting at the receiver's full
+        mailbox) and raises ``CancelledError`` either way. A message that
+        could not be withdrawn goes on, and its fate reaches only
+        ``on_event``; to keep it, use :meth:`send_nowait` and
+        ``AsyncSendHandle.withdraw`` (docs/usage.md, "Cancellation").
         """
         check_timeout(timeout, "timeout", positive=True)
         data = checked_message(data, msg_type, priority)
@@ -358,7 +421,7 @@ class AsyncNode:
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise errors.SendTimeout(dest, timeout or 0.0)
+                raise errors.SendTimeout(dest, timeout or 0.0, stage="queued")
             try:
                 future = self._submit(
                     dest, data, msg_type, priority, mailbox, timeout, deadline, policy
@@ -367,7 +430,7 @@ class AsyncNode:
             except errors.WouldBlock:
                 self._check_open()
                 await self._wait_change(remaining)
-        return await future
+        return await future  # cancelled: AsyncSendHandle.cancel withdraws it if it can
 
     # ---------------------------------------------------------------- groups
 
@@ -620,6 +683,8 @@ class AsyncNode:
             backlog.popleft()
         else:
             self._loop.remove_writer(self._sock.fileno())
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
         if self._take_reports(reports):
             self._pump([])  # route what they caused
 
@@ -630,6 +695,14 @@ class AsyncNode:
         assert self._loop is not None
         report_unreachable(self._endpoint, reports, self._loop.time())
         return True
+
+    def _withdraw(self, ticket: int) -> Withdrawal:
+        """Withdraw send ``ticket`` in the core and route its outcome at once."""
+        if self._closed or self._loop is None:
+            return Withdrawal.UNKNOWN
+        answer = self._endpoint.withdraw(ticket, self._loop.time())
+        self._pump([])
+        return answer
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []

@@ -36,6 +36,11 @@ it had reached is kept as a :class:`~reliable.peer.Resumption` (at most
 ``remembered_sessions`` of them), so a peer heard from again continues where
 it was.
 
+A send may be withdrawn (``withdraw(ticket, now)``, when the application
+cancels it) for as long as it can be: see :mod:`reliable.peer` and the
+:class:`~reliable.peer.Withdrawal` it answers. Either way the ticket gets
+exactly one outcome event.
+
 Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
 with a CLOSE packet, and a :class:`~reliable.events.Closed` event ends it.
@@ -79,7 +84,7 @@ from .control import (
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
-from .peer import PeerSession, Resumption
+from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
 from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
 from .sender import OutgoingMessage
@@ -102,7 +107,7 @@ from .wire import (
     fragment_capacity,
 )
 
-__all__ = ["Endpoint"]
+__all__ = ["Endpoint", "Withdrawal"]
 
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
@@ -129,9 +134,12 @@ class _Anycast:
     """One anycast send: the application's ticket and the members tried so far."""
 
     __slots__ = (
+        "cancelled",
         "data",
         "deadline",
+        "inner",
         "mailbox",
+        "maybe_delivered",
         "member",
         "msg_type",
         "policy",
@@ -160,6 +168,9 @@ class _Anycast:
         self.deadline = deadline
         self.policy = policy
         self.member: Any = None
+        self.inner = 0  #: the unicast ticket of the attempt in progress
+        self.cancelled = False  #: the application withdrew it: no failover
+        self.maybe_delivered = False  #: some member tried may have it
         self.tried: list[tuple[Any, str]] = []
 
 
@@ -235,6 +246,8 @@ class Endpoint:
             cookie_valid=self._cookie_valid,
         )
         self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
+        self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
+        self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
@@ -289,9 +302,45 @@ class Endpoint:
         )
         self._next_ticket += 1
         self._buffered += len(data)
+        self._outgoing[msg.ticket] = (dest, msg)
         peer.enqueue(msg, now)
         self._dirty[dest] = None
         return msg.ticket
+
+    def withdraw(self, ticket: int, now: float) -> Withdrawal:
+        """The application cancelled send ``ticket``: withdraw it if it still can be.
+
+        A message not wholly sent yet is withdrawn at once
+        (``Withdrawal.WITHDRAWN``: its ``MessageFailed`` carrying
+        :class:`~reliable.errors.SendCancelled` is queued). One parked at the
+        receiver's full mailbox is asked back (``REQUESTED``: its outcome
+        event says whether it was given back or got in first). One wholly
+        sent and awaiting its acknowledgement cannot be withdrawn
+        (``CONTINUES``: its real outcome follows; if the receiver parks it,
+        it is asked back then). An anycast send's current attempt is
+        withdrawn the same way and no other member is tried; a group send
+        is never withdrawn (``CONTINUES``: its ``GroupReceipt`` follows).
+        ``UNKNOWN``: its outcome was already reported (or no such ticket).
+        Whatever the answer, the ticket gets exactly one outcome event.
+        """
+        self._now = now
+        for attempt in self._anycast.values():
+            if attempt.ticket == ticket:
+                attempt.cancelled = True
+                ticket = attempt.inner
+                break
+        else:
+            if ticket in self._group_tickets:
+                return Withdrawal.CONTINUES
+        entry = self._outgoing.get(ticket)
+        if entry is None:
+            return Withdrawal.UNKNOWN
+        dest, msg = entry
+        session = self._peers.get(dest)
+        if session is None:  # pragma: no cover - a session fails its messages before it goes
+            return Withdrawal.UNKNOWN
+        self._dirty[dest] = None
+        return session.withdraw(msg, now)
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
@@ -320,12 +369,16 @@ class Endpoint:
             self._dirty[peer] = None  # its deadline may have moved
 
     def close(self, now: float, timeout: float = 2.0) -> None:
-        """Begin a graceful close: flush for at most ``timeout`` seconds, then tell peers."""
+        """Begin a graceful close: flush for at most ``timeout`` seconds, then tell peers.
+
+        Called again while closing, it can only bring the deadline closer
+        (``close(now, 0)`` ends the flush at once).
+        """
         check_timeout(timeout, "timeout")
-        if self._closing:
+        if self.closed:
             return
         self._closing = True
-        self._close_deadline = now + timeout
+        self._close_deadline = min(self._close_deadline, now + timeout)
         self._maybe_finish_close(now)
 
     @property
@@ -818,6 +871,7 @@ class Endpoint:
         self._groups.open(group.name, group.sockaddr, group.url, now, join=False)
         ticket = self._next_ticket
         self._next_ticket += 1
+        self._group_tickets.add(ticket)
         self._groups.send(
             group.name,
             ticket,
@@ -939,6 +993,7 @@ class Endpoint:
             deadline=attempt.deadline,
         )
         attempt.member = member
+        attempt.inner = inner
         self._anycast[inner] = attempt
 
     def _anycast_outcome(
@@ -953,10 +1008,11 @@ class Endpoint:
             self._events.append(replace(event, ticket=attempt.ticket))
             return
         attempt.tried.append((attempt.member, _short_reason(error)))
+        attempt.maybe_delivered = attempt.maybe_delivered or error.delivered is None
         now = self._now
         tried = {m for m, _ in attempt.tried}
         member = None
-        if attempt.deadline is None or now < attempt.deadline:
+        if not attempt.cancelled and (attempt.deadline is None or now < attempt.deadline):
             member = self._services.choose(
                 attempt.service, policy=attempt.policy, exclude=tried, rtt=self._srtt
             )
@@ -966,7 +1022,11 @@ class Endpoint:
                 return
             except errors.ReliableError:
                 pass  # no room now: report the failure rather than hold it
-        failure = errors.NoServiceMember(attempt.service, tuple(attempt.tried))
+        failure = errors.NoServiceMember(
+            attempt.service,
+            tuple(attempt.tried),
+            delivered=None if attempt.maybe_delivered else False,
+        )
         self._events.append(
             events.MessageFailed(ticket=attempt.ticket, peer=failure.peer, error=failure)
         )
@@ -1155,12 +1215,15 @@ class Endpoint:
             if attempt is not None:
                 self._anycast_outcome(attempt, event)
                 return
+        if isinstance(event, events.GroupSendDone):
+            self._group_tickets.discard(event.ticket)
         if isinstance(event, (events.PeerUnreachable, events.PeerClosed)):
             self._services.member_down(event.peer, _short_reason_of_event(event))
         self._events.append(event)
 
     def _message_finished(self, msg: OutgoingMessage) -> None:
         self._buffered -= len(msg.data)
+        self._outgoing.pop(msg.ticket, None)
 
     def _new_peer(self, addr: Any, now: float) -> PeerSession:
         session = PeerSession(

@@ -10,11 +10,18 @@ Two sides, kept apart on purpose:
   The protocol core never raises these; it reports them as
   :class:`~reliable.events.MessageFailed` events and the adapters raise them
   from ``send``/``result()`` so the caller always learns the fate of a message.
+
+Every :class:`DeliveryFailed` says what the caller may do next in
+``delivered``: ``False`` means the message certainly never reached a mailbox
+(sending it again cannot duplicate it); ``None`` means it may have (its
+acknowledgement may be what was lost), so sending it again could deliver it
+twice. A failure is never ``True``: a delivered message gets a receipt.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Literal, TypeVar
 
 __all__ = [
     "NoServiceMember",
@@ -37,6 +44,7 @@ __all__ = [
     "ReliableError",
     "SendAborted",
     "SendBufferFull",
+    "SendCancelled",
     "SendTimeout",
     "UnknownMailbox",
     "UsageError",
@@ -115,16 +123,56 @@ class ReceiveTimeout(ReliableError, TimeoutError):
     """``receive`` found no message before its timeout."""
 
 
+_Failure = TypeVar("_Failure", bound="DeliveryFailed")
+
+#: How far a message had got when its send was given up (see :class:`SendTimeout`):
+#: ``queued`` (no fragment sent), ``partial`` (withdrawn before its last fragment
+#: left), ``parked`` (withdrawn from the receiver's full mailbox, confirmed by it),
+#: ``unacknowledged`` (wholly sent, never acknowledged: it may have arrived).
+Stage = Literal["queued", "partial", "parked", "unacknowledged"]
+
+_NOT_DELIVERED = "it was not delivered: safe to send again"
+_MAYBE_DELIVERED = "it may have been delivered: sending it again could deliver it twice"
+
+
 class DeliveryFailed(ReliableError):
     """An accepted message was not confirmed delivered. ``peer`` is its destination.
 
-    A failed message *may* still have reached the peer (its acknowledgement may
-    be what was lost); it was never delivered twice.
+    ``delivered`` is ``False`` when the message certainly did not reach a
+    mailbox (safe to send again) and ``None`` when it may have (its
+    acknowledgement may be what was lost). It was never delivered twice.
     """
 
-    def __init__(self, peer: Any, reason: str) -> None:
-        super().__init__(f"{format_address(peer)}: {reason}")
+    #: Whether the reason itself says the fate (refusals do); otherwise ``str()`` adds it.
+    _states_fate = False
+
+    def __init__(self, peer: Any, reason: str, *, delivered: bool | None = None) -> None:
+        self._text = f"{format_address(peer)}: {reason}"
+        super().__init__(self._text)
         self.peer = peer
+        self.delivered = delivered
+
+    def __str__(self) -> str:
+        if self._states_fate:
+            return self._text
+        return f"{self._text}; {_NOT_DELIVERED if self.delivered is False else _MAYBE_DELIVERED}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other arguments than ``args``: rebuild from the attributes
+        # (so these errors copy and pickle, e.g. across a process pool).
+        return (_restore, (type(self), self.args, self.__dict__.copy()))
+
+    def with_delivered(self: _Failure, delivered: bool | None) -> _Failure:
+        """A copy that says ``delivered`` (the core uses it per message of a batch)."""
+        clone = copy.copy(self)
+        clone.delivered = delivered
+        return clone
+
+
+def _restore(cls: type[DeliveryFailed], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class PeerUnreachable(DeliveryFailed):
@@ -137,10 +185,16 @@ class PeerUnreachable(DeliveryFailed):
     """
 
     def __init__(
-        self, peer: Any, after: float, *, cause: str | None = None, errno: int | None = None
+        self,
+        peer: Any,
+        after: float,
+        *,
+        cause: str | None = None,
+        errno: int | None = None,
+        delivered: bool | None = None,
     ) -> None:
         reason = f"no answer for {after:.1f}s" if cause is None else cause
-        super().__init__(peer, f"peer unreachable: {reason}")
+        super().__init__(peer, f"peer unreachable: {reason}", delivered=delivered)
         self.after = after
         self.cause = cause
         self.errno = errno
@@ -149,11 +203,19 @@ class PeerUnreachable(DeliveryFailed):
 class PeerRestarted(DeliveryFailed):
     """The peer restarted (new incarnation) while the message was in flight."""
 
-    def __init__(self, peer: Any, old_incarnation: int, new_incarnation: int) -> None:
+    def __init__(
+        self,
+        peer: Any,
+        old_incarnation: int,
+        new_incarnation: int,
+        *,
+        delivered: bool | None = None,
+    ) -> None:
         super().__init__(
             peer,
             f"peer restarted (incarnation {old_incarnation:#x} -> {new_incarnation:#x}) "
-            "with the message in flight; it may or may not have been delivered",
+            "with the message in flight",
+            delivered=delivered,
         )
         self.old_incarnation = old_incarnation
         self.new_incarnation = new_incarnation
@@ -169,32 +231,32 @@ class PeerDroppedSession(DeliveryFailed):
 
     def __init__(self, peer: Any) -> None:
         super().__init__(
-            peer,
-            "the peer dropped our session after a silence, with the message in flight; "
-            "it may or may not have been delivered",
+            peer, "the peer dropped our session after a silence, with the message in flight"
         )
 
 
 class AuthenticationFailed(DeliveryFailed):
     """The peer refused our datagrams' security: its key or mode differs from ours."""
 
-    def __init__(self, peer: Any, reason: str) -> None:
-        super().__init__(peer, f"security check failed at the peer: {reason}")
+    def __init__(self, peer: Any, reason: str, *, delivered: bool | None = None) -> None:
+        super().__init__(peer, f"security check failed at the peer: {reason}", delivered=delivered)
         self.reason = reason
 
 
 class PeerClosed(DeliveryFailed):
     """The peer closed before acknowledging the message."""
 
-    def __init__(self, peer: Any) -> None:
-        super().__init__(peer, "peer closed before acknowledging the message")
+    def __init__(self, peer: Any, *, delivered: bool | None = None) -> None:
+        super().__init__(peer, "peer closed before acknowledging the message", delivered=delivered)
 
 
 class MessageRejected(DeliveryFailed):
-    """The peer received the message and refused it (``reason`` says why)."""
+    """The peer received the message and refused it (``reason`` says why); not delivered."""
+
+    _states_fate = True
 
     def __init__(self, peer: Any, reason: str) -> None:
-        super().__init__(peer, f"message rejected by peer: {reason}")
+        super().__init__(peer, f"message rejected by peer: {reason}", delivered=False)
         self.reason = reason
 
 
@@ -214,19 +276,71 @@ class MailboxClosed(MessageRejected):
         self.mailbox = mailbox
 
 
-class SendTimeout(DeliveryFailed, TimeoutError):
-    """The message was not acknowledged within the send timeout; it was abandoned."""
+_TIMEOUT_TEXT: dict[str, str] = {
+    "queued": "not sent within {t:g}s (the link, the peer's window or a full mailbox "
+    "held it back); " + _NOT_DELIVERED,
+    "partial": "not fully sent within {t:g}s and withdrawn (the receiver discards the "
+    "part it got); " + _NOT_DELIVERED,
+    "parked": "its mailbox had no room for it within {t:g}s and the receiver gave it "
+    "back; " + _NOT_DELIVERED,
+    "unacknowledged": "not acknowledged within {t:g}s; " + _MAYBE_DELIVERED,
+}
 
-    def __init__(self, peer: Any, timeout: float) -> None:
-        super().__init__(peer, f"not acknowledged within {timeout:g}s; abandoned")
+_CANCEL_TEXT: dict[str, str] = {
+    "queued": "send cancelled before any of it was sent; " + _NOT_DELIVERED,
+    "partial": "send cancelled part-way (the receiver discards the part it got); " + _NOT_DELIVERED,
+    "parked": "send cancelled while it waited for room in its mailbox, and the receiver "
+    "gave it back; " + _NOT_DELIVERED,
+}
+
+
+class SendTimeout(DeliveryFailed, TimeoutError):
+    """The message was not in its mailbox within the send timeout.
+
+    ``stage`` says how far it got, and so ``delivered``: ``"queued"`` (never
+    sent), ``"partial"`` (withdrawn before its last fragment left) and
+    ``"parked"`` (withdrawn from the receiver's full mailbox, which confirmed
+    it) were not delivered (``delivered`` is ``False``: safe to send again);
+    ``"unacknowledged"`` was wholly sent but never acknowledged, so it may
+    have arrived (``delivered`` is ``None``).
+    """
+
+    _states_fate = True
+
+    def __init__(self, peer: Any, timeout: float, *, stage: Stage = "unacknowledged") -> None:
+        super().__init__(
+            peer,
+            _TIMEOUT_TEXT[stage].format(t=timeout),
+            delivered=None if stage == "unacknowledged" else False,
+        )
         self.timeout = timeout
+        self.stage = stage
+
+
+class SendCancelled(DeliveryFailed):
+    """The application cancelled the send and the message was withdrawn: never delivered.
+
+    ``stage`` says where it was withdrawn from: ``"queued"`` (nothing sent
+    yet), ``"partial"`` (part-way through sending) or ``"parked"`` (waiting
+    at the receiver's full mailbox; the receiver confirmed it gave it back).
+    A send that could no longer be withdrawn is not cancelled: it reports its
+    real outcome instead.
+    """
+
+    _states_fate = True
+
+    def __init__(self, peer: Any, *, stage: Stage = "queued") -> None:
+        super().__init__(peer, _CANCEL_TEXT[stage], delivered=False)
+        self.stage = stage
 
 
 class SendAborted(DeliveryFailed):
     """This node closed before the peer acknowledged the message."""
 
-    def __init__(self, peer: Any) -> None:
-        super().__init__(peer, "node closed before the peer acknowledged the message")
+    def __init__(self, peer: Any, *, delivered: bool | None = None) -> None:
+        super().__init__(
+            peer, "node closed before the peer acknowledged the message", delivered=delivered
+        )
 
 
 class NoServiceMember(DeliveryFailed):
@@ -234,10 +348,17 @@ class NoServiceMember(DeliveryFailed):
 
     ``tried`` lists the members tried, in order, with why each failed. The
     message may have reached one of them (see the failover guarantee in
-    docs/groups.md).
+    docs/groups.md); ``delivered`` is ``False`` only when none of them can
+    have it (or none was tried).
     """
 
-    def __init__(self, service: str, tried: tuple[tuple[Any, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        service: str,
+        tried: tuple[tuple[Any, str], ...] = (),
+        *,
+        delivered: bool | None = None,
+    ) -> None:
         if tried:
             detail = "; ".join(f"{format_address(m)}: {why}" for m, why in tried)
             reason = f"every member tried failed ({detail})"
@@ -246,6 +367,6 @@ class NoServiceMember(DeliveryFailed):
                 "no live member is known: serve it somewhere, discover it on a group the "
                 "members announce on, or list members statically"
             )
-        super().__init__(f"anycast://{service}", reason)
+        super().__init__(f"anycast://{service}", reason, delivered=delivered if tried else False)
         self.service = service
         self.tried = tried

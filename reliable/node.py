@@ -15,11 +15,19 @@ Receives that must wait register with the core (which serves waiting
 receivers first come, first served, and hands a message straight to the
 longest-waiting receiver that wants it) and sleep on a condition variable
 until their message, their timeout, or their named peer's departure.
+
+Closing: the datagrams the core produces once it has closed (final acks, the
+CLOSE to every peer) are sent under the node lock, waiting for the socket to
+take them if it is full, and the socket is closed under the same lock, so no
+final datagram is lost to a socket closed beneath it. If the I/O thread cannot
+finish the close in time (starved, or stuck in a callback), ``close()``
+finishes it from the calling thread before releasing the socket.
 """
 
 from __future__ import annotations
 
 import random
+import select
 import selectors
 import socket
 import threading
@@ -60,7 +68,7 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
-from .endpoint import DEFAULT_MAILBOX, Endpoint, check_timeout
+from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
@@ -81,15 +89,38 @@ class SendHandle:
     :class:`~reliable.errors.DeliveryFailed` that explains why it will not.
     """
 
-    __slots__ = ("_future", "destination", "ticket")
+    __slots__ = ("_future", "_withdraw", "destination", "ticket")
 
-    def __init__(self, ticket: int, destination: Any) -> None:
+    def __init__(
+        self,
+        ticket: int,
+        destination: Any,
+        withdraw: Callable[[int], Withdrawal] | None = None,
+    ) -> None:
         self.ticket = ticket
         self.destination = destination
+        self._withdraw = withdraw
         self._future: Future[Receipt | GroupReceipt] = Future()
 
     def done(self) -> bool:
         return self._future.done()
+
+    def cancel(self) -> bool:
+        """Withdraw the message if it can still be withdrawn; never blocks.
+
+        ``True``: withdrawn, certainly not delivered; :meth:`result` raises
+        :class:`~reliable.errors.SendCancelled` (``delivered=False``).
+        ``False``: the outcome was already known, or the message could not be
+        withdrawn at once, and :meth:`result` reports its real fate: a receipt
+        (it got in), a :class:`~reliable.errors.DeliveryFailed`, or
+        ``SendCancelled`` when it was waiting at the receiver's full mailbox
+        and the receiver gave it back (the request to do so went out now).
+        A message wholly sent and awaiting its acknowledgement cannot be
+        withdrawn; a group send is never withdrawn.
+        """
+        if self._withdraw is None or self._future.done():
+            return False
+        return self._withdraw(self.ticket) is Withdrawal.WITHDRAWN
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
@@ -222,12 +253,20 @@ class Node:
         message not in by then is withdrawn and
         :class:`~reliable.errors.SendTimeout` raised; without it the call ends
         when the message got in or failed (the peer became unreachable, the
-        mailbox does not exist or closed, ...).
+        mailbox does not exist or closed, ...). If the wait is interrupted
+        (``KeyboardInterrupt``), the message is withdrawn if it still can be
+        (see :meth:`SendHandle.cancel`); otherwise it goes on, and its fate is
+        reported only to ``on_event``. Use :meth:`send_nowait` to keep a handle.
         """
         check_timeout(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         handle = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline, policy)
-        return handle.result()
+        try:
+            return handle.result()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt in the waiting thread): withdraw what can be.
+            handle.cancel()
+            raise
 
     def send_nowait(
         self,
@@ -298,9 +337,9 @@ class Node:
                     if not block:
                         raise
                     if remaining is not None and remaining <= 0:
-                        raise errors.SendTimeout(label, timeout or 0.0) from None
+                        raise errors.SendTimeout(label, timeout or 0.0, stage="queued") from None
                     self._changed.wait(remaining)
-            handle = SendHandle(ticket, label)
+            handle = SendHandle(ticket, label, self._withdraw)
             self._handles[ticket] = handle
             # To a busy peer, hand the send to the I/O thread: the sends made before it
             # runs share datagrams. To an idle one, send it from here, at once.
@@ -617,13 +656,24 @@ class Node:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout + _CLOSE_GRACE)
         with self._lock:
+            closed_here = not self._closed and not self._endpoint.closed
+            if closed_here:
+                # The I/O thread did not get to it in time: end the flush now, so the
+                # peers hear CLOSE before the socket goes (the pump below sends it).
+                self._endpoint.close(time.monotonic(), 0)
+        if closed_here or self._thread.is_alive():
+            self._pump([], force=True)
+        with self._lock:
             self._closed = True
             self._changed.notify_all()
-        self._sock.close()
-        with self._lock:
+            self._sock.close()  # under the lock: no final datagram is on its way (see _pump)
             self._groups.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(0.1)
+        if not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()
 
     def __enter__(self) -> Node:
         return self
@@ -656,7 +706,6 @@ class Node:
                     continue
                 if closed:
                     self._pump([])  # the final CLOSE packets and the last events
-                    self._flush_backlog()
                     return
                 if self._backlog and not writing:
                     both = selectors.EVENT_READ | selectors.EVENT_WRITE
@@ -690,25 +739,42 @@ class Node:
         finally:
             selector.close()
             with self._lock:
+                closing = self._closed  # close() released the socket while we were held up
                 self._closed = True
                 self._fail_handles(errors.NodeClosed("the node's I/O thread stopped"))
                 self._changed.notify_all()
+            if closing:
+                self._wake_r.close()  # close() left these to us: we were still running
+                self._wake_w.close()
 
-    def _pump(self, batch: list[tuple[bytes, Address]]) -> None:
+    def _pump(
+        self,
+        batch: list[tuple[bytes, Address]],
+        *,
+        force: bool = False,
+        call: Callable[[float], object] | None = None,
+    ) -> None:
         """Feed ``batch`` and due timers to the core, then send and report what it produced.
 
         Called by the I/O thread and, with an empty batch, after every
-        application call, so what a call caused (datagrams, events) goes out at once.
+        application call, so what a call caused (datagrams, events) goes out at
+        once. ``force``: pump even though the I/O thread is awake. ``call(now)``
+        runs on the core first, under the same lock, so the events it causes
+        are routed (and their futures resolved) before this returns.
         """
         on_io_thread = threading.current_thread() is self._thread
         with self._lock:
             endpoint = self._endpoint
-            if not on_io_thread and (self._io_busy or not endpoint.has_output()):
+            if self._closed:
+                return  # the socket is gone
+            if not (on_io_thread or force) and (self._io_busy or not endpoint.has_output()):
                 # Nothing to send, or the I/O thread is awake and will send it before it
                 # sleeps again: calls made meanwhile leave in one go, packed into datagrams.
                 return
             resolved = self._resolved = []
             now = time.monotonic()
+            if call is not None:
+                call(now)
             for data, addr in batch:
                 endpoint.receive_datagram(data, addr, now)
             if on_io_thread:  # timers are the I/O thread's; a call only wakes it (below)
@@ -716,6 +782,11 @@ class Node:
                 if timer is not None and timer <= now:
                     endpoint.handle_timer(now)
             out = endpoint.datagrams_to_send(now)
+            if endpoint.closed:
+                # The last datagrams (CLOSE): out before the lock goes, so close() cannot
+                # release the socket while they are still on their way.
+                self._send_final(out)
+                out = []
             route_events(endpoint, self, self._on_event)
             self._changed.notify_all()
             wake = not on_io_thread and self._timer_moved_earlier()
@@ -780,7 +851,9 @@ class Node:
                 break
         self._take_reports(reports)
 
-    def _flush_backlog(self) -> None:
+    def _flush_backlog(self, *, reporting: bool = True) -> None:
+        """Send what waited for room in the socket. Without ``reporting`` (the core is
+        closed and the caller holds the lock), the OS's reports on peers are dropped."""
         backlog = self._backlog
         reports: list[Unreachable] = []
         while backlog:
@@ -790,7 +863,8 @@ class Node:
             except (BlockingIOError, InterruptedError):
                 break
             backlog.popleft()
-        self._take_reports(reports)
+        if reporting:
+            self._take_reports(reports)
 
     def _take_reports(self, reports: list[Unreachable]) -> None:
         """Hand the OS's word on unreachable peers to the core.
@@ -806,6 +880,36 @@ class Node:
             report_unreachable(self._endpoint, reports, time.monotonic())
         if threading.current_thread() is not self._thread:
             self._wake()
+
+    def _send_final(self, out: list[tuple[bytes, Address]]) -> None:
+        """Send the closed core's last datagrams, after any backlog, waiting (up to
+        ``_CLOSE_GRACE`` seconds) for the socket to take them if it is full."""
+        backlog = self._backlog
+        backlog.extend(out)
+        give_up = time.monotonic() + _CLOSE_GRACE
+        while True:
+            before = len(backlog)
+            # Under the node lock, with the core closed: the OS's word on a peer changes
+            # nothing now, and reporting it would take the lock again (a deadlock).
+            self._flush_backlog(reporting=False)
+            remaining = give_up - time.monotonic()
+            if not backlog or remaining <= 0:
+                backlog.clear()  # nothing more will be sent from this node
+                return
+            try:
+                _, writable, _ = select.select([], [self._sock], [], min(remaining, 0.05))
+            except (OSError, ValueError):
+                return
+            if writable and len(backlog) == before:
+                time.sleep(0.001)  # writable, yet it took nothing: do not spin
+
+    def _withdraw(self, ticket: int) -> Withdrawal:
+        """:meth:`SendHandle.cancel`: withdraw in the core; its outcome is routed at once."""
+        answers: list[Withdrawal] = []
+        self._pump(
+            [], force=True, call=lambda now: answers.append(self._endpoint.withdraw(ticket, now))
+        )
+        return answers[0] if answers else Withdrawal.UNKNOWN  # none: the node is closed
 
     def _timer_moved_earlier(self) -> bool:
         timer = self._endpoint.get_timer()

@@ -69,10 +69,22 @@ message to a mailbox is deferred, that mailbox is known to be full:
 deferred message whose send times out is withdrawn with a ``Cancel``, and its
 fate is whatever the peer answers, so a timeout is never reported for a
 message that did get in.
+
+Withdrawal (a send timeout, or the application cancelling the send): a
+message none of whose fragments left is simply dropped from the queue; one
+whose last fragment never left is abandoned (the receiver discards the part
+it has once the base passes it); a deferred one is withdrawn with a
+``Cancel`` as above. Those are certainly not delivered. A message wholly sent
+but not yet acknowledged cannot be withdrawn: a timeout gives it up (it may
+have arrived), a cancel lets it run to its real outcome — and if the receiver
+then parks it, the cancel withdraws it from there. Every failure says
+``delivered=False`` when the message's last fragment never left (see
+``_fail``); every message gets exactly one outcome.
 """
 
 from __future__ import annotations
 
+import enum
 import heapq
 import ipaddress
 import random
@@ -104,7 +116,7 @@ from .wire import (
     unwrap,
 )
 
-__all__ = ["PeerSession", "Resumption"]
+__all__ = ["PeerSession", "Resumption", "Withdrawal"]
 
 #: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
 _MIN_BUFFER_WINDOW = 8
@@ -120,6 +132,24 @@ _REASON_TEXT = {
 
 #: Packets that show a fenced session's peer still sending from before the fence.
 _FENCED_KINDS = frozenset({Kind.DATA, Kind.PING, Kind.ACK})
+
+
+class Withdrawal(enum.Enum):
+    """What withdrawing a send (``Endpoint.withdraw``) did."""
+
+    #: Withdrawn, never delivered: its ``MessageFailed`` (``SendCancelled``,
+    #: ``delivered=False``) is already queued.
+    WITHDRAWN = "withdrawn"
+    #: It waits at the receiver's full mailbox: a ``Cancel`` went to take it back.
+    #: Its outcome event says what happened: ``SendCancelled``, or a receipt if a
+    #: receiver took it first.
+    REQUESTED = "requested"
+    #: Wholly sent and awaiting its acknowledgement: it cannot be withdrawn now
+    #: (if the receiver parks it, it will be). Its outcome event follows as usual.
+    CONTINUES = "continues"
+    #: No pending send has this ticket: its outcome was already reported.
+    UNKNOWN = "unknown"
+
 
 #: What the endpoint does with a delivered message: its verdict, or None if it entered.
 Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
@@ -391,6 +421,8 @@ class PeerSession:
             verdict = Verdict(code)
             if verdict == Verdict.DEFERRED:
                 msg.deferred = True  # acknowledged below, or by a later ack; not yet delivered
+                if msg.cancelled and not msg.cancelling:
+                    self._take_back(msg, now)  # cancelled while wholly sent: parked, so it can
             else:
                 sender.abandon(msg)
                 self._fail(msg, self._refusal(msg, verdict))
@@ -458,8 +490,33 @@ class PeerSession:
         if verdict == Verdict.MAILBOX_CLOSED:
             return errors.MailboxClosed(self.addr, msg.mailbox)
         if verdict == Verdict.CANCELLED:
-            return errors.SendTimeout(self.addr, msg.timeout or 0.0)
+            if msg.cancelled:
+                return errors.SendCancelled(self.addr, stage="parked")
+            return errors.SendTimeout(self.addr, msg.timeout or 0.0, stage="parked")
         return errors.MessageRejected(self.addr, _REASON_TEXT.get(verdict, "refused"))
+
+    def withdraw(self, msg: OutgoingMessage, now: float) -> Withdrawal:
+        """The application cancelled ``msg``: withdraw it if it can still be withdrawn."""
+        if msg.settled:
+            return Withdrawal.UNKNOWN
+        if msg.cancelling:
+            return Withdrawal.REQUESTED  # its timeout already asked for it back
+        msg.cancelled = True
+        if msg.deferred:
+            self._take_back(msg, now)
+            return Withdrawal.REQUESTED
+        if msg.fully_sent:
+            return Withdrawal.CONTINUES  # see _on_ack: withdrawn if it turns out parked
+        stage: errors.Stage = "partial" if msg.started else "queued"
+        self.sender.abandon(msg)
+        self._fail(msg, errors.SendCancelled(self.addr, stage=stage))
+        self._update_wait(now)
+        return Withdrawal.WITHDRAWN
+
+    def _take_back(self, msg: OutgoingMessage, now: float) -> None:
+        """Ask the peer to give back a deferred message; its answer decides the outcome."""
+        msg.cancelling = True
+        self.send_control(Cancel(msg.msg_id), now)
 
     def mailbox_full(self, mailbox: str) -> bool:
         """Whether a message of ours still waits for room in ``mailbox`` of this peer."""
@@ -661,11 +718,13 @@ class PeerSession:
                 continue
             if msg.deferred:
                 # The peer holds it: withdraw it, and let its answer decide the outcome.
-                msg.cancelling = True
-                self.send_control(Cancel(msg.msg_id), now)
+                self._take_back(msg, now)
             else:
+                stage: errors.Stage = (
+                    "unacknowledged" if msg.fully_sent else "partial" if msg.started else "queued"
+                )
                 self.sender.abandon(msg)
-                self._fail(msg, errors.SendTimeout(self.addr, msg.timeout or 0.0))
+                self._fail(msg, errors.SendTimeout(self.addr, msg.timeout or 0.0, stage=stage))
         if self.receiver.ack_deadline is not None and now >= self.receiver.ack_deadline:
             self.receiver.ack_now = True
         self._update_wait(now)
@@ -793,6 +852,9 @@ class PeerSession:
         msg.settled = True
         if msg.control:
             return
+        if error.delivered is None and not msg.fully_sent:
+            # Its last fragment never left: the receiver cannot have completed it.
+            error = error.with_delivered(False)
         self.messages_failed += 1
         self._on_finished(msg)
         self._emit(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))

@@ -110,7 +110,8 @@ class OutgoingMessage:
     finished: bool = False  #: left the send stream: acknowledged, abandoned or failed
     control: bool = False  #: a node-to-node control message, invisible to the application
     deferred: bool = False  #: the receiver holds it until its mailbox has room
-    cancelling: bool = False  #: deferred, timed out, withdrawal requested
+    cancelling: bool = False  #: deferred, a withdrawal (Cancel) sent: its answer decides
+    cancelled: bool = False  #: the application withdrew it (SendCancelled, not SendTimeout)
     outcome: object = None  #: a control-message verdict that overtook the acknowledgement
     settled: bool = False  #: its outcome was reported (delivered or failed)
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
@@ -132,6 +133,12 @@ class OutgoingMessage:
     def started(self) -> bool:
         """Whether any fragment has been transmitted (and so may have been received)."""
         return self.next_index > 0
+
+    @property
+    def fully_sent(self) -> bool:
+        """Whether its last fragment was transmitted: until then it cannot be delivered
+        (the receiver discards a partial message once the sender's base passes it)."""
+        return self.next_index >= self.count
 
     def fragment_payload(self, index: int) -> bytes | memoryview:
         """A view, not a copy: the datagram's encoding copies it once."""

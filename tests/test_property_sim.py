@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from netem import Impairment, SimNetwork
-from reliable import Config, Endpoint, errors, events
+from reliable import Config, Endpoint, Withdrawal, errors, events
 
 A = ("sim-a", 1)
 B = ("sim-b", 2)
@@ -170,3 +170,119 @@ def test_restart_mid_stream_loses_nothing_silently(
             assert isinstance(
                 fate.error, (errors.PeerRestarted, errors.PeerUnreachable, errors.SendTimeout)
             )
+
+
+@SETTINGS
+@given(
+    plan=st.lists(
+        st.tuples(
+            st.integers(0, 2000) | st.integers(20_000, 100_000),  # size
+            st.floats(0, 0.05),  # gap before it is sent
+            st.none() | st.just(0.0) | st.floats(0, 0.3),  # cancelled (0: at once) or not
+            st.none() | st.floats(0.05, 2.0),  # its send timeout
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    capacity=st.sampled_from([0, 1, 3, None]),
+    takes=st.lists(st.floats(0, 2.0), max_size=10),
+    impairment=impairments.filter(lambda i: i.loss <= 0.3),
+    seed=st.integers(0, 2**16),
+)
+def test_cancelled_sends_have_one_fate_and_not_delivered_means_never_received(
+    plan: list[tuple[int, float, float | None, float | None]],
+    capacity: int | None,
+    takes: list[float],
+    impairment: Impairment,
+    seed: int,
+) -> None:
+    """Sends cancelled at random moments (queued, part-sent, parked, in flight), over a
+    lossy link, into a mailbox that may park them: every send gets exactly one outcome;
+    one reported ``delivered=False`` never reaches the receiving application; a receipt
+    means it did; nothing is received twice."""
+    config = Config(peer_timeout=5.0, max_datagram_size=1200)
+    net = SimNetwork(seed=seed, default=impairment)
+    a = Endpoint(config, rng=random.Random(seed))
+    b = Endpoint(config, rng=random.Random(seed + 1))
+    b.create_mailbox("q", capacity=capacity, now=0.0)
+    net.add_host(A, a)
+    net.add_host(B, b)
+    rng = random.Random(seed)
+    sent: dict[int, bytes] = {}
+    withdrawals: dict[int, tuple[Withdrawal, bool]] = {}  # ticket -> answer, fate known before
+    fates: dict[int, events.Event] = {}
+    taken: list[bytes] = []
+
+    def collect() -> None:
+        while (e := a.next_event()) is not None:
+            if isinstance(e, (events.MessageDelivered, events.MessageFailed)):
+                assert e.ticket not in fates, "a message had two fates"
+                fates[e.ticket] = e
+
+    when = 0.0
+    for i, (size, gap, cancel_after, timeout) in enumerate(plan):
+        when += gap
+        data = _payload(i, size, rng)
+
+        def send(
+            data: bytes = data,
+            cancel_after: float | None = cancel_after,
+            timeout: float | None = timeout,
+        ) -> None:
+            try:
+                ticket = a.send(B, data, now=net.now, mailbox="q", timeout=timeout)
+            except errors.MailboxFull:
+                return  # refused at once: nothing accepted, nothing to account for
+            sent[ticket] = data
+            if cancel_after == 0.0:
+                cancel(ticket)  # before anything of it left
+            elif cancel_after is not None:
+                net.call_at(net.now + cancel_after, lambda: cancel(ticket), host=A)
+
+        def cancel(ticket: int) -> None:
+            collect()
+            known = ticket in fates
+            withdrawals[ticket] = (a.withdraw(ticket, net.now), known)
+
+        net.call_at(when, send, host=A)
+
+    def take() -> None:
+        while (m := b.take("q", now=net.now)) is not None:
+            taken.append(m.data)
+
+    def drain() -> None:
+        take()
+        if len(fates) < len(sent):
+            net.call_at(net.now + 0.25, drain, host=B)
+
+    for t in takes:
+        net.call_at(t, take, host=B)
+    net.call_at(when + 2.5, drain, host=B)
+
+    def done() -> bool:
+        collect()
+        return net.now > when and len(fates) == len(sent)
+
+    net.run(stop=done, until=3600.0)
+    take()
+    assert len(fates) == len(sent), "every accepted message must get exactly one fate"
+    assert len(set(taken)) == len(taken), "nothing is received twice"
+    received = set(taken)
+    assert received <= set(sent.values()), "only sent payloads are received"
+    for ticket, fate in fates.items():
+        if isinstance(fate, events.MessageDelivered):
+            assert sent[ticket] in received, "a receipt means the receiver has it"
+            continue
+        assert isinstance(fate, events.MessageFailed)
+        event(f"failed: {type(fate.error).__name__} {getattr(fate.error, 'stage', '')}")
+        if fate.error.delivered is False:
+            assert sent[ticket] not in received, f"{fate.error} yet it was received"
+        if isinstance(fate.error, errors.SendCancelled):
+            assert ticket in withdrawals, "only a withdrawn send is cancelled"
+    for ticket, (answer, known) in withdrawals.items():
+        fate = fates[ticket]
+        event(f"withdraw: {answer.name}")
+        assert (answer is Withdrawal.UNKNOWN) == known, "UNKNOWN exactly when already settled"
+        if answer is Withdrawal.WITHDRAWN:
+            assert isinstance(fate, events.MessageFailed)
+            assert isinstance(fate.error, errors.SendCancelled) and fate.error.stage != "parked"
