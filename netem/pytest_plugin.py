@@ -10,6 +10,8 @@ rmsg gets:
 * ``faulty_socket`` — a factory: ``faulty_socket("loss 5%", incoming="delay 5ms")``
   returns a :class:`~netem.socket.FaultySocket` bound to a free loopback port.
 * ``sim_network`` — a :class:`~netem.sim.SimNetwork` for sans-I/O code.
+* All three can change faults mid-test: ``set``, ``clear``, ``partition``,
+  ``heal`` and the ``faults`` context manager (see docs/netem.md).
 * ``netem_seed`` — the seed all of them use: ``--netem-seed N`` on the command
   line, else one derived from the test's name (stable from run to run). A
   failing test's report shows it, so the same faults can be replayed.

@@ -17,10 +17,15 @@ datagram becomes due — event loops and ``reliable.Node`` work unchanged.
 
 Links are driven under a lock, so the wrapper may be shared by threads
 (``reliable.Node`` sends from application threads and its I/O thread).
+
+Faults can change while it runs: :meth:`FaultySocket.set`, ``clear``,
+``partition``, ``heal`` and the ``faults`` context manager act on the
+outgoing link (*up*) and, when there is one, the incoming link (*down*).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import selectors
@@ -28,11 +33,11 @@ import socket as _socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .models import FaultCounters, Impairment
-from .scenario import Link, as_impairment
+from .scenario import Link, LinkState, as_impairment
 
 __all__ = ["FaultySocket"]
 
@@ -121,6 +126,86 @@ class FaultySocket:
     @property
     def family(self) -> int:
         return int(self._sock.family)
+
+    # ------------------------------------------------------ runtime faults
+
+    def _links(self, direction: str) -> list[Link]:
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"direction must be up, down or both, got {direction!r}")
+        links = [self.link] if direction in ("up", "both") else []
+        if direction in ("down", "both") and self.incoming is not None:
+            links.append(self.incoming)
+        elif direction == "down":
+            raise ValueError(
+                "this socket impairs only what it sends: wrap it with incoming= "
+                '(incoming="" for a clean start) to change incoming faults at run time'
+            )
+        return links
+
+    def set(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        up: Impairment | str | None = None,
+        down: Impairment | str | None = None,
+        direction: str = "both",
+    ) -> None:
+        """New faults from the next datagram on: ``spec`` for ``direction``
+        (``"up"``: outgoing, ``"down"``: incoming, ``"both"``: every link this
+        socket has), or ``up=``/``down=`` each on its own."""
+        changes: list[tuple[Link, Impairment]] = []
+        if spec is not None:
+            changes += [(link, as_impairment(spec)) for link in self._links(direction)]
+        if up is not None:
+            changes += [(link, as_impairment(up)) for link in self._links("up")]
+        if down is not None:
+            changes += [(link, as_impairment(down)) for link in self._links("down")]
+        if not changes:
+            raise ValueError("set() needs a spec (or up=/down=): what should the link do?")
+        with self._lock:
+            for link, imp in changes:
+                link.set(imp)
+
+    def clear(self) -> None:
+        """Every link clean and whole from now on."""
+        with self._lock:
+            for link in self._links("both"):
+                link.clear()
+
+    def partition(self, direction: str = "both") -> None:
+        """Nothing passes in ``direction`` until :meth:`heal`."""
+        with self._lock:
+            for link in self._links(direction):
+                link.partition()
+
+    def heal(self, direction: str = "both") -> None:
+        """End a :meth:`partition`."""
+        with self._lock:
+            for link in self._links(direction):
+                link.heal()
+
+    @contextlib.contextmanager
+    def faults(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        direction: str = "both",
+        partition: bool = False,
+    ) -> Iterator[FaultySocket]:
+        """Apply ``spec`` (and/or a partition) for a ``with`` block, then restore."""
+        links = self._links(direction)
+        with self._lock:
+            before: list[LinkState] = [link.state() for link in links]
+        try:
+            if spec is not None:
+                self.set(spec, direction=direction)
+            if partition:
+                self.partition(direction)
+            yield self
+        finally:
+            with self._lock:
+                for link, state in zip(links, before, strict=True):
+                    link.restore(state)
 
     # ------------------------------------------------------------- socket API
 
