@@ -15,6 +15,11 @@ datagram pair (with its source address in a small header). ``fileno()`` and
 ``recvfrom()`` use that pair, so ``select`` wakes exactly when an impaired
 datagram becomes due — event loops and ``reliable.Node`` work unchanged.
 
+It behaves as a UDP socket for everything a client does — ``connect`` and
+``send``/``recv``, ``recv_into``/``recvfrom_into``, ``settimeout``/``gettimeout``
+(a timeout raises ``TimeoutError`` as a socket's would), ``getpeername``,
+``getsockopt``, ``with`` — so ordinary client code runs unchanged.
+
 Links are driven under a lock, so the wrapper may be shared by threads
 (``reliable.Node`` sends from application threads and its I/O thread).
 
@@ -25,7 +30,9 @@ outgoing link (*up*) and, when there is one, the incoming link (*down*).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
 import heapq
 import itertools
 import selectors
@@ -34,6 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 from .models import FaultCounters, Impairment
@@ -95,6 +103,8 @@ class FaultySocket:
         self._stop_r: _socket.socket | None = None
         self._stop_w: _socket.socket | None = None
         self._receiver: threading.Thread | None = None
+        self._peer: Any = None
+        self._timeout: float | None = sock.gettimeout()
         if self.incoming is not None:
             self._start_receiver()
 
@@ -228,11 +238,38 @@ class FaultySocket:
             self._sock.sendto(datagram, address)
         return len(data)
 
+    def send(self, data: bytes, /) -> int:
+        """Impair and send to the connected peer (``connect`` first)."""
+        if self._peer is None:
+            raise OSError(errno.EDESTADDRREQ, "Destination address required: connect() first")
+        return self.sendto(data, self._peer)
+
+    def connect(self, address: Any, /) -> None:
+        """Fix the peer for ``send``; the kernel then only delivers datagrams from it."""
+        self._sock.connect(address)
+        self._peer = self._sock.getpeername()
+
+    def getpeername(self) -> Any:
+        return self._sock.getpeername()
+
     def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]:
         if self._inbox_r is None:
             return self._sock.recvfrom(bufsize)
         data, addr = _unpack(self._inbox_r.recv(bufsize + _ADDR.size + 256))
         return data[:bufsize], addr
+
+    def recv(self, bufsize: int, /) -> bytes:
+        return self.recvfrom(bufsize)[0]
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, /) -> tuple[int, Any]:
+        view = memoryview(buffer).cast("B")
+        size = nbytes or len(view)
+        data, addr = self.recvfrom(size)
+        view[: len(data)] = data
+        return len(data), addr
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, /) -> int:
+        return self.recvfrom_into(buffer, nbytes)[0]
 
     def fileno(self) -> int:
         return self._inbox_r.fileno() if self._inbox_r is not None else self._sock.fileno()
@@ -240,14 +277,49 @@ class FaultySocket:
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
-    def setblocking(self, flag: bool, /) -> None:
+    @property
+    def type(self) -> int:
+        return int(self._sock.type)
+
+    @property
+    def proto(self) -> int:
+        return self._sock.proto
+
+    def settimeout(self, value: float | None, /) -> None:
+        """Receive timeout in seconds (``None``: block; ``0``: non-blocking), as a socket's."""
         if self._inbox_r is not None:
-            self._inbox_r.setblocking(flag)  # the real socket stays the helper's
+            self._inbox_r.settimeout(value)  # the real socket stays the helper's
         else:
-            self._sock.setblocking(flag)
+            self._sock.settimeout(value)
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool, /) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
 
     def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None:
         self._sock.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0, /) -> Any:
+        if buflen:
+            return self._sock.getsockopt(level, option, buflen)
+        return self._sock.getsockopt(level, option)
+
+    def __enter__(self) -> FaultySocket:
+        return self
+
+    def __exit__(
+        self,
+        kind: builtins.type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -303,6 +375,7 @@ class FaultySocket:
             s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 4 * 1024 * 1024)
             s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4 * 1024 * 1024)
         self._inbox_w.setblocking(False)
+        self._inbox_r.settimeout(self._sock.gettimeout())  # the user's timeout, on what they read
         self._sock.setblocking(False)
         self._receiver = threading.Thread(target=self._receive_loop, name="netem-rx", daemon=True)
         self._receiver.start()
