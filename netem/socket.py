@@ -46,6 +46,7 @@ from typing import Any
 
 from .models import FaultCounters, Impairment
 from .scenario import Link, LinkState, as_impairment
+from .seeds import stream_seed
 
 __all__ = ["FaultySocket"]
 
@@ -68,12 +69,17 @@ def _unpack(blob: bytes) -> tuple[bytes, Any]:
     return blob[start:], addr
 
 
-def _as_link(value: Impairment | str | Link, seed: int | None) -> Link:
+def _as_link(value: Impairment | str | Link, seed: int | None) -> Link:  # seed: a stream's
     return value if isinstance(value, Link) else Link(as_impairment(value), seed=seed)
 
 
 class FaultySocket:
-    """A ``socket.socket`` look-alike that impairs what it sends (and, optionally, receives)."""
+    """A ``socket.socket`` look-alike that impairs what it sends (and, optionally, receives).
+
+    ``seed`` and ``client`` name the decision streams (:mod:`netem.seeds`): what
+    it sends is stream ``("up", client)``, what it receives ``("down", client)``
+    — the same decisions as the proxy's client number ``client`` under the same seed.
+    """
 
     def __init__(
         self,
@@ -82,12 +88,14 @@ class FaultySocket:
         *,
         incoming: Impairment | str | Link | None = None,
         seed: int | None = 0,
+        client: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sock
-        self.link = _as_link(impairment, seed)
+        # one seed, one story: what it sends is stream "up", what it receives "down"
+        self.link = _as_link(impairment, stream_seed(seed, "up", client))
         self.incoming = (
-            None if incoming is None else _as_link(incoming, None if seed is None else seed + 7919)
+            None if incoming is None else _as_link(incoming, stream_seed(seed, "down", client))
         )
         self._clock = clock
         self._lock = threading.Lock()
@@ -116,12 +124,13 @@ class FaultySocket:
         *,
         incoming: Impairment | str | Link | None = None,
         seed: int | None = 0,
+        client: int = 0,
     ) -> FaultySocket:
         """A new UDP socket bound to ``address``, wrapped."""
         family = _socket.AF_INET6 if ":" in address[0] else _socket.AF_INET
         sock = _socket.socket(family, _socket.SOCK_DGRAM)
         sock.bind(address)
-        return cls(sock, impairment, incoming=incoming, seed=seed)
+        return cls(sock, impairment, incoming=incoming, seed=seed, client=client)
 
     @property
     def counters(self) -> FaultCounters:
