@@ -24,6 +24,15 @@ Semantics follow Linux ``sch_netem`` (``netem_enqueue``), in its order:
    jitter from a uniform, normal, pareto or paretonormal distribution,
    optionally correlated), serialised behind earlier packets by **rate**.
 
+Delay is drawn with the kernel's arithmetic (``tabledist``): integer
+nanoseconds, a 32-bit correlated random number (``get_crandom``) taken modulo
+``2 * jitter`` (uniform) or the table size (the others), and iproute2's
+4096-entry tables (:func:`distribution_table`), which are clipped to +/-4
+sigma. Taking the correlated number modulo the range scrambles it, so, as in
+the kernel, delay "correlation" barely correlates anything. Rate charges the
+datagram plus the headers the kernel would count (``rate_headers``) plus
+``tc``'s packet overhead and cell rounding.
+
 Extensions beyond netem: ``mtu`` (datagrams above it vanish: an MTU black
 hole) and ``replay`` (a copy is re-sent much later: a stale datagram).
 """
@@ -31,10 +40,10 @@ hole) and ``replay`` (a copy is re-sent much later: a stale datagram).
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 import random
-import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +57,7 @@ __all__ = [
     "FourState",
     "GilbertElliott",
     "Impairment",
+    "distribution_table",
 ]
 
 #: Delay distributions, as in ``tc netem ... distribution NAME``.
@@ -150,6 +160,17 @@ class Impairment:
 
     rate: float = 0.0
     """Link bandwidth in bits per second (0: unlimited); datagrams queue behind each other."""
+    rate_headers: int = 42
+    """Bytes the kernel's packet length adds to a UDP payload when charging ``rate``:
+    8 (UDP) + 20 (IPv4) + 14 (Ethernet). Use 62 for IPv6 over Ethernet."""
+    packet_overhead: int = 0
+    """``tc``'s PACKETOVERHEAD: bytes added (or, negative, removed) per packet for ``rate``."""
+    cell_size: int = 0
+    """``tc``'s CELLSIZE: charge whole cells of this many bytes (0: no cells)."""
+    cell_overhead: int = 0
+    """``tc``'s CELLOVERHEAD: bytes added per cell."""
+    seed: int | None = None
+    """``tc``'s ``seed``: fixes this impairment's random stream whatever the carrier's seed."""
     limit: int = 1000
     """Most datagrams held (delayed or queued) at once; beyond it the tail is dropped."""
 
@@ -191,6 +212,8 @@ class Impairment:
             )
         if self.loss_model is not None and self.loss:
             raise ValueError("give either a random loss percentage or a loss model, not both")
+        if self.cell_size < 0 or self.rate_headers < 0:
+            raise ValueError("cell_size and rate_headers must be >= 0")
 
     @property
     def is_clean(self) -> bool:
@@ -200,10 +223,16 @@ class Impairment:
 
 @dataclass(slots=True)
 class FaultCounters:
-    """What a model did, for tests to assert on. ``dropped`` counts every reason."""
+    """What a model did, for tests to assert on. ``dropped`` counts every reason.
+
+    ``dropped`` has tc's meaning: copies removed, so a duplicated datagram that
+    loses one copy counts although the other arrives. ``vanished`` counts the
+    datagrams of which no copy at all got through.
+    """
 
     seen: int = 0  #: datagrams offered to the link (duplicates not counted again)
     dropped: int = 0
+    vanished: int = 0  #: datagrams lost outright: not one copy delivered
     dropped_loss: int = 0
     dropped_mtu: int = 0
     dropped_queue: int = 0
@@ -309,7 +338,7 @@ class FaultModel:
         log_limit: int = 100_000,
     ) -> None:
         self.impairment = impairment
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed if impairment.seed is None else impairment.seed)
         rng = self.rng
         self.counters = FaultCounters()
         self.log: deque[Decision] | None = deque(maxlen=log_limit) if log else None
@@ -317,7 +346,7 @@ class FaultModel:
         self._loss = _Correlated(rng, impairment.loss_correlation)
         self._corrupt = _Correlated(rng, impairment.corrupt_correlation)
         self._reorder = _Correlated(rng, impairment.reorder_correlation)
-        self._delay = _Correlated(rng, impairment.delay_correlation)
+        self._delay_last = rng.getrandbits(32) if impairment.delay_correlation else 0
         self._state = 1  # 4-state: TX in gap; Gilbert-Elliott: good
         self._gap = impairment.gap or (1 if impairment.reorder else 0)
         self._counter = 0
@@ -332,6 +361,8 @@ class FaultModel:
         out: list[tuple[float, bytes]] = []
         record = _Record() if self.log is not None else None
         self._apply(data, now, out, record, duplicate=True)
+        if not out:
+            self.counters.vanished += 1
         if self.log is not None and record is not None:
             self.log.append(
                 Decision(
@@ -352,6 +383,7 @@ class FaultModel:
         """Count a datagram a partition swallowed (the timeline decides, the model counts)."""
         self.counters.seen += 1
         self.counters.drop("partition")
+        self.counters.vanished += 1
 
     # ----------------------------------------------------------------- engine
 
@@ -499,20 +531,46 @@ class FaultModel:
                 # queued behind the last datagram: its wait counts toward our delay
                 delay = max(0.0, delay - (self._last_departure - now))
                 start = self._last_departure
-            delay += size * 8 / imp.rate
+            delay += self._wire_bytes(size) * 8 / imp.rate
             self._last_departure = start + delay
         return start + delay
 
+    def _wire_bytes(self, size: int) -> int:
+        """What the kernel's ``packet_time_ns`` charges for a ``size``-byte payload."""
+        imp = self.impairment
+        length = max(0, size + imp.rate_headers + imp.packet_overhead)
+        if imp.cell_size:
+            cells = -(-length // imp.cell_size)
+            length = cells * (imp.cell_size + imp.cell_overhead)
+        return length
+
     def _draw_delay(self) -> float:
         imp = self.impairment
-        if not imp.jitter:
+        mu = round(imp.delay * 1e9)
+        sigma = min(round(imp.jitter * 1e9), _INT_MAX)  # the kernel caps jitter at INT_MAX ns
+        if not sigma:
             return imp.delay
-        u = self._delay.draw()
+        rnd = self._delay_crandom()
         if imp.distribution == "uniform":
-            value = imp.delay + (2 * u - 1) * imp.jitter
+            value = rnd % (2 * sigma) + mu - sigma
         else:
-            value = imp.delay + imp.jitter * _table_deviate(imp.distribution, u, self.rng)
-        return max(0.0, value)
+            table = distribution_table(imp.distribution)
+            t = table[rnd % len(table)]
+            x = (sigma % _DIST_SCALE) * t
+            x += _DIST_SCALE // 2 if x >= 0 else -(_DIST_SCALE // 2)
+            value = int(x / _DIST_SCALE) + (sigma // _DIST_SCALE) * t + mu  # C: truncating /
+        return max(0.0, value / 1e9)
+
+    def _delay_crandom(self) -> int:
+        """The kernel's ``get_crandom``: a 32-bit number, correlated with the last by rho."""
+        value = self.rng.getrandbits(32)
+        rho = round(self.impairment.delay_correlation * 0xFFFFFFFF)
+        if not rho:
+            return value
+        rho += 1
+        answer = (value * ((1 << 32) - rho) + self._delay_last * rho) >> 32
+        self._delay_last = answer
+        return answer
 
     def _prune(self, now: float) -> None:
         held = self._held
@@ -520,21 +578,51 @@ class FaultModel:
             heapq.heappop(held)
 
 
-_STANDARD_NORMAL = statistics.NormalDist()
+_INT_MAX = 2**31 - 1
+_DIST_SCALE = 8192  # NETEM_DIST_SCALE: table entries are sigmas times this
+_SHORT = (-32768, 32767)
+_TABLE_POINTS = 16384  # the generators' resolution; every 4th point is kept
 
 
-def _table_deviate(name: str, u: float, rng: random.Random) -> float:
-    """A deviate for ``delay + jitter * deviate``, shaped like iproute2's tables.
+def _clip(value: int) -> int:
+    return max(_SHORT[0], min(_SHORT[1], value))
 
-    ``normal``: the standard normal. ``pareto``: iproute2's table — a Pareto
-    variate with alpha 3, shifted by its mean (1.5) and scaled by 4/3.
-    ``paretonormal``: a 1:3 blend of a normal and a pareto deviate.
+
+@functools.cache
+def _normal_points() -> tuple[float, ...]:
+    """iproute2's normal grid: per CDF point (16385), the last x (step 5e-5) landing there."""
+    points = [0.0] * (_TABLE_POINTS + 1)
+    x = -10.0
+    root2 = math.sqrt(2.0)
+    while x < 10.05:  # the same float accumulation as the C loop
+        points[round(_TABLE_POINTS * (0.5 + 0.5 * math.erf(x / root2)))] = x
+        x += 0.00005
+    return tuple(points)
+
+
+def _pareto_value(i: int) -> int:
+    """iproute2's alpha-3 Pareto inverse CDF at grid point ``i``, shifted and scaled, clipped."""
+    p = i / 65536
+    value: float = (1.0 / p ** (1.0 / 3.0) - 1.5) * (4.0 / 3.0) * _DIST_SCALE
+    return round(min(value, 32767.0))
+
+
+@functools.cache
+def distribution_table(name: str) -> tuple[int, ...]:
+    """The 4096-entry table iproute2 builds for ``normal``, ``pareto`` or ``paretonormal``.
+
+    Entries are deviates in units of sigma times 8192, clipped to a signed
+    16-bit range (so to about +/-4 sigma), as ``tc`` loads them into the kernel.
+    ``paretonormal`` mixes the normal and pareto values at the same index.
     """
-    u = min(max(u, 1e-12), 1 - 1e-12)
-    if name == "normal":
-        return float(_STANDARD_NORMAL.inv_cdf(u))
-    pareto = (float(u ** (-1 / 3)) - 1.5) * 4 / 3
     if name == "pareto":
-        return pareto
-    other = min(max(rng.random(), 1e-12), 1 - 1e-12)
-    return 0.25 * float(_STANDARD_NORMAL.inv_cdf(other)) + 0.75 * pareto
+        return tuple(_pareto_value(i) for i in range(65536, 0, -16))
+    points = _normal_points()
+    if name == "normal":
+        return tuple(_clip(round(points[i] * _DIST_SCALE)) for i in range(0, _TABLE_POINTS, 4))
+    if name == "paretonormal":
+        return tuple(
+            _clip(int((round(points[i] * _DIST_SCALE) + 3 * _pareto_value(65536 - 4 * i)) / 4))
+            for i in range(0, _TABLE_POINTS, 4)
+        )
+    raise ValueError(f"no built-in distribution table {name!r}")

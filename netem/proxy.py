@@ -32,12 +32,31 @@ relaying quietly.
 
 Captures: ``pcap_in`` records what the proxy received, ``pcap_out`` what it
 sent, both directions, before and after impairment.
+
+Per-client links. Each client gets its own pair of :class:`Link` objects
+seeded by its admission order (:func:`netem.seeds.stream_seed`), so one noisy
+client cannot shift another's faults: client 1 sees the same decisions however
+much client 0 sends. (Pass ready-made ``Link`` objects instead of specs and all
+clients share them.)
+
+Changing faults at run time. :meth:`UdpProxy.set`, :meth:`~UdpProxy.clear`,
+:meth:`~UdpProxy.partition`, :meth:`~UdpProxy.heal` and the
+:meth:`~UdpProxy.faults` context manager change the rules for all clients or,
+with ``client=``, for one (``"host:port"``, or ``"host"`` for every port of a
+host). Rules are resolved per field, most specific first: the client's exact
+address, then its host, then the all-clients rule, then what the proxy was
+started with. Every change runs on the relay thread between datagrams (the
+caller waits until it is in force), so the thread stays the only one touching
+the links. :mod:`netem.control` serves the same calls over loopback HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
 import heapq
+import ipaddress
 import itertools
 import os
 import selectors
@@ -45,15 +64,18 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .control import ControlServer
 from .models import FaultCounters, Impairment
 from .pcap import PcapWriter
-from .scenario import Link, Scenario, as_impairment
+from .scenario import Link, LinkState, Scenario, as_impairment
+from .seeds import DIRECTIONS, stream_seed
+from .spec import format_spec
 
 try:
     import resource
@@ -66,6 +88,7 @@ __all__ = [
     "ProxyStats",
     "UdpProxy",
     "fd_client_limit",
+    "parse_client",
     "parse_hostport",
 ]
 
@@ -163,6 +186,44 @@ class _Client:
     upstream: socket.socket
     last_seen: float
     bound_at: float
+    up: Link
+    down: Link
+
+
+@dataclass(slots=True)
+class _Rule:
+    """One direction of a runtime rule; ``None`` fields defer to a less specific rule."""
+
+    impairment: Impairment | None = None
+    partitioned: bool | None = None
+
+
+#: A rule's scope: ``None`` (every client), ``(host,)`` or ``(host, port)``.
+ClientKey = tuple[Any, ...] | None
+
+
+def parse_client(value: str | tuple[Any, ...]) -> tuple[Any, ...]:
+    """A client selector: ``"host:port"``, ``"[v6]:port"``, ``(host, port)`` or a bare ``"host"``.
+
+    Returns ``(host, port)`` or ``(host,)`` with the host in canonical form.
+    """
+    if isinstance(value, tuple):
+        parts: tuple[Any, ...] = (value[0],) if len(value) == 1 else (value[0], int(value[1]))
+    else:
+        text = value.strip()
+        bare_v6 = text.count(":") > 1 and not text.startswith("[")
+        parts = (text.strip("[]"),) if bare_v6 or ":" not in text else parse_hostport(text)
+    return (_canonical_host(str(parts[0])), *parts[1:])
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).compressed
+    except ValueError:
+        raise ValueError(
+            f"bad client {host!r}: give an IP address, optionally with a port "
+            f"(127.0.0.1:5000, [::1]:5000)"
+        ) from None
 
 
 class UdpProxy:
@@ -174,6 +235,10 @@ class UdpProxy:
     :data:`DEFAULT_MAX_CLIENTS` or what :func:`fd_client_limit` leaves, whichever
     is lower. An explicit cap above the descriptor limit is honoured with a
     ``RuntimeWarning``: clients beyond the limit are refused as ``EMFILE``.
+
+    ``control="127.0.0.1:0"`` serves :mod:`netem.control`'s HTTP/JSON API on
+    that loopback address while the proxy runs (off by default; it has no
+    authentication, so only loopback addresses are accepted).
     """
 
     def __init__(
@@ -190,6 +255,7 @@ class UdpProxy:
         rebind_every: float | None = None,
         idle_timeout: float = 120.0,
         max_clients: int | None = None,
+        control: str | tuple[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if scenario is not None and (up is not None or down is not None):
@@ -202,15 +268,30 @@ class UdpProxy:
             raise ValueError("max_clients must be at least 1 (or None for the default)")
         listen_addr = parse_hostport(listen)
         self._forward_text = parse_hostport(forward)
-        if scenario is not None:
-            self.up_link, self.down_link = scenario.links(seed)
-        else:
-            self.up_link = (
-                up if isinstance(up, Link) else Link(as_impairment(up), seed=_seed(seed, 1))
+        self._seed = seed
+        self._scenario = scenario
+        self._shared: tuple[Link, Link] | None = None
+        if isinstance(up, Link) or isinstance(down, Link):
+            self._shared = (
+                up
+                if isinstance(up, Link)
+                else Link(as_impairment(up), seed=stream_seed(seed, "up")),
+                down
+                if isinstance(down, Link)
+                else Link(as_impairment(down), seed=stream_seed(seed, "down")),
             )
-            self.down_link = (
-                down if isinstance(down, Link) else Link(as_impairment(down), seed=_seed(seed, 2))
-            )
+        self._base = {
+            "up": as_impairment(up if not isinstance(up, Link) else None),
+            "down": as_impairment(down if not isinstance(down, Link) else None),
+        }
+        self._epoch: float | None = None
+        # the configuration's own links, for is_clean; clients get fresh ones
+        self._config_links = self._links_for(0)
+        self._rules: dict[ClientKey, dict[str, _Rule]] = {}
+        self._control: list[tuple[Callable[[], Any], threading.Event, list[Any]]] = []
+        self._control_lock = threading.Lock()
+        self._retired = {"up": FaultCounters(), "down": FaultCounters()}
+        self._clients_lock = threading.Lock()  # admission/expiry vs. snapshot()
         info = socket.getaddrinfo(*listen_addr, type=socket.SOCK_DGRAM)[0]
         self._listen = socket.socket(info[0], socket.SOCK_DGRAM)
         self._listen.bind(info[4])
@@ -242,7 +323,7 @@ class UdpProxy:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._fast = self.up_link.is_clean and self.down_link.is_clean
+        self._fast = self._all_clean()
         self._next_sweep = 0.0
         # Measured last, with the proxy's own descriptors (and captures) open.
         room = fd_client_limit()
@@ -258,6 +339,26 @@ class UdpProxy:
             )
         self.max_clients: int = max_clients
         """The most clients held at once; new ones beyond it are refused."""
+        self._control_server: ControlServer | None = None
+        if control is not None:
+            try:
+                self._control_server = ControlServer(self, parse_hostport(control))
+            except BaseException:
+                self._close_sockets()
+                raise
+
+    def _close_sockets(self) -> None:
+        for s in (self._listen, self._wake_r, self._wake_w):
+            s.close()
+        self._selector.close()
+        for writer in (self._pcap_in, self._pcap_out):
+            if writer is not None:
+                writer.close()
+
+    @property
+    def control_address(self) -> tuple[str, int] | None:
+        """Where the control endpoint listens (``control=``), or ``None`` when off."""
+        return None if self._control_server is None else self._control_server.address
 
     # ------------------------------------------------------------- lifecycle
 
@@ -287,14 +388,18 @@ class UdpProxy:
     def start(self) -> UdpProxy:
         if self._thread is None:
             now = self._clock()
-            self.up_link.start(now)
-            self.down_link.start(now)
+            self._epoch = now
+            if self._shared is not None:
+                for link in self._shared:
+                    link.start(now)
             self._listen.setblocking(False)
             self._wake_r.setblocking(False)
             self._selector.register(self._listen, selectors.EVENT_READ, None)
             self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._thread = threading.Thread(target=self._run, name="netem-proxy", daemon=True)
             self._thread.start()
+            if self._control_server is not None:
+                self._control_server.start()
         return self
 
     def stop(self) -> None:
@@ -303,6 +408,8 @@ class UdpProxy:
         Raises :class:`ProxyFailed` (after closing everything) if the relay
         thread had stopped on an error, so a failure is never lost.
         """
+        if self._control_server is not None:
+            self._control_server.stop()
         self._stop.set()
         try:
             self._wake_w.send(b"\0")
@@ -310,17 +417,12 @@ class UdpProxy:
             pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
-        for client in list(self._clients.values()):
-            self._close_client(client)
-        self._clients.clear()
-        for s in (self._listen, self._wake_r, self._wake_w):
-            s.close()
-        self._selector.close()
-        for writer in (self._pcap_in, self._pcap_out):
-            if writer is not None:
-                writer.close()
-        self.stats.up = self.up_link.counters
-        self.stats.down = self.down_link.counters
+        with self._clients_lock:
+            for client in list(self._clients.values()):
+                self._close_client(client)
+            self._clients.clear()
+        self._close_sockets()
+        self.stats.up, self.stats.down = self._counters()
         self.stats.clients_active = 0
         if self._error is not None:
             raise ProxyFailed(self._error)
@@ -338,10 +440,274 @@ class UdpProxy:
 
     def snapshot(self) -> ProxyStats:
         """Current statistics, link counters included."""
-        self.stats.up = self.up_link.counters
-        self.stats.down = self.down_link.counters
-        self.stats.clients_active = len(self._clients)
+        with self._clients_lock:
+            self.stats.up, self.stats.down = self._counters()
+            self.stats.clients_active = len(self._clients)
         return self.stats
+
+    def client_counters(self) -> dict[str, dict[str, FaultCounters]]:
+        """Each active client's own link counters: ``{"host:port": {"up": ..., "down": ...}}``."""
+        with self._clients_lock:
+            return {
+                _format(c.address): {"up": c.up.counters, "down": c.down.counters}
+                for c in self._clients.values()
+            }
+
+    def _counters(self) -> tuple[FaultCounters, FaultCounters]:
+        if self._shared is not None:
+            return self._shared[0].counters, self._shared[1].counters
+        up, down = self._retired["up"], self._retired["down"]
+        for client in self._clients.values():
+            up = up.merge(client.up.counters)
+            down = down.merge(client.down.counters)
+        return up, down
+
+    # --------------------------------------------------------- runtime faults
+
+    def set(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        up: Impairment | str | None = None,
+        down: Impairment | str | None = None,
+        direction: str = "both",
+        client: str | tuple[Any, ...] | None = None,
+    ) -> None:
+        """Put new faults in force from the next datagram on (they replace the start-up ones).
+
+        ``spec`` goes to ``direction`` (``"up"``, ``"down"`` or ``"both"``);
+        ``up=``/``down=`` set each direction on its own. ``client`` limits the
+        change to one client (``"host:port"``) or host (``"host"``), sparing the
+        others. Returns once the change is in force.
+        """
+        changes: dict[str, Impairment] = {}
+        if spec is not None:
+            for name in _directions(direction):
+                changes[name] = as_impairment(spec)
+        if up is not None:
+            changes["up"] = as_impairment(up)
+        if down is not None:
+            changes["down"] = as_impairment(down)
+        if not changes:
+            raise ValueError("set() needs a spec (or up=/down=): what should the link do?")
+        key = self._key(client)
+
+        def change() -> None:
+            for name, imp in changes.items():
+                self._rule(key, name).impairment = imp
+
+        self._run_control(change)
+
+    def clear(self, *, client: str | tuple[Any, ...] | None = None) -> None:
+        """Remove faults: every client clean and healed (or, with ``client``, drop its rules)."""
+        key = self._key(client)
+
+        def change() -> None:
+            if key is None:
+                self._rules = {None: {d: _Rule(Impairment(), False) for d in DIRECTIONS}}
+            else:
+                self._rules.pop(key, None)
+
+        self._run_control(change)
+
+    def partition(
+        self, direction: str = "both", *, client: str | tuple[Any, ...] | None = None
+    ) -> None:
+        """Cut ``direction`` (``"up"``: client to server; ``"down"``; ``"both"``) until healed."""
+        names = _directions(direction)
+        key = self._key(client)
+
+        def change() -> None:
+            for name in names:
+                self._rule(key, name).partitioned = True
+
+        self._run_control(change)
+
+    def heal(self, direction: str = "both", *, client: str | tuple[Any, ...] | None = None) -> None:
+        """End partitions in ``direction``: everyone's (or, with ``client``, that client's)."""
+        names = _directions(direction)
+        key = self._key(client)
+
+        def change() -> None:
+            for name in names:
+                self._rule(key, name).partitioned = False
+                if key is None:
+                    for rules in self._rules.values():
+                        if name in rules and rules is not self._rules[None]:
+                            rules[name].partitioned = None
+
+        self._run_control(change)
+
+    @contextlib.contextmanager
+    def faults(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        direction: str = "both",
+        partition: bool = False,
+        client: str | tuple[Any, ...] | None = None,
+    ) -> Iterator[UdpProxy]:
+        """Apply ``spec`` (and/or a partition) for a ``with`` block, then put the rules back."""
+        before = self._run_control(lambda: copy.deepcopy(self._rules), sync=False)
+        try:
+            if spec is not None:
+                self.set(spec, direction=direction, client=client)
+            if partition:
+                self.partition(direction, client=client)
+            yield self
+        finally:
+
+            def restore() -> None:
+                self._rules = before
+
+            self._run_control(restore)
+
+    def faults_in_force(self) -> dict[str, Any]:
+        """The rules now in force, as JSON-ready data (what ``rmsg netem ctl get`` shows)."""
+
+        def describe() -> dict[str, Any]:
+            out: dict[str, Any] = {"clients": {}}
+            for name in DIRECTIONS:
+                out[name] = self._describe(self._effective(None, name), name)
+            for key, rules in self._rules.items():
+                if key is not None:
+                    out["clients"][_format(key)] = {
+                        name: {
+                            "spec": None if r.impairment is None else format_spec(r.impairment),
+                            "partitioned": r.partitioned,
+                        }
+                        for name, r in rules.items()
+                    }
+            return out
+
+        result: dict[str, Any] = self._run_control(describe, sync=False)
+        return result
+
+    def _describe(self, state: LinkState, name: str) -> dict[str, Any]:
+        if state.impairment is not None:
+            spec: str | None = format_spec(state.impairment)
+        elif self._scenario is not None:
+            spec = None
+        else:
+            spec = format_spec(self._base[name])
+        return {
+            "spec": spec,
+            "scenario": state.impairment is None and self._scenario is not None,
+            "partitioned": state.partitioned,
+        }
+
+    def _key(self, client: str | tuple[Any, ...] | None) -> ClientKey:
+        if client is None:
+            return None
+        if self._shared is not None:
+            raise ValueError(
+                "per-client rules need specs, not Link objects: this proxy's clients share "
+                "one pair of links"
+            )
+        return parse_client(client)
+
+    def _rule(self, key: ClientKey, direction: str) -> _Rule:
+        return self._rules.setdefault(key, {}).setdefault(direction, _Rule())
+
+    def _effective(self, address: tuple[Any, ...] | None, direction: str) -> LinkState:
+        """The runtime state for a client at ``address`` (``None``: a client no rule names)."""
+        keys: list[ClientKey] = []
+        if address is not None:
+            host = _canonical_host(str(address[0]))
+            keys = [(host, int(address[1])), (host,)]
+        keys.append(None)
+        impairment: Impairment | None = None
+        partitioned: bool | None = None
+        for key in keys:
+            rule = self._rules.get(key, {}).get(direction)
+            if rule is None:
+                continue
+            if impairment is None:
+                impairment = rule.impairment
+            if partitioned is None:
+                partitioned = rule.partitioned
+        return LinkState(impairment, bool(partitioned))
+
+    def _sync(self, client: _Client) -> None:
+        for name, link in (("up", client.up), ("down", client.down)):
+            link.restore(self._effective(client.address, name))
+
+    def _all_clean(self) -> bool:
+        """Whether no client, present or future, has anything impaired (the fast path)."""
+        for name, config in zip(DIRECTIONS, self._config_links, strict=True):
+            state = self._effective(None, name)
+            base_clean = config.is_clean if state.impairment is None else state.impairment.is_clean
+            if state.partitioned or not base_clean:
+                return False
+        for key, rules in self._rules.items():
+            if key is None:
+                continue
+            for rule in rules.values():
+                if rule.partitioned or (
+                    rule.impairment is not None and not rule.impairment.is_clean
+                ):
+                    return False
+        return all(c.up.is_clean and c.down.is_clean for c in self._clients.values())
+
+    def _run_control(self, action: Callable[[], Any], *, sync: bool = True) -> Any:
+        """Run ``action`` on the relay thread between datagrams (directly if none runs)."""
+
+        def job() -> Any:
+            result = action()
+            if sync:
+                if self._shared is not None:
+                    for name, link in zip(DIRECTIONS, self._shared, strict=True):
+                        link.restore(self._effective(None, name))
+                for client in self._clients.values():
+                    self._sync(client)
+                self._fast = self._all_clean()
+            return result
+
+        thread = self._thread
+        if thread is None or self._done.is_set():
+            if self._error is not None:
+                raise ProxyFailed(self._error)
+            return job()
+        done = threading.Event()
+        box: list[Any] = []
+        with self._control_lock:
+            self._control.append((job, done, box))
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        while not done.wait(0.05):
+            if self._done.is_set():
+                if self._error is not None:
+                    raise ProxyFailed(self._error)
+                return job()  # stopped meanwhile: nobody else touches the links now
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[1] if len(box) > 1 else None
+
+    def _run_controls(self) -> None:
+        with self._control_lock:
+            jobs, self._control = self._control, []
+        for job, done, box in jobs:
+            try:
+                box[:] = [None, job()]
+            except Exception as exc:  # a bad control request must not stop the relay
+                box[:] = [exc]
+            done.set()
+
+    def _links_for(self, index: int) -> tuple[Link, Link]:
+        """Fresh links for the ``index``-th client (or the shared pair)."""
+        if self._shared is not None:
+            return self._shared
+        if self._scenario is not None:
+            up, down = self._scenario.links(self._seed, client=index)
+        else:
+            up = Link(self._base["up"], seed=stream_seed(self._seed, "up", index))
+            down = Link(self._base["down"], seed=stream_seed(self._seed, "down", index))
+        if self._epoch is not None:  # timelines run from the proxy's start, for everyone
+            up.start(self._epoch)
+            down.start(self._epoch)
+        return up, down
 
     # ------------------------------------------------------------------ loop
 
@@ -365,6 +731,8 @@ class UdpProxy:
                         self._wake_r.recv(4096)
                     except OSError:
                         pass
+                    if self._control:
+                        self._run_controls()
                 elif key.data is None:
                     self._from_clients()
                 else:
@@ -450,7 +818,7 @@ class UdpProxy:
             if fast:
                 self._send_up(client, data)
                 continue
-            for release, datagram in self.up_link.apply(data, now):
+            for release, datagram in client.up.apply(data, now):
                 if release <= now:
                     self._send_up(client, datagram)
                 else:
@@ -479,7 +847,7 @@ class UdpProxy:
             if self._fast:
                 self._send_down(client.address, data)
                 continue
-            for release, datagram in self.down_link.apply(data, now):
+            for release, datagram in client.down.apply(data, now):
                 if release <= now:
                     self._send_down(client.address, datagram)
                 else:
@@ -545,15 +913,18 @@ class UdpProxy:
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, no ephemeral port...
             self._refuse(_reason(exc))
             return None
-        client = _Client(addr, upstream, now, now)
+        up, down = self._links_for(self.stats.clients)
+        client = _Client(addr, upstream, now, now, up, down)
         try:
             self._selector.register(upstream, selectors.EVENT_READ, client)
         except OSError as exc:  # epoll out of memory or watches
             upstream.close()
             self._refuse(_reason(exc))
             return None
-        self._clients[addr] = client
-        self.stats.clients += 1
+        self._sync(client)
+        with self._clients_lock:
+            self._clients[addr] = client
+            self.stats.clients += 1
         return client
 
     def _refuse(self, reason: str) -> None:
@@ -577,9 +948,10 @@ class UdpProxy:
         self._next_sweep = now + self._sweep_interval
         for client in list(self._clients.values()):
             if now - client.last_seen > self._idle_timeout:
-                self._close_client(client)
-                del self._clients[client.address]
-                self.stats.clients_expired += 1
+                with self._clients_lock:
+                    self._close_client(client)
+                    del self._clients[client.address]
+                    self.stats.clients_expired += 1
 
     def _rebind(self, client: _Client, now: float) -> None:
         """NAT rebinding: the client's traffic now leaves from a new source port.
@@ -607,6 +979,9 @@ class UdpProxy:
         self.stats.rebinds += 1
 
     def _close_client(self, client: _Client) -> None:
+        if self._shared is None:  # its faults still count once it is gone
+            self._retired["up"] = self._retired["up"].merge(client.up.counters)
+            self._retired["down"] = self._retired["down"].merge(client.down.counters)
         try:
             self._selector.unregister(client.upstream)
         except (KeyError, ValueError, OSError):
@@ -619,8 +994,19 @@ def _reason(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
 
 
-def _seed(seed: int | None, offset: int) -> int | None:
-    return None if seed is None else seed * 2 + offset
+def _directions(direction: str) -> tuple[str, ...]:
+    if direction == "both":
+        return DIRECTIONS
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be up, down or both, got {direction!r}")
+    return (direction,)
+
+
+def _format(key: tuple[Any, ...]) -> str:
+    host = str(key[0])
+    if len(key) == 1:
+        return host
+    return f"[{host}]:{key[1]}" if ":" in host else f"{host}:{key[1]}"
 
 
 def _tune(sock: socket.socket) -> None:

@@ -10,6 +10,8 @@ rmsg gets:
 * ``faulty_socket`` — a factory: ``faulty_socket("loss 5%", incoming="delay 5ms")``
   returns a :class:`~netem.socket.FaultySocket` bound to a free loopback port.
 * ``sim_network`` — a :class:`~netem.sim.SimNetwork` for sans-I/O code.
+* All three can change faults mid-test: ``set``, ``clear``, ``partition``,
+  ``heal`` and the ``faults`` context manager (see docs/netem.md).
 * ``netem_seed`` — the seed all of them use: ``--netem-seed N`` on the command
   line, else one derived from the test's name (stable from run to run). A
   failing test's report shows it, so the same faults can be replayed.
@@ -100,7 +102,7 @@ def faulty_socket(netem_seed: int) -> Iterator[Callable[..., FaultySocket]]:
         host: str = "127.0.0.1",
     ) -> FaultySocket:
         wrapped = FaultySocket.bind(
-            (host, 0), impairment, incoming=incoming, seed=netem_seed + len(sockets)
+            (host, 0), impairment, incoming=incoming, seed=netem_seed, client=len(sockets)
         )
         sockets.append(wrapped)
         return wrapped
@@ -123,5 +125,22 @@ def pytest_runtest_makereport(
     report = yield
     seed = item.stash.get(_SEED_KEY, None)
     if seed is not None and report.failed:
-        report.sections.append(("netem", f"netem seed: {seed} (replay with --netem-seed {seed})"))
+        report.sections.append(("netem", replay_text(seed, item.nodeid)))
     return report
+
+
+def replay_text(seed: int, nodeid: str) -> str:
+    """How to replay a failed test's faults, on each carrier (the failure report's section)."""
+    return "\n".join(
+        [
+            f"netem seed: {seed} (replay with --netem-seed {seed})",
+            f"  this test:      pytest --netem-seed {seed} '{nodeid}'",
+            "  the same decisions on any carrier (same seed, same datagrams in the same order):",
+            f"    proxy:        rmsg netem --seed {seed} ...   or   UdpProxy(..., seed={seed})"
+            "   (client k: k-th client admitted)",
+            f"    socket:       FaultySocket(sock, spec, seed={seed}, client=k)"
+            "   (faulty_socket: k-th socket made)",
+            f"    asyncio:      create_faulty_datagram_endpoint(factory, spec, seed={seed})",
+            f"    simulator:    SimNetwork(seed={seed})   (its own per-link streams, for now)",
+        ]
+    )

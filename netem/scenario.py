@@ -3,9 +3,20 @@
 A :class:`Link` is one direction of a path over time. Its clock starts at the
 first datagram it sees (or at :meth:`Link.start`), so a scenario written as
 "at 5 s, loss rises to 30%" means five seconds into the run, on real or
-simulated time alike. A :class:`Scenario` holds both directions — *up* is
-client to server (the direction of the first datagram through a proxy, or
-``a -> b`` in a simulation), *down* the reverse.
+simulated time alike.
+
+A link can also be changed while traffic flows: :meth:`Link.set` puts an
+impairment in force from the next datagram on (overriding the timeline),
+:meth:`Link.partition` cuts it until :meth:`Link.heal`, :meth:`Link.clear`
+makes it clean and whole, and :meth:`Link.faults` does any of that for a
+``with`` block and then puts back what was there. Each runtime impairment gets
+a fresh model seeded from the link's seed and the number of changes so far, so
+the same changes at the same points of the same traffic give the same
+decisions. Links are not thread-safe; carriers serialise access.
+
+A :class:`Scenario` holds both directions — *up* is client to server (the
+direction of the first datagram through a proxy, or ``a -> b`` in a
+simulation), *down* the reverse.
 
 TOML scenario format::
 
@@ -32,6 +43,7 @@ TOML scenario format::
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import pathlib
 import tomllib
@@ -40,9 +52,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .models import Decision, FaultCounters, FaultModel, Impairment
+from .seeds import stream_seed
 from .spec import SpecError, parse_spec
 
-__all__ = ["Link", "Scenario", "ScenarioError", "Window", "as_impairment"]
+__all__ = ["Link", "LinkState", "Scenario", "ScenarioError", "Window", "as_impairment"]
 
 _DIRECTIONS = ("up", "down", "both")
 _MAX_FLAP_WINDOWS = 100_000
@@ -73,6 +86,16 @@ def as_impairment(value: Impairment | str | None) -> Impairment:
     return parse_spec(value)
 
 
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """What has been changed on a link at run time (see :meth:`Link.state`)."""
+
+    impairment: Impairment | None = None
+    """The impairment set at run time; ``None``: the timeline's phases are in force."""
+    partitioned: bool = False
+    """Cut at run time: nothing passes until healed."""
+
+
 class Link:
     """One direction of a path: impairment phases over time, plus partition windows."""
 
@@ -98,11 +121,90 @@ class Link:
         self._seed = seed
         self._log = log
         self.epoch: float | None = None
+        self._override: Impairment | None = None
+        self._override_model: FaultModel | None = None
+        self._retired: list[FaultModel] = []  # models of runtime impairments since replaced
+        self._changes = 0
+        self._cut = False
 
     @property
     def is_clean(self) -> bool:
-        """True if nothing is ever impaired (carriers take a fast path)."""
+        """True if nothing is impaired now or later (carriers take a fast path)."""
+        if self._cut:
+            return False
+        if self._override is not None:
+            return self._override.is_clean
         return not self._windows and all(imp.is_clean for imp in self._impairments)
+
+    # ------------------------------------------------------- runtime changes
+
+    def set(self, impairment: Impairment | str | None) -> None:
+        """Put ``impairment`` in force from the next datagram on, overriding the timeline."""
+        imp = as_impairment(impairment)
+        if self._override_model is not None:
+            self._retired.append(self._override_model)
+        self._changes += 1
+        self._override = imp
+        self._override_model = None  # built at the next datagram, seeded by _changes
+
+    def resume(self) -> None:
+        """Drop the impairment set at run time: the timeline's phases are in force again."""
+        if self._override_model is not None:
+            self._retired.append(self._override_model)
+        self._override = None
+        self._override_model = None
+
+    def partition(self) -> None:
+        """Cut the link now: nothing passes until :meth:`heal`."""
+        self._cut = True
+
+    def heal(self) -> None:
+        """End a :meth:`partition` (timeline partition windows still apply)."""
+        self._cut = False
+
+    def clear(self) -> None:
+        """Make the link clean and whole from now on: no impairment, no partition."""
+        self.set(Impairment())
+        self.heal()
+
+    def state(self) -> LinkState:
+        """What has been changed at run time, to give back to :meth:`restore`."""
+        return LinkState(self._override, self._cut)
+
+    def restore(self, state: LinkState) -> None:
+        """Put back a :meth:`state`; a changed impairment gets a fresh model."""
+        if state.impairment is None:
+            if self._override is not None:
+                self.resume()
+        elif state.impairment is not self._override:
+            self.set(state.impairment)
+        self._cut = state.partitioned
+
+    @contextlib.contextmanager
+    def faults(
+        self, impairment: Impairment | str | None = None, *, partition: bool = False
+    ) -> Iterator[Link]:
+        """Apply ``impairment`` (and/or a partition) for a ``with`` block, then restore."""
+        before = self.state()
+        if impairment is not None:
+            self.set(impairment)
+        if partition:
+            self.partition()
+        try:
+            yield self
+        finally:
+            self.restore(before)
+
+    def describe(self) -> dict[str, Any]:
+        """What is in force now, for humans and the control endpoint."""
+        from .spec import format_spec
+
+        now = self._override if self._override is not None else None
+        return {
+            "spec": None if now is None else format_spec(now),
+            "timeline": now is None,
+            "partitioned": self._cut,
+        }
 
     def add_partition(self, window: Window) -> None:
         """Add a partition window (seconds from the link's start)."""
@@ -127,33 +229,45 @@ class Link:
         if self.epoch is None:
             self.epoch = now
         t = now - self.epoch
-        model = self._model(max(0, bisect.bisect_right(self._starts, t) - 1))
-        if self._windows and self.partitioned_at(t):
+        if self._override is not None:
+            model = self._override_model
+            if model is None:
+                model = self._override_model = self._new_model(self._override, -self._changes)
+        else:
+            model = self._model(max(0, bisect.bisect_right(self._starts, t) - 1))
+        if self._cut or (self._windows and self.partitioned_at(t)):
             model.drop_partitioned()
             return []
         return model.apply(data, now)
 
+    def _new_model(self, impairment: Impairment, index: int) -> FaultModel:
+        seed = None if self._seed is None else self._seed * 1_000_003 + index
+        return FaultModel(impairment, seed=seed, log=self._log)
+
     def _model(self, index: int) -> FaultModel:
         model = self._models[index]
         if model is None:
-            seed = None if self._seed is None else self._seed * 1_000_003 + index
-            model = FaultModel(self._impairments[index], seed=seed, log=self._log)
-            self._models[index] = model
+            model = self._models[index] = self._new_model(self._impairments[index], index)
         return model
+
+    def _all_models(self) -> list[FaultModel]:
+        models = [m for m in self._models if m is not None] + self._retired
+        if self._override_model is not None:
+            models.append(self._override_model)
+        return models
 
     @property
     def counters(self) -> FaultCounters:
-        """Counters summed over every phase that has seen traffic."""
+        """Counters summed over every phase and runtime impairment that has seen traffic."""
         total = FaultCounters()
-        for model in self._models:
-            if model is not None:
-                total = total.merge(model.counters)
+        for model in self._all_models():
+            total = total.merge(model.counters)
         return total
 
     def decisions(self) -> Iterator[Decision]:
-        """The decision log of every phase, in order (empty unless ``log=True``)."""
-        logs = [m.log for m in self._models if m is not None and m.log is not None]
-        return itertools.chain.from_iterable(logs)
+        """The decision log of every model, in datagram order (empty unless ``log=True``)."""
+        logs = [m.log for m in self._all_models() if m.log is not None]
+        return iter(sorted(itertools.chain.from_iterable(logs), key=lambda d: d.time))
 
 
 @dataclass(slots=True)
@@ -166,11 +280,16 @@ class Scenario:
     down_partitions: list[Window] = field(default_factory=list)
     seed: int | None = None
 
-    def links(self, seed: int | None = 0, *, log: bool = False) -> tuple[Link, Link]:
-        """Fresh ``(up, down)`` links; the scenario's own seed wins over ``seed``."""
+    def links(
+        self, seed: int | None = 0, *, client: int = 0, log: bool = False
+    ) -> tuple[Link, Link]:
+        """Fresh ``(up, down)`` links for conversation ``client`` (see :mod:`netem.seeds`).
+
+        The scenario's own seed wins over ``seed``.
+        """
         base = self.seed if self.seed is not None else seed
-        up_seed = None if base is None else base * 2 + 1
-        down_seed = None if base is None else base * 2 + 2
+        up_seed = stream_seed(base, "up", client)
+        down_seed = stream_seed(base, "down", client)
         return (
             Link(self.up, partitions=self.up_partitions, seed=up_seed, log=log),
             Link(self.down, partitions=self.down_partitions, seed=down_seed, log=log),

@@ -7,17 +7,23 @@ The network keeps a virtual clock and one event queue of datagram arrivals and
 host timers; nothing sleeps, so simulated minutes pass in milliseconds of CPU.
 Each directed link applies its own seeded :class:`~netem.models.FaultModel`,
 so a run is a pure function of the seed and the hosts' behaviour.
+
+Faults change mid-run with :meth:`SimNetwork.set`, :meth:`~SimNetwork.clear`,
+:meth:`~SimNetwork.partition` (from now until healed, or between two times),
+:meth:`~SimNetwork.heal` and the :meth:`~SimNetwork.faults` context manager —
+call them from test code between ``run`` calls or from a ``call_at`` action.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Protocol
 
 from .models import Impairment
-from .scenario import Link, Scenario, Window, as_impairment
+from .scenario import Link, LinkState, Scenario, Window, as_impairment
 
 __all__ = ["SansIOHost", "SimNetwork"]
 
@@ -107,19 +113,83 @@ class SimNetwork:
         self.set_link(b, a, down)
 
     def partition(
-        self, a: Hashable, b: Hashable, *, start: float, end: float, direction: str = "both"
+        self,
+        a: Hashable,
+        b: Hashable,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        direction: str = "both",
     ) -> None:
-        """Cut ``a`` off from ``b`` between simulated times ``start`` and ``end``.
+        """Cut ``a`` off from ``b``: from now until :meth:`heal`, or between
+        simulated times ``start`` and ``end`` when both are given.
 
         ``direction`` is ``"up"`` (only ``a -> b``), ``"down"`` or ``"both"``.
         """
+        links = self._pair_links(a, b, direction)
+        if start is None and end is None:
+            for link in links:
+                link.partition()
+            return
+        if start is None or end is None:
+            raise ValueError("give both start and end (a window), or neither (until heal)")
+        for link in links:
+            epoch = link.epoch or 0.0
+            link.add_partition(Window(max(0.0, start - epoch), end - epoch))
+
+    def heal(self, a: Hashable, b: Hashable, *, direction: str = "both") -> None:
+        """End a :meth:`partition` made without times (windows still apply)."""
+        for link in self._pair_links(a, b, direction):
+            link.heal()
+
+    def set(
+        self,
+        a: Hashable,
+        b: Hashable,
+        spec: Impairment | str | None,
+        *,
+        direction: str = "both",
+    ) -> None:
+        """Put ``spec`` in force between ``a`` and ``b`` from now on, keeping each link's
+        seeded stream (unlike :meth:`set_link`, which replaces the link)."""
+        for link in self._pair_links(a, b, direction):
+            link.set(spec)
+
+    def clear(self, a: Hashable, b: Hashable) -> None:
+        """Both directions between ``a`` and ``b`` clean and whole from now on."""
+        for link in self._pair_links(a, b, "both"):
+            link.clear()
+
+    @contextlib.contextmanager
+    def faults(
+        self,
+        a: Hashable,
+        b: Hashable,
+        spec: Impairment | str | None = None,
+        *,
+        direction: str = "both",
+        partition: bool = False,
+    ) -> Iterator[SimNetwork]:
+        """Apply ``spec`` (and/or a partition) between ``a`` and ``b`` for a ``with``
+        block, then restore what was there."""
+        links = self._pair_links(a, b, direction)
+        before: list[LinkState] = [link.state() for link in links]
+        try:
+            for link in links:
+                if spec is not None:
+                    link.set(spec)
+                if partition:
+                    link.partition()
+            yield self
+        finally:
+            for link, state in zip(links, before, strict=True):
+                link.restore(state)
+
+    def _pair_links(self, a: Hashable, b: Hashable, direction: str) -> list[Link]:
         if direction not in ("up", "down", "both"):
             raise ValueError(f"direction must be up, down or both, got {direction!r}")
         pairs = {"up": [(a, b)], "down": [(b, a)], "both": [(a, b), (b, a)]}[direction]
-        for src, dst in pairs:
-            link = self.link(src, dst)
-            epoch = link.epoch or 0.0
-            link.add_partition(Window(max(0.0, start - epoch), end - epoch))
+        return [self.link(src, dst) for src, dst in pairs]
 
     def link(self, src: Hashable, dst: Hashable) -> Link:
         """The link ``src -> dst`` (created with the default impairment on first use)."""

@@ -15,12 +15,24 @@ datagram pair (with its source address in a small header). ``fileno()`` and
 ``recvfrom()`` use that pair, so ``select`` wakes exactly when an impaired
 datagram becomes due — event loops and ``reliable.Node`` work unchanged.
 
+It behaves as a UDP socket for everything a client does — ``connect`` and
+``send``/``recv``, ``recv_into``/``recvfrom_into``, ``settimeout``/``gettimeout``
+(a timeout raises ``TimeoutError`` as a socket's would), ``getpeername``,
+``getsockopt``, ``with`` — so ordinary client code runs unchanged.
+
 Links are driven under a lock, so the wrapper may be shared by threads
 (``reliable.Node`` sends from application threads and its I/O thread).
+
+Faults can change while it runs: :meth:`FaultySocket.set`, ``clear``,
+``partition``, ``heal`` and the ``faults`` context manager act on the
+outgoing link (*up*) and, when there is one, the incoming link (*down*).
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import errno
 import heapq
 import itertools
 import selectors
@@ -28,11 +40,13 @@ import socket as _socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 from .models import FaultCounters, Impairment
-from .scenario import Link, as_impairment
+from .scenario import Link, LinkState, as_impairment
+from .seeds import stream_seed
 
 __all__ = ["FaultySocket"]
 
@@ -55,12 +69,17 @@ def _unpack(blob: bytes) -> tuple[bytes, Any]:
     return blob[start:], addr
 
 
-def _as_link(value: Impairment | str | Link, seed: int | None) -> Link:
+def _as_link(value: Impairment | str | Link, seed: int | None) -> Link:  # seed: a stream's
     return value if isinstance(value, Link) else Link(as_impairment(value), seed=seed)
 
 
 class FaultySocket:
-    """A ``socket.socket`` look-alike that impairs what it sends (and, optionally, receives)."""
+    """A ``socket.socket`` look-alike that impairs what it sends (and, optionally, receives).
+
+    ``seed`` and ``client`` name the decision streams (:mod:`netem.seeds`): what
+    it sends is stream ``("up", client)``, what it receives ``("down", client)``
+    — the same decisions as the proxy's client number ``client`` under the same seed.
+    """
 
     def __init__(
         self,
@@ -69,12 +88,14 @@ class FaultySocket:
         *,
         incoming: Impairment | str | Link | None = None,
         seed: int | None = 0,
+        client: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sock = sock
-        self.link = _as_link(impairment, seed)
+        # one seed, one story: what it sends is stream "up", what it receives "down"
+        self.link = _as_link(impairment, stream_seed(seed, "up", client))
         self.incoming = (
-            None if incoming is None else _as_link(incoming, None if seed is None else seed + 7919)
+            None if incoming is None else _as_link(incoming, stream_seed(seed, "down", client))
         )
         self._clock = clock
         self._lock = threading.Lock()
@@ -90,6 +111,8 @@ class FaultySocket:
         self._stop_r: _socket.socket | None = None
         self._stop_w: _socket.socket | None = None
         self._receiver: threading.Thread | None = None
+        self._peer: Any = None
+        self._timeout: float | None = sock.gettimeout()
         if self.incoming is not None:
             self._start_receiver()
 
@@ -101,12 +124,13 @@ class FaultySocket:
         *,
         incoming: Impairment | str | Link | None = None,
         seed: int | None = 0,
+        client: int = 0,
     ) -> FaultySocket:
         """A new UDP socket bound to ``address``, wrapped."""
         family = _socket.AF_INET6 if ":" in address[0] else _socket.AF_INET
         sock = _socket.socket(family, _socket.SOCK_DGRAM)
         sock.bind(address)
-        return cls(sock, impairment, incoming=incoming, seed=seed)
+        return cls(sock, impairment, incoming=incoming, seed=seed, client=client)
 
     @property
     def counters(self) -> FaultCounters:
@@ -121,6 +145,86 @@ class FaultySocket:
     @property
     def family(self) -> int:
         return int(self._sock.family)
+
+    # ------------------------------------------------------ runtime faults
+
+    def _links(self, direction: str) -> list[Link]:
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"direction must be up, down or both, got {direction!r}")
+        links = [self.link] if direction in ("up", "both") else []
+        if direction in ("down", "both") and self.incoming is not None:
+            links.append(self.incoming)
+        elif direction == "down":
+            raise ValueError(
+                "this socket impairs only what it sends: wrap it with incoming= "
+                '(incoming="" for a clean start) to change incoming faults at run time'
+            )
+        return links
+
+    def set(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        up: Impairment | str | None = None,
+        down: Impairment | str | None = None,
+        direction: str = "both",
+    ) -> None:
+        """New faults from the next datagram on: ``spec`` for ``direction``
+        (``"up"``: outgoing, ``"down"``: incoming, ``"both"``: every link this
+        socket has), or ``up=``/``down=`` each on its own."""
+        changes: list[tuple[Link, Impairment]] = []
+        if spec is not None:
+            changes += [(link, as_impairment(spec)) for link in self._links(direction)]
+        if up is not None:
+            changes += [(link, as_impairment(up)) for link in self._links("up")]
+        if down is not None:
+            changes += [(link, as_impairment(down)) for link in self._links("down")]
+        if not changes:
+            raise ValueError("set() needs a spec (or up=/down=): what should the link do?")
+        with self._lock:
+            for link, imp in changes:
+                link.set(imp)
+
+    def clear(self) -> None:
+        """Every link clean and whole from now on."""
+        with self._lock:
+            for link in self._links("both"):
+                link.clear()
+
+    def partition(self, direction: str = "both") -> None:
+        """Nothing passes in ``direction`` until :meth:`heal`."""
+        with self._lock:
+            for link in self._links(direction):
+                link.partition()
+
+    def heal(self, direction: str = "both") -> None:
+        """End a :meth:`partition`."""
+        with self._lock:
+            for link in self._links(direction):
+                link.heal()
+
+    @contextlib.contextmanager
+    def faults(
+        self,
+        spec: Impairment | str | None = None,
+        *,
+        direction: str = "both",
+        partition: bool = False,
+    ) -> Iterator[FaultySocket]:
+        """Apply ``spec`` (and/or a partition) for a ``with`` block, then restore."""
+        links = self._links(direction)
+        with self._lock:
+            before: list[LinkState] = [link.state() for link in links]
+        try:
+            if spec is not None:
+                self.set(spec, direction=direction)
+            if partition:
+                self.partition(direction)
+            yield self
+        finally:
+            with self._lock:
+                for link, state in zip(links, before, strict=True):
+                    link.restore(state)
 
     # ------------------------------------------------------------- socket API
 
@@ -143,11 +247,38 @@ class FaultySocket:
             self._sock.sendto(datagram, address)
         return len(data)
 
+    def send(self, data: bytes, /) -> int:
+        """Impair and send to the connected peer (``connect`` first)."""
+        if self._peer is None:
+            raise OSError(errno.EDESTADDRREQ, "Destination address required: connect() first")
+        return self.sendto(data, self._peer)
+
+    def connect(self, address: Any, /) -> None:
+        """Fix the peer for ``send``; the kernel then only delivers datagrams from it."""
+        self._sock.connect(address)
+        self._peer = self._sock.getpeername()
+
+    def getpeername(self) -> Any:
+        return self._sock.getpeername()
+
     def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]:
         if self._inbox_r is None:
             return self._sock.recvfrom(bufsize)
         data, addr = _unpack(self._inbox_r.recv(bufsize + _ADDR.size + 256))
         return data[:bufsize], addr
+
+    def recv(self, bufsize: int, /) -> bytes:
+        return self.recvfrom(bufsize)[0]
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, /) -> tuple[int, Any]:
+        view = memoryview(buffer).cast("B")
+        size = nbytes or len(view)
+        data, addr = self.recvfrom(size)
+        view[: len(data)] = data
+        return len(data), addr
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, /) -> int:
+        return self.recvfrom_into(buffer, nbytes)[0]
 
     def fileno(self) -> int:
         return self._inbox_r.fileno() if self._inbox_r is not None else self._sock.fileno()
@@ -155,14 +286,49 @@ class FaultySocket:
     def getsockname(self) -> Any:
         return self._sock.getsockname()
 
-    def setblocking(self, flag: bool, /) -> None:
+    @property
+    def type(self) -> int:
+        return int(self._sock.type)
+
+    @property
+    def proto(self) -> int:
+        return self._sock.proto
+
+    def settimeout(self, value: float | None, /) -> None:
+        """Receive timeout in seconds (``None``: block; ``0``: non-blocking), as a socket's."""
         if self._inbox_r is not None:
-            self._inbox_r.setblocking(flag)  # the real socket stays the helper's
+            self._inbox_r.settimeout(value)  # the real socket stays the helper's
         else:
-            self._sock.setblocking(flag)
+            self._sock.settimeout(value)
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool, /) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
 
     def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None:
         self._sock.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0, /) -> Any:
+        if buflen:
+            return self._sock.getsockopt(level, option, buflen)
+        return self._sock.getsockopt(level, option)
+
+    def __enter__(self) -> FaultySocket:
+        return self
+
+    def __exit__(
+        self,
+        kind: builtins.type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -218,6 +384,7 @@ class FaultySocket:
             s.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 4 * 1024 * 1024)
             s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4 * 1024 * 1024)
         self._inbox_w.setblocking(False)
+        self._inbox_r.settimeout(self._sock.gettimeout())  # the user's timeout, on what they read
         self._sock.setblocking(False)
         self._receiver = threading.Thread(target=self._receive_loop, name="netem-rx", daemon=True)
         self._receiver.start()

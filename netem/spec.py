@@ -3,13 +3,13 @@
 Accepted clauses (``tc-netem(8)`` spelling; percentages as ``10%`` or ``10``):
 
     delay TIME [JITTER [CORRELATION]] [distribution uniform|normal|pareto|paretonormal]
-    loss [random] PERCENT [CORRELATION]
+    loss [random] PERCENT [CORRELATION]       (``latency`` and ``drop`` are tc's synonyms)
     loss state P13 [P31 [P32 [P23 [P14]]]]
     loss gemodel P [R [1-H [1-K]]]
     duplicate PERCENT [CORRELATION] [copies N]
     corrupt PERCENT [CORRELATION] [bits N]
     reorder PERCENT [CORRELATION] [gap DISTANCE]
-    rate RATE            limit PACKETS
+    rate RATE [PACKETOVERHEAD [CELLSIZE [CELLOVERHEAD]]]     limit PACKETS     seed N
     truncate PERCENT     garbage PERCENT [BYTES]     mtu BYTES     replay PERCENT [TIME]
 
 The last row are rmsg extensions. Times need a unit (``20ms``, ``1.5s``,
@@ -17,7 +17,8 @@ The last row are rmsg extensions. Times need a unit (``20ms``, ``1.5s``,
 refuse it. Rates take ``bit``, ``kbit``, ``mbit``, ``gbit`` (powers of 1000),
 ``kibit``, ``mibit``, ``gibit`` (1024), or ``bps``, ``kbps``, ``mbps``,
 ``gbps`` (bytes per second). Errors name the token at fault and what was
-expected there.
+expected there. Like ``tc``, a ``gap`` without ``reorder`` and a
+``distribution`` without jitter are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def parse_spec(text: str) -> Impairment:
     fields: dict[str, Any] = {}
     while tokens.more():
         word = tokens.take("a netem keyword").lower()
+        word = {"latency": "delay", "drop": "loss"}.get(word, word)
         if word == "delay":
             fields["delay"] = _time(tokens, "delay")
             if tokens.next_is_number():
@@ -161,6 +163,14 @@ def parse_spec(text: str) -> Impairment:
             fields["gap"] = _integer(tokens, "gap", 1)
         elif word == "rate":
             fields["rate"] = _rate(tokens)
+            for name in ("packet_overhead", "cell_size", "cell_overhead"):
+                token = tokens.peek()
+                if token is None or not re.fullmatch(r"-?[0-9]+", token):
+                    break
+                minimum = 0 if name == "cell_size" else -(2**31)
+                fields[name] = _integer(tokens, name.replace("_", " "), minimum)
+        elif word == "seed":
+            fields["seed"] = _integer(tokens, "seed")
         elif word == "limit":
             fields["limit"] = _integer(tokens, "limit", 1)
         elif word == "truncate":
@@ -179,10 +189,17 @@ def parse_spec(text: str) -> Impairment:
             raise tokens.fail(
                 word,
                 "a netem keyword: delay, distribution, loss, duplicate, corrupt, reorder, gap, "
-                "rate, limit, truncate, garbage, mtu, replay",
+                "rate, limit, seed, truncate, garbage, mtu, replay",
             )
     if fields.get("reorder") and not fields.get("delay"):
         raise SpecError("netem spec: reorder needs a delay to reorder against (add 'delay 10ms')")
+    if fields.get("gap") and not fields.get("reorder"):
+        raise SpecError("netem spec: gap without reorder does nothing (tc refuses it too)")
+    if "distribution" in fields and not fields.get("jitter"):
+        raise SpecError(
+            "netem spec: a distribution shapes the jitter; give one (delay 100ms 10ms "
+            "distribution normal), as tc requires"
+        )
     try:
         return Impairment(**fields)
     except ValueError as exc:
@@ -265,6 +282,12 @@ def format_spec(imp: Impairment) -> str:
         parts += ["gap", str(imp.gap)]
     if imp.rate:
         parts += ["rate", f"{imp.rate:.15g}bit"]
+        cells = [imp.packet_overhead, imp.cell_size, imp.cell_overhead]
+        while cells and not cells[-1]:
+            cells.pop()
+        parts += [str(v) for v in cells]
+    if imp.seed is not None:
+        parts += ["seed", str(imp.seed)]
     if imp.limit != 1000:
         parts += ["limit", str(imp.limit)]
     if imp.truncate:

@@ -957,9 +957,11 @@ def demo(
 # ------------------------------------------------------------------------ netem
 
 
-@main.command(context_settings=_CONTEXT)
-@click.option("--listen", required=True, metavar="HOST:PORT", help="Where clients send.")
-@click.option("--forward", required=True, metavar="HOST:PORT", help="The server to relay to.")
+@main.group(context_settings=_CONTEXT, invoke_without_command=True)
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Where clients send. [required]")
+@click.option(
+    "--forward", default=None, metavar="HOST:PORT", help="The server to relay to. [required]"
+)
 @click.option("--spec", default=None, help="tc-netem impairment for both directions.")
 @click.option("--up", default=None, help="Impairment client -> server (overrides --spec).")
 @click.option("--down", default=None, help="Impairment server -> client (overrides --spec).")
@@ -1011,10 +1013,18 @@ def demo(
 @click.option(
     "--duration", type=DURATION, default=None, help="Stop after this long (default: until Ctrl-C)."
 )
+@click.option(
+    "--control",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve the control API (rmsg netem ctl) here; loopback only, no authentication.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the exit counters as JSON.")
+@click.pass_context
 def netem(
-    listen: str,
-    forward: str,
+    ctx: click.Context,
+    listen: str | None,
+    forward: str | None,
     spec: str | None,
     up: str | None,
     down: str | None,
@@ -1026,6 +1036,7 @@ def netem(
     client_idle_timeout: float,
     max_clients: int | None,
     duration: float | None,
+    control: str | None,
     as_json: bool,
 ) -> None:
     """Relay UDP between clients and a server through a faulty link.
@@ -1044,7 +1055,21 @@ def netem(
       rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 \\
           --up "delay 20ms 5ms loss 2%" --down "delay 20ms duplicate 1%" --pcap-out out.pcap
       rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --scenario flaky.toml
+      rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --control 127.0.0.1:9001
+      rmsg netem ctl --control 127.0.0.1:9001 set "loss 30%" --direction up
     """
+    if ctx.invoked_subcommand is not None:
+        given = [
+            name
+            for name in ("listen", "forward", "spec", "up", "down", "scenario")
+            if ctx.params.get(name) is not None
+        ]
+        if given:
+            raise click.UsageError(f"--{given[0]} belongs to the proxy, not to 'rmsg netem ctl'")
+        return
+    if listen is None or forward is None:
+        missing = "--listen" if listen is None else "--forward"
+        raise click.UsageError(f"Missing option '{missing}' (or a subcommand: ctl)")
     from netem.proxy import ProxyFailed, UdpProxy
     from netem.scenario import Scenario, ScenarioError
     from netem.spec import SpecError, format_spec, parse_spec
@@ -1072,6 +1097,7 @@ def netem(
                 rebind_every=rebind_every,
                 idle_timeout=client_idle_timeout,
                 max_clients=max_clients,
+                control=control,
             )
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -1087,6 +1113,12 @@ def netem(
         f"{reliable.format_address(proxy.forward)} ({described}, seed {seed})",
         err=True,
     )
+    if proxy.control_address is not None:
+        click.echo(
+            f"netem: control API on http://{reliable.format_address(proxy.control_address)} "
+            "(no authentication: keep it on loopback)",
+            err=True,
+        )
     started = time.monotonic()
     failure: ProxyFailed | None = None
     with _terminate_as_interrupt():
@@ -1111,6 +1143,142 @@ def netem(
         click.echo(_netem_summary(stats, time.monotonic() - started))
     if failure is not None:
         raise _fail(str(failure))
+
+
+@netem.group(context_settings=_CONTEXT)
+@click.option(
+    "--control",
+    required=True,
+    envvar="RMSG_NETEM_CONTROL",
+    metavar="HOST:PORT",
+    help="The proxy's control address (its --control). [env: RMSG_NETEM_CONTROL]",
+)
+@click.option(
+    "--timeout", type=DURATION, default=5.0, show_default=True, help="Give up after this."
+)
+@click.pass_context
+def ctl(ctx: click.Context, control: str, timeout: float) -> None:
+    """Change the faults of a running proxy (started with --control).
+
+    \b
+    Examples:
+      rmsg netem ctl --control 127.0.0.1:9001 get
+      rmsg netem ctl --control 127.0.0.1:9001 set "delay 50ms loss 5%"
+      rmsg netem ctl --control 127.0.0.1:9001 set "loss 100%" --client 127.0.0.1:5353
+      rmsg netem ctl --control 127.0.0.1:9001 partition --direction up
+      rmsg netem ctl --control 127.0.0.1:9001 heal
+      rmsg netem ctl --control 127.0.0.1:9001 clear
+    """
+    ctx.obj = (control, timeout)
+
+
+def _ctl_request(ctx: click.Context, method: str, path: str, body: dict[str, Any] | None) -> None:
+    import http.client
+
+    from netem.control import is_loopback
+    from netem.proxy import parse_hostport
+
+    control, timeout = ctx.obj
+    try:
+        host, port = parse_hostport(control)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--control") from None
+    if not is_loopback(host):
+        raise click.BadParameter(
+            "the control API only listens on loopback (127.0.0.1, ::1)", param_hint="--control"
+        )
+    # http.client, not urllib: no proxy from the environment may see this request
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        payload = json.loads(response.read() or b"{}")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise _fail(f"cannot reach the netem control API at {control}: {exc}") from None
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise _fail(str(payload.get("error", f"HTTP {response.status}")))
+    click.echo(json.dumps(payload, indent=2))
+
+
+_DIRECTION = click.option(
+    "--direction",
+    type=click.Choice(["up", "down", "both"]),
+    default="both",
+    show_default=True,
+    help="up: client -> server; down: server -> client.",
+)
+_CLIENT = click.option(
+    "--client",
+    default=None,
+    metavar="HOST[:PORT]",
+    help="Only this client (a host means all its ports); the others are spared.",
+)
+
+
+@ctl.command("get", context_settings=_CONTEXT)
+@click.pass_context
+def ctl_get(ctx: click.Context) -> None:
+    """Print the faults in force (JSON)."""
+    _ctl_request(ctx, "GET", "/faults", None)
+
+
+@ctl.command("stats", context_settings=_CONTEXT)
+@click.pass_context
+def ctl_stats(ctx: click.Context) -> None:
+    """Print the proxy's counters so far, each client's too (JSON)."""
+    _ctl_request(ctx, "GET", "/stats", None)
+
+
+@ctl.command("set", context_settings=_CONTEXT)
+@click.argument("spec", required=False)
+@click.option("--up", default=None, help="Spec for client -> server only.")
+@click.option("--down", default=None, help="Spec for server -> client only.")
+@_DIRECTION
+@_CLIENT
+@click.pass_context
+def ctl_set(
+    ctx: click.Context,
+    spec: str | None,
+    up: str | None,
+    down: str | None,
+    direction: str,
+    client: str | None,
+) -> None:
+    """Put a tc-netem SPEC in force from now on (replacing the start-up one)."""
+    if spec is None and up is None and down is None:
+        raise click.UsageError('give a SPEC (or --up/--down), e.g. set "loss 10%"')
+    body = {"spec": spec, "up": up, "down": down, "direction": direction, "client": client}
+    _ctl_request(ctx, "POST", "/set", body)
+
+
+@ctl.command("clear", context_settings=_CONTEXT)
+@_CLIENT
+@click.pass_context
+def ctl_clear(ctx: click.Context, client: str | None) -> None:
+    """Remove every fault (or, with --client, that client's own rules)."""
+    _ctl_request(ctx, "POST", "/clear", {"client": client})
+
+
+@ctl.command("partition", context_settings=_CONTEXT)
+@_DIRECTION
+@_CLIENT
+@click.pass_context
+def ctl_partition(ctx: click.Context, direction: str, client: str | None) -> None:
+    """Cut the link (one direction or both) until healed."""
+    _ctl_request(ctx, "POST", "/partition", {"direction": direction, "client": client})
+
+
+@ctl.command("heal", context_settings=_CONTEXT)
+@_DIRECTION
+@_CLIENT
+@click.pass_context
+def ctl_heal(ctx: click.Context, direction: str, client: str | None) -> None:
+    """End partitions."""
+    _ctl_request(ctx, "POST", "/heal", {"direction": direction, "client": client})
 
 
 def _netem_summary(stats: ProxyStats, elapsed: float) -> str:

@@ -138,7 +138,8 @@ def test_delay_distributions(distribution: str) -> None:
 
 
 def test_rate_serialises_datagrams() -> None:
-    model = FaultModel(Impairment(rate=1_000_000))  # 1 Mbit/s: a 1250-byte datagram takes 10 ms
+    # 1 Mbit/s: 1250 bytes take 10 ms (headers not charged here: rate_headers=0)
+    model = FaultModel(Impairment(rate=1_000_000, rate_headers=0))
     releases = [model.apply(b"x" * 1250, now=0.0)[0][0] for _ in range(5)]
     assert releases == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
 

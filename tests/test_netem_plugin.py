@@ -94,3 +94,23 @@ def test_seed_defaults_to_the_test_name(netem_seed: int, request: pytest.Fixture
     import zlib
 
     assert netem_seed == zlib.crc32(request.node.nodeid.encode())
+
+
+def _signature(function: object) -> str:
+    """``(a, b=None, *, c=1)``: a signature as the docs write it, without annotations."""
+    import inspect
+
+    sig = inspect.signature(function)  # type: ignore[arg-type]
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=bare, return_annotation=inspect.Signature.empty))
+
+
+def test_the_docs_give_the_fixture_factories_real_signatures(
+    netem_proxy,
+    faulty_socket,  # type: ignore[no-untyped-def]
+) -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "netem.md").read_text()
+    assert f"`netem_proxy{_signature(netem_proxy)}`" in docs
+    assert f"`faulty_socket{_signature(faulty_socket)}`" in docs

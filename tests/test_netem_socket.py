@@ -82,3 +82,83 @@ def test_one_wrapped_socket_makes_both_directions_bad_for_a_node() -> None:
             b.send_nowait(a.address, b"y%d" % i)
         assert [a.receive(timeout=20).data for _ in range(100)] == [b"y%d" % i for i in range(100)]
     assert bad.counters.dropped > 0 and bad.incoming_counters.dropped > 0
+
+
+# ---------------------------------------------------------------- drop-in sockets
+
+
+def test_a_plain_udp_client_runs_unchanged_on_a_faulty_socket() -> None:
+    """connect/send/recv/recv_into/settimeout: what a UDP client does, with and without incoming."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(2)
+    for incoming in (None, "delay 1ms"):
+        with FaultySocket.bind(("127.0.0.1", 0), "delay 1ms", incoming=incoming) as sock:
+            assert sock.gettimeout() is None and sock.getblocking()
+            sock.settimeout(0.2)
+            assert sock.gettimeout() == 0.2 and sock.type == socket.SOCK_DGRAM
+            with pytest.raises(OSError, match="connect"):
+                sock.send(b"nowhere")
+            sock.connect(server.getsockname())
+            assert sock.getpeername() == server.getsockname()
+            assert sock.send(b"question") == len(b"question")
+            data, client = server.recvfrom(100)
+            assert data == b"question" and client == sock.getsockname()
+            server.sendto(b"answer one", client)
+            server.sendto(b"answer two", client)
+            assert sock.recv(100) == b"answer one"
+            buffer = bytearray(64)
+            assert sock.recv_into(buffer) == len(b"answer two")
+            assert bytes(buffer[:10]) == b"answer two"
+            with pytest.raises(TimeoutError):  # no reply: times out, never hangs
+                sock.recv(100)
+            server.sendto(b"more", client)
+            n, addr = sock.recvfrom_into(memoryview(buffer), 2)
+            assert (n, bytes(buffer[:2]), addr) == (2, b"mo", server.getsockname())
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_DGRAM
+    server.close()
+
+
+def test_asyncio_datagram_endpoint_through_netem() -> None:
+    import asyncio
+
+    from netem.aio import create_faulty_datagram_endpoint
+
+    class Collect(asyncio.DatagramProtocol):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.transport: asyncio.BaseTransport | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            self.got.append(data)
+
+    async def main() -> tuple[list[bytes], list[bytes], int, int]:
+        loop = asyncio.get_running_loop()
+        server_t, server = await loop.create_datagram_endpoint(Collect, local_addr=("127.0.0.1", 0))
+        target = server_t.get_extra_info("sockname")
+        transport, client = await create_faulty_datagram_endpoint(
+            Collect, "delay 20ms", incoming="loss 100%", seed=1, local_addr=("127.0.0.1", 0)
+        )
+        assert client.transport is transport  # the protocol got the faulty transport
+        transport.sendto(b"late", target)
+        await asyncio.sleep(0.005)
+        early = list(server.got)  # still held by the delay
+        with transport.faults("loss 100%", direction="up"):
+            transport.sendto(b"lost", target)
+        server_t.sendto(b"reply", transport.get_extra_info("sockname"))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        transport.close()
+        server_t.close()
+        return (
+            early,
+            server.got + client.got,
+            transport.counters.dropped,
+            (transport.incoming_counters.dropped),
+        )
+
+    early, got, dropped_out, dropped_in = asyncio.run(main())
+    assert early == [] and got == [b"late"]
+    assert dropped_out == 1 and dropped_in == 1
