@@ -1181,5 +1181,61 @@ def dissect(capture: str) -> None:
         raise _fail(f"cannot read {capture}: {exc}") from None
 
 
+# -------------------------------------------------------------------- wireshark
+
+
+@main.group(context_settings=_CONTEXT)
+def wireshark() -> None:
+    """Wireshark and tshark support: a Lua dissector for rmsg's wire format.
+
+    The dissector decodes every packet kind, bundled fragments, SACK ranges,
+    verdict notices, group names and sealed datagrams, checks the CRC-32 and
+    marks retransmissions; it finds rmsg on any UDP port by its header.
+
+    \b
+    Examples:
+      rmsg wireshark install                 # then restart Wireshark
+      tshark -r run.pcap -Y 'rmsg.retransmission'
+      rmsg wireshark install --print > rmsg.lua
+      tshark -X lua_script:rmsg.lua -r run.pcap
+    """
+
+
+@wireshark.command("install", context_settings=_CONTEXT)
+@click.option(
+    "--path",
+    "folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Install into this folder [default: your personal Lua plugins folder, "
+    "as 'tshark -G folders' names it].",
+)
+@click.option(
+    "--print", "print_only", is_flag=True, help="Write the Lua source to stdout; install nothing."
+)
+def wireshark_install(folder: str | None, print_only: bool) -> None:
+    """Install the rmsg dissector (rmsg.lua) into Wireshark's plugin folder.
+
+    Wireshark and tshark load it at their next start. Prints the path of the
+    file written.
+
+    \b
+    Examples:
+      rmsg wireshark install
+      rmsg wireshark install --path ~/.local/lib/wireshark/plugins
+      rmsg wireshark install --print | less
+    """
+    from .wireshark_plugin import install, lua_source
+
+    if print_only:
+        click.echo(lua_source(), nl=False)
+        return
+    try:
+        target = install(pathlib.Path(folder) if folder is not None else None)
+    except OSError as exc:
+        raise _fail(f"cannot install the dissector: {exc}") from None
+    click.echo(str(target))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
