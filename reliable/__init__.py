@@ -25,6 +25,7 @@ from .endpoint import Endpoint
 from .errors import (
     AddressError,
     AuthenticationFailed,
+    BindError,
     DeliveryFailed,
     MailboxClosed,
     MailboxDeleted,
@@ -60,6 +61,7 @@ __all__ = [
     "parse_group",
     "parse_service",
     "AddressError",
+    "BindError",
     "AuthenticationFailed",
     "AsyncMailbox",
     "AsyncNode",
