@@ -25,6 +25,7 @@ from .endpoint import Endpoint, Withdrawal
 from .errors import (
     AddressError,
     AuthenticationFailed,
+    BindError,
     DeliveryFailed,
     MailboxClosed,
     MailboxDeleted,
@@ -61,6 +62,7 @@ __all__ = [
     "parse_group",
     "parse_service",
     "AddressError",
+    "BindError",
     "AuthenticationFailed",
     "AsyncMailbox",
     "AsyncNode",

@@ -113,7 +113,7 @@ def open_socket(bind: str | tuple[str, int], *, error_queue: bool = False) -> so
     except OSError as exc:
         sock.close()
         where = errors.format_address(sockaddr)
-        raise errors.AddressError(f"cannot bind {where}: {exc.strerror}") from None
+        raise errors.BindError(exc.errno or 0, f"cannot bind {where}: {exc.strerror}") from None
     return sock
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 __all__ = [
     "NoServiceMember",
     "AddressError",
+    "BindError",
     "AuthenticationFailed",
     "DeliveryFailed",
     "MailboxClosed",
@@ -73,6 +74,18 @@ class UsageError(ReliableError, ValueError):
 
 class AddressError(UsageError):
     """An address could not be parsed or resolved."""
+
+
+class BindError(ReliableError, OSError):
+    """The operating system refused to bind a local address (in use, not this host's,
+    not permitted). An ``OSError`` with the OS's ``errno`` (``errno.EADDRINUSE``...), not
+    misuse of the API: the same call may succeed later or on another host."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(errno, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class MessageTooLarge(UsageError):

@@ -65,7 +65,9 @@ class MessageDelivered(Event):
     peer: Any
     size: int  #: message bytes
     fragments: int
-    transmissions: int  #: datagrams sent for it, retransmissions included
+    #: datagrams sent for it, retransmissions included (not the resend of a
+    #: first flight the peer dropped unread while it validated our address)
+    transmissions: int
     elapsed: float  #: seconds from ``send`` to acknowledgement
     incarnation: int  #: the peer incarnation that acknowledged it
     mailbox: str = ""

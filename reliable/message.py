@@ -45,7 +45,9 @@ class Receipt:
     peer: Any
     size: int  #: bytes delivered
     fragments: int
-    transmissions: int  #: datagrams sent for the message, retransmissions included
+    #: datagrams sent for the message, retransmissions included (not the resend of a
+    #: first flight the peer dropped unread while it validated our address)
+    transmissions: int
     elapsed: float  #: seconds from send to acknowledgement
     incarnation: int  #: the incarnation of the peer that acknowledged it
     mailbox: str = ""  #: the destination mailbox ("" for the node's default)

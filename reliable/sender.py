@@ -160,6 +160,9 @@ class SentPacket:
     sent_time: float = 0.0
     retransmitted: bool = False
     lost: bool = False
+    #: dropped unread by a peer that first validated our address (resend_now): its resend
+    #: is part of first contact, not a retransmission, and is not counted as one
+    unread: bool = False
 
 
 @dataclass(slots=True)
@@ -345,8 +348,12 @@ class SendStream:
             heapq.heappop(self.lost)
             self._use_window()
             pkt.lost = False
-            pkt.retransmitted = True
-            self.retransmissions += 1
+            pkt.retransmitted = True  # for Karn's rule, whatever the reason
+            if pkt.unread:
+                pkt.unread = False
+                pkt.message.transmissions -= 1  # _transmit counts it again
+            else:
+                self.retransmissions += 1
             self._transmit(pkt, now)
             return self._fragment(pkt), True, pkt
         msg = self._next_message()
@@ -567,6 +574,7 @@ class SendStream:
         self.dropped_ahead = self.in_flight_bytes
         for pkt in list(self.flight.values()):
             self._declare_lost(pkt)
+            pkt.unread = True
 
     def _probe_deadline(self) -> float:
         """When the tail has gone unacknowledged too long: a probe delay after the last

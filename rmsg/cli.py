@@ -198,6 +198,9 @@ def main() -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option(
+    "--json", "as_json", is_flag=True, help="Print the receipt (or the failure) as one JSON line."
+)
+@click.option(
     "--wait-members",
     type=click.IntRange(min=1),
     default=None,
@@ -247,6 +250,7 @@ def send(
     timeout: float,
     bind: str | None,
     quiet: bool,
+    as_json: bool,
     wait_members: int | None,
     discover_on: tuple[str, ...],
     members: tuple[str, ...],
@@ -298,40 +302,37 @@ def send(
         )
     data = _read_message(message, path)
     local = bind or ("127.0.0.1:0" if grouped else _wildcard_for(dest.split("/", 1)[0]))
+    if grouped and not anycast and _on_loopback(local) and not quiet:
+        click.echo(_LOOPBACK_GROUP_NOTE, err=True)
     deadline = time.monotonic() + timeout
     try:
         with _node(local, security, keyfile, impair) as node:
-            if wait_members is not None:
-                found = node.wait_for_members(_group_of(dest), wait_members, timeout)
-                if len(found) < wait_members:
-                    raise _fail(
-                        f"only {len(found)} of {wait_members} members of {_group_of(dest)} "
-                        f"announced themselves within {timeout:g}s"
-                    )
-            for group in discover_on:
-                node.discover(group)
-            if members:
-                node.add_service_members(dest[len("anycast://") :].split("/", 1)[0], list(members))
-            if discover_on:
-                service = dest[len("anycast://") :].split("/", 1)[0]
-                _await(lambda: bool(node.service_members(service)), deadline)
-            waited = wait_members is not None or bool(discover_on)
-            remaining = max(0.001, deadline - time.monotonic()) if waited else timeout
-            receipt = node.send(
-                dest,
-                data,
-                msg_type=msg_type,
-                priority=priority,
-                mailbox=mailbox,
-                timeout=remaining,
-                policy=policy,
-            )
+            try:
+                receipt = _send_one(
+                    node,
+                    dest,
+                    data,
+                    msg_type,
+                    priority,
+                    mailbox,
+                    timeout,
+                    deadline,
+                    wait_members,
+                    discover_on,
+                    members,
+                    policy,
+                )
+            except KeyboardInterrupt:
+                _interrupted(node, len(data), as_json)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     except ReliableError as exc:
         raise _fail(str(exc)) from None
     if isinstance(receipt, reliable.GroupReceipt):
-        _report_group(receipt, quiet)
+        _report_group(receipt, quiet, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(_receipt_dict(receipt)))
         return
     if not quiet:
         where = reliable.format_address(receipt.peer)
@@ -351,9 +352,110 @@ def send(
             notes.append(f"taken by {receipt.receiver!r}")
         click.echo(
             f"delivered {receipt.size} bytes to {where} in {receipt.elapsed * 1000:.1f} ms "
-            f"({', '.join(notes)})",
-            err=True,
+            f"({', '.join(notes)})"
         )
+
+
+def _send_one(
+    node: Node,
+    dest: str,
+    data: bytes,
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    timeout: float,
+    deadline: float,
+    wait_members: int | None,
+    discover_on: tuple[str, ...],
+    members: tuple[str, ...],
+    policy: str,
+) -> reliable.Receipt | reliable.GroupReceipt:
+    """Wait for the members or service DEST needs, then send and wait for the receipt."""
+    if wait_members is not None:
+        found = node.wait_for_members(_group_of(dest), wait_members, timeout)
+        if len(found) < wait_members:
+            raise _fail(
+                f"only {len(found)} of {wait_members} members of {_group_of(dest)} "
+                f"announced themselves within {timeout:g}s"
+            )
+    for group in discover_on:
+        node.discover(group)
+    if members:
+        node.add_service_members(dest[len("anycast://") :].split("/", 1)[0], list(members))
+    if discover_on:
+        service = dest[len("anycast://") :].split("/", 1)[0]
+        _await(lambda: bool(node.service_members(service)), deadline)
+    waited = wait_members is not None or bool(discover_on)
+    remaining = max(0.001, deadline - time.monotonic()) if waited else timeout
+    return node.send(
+        dest,
+        data,
+        msg_type=msg_type,
+        priority=priority,
+        mailbox=mailbox,
+        timeout=remaining,
+        policy=policy,
+    )
+
+
+#: Exit status after Ctrl-C, as shells report a command killed by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+def _interrupted(node: Node, size: int, as_json: bool) -> None:
+    """Ctrl-C during a send: say what is known about the message, exit 130 at once."""
+    sent = node.stats().datagrams_sent
+    node.close(timeout=0)  # no close flush: the user asked to stop now
+    if sent == 0:
+        known = "nothing was sent: the message was not delivered"
+        delivered: bool | None = False
+    else:
+        known = (
+            f"{sent} datagram(s) sent, no receipt yet: the message of {size} bytes may or "
+            "may not have reached its mailbox"
+        )
+        delivered = None
+    if as_json:
+        click.echo(
+            json.dumps({"status": "interrupted", "delivered": delivered, "datagrams_sent": sent})
+        )
+    click.echo(f"interrupted: {known}", err=True)
+    raise click.exceptions.Exit(EXIT_INTERRUPTED)
+
+
+def _receipt_dict(receipt: reliable.Receipt) -> dict[str, Any]:
+    return {
+        "status": "delivered",
+        "peer": reliable.format_address(receipt.peer),
+        "mailbox": receipt.mailbox,
+        "size": receipt.size,
+        "fragments": receipt.fragments,
+        "transmissions": receipt.transmissions,
+        "retransmissions": receipt.retransmissions,
+        "elapsed": receipt.elapsed,
+        "incarnation": receipt.incarnation,
+        "deferred": receipt.deferred,
+        "receiver": receipt.receiver,
+        "failovers": [[reliable.format_address(m), why] for m, why in receipt.failovers],
+    }
+
+
+_LOOPBACK_GROUP_NOTE = (
+    "note: the group socket is on loopback, so only members on this host can hear it "
+    "(and exit status 0 means every member that announced itself here has the message); "
+    "--bind this host's address on the network's interface to reach other hosts"
+)
+
+
+def _on_loopback(bind: str) -> bool:
+    """Whether ``bind`` (HOST:PORT) is a loopback address."""
+    import ipaddress
+
+    try:
+        host, _ = parse_address(bind, allow_zero_port=True)
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except (UsageError, ValueError):
+        return False
 
 
 def _group_of(dest: str) -> str:
@@ -383,15 +485,26 @@ def _node(bind: str, security: str, keyfile: str | None, impair: str | None) -> 
     return Node(sock=FaultySocket(open_socket(bind), impairment, seed=None), security=sec)
 
 
-def _report_group(receipt: reliable.GroupReceipt, quiet: bool) -> None:
+def _report_group(receipt: reliable.GroupReceipt, quiet: bool, as_json: bool = False) -> None:
     """Print who has a group message; exit 1 unless every member it was meant for does."""
     if not receipt.acked and not receipt.missing:
         raise _fail(f"{receipt.group}: no members were known, so nobody received it")
-    if not quiet or receipt.missing:
+    if as_json:
+        record = {
+            "status": "missing" if receipt.missing else "delivered",
+            "group": receipt.group,
+            "size": receipt.size,
+            "fragments": receipt.fragments,
+            "transmissions": receipt.transmissions,
+            "elapsed": receipt.elapsed,
+            "acked": [reliable.format_address(m) for m in receipt.acked],
+            "missing": {reliable.format_address(m): why for m, why in receipt.missing.items()},
+        }
+        click.echo(json.dumps(record))
+    elif not quiet or receipt.missing:
         click.echo(
             f"{receipt.size} bytes in {receipt.elapsed * 1000:.1f} ms, "
-            f"{receipt.transmissions} datagram(s): {receipt}",
-            err=True,
+            f"{receipt.transmissions} datagram(s): {receipt}"
         )
     if receipt.missing:
         raise click.exceptions.Exit(1)
@@ -529,7 +642,8 @@ def recv(
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
-    By default each message is written raw to stdout followed by a newline.
+    By default each message is written raw to stdout, followed by a newline
+    unless it ends in one.
     Messages come highest priority first, oldest first within a priority.
     Stop with Ctrl-C, --count or --timeout.
 
@@ -565,6 +679,8 @@ def recv(
         node = _node(bind, security, keyfile, impair)
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
+    except ReliableError as exc:  # BindError: the OS refused (in use, not ours): not usage
+        raise _fail(str(exc)) from None
     try:
         for group in groups:
             node.join(group)
@@ -585,6 +701,8 @@ def recv(
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
     extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
     click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
+    if groups and _on_loopback(bind):
+        click.echo(_LOOPBACK_GROUP_NOTE.replace("hear it", "send to it"), err=True)
     try:
         while count is None or received < count:
             try:
@@ -601,8 +719,10 @@ def recv(
                     _write_json(stdout, msg, saved_as=str(out_dir / name))
             elif as_json:
                 _write_json(stdout, msg)
+            elif no_newline or msg.data.endswith(b"\n"):
+                stdout.write(msg.data)  # a line (echo, piped stdin) already ends itself
             else:
-                stdout.write(msg.data if no_newline else msg.data + b"\n")
+                stdout.write(msg.data + b"\n")
             stdout.flush()
     except KeyboardInterrupt:
         pass
@@ -738,6 +858,8 @@ def bench(
 
     if duration is not None and duration <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--duration")
+    if plot is not None:
+        _require_plotting(plot, "--plot")  # before minutes of measuring, not after
 
     def progress(text: str) -> None:
         click.echo(f"  {text}", err=True)
@@ -755,6 +877,17 @@ def bench(
         except RuntimeError as exc:
             raise _fail(str(exc)) from None
         click.echo(f"plot written to {plot}", err=True)
+
+
+def _require_plotting(path: str, option: str) -> None:
+    """Fail at once, before any work, if a plot could not be drawn or saved."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise _fail(f"{option} needs matplotlib: pip install 'rmsg[plot]'")
+    folder = pathlib.Path(path).resolve().parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {folder} does not exist", param_hint=option)
 
 
 # ---------------------------------------------------------------------- keygen
@@ -908,7 +1041,7 @@ def demo(
 
     if not as_json:
         click.echo(
-            f"rmsg demo: {messages} x {size} B over loopback with {loss:.0%} loss, "
+            f"rmsg demo: {messages} x {size} B over loopback with {loss:.0%} datagram loss, "
             f"{duplicate:.0%} duplication, {reorder:.0%} reordering, {corrupt:.0%} corruption, "
             f"{delay * 1000:g}±{jitter * 1000:g} ms delay (seed {seed})",
             err=True,
@@ -937,10 +1070,12 @@ def demo(
                     f"  acknowledged               {r.acknowledged}  (failed: {r.failed})",
                     f"  delivered intact, in order {r.intact}  (duplicates delivered: "
                     f"{r.duplicates_delivered}, in order: {'yes' if r.in_order else 'NO'})",
-                    f"  retransmissions            {r.retransmissions}",
-                    f"  duplicates dropped         {r.duplicate_datagrams_dropped}",
-                    f"  corrupt dropped            {r.corrupt_datagrams_dropped}",
-                    f"  link did                   dropped {r.link_dropped}, duplicated "
+                    f"  fragments retransmitted    {r.retransmissions}  (a datagram bundles "
+                    "several fragments, so one lost datagram may cost many)",
+                    f"  datagrams dropped          {r.duplicate_datagrams_dropped} duplicates, "
+                    f"{r.corrupt_datagrams_dropped} corrupt  (by the receiving nodes)",
+                    f"  link carried               {r.link_datagrams} datagrams: dropped "
+                    f"{r.link_dropped} ({_share(r.link_dropped, r.link_datagrams)}), duplicated "
                     f"{r.link_duplicated}, corrupted {r.link_corrupted}, reordered "
                     f"{r.link_reordered}",
                     f"  throughput                 {r.messages_per_second:,.0f} msg/s, "
@@ -952,6 +1087,10 @@ def demo(
         )
     if not result.ok:
         sys.exit(1)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
 
 
 # ------------------------------------------------------------------------ netem
@@ -1325,28 +1464,106 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("capture", type=click.Path(exists=True, dir_okay=False))
-def dissect(capture: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per datagram.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw a time-sequence graph of the capture to this PNG (needs rmsg[plot]).",
+)
+def dissect(capture: str, as_json: bool, plot: str | None) -> None:
     """Print a readable timeline of the rmsg packets in a pcap CAPTURE.
 
     One line per datagram: time, direction, kind, sequence number, base,
-    fragment, ack, window, SACK ranges, reject notices — RETX marks a
-    retransmission, MALFORMED a datagram the link corrupted. Needs scapy.
+    fragment (numbered from 1), ack, window, SACK ranges, reject notices —
+    RETX marks a retransmission, MALFORMED a datagram the link corrupted.
+    --plot draws sequence numbers over time per direction, in the style of
+    tcptrace's and Wireshark's Stevens graphs, with retransmissions, SACKed
+    ranges and corrupt datagrams marked. Needs scapy.
 
     \b
     Examples:
       rmsg netem --listen 127.0.0.1:9000 --forward 127.0.0.1:7000 --spec "loss 5%" \\
           --pcap-out run.pcap
       rmsg dissect run.pcap | grep RETX
+      rmsg dissect run.pcap --json | jq 'select(.retransmission)'
+      rmsg dissect run.pcap --plot run.png
     """
     from .dissect import dissect_file
 
+    if plot is not None:
+        _require_plotting(plot, "--plot")
+    entries = []
     try:
         for entry in dissect_file(capture):
-            click.echo(entry.format())
+            if plot is not None:
+                entries.append(entry)
+            click.echo(json.dumps(entry.as_dict()) if as_json else entry.format())
     except RuntimeError as exc:
         raise _fail(str(exc)) from None
     except Exception as exc:  # scapy's own errors for unreadable files
         raise _fail(f"cannot read {capture}: {exc}") from None
+    if plot is not None:
+        from .plots import plot_timeline
+
+        plot_timeline(entries, plot, title=pathlib.Path(capture).name)
+        click.echo(f"plot written to {plot}", err=True)
+
+
+# -------------------------------------------------------------------- wireshark
+
+
+@main.group(context_settings=_CONTEXT)
+def wireshark() -> None:
+    """Wireshark and tshark support: a Lua dissector for rmsg's wire format.
+
+    The dissector decodes every packet kind, bundled fragments, SACK ranges,
+    verdict notices, group names and sealed datagrams, checks the CRC-32 and
+    marks retransmissions; it finds rmsg on any UDP port by its header.
+
+    \b
+    Examples:
+      rmsg wireshark install                 # then restart Wireshark
+      tshark -r run.pcap -Y 'rmsg.retransmission'
+      rmsg wireshark install --print > rmsg.lua
+      tshark -X lua_script:rmsg.lua -r run.pcap
+    """
+
+
+@wireshark.command("install", context_settings=_CONTEXT)
+@click.option(
+    "--path",
+    "folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Install into this folder [default: your personal Lua plugins folder, "
+    "as 'tshark -G folders' names it].",
+)
+@click.option(
+    "--print", "print_only", is_flag=True, help="Write the Lua source to stdout; install nothing."
+)
+def wireshark_install(folder: str | None, print_only: bool) -> None:
+    """Install the rmsg dissector (rmsg.lua) into Wireshark's plugin folder.
+
+    Wireshark and tshark load it at their next start. Prints the path of the
+    file written.
+
+    \b
+    Examples:
+      rmsg wireshark install
+      rmsg wireshark install --path ~/.local/lib/wireshark/plugins
+      rmsg wireshark install --print | less
+    """
+    from .wireshark_plugin import install, lua_source
+
+    if print_only:
+        click.echo(lua_source(), nl=False)
+        return
+    try:
+        target = install(pathlib.Path(folder) if folder is not None else None)
+    except OSError as exc:
+        raise _fail(f"cannot install the dissector: {exc}") from None
+    click.echo(str(target))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,7 @@ class DemoResult:
     retransmissions: int
     duplicate_datagrams_dropped: int
     corrupt_datagrams_dropped: int
+    link_datagrams: int  #: datagrams the link carried, both directions, before its faults
     link_dropped: int
     link_duplicated: int
     link_corrupted: int
@@ -212,6 +213,7 @@ def run_demo(
         retransmissions=tx_stats.retransmissions + rx_stats.retransmissions,
         duplicate_datagrams_dropped=tx_stats.duplicates + rx_stats.duplicates,
         corrupt_datagrams_dropped=tx_stats.corrupt + rx_stats.corrupt,
+        link_datagrams=sum(c.seen for c in links),
         link_dropped=sum(c.dropped for c in links),
         link_duplicated=sum(c.duplicated for c in links),
         link_corrupted=sum(c.corrupted for c in links),

@@ -33,6 +33,47 @@ class TimelineEntry:
     retransmission: bool
     sealed: str = ""  #: "AUTHENTICATED pn=N" or "ENCRYPTED pn=N" for sealed datagrams
 
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready data; fragments numbered from 1, like :meth:`format`."""
+        record: dict[str, Any] = {
+            "time": self.time,
+            "source": format_address(self.source),
+            "destination": format_address(self.destination),
+            "retransmission": self.retransmission,
+        }
+        if self.sealed:
+            record["sealed"] = self.sealed
+        if self.packet is None:
+            record["error"] = self.error
+            return record
+        p = self.packet
+        record.update(
+            kind=p.kind.name,
+            flags=[f.name for f in wire.Flag if f and f.name and p.flags & f],
+            src_incarnation=p.src_incarnation,
+            dst_incarnation=p.dst_incarnation,
+            ack=p.ack,
+            window=p.window,
+            sacks=[[s, e] for s, e in p.sacks],
+            notices=[[m, wire.Verdict(r).name] for m, r in p.notices],
+            fragments=[
+                {
+                    "seq": f.seq,
+                    "base": f.base,
+                    "msg_id": f.msg_id,
+                    "number": f.index + 1,
+                    "count": f.count,
+                    "length": len(f.payload),
+                    "total_len": f.total_len,
+                    "mailbox": f.mailbox,
+                }
+                for f in p.fragments
+            ],
+        )
+        if p.group:
+            record["group"] = p.group
+        return record
+
     def format(self) -> str:
         where = f"{format_address(self.source)} > {format_address(self.destination)}"
         head = f"{self.time:10.6f}  {where:<45}"

@@ -3,9 +3,12 @@
 Dissects and builds every packet kind, a DATA packet's bundled fragments
 included (``bundle``, a list of :class:`BundledFragment`); ``n_sack``, ``n_notice``, the mailbox
 and payload lengths, the message length of a single-fragment message and the
-CRC-32 trailer are filled in when left as ``None``. Bound to UDP on
-:data:`reliable.wire.DEFAULT_PORT` in both directions; for other ports use
-``bind_layers(UDP, RMSG, dport=PORT)`` or ``RMSG(bytes(udp.payload))``.
+CRC-32 trailer are filled in when left as ``None``. Found on any UDP port,
+like the Wireshark dissector: a UDP payload no other layer claims is read as
+rmsg when its header says so (magic, version 1, a known kind, reserved flag
+bits clear); :data:`reliable.wire.DEFAULT_PORT` is also bound in both
+directions. Summaries number fragments from 1, as ``rmsg dissect`` does
+(``frag_index`` keeps the 0-based wire value).
 
     >>> from rmsg.scapy_layer import RMSG
     >>> pkt = RMSG(kind="DATA", src_incarnation=7, seq=1, data=b"hi")
@@ -38,11 +41,11 @@ from scapy.fields import (
     XShortField,
 )
 from scapy.layers.inet import UDP
-from scapy.packet import Packet, bind_layers
+from scapy.packet import Packet, Raw, bind_layers
 
 from reliable.wire import DEFAULT_PORT, GROUP_KINDS, MAGIC, VERSION, Kind, Verdict
 
-__all__ = ["RMSG", "BundledFragment", "RejectNotice", "SackRange"]
+__all__ = ["RMSG", "BundledFragment", "RejectNotice", "SackRange", "looks_like_rmsg"]
 
 _KINDS = {int(k): k.name for k in Kind}
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
@@ -232,7 +235,7 @@ class RMSG(Packet):
         if self.kind >= _FIRST_GROUP_KIND and _readable(self):
             return self.sprintf(f"rmsg {kind} group=%RMSG.group% ack=%RMSG.ack%")
         if self.kind == Kind.DATA:
-            fragment = "frag=%RMSG.frag_index%/%RMSG.frag_count%"
+            fragment = f"frag={int(self.frag_index) + 1}/%RMSG.frag_count%"  # 1-based
             more = f" +{len(self.bundle)} bundled" if self.bundle else ""
             return self.sprintf(f"rmsg {kind} seq=%RMSG.seq% {fragment}{more} ack=%RMSG.ack%")
         return self.sprintf(f"rmsg {kind} ack=%RMSG.ack% win=%RMSG.window%")
@@ -240,3 +243,29 @@ class RMSG(Packet):
 
 bind_layers(UDP, RMSG, dport=DEFAULT_PORT)
 bind_layers(UDP, RMSG, sport=DEFAULT_PORT)
+
+_HEURISTIC = struct.Struct("!HBBH")  # magic, version, kind, flags
+_KNOWN_FLAGS = 0x000F | _AUTHENTICATED | _ENCRYPTED
+_MIN_SIZE = 36  # header and CRC trailer
+
+
+def looks_like_rmsg(payload: bytes) -> bool:
+    """Whether a UDP payload starts like an rmsg v1 datagram (the heuristic)."""
+    if len(payload) < _MIN_SIZE:
+        return False
+    magic, version, kind, flags = _HEURISTIC.unpack_from(payload)
+    return magic == MAGIC and version == VERSION and kind in _KINDS and not flags & ~_KNOWN_FLAGS
+
+
+_udp_guess_payload_class = UDP.guess_payload_class
+
+
+def _guess_payload_class(self: UDP, payload: bytes) -> Any:
+    """UDP's own guess (port bindings), then rmsg's heuristic for what it left as raw."""
+    guessed = _udp_guess_payload_class(self, payload)
+    if guessed is Raw and looks_like_rmsg(payload):
+        return RMSG
+    return guessed
+
+
+UDP.guess_payload_class = _guess_payload_class  # type: ignore[method-assign]

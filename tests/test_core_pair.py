@@ -593,3 +593,23 @@ def test_the_window_fits_the_receivers_socket_buffer_at_the_peers_fragment_size(
     p.a.endpoint.send(B, b"again", now=p.now)
     p.settle()
     assert p.a.endpoint._peers[B].sender.peer_window == 4096  # max_window: no bound
+
+
+def test_first_contact_resend_is_not_a_retransmission() -> None:
+    """The peer drops our first flight unread while it validates our address (a
+    CHALLENGE); sending it again is first contact, not loss: a clean link reports
+    0 retransmissions, in the receipt and in the statistics."""
+    p = Pair()
+    p.a.endpoint.send(B, b"x" * 5000, now=p.now)
+    p.a.endpoint.send(B, b"hello", now=p.now)
+    p.settle()
+    delivered = p.a.of(events.MessageDelivered)
+    assert len(delivered) == 2
+    assert [d.transmissions for d in delivered] == [d.fragments for d in delivered]
+    assert p.a.endpoint.stats().retransmissions == 0
+    # a real loss after that still counts
+    p.a.endpoint.send(B, b"again", now=p.now)
+    p.transfer(p.a, drop=lambda i, d: True)
+    p.settle()
+    assert p.a.endpoint.stats().retransmissions == 1
+    assert p.a.of(events.MessageDelivered)[-1].transmissions == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 
@@ -9,6 +10,7 @@ import pytest
 
 from reliable import (
     AddressError,
+    BindError,
     Config,
     MessageTooLarge,
     Node,
@@ -178,8 +180,11 @@ def test_local_misuse_fails_before_sending(pair) -> None:  # type: ignore[no-unt
         a.send(b.address, b"x", timeout=-1)
     with pytest.raises(UsageError, match="timeout"):
         b.receive(timeout=-0.5)
-    with pytest.raises(AddressError, match="cannot bind"):
+    with pytest.raises(BindError, match=r"cannot bind .*in use") as taken:
         Node(f"127.0.0.1:{b.address[1]}")  # taken
+    # the OS's error, errno and all, not misuse of the API
+    assert isinstance(taken.value, OSError) and taken.value.errno == errno.EADDRINUSE
+    assert not isinstance(taken.value, UsageError)
 
 
 @pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback here")

@@ -83,7 +83,8 @@ def test_a_first_contact_over_a_rate_limited_link_resends_only_what_was_dropped(
 ) -> None:
     """A large first message: the peer drops the first flight unread (it keeps no state
     before its cookie is echoed), and the copies queue behind what it drops. They are
-    the only retransmissions, and the link stays busy."""
+    the only resends (first contact, not counted as retransmissions), and the link
+    stays busy."""
     net, a, b = _pair(loopback, 8e6)
     net.call_at(0.0, lambda: a.send(B, random.Random(3).randbytes(MESSAGE), now=0.0), host=A)
     net.run(until=0.0)
@@ -91,5 +92,6 @@ def test_a_first_contact_over_a_rate_limited_link_resends_only_what_was_dropped(
     first_flight, dropped = sender.packets_sent, sender.in_flight_bytes
     assert first_flight > 1
     receipt = _fate(net, a, b)
-    assert receipt.transmissions == receipt.fragments + first_flight
+    assert sender.packets_sent == receipt.fragments + first_flight
+    assert receipt.transmissions == receipt.fragments and sender.retransmissions == 0
     assert net.now <= 1.2 * (MESSAGE + dropped) * 8 / 8e6

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
+from scapy.packet import Raw
 
 from reliable import wire
 from rmsg.scapy_layer import RMSG, RejectNotice, SackRange
@@ -88,6 +89,35 @@ def test_bound_to_the_default_port_both_ways() -> None:
     ):
         pkt = IP(bytes(IP(src="127.0.0.1", dst="127.0.0.1") / udp / inner))
         assert RMSG in pkt and pkt[RMSG].kind == wire.Kind.PING
+
+
+def test_found_on_any_port_by_its_header() -> None:
+    """The documented commands use 7000 and 9000, not 7431: the heuristic finds rmsg there,
+    and leaves a payload that is not rmsg (or that another layer claims) alone."""
+    inner = RMSG(kind="DATA", src_incarnation=5, seq=9, frag_index=1, frag_count=3, data=b"x")
+    for sport, dport in ((40000, 7000), (9000, 51234), (1234, 5678)):
+        pkt = IP(
+            bytes(IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=sport, dport=dport) / inner)
+        )
+        assert RMSG in pkt and pkt[RMSG].seq == 9
+    not_rmsg = IP(bytes(IP() / UDP(sport=40000, dport=7000) / Raw(b"RM" + b"\x02" * 40)))
+    assert RMSG not in not_rmsg
+    from scapy.layers.dns import DNS  # binds UDP port 53
+
+    dns = IP(bytes(IP() / UDP(sport=40000, dport=53) / inner))
+    assert DNS in dns
+    assert RMSG not in dns  # a port another layer owns stays that layer's
+
+
+def test_summary_numbers_fragments_from_one_like_rmsg_dissect() -> None:
+    from rmsg.dissect import timeline
+
+    inner = RMSG(kind="DATA", src_incarnation=5, seq=9, frag_index=0, frag_count=3, total_len=3)
+    inner.data = b"x"
+    raw = bytes(inner)
+    assert "frag=1/3" in RMSG(raw).mysummary()
+    (entry,) = timeline([(0.0, ("127.0.0.1", 1), ("127.0.0.1", 2), raw)])
+    assert "frag=1/3" in entry.format()
 
 
 def test_a_corrupted_packet_fails_its_checksum() -> None:
