@@ -6,7 +6,11 @@ which :class:`reliable.Endpoint` has and any user's protocol object can have.
 The network keeps a virtual clock and one event queue of datagram arrivals and
 host timers; nothing sleeps, so simulated minutes pass in milliseconds of CPU.
 Each directed link applies its own seeded :class:`~netem.models.FaultModel`,
-so a run is a pure function of the seed and the hosts' behaviour.
+so a run is a pure function of the seed and the hosts' behaviour. Links are
+seeded as every carrier seeds them (:mod:`netem.seeds`): the k-th pair of hosts
+to use (or configure) a link is conversation k, and the direction the pair
+first used is *up* — so two hosts that talk as a client and a server through
+the proxy see the same decisions here under the same seed.
 
 Faults change mid-run with :meth:`SimNetwork.set`, :meth:`~SimNetwork.clear`,
 :meth:`~SimNetwork.partition` (from now until healed, or between two times),
@@ -42,6 +46,7 @@ from typing import Any, Protocol
 
 from .models import Impairment
 from .scenario import Link, LinkState, Scenario, Window, as_impairment
+from .seeds import stream_seed
 
 __all__ = ["SansIOHost", "SimNetwork"]
 
@@ -109,6 +114,7 @@ class SimNetwork:
         self._order = itertools.count()
         self._timer_at: dict[Hashable, float | None] = {}
         self._groups: dict[Hashable, set[Hashable]] = {}
+        self._pairs: dict[frozenset[Hashable], tuple[int, Hashable]] = {}
         self._paused: dict[Hashable, _Pause] = {}
         self._clocks: dict[Hashable, _Clock] = {}
         self._lives: dict[Hashable, list[SansIOHost]] = {}
@@ -294,7 +300,11 @@ class SimNetwork:
 
     def set_scenario(self, a: Hashable, b: Hashable, scenario: Scenario) -> None:
         """Apply a two-way scenario (*up* is ``a -> b``); its clock starts now."""
-        up, down = scenario.links(self._seed + _stable_hash(repr((a, b))))
+        base = scenario.seed if scenario.seed is not None else self._seed
+        up = Link(scenario.up, partitions=scenario.up_partitions, seed=self._link_seed(a, b, base))
+        down = Link(
+            scenario.down, partitions=scenario.down_partitions, seed=self._link_seed(b, a, base)
+        )
         self.set_link(a, b, up)
         self.set_link(b, a, down)
 
@@ -386,9 +396,17 @@ class SimNetwork:
             self._links[(src, dst)] = link
         return link
 
-    def _link_seed(self, src: Hashable, dst: Hashable) -> int:
-        # Stable across runs (unlike hash() of str), distinct per direction.
-        return (self._seed * 1_000_003 + _stable_hash(repr((src, dst)))) & 0xFFFFFFFF
+    def _pair(self, src: Hashable, dst: Hashable) -> tuple[int, Hashable]:
+        """The pair's conversation number and the host that used it first."""
+        key = frozenset((src, dst))
+        if key not in self._pairs:
+            self._pairs[key] = (len(self._pairs), src)
+        return self._pairs[key]
+
+    def _link_seed(self, src: Hashable, dst: Hashable, seed: int | None = None) -> int | None:
+        index, first = self._pair(src, dst)
+        base = self._seed if seed is None else seed
+        return stream_seed(base, "up" if src == first else "down", index)
 
     # ---------------------------------------------------------------- driving
 
@@ -497,10 +515,3 @@ class SimNetwork:
             if not self.step():
                 return
         raise RuntimeError(f"simulation did not settle within {max_events} events")
-
-
-def _stable_hash(text: str) -> int:
-    h = 2166136261
-    for ch in text.encode():
-        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
-    return h
