@@ -28,8 +28,10 @@ Delay is drawn with the kernel's arithmetic (``tabledist``): integer
 nanoseconds, a 32-bit correlated random number (``get_crandom``) taken modulo
 ``2 * jitter`` (uniform) or the table size (the others), and iproute2's
 4096-entry tables (:func:`distribution_table`), which are clipped to +/-4
-sigma. Taking the correlated number modulo the range scrambles it, so, as in
-the kernel, delay "correlation" barely correlates anything. Rate charges the
+sigma — or a custom table from an iproute2 ``.dist`` file
+(:func:`load_distribution`), as ``tc`` reads ``/usr/lib/tc/NAME.dist``.
+Taking the correlated number modulo the range scrambles it, so, as in the
+kernel, delay "correlation" barely correlates anything. Rate charges the
 datagram plus the headers the kernel would count (``rate_headers``) plus
 ``tc``'s packet overhead and cell rounding.
 
@@ -43,6 +45,7 @@ import bisect
 import functools
 import heapq
 import math
+import os
 import random
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +61,7 @@ __all__ = [
     "GilbertElliott",
     "Impairment",
     "distribution_table",
+    "load_distribution",
 ]
 
 #: Delay distributions, as in ``tc netem ... distribution NAME``.
@@ -150,7 +154,9 @@ class Impairment:
     """Spread of the delay: +/- for uniform, the standard deviation otherwise."""
     delay_correlation: float = 0.0
     distribution: str = "uniform"
-    """``uniform``, ``normal``, ``pareto`` or ``paretonormal`` (iproute2's tables)."""
+    """``uniform``, ``normal``, ``pareto`` or ``paretonormal`` (iproute2's tables), or a
+    custom table: a ``.dist`` file's path, or a NAME found as ``NAME.dist`` in
+    ``$TC_LIB_DIR``, ``/usr/lib/tc`` or ``/usr/lib64/tc`` (see :func:`load_distribution`)."""
 
     reorder: float = 0.0
     """Probability a datagram skips the delay and overtakes the queue (needs ``delay``)."""
@@ -207,9 +213,7 @@ class Impairment:
         if self.gap < 0 or self.mtu < 0:
             raise ValueError("gap and mtu must be >= 0")
         if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}"
-            )
+            distribution_table(self.distribution)  # a custom table: loads, or says why not
         if self.loss_model is not None and self.loss:
             raise ValueError("give either a random loss percentage or a loss model, not both")
         if self.cell_size < 0 or self.rate_headers < 0:
@@ -625,4 +629,62 @@ def distribution_table(name: str) -> tuple[int, ...]:
             _clip(int((round(points[i] * _DIST_SCALE) + 3 * _pareto_value(65536 - 4 * i)) / 4))
             for i in range(0, _TABLE_POINTS, 4)
         )
-    raise ValueError(f"no built-in distribution table {name!r}")
+    return load_distribution(name)
+
+
+#: Where ``tc`` looks for ``NAME.dist`` (after ``$TC_LIB_DIR``).
+TC_LIB_DIRS = ("/usr/lib/tc", "/usr/lib64/tc")
+MAX_DIST = 16 * 1024  # iproute2's limit on a table's entries
+
+
+def load_distribution(name: str) -> tuple[int, ...]:
+    """A custom delay table from an iproute2 ``.dist`` file, as ``tc`` loads it.
+
+    ``name`` is a path (it contains a ``/`` or ends in ``.dist``), or a NAME
+    looked up as ``NAME.dist`` in ``$TC_LIB_DIR``, then :data:`TC_LIB_DIRS`.
+    The file holds whitespace-separated integers — deviates in units of sigma
+    times 8192 (``NETEM_DIST_SCALE``), each a signed 16-bit value; ``#`` starts
+    a comment. iproute2's ``maketable`` writes such files from measured
+    delays. Raises ``ValueError`` naming the file and the problem.
+    """
+    if "/" in name or name.endswith(".dist"):
+        candidates = [name]
+    else:
+        dirs = [os.environ["TC_LIB_DIR"]] if os.environ.get("TC_LIB_DIR") else []
+        candidates = [os.path.join(d, f"{name}.dist") for d in (*dirs, *TC_LIB_DIRS)]
+    for path in candidates:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"distribution table {path}: cannot read it: {exc}") from None
+        return _parse_dist(path, text)
+    raise ValueError(
+        f"distribution {name!r}: not one of {', '.join(DISTRIBUTIONS)}, and no table file "
+        f"{' or '.join(candidates)}"
+    )
+
+
+def _parse_dist(path: str, text: str) -> tuple[int, ...]:
+    values: list[int] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for word in line.split("#", 1)[0].split():
+            try:
+                value = int(word)
+            except ValueError:
+                raise ValueError(
+                    f"distribution table {path} line {number}: {word!r} is not an integer"
+                ) from None
+            if not _SHORT[0] <= value <= _SHORT[1]:
+                raise ValueError(
+                    f"distribution table {path} line {number}: {value} is outside "
+                    f"{_SHORT[0]}..{_SHORT[1]} (entries are sigmas times {_DIST_SCALE})"
+                )
+            values.append(value)
+    if not values:
+        raise ValueError(f"distribution table {path}: no entries")
+    if len(values) > MAX_DIST:
+        raise ValueError(f"distribution table {path}: {len(values)} entries, tc allows {MAX_DIST}")
+    return tuple(values)

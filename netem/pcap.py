@@ -1,9 +1,14 @@
-"""A minimal pcap writer: UDP datagrams wrapped in synthetic IPv4/IPv6 + UDP headers.
+"""Minimal pcap and pcapng writers: UDP datagrams in synthetic IPv4/IPv6 + UDP headers.
 
-Classic libpcap format, link type ``LINKTYPE_RAW`` (101: each record starts
-with an IP header), microsecond timestamps — readable by tcpdump, tshark,
-Wireshark and scapy's ``rdpcap``. Only the standard library is used, so the
-proxy can capture without scapy installed. Headers carry real checksums.
+:class:`PcapWriter` writes classic libpcap, link type ``LINKTYPE_RAW`` (101:
+each record starts with an IP header), microsecond timestamps — readable by
+tcpdump, tshark, Wireshark and scapy's ``rdpcap``. :class:`PcapngWriter`
+writes pcapng with one interface per *leg* of a relayed conversation and a
+comment and a direction flag on each packet (the proxy's ``capture=``: every
+datagram once per leg, with its fault decision). Only the standard library is
+used, so the proxy can capture without scapy installed. Headers carry real
+checksums. A datagram whose two addresses are of different families is
+written as IPv6 with the IPv4 one mapped (``::ffff:a.b.c.d``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-__all__ = ["LINKTYPE_RAW", "PcapWriter", "udp_packet"]
+__all__ = ["LINKTYPE_RAW", "PcapWriter", "PcapngWriter", "udp_packet"]
 
 LINKTYPE_RAW = 101
 _GLOBAL = struct.Struct("<IHHiIII")
@@ -90,6 +95,93 @@ class PcapWriter:
                 self._file.close()
 
     def __enter__(self) -> PcapWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_SHB = 0x0A0D0D0A
+_IDB = 0x00000001
+_EPB = 0x00000006
+_BYTE_ORDER = 0x1A2B3C4D
+_OPT_COMMENT = 1
+_OPT_IF_NAME = 2
+_OPT_EPB_FLAGS = 2
+INBOUND, OUTBOUND = 1, 2  #: ``epb_flags`` direction bits: into or out of the interface
+
+
+def _option(code: int, value: bytes) -> bytes:
+    pad = -len(value) % 4
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * pad
+
+
+def _block(kind: int, body: bytes) -> bytes:
+    length = 12 + len(body)
+    return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
+
+
+class PcapngWriter:
+    """Writes UDP datagrams to a pcapng file, one interface per name in ``interfaces``.
+
+    Each packet records its interface, its direction (:data:`INBOUND` or
+    :data:`OUTBOUND`) and an optional comment, which Wireshark shows as
+    ``frame.comment`` and scapy as ``packet.comment``. Thread-safe; a context manager.
+    """
+
+    def __init__(self, path: str | Path, interfaces: tuple[str, ...]) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        end = _option(0, b"")
+        header = struct.pack("<IHHq", _BYTE_ORDER, 1, 0, -1) + end
+        self._file.write(_block(_SHB, header))
+        for name in interfaces:
+            body = struct.pack("<HHI", LINKTYPE_RAW, 0, _SNAPLEN)
+            body += _option(_OPT_IF_NAME, name.encode()) + end
+            self._file.write(_block(_IDB, body))
+        self.interfaces = interfaces
+        self._lock = threading.Lock()
+        self.records = 0
+
+    def write(
+        self,
+        when: float,
+        interface: int,
+        src: tuple[Any, ...],
+        dst: tuple[Any, ...],
+        payload: bytes,
+        *,
+        direction: int = 0,
+        comment: str | None = None,
+    ) -> None:
+        """Record ``payload`` from ``src`` to ``dst`` on ``interface`` at wall-clock ``when``."""
+        packet = udp_packet(src, dst, payload)
+        micros = round(when * 1_000_000)
+        body = struct.pack(
+            "<IIIII", interface, micros >> 32, micros & 0xFFFFFFFF, len(packet), len(packet)
+        )
+        body += packet + b"\0" * (-len(packet) % 4)
+        if comment is not None:
+            body += _option(_OPT_COMMENT, comment.encode())
+        if direction:
+            body += _option(_OPT_EPB_FLAGS, struct.pack("<I", direction))
+        body += _option(0, b"")
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(_block(_EPB, body))
+                self.records += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+    def __enter__(self) -> PcapngWriter:
         return self
 
     def __exit__(

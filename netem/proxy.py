@@ -30,8 +30,24 @@ thread records it in :attr:`UdpProxy.error` and ends, and :meth:`UdpProxy.wait`
 and :meth:`UdpProxy.stop` raise :class:`ProxyFailed` — the proxy never stops
 relaying quietly.
 
+Replies from another port. Some servers answer from a port other than the
+one the client wrote to (TFTP answers from a fresh port per transfer; some
+SIP, RTP and STUN servers do too). ``replies`` says what the proxy does with
+a datagram that reaches a client's upstream socket from the server's host
+but another port: ``"learn"`` (the default) relays it and sends the client's
+next datagrams to that address, as the client itself would had it talked to
+the server directly; ``"relay"`` relays it but keeps sending to ``forward``;
+``"strict"`` drops it as a stray. Datagrams from any other host are strays in
+every mode.
+
 Captures: ``pcap_in`` records what the proxy received, ``pcap_out`` what it
-sent, both directions, before and after impairment.
+sent, both directions, before and after impairment. ``capture`` writes one
+pcapng with an interface per leg — *client leg* (client <-> the proxy's
+listen address) and *server leg* (the client's upstream socket <-> the
+server) — so each datagram appears once per leg it crossed, each leg is one
+UDP conversation Wireshark can follow, and every record carries the fault
+decision as a packet comment. Wildcard binds are recorded with the concrete
+address the kernel routes from, never ``0.0.0.0``/``::``.
 
 Per-client links. Each client gets its own pair of :class:`Link` objects
 seeded by its admission order (:func:`netem.seeds.stream_seed`), so one noisy
@@ -72,7 +88,7 @@ from typing import Any
 
 from .control import ControlServer
 from .models import FaultCounters, Impairment
-from .pcap import PcapWriter
+from .pcap import INBOUND, OUTBOUND, PcapngWriter, PcapWriter
 from .scenario import Link, LinkState, Scenario, as_impairment
 from .seeds import DIRECTIONS, stream_seed
 from .spec import format_spec
@@ -100,6 +116,8 @@ DEFAULT_MAX_CLIENTS = 4096  #: the client cap when the descriptor limit allows m
 #: socket, captures, and whatever else the process opens later (imports, logs).
 FD_RESERVE = 16
 REFUSED_CAP = "max_clients"  #: the ``refused`` reason when the client cap is reached
+REPLY_MODES = ("learn", "relay", "strict")  #: what to do with replies from another server port
+CLIENT_LEG, SERVER_LEG = 0, 1  #: the capture's interfaces
 
 
 class ProxyFailed(RuntimeError):
@@ -168,7 +186,9 @@ class ProxyStats:
     rebinds: int = 0
     rebind_errors: int = 0  #: rebinds skipped (no new socket): the client kept its port
     send_errors: int = 0
-    strays: int = 0  #: datagrams to an upstream socket from anyone but the server
+    strays: int = 0  #: datagrams to an upstream socket from another host (or port, if strict)
+    #: replies relayed from a server port other than ``forward``'s (``replies`` not strict)
+    other_port_replies: int = 0
     up: FaultCounters = field(default_factory=FaultCounters)
     down: FaultCounters = field(default_factory=FaultCounters)
 
@@ -188,6 +208,9 @@ class _Client:
     bound_at: float
     up: Link
     down: Link
+    server: tuple[Any, ...]  #: where its datagrams go: ``forward``, or a learned reply address
+    index: int = 0  #: admission order (its decision streams' number)
+    sent: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})  #: for captures
 
 
 @dataclass(slots=True)
@@ -256,6 +279,8 @@ class UdpProxy:
         idle_timeout: float = 120.0,
         max_clients: int | None = None,
         control: str | tuple[str, int] | None = None,
+        replies: str = "learn",
+        capture: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if scenario is not None and (up is not None or down is not None):
@@ -266,6 +291,9 @@ class UdpProxy:
             raise ValueError("idle_timeout must be a positive number of seconds")
         if max_clients is not None and max_clients < 1:
             raise ValueError("max_clients must be at least 1 (or None for the default)")
+        if replies not in REPLY_MODES:
+            raise ValueError(f"replies must be one of {', '.join(REPLY_MODES)}, got {replies!r}")
+        self._replies = replies
         listen_addr = parse_hostport(listen)
         self._forward_text = parse_hostport(forward)
         self._seed = seed
@@ -312,10 +340,12 @@ class UdpProxy:
         self._idle_timeout = idle_timeout
         self._sweep_interval = min(_SWEEP_INTERVAL, idle_timeout / 4)
         self._clients: dict[tuple[Any, ...], _Client] = {}
-        self._heap: list[tuple[float, int, bool, tuple[Any, ...], bytes]] = []
+        self._heap: list[tuple[float, int, bool, tuple[Any, ...], bytes, str | None]] = []
         self._order = itertools.count()
         self._pcap_in = PcapWriter(pcap_in) if pcap_in else None
         self._pcap_out = PcapWriter(pcap_out) if pcap_out else None
+        self._capture = PcapngWriter(capture, ("client leg", "server leg")) if capture else None
+        self._route_cache: dict[tuple[Any, ...], str] = {}
         self.stats = ProxyStats()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -351,7 +381,7 @@ class UdpProxy:
         for s in (self._listen, self._wake_r, self._wake_w):
             s.close()
         self._selector.close()
-        for writer in (self._pcap_in, self._pcap_out):
+        for writer in (self._pcap_in, self._pcap_out, self._capture):
             if writer is not None:
                 writer.close()
 
@@ -745,11 +775,11 @@ class UdpProxy:
     def _relay_clean_up(self) -> None:
         """The fast path: clean link, no capture — relay a batch with no per-datagram model."""
         recv = self._listen.recvfrom
-        forward = self.forward
         now = self._clock()
         received = sent = 0
         last_addr: Any = None
         send: Any = None
+        dest: Any = None
         try:
             for _ in range(_BATCH):
                 data, addr = recv(65535)
@@ -758,9 +788,9 @@ class UdpProxy:
                     client = self._client_for(addr, now)
                     if client is None:
                         continue
-                    last_addr, send = addr, client.upstream.sendto
+                    last_addr, send, dest = addr, client.upstream.sendto, client.server
                 try:
-                    send(data, forward)
+                    send(data, dest)
                     sent += 1
                 except OSError:
                     self.stats.send_errors += 1
@@ -779,8 +809,7 @@ class UdpProxy:
         try:
             for _ in range(_BATCH):
                 data, addr = recv(65535)
-                if addr[:2] != forward:
-                    self.stats.strays += 1
+                if addr[:2] != forward and not self._accept_reply(client, addr):
                     continue
                 received += 1
                 try:
@@ -794,8 +823,32 @@ class UdpProxy:
             self.stats.down_received += received
             self.stats.down_sent += sent
 
+    def _accept_reply(self, client: _Client, addr: tuple[Any, ...]) -> bool:
+        """Whether a datagram from ``addr`` (not ``forward``) is the server's reply;
+        in ``learn`` mode the client's next datagrams then go to ``addr``."""
+        source = tuple(addr[:2])
+        if source == self.forward:
+            return True
+        if self._replies == "strict" or source[0] != self.forward[0]:
+            self.stats.strays += 1
+            return False
+        self.stats.other_port_replies += 1
+        if self._replies == "learn":
+            client.server = source
+        return True
+
+    @property
+    def _plain(self) -> bool:
+        """Clean links and nothing recorded: the batch fast paths apply."""
+        return (
+            self._fast
+            and self._pcap_in is None
+            and self._pcap_out is None
+            and self._capture is None
+        )
+
     def _from_clients(self) -> None:
-        if self._fast and self._pcap_in is None and self._pcap_out is None:
+        if self._plain:
             self._relay_clean_up()
             return
         recv = self._listen.recvfrom
@@ -815,17 +868,10 @@ class UdpProxy:
                 continue
             if self._pcap_in is not None:
                 self._pcap_in.write(time.time(), addr, self.address, data)
-            if fast:
-                self._send_up(client, data)
-                continue
-            for release, datagram in client.up.apply(data, now):
-                if release <= now:
-                    self._send_up(client, datagram)
-                else:
-                    heapq.heappush(self._heap, (release, next(self._order), True, addr, datagram))
+            self._impair(client, "up", data, now, fast)
 
     def _from_server(self, client: _Client) -> None:
-        if self._fast and self._pcap_in is None and self._pcap_out is None:
+        if self._plain:
             self._relay_clean_down(client)
             return
         sock = client.upstream
@@ -837,46 +883,105 @@ class UdpProxy:
                 return
             except OSError:
                 return
-            if tuple(addr[:2]) != self.forward:
-                stats.strays += 1
+            source = tuple(addr[:2])
+            if source != self.forward and not self._accept_reply(client, source):
                 continue
             stats.down_received += 1
             now = self._clock()
             if self._pcap_in is not None:
-                self._pcap_in.write(time.time(), self.forward, client.address, data)
-            if self._fast:
-                self._send_down(client.address, data)
-                continue
-            for release, datagram in client.down.apply(data, now):
-                if release <= now:
-                    self._send_down(client.address, datagram)
-                else:
-                    heapq.heappush(
-                        self._heap, (release, next(self._order), False, client.address, datagram)
-                    )
+                self._pcap_in.write(time.time(), source, client.address, data)
+            self._impair(client, "down", data, now, self._fast, source)
+
+    def _impair(
+        self,
+        client: _Client,
+        direction: str,
+        data: bytes,
+        now: float,
+        fast: bool,
+        source: tuple[Any, ...] | None = None,
+    ) -> None:
+        """Put ``data`` through the client's ``direction`` link: send what is due now,
+        hold the rest; with ``capture``, record the arrival leg with its decision."""
+        upward = direction == "up"
+        link = client.up if upward else client.down
+        capture = self._capture
+        before = link.counters if capture is not None and not fast else None
+        fates = [(now, data)] if fast else link.apply(data, now)
+        label = ""
+        if capture is not None:
+            number = client.sent[direction]
+            client.sent[direction] = number + 1
+            label = f"{direction} client {client.index} #{number}"
+            verdict = (
+                _verdict(before, link.counters, fates, now) if before is not None else "clean link"
+            )
+            if upward:
+                src, dst, leg, flag = client.address, self._client_side(client), CLIENT_LEG, INBOUND
+            else:
+                local = self._server_side(client)
+                src, dst, leg, flag = source or client.server, local, SERVER_LEG, INBOUND
+            capture.write(
+                time.time(), leg, src, dst, data, direction=flag, comment=f"{label}: {verdict}"
+            )
+        count = len(fates)
+        for copy_no, (release, datagram) in enumerate(fates, 1):
+            note = None
+            if capture is not None:
+                note = _copy_note(label, copy_no, count, release - now, datagram != data)
+            if release <= now:
+                self._send(upward, client, datagram, note)
+            else:
+                key = client.address
+                heapq.heappush(
+                    self._heap, (release, next(self._order), upward, key, datagram, note)
+                )
 
     def _release(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, _, upward, addr, datagram = heapq.heappop(heap)
-            if upward:
-                client = self._clients.get(addr)
-                if client is not None:
-                    self._send_up(client, datagram)
-            else:
+            _, _, upward, addr, datagram, note = heapq.heappop(heap)
+            client = self._clients.get(addr)
+            if client is not None:
+                self._send(upward, client, datagram, note)
+            elif not upward:  # expired meanwhile: the reply still finds its way back
                 self._send_down(addr, datagram)
 
-    def _send_up(self, client: _Client, data: bytes) -> None:
+    def _send(self, upward: bool, client: _Client, data: bytes, note: str | None) -> None:
+        if upward:
+            self._send_up(client, data, note)
+        else:
+            self._send_down(client.address, data, note, client)
+
+    def _send_up(self, client: _Client, data: bytes, note: str | None = None) -> None:
         try:
-            client.upstream.sendto(data, self.forward)
+            client.upstream.sendto(data, client.server)
         except OSError:
             self.stats.send_errors += 1
             return
         self.stats.up_sent += 1
-        if self._pcap_out is not None:
-            self._pcap_out.write(time.time(), client.upstream.getsockname(), self.forward, data)
+        if self._pcap_out is not None or self._capture is not None:
+            local = self._server_side(client)
+            if self._pcap_out is not None:
+                self._pcap_out.write(time.time(), local, client.server, data)
+            if self._capture is not None:
+                self._capture.write(
+                    time.time(),
+                    SERVER_LEG,
+                    local,
+                    client.server,
+                    data,
+                    direction=OUTBOUND,
+                    comment=note,
+                )
 
-    def _send_down(self, addr: tuple[Any, ...], data: bytes) -> None:
+    def _send_down(
+        self,
+        addr: tuple[Any, ...],
+        data: bytes,
+        note: str | None = None,
+        client: _Client | None = None,
+    ) -> None:
         try:
             self._listen.sendto(data, addr)
         except OSError:
@@ -884,7 +989,43 @@ class UdpProxy:
             return
         self.stats.down_sent += 1
         if self._pcap_out is not None:
-            self._pcap_out.write(time.time(), self.address, addr, data)
+            self._pcap_out.write(time.time(), self._local_toward(addr, self.address), addr, data)
+        if self._capture is not None:
+            local = self._local_toward(addr, self.address)
+            self._capture.write(
+                time.time(), CLIENT_LEG, local, addr, data, direction=OUTBOUND, comment=note
+            )
+
+    # ----------------------------------------------------------- addresses
+
+    def _client_side(self, client: _Client) -> tuple[Any, ...]:
+        """The proxy's address as the client sees it (its listen address, made concrete)."""
+        return self._local_toward(client.address, self.address)
+
+    def _server_side(self, client: _Client) -> tuple[Any, ...]:
+        """The client's upstream address as the server sees it (made concrete)."""
+        return self._local_toward(client.server, tuple(client.upstream.getsockname()[:2]))
+
+    def _local_toward(self, peer: tuple[Any, ...], bound: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``bound`` with a wildcard host replaced by the address the kernel routes
+        from toward ``peer`` (so captures never show 0.0.0.0 or ::)."""
+        host = str(bound[0])
+        if host not in ("0.0.0.0", "::"):
+            return bound
+        key = (peer[0],)
+        concrete = self._route_cache.get(key)
+        if concrete is None:
+            family = socket.AF_INET6 if ":" in str(peer[0]) else socket.AF_INET
+            probe = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                probe.connect((peer[0], peer[1] or 9))  # UDP connect sends nothing
+                concrete = str(probe.getsockname()[0])
+            except OSError:
+                concrete = host
+            finally:
+                probe.close()
+            self._route_cache[key] = concrete
+        return (concrete, bound[1])
 
     # --------------------------------------------------------------- clients
 
@@ -913,8 +1054,9 @@ class UdpProxy:
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, no ephemeral port...
             self._refuse(_reason(exc))
             return None
-        up, down = self._links_for(self.stats.clients)
-        client = _Client(addr, upstream, now, now, up, down)
+        index = self.stats.clients
+        up, down = self._links_for(index)
+        client = _Client(addr, upstream, now, now, up, down, self.forward, index)
         try:
             self._selector.register(upstream, selectors.EVENT_READ, client)
         except OSError as exc:  # epoll out of memory or watches
@@ -987,6 +1129,36 @@ class UdpProxy:
         except (KeyError, ValueError, OSError):
             pass
         client.upstream.close()
+
+
+def _verdict(
+    before: FaultCounters, after: FaultCounters, fates: list[tuple[float, bytes]], now: float
+) -> str:
+    """One datagram's fault decision, from its link's counters before and after it."""
+    if not fates:
+        for reason in ("partition", "mtu", "queue", "loss"):
+            if getattr(after, f"dropped_{reason}") > getattr(before, f"dropped_{reason}"):
+                return f"dropped ({reason})"
+        return "dropped"
+    parts = [f"{len(fates)} copies" if len(fates) > 1 else "1 copy"]
+    delays = ", ".join(f"{(release - now) * 1000:.3f}" for release, _ in fates)
+    parts.append(f"delay {delays} ms")
+    lost = after.dropped - before.dropped
+    for name, count in (
+        ("lost copies", lost),
+        ("corrupted", after.corrupted - before.corrupted),
+        ("reordered", after.reordered - before.reordered),
+        ("replayed", after.replayed - before.replayed),
+    ):
+        if count:
+            parts.append(name if count == 1 and name != "lost copies" else f"{name} {count}")
+    return "; ".join(parts)
+
+
+def _copy_note(label: str, copy_no: int, count: int, delay: float, changed: bool) -> str:
+    """The comment on one released copy, on the leg it leaves by."""
+    note = f"{label} copy {copy_no}/{count}: delayed {delay * 1000:.3f} ms"
+    return note + ", corrupted" if changed else note
 
 
 def _reason(exc: OSError) -> str:

@@ -141,6 +141,7 @@ def replay_text(seed: int, nodeid: str) -> str:
             f"    socket:       FaultySocket(sock, spec, seed={seed}, client=k)"
             "   (faulty_socket: k-th socket made)",
             f"    asyncio:      create_faulty_datagram_endpoint(factory, spec, seed={seed})",
-            f"    simulator:    SimNetwork(seed={seed})   (its own per-link streams, for now)",
+            f"    simulator:    SimNetwork(seed={seed})   "
+            "(pair k: k-th pair of hosts to exchange a datagram; up: its first sender's way)",
         ]
     )

@@ -6,12 +6,33 @@ which :class:`reliable.Endpoint` has and any user's protocol object can have.
 The network keeps a virtual clock and one event queue of datagram arrivals and
 host timers; nothing sleeps, so simulated minutes pass in milliseconds of CPU.
 Each directed link applies its own seeded :class:`~netem.models.FaultModel`,
-so a run is a pure function of the seed and the hosts' behaviour.
+so a run is a pure function of the seed and the hosts' behaviour. Links are
+seeded as every carrier seeds them (:mod:`netem.seeds`): the k-th pair of hosts
+to use (or configure) a link is conversation k, and the direction the pair
+first used is *up* — so two hosts that talk as a client and a server through
+the proxy see the same decisions here under the same seed.
 
 Faults change mid-run with :meth:`SimNetwork.set`, :meth:`~SimNetwork.clear`,
 :meth:`~SimNetwork.partition` (from now until healed, or between two times),
 :meth:`~SimNetwork.heal` and the :meth:`~SimNetwork.faults` context manager —
 call them from test code between ``run`` calls or from a ``call_at`` action.
+
+Hosts misbehave as real processes do, deterministically:
+
+* :meth:`~SimNetwork.pause` stops a host for a while (a GC pause, SIGSTOP, a
+  VM migration): nothing it is sent is read, none of its timers fire and its
+  ``call_at`` steps wait. Datagrams queue as in a socket buffer (bounded by
+  ``backlog``); when it resumes it reads them all in arrival order, runs the
+  deferred steps, then its overdue timer, all at the resume time.
+* :meth:`~SimNetwork.set_clock` gives a host its own clock — an offset from
+  the network's and a drift rate. Every ``now`` the host is handed, and every
+  deadline it returns from ``get_timer``, is on its clock; the network
+  converts. A host's clock never runs backwards unless ``set_clock`` steps it
+  back.
+* :meth:`~SimNetwork.crash` and :meth:`~SimNetwork.restart` script a crash
+  (the host vanishes: datagrams to it and its timers are lost) and a restart
+  (a fresh host from a factory, on the same address and clock);
+  :meth:`~SimNetwork.lives` lists every host an address has had.
 """
 
 from __future__ import annotations
@@ -20,10 +41,12 @@ import contextlib
 import heapq
 import itertools
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .models import Impairment
 from .scenario import Link, LinkState, Scenario, Window, as_impairment
+from .seeds import stream_seed
 
 __all__ = ["SansIOHost", "SimNetwork"]
 
@@ -43,6 +66,32 @@ class SansIOHost(Protocol):
 _ARRIVAL = 0
 _TIMER = 1
 _CALL = 2
+
+
+@dataclass(slots=True)
+class _Pause:
+    """A host that has stopped: what it was sent and asked to do meanwhile."""
+
+    end: float | None  #: when it resumes by itself (``None``: at :meth:`SimNetwork.resume`)
+    backlog: int | None  #: datagrams its socket buffer holds; more are lost
+    held: list[tuple[int, Any]] = field(default_factory=list)  #: (kind, payload) in order
+    arrivals: int = 0  #: datagrams in ``held``
+
+
+@dataclass(slots=True)
+class _Clock:
+    """A host's clock: ``local(t) = t + offset + (t - since) * drift``."""
+
+    since: float
+    offset: float
+    drift: float
+    last: float = float("-inf")  #: the latest local time handed out (kept monotonic)
+
+    def local(self, t: float) -> float:
+        return t + self.offset + (t - self.since) * self.drift
+
+    def network(self, local: float) -> float:
+        return self.since + (local - self.since - self.offset) / (1.0 + self.drift)
 
 
 class SimNetwork:
@@ -65,7 +114,13 @@ class SimNetwork:
         self._order = itertools.count()
         self._timer_at: dict[Hashable, float | None] = {}
         self._groups: dict[Hashable, set[Hashable]] = {}
-        self.undeliverable = 0
+        self._pairs: dict[frozenset[Hashable], tuple[int, Hashable]] = {}
+        self._paused: dict[Hashable, _Pause] = {}
+        self._clocks: dict[Hashable, _Clock] = {}
+        self._lives: dict[Hashable, list[SansIOHost]] = {}
+        self.undeliverable = 0  #: datagrams to an address with no host (crashed, never added)
+        self.overflowed = 0  #: datagrams lost because a paused host's backlog was full
+        self.crashes = 0
         self.events_processed = 0
 
     # -------------------------------------------------------------- topology
@@ -73,12 +128,149 @@ class SimNetwork:
     def add_host(self, addr: Hashable, host: SansIOHost) -> None:
         self._hosts[addr] = host
         self._timer_at[addr] = None
+        self._lives.setdefault(addr, []).append(host)
         self.flush(addr)
 
     def remove_host(self, addr: Hashable) -> None:
         """Take a host off the network (a crash); datagrams to it vanish."""
         self._hosts.pop(addr, None)
         self._timer_at.pop(addr, None)
+        pause = self._paused.pop(addr, None)
+        if pause is not None:  # what its socket buffer held dies with it
+            self.undeliverable += pause.arrivals
+
+    def lives(self, addr: Hashable) -> list[SansIOHost]:
+        """Every host that has held ``addr``, first to last (restarts append)."""
+        return list(self._lives.get(addr, []))
+
+    # ------------------------------------------------------ process faults
+
+    def crash(self, addr: Hashable, *, at: float | None = None) -> None:
+        """Crash ``addr`` now or at simulated time ``at``: the host is gone, its
+        timers never fire, datagrams to it vanish (counted in ``undeliverable``)."""
+
+        def down() -> None:
+            if addr in self._hosts:
+                self.crashes += 1
+            self.remove_host(addr)
+
+        self._now_or_at(at, down)
+
+    def restart(
+        self, addr: Hashable, factory: Callable[[], SansIOHost], *, at: float | None = None
+    ) -> None:
+        """Bring ``addr`` back now or at ``at`` as ``factory()`` (built at that moment,
+        so it can read :meth:`clock`); the host's clock keeps its skew (same machine).
+        Restarting a live host crashes it first."""
+
+        def up() -> None:
+            if addr in self._hosts:
+                self.crashes += 1
+                self.remove_host(addr)
+            self.add_host(addr, factory())
+
+        self._now_or_at(at, up)
+
+    def pause(
+        self,
+        addr: Hashable,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        backlog: int | None = None,
+    ) -> None:
+        """Stop ``addr`` from ``start`` (default now) until ``end`` (default: until
+        :meth:`resume`), as a stopped process: it reads nothing, its timers and
+        ``call_at`` steps wait. Its socket buffer holds ``backlog`` datagrams
+        (``None``: all); more are lost and counted in ``overflowed``.
+        Pausing a paused host replaces its end."""
+        if end is not None and start is not None and end < start:
+            raise ValueError(f"pause ends ({end}) before it starts ({start})")
+        if backlog is not None and backlog < 0:
+            raise ValueError("backlog must be a number of datagrams >= 0, or None")
+
+        def stop() -> None:
+            if addr not in self._hosts:
+                return
+            current = self._paused.get(addr)
+            if current is None:
+                self._paused[addr] = _Pause(end, backlog)
+            else:
+                current.end, current.backlog = end, backlog
+            if end is not None:
+                self.call_at(end, lambda: self._resume_if(addr, end))
+
+        self._now_or_at(start, stop)
+
+    def resume(self, addr: Hashable) -> None:
+        """End ``addr``'s pause now: it reads what its buffer held (in arrival order),
+        runs the steps that waited, then its overdue timer, all at this moment."""
+        pause = self._paused.pop(addr, None)
+        host = self._hosts.get(addr)
+        if pause is None or host is None:
+            return
+        for kind, payload in pause.held:
+            if kind == _ARRIVAL:
+                _, src, datagram = payload
+                host.receive_datagram(datagram, src, self.clock(addr))
+            else:
+                payload()
+        deadline = host.get_timer()
+        if deadline is not None and self._due(addr, deadline):
+            host.handle_timer(self._fire_time(addr, deadline))
+        self._timer_at[addr] = None
+        self.flush(addr)
+
+    def paused(self, addr: Hashable) -> bool:
+        """Whether ``addr`` is paused now."""
+        return addr in self._paused
+
+    def _resume_if(self, addr: Hashable, end: float) -> None:
+        pause = self._paused.get(addr)
+        if pause is not None and pause.end == end:
+            self.resume(addr)
+
+    def _now_or_at(self, at: float | None, action: Callable[[], None]) -> None:
+        if at is None or at <= self.now:
+            action()
+        else:
+            self.call_at(at, action)
+
+    # ---------------------------------------------------------------- clocks
+
+    def set_clock(self, addr: Hashable, *, offset: float = 0.0, drift: float = 0.0) -> None:
+        """From now on, ``addr``'s clock reads ``offset`` seconds ahead of the network's
+        (behind if negative) and gains ``drift`` seconds per second (``1e-4``: 100 ppm
+        fast; ``-0.5``: half speed). Calling it again steps the clock to the new
+        offset (a clock step back is the only way a host's time goes backwards)."""
+        if not drift > -1.0:
+            raise ValueError(f"drift must be above -1 (a clock that runs), got {drift}")
+        self._clocks[addr] = _Clock(self.now, offset, drift)
+        if addr in self._hosts:
+            self._timer_at[addr] = None
+            self.flush(addr)  # its deadline moves on the network's clock
+
+    def clock(self, addr: Hashable) -> float:
+        """What ``addr``'s clock reads now — pass it as ``now`` to that host's methods."""
+        clock = self._clocks.get(addr)
+        if clock is None:
+            return self.now
+        clock.last = max(clock.last, clock.local(self.now))
+        return clock.last
+
+    def _to_network(self, addr: Hashable, local: float) -> float:
+        clock = self._clocks.get(addr)
+        return local if clock is None else clock.network(local)
+
+    def _due(self, addr: Hashable, deadline: float) -> bool:
+        # Either test: converting back and forth may round a due deadline an ulp late.
+        return deadline <= self.clock(addr) or self._to_network(addr, deadline) <= self.now
+
+    def _fire_time(self, addr: Hashable, deadline: float) -> float:
+        now = self.clock(addr)
+        if deadline > now:  # an ulp of rounding: the host must see its deadline reached
+            self._clocks[addr].last = now = deadline
+        return now
 
     def subscribe(self, group: Hashable, addr: Hashable) -> None:
         """Make host ``addr`` receive datagrams sent to ``group`` (multicast or broadcast).
@@ -108,7 +300,11 @@ class SimNetwork:
 
     def set_scenario(self, a: Hashable, b: Hashable, scenario: Scenario) -> None:
         """Apply a two-way scenario (*up* is ``a -> b``); its clock starts now."""
-        up, down = scenario.links(self._seed + _stable_hash(repr((a, b))))
+        base = scenario.seed if scenario.seed is not None else self._seed
+        up = Link(scenario.up, partitions=scenario.up_partitions, seed=self._link_seed(a, b, base))
+        down = Link(
+            scenario.down, partitions=scenario.down_partitions, seed=self._link_seed(b, a, base)
+        )
         self.set_link(a, b, up)
         self.set_link(b, a, down)
 
@@ -200,9 +396,17 @@ class SimNetwork:
             self._links[(src, dst)] = link
         return link
 
-    def _link_seed(self, src: Hashable, dst: Hashable) -> int:
-        # Stable across runs (unlike hash() of str), distinct per direction.
-        return (self._seed * 1_000_003 + _stable_hash(repr((src, dst)))) & 0xFFFFFFFF
+    def _pair(self, src: Hashable, dst: Hashable) -> tuple[int, Hashable]:
+        """The pair's conversation number and the host that used it first."""
+        key = frozenset((src, dst))
+        if key not in self._pairs:
+            self._pairs[key] = (len(self._pairs), src)
+        return self._pairs[key]
+
+    def _link_seed(self, src: Hashable, dst: Hashable, seed: int | None = None) -> int | None:
+        index, first = self._pair(src, dst)
+        base = self._seed if seed is None else seed
+        return stream_seed(base, "up" if src == first else "down", index)
 
     # ---------------------------------------------------------------- driving
 
@@ -218,9 +422,9 @@ class SimNetwork:
     def flush(self, addr: Hashable) -> None:
         """Collect what ``addr`` wants to send and re-arm its timer (call after poking a host)."""
         host = self._hosts.get(addr)
-        if host is None:
+        if host is None or addr in self._paused:
             return
-        for data, dst in host.datagrams_to_send(self.now):
+        for data, dst in host.datagrams_to_send(self.clock(addr)):
             subscribers = self._groups.get(dst)
             targets = [dst] if subscribers is None else sorted(subscribers - {addr}, key=repr)
             for target in targets:
@@ -234,7 +438,8 @@ class SimNetwork:
                             (target, addr, datagram),
                         ),
                     )
-        deadline = host.get_timer()
+        local = host.get_timer()
+        deadline = None if local is None else self._to_network(addr, local)
         if deadline is not None and deadline != self._timer_at.get(addr):
             heapq.heappush(self._queue, (deadline, next(self._order), _TIMER, addr))
         self._timer_at[addr] = deadline
@@ -260,22 +465,34 @@ class SimNetwork:
             addr = payload
             timed = self._hosts[addr]  # live: superseded entries were dropped above
             self._timer_at[addr] = None
-            deadline = timed.get_timer()
-            if deadline is not None and deadline <= self.now:
-                timed.handle_timer(self.now)
-            self.flush(addr)
+            if addr not in self._paused:  # a paused host's timer waits for resume()
+                deadline = timed.get_timer()
+                if deadline is not None and self._due(addr, deadline):
+                    timed.handle_timer(self._fire_time(addr, deadline))
+                self.flush(addr)
         elif kind == _CALL:
             action, addr = payload
-            action()
-            if addr is not None:
-                self.flush(addr)
+            pause = None if addr is None else self._paused.get(addr)
+            if pause is not None:
+                pause.held.append((_CALL, action))  # the application is stopped too
+            else:
+                action()
+                if addr is not None:
+                    self.flush(addr)
         else:
             dst, src, datagram = payload
             host = self._hosts.get(dst)
+            pause = self._paused.get(dst)
             if host is None:
                 self.undeliverable += 1  # to a host taken off the network
+            elif pause is not None:
+                if pause.backlog is not None and pause.arrivals >= pause.backlog:
+                    self.overflowed += 1
+                else:
+                    pause.held.append((_ARRIVAL, payload))
+                    pause.arrivals += 1
             else:
-                host.receive_datagram(datagram, src, self.now)
+                host.receive_datagram(datagram, src, self.clock(dst))
                 self.flush(dst)
         self.events_processed += 1
         return True
@@ -298,10 +515,3 @@ class SimNetwork:
             if not self.step():
                 return
         raise RuntimeError(f"simulation did not settle within {max_events} events")
-
-
-def _stable_hash(text: str) -> int:
-    h = 2166136261
-    for ch in text.encode():
-        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
-    return h

@@ -2,7 +2,7 @@
 
 Accepted clauses (``tc-netem(8)`` spelling; percentages as ``10%`` or ``10``):
 
-    delay TIME [JITTER [CORRELATION]] [distribution uniform|normal|pareto|paretonormal]
+    delay TIME [JITTER [CORRELATION]] [distribution uniform|normal|pareto|paretonormal|FILE]
     loss [random] PERCENT [CORRELATION]       (``latency`` and ``drop`` are tc's synonyms)
     loss state P13 [P31 [P32 [P23 [P14]]]]
     loss gemodel P [R [1-H [1-K]]]
@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .models import DISTRIBUTIONS, FourState, GilbertElliott, Impairment
+from .models import DISTRIBUTIONS, FourState, GilbertElliott, Impairment, distribution_table
 
 __all__ = ["SpecError", "format_spec", "parse_spec"]
 
@@ -146,7 +146,12 @@ def parse_spec(text: str) -> Impairment:
         elif word == "distribution":
             name = tokens.take("a distribution name")
             if name not in DISTRIBUTIONS:
-                raise tokens.fail(name, f"one of {', '.join(DISTRIBUTIONS)}")
+                try:
+                    distribution_table(name)  # a custom table, as tc reads NAME.dist
+                except ValueError as exc:
+                    raise tokens.fail(
+                        name, f"one of {', '.join(DISTRIBUTIONS)} or a table file ({exc})"
+                    ) from None
             fields["distribution"] = name
         elif word == "loss":
             _loss(tokens, fields)

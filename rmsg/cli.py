@@ -1130,6 +1130,21 @@ def _share(part: int, whole: int) -> str:
     help="Capture what is sent on, after impairment.",
 )
 @click.option(
+    "--capture",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Capture both legs to one pcapng (client leg, server leg), "
+    "each datagram's fault decision as a packet comment.",
+)
+@click.option(
+    "--replies",
+    type=click.Choice(["learn", "relay", "strict"]),
+    default="learn",
+    show_default=True,
+    help="Replies from another port of the server's host: relay them and send the "
+    "client's next datagrams there (learn), only relay them (relay), or drop them (strict).",
+)
+@click.option(
     "--rebind-every",
     type=DURATION,
     default=None,
@@ -1171,6 +1186,8 @@ def netem(
     seed: int,
     pcap_in: str | None,
     pcap_out: str | None,
+    capture: str | None,
+    replies: str,
     rebind_every: float | None,
     client_idle_timeout: float,
     max_clients: int | None,
@@ -1233,6 +1250,8 @@ def netem(
                 seed=seed,
                 pcap_in=pcap_in,
                 pcap_out=pcap_out,
+                capture=capture,
+                replies=replies,
                 rebind_every=rebind_every,
                 idle_timeout=client_idle_timeout,
                 max_clients=max_clients,
@@ -1439,6 +1458,11 @@ def _netem_summary(stats: ProxyStats, elapsed: float) -> str:
         f"{f' ({stats.rebind_errors} failed)' if stats.rebind_errors else ''}, "
         f"send errors {stats.send_errors}"
     )
+    if stats.strays or stats.other_port_replies:
+        lines.append(
+            f"  replies from other server ports {stats.other_port_replies}, "
+            f"strays dropped {stats.strays}"
+        )
     return "\n".join(lines)
 
 

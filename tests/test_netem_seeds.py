@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from netem import SimNetwork
 from netem.aio import create_faulty_datagram_endpoint
 from netem.proxy import UdpProxy
 from netem.pytest_plugin import replay_text
@@ -112,6 +113,48 @@ def test_asyncio_wrapper_follows_the_up_stream() -> None:
     asyncio.run(main())
     assert collect(sink, len(predicted("up"))) == predicted("up")
     sink.close()
+
+
+class Host:
+    """A sans-I/O host that sends what it is told and keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.outbox: list[tuple[bytes, str]] = []
+        self.got: list[bytes] = []
+
+    def receive_datagram(self, data: bytes, addr: object, now: float) -> None:
+        self.got.append(data)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, str]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+
+def test_simulator_follows_the_streams() -> None:
+    """Pair k is the k-th pair of hosts to exchange a datagram; *up* is its first sender's way."""
+    net = SimNetwork(seed=SEED, default=SPEC)
+    server, first, second = Host(), Host(), Host()
+    for name, host in (("server", server), ("first", first), ("second", second)):
+        net.add_host(name, host)
+    for i, p in enumerate(PAYLOADS):  # one datagram per millisecond: arrival order is send order
+        net.call_at(i * 0.001, lambda p=p: first.outbox.append((p, "server")), host="first")
+    net.run(until=1.0)
+    assert server.got == predicted("up", 0)
+    for i, p in enumerate(PAYLOADS):  # the second client, then the server answering both
+        net.call_at(1 + i * 0.001, lambda p=p: second.outbox.append((p, "server")), host="second")
+        net.call_at(2 + i * 0.001, lambda p=p: server.outbox.append((p, "first")), host="server")
+        net.call_at(3 + i * 0.001, lambda p=p: server.outbox.append((p, "second")), host="server")
+    server.got = []
+    net.run(until=4.0)
+    assert server.got == predicted("up", 1)
+    assert first.got == predicted("down", 0)
+    assert second.got == predicted("down", 1)
 
 
 def test_the_failure_report_says_how_to_replay_on_each_carrier() -> None:

@@ -105,3 +105,73 @@ def test_vanished_counts_datagrams_lost_outright() -> None:
     c = model.counters
     assert c.vanished == lost
     assert c.dropped > c.vanished  # tc's count includes copies of datagrams that still arrived
+
+
+# ------------------------------------------------- custom tables (tc's NAME.dist files)
+
+
+def _write_dist(path: object, values: list[int]) -> None:
+    lines = ["# a table in iproute2's .dist format: sigmas times 8192, 8 to a line"]
+    lines += [" ".join(str(v) for v in values[i : i + 8]) for i in range(0, len(values), 8)]
+    with open(str(path), "w", encoding="ascii") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_a_table_file_equal_to_the_normal_table_draws_the_same_delays(tmp_path: object) -> None:
+    path = f"{tmp_path}/mine.dist"
+    _write_dist(path, list(distribution_table("normal")))
+    n = 5000
+    assert delays(f"delay 100ms 10ms distribution {path}", n) == delays(
+        "delay 100ms 10ms distribution normal", n
+    )
+
+
+def test_a_two_point_table_gives_mu_plus_or_minus_sigma_half_the_time(tmp_path: object) -> None:
+    path = f"{tmp_path}/twopoint.dist"
+    _write_dist(path, [-8192, 8192])  # -1 and +1 sigma
+    n = 20_000
+    got = delays(f"delay 100ms 10ms distribution {path}", n)
+    assert {round(d, 9) for d in got} == {0.090, 0.110}
+    high = sum(d > 0.1 for d in got)
+    # Binomial(n, 1/2): sd = sqrt(n)/2 ~ 71; 5 sd is a 1-in-3.5-million miss for a fair table
+    assert abs(high - n / 2) < 5 * math.sqrt(n) / 2
+
+
+def test_a_table_name_is_looked_up_as_tc_does(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_dist(f"{tmp_path}/flat.dist", [0])
+    monkeypatch.setenv("TC_LIB_DIR", str(tmp_path))
+    imp = parse_spec("delay 50ms 10ms distribution flat")
+    assert imp.distribution == "flat"
+    assert {round(d, 9) for d in delays("delay 50ms 10ms distribution flat", 100)} == {0.05}
+    from netem.spec import format_spec
+
+    assert parse_spec(format_spec(imp)) == imp
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("1 2 x 3\n", "line 1: 'x' is not an integer"),
+        ("# fine\n0 40000\n", "line 2: 40000 is outside"),
+        ("# nothing\n", "no entries"),
+    ],
+)
+def test_a_bad_table_file_is_refused_naming_file_and_line(
+    tmp_path: object, content: str, message: str
+) -> None:
+    path = f"{tmp_path}/bad.dist"
+    with open(path, "w", encoding="ascii") as f:
+        f.write(content)
+    with pytest.raises(SpecError, match=message) as caught:
+        parse_spec(f"delay 10ms 1ms distribution {path}")
+    assert path in str(caught.value)
+
+
+def test_an_unknown_distribution_names_where_it_looked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TC_LIB_DIR", raising=False)
+    with pytest.raises(SpecError, match=r"/usr/lib/tc/lognormal\.dist"):
+        parse_spec("delay 10ms 1ms distribution lognormal")
+    with pytest.raises(ValueError, match="lognormal"):
+        Impairment(delay=0.01, jitter=0.001, distribution="lognormal")

@@ -108,7 +108,13 @@ def test_exactly_once_in_order_or_reported(
             assert ticket in order, "a receipt means the peer really has it"
         else:
             assert isinstance(fate, events.MessageFailed)
-            assert isinstance(fate.error, (errors.PeerUnreachable, errors.SendTimeout))
+            # PeerDroppedSession: the peer heard nothing for peer_timeout and let go of
+            # what it held from us (reliable/peer.py's fence) — reached under heavy
+            # two-way loss, e.g. seed=12507 with 44% correlated loss one way, 25% back
+            assert isinstance(
+                fate.error,
+                (errors.PeerUnreachable, errors.SendTimeout, errors.PeerDroppedSession),
+            )
 
 
 @SETTINGS
