@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from .models import FaultCounters, Impairment
-from .scenario import Link, LinkState, as_impairment
+from .scenario import Link, as_impairment
 from .seeds import stream_seed
 
 __all__ = ["FaultyDatagramTransport", "create_faulty_datagram_endpoint"]
@@ -153,17 +153,10 @@ class FaultyDatagramTransport(asyncio.DatagramTransport):
     ) -> Iterator[FaultyDatagramTransport]:
         """Apply ``spec`` (and/or a partition) for a ``with`` block, then restore."""
         links = self._links(direction)
-        before: list[LinkState] = [link.state() for link in links]
-        try:
+        with contextlib.ExitStack() as stack:
             for link in links:
-                if spec is not None:
-                    link.set(spec)
-                if partition:
-                    link.partition()
+                stack.enter_context(link.faults(spec, partition=partition))
             yield self
-        finally:
-            for link, state in zip(links, before, strict=True):
-                link.restore(state)
 
 
 class _Protocol(asyncio.DatagramProtocol):

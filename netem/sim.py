@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .models import Impairment
-from .scenario import Link, LinkState, Scenario, Window, as_impairment
+from .scenario import Link, Scenario, Window, as_impairment
 from .seeds import stream_seed
 
 __all__ = ["SansIOHost", "SimNetwork"]
@@ -369,17 +369,10 @@ class SimNetwork:
         """Apply ``spec`` (and/or a partition) between ``a`` and ``b`` for a ``with``
         block, then restore what was there."""
         links = self._pair_links(a, b, direction)
-        before: list[LinkState] = [link.state() for link in links]
-        try:
+        with contextlib.ExitStack() as stack:
             for link in links:
-                if spec is not None:
-                    link.set(spec)
-                if partition:
-                    link.partition()
+                stack.enter_context(link.faults(spec, partition=partition))
             yield self
-        finally:
-            for link, state in zip(links, before, strict=True):
-                link.restore(state)
 
     def _pair_links(self, a: Hashable, b: Hashable, direction: str) -> list[Link]:
         if direction not in ("up", "down", "both"):
