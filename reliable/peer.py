@@ -695,20 +695,30 @@ class PeerSession:
     # ----------------------------------------------------------------- timers
 
     def deadline(self) -> float | None:
-        """Earliest time :meth:`on_timer` has work to do."""
-        candidates = [self.sender.deadline(), self.receiver.ack_deadline]
-        while self._deadlines and self._deadlines[0][2].settled_or_cancelling():
-            heapq.heappop(self._deadlines)
-        if self._deadlines:
-            candidates.append(self._deadlines[0][0])
-        if self.wait_since is not None and not self.unreachable:
+        """Earliest time :meth:`on_timer` has work to do.
+
+        Asked after every packet (through the endpoint's timer heap), so it
+        compares in place rather than building a list of candidates.
+        """
+        wait_since = self.wait_since
+        if wait_since is None:
+            earliest: float | None = self.last_heard + self.config.idle_timeout
+        elif self.unreachable:
+            earliest = None
+        else:
+            earliest = self._next_probe()
             if not self._awaits_first_contact():
-                heard = max(self.last_heard, self.wait_since)
-                candidates.append(heard + self.config.peer_timeout)
-            candidates.append(self._next_probe())
-        elif self.wait_since is None:
-            candidates.append(self.last_heard + self.config.idle_timeout)
-        return min((c for c in candidates if c is not None), default=None)
+                silence = max(self.last_heard, wait_since) + self.config.peer_timeout
+                earliest = min(earliest, silence)
+        for candidate in (self.sender.deadline(), self.receiver.ack_deadline):
+            if candidate is not None and (earliest is None or candidate < earliest):
+                earliest = candidate
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2].settled_or_cancelling():
+            heapq.heappop(deadlines)
+        if deadlines and (earliest is None or deadlines[0][0] < earliest):
+            earliest = deadlines[0][0]
+        return earliest
 
     def on_timer(self, now: float) -> None:
         self.sender.on_timer(now)
