@@ -35,6 +35,27 @@ kernel, delay "correlation" barely correlates anything. Rate charges the
 datagram plus the headers the kernel would count (``rate_headers``) plus
 ``tc``'s packet overhead and cell rounding.
 
+**Slotting** (``slot``) holds datagrams that are due and releases them in
+bursts when a slot opens, as ``netem_dequeue`` does: a slot allows
+``slot_packets`` datagrams and ``slot_bytes`` bytes (each charged with its
+``rate_headers``), then the next opens a gap later — uniform between
+``slot_min`` and ``slot_max`` (the kernel's ``get_slot_next``) or drawn from a
+distribution table like the delay. A slot that opened before a datagram was
+due is stale and is redrawn from the moment the queue looks at that datagram
+(its arrival, or the release of the one before), and once more from its due
+time if the new slot still opens too early. The kernel gates its time-ordered
+queue at dequeue time; the model gates datagrams in arrival order, when they
+are offered — the same when jitter does not reorder them. Reordered datagrams
+skip the slot, as they skip netem's time-ordered queue.
+
+**Corruption** ``where="payload"`` (the default) flips bits in the UDP payload
+and delivers the damage; ``where="anywhere"`` flips bits anywhere in the IP
+packet as the kernel's ``corrupt`` does — ``corrupt_headers`` bytes of IP and
+UDP header, then the payload — and then, as the receiver's IP header and UDP
+checksums would, drops the datagram (``dropped_checksum``) once it has
+crossed the link (it still takes its share of the queue, the rate and its
+slot).
+
 Extensions beyond netem: ``mtu`` (datagrams above it vanish: an MTU black
 hole) and ``replay`` (a copy is re-sent much later: a stale datagram).
 """
@@ -52,6 +73,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CORRUPT_WHERE",
     "DELAY_BUCKETS",
     "DISTRIBUTIONS",
     "Decision",
@@ -66,6 +88,8 @@ __all__ = [
 
 #: Delay distributions, as in ``tc netem ... distribution NAME``.
 DISTRIBUTIONS = ("uniform", "normal", "pareto", "paretonormal")
+#: Where ``corrupt`` flips bits: the payload only, or anywhere in the IP packet.
+CORRUPT_WHERE = ("payload", "anywhere")
 #: Upper bounds (seconds) of the delay histogram buckets in :class:`FaultCounters`.
 DELAY_BUCKETS = (0.0, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, math.inf)
 
@@ -142,6 +166,14 @@ class Impairment:
     corrupt_bits: int = 1
     corrupt_fn: Callable[[bytes, random.Random], bytes] | None = None
     """Targeted corruption (e.g. one header field) used instead of bit flips."""
+    corrupt_where: str = "payload"
+    """``"payload"``: flip bits in the payload and deliver the damage. ``"anywhere"``:
+    flip bits anywhere in the IP packet (``corrupt_headers`` header bytes, then the
+    payload), as ``tc``'s ``corrupt`` does, and drop the datagram as the receiver's
+    checksums would (counted in ``dropped_checksum``)."""
+    corrupt_headers: int = 28
+    """IP and UDP header bytes ``corrupt_where="anywhere"`` can hit: 20 (IPv4) + 8 (UDP).
+    Use 48 for IPv6."""
     truncate: float = 0.0
     """Probability the datagram is cut at a random length (extension)."""
     garbage: float = 0.0
@@ -177,6 +209,23 @@ class Impairment:
     """``tc``'s CELLOVERHEAD: bytes added per cell."""
     seed: int | None = None
     """``tc``'s ``seed``: fixes this impairment's random stream whatever the carrier's seed."""
+
+    slot_min: float = 0.0
+    """``slot MIN [MAX]``: the shortest gap between two slots, in seconds."""
+    slot_max: float = 0.0
+    """The longest gap (uniform between ``slot_min`` and it; 0 means ``slot_min``)."""
+    slot_distribution: str | None = None
+    """``slot distribution NAME DELAY JITTER``: gaps from a delay table instead."""
+    slot_delay: float = 0.0
+    """Mean gap between slots with ``slot_distribution``, in seconds."""
+    slot_jitter: float = 0.0
+    """Spread of the gap with ``slot_distribution`` (must be > 0, as ``tc`` requires)."""
+    slot_packets: int = 0
+    """Datagrams a slot releases at most (0: no limit)."""
+    slot_bytes: int = 0
+    """Bytes a slot releases at most, each datagram charged with its ``rate_headers``
+    as the kernel's packet length (0: no limit); the datagram that crosses the limit
+    still goes."""
     limit: int = 1000
     """Most datagrams held (delayed or queued) at once; beyond it the tail is dropped."""
 
@@ -218,6 +267,49 @@ class Impairment:
             raise ValueError("give either a random loss percentage or a loss model, not both")
         if self.cell_size < 0 or self.rate_headers < 0:
             raise ValueError("cell_size and rate_headers must be >= 0")
+        self._check_slot()
+        if self.corrupt_where not in CORRUPT_WHERE:
+            raise ValueError(
+                f"corrupt_where must be one of {', '.join(CORRUPT_WHERE)}, "
+                f"got {self.corrupt_where!r}"
+            )
+        if self.corrupt_where == "anywhere" and self.corrupt_fn is not None:
+            raise ValueError(
+                "corrupt_fn decides the damage itself; corrupt_where='anywhere' is for bit flips"
+            )
+        if self.corrupt_headers < 0:
+            raise ValueError("corrupt_headers must be >= 0")
+
+    def _check_slot(self) -> None:
+        for name in ("slot_min", "slot_max", "slot_delay", "slot_jitter"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.slot_packets < 0 or self.slot_bytes < 0:
+            raise ValueError("slot_packets and slot_bytes must be >= 0 (0: no limit)")
+        if self.slot_distribution is not None:
+            if self.slot_min or self.slot_max:
+                raise ValueError("give a slot either MIN [MAX] or a distribution, not both")
+            if not self.slot_jitter:
+                raise ValueError("a slot distribution needs a jitter > 0 (tc refuses 0 too)")
+            if self.slot_distribution not in DISTRIBUTIONS:
+                distribution_table(self.slot_distribution)
+        elif self.slot_jitter or self.slot_delay:
+            raise ValueError("slot_delay and slot_jitter need a slot_distribution")
+        elif self.slot_max and self.slot_max < self.slot_min:
+            raise ValueError(
+                f"slot max {self.slot_max}s is below slot min {self.slot_min}s (tc refuses it too)"
+            )
+        elif not self.slot_min and not self.slot_max and (self.slot_packets or self.slot_bytes):
+            raise ValueError(
+                "slot packets/bytes need a slot gap (slot 10ms packets 5); "
+                "tc ignores them without one"
+            )
+
+    @property
+    def slotted(self) -> bool:
+        """Whether datagrams are released in slots (``slot ...``)."""
+        return bool(self.slot_min or self.slot_max or self.slot_jitter)
 
     @property
     def is_clean(self) -> bool:
@@ -241,6 +333,7 @@ class FaultCounters:
     dropped_mtu: int = 0
     dropped_queue: int = 0
     dropped_partition: int = 0
+    dropped_checksum: int = 0  #: corrupted anywhere: the receiver's checksum drops it
     duplicated: int = 0
     corrupted: int = 0
     reordered: int = 0
@@ -292,7 +385,7 @@ class Decision:
     index: int
     time: float
     size: int
-    dropped: str | None  #: loss, mtu, queue, partition — or None
+    dropped: str | None  #: loss, mtu, queue, partition, checksum — or None
     copies: int  #: datagrams released for it (duplicates and replays included)
     corruption: tuple[str, ...]  #: e.g. ("bit 93", "truncate 40")
     releases: tuple[float, ...]  #: release times of the copies
@@ -357,6 +450,10 @@ class FaultModel:
         self._held: list[float] = []  # heap: release times of datagrams not yet released
         self._last_departure = -math.inf
         self._index = 0
+        self._slot_next = -math.inf  # when the current slot opens (stale until drawn)
+        self._slot_packets = 0
+        self._slot_bytes = 0
+        self._slot_last = -math.inf  # the last release through the slot gate
 
     # ------------------------------------------------------------------ public
 
@@ -418,15 +515,18 @@ class FaultModel:
         for _ in range(copies - 1):  # clones go round again, as netem re-enqueues them
             c.duplicated += 1
             self._apply(data, now, out, None, duplicate=False)
-        data = self._maybe_corrupt(data, record)
+        data, damaged = self._maybe_corrupt(data, record)
         self._prune(now)
         if len(self._held) >= imp.limit:
             self._drop("queue", record)
             return
         release = self._release_time(len(data), now, record)
-        out.append((release, data))
         if release > now:
             heapq.heappush(self._held, release)
+        if damaged:  # crossed the link, then failed the receiver's checksums
+            self._drop("checksum", record)
+            return
+        out.append((release, data))
         c.add_delay(release - now)
         if imp.replay and self.rng.random() < imp.replay:
             c.replayed += 1
@@ -484,14 +584,19 @@ class FaultModel:
             self._state = 1
         return self.rng.random() < m.one_minus_h
 
-    def _maybe_corrupt(self, data: bytes, record: _Record | None) -> bytes:
+    def _maybe_corrupt(self, data: bytes, record: _Record | None) -> tuple[bytes, bool]:
+        """The datagram after corruption, and whether it is damaged where a checksum
+        would catch it (``corrupt_where="anywhere"``)."""
         imp = self.impairment
         rng = self.rng
         notes: list[str] = []
+        damaged = False
         if imp.corrupt and self._corrupt.draw() < imp.corrupt:
             if imp.corrupt_fn is not None:
                 data = imp.corrupt_fn(data, rng)
                 notes.append("custom")
+            elif imp.corrupt_where == "anywhere":
+                data, damaged = self._flip_anywhere(data, notes)
             elif data:
                 buf = bytearray(data)
                 for _ in range(imp.corrupt_bits):
@@ -511,7 +616,23 @@ class FaultModel:
             self.counters.corrupted += 1
             if record is not None:
                 record.corruption = notes
-        return data
+        return data, damaged
+
+    def _flip_anywhere(self, data: bytes, notes: list[str]) -> tuple[bytes, bool]:
+        """``corrupt_bits`` flips over the IP packet: header bits, then payload bits."""
+        head = self.impairment.corrupt_headers * 8
+        buf = bytearray(data)
+        flipped: set[int] = set()
+        for _ in range(self.impairment.corrupt_bits):
+            bit = self.rng.randrange(head + len(buf) * 8)
+            flipped ^= {bit}
+            if bit < head:
+                notes.append(f"header bit {bit}")
+            else:
+                payload_bit = bit - head
+                buf[payload_bit >> 3] ^= 1 << (payload_bit & 7)
+                notes.append(f"bit {payload_bit}")
+        return bytes(buf), bool(flipped)  # flips that cancel out leave nothing to catch
 
     def _release_time(self, size: int, now: float, record: _Record | None) -> float:
         imp = self.impairment
@@ -537,7 +658,41 @@ class FaultModel:
                 start = self._last_departure
             delay += self._wire_bytes(size) * 8 / imp.rate
             self._last_departure = start + delay
+        if imp.slotted:
+            return self._slot_gate(start + delay, now, size)
         return start + delay
+
+    def _slot_gate(self, due: float, now: float, size: int) -> float:
+        """When the slot gate lets out a datagram that is due at ``due`` (``netem_dequeue``)."""
+        if self._slot_next < due:
+            # A stale slot (it opened before this datagram was due): the kernel draws the
+            # next one when its queue looks at this datagram — on arrival, or when the
+            # one before it left — and again when it falls due if that one opens too early.
+            self._next_slot(max(now, self._slot_last))
+            if self._slot_next < due:
+                self._next_slot(due)
+        release = self._slot_next
+        self._slot_last = release
+        self._slot_packets -= 1
+        self._slot_bytes -= size + self.impairment.rate_headers
+        if self._slot_packets <= 0 or self._slot_bytes <= 0:
+            self._next_slot(release)  # this slot is used up
+        return release
+
+    def _next_slot(self, now: float) -> None:
+        """The kernel's ``get_slot_next``: the next slot opens a drawn gap after ``now``."""
+        imp = self.impairment
+        if imp.slot_distribution is None:
+            low = round(imp.slot_min * 1e9)
+            high = max(low, round(imp.slot_max * 1e9))
+            gap_ns = low + ((high - low) * self.rng.getrandbits(32) >> 32)
+        else:
+            mu = round(imp.slot_delay * 1e9)
+            sigma = min(round(imp.slot_jitter * 1e9), _INT_MAX)
+            gap_ns = _tabledist(mu, sigma, self.rng.getrandbits(32), imp.slot_distribution)
+        self._slot_next = now + max(0, gap_ns) / 1e9
+        self._slot_packets = imp.slot_packets or _INT_MAX
+        self._slot_bytes = imp.slot_bytes or _INT_MAX
 
     def _wire_bytes(self, size: int) -> int:
         """What the kernel's ``packet_time_ns`` charges for a ``size``-byte payload."""
@@ -554,15 +709,7 @@ class FaultModel:
         sigma = min(round(imp.jitter * 1e9), _INT_MAX)  # the kernel caps jitter at INT_MAX ns
         if not sigma:
             return imp.delay
-        rnd = self._delay_crandom()
-        if imp.distribution == "uniform":
-            value = rnd % (2 * sigma) + mu - sigma
-        else:
-            table = distribution_table(imp.distribution)
-            t = table[rnd % len(table)]
-            x = (sigma % _DIST_SCALE) * t
-            x += _DIST_SCALE // 2 if x >= 0 else -(_DIST_SCALE // 2)
-            value = int(x / _DIST_SCALE) + (sigma // _DIST_SCALE) * t + mu  # C: truncating /
+        value = _tabledist(mu, sigma, self._delay_crandom(), imp.distribution)
         return max(0.0, value / 1e9)
 
     def _delay_crandom(self) -> int:
@@ -584,6 +731,19 @@ class FaultModel:
 
 _INT_MAX = 2**31 - 1
 _DIST_SCALE = 8192  # NETEM_DIST_SCALE: table entries are sigmas times this
+
+
+def _tabledist(mu: int, sigma: int, rnd: int, distribution: str) -> int:
+    """The kernel's ``tabledist``: nanoseconds around ``mu`` from a 32-bit random ``rnd``."""
+    if distribution == "uniform":
+        return rnd % (2 * sigma) + mu - sigma
+    table = distribution_table(distribution)
+    t = table[rnd % len(table)]
+    x = (sigma % _DIST_SCALE) * t
+    x += _DIST_SCALE // 2 if x >= 0 else -(_DIST_SCALE // 2)
+    return int(x / _DIST_SCALE) + (sigma // _DIST_SCALE) * t + mu  # C: truncating /
+
+
 _SHORT = (-32768, 32767)
 _TABLE_POINTS = 16384  # the generators' resolution; every 4th point is kept
 

@@ -7,8 +7,11 @@ writes pcapng with one interface per *leg* of a relayed conversation and a
 comment and a direction flag on each packet (the proxy's ``capture=``: every
 datagram once per leg, with its fault decision). Only the standard library is
 used, so the proxy can capture without scapy installed. Headers carry real
-checksums. A datagram whose two addresses are of different families is
-written as IPv6 with the IPv4 one mapped (``::ffff:a.b.c.d``).
+checksums — except where ``checksum_of`` names the datagram as it was sent:
+then the UDP checksum is that datagram's, as the sender's stack computed it,
+so a datagram damaged on the way shows as a bad checksum. A datagram whose
+two addresses are of different families is written as IPv6 with the IPv4 one
+mapped (``::ffff:a.b.c.d``).
 """
 
 from __future__ import annotations
@@ -39,16 +42,26 @@ def _checksum(data: bytes) -> int:
     return int(~total & 0xFFFF)
 
 
-def udp_packet(src: tuple[Any, ...], dst: tuple[Any, ...], payload: bytes) -> bytes:
-    """An IP + UDP packet carrying ``payload`` from ``src`` to ``dst`` (``(host, port)``)."""
+def udp_packet(
+    src: tuple[Any, ...],
+    dst: tuple[Any, ...],
+    payload: bytes,
+    checksum_of: bytes | None = None,
+) -> bytes:
+    """An IP + UDP packet carrying ``payload`` from ``src`` to ``dst`` (``(host, port)``).
+
+    ``checksum_of``: the same-length payload the UDP checksum is computed over
+    instead (what was sent before bits were flipped on the way).
+    """
+    summed = payload if checksum_of is None or len(checksum_of) != len(payload) else checksum_of
     s_ip = ipaddress.ip_address(src[0])
     d_ip = ipaddress.ip_address(dst[0])
     length = 8 + len(payload)
     if s_ip.version == 4 and d_ip.version == 4:
         pseudo = s_ip.packed + d_ip.packed + struct.pack("!BBH", 0, _UDP, length)
-        udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
+        udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + summed
         csum = _checksum(pseudo + udp) or 0xFFFF
-        udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+        udp = udp[:6] + struct.pack("!H", csum) + payload
         header = struct.pack(
             "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, _UDP, 0, s_ip.packed, d_ip.packed
         )
@@ -59,9 +72,9 @@ def udp_packet(src: tuple[Any, ...], dst: tuple[Any, ...], payload: bytes) -> by
     if d_ip.version == 4:
         d_ip = ipaddress.IPv6Address(f"::ffff:{d_ip}")
     pseudo = s_ip.packed + d_ip.packed + struct.pack("!I3xB", length, _UDP)
-    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
+    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + summed
     csum = _checksum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    udp = udp[:6] + struct.pack("!H", csum) + payload
     header = struct.pack("!IHBB16s16s", 6 << 28, length, _UDP, 64, s_ip.packed, d_ip.packed)
     return header + udp
 
@@ -77,10 +90,17 @@ class PcapWriter:
         self.records = 0
 
     def write(
-        self, when: float, src: tuple[Any, ...], dst: tuple[Any, ...], payload: bytes
+        self,
+        when: float,
+        src: tuple[Any, ...],
+        dst: tuple[Any, ...],
+        payload: bytes,
+        *,
+        checksum_of: bytes | None = None,
     ) -> None:
-        """Record ``payload`` sent from ``src`` to ``dst`` at wall-clock time ``when``."""
-        packet = udp_packet(src, dst, payload)
+        """Record ``payload`` sent from ``src`` to ``dst`` at wall-clock time ``when``
+        (``checksum_of``: see :func:`udp_packet`)."""
+        packet = udp_packet(src, dst, payload, checksum_of)
         seconds = int(when)
         micros = int((when - seconds) * 1_000_000)
         record = _RECORD.pack(seconds, micros, len(packet), len(packet)) + packet
@@ -158,9 +178,11 @@ class PcapngWriter:
         *,
         direction: int = 0,
         comment: str | None = None,
+        checksum_of: bytes | None = None,
     ) -> None:
-        """Record ``payload`` from ``src`` to ``dst`` on ``interface`` at wall-clock ``when``."""
-        packet = udp_packet(src, dst, payload)
+        """Record ``payload`` from ``src`` to ``dst`` on ``interface`` at wall-clock ``when``
+        (``checksum_of``: see :func:`udp_packet`)."""
+        packet = udp_packet(src, dst, payload, checksum_of)
         micros = round(when * 1_000_000)
         body = struct.pack(
             "<IIIII", interface, micros >> 32, micros & 0xFFFFFFFF, len(packet), len(packet)

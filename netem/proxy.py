@@ -340,7 +340,10 @@ class UdpProxy:
         self._idle_timeout = idle_timeout
         self._sweep_interval = min(_SWEEP_INTERVAL, idle_timeout / 4)
         self._clients: dict[tuple[Any, ...], _Client] = {}
-        self._heap: list[tuple[float, int, bool, tuple[Any, ...], bytes, str | None]] = []
+        # (release, order, upward, client, datagram, capture note, what was sent if damaged)
+        self._heap: list[
+            tuple[float, int, bool, tuple[Any, ...], bytes, str | None, bytes | None]
+        ] = []
         self._order = itertools.count()
         self._pcap_in = PcapWriter(pcap_in) if pcap_in else None
         self._pcap_out = PcapWriter(pcap_out) if pcap_out else None
@@ -927,33 +930,48 @@ class UdpProxy:
         count = len(fates)
         for copy_no, (release, datagram) in enumerate(fates, 1):
             note = None
+            # a copy damaged on the way is captured with the checksum of what was sent
+            sent_as = data if datagram is not data and datagram != data else None
             if capture is not None:
-                note = _copy_note(label, copy_no, count, release - now, datagram != data)
+                note = _copy_note(label, copy_no, count, release - now, sent_as is not None)
             if release <= now:
-                self._send(upward, client, datagram, note)
+                self._send(upward, client, datagram, note, sent_as)
             else:
                 key = client.address
                 heapq.heappush(
-                    self._heap, (release, next(self._order), upward, key, datagram, note)
+                    self._heap, (release, next(self._order), upward, key, datagram, note, sent_as)
                 )
 
     def _release(self, now: float) -> None:
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, _, upward, addr, datagram, note = heapq.heappop(heap)
+            _, _, upward, addr, datagram, note, sent_as = heapq.heappop(heap)
             client = self._clients.get(addr)
             if client is not None:
-                self._send(upward, client, datagram, note)
+                self._send(upward, client, datagram, note, sent_as)
             elif not upward:  # expired meanwhile: the reply still finds its way back
-                self._send_down(addr, datagram)
+                self._send_down(addr, datagram, sent_as=sent_as)
 
-    def _send(self, upward: bool, client: _Client, data: bytes, note: str | None) -> None:
+    def _send(
+        self,
+        upward: bool,
+        client: _Client,
+        data: bytes,
+        note: str | None,
+        sent_as: bytes | None = None,
+    ) -> None:
         if upward:
-            self._send_up(client, data, note)
+            self._send_up(client, data, note, sent_as)
         else:
-            self._send_down(client.address, data, note, client)
+            self._send_down(client.address, data, note, client, sent_as)
 
-    def _send_up(self, client: _Client, data: bytes, note: str | None = None) -> None:
+    def _send_up(
+        self,
+        client: _Client,
+        data: bytes,
+        note: str | None = None,
+        sent_as: bytes | None = None,
+    ) -> None:
         try:
             client.upstream.sendto(data, client.server)
         except OSError:
@@ -963,7 +981,7 @@ class UdpProxy:
         if self._pcap_out is not None or self._capture is not None:
             local = self._server_side(client)
             if self._pcap_out is not None:
-                self._pcap_out.write(time.time(), local, client.server, data)
+                self._pcap_out.write(time.time(), local, client.server, data, checksum_of=sent_as)
             if self._capture is not None:
                 self._capture.write(
                     time.time(),
@@ -973,6 +991,7 @@ class UdpProxy:
                     data,
                     direction=OUTBOUND,
                     comment=note,
+                    checksum_of=sent_as,
                 )
 
     def _send_down(
@@ -981,6 +1000,7 @@ class UdpProxy:
         data: bytes,
         note: str | None = None,
         client: _Client | None = None,
+        sent_as: bytes | None = None,
     ) -> None:
         try:
             self._listen.sendto(data, addr)
@@ -989,11 +1009,19 @@ class UdpProxy:
             return
         self.stats.down_sent += 1
         if self._pcap_out is not None:
-            self._pcap_out.write(time.time(), self._local_toward(addr, self.address), addr, data)
+            local = self._local_toward(addr, self.address)
+            self._pcap_out.write(time.time(), local, addr, data, checksum_of=sent_as)
         if self._capture is not None:
             local = self._local_toward(addr, self.address)
             self._capture.write(
-                time.time(), CLIENT_LEG, local, addr, data, direction=OUTBOUND, comment=note
+                time.time(),
+                CLIENT_LEG,
+                local,
+                addr,
+                data,
+                direction=OUTBOUND,
+                comment=note,
+                checksum_of=sent_as,
             )
 
     # ----------------------------------------------------------- addresses
@@ -1136,7 +1164,7 @@ def _verdict(
 ) -> str:
     """One datagram's fault decision, from its link's counters before and after it."""
     if not fates:
-        for reason in ("partition", "mtu", "queue", "loss"):
+        for reason in ("partition", "mtu", "queue", "loss", "checksum"):
             if getattr(after, f"dropped_{reason}") > getattr(before, f"dropped_{reason}"):
                 return f"dropped ({reason})"
         return "dropped"

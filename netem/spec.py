@@ -7,18 +7,22 @@ Accepted clauses (``tc-netem(8)`` spelling; percentages as ``10%`` or ``10``):
     loss state P13 [P31 [P32 [P23 [P14]]]]
     loss gemodel P [R [1-H [1-K]]]
     duplicate PERCENT [CORRELATION] [copies N]
-    corrupt PERCENT [CORRELATION] [bits N]
+    corrupt PERCENT [CORRELATION] [bits N] [where payload|anywhere]
     reorder PERCENT [CORRELATION] [gap DISTANCE]
     rate RATE [PACKETOVERHEAD [CELLSIZE [CELLOVERHEAD]]]     limit PACKETS     seed N
+    slot MIN_DELAY [MAX_DELAY] [packets N] [bytes N]
+    slot distribution NAME DELAY JITTER [packets N] [bytes N]
     truncate PERCENT     garbage PERCENT [BYTES]     mtu BYTES     replay PERCENT [TIME]
 
-The last row are rmsg extensions. Times need a unit (``20ms``, ``1.5s``,
-``250us``) — ``tc`` reads a bare number as microseconds, a classic trap, so we
-refuse it. Rates take ``bit``, ``kbit``, ``mbit``, ``gbit`` (powers of 1000),
-``kibit``, ``mibit``, ``gibit`` (1024), or ``bps``, ``kbps``, ``mbps``,
-``gbps`` (bytes per second). Errors name the token at fault and what was
-expected there. Like ``tc``, a ``gap`` without ``reorder`` and a
+The last row, ``bits``, ``copies`` and ``where`` are rmsg extensions. Times
+need a unit (``20ms``, ``1.5s``, ``250us``) — ``tc`` reads a bare number as
+microseconds, a classic trap, so we refuse it. Rates take ``bit``, ``kbit``,
+``mbit``, ``gbit`` (powers of 1000), ``kibit``, ``mibit``, ``gibit`` (1024),
+or ``bps``, ``kbps``, ``mbps``, ``gbps`` (bytes per second). Errors name the
+token at fault and what was expected there. Like ``tc``, a ``gap`` without ``reorder`` and a
 ``distribution`` without jitter are refused rather than silently ignored.
+``ecn`` is refused with the reason: rmsg's carriers see UDP payloads, not the
+IP header's ECN field, so there is nothing they could mark.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .models import DISTRIBUTIONS, FourState, GilbertElliott, Impairment, distribution_table
+from .models import (
+    CORRUPT_WHERE,
+    DISTRIBUTIONS,
+    FourState,
+    GilbertElliott,
+    Impairment,
+    distribution_table,
+)
 
 __all__ = ["SpecError", "format_spec", "parse_spec"]
 
@@ -55,6 +66,14 @@ _RATE_UNITS = {
     "mbps": 8e6,
     "gbps": 8e9,
 }
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2}
+
+ECN_REFUSED = (
+    "netem spec: 'ecn' is not supported: tc's ecn marks ECN-capable packets CE instead of "
+    "dropping them, but rmsg impairs UDP payloads and never sees or writes the IP header's "
+    "ECN bits (and datagrams from userspace are not ECN-capable unless the application "
+    "sets IP_TOS) — so every loss would still be a drop. Leave 'ecn' out; losses are drops."
+)
 
 
 class SpecError(ValueError):
@@ -164,6 +183,15 @@ def parse_spec(text: str) -> Impairment:
             fields["duplicate_copies"] = _integer(tokens, "copies", 1)
         elif word == "bits":
             fields["corrupt_bits"] = _integer(tokens, "bits", 1)
+        elif word == "where":
+            where = tokens.take("where the corruption lands: payload or anywhere")
+            if where not in CORRUPT_WHERE:
+                raise tokens.fail(where, "where the corruption lands: payload or anywhere")
+            fields["corrupt_where"] = where
+        elif word == "slot":
+            _slot(tokens, fields)
+        elif word == "ecn":
+            raise SpecError(ECN_REFUSED)
         elif word == "gap":
             fields["gap"] = _integer(tokens, "gap", 1)
         elif word == "rate":
@@ -194,12 +222,14 @@ def parse_spec(text: str) -> Impairment:
             raise tokens.fail(
                 word,
                 "a netem keyword: delay, distribution, loss, duplicate, corrupt, reorder, gap, "
-                "rate, limit, seed, truncate, garbage, mtu, replay",
+                "rate, slot, limit, seed, truncate, garbage, mtu, replay",
             )
     if fields.get("reorder") and not fields.get("delay"):
         raise SpecError("netem spec: reorder needs a delay to reorder against (add 'delay 10ms')")
     if fields.get("gap") and not fields.get("reorder"):
         raise SpecError("netem spec: gap without reorder does nothing (tc refuses it too)")
+    if "corrupt_where" in fields and not fields.get("corrupt"):
+        raise SpecError("netem spec: 'where' says where corrupt lands; give corrupt P first")
     if "distribution" in fields and not fields.get("jitter"):
         raise SpecError(
             "netem spec: a distribution shapes the jitter; give one (delay 100ms 10ms "
@@ -209,6 +239,54 @@ def parse_spec(text: str) -> Impairment:
         return Impairment(**fields)
     except ValueError as exc:
         raise SpecError(f"netem spec: {exc}") from None
+
+
+def _size(tokens: _Tokens, what: str) -> int:
+    token = tokens.take(f"a size in bytes for {what}, like 1500 or 64kb")
+    match = re.fullmatch(r"([0-9]+)([a-z]*)", token.lower())
+    if not match or match.group(2) not in _SIZE_UNITS:
+        raise tokens.fail(token, f"a size in bytes for {what}, like 1500 or 64kb")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _slot(tokens: _Tokens, fields: dict[str, Any]) -> None:
+    """``slot MIN [MAX]`` or ``slot distribution NAME DELAY JITTER``, then
+    ``[packets N] [bytes N]`` — iproute2's grammar."""
+    if tokens.next_is_number():
+        fields["slot_min"] = _time(tokens, "slot min delay")
+        if tokens.next_is_number():
+            fields["slot_max"] = _time(tokens, "slot max delay")
+            if fields["slot_max"] < fields["slot_min"]:
+                raise SpecError(
+                    "netem spec: slot max delay is below its min delay (tc refuses it too)"
+                )
+        if not fields["slot_min"] and not fields.get("slot_max"):
+            raise SpecError("netem spec: a slot of 0 does nothing (tc ignores it); give a gap")
+    else:
+        word = tokens.take("a slot gap like 10ms, or 'distribution'")
+        if word != "distribution":
+            raise tokens.fail(word, "a slot gap like 10ms, or 'distribution NAME DELAY JITTER'")
+        name = tokens.take("a slot distribution name")
+        if name not in DISTRIBUTIONS:
+            try:
+                distribution_table(name)
+            except ValueError as exc:
+                raise tokens.fail(
+                    name, f"one of {', '.join(DISTRIBUTIONS)} or a table file ({exc})"
+                ) from None
+        fields["slot_distribution"] = name
+        fields["slot_delay"] = _time(tokens, "slot delay")
+        fields["slot_jitter"] = _time(tokens, "slot jitter")
+        if not fields["slot_jitter"]:
+            raise SpecError("netem spec: a slot distribution needs a jitter > 0, as tc requires")
+    if tokens.peek() == "packets":
+        tokens.take("packets")
+        fields["slot_packets"] = _integer(tokens, "slot packets", 1)
+    if tokens.peek() == "bytes":
+        tokens.take("bytes")
+        fields["slot_bytes"] = _size(tokens, "slot bytes")
+        if not fields["slot_bytes"]:
+            raise SpecError("netem spec: slot bytes must be at least 1")
 
 
 def _loss(tokens: _Tokens, fields: dict[str, Any]) -> None:
@@ -283,6 +361,8 @@ def format_spec(imp: Impairment) -> str:
         parts += ["copies", str(imp.duplicate_copies)]
     if imp.corrupt_bits != 1:
         parts += ["bits", str(imp.corrupt_bits)]
+    if imp.corrupt and imp.corrupt_where != "payload":
+        parts += ["where", imp.corrupt_where]
     if imp.gap:
         parts += ["gap", str(imp.gap)]
     if imp.rate:
@@ -291,6 +371,18 @@ def format_spec(imp: Impairment) -> str:
         while cells and not cells[-1]:
             cells.pop()
         parts += [str(v) for v in cells]
+    if imp.slotted:
+        if imp.slot_distribution is None:
+            parts += ["slot", _ms(imp.slot_min)]
+            if imp.slot_max and imp.slot_max != imp.slot_min:
+                parts.append(_ms(imp.slot_max))
+        else:
+            parts += ["slot", "distribution", imp.slot_distribution]
+            parts += [_ms(imp.slot_delay), _ms(imp.slot_jitter)]
+        if imp.slot_packets:
+            parts += ["packets", str(imp.slot_packets)]
+        if imp.slot_bytes:
+            parts += ["bytes", str(imp.slot_bytes)]
     if imp.seed is not None:
         parts += ["seed", str(imp.seed)]
     if imp.limit != 1000:
