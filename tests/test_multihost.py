@@ -8,6 +8,7 @@ interfaces. The link faults come from ``rmsg netem`` running on a third host.
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,13 @@ SENDER = textwrap.dedent(
 )
 
 
+def _first_stderr_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``proc`` writes to stderr, or "" if none comes within ``timeout``."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    return proc.stderr.readline().decode() if ready else ""
+
+
 def test_messages_cross_hosts_through_a_faulty_link(testnet, rmsg_exe: str) -> None:  # type: ignore[no-untyped-def]
     receiver, sender, relay = testnet.hosts
     count = 100
@@ -48,7 +56,11 @@ def test_messages_cross_hosts_through_a_faulty_link(testnet, rmsg_exe: str) -> N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(0.5)  # both bound (their first line is printed once they are)
+    # Both print their first line once bound; sending earlier meets a closed port, and a
+    # refused first contact now fails at once.
+    for proc, word in ((server, "listening"), (proxy, "netem:")):
+        line = _first_stderr_line(proc, timeout=30)
+        assert word in line, line
     sent = sender.run(
         [sys.executable, "-c", SENDER, f"{relay.address}:9000", str(count)], timeout=90
     )
