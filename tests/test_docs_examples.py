@@ -210,6 +210,31 @@ def _rmsg_argv(words: list[str], home: Path) -> list[str] | None:
     return [str(home) + w[1:] if w == "~" or w.startswith("~/") else w for w in words[1:]]
 
 
+def _tool_script(words: list[str]) -> str | None:
+    """The ``tools/NAME.py`` a ``python tools/NAME.py ...`` command runs, if it is one."""
+    rest = [w for w in words if "=" not in w or w.startswith("-")]  # drop VAR=value prefixes
+    if len(rest) >= 2 and Path(rest[0]).name.startswith("python") and rest[1].startswith("tools/"):
+        return rest[1]
+    return None
+
+
+def _check_tool(words: list[str], block: Block) -> None:
+    """A repository script named in a guide exists, and accepts the options shown
+    (its ``--help`` runs with them: argparse refuses an unknown option even then)."""
+    script = _tool_script(words)
+    assert script is not None
+    path = ROOT / script
+    assert path.is_file(), f"{block.id}: {script} does not exist"
+    args = words[words.index(script) + 1 :]
+    done = subprocess.run(
+        [sys.executable, str(path), *args, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=BLOCK_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{block.id}: {shlex.join(words)}: {done.stderr}"
+
+
 def _check_cli(argv: list[str]) -> str:
     """Parse ``rmsg ARGV`` as the CLI would, without running it; return the subcommand."""
     import click
@@ -299,9 +324,12 @@ def test_shell_block(
     invocations = [(w, a) for w in commands if (a := _rmsg_argv(w, tmp_path)) is not None]
     for _words, argv in invocations:
         _check_cli(argv)
+    tools = [w for w in commands if _tool_script(w) is not None]
+    for words in tools:
+        _check_tool(words, block)
     if "not-tested" in block.marks:
         pytest.skip(f"not-tested: {block.marks['not-tested']}")
-    assert invocations, f"{block.id}: no rmsg command in a shell block"
+    assert invocations or tools, f"{block.id}: no rmsg command or tools/ script in a shell block"
     if "session" in block.marks:
         _run_session(block, reader_dir, tmp_path)
         return
