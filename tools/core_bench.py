@@ -173,14 +173,19 @@ def measure(name: str, count: int, *, cpu: bool, repeats: int = 5) -> dict[str, 
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the guides show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--n", type=int, help="messages or round trips (default per workload)")
     parser.add_argument("--cpu", action="store_true", help="CPU time even if valgrind exists")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         received = run_workload(args.child[0], int(args.child[1]))
         return 0 if received == int(args.child[1]) else 1
