@@ -721,6 +721,11 @@ class Endpoint:
     def has_mailbox(self, name: str) -> bool:
         return name in self._mailboxes
 
+    def is_port_of(self, name: str, owner: int) -> bool:
+        """Whether mailbox ``name`` is a port whose owner token is ``owner``."""
+        box = self._mailboxes.get(name)
+        return box is not None and box.owner is not None and box.owner == owner
+
     def mailbox_names(self) -> list[str]:
         return list(self._mailboxes)
 

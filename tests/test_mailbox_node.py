@@ -316,3 +316,13 @@ def test_an_async_port_whose_owner_handle_is_gone_is_deleted() -> None:
                 await client.send(dest, b"after", timeout=5)
 
     asyncio.run(main())
+
+
+def test_a_plain_mailbox_outlives_its_creators_handle(pair) -> None:  # type: ignore[no-untyped-def]
+    """Every creator handle carries an owner token; only a port may die with it."""
+    server, client = pair
+    server.create_mailbox("jobs")  # the handle is dropped at once
+    gc.collect()
+    client.send(_dest(server, "jobs"), b"still here", timeout=5)
+    time.sleep(0.1)  # (the I/O thread would have deleted it by now)
+    assert server.mailbox("jobs").receive(timeout=5).data == b"still here"
