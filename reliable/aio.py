@@ -25,12 +25,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from . import errors, events
-from ._driver import (
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
+from .config import Config
+from .driver import (
+    CLOSE_GRACE,
+    DISCOVERY_WAIT,
+    Backlog,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -45,25 +56,15 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    receive_failure,
     report_unreachable,
     resolve_destination,
     route_events,
-    send_datagram,
     split_destination,
 )
-from ._groupsock import GroupSockets
-from .addressing import (
-    Address,
-    GroupAddress,
-    is_group_url,
-    normalize,
-    parse_group,
-)
-from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import _CLOSE_GRACE, DISCOVERY_WAIT
 from .security import Security
 from .stats import NodeStats
 
@@ -145,7 +146,7 @@ class AsyncNode:
         # right after their condition was checked, so no change can slip in between
         # (an Event pulsed with set()+clear() loses a wake-up to a waiter that has not run yet).
         self._waiters: list[asyncio.Future[None]] = []
-        self._backlog: deque[tuple[bytes, Address]] = deque()
+        self._backlog = Backlog()
         self._drained: asyncio.Future[None] | None = None  # close() waits for the backlog
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
@@ -187,7 +188,7 @@ class AsyncNode:
             self._pump([])
         assert self._close_done is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + _CLOSE_GRACE)
+            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + CLOSE_GRACE)
         except TimeoutError:  # pragma: no cover - the core always closes by its deadline
             self._endpoint.close(self._loop.time(), 0)  # end it now: CLOSE before the socket goes
             self._pump([])
@@ -195,7 +196,7 @@ class AsyncNode:
             # The socket was full: the final datagrams (CLOSE) wait in the backlog.
             self._drained = self._loop.create_future()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._drained), _CLOSE_GRACE)
+                await asyncio.wait_for(asyncio.shield(self._drained), CLOSE_GRACE)
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -594,14 +595,15 @@ class AsyncNode:
         self._pump([])
         try:
             while not future.done():
-                failure: errors.ReliableError | None = None
-                if self._closed or endpoint.closing:
-                    failure = errors.NodeClosed("the node closed while waiting to receive")
-                elif peer is not None:
-                    failure = self._departures.down_since(peer, mark)
                 remaining = None if deadline is None else deadline - loop.time()
-                if failure is None and remaining is not None and remaining <= 0:
-                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                failure = receive_failure(
+                    closed=self._closed or endpoint.closing,
+                    departures=self._departures,
+                    peer=peer,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
                 if failure is not None:
                     if self._closed or endpoint.cancel_wait(ticket):
                         raise failure
@@ -655,33 +657,18 @@ class AsyncNode:
 
     def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
         """Send ``out``; called by :meth:`_pump`, which routes what OS reports cause."""
-        if self._backlog:
-            self._backlog.extend(out)
-            return
         assert self._sock is not None
+        waiting = bool(self._backlog)
         reports: list[Unreachable] = []
-        for i, (data, addr) in enumerate(out):
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                self._backlog.extend(out[i:])
-                assert self._loop is not None
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
-                break
+        if self._backlog.transmit(self._sock, out, reports) and not waiting:
+            assert self._loop is not None
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
         self._take_reports(reports)
 
     def _on_writable(self) -> None:
         assert self._sock is not None and self._loop is not None
-        backlog = self._backlog
         reports: list[Unreachable] = []
-        while backlog:
-            data, addr = backlog[0]
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                break
-            backlog.popleft()
-        else:
+        if self._backlog.flush(self._sock, reports):
             self._loop.remove_writer(self._sock.fileno())
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)

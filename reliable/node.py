@@ -32,13 +32,24 @@ import selectors
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from . import errors, events
-from ._driver import (
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
+from .config import Config
+from .driver import (
+    CLOSE_GRACE,
+    DISCOVERY_WAIT,
+    Backlog,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -53,21 +64,12 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    receive_failure,
     report_unreachable,
     resolve_destination,
     route_events,
-    send_datagram,
     split_destination,
 )
-from ._groupsock import GroupSockets
-from .addressing import (
-    Address,
-    GroupAddress,
-    is_group_url,
-    normalize,
-    parse_group,
-)
-from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
@@ -76,9 +78,6 @@ from .stats import NodeStats
 
 __all__ = ["Mailbox", "Node", "SendHandle"]
 
-_CLOSE_GRACE = 1.0  # seconds the I/O thread may take beyond the flush timeout to exit
-#: After opening a group to send to it, how long members get to answer its SOLICIT.
-DISCOVERY_WAIT = 0.2
 
 
 class SendHandle:
@@ -202,7 +201,7 @@ class Node:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._backlog: deque[tuple[bytes, Address]] = deque()
+        self._backlog = Backlog()
         self._resolved: list[
             tuple[SendHandle, Receipt | GroupReceipt | None, errors.DeliveryFailed | None]
         ] = []
@@ -543,14 +542,15 @@ class Node:
     ) -> Message:
         with self._lock:
             while ticket not in self._taken:
-                failure: errors.ReliableError | None = None
-                if self._closed or self._endpoint.closing or self._failure is not None:
-                    failure = errors.NodeClosed("the node closed while waiting to receive")
-                elif peer is not None:
-                    failure = self._departures.down_since(peer, mark)
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if failure is None and remaining is not None and remaining <= 0:
-                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                failure = receive_failure(
+                    closed=self._closed or self._endpoint.closing or self._failure is not None,
+                    departures=self._departures,
+                    peer=peer,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
                 if failure is not None:
                     if self._endpoint.cancel_wait(ticket) or self._closed:
                         raise failure
@@ -654,7 +654,7 @@ class Node:
             self._changed.notify_all()
         self._wake()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout + _CLOSE_GRACE)
+            self._thread.join(timeout + CLOSE_GRACE)
         with self._lock:
             closed_here = not self._closed and not self._endpoint.closed
             if closed_here:
@@ -837,32 +837,17 @@ class Node:
     # --------------------------------------------------------------- helpers
 
     def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
-        if self._backlog:
-            self._backlog.extend(out)
-            return
-        sock = self._sock
+        waiting = bool(self._backlog)
         reports: list[Unreachable] = []
-        for i, (data, addr) in enumerate(out):
-            try:
-                send_datagram(sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                self._backlog.extend(out[i:])
-                self._wake()
-                break
+        if self._backlog.transmit(self._sock, out, reports) and not waiting:
+            self._wake()  # the I/O thread sends the rest once the socket has room
         self._take_reports(reports)
 
     def _flush_backlog(self, *, reporting: bool = True) -> None:
         """Send what waited for room in the socket. Without ``reporting`` (the core is
         closed and the caller holds the lock), the OS's reports on peers are dropped."""
-        backlog = self._backlog
         reports: list[Unreachable] = []
-        while backlog:
-            data, addr = backlog[0]
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                break
-            backlog.popleft()
+        self._backlog.flush(self._sock, reports)
         if reporting:
             self._take_reports(reports)
 
@@ -883,10 +868,10 @@ class Node:
 
     def _send_final(self, out: list[tuple[bytes, Address]]) -> None:
         """Send the closed core's last datagrams, after any backlog, waiting (up to
-        ``_CLOSE_GRACE`` seconds) for the socket to take them if it is full."""
+        ``CLOSE_GRACE`` seconds) for the socket to take them if it is full."""
         backlog = self._backlog
         backlog.extend(out)
-        give_up = time.monotonic() + _CLOSE_GRACE
+        give_up = time.monotonic() + CLOSE_GRACE
         while True:
             before = len(backlog)
             # Under the node lock, with the core closed: the OS's word on a peer changes

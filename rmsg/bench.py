@@ -117,7 +117,7 @@ def _usage() -> tuple[float, int]:
 def _rmsg_socket(loss: float, seed: int) -> Any:
     from netem import Impairment
     from netem.socket import FaultySocket
-    from reliable._driver import open_socket
+    from reliable.driver import open_socket
 
     sock = open_socket(f"{_LISTEN}:0")
     if not loss:

@@ -22,8 +22,8 @@ import click
 import reliable
 from netem.models import Impairment
 from reliable import Node, ReceiveTimeout, ReliableError, UsageError
-from reliable._driver import open_socket
 from reliable.addressing import parse_address
+from reliable.driver import open_socket
 
 from .demo import DemoProgress, run_demo
 from .statstable import format_stats

@@ -13,7 +13,7 @@ import pytest
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, Node, errors
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 pytestmark = pytest.mark.loopback
 
