@@ -54,10 +54,8 @@ def _sender(node: Node, dest: tuple[str, int], sid: int, errors: list[BaseExcept
 def _receiver(node: Node, rid: int, got: list[bytes], errors: list[BaseException]) -> None:
     try:
         while True:
-            if rid % 2:
-                batch = node.receive_many(16)  # no timeout: a lost wake-up hangs here
-            else:
-                batch = [node.receive()]
+            # No timeout: a receiver that misses its wake-up hangs here.
+            batch = node.receive_many(16) if rid % 2 else [node.receive()]
             for m in batch:
                 if m.data == STOP:
                     return
