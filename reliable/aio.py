@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import errors, events
@@ -68,7 +68,12 @@ from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
 
-__all__ = ["AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+__all__ = ["AsyncBatchHandle", "AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
@@ -111,6 +116,94 @@ class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
         return cancelled
 
 
+class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
+    """The pending outcome of :meth:`AsyncNode.send_many`: one future for many messages.
+
+    Resolved once every message has its outcome: with the receipts, in
+    message order, or with the first failure (by index). ``tickets[i]`` is
+    message ``i``'s ticket; :meth:`failures` says which failed and why.
+    """
+
+    def __init__(self, node: AsyncNode, destination: Any) -> None:
+        super().__init__(loop=node._loop)
+        self._node = node
+        self.destination = destination
+        self.tickets: list[int] = []
+        self._index: dict[int, int] = {}
+        self._receipts: list[Receipt | GroupReceipt | None] = []
+        self._errors: dict[int, errors.ReliableError] = {}
+        self._pending = 0
+        self._sealed = False
+
+    def __len__(self) -> int:
+        return len(self.tickets)
+
+    def pending(self) -> int:
+        """How many messages still await their outcome."""
+        return self._pending
+
+    def failures(self) -> dict[int, errors.ReliableError]:
+        """Index -> error for each message that failed; call once the batch is done
+        (``await asyncio.wait([batch])``), else ``asyncio.InvalidStateError``."""
+        if not self.done():
+            raise asyncio.InvalidStateError("the batch is still pending")
+        if not self.cancelled():
+            self.exception()  # retrieved: asyncio need not log it
+        return dict(self._errors)
+
+    def withdraw(self) -> int:
+        """Withdraw every message that can still be withdrawn; returns how many were.
+        The future stays live and reports every message's real fate."""
+        pending = [
+            t
+            for t in self.tickets
+            if self._receipts[self._index[t]] is None and self._index[t] not in self._errors
+        ]
+        answers = [self._node._withdraw(t) for t in pending]
+        return sum(a is Withdrawal.WITHDRAWN for a in answers)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the future (asyncio's meaning) and withdraw what can be withdrawn."""
+        cancelled = super().cancel(msg)
+        if cancelled:
+            for ticket in self.tickets:
+                self._node._withdraw(ticket)  # outcomes still reach on_event
+        return cancelled
+
+    def _add(self, ticket: int) -> None:
+        self._index[ticket] = len(self.tickets)
+        self.tickets.append(ticket)
+        self._receipts.append(None)
+        self._pending += 1
+
+    def _resolve(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.ReliableError | None,
+    ) -> None:
+        i = self._index[ticket]
+        if error is not None:
+            self._errors[i] = error
+        else:
+            self._receipts[i] = receipt
+        self._pending -= 1
+        self._settle()
+
+    def _seal(self) -> None:
+        """Every message of the batch is queued: resolve once their outcomes are in."""
+        self._sealed = True
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._sealed or self._pending or self.done():
+            return
+        if self._errors:
+            self.set_exception(self._errors[min(self._errors)])
+        else:
+            self.set_result([r for r in self._receipts if r is not None])
+
+
 class AsyncNode:
     """A reliable-messaging node with an asyncio API.
 
@@ -137,7 +230,7 @@ class AsyncNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
-        self._handles: dict[int, AsyncSendHandle] = {}
+        self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -279,7 +372,7 @@ class AsyncNode:
         owner = self._endpoint.create_mailbox(
             name, capacity=capacity, max_bytes=max_bytes, port=port, now=loop.time()
         )
-        return AsyncMailbox(self, name, owner)
+        return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> AsyncMailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
@@ -379,6 +472,66 @@ class AsyncNode:
             self._pump_soon = True
             loop.call_soon(self._deferred_pump)
         return future
+
+    async def send_many(
+        self,
+        dest: str | tuple[Any, ...],
+        messages: Iterable[bytes],
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncBatchHandle:
+        """Queue every message of ``messages`` for ``dest`` (a node, not a group), in
+        order; returns one :class:`AsyncBatchHandle` for all of them.
+
+        As :meth:`reliable.Node.send_many`: waits while the send buffer (or the
+        destination mailbox) is full, not for the outcomes; await the handle
+        for those. With ``timeout``, a buffer still full at its end raises
+        ``SendTimeout`` (the handle of what was queued is its ``batch``).
+        """
+        check_timeout(timeout, "timeout", positive=True)
+        if isinstance(dest, str) and is_group_url(dest):
+            raise errors.UsageError("send_many sends to one node; send to a group with send()")
+        datas = [checked_message(d, msg_type, priority) for d in messages]
+        loop = self._require_started()
+        assert self._sock is not None
+        node, name = split_destination(dest, mailbox)
+        peer = resolve_destination(node, self._sock.family)
+        batch = AsyncBatchHandle(self, peer)
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            for data in datas:
+                while True:
+                    self._check_open()
+                    try:
+                        ticket = self._endpoint.send(
+                            peer,
+                            data,
+                            now=loop.time(),
+                            msg_type=msg_type,
+                            priority=priority,
+                            mailbox=name,
+                            timeout=timeout,
+                            deadline=deadline,
+                        )
+                        break
+                    except errors.WouldBlock:
+                        remaining = None if deadline is None else deadline - loop.time()
+                        if remaining is not None and remaining <= 0:
+                            exc = errors.SendTimeout(peer, timeout or 0.0, stage="queued")
+                            exc.batch = batch  # type: ignore[attr-defined]
+                            raise exc from None
+                        self._pump([])  # what is queued goes out: room comes from acks
+                        await self._wait_change(remaining)
+                batch._add(ticket)
+                self._handles[ticket] = batch
+        finally:
+            batch._seal()
+            if not self._closed:
+                self._pump([])
+        return batch
 
     def _deferred_pump(self) -> None:
         self._pump_soon = False
@@ -537,6 +690,57 @@ class AsyncNode:
         ``receiver`` defaults to the current task's name.
         """
         return await self._receive(mailbox, None, source, msg_type, except_type, receiver, timeout)
+
+    async def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """Up to ``max_count`` messages, as :meth:`reliable.Node.receive_many`: what
+        is waiting, or (waiting up to ``timeout``) the first to come and whatever
+        else is waiting then; ``[]`` when the timeout passed."""
+        return await self._receive_many(
+            mailbox, None, max_count, timeout, source, msg_type, except_type, receiver
+        )
+
+    async def _receive_many(
+        self,
+        mailbox: str,
+        owner: int | None,
+        max_count: int,
+        timeout: float | None,
+        source: str | tuple[Any, ...] | None,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+    ) -> list[Message]:
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        args = (source, msg_type, except_type, receiver)
+        got: list[Message] = []
+        while len(got) < max_count:
+            message = self._take(mailbox, owner, *args)[0]
+            if message is None:
+                break
+            got.append(message)
+        if got:
+            return got
+        try:
+            got.append(await self._receive(mailbox, owner, *args, timeout))
+        except errors.ReceiveTimeout:
+            return []
+        while len(got) < max_count:
+            message = self._take(mailbox, owner, *args)[0]
+            if message is None:
+                break
+            got.append(message)
+        return got
 
     def _take(
         self,
@@ -698,10 +902,17 @@ class AsyncNode:
                 waiter.set_result(None)
 
     async def _wait_change(self, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            waiter: asyncio.Future[None] = self._require_started().create_future()
-            self._waiters.append(waiter)
-            await asyncio.wait_for(waiter, timeout)
+        """Until the next pump (or ``timeout``): the waiting coroutine is resumed by the
+        pump's own callback, in the same step that read the datagram (no wait_for hop)."""
+        loop = self._require_started()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     # EventSink
     def on_receive(
@@ -729,6 +940,10 @@ class AsyncNode:
         error: errors.DeliveryFailed | None,
     ) -> None:
         future = self._handles.pop(ticket, None)
+        if isinstance(future, AsyncBatchHandle):
+            if not future.done():
+                future._resolve(ticket, receipt, error)
+            return
         if future is None or future.done():
             return
         if error is not None:
@@ -789,3 +1004,18 @@ class AsyncMailbox(MailboxHandle):
         """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
         args = (source, msg_type, except_type, receiver)
         return self._node._take(self.name, self._owner, *args)[0]
+
+    async def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """As :meth:`AsyncNode.receive_many`, from this mailbox."""
+        return await self._node._receive_many(
+            self.name, self._owner, max_count, timeout, source, msg_type, except_type, receiver
+        )

@@ -823,7 +823,7 @@ class Node:
                 name, capacity=capacity, max_bytes=max_bytes, port=port, now=now
             )
         )
-        return Mailbox(self, name, owner)
+        return Mailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> Mailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
