@@ -12,6 +12,8 @@ Measured, per message size (64 B, 1 KiB, 64 KiB, one 16 MiB message):
 * CPU seconds per message (sender and receiver together) and peak RSS;
 * for rmsg, the retransmission ratio, at 0/1/5/10% loss each way through
   netem (``FaultySocket`` on the receiver's socket);
+* the batch API (``send_many``/``receive_many``, transports ``rmsg-batch`` and
+  ``rmsg-async-batch``), without loss;
 
 and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
 processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
@@ -51,11 +53,12 @@ _FRAME = struct.Struct("!I")
 _WINDOW = 256  # rmsg messages a benchmark sender keeps unconfirmed ...
 _WINDOW_BYTES = 4 * 1024 * 1024  # ... and bytes, so large messages drain in bounded time
 _LISTEN = "127.0.0.1"
+_BATCH = 64  # messages per send_many / receive_many in the batch cases
 
 
 @dataclass(frozen=True, slots=True)
 class Throughput:
-    transport: str  #: udp, tcp, rmsg, rmsg-async
+    transport: str  #: udp, tcp, rmsg, rmsg-async, rmsg-batch, rmsg-async-batch
     size: int
     loss: float
     messages: int  #: received
@@ -196,8 +199,21 @@ def _receiver(conn: Connection, transport: str, size: int, loss: float, limit: f
                     continue
                 if tick():
                     break
+    elif transport == "rmsg-batch":
+        from reliable import Config, Node
+
+        with Node(sock=_rmsg_socket(loss, 1), config=Config(peer_timeout=30.0)) as node:
+            conn.send(node.address)
+            done = False
+            while not done and time.monotonic() < deadline:
+                got = node.receive_many(_BATCH, timeout=0.1)
+                if not got and finished():
+                    break
+                for _ in got:
+                    done = tick()
     else:
-        asyncio.run(_async_receiver(conn, loss, tick, finished, deadline))
+        batch = transport == "rmsg-async-batch"
+        asyncio.run(_async_receiver(conn, loss, tick, finished, deadline, batch))
     cpu1, rss = _usage()
     conn.send((count, max(last - first, 1e-9), cpu1 - cpu0, rss))
 
@@ -208,6 +224,7 @@ async def _async_receiver(
     tick: Callable[[], bool],
     finished: Callable[[], bool],
     deadline: float,
+    batch: bool,
 ) -> None:
     from reliable import Config, ReceiveTimeout
     from reliable.aio import AsyncNode
@@ -215,7 +232,14 @@ async def _async_receiver(
     config = Config(peer_timeout=30.0)
     async with AsyncNode(sock=_rmsg_socket(loss, 1), config=config) as node:
         conn.send(node.address)
-        while time.monotonic() < deadline:
+        done = False
+        while batch and not done and time.monotonic() < deadline:
+            got = await node.receive_many(_BATCH, timeout=0.1)
+            if not got and finished():
+                break
+            for _ in got:
+                done = tick()
+        while not batch and time.monotonic() < deadline:
             try:
                 await node.receive(timeout=0.1)
             except ReceiveTimeout:
@@ -271,9 +295,28 @@ def _sender(
                 stats.retransmissions,
                 sum(p.packets_sent for p in stats.peers),
             )
+    elif transport == "rmsg-batch":
+        from reliable import Config, Node
+
+        with Node(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
+            batches: deque[Any] = deque()
+            window = max(1, _window(len(payload)) // _BATCH)
+            chunk = [payload] * min(_BATCH, budget)
+            while sent < budget and time.monotonic() < end:
+                if len(batches) >= window:
+                    batches.popleft().result(60)
+                batches.append(node.send_many(addr, chunk))
+                sent += len(chunk)
+            for handle in batches:
+                handle.result(120)
+            stats = node.stats()
+            retransmissions, packets = (
+                stats.retransmissions,
+                sum(p.packets_sent for p in stats.peers),
+            )
     else:
         sent, retransmissions, packets = asyncio.run(
-            _async_sender(addr, payload, loss, end, budget)
+            _async_sender(addr, payload, loss, end, budget, transport == "rmsg-async-batch")
         )
     cpu1, rss = _usage()
     # until every message was confirmed (rmsg) or read (tcp): the time a single message takes
@@ -282,7 +325,7 @@ def _sender(
 
 
 async def _async_sender(
-    addr: Any, payload: bytes, loss: float, end: float, budget: int
+    addr: Any, payload: bytes, loss: float, end: float, budget: int, batch: bool
 ) -> tuple[int, int, int]:
     from reliable import Config
     from reliable.aio import AsyncNode
@@ -291,7 +334,13 @@ async def _async_sender(
     async with AsyncNode(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
         outstanding: deque[asyncio.Future[Any]] = deque()
         window = _window(len(payload))
-        while sent < budget and time.monotonic() < end:
+        chunk = [payload] * min(_BATCH, budget)
+        while batch and sent < budget and time.monotonic() < end:
+            if len(outstanding) >= max(1, window // _BATCH):
+                await outstanding.popleft()
+            outstanding.append(await node.send_many(addr, chunk))
+            sent += len(chunk)
+        while not batch and sent < budget and time.monotonic() < end:
             if len(outstanding) >= window:
                 await outstanding.popleft()
             outstanding.append(node.send_nowait(addr, payload))
@@ -498,6 +547,8 @@ def _cases(quick: bool) -> Iterator[tuple[str, int, float, bool]]:
         for loss in losses:
             yield "rmsg", size, loss, False
             yield "rmsg-async", size, loss, False
+        yield "rmsg-batch", size, 0.0, False
+        yield "rmsg-async-batch", size, 0.0, False
     if not quick:
         yield "tcp", BIG, 0.0, True
         yield "rmsg", BIG, 0.0, True
@@ -566,7 +617,7 @@ def format_report(report: BenchReport) -> str:
     lines = [
         f"rmsg bench: loopback, {report.cpus} CPUs, median of {report.rounds} round(s)",
         "",
-        f"{'size':>7}  {'transport':<11}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
+        f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
         f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
     ]
     for t in sorted(
@@ -586,7 +637,7 @@ def format_report(report: BenchReport) -> str:
         retx = "-" if t.retransmission_ratio is None else f"{t.retransmission_ratio:.1%}"
         lost = f" (lost {t.lost})" if t.lost else ""
         lines.append(
-            f"{_size(t.size):>7}  {t.transport:<11}{t.loss:>5.0%}  {t.messages_per_s:>10,.0f}  "
+            f"{_size(t.size):>7}  {t.transport:<17}{t.loss:>5.0%}  {t.messages_per_s:>10,.0f}  "
             f"{t.mb_per_s:>8.1f}  {x_udp:>6}  {x_tcp:>6}  {t.cpu_us_per_message:>10.1f}  "
             f"{t.peak_rss_kib / 1024:>7.1f}  {retx:>6}{lost}"
         )
