@@ -35,6 +35,7 @@ flush itself, so a background thread held up in a callback cannot delay it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import select
 import socket
@@ -93,6 +94,9 @@ IDLE_AFTER = 0.002
 NAP = 0.002
 #: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
 HOLD_MAX = 16
+#: Seconds after a drive in which a receive takes queued messages without another.
+DRIVE_GAP = 0.0005
+_DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -300,6 +304,8 @@ class Node:
         if sock is not None:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
+        self._family: int = self._sock.family
+        self._destinations: dict[tuple[Any, str | None], tuple[Target, Any]] = {}
         self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._endpoint.set_receive_buffer(receive_buffer(self._sock))
@@ -326,6 +332,7 @@ class Node:
         self._rounds = 0  # bumped whenever driving fed datagrams or ran timers
         self._poll_until: float | None = None  # when the polling leader wakes by itself
         self._timer: float | None = None  # the core's next timer, as of the last drive
+        self._driven = 0.0  # when a thread last drove (monotonic seconds)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -450,7 +457,7 @@ class Node:
             raise errors.UsageError("send_many sends to one node; send to a group with send()")
         datas = [checked_message(d, msg_type, priority) for d in messages]
         node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._sock.family)
+        label = resolve_destination(node, self._family)
         batch = BatchHandle(self, label)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -468,15 +475,27 @@ class Node:
         priority: int,
         mailbox: str | None,
     ) -> tuple[Target, Any, bytes]:
-        data = checked_message(data, msg_type, priority)
+        """Where ``dest`` is, and the label its handle shows. A node's address is parsed
+        once and remembered; its message is checked by the core before it is queued."""
+        try:
+            known = self._destinations.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; the checks below say so
+            known = None
+        if known is not None:
+            return known[0], known[1], data
         target: Target
         if isinstance(dest, str) and is_group_url(dest):
+            data = checked_message(data, msg_type, priority)  # before the group's discovery
             target = group_destination(dest, mailbox)
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False, discover=True)
             return target, str(target), data
         node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._sock.family)
+        label = resolve_destination(node, self._family)
+        if len(self._destinations) >= _DESTINATIONS:
+            self._destinations.clear()
+        with contextlib.suppress(TypeError):
+            self._destinations[(dest, mailbox)] = ((label, name), label)
         return (label, name), label, data
 
     def _submit(
@@ -529,13 +548,21 @@ class Node:
                 else:
                     handle._add(ticket)
                 self._handles[ticket] = handle
-            # To a busy peer, hold small sends back a moment: those made meanwhile share
-            # datagrams. To an idle one, send at once.
-            if peer is not None and self._held < HOLD_MAX and endpoint.in_flight(peer):
-                if not self._held:
+            # To a busy peer, hold sends back a moment (up to HOLD_MAX sends or NAP
+            # seconds): those made meanwhile share datagrams, and one drive serves them
+            # all. To an idle one, send at once.
+            held = self._held
+            if (
+                peer is not None
+                and held < HOLD_MAX
+                and (not held or now - self._held_since < NAP)
+                and endpoint.in_flight(peer)
+            ):
+                if not held:
                     self._held_since = now
-                self._held += 1
-                self._drive(flush=False)
+                self._held = held + 1
+                if endpoint.has_events():
+                    self._drive(read=False, flush=False)  # e.g. a send that failed at once
             else:
                 self._drive()
         finally:
@@ -583,7 +610,7 @@ class Node:
 
     def add_service_members(self, service: str, members: list[str | tuple[Any, ...]]) -> None:
         """Members of ``service`` known without announcements (``host:port`` each)."""
-        addrs = [resolve_destination(m, self._sock.family) for m in members]
+        addrs = [resolve_destination(m, self._family) for m in members]
         self._call(lambda now: self._endpoint.add_service_members(service, addrs), check=False)
 
     def service_members(self, service: str) -> list[Address]:
@@ -708,19 +735,28 @@ class Node:
         wait: bool,
     ) -> list[Message]:
         check_timeout(timeout, "timeout")
-        peer = None if source is None else resolve_destination(source, self._sock.family)
+        peer = None if source is None else resolve_destination(source, self._family)
         selector = Selector.of(peer, msg_type, except_type)
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
         self._enter()
         try:
             self._check_open()
-            self._drive()
             now = time.monotonic()
+            timer = self._timer
+            # Messages already queued are handed out without a look at the socket if it
+            # was read a moment ago (and no timer is due): one drive serves many receives.
+            fresh = now - self._driven < DRIVE_GAP and (timer is None or timer > now)
+            if not fresh:
+                self._drive()
             got: list[Message] = []
             while len(got) < count:
                 message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
                 if message is None:
+                    if fresh:
+                        fresh = False
+                        self._drive()
+                        continue
                     break
                 got.append(message)
             if got:
@@ -855,7 +891,7 @@ class Node:
     def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
         """Ask the node at ``dest`` for its statistics over the network."""
         check_timeout(timeout, "timeout", positive=True)
-        addr = resolve_destination(dest, self._sock.family)
+        addr = resolve_destination(dest, self._family)
         deadline = time.monotonic() + timeout
         self._enter()
         try:
@@ -1016,6 +1052,7 @@ class Node:
         ``flush``: send now; otherwise only if sends were held back long enough."""
         endpoint = self._endpoint
         now = time.monotonic()
+        self._driven = now
         me = threading.get_ident()
         if self._abandoned:
             delete_abandoned_ports(endpoint, self._abandoned, now)
