@@ -96,6 +96,8 @@ NAP = 0.002
 HOLD_MAX = 16
 #: Seconds after a drive in which a receive takes queued messages without another.
 DRIVE_GAP = 0.0005
+#: How stale the node's copy of the core's next timer may get between waits (seconds).
+TIMER_SLACK = 0.001
 _DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -333,6 +335,7 @@ class Node:
         self._poll_until: float | None = None  # when the polling leader wakes by itself
         self._timer: float | None = None  # the core's next timer, as of the last drive
         self._driven = 0.0  # when a thread last drove (monotonic seconds)
+        self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -753,11 +756,11 @@ class Node:
             while len(got) < count:
                 message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
                 if message is None:
-                    if fresh:
+                    if fresh and (not wait or timeout == 0):
                         fresh = False
                         self._drive()
                         continue
-                    break
+                    break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
                 if endpoint.has_output():
@@ -787,7 +790,8 @@ class Node:
                 if message is None:
                     break
                 got.append(message)
-            self._drive()
+            if endpoint.has_output():
+                self._drive()
             return got
         finally:
             self._leave()
@@ -1018,6 +1022,7 @@ class Node:
                 self._poller.register(sock.fileno(), _POLL_IN)
             self._unregistered.clear()
             self._timer = self._endpoint.get_timer()  # calls since the last drive may move it
+            self._timer_checked = time.monotonic()
             until = deadline
             for due in (
                 self._timer,
@@ -1071,9 +1076,12 @@ class Node:
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
             fed = True
+            self._timer_checked = 0.0  # look again below
         if fed:
             self._rounds += 1
-        if flush or fed or not self._held or now - self._held_since >= NAP:
+        if (flush or fed or not self._held or now - self._held_since >= NAP) and (
+            endpoint.has_output() or endpoint.closing or self._backlog
+        ):
             self._held = 0
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
@@ -1083,8 +1091,14 @@ class Node:
             elif out or self._backlog:
                 self._transmit(out, now)
         before = self._changes
-        route_events(endpoint, self, self._on_event)
-        self._timer = endpoint.get_timer()
+        if endpoint.has_events():
+            route_events(endpoint, self, self._on_event)
+        if now - self._timer_checked >= TIMER_SLACK:
+            # The core's next timer costs a walk of its sessions: looked up at most every
+            # TIMER_SLACK seconds here (and before every wait, in _lead), since what a
+            # drive adds is never due sooner than an ack delay.
+            self._timer = endpoint.get_timer()
+            self._timer_checked = now
         if self._changes != before and self._followers:
             self._changed.notify_all()
         # Another thread leads, asleep in poll: wake it if what we did concerns it.
