@@ -229,6 +229,7 @@ class AsyncNode:
         self._sock: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
         self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
         self._groups: GroupSockets | None = None
@@ -840,17 +841,21 @@ class AsyncNode:
         now = self._loop.time()
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
-        timer = endpoint.get_timer()
+        timer = self._deadline
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
-        self._transmit(endpoint.datagrams_to_send(now))
-        route_events(endpoint, self, self._on_event)
+        if endpoint.has_output() or endpoint.closing or self._backlog:
+            self._transmit(endpoint.datagrams_to_send(now))
+        if endpoint.has_events():
+            route_events(endpoint, self, self._on_event)
         self._arm_timer()
-        self._notify()
+        if self._waiters:
+            self._notify()
 
     def _arm_timer(self) -> None:
+        """Keep one loop timer at the core's next deadline (looked up once per pump)."""
         assert self._loop is not None
-        timer = self._endpoint.get_timer()
+        timer = self._deadline = self._endpoint.get_timer()
         if self._timer is not None:
             if timer is not None and self._timer.when() == timer:
                 return
