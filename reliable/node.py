@@ -634,6 +634,8 @@ class Node:
                 self._group_socks.append(sock)
                 self._unregistered.append(sock)
                 self._ready.register(sock.fileno(), _POLL_IN)
+                if self._polling:
+                    self._wake()  # the leader's poll must watch the new socket too
             self._endpoint.open_group(target, now, join=join)
             return target, fresh
 
