@@ -232,6 +232,7 @@ class AsyncNode:
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
         self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
+        self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -438,12 +439,19 @@ class AsyncNode:
         deadline: float | None,
         policy: str,
     ) -> AsyncSendHandle:
-        data = checked_message(data, msg_type, priority)
         loop = self._require_started()
         assert self._sock is not None
         target: Target
         peer: Any = None
-        if isinstance(dest, str) and is_group_url(dest):
+        try:
+            known = self._destinations.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; the checks below say so
+            known = None
+        if known is not None:
+            target = known  # a node's address parsed before; the core checks the message
+            peer = known[0]
+        elif isinstance(dest, str) and is_group_url(dest):
+            data = checked_message(data, msg_type, priority)  # before the group's discovery
             target = group_destination(dest, mailbox)
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False)
@@ -451,6 +459,10 @@ class AsyncNode:
             node, name = split_destination(dest, mailbox)
             peer = resolve_destination(node, self._sock.family)
             target = (peer, name)
+            if len(self._destinations) >= 1024:
+                self._destinations.clear()
+            with contextlib.suppress(TypeError):
+                self._destinations[(dest, mailbox)] = target
         busy = peer is not None and self._endpoint.in_flight(peer)
         ticket = enqueue(
             self._endpoint,
