@@ -13,7 +13,7 @@ import pytest
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, Node, errors
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 pytestmark = pytest.mark.loopback
 
@@ -314,5 +314,25 @@ def test_an_async_port_whose_owner_handle_is_gone_is_deleted() -> None:
             assert "p" not in [m.name for m in server.stats().mailboxes]
             with pytest.raises(errors.MailboxNotFound):
                 await client.send(dest, b"after", timeout=5)
+
+    asyncio.run(main())
+
+
+def test_a_plain_mailbox_outlives_its_dropped_handle(pair) -> None:  # type: ignore[no-untyped-def]
+    """Only a port dies with its owner handle; a plain mailbox whose handle was
+    dropped at once (``node.create_mailbox("jobs", 2)`` as a statement) was deleted."""
+    server, client = pair
+    server.create_mailbox("jobs", 2)
+    gc.collect()
+    time.sleep(0.05)  # the node's own schedule would have deleted it by now
+    client.send(_dest(server, "jobs"), b"kept", timeout=5)
+    assert server.mailbox("jobs").receive(timeout=5).data == b"kept"
+
+    async def main() -> None:
+        async with AsyncNode() as node:
+            node.create_mailbox("jobs", 2)
+            gc.collect()
+            await asyncio.sleep(0.05)
+            assert "jobs" in [m.name for m in node.stats().mailboxes]
 
     asyncio.run(main())
