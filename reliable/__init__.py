@@ -51,7 +51,7 @@ from .errors import (
 )
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import Mailbox, Node, SendHandle
+from .node import BatchHandle, Mailbox, Node, SendHandle
 from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
@@ -64,6 +64,8 @@ __all__ = [
     "AddressError",
     "BindError",
     "AuthenticationFailed",
+    "BatchHandle",
+    "AsyncBatchHandle",
     "AsyncMailbox",
     "AsyncNode",
     "AsyncSendHandle",
@@ -114,7 +116,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> object:
     # AsyncNode lives in its own module so importing reliable never imports asyncio.
-    if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle"):
+    if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle", "AsyncBatchHandle"):
         from . import aio
 
         return getattr(aio, name)

@@ -25,12 +25,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import errors, events
-from ._driver import (
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
+from .config import Config
+from .driver import (
+    CLOSE_GRACE,
+    DISCOVERY_WAIT,
+    Backlog,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -45,29 +56,24 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    receive_failure,
     report_unreachable,
     resolve_destination,
     route_events,
-    send_datagram,
     split_destination,
 )
-from ._groupsock import GroupSockets
-from .addressing import (
-    Address,
-    GroupAddress,
-    is_group_url,
-    normalize,
-    parse_group,
-)
-from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import _CLOSE_GRACE, DISCOVERY_WAIT
 from .security import Security
 from .stats import NodeStats
 
-__all__ = ["AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+__all__ = ["AsyncBatchHandle", "AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
@@ -110,6 +116,94 @@ class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
         return cancelled
 
 
+class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
+    """The pending outcome of :meth:`AsyncNode.send_many`: one future for many messages.
+
+    Resolved once every message has its outcome: with the receipts, in
+    message order, or with the first failure (by index). ``tickets[i]`` is
+    message ``i``'s ticket; :meth:`failures` says which failed and why.
+    """
+
+    def __init__(self, node: AsyncNode, destination: Any) -> None:
+        super().__init__(loop=node._loop)
+        self._node = node
+        self.destination = destination
+        self.tickets: list[int] = []
+        self._index: dict[int, int] = {}
+        self._receipts: list[Receipt | GroupReceipt | None] = []
+        self._errors: dict[int, errors.ReliableError] = {}
+        self._pending = 0
+        self._sealed = False
+
+    def __len__(self) -> int:
+        return len(self.tickets)
+
+    def pending(self) -> int:
+        """How many messages still await their outcome."""
+        return self._pending
+
+    def failures(self) -> dict[int, errors.ReliableError]:
+        """Index -> error for each message that failed; call once the batch is done
+        (``await asyncio.wait([batch])``), else ``asyncio.InvalidStateError``."""
+        if not self.done():
+            raise asyncio.InvalidStateError("the batch is still pending")
+        if not self.cancelled():
+            self.exception()  # retrieved: asyncio need not log it
+        return dict(self._errors)
+
+    def withdraw(self) -> int:
+        """Withdraw every message that can still be withdrawn; returns how many were.
+        The future stays live and reports every message's real fate."""
+        pending = [
+            t
+            for t in self.tickets
+            if self._receipts[self._index[t]] is None and self._index[t] not in self._errors
+        ]
+        answers = [self._node._withdraw(t) for t in pending]
+        return sum(a is Withdrawal.WITHDRAWN for a in answers)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the future (asyncio's meaning) and withdraw what can be withdrawn."""
+        cancelled = super().cancel(msg)
+        if cancelled:
+            for ticket in self.tickets:
+                self._node._withdraw(ticket)  # outcomes still reach on_event
+        return cancelled
+
+    def _add(self, ticket: int) -> None:
+        self._index[ticket] = len(self.tickets)
+        self.tickets.append(ticket)
+        self._receipts.append(None)
+        self._pending += 1
+
+    def _resolve(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.ReliableError | None,
+    ) -> None:
+        i = self._index[ticket]
+        if error is not None:
+            self._errors[i] = error
+        else:
+            self._receipts[i] = receipt
+        self._pending -= 1
+        self._settle()
+
+    def _seal(self) -> None:
+        """Every message of the batch is queued: resolve once their outcomes are in."""
+        self._sealed = True
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._sealed or self._pending or self.done():
+            return
+        if self._errors:
+            self.set_exception(self._errors[min(self._errors)])
+        else:
+            self.set_result([r for r in self._receipts if r is not None])
+
+
 class AsyncNode:
     """A reliable-messaging node with an asyncio API.
 
@@ -135,8 +229,10 @@ class AsyncNode:
         self._sock: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
-        self._handles: dict[int, AsyncSendHandle] = {}
+        self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
+        self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -145,7 +241,7 @@ class AsyncNode:
         # right after their condition was checked, so no change can slip in between
         # (an Event pulsed with set()+clear() loses a wake-up to a waiter that has not run yet).
         self._waiters: list[asyncio.Future[None]] = []
-        self._backlog: deque[tuple[bytes, Address]] = deque()
+        self._backlog = Backlog()
         self._drained: asyncio.Future[None] | None = None  # close() waits for the backlog
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
@@ -187,7 +283,7 @@ class AsyncNode:
             self._pump([])
         assert self._close_done is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + _CLOSE_GRACE)
+            await asyncio.wait_for(asyncio.shield(self._close_done), timeout + CLOSE_GRACE)
         except TimeoutError:  # pragma: no cover - the core always closes by its deadline
             self._endpoint.close(self._loop.time(), 0)  # end it now: CLOSE before the socket goes
             self._pump([])
@@ -195,7 +291,7 @@ class AsyncNode:
             # The socket was full: the final datagrams (CLOSE) wait in the backlog.
             self._drained = self._loop.create_future()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._drained), _CLOSE_GRACE)
+                await asyncio.wait_for(asyncio.shield(self._drained), CLOSE_GRACE)
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -278,7 +374,7 @@ class AsyncNode:
         owner = self._endpoint.create_mailbox(
             name, capacity=capacity, max_bytes=max_bytes, port=port, now=loop.time()
         )
-        return AsyncMailbox(self, name, owner)
+        return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> AsyncMailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
@@ -343,12 +439,19 @@ class AsyncNode:
         deadline: float | None,
         policy: str,
     ) -> AsyncSendHandle:
-        data = checked_message(data, msg_type, priority)
         loop = self._require_started()
         assert self._sock is not None
         target: Target
         peer: Any = None
-        if isinstance(dest, str) and is_group_url(dest):
+        try:
+            known = self._destinations.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; the checks below say so
+            known = None
+        if known is not None:
+            target = known  # a node's address parsed before; the core checks the message
+            peer = known[0]
+        elif isinstance(dest, str) and is_group_url(dest):
+            data = checked_message(data, msg_type, priority)  # before the group's discovery
             target = group_destination(dest, mailbox)
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False)
@@ -356,6 +459,10 @@ class AsyncNode:
             node, name = split_destination(dest, mailbox)
             peer = resolve_destination(node, self._sock.family)
             target = (peer, name)
+            if len(self._destinations) >= 1024:
+                self._destinations.clear()
+            with contextlib.suppress(TypeError):
+                self._destinations[(dest, mailbox)] = target
         busy = peer is not None and self._endpoint.in_flight(peer)
         ticket = enqueue(
             self._endpoint,
@@ -378,6 +485,66 @@ class AsyncNode:
             self._pump_soon = True
             loop.call_soon(self._deferred_pump)
         return future
+
+    async def send_many(
+        self,
+        dest: str | tuple[Any, ...],
+        messages: Iterable[bytes],
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncBatchHandle:
+        """Queue every message of ``messages`` for ``dest`` (a node, not a group), in
+        order; returns one :class:`AsyncBatchHandle` for all of them.
+
+        As :meth:`reliable.Node.send_many`: waits while the send buffer (or the
+        destination mailbox) is full, not for the outcomes; await the handle
+        for those. With ``timeout``, a buffer still full at its end raises
+        ``SendTimeout`` (the handle of what was queued is its ``batch``).
+        """
+        check_timeout(timeout, "timeout", positive=True)
+        if isinstance(dest, str) and is_group_url(dest):
+            raise errors.UsageError("send_many sends to one node; send to a group with send()")
+        datas = [checked_message(d, msg_type, priority) for d in messages]
+        loop = self._require_started()
+        assert self._sock is not None
+        node, name = split_destination(dest, mailbox)
+        peer = resolve_destination(node, self._sock.family)
+        batch = AsyncBatchHandle(self, peer)
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            for data in datas:
+                while True:
+                    self._check_open()
+                    try:
+                        ticket = self._endpoint.send(
+                            peer,
+                            data,
+                            now=loop.time(),
+                            msg_type=msg_type,
+                            priority=priority,
+                            mailbox=name,
+                            timeout=timeout,
+                            deadline=deadline,
+                        )
+                        break
+                    except errors.WouldBlock:
+                        remaining = None if deadline is None else deadline - loop.time()
+                        if remaining is not None and remaining <= 0:
+                            exc = errors.SendTimeout(peer, timeout or 0.0, stage="queued")
+                            exc.batch = batch  # type: ignore[attr-defined]
+                            raise exc from None
+                        self._pump([])  # what is queued goes out: room comes from acks
+                        await self._wait_change(remaining)
+                batch._add(ticket)
+                self._handles[ticket] = batch
+        finally:
+            batch._seal()
+            if not self._closed:
+                self._pump([])
+        return batch
 
     def _deferred_pump(self) -> None:
         self._pump_soon = False
@@ -537,6 +704,57 @@ class AsyncNode:
         """
         return await self._receive(mailbox, None, source, msg_type, except_type, receiver, timeout)
 
+    async def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """Up to ``max_count`` messages, as :meth:`reliable.Node.receive_many`: what
+        is waiting, or (waiting up to ``timeout``) the first to come and whatever
+        else is waiting then; ``[]`` when the timeout passed."""
+        return await self._receive_many(
+            mailbox, None, max_count, timeout, source, msg_type, except_type, receiver
+        )
+
+    async def _receive_many(
+        self,
+        mailbox: str,
+        owner: int | None,
+        max_count: int,
+        timeout: float | None,
+        source: str | tuple[Any, ...] | None,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+    ) -> list[Message]:
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        args = (source, msg_type, except_type, receiver)
+        got: list[Message] = []
+        while len(got) < max_count:
+            message = self._take(mailbox, owner, *args)[0]
+            if message is None:
+                break
+            got.append(message)
+        if got:
+            return got
+        try:
+            got.append(await self._receive(mailbox, owner, *args, timeout))
+        except errors.ReceiveTimeout:
+            return []
+        while len(got) < max_count:
+            message = self._take(mailbox, owner, *args)[0]
+            if message is None:
+                break
+            got.append(message)
+        return got
+
     def _take(
         self,
         mailbox: str,
@@ -594,14 +812,15 @@ class AsyncNode:
         self._pump([])
         try:
             while not future.done():
-                failure: errors.ReliableError | None = None
-                if self._closed or endpoint.closing:
-                    failure = errors.NodeClosed("the node closed while waiting to receive")
-                elif peer is not None:
-                    failure = self._departures.down_since(peer, mark)
                 remaining = None if deadline is None else deadline - loop.time()
-                if failure is None and remaining is not None and remaining <= 0:
-                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
+                failure = receive_failure(
+                    closed=self._closed or endpoint.closing,
+                    departures=self._departures,
+                    peer=peer,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
                 if failure is not None:
                     if self._closed or endpoint.cancel_wait(ticket):
                         raise failure
@@ -634,17 +853,21 @@ class AsyncNode:
         now = self._loop.time()
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
-        timer = endpoint.get_timer()
+        timer = self._deadline
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
-        self._transmit(endpoint.datagrams_to_send(now))
-        route_events(endpoint, self, self._on_event)
+        if endpoint.has_output() or endpoint.closing or self._backlog:
+            self._transmit(endpoint.datagrams_to_send(now))
+        if endpoint.has_events():
+            route_events(endpoint, self, self._on_event)
         self._arm_timer()
-        self._notify()
+        if self._waiters:
+            self._notify()
 
     def _arm_timer(self) -> None:
+        """Keep one loop timer at the core's next deadline (looked up once per pump)."""
         assert self._loop is not None
-        timer = self._endpoint.get_timer()
+        timer = self._deadline = self._endpoint.get_timer()
         if self._timer is not None:
             if timer is not None and self._timer.when() == timer:
                 return
@@ -655,33 +878,18 @@ class AsyncNode:
 
     def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
         """Send ``out``; called by :meth:`_pump`, which routes what OS reports cause."""
-        if self._backlog:
-            self._backlog.extend(out)
-            return
         assert self._sock is not None
+        waiting = bool(self._backlog)
         reports: list[Unreachable] = []
-        for i, (data, addr) in enumerate(out):
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                self._backlog.extend(out[i:])
-                assert self._loop is not None
-                self._loop.add_writer(self._sock.fileno(), self._on_writable)
-                break
+        if self._backlog.transmit(self._sock, out, reports) and not waiting:
+            assert self._loop is not None
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
         self._take_reports(reports)
 
     def _on_writable(self) -> None:
         assert self._sock is not None and self._loop is not None
-        backlog = self._backlog
         reports: list[Unreachable] = []
-        while backlog:
-            data, addr = backlog[0]
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                break
-            backlog.popleft()
-        else:
+        if self._backlog.flush(self._sock, reports):
             self._loop.remove_writer(self._sock.fileno())
             if self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
@@ -711,10 +919,17 @@ class AsyncNode:
                 waiter.set_result(None)
 
     async def _wait_change(self, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            waiter: asyncio.Future[None] = self._require_started().create_future()
-            self._waiters.append(waiter)
-            await asyncio.wait_for(waiter, timeout)
+        """Until the next pump (or ``timeout``): the waiting coroutine is resumed by the
+        pump's own callback, in the same step that read the datagram (no wait_for hop)."""
+        loop = self._require_started()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     # EventSink
     def on_receive(
@@ -742,6 +957,10 @@ class AsyncNode:
         error: errors.DeliveryFailed | None,
     ) -> None:
         future = self._handles.pop(ticket, None)
+        if isinstance(future, AsyncBatchHandle):
+            if not future.done():
+                future._resolve(ticket, receipt, error)
+            return
         if future is None or future.done():
             return
         if error is not None:
@@ -802,3 +1021,18 @@ class AsyncMailbox(MailboxHandle):
         """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
         args = (source, msg_type, except_type, receiver)
         return self._node._take(self.name, self._owner, *args)[0]
+
+    async def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """As :meth:`AsyncNode.receive_many`, from this mailbox."""
+        return await self._node._receive_many(
+            self.name, self._owner, max_count, timeout, source, msg_type, except_type, receiver
+        )

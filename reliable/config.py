@@ -30,7 +30,7 @@ _MIN_DATAGRAM = (
 )
 
 
-_MAY_BE_ZERO = frozenset({"inbox_capacity"})  # 0: the default mailbox is a rendezvous
+_MAY_BE_ZERO = frozenset({"inbox_capacity", "reply_ack_delay"})  # 0: a rendezvous; at once
 #: The choices of ``Config.os_errors``.
 OS_ERROR_POLICIES = ("fail", "ignore")
 
@@ -97,6 +97,12 @@ class Config:
 
     max_ack_delay: float = 0.005
     """Longest a receiver holds an acknowledgement hoping to coalesce it."""
+
+    reply_ack_delay: float = 0.001
+    """Longest an acknowledgement the sender asked for at once waits for a reply to
+    carry it, when its message went straight to a waiting receiver (request/reply:
+    the reply leaves in microseconds, with the ack on it). Without a reply, the ack
+    leaves alone this much later; 0 acknowledges at once."""
 
     ack_every: int = 2
     """Acknowledge at once after this many unacknowledged in-order packets."""

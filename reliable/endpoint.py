@@ -225,6 +225,7 @@ class Endpoint:
         self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
         self._next_waiter = 1
         self._next_owner = 1
+        self._handoffs = 0  # messages handed straight to a waiting receiver
         self._next_query = 1
         self._groups = Groups(
             self.config,
@@ -406,6 +407,10 @@ class Endpoint:
         """
         session = self._peers.get(dest)
         return session is not None and bool(session.sender.unacked)
+
+    def has_events(self) -> bool:
+        """Whether ``next_event`` has something (cheap)."""
+        return bool(self._events)
 
     def has_output(self) -> bool:
         """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""
@@ -1094,8 +1099,12 @@ class Endpoint:
         msg = self._arrived(session.addr, session.incarnation, d, None)
         # Held first: a rendezvous may hand it over (and release it) inside offer().
         session.hold(len(d.data))
+        handoffs = self._handoffs
         if self._mailboxes[d.mailbox].offer(msg, now):
             session.unhold(len(d.data))  # it went straight in: nothing parked
+            if self._handoffs != handoffs and self.config.reply_ack_delay > 0:
+                # A waiting receiver has it: its reply may carry the ack (receiver.py).
+                session.receiver.await_reply(now + self.config.reply_ack_delay)
             return None
         return Verdict.DEFERRED
 
@@ -1137,6 +1146,7 @@ class Endpoint:
             self._dirty[session.addr] = None
 
     def _handed_off(self, ticket: int, msg: Message) -> None:
+        self._handoffs += 1
         self._held -= len(msg.data)
         self._waiting.pop(ticket, None)
         self._emit(events.MessageTaken(waiter=ticket, message=msg))

@@ -1,44 +1,64 @@
-"""The blocking adapter: a UDP socket and one I/O thread around an :class:`Endpoint`.
+"""The blocking adapter: calling threads drive an :class:`Endpoint` themselves.
 
-The thread owns the socket's receive side and the clock: it sleeps in
-``select`` until a datagram or the core's next timer, drains the socket, feeds
-the core under the node lock, sends what the core produced and routes its
-events. Application threads call into the core under the same lock and send
-the datagrams their call produced themselves, so a ``send`` costs no thread
-hand-off; they wake the I/O thread only when the next timer moved earlier
-than the one it sleeps on.
+Leader/follower. Every public call takes the node lock and, while inside,
+drives the core: it feeds the datagrams waiting in the socket, runs the
+timers that are due, and sends what the core produced (all under the lock,
+so the order of datagrams and the order of events are the core's). A call
+that must wait (a receive with nothing queued, ``SendHandle.result``, a send
+waiting for buffer space) becomes the *leader* if nobody leads: it sleeps in
+``poll`` on the node's sockets, without the lock, until a datagram, the core's
+next timer or its own deadline, then drives again and checks whether its wait
+is over. Other waiting threads are *followers*: they sleep on a condition
+variable and are woken when the leader's driving changed something; when the
+leader leaves, a follower takes its place. So the thread that wanted a
+message reads it off the socket itself: no hand-off, no wake-up pipe.
 
-Futures are resolved and user callbacks run outside the lock, so a callback
-may call back into the node.
+A background thread keeps the protocol running while no caller is inside
+(acks and retransmissions must not wait for the application): it leads
+only after ``IDLE_AFTER`` seconds without calls; otherwise it naps, and on
+waking runs timers that callers left due and flushes sends that were held
+back to share a datagram. A caller that must wait while the background
+thread leads asks it to step aside (one byte on a wake-up pipe).
 
-Receives that must wait register with the core (which serves waiting
-receivers first come, first served, and hands a message straight to the
-longest-waiting receiver that wants it) and sleep on a condition variable
-until their message, their timeout, or their named peer's departure.
+Receipts cost nothing unless someone asks: a :class:`SendHandle` is a slotted
+record the driving thread fills in; only a thread that waits on it sleeps,
+on the node's one condition. ``add_done_callback`` callbacks run on the
+thread that drove when the outcome arrived (any caller, or the background
+thread), after it released the lock: a callback may call back into the node.
 
 Closing: the datagrams the core produces once it has closed (final acks, the
 CLOSE to every peer) are sent under the node lock, waiting for the socket to
 take them if it is full, and the socket is closed under the same lock, so no
-final datagram is lost to a socket closed beneath it. If the I/O thread cannot
-finish the close in time (starved, or stuck in a callback), ``close()``
-finishes it from the calling thread before releasing the socket.
+final datagram is lost to a socket closed beneath it. ``close()`` drives the
+flush itself, so a background thread held up in a callback cannot delay it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import select
-import selectors
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from . import errors, events
-from ._driver import (
+from ._groupsock import GroupSockets
+from .addressing import (
+    Address,
+    GroupAddress,
+    is_group_url,
+    normalize,
+    parse_group,
+)
+from .config import Config
+from .driver import (
+    CLOSE_GRACE,
+    DISCOVERY_WAIT,
+    Backlog,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -53,32 +73,37 @@ from ._driver import (
     open_socket,
     parse_stats,
     receive_buffer,
+    receive_failure,
     report_unreachable,
     resolve_destination,
     route_events,
-    send_datagram,
     split_destination,
 )
-from ._groupsock import GroupSockets
-from .addressing import (
-    Address,
-    GroupAddress,
-    is_group_url,
-    normalize,
-    parse_group,
-)
-from .config import Config
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
 
-__all__ = ["Mailbox", "Node", "SendHandle"]
+__all__ = ["BatchHandle", "Mailbox", "Node", "SendHandle"]
 
-_CLOSE_GRACE = 1.0  # seconds the I/O thread may take beyond the flush timeout to exit
-#: After opening a group to send to it, how long members get to answer its SOLICIT.
-DISCOVERY_WAIT = 0.2
+#: Seconds without calls after which the background thread leads (reads the socket).
+IDLE_AFTER = 0.002
+#: Longest nap of the background thread while callers drive (seconds): how late a
+#: send held back to share a datagram, or a timer a busy caller left due, can run.
+NAP = 0.002
+#: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
+HOLD_MAX = 16
+#: Seconds after a drive in which a receive takes queued messages without another.
+DRIVE_GAP = 0.0005
+#: How stale the node's copy of the core's next timer may get between waits (seconds).
+TIMER_SLACK = 0.001
+_DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)
+
+_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+Outcome = Receipt | GroupReceipt
+T = TypeVar("T")
 
 
 class SendHandle:
@@ -87,23 +112,22 @@ class SendHandle:
     ``result()`` returns the :class:`~reliable.Receipt` once the destination
     acknowledged the message, or raises the
     :class:`~reliable.errors.DeliveryFailed` that explains why it will not.
+    Cheap: a record the node fills in; nothing waits unless you do.
     """
 
-    __slots__ = ("_future", "_withdraw", "destination", "ticket")
+    __slots__ = ("_callbacks", "_done", "_error", "_node", "_receipt", "destination", "ticket")
 
-    def __init__(
-        self,
-        ticket: int,
-        destination: Any,
-        withdraw: Callable[[int], Withdrawal] | None = None,
-    ) -> None:
+    def __init__(self, node: Node, ticket: int, destination: Any) -> None:
+        self._node = node
         self.ticket = ticket
         self.destination = destination
-        self._withdraw = withdraw
-        self._future: Future[Receipt | GroupReceipt] = Future()
+        self._done = False
+        self._receipt: Outcome | None = None
+        self._error: errors.ReliableError | None = None
+        self._callbacks: list[Callable[[SendHandle], None]] | None = None
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._done
 
     def cancel(self) -> bool:
         """Withdraw the message if it can still be withdrawn; never blocks.
@@ -118,38 +142,132 @@ class SendHandle:
         A message wholly sent and awaiting its acknowledgement cannot be
         withdrawn; a group send is never withdrawn.
         """
-        if self._withdraw is None or self._future.done():
+        if self._done:
             return False
-        return self._withdraw(self.ticket) is Withdrawal.WITHDRAWN
+        return self._node._withdraw([self.ticket]) == [Withdrawal.WITHDRAWN]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
         check_timeout(timeout, "timeout")
-        try:
-            self._future.exception(timeout)
-        except TimeoutError:
-            return False
-        return True
+        return self._done or self._node._await(lambda: self._done, timeout)
 
-    def result(self, timeout: float | None = None) -> Receipt | GroupReceipt:
+    def result(self, timeout: float | None = None) -> Outcome:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
-        check_timeout(timeout, "timeout")
-        return self._future.result(timeout)
+        if not self.wait(timeout):
+            raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        assert self._receipt is not None
+        return self._receipt
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        check_timeout(timeout, "timeout")
-        return self._future.exception(timeout)
+        if not self.wait(timeout):
+            raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
+        return self._error
 
     def add_done_callback(self, fn: Callable[[SendHandle], None]) -> None:
         """Call ``fn(handle)`` once the outcome is known (at once if it already is).
 
-        Callbacks run on the node's I/O thread: keep them short and non-blocking.
+        It runs on the thread that was driving the node when the outcome
+        arrived (a caller of the node, or its background thread), outside the
+        node lock: keep it short; it may call the node.
         """
-        self._future.add_done_callback(lambda _f: fn(self))
+        if not self._node._add_callback(self, fn):
+            fn(self)
+
+    def _resolve(
+        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+    ) -> bool:
+        """Record the outcome (the node lock is held); whether callbacks are due."""
+        self._receipt = receipt
+        self._error = error
+        self._done = True
+        return self._callbacks is not None
+
+    def _run_callbacks(self) -> None:
+        callbacks, self._callbacks = self._callbacks or [], None
+        for fn in callbacks:
+            fn(self)
 
     def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
+        state = "done" if self._done else "pending"
         return f"<SendHandle #{self.ticket} to {errors.format_address(self.destination)} {state}>"
+
+
+class BatchHandle:
+    """The pending outcome of a :meth:`Node.send_many`: one handle for many messages.
+
+    ``tickets[i]`` is the ticket of message ``i``. :meth:`failures` says which
+    messages failed and why; :meth:`result` returns every receipt, or raises
+    the first failure (by index).
+    """
+
+    __slots__ = ("_errors", "_index", "_node", "_pending", "_receipts", "destination", "tickets")
+
+    def __init__(self, node: Node, destination: Any) -> None:
+        self._node = node
+        self.destination = destination
+        self.tickets: list[int] = []
+        self._index: dict[int, int] = {}
+        self._receipts: list[Outcome | None] = []
+        self._errors: dict[int, errors.ReliableError] = {}
+        self._pending = 0
+
+    def _add(self, ticket: int) -> None:
+        self._index[ticket] = len(self.tickets)
+        self.tickets.append(ticket)
+        self._receipts.append(None)
+        self._pending += 1
+
+    def __len__(self) -> int:
+        return len(self.tickets)
+
+    def done(self) -> bool:
+        """Whether every message of the batch has its outcome."""
+        return self._pending == 0
+
+    def pending(self) -> int:
+        """How many messages still await their outcome."""
+        return self._pending
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every outcome is known (or ``timeout``); returns :meth:`done`."""
+        check_timeout(timeout, "timeout")
+        return self._pending == 0 or self._node._await(lambda: self._pending == 0, timeout)
+
+    def failures(self, timeout: float | None = None) -> dict[int, errors.ReliableError]:
+        """Index -> error for each message that failed (waits for every outcome first)."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self._pending} of {len(self)} sends still pending")
+        return dict(self._errors)
+
+    def result(self, timeout: float | None = None) -> list[Outcome]:
+        """Every receipt, in message order; raises the first failure, if any."""
+        failed = self.failures(timeout)
+        if failed:
+            raise failed[min(failed)]
+        return [r for r in self._receipts if r is not None]
+
+    def cancel(self) -> int:
+        """Withdraw every message that can still be withdrawn; returns how many were."""
+        pending = [t for t in self.tickets if self._receipts[self._index[t]] is None]
+        answers = self._node._withdraw([t for t in pending if self._index[t] not in self._errors])
+        return sum(a is Withdrawal.WITHDRAWN for a in answers)
+
+    def _resolve(
+        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+    ) -> bool:
+        i = self._index[ticket]
+        if error is not None:
+            self._errors[i] = error
+        else:
+            self._receipts[i] = receipt
+        self._pending -= 1
+        return False
+
+    def __repr__(self) -> str:
+        where = errors.format_address(self.destination)
+        return f"<BatchHandle {len(self)} to {where}, {self._pending} pending>"
 
 
 class Node:
@@ -158,9 +276,12 @@ class Node:
     ``bind`` is ``host:port`` (``127.0.0.1:0`` picks a free port). ``sock``
     may supply an already bound socket-like object instead, e.g. a
     :class:`netem.socket.FaultySocket`. ``on_event`` observes every protocol
-    event on the I/O thread (peer restarts, unreachable peers, ...).
-    ``security`` selects the mode (:func:`reliable.security.make_security`;
-    default: integrity only); both ends must use the same mode and key.
+    event, on whichever thread drives the node at the time (keep it short; it
+    must not call the node). ``security`` selects the mode
+    (:func:`reliable.security.make_security`; default: integrity only); both
+    ends must use the same mode and key.
+
+    Every method is thread-safe; many threads may send and receive at once.
 
     Every node has a default mailbox (``""``) for direct naming; more are
     made with :meth:`create_mailbox` and addressed as ``host:port/name``.
@@ -185,30 +306,49 @@ class Node:
         if sock is not None:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
+        self._family: int = self._sock.family
+        self._destinations: dict[tuple[Any, str | None], tuple[Target, Any]] = {}
         self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._endpoint.set_receive_buffer(receive_buffer(self._sock))
         self._on_event = on_event
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._handles: dict[int, SendHandle] = {}
+        self._changed = threading.Condition(self._lock)  # followers sleep here
+        self._nap = threading.Event()  # the background thread naps on it (set: closing)
+        self._handles: dict[int, SendHandle | BatchHandle] = {}
         self._taken: dict[int, Message | errors.ReliableError] = {}
         self._stats_replies: dict[int, bytes | None] = {}  # pending queries: None until answered
         self._departures = Departures()
         self._closed = False
         self._failure: BaseException | None = None
-        self._sleep_until: float | None = None
-        self._io_busy = False  # the I/O thread is awake and will send before it sleeps
+        self._callbacks: deque[SendHandle] = deque()  # handles whose callbacks are due
+        # Leader/follower state (under the lock).
+        self._leader: int | None = None  # the thread that leads (sleeps in poll), if any
+        self._polling = False  # the leader is in poll, without the lock: wake it to tell it
+        self._followers = 0
+        self._inside = 0  # callers inside the node
+        self._last_call = 0.0  # when a caller last left (monotonic seconds)
+        self._changes = 0  # bumped whenever driving routed an event
+        self._held = 0  # sends held back to share a datagram (flushed by HOLD_MAX, waits, NAP)
+        self._held_since = 0.0
+        self._rounds = 0  # bumped whenever driving fed datagrams or ran timers
+        self._poll_until: float | None = None  # when the polling leader wakes by itself
+        self._timer: float | None = None  # the core's next timer, as of the last drive
+        self._driven = 0.0  # when a thread last drove (monotonic seconds)
+        self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._backlog: deque[tuple[bytes, Address]] = deque()
-        self._resolved: list[
-            tuple[SendHandle, Receipt | GroupReceipt | None, errors.DeliveryFailed | None]
-        ] = []
+        self._backlog = Backlog()
         self._groups = GroupSockets(self._sock, self.config)
-        self._unregistered: list[socket.socket] = []  # group sockets for the I/O thread
+        self._group_socks: list[socket.socket] = []
+        self._unregistered: list[socket.socket] = []  # group sockets the leader's poll lacks
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._ready = select.poll()  # non-blocking readability checks, under the lock
+        self._ready.register(self._sock.fileno(), _POLL_IN)
+        self._poller = select.poll()  # the leader's blocking wait (one leader at a time)
+        self._poller.register(self._sock.fileno(), _POLL_IN)
+        self._poller.register(self._wake_r.fileno(), select.POLLIN)
         self._thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
         self._thread.start()
 
@@ -260,7 +400,9 @@ class Node:
         """
         check_timeout(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        handle = self._submit(dest, data, msg_type, priority, mailbox, timeout, deadline, policy)
+        target, label, data = self._target(dest, data, msg_type, priority, mailbox)
+        handle = SendHandle(self, 0, label)
+        self._submit(target, [data], handle, msg_type, priority, timeout, deadline, policy)
         try:
             return handle.result()
         except BaseException:
@@ -287,69 +429,147 @@ class Node:
         mailbox is known to be full. Nothing was sent in either case.
         """
         check_timeout(timeout, "timeout", positive=True)
-        return self._submit(
-            dest, data, msg_type, priority, mailbox, timeout, None, policy, block=False
-        )
+        target, label, data = self._target(dest, data, msg_type, priority, mailbox)
+        handle = SendHandle(self, 0, label)
+        self._submit(target, [data], handle, msg_type, priority, timeout, None, policy, block=False)
+        return handle
 
-    def _submit(
+    def send_many(
+        self,
+        dest: str | tuple[Any, ...],
+        messages: Iterable[bytes],
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> BatchHandle:
+        """Queue every message of ``messages`` for ``dest`` (a node, not a group), in
+        order; returns one :class:`BatchHandle` for all of them.
+
+        Blocks while this node's send buffer (or the destination mailbox) is
+        full, as :meth:`send` does, but not for the outcomes: wait on the
+        handle for those. With ``timeout``, each message not in its mailbox
+        that many seconds after the call fails with ``SendTimeout``; if the
+        buffer stays full past it, the rest are not queued and the call
+        raises ``SendTimeout`` (the handle of what was queued is on the
+        exception as ``batch``). Every message is checked before any is sent.
+        """
+        check_timeout(timeout, "timeout", positive=True)
+        if isinstance(dest, str) and is_group_url(dest):
+            raise errors.UsageError("send_many sends to one node; send to a group with send()")
+        datas = [checked_message(d, msg_type, priority) for d in messages]
+        node, name = split_destination(dest, mailbox)
+        label = resolve_destination(node, self._family)
+        batch = BatchHandle(self, label)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._submit((label, name), datas, batch, msg_type, priority, timeout, deadline, "")
+        except errors.SendTimeout as exc:
+            exc.batch = batch  # type: ignore[attr-defined]
+            raise
+        return batch
+
+    def _target(
         self,
         dest: str | tuple[Any, ...],
         data: bytes,
         msg_type: int,
         priority: int,
         mailbox: str | None,
+    ) -> tuple[Target, Any, bytes]:
+        """Where ``dest`` is, and the label its handle shows. A node's address is parsed
+        once and remembered; its message is checked by the core before it is queued."""
+        try:
+            known = self._destinations.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; the checks below say so
+            known = None
+        if known is not None:
+            return known[0], known[1], data
+        target: Target
+        if isinstance(dest, str) and is_group_url(dest):
+            data = checked_message(data, msg_type, priority)  # before the group's discovery
+            target = group_destination(dest, mailbox)
+            if isinstance(target, GroupAddress):
+                target = self._open_group(target, join=False, discover=True)
+            return target, str(target), data
+        node, name = split_destination(dest, mailbox)
+        label = resolve_destination(node, self._family)
+        if len(self._destinations) >= _DESTINATIONS:
+            self._destinations.clear()
+        with contextlib.suppress(TypeError):
+            self._destinations[(dest, mailbox)] = ((label, name), label)
+        return (label, name), label, data
+
+    def _submit(
+        self,
+        target: Target,
+        datas: list[bytes],
+        handle: SendHandle | BatchHandle,
+        msg_type: int,
+        priority: int,
         timeout: float | None,
         deadline: float | None,
         policy: str,
         *,
         block: bool = True,
-    ) -> SendHandle:
-        data = checked_message(data, msg_type, priority)
-        target: Target
-        if isinstance(dest, str) and is_group_url(dest):
-            target = group_destination(dest, mailbox)
-            if isinstance(target, GroupAddress):
-                target = self._open_group(target, join=False, discover=True)
-            label: Any = str(target)
-        else:
-            node, name = split_destination(dest, mailbox)
-            label = resolve_destination(node, self._sock.family)
-            target = (label, name)
-        with self._lock:
-            while True:
-                self._check_open()
-                now = time.monotonic()
-                remaining = None if deadline is None else deadline - now
-                try:
-                    ticket = enqueue(
-                        self._endpoint,
-                        target,
-                        data,
-                        now=now,
-                        msg_type=msg_type,
-                        priority=priority,
-                        timeout=timeout,
-                        deadline=deadline,
-                        policy=policy,
-                    )
-                    break
-                except errors.WouldBlock:
-                    if not block:
-                        raise
-                    if remaining is not None and remaining <= 0:
-                        raise errors.SendTimeout(label, timeout or 0.0, stage="queued") from None
-                    self._changed.wait(remaining)
-            handle = SendHandle(ticket, label, self._withdraw)
-            self._handles[ticket] = handle
-            # To a busy peer, hand the send to the I/O thread: the sends made before it
-            # runs share datagrams. To an idle one, send it from here, at once.
-            defer = self._endpoint.in_flight(label)  # a group send's label names no peer
-            if defer and not self._io_busy:
-                self._io_busy = True
-                self._wake()
-        if not defer:
-            self._pump([])
-        return handle
+    ) -> None:
+        endpoint = self._endpoint
+        peer = target[0] if isinstance(target, tuple) else None
+        self._enter()
+        try:
+            for data in datas:
+                while True:
+                    self._check_open()
+                    now = time.monotonic()
+                    try:
+                        ticket = enqueue(
+                            endpoint,
+                            target,
+                            data,
+                            now=now,
+                            msg_type=msg_type,
+                            priority=priority,
+                            timeout=timeout,
+                            deadline=deadline,
+                            policy=policy,
+                        )
+                        break
+                    except errors.WouldBlock:
+                        if not block:
+                            raise
+                        remaining = None if deadline is None else deadline - now
+                        if remaining is not None and remaining <= 0:
+                            label = handle.destination
+                            raise errors.SendTimeout(
+                                label, timeout or 0.0, stage="queued"
+                            ) from None
+                        self._drive()  # flush what is queued: room comes from acks
+                        self._wait(self._progress_since(self._rounds), deadline)
+                if isinstance(handle, SendHandle):
+                    handle.ticket = ticket
+                else:
+                    handle._add(ticket)
+                self._handles[ticket] = handle
+            # To a busy peer, hold sends back a moment (up to HOLD_MAX sends or NAP
+            # seconds): those made meanwhile share datagrams, and one drive serves them
+            # all. To an idle one, send at once.
+            held = self._held
+            if (
+                peer is not None
+                and held < HOLD_MAX
+                and (not held or now - self._held_since < NAP)
+                and endpoint.in_flight(peer)
+            ):
+                if not held:
+                    self._held_since = now
+                self._held = held + 1
+                if endpoint.has_events():
+                    self._drive(read=False, flush=False)  # e.g. a send that failed at once
+            else:
+                self._drive()
+        finally:
+            self._leave()
 
     # ---------------------------------------------------------------- groups
 
@@ -361,64 +581,43 @@ class Node:
 
     def leave(self, group: str) -> None:
         """Stop being a member of ``group``; its members and senders hear a LEAVE."""
-        target = self._resolve_group(parse_group(group))
-        with self._lock:
-            self._endpoint.leave_group(target, time.monotonic())
-        self._pump([])
+        self._call(
+            lambda now: self._endpoint.leave_group(self._groups.resolve(parse_group(group)), now)
+        )
 
     def members(self, group: str) -> dict[Address, int]:
         """Live members of ``group`` as heard here (address -> incarnation); opens it."""
         target = self._open_group(parse_group(group), join=False, discover=False)
-        with self._lock:
-            return self._endpoint.group_members(target)
+        return self._call(lambda now: self._endpoint.group_members(target))
 
     def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
         """Block until ``group`` has at least ``count`` live members or ``timeout`` passes."""
         check_timeout(timeout, "timeout")
         target = self._open_group(parse_group(group), join=False, discover=False)
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                found = self._endpoint.group_members(target)
-                remaining = deadline - time.monotonic()
-                if len(found) >= count or remaining <= 0:
-                    return found
-                self._check_open()
-                self._changed.wait(min(remaining, 0.05))
+        self._await(lambda: len(self._endpoint.group_members(target)) >= count, timeout)
+        return self._call(lambda now: self._endpoint.group_members(target))
 
     def serve(self, service: str, *, announce: str | list[str]) -> None:
         """Serve anycast ``service``: announce it on each discovery group in ``announce``."""
         groups = [announce] if isinstance(announce, str) else list(announce)
         targets = [self._open_group(parse_group(g), join=False, discover=False) for g in groups]
-        with self._lock:
-            self._endpoint.serve(service, targets, time.monotonic())
-        self._pump([])
+        self._call(lambda now: self._endpoint.serve(service, targets, now))
 
     def unserve(self, service: str) -> None:
-        with self._lock:
-            self._endpoint.unserve(service)
-        self._pump([])
+        self._call(lambda now: self._endpoint.unserve(service))
 
     def discover(self, group: str) -> None:
         """Learn the anycast services announced on ``group``."""
         target = self._open_group(parse_group(group), join=False, discover=False)
-        with self._lock:
-            self._endpoint.discover(target, time.monotonic())
-        self._pump([])
+        self._call(lambda now: self._endpoint.discover(target, now))
 
     def add_service_members(self, service: str, members: list[str | tuple[Any, ...]]) -> None:
         """Members of ``service`` known without announcements (``host:port`` each)."""
-        addrs = [resolve_destination(m, self._sock.family) for m in members]
-        with self._lock:
-            self._endpoint.add_service_members(service, addrs)
+        addrs = [resolve_destination(m, self._family) for m in members]
+        self._call(lambda now: self._endpoint.add_service_members(service, addrs), check=False)
 
     def service_members(self, service: str) -> list[Address]:
-        with self._lock:
-            return self._endpoint.service_members(service)
-
-    def _resolve_group(self, group: GroupAddress) -> GroupAddress:
-        with self._lock:
-            return self._groups.resolve(group)
+        return self._call(lambda now: self._endpoint.service_members(service), check=False)
 
     def _open_group(self, group: GroupAddress, *, join: bool, discover: bool) -> GroupAddress:
         """Hear ``group`` (one socket per group) and open it in the core.
@@ -426,21 +625,23 @@ class Node:
         With ``discover``, a group opened only now gets ``DISCOVERY_WAIT`` seconds
         for its members to answer the SOLICIT before the caller sends to it.
         """
-        with self._lock:
-            self._check_open()
+
+        def open_it(now: float) -> tuple[GroupAddress, bool]:
             target = self._groups.resolve(group)
             fresh = not self._endpoint.is_open_group(target)
             sock = self._groups.open(target)
             if sock is not None:
+                self._group_socks.append(sock)
                 self._unregistered.append(sock)
-            self._endpoint.open_group(target, time.monotonic(), join=join)
-        self._wake()
-        self._pump([])
+                self._ready.register(sock.fileno(), _POLL_IN)
+                if self._polling:
+                    self._wake()  # the leader's poll must watch the new socket too
+            self._endpoint.open_group(target, now, join=join)
+            return target, fresh
+
+        target, fresh = self._call(open_it)
         if discover and fresh:
-            deadline = time.monotonic() + DISCOVERY_WAIT
-            with self._lock:
-                while (remaining := deadline - time.monotonic()) > 0:
-                    self._changed.wait(remaining)
+            self._await(lambda: False, DISCOVERY_WAIT)  # driving meanwhile: answers come in
         return target
 
     # ------------------------------------------------------------- receiving
@@ -470,11 +671,10 @@ class Node:
         if ``source`` was named and went away while we waited;
         :class:`~reliable.errors.MailboxDeleted` if the mailbox was deleted.
         """
-        message = self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, timeout, wait=True
+        got = self._receive(
+            mailbox, None, source, msg_type, except_type, receiver, timeout, 1, wait=True
         )
-        assert message is not None
-        return message
+        return got[0]
 
     def receive_nowait(
         self,
@@ -486,9 +686,45 @@ class Node:
         receiver: str | None = None,
     ) -> Message | None:
         """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
-        return self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, None, wait=False
+        got = self._receive(
+            mailbox, None, source, msg_type, except_type, receiver, None, 1, wait=False
         )
+        return got[0] if got else None
+
+    def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        mailbox: str = DEFAULT_MAILBOX,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """Up to ``max_count`` messages, selected as :meth:`receive` does, in order.
+
+        Returns what is waiting at once; if nothing is, waits up to
+        ``timeout`` seconds (``None``: for ever, ``0``: not at all) for one,
+        then adds whatever else is waiting by then. An empty list means the
+        timeout passed. Errors as :meth:`receive`, except the timeout.
+        """
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        try:
+            return self._receive(
+                mailbox,
+                None,
+                source,
+                msg_type,
+                except_type,
+                receiver,
+                timeout,
+                max_count,
+                wait=True,
+            )
+        except errors.ReceiveTimeout:
+            return []
 
     def _receive(
         self,
@@ -499,39 +735,68 @@ class Node:
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
+        count: int,
         *,
         wait: bool,
-    ) -> Message | None:
+    ) -> list[Message]:
         check_timeout(timeout, "timeout")
-        peer = None if source is None else resolve_destination(source, self._sock.family)
+        peer = None if source is None else resolve_destination(source, self._family)
         selector = Selector.of(peer, msg_type, except_type)
         label = receiver if receiver is not None else threading.current_thread().name
-        deadline = None if timeout is None else time.monotonic() + timeout
-        mark = self._departures.mark()
-        with self._lock:
+        endpoint = self._endpoint
+        self._enter()
+        try:
             self._check_open()
             now = time.monotonic()
-            endpoint = self._endpoint
-            message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
-            ticket = None
-            if message is None and wait and timeout != 0:
-                ticket = endpoint.wait_for_message(
-                    mailbox, selector, owner=owner, receiver=label, now=now
-                )
-                if peer is not None:
-                    # Probe the named peer while we wait, so a dead one cannot leave us blocked.
-                    endpoint.watch(peer, now)
-        self._pump([])  # a parked message may have got in: its sender hears of it now
-        if message is not None or not wait:
-            return message
-        if ticket is None:
-            raise errors.ReceiveTimeout("no message waiting")
-        try:
-            return self._await_message(ticket, peer, mark, timeout, deadline)
-        finally:
+            timer = self._timer
+            # Messages already queued are handed out without a look at the socket if it
+            # was read a moment ago (and no timer is due): one drive serves many receives.
+            fresh = now - self._driven < DRIVE_GAP and (timer is None or timer > now)
+            if not fresh:
+                self._drive()
+            got: list[Message] = []
+            while len(got) < count:
+                message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+                if message is None:
+                    if fresh and (not wait or timeout == 0):
+                        fresh = False
+                        self._drive()
+                        continue
+                    break  # a receive that waits reads the socket first thing (_lead)
+                got.append(message)
+            if got:
+                if endpoint.has_output():
+                    self._drive()  # a parked message may have got in: its sender hears now
+                return got
+            if not wait:
+                return got
+            if timeout == 0:
+                raise errors.ReceiveTimeout("no message waiting")
+            mark = self._departures.mark()
+            deadline = None if timeout is None else now + timeout
+            ticket = endpoint.wait_for_message(
+                mailbox, selector, owner=owner, receiver=label, now=now
+            )
             if peer is not None:
-                with self._lock:
-                    self._endpoint.unwatch(peer, time.monotonic())
+                # Probe the named peer while we wait, so a dead one cannot leave us blocked.
+                endpoint.watch(peer, now)
+            try:
+                first = self._await_message(ticket, peer, mark, timeout, deadline)
+            finally:
+                if peer is not None and not self._closed:
+                    endpoint.unwatch(peer, time.monotonic())
+            got.append(first)
+            now = time.monotonic()
+            while len(got) < count:
+                message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+                if message is None:
+                    break
+                got.append(message)
+            if endpoint.has_output():
+                self._drive()
+            return got
+        finally:
+            self._leave()
 
     def _await_message(
         self,
@@ -541,25 +806,38 @@ class Node:
         timeout: float | None,
         deadline: float | None,
     ) -> Message:
-        with self._lock:
-            while ticket not in self._taken:
-                failure: errors.ReliableError | None = None
-                if self._closed or self._endpoint.closing or self._failure is not None:
-                    failure = errors.NodeClosed("the node closed while waiting to receive")
-                elif peer is not None:
-                    failure = self._departures.down_since(peer, mark)
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if failure is None and remaining is not None and remaining <= 0:
-                    failure = errors.ReceiveTimeout(f"no message within {timeout:g}s")
-                if failure is not None:
-                    if self._endpoint.cancel_wait(ticket) or self._closed:
-                        raise failure
-                    break  # answered meanwhile: its event is on the way; take it
-                self._changed.wait(remaining)
-        if ticket not in self._taken:
-            self._pump([])
-        with self._lock:
-            outcome = self._taken.pop(ticket)
+        """Lock held: wait (leading or following) for the core's answer to ``ticket``."""
+        taken = self._taken
+        departures = self._departures
+
+        def over() -> bool:
+            return (
+                ticket in taken
+                or self._closed
+                or self._failure is not None
+                or self._endpoint.closing
+                or (peer is not None and departures.down_since(peer, mark) is not None)
+            )
+
+        while ticket not in taken:
+            self._wait(over, deadline)
+            if ticket in taken:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            failure = receive_failure(
+                closed=self._closed or self._endpoint.closing or self._failure is not None,
+                departures=departures,
+                peer=peer,
+                mark=mark,
+                remaining=remaining,
+                timeout=timeout,
+            )
+            if failure is None:
+                continue
+            if self._closed or self._endpoint.cancel_wait(ticket):
+                raise failure
+            self._drive(read=False)  # answered meanwhile: route its event, then take it
+        outcome = taken.pop(ticket)
         if isinstance(outcome, errors.ReliableError):
             raise outcome
         return outcome
@@ -582,32 +860,29 @@ class Node:
         A *port* (``port=True``) has one receiver, the returned handle, and
         any number of senders. Raises :class:`~reliable.errors.MailboxExists`.
         """
-        with self._lock:
-            self._check_open()
-            owner = self._endpoint.create_mailbox(
-                name, capacity=capacity, max_bytes=max_bytes, port=port, now=time.monotonic()
+        owner = self._call(
+            lambda now: self._endpoint.create_mailbox(
+                name, capacity=capacity, max_bytes=max_bytes, port=port, now=now
             )
-        return Mailbox(self, name, owner)
+        )
+        return Mailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> Mailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
-        with self._lock:
-            if not self._endpoint.has_mailbox(name):
-                raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+        if not self._call(lambda now: self._endpoint.has_mailbox(name), check=False):
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
         return Mailbox(self, name, None)
 
     def _manage(self, name: str, action: str, owner: int | None) -> None:
-        with self._lock:
-            self._check_open()
-            manage_mailbox(self._endpoint, name, action, owner, time.monotonic())
-        self._pump([])  # senders of parked messages, and waiting receivers, learn now
+        # Senders of parked messages, and waiting receivers, learn at once.
+        self._call(lambda now: manage_mailbox(self._endpoint, name, action, owner, now))
 
     def _port_abandoned(self, name: str, owner: int) -> None:
-        """A port's owner handle was garbage collected: the I/O thread deletes the port.
+        """A port's owner handle was garbage collected: the node deletes the port.
 
         Called by the garbage collector, possibly on a thread that holds the
         node's lock, so it only records the port (``list.append`` is atomic)
-        and wakes the I/O thread.
+        and wakes whoever leads; the next drive deletes it.
         """
         if not self._closed:
             self._abandoned.append((name, owner))
@@ -617,63 +892,64 @@ class Node:
 
     def stats(self) -> NodeStats:
         """This node's statistics: per peer, per mailbox and node-wide."""
-        with self._lock:
-            return self._endpoint.stats(time.monotonic())
+        return self._call(lambda now: self._endpoint.stats(now), check=False, drive=False)
 
     def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
         """Ask the node at ``dest`` for its statistics over the network."""
         check_timeout(timeout, "timeout", positive=True)
-        addr = resolve_destination(dest, self._sock.family)
+        addr = resolve_destination(dest, self._family)
         deadline = time.monotonic() + timeout
-        with self._lock:
+        self._enter()
+        try:
             self._check_open()
             request = self._endpoint.query_stats(addr, time.monotonic())
             self._stats_replies[request] = None
-        self._pump([])
-        with self._lock:
+            self._drive()
             try:
                 while (body := self._stats_replies[request]) is None:
                     self._check_open()
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if time.monotonic() >= deadline:
                         raise errors.ReceiveTimeout(
                             f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
                             "(is an rmsg node running there, with Config.serve_stats?)"
                         )
-                    self._changed.wait(remaining)
+                    self._wait(
+                        lambda: self._stats_replies[request] is not None or self._closed, deadline
+                    )
             finally:
                 del self._stats_replies[request]  # a late reply is then ignored
+        finally:
+            self._leave()
         return parse_stats(body)
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush outstanding sends for up to ``timeout`` seconds, tell peers, release the socket."""
         check_timeout(timeout, "timeout")
-        with self._lock:
-            if not self._closed and not self._endpoint.closing:
-                self._endpoint.close(time.monotonic(), timeout)
-            self._changed.notify_all()
-        self._wake()
+        self._enter()
+        try:
+            if self._closed:
+                return
+            endpoint = self._endpoint
+            if not endpoint.closing:
+                endpoint.close(time.monotonic(), timeout)
+            self._drive()
+            if self._polling:
+                self._wake()  # whoever leads drives the flush with us
+            self._wait(
+                lambda: endpoint.closed or self._closed, time.monotonic() + timeout + CLOSE_GRACE
+            )
+            if not self._closed:
+                if not endpoint.closed:
+                    # Not done in time: end the flush now, so the peers hear CLOSE (sent by
+                    # the drive below) before the socket goes.
+                    endpoint.close(time.monotonic(), 0)
+                self._drive(read=False)
+                self._shut(errors.NodeClosed("the node closed"))
+        finally:
+            self._leave()
+        self._wake()  # the background thread sees the node closed and ends
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout + _CLOSE_GRACE)
-        with self._lock:
-            closed_here = not self._closed and not self._endpoint.closed
-            if closed_here:
-                # The I/O thread did not get to it in time: end the flush now, so the
-                # peers hear CLOSE before the socket goes (the pump below sends it).
-                self._endpoint.close(time.monotonic(), 0)
-        if closed_here or self._thread.is_alive():
-            self._pump([], force=True)
-        with self._lock:
-            self._closed = True
-            self._changed.notify_all()
-            self._sock.close()  # under the lock: no final datagram is on its way (see _pump)
-            self._groups.close()
-        self._wake()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(0.1)
-        if not self._thread.is_alive():
-            self._wake_r.close()
-            self._wake_w.close()
+            self._thread.join(0.5)
 
     def __enter__(self) -> Node:
         return self
@@ -681,217 +957,194 @@ class Node:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------ I/O thread
+    # --------------------------------------------------------------- driving
 
-    def _run(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._sock.fileno(), selectors.EVENT_READ, "sock")
-        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        writing = False
+    def _enter(self) -> None:
+        self._lock.acquire()
+        self._inside += 1
+
+    def _leave(self) -> None:
+        """Leave the node: release the lock; run the done-callbacks that came due."""
+        self._inside -= 1
+        self._last_call = time.monotonic()
+        self._lock.release()
+        if self._callbacks:
+            self._run_callbacks()
+
+    def _call(self, fn: Callable[[float], T], *, check: bool = True, drive: bool = True) -> T:
+        """Run ``fn(now)`` on the core under the lock, then drive (events out at once)."""
+        self._enter()
         try:
-            while True:
-                with self._lock:
-                    if self._abandoned:
-                        delete_abandoned_ports(self._endpoint, self._abandoned, time.monotonic())
-                    closed = self._endpoint.closed
-                    timer = self._endpoint.get_timer()
-                    self._sleep_until = timer
-                    for group_sock in self._unregistered:
-                        selector.register(group_sock, selectors.EVENT_READ, group_sock)
-                    self._unregistered.clear()
-                    # Calls made while we were busy left their output to us (see _pump).
-                    self._io_busy = self._endpoint.has_output()
-                if self._io_busy and not closed:
-                    self._pump([])
-                    continue
-                if closed:
-                    self._pump([])  # the final CLOSE packets and the last events
-                    return
-                if self._backlog and not writing:
-                    both = selectors.EVENT_READ | selectors.EVENT_WRITE
-                    selector.modify(self._sock.fileno(), both, "sock")
-                    writing = True
-                elif not self._backlog and writing:
-                    selector.modify(self._sock.fileno(), selectors.EVENT_READ, "sock")
-                    writing = False
-                wait = None if timer is None else max(0.0, timer - time.monotonic())
-                ready = selector.select(wait)
-                self._io_busy = True
-                batch = []
-                for key, _ in ready:
-                    if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                    elif isinstance(key.data, socket.socket):
-                        batch.extend(drain_socket(key.data))
-                reports: list[Unreachable] = []
-                batch.extend(drain_socket(self._sock, reports=reports))
-                self._take_reports(reports)
-                self._pump(batch)
-                if self._backlog:
-                    self._flush_backlog()
-        except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
-            self._failure = exc
-            raise
+            if check:
+                self._check_open()
+            result = fn(time.monotonic())
+            if drive and not self._closed:
+                self._drive()
+            return result
         finally:
-            selector.close()
-            with self._lock:
-                closing = self._closed  # close() released the socket while we were held up
-                self._closed = True
-                self._fail_handles(errors.NodeClosed("the node's I/O thread stopped"))
-                self._changed.notify_all()
-            if closing:
-                self._wake_r.close()  # close() left these to us: we were still running
-                self._wake_w.close()
+            self._leave()
 
-    def _pump(
-        self,
-        batch: list[tuple[bytes, Address]],
-        *,
-        force: bool = False,
-        call: Callable[[float], object] | None = None,
-    ) -> None:
-        """Feed ``batch`` and due timers to the core, then send and report what it produced.
+    def _await(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Drive or follow until ``ready()`` or ``timeout`` seconds; returns ``ready()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._enter()
+        try:
+            if not self._closed:
+                self._drive()
+            return self._wait(ready, deadline)
+        finally:
+            self._leave()
 
-        Called by the I/O thread and, with an empty batch, after every
-        application call, so what a call caused (datagrams, events) goes out at
-        once. ``force``: pump even though the I/O thread is awake. ``call(now)``
-        runs on the core first, under the same lock, so the events it causes
-        are routed (and their futures resolved) before this returns.
-        """
-        on_io_thread = threading.current_thread() is self._thread
-        with self._lock:
-            endpoint = self._endpoint
-            if self._closed:
-                return  # the socket is gone
-            if not (on_io_thread or force) and (self._io_busy or not endpoint.has_output()):
-                # Nothing to send, or the I/O thread is awake and will send it before it
-                # sleeps again: calls made meanwhile leave in one go, packed into datagrams.
-                return
-            resolved = self._resolved = []
+    def _wait(self, ready: Callable[[], bool], deadline: float | None) -> bool:
+        """Lock held: lead (or follow) until ``ready()``, the node closes or ``deadline``."""
+        me = threading.get_ident()
+        while not ready():
+            if self._closed or self._failure is not None:
+                return ready()
             now = time.monotonic()
-            if call is not None:
-                call(now)
+            if deadline is not None and now >= deadline:
+                return False
+            if self._leader is None:
+                self._lead(deadline)
+                continue
+            if self._leader != me and self._polling and self._leader == self._thread.ident:
+                self._wake()  # the background thread leads: ask it to step aside
+            self._followers += 1
+            try:
+                self._changed.wait(None if deadline is None else deadline - now)
+            finally:
+                self._followers -= 1
+        return True
+
+    def _lead(self, deadline: float | None) -> None:
+        """Lock held, nobody leads: sleep in poll until there is something to do, then drive."""
+        self._leader = threading.get_ident()
+        try:
+            for sock in self._unregistered:
+                self._poller.register(sock.fileno(), _POLL_IN)
+            self._unregistered.clear()
+            self._timer = self._endpoint.get_timer()  # calls since the last drive may move it
+            self._timer_checked = time.monotonic()
+            until = deadline
+            for due in (
+                self._timer,
+                self._held_since + NAP if self._held else None,
+                time.monotonic() + NAP if self._backlog else None,
+            ):
+                if due is not None and (until is None or due < until):
+                    until = due
+            wait = None if until is None else max(0.0, until - time.monotonic())
+            if wait is None or wait > 0:
+                self._poll_until = until
+                self._polling = True
+                self._lock.release()
+                try:
+                    ready = self._poller.poll(None if wait is None else wait * 1000 + 0.5)
+                finally:
+                    self._lock.acquire()
+                    self._polling = False
+                wake_fd = self._wake_r.fileno()
+                if any(fd == wake_fd for fd, _ in ready):
+                    self._drain_wake()
+            if not self._closed:
+                self._drive()
+        finally:
+            self._leader = None
+            if self._followers:
+                self._changed.notify_all()  # one of them leads now
+
+    def _drive(self, *, read: bool = True, flush: bool = True) -> None:
+        """Lock held: feed waiting datagrams and due timers to the core, send what it
+        produced, route its events. ``read``: unless another thread leads (it reads).
+        ``flush``: send now; otherwise only if sends were held back long enough."""
+        endpoint = self._endpoint
+        now = time.monotonic()
+        self._driven = now
+        me = threading.get_ident()
+        if self._abandoned:
+            delete_abandoned_ports(endpoint, self._abandoned, now)
+        fed = False
+        if read and (self._leader is None or self._leader == me) and self._ready.poll(0):
+            reports: list[Unreachable] = []
+            batch = drain_socket(self._sock, reports=reports)
+            for sock in self._group_socks:
+                batch.extend(drain_socket(sock))
+            if reports and not endpoint.closed:
+                report_unreachable(endpoint, reports, now)
             for data, addr in batch:
                 endpoint.receive_datagram(data, addr, now)
-            if on_io_thread:  # timers are the I/O thread's; a call only wakes it (below)
-                timer = endpoint.get_timer()
-                if timer is not None and timer <= now:
-                    endpoint.handle_timer(now)
+            fed = True
+        timer = self._timer
+        if timer is not None and timer <= now:
+            endpoint.handle_timer(now)
+            fed = True
+            self._timer_checked = 0.0  # look again below
+        if fed:
+            self._rounds += 1
+        if (flush or fed or not self._held or now - self._held_since >= NAP) and (
+            endpoint.has_output() or endpoint.closing or self._backlog
+        ):
+            self._held = 0
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
                 # release the socket while they are still on their way.
                 self._send_final(out)
-                out = []
+            elif out or self._backlog:
+                self._transmit(out, now)
+        before = self._changes
+        if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
+        if now - self._timer_checked >= TIMER_SLACK:
+            # The core's next timer costs a walk of its sessions: looked up at most every
+            # TIMER_SLACK seconds here (and before every wait, in _lead), since what a
+            # drive adds is never due sooner than an ack delay.
+            self._timer = endpoint.get_timer()
+            self._timer_checked = now
+        if self._changes != before and self._followers:
             self._changed.notify_all()
-            wake = not on_io_thread and self._timer_moved_earlier()
-        self._transmit(out)
-        if wake:
+        # Another thread leads, asleep in poll: wake it if what we did concerns it.
+        if (
+            self._polling
+            and self._leader != me
+            and (self._changes != before or self._due_before(self._poll_until))
+        ):
             self._wake()
-        for handle, receipt, error in resolved:
-            if error is not None:
-                handle._future.set_exception(error)
-            else:
-                handle._future.set_result(receipt)  # type: ignore[arg-type]
 
-    # EventSink, called under the lock from route_events
-    def on_outcome(
-        self,
-        ticket: int,
-        receipt: Receipt | GroupReceipt | None,
-        error: errors.DeliveryFailed | None,
-    ) -> None:
-        handle = self._handles.pop(ticket, None)
-        if handle is not None:
-            self._resolved.append((handle, receipt, error))
+    def _progress_since(self, rounds: int) -> Callable[[], bool]:
+        """A test of whether driving fed datagrams or ran timers since ``rounds``."""
+        return lambda: self._rounds != rounds
 
-    def on_receive(
-        self, waiter: int, message: Message | None, error: errors.ReliableError | None
-    ) -> None:
-        outcome = message if message is not None else error
-        assert outcome is not None
-        self._taken[waiter] = outcome
+    def _due_before(self, until: float | None) -> bool:
+        """Lock held: whether a timer, a held send or the backlog needs driving before ``until``."""
+        due = self._timer
+        if self._held:
+            due = self._held_since + NAP if due is None else min(due, self._held_since + NAP)
+        if self._backlog:
+            due = time.monotonic() + NAP if due is None else min(due, time.monotonic() + NAP)
+        return due is not None and (until is None or due < until)
 
-    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
-        if request in self._stats_replies:
-            self._stats_replies[request] = body
-
-    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
-        self._departures.peer_down(peer, error)
-
-    def on_closed(self) -> None:
-        self._changed.notify_all()
-
-    def _fail_handles(self, error: errors.ReliableError) -> None:
-        handles = list(self._handles.values())
-        self._handles.clear()
-        for handle in handles:
-            if not handle._future.done():
-                handle._future.set_exception(error)
-
-    # --------------------------------------------------------------- helpers
-
-    def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
+    def _transmit(self, out: list[tuple[bytes, Address]], now: float) -> None:
+        """Lock held: send ``out`` after any backlog; hand the OS's reports to the core."""
+        reports: list[Unreachable] = []
         if self._backlog:
             self._backlog.extend(out)
-            return
-        sock = self._sock
-        reports: list[Unreachable] = []
-        for i, (data, addr) in enumerate(out):
-            try:
-                send_datagram(sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                self._backlog.extend(out[i:])
-                self._wake()
-                break
-        self._take_reports(reports)
-
-    def _flush_backlog(self, *, reporting: bool = True) -> None:
-        """Send what waited for room in the socket. Without ``reporting`` (the core is
-        closed and the caller holds the lock), the OS's reports on peers are dropped."""
-        backlog = self._backlog
-        reports: list[Unreachable] = []
-        while backlog:
-            data, addr = backlog[0]
-            try:
-                send_datagram(self._sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                break
-            backlog.popleft()
-        if reporting:
-            self._take_reports(reports)
-
-    def _take_reports(self, reports: list[Unreachable]) -> None:
-        """Hand the OS's word on unreachable peers to the core.
-
-        What it causes (failed sends, events) goes out with the I/O thread's
-        next pump: at once, since the core then has output.
-        """
-        if not reports:
-            return
-        with self._lock:
-            if self._endpoint.closed:
-                return
-            report_unreachable(self._endpoint, reports, time.monotonic())
-        if threading.current_thread() is not self._thread:
-            self._wake()
+            self._backlog.flush(self._sock, reports)
+        else:
+            self._backlog.transmit(self._sock, out, reports)
+        if reports and not self._endpoint.closed:
+            report_unreachable(self._endpoint, reports, now)  # what it causes: routed next
 
     def _send_final(self, out: list[tuple[bytes, Address]]) -> None:
         """Send the closed core's last datagrams, after any backlog, waiting (up to
-        ``_CLOSE_GRACE`` seconds) for the socket to take them if it is full."""
+        ``CLOSE_GRACE`` seconds) for the socket to take them if it is full. The OS's word
+        on a peer changes nothing now: reports are dropped."""
         backlog = self._backlog
         backlog.extend(out)
-        give_up = time.monotonic() + _CLOSE_GRACE
+        give_up = time.monotonic() + CLOSE_GRACE
         while True:
             before = len(backlog)
-            # Under the node lock, with the core closed: the OS's word on a peer changes
-            # nothing now, and reporting it would take the lock again (a deadlock).
-            self._flush_backlog(reporting=False)
+            backlog.flush(self._sock, [])
             remaining = give_up - time.monotonic()
             if not backlog or remaining <= 0:
                 backlog.clear()  # nothing more will be sent from this node
@@ -903,17 +1156,90 @@ class Node:
             if writable and len(backlog) == before:
                 time.sleep(0.001)  # writable, yet it took nothing: do not spin
 
-    def _withdraw(self, ticket: int) -> Withdrawal:
-        """:meth:`SendHandle.cancel`: withdraw in the core; its outcome is routed at once."""
-        answers: list[Withdrawal] = []
-        self._pump(
-            [], force=True, call=lambda now: answers.append(self._endpoint.withdraw(ticket, now))
-        )
-        return answers[0] if answers else Withdrawal.UNKNOWN  # none: the node is closed
+    def _shut(self, error: errors.ReliableError) -> None:
+        """Lock held: release the socket and fail whatever still waits."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()  # under the lock: no final datagram is on its way (see _drive)
+        self._groups.close()
+        handles = list(self._handles.items())
+        self._handles.clear()
+        for ticket, handle in handles:
+            if handle._resolve(ticket, None, error):
+                assert isinstance(handle, SendHandle)
+                self._callbacks.append(handle)
+        self._changes += 1
+        self._changed.notify_all()
+        self._nap.set()
 
-    def _timer_moved_earlier(self) -> bool:
-        timer = self._endpoint.get_timer()
-        return timer is not None and (self._sleep_until is None or timer < self._sleep_until)
+    # EventSink, called under the lock from route_events
+    def on_outcome(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.DeliveryFailed | None,
+    ) -> None:
+        handle = self._handles.pop(ticket, None)
+        if handle is not None:
+            self._changes += 1
+            if handle._resolve(ticket, receipt, error):
+                assert isinstance(handle, SendHandle)
+                self._callbacks.append(handle)
+
+    def on_receive(
+        self, waiter: int, message: Message | None, error: errors.ReliableError | None
+    ) -> None:
+        outcome = message if message is not None else error
+        assert outcome is not None
+        self._taken[waiter] = outcome
+        self._changes += 1
+
+    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
+        if request in self._stats_replies:
+            self._stats_replies[request] = body
+            self._changes += 1
+
+    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
+        self._departures.peer_down(peer, error)
+        self._changes += 1
+
+    def on_closed(self) -> None:
+        self._changes += 1
+
+    # --------------------------------------------------------------- helpers
+
+    def _add_callback(self, handle: SendHandle, fn: Callable[[SendHandle], None]) -> bool:
+        """Keep ``fn`` for when ``handle`` resolves; ``False`` if it already has."""
+        with self._lock:
+            if handle._done:
+                return False
+            if handle._callbacks is None:
+                handle._callbacks = []
+            handle._callbacks.append(fn)
+            return True
+
+    def _run_callbacks(self) -> None:
+        callbacks = self._callbacks
+        while callbacks:
+            try:
+                handle = callbacks.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            handle._run_callbacks()
+
+    def _withdraw(self, tickets: list[int]) -> list[Withdrawal]:
+        """:meth:`SendHandle.cancel`: withdraw in the core; outcomes are routed at once."""
+        self._enter()
+        try:
+            if self._closed:
+                return [Withdrawal.UNKNOWN for _ in tickets]
+            now = time.monotonic()
+            answers = [self._endpoint.withdraw(t, now) for t in tickets]
+            self._drive()
+            return answers
+        finally:
+            self._leave()
 
     def _wake(self) -> None:
         try:
@@ -921,11 +1247,65 @@ class Node:
         except OSError:
             pass  # already full (a wake-up is pending) or closed
 
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError, OSError):
+            pass
+
     def _check_open(self) -> None:
         if self._failure is not None:
-            raise errors.NodeClosed(f"the node's I/O thread failed: {self._failure!r}")
+            raise errors.NodeClosed(f"the node's background thread failed: {self._failure!r}")
         if self._closed or self._endpoint.closing:
             raise errors.NodeClosed("the node is closed")
+
+    # ----------------------------------------------------- background thread
+
+    def _run(self) -> None:
+        """Keep the protocol running while no caller drives: lead when idle, else nap.
+
+        It never waits for the node lock: a caller holding it drives the node,
+        so the thread naps instead of queueing behind it (which would make
+        every caller queue behind the thread in turn).
+        """
+        lock = self._lock
+        try:
+            while not self._closed:
+                if lock.acquire(blocking=False):
+                    try:
+                        led = self._background_turn()
+                    finally:
+                        lock.release()
+                    if self._callbacks:
+                        self._run_callbacks()
+                    if led:
+                        continue
+                self._nap.wait(NAP)
+        except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
+            self._failure = exc
+            with lock:
+                self._changed.notify_all()
+            raise
+        finally:
+            if self._closed:
+                self._wake_r.close()
+                self._wake_w.close()
+
+    def _background_turn(self) -> bool:
+        """Lock held, on the background thread: lead if no caller was inside for
+        ``IDLE_AFTER`` seconds (whether it led); else run what callers left due."""
+        if self._closed or self._leader is not None:
+            return False
+        now = time.monotonic()
+        if self._inside == 0 and now - self._last_call >= IDLE_AFTER:
+            self._lead(None)
+            return True
+        timer = self._timer
+        stale = self._held and now - self._held_since >= NAP
+        if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
+            self._drive()
+        return False
 
 
 class Mailbox(MailboxHandle):
@@ -950,11 +1330,10 @@ class Mailbox(MailboxHandle):
         receiver: str | None = None,
     ) -> Message:
         """As :meth:`Node.receive`, from this mailbox."""
-        message = self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout, wait=True
+        got = self._node._receive(
+            self.name, self._owner, source, msg_type, except_type, receiver, timeout, 1, wait=True
         )
-        assert message is not None
-        return message
+        return got[0]
 
     def receive_nowait(
         self,
@@ -965,6 +1344,35 @@ class Mailbox(MailboxHandle):
         receiver: str | None = None,
     ) -> Message | None:
         """As :meth:`Node.receive_nowait`, from this mailbox."""
-        return self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, None, wait=False
+        got = self._node._receive(
+            self.name, self._owner, source, msg_type, except_type, receiver, None, 1, wait=False
         )
+        return got[0] if got else None
+
+    def receive_many(
+        self,
+        max_count: int,
+        timeout: float | None = None,
+        *,
+        source: str | tuple[Any, ...] | None = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> list[Message]:
+        """As :meth:`Node.receive_many`, from this mailbox."""
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        try:
+            return self._node._receive(
+                self.name,
+                self._owner,
+                source,
+                msg_type,
+                except_type,
+                receiver,
+                timeout,
+                max_count,
+                wait=True,
+            )
+        except errors.ReceiveTimeout:
+            return []

@@ -18,7 +18,10 @@ complete messages there are still delivered, partial ones dropped.
 
 Acknowledgements are delayed (up to ``max_ack_delay``, or ``ack_every``
 packets) unless something calls for one at once: a gap, a duplicate, a
-request from the sender, a verdict. A message the node refused or deferred
+request from the sender, a verdict. The sender's request alone may wait a
+little (:meth:`ReceiveStream.await_reply`, up to ``reply_ack_delay``) when the
+message went straight to a waiting receiver: its reply is about to leave, and
+the ack rides on it instead of costing a datagram of its own. A message the node refused or deferred
 (see :class:`~reliable.wire.Verdict`) produces a notice that rides on every
 ack until the sender's base passes it; the cumulative ack is held back so
 that it never covers such a message whose notice did not fit in the same
@@ -113,6 +116,7 @@ class ReceiveStream:
         "ack_every",
         "ack_now",
         "ack_pending",
+        "ack_requested",
         "beyond_window",
         "budget",
         "covered",
@@ -132,6 +136,7 @@ class ReceiveStream:
         "ranges",
         "reassembly_errors",
         "refused",
+        "reply_wait",
         "screen",
         "share",
         "shed",
@@ -158,6 +163,8 @@ class ReceiveStream:
         self.notices: dict[int, _Notice] = {}
         self.ack_pending = 0
         self.ack_now = False
+        self.ack_requested = False  # the sender asked for an ack at once, and only that
+        self.reply_wait = False  # ... and it waits (until ack_deadline) for a reply to carry it
         self.ack_deadline: float | None = None
         self.first_unacked_time: float | None = None
         self.duplicates = 0
@@ -225,8 +232,10 @@ class ReceiveStream:
         self.ack_pending += counts
         if self.first_unacked_time is None:
             self.first_unacked_time = now
-        if ack_now or self.ack_pending >= self.ack_every:
+        if self.ack_pending >= self.ack_every:
             self.ack_now = True
+        elif ack_now:
+            self.ack_requested = True  # at once, unless await_reply lets a reply carry it
         elif self.ack_deadline is None:
             self.ack_deadline = now + self.max_ack_delay
         return delivered
@@ -521,7 +530,19 @@ class ReceiveStream:
 
     def wants_ack(self, now: float) -> bool:
         """Whether an acknowledgement should go out now."""
-        return self.ack_now or (self.ack_deadline is not None and now >= self.ack_deadline)
+        return (
+            self.ack_now
+            or (self.ack_requested and not self.reply_wait)
+            or (self.ack_deadline is not None and now >= self.ack_deadline)
+        )
+
+    def await_reply(self, until: float) -> None:
+        """A message just went straight to a waiting receiver: an ack that only the
+        sender's request calls for may wait until ``until`` for the reply to carry it."""
+        if self.ack_requested and not self.ack_now:
+            self.reply_wait = True
+            if self.ack_deadline is None or until < self.ack_deadline:
+                self.ack_deadline = until
 
     def ack_state(
         self, now: float, max_sacks: int = MAX_SACK_RANGES, max_notices: int = MAX_NOTICES
@@ -549,5 +570,7 @@ class ReceiveStream:
         """An outgoing packet carried the current acknowledgement state."""
         self.ack_pending = 0
         self.ack_now = False
+        self.ack_requested = False
+        self.reply_wait = False
         self.ack_deadline = None
         self.first_unacked_time = None

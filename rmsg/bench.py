@@ -12,6 +12,8 @@ Measured, per message size (64 B, 1 KiB, 64 KiB, one 16 MiB message):
 * CPU seconds per message (sender and receiver together) and peak RSS;
 * for rmsg, the retransmission ratio, at 0/1/5/10% loss each way through
   netem (``FaultySocket`` on the receiver's socket);
+* the batch API (``send_many``/``receive_many``, transports ``rmsg-batch`` and
+  ``rmsg-async-batch``), without loss;
 
 and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
 processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
@@ -51,11 +53,12 @@ _FRAME = struct.Struct("!I")
 _WINDOW = 256  # rmsg messages a benchmark sender keeps unconfirmed ...
 _WINDOW_BYTES = 4 * 1024 * 1024  # ... and bytes, so large messages drain in bounded time
 _LISTEN = "127.0.0.1"
+_BATCH = 64  # messages per send_many / receive_many in the batch cases
 
 
 @dataclass(frozen=True, slots=True)
 class Throughput:
-    transport: str  #: udp, tcp, rmsg, rmsg-async
+    transport: str  #: udp, tcp, rmsg, rmsg-async, rmsg-batch, rmsg-async-batch
     size: int
     loss: float
     messages: int  #: received
@@ -84,6 +87,8 @@ class BenchReport:
     rounds: int = 0
     cpus: int = 0
     scale: ScaleReport | None = None
+    #: size -> CPU microseconds per message of the protocol core alone (both ends)
+    core_cpu_us: dict[int, float] = field(default_factory=dict)
 
     def find(self, transport: str, size: int, loss: float = 0.0) -> Throughput | None:
         for t in self.throughput:
@@ -98,6 +103,7 @@ class BenchReport:
             "throughput": [asdict(t) for t in self.throughput],
             "latency": [asdict(x) for x in self.latency],
             "scale": None if self.scale is None else self.scale.as_dict(),
+            "core_cpu_us": self.core_cpu_us,
         }
 
 
@@ -117,7 +123,7 @@ def _usage() -> tuple[float, int]:
 def _rmsg_socket(loss: float, seed: int) -> Any:
     from netem import Impairment
     from netem.socket import FaultySocket
-    from reliable._driver import open_socket
+    from reliable.driver import open_socket
 
     sock = open_socket(f"{_LISTEN}:0")
     if not loss:
@@ -196,8 +202,21 @@ def _receiver(conn: Connection, transport: str, size: int, loss: float, limit: f
                     continue
                 if tick():
                     break
+    elif transport == "rmsg-batch":
+        from reliable import Config, Node
+
+        with Node(sock=_rmsg_socket(loss, 1), config=Config(peer_timeout=30.0)) as node:
+            conn.send(node.address)
+            done = False
+            while not done and time.monotonic() < deadline:
+                got = node.receive_many(_BATCH, timeout=0.1)
+                if not got and finished():
+                    break
+                for _ in got:
+                    done = tick()
     else:
-        asyncio.run(_async_receiver(conn, loss, tick, finished, deadline))
+        batch = transport == "rmsg-async-batch"
+        asyncio.run(_async_receiver(conn, loss, tick, finished, deadline, batch))
     cpu1, rss = _usage()
     conn.send((count, max(last - first, 1e-9), cpu1 - cpu0, rss))
 
@@ -208,6 +227,7 @@ async def _async_receiver(
     tick: Callable[[], bool],
     finished: Callable[[], bool],
     deadline: float,
+    batch: bool,
 ) -> None:
     from reliable import Config, ReceiveTimeout
     from reliable.aio import AsyncNode
@@ -215,7 +235,14 @@ async def _async_receiver(
     config = Config(peer_timeout=30.0)
     async with AsyncNode(sock=_rmsg_socket(loss, 1), config=config) as node:
         conn.send(node.address)
-        while time.monotonic() < deadline:
+        done = False
+        while batch and not done and time.monotonic() < deadline:
+            got = await node.receive_many(_BATCH, timeout=0.1)
+            if not got and finished():
+                break
+            for _ in got:
+                done = tick()
+        while not batch and time.monotonic() < deadline:
             try:
                 await node.receive(timeout=0.1)
             except ReceiveTimeout:
@@ -271,9 +298,28 @@ def _sender(
                 stats.retransmissions,
                 sum(p.packets_sent for p in stats.peers),
             )
+    elif transport == "rmsg-batch":
+        from reliable import Config, Node
+
+        with Node(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
+            batches: deque[Any] = deque()
+            window = max(1, _window(len(payload)) // _BATCH)
+            chunk = [payload] * min(_BATCH, budget)
+            while sent < budget and time.monotonic() < end:
+                if len(batches) >= window:
+                    batches.popleft().result(60)
+                batches.append(node.send_many(addr, chunk))
+                sent += len(chunk)
+            for handle in batches:
+                handle.result(120)
+            stats = node.stats()
+            retransmissions, packets = (
+                stats.retransmissions,
+                sum(p.packets_sent for p in stats.peers),
+            )
     else:
         sent, retransmissions, packets = asyncio.run(
-            _async_sender(addr, payload, loss, end, budget)
+            _async_sender(addr, payload, loss, end, budget, transport == "rmsg-async-batch")
         )
     cpu1, rss = _usage()
     # until every message was confirmed (rmsg) or read (tcp): the time a single message takes
@@ -282,7 +328,7 @@ def _sender(
 
 
 async def _async_sender(
-    addr: Any, payload: bytes, loss: float, end: float, budget: int
+    addr: Any, payload: bytes, loss: float, end: float, budget: int, batch: bool
 ) -> tuple[int, int, int]:
     from reliable import Config
     from reliable.aio import AsyncNode
@@ -291,7 +337,13 @@ async def _async_sender(
     async with AsyncNode(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
         outstanding: deque[asyncio.Future[Any]] = deque()
         window = _window(len(payload))
-        while sent < budget and time.monotonic() < end:
+        chunk = [payload] * min(_BATCH, budget)
+        while batch and sent < budget and time.monotonic() < end:
+            if len(outstanding) >= max(1, window // _BATCH):
+                await outstanding.popleft()
+            outstanding.append(await node.send_many(addr, chunk))
+            sent += len(chunk)
+        while not batch and sent < budget and time.monotonic() < end:
             if len(outstanding) >= window:
                 await outstanding.popleft()
             outstanding.append(node.send_nowait(addr, payload))
@@ -498,6 +550,8 @@ def _cases(quick: bool) -> Iterator[tuple[str, int, float, bool]]:
         for loss in losses:
             yield "rmsg", size, loss, False
             yield "rmsg-async", size, loss, False
+        yield "rmsg-batch", size, 0.0, False
+        yield "rmsg-async-batch", size, 0.0, False
     if not quick:
         yield "tcp", BIG, 0.0, True
         yield "rmsg", BIG, 0.0, True
@@ -539,9 +593,66 @@ def run_bench(
         report.throughput.append(_median(results, "messages_per_s"))
     for results_l in lat.values():
         report.latency.append(_median(results_l, "p50_us"))
+    for size in (64, 1024):
+        if progress is not None:
+            progress(f"core alone: {size} B messages")
+        report.core_cpu_us[size] = measure_core(size, 2000 if quick else 20000) * 1e6
     if scale:
         report.scale = run_scale(quick=quick, progress=progress)
     return report
+
+
+def measure_core(size: int, messages: int) -> float:
+    """CPU seconds per message of the protocol core alone, sender and receiver together.
+
+    Two endpoints on a perfect link in virtual time, no sockets and no
+    adapter: the sender queues 16 messages at a time (as ``Node`` holds sends
+    to a busy peer), at most ``_WINDOW`` unconfirmed, and the receiver takes
+    each. Marginal cost: the difference between ``messages`` and twice that,
+    so start-up cancels out. What ``rmsg``'s CPU per message exceeds this by
+    is the adapters' and the kernel's share.
+    """
+    import random
+
+    from reliable import Config, Endpoint, Selector
+
+    payload = b"\x5a" * size
+    every = Selector.of(None, 0, False)
+
+    def run(n: int) -> float:
+        config = Config(peer_timeout=30.0)
+        a = Endpoint(config, rng=random.Random(1))
+        b = Endpoint(config, rng=random.Random(2))
+        addr_a, addr_b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+        now = 0.0
+        sent = got = confirmed = 0
+        start = time.process_time()
+        for _ in range(20 * n):  # bounded: each turn moves at least one message
+            if got >= n:
+                break
+            for _ in range(16):
+                if sent < n and sent - confirmed < _WINDOW:
+                    a.send(addr_b, payload, now=now)
+                    sent += 1
+            for data, _ in a.datagrams_to_send(now):
+                b.receive_datagram(data, addr_a, now)
+            while b.take("", every, now=now) is not None:
+                got += 1
+            while b.next_event() is not None:
+                pass
+            for data, _ in b.datagrams_to_send(now):
+                a.receive_datagram(data, addr_b, now)
+            while a.next_event() is not None:
+                confirmed += 1
+            now += 0.0002
+            for end in (a, b):
+                timer = end.get_timer()
+                if timer is not None and timer <= now:
+                    end.handle_timer(now)
+        return time.process_time() - start
+
+    first = run(messages)
+    return max(0.0, (run(2 * messages) - first) / messages)
 
 
 def _median(results: list[Any], key: str) -> Any:
@@ -566,7 +677,7 @@ def format_report(report: BenchReport) -> str:
     lines = [
         f"rmsg bench: loopback, {report.cpus} CPUs, median of {report.rounds} round(s)",
         "",
-        f"{'size':>7}  {'transport':<11}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
+        f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
         f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
     ]
     for t in sorted(
@@ -586,7 +697,7 @@ def format_report(report: BenchReport) -> str:
         retx = "-" if t.retransmission_ratio is None else f"{t.retransmission_ratio:.1%}"
         lost = f" (lost {t.lost})" if t.lost else ""
         lines.append(
-            f"{_size(t.size):>7}  {t.transport:<11}{t.loss:>5.0%}  {t.messages_per_s:>10,.0f}  "
+            f"{_size(t.size):>7}  {t.transport:<17}{t.loss:>5.0%}  {t.messages_per_s:>10,.0f}  "
             f"{t.mb_per_s:>8.1f}  {x_udp:>6}  {x_tcp:>6}  {t.cpu_us_per_message:>10.1f}  "
             f"{t.peak_rss_kib / 1024:>7.1f}  {retx:>6}{lost}"
         )
@@ -598,6 +709,16 @@ def format_report(report: BenchReport) -> str:
         ratio = f"{x.p50_us / base.p50_us:.2f}" if base else "-"
         where = "pinned" if x.pinned else "unpinned"
         lines.append(f"{x.transport:<11}{where:<18}{x.p50_us:>9.1f}  {x.p99_us:>9.1f}  {ratio:>9}")
+    if report.core_cpu_us:
+        lines += ["", "CPU per message, sender + receiver: the core alone, and the adapters' share"]
+        for size, core in sorted(report.core_cpu_us.items()):
+            shares = []
+            for transport in ("rmsg", "rmsg-async", "rmsg-batch", "rmsg-async-batch"):
+                t = report.find(transport, size)
+                if t is not None and t.cpu_us_per_message > 0:
+                    share = max(0.0, 1 - core / t.cpu_us_per_message)
+                    shares.append(f"{transport} {t.cpu_us_per_message:.1f} us ({share:.0%})")
+            lines.append(f"{_size(size):>7}  core {core:.1f} us; " + ", ".join(shares))
     if report.scale is not None:
         lines += ["", format_scale(report.scale)]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from typing import Any
 
 from netem import Impairment, SimNetwork
 from reliable import Config, Endpoint, Node, ReceiveTimeout, events
-from reliable._driver import drain_socket, open_socket
+from reliable.driver import drain_socket, open_socket
 
 __all__ = [
     "ScaleReport",

@@ -22,8 +22,8 @@ import click
 import reliable
 from netem.models import Impairment
 from reliable import Node, ReceiveTimeout, ReliableError, UsageError
-from reliable._driver import open_socket
 from reliable.addressing import parse_address
+from reliable.driver import open_socket
 
 from .demo import DemoProgress, run_demo
 from .statstable import format_stats
@@ -201,6 +201,12 @@ def main() -> None:
     "--json", "as_json", is_flag=True, help="Print the receipt (or the failure) as one JSON line."
 )
 @click.option(
+    "--lines",
+    is_flag=True,
+    help="Send each line of the input (MESSAGE, --file or stdin) as its own message, "
+    "in order and in batches, without its line end; exits 1 if any failed, naming the lines.",
+)
+@click.option(
     "--wait-members",
     type=click.IntRange(min=1),
     default=None,
@@ -251,6 +257,7 @@ def send(
     bind: str | None,
     quiet: bool,
     as_json: bool,
+    lines: bool,
     wait_members: int | None,
     discover_on: tuple[str, ...],
     members: tuple[str, ...],
@@ -280,6 +287,7 @@ def send(
       rmsg send 127.0.0.1:7000/jobs "build #42" --type 3 --priority 9
       rmsg send [::1]:7000 --file report.pdf --timeout 30s
       echo '{"job": 42}' | rmsg send 127.0.0.1:7000/jobs --type 3
+      journalctl -f | rmsg send 127.0.0.1:7000/logs --lines
       rmsg send multicast://239.1.2.3:7400/news "hello all" --wait-members 3
       rmsg send broadcast://:7401 "anyone there?"
       rmsg send anycast://printer/jobs "page 1" --discover multicast://239.1.2.4:7402
@@ -300,6 +308,27 @@ def send(
             "an anycast DEST needs its members: --discover GROUP (where they announce "
             "themselves) or --member HOST:PORT"
         )
+    if lines:
+        if grouped:
+            raise click.UsageError("--lines sends to one node: HOST:PORT[/MAILBOX]")
+        local = bind or _wildcard_for(dest.split("/", 1)[0])
+        try:
+            with _node(local, security, keyfile, impair) as node:
+                _send_lines(
+                    node,
+                    dest,
+                    _input_lines(message, path),
+                    msg_type,
+                    priority,
+                    mailbox,
+                    timeout,
+                    quiet,
+                )
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from None
+        except ReliableError as exc:
+            raise _fail(str(exc)) from None
+        return
     data = _read_message(message, path)
     local = bind or ("127.0.0.1:0" if grouped else _wildcard_for(dest.split("/", 1)[0]))
     if grouped and not anycast and _on_loopback(local) and not quiet:
@@ -456,6 +485,86 @@ def _on_loopback(bind: str) -> bool:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except (UsageError, ValueError):
         return False
+
+
+_LINE_BATCH = 1024  # lines per send_many: one handle, one lock round, datagrams packed
+
+
+def _input_lines(message: str | None, path: str | None) -> Iterator[bytes]:
+    """The lines of MESSAGE, --file or stdin, without their line ends, read as they come."""
+    if message is not None:
+        yield from message.encode("utf-8").splitlines()
+        return
+    if path is None or path == "-":
+        if path is None and sys.stdin.isatty():
+            raise click.UsageError("give MESSAGE, --file PATH, or pipe the lines on stdin")
+        for line in sys.stdin.buffer:
+            yield line.rstrip(b"\r\n")
+        return
+    try:
+        with open(path, "rb") as stream:
+            for line in stream:
+                yield line.rstrip(b"\r\n")
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--file"
+        ) from None
+
+
+def _send_lines(
+    node: Node,
+    dest: str,
+    source: Iterator[bytes],
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    timeout: float,
+    quiet: bool,
+) -> None:
+    """``rmsg send --lines``: a batch per ``_LINE_BATCH`` lines; report what failed."""
+    started = time.monotonic()
+    batches: list[tuple[int, reliable.BatchHandle]] = []  # (first line number, handle)
+    count = size = 0
+    chunk: list[bytes] = []
+
+    def flush() -> None:
+        if chunk:
+            batches.append(
+                (
+                    count - len(chunk) + 1,
+                    node.send_many(
+                        dest,
+                        chunk,
+                        msg_type=msg_type,
+                        priority=priority,
+                        mailbox=mailbox,
+                        timeout=timeout,
+                    ),
+                )
+            )
+            chunk.clear()
+
+    for line in source:
+        chunk.append(line)
+        count += 1
+        size += len(line)
+        if len(chunk) >= _LINE_BATCH:
+            flush()
+    flush()
+    failed: list[tuple[int, ReliableError]] = []
+    for first, batch in batches:
+        for index, error in sorted(batch.failures(timeout + 5).items()):
+            failed.append((first + index, error))
+    for number, error in failed[:10]:
+        click.echo(f"line {number}: {error}", err=True)
+    if failed:
+        more = " (first 10 above)" if len(failed) > 10 else ""
+        raise _fail(f"{len(failed)} of {count} lines were not delivered{more}")
+    if not quiet:
+        elapsed = (time.monotonic() - started) * 1000
+        click.echo(
+            f"delivered {count} messages ({size} bytes) to {dest} in {elapsed:.1f} ms", err=True
+        )
 
 
 def _group_of(dest: str) -> str:

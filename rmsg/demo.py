@@ -22,7 +22,7 @@ from typing import Any
 from netem.models import Impairment
 from netem.socket import FaultySocket
 from reliable import Config, Node, ReceiveTimeout, ReliableError, SendHandle, WouldBlock
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 __all__ = ["DemoProgress", "DemoResult", "run_demo"]
 

@@ -37,7 +37,8 @@ def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     transports = {t["transport"] for t in report["throughput"]}
-    assert transports == {"udp", "tcp", "rmsg", "rmsg-async"}
+    assert transports == {"udp", "tcp", "rmsg", "rmsg-async", "rmsg-batch", "rmsg-async-batch"}
+    assert report["core_cpu_us"]["1024"] > 0  # the core alone, for the adapters' share
     scale = report["scale"]
     assert scale["many_peers_msgs_per_s"] > 0 and scale["one_peer_msgs_per_s"] > 0
     assert scale["sim_cpu_s"] > 0 and scale["slow_rss_peak_kib"] > 0

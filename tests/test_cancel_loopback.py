@@ -27,7 +27,7 @@ from reliable import (
     SendCancelled,
     events,
 )
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 pytestmark = pytest.mark.loopback
 

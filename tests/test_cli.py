@@ -45,6 +45,32 @@ def test_send_reads_stdin_and_file_and_sets_type(tmp_path: Path) -> None:
         assert r2.output == ""
 
 
+def test_send_lines_sends_each_line_as_a_message_in_batches() -> None:
+    lines = [f"line {i}" for i in range(2500)]  # more than one batch
+    with Node() as b:
+        dest = f"127.0.0.1:{b.address[1]}"
+        result = CliRunner().invoke(main, ["send", dest, "--lines"], input="\n".join(lines))
+        assert result.exit_code == 0, result.output
+        assert "delivered 2500 messages" in result.output
+        got = []
+        while len(got) < 2500:
+            got.extend(m.data.decode() for m in b.receive_many(1000, timeout=2))
+        assert got == lines
+
+
+def test_send_lines_names_the_lines_that_failed() -> None:
+    with Node() as b:
+        b.create_mailbox("two", 2)
+        dest = f"127.0.0.1:{b.address[1]}/two"
+        result = CliRunner().invoke(
+            main, ["send", dest, "--lines", "--timeout", "500ms"], input="a\nb\nc\nd\n"
+        )
+        assert result.exit_code == 1, result.output
+        assert "line 3: " in result.output and "line 4: " in result.output
+        assert "line 1: " not in result.output
+        assert "2 of 4 lines were not delivered" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "code", "text"),
     [

@@ -14,7 +14,7 @@ import pytest
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import Config, Node
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 pytestmark = [pytest.mark.loopback, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import pytest
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, Node, errors
-from reliable._driver import open_socket
+from reliable.driver import open_socket
 
 pytestmark = pytest.mark.loopback
 
@@ -318,11 +318,21 @@ def test_an_async_port_whose_owner_handle_is_gone_is_deleted() -> None:
     asyncio.run(main())
 
 
-def test_a_plain_mailbox_outlives_its_creators_handle(pair) -> None:  # type: ignore[no-untyped-def]
-    """Every creator handle carries an owner token; only a port may die with it."""
+def test_a_plain_mailbox_outlives_its_dropped_handle(pair) -> None:  # type: ignore[no-untyped-def]
+    """Only a port dies with its owner handle; a plain mailbox whose handle was
+    dropped at once (``node.create_mailbox("jobs", 2)`` as a statement) was deleted."""
     server, client = pair
-    server.create_mailbox("jobs")  # the handle is dropped at once
+    server.create_mailbox("jobs", 2)
     gc.collect()
-    client.send(_dest(server, "jobs"), b"still here", timeout=5)
-    time.sleep(0.1)  # (the I/O thread would have deleted it by now)
-    assert server.mailbox("jobs").receive(timeout=5).data == b"still here"
+    time.sleep(0.05)  # the node's own schedule would have deleted it by now
+    client.send(_dest(server, "jobs"), b"kept", timeout=5)
+    assert server.mailbox("jobs").receive(timeout=5).data == b"kept"
+
+    async def main() -> None:
+        async with AsyncNode() as node:
+            node.create_mailbox("jobs", 2)
+            gc.collect()
+            await asyncio.sleep(0.05)
+            assert "jobs" in [m.name for m in node.stats().mailboxes]
+
+    asyncio.run(main())

@@ -25,7 +25,7 @@ import pytest
 
 from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, Node, PeerUnreachable, UsageError, errors, events
-from reliable._driver import (
+from reliable.driver import (
     Unreachable,
     drain_socket,
     open_socket,

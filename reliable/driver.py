@@ -1,0 +1,723 @@
+"""What the blocking and asyncio adapters share: the driver of an :class:`Endpoint`.
+
+Public by design: code that drives the core itself (the CLI's benchmarks, a
+custom adapter, tests) imports from here. The adapters differ only in how
+they wait (calling threads and one background thread versus the event loop)
+and in their handle types; the rest is here, once: socket set-up, the
+transmit backlog of a full socket, routing the core's events, the steps of a
+receive that must give up, mailbox management and the shared constants.
+
+What the operating system says about unreachable peers is read here too.
+An unconnected UDP socket hears nothing of ICMP errors by default; with
+``IP_RECVERR`` (``IPV6_RECVERR``) Linux queues one message per error on the
+socket's error queue, naming the destination of the datagram that provoked
+it, and leaves the error pending on the socket, so the next ``recvfrom`` or
+``sendto`` raises it — whatever destination that call is about. Hence: every
+error a call raises sends us to read the error queue, which says whose it
+was; a ``sendto`` that failed is tried once more, and only a second failure
+with nothing queued is blamed on its own destination (a missing route).
+Reading the queue also clears the socket's readiness (POLLERR), which would
+otherwise wake the adapter for ever. See ip(7) and ipv6(7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import json
+import os
+import socket
+import struct
+import sys
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import errors, events
+from .addressing import (
+    Address,
+    GroupAddress,
+    ServiceAddress,
+    normalize,
+    parse_group,
+    parse_service,
+    resolve_address,
+)
+from .endpoint import Endpoint, check_integer, message_bytes
+from .mailbox import check_mailbox_name
+from .message import GroupReceipt, Message, Receipt
+from .stats import MailboxStats, NodeStats
+
+__all__ = [
+    "CLOSE_GRACE",
+    "DISCOVERY_WAIT",
+    "Backlog",
+    "DatagramSocket",
+    "Departures",
+    "EventSink",
+    "MailboxHandle",
+    "open_socket",
+    "parse_stats",
+    "receive_failure",
+    "resolve_destination",
+    "Unreachable",
+    "drain_socket",
+    "enable_error_queue",
+    "parse_extended_error",
+    "read_error_queue",
+    "report_unreachable",
+    "route_events",
+    "send_datagram",
+    "split_destination",
+]
+
+_SOCKET_BUFFER = 4 * 1024 * 1024  # bytes asked of the kernel for each direction
+RECV_BATCH = 512  # datagrams read per wake-up before the protocol gets to answer
+MAX_UDP_PAYLOAD = 65535
+#: Seconds an adapter gives the close beyond its flush timeout, and a full socket
+#: to take the final datagrams (CLOSE), before it releases the socket anyway.
+CLOSE_GRACE = 1.0
+#: After opening a group to send to it, how long members get to answer its SOLICIT.
+DISCOVERY_WAIT = 0.2
+
+
+class DatagramSocket(Protocol):
+    """The subset of ``socket.socket`` the adapters use (a netem wrapper provides it too)."""
+
+    @property
+    def family(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]: ...
+
+    def sendto(self, data: bytes, address: Any, /) -> int: ...
+
+    def getsockname(self) -> Any: ...
+
+    def setblocking(self, flag: bool, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def open_socket(bind: str | tuple[str, int], *, error_queue: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``bind`` (``host:port``, port 0 for any).
+
+    ``error_queue`` asks the OS to queue ICMP errors (see
+    :func:`enable_error_queue`); only for a caller that reads them with
+    :func:`drain_socket` and :func:`send_datagram`, since an unread error queue
+    keeps the socket ready to read (a wrapper without ``recvmsg``, such as
+    netem's ``FaultySocket``, cannot).
+    """
+    family, sockaddr = resolve_address(bind, allow_zero_port=True)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - the kernel may cap it; not fatal
+                pass
+        if error_queue:
+            enable_error_queue(sock)
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = errors.format_address(sockaddr)
+        raise errors.BindError(exc.errno or 0, f"cannot bind {where}: {exc.strerror}") from None
+    return sock
+
+
+def receive_buffer(sock: object) -> int | None:
+    """The kernel's receive buffer for ``sock``, in bytes; ``None`` if it cannot say."""
+    getsockopt = getattr(sock, "getsockopt", None)
+    if getsockopt is None:
+        return None  # a wrapper such as netem's FaultySocket
+    try:
+        return int(getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
+    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change."""
+    text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
+    try:
+        return resolve_address(text, family=family)[1]
+    except errors.AddressError:
+        resolve_address(text)  # unresolvable in any family: that error says it best
+        ours = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        wildcard = "[::]:0" if ours == "IPv4" else "0.0.0.0:0"
+        raise errors.AddressError(
+            f"{dest!r} has no {ours} address and this node is bound to {ours}; "
+            f"bind the node to {wildcard} to reach it"
+        ) from None
+
+
+def split_destination(
+    dest: str | tuple[Any, ...], mailbox: str | None
+) -> tuple[str | tuple[Any, ...], str]:
+    """Split ``host:port/mailbox`` into the node address and the mailbox name.
+
+    ``mailbox`` given as an argument must agree with one in ``dest``; with
+    neither, the message goes to the node's default mailbox ``""``.
+    """
+    named = None
+    if isinstance(dest, str) and "/" in dest:
+        dest, named = dest.split("/", 1)
+    return dest, _mailbox_name(named, mailbox)
+
+
+def _mailbox_name(named: str | None, mailbox: str | None) -> str:
+    """The mailbox a destination names, or the ``mailbox`` argument; they must agree."""
+    if named is not None and mailbox is not None and named != mailbox:
+        raise errors.UsageError(
+            f"destination names mailbox {named!r} but mailbox={mailbox!r} was given; give one"
+        )
+    name = named if named is not None else (mailbox or "")
+    check_mailbox_name(name)
+    return name
+
+
+def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:
+    """Parse a ``multicast://``, ``broadcast://`` or ``anycast://`` destination.
+
+    A ``mailbox`` argument must agree with a mailbox in the URL, as for
+    :func:`split_destination`.
+    """
+    target: GroupAddress | ServiceAddress = (
+        parse_service(dest) if dest.startswith("anycast://") else parse_group(dest)
+    )
+    name = _mailbox_name(target.mailbox or None, mailbox)
+    if isinstance(target, GroupAddress):
+        return GroupAddress(target.scheme, target.host, target.port, name)
+    return ServiceAddress(target.service, name)
+
+
+def checked_message(data: object, msg_type: object, priority: object) -> bytes:
+    """``data`` as bytes, with ``msg_type`` and ``priority`` checked: before anything is
+    sent for the call (a group's discovery included), with an error that says what to pass."""
+    check_integer(msg_type, "msg_type")
+    check_integer(priority, "priority")
+    return message_bytes(data)
+
+
+#: Where a message goes once its destination is parsed: a node and mailbox, a group, a service.
+Target = tuple[Address, str] | GroupAddress | ServiceAddress
+
+
+def enqueue(
+    endpoint: Endpoint,
+    target: Target,
+    data: bytes,
+    *,
+    now: float,
+    msg_type: int,
+    priority: int,
+    timeout: float | None,
+    deadline: float | None,
+    policy: str,
+) -> int:
+    """Queue ``data`` for ``target`` in the core, whatever kind of destination it is."""
+    if isinstance(target, ServiceAddress):
+        return endpoint.send_anycast(
+            target,
+            data,
+            now=now,
+            msg_type=msg_type,
+            priority=priority,
+            timeout=timeout,
+            policy=policy,
+        )
+    if isinstance(target, GroupAddress):
+        return endpoint.send_group(
+            target, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+        )
+    addr, mailbox = target
+    return endpoint.send(
+        addr,
+        data,
+        now=now,
+        msg_type=msg_type,
+        priority=priority,
+        mailbox=mailbox,
+        timeout=timeout,
+        deadline=deadline,
+    )
+
+
+def drain_socket(
+    sock: DatagramSocket,
+    limit: int = RECV_BATCH,
+    reports: list[Unreachable] | None = None,
+) -> list[tuple[bytes, Address]]:
+    """Read datagrams until the socket would block (or ``limit``): one wake-up, many packets.
+
+    With ``reports``, what the OS queued about unreachable destinations is
+    added to it: read when ``recvfrom`` raised a pending ICMP error, and when
+    the wake-up found nothing to read (the error queue alone makes a socket
+    ready).
+    """
+    batch: list[tuple[bytes, Address]] = []
+    failed = False
+    for _ in range(limit):
+        try:
+            data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            # e.g. ECONNREFUSED: an ICMP error for an earlier datagram, pending on the socket
+            failed = True
+            continue
+        batch.append((data, normalize(addr)))
+    if reports is not None and (failed or not batch):
+        reports.extend(read_error_queue(sock))
+    return batch
+
+
+# ---------------------------------------------------- the OS's word on peers
+
+# Linux's numbers; the socket module does not export them all (ip(7), ipv6(7)).
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_ERROR_MESSAGES = {(socket.IPPROTO_IP, _IP_RECVERR), (socket.IPPROTO_IPV6, _IPV6_RECVERR)}
+_ORIGIN_ICMP = 2
+_ORIGIN_ICMP6 = 3
+#: struct sock_extended_err: ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+_ANCILLARY = 512  # bytes: one sock_extended_err and the offender's sockaddr_in6, with room
+
+#: errno of an unreachable destination -> whether it is *soft*: routing's word,
+#: which may be taken back (RFC 1122 section 4.2.3.9), rather than the peer's host's.
+#: Other errors (ENOBUFS, EMSGSIZE, ...) say nothing about reachability.
+_UNREACHABLE = {
+    _errno.ECONNREFUSED: False,  # ICMP port unreachable: the host is up, nothing listens
+    _errno.ENOPROTOOPT: False,  # ICMP protocol unreachable
+    _errno.ENETUNREACH: True,  # no route, or ICMP network unreachable
+    _errno.EHOSTUNREACH: True,  # no route to host, ICMP host unreachable, TTL exceeded
+    _errno.EHOSTDOWN: True,  # ICMP destination host unknown
+    _errno.EACCES: True,  # ICMPv6 administratively prohibited
+    _errno.EPERM: True,  # a local firewall (or a full connection-tracking table)
+}
+if hasattr(_errno, "ENONET"):  # Linux: ICMP source host isolated
+    _UNREACHABLE[_errno.ENONET] = True
+
+_ICMP_UNREACH = {
+    0: "network unreachable",
+    1: "host unreachable",
+    2: "protocol unreachable",
+    3: "port unreachable",
+    5: "source route failed",
+    6: "destination network unknown",
+    7: "destination host unknown",
+    8: "source host isolated",
+    9: "network administratively prohibited",
+    10: "host administratively prohibited",
+    11: "network unreachable for TOS",
+    12: "host unreachable for TOS",
+    13: "communication administratively prohibited",
+}
+_ICMP6_UNREACH = {
+    0: "no route to destination",
+    1: "communication administratively prohibited",
+    2: "beyond scope of source address",
+    3: "address unreachable",
+    4: "port unreachable",
+    5: "source address failed policy",
+    6: "reject route to destination",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """The OS's word that datagrams to ``addr`` do not get through.
+
+    ``reason`` is for people ("connection refused (the OS reported ICMP port
+    unreachable)"); ``soft`` is as for ``Endpoint.handle_unreachable``.
+    """
+
+    addr: Address
+    reason: str
+    errno: int
+    soft: bool
+
+
+def enable_error_queue(sock: socket.socket) -> bool:
+    """Have the OS queue ICMP errors per destination on ``sock``; whether it could.
+
+    Linux only (``IP_RECVERR``, and ``IPV6_RECVERR`` on an IPv6 socket, whose
+    IPv4-mapped traffic takes the IPv4 option too); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux") or not hasattr(sock, "recvmsg"):
+        return False
+    options = [(socket.IPPROTO_IP, _IP_RECVERR)]
+    if sock.family == socket.AF_INET6:
+        options.insert(0, (socket.IPPROTO_IPV6, _IPV6_RECVERR))
+    elif sock.family != socket.AF_INET:
+        return False
+    enabled = False
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 1)
+            enabled = True
+        except OSError:
+            pass
+    return enabled
+
+
+def read_error_queue(sock: object, limit: int = RECV_BATCH) -> list[Unreachable]:
+    """Empty ``sock``'s error queue (up to ``limit`` messages) into unreachability reports.
+
+    Returns nothing for a socket without an error queue, or a wrapper without
+    ``recvmsg`` (netem's ``FaultySocket``); errors that say nothing about
+    reachability (a path MTU, a local ENOBUFS) are read and dropped.
+    """
+    recvmsg = getattr(sock, "recvmsg", None)
+    if recvmsg is None:
+        return []
+    reports: list[Unreachable] = []
+    for _ in range(limit):
+        try:
+            _data, ancdata, _flags, dest = recvmsg(0, _ANCILLARY, _MSG_ERRQUEUE)
+        except OSError:  # EAGAIN: empty; EINVAL etc.: no error queue here
+            break
+        for level, kind, payload in ancdata:
+            report = parse_extended_error(level, kind, payload, dest)
+            if report is not None:
+                reports.append(report)
+    return reports
+
+
+def parse_extended_error(level: int, kind: int, payload: bytes, dest: Any) -> Unreachable | None:
+    """One error-queue control message about a datagram to ``dest``, if it says unreachable.
+
+    ``payload`` is a ``struct sock_extended_err`` followed by the sockaddr of
+    the node that reported it (the ICMP's source).
+    """
+    if (level, kind) not in _ERROR_MESSAGES or len(payload) < _EXTENDED_ERR.size:
+        return None
+    err, origin, icmp_type, code, _pad, _info, _data = _EXTENDED_ERR.unpack_from(payload)
+    if origin not in (_ORIGIN_ICMP, _ORIGIN_ICMP6) or err not in _UNREACHABLE:
+        return None
+    if not isinstance(dest, tuple) or len(dest) < 2:
+        return None
+    addr = normalize(dest)
+    if origin == _ORIGIN_ICMP:
+        name = _ICMP_UNREACH.get(code) if icmp_type == 3 else None
+    else:
+        name = _ICMP6_UNREACH.get(code) if icmp_type == 1 else None
+    if name is None:
+        exceeded = icmp_type == (11 if origin == _ORIGIN_ICMP else 3)
+        name = "time exceeded" if exceeded else f"type {icmp_type} code {code}"
+    offender = _sockaddr_host(payload[_EXTENDED_ERR.size :])
+    source = f" from {offender}" if offender is not None and offender != addr[0] else ""
+    reason = f"{_strerror(err)} (the OS reported ICMP {name}{source})"
+    return Unreachable(addr, reason, err, _UNREACHABLE[err])
+
+
+def _sockaddr_host(raw: bytes) -> str | None:
+    """The host of a ``sockaddr_in``/``sockaddr_in6`` in native layout, or None."""
+    if len(raw) < 2:
+        return None
+    (family,) = struct.unpack_from("=H", raw)
+    if family == socket.AF_INET and len(raw) >= 8:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8])
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    return None
+
+
+def _strerror(err: int) -> str:
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
+
+
+def send_datagram(
+    sock: DatagramSocket, data: bytes, addr: Address, reports: list[Unreachable]
+) -> None:
+    """``sendto``, adding what the OS says about unreachable destinations to ``reports``.
+
+    Raises ``BlockingIOError`` or ``InterruptedError`` (the caller keeps the
+    datagram for later). Any other error is read for what it says (see the
+    module docstring) and otherwise swallowed: the protocol retransmits.
+    """
+    try:
+        sock.sendto(data, addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError:
+        pass
+    # Perhaps an earlier datagram's ICMP error, pending: the queue says whose. Once more.
+    reports.extend(read_error_queue(sock))
+    try:
+        sock.sendto(data, addr)
+        return
+    except (BlockingIOError, InterruptedError):
+        raise
+    except OSError as exc:
+        failure = exc
+    queued = read_error_queue(sock)
+    reports.extend(queued)
+    report = None if queued else refused_send(failure, addr)
+    if report is not None:
+        reports.append(report)
+
+
+def refused_send(failure: OSError, addr: Address) -> Unreachable | None:
+    """A ``sendto`` to ``addr`` that failed with ``failure`` (twice), as a report if it is one.
+
+    ECONNREFUSED never is: the OS only raises it for an earlier datagram's ICMP.
+    """
+    err = failure.errno
+    if err is None or err == _errno.ECONNREFUSED or err not in _UNREACHABLE:
+        return None
+    return Unreachable(addr, f"{_strerror(err)} (the OS refused the send)", err, _UNREACHABLE[err])
+
+
+class Backlog:
+    """Datagrams that found the socket full, sent in order before any newer one."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[bytes, Address]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def transmit(
+        self, sock: DatagramSocket, out: list[tuple[bytes, Address]], reports: list[Unreachable]
+    ) -> bool:
+        """Send ``out`` (after what already waits); whether some of it had to wait."""
+        if self._queue:
+            self._queue.extend(out)
+            return True
+        for i, (data, addr) in enumerate(out):
+            try:
+                send_datagram(sock, data, addr, reports)
+            except (BlockingIOError, InterruptedError):
+                self._queue.extend(out[i:])
+                return True
+        return False
+
+    def flush(self, sock: DatagramSocket, reports: list[Unreachable]) -> bool:
+        """Send what waited, as far as the socket takes it; whether all of it went."""
+        queue = self._queue
+        while queue:
+            data, addr = queue[0]
+            try:
+                send_datagram(sock, data, addr, reports)
+            except (BlockingIOError, InterruptedError):
+                return False
+            queue.popleft()
+        return True
+
+    def extend(self, out: list[tuple[bytes, Address]]) -> None:
+        self._queue.extend(out)
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+
+def report_unreachable(endpoint: Endpoint, reports: list[Unreachable], now: float) -> None:
+    """Hand the OS's reports to the core."""
+    for r in reports:
+        endpoint.handle_unreachable(r.addr, r.reason, now, errno=r.errno, soft=r.soft)
+
+
+class EventSink(Protocol):
+    """What an adapter does with the core's events."""
+
+    def on_outcome(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.DeliveryFailed | None,
+    ) -> None: ...
+
+    def on_receive(
+        self, waiter: int, message: Message | None, error: errors.ReliableError | None
+    ) -> None: ...
+
+    def on_stats(self, peer: Any, request: int, body: bytes) -> None: ...
+
+    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
+
+    def on_closed(self) -> None: ...
+
+
+def route_events(
+    endpoint: Endpoint,
+    sink: EventSink,
+    observer: Callable[[events.Event], None] | None = None,
+) -> None:
+    """Hand every pending core event to ``sink`` (and to ``observer``, if any)."""
+    while (event := endpoint.next_event()) is not None:
+        if observer is not None:
+            observer(event)
+        if isinstance(event, events.MessageDelivered):
+            sink.on_outcome(event.ticket, Receipt.from_event(event), None)
+        elif isinstance(event, events.GroupSendDone):
+            sink.on_outcome(event.ticket, event.receipt, None)
+        elif isinstance(event, events.MessageFailed):
+            sink.on_outcome(event.ticket, None, event.error)
+        elif isinstance(event, events.MessageTaken):
+            sink.on_receive(event.waiter, event.message, None)
+        elif isinstance(event, events.ReceiveFailed):
+            sink.on_receive(event.waiter, None, event.error)
+        elif isinstance(event, events.StatsReceived):
+            sink.on_stats(event.peer, event.request, event.body)
+        elif isinstance(event, events.PeerUnreachable):
+            error = errors.PeerUnreachable(
+                event.peer, event.silent_for, cause=event.cause, errno=event.errno
+            )
+            sink.on_peer_down(event.peer, error)
+        elif isinstance(event, events.PeerClosed):
+            sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
+        elif isinstance(event, events.PeerRejectedUs):
+            sink.on_peer_down(event.peer, event.error)
+        elif isinstance(event, events.Closed):
+            sink.on_closed()
+
+
+def parse_stats(body: bytes) -> NodeStats:
+    """A remote node's stats reply, as typed objects."""
+    try:
+        return NodeStats.from_dict(json.loads(body))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise errors.ReliableError(f"the node sent an unreadable stats reply: {exc}") from None
+
+
+_PEER_DOWN_MEMORY = 4096  # peers whose last departure is remembered for waiting receivers
+
+
+class Departures:
+    """Which peers went away, so a receive waiting on one specific peer can end.
+
+    A receive naming a ``source`` makes the core probe that peer; if it is
+    declared unreachable (or closes) while the receive waits, the receive
+    raises that error instead of waiting out its timeout.
+    """
+
+    def __init__(self) -> None:
+        self._down: dict[Address, tuple[int, errors.DeliveryFailed]] = {}
+        self._count = 0
+
+    def peer_down(self, peer: Address, error: errors.DeliveryFailed) -> None:
+        self._count += 1
+        self._down[peer] = (self._count, error)
+        if len(self._down) > _PEER_DOWN_MEMORY:
+            del self._down[next(iter(self._down))]
+
+    def mark(self) -> int:
+        """A point in time for :meth:`down_since`."""
+        return self._count
+
+    def down_since(self, peer: Address, mark: int) -> errors.DeliveryFailed | None:
+        """Why ``peer`` went away after ``mark``, if it did."""
+        down = self._down.get(peer)
+        return down[1] if down is not None and down[0] > mark else None
+
+
+def receive_failure(
+    *,
+    closed: bool,
+    departures: Departures,
+    peer: Address | None,
+    mark: int,
+    remaining: float | None,
+    timeout: float | None,
+) -> errors.ReliableError | None:
+    """Why a waiting receive must give up now, if it must.
+
+    The node closed; the peer the receive named went away since ``mark``
+    (see :class:`Departures`); or ``remaining`` seconds of ``timeout`` ran
+    out. The caller then asks the core to cancel the wait
+    (``Endpoint.cancel_wait``): if the core already answered it, the answer
+    wins over this error, since the message was taken.
+    """
+    if closed:
+        return errors.NodeClosed("the node closed while waiting to receive")
+    if peer is not None:
+        down = departures.down_since(peer, mark)
+        if down is not None:
+            return down
+    if remaining is not None and remaining <= 0:
+        return errors.ReceiveTimeout(f"no message within {timeout:g}s")
+    return None
+
+
+class _ManagedNode(Protocol):
+    def _manage(self, name: str, action: str, owner: int | None) -> None: ...
+
+    def _port_abandoned(self, name: str, owner: int) -> None: ...
+
+    def stats(self) -> NodeStats: ...
+
+
+def manage_mailbox(
+    endpoint: Endpoint, name: str, action: str, owner: int | None, now: float
+) -> None:
+    """Close, open or delete mailbox ``name`` in the core (a port: by its owner only)."""
+    if action == "close":
+        endpoint.close_mailbox(name, now, owner=owner)
+    elif action == "open":
+        endpoint.open_mailbox(name, owner=owner)
+    else:
+        endpoint.delete_mailbox(name, now, owner=owner)
+
+
+def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now: float) -> None:
+    """Delete the ports whose owner handles are gone (see :class:`MailboxHandle`)."""
+    while ports:
+        name, owner = ports.pop()
+        if not endpoint.is_port_of(name, owner):
+            continue  # a plain mailbox outlives its handles
+        with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
+            endpoint.delete_mailbox(name, now, owner=owner)
+
+
+class MailboxHandle:
+    """What the blocking and asyncio mailbox handles share: managing the mailbox.
+
+    The handle a ``create_mailbox`` returns carries the owner token, which a
+    port requires of its receiver and of whoever closes, opens or deletes it;
+    other handles carry ``None``. When a port's owner handle is garbage
+    collected, the port is deleted: nobody could ever receive from it, so
+    senders must learn ``MailboxNotFound`` rather than be acknowledged into
+    the void. The deletion runs on the node's own schedule (the I/O thread, or
+    the event loop), never inside the garbage collector, which may run while
+    the node's lock is held.
+    """
+
+    def __init__(self, node: _ManagedNode, name: str, owner: int | None) -> None:
+        self._managed = node
+        self.name = name
+        self._owner = owner
+        if owner is not None:
+            weakref.finalize(self, node._port_abandoned, name, owner)
+
+    def close(self) -> None:
+        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
+        self._managed._manage(self.name, "close", self._owner)
+
+    def open(self) -> None:
+        """Accept messages again after :meth:`close`."""
+        self._managed._manage(self.name, "open", self._owner)
+
+    def delete(self) -> None:
+        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
+        self._managed._manage(self.name, "delete", self._owner)
+
+    def stats(self) -> MailboxStats:
+        return self._managed.stats().mailbox(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
