@@ -6,9 +6,17 @@ to one node (``host:port/mailbox``), to a multicast group or a subnet's
 broadcast members (``multicast://239.1.2.3:7000/inbox``, ``broadcast://:7000``,
 answered by a :class:`GroupReceipt`), or to one member of a service
 (``anycast://printer``). Only the standard library is imported here.
+
+The library logs through the ``reliable`` logger and its children
+(``reliable.endpoint``, ``reliable.peer``): sessions established, dropped
+and restarted, unreachable peers, refusals and evictions. It prints nothing
+unless the application configures logging (only a ``NullHandler`` is added),
+e.g. ``logging.basicConfig(level=logging.INFO)``.
 """
 
 from __future__ import annotations
+
+import logging
 
 from . import errors, events, security, wire
 from .addressing import (
@@ -110,6 +118,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:

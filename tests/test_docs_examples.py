@@ -217,7 +217,14 @@ def _check_cli(argv: list[str]) -> str:
     from rmsg.cli import main
 
     assert argv, "rmsg with no subcommand"
-    parent = click.Context(main, info_name="rmsg")
+    try:  # the group's own options first (-v, -vv)
+        parent = main.make_context("rmsg", list(argv))
+    except click.ClickException as exc:
+        raise AssertionError(f"rmsg {shlex.join(argv)}: {exc.format_message()}") from None
+    argv = [*getattr(parent, "_protected_args", []), *parent.args]  # click 8.2+ / 8.1
+    if not hasattr(parent, "_protected_args"):
+        argv = [*parent.protected_args, *parent.args]
+    assert argv, "rmsg with no subcommand"
     command = main.get_command(parent, argv[0])
     assert command is not None, f"rmsg has no subcommand {argv[0]!r}"
     try:
