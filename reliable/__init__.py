@@ -127,5 +127,7 @@ def __getattr__(name: str) -> object:
     if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle"):
         from . import aio
 
-        return getattr(aio, name)
+        value = getattr(aio, name)
+        globals()[name] = value  # from now on an ordinary attribute (API docs see it)
+        return value
     raise AttributeError(f"module 'reliable' has no attribute {name!r}")
