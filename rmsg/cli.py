@@ -866,7 +866,15 @@ def stats(
     "--plot",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also draw messages/s per transport to this PNG (needs rmsg[plot]).",
+    help="Also draw the figures to this PNG: messages/s by size and loss, one colour per "
+    "transport, UDP's losses and rmsg's retransmissions marked (needs rmsg[plot]).",
+)
+@click.option(
+    "--from",
+    "from_json",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Measure nothing: draw --plot from figures saved with --json.",
 )
 @click.option(
     "--scale/--no-scale",
@@ -881,6 +889,7 @@ def bench(
     duration: float | None,
     as_json: bool,
     plot: str | None,
+    from_json: str | None,
     scale: bool,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
@@ -901,13 +910,23 @@ def bench(
       rmsg bench --quick
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
+      rmsg bench --from figures.json --plot bench.png     # draw a saved run again
     """
-    from .bench import format_report, plot_report, run_bench
+    from .bench import format_report, run_bench
 
     if duration is not None and duration <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--duration")
     if plot is not None:
         _require_plotting(plot, "--plot")  # before minutes of measuring, not after
+    if from_json is not None:
+        if plot is None:
+            raise click.UsageError("--from draws saved figures: give --plot FILE.png too")
+        try:
+            saved = json.loads(pathlib.Path(from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot read figures: {exc}", param_hint="--from") from None
+        _plot_bench(saved, plot)
+        return
 
     def progress(text: str) -> None:
         click.echo(f"  {text}", err=True)
@@ -915,16 +934,33 @@ def bench(
     report = run_bench(
         quick=quick, rounds=rounds, duration=duration, progress=progress, scale=scale
     )
+    from .plots import describe_machine
+
+    figures = report.as_dict()
+    figures["machine"] = describe_machine()
+    figures["command"] = " ".join(
+        ["rmsg bench"]
+        + (["--quick"] if quick else [])
+        + ([f"--rounds {rounds}"] if rounds is not None else [])
+        + ([f"--duration {duration:g}s"] if duration is not None else [])
+        + ([] if scale else ["--no-scale"])
+    )
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(figures, indent=2))
     else:
         click.echo(format_report(report))
     if plot is not None:
-        try:
-            plot_report(report, plot)
-        except RuntimeError as exc:
-            raise _fail(str(exc)) from None
-        click.echo(f"plot written to {plot}", err=True)
+        _plot_bench(figures, plot)
+
+
+def _plot_bench(figures: dict[str, Any], plot: str) -> None:
+    from .plots import plot_bench
+
+    try:
+        plot_bench(figures, plot)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"cannot draw {plot}: {exc}") from None
+    click.echo(f"plot written to {plot}", err=True)
 
 
 def _require_plotting(path: str, option: str) -> None:
@@ -943,7 +979,10 @@ def _require_plotting(path: str, option: str) -> None:
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("path", type=click.Path(dir_okay=False))
-def keygen(path: str) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print where the key went as JSON (never the key)."
+)
+def keygen(path: str, as_json: bool) -> None:
     """Write a new random 32-byte pre-shared key to PATH, readable by you only.
 
     Give the same file to every node of a group (--keyfile PATH), or export
@@ -962,6 +1001,12 @@ def keygen(path: str) -> None:
         raise click.BadParameter(str(exc), param_hint="PATH") from None
     except OSError as exc:
         raise _fail(f"cannot write {path}: {exc.strerror}") from None
+    if as_json:
+        written = pathlib.Path(path).resolve()
+        info = written.stat()
+        record = {"status": "written", "path": str(written), "mode": f"{info.st_mode & 0o777:o}"}
+        click.echo(json.dumps(record))
+        return
     click.echo(f"wrote a new key to {path} (mode 600)", err=True)
 
 
@@ -1251,7 +1296,8 @@ def netem(
     are printed when it stops (Ctrl-C, SIGTERM or --duration). New clients
     beyond --max-clients or the descriptor limit are refused and counted, the
     others keep being relayed. Exit status: 0 after a normal stop, 1 if the
-    relay failed (the error is named), 2 for bad options.
+    relay could not start or failed (the OS's error is named: an address in
+    use, a capture that cannot be written), 2 for bad options.
 
     \b
     Examples:
@@ -1305,7 +1351,11 @@ def netem(
                 max_clients=max_clients,
                 control=control,
             )
-    except (ValueError, OSError) as exc:
+    except socket.gaierror as exc:  # a name that does not resolve: fix the option
+        raise click.UsageError(f"cannot resolve the address: {exc.strerror}") from None
+    except OSError as exc:  # in use, not ours, an unwritable capture: the OS said no
+        raise _fail(f"cannot start the proxy: {exc}") from None
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     for warning in caught:
         click.echo(f"netem: warning: {warning.message}", err=True)
@@ -1614,7 +1664,10 @@ def wireshark() -> None:
 @click.option(
     "--print", "print_only", is_flag=True, help="Write the Lua source to stdout; install nothing."
 )
-def wireshark_install(folder: str | None, print_only: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the file written (and tshark's path) as JSON."
+)
+def wireshark_install(folder: str | None, print_only: bool, as_json: bool) -> None:
     """Install the rmsg dissector (rmsg.lua) into Wireshark's plugin folder.
 
     Wireshark and tshark load it at their next start. Prints the path of the
@@ -1628,6 +1681,8 @@ def wireshark_install(folder: str | None, print_only: bool) -> None:
     """
     from .wireshark_plugin import install, lua_source
 
+    if print_only and as_json:
+        raise click.UsageError("--print writes the Lua source; --json describes an install")
     if print_only:
         click.echo(lua_source(), nl=False)
         return
@@ -1635,6 +1690,17 @@ def wireshark_install(folder: str | None, print_only: bool) -> None:
         target = install(pathlib.Path(folder) if folder is not None else None)
     except OSError as exc:
         raise _fail(f"cannot install the dissector: {exc}") from None
+    if as_json:
+        import shutil
+
+        record = {
+            "status": "installed",
+            "path": str(target.resolve()),
+            "bytes": target.stat().st_size,
+            "tshark": shutil.which("tshark"),
+        }
+        click.echo(json.dumps(record))
+        return
     click.echo(str(target))
 
 

@@ -149,6 +149,9 @@ def reader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (where / block.marks["file"]).write_text(block.code)
     for capture in ("run.pcap", "capture.pcap"):
         _write_capture(where / capture)
+    saved = where / "docs" / "images"  # a saved bench run, as a reader of the source tree has it
+    saved.mkdir(parents=True)
+    shutil.copy(ROOT / "docs" / "images" / "bench-figures.json", saved)
     return where
 
 
