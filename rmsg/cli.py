@@ -208,7 +208,9 @@ def main(ctx: click.Context, verbose: int) -> None:
     "--file",
     "path",
     type=click.Path(dir_okay=False, allow_dash=True),
-    help="Send the contents of this file ('-' for stdin).",
+    help="Send this file, of any size, as a transfer that 'rmsg recv' reassembles and "
+    "checks: a manifest, then 1 MiB chunks, verified by SHA-256 (a progress line on a "
+    "terminal). To a group or anycast DEST, and for '-' (stdin), it goes as one message.",
 )
 @click.option(
     "--type",
@@ -236,7 +238,8 @@ def main(ctx: click.Context, verbose: int) -> None:
     default=10.0,
     show_default=True,
     help="Give up if not in the mailbox within this long (e.g. 10s, 500ms); "
-    "a message waiting for room is then withdrawn.",
+    "a message waiting for room is then withdrawn. With --file: the whole transfer's "
+    "limit, by default 10s plus 10s per MiB.",
 )
 @click.option(
     "--bind",
@@ -348,6 +351,20 @@ def send(
             "an anycast DEST needs its members: --discover GROUP (where they announce "
             "themselves) or --member HOST:PORT"
         )
+    if path is not None and path != "-" and not grouped:
+        given = click.get_current_context().get_parameter_source("timeout")
+        _send_file(
+            dest,
+            pathlib.Path(path),
+            node_args=(bind or _wildcard_for(dest.split("/", 1)[0]), security, keyfile, impair),
+            timeout=None if given == click.core.ParameterSource.DEFAULT else timeout,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            quiet=quiet,
+            as_json=as_json,
+        )
+        return
     data = _read_message(message, path)
     local = bind or ("127.0.0.1:0" if grouped else _wildcard_for(dest.split("/", 1)[0]))
     if grouped and not anycast and _on_loopback(local) and not quiet:
@@ -401,6 +418,62 @@ def send(
         click.echo(
             f"delivered {receipt.size} bytes to {where} in {receipt.elapsed * 1000:.1f} ms "
             f"({', '.join(notes)})"
+        )
+
+
+def _send_file(
+    dest: str,
+    path: pathlib.Path,
+    *,
+    node_args: tuple[str, str, str | None, str | None],
+    timeout: float | None,
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """``send --file``: the file as a transfer (rmsg/transfer.py), with a progress line."""
+    from .transfer import Progress, send_file
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--file"
+        ) from None
+    stderr = sys.stderr
+    progress = None if quiet or as_json else Progress(stderr, size, f"send {path.name}")
+    try:
+        with _node(*node_args) as node:
+            try:
+                outcome = send_file(
+                    node,
+                    dest,
+                    path,
+                    timeout=timeout,
+                    msg_type=msg_type,
+                    priority=priority,
+                    mailbox=mailbox,
+                    progress=progress,
+                )
+            except KeyboardInterrupt:
+                _interrupted(node, size, as_json)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ReliableError as exc:
+        raise _fail(f"{path.name}: {exc}; the receiver discards the part it has") from None
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    peer = dest.split("/", 1)[0]
+    if as_json:
+        click.echo(json.dumps(outcome.as_dict(peer)))
+    elif not quiet:
+        m = outcome.manifest
+        click.echo(
+            f"delivered {m.name} ({m.size:,} bytes, SHA-256 {m.sha256[:16]}...) to {dest} "
+            f"in {outcome.elapsed:.1f} s ({m.chunks} chunk(s), "
+            f"{outcome.retransmissions} retransmission(s))"
         )
 
 
@@ -591,7 +664,8 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     "--output-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Save each message as a file in this directory instead of printing it.",
+    help="Save each message as a file in this directory instead of printing it; a file "
+    "sent with 'rmsg send --file' is saved under its own name once its SHA-256 checks.",
 )
 @click.option(
     "--timeout",
@@ -746,6 +820,15 @@ def recv(
     except UsageError as exc:
         node.close(timeout=0)
         raise click.BadParameter(str(exc), param_hint="--mailbox") from None
+    from .transfer import FileReceiver, TransferDone
+
+    stderr = sys.stderr
+    transfers = FileReceiver(
+        out_dir,
+        sink=None if out_dir is not None or as_json else stdout,
+        progress_stream=stderr if stderr.isatty() and not as_json else None,
+    )
+    failed_transfers = 0
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
     extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
     click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
@@ -759,6 +842,14 @@ def recv(
                 )
             except ReceiveTimeout:
                 raise _fail(f"no message for {timeout:g}s") from None
+            taken = transfers.offer(msg.sender, msg.data)
+            if taken is True:
+                continue  # a manifest or chunk: the transfer goes on
+            if isinstance(taken, TransferDone):
+                received += 1
+                failed_transfers += not taken.verified
+                _report_transfer(taken, stdout, as_json, out_dir is None)
+                continue
             received += 1
             if out_dir is not None:
                 name = f"{received:06d}-{msg.sender.replace(':', '_').strip('[]')}.bin"
@@ -776,6 +867,34 @@ def recv(
         pass
     finally:
         node.close(timeout=1.0)
+        for source, manifest, got in transfers.unfinished():
+            click.echo(
+                f"incomplete: {manifest.name} from {source}, {got:,} of {manifest.size:,} "
+                "bytes (not saved under its name)",
+                err=True,
+            )
+        transfers.close()
+    if failed_transfers:
+        raise _fail(f"{failed_transfers} file transfer(s) failed their check")
+
+
+def _report_transfer(done: Any, stdout: BinaryIO, as_json: bool, to_stdout: bool) -> None:
+    """One finished ``send --file`` transfer: a JSON line, or a note on stderr."""
+    if as_json:
+        record = done.as_dict()
+        if to_stdout:
+            record["warning"] = "file data is kept only with --output-dir"
+        stdout.write(json.dumps(record).encode("utf-8") + b"\n")
+        stdout.flush()
+    m = done.manifest
+    if done.verified:
+        where = f"saved as {done.saved_as}" if done.saved_as is not None else "written to stdout"
+        note = f"received {m.name} ({m.size:,} bytes) from {done.source}: SHA-256 verified, {where}"
+    else:
+        kept = f"; the part is in {done.saved_as}" if done.saved_as is not None else ""
+        note = f"error: {m.name} from {done.source}: {done.error}{kept}"
+    if not as_json or not done.verified:
+        click.echo(note, err=True)
 
 
 def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = None) -> None:
