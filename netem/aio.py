@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableSet
 from typing import Any, cast
 
 from .models import FaultCounters, Impairment
@@ -46,7 +46,8 @@ class FaultyDatagramTransport(asyncio.DatagramTransport):
         self._loop = loop
         self.link = outgoing
         self.incoming = incoming
-        self._handles: set[asyncio.TimerHandle] = set()
+        # MutableSet, not set: in this class "set" is the method (documentation tools read it)
+        self._handles: MutableSet[asyncio.TimerHandle] = set()
 
     @property
     def counters(self) -> FaultCounters:

@@ -64,6 +64,12 @@ address, then its host, then the all-clients rule, then what the proxy was
 started with. Every change runs on the relay thread between datagrams (the
 caller waits until it is in force), so the thread stays the only one touching
 the links. :mod:`netem.control` serves the same calls over loopback HTTP.
+
+Logging (logger ``netem.proxy``; silent unless configured): INFO when the
+proxy starts and stops, takes on a client, and when faults change while it
+runs; WARNING the first time a client is refused for each reason (later ones
+at DEBUG, so a flood cannot flood the log); DEBUG for expiries and rebinds;
+ERROR, with the traceback, if the relay thread dies.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ import errno
 import heapq
 import ipaddress
 import itertools
+import logging
 import os
 import selectors
 import socket
@@ -97,6 +104,8 @@ try:
     import resource
 except ImportError:  # pragma: no cover - not on Windows
     resource = None  # type: ignore[assignment]
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_CLIENTS",
@@ -358,6 +367,7 @@ class UdpProxy:
         self._thread: threading.Thread | None = None
         self._fast = self._all_clean()
         self._next_sweep = 0.0
+        self._stopped_logged = False
         # Measured last, with the proxy's own descriptors (and captures) open.
         room = fd_client_limit()
         if max_clients is None:
@@ -431,6 +441,13 @@ class UdpProxy:
             self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._thread = threading.Thread(target=self._run, name="netem-proxy", daemon=True)
             self._thread.start()
+            _log.info(
+                "relaying %s -> %s (up: %s; down: %s)",
+                _format(self.address),
+                _format(self.forward),
+                format_spec(self._base["up"]) or "clean",
+                format_spec(self._base["down"]) or "clean",
+            )
             if self._control_server is not None:
                 self._control_server.start()
         return self
@@ -457,6 +474,17 @@ class UdpProxy:
         self._close_sockets()
         self.stats.up, self.stats.down = self._counters()
         self.stats.clients_active = 0
+        if self._thread is not None and not self._stopped_logged:
+            self._stopped_logged = True
+            _log.info(
+                "stopped after %d clients; up: %d datagrams seen, %d dropped; "
+                "down: %d seen, %d dropped",
+                self.stats.clients,
+                self.stats.up.seen,
+                self.stats.up.dropped,
+                self.stats.down.seen,
+                self.stats.down.dropped,
+            )
         if self._error is not None:
             raise ProxyFailed(self._error)
 
@@ -530,6 +558,8 @@ class UdpProxy:
                 self._rule(key, name).impairment = imp
 
         self._run_control(change)
+        for name, imp in changes.items():
+            _log.info("%s%s: now %s", name, _whom(key), format_spec(imp) or "clean")
 
     def clear(self, *, client: str | tuple[Any, ...] | None = None) -> None:
         """Remove faults: every client clean and healed (or, with ``client``, drop its rules)."""
@@ -542,6 +572,7 @@ class UdpProxy:
                 self._rules.pop(key, None)
 
         self._run_control(change)
+        _log.info("faults cleared%s", _whom(key))
 
     def partition(
         self, direction: str = "both", *, client: str | tuple[Any, ...] | None = None
@@ -555,6 +586,7 @@ class UdpProxy:
                 self._rule(key, name).partitioned = True
 
         self._run_control(change)
+        _log.info("partitioned %s%s", "/".join(names), _whom(key))
 
     def heal(self, direction: str = "both", *, client: str | tuple[Any, ...] | None = None) -> None:
         """End partitions in ``direction``: everyone's (or, with ``client``, that client's)."""
@@ -570,6 +602,7 @@ class UdpProxy:
                             rules[name].partitioned = None
 
         self._run_control(change)
+        _log.info("healed %s%s", "/".join(names), _whom(key))
 
     @contextlib.contextmanager
     def faults(
@@ -749,6 +782,7 @@ class UdpProxy:
             self._loop()
         except BaseException as exc:  # recorded, then raised by wait() and stop()
             self._error = exc
+            _log.error("relay thread stopped on an error", exc_info=exc)
         finally:
             self._done.set()
 
@@ -1075,12 +1109,12 @@ class UdpProxy:
     def _new_client(self, addr: tuple[Any, ...], now: float) -> _Client | None:
         """A session for a new client, or ``None`` (refused, counted) if it cannot have one."""
         if len(self._clients) >= self.max_clients:
-            self._refuse(REFUSED_CAP)
+            self._refuse(REFUSED_CAP, addr)
             return None
         try:
             upstream = self._open_upstream()
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, no ephemeral port...
-            self._refuse(_reason(exc))
+            self._refuse(_reason(exc), addr)
             return None
         index = self.stats.clients
         up, down = self._links_for(index)
@@ -1089,17 +1123,26 @@ class UdpProxy:
             self._selector.register(upstream, selectors.EVENT_READ, client)
         except OSError as exc:  # epoll out of memory or watches
             upstream.close()
-            self._refuse(_reason(exc))
+            self._refuse(_reason(exc), addr)
             return None
         self._sync(client)
         with self._clients_lock:
             self._clients[addr] = client
             self.stats.clients += 1
+        _log.info("new client %s (client #%d)", _format(addr), index + 1)
         return client
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, addr: tuple[Any, ...]) -> None:
+        first = reason not in self.stats.refused
         self.stats.clients_refused += 1
         self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+        _log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "refused client %s: %s%s",
+            _format(addr),
+            reason,
+            " (further refusals for this reason are logged at DEBUG)" if first else "",
+        )
 
     def _open_upstream(self) -> socket.socket:
         sock = socket.socket(self._forward_family, socket.SOCK_DGRAM)
@@ -1122,6 +1165,7 @@ class UdpProxy:
                     self._close_client(client)
                     del self._clients[client.address]
                     self.stats.clients_expired += 1
+                _log.debug("client %s expired (idle)", _format(client.address))
 
     def _rebind(self, client: _Client, now: float) -> None:
         """NAT rebinding: the client's traffic now leaves from a new source port.
@@ -1147,6 +1191,7 @@ class UdpProxy:
         old.close()  # replies to the old port now bounce, as behind a real NAT
         client.upstream = new
         self.stats.rebinds += 1
+        _log.debug("client %s rebound to a new upstream port", _format(client.address))
 
     def _close_client(self, client: _Client) -> None:
         if self._shared is None:  # its faults still count once it is gone
@@ -1200,6 +1245,10 @@ def _directions(direction: str) -> tuple[str, ...]:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be up, down or both, got {direction!r}")
     return (direction,)
+
+
+def _whom(key: ClientKey) -> str:
+    return "" if key is None else f" for {_format(key)}"
 
 
 def _format(key: tuple[Any, ...]) -> str:

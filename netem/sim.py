@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, MutableSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,7 +113,7 @@ class SimNetwork:
         self._queue: list[tuple[float, int, int, Any]] = []
         self._order = itertools.count()
         self._timer_at: dict[Hashable, float | None] = {}
-        self._groups: dict[Hashable, set[Hashable]] = {}
+        self._groups: dict[Hashable, MutableSet[Hashable]] = {}
         self._pairs: dict[frozenset[Hashable], tuple[int, Hashable]] = {}
         self._paused: dict[Hashable, _Pause] = {}
         self._clocks: dict[Hashable, _Clock] = {}

@@ -6,9 +6,17 @@ to one node (``host:port/mailbox``), to a multicast group or a subnet's
 broadcast members (``multicast://239.1.2.3:7000/inbox``, ``broadcast://:7000``,
 answered by a :class:`GroupReceipt`), or to one member of a service
 (``anycast://printer``). Only the standard library is imported here.
+
+The library logs through the ``reliable`` logger and its children
+(``reliable.endpoint``, ``reliable.peer``): sessions established, dropped
+and restarted, unreachable peers, refusals and evictions. It prints nothing
+unless the application configures logging (only a ``NullHandler`` is added),
+e.g. ``logging.basicConfig(level=logging.INFO)``.
 """
 
 from __future__ import annotations
+
+import logging
 
 from . import errors, events, security, wire
 from .addressing import (
@@ -113,11 +121,15 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
 
 def __getattr__(name: str) -> object:
     # AsyncNode lives in its own module so importing reliable never imports asyncio.
     if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle", "AsyncBatchHandle"):
         from . import aio
 
-        return getattr(aio, name)
+        value = getattr(aio, name)
+        globals()[name] = value  # from now on an ordinary attribute (API docs see it)
+        return value
     raise AttributeError(f"module 'reliable' has no attribute {name!r}")

@@ -53,6 +53,17 @@ deleted by the application. Receiving is ``take`` (never waits) and
 ``wait_for_message`` (a ticket answered by a ``MessageTaken`` or
 ``ReceiveFailed`` event); the adapters build blocking and asyncio calls on
 them. See :mod:`reliable.mailbox` for the semantics.
+
+Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
+adds only a ``NullHandler``, so nothing is printed unless the application
+configures logging) reports what an operator acts on, never each datagram:
+INFO when a session is established, a peer closes or restarts, a session is
+dropped (idle, unreachable), and when a message or datagram is refused (a
+mailbox verdict; a failed security check that was answered with
+AUTH_FAILED, itself rate-limited per address); WARNING when a session is
+evicted or a new peer turned away because ``max_peers`` is reached, and when
+a peer refuses *our* datagrams (keys or modes differ); DEBUG for address
+challenges and closing. ``reliable.peer`` logs restarts and unreachable peers.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import random
 import secrets
@@ -86,7 +98,15 @@ from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
-from .security import REFUSAL_TEXT, Integrity, Security, SecurityError
+from .security import (
+    BAD_TAG,
+    REFUSAL_TEXT,
+    UNSEALED,
+    WRONG_MODE,
+    Integrity,
+    Security,
+    SecurityError,
+)
 from .sender import OutgoingMessage
 from .stats import NodeStats
 from .timers import TimerHeap
@@ -108,6 +128,8 @@ from .wire import (
 )
 
 __all__ = ["Endpoint", "Withdrawal"]
+
+_log = logging.getLogger(__name__)
 
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
@@ -494,10 +516,20 @@ class Endpoint:
             # Only a validated address may evict: spoofed sources must not push live peers out.
             if len(self._peers) >= self.config.max_peers and not self._evict_idle(now):
                 self._drop("peer_limit")
+                _log.warning(
+                    "turned away %s: Config.max_peers=%d sessions, none idle",
+                    errors.format_address(addr),
+                    self.config.max_peers,
+                )
                 return
             session = self._new_peer(addr, now)
         if session.incarnation is None:
             session.incarnation = pkt.src_incarnation
+            _log.info(
+                "session with %s established (its incarnation %016x)",
+                errors.format_address(addr),
+                pkt.src_incarnation,
+            )
         elif session.incarnation != pkt.src_incarnation:
             if pkt.kind == Kind.RESET and pkt.dst_incarnation != self.incarnation:
                 self._drop("stale_reset")
@@ -1060,7 +1092,7 @@ class Endpoint:
         self, sender: Any, incarnation: int, url: str, d: Delivery, now: float
     ) -> Verdict | None:
         """A group message is whole and in order: into its mailbox (or parked), or refused."""
-        verdict = self._judge(d.mailbox, len(d.data))
+        verdict = self._judge(d.mailbox, len(d.data), sender)
         if verdict is not None:
             return verdict
         msg = self._arrived(sender, incarnation, d, url)
@@ -1070,14 +1102,15 @@ class Endpoint:
 
     # ------------------------------------------------- mailbox admission (core)
 
-    def _screen(self, frag: Fragment) -> Verdict | None:
-        """Judge a message by its first fragment, before buffering the rest."""
-        return self._judge(frag.mailbox, frag.total_len)
+    def _screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
+        """Judge a message (from ``source``) by its first fragment, before buffering the rest."""
+        return self._judge(frag.mailbox, frag.total_len, source)
 
-    def _judge(self, name: str, size: int) -> Verdict | None:
+    def _judge(self, name: str, size: int, source: Any) -> Verdict | None:
         box = self._mailboxes.get(name)
         if box is None:
             self._drop("refused.no_mailbox")
+            _log_refusal(source, name, size, Verdict.NO_MAILBOX)
             return Verdict.NO_MAILBOX
         verdict = None
         if not box.open:
@@ -1089,10 +1122,11 @@ class Endpoint:
         if verdict is not None:
             box.refused += 1
             self._drop("refused." + verdict.name.lower())
+            _log_refusal(source, name, size, verdict)
         return verdict
 
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        verdict = self._judge(d.mailbox, len(d.data))
+        verdict = self._judge(d.mailbox, len(d.data), session.addr)
         if verdict is not None:
             return verdict
         assert session.incarnation is not None
@@ -1248,7 +1282,7 @@ class Endpoint:
             now,
             self._emit,
             self._message_finished,
-            screen=self._screen,
+            screen=lambda frag: self._screen(frag, addr),
             deliver=self._deliver,
             on_control=self._on_control,
             budget=self._receive_budget,
@@ -1346,6 +1380,7 @@ class Endpoint:
         )
         if self._answer(self._seal(encode_body(challenge)), addr, received):
             self.challenges_sent += 1
+            _log.debug("challenged %s to prove its address", errors.format_address(addr))
 
     def _challenged(self, pkt: Packet, addr: Any, now: float) -> None:
         """The peer wants our address proven: echo its cookie from now on."""
@@ -1376,7 +1411,12 @@ class Endpoint:
             dst_incarnation=their,
             refusal=refusal,
         )
-        self._answer(encode(reply), addr, len(data))
+        if self._answer(encode(reply), addr, len(data)):
+            _log.info(
+                "refused a datagram from %s (%s); told it with AUTH_FAILED",
+                errors.format_address(addr),
+                _REFUSAL_REASON.get(refusal, "failed the security check"),
+            )
 
     def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
         """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
@@ -1396,11 +1436,13 @@ class Endpoint:
             return
         self._drop("auth_failed")
         error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
+        _log.warning("%s", error)
         self._emit(events.PeerRejectedUs(peer=addr, error=error))
         session.fail_all(error)
 
     def _peer_closed(self, session: PeerSession, now: float) -> None:
         assert session.incarnation is not None
+        _log.info("peer %s closed its session", errors.format_address(session.addr))
         self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
         session.fail_all(errors.PeerClosed(session.addr))
         self._remember_ended(session.addr, session.incarnation)
@@ -1432,6 +1474,14 @@ class Endpoint:
         while len(self._resumable) > self.config.remembered_sessions:
             self._resumable.popitem(last=False)
         self.sessions_dropped[reason] = self.sessions_dropped.get(reason, 0) + 1
+        _log.log(
+            logging.WARNING if reason == "evicted" else logging.INFO,
+            "dropped the session with %s (%s%s); released %d bytes",
+            errors.format_address(session.addr),
+            reason,
+            f": Config.max_peers={self.config.max_peers} reached" if reason == "evicted" else "",
+            released,
+        )
         self._emit(events.SessionDropped(peer=session.addr, reason=reason, released=released))
 
     def _drop_if_expired(self, session: PeerSession) -> bool:
@@ -1478,7 +1528,32 @@ class Endpoint:
                 # two copies, each its own packet number (a replay window drops repeats)
                 self._control.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
         self.closed = True
+        _log.debug("closed; peers told: %d", len(self._peers))
         self._emit(events.Closed())
+
+
+_REFUSAL_REASON = {
+    BAD_TAG: "its tag does not verify: our keys differ",
+    UNSEALED: "it is unsealed and this node requires security",
+    WRONG_MODE: "it uses a different security mode",
+}
+_VERDICT_TEXT = {
+    Verdict.NO_MAILBOX: "no such mailbox",
+    Verdict.MAILBOX_CLOSED: "the mailbox is closed",
+    Verdict.TOO_LARGE: "larger than the mailbox accepts",
+    Verdict.NO_MEMORY: "mailbox memory (Config.mailbox_memory) is full",
+}
+
+
+def _log_refusal(source: Any, mailbox: str, size: int, verdict: Verdict) -> None:
+    if _log.isEnabledFor(logging.INFO):
+        _log.info(
+            "refused a %d-byte message from %s for mailbox %r: %s",
+            size,
+            "a group member" if source is None else errors.format_address(source),
+            mailbox,
+            _VERDICT_TEXT.get(verdict, verdict.name.lower()),
+        )
 
 
 def _short_reason(error: errors.DeliveryFailed) -> str:

@@ -80,6 +80,10 @@ have arrived), a cancel lets it run to its real outcome — and if the receiver
 then parks it, the cancel withdraws it from there. Every failure says
 ``delivered=False`` when the message's last fragment never left (see
 ``_fail``); every message gets exactly one outcome.
+
+Logging (logger ``reliable.peer``): INFO when the peer restarts, WARNING when
+it is declared unreachable or drops messages of ours below a fence (each
+with how many messages failed), DEBUG for an OS report that is ridden out.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ from __future__ import annotations
 import enum
 import heapq
 import ipaddress
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +122,8 @@ from .wire import (
 )
 
 __all__ = ["PeerSession", "Resumption", "Withdrawal"]
+
+_log = logging.getLogger(__name__)
 
 #: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
 _MIN_BUFFER_WINDOW = 8
@@ -463,6 +470,12 @@ class PeerSession:
         fence = unwrap(pkt.ack, self.sender.next_seq)
         lost = self.sender.abandon_below(fence)
         lost += [m for m in self.deferred.values() if m.first_seq < fence]
+        if lost:
+            _log.warning(
+                "peer %s had dropped our session; messages failed (PeerDroppedSession): %d",
+                errors.format_address(self.addr),
+                sum(not msg.control for msg in lost),
+            )
         for msg in lost:
             self._undefer(msg)
             self._fail(msg, errors.PeerDroppedSession(self.addr))
@@ -551,15 +564,28 @@ class PeerSession:
         restarted = events.PeerRestarted(
             peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
         )
+        failing = sum(not msg.control for msg in lost)
+        _log.info(
+            "peer %s restarted (incarnation %016x -> %016x)%s",
+            errors.format_address(self.addr),
+            old,
+            new_incarnation,
+            f"; messages it may have seen failed (PeerRestarted): {failing}" if failing else "",
+        )
         self._emit(restarted)
         for msg in lost:
             self._fail(msg, errors.PeerRestarted(self.addr, old, new_incarnation))
         self._update_wait(now)
 
-    def fail_all(self, error: errors.DeliveryFailed) -> None:
-        """Abandon every pending message with ``error`` (peer closed, node closing)."""
-        for msg in self.sender.abandon_all() + self._drop_deferred():
+    def fail_all(self, error: errors.DeliveryFailed) -> int:
+        """Abandon every pending message with ``error`` (peer closed, node closing).
+
+        Returns how many of the application's messages failed.
+        """
+        abandoned = self.sender.abandon_all() + self._drop_deferred()
+        for msg in abandoned:
             self._fail(msg, error)
+        return sum(not msg.control for msg in abandoned)
 
     def _drop_deferred(self) -> list[OutgoingMessage]:
         dropped = list(self.deferred.values())
@@ -793,6 +819,9 @@ class PeerSession:
         """
         self.os_errors += 1
         if not self._fails_on_report(now, soft):
+            _log.debug(
+                "OS reports %s: %s; not failing on it", errors.format_address(self.addr), cause
+            )
             return False
         assert self.wait_since is not None  # a session nothing waits on does not fail
         silent_for = now - max(self.last_heard, self.wait_since)
@@ -829,7 +858,15 @@ class PeerSession:
         self._emit(
             events.PeerUnreachable(peer=self.addr, silent_for=silent_for, cause=cause, errno=errno)
         )
-        self.fail_all(errors.PeerUnreachable(self.addr, silent_for, cause=cause, errno=errno))
+        failed = self.fail_all(
+            errors.PeerUnreachable(self.addr, silent_for, cause=cause, errno=errno)
+        )
+        _log.warning(
+            "peer %s unreachable (%s); messages to it failed: %d",
+            errors.format_address(self.addr),
+            cause if cause is not None else f"silent for {silent_for:.1f} s",
+            failed,
+        )
         # Memory held for a silent peer (a sender that died mid-message) is released now.
         self.expired = not self.watchers and self.holds_memory() > 0
 

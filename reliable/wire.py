@@ -20,7 +20,7 @@ Design choices worth knowing:
   :class:`MalformedPacket` with a short machine-readable reason that callers
   count; they never escape the protocol core.
 * Room for later versions: ``magic`` + ``version`` let a v2 coexist. Kinds
-  16 and up are group addressing (:mod:`reliable.group`); they share the
+  16 and up are group addressing (:mod:`reliable.groups`); they share the
   header and add a length-prefixed group name after the ack section.
 * Security modes (:mod:`reliable.security`) reuse this layout: ``encode_body``
   and ``decode_body`` handle a packet without its trailer, and a sealed

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import multiprocessing as mp
 import os
 import resource
@@ -725,24 +724,7 @@ def format_report(report: BenchReport) -> str:
 
 
 def plot_report(report: BenchReport, path: str) -> None:
-    """Bar charts of messages/s by size and transport (needs matplotlib: rmsg[plot])."""
-    try:
-        matplotlib = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        plt = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'rmsg[plot]'") from None
-    sizes = sorted({t.size for t in report.throughput if t.size != BIG})
-    labels = sorted({(t.transport, t.loss) for t in report.throughput if t.size != BIG})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes, strict=True):
-        values = [
-            (found.messages_per_s if (found := report.find(tr, size, loss)) else 0.0)
-            for tr, loss in labels
-        ]
-        ax.bar(range(len(labels)), values)
-        ax.set_xticks(range(len(labels)), [f"{tr}\n{loss:.0%}" for tr, loss in labels], fontsize=7)
-        ax.set_title(f"{_size(size)} messages")
-        ax.set_ylabel("messages/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Draw the figures to the PNG ``path`` (see ``rmsg.plots.plot_bench``; needs rmsg[plot])."""
+    from .plots import plot_bench
+
+    plot_bench(report.as_dict(), path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import pathlib
 import re
 import signal
@@ -131,9 +132,53 @@ def _security(mode: str, keyfile: str | None) -> reliable.security.Security:
         raise click.BadParameter(str(exc), param_hint="--security/--keyfile") from None
 
 
+class _StderrHandler(logging.Handler):
+    """Log lines to whatever stderr is when they are written (click's, in tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # a logging handler never raises into the library
+            self.handleError(record)
+
+
+_LOGGERS = ("reliable", "netem")
+
+
+def _configure_logging(verbose: int) -> Callable[[], None]:
+    """-v: INFO from the library and netem (sessions, refusals, evictions); -vv: DEBUG too.
+
+    Returns what undoes it, so a command run in-process leaves no handler behind.
+    """
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("rmsg: %(levelname)s %(name)s: %(message)s"))
+    level = logging.INFO if verbose == 1 else logging.DEBUG
+    saved = []
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level))
+        logger.setLevel(level)
+        logger.addHandler(handler)
+
+    def undo() -> None:
+        for logger, old in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+
+    return undo
+
+
 @click.group(context_settings=_CONTEXT)
 @click.version_option(reliable.__version__, prog_name="rmsg")
-def main() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log to stderr what the library does: -v sessions established, dropped and "
+    "restarted, unreachable peers, refusals, evictions; -vv also debug detail.",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Reliable message passing over UDP.
 
     Messages arrive exactly once, intact and in order, or the sender is told
@@ -146,7 +191,10 @@ def main() -> None:
       rmsg recv --bind 127.0.0.1:7000            # terminal 1
       rmsg send 127.0.0.1:7000 "hello"           # terminal 2
       rmsg stats 127.0.0.1:7000                  # its mailboxes and peers
+      rmsg -v recv --bind 127.0.0.1:7000         # and log sessions and refusals
     """
+    if verbose:
+        ctx.call_on_close(_configure_logging(verbose))
 
 
 # ------------------------------------------------------------------------ send
@@ -160,7 +208,9 @@ def main() -> None:
     "--file",
     "path",
     type=click.Path(dir_okay=False, allow_dash=True),
-    help="Send the contents of this file ('-' for stdin).",
+    help="Send this file, of any size, as a transfer that 'rmsg recv' reassembles and "
+    "checks: a manifest, then 1 MiB chunks, verified by SHA-256 (a progress line on a "
+    "terminal). To a group or anycast DEST, and for '-' (stdin), it goes as one message.",
 )
 @click.option(
     "--type",
@@ -188,7 +238,8 @@ def main() -> None:
     default=10.0,
     show_default=True,
     help="Give up if not in the mailbox within this long (e.g. 10s, 500ms); "
-    "a message waiting for room is then withdrawn.",
+    "a message waiting for room is then withdrawn. With --file: the whole transfer's "
+    "limit, by default 10s plus 10s per MiB.",
 )
 @click.option(
     "--bind",
@@ -329,6 +380,20 @@ def send(
         except ReliableError as exc:
             raise _fail(str(exc)) from None
         return
+    if path is not None and path != "-" and not grouped:
+        given = click.get_current_context().get_parameter_source("timeout")
+        _send_file(
+            dest,
+            pathlib.Path(path),
+            node_args=(bind or _wildcard_for(dest.split("/", 1)[0]), security, keyfile, impair),
+            timeout=None if given == click.core.ParameterSource.DEFAULT else timeout,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            quiet=quiet,
+            as_json=as_json,
+        )
+        return
     data = _read_message(message, path)
     local = bind or ("127.0.0.1:0" if grouped else _wildcard_for(dest.split("/", 1)[0]))
     if grouped and not anycast and _on_loopback(local) and not quiet:
@@ -382,6 +447,62 @@ def send(
         click.echo(
             f"delivered {receipt.size} bytes to {where} in {receipt.elapsed * 1000:.1f} ms "
             f"({', '.join(notes)})"
+        )
+
+
+def _send_file(
+    dest: str,
+    path: pathlib.Path,
+    *,
+    node_args: tuple[str, str, str | None, str | None],
+    timeout: float | None,
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """``send --file``: the file as a transfer (rmsg/transfer.py), with a progress line."""
+    from .transfer import Progress, send_file
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror}", param_hint="--file"
+        ) from None
+    stderr = sys.stderr
+    progress = None if quiet or as_json else Progress(stderr, size, f"send {path.name}")
+    try:
+        with _node(*node_args) as node:
+            try:
+                outcome = send_file(
+                    node,
+                    dest,
+                    path,
+                    timeout=timeout,
+                    msg_type=msg_type,
+                    priority=priority,
+                    mailbox=mailbox,
+                    progress=progress,
+                )
+            except KeyboardInterrupt:
+                _interrupted(node, size, as_json)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ReliableError as exc:
+        raise _fail(f"{path.name}: {exc}; the receiver discards the part it has") from None
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror}") from None
+    peer = dest.split("/", 1)[0]
+    if as_json:
+        click.echo(json.dumps(outcome.as_dict(peer)))
+    elif not quiet:
+        m = outcome.manifest
+        click.echo(
+            f"delivered {m.name} ({m.size:,} bytes, SHA-256 {m.sha256[:16]}...) to {dest} "
+            f"in {outcome.elapsed:.1f} s ({m.chunks} chunk(s), "
+            f"{outcome.retransmissions} retransmission(s))"
         )
 
 
@@ -652,7 +773,8 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     "--output-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Save each message as a file in this directory instead of printing it.",
+    help="Save each message as a file in this directory instead of printing it; a file "
+    "sent with 'rmsg send --file' is saved under its own name once its SHA-256 checks.",
 )
 @click.option(
     "--timeout",
@@ -807,6 +929,15 @@ def recv(
     except UsageError as exc:
         node.close(timeout=0)
         raise click.BadParameter(str(exc), param_hint="--mailbox") from None
+    from .transfer import FileReceiver, TransferDone
+
+    stderr = sys.stderr
+    transfers = FileReceiver(
+        out_dir,
+        sink=None if out_dir is not None or as_json else stdout,
+        progress_stream=stderr if stderr.isatty() and not as_json else None,
+    )
+    failed_transfers = 0
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
     extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
     click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
@@ -820,6 +951,14 @@ def recv(
                 )
             except ReceiveTimeout:
                 raise _fail(f"no message for {timeout:g}s") from None
+            taken = transfers.offer(msg.sender, msg.data)
+            if taken is True:
+                continue  # a manifest or chunk: the transfer goes on
+            if isinstance(taken, TransferDone):
+                received += 1
+                failed_transfers += not taken.verified
+                _report_transfer(taken, stdout, as_json, out_dir is None)
+                continue
             received += 1
             if out_dir is not None:
                 name = f"{received:06d}-{msg.sender.replace(':', '_').strip('[]')}.bin"
@@ -837,6 +976,34 @@ def recv(
         pass
     finally:
         node.close(timeout=1.0)
+        for source, manifest, got in transfers.unfinished():
+            click.echo(
+                f"incomplete: {manifest.name} from {source}, {got:,} of {manifest.size:,} "
+                "bytes (not saved under its name)",
+                err=True,
+            )
+        transfers.close()
+    if failed_transfers:
+        raise _fail(f"{failed_transfers} file transfer(s) failed their check")
+
+
+def _report_transfer(done: Any, stdout: BinaryIO, as_json: bool, to_stdout: bool) -> None:
+    """One finished ``send --file`` transfer: a JSON line, or a note on stderr."""
+    if as_json:
+        record = done.as_dict()
+        if to_stdout:
+            record["warning"] = "file data is kept only with --output-dir"
+        stdout.write(json.dumps(record).encode("utf-8") + b"\n")
+        stdout.flush()
+    m = done.manifest
+    if done.verified:
+        where = f"saved as {done.saved_as}" if done.saved_as is not None else "written to stdout"
+        note = f"received {m.name} ({m.size:,} bytes) from {done.source}: SHA-256 verified, {where}"
+    else:
+        kept = f"; the part is in {done.saved_as}" if done.saved_as is not None else ""
+        note = f"error: {m.name} from {done.source}: {done.error}{kept}"
+    if not as_json or not done.verified:
+        click.echo(note, err=True)
 
 
 def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = None) -> None:
@@ -927,7 +1094,15 @@ def stats(
     "--plot",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also draw messages/s per transport to this PNG (needs rmsg[plot]).",
+    help="Also draw the figures to this PNG: messages/s by size and loss, one colour per "
+    "transport, UDP's losses and rmsg's retransmissions marked (needs rmsg[plot]).",
+)
+@click.option(
+    "--from",
+    "from_json",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Measure nothing: draw --plot from figures saved with --json.",
 )
 @click.option(
     "--scale/--no-scale",
@@ -942,6 +1117,7 @@ def bench(
     duration: float | None,
     as_json: bool,
     plot: str | None,
+    from_json: str | None,
     scale: bool,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
@@ -962,13 +1138,23 @@ def bench(
       rmsg bench --quick
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
+      rmsg bench --from figures.json --plot bench.png     # draw a saved run again
     """
-    from .bench import format_report, plot_report, run_bench
+    from .bench import format_report, run_bench
 
     if duration is not None and duration <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--duration")
     if plot is not None:
         _require_plotting(plot, "--plot")  # before minutes of measuring, not after
+    if from_json is not None:
+        if plot is None:
+            raise click.UsageError("--from draws saved figures: give --plot FILE.png too")
+        try:
+            saved = json.loads(pathlib.Path(from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot read figures: {exc}", param_hint="--from") from None
+        _plot_bench(saved, plot)
+        return
 
     def progress(text: str) -> None:
         click.echo(f"  {text}", err=True)
@@ -976,16 +1162,33 @@ def bench(
     report = run_bench(
         quick=quick, rounds=rounds, duration=duration, progress=progress, scale=scale
     )
+    from .plots import describe_machine
+
+    figures = report.as_dict()
+    figures["machine"] = describe_machine()
+    figures["command"] = " ".join(
+        ["rmsg bench"]
+        + (["--quick"] if quick else [])
+        + ([f"--rounds {rounds}"] if rounds is not None else [])
+        + ([f"--duration {duration:g}s"] if duration is not None else [])
+        + ([] if scale else ["--no-scale"])
+    )
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(figures, indent=2))
     else:
         click.echo(format_report(report))
     if plot is not None:
-        try:
-            plot_report(report, plot)
-        except RuntimeError as exc:
-            raise _fail(str(exc)) from None
-        click.echo(f"plot written to {plot}", err=True)
+        _plot_bench(figures, plot)
+
+
+def _plot_bench(figures: dict[str, Any], plot: str) -> None:
+    from .plots import plot_bench
+
+    try:
+        plot_bench(figures, plot)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"cannot draw {plot}: {exc}") from None
+    click.echo(f"plot written to {plot}", err=True)
 
 
 def _require_plotting(path: str, option: str) -> None:
@@ -1004,7 +1207,10 @@ def _require_plotting(path: str, option: str) -> None:
 
 @main.command(context_settings=_CONTEXT)
 @click.argument("path", type=click.Path(dir_okay=False))
-def keygen(path: str) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print where the key went as JSON (never the key)."
+)
+def keygen(path: str, as_json: bool) -> None:
     """Write a new random 32-byte pre-shared key to PATH, readable by you only.
 
     Give the same file to every node of a group (--keyfile PATH), or export
@@ -1023,6 +1229,12 @@ def keygen(path: str) -> None:
         raise click.BadParameter(str(exc), param_hint="PATH") from None
     except OSError as exc:
         raise _fail(f"cannot write {path}: {exc.strerror}") from None
+    if as_json:
+        written = pathlib.Path(path).resolve()
+        info = written.stat()
+        record = {"status": "written", "path": str(written), "mode": f"{info.st_mode & 0o777:o}"}
+        click.echo(json.dumps(record))
+        return
     click.echo(f"wrote a new key to {path} (mode 600)", err=True)
 
 
@@ -1312,7 +1524,8 @@ def netem(
     are printed when it stops (Ctrl-C, SIGTERM or --duration). New clients
     beyond --max-clients or the descriptor limit are refused and counted, the
     others keep being relayed. Exit status: 0 after a normal stop, 1 if the
-    relay failed (the error is named), 2 for bad options.
+    relay could not start or failed (the OS's error is named: an address in
+    use, a capture that cannot be written), 2 for bad options.
 
     \b
     Examples:
@@ -1366,7 +1579,11 @@ def netem(
                 max_clients=max_clients,
                 control=control,
             )
-    except (ValueError, OSError) as exc:
+    except socket.gaierror as exc:  # a name that does not resolve: fix the option
+        raise click.UsageError(f"cannot resolve the address: {exc.strerror}") from None
+    except OSError as exc:  # in use, not ours, an unwritable capture: the OS said no
+        raise _fail(f"cannot start the proxy: {exc}") from None
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     for warning in caught:
         click.echo(f"netem: warning: {warning.message}", err=True)
@@ -1675,7 +1892,10 @@ def wireshark() -> None:
 @click.option(
     "--print", "print_only", is_flag=True, help="Write the Lua source to stdout; install nothing."
 )
-def wireshark_install(folder: str | None, print_only: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the file written (and tshark's path) as JSON."
+)
+def wireshark_install(folder: str | None, print_only: bool, as_json: bool) -> None:
     """Install the rmsg dissector (rmsg.lua) into Wireshark's plugin folder.
 
     Wireshark and tshark load it at their next start. Prints the path of the
@@ -1689,6 +1909,8 @@ def wireshark_install(folder: str | None, print_only: bool) -> None:
     """
     from .wireshark_plugin import install, lua_source
 
+    if print_only and as_json:
+        raise click.UsageError("--print writes the Lua source; --json describes an install")
     if print_only:
         click.echo(lua_source(), nl=False)
         return
@@ -1696,6 +1918,17 @@ def wireshark_install(folder: str | None, print_only: bool) -> None:
         target = install(pathlib.Path(folder) if folder is not None else None)
     except OSError as exc:
         raise _fail(f"cannot install the dissector: {exc}") from None
+    if as_json:
+        import shutil
+
+        record = {
+            "status": "installed",
+            "path": str(target.resolve()),
+            "bytes": target.stat().st_size,
+            "tshark": shutil.which("tshark"),
+        }
+        click.echo(json.dumps(record))
+        return
     click.echo(str(target))
 
 

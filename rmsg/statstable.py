@@ -6,7 +6,48 @@ from collections.abc import Sequence
 
 from reliable import NodeStats, format_address
 
-__all__ = ["format_stats"]
+__all__ = ["DROP_REASONS", "explain_drop", "format_stats"]
+
+#: What each ``NodeStats.dropped`` reason means, and whether anything was lost. Most are
+#: protocol at work, not trouble: a new peer's first flight waits for its address to be
+#: proven (``unvalidated``), and datagrams of a peer's ended life arrive late.
+DROP_REASONS = {
+    "unvalidated": "a new peer's first datagrams, held back until it proves its address "
+    "(answered with a CHALLENGE; the peer resends them with the cookie): once per new "
+    "session, nothing lost",
+    "dead_incarnation": "late datagrams from a peer's earlier life, which closed or "
+    "restarted: nothing lost (that life's messages already had their outcome)",
+    "stale_incarnation": "datagrams addressed to an earlier life of this node (answered "
+    "with RESET, so the peer learns of the restart)",
+    "unknown_peer": "acks or control from an address with no session (it was dropped or "
+    "closed): harmless",
+    "stale_reset": "a RESET that was not addressed to this node's current life: ignored",
+    "peer_limit": "a new peer turned away: Config.max_peers sessions, none idle",
+    "forged_ack": "acknowledgements of data never sent (forged, or a confused peer): ignored",
+    "replay": "a sealed datagram whose packet number was already seen (a duplicate or a replay)",
+    "auth_failed": "a peer refused our datagrams (keys or security modes differ)",
+    "stray_auth_failed": "an AUTH_FAILED that did not echo our incarnation: ignored, "
+    "anyone can forge one",
+    "stray_challenge": "a CHALLENGE that did not echo our incarnation, or for no session: ignored",
+    "amplification_limited": "a reply to an unproven address left unsent: it would have "
+    "been over 3x the datagram",
+    "challenge_limited": "an address challenge left unsent: over "
+    "Config.max_challenges_per_second (a flood of new addresses)",
+    "shed.stats": "a stats query answered later: the asker asks faster than it reads",
+    "stats_refused": "a stats query refused: this node does not share its statistics",
+    "malformed": "did not decode: corrupted in transit (checksum) or not rmsg",
+    "security": "failed the security check (wrong key or mode, or forged): answered with "
+    "AUTH_FAILED, rate-limited",
+    "refused": "messages refused by a mailbox verdict (no such mailbox, closed, too large, "
+    "out of mailbox memory): the sender was told",
+    "group": "group traffic for a group this node has not opened or joined, or stray acks and NAKs",
+    "anycast": "anycast traffic for a service this node does not serve, or that it cannot confirm",
+}
+
+
+def explain_drop(reason: str) -> str:
+    """What a ``NodeStats.dropped`` reason means (``malformed.checksum`` by its family)."""
+    return DROP_REASONS.get(reason) or DROP_REASONS.get(reason.split(".", 1)[0], "")
 
 
 def _table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -159,4 +200,10 @@ def format_stats(stats: NodeStats, where: str) -> str:
         f"sessions dropped: {sessions}",
         f"dropped: {dropped}",
     ]
+    if stats.dropped:
+        width = max(len(k) for k in stats.dropped)
+        lines += [
+            f"  {reason:<{width}}  {explain_drop(reason) or 'see docs/protocol.md'}"
+            for reason in sorted(stats.dropped)
+        ]
     return "\n".join(lines)

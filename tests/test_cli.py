@@ -37,11 +37,14 @@ def test_send_reads_stdin_and_file_and_sets_type(tmp_path: Path) -> None:
         r1 = runner.invoke(
             main, ["send", dest, "--type", "-4", "--priority", "9"], input="from stdin"
         )
-        r2 = runner.invoke(main, ["send", dest, "--file", str(payload), "-q"])
+        r2 = runner.invoke(main, ["send", dest, "--file", str(payload), "-q", "--type", "5"])
         assert r1.exit_code == r2.exit_code == 0, r1.output + r2.output
-        m1, m2 = b.receive(timeout=2), b.receive(timeout=2)
+        m1 = b.receive(timeout=2)
         assert (m1.data, m1.msg_type, m1.priority) == (b"from stdin", -4, 9)
-        assert m2.data == payload.read_bytes()
+        # --file is a transfer (tests/test_file_transfer.py): a manifest, then the chunk
+        manifest, chunk = b.receive(timeout=2), b.receive(timeout=2)
+        assert manifest.data.startswith(b"RMSGFILE") and manifest.msg_type == chunk.msg_type == 5
+        assert chunk.data.endswith(payload.read_bytes())
         assert r2.output == ""
 
 

@@ -150,6 +150,9 @@ def reader_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (where / block.marks["file"]).write_text(block.code)
     for capture in ("run.pcap", "capture.pcap"):
         _write_capture(where / capture)
+    saved = where / "docs" / "images"  # a saved bench run, as a reader of the source tree has it
+    saved.mkdir(parents=True)
+    shutil.copy(ROOT / "docs" / "images" / "bench-figures.json", saved)
     return where
 
 
@@ -246,7 +249,14 @@ def _check_cli(argv: list[str]) -> str:
     from rmsg.cli import main
 
     assert argv, "rmsg with no subcommand"
-    parent = click.Context(main, info_name="rmsg")
+    try:  # the group's own options first (-v, -vv)
+        parent = main.make_context("rmsg", list(argv))
+    except click.ClickException as exc:
+        raise AssertionError(f"rmsg {shlex.join(argv)}: {exc.format_message()}") from None
+    argv = [*getattr(parent, "_protected_args", []), *parent.args]  # click 8.2+ / 8.1
+    if not hasattr(parent, "_protected_args"):
+        argv = [*parent.protected_args, *parent.args]
+    assert argv, "rmsg with no subcommand"
     command = main.get_command(parent, argv[0])
     assert command is not None, f"rmsg has no subcommand {argv[0]!r}"
     try:

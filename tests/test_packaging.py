@@ -29,7 +29,7 @@ def test_changelog_names_the_current_version() -> None:
 
 def test_sdist_ships_the_docs_the_readme_links_to() -> None:
     manifest = (ROOT / "MANIFEST.in").read_text()
-    assert "recursive-include docs *.md *.png" in manifest and "LICENSE" in manifest
+    assert "recursive-include docs *.md *.png *.json" in manifest and "LICENSE" in manifest
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
