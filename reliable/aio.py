@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +67,7 @@ from .message import GroupReceipt, Message, Receipt
 from .node import _CLOSE_GRACE, DISCOVERY_WAIT
 from .security import Security
 from .stats import NodeStats
+from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
 __all__ = ["AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
 
@@ -208,6 +210,7 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
+        close_stores(self._endpoint, self._loop.time())
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -271,13 +274,26 @@ class AsyncNode:
         *,
         max_bytes: int | None = None,
         port: bool = False,
+        durable: str | os.PathLike[str] | None = None,
+        sync: str = "grouped",
     ) -> AsyncMailbox:
         """As :meth:`reliable.Node.create_mailbox`; returns the owner's handle."""
         loop = self._require_started()
         self._check_open()
-        owner = self._endpoint.create_mailbox(
-            name, capacity=capacity, max_bytes=max_bytes, port=port, now=loop.time()
-        )
+        store = open_store(durable, name, sync)
+        try:
+            owner = self._endpoint.create_mailbox(
+                name,
+                capacity=capacity,
+                max_bytes=max_bytes,
+                port=port,
+                store=store,
+                now=loop.time(),
+            )
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         return AsyncMailbox(self, name, owner)
 
     def mailbox(self, name: str) -> AsyncMailbox:
@@ -637,6 +653,7 @@ class AsyncNode:
         timer = endpoint.get_timer()
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
+        sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
         self._transmit(endpoint.datagrams_to_send(now))
         route_events(endpoint, self, self._on_event)
         self._arm_timer()

@@ -26,6 +26,14 @@ parking never reorders a sender's messages. A mailbox of capacity 0 is a
 *rendezvous*: every message parks until a receiver takes it, and its sender
 learns which receiver did.
 
+Durable mailboxes
+-----------------
+A mailbox with a ``log`` (:mod:`reliable.durable`) keeps its messages on
+disk. A message that would enter it is *staged* instead: it holds its room
+but is invisible to receivers until the store reports the commit that wrote
+it (:meth:`Mailbox.committed`); only then does it enter, and its sender hear
+that it did. Taking a message stages the deletion of its row.
+
 Receivers
 ---------
 Receivers that found nothing wait in a FIFO queue. An arriving message goes
@@ -42,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .durable import DurableLog
 from .errors import UsageError
 from .message import Message
 from .stats import MailboxStats
@@ -221,6 +230,9 @@ class Mailbox:
         self.discarded = 0
         self.last_send: tuple[float, Any] | None = None
         self.last_receive: tuple[float, str] | None = None
+        self.log: DurableLog | None = None  #: set for a durable mailbox
+        self.staged = 0  #: durable: admitted messages waiting for their commit
+        self.staged_bytes = 0
 
     @property
     def rendezvous(self) -> bool:
@@ -236,9 +248,13 @@ class Mailbox:
         """Take an arriving message; returns False if it was parked (deferred)."""
         self.last_send = (now, msg.source)
         if not self.parked and not self.rendezvous:
-            if self._hand_to_waiter(msg, None, now):
+            if self.log is not None:
+                if self._has_room(len(msg.data)):
+                    self._stage(msg)
+                    return True
+            elif self._hand_to_waiter(msg, None, now):
                 return True
-            if self._has_room(len(msg.data)):
+            elif self._has_room(len(msg.data)):
                 self._enqueue(msg)
                 return True
         self.deferred += 1
@@ -248,9 +264,39 @@ class Mailbox:
         return False
 
     def _has_room(self, size: int) -> bool:
-        if self.capacity is not None and self.queue.count >= self.capacity:
+        if self.capacity is not None and self.queue.count + self.staged >= self.capacity:
             return False
-        return self.max_bytes is None or self.queue.bytes + size <= self.max_bytes
+        return (
+            self.max_bytes is None or self.queue.bytes + self.staged_bytes + size <= self.max_bytes
+        )
+
+    def _stage(self, msg: Message) -> None:
+        """Durable: ``msg`` has room; it enters once the store has committed it."""
+        assert self.log is not None
+        self.staged += 1
+        self.staged_bytes += len(msg.data)
+        self.log.stage(msg)
+
+    def committed(self, msgs: list[Message], now: float) -> None:
+        """Durable: the store committed staged ``msgs``; they enter, in order."""
+        for msg in msgs:
+            self.staged -= 1
+            self.staged_bytes -= len(msg.data)
+            self._on_unpark(msg, None)  # its sender's receipt: only now
+            if not self._hand_to_waiter(msg, None, now):
+                self._enqueue(msg)
+
+    def uncommitted(self, msgs: list[Message]) -> None:
+        """Durable: the store failed to commit staged ``msgs``; they never enter."""
+        for msg in msgs:
+            self.staged -= 1
+            self.staged_bytes -= len(msg.data)
+        self.discarded += len(msgs)
+
+    def restore(self, msg: Message) -> None:
+        """Durable: a message the store held when the mailbox was opened."""
+        self.queue.push(msg)
+        self.high_water = max(self.high_water, self.queue.count)
 
     def _enqueue(self, msg: Message) -> None:
         self.total_in += 1
@@ -263,6 +309,8 @@ class Mailbox:
                 del self.waiters[ticket]
                 self.total_in += 1
                 self._served(waiter.receiver, now)
+                if self.log is not None:
+                    self.log.remove(msg)
                 self._on_handoff(ticket, msg)
                 return True
         return False
@@ -291,6 +339,8 @@ class Mailbox:
             return msg
         msg = self.queue.take(selector)
         if msg is not None:
+            if self.log is not None:
+                self.log.remove(msg)
             self._served(receiver, now)
             self._refill(now)
         return msg
@@ -311,6 +361,9 @@ class Mailbox:
         while self.parked and self._has_room(self._next_parked_size()):
             msg = self.parked.take()
             assert msg is not None
+            if self.log is not None:
+                self._stage(msg)
+                continue
             self._on_unpark(msg, None)
             if not self._hand_to_waiter(msg, None, now):
                 self._enqueue(msg)
@@ -330,6 +383,9 @@ class Mailbox:
         """Discard every queued message (the mailbox is being deleted); returns how many."""
         dropped = self.queue.remove_where(lambda _m: True)
         self.discarded += len(dropped)
+        if self.log is not None:
+            for msg in dropped:
+                self.log.remove(msg)
         return len(dropped)
 
     def stats(self, now: float) -> MailboxStats:

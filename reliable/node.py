@@ -26,6 +26,7 @@ finishes it from the calling thread before releasing the socket.
 
 from __future__ import annotations
 
+import os
 import random
 import select
 import selectors
@@ -73,6 +74,7 @@ from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
+from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
 __all__ = ["Mailbox", "Node", "SendHandle"]
 
@@ -513,6 +515,8 @@ class Node:
             now = time.monotonic()
             endpoint = self._endpoint
             message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+            if message is not None:
+                sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
             ticket = None
             if message is None and wait and timeout != 0:
                 ticket = endpoint.wait_for_message(
@@ -573,6 +577,8 @@ class Node:
         *,
         max_bytes: int | None = None,
         port: bool = False,
+        durable: str | os.PathLike[str] | None = None,
+        sync: str = "grouped",
     ) -> Mailbox:
         """Create mailbox ``name`` on this node; returns its owner's handle.
 
@@ -581,12 +587,25 @@ class Node:
         node's ``Config.mailbox_memory``). ``max_bytes`` bounds their bytes.
         A *port* (``port=True``) has one receiver, the returned handle, and
         any number of senders. Raises :class:`~reliable.errors.MailboxExists`.
+        ``durable=PATH`` keeps its messages in an SQLite file that outlives the
+        process; ``sync`` is its sync policy (see docs/mailboxes.md).
         """
         with self._lock:
             self._check_open()
-            owner = self._endpoint.create_mailbox(
-                name, capacity=capacity, max_bytes=max_bytes, port=port, now=time.monotonic()
-            )
+            store = open_store(durable, name, sync)
+            try:
+                owner = self._endpoint.create_mailbox(
+                    name,
+                    capacity=capacity,
+                    max_bytes=max_bytes,
+                    port=port,
+                    store=store,
+                    now=time.monotonic(),
+                )
+            except BaseException:
+                if store is not None:
+                    store.close()
+                raise
         return Mailbox(self, name, owner)
 
     def mailbox(self, name: str) -> Mailbox:
@@ -667,6 +686,7 @@ class Node:
             self._closed = True
             self._changed.notify_all()
             self._sock.close()  # under the lock: no final datagram is on its way (see _pump)
+            close_stores(self._endpoint, time.monotonic())
             self._groups.close()
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -781,6 +801,7 @@ class Node:
                 timer = endpoint.get_timer()
                 if timer is not None and timer <= now:
                     endpoint.handle_timer(now)
+            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
