@@ -308,6 +308,14 @@ class AsyncNode:
         manage_mailbox(self._endpoint, name, action, owner, loop.time())
         self._pump([])
 
+    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any:
+        """Run ``call(endpoint, now)`` (a mailbox handle's peek, ack, ...), commit, pump."""
+        loop = self._require_started()
+        self._check_open()
+        result = call(self._endpoint, loop.time())
+        self._pump([])  # commits a durable mailbox's writes first
+        return result
+
     def _port_abandoned(self, name: str, owner: int) -> None:
         """A port's owner handle was garbage collected: delete the port on the loop.
 
@@ -561,6 +569,7 @@ class AsyncNode:
         msg_type: int,
         except_type: bool,
         receiver: str | None,
+        lock: float | None = None,
     ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
@@ -571,7 +580,7 @@ class AsyncNode:
             task = asyncio.current_task()
             receiver = task.get_name() if task is not None else "asyncio"
         message = self._endpoint.take(
-            mailbox, selector, owner=owner, receiver=receiver, now=loop.time()
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
         )
         if message is not None:
             self._pump([])  # a parked message may have got in: its sender hears of it now
@@ -586,11 +595,12 @@ class AsyncNode:
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
+        lock: float | None = None,
     ) -> Message:
         check_timeout(timeout, "timeout")
         mark = self._departures.mark()
         message, selector, label = self._take(
-            mailbox, owner, source, msg_type, except_type, receiver
+            mailbox, owner, source, msg_type, except_type, receiver, lock
         )
         if message is not None:
             return message
@@ -601,7 +611,7 @@ class AsyncNode:
         deadline = None if timeout is None else loop.time() + timeout
         peer = selector.source
         ticket = endpoint.wait_for_message(
-            mailbox, selector, owner=owner, receiver=label, now=loop.time()
+            mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
         )
         future: asyncio.Future[Message] = loop.create_future()
         self._receives[ticket] = future
@@ -802,10 +812,12 @@ class AsyncMailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> Message:
-        """As :meth:`AsyncNode.receive`, from this mailbox."""
+        """As :meth:`AsyncNode.receive`, from this mailbox (``lock``: see
+        :meth:`reliable.Mailbox.receive`)."""
         return await self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout
+            self.name, self._owner, source, msg_type, except_type, receiver, timeout, lock
         )
 
     def receive_nowait(

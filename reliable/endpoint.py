@@ -255,6 +255,7 @@ class Endpoint:
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
         self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
+        self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
         self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
@@ -605,7 +606,7 @@ class Endpoint:
         self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         deadlines = [] if first is None else [first]
-        for part in (self._groups.deadline(), self._services.deadline()):
+        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
             if part is not None:
                 deadlines.append(part)
         if self._closing:
@@ -632,6 +633,8 @@ class Endpoint:
         services_due = self._services.deadline()
         if services_due is not None and services_due <= now:
             self._services.on_timer(now)
+        if self._locking:
+            self._expire_locks(now)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -828,8 +831,10 @@ class Endpoint:
         """
         box = self._box(name, owner=owner, managing=True)
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        self._held -= box.queue.bytes
+        self._held -= box.queue.bytes + box.locked_bytes
         box.drop_queued()
+        box.locked.clear()
+        box.locked_bytes = 0
         if box.log is not None:
             # Staged messages never enter: their senders hear so, and the store is emptied.
             staged, box.log.staged = box.log.staged, []
@@ -854,15 +859,86 @@ class Endpoint:
         *,
         owner: int | None = None,
         receiver: str = "",
+        lock: float | None = None,
         now: float,
     ) -> Message | None:
-        """The message ``selector`` chooses from ``mailbox``, if one is there; never waits."""
+        """The message ``selector`` chooses from ``mailbox``, if one is there; never waits.
+
+        With ``lock`` (seconds) it is taken under a lock instead (see
+        :meth:`ack`): invisible to other receives until acknowledged, released,
+        or the lock expires. From a durable mailbox, the adapter must commit
+        (``sync_stores``) before it hands a removed message out.
+        """
         box = self._box(mailbox, owner=owner)
         self._now = now
-        msg = box.take(selector or ANY, receiver, now)
+        check_lock(lock)
+        if self._locking:
+            self._expire_locks(now)
+        msg = box.take(selector or ANY, receiver, now, lock)
         if msg is not None:
-            self._held -= len(msg.data)
+            if lock is None:
+                self._held -= len(msg.data)
+            else:
+                self._locking.add(mailbox)
         return msg
+
+    def peek(
+        self,
+        mailbox: str = DEFAULT_MAILBOX,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        now: float,
+    ) -> Message | None:
+        """The message :meth:`take` would return, left in the mailbox (browse)."""
+        box = self._box(mailbox, owner=owner)
+        self._expire_locks(now)
+        return box.peek(selector or ANY)
+
+    def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+        """Remove ``msg``, taken under a lock, for good. False if its lock had expired
+        (then it went back to the mailbox, and may have been received again)."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        if box.ack(msg, now):
+            self._held -= len(msg.data)
+            return True
+        return False
+
+    def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+        """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        return box.release(msg, now)
+
+    def remove_message(
+        self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
+    ) -> bool:
+        """Explicit delete: remove ``msg`` (peeked, or locked) from its mailbox.
+        False if it is no longer there (received, or deleted, meanwhile)."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        if box.remove(msg, now):
+            self._held -= len(msg.data)
+            return True
+        return False
+
+    def _expire_locks(self, now: float) -> None:
+        for name in list(self._locking):
+            box = self._mailboxes.get(name)
+            if box is not None:
+                box.expire_locks(now)
+            if box is None or not box.locked:
+                self._locking.discard(name)
+
+    def _lock_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for name in self._locking
+            if (box := self._mailboxes.get(name)) is not None
+            if (d := box.lock_deadline()) is not None
+        ]
+        return min(deadlines, default=None)
 
     def wait_for_message(
         self,
@@ -871,6 +947,7 @@ class Endpoint:
         *,
         owner: int | None = None,
         receiver: str = "",
+        lock: float | None = None,
         now: float,
     ) -> int:
         """Queue a receive that found nothing (call :meth:`take` first); returns its ticket.
@@ -882,8 +959,9 @@ class Endpoint:
         self._now = now
         ticket = self._next_waiter
         self._next_waiter += 1
+        check_lock(lock)
         self._waiting[ticket] = mailbox
-        box.wait(ticket, selector or ANY, receiver)
+        box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
 
     def cancel_wait(self, ticket: int) -> bool:
@@ -1225,8 +1303,12 @@ class Endpoint:
             self._dirty[session.addr] = None
 
     def _handed_off(self, ticket: int, msg: Message) -> None:
-        self._held -= len(msg.data)
         self._waiting.pop(ticket, None)
+        box = self._mailboxes.get(msg.mailbox)
+        if box is not None and msg in box.locked:
+            self._locking.add(box.name)  # still held, under a lock
+        else:
+            self._held -= len(msg.data)
         box = self._durable.get(msg.mailbox)
         if box is not None and box.log is not None:
             box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
@@ -1607,6 +1689,14 @@ def check_integer(value: object, name: str) -> None:
     """Raise a :class:`~reliable.errors.UsageError` unless ``value`` is an int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.UsageError(f"{name} must be an integer, got {value!r}")
+
+
+def check_lock(lock: float | None) -> None:
+    """A receive's lock (visibility timeout) is None or a positive number of seconds."""
+    if lock is None:
+        return
+    if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
+        raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .durable import DurableLog
+from .durable import DurableLog, describe
 from .errors import UsageError
 from .message import Message
 from .stats import MailboxStats
@@ -136,21 +136,37 @@ class MessageQueue:
 
     def take(self, selector: Selector = ANY) -> Message | None:
         """Remove and return the first message ``selector`` chooses, or ``None``."""
+        found = self._find(selector)
+        return None if found is None else self._remove(*found)
+
+    def peek(self, selector: Selector = ANY) -> Message | None:
+        """The message :meth:`take` would return, left where it is."""
+        found = self._find(selector)
+        return None if found is None else self._levels[found[0]][found[1]]
+
+    def _find(self, selector: Selector) -> tuple[int, int] | None:
+        """(priority, index in its level) of the first message ``selector`` chooses."""
         if not self.count:
             return None
         if selector is ANY or selector == ANY:
-            return self._remove(self._priorities[-1], 0)
-        best: tuple[int, int] | None = None  # (priority, index in its level)
+            return self._priorities[-1], 0
+        best: tuple[int, int] | None = None
         best_type = 0
         for priority in reversed(self._priorities):
             for i, msg in enumerate(self._levels[priority]):
                 if not selector.admits(msg):
                     continue
                 if selector.msg_type >= 0:
-                    return self._remove(priority, i)
+                    return priority, i
                 if best is None or msg.msg_type < best_type:
                     best, best_type = (priority, i), msg.msg_type
-        return None if best is None else self._remove(*best)
+        return best
+
+    def push_front(self, msg: Message) -> None:
+        """Put ``msg`` back at the head of its priority (a lock released or expired)."""
+        self.push(msg)
+        level = self._levels[msg.priority]
+        level.rotate(1)  # the message just appended becomes the first
 
     def remove_where(self, predicate: Callable[[Message], bool]) -> list[Message]:
         """Remove and return every message ``predicate`` picks, in queue order."""
@@ -181,6 +197,7 @@ class MessageQueue:
 class _Waiter:
     selector: Selector
     receiver: str
+    lock: float | None = None  #: receive under a lock of this many seconds
 
 
 class Mailbox:
@@ -233,6 +250,8 @@ class Mailbox:
         self.log: DurableLog | None = None  #: set for a durable mailbox
         self.staged = 0  #: durable: admitted messages waiting for their commit
         self.staged_bytes = 0
+        self.locked: dict[Message, float] = {}  #: taken under a lock, until this deadline
+        self.locked_bytes = 0
 
     @property
     def rendezvous(self) -> bool:
@@ -309,7 +328,9 @@ class Mailbox:
                 del self.waiters[ticket]
                 self.total_in += 1
                 self._served(waiter.receiver, now)
-                if self.log is not None:
+                if waiter.lock is not None:
+                    self._lock(msg, now + waiter.lock)
+                elif self.log is not None:
                     self.log.remove(msg)
                 self._on_handoff(ticket, msg)
                 return True
@@ -328,8 +349,22 @@ class Mailbox:
 
     # ---------------------------------------------------------------- receiving
 
-    def take(self, selector: Selector, receiver: str, now: float) -> Message | None:
-        """The first message ``selector`` chooses, if any, without waiting."""
+    def take(
+        self, selector: Selector, receiver: str, now: float, lock: float | None = None
+    ) -> Message | None:
+        """The first message ``selector`` chooses, if any, without waiting.
+
+        With ``lock`` (seconds) the message is not removed but locked: no
+        other receive sees it until :meth:`ack` removes it, :meth:`release`
+        returns it, or the lock expires (:meth:`expire_locks`) and it is
+        back at the head of its priority.
+        """
+        if lock is not None:
+            msg = self.queue.take(selector)
+            if msg is not None:
+                self._lock(msg, now + lock)
+                self._served(receiver, now)
+            return msg
         if self.rendezvous:
             msg = self.parked.take(selector)
             if msg is not None:
@@ -345,9 +380,69 @@ class Mailbox:
             self._refill(now)
         return msg
 
-    def wait(self, ticket: int, selector: Selector, receiver: str) -> None:
+    def wait(
+        self, ticket: int, selector: Selector, receiver: str, lock: float | None = None
+    ) -> None:
         """Queue a receiver that found nothing; it is served by :meth:`offer` or a refill."""
-        self.waiters[ticket] = _Waiter(selector, receiver)
+        self.waiters[ticket] = _Waiter(selector, receiver, lock)
+
+    # ------------------------------------------------------------ locks, peek
+
+    def peek(self, selector: Selector) -> Message | None:
+        """The message a receive would take now, left in the mailbox (and unlocked)."""
+        return self.queue.peek(selector)
+
+    def _lock(self, msg: Message, deadline: float) -> None:
+        self.locked[msg] = deadline
+        self.locked_bytes += len(msg.data)
+
+    def _unlock(self, msg: Message) -> bool:
+        if self.locked.pop(msg, None) is None:
+            return False
+        self.locked_bytes -= len(msg.data)
+        return True
+
+    def ack(self, msg: Message, now: float) -> bool:
+        """Remove locked ``msg`` for good; False if its lock had expired (or it was acked)."""
+        if not self._unlock(msg):
+            return False
+        if self.log is not None:
+            self.log.remove(msg)
+        self._refill(now)
+        return True
+
+    def release(self, msg: Message, now: float) -> bool:
+        """Give locked ``msg`` back: a waiting receiver gets it, or the head of its priority."""
+        if not self._unlock(msg):
+            return False
+        self.total_out -= 1  # it was not consumed after all
+        if self._hand_to_waiter(msg, None, now):
+            self.total_in -= 1  # it entered once, when it first arrived
+        else:
+            self.queue.push_front(msg)
+        return True
+
+    def remove(self, msg: Message, now: float) -> bool:
+        """Explicit delete: remove ``msg``, queued (peeked) or locked; False if it is gone."""
+        if msg in self.locked:
+            return self.ack(msg, now)
+        if not self.queue.remove_where(lambda m: m is msg):
+            return False
+        if self.log is not None:
+            self.log.remove(msg)
+        self.total_out += 1
+        self._refill(now)
+        return True
+
+    def lock_deadline(self) -> float | None:
+        return min(self.locked.values(), default=None)
+
+    def expire_locks(self, now: float) -> int:
+        """Locks past their deadline end: those messages are receivable again."""
+        expired = [m for m, deadline in self.locked.items() if deadline <= now]
+        for msg in reversed(expired):  # so they end up in their earlier order
+            self.release(msg, now)
+        return len(expired)
 
     def cancel_wait(self, ticket: int) -> bool:
         return self.waiters.pop(ticket, None) is not None
@@ -413,4 +508,6 @@ class Mailbox:
             last_sender=None if self.last_send is None else self.last_send[1],
             last_receive_age=age(self.last_receive),
             last_receiver=None if self.last_receive is None else self.last_receive[1],
+            locked=len(self.locked),
+            durable=None if self.log is None else describe(self.log.store),
         )

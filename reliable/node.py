@@ -503,6 +503,7 @@ class Node:
         timeout: float | None,
         *,
         wait: bool,
+        lock: float | None = None,
     ) -> Message | None:
         check_timeout(timeout, "timeout")
         peer = None if source is None else resolve_destination(source, self._sock.family)
@@ -514,18 +515,22 @@ class Node:
             self._check_open()
             now = time.monotonic()
             endpoint = self._endpoint
-            message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+            message = endpoint.take(
+                mailbox, selector, owner=owner, receiver=label, lock=lock, now=now
+            )
             if message is not None:
                 sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
             ticket = None
             if message is None and wait and timeout != 0:
                 ticket = endpoint.wait_for_message(
-                    mailbox, selector, owner=owner, receiver=label, now=now
+                    mailbox, selector, owner=owner, receiver=label, lock=lock, now=now
                 )
                 if peer is not None:
                     # Probe the named peer while we wait, so a dead one cannot leave us blocked.
                     endpoint.watch(peer, now)
         self._pump([])  # a parked message may have got in: its sender hears of it now
+        if lock is not None:
+            self._wake()  # a lock's expiry is a new timer for the I/O thread
         if message is not None or not wait:
             return message
         if ticket is None:
@@ -620,6 +625,16 @@ class Node:
             self._check_open()
             manage_mailbox(self._endpoint, name, action, owner, time.monotonic())
         self._pump([])  # senders of parked messages, and waiting receivers, learn now
+
+    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any:
+        """Run ``call(endpoint, now)`` (a mailbox handle's peek, ack, ...), commit, pump."""
+        with self._lock:
+            self._check_open()
+            now = time.monotonic()
+            result = call(self._endpoint, now)
+            sync_stores(self._endpoint, now)
+        self._pump([])
+        return result
 
     def _port_abandoned(self, name: str, owner: int) -> None:
         """A port's owner handle was garbage collected: the I/O thread deletes the port.
@@ -969,10 +984,24 @@ class Mailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> Message:
-        """As :meth:`Node.receive`, from this mailbox."""
+        """As :meth:`Node.receive`, from this mailbox.
+
+        ``lock`` (seconds): take the message under a lock instead of removing
+        it; :meth:`ack` removes it, :meth:`release` gives it back, and if
+        neither comes in time it is receivable again (a visibility timeout).
+        """
         message = self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout, wait=True
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            wait=True,
+            lock=lock,
         )
         assert message is not None
         return message

@@ -1,7 +1,8 @@
 """A node hosting durable mailbox "jobs" at argv[1], for the SIGKILL crash tests.
 
 Prints its port, then: ``hold`` keeps every message; ``receive`` takes them
-as they come, printing each (flushed) once ``receive`` returned it; ``drain``
+as they come, printing each (flushed) once ``receive`` returned it; ``lock``
+takes each under a lock, prints it, then acknowledges it; ``drain``
 prints what the store held and exits.
 """
 
@@ -27,10 +28,12 @@ def main() -> None:
                 sys.stdin.readline()  # until killed
                 continue
             try:
-                msg = box.receive(timeout=30)
+                msg = box.receive(timeout=30, lock=30 if mode == "lock" else None)
             except errors.ReceiveTimeout:
                 return
             print(msg.data.decode(), flush=True)
+            if mode == "lock":
+                box.ack(msg)
 
 
 if __name__ == "__main__":

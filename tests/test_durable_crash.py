@@ -6,7 +6,9 @@ handed out before it died, or in the mailbox after the restart — never both,
 never twice, and the mailbox keeps send order. (A receive is at most once
 across a crash: a message handed out in the instant before the kill, before
 the child could print it, is gone from the store and from the log alike;
-the "receive" test allows that one message and no other.)
+the "receive" test allows that one message and no other. Received under a
+lock and acknowledged after use, nothing is lost: a message whose holder died
+before its ack is still stored — at least once, the "lock" test.)
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ def _stream_then_kill(
     return acked, handed, n
 
 
-@pytest.mark.parametrize("mode", ["hold", "receive"])
+@pytest.mark.parametrize("mode", ["hold", "receive", "lock"])
 def test_sigkill_never_loses_or_duplicates_an_acknowledged_message(mode: str) -> None:
-    rng = random.Random(19 if mode == "hold" else 20)
+    rng = random.Random({"hold": 19, "receive": 20, "lock": 21}[mode])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "jobs.db")
         acked: set[int] = set()
@@ -104,10 +106,15 @@ def test_sigkill_never_loses_or_duplicates_an_acknowledged_message(mode: str) ->
         stored = _drain(path)
         assert stored == sorted(stored), "the mailbox keeps send order"
         assert len(set(stored)) == len(stored), "nothing is stored twice"
-        assert not set(stored) & set(handed), "nothing is handed out and still stored"
-        assert len(set(handed)) == len(handed), "nothing is handed out twice"
+        again = len(handed) - len(set(handed)) + len(set(stored) & set(handed))
+        if mode == "lock":
+            # At least once: one handed out but not acked when the kill came is still
+            # stored, and is handed out again after the restart: one per kill at most.
+            assert again <= 3
+        else:
+            assert again == 0, "nothing is handed out twice, or handed out and still stored"
         missing = acked - set(stored) - set(handed)
-        allowed = 0 if mode == "hold" else 3  # one per kill: handed out, not yet printed
+        allowed = 3 if mode == "receive" else 0  # one per kill: handed out, not yet printed
         assert len(missing) <= allowed, sorted(missing)[:10]
         assert _drain(path) == [], "drained means gone"
 
