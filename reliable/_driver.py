@@ -29,6 +29,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any, Protocol
 
 from . import errors, events
@@ -666,6 +667,19 @@ class MailboxHandle:
                 lambda ep, now: ep.remove_message(self.name, message, owner=owner, now=now)
             )
         )
+
+    def set_limits(
+        self,
+        capacity: int | EllipsisType | None = ...,
+        max_bytes: int | EllipsisType | None = ...,
+    ) -> None:
+        """Change the capacity and/or max_bytes now (``mq_setattr``, ``IPC_SET``); what
+        is left out keeps its value. Raising them admits waiting (parked) messages."""
+        now_stats = self.stats()
+        cap = now_stats.capacity if capacity is ... else capacity
+        size = now_stats.max_bytes if max_bytes is ... else max_bytes
+        owner = self._owner
+        self._managed._core(lambda ep, now: ep.set_limits(self.name, cap, size, now, owner=owner))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

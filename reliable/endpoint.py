@@ -818,6 +818,27 @@ class Endpoint:
         box.open = False
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
 
+    def set_limits(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        now: float,
+        *,
+        owner: int | None = None,
+    ) -> None:
+        """Change mailbox ``name``'s capacity and max_bytes at run time (see
+        :meth:`Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
+        box = self._mailboxes.get(name)
+        if box is not None and name != DEFAULT_MAILBOX:
+            box = self._box(name, owner=owner, managing=True)
+        elif box is None:
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
+        if capacity == 0 and box.log is not None:
+            raise errors.UsageError("a durable mailbox cannot be a rendezvous (capacity=0)")
+        self._now = now
+        box.set_limits(capacity, max_bytes, now)
+
     def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
         self._box(name, owner=owner, managing=True).open = True

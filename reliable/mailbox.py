@@ -69,6 +69,17 @@ def check_mailbox_name(name: str) -> None:
         raise UsageError(f"mailbox name {name!r} may not contain '/'")
 
 
+def check_limits(capacity: int | None, max_bytes: int | None) -> None:
+    """Raise a :class:`UsageError` unless these are valid mailbox limits."""
+    for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise UsageError(f"{label} must be None (unbounded) or an integer >= 0, got {value!r}")
+    if max_bytes == 0 and capacity != 0:
+        raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
+
+
 @dataclass(frozen=True, slots=True)
 class Selector:
     """Which messages a receive accepts (``source`` None: any sender)."""
@@ -219,15 +230,7 @@ class Mailbox:
         on_handoff: Callable[[int, Message], None],
         now: float,
     ) -> None:
-        for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise UsageError(
-                    f"{label} must be None (unbounded) or an integer >= 0, got {value!r}"
-                )
-        if max_bytes == 0 and capacity != 0:
-            raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
+        check_limits(capacity, max_bytes)
         self.name = name
         self.capacity = capacity
         self.max_bytes = max_bytes
@@ -467,6 +470,23 @@ class Mailbox:
         return len(next(iter(self.parked)).data)
 
     # ------------------------------------------------------------- management
+
+    def set_limits(self, capacity: int | None, max_bytes: int | None, now: float) -> None:
+        """Change the limits at run time (``mq_setattr``, ``IPC_SET``'s ``msg_qbytes``).
+
+        Lowering them keeps what is queued (new arrivals park until it drains
+        below); raising them admits parked messages at once. A rendezvous stays
+        one, and only a rendezvous has capacity 0.
+        """
+        check_limits(capacity, max_bytes)
+        if (capacity == 0) != self.rendezvous:
+            raise UsageError(
+                f"mailbox {self.name!r}: a rendezvous (capacity 0) cannot become a buffered "
+                "mailbox or the other way round; create another mailbox"
+            )
+        self.capacity, self.max_bytes = capacity, max_bytes
+        if not self.rendezvous:
+            self._refill(now)
 
     def remove_parked(self, predicate: Callable[[Message], bool]) -> list[Message]:
         """Withdraw parked messages (cancelled, or their sender ended); returns them."""

@@ -132,3 +132,40 @@ def test_mailbox_handles_peek_lock_ack_and_remove_over_loopback(tmp_path: object
         again = box.receive(timeout=5, lock=10)  # "b" is back once its lock expired
         assert again is locked and box.ack(again)
         assert box.peek() is None and box.stats().locked == 0
+
+
+def test_raising_the_capacity_at_run_time_admits_parked_messages() -> None:
+    p = Pair(release=False)
+    _filled(p, [b"a", b"b", b"c"], capacity=1)
+    ep = p.b.endpoint
+    assert ep.stats().mailbox("q").parked == 2
+    ep.set_limits("q", 3, None, p.now)
+    p.run(0.2)
+    stats = ep.stats().mailbox("q")
+    assert (stats.messages, stats.parked, stats.capacity) == (3, 0, 3)
+    assert len(p.a.of(events.MessageDelivered)) == 3, "their senders got their receipts"
+
+
+def test_lowering_the_limits_keeps_what_is_queued_and_parks_new_arrivals() -> None:
+    p = Pair(release=False)
+    _filled(p, [b"a", b"b"])
+    ep = p.b.endpoint
+    ep.set_limits("q", 1, 100, p.now)
+    p.a.endpoint.send(B, b"c", now=p.now, mailbox="q")
+    p.run(0.2)
+    stats = ep.stats().mailbox("q")
+    assert (stats.messages, stats.parked, stats.max_bytes) == (2, 1, 100)
+    with pytest.raises(errors.UsageError, match="rendezvous"):
+        ep.set_limits("q", 0, None, p.now)
+    with pytest.raises(errors.UsageError, match="capacity"):
+        ep.set_limits("q", -1, None, p.now)
+
+
+@pytest.mark.loopback
+def test_a_handle_changes_one_limit_and_keeps_the_other() -> None:
+    with Node() as server:
+        box = server.create_mailbox("q", 5, max_bytes=1000)
+        box.set_limits(capacity=7)
+        assert (box.stats().capacity, box.stats().max_bytes) == (7, 1000)
+        box.set_limits(max_bytes=None)
+        assert (box.stats().capacity, box.stats().max_bytes) == (7, None)
