@@ -592,6 +592,8 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
     """Delete the ports whose owner handles are gone (see :class:`MailboxHandle`)."""
     while ports:
         name, owner = ports.pop()
+        if not endpoint.is_port_of(name, owner):
+            continue  # a plain mailbox outlives its handles (a durable one: its store too)
         with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
             endpoint.delete_mailbox(name, now, owner=owner)
 

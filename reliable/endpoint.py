@@ -803,6 +803,11 @@ class Endpoint:
             now=now,
         )
 
+    def is_port_of(self, name: str, owner: int) -> bool:
+        """Whether ``name`` is a port and ``owner`` its owner token."""
+        box = self._mailboxes.get(name)
+        return box is not None and box.owner is not None and box.owner == owner
+
     def has_mailbox(self, name: str) -> bool:
         return name in self._mailboxes
 

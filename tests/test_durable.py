@@ -146,3 +146,17 @@ def test_a_durable_rendezvous_is_refused() -> None:
     p = DurablePair()
     with pytest.raises(errors.UsageError, match="rendezvous"):
         p.b.create_mailbox("meet", capacity=0, store=MemoryStore())
+
+
+@pytest.mark.loopback
+def test_dropping_the_handle_of_a_durable_mailbox_keeps_it_and_its_store(tmp_path: Any) -> None:
+    import gc
+
+    from reliable import Node
+
+    path = str(tmp_path / "jobs.db")
+    with Node() as server, Node() as client:
+        server.create_mailbox("jobs", durable=path)  # the handle is dropped at once
+        gc.collect()
+        client.send(f"127.0.0.1:{server.address[1]}/jobs", b"kept", timeout=5)
+        assert server.mailbox("jobs").receive(timeout=5).data == b"kept"
