@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,6 +68,7 @@ from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
+from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
 __all__ = ["AsyncBatchHandle", "AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
 
@@ -304,6 +306,7 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
+        close_stores(self._endpoint, self._loop.time())
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -367,13 +370,26 @@ class AsyncNode:
         *,
         max_bytes: int | None = None,
         port: bool = False,
+        durable: str | os.PathLike[str] | None = None,
+        sync: str = "grouped",
     ) -> AsyncMailbox:
         """As :meth:`reliable.Node.create_mailbox`; returns the owner's handle."""
         loop = self._require_started()
         self._check_open()
-        owner = self._endpoint.create_mailbox(
-            name, capacity=capacity, max_bytes=max_bytes, port=port, now=loop.time()
-        )
+        store = open_store(durable, name, sync)
+        try:
+            owner = self._endpoint.create_mailbox(
+                name,
+                capacity=capacity,
+                max_bytes=max_bytes,
+                port=port,
+                store=store,
+                now=loop.time(),
+            )
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> AsyncMailbox:
@@ -387,6 +403,14 @@ class AsyncNode:
         self._check_open()
         manage_mailbox(self._endpoint, name, action, owner, loop.time())
         self._pump([])
+
+    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any:
+        """Run ``call(endpoint, now)`` (a mailbox handle's peek, ack, ...), commit, pump."""
+        loop = self._require_started()
+        self._check_open()
+        result = call(self._endpoint, loop.time())
+        self._pump([])  # commits a durable mailbox's writes first
+        return result
 
     def _port_abandoned(self, name: str, owner: int) -> None:
         """A port's owner handle was garbage collected: delete the port on the loop.
@@ -732,24 +756,25 @@ class AsyncNode:
         msg_type: int,
         except_type: bool,
         receiver: str | None,
+        lock: float | None = None,
     ) -> list[Message]:
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args)[0]
+            message = self._take(mailbox, owner, *args, lock)[0]
             if message is None:
                 break
             got.append(message)
         if got:
             return got
         try:
-            got.append(await self._receive(mailbox, owner, *args, timeout))
+            got.append(await self._receive(mailbox, owner, *args, timeout, lock))
         except errors.ReceiveTimeout:
             return []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args)[0]
+            message = self._take(mailbox, owner, *args, lock)[0]
             if message is None:
                 break
             got.append(message)
@@ -763,6 +788,7 @@ class AsyncNode:
         msg_type: int,
         except_type: bool,
         receiver: str | None,
+        lock: float | None = None,
     ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
@@ -773,10 +799,12 @@ class AsyncNode:
             task = asyncio.current_task()
             receiver = task.get_name() if task is not None else "asyncio"
         message = self._endpoint.take(
-            mailbox, selector, owner=owner, receiver=receiver, now=loop.time()
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
         )
         if message is not None:
-            self._pump([])  # a parked message may have got in: its sender hears of it now
+            # A parked message may have got in: its sender hears of it now. Durable: the
+            # pump commits the message's deletion before we hand it out.
+            self._pump([])
         return message, selector, receiver
 
     async def _receive(
@@ -788,11 +816,12 @@ class AsyncNode:
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
+        lock: float | None = None,
     ) -> Message:
         check_timeout(timeout, "timeout")
         mark = self._departures.mark()
         message, selector, label = self._take(
-            mailbox, owner, source, msg_type, except_type, receiver
+            mailbox, owner, source, msg_type, except_type, receiver, lock
         )
         if message is not None:
             return message
@@ -803,7 +832,7 @@ class AsyncNode:
         deadline = None if timeout is None else loop.time() + timeout
         peer = selector.source
         ticket = endpoint.wait_for_message(
-            mailbox, selector, owner=owner, receiver=label, now=loop.time()
+            mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
         )
         future: asyncio.Future[Message] = loop.create_future()
         self._receives[ticket] = future
@@ -857,6 +886,7 @@ class AsyncNode:
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
         if endpoint.has_output() or endpoint.closing or self._backlog:
+            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
@@ -1004,10 +1034,12 @@ class AsyncMailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> Message:
-        """As :meth:`AsyncNode.receive`, from this mailbox."""
+        """As :meth:`AsyncNode.receive`, from this mailbox (``lock``: see
+        :meth:`reliable.Mailbox.receive`)."""
         return await self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout
+            self.name, self._owner, source, msg_type, except_type, receiver, timeout, lock
         )
 
     def receive_nowait(
@@ -1031,8 +1063,18 @@ class AsyncMailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> list[Message]:
-        """As :meth:`AsyncNode.receive_many`, from this mailbox."""
+        """As :meth:`AsyncNode.receive_many`, from this mailbox; with ``lock`` (seconds)
+        each message is taken under its own lock (see :meth:`reliable.Mailbox.receive`)."""
         return await self._node._receive_many(
-            self.name, self._owner, max_count, timeout, source, msg_type, except_type, receiver
+            self.name,
+            self._owner,
+            max_count,
+            timeout,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            lock,
         )

@@ -33,6 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any, Protocol
 
 from . import errors, events
@@ -46,7 +47,7 @@ from .addressing import (
     resolve_address,
 )
 from .endpoint import Endpoint, check_integer, message_bytes
-from .mailbox import check_mailbox_name
+from .mailbox import Selector, check_mailbox_name
 from .message import GroupReceipt, Message, Receipt
 from .stats import MailboxStats, NodeStats
 
@@ -657,6 +658,8 @@ def receive_failure(
 class _ManagedNode(Protocol):
     def _manage(self, name: str, action: str, owner: int | None) -> None: ...
 
+    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any: ...
+
     def _port_abandoned(self, name: str, owner: int) -> None: ...
 
     def stats(self) -> NodeStats: ...
@@ -679,7 +682,7 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
     while ports:
         name, owner = ports.pop()
         if not endpoint.is_port_of(name, owner):
-            continue  # a plain mailbox outlives its handles
+            continue  # a plain mailbox outlives its handles (a durable one: its store too)
         with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
             endpoint.delete_mailbox(name, now, owner=owner)
 
@@ -718,6 +721,56 @@ class MailboxHandle:
 
     def stats(self) -> MailboxStats:
         return self._managed.stats().mailbox(self.name)
+
+    # Peek, locks and explicit delete (issue 19): one core call each, then the
+    # node commits a durable mailbox's writes before the call returns.
+
+    def peek(self, *, msg_type: int = 0, except_type: bool = False) -> Message | None:
+        """The message a receive would take now, left in the mailbox (browse); or None."""
+        selector = Selector.of(None, msg_type, except_type)
+        owner = self._owner
+        return self._managed._core(  # type: ignore[no-any-return]
+            lambda ep, now: ep.peek(self.name, selector, owner=owner, now=now)
+        )
+
+    def ack(self, message: Message) -> bool:
+        """Remove ``message``, received with ``lock=``, for good (durable: committed on
+        return). False if its lock had expired: it went back, and may be received again."""
+        owner = self._owner
+        return bool(
+            self._managed._core(lambda ep, now: ep.ack(self.name, message, owner=owner, now=now))
+        )
+
+    def release(self, message: Message) -> bool:
+        """Give ``message``, received with ``lock=``, back to the head of its priority."""
+        owner = self._owner
+        return bool(
+            self._managed._core(
+                lambda ep, now: ep.release(self.name, message, owner=owner, now=now)
+            )
+        )
+
+    def remove(self, message: Message) -> bool:
+        """Explicit delete of a peeked (or locked) message; False if it is already gone."""
+        owner = self._owner
+        return bool(
+            self._managed._core(
+                lambda ep, now: ep.remove_message(self.name, message, owner=owner, now=now)
+            )
+        )
+
+    def set_limits(
+        self,
+        capacity: int | EllipsisType | None = ...,
+        max_bytes: int | EllipsisType | None = ...,
+    ) -> None:
+        """Change the capacity and/or max_bytes now (``mq_setattr``, ``IPC_SET``); what
+        is left out keeps its value. Raising them admits waiting (parked) messages."""
+        now_stats = self.stats()
+        cap = now_stats.capacity if capacity is ... else capacity
+        size = now_stats.max_bytes if max_bytes is ... else max_bytes
+        owner = self._owner
+        self._managed._core(lambda ep, now: ep.set_limits(self.name, cap, size, now, owner=owner))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -52,7 +52,11 @@ default mailbox ``""`` always exists; others are created, closed, reopened and
 deleted by the application. Receiving is ``take`` (never waits) and
 ``wait_for_message`` (a ticket answered by a ``MessageTaken`` or
 ``ReceiveFailed`` event); the adapters build blocking and asyncio calls on
-them. See :mod:`reliable.mailbox` for the semantics.
+them. See :mod:`reliable.mailbox` for the semantics. A durable mailbox
+(``create_mailbox(..., store=...)``) records write intents instead of
+doing I/O; the adapter commits them (``pending_writes``, ``writes_done``),
+and whatever must follow a commit (the sender's receipt, a waiting
+receiver's message) waits for that report: see :mod:`reliable.durable`.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -93,6 +97,7 @@ from .control import (
     StatsRequest,
     decode_control,
 )
+from .durable import DurableLog, MailboxStore, WriteBatch
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
@@ -272,6 +277,9 @@ class Endpoint:
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
+        self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
+        self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
+        self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -442,6 +450,13 @@ class Endpoint:
             or self._events
             or self._groups.pending
             or self._services.pending
+            or self.owes_writes()
+        )
+
+    def owes_writes(self) -> bool:
+        """Whether a durable mailbox has writes for the adapter to commit (cheap)."""
+        return bool(self._retired) or any(
+            box.log is not None and box.log.pending() for box in self._durable.values()
         )
 
     def quiet(self) -> bool:
@@ -454,6 +469,7 @@ class Endpoint:
             or self._control
             or self._groups.pending
             or self._services.pending
+            or self.owes_writes()
             or self._closing
             or self._groups.deadline() is not None
             or self._services.deadline() is not None
@@ -627,7 +643,7 @@ class Endpoint:
         self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         deadlines = [] if first is None else [first]
-        for part in (self._groups.deadline(), self._services.deadline()):
+        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
             if part is not None:
                 deadlines.append(part)
         if self._closing:
@@ -654,6 +670,8 @@ class Endpoint:
         services_due = self._services.deadline()
         if services_due is not None and services_due <= now:
             self._services.on_timer(now)
+        if self._locking:
+            self._expire_locks(now)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -726,21 +744,88 @@ class Endpoint:
         capacity: int | None = None,
         max_bytes: int | None = None,
         port: bool = False,
+        store: MailboxStore | None = None,
         now: float,
     ) -> int:
         """Create mailbox ``name``; returns its owner token.
 
         ``capacity`` bounds the messages it holds (0: rendezvous, None: no
         limit) and ``max_bytes`` their bytes. A *port* delivers only to its
-        owner: ``take``/``wait_for_message`` must present the token.
+        owner: ``take``/``wait_for_message`` must present the token. With a
+        ``store`` the mailbox is durable (:mod:`reliable.durable`): it starts
+        with the messages the store restored, in order.
         """
         check_mailbox_name(name)
         if name in self._mailboxes:
             raise errors.MailboxExists(f"mailbox {name!r} already exists on this node")
+        if store is not None and capacity == 0:
+            raise errors.UsageError(
+                "a rendezvous mailbox (capacity=0) holds nothing to store; "
+                "give a durable mailbox a capacity of at least 1, or None"
+            )
         owner = self._next_owner
         self._next_owner += 1
         self._create(name, capacity, max_bytes, owner if port else None, now)
+        if store is not None:
+            self._make_durable(self._mailboxes[name], store)
         return owner
+
+    def _make_durable(self, box: Mailbox, store: MailboxStore) -> None:
+        box.log = DurableLog(store)
+        for _row, msg in store.restored:
+            msg = replace(msg, mailbox=box.name)
+            box.log.rows[msg] = _row
+            box.restore(msg)
+            self._held += len(msg.data)
+        self._durable[box.name] = box
+
+    # ---------------------------------------------------- durable mailboxes
+
+    def pending_writes(self) -> list[WriteBatch]:
+        """What durable mailboxes owe their stores, one batch per store; the
+        adapter commits each (in one transaction) and reports :meth:`writes_done`."""
+        batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
+        self._retired.clear()
+        for box in self._durable.values():
+            if box.log is not None and box.log.pending():
+                batches.append(box.log.take_batch(box.name))
+        return batches
+
+    def durable_stores(self) -> list[MailboxStore]:
+        """The stores of the durable mailboxes (to close with the node)."""
+        return [box.log.store for box in self._durable.values() if box.log is not None]
+
+    def writes_done(self, batch: WriteBatch, now: float, error: Exception | None = None) -> None:
+        """``batch`` was committed (``error`` None) or could not be.
+
+        Committed messages enter their mailbox and their senders get their
+        receipts; receivers served meanwhile get their messages. If the commit
+        failed, the messages it would have stored are refused to their senders
+        (``MessageRejected``) and the failure is counted (``store.failed``);
+        receivers still get theirs (its row may then come back after a restart).
+        """
+        self._now = now
+        box = self._mailboxes.get(batch.mailbox)
+        live = box is not None and box.log is batch.log
+        msgs = [msg for _row, msg in batch.inserts]
+        if error is None and live:
+            assert box is not None
+            batch.log.inserted(batch.inserts)
+            box.committed(msgs, now)
+        elif msgs:
+            if error is not None:
+                self._drop("store.failed")
+            verdict = Verdict.REFUSED if error is not None else Verdict.MAILBOX_CLOSED
+            for msg in msgs:
+                self._held -= len(msg.data)
+                self._tell_discarded(msg, verdict)
+            if live:
+                assert box is not None
+                box.uncommitted(msgs)
+        elif error is not None:
+            self._drop("store.failed")
+        for ticket, msg in batch.handoffs:
+            self._emit(events.MessageTaken(waiter=ticket, message=msg))
 
     def _create(
         self, name: str, capacity: int | None, max_bytes: int | None, owner: int | None, now: float
@@ -775,6 +860,27 @@ class Endpoint:
         box.open = False
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
 
+    def set_limits(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        now: float,
+        *,
+        owner: int | None = None,
+    ) -> None:
+        """Change mailbox ``name``'s capacity and max_bytes at run time (see
+        :meth:`Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
+        box = self._mailboxes.get(name)
+        if box is not None and name != DEFAULT_MAILBOX:
+            box = self._box(name, owner=owner, managing=True)
+        elif box is None:
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
+        if capacity == 0 and box.log is not None:
+            raise errors.UsageError("a durable mailbox cannot be a rendezvous (capacity=0)")
+        self._now = now
+        box.set_limits(capacity, max_bytes, now)
+
     def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
         self._box(name, owner=owner, managing=True).open = True
@@ -788,8 +894,20 @@ class Endpoint:
         """
         box = self._box(name, owner=owner, managing=True)
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        self._held -= box.queue.bytes
+        self._held -= box.queue.bytes + box.locked_bytes
         box.drop_queued()
+        box.locked.clear()
+        box.locked_bytes = 0
+        if box.log is not None:
+            # Staged messages never enter: their senders hear so, and the store is emptied.
+            staged, box.log.staged = box.log.staged, []
+            box.uncommitted(staged)
+            for msg in staged:
+                self._held -= len(msg.data)
+                self._tell_discarded(msg, Verdict.MAILBOX_CLOSED)
+            box.log.destroy = True
+            del self._durable[name]
+            self._retired.append(box)
         for ticket in list(box.waiters):
             box.cancel_wait(ticket)
             self._waiting.pop(ticket, None)
@@ -804,15 +922,86 @@ class Endpoint:
         *,
         owner: int | None = None,
         receiver: str = "",
+        lock: float | None = None,
         now: float,
     ) -> Message | None:
-        """The message ``selector`` chooses from ``mailbox``, if one is there; never waits."""
+        """The message ``selector`` chooses from ``mailbox``, if one is there; never waits.
+
+        With ``lock`` (seconds) it is taken under a lock instead (see
+        :meth:`ack`): invisible to other receives until acknowledged, released,
+        or the lock expires. From a durable mailbox, the adapter must commit
+        (``sync_stores``) before it hands a removed message out.
+        """
         box = self._box(mailbox, owner=owner)
         self._now = now
-        msg = box.take(selector or ANY, receiver, now)
+        check_lock(lock)
+        if self._locking:
+            self._expire_locks(now)
+        msg = box.take(selector or ANY, receiver, now, lock)
         if msg is not None:
-            self._held -= len(msg.data)
+            if lock is None:
+                self._held -= len(msg.data)
+            else:
+                self._locking.add(mailbox)
         return msg
+
+    def peek(
+        self,
+        mailbox: str = DEFAULT_MAILBOX,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        now: float,
+    ) -> Message | None:
+        """The message :meth:`take` would return, left in the mailbox (browse)."""
+        box = self._box(mailbox, owner=owner)
+        self._expire_locks(now)
+        return box.peek(selector or ANY)
+
+    def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+        """Remove ``msg``, taken under a lock, for good. False if its lock had expired
+        (then it went back to the mailbox, and may have been received again)."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        if box.ack(msg, now):
+            self._held -= len(msg.data)
+            return True
+        return False
+
+    def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+        """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        return box.release(msg, now)
+
+    def remove_message(
+        self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
+    ) -> bool:
+        """Explicit delete: remove ``msg`` (peeked, or locked) from its mailbox.
+        False if it is no longer there (received, or deleted, meanwhile)."""
+        box = self._box(mailbox, owner=owner)
+        self._now = now
+        if box.remove(msg, now):
+            self._held -= len(msg.data)
+            return True
+        return False
+
+    def _expire_locks(self, now: float) -> None:
+        for name in list(self._locking):
+            box = self._mailboxes.get(name)
+            if box is not None:
+                box.expire_locks(now)
+            if box is None or not box.locked:
+                self._locking.discard(name)
+
+    def _lock_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for name in self._locking
+            if (box := self._mailboxes.get(name)) is not None
+            if (d := box.lock_deadline()) is not None
+        ]
+        return min(deadlines, default=None)
 
     def wait_for_message(
         self,
@@ -821,6 +1010,7 @@ class Endpoint:
         *,
         owner: int | None = None,
         receiver: str = "",
+        lock: float | None = None,
         now: float,
     ) -> int:
         """Queue a receive that found nothing (call :meth:`take` first); returns its ticket.
@@ -832,8 +1022,9 @@ class Endpoint:
         self._now = now
         ticket = self._next_waiter
         self._next_waiter += 1
+        check_lock(lock)
         self._waiting[ticket] = mailbox
-        box.wait(ticket, selector or ANY, receiver)
+        box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
 
     def cancel_wait(self, ticket: int) -> bool:
@@ -1134,13 +1325,14 @@ class Endpoint:
         # Held first: a rendezvous may hand it over (and release it) inside offer().
         session.hold(len(d.data))
         handoffs = self._handoffs
-        if self._mailboxes[d.mailbox].offer(msg, now):
+        box = self._mailboxes[d.mailbox]
+        if box.offer(msg, now) and box.log is None:
             session.unhold(len(d.data))  # it went straight in: nothing parked
             if self._handoffs != handoffs and self.config.reply_ack_delay > 0:
                 # A waiting receiver has it: its reply may carry the ack (receiver.py).
                 session.receiver.await_reply(now + self.config.reply_ack_delay)
             return None
-        return Verdict.DEFERRED
+        return Verdict.DEFERRED  # parked, or (durable) staged until its commit
 
     def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
         """The message a delivery makes, announced as an event and counted as held."""
@@ -1181,8 +1373,16 @@ class Endpoint:
 
     def _handed_off(self, ticket: int, msg: Message) -> None:
         self._handoffs += 1
-        self._held -= len(msg.data)
         self._waiting.pop(ticket, None)
+        box = self._mailboxes.get(msg.mailbox)
+        if box is not None and msg in box.locked:
+            self._locking.add(box.name)  # still held, under a lock
+        else:
+            self._held -= len(msg.data)
+        box = self._durable.get(msg.mailbox)
+        if box is not None and box.log is not None:
+            box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
+            return
         self._emit(events.MessageTaken(waiter=ticket, message=msg))
 
     def _discard_parked(
@@ -1192,16 +1392,27 @@ class Endpoint:
         removed = box.remove_parked(predicate)
         for msg in removed:
             self._held -= len(msg.data)
-            session = self._live_session(msg) if msg.group is None else None
-            if session is not None:
-                session.release(len(msg.data))
-                session.send_control(Discarded(msg.msg_id, verdict), self._now)
-                self._dirty[session.addr] = None
+            self._tell_discarded(msg, verdict)
         return len(removed)
+
+    def _tell_discarded(self, msg: Message, verdict: Verdict) -> None:
+        """A deferred message will never enter its mailbox: tell its sender ``verdict``."""
+        session = self._live_session(msg) if msg.group is None else None
+        if session is not None:
+            session.release(len(msg.data))
+            session.send_control(Discarded(msg.msg_id, verdict), self._now)
+            self._dirty[session.addr] = None
 
     def _forget_parked(self, addr: Any, incarnation: int) -> None:
         """A peer's incarnation ended: its parked messages have nobody waiting on them."""
         session = self._peers.get(addr)
+        for box in self._durable.values():
+            # Staged ones still get stored (the sender was told they may have arrived),
+            # but nobody will hear their receipt: their window bytes are free now.
+            assert box.log is not None
+            for msg in box.log.staged:
+                if session is not None and msg.source == addr and msg.incarnation == incarnation:
+                    session.release(len(msg.data))
         for box in self._mailboxes.values():
             if not box.parked:
                 continue
@@ -1589,6 +1800,14 @@ def check_integer(value: object, name: str) -> None:
     """Raise a :class:`~reliable.errors.UsageError` unless ``value`` is an int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.UsageError(f"{name} must be an integer, got {value!r}")
+
+
+def check_lock(lock: float | None) -> None:
+    """A receive's lock (visibility timeout) is None or a positive number of seconds."""
+    if lock is None:
+        return
+    if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
+        raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

@@ -26,6 +26,14 @@ parking never reorders a sender's messages. A mailbox of capacity 0 is a
 *rendezvous*: every message parks until a receiver takes it, and its sender
 learns which receiver did.
 
+Durable mailboxes
+-----------------
+A mailbox with a ``log`` (:mod:`reliable.durable`) keeps its messages on
+disk. A message that would enter it is *staged* instead: it holds its room
+but is invisible to receivers until the store reports the commit that wrote
+it (:meth:`Mailbox.committed`); only then does it enter, and its sender hear
+that it did. Taking a message stages the deletion of its row.
+
 Receivers
 ---------
 Receivers that found nothing wait in a FIFO queue. An arriving message goes
@@ -42,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .durable import DurableLog, describe
 from .errors import UsageError
 from .message import Message
 from .stats import MailboxStats
@@ -58,6 +67,17 @@ def check_mailbox_name(name: str) -> None:
         raise UsageError(f"mailbox name {name[:20]!r}... is over 255 bytes of UTF-8; shorten it")
     if "/" in name:
         raise UsageError(f"mailbox name {name!r} may not contain '/'")
+
+
+def check_limits(capacity: int | None, max_bytes: int | None) -> None:
+    """Raise a :class:`UsageError` unless these are valid mailbox limits."""
+    for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            raise UsageError(f"{label} must be None (unbounded) or an integer >= 0, got {value!r}")
+    if max_bytes == 0 and capacity != 0:
+        raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +147,37 @@ class MessageQueue:
 
     def take(self, selector: Selector = ANY) -> Message | None:
         """Remove and return the first message ``selector`` chooses, or ``None``."""
+        found = self._find(selector)
+        return None if found is None else self._remove(*found)
+
+    def peek(self, selector: Selector = ANY) -> Message | None:
+        """The message :meth:`take` would return, left where it is."""
+        found = self._find(selector)
+        return None if found is None else self._levels[found[0]][found[1]]
+
+    def _find(self, selector: Selector) -> tuple[int, int] | None:
+        """(priority, index in its level) of the first message ``selector`` chooses."""
         if not self.count:
             return None
         if selector is ANY or selector == ANY:
-            return self._remove(self._priorities[-1], 0)
-        best: tuple[int, int] | None = None  # (priority, index in its level)
+            return self._priorities[-1], 0
+        best: tuple[int, int] | None = None
         best_type = 0
         for priority in reversed(self._priorities):
             for i, msg in enumerate(self._levels[priority]):
                 if not selector.admits(msg):
                     continue
                 if selector.msg_type >= 0:
-                    return self._remove(priority, i)
+                    return priority, i
                 if best is None or msg.msg_type < best_type:
                     best, best_type = (priority, i), msg.msg_type
-        return None if best is None else self._remove(*best)
+        return best
+
+    def push_front(self, msg: Message) -> None:
+        """Put ``msg`` back at the head of its priority (a lock released or expired)."""
+        self.push(msg)
+        level = self._levels[msg.priority]
+        level.rotate(1)  # the message just appended becomes the first
 
     def remove_where(self, predicate: Callable[[Message], bool]) -> list[Message]:
         """Remove and return every message ``predicate`` picks, in queue order."""
@@ -172,6 +208,7 @@ class MessageQueue:
 class _Waiter:
     selector: Selector
     receiver: str
+    lock: float | None = None  #: receive under a lock of this many seconds
 
 
 class Mailbox:
@@ -193,15 +230,7 @@ class Mailbox:
         on_handoff: Callable[[int, Message], None],
         now: float,
     ) -> None:
-        for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise UsageError(
-                    f"{label} must be None (unbounded) or an integer >= 0, got {value!r}"
-                )
-        if max_bytes == 0 and capacity != 0:
-            raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
+        check_limits(capacity, max_bytes)
         self.name = name
         self.capacity = capacity
         self.max_bytes = max_bytes
@@ -221,6 +250,11 @@ class Mailbox:
         self.discarded = 0
         self.last_send: tuple[float, Any] | None = None
         self.last_receive: tuple[float, str] | None = None
+        self.log: DurableLog | None = None  #: set for a durable mailbox
+        self.staged = 0  #: durable: admitted messages waiting for their commit
+        self.staged_bytes = 0
+        self.locked: dict[Message, float] = {}  #: taken under a lock, until this deadline
+        self.locked_bytes = 0
 
     @property
     def rendezvous(self) -> bool:
@@ -236,9 +270,13 @@ class Mailbox:
         """Take an arriving message; returns False if it was parked (deferred)."""
         self.last_send = (now, msg.source)
         if not self.parked and not self.rendezvous:
-            if self._hand_to_waiter(msg, None, now):
+            if self.log is not None:
+                if self._has_room(len(msg.data)):
+                    self._stage(msg)
+                    return True
+            elif self._hand_to_waiter(msg, None, now):
                 return True
-            if self._has_room(len(msg.data)):
+            elif self._has_room(len(msg.data)):
                 self._enqueue(msg)
                 return True
         self.deferred += 1
@@ -248,9 +286,39 @@ class Mailbox:
         return False
 
     def _has_room(self, size: int) -> bool:
-        if self.capacity is not None and self.queue.count >= self.capacity:
+        if self.capacity is not None and self.queue.count + self.staged >= self.capacity:
             return False
-        return self.max_bytes is None or self.queue.bytes + size <= self.max_bytes
+        return (
+            self.max_bytes is None or self.queue.bytes + self.staged_bytes + size <= self.max_bytes
+        )
+
+    def _stage(self, msg: Message) -> None:
+        """Durable: ``msg`` has room; it enters once the store has committed it."""
+        assert self.log is not None
+        self.staged += 1
+        self.staged_bytes += len(msg.data)
+        self.log.stage(msg)
+
+    def committed(self, msgs: list[Message], now: float) -> None:
+        """Durable: the store committed staged ``msgs``; they enter, in order."""
+        for msg in msgs:
+            self.staged -= 1
+            self.staged_bytes -= len(msg.data)
+            self._on_unpark(msg, None)  # its sender's receipt: only now
+            if not self._hand_to_waiter(msg, None, now):
+                self._enqueue(msg)
+
+    def uncommitted(self, msgs: list[Message]) -> None:
+        """Durable: the store failed to commit staged ``msgs``; they never enter."""
+        for msg in msgs:
+            self.staged -= 1
+            self.staged_bytes -= len(msg.data)
+        self.discarded += len(msgs)
+
+    def restore(self, msg: Message) -> None:
+        """Durable: a message the store held when the mailbox was opened."""
+        self.queue.push(msg)
+        self.high_water = max(self.high_water, self.queue.count)
 
     def _enqueue(self, msg: Message) -> None:
         self.total_in += 1
@@ -263,6 +331,10 @@ class Mailbox:
                 del self.waiters[ticket]
                 self.total_in += 1
                 self._served(waiter.receiver, now)
+                if waiter.lock is not None:
+                    self._lock(msg, now + waiter.lock)
+                elif self.log is not None:
+                    self.log.remove(msg)
                 self._on_handoff(ticket, msg)
                 return True
         return False
@@ -280,8 +352,22 @@ class Mailbox:
 
     # ---------------------------------------------------------------- receiving
 
-    def take(self, selector: Selector, receiver: str, now: float) -> Message | None:
-        """The first message ``selector`` chooses, if any, without waiting."""
+    def take(
+        self, selector: Selector, receiver: str, now: float, lock: float | None = None
+    ) -> Message | None:
+        """The first message ``selector`` chooses, if any, without waiting.
+
+        With ``lock`` (seconds) the message is not removed but locked: no
+        other receive sees it until :meth:`ack` removes it, :meth:`release`
+        returns it, or the lock expires (:meth:`expire_locks`) and it is
+        back at the head of its priority.
+        """
+        if lock is not None:
+            msg = self.queue.take(selector)
+            if msg is not None:
+                self._lock(msg, now + lock)
+                self._served(receiver, now)
+            return msg
         if self.rendezvous:
             msg = self.parked.take(selector)
             if msg is not None:
@@ -291,13 +377,75 @@ class Mailbox:
             return msg
         msg = self.queue.take(selector)
         if msg is not None:
+            if self.log is not None:
+                self.log.remove(msg)
             self._served(receiver, now)
             self._refill(now)
         return msg
 
-    def wait(self, ticket: int, selector: Selector, receiver: str) -> None:
+    def wait(
+        self, ticket: int, selector: Selector, receiver: str, lock: float | None = None
+    ) -> None:
         """Queue a receiver that found nothing; it is served by :meth:`offer` or a refill."""
-        self.waiters[ticket] = _Waiter(selector, receiver)
+        self.waiters[ticket] = _Waiter(selector, receiver, lock)
+
+    # ------------------------------------------------------------ locks, peek
+
+    def peek(self, selector: Selector) -> Message | None:
+        """The message a receive would take now, left in the mailbox (and unlocked)."""
+        return self.queue.peek(selector)
+
+    def _lock(self, msg: Message, deadline: float) -> None:
+        self.locked[msg] = deadline
+        self.locked_bytes += len(msg.data)
+
+    def _unlock(self, msg: Message) -> bool:
+        if self.locked.pop(msg, None) is None:
+            return False
+        self.locked_bytes -= len(msg.data)
+        return True
+
+    def ack(self, msg: Message, now: float) -> bool:
+        """Remove locked ``msg`` for good; False if its lock had expired (or it was acked)."""
+        if not self._unlock(msg):
+            return False
+        if self.log is not None:
+            self.log.remove(msg)
+        self._refill(now)
+        return True
+
+    def release(self, msg: Message, now: float) -> bool:
+        """Give locked ``msg`` back: a waiting receiver gets it, or the head of its priority."""
+        if not self._unlock(msg):
+            return False
+        self.total_out -= 1  # it was not consumed after all
+        if self._hand_to_waiter(msg, None, now):
+            self.total_in -= 1  # it entered once, when it first arrived
+        else:
+            self.queue.push_front(msg)
+        return True
+
+    def remove(self, msg: Message, now: float) -> bool:
+        """Explicit delete: remove ``msg``, queued (peeked) or locked; False if it is gone."""
+        if msg in self.locked:
+            return self.ack(msg, now)
+        if not self.queue.remove_where(lambda m: m is msg):
+            return False
+        if self.log is not None:
+            self.log.remove(msg)
+        self.total_out += 1
+        self._refill(now)
+        return True
+
+    def lock_deadline(self) -> float | None:
+        return min(self.locked.values(), default=None)
+
+    def expire_locks(self, now: float) -> int:
+        """Locks past their deadline end: those messages are receivable again."""
+        expired = [m for m, deadline in self.locked.items() if deadline <= now]
+        for msg in reversed(expired):  # so they end up in their earlier order
+            self.release(msg, now)
+        return len(expired)
 
     def cancel_wait(self, ticket: int) -> bool:
         return self.waiters.pop(ticket, None) is not None
@@ -311,6 +459,9 @@ class Mailbox:
         while self.parked and self._has_room(self._next_parked_size()):
             msg = self.parked.take()
             assert msg is not None
+            if self.log is not None:
+                self._stage(msg)
+                continue
             self._on_unpark(msg, None)
             if not self._hand_to_waiter(msg, None, now):
                 self._enqueue(msg)
@@ -319,6 +470,23 @@ class Mailbox:
         return len(next(iter(self.parked)).data)
 
     # ------------------------------------------------------------- management
+
+    def set_limits(self, capacity: int | None, max_bytes: int | None, now: float) -> None:
+        """Change the limits at run time (``mq_setattr``, ``IPC_SET``'s ``msg_qbytes``).
+
+        Lowering them keeps what is queued (new arrivals park until it drains
+        below); raising them admits parked messages at once. A rendezvous stays
+        one, and only a rendezvous has capacity 0.
+        """
+        check_limits(capacity, max_bytes)
+        if (capacity == 0) != self.rendezvous:
+            raise UsageError(
+                f"mailbox {self.name!r}: a rendezvous (capacity 0) cannot become a buffered "
+                "mailbox or the other way round; create another mailbox"
+            )
+        self.capacity, self.max_bytes = capacity, max_bytes
+        if not self.rendezvous:
+            self._refill(now)
 
     def remove_parked(self, predicate: Callable[[Message], bool]) -> list[Message]:
         """Withdraw parked messages (cancelled, or their sender ended); returns them."""
@@ -330,6 +498,9 @@ class Mailbox:
         """Discard every queued message (the mailbox is being deleted); returns how many."""
         dropped = self.queue.remove_where(lambda _m: True)
         self.discarded += len(dropped)
+        if self.log is not None:
+            for msg in dropped:
+                self.log.remove(msg)
         return len(dropped)
 
     def stats(self, now: float) -> MailboxStats:
@@ -357,4 +528,6 @@ class Mailbox:
             last_sender=None if self.last_send is None else self.last_send[1],
             last_receive_age=age(self.last_receive),
             last_receiver=None if self.last_receive is None else self.last_receive[1],
+            locked=len(self.locked),
+            durable=None if self.log is None else describe(self.log.store),
         )

@@ -36,6 +36,7 @@ flush itself, so a background thread held up in a callback cannot delay it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import select
 import socket
@@ -84,6 +85,7 @@ from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
+from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
 __all__ = ["BatchHandle", "Mailbox", "Node", "SendHandle"]
 
@@ -738,6 +740,7 @@ class Node:
         count: int,
         *,
         wait: bool,
+        lock: float | None = None,
     ) -> list[Message]:
         check_timeout(timeout, "timeout")
         peer = None if source is None else resolve_destination(source, self._family)
@@ -756,7 +759,9 @@ class Node:
                 self._drive()
             got: list[Message] = []
             while len(got) < count:
-                message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+                message = endpoint.take(
+                    mailbox, selector, owner=owner, receiver=label, lock=lock, now=now
+                )
                 if message is None:
                     if fresh and (not wait or timeout == 0):
                         fresh = False
@@ -765,8 +770,11 @@ class Node:
                     break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
+                sync_stores(endpoint, now)  # durable: their deletion commits before we hand out
                 if endpoint.has_output():
                     self._drive()  # a parked message may have got in: its sender hears now
+                if lock is not None:
+                    self._lock_timer()
                 return got
             if not wait:
                 return got
@@ -775,12 +783,13 @@ class Node:
             mark = self._departures.mark()
             deadline = None if timeout is None else now + timeout
             ticket = endpoint.wait_for_message(
-                mailbox, selector, owner=owner, receiver=label, now=now
+                mailbox, selector, owner=owner, receiver=label, lock=lock, now=now
             )
             if peer is not None:
                 # Probe the named peer while we wait, so a dead one cannot leave us blocked.
                 endpoint.watch(peer, now)
             try:
+                # Durable: the core answers the ticket only once the deletion is committed.
                 first = self._await_message(ticket, peer, mark, timeout, deadline)
             finally:
                 if peer is not None and not self._closed:
@@ -788,15 +797,33 @@ class Node:
             got.append(first)
             now = time.monotonic()
             while len(got) < count:
-                message = endpoint.take(mailbox, selector, owner=owner, receiver=label, now=now)
+                message = endpoint.take(
+                    mailbox, selector, owner=owner, receiver=label, lock=lock, now=now
+                )
                 if message is None:
                     break
                 got.append(message)
+            if len(got) > 1:
+                sync_stores(endpoint, now)  # durable: as above, for those taken directly
             if endpoint.has_output():
                 self._drive()
+            if lock is not None:
+                self._lock_timer()
             return got
         finally:
             self._leave()
+
+    def _lock_timer(self) -> None:
+        """Lock held, after a receive under a lock: its expiry is a new timer of the
+        core. Look the timer up again; wake a leader asleep in poll if it is due sooner."""
+        self._timer = self._endpoint.get_timer()
+        self._timer_checked = time.monotonic()
+        if (
+            self._polling
+            and self._leader != threading.get_ident()
+            and self._due_before(self._poll_until)
+        ):
+            self._wake()
 
     def _await_message(
         self,
@@ -851,6 +878,8 @@ class Node:
         *,
         max_bytes: int | None = None,
         port: bool = False,
+        durable: str | os.PathLike[str] | None = None,
+        sync: str = "grouped",
     ) -> Mailbox:
         """Create mailbox ``name`` on this node; returns its owner's handle.
 
@@ -859,12 +888,22 @@ class Node:
         node's ``Config.mailbox_memory``). ``max_bytes`` bounds their bytes.
         A *port* (``port=True``) has one receiver, the returned handle, and
         any number of senders. Raises :class:`~reliable.errors.MailboxExists`.
+        ``durable=PATH`` keeps its messages in an SQLite file that outlives the
+        process; ``sync`` is its sync policy (see docs/mailboxes.md).
         """
-        owner = self._call(
-            lambda now: self._endpoint.create_mailbox(
-                name, capacity=capacity, max_bytes=max_bytes, port=port, now=now
+        store = open_store(durable, name, sync)
+
+        def create(now: float) -> int:
+            return self._endpoint.create_mailbox(
+                name, capacity=capacity, max_bytes=max_bytes, port=port, store=store, now=now
             )
-        )
+
+        try:
+            owner = self._call(create)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         return Mailbox(self, name, owner if port else None)  # only a port dies with it
 
     def mailbox(self, name: str) -> Mailbox:
@@ -876,6 +915,16 @@ class Node:
     def _manage(self, name: str, action: str, owner: int | None) -> None:
         # Senders of parked messages, and waiting receivers, learn at once.
         self._call(lambda now: manage_mailbox(self._endpoint, name, action, owner, now))
+
+    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any:
+        """Run ``call(endpoint, now)`` (a mailbox handle's peek, ack, ...), commit, drive."""
+
+        def run(now: float) -> Any:
+            result = call(self._endpoint, now)
+            sync_stores(self._endpoint, now)  # durable: committed before the call returns
+            return result
+
+        return self._call(run)
 
     def _port_abandoned(self, name: str, owner: int) -> None:
         """A port's owner handle was garbage collected: the node deletes the port.
@@ -1085,6 +1134,7 @@ class Node:
             endpoint.has_output() or endpoint.closing or self._backlog
         ):
             self._held = 0
+            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
@@ -1162,6 +1212,7 @@ class Node:
             return
         self._closed = True
         self._sock.close()  # under the lock: no final datagram is on its way (see _drive)
+        close_stores(self._endpoint, time.monotonic())  # durable mailboxes (issue 19)
         self._groups.close()
         handles = list(self._handles.items())
         self._handles.clear()
@@ -1328,10 +1379,25 @@ class Mailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> Message:
-        """As :meth:`Node.receive`, from this mailbox."""
+        """As :meth:`Node.receive`, from this mailbox.
+
+        ``lock`` (seconds): take the message under a lock instead of removing
+        it; :meth:`ack` removes it, :meth:`release` gives it back, and if
+        neither comes in time it is receivable again (a visibility timeout).
+        """
         got = self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout, 1, wait=True
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            1,
+            wait=True,
+            lock=lock,
         )
         return got[0]
 
@@ -1358,8 +1424,10 @@ class Mailbox(MailboxHandle):
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        lock: float | None = None,
     ) -> list[Message]:
-        """As :meth:`Node.receive_many`, from this mailbox."""
+        """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
+        each message is taken under its own lock, as :meth:`receive` does."""
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
         try:
@@ -1373,6 +1441,7 @@ class Mailbox(MailboxHandle):
                 timeout,
                 max_count,
                 wait=True,
+                lock=lock,
             )
         except errors.ReceiveTimeout:
             return []

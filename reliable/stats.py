@@ -70,6 +70,8 @@ class MailboxStats:
     last_sender: Any  #: msg_lspid: the source of the last arrival
     last_receive_age: float | None  #: msg_rtime
     last_receiver: str | None  #: msg_lrpid: the label of the last receiver
+    locked: int = 0  #: taken under a lock, not yet acknowledged (see Mailbox.ack)
+    durable: str | None = None  #: the store (its path) of a durable mailbox
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -850,6 +850,22 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     metavar="SPEC",
     help="Impair this process's outgoing datagrams (acks, NAKs) with a tc-netem SPEC.",
 )
+@click.option(
+    "--durable",
+    metavar="PATH",
+    default=None,
+    help="Keep the --mailbox's messages in the SQLite file PATH: senders get their "
+    "receipt only once a message is committed, and what is not received survives a "
+    "crash or restart (start again with the same PATH).",
+)
+@click.option(
+    "--sync",
+    type=click.Choice(["grouped", "message", "os"]),
+    default="grouped",
+    show_default=True,
+    help="With --durable: fsync once per batch, once per message, or leave it to the OS "
+    "(safe against a crash of the process, not of the machine).",
+)
 @security_options
 def recv(
     security: str,
@@ -870,6 +886,8 @@ def recv(
     services: tuple[str, ...],
     announce_on: tuple[str, ...],
     impair: str | None,
+    durable: str | None,
+    sync: str,
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
@@ -884,6 +902,7 @@ def recv(
       rmsg recv --bind 127.0.0.1:7000 --mailbox jobs --capacity 10 --type 3
       rmsg recv --bind 127.0.0.1:7000 --mailbox meet --capacity 0   # rendezvous
       rmsg recv --bind [::1]:7000 --json --count 10
+      rmsg recv --bind 127.0.0.1:7000 --mailbox jobs --durable jobs.db
       rmsg recv --bind 0.0.0.0:7000 --output-dir inbox/
       rmsg recv --bind 127.0.0.1:7001 --join multicast://239.1.2.3:7400 --mailbox news
       rmsg recv --bind 127.0.0.1:7002 --join broadcast://:7401
@@ -891,6 +910,10 @@ def recv(
     """
     if mailbox is None and (capacity is not None or max_bytes is not None or as_port):
         raise click.UsageError("--capacity, --max-bytes and --port describe a --mailbox NAME")
+    if mailbox is None and durable is not None:
+        raise click.UsageError("--durable keeps a named mailbox: give --mailbox NAME too")
+    if durable is None and sync != "grouped":
+        raise click.UsageError("--sync applies to --durable mailboxes")
     if services and not announce_on:
         click.echo(
             "note: --serve without --announce: senders must list this node with --member",
@@ -924,7 +947,9 @@ def recv(
         box = (
             node.mailbox("")
             if mailbox is None
-            else node.create_mailbox(mailbox, capacity, max_bytes=max_bytes, port=as_port)
+            else node.create_mailbox(
+                mailbox, capacity, max_bytes=max_bytes, port=as_port, durable=durable, sync=sync
+            )
         )
     except UsageError as exc:
         node.close(timeout=0)
@@ -939,6 +964,9 @@ def recv(
     )
     failed_transfers = 0
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
+    if durable is not None:
+        kept = box.stats().messages
+        where += f" (durable: {durable}, {kept} message{'s' if kept != 1 else ''} kept)"
     extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
     click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
     if groups and _on_loopback(bind):
@@ -972,6 +1000,8 @@ def recv(
             else:
                 stdout.write(msg.data + b"\n")
             stdout.flush()
+        if count is not None:
+            _warn_left_behind(box.stats(), durable)
     except KeyboardInterrupt:
         pass
     finally:
@@ -1004,6 +1034,19 @@ def _report_transfer(done: Any, stdout: BinaryIO, as_json: bool, to_stdout: bool
         note = f"error: {m.name} from {done.source}: {done.error}{kept}"
     if not as_json or not done.verified:
         click.echo(note, err=True)
+
+
+def _warn_left_behind(stats: reliable.MailboxStats, durable: str | None) -> None:
+    """--count is reached: say what the mailbox still holds, which closing would lose."""
+    left = stats.messages + stats.parked
+    if not left:
+        return
+    fate = f"kept in {durable}" if durable else "discarded when this node closes"
+    click.echo(
+        f"warning: stopped after --count; {left} message{'s' if left != 1 else ''} "
+        f"left in the mailbox ({fate})",
+        err=True,
+    )
 
 
 def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = None) -> None:

@@ -42,6 +42,8 @@ DROP_REASONS = {
     "out of mailbox memory): the sender was told",
     "group": "group traffic for a group this node has not opened or joined, or stray acks and NAKs",
     "anycast": "anycast traffic for a service this node does not serve, or that it cannot confirm",
+    "store": "messages for a durable mailbox whose commit failed (disk full, I/O error): "
+    "refused, and their senders told; nothing acknowledged was lost",
 }
 
 

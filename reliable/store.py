@@ -1,0 +1,305 @@
+"""Durable mailbox stores: SQLite on disk, and an in-memory one for tests.
+
+Theory of operation
+-------------------
+The protocol core records write intents (:mod:`reliable.durable`); the
+adapters call :func:`sync_stores` once per loop turn (and right after a
+``take`` from a durable mailbox), which commits each store's batch in one
+transaction and reports the outcome to the core. That is the grouped
+commit: everything that arrived in one turn costs one commit.
+
+One SQLite file holds one mailbox: table ``messages`` (the rows, by the row
+number the core gave them, which is commit order) and ``meta`` (the
+mailbox's name). The connection runs in WAL mode, so a commit appends to the
+log instead of rewriting pages, and in exclusive locking mode, so a second
+process opening the same path fails at once (``StoreBusy``) instead of two
+nodes serving one mailbox; the OS drops the lock when the owner dies, even
+by SIGKILL, and the next open recovers from the WAL.
+
+Sync policy (``sync=``), and what each guarantees:
+
+``"grouped"`` (the default)
+    one transaction per batch, ``synchronous=FULL``: the WAL is fsynced
+    before the commit returns, so before any receipt leaves. After a crash
+    of the process *or a power loss*, every acknowledged message not yet
+    received is there, and no received one comes back.
+``"message"``
+    one transaction (one fsync) per message and per deletion: the same
+    guarantee, at one fsync each — the classic; only for comparison, or when
+    one message's commit must never wait for a batch.
+``"os"``
+    grouped transactions with ``synchronous=NORMAL``: no fsync on commit;
+    the OS writes the WAL back when it likes (the WAL is fsynced at
+    checkpoints). A crash of the process loses nothing (the OS has the
+    data); a power loss or OS crash may lose the last acknowledged
+    messages, or bring back the last received ones. The database is never
+    corrupted either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from typing import Any
+
+from . import errors
+from .durable import WriteBatch
+from .endpoint import Endpoint
+from .message import Message
+
+__all__ = [
+    "SYNC_POLICIES",
+    "MemoryStore",
+    "SqliteStore",
+    "StoreBusy",
+    "close_stores",
+    "open_store",
+    "sync_stores",
+]
+
+SYNC_POLICIES = ("grouped", "message", "os")
+_I64 = 1 << 63
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    row INTEGER PRIMARY KEY,
+    priority INTEGER NOT NULL,
+    msg_type INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+
+class StoreBusy(errors.UsageError):
+    """The store's file is in use by another process (one node serves a durable mailbox)."""
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned id as SQLite's signed INTEGER (and back with :func:`_unsigned`)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= _I64 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _source_text(source: Any) -> str:
+    return json.dumps(list(source) if isinstance(source, tuple) else source)
+
+
+def _source_value(text: str) -> Any:
+    value = json.loads(text)
+    return tuple(value) if isinstance(value, list) else value
+
+
+class SqliteStore:
+    """One durable mailbox in an SQLite file (see the module docstring for ``sync``)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], mailbox: str, *, sync: str = "grouped"
+    ) -> None:
+        if sync not in SYNC_POLICIES:
+            raise errors.UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}; got {sync!r}")
+        self.path = os.fspath(path)
+        self.mailbox = mailbox
+        self.sync = sync
+        self.commits = 0  #: transactions committed
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+        except sqlite3.Error as exc:
+            raise errors.UsageError(
+                f"cannot open durable mailbox store {self.path}: {exc}"
+            ) from None
+        self._conn = conn
+        try:
+            # Exclusive before the first access: no shared memory, and the lock is ours.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'NORMAL' if sync == 'os' else 'FULL'}")
+            conn.execute("BEGIN IMMEDIATE")  # takes the lock now, not at the first message
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreBusy(
+                    f"durable mailbox store {self.path} is in use by another process; "
+                    "one node at a time serves a durable mailbox"
+                ) from None
+            raise errors.UsageError(f"cannot use {self.path} as a mailbox store: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise errors.UsageError(f"{self.path} is not a mailbox store: {exc}") from None
+        self._check_name(mailbox)
+        rows = conn.execute(
+            "SELECT row, priority, msg_type, source, incarnation, msg_id, data "
+            "FROM messages ORDER BY row"
+        ).fetchall()
+        conn.execute("COMMIT")
+        self.restored: list[tuple[int, Message]] = [
+            (
+                row,
+                Message(
+                    source=_source_value(source),
+                    data=bytes(data),
+                    msg_type=msg_type,
+                    priority=priority,
+                    mailbox=mailbox,
+                    msg_id=_unsigned(msg_id),
+                    incarnation=_unsigned(incarnation),
+                ),
+            )
+            for row, priority, msg_type, source, incarnation, msg_id, data in rows
+        ]
+
+    def _check_name(self, mailbox: str) -> None:
+        found = self._conn.execute("SELECT value FROM meta WHERE key = 'mailbox'").fetchone()
+        if found is None:
+            self._conn.execute("INSERT INTO meta VALUES ('mailbox', ?)", (mailbox,))
+        elif found[0] != mailbox:
+            self._conn.execute("ROLLBACK")
+            self._conn.close()
+            raise errors.UsageError(
+                f"{self.path} stores mailbox {found[0]!r}, not {mailbox!r}; "
+                "give each durable mailbox its own file"
+            )
+
+    def commit(self, inserts: list[tuple[int, Message]], deletes: list[int], destroy: bool) -> None:
+        """Write one batch: one transaction, or (``sync="message"``) one per row."""
+        rows = [
+            (
+                row,
+                m.priority,
+                m.msg_type,
+                _source_text(m.source),
+                _signed(m.incarnation),
+                _signed(m.msg_id),
+                m.data,
+            )
+            for row, m in inserts
+        ]
+        conn = self._conn
+        insert = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)"
+        delete = "DELETE FROM messages WHERE row = ?"
+        if self.sync == "message":
+            for values in rows:
+                self._transaction(lambda v=values: conn.execute(insert, v))
+            for row in deletes:
+                self._transaction(lambda r=row: conn.execute(delete, (r,)))
+        else:
+
+            def write() -> None:
+                conn.executemany(insert, rows)
+                conn.executemany(delete, [(r,) for r in deletes])
+
+            self._transaction(write)
+        if destroy:
+            self._transaction(lambda: conn.execute("DELETE FROM messages"))
+
+    def _transaction(self, work: Any) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        self.commits += 1
+
+    def count(self) -> int:
+        """Rows stored now (committed)."""
+        return int(self._conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {self.path} mailbox={self.mailbox!r} sync={self.sync}>"
+
+
+class MemoryStore:
+    """A store in memory, for tests on virtual time: :meth:`crashed` is what a
+    restart would find, i.e. only what was committed."""
+
+    def __init__(self, restored: list[tuple[int, Message]] | None = None) -> None:
+        self.rows: dict[int, Message] = dict(restored or [])
+        self.restored = sorted(self.rows.items())
+        self.commits = 0
+        self.fail = False  #: make the next commits fail (an I/O error)
+
+    def commit(self, inserts: list[tuple[int, Message]], deletes: list[int], destroy: bool) -> None:
+        if self.fail:
+            raise OSError("simulated I/O error")
+        for row, msg in inserts:
+            self.rows[row] = msg
+        for row in deletes:
+            self.rows.pop(row, None)
+        if destroy:
+            self.rows.clear()
+        self.commits += 1
+
+    def crashed(self) -> MemoryStore:
+        """A fresh store holding exactly what was committed (a restart after a crash)."""
+        return MemoryStore(sorted(self.rows.items()))
+
+    def close(self) -> None:
+        pass
+
+
+def open_store(
+    durable: str | os.PathLike[str] | None, mailbox: str, sync: str
+) -> SqliteStore | None:
+    """The store for ``create_mailbox(..., durable=PATH, sync=...)``, or None (volatile)."""
+    if durable is None:
+        if sync != "grouped":
+            raise errors.UsageError("sync= applies to durable mailboxes; give durable=PATH too")
+        return None
+    return SqliteStore(durable, mailbox, sync=sync)
+
+
+def sync_stores(endpoint: Endpoint, now: float) -> int:
+    """Commit every durable mailbox's pending writes and report them to the core.
+
+    The adapters call it once per loop turn, before sending what the core
+    produced, and right after a ``take`` from a durable mailbox, before the
+    message is handed out. Returns the number of batches committed. A commit
+    may make more work (a committed message handed to a waiting receiver
+    must have its row deleted), so it runs until nothing is owed (a few
+    rounds at most: each round only deletes what the previous inserted).
+    """
+    done = 0
+    for _round in range(4):
+        batches = endpoint.pending_writes()
+        if not batches:
+            break
+        for batch in batches:
+            done += 1
+            _commit(endpoint, batch, now)
+    return done
+
+
+def _commit(endpoint: Endpoint, batch: WriteBatch, now: float) -> None:
+    try:
+        batch.store.commit(batch.inserts, batch.deletes, batch.destroy)
+    except (OSError, sqlite3.Error) as exc:
+        endpoint.writes_done(batch, now, exc)
+    else:
+        endpoint.writes_done(batch, now)
+    if batch.destroy:
+        batch.store.close()  # the mailbox was deleted: its store is done
+
+
+def close_stores(endpoint: Endpoint, now: float) -> None:
+    """Commit what is owed and close every durable mailbox's store (the node is closing)."""
+    sync_stores(endpoint, now)
+    for store in endpoint.durable_stores():
+        store.close()

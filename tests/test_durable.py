@@ -1,0 +1,221 @@
+"""Durable mailboxes on virtual time: the core with an in-memory store (see reliable/durable.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reliable import errors, events
+from reliable.store import MemoryStore, sync_stores
+
+from .harness import B, Pair, Side
+
+
+class DurablePair(Pair):
+    """A pair whose B commits its stores each turn, before it sends, as the adapters do."""
+
+    def outgoing(self, side: Side) -> list[bytes]:
+        sync_stores(side.endpoint, self.now)
+        return super().outgoing(side)
+
+    def _release(self, side: Side) -> None:
+        super()._release(side)
+        if self.release:
+            sync_stores(side.endpoint, self.now)
+
+
+def _fates(p: Pair) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    for e in p.a.of(events.MessageDelivered) + p.a.of(events.MessageFailed):
+        out[e.ticket] = e
+    return out
+
+
+def test_a_message_is_acknowledged_only_after_its_commit() -> None:
+    p = DurablePair(release=False)
+    p.connect()
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    ticket = p.a.endpoint.send(B, b"one", now=p.now, mailbox="jobs")
+    # B acks with DEFERRED but has not committed: no receipt yet, nothing visible.
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    assert p.b.endpoint.take("jobs", now=p.now) is None, "invisible until committed"
+    assert p.b.endpoint.owes_writes()
+    p.deliver(p.a, Pair.outgoing(p, p.b))  # B's ack, before any commit
+    p.settle()  # now B's turns commit
+    assert isinstance(_fates(p)[ticket], events.MessageDelivered)
+    assert store.commits >= 1 and [m.data for m in store.rows.values()] == [b"one"]
+
+
+def test_no_receipt_leaves_before_the_commit_even_if_the_node_crashes() -> None:
+    p = DurablePair(release=False)
+    p.connect()
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    ticket = p.a.endpoint.send(B, b"one", now=p.now, mailbox="jobs")
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    p.deliver(p.a, Pair.outgoing(p, p.b))  # B never commits: it "crashes" here
+    assert ticket not in _fates(p)
+    assert store.crashed().restored == []
+
+
+def test_committed_messages_survive_a_restart_in_order_exactly_once() -> None:
+    p = DurablePair(release=False)
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    tickets = [
+        p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs", priority=i % 2)
+        for i in range(10)
+    ]
+    p.settle()
+    assert all(isinstance(_fates(p)[t], events.MessageDelivered) for t in tickets)
+    first = p.b.endpoint.take("jobs", now=p.now)
+    assert first is not None and first.data == b"m1"  # priority 1 first
+    sync_stores(p.b.endpoint, p.now)  # the adapter commits the take before handing it out
+    expected = []
+    while (m := p.b.endpoint.take("jobs", now=p.now)) is not None:
+        expected.append(m.data)
+    # B crashes without committing those takes: they come back; "m1" does not.
+    p.restart_b()
+    p.b.create_mailbox("jobs", store=store.crashed())
+    again = []
+    while (m := p.b.endpoint.take("jobs", now=p.now)) is not None:
+        again.append(m.data)
+    assert again == expected == [b"m3", b"m5", b"m7", b"m9", b"m0", b"m2", b"m4", b"m6", b"m8"]
+
+
+def test_a_waiting_receiver_gets_its_message_only_after_the_delete_commits() -> None:
+    p = DurablePair(release=False)
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    p.connect()
+    waiter = p.b.endpoint.wait_for_message("jobs", now=p.now)
+    p.a.endpoint.send(B, b"x", now=p.now, mailbox="jobs")
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    assert not p.b.of(events.MessageTaken)
+    sync_stores(p.b.endpoint, p.now)  # insert, then the hand-off's delete
+    (taken,) = p.b.of(events.MessageTaken)
+    assert taken.waiter == waiter and taken.message.data == b"x"
+    assert store.rows == {}, "handed out, so deleted"
+
+
+def test_a_full_durable_mailbox_parks_and_stages_when_room_appears() -> None:
+    p = DurablePair(release=False)
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", capacity=2, store=store)
+    tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in range(4)]
+    p.run(0.5)
+    assert sorted(_fates(p)) == tickets[:2]
+    assert p.b.endpoint.stats().mailbox("jobs").parked == 2
+    assert len(store.rows) == 2, "parked messages are not stored (nor acknowledged)"
+    got = [p.b.endpoint.take("jobs", now=p.now) for _ in range(2)]
+    p.run(0.5)
+    assert [m.data for m in got if m] == [b"m0", b"m1"]
+    assert sorted(_fates(p)) == tickets
+    assert [m.data for m in store.rows.values()] == [b"m2", b"m3"]
+
+
+def test_a_failed_commit_refuses_the_message_to_its_sender() -> None:
+    p = DurablePair(release=False)
+    store = MemoryStore()
+    store.fail = True
+    p.b.create_mailbox("jobs", store=store)
+    ticket = p.a.endpoint.send(B, b"x", now=p.now, mailbox="jobs")
+    p.settle()
+    fate = _fates(p)[ticket]
+    assert isinstance(fate, events.MessageFailed)
+    assert isinstance(fate.error, errors.MessageRejected) and fate.error.delivered is False
+    assert p.b.endpoint.stats().dropped["store.failed"] == 1
+    assert p.b.endpoint.stats().mailbox_bytes == 0
+
+
+def test_deleting_a_durable_mailbox_empties_its_store() -> None:
+    p = DurablePair(release=False)
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    p.a.endpoint.send(B, b"x", now=p.now, mailbox="jobs")
+    p.settle()
+    assert store.rows
+    p.b.endpoint.delete_mailbox("jobs", p.now)
+    sync_stores(p.b.endpoint, p.now)
+    assert store.rows == {}
+
+
+def test_a_durable_rendezvous_is_refused() -> None:
+    p = DurablePair()
+    with pytest.raises(errors.UsageError, match="rendezvous"):
+        p.b.create_mailbox("meet", capacity=0, store=MemoryStore())
+
+
+@pytest.mark.loopback
+def test_dropping_the_handle_of_a_durable_mailbox_keeps_it_and_its_store(tmp_path: Any) -> None:
+    import gc
+
+    from reliable import Node
+
+    path = str(tmp_path / "jobs.db")
+    with Node() as server, Node() as client:
+        server.create_mailbox("jobs", durable=path)  # the handle is dropped at once
+        gc.collect()
+        client.send(f"127.0.0.1:{server.address[1]}/jobs", b"kept", timeout=5)
+        assert server.mailbox("jobs").receive(timeout=5).data == b"kept"
+
+
+@pytest.mark.loopback
+def test_every_blocking_receive_commits_the_deletion_before_it_returns(tmp_path: Any) -> None:
+    """receive_nowait, receive, receive_many and a receive that waited (answered by the
+    core's event) all return only once their message's row is gone from the store."""
+    import threading
+
+    from reliable import Node
+
+    with Node() as server, Node() as client:
+        box = server.create_mailbox("jobs", durable=str(tmp_path / "jobs.db"))
+        (store,) = server._endpoint.durable_stores()
+
+        def rows() -> int:  # read under the node lock: no commit runs meanwhile
+            return int(server._call(lambda now: store.count(), drive=False))
+
+        dest = f"127.0.0.1:{server.address[1]}/jobs"
+        for i in range(6):
+            client.send(dest, b"%d" % i, timeout=5)  # a receipt: committed
+        assert rows() == 6
+        assert box.receive_nowait() is not None and rows() == 5
+        assert box.receive(timeout=5).data == b"1" and rows() == 4
+        assert [m.data for m in box.receive_many(3, timeout=5)] == [b"2", b"3", b"4"]
+        assert rows() == 1
+        assert [m.data for m in box.receive_many(5, timeout=5)] == [b"5"] and rows() == 0
+        late = threading.Timer(0.2, lambda: client.send(dest, b"late", timeout=5))
+        late.start()
+        try:
+            assert [m.data for m in box.receive_many(5, timeout=5)] == [b"late"]
+            assert rows() == 0
+        finally:
+            late.join(5)
+
+
+@pytest.mark.loopback
+def test_every_async_receive_commits_the_deletion_before_it_returns(tmp_path: Any) -> None:
+    import asyncio
+
+    from reliable import AsyncNode
+
+    async def main() -> None:
+        async with AsyncNode() as server, AsyncNode() as client:
+            box = server.create_mailbox("jobs", durable=str(tmp_path / "jobs.db"))
+            (store,) = server._endpoint.durable_stores()
+            dest = f"127.0.0.1:{server.address[1]}/jobs"
+            for i in range(5):
+                await client.send(dest, b"%d" % i, timeout=5)
+            assert store.count() == 5
+            assert box.receive_nowait() is not None and store.count() == 4
+            assert (await box.receive(timeout=5)).data == b"1" and store.count() == 3
+            got = await box.receive_many(5, timeout=5)
+            assert [m.data for m in got] == [b"2", b"3", b"4"] and store.count() == 0
+            waiting = asyncio.ensure_future(box.receive_many(5, timeout=5))
+            await asyncio.sleep(0.05)
+            await client.send(dest, b"late", timeout=5)
+            assert [m.data for m in await waiting] == [b"late"] and store.count() == 0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
