@@ -270,7 +270,22 @@ class SendStream:
             return False
         if self._has_lost():
             return True
-        return self._next_message() is not None
+        return self._next_message() is not None or self._base_untold() is not None
+
+    def _base_untold(self) -> OutgoingMessage | None:
+        """A message the receiver holds but cannot deliver, and nothing to tell it why.
+
+        Only DATA fragments carry the base. When we abandon a message (a send
+        timeout) after later ones went out, and every packet after it was
+        selectively acknowledged, nothing is left to send: the receiver waits
+        for the abandoned sequence numbers for ever and the later messages
+        never complete. Then the last sent fragment of the oldest unfinished
+        message goes again, carrying the base past the abandoned numbers (the
+        probe timer covers its loss). Returns that message, or None.
+        """
+        if self.flight or not self.by_msg_id or self.cum_ack >= self.base:
+            return None
+        return next(iter(self.by_msg_id.values()))
 
     def _next_message(self) -> OutgoingMessage | None:
         """The message whose next fragment goes out first, if flow control allows it."""
@@ -358,7 +373,21 @@ class SendStream:
             return self._fragment(pkt), True, pkt
         msg = self._next_message()
         if msg is None:
-            return None
+            held = self._base_untold() if room is None else None
+            if held is None:
+                return None
+            index = held.next_index - 1
+            pkt = SentPacket(
+                seq=held.first_seq + index,
+                message=held,
+                index=index,
+                size=held.record_bytes(index),
+                retransmitted=True,
+            )
+            self.retransmissions += 1
+            self.unacked[pkt.seq] = pkt  # the only one: the base it carries is its own seq
+            self._transmit(pkt, now)
+            return self._fragment(pkt), True, pkt
         size = msg.record_bytes(msg.next_index)
         if room is not None and (msg.control != control or size > room):
             return None
