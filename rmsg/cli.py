@@ -1181,5 +1181,13 @@ def dissect(capture: str) -> None:
         raise _fail(f"cannot read {capture}: {exc}") from None
 
 
+# ------------------------------------------------------------------------- rpc
+
+from .rpc_cmd import call, serve_demo  # noqa: E402  (commands of their own module)
+
+main.add_command(call)
+main.add_command(serve_demo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
