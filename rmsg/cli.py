@@ -707,6 +707,11 @@ def stats(
     help="Also measure 1 vs 1,000 peers, a simulated 10%-loss exchange and a slow "
     "receiver (1 GiB; quick: smaller).",
 )
+@click.option(
+    "--rpc",
+    is_flag=True,
+    help="Instead: no-op RPC calls/s and p50/p99, rmsg beside stdlib xmlrpc (and grpcio).",
+)
 def bench(
     quick: bool,
     rounds: int | None,
@@ -714,6 +719,7 @@ def bench(
     as_json: bool,
     plot: str | None,
     scale: bool,
+    rpc: bool = False,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
 
@@ -738,6 +744,16 @@ def bench(
 
     if duration is not None and duration <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--duration")
+    if rpc:
+        from .bench_rpc import format_rpc_report, run_rpc_bench
+
+        figures = run_rpc_bench(
+            duration=duration or (0.3 if quick else 1.0),
+            rounds=rounds or (1 if quick else 3),
+            progress=lambda text: click.echo(f"  {text}", err=True),
+        )
+        click.echo(format_rpc_report(figures, as_json))
+        return
 
     def progress(text: str) -> None:
         click.echo(f"  {text}", err=True)

@@ -355,6 +355,7 @@ class ServerCore:
         self.cache_age = cache_age
         self._entries: dict[CallId, _Entry] = {}
         self._done: OrderedDict[CallId, None] = OrderedDict()  # finished, oldest first
+        self._active: dict[CallId, _Entry] = {}  # queued or running: the ones with timers
         self._queue: deque[CallId] = deque()
         self._running = 0
         self._out: list[Outgoing] = []
@@ -422,6 +423,7 @@ class ServerCore:
             return
         entry = _Entry(_State.QUEUED, source, req.reply_mailbox, deadline, req)
         self._entries[req.call_id] = entry
+        self._active[req.call_id] = entry
         if not self._has_method(req.method):
             self._finish(
                 req.call_id,
@@ -545,6 +547,7 @@ class ServerCore:
         entry.state = _State.DONE
         entry.request = None
         entry.done_at = now
+        self._active.pop(call_id, None)
         entry.reply = encode_reply(
             Reply(call_id=call_id, status=status, executed=executed, codec=codec, body=body)
         )
@@ -590,7 +593,7 @@ class ServerCore:
         times: list[float] = []
         if self._done:
             times.append(self._entries[next(iter(self._done))].done_at + self.cache_age)
-        for entry in self._entries.values():
+        for entry in self._active.values():
             waiting = entry.state is _State.QUEUED or (
                 entry.state is _State.RUNNING and not entry.signalled
             )
@@ -600,7 +603,7 @@ class ServerCore:
 
     def handle_timer(self, now: float) -> None:
         self._evict(now)
-        for call_id, entry in list(self._entries.items()):
+        for call_id, entry in list(self._active.items()):
             if entry.deadline is None or entry.deadline > now:
                 continue
             if entry.state is _State.RUNNING and not entry.signalled:
