@@ -341,3 +341,29 @@ def test_a_restarted_client_gets_its_own_replies(tmp_path: pathlib.Path) -> None
     finally:
         server.kill()
         server.wait(5)
+
+
+def test_anycast_moves_on_only_when_the_call_provably_did_not_run() -> None:
+    """A busy member answers RESOURCE_EXHAUSTED (not run): the call goes to the other.
+    A member without the service (NOT_FOUND: not run) is skipped the same way."""
+    with (
+        Node() as busy_node,
+        Node() as free_node,
+        Node() as bare_node,
+        Node() as client_node,
+    ):
+        busy, free = Calc(), Calc()
+        with (
+            Server(busy_node, busy, service="calc", max_concurrency=1, max_queued=0),
+            Server(free_node, free, service="calc"),
+            Client(client_node, timeout=10) as client,
+        ):
+            blocker = client.invoke(_dest(busy_node, "calc"), "block")
+            _await(lambda: busy.runs == ["block"])
+            client_node.add_service_members("calc", [busy_node.address, bare_node.address])
+            client_node.add_service_members("calc", [free_node.address])
+            for _ in range(3):  # whichever member the turn starts at, free runs it
+                assert client.call("anycast://calc", "add", 1, 2) == 3
+            assert free.runs == ["add"] * 3 and busy.runs == ["block"]
+            busy.release.set()
+            assert blocker.result(5) == "released"

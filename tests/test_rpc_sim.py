@@ -160,6 +160,7 @@ class ServerHost:
             max_queued=max_queued,
             cache_entries=cache_entries,
             cache_age=cache_age,
+            incarnation=self.endpoint.incarnation,
         )
         self.sends = _Sends(self.endpoint)
         self.executions = executions

@@ -22,10 +22,13 @@ answered from the cache with the reply to its previous life's call.
 member tried, and a member is tried only after the previous one provably did
 not run the call). Every later REQUEST for the call is a *retry*: it never
 starts the handler; the server answers it from its reply cache, or says it
-has no record. Since rmsg never delivers a message twice, nor later after
-reporting it failed, and a server restarted as a new incarnation never gets
-messages sent to its previous life, the handler runs at most once per call
-whatever is lost, duplicated, delayed or restarted.
+has no record. The executable attempt names the server incarnation it is
+meant for (``expect``; before its first call to a server the client learns
+the incarnation from the receipt of a HELLO), and a server of any other
+incarnation refuses it: a request that was on its way when the server
+restarted can never run in the new life as well as the old. Since rmsg
+delivers a message at most once to a node's life, the handler runs at most
+once per call whatever is lost, duplicated, delayed or restarted.
 
 **The reply cache** keeps each call's entry from arrival until ``cache_age``
 seconds after it finished, at most ``cache_entries`` of them (the oldest
@@ -96,7 +99,7 @@ MAGIC = b"rP"
 VERSION = 1
 NO_TIMEOUT = 0xFFFFFFFF  #: timeout_ms meaning "no deadline"
 _HEAD = struct.Struct("!2sBB")  # magic, version, kind
-_REQUEST = struct.Struct("!QQBI")  # incarnation, counter, flags, timeout_ms
+_REQUEST = struct.Struct("!QQBIQ")  # incarnation, counter, flags, timeout_ms, expect
 _REPLY = struct.Struct("!QQBB")  # incarnation, counter, status, executed
 _CANCEL = struct.Struct("!QQ")
 _EXECUTABLE = 0x01
@@ -108,6 +111,7 @@ class Kind(enum.IntEnum):
     REQUEST = 1
     REPLY = 2
     CANCEL = 3
+    HELLO = 4  #: learns the server's incarnation before a first call (ignored by servers)
 
 
 def service_mailbox(service: str) -> str:
@@ -123,6 +127,7 @@ class Request:
     call_id: CallId
     executable: bool
     timeout_ms: int  #: time left when sent, or NO_TIMEOUT
+    expect: int  #: the server incarnation the client sends it to
     reply_mailbox: str
     method: str
     codec: str
@@ -167,7 +172,11 @@ def encode_request(request: Request) -> bytes:
         (
             _HEAD.pack(MAGIC, VERSION, Kind.REQUEST),
             _REQUEST.pack(
-                inc, counter, _EXECUTABLE if request.executable else 0, request.timeout_ms
+                inc,
+                counter,
+                _EXECUTABLE if request.executable else 0,
+                request.timeout_ms,
+                request.expect,
             ),
             _str8(request.reply_mailbox),
             _str8(request.method),
@@ -200,7 +209,15 @@ def encode_cancel(cancel: Cancel) -> bytes:
     )
 
 
-def decode(data: bytes) -> Request | Reply | Cancel:
+@dataclass(frozen=True, slots=True)
+class Hello:
+    pass
+
+
+HELLO = _HEAD.pack(MAGIC, VERSION, Kind.HELLO)
+
+
+def decode(data: bytes) -> Request | Reply | Cancel | Hello:
     """Parse one RPC message; raises ``ValueError`` for anything malformed."""
     if len(data) < _HEAD.size:
         raise ValueError("too short")
@@ -210,7 +227,7 @@ def decode(data: bytes) -> Request | Reply | Cancel:
     at = _HEAD.size
     try:
         if kind == Kind.REQUEST:
-            inc, counter, flags, timeout_ms = _REQUEST.unpack_from(data, at)
+            inc, counter, flags, timeout_ms, expect = _REQUEST.unpack_from(data, at)
             at += _REQUEST.size
             reply_mailbox, at = _read_str8(data, at)
             method, at = _read_str8(data, at)
@@ -219,6 +236,7 @@ def decode(data: bytes) -> Request | Reply | Cancel:
                 call_id=(inc, counter),
                 executable=bool(flags & _EXECUTABLE),
                 timeout_ms=timeout_ms,
+                expect=expect,
                 reply_mailbox=reply_mailbox,
                 method=method,
                 codec=codec,
@@ -237,6 +255,8 @@ def decode(data: bytes) -> Request | Reply | Cancel:
                 codec=codec,
                 body=data[at:],
             )
+        if kind == Kind.HELLO:
+            return Hello()
         if kind == Kind.CANCEL:
             inc, counter = _CANCEL.unpack_from(data, at)
             reply_mailbox, at = _read_str8(data, at + _CANCEL.size)
@@ -342,6 +362,7 @@ class ServerCore:
         max_queued: int = 16,
         cache_entries: int = 10_000,
         cache_age: float = 300.0,
+        incarnation: int = 0,
     ) -> None:
         if max_concurrency < 1 or max_queued < 0 or cache_entries < 1 or cache_age <= 0:
             raise errors.UsageError(
@@ -349,6 +370,7 @@ class ServerCore:
                 "cache_age more than 0"
             )
         self._has_method = has_method
+        self.incarnation = incarnation
         self.max_concurrency = max_concurrency
         self.max_queued = max_queued
         self.cache_entries = cache_entries
@@ -383,6 +405,8 @@ class ServerCore:
             self._on_request(msg, source, now)
         elif isinstance(msg, Cancel):
             self._on_cancel(msg, source, now)
+        elif isinstance(msg, Hello):
+            pass  # its receipt told the client our incarnation
         else:
             self.stats.dropped += 1
 
@@ -393,6 +417,19 @@ class ServerCore:
             if entry.state is _State.DONE:
                 self._out.append(Outgoing(source, req.reply_mailbox, entry.reply))
             return  # queued or running: its reply follows
+        if req.executable and req.expect != self.incarnation:
+            # Sent to a previous life of this node, which may have run it: never run it here.
+            self.stats.no_record += 1
+            self._reply_to(
+                source,
+                req.reply_mailbox,
+                req.call_id,
+                Status.UNAVAILABLE,
+                None,
+                error_body("", "the server restarted while the call was on its way; "
+                           "its previous life may have run it"),
+            )
+            return
         if not req.executable:
             self.stats.no_record += 1
             self._reply_to(
@@ -718,6 +755,9 @@ class ClientCore:
         self._out: list[Outgoing] = []
         self._withdraw: list[int] = []
         self._done: deque[CallDone] = deque()
+        self._incarnations: dict[Any, int] = {}  # server address -> its incarnation, as known
+        self._hellos: dict[int, tuple[Any, str]] = {}  # HELLO send key -> (server, mailbox)
+        self._waiting: dict[tuple[Any, str], list[int]] = {}  # calls waiting on a HELLO
         self.stats = ClientStats()
 
     def pending(self) -> int:
@@ -775,6 +815,9 @@ class ClientCore:
         if call is None or call.cancelled_at is not None:
             return
         call.cancelled_at = now
+        if not call.sends and call.reached is None and not call.maybe:
+            self._end(call, Status.CANCELLED, False, "cancelled before it was sent")
+            return
         for key, kind in call.sends.items():
             if kind == "exec":
                 self._withdraw.append(key)
@@ -783,10 +826,19 @@ class ClientCore:
 
     def sent(self, key: int, incarnation: int, now: float) -> None:
         """Message ``key`` is in its mailbox at a node of ``incarnation`` (its receipt)."""
+        if key in self._hellos:
+            server, mailbox = self._hellos.pop(key)
+            self._incarnations[server] = incarnation
+            for counter in self._waiting.pop((server, mailbox), []):
+                waiting = self._calls.get(counter)
+                if waiting is not None and waiting.target == server:
+                    self._send(waiting, "exec", now)
+            return
         call, kind = self._pop(key)
         if call is None:
             return
         if kind == "exec":
+            self._incarnations[call.target] = incarnation
             call.reached = incarnation
             call.next_retry = now + self.retry_interval
             if call.cancelled_at is not None:
@@ -799,42 +851,63 @@ class ClientCore:
 
     def send_failed(self, key: int, error: BaseException, now: float) -> None:
         """Message ``key`` failed: a ``DeliveryFailed`` (or a ``WouldBlock`` at once)."""
+        if isinstance(error, errors.PeerRestarted):
+            self._incarnations[error.peer] = error.new_incarnation
+        if key in self._hellos:
+            server, mailbox = self._hellos.pop(key)
+            for counter in self._waiting.pop((server, mailbox), []):
+                waiting = self._calls.get(counter)
+                if waiting is None or waiting.target != server:
+                    continue
+                if isinstance(error, errors.PeerRestarted):
+                    self._send(waiting, "exec", now)  # no call went: now we know the new life
+                else:
+                    self._exec_failed(waiting, error, False, now)
+            return
         call, kind = self._pop(key)
         if call is None or kind == "cancel":
             return
         delivered = getattr(error, "delivered", False)
         if kind == "exec":
-            if delivered is False:
-                call.tried.append((call.target, type(error).__name__))
-                if (
-                    call.anycast
-                    and len(call.members) > 1
-                    and call.cancelled_at is None
-                    and not isinstance(error, (errors.SendTimeout, errors.SendCancelled))
-                ):
-                    self._failover(call, now)
-                elif isinstance(error, errors.MailboxNotFound):
-                    self._end(
-                        call,
-                        Status.NOT_FOUND,
-                        False,
-                        f"nothing serves mailbox {call.mailbox!r} there "
-                        "(is the service name right?)",
-                    )
-                else:
-                    self._end(call, _status_of(error), False, str(error))
-                return
-            call.maybe = True
-            if isinstance(error, errors.SendTimeout):
-                self._end(call, Status.DEADLINE_EXCEEDED, None, str(error))
-            elif isinstance(error, errors.PeerRestarted) or call.cancelled_at is not None:
-                self._end(call, Status.UNAVAILABLE, None, str(error))
-            elif call.deadline is None or call.deadline > now:
-                self._send(call, "retry", now)  # ask the same incarnation what it has
-            else:
-                self._end(call, Status.UNAVAILABLE, None, str(error))
+            self._exec_failed(call, error, delivered, now)
             return
         # a retry failed: the server may be gone, and it may have run the call
+        self._retry_failed(call, error, now)
+
+    def _exec_failed(
+        self, call: _Call, error: BaseException, delivered: bool | None, now: float
+    ) -> None:
+        if delivered is False:
+            call.tried.append((call.target, type(error).__name__))
+            if (
+                call.anycast
+                and len(call.members) > 1
+                and call.cancelled_at is None
+                and not isinstance(error, (errors.SendTimeout, errors.SendCancelled))
+            ):
+                self._failover(call, now)
+            elif isinstance(error, errors.MailboxNotFound):
+                self._end(
+                    call,
+                    Status.NOT_FOUND,
+                    False,
+                    f"nothing serves mailbox {call.mailbox!r} there "
+                    "(is the service name right?)",
+                )
+            else:
+                self._end(call, _status_of(error), False, str(error))
+            return
+        call.maybe = True
+        if isinstance(error, errors.SendTimeout):
+            self._end(call, Status.DEADLINE_EXCEEDED, None, str(error))
+        elif isinstance(error, errors.PeerRestarted) or call.cancelled_at is not None:
+            self._end(call, Status.UNAVAILABLE, None, str(error))
+        elif call.deadline is None or call.deadline > now:
+            self._send(call, "retry", now)  # ask the same incarnation what it has
+        else:
+            self._end(call, Status.UNAVAILABLE, None, str(error))
+
+    def _retry_failed(self, call: _Call, error: BaseException, now: float) -> None:
         if isinstance(error, errors.SendCancelled):
             return
         if isinstance(error, errors.WouldBlock):
@@ -959,6 +1032,18 @@ class ClientCore:
 
     def _send(self, call: _Call, kind: str, now: float) -> None:
         call_id = (self.incarnation, call.counter)
+        expect = self._incarnations.get(call.target)
+        if kind == "exec" and expect is None:
+            # First contact: learn the server's incarnation before any call goes, so a
+            # request can never run in a life of the server it was not meant for.
+            waiting = self._waiting.setdefault((call.target, call.mailbox), [])
+            waiting.append(call.counter)
+            if len(waiting) == 1:
+                self._key += 1
+                self._hellos[self._key] = (call.target, call.mailbox)
+                left = None if call.deadline is None else call.deadline - now
+                self._out.append(Outgoing(call.target, call.mailbox, HELLO, self._key, left))
+            return
         if kind == "cancel":
             data = encode_cancel(Cancel(call_id=call_id, reply_mailbox=self.reply_mailbox))
             timeout: float | None = self.retry_interval
@@ -972,6 +1057,7 @@ class ClientCore:
                     call_id=call_id,
                     executable=kind == "exec",
                     timeout_ms=timeout_ms,
+                    expect=expect or 0,
                     reply_mailbox=self.reply_mailbox,
                     method=call.method,
                     codec=call.codec,

@@ -153,6 +153,7 @@ class _Base:
         max_queued: int | None,
         cache_entries: int,
         cache_age: float,
+        incarnation: int,
     ) -> None:
         self.service = service
         self._registry = _Registry()
@@ -164,6 +165,7 @@ class _Base:
             max_queued=2 * max_concurrency if max_queued is None else max_queued,
             cache_entries=cache_entries,
             cache_age=cache_age,
+            incarnation=incarnation,
         )
         self.mailbox = service_mailbox(service)
         self._contexts: dict[CallId, CallContext] = {}
@@ -202,7 +204,15 @@ class Server(_Base):
         cache_entries: int = 10_000,
         cache_age: float = 300.0,
     ) -> None:
-        super().__init__(handler, service, max_concurrency, max_queued, cache_entries, cache_age)
+        super().__init__(
+            handler,
+            service,
+            max_concurrency,
+            max_queued,
+            cache_entries,
+            cache_age,
+            node.incarnation,
+        )
         self.node = node
         self._lock = threading.Lock()
         self._port = node.create_mailbox(self.mailbox, port=True)
@@ -318,7 +328,15 @@ class AsyncServer(_Base):
         cache_entries: int = 10_000,
         cache_age: float = 300.0,
     ) -> None:
-        super().__init__(handler, service, max_concurrency, max_queued, cache_entries, cache_age)
+        super().__init__(
+            handler,
+            service,
+            max_concurrency,
+            max_queued,
+            cache_entries,
+            cache_age,
+            node.incarnation,
+        )
         self.node = node
         self._tasks: dict[CallId, asyncio.Task[None]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
