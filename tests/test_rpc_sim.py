@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from netem import Impairment, SimNetwork
@@ -248,6 +248,20 @@ def _stuck(client: ClientHost) -> str:
     cache_age=st.sampled_from([0.2, 5.0]),
     partition=st.none() | st.tuples(st.floats(0.3, 2.0), st.floats(0.1, 4.0)),
     seed=st.integers(0, 2**16),
+)
+@example(  # before the HELLO, a call's first request ran in two lives of a restarted server
+    plan=[(0, 0.125, None, None)],
+    durations=[0.0],
+    to_server=Impairment(loss=0.125, duplicate=0.125, corrupt=0.0625),
+    to_client=Impairment(loss=0.25, duplicate=0.125, corrupt=0.0625, jitter=0.015625),
+    crash=(0.375, 0.0),
+    anycast=False,
+    max_concurrency=1,
+    max_queued=0,
+    cache_entries=2,
+    cache_age=0.2,
+    partition=None,
+    seed=326,
 )
 def test_at_most_once_and_one_outcome_per_call(
     plan: list[tuple[int, float, float | None, float | None]],
