@@ -1154,6 +1154,11 @@ def stats(
     help="Also measure 1 vs 1,000 peers, a simulated 10%-loss exchange and a slow "
     "receiver (1 GiB; quick: smaller).",
 )
+@click.option(
+    "--rpc",
+    is_flag=True,
+    help="Instead: no-op RPC calls/s and p50/p99, rmsg beside stdlib xmlrpc (and grpcio).",
+)
 def bench(
     quick: bool,
     rounds: int | None,
@@ -1162,6 +1167,7 @@ def bench(
     plot: str | None,
     from_json: str | None,
     scale: bool,
+    rpc: bool = False,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
 
@@ -1197,6 +1203,16 @@ def bench(
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"cannot read figures: {exc}", param_hint="--from") from None
         _plot_bench(saved, plot)
+        return
+    if rpc:
+        from .bench_rpc import format_rpc_report, run_rpc_bench
+
+        figures = run_rpc_bench(
+            duration=duration or (0.3 if quick else 1.0),
+            rounds=rounds or (1 if quick else 3),
+            progress=lambda text: click.echo(f"  {text}", err=True),
+        )
+        click.echo(format_rpc_report(figures, as_json))
         return
 
     def progress(text: str) -> None:
@@ -1973,6 +1989,14 @@ def wireshark_install(folder: str | None, print_only: bool, as_json: bool) -> No
         click.echo(json.dumps(record))
         return
     click.echo(str(target))
+
+
+# ------------------------------------------------------------------------- rpc
+
+from .rpc_cmd import call, serve_demo  # noqa: E402  (commands of their own module)
+
+main.add_command(call)
+main.add_command(serve_demo)
 
 
 if __name__ == "__main__":  # pragma: no cover

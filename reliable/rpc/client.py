@@ -1,0 +1,559 @@
+"""Making calls: :class:`Client` (blocking, over a :class:`reliable.Node`) and
+:class:`AsyncClient` (over a :class:`reliable.AsyncNode`), with stubs made by
+introspection from a class or Protocol.
+
+Both are thin adapters around :class:`~reliable.rpc.protocol.ClientCore`: a
+call is marshalled (failing before anything is sent, naming the argument),
+handed to the core, and its messages sent with ``send_nowait``; every send's
+fate goes back to the core, and a reader takes replies from the client's reply
+port. The core decides each call's one outcome; the adapter turns it into the
+result or an :class:`~reliable.rpc.RpcError`.
+
+Destinations: ``"host:port"`` (the default service, mailbox ``rpc``),
+``"host:port/service"`` (mailbox ``rpc.<service>``), or
+``"anycast://service"`` (one member from ``node.service_members(service)``,
+taken in turn; another is tried only when the call provably did not run on
+the previous one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from .. import errors
+from ..addressing import resolve_address
+from ..node import Node, SendHandle
+from .codec import Codec, get_codec, marshal_call
+from .protocol import CallDone, ClientCore, service_mailbox
+from .status import RemoteError, RpcError, Status
+
+if TYPE_CHECKING:
+    from ..aio import AsyncNode, AsyncSendHandle
+
+__all__ = ["AsyncClient", "Call", "Client"]
+
+T = TypeVar("T")
+_POLL = 0.1  # seconds: the longest the reader sleeps before looking at the core's timers
+_reply_ports = itertools.count(1)
+_DEFAULT = object()
+
+
+def _outcome(done: CallDone, method: str) -> Any:
+    """The result of a finished call, or raise its error."""
+    if done.status is Status.OK:
+        try:
+            return get_codec(done.codec).decode(done.body)
+        except (ValueError, errors.UsageError) as exc:
+            raise RpcError(
+                Status.INTERNAL,
+                f"undecodable result: {exc}",
+                executed=True,
+                peer=done.peer,
+                method=method,
+            ) from None
+    if done.executed is True and done.type_name:
+        raise RemoteError(done.status, done.type_name, done.details, peer=done.peer, method=method)
+    raise RpcError(done.status, done.details, executed=done.executed, peer=done.peer, method=method)
+
+
+class _Target:
+    __slots__ = ("anycast", "mailbox", "members", "service")
+
+    def __init__(self, members: list[Any], service: str, anycast: bool) -> None:
+        self.members = members
+        self.service = service
+        self.mailbox = service_mailbox(service)
+        self.anycast = anycast
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        address: Any,
+        incarnation: int,
+        codec: str | Codec,
+        timeout: float | None,
+        retry_interval: float,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise errors.UsageError(f"timeout must be more than 0 seconds, got {timeout}")
+        self.codec = get_codec(codec)
+        self.timeout = timeout
+        self._family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
+        self.reply_mailbox = f"rpc.reply.{next(_reply_ports)}"
+        self.core = ClientCore(incarnation, self.reply_mailbox, retry_interval=retry_interval)
+        self._turn = 0
+
+    def _target(self, node: Any, dest: str | tuple[Any, ...]) -> _Target:
+        if isinstance(dest, str) and dest.startswith("anycast://"):
+            service = dest[len("anycast://") :].strip("/")
+            members = list(node.service_members(service))
+            if not members:
+                raise RpcError(
+                    Status.UNAVAILABLE,
+                    f"no member of service {service!r} is known (discover() or "
+                    "add_service_members() first)",
+                    executed=False,
+                )
+            self._turn += 1
+            start = self._turn % len(members)
+            return _Target(members[start:] + members[:start], service, True)
+        service = ""
+        if isinstance(dest, str) and "/" in dest:
+            dest, service = dest.split("/", 1)
+        text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
+        return _Target([resolve_address(text, family=self._family)[1]], service, False)
+
+    def _deadline(self, timeout: Any, now: float) -> float | None:
+        timeout = self.timeout if timeout is _DEFAULT else timeout
+        if timeout is None:
+            return None
+        if timeout <= 0:
+            raise errors.UsageError(f"timeout must be more than 0 seconds, got {timeout}")
+        return float(now + timeout)
+
+    def _wait(self, now: float) -> float:
+        timer = self.core.get_timer()
+        return _POLL if timer is None else max(0.0, min(_POLL, timer - now))
+
+
+def _stub_methods(interface: type) -> dict[str, inspect.Signature]:
+    methods: dict[str, inspect.Signature] = {}
+    for name, member in inspect.getmembers(interface, callable):
+        if name.startswith("_") or inspect.isclass(member):
+            continue
+        signature = inspect.signature(member)
+        params = list(signature.parameters.values())
+        if params and params[0].name in ("self", "cls"):
+            params = params[1:]
+        methods[name] = signature.replace(parameters=params)
+    if not methods:
+        raise errors.UsageError(f"{interface.__name__} has no public methods to call")
+    return methods
+
+
+def _bind(
+    signature: inspect.Signature, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any], list[str]]:
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise errors.UsageError(f"{method}(): {exc}") from None
+    names = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return list(bound.args), dict(bound.kwargs), names
+
+
+class Call:
+    """A call in progress (:meth:`Client.invoke`): ``result()``, ``cancel()``, ``done()``."""
+
+    def __init__(self, client: Client, counter: int, method: str) -> None:
+        self._client = client
+        self.counter = counter
+        self.method = method
+        self._future: Future[CallDone] = Future()
+
+    @property
+    def call_id(self) -> tuple[int, int]:
+        return (self._client.core.incarnation, self.counter)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The handler's return value, or raise the call's :class:`RpcError`.
+
+        ``timeout`` only bounds this wait (``TimeoutError``); the call's own
+        deadline was set when it was made.
+        """
+        return _outcome(self._future.result(timeout), self.method)
+
+    def outcome(self, timeout: float | None = None) -> CallDone:
+        """The raw outcome: status, executed, body."""
+        return self._future.result(timeout)
+
+    def cancel(self) -> None:
+        """Cancel the call: withdrawn if it has not wholly left, else the server is asked
+        to stop it. :meth:`result` then says what happened (CANCELLED and whether it ran)."""
+        self._client._cancel(self.counter)
+
+
+class Client(_ClientBase):
+    """Make calls from a blocking :class:`Node`.
+
+    ``codec``: ``"json"`` (default) or ``"msgpack"`` or a :class:`Codec`.
+    ``timeout``: each call's default deadline in seconds (None: none).
+    ``retry_interval``: how often a call already at the server is re-sent as a
+    retry while it waits (which fetches a lost reply from the server's cache
+    and notices a server that died or restarted). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        codec: str | Codec = "json",
+        timeout: float | None = 30.0,
+        retry_interval: float = 1.0,
+    ) -> None:
+        super().__init__(node.address, node.incarnation, codec, timeout, retry_interval)
+        self.node = node
+        self._lock = threading.RLock()
+        self._calls: dict[int, Call] = {}
+        self._handles: dict[int, SendHandle] = {}
+        self._fates: deque[tuple[int, SendHandle]] = deque()
+        self._port = node.create_mailbox(self.reply_mailbox, port=True)
+        self._closed = False
+        self._reader = threading.Thread(target=self._run, name="rpc-client", daemon=True)
+        self._reader.start()
+
+    def call(self, dest: str | tuple[Any, ...], method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` at ``dest`` with these arguments; block for its result.
+
+        Raises :class:`MarshalError` before sending anything if an argument
+        cannot be marshalled, :class:`RpcError` (:class:`RemoteError` if the
+        handler raised) when the call does not return a result.
+        """
+        return self.invoke(dest, method, args, kwargs).result()
+
+    def invoke(
+        self,
+        dest: str | tuple[Any, ...],
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | object | None = _DEFAULT,
+        names: Sequence[str] = (),
+    ) -> Call:
+        """Start a call and return its :class:`Call` at once. ``timeout`` overrides the
+        client's default deadline; ``names`` names the positional arguments in errors."""
+        if self._closed:
+            raise errors.NodeClosed("the RPC client is closed")
+        target = self._target(self.node, dest)
+        payload = marshal_call(self.codec, method, args, kwargs or {}, names)
+        with self._lock:
+            now = time.monotonic()
+            counter = self.core.start(
+                target.members,
+                target.mailbox,
+                method,
+                self.codec.name,
+                payload,
+                deadline=self._deadline(timeout, now),
+                now=now,
+                anycast=target.anycast,
+            )
+            call = Call(self, counter, method)
+            self._calls[counter] = call
+            self._step(now)
+        return call
+
+    def stub(
+        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+    ) -> T:
+        """An object with ``interface``'s public methods that call them at ``dest``.
+
+        Arguments are checked against each method's signature and marshalled
+        before anything is sent (``UsageError``/``MarshalError``).
+        """
+        client = self
+
+        def make(name: str, signature: inspect.Signature) -> Callable[..., Any]:
+            def method(*args: Any, **kwargs: Any) -> Any:
+                a, kw, names = _bind(signature, name, args, kwargs)
+                return client.invoke(dest, name, a, kw, timeout=timeout, names=names).result()
+
+            method.__name__ = name
+            method.__signature__ = signature  # type: ignore[attr-defined]
+            return method
+
+        namespace = {
+            name: staticmethod(make(name, sig)) for name, sig in _stub_methods(interface).items()
+        }
+        return cast(T, type(f"{interface.__name__}Stub", (), namespace)())
+
+    def close(self) -> None:
+        """Stop the reader and delete the reply port; calls still waiting fail UNAVAILABLE."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reader.join(2 * _POLL + 1.0)
+        self._abandon("the RPC client closed")
+        try:
+            self._port.delete()
+        except errors.ReliableError:
+            pass
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- internals
+
+    def _cancel(self, counter: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.core.cancel(counter, now)
+            self._step(now)
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                msg = self._port.receive(timeout=self._wait(time.monotonic()))
+            except errors.ReceiveTimeout:
+                msg = None
+            except (errors.NodeClosed, errors.MailboxDeleted):
+                self._closed = True
+                self._abandon("the node closed")
+                return
+            with self._lock:
+                now = time.monotonic()
+                if msg is not None:
+                    self.core.receive(msg.data, msg.source, now)
+                self._step(now)
+
+    def _on_fate(self, key: int, handle: SendHandle) -> None:
+        self._fates.append((key, handle))
+        with self._lock:
+            self._step(time.monotonic())
+
+    def _step(self, now: float) -> None:
+        core = self.core
+        while self._fates:
+            key, handle = self._fates.popleft()
+            self._handles.pop(key, None)
+            error = handle.exception()
+            if error is None:
+                core.sent(key, handle.result().incarnation, now)  # type: ignore[union-attr]
+            else:
+                core.send_failed(key, error, now)
+        timer = core.get_timer()
+        if timer is not None and timer <= now:
+            core.handle_timer(now)
+        for key in core.withdrawals():
+            pending = self._handles.get(key)
+            if pending is not None:
+                pending.cancel()
+        for out in core.outgoing():
+            try:
+                handle = self.node.send_nowait(
+                    out.dest, out.data, mailbox=out.mailbox, timeout=out.timeout
+                )
+            except (errors.WouldBlock, errors.NodeClosed) as exc:
+                core.send_failed(out.key, exc, now)
+                continue
+            self._handles[out.key] = handle
+            handle.add_done_callback(functools.partial(self._on_fate, out.key))
+        while (done := core.next_event()) is not None:
+            call = self._calls.pop(done.counter, None)
+            if call is not None:
+                call._future.set_result(done)
+
+    def _abandon(self, why: str) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call._future.set_result(
+                CallDone(
+                    counter=call.counter,
+                    status=Status.UNAVAILABLE,
+                    executed=None,
+                    codec="json",
+                    body=b"",
+                    peer=None,
+                    details=why,
+                )
+            )
+
+
+class AsyncClient(_ClientBase):
+    """Make calls from an :class:`reliable.AsyncNode` (``async with AsyncClient(node):``).
+
+    As :class:`Client`; ``await client.call(dest, "method", ...)``. Cancelling
+    the awaiting task cancels the call (withdrawn, or the server asked to stop).
+    """
+
+    def __init__(
+        self,
+        node: AsyncNode,
+        *,
+        codec: str | Codec = "json",
+        timeout: float | None = 30.0,
+        retry_interval: float = 1.0,
+    ) -> None:
+        super().__init__(node.address, node.incarnation, codec, timeout, retry_interval)
+        self.node = node
+        self._futures: dict[int, asyncio.Future[CallDone]] = {}
+        self._handles: dict[int, AsyncSendHandle] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> AsyncClient:
+        if self._reader is None:
+            self._port = self.node.create_mailbox(self.reply_mailbox, port=True)
+            self._reader = asyncio.create_task(self._run(), name="rpc-client")
+        return self
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed or self._reader is None:
+            return
+        self._closed = True
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        self._abandon("the RPC client closed")
+        try:
+            self._port.delete()
+        except errors.ReliableError:
+            pass
+
+    async def call(
+        self, dest: str | tuple[Any, ...], method: str, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """As :meth:`Client.call`, awaited."""
+        return await self.invoke(dest, method, args, kwargs)
+
+    async def invoke(
+        self,
+        dest: str | tuple[Any, ...],
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | object | None = _DEFAULT,
+        names: Sequence[str] = (),
+    ) -> Any:
+        """As :meth:`Client.invoke`, awaited to the result."""
+        if self._reader is None:
+            raise errors.UsageError("start the AsyncClient first (async with, or await start())")
+        if self._closed:
+            raise errors.NodeClosed("the RPC client is closed")
+        loop = asyncio.get_running_loop()
+        target = self._target(self.node, dest)
+        payload = marshal_call(self.codec, method, args, kwargs or {}, names)
+        now = loop.time()
+        counter = self.core.start(
+            target.members,
+            target.mailbox,
+            method,
+            self.codec.name,
+            payload,
+            deadline=self._deadline(timeout, now),
+            now=now,
+            anycast=target.anycast,
+        )
+        future: asyncio.Future[CallDone] = loop.create_future()
+        self._futures[counter] = future
+        self._step(now)
+        try:
+            done = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.core.cancel(counter, loop.time())
+            self._step(loop.time())
+            raise
+        return _outcome(done, method)
+
+    def stub(
+        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+    ) -> T:
+        """As :meth:`Client.stub`; its methods are coroutines."""
+        client = self
+
+        def make(name: str, signature: inspect.Signature) -> Callable[..., Any]:
+            async def method(*args: Any, **kwargs: Any) -> Any:
+                a, kw, names = _bind(signature, name, args, kwargs)
+                return await client.invoke(dest, name, a, kw, timeout=timeout, names=names)
+
+            method.__name__ = name
+            return method
+
+        namespace = {
+            name: staticmethod(make(name, sig)) for name, sig in _stub_methods(interface).items()
+        }
+        return cast(T, type(f"{interface.__name__}Stub", (), namespace)())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                msg = await self._port.receive(timeout=self._wait(loop.time()))
+            except errors.ReceiveTimeout:
+                msg = None
+            except (errors.NodeClosed, errors.MailboxDeleted):
+                self._abandon("the node closed")
+                return
+            if msg is not None:
+                self.core.receive(msg.data, msg.source, loop.time())
+            self._step(loop.time())
+
+    def _on_fate(self, key: int, handle: asyncio.Future[Any]) -> None:
+        self._handles.pop(key, None)
+        now = asyncio.get_running_loop().time()
+        if handle.cancelled():
+            self.core.send_failed(key, errors.SendCancelled(None), now)
+        elif (error := handle.exception()) is not None:
+            self.core.send_failed(key, error, now)
+        else:
+            self.core.sent(key, handle.result().incarnation, now)
+        self._step(now)
+
+    def _step(self, now: float) -> None:
+        core = self.core
+        timer = core.get_timer()
+        if timer is not None and timer <= now:
+            core.handle_timer(now)
+        for key in core.withdrawals():
+            pending = self._handles.get(key)
+            if pending is not None:
+                pending.withdraw()
+        for out in core.outgoing():
+            try:
+                handle = self.node.send_nowait(
+                    out.dest, out.data, mailbox=out.mailbox, timeout=out.timeout
+                )
+            except (errors.WouldBlock, errors.NodeClosed) as exc:
+                core.send_failed(out.key, exc, now)
+                continue
+            self._handles[out.key] = handle
+            handle.add_done_callback(functools.partial(self._on_fate, out.key))
+        while (done := core.next_event()) is not None:
+            future = self._futures.pop(done.counter, None)
+            if future is not None and not future.done():
+                future.set_result(done)
+
+    def _abandon(self, why: str) -> None:
+        futures, self._futures = self._futures, {}
+        for counter, future in futures.items():
+            if not future.done():
+                future.set_result(
+                    CallDone(
+                        counter=counter,
+                        status=Status.UNAVAILABLE,
+                        executed=None,
+                        codec="json",
+                        body=b"",
+                        peer=None,
+                        details=why,
+                    )
+                )
