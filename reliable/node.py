@@ -94,6 +94,9 @@ IDLE_AFTER = 0.002
 NAP = 0.002
 #: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
 HOLD_MAX = 16
+#: Longest nap of the background thread while a caller leads (seconds); once the
+#: callers leave, it takes over within this plus IDLE_AFTER.
+BUSY_NAP = 0.01
 #: Seconds after a drive in which a receive takes queued messages without another.
 DRIVE_GAP = 0.0005
 #: How stale the node's copy of the core's next timer may get between waits (seconds).
@@ -1272,16 +1275,17 @@ class Node:
         lock = self._lock
         try:
             while not self._closed:
+                nap: float | None = NAP
                 if lock.acquire(blocking=False):
                     try:
-                        led = self._background_turn()
+                        nap = self._background_turn()
                     finally:
                         lock.release()
                     if self._callbacks:
                         self._run_callbacks()
-                    if led:
-                        continue
-                self._nap.wait(NAP)
+                    if nap is None:
+                        continue  # it led: see whether it still should
+                self._nap.wait(nap)
         except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
             self._failure = exc
             with lock:
@@ -1292,20 +1296,28 @@ class Node:
                 self._wake_r.close()
                 self._wake_w.close()
 
-    def _background_turn(self) -> bool:
+    def _background_turn(self) -> float | None:
         """Lock held, on the background thread: lead if no caller was inside for
-        ``IDLE_AFTER`` seconds (whether it led); else run what callers left due."""
-        if self._closed or self._leader is not None:
-            return False
+        ``IDLE_AFTER`` seconds (then ``None``); else run what callers left due and
+        say how long to nap: ``NAP``, or while a caller leads (reads the socket
+        and runs timers itself) up to ``BUSY_NAP``, so a busy node's background
+        thread hardly ever wakes (each wake-up costs its callers a context switch)."""
+        if self._closed:
+            return NAP
         now = time.monotonic()
-        if self._inside == 0 and now - self._last_call >= IDLE_AFTER:
-            self._lead(None)
-            return True
+        if self._leader is None:
+            if self._inside == 0 and now - self._last_call >= IDLE_AFTER:
+                self._lead(None)
+                return None
+            timer = self._timer
+            stale = self._held and now - self._held_since >= NAP
+            if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
+                self._drive()
+            return NAP
+        if self._held or self._backlog or self._abandoned:
+            return NAP
         timer = self._timer
-        stale = self._held and now - self._held_since >= NAP
-        if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
-            self._drive()
-        return False
+        return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
 
 
 class Mailbox(MailboxHandle):
