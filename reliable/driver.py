@@ -690,8 +690,8 @@ class MailboxHandle:
     other handles carry ``None``. When a port's owner handle is garbage
     collected, the port is deleted: nobody could ever receive from it, so
     senders must learn ``MailboxNotFound`` rather than be acknowledged into
-    the void. The deletion runs on the node's own schedule (the I/O thread, or
-    the event loop), never inside the garbage collector, which may run while
+    the void. The deletion runs on the node's own schedule (the next thread to
+    drive the node, or the event loop), never inside the garbage collector, which may run while
     the node's lock is held.
     """
 
