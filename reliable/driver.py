@@ -54,6 +54,7 @@ __all__ = [
     "CLOSE_GRACE",
     "DISCOVERY_WAIT",
     "Backlog",
+    "BatchOutcomes",
     "DatagramSocket",
     "Departures",
     "EventSink",
@@ -624,6 +625,53 @@ class Departures:
         """Why ``peer`` went away after ``mark``, if it did."""
         down = self._down.get(peer)
         return down[1] if down is not None and down[0] > mark else None
+
+
+class BatchOutcomes:
+    """What both adapters' batch handles keep: message ``i``'s ticket and its outcome.
+
+    ``tickets[i]`` is message ``i``'s ticket; every ticket gets exactly one
+    outcome (:meth:`resolve`), a receipt or an error, filed under its index.
+    """
+
+    __slots__ = ("_index", "errors", "pending", "receipts", "tickets")
+
+    def __init__(self) -> None:
+        self.tickets: list[int] = []
+        self._index: dict[int, int] = {}
+        self.receipts: list[Receipt | GroupReceipt | None] = []
+        self.errors: dict[int, errors.ReliableError] = {}
+        self.pending = 0
+
+    def add(self, ticket: int) -> None:
+        self._index[ticket] = len(self.tickets)
+        self.tickets.append(ticket)
+        self.receipts.append(None)
+        self.pending += 1
+
+    def resolve(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.ReliableError | None,
+    ) -> None:
+        i = self._index[ticket]
+        if error is not None:
+            self.errors[i] = error
+        else:
+            self.receipts[i] = receipt
+        self.pending -= 1
+
+    def unresolved(self) -> list[int]:
+        """The tickets whose outcome is not known yet (the ones a cancel may withdraw)."""
+        return [
+            t
+            for i, t in enumerate(self.tickets)
+            if self.receipts[i] is None and i not in self.errors
+        ]
+
+    def delivered(self) -> list[Receipt | GroupReceipt]:
+        return [r for r in self.receipts if r is not None]
 
 
 def receive_failure(
