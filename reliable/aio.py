@@ -43,6 +43,7 @@ from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
     Backlog,
+    BatchOutcomes,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -130,19 +131,19 @@ class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
         super().__init__(loop=node._loop)
         self._node = node
         self.destination = destination
-        self.tickets: list[int] = []
-        self._index: dict[int, int] = {}
-        self._receipts: list[Receipt | GroupReceipt | None] = []
-        self._errors: dict[int, errors.ReliableError] = {}
-        self._pending = 0
+        self._outcomes = BatchOutcomes()
         self._sealed = False
 
+    @property
+    def tickets(self) -> list[int]:
+        return self._outcomes.tickets
+
     def __len__(self) -> int:
-        return len(self.tickets)
+        return len(self._outcomes.tickets)
 
     def pending(self) -> int:
         """How many messages still await their outcome."""
-        return self._pending
+        return self._outcomes.pending
 
     def failures(self) -> dict[int, errors.ReliableError]:
         """Index -> error for each message that failed; call once the batch is done
@@ -151,17 +152,12 @@ class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
             raise asyncio.InvalidStateError("the batch is still pending")
         if not self.cancelled():
             self.exception()  # retrieved: asyncio need not log it
-        return dict(self._errors)
+        return dict(self._outcomes.errors)
 
     def withdraw(self) -> int:
         """Withdraw every message that can still be withdrawn; returns how many were.
         The future stays live and reports every message's real fate."""
-        pending = [
-            t
-            for t in self.tickets
-            if self._receipts[self._index[t]] is None and self._index[t] not in self._errors
-        ]
-        answers = [self._node._withdraw(t) for t in pending]
+        answers = [self._node._withdraw(t) for t in self._outcomes.unresolved()]
         return sum(a is Withdrawal.WITHDRAWN for a in answers)
 
     def cancel(self, msg: Any | None = None) -> bool:
@@ -173,10 +169,7 @@ class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
         return cancelled
 
     def _add(self, ticket: int) -> None:
-        self._index[ticket] = len(self.tickets)
-        self.tickets.append(ticket)
-        self._receipts.append(None)
-        self._pending += 1
+        self._outcomes.add(ticket)
 
     def _resolve(
         self,
@@ -184,12 +177,7 @@ class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
         receipt: Receipt | GroupReceipt | None,
         error: errors.ReliableError | None,
     ) -> None:
-        i = self._index[ticket]
-        if error is not None:
-            self._errors[i] = error
-        else:
-            self._receipts[i] = receipt
-        self._pending -= 1
+        self._outcomes.resolve(ticket, receipt, error)
         self._settle()
 
     def _seal(self) -> None:
@@ -198,12 +186,13 @@ class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
         self._settle()
 
     def _settle(self) -> None:
-        if not self._sealed or self._pending or self.done():
+        outcomes = self._outcomes
+        if not self._sealed or outcomes.pending or self.done():
             return
-        if self._errors:
-            self.set_exception(self._errors[min(self._errors)])
+        if outcomes.errors:
+            self.set_exception(outcomes.errors[min(outcomes.errors)])
         else:
-            self.set_result([r for r in self._receipts if r is not None])
+            self.set_result(outcomes.delivered())
 
 
 class AsyncNode:

@@ -100,9 +100,10 @@ class Config:
 
     reply_ack_delay: float = 0.001
     """Longest an acknowledgement the sender asked for at once waits for a reply to
-    carry it, when its message went straight to a waiting receiver (request/reply:
-    the reply leaves in microseconds, with the ack on it). Without a reply, the ack
-    leaves alone this much later; 0 acknowledges at once."""
+    carry it, when its message went straight to a waiting receiver and we sent that
+    peer data within the last second (request/reply: the reply leaves in
+    microseconds, with the ack on it; a one-way stream is acked at once). Without a
+    reply, the ack leaves alone this much later; 0 acknowledges at once."""
 
     ack_every: int = 2
     """Acknowledge at once after this many unacknowledged in-order packets."""

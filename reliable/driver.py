@@ -55,6 +55,7 @@ __all__ = [
     "CLOSE_GRACE",
     "DISCOVERY_WAIT",
     "Backlog",
+    "BatchOutcomes",
     "DatagramSocket",
     "Departures",
     "EventSink",
@@ -627,6 +628,53 @@ class Departures:
         return down[1] if down is not None and down[0] > mark else None
 
 
+class BatchOutcomes:
+    """What both adapters' batch handles keep: message ``i``'s ticket and its outcome.
+
+    ``tickets[i]`` is message ``i``'s ticket; every ticket gets exactly one
+    outcome (:meth:`resolve`), a receipt or an error, filed under its index.
+    """
+
+    __slots__ = ("_index", "errors", "pending", "receipts", "tickets")
+
+    def __init__(self) -> None:
+        self.tickets: list[int] = []
+        self._index: dict[int, int] = {}
+        self.receipts: list[Receipt | GroupReceipt | None] = []
+        self.errors: dict[int, errors.ReliableError] = {}
+        self.pending = 0
+
+    def add(self, ticket: int) -> None:
+        self._index[ticket] = len(self.tickets)
+        self.tickets.append(ticket)
+        self.receipts.append(None)
+        self.pending += 1
+
+    def resolve(
+        self,
+        ticket: int,
+        receipt: Receipt | GroupReceipt | None,
+        error: errors.ReliableError | None,
+    ) -> None:
+        i = self._index[ticket]
+        if error is not None:
+            self.errors[i] = error
+        else:
+            self.receipts[i] = receipt
+        self.pending -= 1
+
+    def unresolved(self) -> list[int]:
+        """The tickets whose outcome is not known yet (the ones a cancel may withdraw)."""
+        return [
+            t
+            for i, t in enumerate(self.tickets)
+            if self.receipts[i] is None and i not in self.errors
+        ]
+
+    def delivered(self) -> list[Receipt | GroupReceipt]:
+        return [r for r in self.receipts if r is not None]
+
+
 def receive_failure(
     *,
     closed: bool,
@@ -695,8 +743,8 @@ class MailboxHandle:
     other handles carry ``None``. When a port's owner handle is garbage
     collected, the port is deleted: nobody could ever receive from it, so
     senders must learn ``MailboxNotFound`` rather than be acknowledged into
-    the void. The deletion runs on the node's own schedule (the I/O thread, or
-    the event loop), never inside the garbage collector, which may run while
+    the void. The deletion runs on the node's own schedule (the next thread to
+    drive the node, or the event loop), never inside the garbage collector, which may run while
     the node's lock is held.
     """
 

@@ -201,6 +201,11 @@ class _Anycast:
         self.tried: list[tuple[Any, str]] = []
 
 
+#: Seconds since we last sent a peer data within which a request from it is taken to be
+#: part of a conversation, so that our reply may carry its ack (Config.reply_ack_delay).
+CONVERSATION = 1.0
+
+
 class Endpoint:
     """One rmsg node's protocol state, for every peer it talks to."""
 
@@ -1328,8 +1333,16 @@ class Endpoint:
         box = self._mailboxes[d.mailbox]
         if box.offer(msg, now) and box.log is None:
             session.unhold(len(d.data))  # it went straight in: nothing parked
-            if self._handoffs != handoffs and self.config.reply_ack_delay > 0:
-                # A waiting receiver has it: its reply may carry the ack (receiver.py).
+            sender = session.sender
+            if (
+                self._handoffs != handoffs
+                and self.config.reply_ack_delay > 0
+                and sender.packets_sent
+                and now - sender.last_send_time < CONVERSATION
+            ):
+                # A waiting receiver has it, and we talk to that peer both ways (not a
+                # one-way stream, whose acks clock the sender): the reply may carry the
+                # ack (receiver.py).
                 session.receiver.await_reply(now + self.config.reply_ack_delay)
             return None
         return Verdict.DEFERRED  # parked, or (durable) staged until its commit

@@ -60,6 +60,7 @@ from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
     Backlog,
+    BatchOutcomes,
     DatagramSocket,
     Departures,
     MailboxHandle,
@@ -96,6 +97,9 @@ IDLE_AFTER = 0.002
 NAP = 0.002
 #: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
 HOLD_MAX = 16
+#: Longest nap of the background thread while a caller leads (seconds); once the
+#: callers leave, it takes over within this plus IDLE_AFTER.
+BUSY_NAP = 0.01
 #: Seconds after a drive in which a receive takes queued messages without another.
 DRIVE_GAP = 0.0005
 #: How stale the node's copy of the core's next timer may get between waits (seconds).
@@ -204,72 +208,63 @@ class BatchHandle:
     the first failure (by index).
     """
 
-    __slots__ = ("_errors", "_index", "_node", "_pending", "_receipts", "destination", "tickets")
+    __slots__ = ("_node", "_outcomes", "destination")
 
     def __init__(self, node: Node, destination: Any) -> None:
         self._node = node
         self.destination = destination
-        self.tickets: list[int] = []
-        self._index: dict[int, int] = {}
-        self._receipts: list[Outcome | None] = []
-        self._errors: dict[int, errors.ReliableError] = {}
-        self._pending = 0
+        self._outcomes = BatchOutcomes()
+
+    @property
+    def tickets(self) -> list[int]:
+        return self._outcomes.tickets
 
     def _add(self, ticket: int) -> None:
-        self._index[ticket] = len(self.tickets)
-        self.tickets.append(ticket)
-        self._receipts.append(None)
-        self._pending += 1
+        self._outcomes.add(ticket)
 
     def __len__(self) -> int:
-        return len(self.tickets)
+        return len(self._outcomes.tickets)
 
     def done(self) -> bool:
         """Whether every message of the batch has its outcome."""
-        return self._pending == 0
+        return self._outcomes.pending == 0
 
     def pending(self) -> int:
         """How many messages still await their outcome."""
-        return self._pending
+        return self._outcomes.pending
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every outcome is known (or ``timeout``); returns :meth:`done`."""
         check_timeout(timeout, "timeout")
-        return self._pending == 0 or self._node._await(lambda: self._pending == 0, timeout)
+        return self.done() or self._node._await(self.done, timeout)
 
     def failures(self, timeout: float | None = None) -> dict[int, errors.ReliableError]:
         """Index -> error for each message that failed (waits for every outcome first)."""
         if not self.wait(timeout):
-            raise TimeoutError(f"{self._pending} of {len(self)} sends still pending")
-        return dict(self._errors)
+            raise TimeoutError(f"{self.pending()} of {len(self)} sends still pending")
+        return dict(self._outcomes.errors)
 
     def result(self, timeout: float | None = None) -> list[Outcome]:
         """Every receipt, in message order; raises the first failure, if any."""
         failed = self.failures(timeout)
         if failed:
             raise failed[min(failed)]
-        return [r for r in self._receipts if r is not None]
+        return self._outcomes.delivered()
 
     def cancel(self) -> int:
         """Withdraw every message that can still be withdrawn; returns how many were."""
-        pending = [t for t in self.tickets if self._receipts[self._index[t]] is None]
-        answers = self._node._withdraw([t for t in pending if self._index[t] not in self._errors])
+        answers = self._node._withdraw(self._outcomes.unresolved())
         return sum(a is Withdrawal.WITHDRAWN for a in answers)
 
     def _resolve(
         self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
     ) -> bool:
-        i = self._index[ticket]
-        if error is not None:
-            self._errors[i] = error
-        else:
-            self._receipts[i] = receipt
-        self._pending -= 1
+        self._outcomes.resolve(ticket, receipt, error)
         return False
 
     def __repr__(self) -> str:
         where = errors.format_address(self.destination)
-        return f"<BatchHandle {len(self)} to {where}, {self._pending} pending>"
+        return f"<BatchHandle {len(self)} to {where}, {self.pending()} pending>"
 
 
 class Node:
@@ -1323,16 +1318,17 @@ class Node:
         lock = self._lock
         try:
             while not self._closed:
+                nap: float | None = NAP
                 if lock.acquire(blocking=False):
                     try:
-                        led = self._background_turn()
+                        nap = self._background_turn()
                     finally:
                         lock.release()
                     if self._callbacks:
                         self._run_callbacks()
-                    if led:
-                        continue
-                self._nap.wait(NAP)
+                    if nap is None:
+                        continue  # it led: see whether it still should
+                self._nap.wait(nap)
         except BaseException as exc:  # pragma: no cover - a bug; never leave waiters hanging
             self._failure = exc
             with lock:
@@ -1343,20 +1339,28 @@ class Node:
                 self._wake_r.close()
                 self._wake_w.close()
 
-    def _background_turn(self) -> bool:
+    def _background_turn(self) -> float | None:
         """Lock held, on the background thread: lead if no caller was inside for
-        ``IDLE_AFTER`` seconds (whether it led); else run what callers left due."""
-        if self._closed or self._leader is not None:
-            return False
+        ``IDLE_AFTER`` seconds (then ``None``); else run what callers left due and
+        say how long to nap: ``NAP``, or while a caller leads (reads the socket
+        and runs timers itself) up to ``BUSY_NAP``, so a busy node's background
+        thread hardly ever wakes (each wake-up costs its callers a context switch)."""
+        if self._closed:
+            return NAP
         now = time.monotonic()
-        if self._inside == 0 and now - self._last_call >= IDLE_AFTER:
-            self._lead(None)
-            return True
+        if self._leader is None:
+            if self._inside == 0 and now - self._last_call >= IDLE_AFTER:
+                self._lead(None)
+                return None
+            timer = self._timer
+            stale = self._held and now - self._held_since >= NAP
+            if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
+                self._drive()
+            return NAP
+        if self._held or self._backlog or self._abandoned:
+            return NAP
         timer = self._timer
-        stale = self._held and now - self._held_since >= NAP
-        if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
-            self._drive()
-        return False
+        return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
 
 
 class Mailbox(MailboxHandle):

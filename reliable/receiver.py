@@ -20,8 +20,9 @@ Acknowledgements are delayed (up to ``max_ack_delay``, or ``ack_every``
 packets) unless something calls for one at once: a gap, a duplicate, a
 request from the sender, a verdict. The sender's request alone may wait a
 little (:meth:`ReceiveStream.await_reply`, up to ``reply_ack_delay``) when the
-message went straight to a waiting receiver: its reply is about to leave, and
-the ack rides on it instead of costing a datagram of its own. A message the node refused or deferred
+message went straight to a waiting receiver of a peer we also send to: its
+reply is about to leave, and the ack rides on it instead of costing a
+datagram of its own. A message the node refused or deferred
 (see :class:`~reliable.wire.Verdict`) produces a notice that rides on every
 ack until the sender's base passes it; the cumulative ack is held back so
 that it never covers such a message whose notice did not fit in the same

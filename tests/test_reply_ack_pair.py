@@ -61,3 +61,12 @@ def test_no_waiting_receiver_or_a_zero_delay_acks_at_once() -> None:
     prompt = _waiting_pair(0.0)
     _request(prompt)
     assert [p.kind for p in decode_all(prompt.outgoing(prompt.b))] == [Kind.ACK]
+
+
+def test_a_one_way_stream_is_acked_at_once() -> None:
+    """Its acks clock the sender: holding them for a reply that never comes slowed a
+    lossy stream into a waiting receiver by a third."""
+    pair = _waiting_pair()
+    pair.now += 2.0  # B last sent A data (connect) long ago: A only streams to B
+    _request(pair)
+    assert [p.kind for p in decode_all(pair.outgoing(pair.b))] == [Kind.ACK]
