@@ -98,7 +98,8 @@ def test_user_code_type_checks_strictly(tmp_path: Path) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="issue 17 §4: Node.send/AsyncNode.send need overloads (a unicast destination "
-    "returns Receipt); a string destination is a group or not by its content at run time, so an honest overload needs typed group destinations (an API decision)",
+    "returns Receipt); a string destination is a group or not by its content at run "
+    "time, so an honest overload needs typed group destinations (an API decision)",
 )
 def test_a_unicast_send_returns_a_receipt_to_the_type_checker(tmp_path: Path) -> None:
     done = _mypy(tmp_path, UNICAST_SEND)
