@@ -126,6 +126,49 @@ class _ClientBase:
         timer = self.core.get_timer()
         return _POLL if timer is None else max(0.0, min(_POLL, timer - now))
 
+    def _drive(
+        self,
+        node: Any,
+        handles: dict[int, Any],
+        now: float,
+        withdraw: Callable[[Any], object],
+        on_fate: Callable[[int, Any], None],
+    ) -> None:
+        """What both adapters do after anything happened: run the core's due timer,
+        withdraw the sends it gave up on (``withdraw(handle)``, each adapter's way) and
+        send what it queued, calling ``on_fate(key, handle)`` once each send's fate is known."""
+        core = self.core
+        timer = core.get_timer()
+        if timer is not None and timer <= now:
+            core.handle_timer(now)
+        for key in core.withdrawals():
+            pending = handles.get(key)
+            if pending is not None:
+                withdraw(pending)
+        for out in core.outgoing():
+            try:
+                handle = node.send_nowait(
+                    out.dest, out.data, mailbox=out.mailbox, timeout=out.timeout
+                )
+            except (errors.WouldBlock, errors.NodeClosed) as exc:
+                core.send_failed(out.key, exc, now)
+                continue
+            handles[out.key] = handle
+            handle.add_done_callback(functools.partial(on_fate, out.key))
+
+
+def _unavailable(counter: int, why: str) -> CallDone:
+    """The outcome of a call the client gave up on without an answer: it may have run."""
+    return CallDone(
+        counter=counter,
+        status=Status.UNAVAILABLE,
+        executed=None,
+        codec="json",
+        body=b"",
+        peer=None,
+        details=why,
+    )
+
 
 def _stub_methods(interface: type) -> dict[str, inspect.Signature]:
     methods: dict[str, inspect.Signature] = {}
@@ -343,23 +386,7 @@ class Client(_ClientBase):
                 core.sent(key, handle.result().incarnation, now)  # type: ignore[union-attr]
             else:
                 core.send_failed(key, error, now)
-        timer = core.get_timer()
-        if timer is not None and timer <= now:
-            core.handle_timer(now)
-        for key in core.withdrawals():
-            pending = self._handles.get(key)
-            if pending is not None:
-                pending.cancel()
-        for out in core.outgoing():
-            try:
-                handle = self.node.send_nowait(
-                    out.dest, out.data, mailbox=out.mailbox, timeout=out.timeout
-                )
-            except (errors.WouldBlock, errors.NodeClosed) as exc:
-                core.send_failed(out.key, exc, now)
-                continue
-            self._handles[out.key] = handle
-            handle.add_done_callback(functools.partial(self._on_fate, out.key))
+        self._drive(self.node, self._handles, now, SendHandle.cancel, self._on_fate)
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
@@ -369,17 +396,7 @@ class Client(_ClientBase):
         with self._lock:
             calls, self._calls = self._calls, {}
         for call in calls.values():
-            call._future.set_result(
-                CallDone(
-                    counter=call.counter,
-                    status=Status.UNAVAILABLE,
-                    executed=None,
-                    codec="json",
-                    body=b"",
-                    peer=None,
-                    details=why,
-                )
-            )
+            call._future.set_result(_unavailable(call.counter, why))
 
 
 class AsyncClient(_ClientBase):
@@ -520,23 +537,7 @@ class AsyncClient(_ClientBase):
 
     def _step(self, now: float) -> None:
         core = self.core
-        timer = core.get_timer()
-        if timer is not None and timer <= now:
-            core.handle_timer(now)
-        for key in core.withdrawals():
-            pending = self._handles.get(key)
-            if pending is not None:
-                pending.withdraw()
-        for out in core.outgoing():
-            try:
-                handle = self.node.send_nowait(
-                    out.dest, out.data, mailbox=out.mailbox, timeout=out.timeout
-                )
-            except (errors.WouldBlock, errors.NodeClosed) as exc:
-                core.send_failed(out.key, exc, now)
-                continue
-            self._handles[out.key] = handle
-            handle.add_done_callback(functools.partial(self._on_fate, out.key))
+        self._drive(self.node, self._handles, now, lambda h: h.withdraw(), self._on_fate)
         while (done := core.next_event()) is not None:
             future = self._futures.pop(done.counter, None)
             if future is not None and not future.done():
@@ -546,14 +547,4 @@ class AsyncClient(_ClientBase):
         futures, self._futures = self._futures, {}
         for counter, future in futures.items():
             if not future.done():
-                future.set_result(
-                    CallDone(
-                        counter=counter,
-                        status=Status.UNAVAILABLE,
-                        executed=None,
-                        codec="json",
-                        body=b"",
-                        peer=None,
-                        details=why,
-                    )
-                )
+                future.set_result(_unavailable(counter, why))
