@@ -51,8 +51,12 @@ class DemoService:
 
     def sleep(self, seconds: float) -> str:
         """Sleep up to ``seconds``; stops early if the call is cancelled or its deadline passes."""
-        if current_call().wait_cancelled(seconds):
-            raise RpcError(Status.CANCELLED, "stopped: cancelled or past the deadline")
+        call = current_call()
+        if call.wait_cancelled(seconds):
+            left = call.time_remaining()
+            if left is not None and left <= 0:  # the deadline passed: as gRPC, not CANCELLED
+                raise RpcError(Status.DEADLINE_EXCEEDED, "stopped: the caller's deadline passed")
+            raise RpcError(Status.CANCELLED, "stopped: the caller cancelled")
         return f"slept {seconds:g}s"
 
     def time_left(self) -> float | None:
