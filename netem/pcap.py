@@ -21,7 +21,7 @@ import struct
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 __all__ = ["LINKTYPE_RAW", "PcapWriter", "PcapngWriter", "udp_packet"]
 
@@ -79,15 +79,45 @@ def udp_packet(
     return header + udp
 
 
-class PcapWriter:
+class _CaptureFile:
+    """What both capture formats share: a file written under a lock, records
+    counted, nothing written once closed; a context manager."""
+
+    def __init__(self, path: str | Path, header: bytes) -> None:
+        self.path = Path(path)
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self._file.write(header)
+        self._lock = threading.Lock()
+        self.records = 0
+
+    def _append(self, record: bytes) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(record)
+                self.records += 1
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PcapWriter(_CaptureFile):
     """Appends UDP datagrams to a pcap file; thread-safe; a context manager."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
-        self._file.write(_GLOBAL.pack(_MAGIC, 2, 4, 0, 0, _SNAPLEN, LINKTYPE_RAW))
-        self._lock = threading.Lock()
-        self.records = 0
+        super().__init__(path, _GLOBAL.pack(_MAGIC, 2, 4, 0, 0, _SNAPLEN, LINKTYPE_RAW))
 
     def write(
         self,
@@ -103,27 +133,7 @@ class PcapWriter:
         packet = udp_packet(src, dst, payload, checksum_of)
         seconds = int(when)
         micros = int((when - seconds) * 1_000_000)
-        record = _RECORD.pack(seconds, micros, len(packet), len(packet)) + packet
-        with self._lock:
-            if not self._file.closed:
-                self._file.write(record)
-                self.records += 1
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._file.closed:
-                self._file.close()
-
-    def __enter__(self) -> PcapWriter:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._append(_RECORD.pack(seconds, micros, len(packet), len(packet)) + packet)
 
 
 _SHB = 0x0A0D0D0A
@@ -146,7 +156,7 @@ def _block(kind: int, body: bytes) -> bytes:
     return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
 
 
-class PcapngWriter:
+class PcapngWriter(_CaptureFile):
     """Writes UDP datagrams to a pcapng file, one interface per name in ``interfaces``.
 
     Each packet records its interface, its direction (:data:`INBOUND` or
@@ -155,18 +165,14 @@ class PcapngWriter:
     """
 
     def __init__(self, path: str | Path, interfaces: tuple[str, ...]) -> None:
-        self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         end = _option(0, b"")
-        header = struct.pack("<IHHq", _BYTE_ORDER, 1, 0, -1) + end
-        self._file.write(_block(_SHB, header))
+        header = _block(_SHB, struct.pack("<IHHq", _BYTE_ORDER, 1, 0, -1) + end)
         for name in interfaces:
             body = struct.pack("<HHI", LINKTYPE_RAW, 0, _SNAPLEN)
             body += _option(_OPT_IF_NAME, name.encode()) + end
-            self._file.write(_block(_IDB, body))
+            header += _block(_IDB, body)
+        super().__init__(path, header)
         self.interfaces = interfaces
-        self._lock = threading.Lock()
-        self.records = 0
 
     def write(
         self,
@@ -193,23 +199,4 @@ class PcapngWriter:
         if direction:
             body += _option(_OPT_EPB_FLAGS, struct.pack("<I", direction))
         body += _option(0, b"")
-        with self._lock:
-            if not self._file.closed:
-                self._file.write(_block(_EPB, body))
-                self.records += 1
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._file.closed:
-                self._file.close()
-
-    def __enter__(self) -> PcapngWriter:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._append(_block(_EPB, body))
