@@ -23,6 +23,8 @@ from scapy.utils import rdpcap
 
 from netem.proxy import UdpProxy
 
+from .conftest import ipv6_loopback_works
+
 pytestmark = pytest.mark.loopback
 
 RRQ, DATA, ACK = 1, 3, 4
@@ -223,15 +225,6 @@ def test_curl_fetches_over_tftp_through_the_proxy(
 # ------------------------------------------------------------------ captures
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 class Echo:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -262,7 +255,7 @@ def _comment(packet: Any) -> str:
     return comment.decode() if isinstance(comment, bytes) else str(comment or "")
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="needs ::1")
+@pytest.mark.skipif(not ipv6_loopback_works(), reason="needs ::1")
 def test_capture_shows_each_leg_as_one_followable_conversation_with_decisions(
     tmp_path: Path,
 ) -> None:
