@@ -4,7 +4,7 @@ The protocol core is :class:`Endpoint` (sans-I/O); :class:`Node` drives it with
 a socket and a background thread, :class:`AsyncNode` with asyncio. Messages go
 to one node (``host:port/mailbox``), to a multicast group or a subnet's
 broadcast members (``multicast://239.1.2.3:7000/inbox``, ``broadcast://:7000``,
-answered by a :class:`GroupReceipt`), or to one member of a service
+answered by a :class:`GroupReceipt`: ``send_group``), or to one member of a service
 (``anycast://printer``). Only the standard library is imported here.
 
 The library logs through the ``reliable`` logger and its children
@@ -17,9 +17,11 @@ e.g. ``logging.basicConfig(level=logging.INFO)``.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from . import errors, events, security, wire
 from .addressing import (
+    Address,
     GroupAddress,
     ServiceAddress,
     format_address,
@@ -59,11 +61,23 @@ from .errors import (
 )
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import BatchHandle, Mailbox, Node, SendHandle
+from .node import BatchHandle, GroupSendHandle, Mailbox, Node, SendHandle
+
+if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed for checkers
+    from .aio import (
+        AsyncBatchHandle,
+        AsyncGroupSendHandle,
+        AsyncMailbox,
+        AsyncNode,
+        AsyncSendHandle,
+    )
 from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
+    "Address",
     "GroupAddress",
+    "GroupSendHandle",
+    "AsyncGroupSendHandle",
     "GroupReceipt",
     "NoServiceMember",
     "ServiceAddress",
@@ -124,9 +138,18 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
+_LAZY = (
+    "AsyncNode",
+    "AsyncMailbox",
+    "AsyncSendHandle",
+    "AsyncGroupSendHandle",
+    "AsyncBatchHandle",
+)
+
+
 def __getattr__(name: str) -> object:
     # AsyncNode lives in its own module so importing reliable never imports asyncio.
-    if name in ("AsyncNode", "AsyncMailbox", "AsyncSendHandle", "AsyncBatchHandle"):
+    if name in _LAZY:
         from . import aio
 
         value = getattr(aio, name)

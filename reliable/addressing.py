@@ -18,6 +18,7 @@ from typing import Any
 from .errors import AddressError, format_address
 
 __all__ = [
+    "Address",
     "GroupAddress",
     "ServiceAddress",
     "format_address",
@@ -29,7 +30,11 @@ __all__ = [
     "resolve_address",
 ]
 
-Address = tuple[Any, ...]
+#: A node's socket address, as the OS gives it and receipts, messages and events
+#: carry it: ``(host, port)`` for IPv4, ``(host, port, flowinfo, scope_id)`` for
+#: IPv6. Index it (``addr[0]``, ``addr[1]``) or format it with
+#: :func:`format_address` (``host:port``, ``[v6]:port``).
+Address = tuple[str, int] | tuple[str, int, int, int]
 
 
 def parse_address(text: str | tuple[str, int], *, allow_zero_port: bool = False) -> tuple[str, int]:

@@ -27,7 +27,7 @@ import contextlib
 import os
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import errors, events
 from ._groupsock import GroupSockets
@@ -54,11 +54,13 @@ from .driver import (
     drain_socket,
     enqueue,
     group_destination,
+    group_target,
     manage_mailbox,
     open_socket,
     parse_stats,
     receive_buffer,
     receive_failure,
+    refuse_group,
     report_unreachable,
     resolve_destination,
     route_events,
@@ -71,7 +73,17 @@ from .security import Security
 from .stats import NodeStats
 from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
-__all__ = ["AsyncBatchHandle", "AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
+__all__ = [
+    "AsyncBatchHandle",
+    "AsyncGroupSendHandle",
+    "AsyncMailbox",
+    "AsyncNode",
+    "AsyncSendHandle",
+]
+
+
+R = TypeVar("R", Receipt, GroupReceipt)
+H = TypeVar("H", bound="_AsyncPendingSend[Any]")
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
@@ -79,9 +91,9 @@ def _release(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
-    """The pending outcome of :meth:`AsyncNode.send_nowait`: an ``asyncio.Future``
-    resolved with the :class:`~reliable.Receipt` or the delivery error.
+class _AsyncPendingSend(asyncio.Future[R]):
+    """What :class:`AsyncSendHandle` and :class:`AsyncGroupSendHandle` share: an
+    ``asyncio.Future`` resolved with the receipt or the delivery error.
 
     ``ticket`` is the number the node's ``MessageDelivered``/``MessageFailed``
     events carry for it. Cancelling it (``cancel()``, or cancelling a task
@@ -117,6 +129,19 @@ class AsyncSendHandle(asyncio.Future[Receipt | GroupReceipt]):
         if cancelled:
             self._node._withdraw(self.ticket)  # its outcome event still reaches on_event
         return cancelled
+
+
+class AsyncSendHandle(_AsyncPendingSend[Receipt]):
+    """The pending outcome of :meth:`AsyncNode.send_nowait` to one node (or an anycast
+    service's member): an ``asyncio.Future`` resolved with the
+    :class:`~reliable.Receipt` or the delivery error. Cancelling and
+    :meth:`withdraw` work as described on its base class."""
+
+
+class AsyncGroupSendHandle(_AsyncPendingSend[GroupReceipt]):
+    """The pending outcome of :meth:`AsyncNode.send_group_nowait`: resolved with the
+    :class:`~reliable.GroupReceipt` once every member answered or the group
+    timeout passed. A group send is never withdrawn."""
 
 
 class AsyncBatchHandle(asyncio.Future[list[Receipt | GroupReceipt]]):
@@ -222,7 +247,7 @@ class AsyncNode:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
-        self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
+        self._handles: dict[int, _AsyncPendingSend[Any] | AsyncBatchHandle] = {}
         self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
@@ -435,15 +460,36 @@ class AsyncNode:
         the receipt or the delivery error.
 
         Raises a :class:`~reliable.errors.WouldBlock` (``SendBufferFull``,
-        ``MailboxFull``) instead of waiting; nothing was sent then. A group
-        destination must already be open (:meth:`members` opens one).
+        ``MailboxFull``) instead of waiting; nothing was sent then. A multicast
+        or broadcast group goes through :meth:`send_group_nowait`.
         """
         check_timeout(timeout, "timeout", positive=True)
-        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, policy)
+        refuse_group(dest, "_nowait")
+        future = AsyncSendHandle(self, 0, None)
+        return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, policy, future)
+
+    def send_group_nowait(
+        self,
+        group: str | GroupAddress,
+        data: bytes,
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGroupSendHandle:
+        """Queue ``data`` for a multicast or broadcast group; returns an
+        :class:`AsyncGroupSendHandle`. The group should be open already
+        (:meth:`members` opens one, and starts discovery): members not yet heard
+        from are not waited for. :meth:`send_group` opens it and waits."""
+        check_timeout(timeout, "timeout", positive=True)
+        target = group_target(group, mailbox)
+        future = AsyncGroupSendHandle(self, 0, None)
+        return self._submit(target, data, msg_type, priority, None, timeout, None, "", future)
 
     def _submit(
         self,
-        dest: str | tuple[Any, ...],
+        dest: str | tuple[Any, ...] | GroupAddress,
         data: bytes,
         msg_type: int,
         priority: int,
@@ -451,7 +497,8 @@ class AsyncNode:
         timeout: float | None,
         deadline: float | None,
         policy: str,
-    ) -> AsyncSendHandle:
+        future: H,
+    ) -> H:
         loop = self._require_started()
         assert self._sock is not None
         target: Target
@@ -463,11 +510,12 @@ class AsyncNode:
         if known is not None:
             target = known  # a node's address parsed before; the core checks the message
             peer = known[0]
-        elif isinstance(dest, str) and is_group_url(dest):
-            data = checked_message(data, msg_type, priority)  # before the group's discovery
+        elif isinstance(dest, GroupAddress):  # send_group: checked before discovery
+            data = checked_message(data, msg_type, priority)
+            target = self._open_group(dest, join=False)
+        elif isinstance(dest, str) and is_group_url(dest):  # anycast://
+            data = checked_message(data, msg_type, priority)
             target = group_destination(dest, mailbox)
-            if isinstance(target, GroupAddress):
-                target = self._open_group(target, join=False)
         else:
             node, name = split_destination(dest, mailbox)
             peer = resolve_destination(node, self._sock.family)
@@ -488,7 +536,8 @@ class AsyncNode:
             deadline=deadline,
             policy=policy,
         )
-        future = AsyncSendHandle(self, ticket, peer if peer is not None else str(target))
+        future.ticket = ticket
+        future.destination = peer if peer is not None else str(target)
         self._handles[ticket] = future
         if not busy:
             self._pump([])  # an idle peer: send at once
@@ -519,7 +568,10 @@ class AsyncNode:
         """
         check_timeout(timeout, "timeout", positive=True)
         if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError("send_many sends to one node; send to a group with send()")
+            raise errors.UsageError(
+                "send_many sends to one node; send to a group with send_group() "
+                "or to an anycast service with send()"
+            )
         datas = [checked_message(d, msg_type, priority) for d in messages]
         loop = self._require_started()
         assert self._sock is not None
@@ -573,13 +625,14 @@ class AsyncNode:
         mailbox: str | None = None,
         timeout: float | None = None,
         policy: str = "round-robin",
-    ) -> Receipt | GroupReceipt:
+    ) -> Receipt:
         """Send ``data`` and wait until it entered its mailbox; returns the receipt.
 
         As :meth:`reliable.Node.send`: waits for send-buffer space and for
         room in a full mailbox; with ``timeout`` a message not in by then is
-        withdrawn and :class:`~reliable.errors.SendTimeout` raised. Group and
-        anycast destinations work as there.
+        withdrawn and :class:`~reliable.errors.SendTimeout` raised. Anycast
+        destinations work as there; a multicast or broadcast group goes
+        through :meth:`send_group`.
 
         Cancelling the call withdraws the message if it can still be
         withdrawn (not wholly sent yet, or waiting at the receiver's full
@@ -589,14 +642,49 @@ class AsyncNode:
         ``AsyncSendHandle.withdraw`` (docs/usage.md, "Cancellation").
         """
         check_timeout(timeout, "timeout", positive=True)
+        refuse_group(dest, "")
         data = checked_message(data, msg_type, priority)
+        return await self._send_waiting(
+            dest, data, msg_type, priority, mailbox, timeout, policy, AsyncSendHandle
+        )
+
+    async def send_group(
+        self,
+        group: str | GroupAddress,
+        data: bytes,
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> GroupReceipt:
+        """Send ``data`` to every member of a multicast or broadcast group; returns the
+        :class:`~reliable.GroupReceipt`, as :meth:`reliable.Node.send_group`. A group
+        not open yet is opened first and its members get a moment to answer."""
+        check_timeout(timeout, "timeout", positive=True)
+        target = group_target(group, mailbox)
+        data = checked_message(data, msg_type, priority)
+        self._require_started()
+        if not self._endpoint.is_open_group(self._resolve(target)):
+            self._open_group(target, join=False)
+            await asyncio.sleep(DISCOVERY_WAIT)  # members answer the SOLICIT
+        return await self._send_waiting(
+            target, data, msg_type, priority, None, timeout, "", AsyncGroupSendHandle
+        )
+
+    async def _send_waiting(
+        self,
+        dest: str | tuple[Any, ...] | GroupAddress,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+        policy: str,
+        kind: type[_AsyncPendingSend[R]],
+    ) -> R:
+        """Queue (waiting for room while the send buffer is full), then await the fate."""
         loop = self._require_started()
-        if isinstance(dest, str) and dest.startswith(("multicast://", "broadcast://")):
-            group = group_destination(dest, mailbox)
-            assert isinstance(group, GroupAddress)
-            if not self._endpoint.is_open_group(self._resolve(group)):
-                self._open_group(group, join=False)
-                await asyncio.sleep(DISCOVERY_WAIT)  # members answer the SOLICIT
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else deadline - loop.time()
@@ -604,13 +692,21 @@ class AsyncNode:
                 raise errors.SendTimeout(dest, timeout or 0.0, stage="queued")
             try:
                 future = self._submit(
-                    dest, data, msg_type, priority, mailbox, timeout, deadline, policy
+                    dest,
+                    data,
+                    msg_type,
+                    priority,
+                    mailbox,
+                    timeout,
+                    deadline,
+                    policy,
+                    kind(self, 0, None),
                 )
                 break
             except errors.WouldBlock:
                 self._check_open()
                 await self._wait_change(remaining)
-        return await future  # cancelled: AsyncSendHandle.cancel withdraws it if it can
+        return await future  # cancelled: the handle's cancel withdraws it if it can
 
     # ---------------------------------------------------------------- groups
 
@@ -985,7 +1081,7 @@ class AsyncNode:
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(receipt)  # type: ignore[arg-type]
+            future.set_result(receipt)  # the node routes each kind of receipt to its kind of handle
 
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
         self._departures.peer_down(peer, error)

@@ -183,6 +183,37 @@ def _mailbox_name(named: str | None, mailbox: str | None) -> str:
     return name
 
 
+def refuse_group(dest: object, method: str) -> None:
+    """``send``/``send_nowait`` take one node or an anycast service; a multicast or
+    broadcast group goes through ``send_group`` so its receipt is typed as what it is."""
+    if isinstance(dest, str | GroupAddress) and (
+        isinstance(dest, GroupAddress) or dest.startswith(("multicast://", "broadcast://"))
+    ):
+        raise errors.UsageError(
+            f"{dest} is a group: call send_group{method}() for it (its outcome is a "
+            "GroupReceipt: which members have the message); send and send_nowait "
+            "take one node (host:port[/mailbox]) or an anycast:// service"
+        )
+
+
+def group_target(group: str | GroupAddress, mailbox: str | None) -> GroupAddress:
+    """The group a ``send_group`` names: a ``multicast://``/``broadcast://`` URL or a
+    :class:`~reliable.addressing.GroupAddress`."""
+    if isinstance(group, GroupAddress):
+        text = str(group)
+    elif isinstance(group, str) and group.startswith(("multicast://", "broadcast://")):
+        text = group
+    else:
+        raise errors.UsageError(
+            f"send_group takes multicast://GROUP:PORT[/MAILBOX] or "
+            f"broadcast://[ADDR]:PORT[/MAILBOX], got {group!r}; send to one node "
+            "or an anycast:// service with send()"
+        )
+    target = group_destination(text, mailbox)
+    assert isinstance(target, GroupAddress)
+    return target
+
+
 def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:
     """Parse a ``multicast://``, ``broadcast://`` or ``anycast://`` destination.
 

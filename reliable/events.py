@@ -8,8 +8,9 @@ on them directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .addressing import Address
 from .errors import DeliveryFailed, ReliableError
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class MessageReceived(Event):
     (queued, or parked if the mailbox is full) until a receive takes it.
     """
 
-    peer: Any
+    peer: Address
     data: bytes
     msg_type: int
     priority: int
@@ -62,7 +63,7 @@ class MessageDelivered(Event):
     """The peer acknowledged every fragment of message ``ticket`` (the receipt)."""
 
     ticket: int
-    peer: Any
+    peer: Address
     size: int  #: message bytes
     fragments: int
     #: datagrams sent for it, retransmissions included (not the resend of a
@@ -73,7 +74,7 @@ class MessageDelivered(Event):
     mailbox: str = ""
     deferred: bool = False  #: it waited at the peer for room in its mailbox
     receiver: str | None = None  #: who took it, for a rendezvous mailbox
-    failovers: tuple[tuple[Any, str], ...] = ()  #: anycast: members tried before, and why
+    failovers: tuple[tuple[Address, str], ...] = ()  #: anycast: members tried before, and why
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,7 +82,7 @@ class MessageFailed(Event):
     """Message ``ticket`` will not be confirmed; ``error`` says why."""
 
     ticket: int
-    peer: Any
+    peer: Address
     error: DeliveryFailed
 
 
@@ -105,7 +106,7 @@ class ReceiveFailed(Event):
 class StatsReceived(Event):
     """``peer`` answered stats query ``request`` (``Endpoint.query_stats``) with JSON ``body``."""
 
-    peer: Any
+    peer: Address
     request: int
     body: bytes
 
@@ -114,7 +115,7 @@ class StatsReceived(Event):
 class PeerRestarted(Event):
     """``peer`` came back with a new incarnation; its old session ended."""
 
-    peer: Any
+    peer: Address
     old_incarnation: int
     new_incarnation: int
 
@@ -127,7 +128,7 @@ class PeerUnreachable(Event):
     (``cause`` says how, ``errno`` is the OS's number if it gave one).
     """
 
-    peer: Any
+    peer: Address
     silent_for: float
     cause: str | None = None
     errno: int | None = None
@@ -144,7 +145,7 @@ class SessionDropped(Event):
     has nothing in flight, and a peer heard from again resumes where it was.
     """
 
-    peer: Any
+    peer: Address
     reason: str
     released: int
 
@@ -153,7 +154,7 @@ class SessionDropped(Event):
 class PeerRejectedUs(Event):
     """``peer`` answered our datagrams with AUTH_FAILED: our keys or modes differ."""
 
-    peer: Any
+    peer: Address
     error: DeliveryFailed
 
 
@@ -161,7 +162,7 @@ class PeerRejectedUs(Event):
 class PeerClosed(Event):
     """``peer`` announced it is closing; its incarnation ended."""
 
-    peer: Any
+    peer: Address
     incarnation: int
 
 
@@ -183,7 +184,7 @@ class MemberJoined(Event):
     """``member`` joined ``group`` (a group address or ``anycast://`` service), as heard here."""
 
     group: str
-    member: Any
+    member: Address
     incarnation: int
 
 
@@ -192,6 +193,6 @@ class MemberLeft(Event):
     """``member`` left ``group``; ``reason`` is left, unreachable, restarted or withdrawn."""
 
     group: str
-    member: Any
+    member: Address
     incarnation: int
     reason: str

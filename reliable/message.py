@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from .addressing import Address
 from .errors import format_address
 from .events import MessageDelivered
 
@@ -19,7 +19,7 @@ class Message:
     equal bytes from the same sender are still two messages.
     """
 
-    source: Any
+    source: Address
     data: bytes
     msg_type: int = 0
     priority: int = 0
@@ -42,7 +42,7 @@ class Receipt:
     ``receiver`` says which.
     """
 
-    peer: Any
+    peer: Address
     size: int  #: bytes delivered
     fragments: int
     #: datagrams sent for the message, retransmissions included (not the resend of a
@@ -54,7 +54,7 @@ class Receipt:
     deferred: bool = False  #: the mailbox was full and the message waited for room
     receiver: str | None = None  #: which receiver took it, when known (rendezvous)
     #: anycast only: members tried first that failed, with why (see docs/groups.md)
-    failovers: tuple[tuple[Any, str], ...] = ()
+    failovers: tuple[tuple[Address, str], ...] = ()
 
     @property
     def retransmissions(self) -> int:
@@ -92,8 +92,8 @@ class GroupReceipt:
     fragments: int
     transmissions: int  #: datagrams sent for it, to the group and unicast repairs
     elapsed: float
-    acked: tuple[Any, ...]
-    missing: dict[Any, str]
+    acked: tuple[Address, ...]
+    missing: dict[Address, str]
 
     @property
     def complete(self) -> bool:

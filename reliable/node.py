@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from . import errors, events
 from ._groupsock import GroupSockets
@@ -71,11 +71,13 @@ from .driver import (
     drain_socket,
     enqueue,
     group_destination,
+    group_target,
     manage_mailbox,
     open_socket,
     parse_stats,
     receive_buffer,
     receive_failure,
+    refuse_group,
     report_unreachable,
     resolve_destination,
     route_events,
@@ -88,7 +90,7 @@ from .security import Security
 from .stats import NodeStats
 from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
 
-__all__ = ["BatchHandle", "Mailbox", "Node", "SendHandle"]
+__all__ = ["BatchHandle", "GroupSendHandle", "Mailbox", "Node", "SendHandle"]
 
 #: Seconds without calls after which the background thread leads (reads the socket).
 IDLE_AFTER = 0.002
@@ -110,16 +112,12 @@ _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
 Outcome = Receipt | GroupReceipt
 T = TypeVar("T")
+R = TypeVar("R", Receipt, GroupReceipt)
 
 
-class SendHandle:
-    """The pending outcome of a :meth:`Node.send_nowait`.
-
-    ``result()`` returns the :class:`~reliable.Receipt` once the destination
-    acknowledged the message, or raises the
-    :class:`~reliable.errors.DeliveryFailed` that explains why it will not.
-    Cheap: a record the node fills in; nothing waits unless you do.
-    """
+class _PendingSend(Generic[R]):
+    """What :class:`SendHandle` and :class:`GroupSendHandle` share: a record the
+    node fills in with the outcome; nothing waits unless you do."""
 
     __slots__ = ("_callbacks", "_done", "_error", "_node", "_receipt", "destination", "ticket")
 
@@ -128,9 +126,9 @@ class SendHandle:
         self.ticket = ticket
         self.destination = destination
         self._done = False
-        self._receipt: Outcome | None = None
+        self._receipt: R | None = None
         self._error: errors.ReliableError | None = None
-        self._callbacks: list[Callable[[SendHandle], None]] | None = None
+        self._callbacks: list[Callable[[Any], None]] | None = None
 
     def done(self) -> bool:
         return self._done
@@ -157,7 +155,7 @@ class SendHandle:
         check_timeout(timeout, "timeout")
         return self._done or self._node._await(lambda: self._done, timeout)
 
-    def result(self, timeout: float | None = None) -> Outcome:
+    def result(self, timeout: float | None = None) -> R:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
         if not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
@@ -167,11 +165,12 @@ class SendHandle:
         return self._receipt
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The delivery error, ``None`` once delivered; ``TimeoutError`` if not known in time."""
         if not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
         return self._error
 
-    def add_done_callback(self, fn: Callable[[SendHandle], None]) -> None:
+    def add_done_callback(self, fn: Callable[[Self], None]) -> None:
         """Call ``fn(handle)`` once the outcome is known (at once if it already is).
 
         It runs on the thread that was driving the node when the outcome
@@ -185,7 +184,7 @@ class SendHandle:
         self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
     ) -> bool:
         """Record the outcome (the node lock is held); whether callbacks are due."""
-        self._receipt = receipt
+        self._receipt = receipt  # type: ignore[assignment]  # the node routes each kind
         self._error = error
         self._done = True
         return self._callbacks is not None
@@ -197,7 +196,29 @@ class SendHandle:
 
     def __repr__(self) -> str:
         state = "done" if self._done else "pending"
-        return f"<SendHandle #{self.ticket} to {errors.format_address(self.destination)} {state}>"
+        kind = type(self).__name__
+        return f"<{kind} #{self.ticket} to {errors.format_address(self.destination)} {state}>"
+
+
+class SendHandle(_PendingSend[Receipt]):
+    """The pending outcome of a :meth:`Node.send_nowait` to one node (or an anycast
+    service's member).
+
+    ``result()`` returns the :class:`~reliable.Receipt` once the destination
+    acknowledged the message, or raises the
+    :class:`~reliable.errors.DeliveryFailed` that explains why it will not.
+    Cheap: a record the node fills in; nothing waits unless you do.
+    """
+
+    __slots__ = ()
+
+
+class GroupSendHandle(_PendingSend[GroupReceipt]):
+    """The pending outcome of a :meth:`Node.send_group_nowait`: ``result()`` returns
+    the :class:`~reliable.GroupReceipt` (which members have it, and why the
+    others do not) once every member answered or the group timeout passed."""
+
+    __slots__ = ()
 
 
 class BatchHandle:
@@ -267,6 +288,16 @@ class BatchHandle:
         return f"<BatchHandle {len(self)} to {where}, {self.pending()} pending>"
 
 
+def _wait_for(handle: _PendingSend[R]) -> R:
+    """The outcome of a blocking send; interrupted (``KeyboardInterrupt`` in the waiting
+    thread), the message is withdrawn if it still can be."""
+    try:
+        return handle.result()
+    except BaseException:
+        handle.cancel()
+        raise
+
+
 class Node:
     """A reliable-messaging node on one UDP socket, with a blocking API.
 
@@ -312,13 +343,13 @@ class Node:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # followers sleep here
         self._nap = threading.Event()  # the background thread naps on it (set: closing)
-        self._handles: dict[int, SendHandle | BatchHandle] = {}
+        self._handles: dict[int, _PendingSend[Any] | BatchHandle] = {}
         self._taken: dict[int, Message | errors.ReliableError] = {}
         self._stats_replies: dict[int, bytes | None] = {}  # pending queries: None until answered
         self._departures = Departures()
         self._closed = False
         self._failure: BaseException | None = None
-        self._callbacks: deque[SendHandle] = deque()  # handles whose callbacks are due
+        self._callbacks: deque[_PendingSend[Any]] = deque()  # handles whose callbacks are due
         # Leader/follower state (under the lock).
         self._leader: int | None = None  # the thread that leads (sleeps in poll), if any
         self._polling = False  # the leader is in poll, without the lock: wake it to tell it
@@ -375,16 +406,14 @@ class Node:
         mailbox: str | None = None,
         timeout: float | None = None,
         policy: str = "round-robin",
-    ) -> Receipt | GroupReceipt:
+    ) -> Receipt:
         """Send ``data`` and block until it entered its mailbox; returns the receipt.
 
-        ``dest`` is ``host:port`` (the default mailbox) or ``host:port/name``;
-        or a group: ``multicast://239.1.2.3:7000/name`` or ``broadcast://:7000/name``,
-        answered by a :class:`~reliable.message.GroupReceipt` listing which members
-        have it once each answered or ``timeout`` (default ``Config.group_timeout``)
-        passed; or ``anycast://service/name``, delivered to one live member chosen
-        by ``policy`` (``round-robin`` or ``lowest-rtt``), failing over to another
-        if that one fails (docs/groups.md).
+        ``dest`` is ``host:port`` (the default mailbox) or ``host:port/name``,
+        or ``anycast://service/name``, delivered to one live member chosen by
+        ``policy`` (``round-robin`` or ``lowest-rtt``), failing over to another
+        if that one fails (docs/groups.md). A multicast or broadcast group
+        goes through :meth:`send_group` (a ``UsageError`` here says so).
         A full mailbox makes this wait for room (for a rendezvous mailbox,
         until a receiver takes the message). With ``timeout`` (seconds) a
         message not in by then is withdrawn and
@@ -400,12 +429,7 @@ class Node:
         target, label, data = self._target(dest, data, msg_type, priority, mailbox)
         handle = SendHandle(self, 0, label)
         self._submit(target, [data], handle, msg_type, priority, timeout, deadline, policy)
-        try:
-            return handle.result()
-        except BaseException:
-            # Interrupted (KeyboardInterrupt in the waiting thread): withdraw what can be.
-            handle.cancel()
-            raise
+        return _wait_for(handle)
 
     def send_nowait(
         self,
@@ -426,9 +450,54 @@ class Node:
         mailbox is known to be full. Nothing was sent in either case.
         """
         check_timeout(timeout, "timeout", positive=True)
-        target, label, data = self._target(dest, data, msg_type, priority, mailbox)
+        target, label, data = self._target(dest, data, msg_type, priority, mailbox, "_nowait")
         handle = SendHandle(self, 0, label)
         self._submit(target, [data], handle, msg_type, priority, timeout, None, policy, block=False)
+        return handle
+
+    def send_group(
+        self,
+        group: str | GroupAddress,
+        data: bytes,
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> GroupReceipt:
+        """Send ``data`` to every member of a multicast or broadcast group; returns the
+        :class:`~reliable.message.GroupReceipt` once each member answered or
+        ``timeout`` (default ``Config.group_timeout``) passed.
+
+        ``group`` is ``multicast://239.1.2.3:7000/name``, ``broadcast://:7000/name``
+        or a :class:`~reliable.addressing.GroupAddress`. The receipt lists the
+        members that have the message (``acked``) and, for every other member
+        the message was meant for, why not (``missing``); a group send is
+        never withdrawn. See docs/groups.md.
+        """
+        check_timeout(timeout, "timeout", positive=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
+        handle = GroupSendHandle(self, 0, label)
+        self._submit(target, [data], handle, msg_type, priority, timeout, deadline, "")
+        return _wait_for(handle)
+
+    def send_group_nowait(
+        self,
+        group: str | GroupAddress,
+        data: bytes,
+        *,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str | None = None,
+        timeout: float | None = None,
+    ) -> GroupSendHandle:
+        """Queue ``data`` for a group and return at once with a :class:`GroupSendHandle`
+        (as :meth:`send_group`, which waits, and :meth:`send_nowait` for one node)."""
+        check_timeout(timeout, "timeout", positive=True)
+        target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
+        handle = GroupSendHandle(self, 0, label)
+        self._submit(target, [data], handle, msg_type, priority, timeout, None, "", block=False)
         return handle
 
     def send_many(
@@ -454,7 +523,10 @@ class Node:
         """
         check_timeout(timeout, "timeout", positive=True)
         if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError("send_many sends to one node; send to a group with send()")
+            raise errors.UsageError(
+                "send_many sends to one node; send to a group with send_group() "
+                "or to an anycast service with send()"
+            )
         datas = [checked_message(d, msg_type, priority) for d in messages]
         node, name = split_destination(dest, mailbox)
         label = resolve_destination(node, self._family)
@@ -474,6 +546,7 @@ class Node:
         msg_type: int,
         priority: int,
         mailbox: str | None,
+        method: str = "",
     ) -> tuple[Target, Any, bytes]:
         """Where ``dest`` is, and the label its handle shows. A node's address is parsed
         once and remembered; its message is checked by the core before it is queued."""
@@ -483,12 +556,10 @@ class Node:
             known = None
         if known is not None:
             return known[0], known[1], data
-        target: Target
-        if isinstance(dest, str) and is_group_url(dest):
-            data = checked_message(data, msg_type, priority)  # before the group's discovery
+        refuse_group(dest, method)
+        if isinstance(dest, str) and is_group_url(dest):  # anycast://
+            data = checked_message(data, msg_type, priority)
             target = group_destination(dest, mailbox)
-            if isinstance(target, GroupAddress):
-                target = self._open_group(target, join=False, discover=True)
             return target, str(target), data
         node, name = split_destination(dest, mailbox)
         label = resolve_destination(node, self._family)
@@ -498,11 +569,26 @@ class Node:
             self._destinations[(dest, mailbox)] = ((label, name), label)
         return (label, name), label, data
 
+    def _group_target(
+        self,
+        group: str | GroupAddress,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+    ) -> tuple[Target, Any, bytes]:
+        """The group ``send_group`` names, opened for sending (discovery started), and
+        its label; the message is checked first, before the group's discovery."""
+        target = group_target(group, mailbox)
+        data = checked_message(data, msg_type, priority)
+        opened = self._open_group(target, join=False, discover=True)
+        return opened, str(opened), data
+
     def _submit(
         self,
         target: Target,
         datas: list[bytes],
-        handle: SendHandle | BatchHandle,
+        handle: _PendingSend[Any] | BatchHandle,
         msg_type: int,
         priority: int,
         timeout: float | None,
@@ -543,7 +629,7 @@ class Node:
                             ) from None
                         self._drive()  # flush what is queued: room comes from acks
                         self._wait(self._progress_since(self._rounds), deadline)
-                if isinstance(handle, SendHandle):
+                if isinstance(handle, _PendingSend):
                     handle.ticket = ticket
                 else:
                     handle._add(ticket)
@@ -1213,7 +1299,7 @@ class Node:
         self._handles.clear()
         for ticket, handle in handles:
             if handle._resolve(ticket, None, error):
-                assert isinstance(handle, SendHandle)
+                assert isinstance(handle, _PendingSend)
                 self._callbacks.append(handle)
         self._changes += 1
         self._changed.notify_all()
@@ -1230,7 +1316,7 @@ class Node:
         if handle is not None:
             self._changes += 1
             if handle._resolve(ticket, receipt, error):
-                assert isinstance(handle, SendHandle)
+                assert isinstance(handle, _PendingSend)
                 self._callbacks.append(handle)
 
     def on_receive(
@@ -1255,7 +1341,7 @@ class Node:
 
     # --------------------------------------------------------------- helpers
 
-    def _add_callback(self, handle: SendHandle, fn: Callable[[SendHandle], None]) -> bool:
+    def _add_callback(self, handle: _PendingSend[Any], fn: Callable[[Any], None]) -> bool:
         """Keep ``fn`` for when ``handle`` resolves; ``False`` if it already has."""
         with self._lock:
             if handle._done:

@@ -537,6 +537,15 @@ def _send_one(
         _await(lambda: bool(node.service_members(service)), deadline)
     waited = wait_members is not None or bool(discover_on)
     remaining = max(0.001, deadline - time.monotonic()) if waited else timeout
+    if dest.startswith(("multicast://", "broadcast://")):
+        return node.send_group(
+            dest,
+            data,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            timeout=remaining,
+        )
     return node.send(
         dest,
         data,

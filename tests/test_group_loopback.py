@@ -59,7 +59,7 @@ def test_every_member_gets_every_message_once_in_order_through_faults(scheme: st
         assert len(found) == 3
         count = 150
         handles = [
-            sender.send_nowait(group, b"m%04d" % i + bytes(i * 37 % 3000), timeout=30)
+            sender.send_group_nowait(group, b"m%04d" % i + bytes(i * 37 % 3000), timeout=30)
             for i in range(count)
         ]
         receipts = [h.result(60) for h in handles]
@@ -93,7 +93,7 @@ def test_a_member_that_leaves_is_not_waited_on() -> None:
         deadline = time.monotonic() + 5
         while len(sender.members(group)) > 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        receipt = sender.send(group, b"after the leave", timeout=5)
+        receipt = sender.send_group(group, b"after the leave", timeout=5)
         assert isinstance(receipt, GroupReceipt)
         assert receipt.acked == (members[0].address,) and receipt.complete
     finally:
@@ -116,7 +116,7 @@ def test_a_crashed_member_is_reported_missing(tmp_path: object) -> None:
         assert len(sender.wait_for_members(group, 2, timeout=10)) == 2
         crasher.send_signal(signal.SIGKILL)
         crasher.wait(10)
-        receipt = sender.send(group, b"are you there?", timeout=10)
+        receipt = sender.send_group(group, b"are you there?", timeout=10)
         assert isinstance(receipt, GroupReceipt)
         assert receipt.acked == (survivor.address,)
         assert receipt.missing == {("127.0.0.1", port): "unreachable"}
@@ -191,7 +191,7 @@ def test_asyncio_node_joins_sends_and_serves() -> None:
             b.join(group)
             b.serve("echo", announce=group)
             assert len(await a.wait_for_members(group, 1, timeout=5)) == 1
-            receipt = await a.send(group + "/", b"to the group", timeout=5)
+            receipt = await a.send_group(group + "/", b"to the group", timeout=5)
             assert isinstance(receipt, GroupReceipt) and receipt.acked == (b.address,)
             assert (await b.receive(timeout=5)).data == b"to the group"
             a.discover(group)

@@ -32,7 +32,9 @@ GROUP_SENDER = textwrap.dedent(
     config = Config(announce_interval=0.3, peer_timeout=3.0)
     with Node(sock=FaultySocket(raw, faults, seed=None), config=config) as node:
         members = node.wait_for_members(group, 3, timeout=20)
-        handles = [node.send_nowait(group, b"g%04d" % i * 40, timeout=40) for i in range(count)]
+        handles = [
+            node.send_group_nowait(group, b"g%04d" % i * 40, timeout=40) for i in range(count)
+        ]
         receipts = [h.result(60) for h in handles]
         stats = node.stats().groups[0]
     print(json.dumps({

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import threading
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from reliable import (
     AddressError,
+    AsyncNode,
     BindError,
     Config,
     MessageTooLarge,
@@ -259,6 +261,37 @@ def test_a_bad_message_argument_raises_usage_error_before_anything_is_sent() -> 
             node.send(node.address, "text")  # type: ignore[arg-type]
         with pytest.raises(UsageError, match="msg_type"):
             # checked before the group is opened (which would send a SOLICIT)
-            node.send_nowait("multicast://239.1.2.3:7400", b"x", msg_type=True)
+            node.send_group_nowait("multicast://239.1.2.3:7400", b"x", msg_type=True)
         assert node.stats().datagrams_sent == 0
         assert node.stats().groups == ()
+
+
+def test_a_group_goes_through_send_group_and_nothing_else() -> None:
+    """send/send_nowait are typed to return a Receipt, so a group (whose outcome is a
+    GroupReceipt) is refused there, before anything is sent, naming the method to use;
+    send_group refuses what is not a group the same way."""
+    with Node() as node:
+        with pytest.raises(UsageError, match=r"call send_group\(\) for it"):
+            node.send("multicast://239.1.2.3:7400/news", b"x")
+        with pytest.raises(UsageError, match=r"call send_group_nowait\(\) for it"):
+            node.send_nowait("broadcast://:7401", b"x")
+        with pytest.raises(UsageError, match="send_group takes multicast://"):
+            node.send_group(node.address, b"x")  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="send_group takes multicast://"):
+            node.send_group_nowait("anycast://printer", b"x")
+        assert node.stats().datagrams_sent == 0
+        assert node.stats().groups == ()
+
+
+def test_async_group_sends_are_refused_by_send_too() -> None:
+    async def main() -> None:
+        async with AsyncNode() as node:
+            with pytest.raises(UsageError, match=r"call send_group\(\) for it"):
+                await node.send("multicast://239.1.2.3:7400", b"x")
+            with pytest.raises(UsageError, match=r"call send_group_nowait\(\) for it"):
+                node.send_nowait("multicast://239.1.2.3:7400", b"x")
+            with pytest.raises(UsageError, match="send_group takes multicast://"):
+                await node.send_group("127.0.0.1:9", b"x")
+            assert node.stats().datagrams_sent == 0
+
+    asyncio.run(main())

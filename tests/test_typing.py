@@ -65,12 +65,37 @@ def receipt_fields(r: Receipt) -> float:
 """
 
 UNICAST_SEND = """
-from reliable import Node
+from reliable import Address, AsyncNode, GroupReceipt, Node, format_address
 
 
 def peer_of(node: Node) -> str:
     receipt = node.send("127.0.0.1:7000", b"hi")  # a unicast destination
-    return str(receipt.peer)  # a Receipt: GroupReceipt has no .peer
+    where: Address = receipt.peer  # a Receipt: GroupReceipt has no .peer
+    later = node.send_nowait("anycast://printer", b"page").result(timeout=5)
+    return format_address(where) + str(later.peer[1])
+
+
+def members_of(node: Node) -> int:
+    receipt = node.send_group("multicast://239.1.2.3:7000/news", b"all")
+    pending = node.send_group_nowait("broadcast://:7001", b"anyone?")
+    assert isinstance(pending.result(timeout=5), GroupReceipt)
+    return len(receipt.acked) + len(receipt.missing)
+
+
+async def talk(node: AsyncNode) -> int:
+    receipt = await node.send("127.0.0.1:7000", b"hi")
+    group = await node.send_group("multicast://239.1.2.3:7000", b"all")
+    handle = node.send_nowait("127.0.0.1:7000", b"hi")
+    return (await handle).peer[1] + receipt.peer[1] + len(group.acked)
+"""
+
+#: What the type checker must refuse: a group's outcome read as a unicast receipt.
+GROUP_AS_RECEIPT = """
+from reliable import Node
+
+
+def wrong(node: Node) -> str:
+    return str(node.send_group("multicast://239.1.2.3:7000", b"x").peer)
 """
 
 
@@ -95,15 +120,15 @@ def test_user_code_type_checks_strictly(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 §4: Node.send/AsyncNode.send need overloads (a unicast destination "
-    "returns Receipt); a string destination is a group or not by its content at run "
-    "time, so an honest overload needs typed group destinations (an API decision)",
-)
 def test_a_unicast_send_returns_a_receipt_to_the_type_checker(tmp_path: Path) -> None:
     done = _mypy(tmp_path, UNICAST_SEND)
     assert done.returncode == 0, done.stdout
+
+
+def test_a_group_receipt_is_not_a_receipt_to_the_type_checker(tmp_path: Path) -> None:
+    done = _mypy(tmp_path, GROUP_AS_RECEIPT)
+    assert done.returncode == 1
+    assert '"GroupReceipt" has no attribute "peer"' in done.stdout, done.stdout
 
 
 def test_the_readme_says_how_to_make_an_editable_install_type_checkable() -> None:

@@ -383,7 +383,7 @@ class Client(_ClientBase):
             self._handles.pop(key, None)
             error = handle.exception()
             if error is None:
-                core.sent(key, handle.result().incarnation, now)  # type: ignore[union-attr]
+                core.sent(key, handle.result().incarnation, now)
             else:
                 core.send_failed(key, error, now)
         self._drive(self.node, self._handles, now, SendHandle.cancel, self._on_fate)
