@@ -213,6 +213,13 @@ def main(ctx: click.Context, verbose: int) -> None:
     "terminal). To a group or anycast DEST, and for '-' (stdin), it goes as one message.",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="With --file: carry on from where an interrupted send of the same file to the "
+    "same 'rmsg recv --output-dir' stopped (the receiver kept the part); the whole file "
+    "is still verified by SHA-256. Without a part there, the file is sent whole.",
+)
+@click.option(
     "--type",
     "msg_type",
     type=int,
@@ -301,6 +308,7 @@ def send(
     dest: str,
     message: str | None,
     path: str | None,
+    resume: bool,
     msg_type: int,
     priority: int,
     mailbox: str | None,
@@ -337,6 +345,7 @@ def send(
       rmsg send 127.0.0.1:7000 "hello"
       rmsg send 127.0.0.1:7000/jobs "build #42" --type 3 --priority 9
       rmsg send [::1]:7000 --file report.pdf --timeout 30s
+      rmsg send 127.0.0.1:7000 --file disk.img --resume   # after an interrupted send
       echo '{"job": 42}' | rmsg send 127.0.0.1:7000/jobs --type 3
       journalctl -f | rmsg send 127.0.0.1:7000/logs --lines
       rmsg send multicast://239.1.2.3:7400/news "hello all" --wait-members 3
@@ -346,6 +355,8 @@ def send(
     """
     if message is not None and path is not None:
         raise click.UsageError("give either MESSAGE or --file, not both")
+    if resume and (path is None or path == "-" or reliable.addressing.is_group_url(dest)):
+        raise click.UsageError("--resume goes with --file PATH to one node (HOST:PORT[/MAILBOX])")
     if timeout <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
     grouped = reliable.addressing.is_group_url(dest)
@@ -392,6 +403,7 @@ def send(
             mailbox=mailbox,
             quiet=quiet,
             as_json=as_json,
+            resume=resume,
         )
         return
     data = _read_message(message, path)
@@ -461,6 +473,7 @@ def _send_file(
     mailbox: str | None,
     quiet: bool,
     as_json: bool,
+    resume: bool = False,
 ) -> None:
     """``send --file``: the file as a transfer (rmsg/transfer.py), with a progress line."""
     from .transfer import Progress, send_file
@@ -485,13 +498,17 @@ def _send_file(
                     priority=priority,
                     mailbox=mailbox,
                     progress=progress,
+                    resume=resume,
                 )
             except KeyboardInterrupt:
                 _interrupted(node, size, as_json)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     except ReliableError as exc:
-        raise _fail(f"{path.name}: {exc}; the receiver discards the part it has") from None
+        raise _fail(
+            f"{path.name}: {exc}; a receiver with --output-dir keeps the part it has "
+            "(send again with --resume to carry on)"
+        ) from None
     except OSError as exc:
         raise _fail(f"cannot read {path}: {exc.strerror}") from None
     peer = dest.split("/", 1)[0]
@@ -499,10 +516,11 @@ def _send_file(
         click.echo(json.dumps(outcome.as_dict(peer)))
     elif not quiet:
         m = outcome.manifest
+        resumed = f", resumed after {outcome.resumed:,} bytes" if outcome.resumed else ""
         click.echo(
             f"delivered {m.name} ({m.size:,} bytes, SHA-256 {m.sha256[:16]}...) to {dest} "
             f"in {outcome.elapsed:.1f} s ({m.chunks} chunk(s), "
-            f"{outcome.retransmissions} retransmission(s))"
+            f"{outcome.retransmissions} retransmission(s){resumed})"
         )
 
 
@@ -970,6 +988,7 @@ def recv(
         out_dir,
         sink=None if out_dir is not None or as_json else stdout,
         progress_stream=stderr if stderr.isatty() and not as_json else None,
+        reply=lambda source, box_name, answer: node.send_nowait(f"{source}/{box_name}", answer),
     )
     failed_transfers = 0
     where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
@@ -1038,6 +1057,8 @@ def _report_transfer(done: Any, stdout: BinaryIO, as_json: bool, to_stdout: bool
     if done.verified:
         where = f"saved as {done.saved_as}" if done.saved_as is not None else "written to stdout"
         note = f"received {m.name} ({m.size:,} bytes) from {done.source}: SHA-256 verified, {where}"
+        if done.resumed:
+            note += f" (resumed: {done.resumed:,} bytes kept from an earlier attempt)"
     else:
         kept = f"; the part is in {done.saved_as}" if done.saved_as is not None else ""
         note = f"error: {m.name} from {done.source}: {done.error}{kept}"

@@ -24,6 +24,7 @@ from rmsg.transfer import (
     Manifest,
     Progress,
     TransferDone,
+    decode_resume,
     default_timeout,
     encode_chunk,
     send_file,
@@ -74,7 +75,7 @@ def test_a_corrupted_transfer_never_gets_its_name(tmp_path: Path) -> None:
     done = _feed(FileReceiver(inbox), messages)
     assert not done.verified and "SHA-256 mismatch" in done.error
     assert not (inbox / "data.bin").exists()
-    assert done.saved_as is not None and done.saved_as.name.endswith(".part")
+    assert done.saved_as is not None and done.saved_as.name.endswith(".failed")
 
 
 def test_names_cannot_escape_the_folder_and_ordinary_messages_pass_through(
@@ -255,3 +256,157 @@ def test_send_file_to_recv_on_stdout_writes_the_file_itself(tmp_path: Path) -> N
 def test_send_file_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["send", "127.0.0.1:7", "--file", str(tmp_path / "no")])
     assert result.exit_code == 2 and "cannot read" in result.output
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _resuming(path: Path, chunk_size: int = 1000) -> list[bytes]:
+    """What ``send --file --resume`` sends: the manifest names the sender's answer mailbox."""
+    messages = _messages(path, chunk_size)
+    manifest = Manifest.decode(messages[0])
+    assert manifest is not None
+    fields = {f: getattr(manifest, f) for f in Manifest.__dataclass_fields__}
+    messages[0] = Manifest(**{**fields, "resume_to": "answers"}).encode()
+    return messages
+
+
+def _answering(folder: Path) -> tuple[FileReceiver, list[tuple[str, str, int]]]:
+    answers: list[tuple[str, str, int]] = []
+
+    def reply(source: str, mailbox: str, data: bytes) -> None:
+        decoded = decode_resume(data)
+        assert decoded is not None
+        answers.append((source, mailbox, decoded[1]))
+
+    return FileReceiver(folder, reply=reply), answers
+
+
+def test_the_same_file_gets_the_same_transfer_id(tmp_path: Path) -> None:
+    one = tmp_path / "a" / "f.bin"
+    two = tmp_path / "b" / "f.bin"
+    for p in (one, two):
+        p.parent.mkdir()
+        p.write_bytes(b"same bytes" * 500)
+    assert Manifest.of_file(one).transfer_id == Manifest.of_file(two).transfer_id
+    two.write_bytes(b"other bytes" * 500)
+    assert Manifest.of_file(one).transfer_id != Manifest.of_file(two).transfer_id
+
+
+def test_an_interrupted_transfer_resumes_from_the_whole_chunks_it_kept(tmp_path: Path) -> None:
+    original = tmp_path / "disk.img"
+    original.write_bytes(os.urandom(10_500))  # 11 chunks of 1000
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    messages = _resuming(original)
+    first = FileReceiver(inbox)  # a receiver process that dies after 4 chunks and a half
+    assert all(first.offer("10.0.0.1:1", m) is True for m in messages[:5])
+    first.close()
+    (part,) = inbox.iterdir()
+    with part.open("ab") as f:
+        f.write(b"torn")  # the fifth chunk was being written when it died
+    receiver, answers = _answering(inbox)
+    assert receiver.offer("10.0.0.2:2", messages[0]) is True  # a new sender, same file
+    assert answers == [("10.0.0.2:2", "answers", 4)]  # chunks 0-3 are kept
+    done = _feed(receiver, messages[5:], source="10.0.0.2:2")
+    assert isinstance(done, TransferDone) and done.verified, done
+    assert done.resumed == 4000 and done.as_dict()["resumed_bytes"] == 4000
+    assert (inbox / "disk.img").read_bytes() == original.read_bytes()
+    assert [p.name for p in inbox.iterdir()] == ["disk.img"]
+
+
+def test_a_sender_that_missed_the_answer_starts_over_and_still_verifies(tmp_path: Path) -> None:
+    original = tmp_path / "f.bin"
+    original.write_bytes(os.urandom(5_000))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    messages = _resuming(original)
+    first = FileReceiver(inbox)
+    assert all(first.offer("10.0.0.1:1", m) is True for m in messages[:3])
+    first.close()
+    receiver, answers = _answering(inbox)
+    receiver.offer("10.0.0.1:9", messages[0])
+    assert answers[0][2] == 2
+    done = _feed(receiver, messages[1:], source="10.0.0.1:9")  # from chunk 0 after all
+    assert done.verified and done.resumed == 0
+    assert (inbox / "f.bin").read_bytes() == original.read_bytes()
+
+
+def test_a_part_with_bad_bytes_fails_once_and_is_never_resumed_from(tmp_path: Path) -> None:
+    original = tmp_path / "f.bin"
+    original.write_bytes(os.urandom(5_000))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    messages = _resuming(original)
+    first = FileReceiver(inbox)
+    assert all(first.offer("10.0.0.1:1", m) is True for m in messages[:3])
+    first.close()
+    (part,) = inbox.iterdir()
+    part.write_bytes(b"X" + part.read_bytes()[1:])  # the disk lied
+    receiver, answers = _answering(inbox)
+    receiver.offer("10.0.0.1:2", messages[0])
+    done = _feed(receiver, messages[3:], source="10.0.0.1:2")
+    assert not done.verified and "SHA-256 mismatch" in done.error
+    assert done.saved_as is not None and done.saved_as.suffix == ".failed"
+    again, answers = _answering(inbox)
+    again.offer("10.0.0.1:3", messages[0])
+    assert answers[0][2] == 0  # nothing kept: the whole file comes again
+    done = _feed(again, messages[1:], source="10.0.0.1:3")
+    assert done.verified and (inbox / "f.bin").read_bytes() == original.read_bytes()
+
+
+def test_without_a_folder_a_resuming_sender_is_told_to_send_everything(tmp_path: Path) -> None:
+    original = tmp_path / "f.bin"
+    original.write_bytes(os.urandom(2_500))
+    sink = io.BytesIO()
+    answers: list[bytes] = []
+    receiver = FileReceiver(None, sink=sink, reply=lambda s, m, d: answers.append(d))
+    done = _feed(receiver, _resuming(original))
+    assert done.verified and sink.getvalue() == original.read_bytes()
+    assert [decode_resume(a) for a in answers] == [
+        (Manifest.of_file(original, 1000).transfer_id, 0)
+    ]
+
+
+@pytest.mark.loopback
+def test_send_file_resume_carries_on_after_an_interrupted_sender(tmp_path: Path) -> None:
+    """A sender dies after some chunks; ``rmsg send --file --resume`` from a new process
+    (a new source port) sends only the rest, and the receiver verifies the whole file."""
+    original = tmp_path / "disk.img"
+    original.write_bytes(os.urandom(5 * CHUNK + 1234))
+    port = free_port()
+    inbox = tmp_path / "inbox"
+    args = ["--bind", f"127.0.0.1:{port}", "--output-dir", str(inbox), "--count", "1"]
+    proc = _recv([*args, "--json", "--timeout", "60"])
+    try:
+        _wait_listening(proc)
+        manifest = Manifest.of_file(original)
+        data = original.read_bytes()
+        with Node() as crashed:  # the first attempt: manifest and three chunks, then gone
+            crashed.send(f"127.0.0.1:{port}", manifest.encode(), timeout=10)
+            for i in range(3):
+                chunk = data[i * CHUNK : (i + 1) * CHUNK]
+                crashed.send(
+                    f"127.0.0.1:{port}", encode_chunk(manifest.transfer_id, i, chunk), timeout=10
+                )
+        result = CliRunner().invoke(
+            main, ["send", f"127.0.0.1:{port}", "--file", str(original), "--resume", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        sent = json.loads(result.stdout)
+        assert sent["resumed_bytes"] == 3 * CHUNK
+        assert sent["messages"] == 1 + 3  # the manifest and chunks 3, 4 and 5
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    record = json.loads(out)
+    assert record["verified"] and record["resumed_bytes"] == 3 * CHUNK
+    assert (inbox / "disk.img").read_bytes() == original.read_bytes()
+
+
+def test_resume_needs_a_file_to_one_node() -> None:
+    result = CliRunner().invoke(main, ["send", "127.0.0.1:7", "hello", "--resume"])
+    assert result.exit_code == 2 and "--resume goes with --file PATH" in result.output
