@@ -107,6 +107,7 @@ class FaultyDatagramTransport(asyncio.DatagramTransport):
         return self._transport.get_extra_info(name, default)
 
     def get_write_buffer_size(self) -> int:
+        """The wrapped transport's write buffer size (0 if it has none)."""
         size = getattr(self._transport, "get_write_buffer_size", None)
         return 0 if size is None else int(size())
 
@@ -141,6 +142,7 @@ class FaultyDatagramTransport(asyncio.DatagramTransport):
             link.partition()
 
     def heal(self, direction: str = "both") -> None:
+        """Remove every fault from ``direction`` (``up``, ``down`` or ``both``)."""
         for link in self._links(direction):
             link.heal()
 

@@ -171,6 +171,7 @@ class ControlServer:
         return str(host), int(port)
 
     def start(self) -> ControlServer:
+        """Serve the control API on a background thread; returns ``self``."""
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
@@ -182,6 +183,7 @@ class ControlServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and join the thread. Idempotent."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(2)

@@ -344,11 +344,13 @@ class FaultCounters:
     delay_histogram: list[int] = field(default_factory=lambda: [0] * len(DELAY_BUCKETS))
 
     def drop(self, reason: str) -> None:
+        """Count one datagram dropped, under ``dropped`` and ``dropped_<reason>``."""
         self.dropped += 1
         attr = f"dropped_{reason}"
         setattr(self, attr, getattr(self, attr) + 1)
 
     def add_delay(self, delay: float) -> None:
+        """Count one datagram delivered after ``delay`` seconds (mean, max, histogram)."""
         self.delivered += 1
         self.delay_total += delay
         self.delay_max = max(self.delay_max, delay)
@@ -373,6 +375,7 @@ class FaultCounters:
         return out
 
     def as_dict(self) -> dict[str, object]:
+        """Every counter and ``delay_mean``, for JSON."""
         d = {name: getattr(self, name) for name in FaultCounters.__dataclass_fields__}
         d["delay_mean"] = self.delay_mean
         return d

@@ -202,6 +202,7 @@ class ProxyStats:
     down: FaultCounters = field(default_factory=FaultCounters)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every counter of the proxy (both directions), for JSON."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("up", "down")}
         d["refused"] = dict(self.refused)
         d["up"] = self.up.as_dict()
@@ -429,6 +430,7 @@ class UdpProxy:
         return ended
 
     def start(self) -> UdpProxy:
+        """Start relaying on a background thread; returns ``self`` (also a context manager)."""
         if self._thread is None:
             now = self._clock()
             self._epoch = now

@@ -221,6 +221,7 @@ class Link:
         return self._impairments[max(0, bisect.bisect_right(self._starts, t) - 1)]
 
     def partitioned_at(self, t: float) -> bool:
+        """Whether a partition window cuts the link ``t`` seconds after the start."""
         i = bisect.bisect_right(self._window_starts, t) - 1
         return i >= 0 and t < self._windows[i].end
 
@@ -314,6 +315,9 @@ class Scenario:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        """The scenario a parsed TOML (or JSON) document describes.
+
+        Raises :class:`ScenarioError` naming an unknown or malformed key."""
         unknown = set(data) - {"seed", "phase", "partition", "flap"}
         if unknown:
             raise ScenarioError(

@@ -54,13 +54,19 @@ __all__ = ["SansIOHost", "SimNetwork"]
 class SansIOHost(Protocol):
     """What the simulated network needs from a host."""
 
-    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """Take one datagram from ``addr`` that arrived at virtual time ``now``."""
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        """Everything the host wants sent now, as ``(bytes, address)`` pairs."""
+        ...
 
-    def get_timer(self) -> float | None: ...
+    def get_timer(self) -> float | None:
+        """When the host next needs :meth:`handle_timer` (virtual time), ``None``: never."""
+        ...
 
-    def handle_timer(self, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None:
+        """Run what was due by ``now``."""
 
 
 _ARRIVAL = 0
@@ -126,6 +132,7 @@ class SimNetwork:
     # -------------------------------------------------------------- topology
 
     def add_host(self, addr: Hashable, host: SansIOHost) -> None:
+        """Put ``host`` on the network at ``addr`` (again after a crash: its next life)."""
         self._hosts[addr] = host
         self._timer_at[addr] = None
         self._lives.setdefault(addr, []).append(host)
@@ -282,9 +289,11 @@ class SimNetwork:
         self._groups.setdefault(group, set()).add(addr)
 
     def unsubscribe(self, group: Hashable, addr: Hashable) -> None:
+        """Stop host ``addr`` receiving datagrams sent to ``group``."""
         self._groups.get(group, set()).discard(addr)
 
     def host(self, addr: Hashable) -> SansIOHost:
+        """The host living at ``addr`` now."""
         return self._hosts[addr]
 
     def set_link(self, src: Hashable, dst: Hashable, impairment: Impairment | str | Link) -> None:

@@ -259,18 +259,22 @@ class FaultySocket:
         self._peer = self._sock.getpeername()
 
     def getpeername(self) -> Any:
+        """The wrapped socket's peer address (``socket.socket.getpeername``)."""
         return self._sock.getpeername()
 
     def recvfrom(self, bufsize: int, /) -> tuple[bytes, Any]:
+        """The next datagram that survived the faults, and its source; honours the timeout."""
         if self._inbox_r is None:
             return self._sock.recvfrom(bufsize)
         data, addr = _unpack(self._inbox_r.recv(bufsize + _ADDR.size + 256))
         return data[:bufsize], addr
 
     def recv(self, bufsize: int, /) -> bytes:
+        """As :meth:`recvfrom`, without the source address."""
         return self.recvfrom(bufsize)[0]
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, /) -> tuple[int, Any]:
+        """As :meth:`recvfrom`, into ``buffer`` (at most ``nbytes``); returns size and source."""
         view = memoryview(buffer).cast("B")
         size = nbytes or len(view)
         data, addr = self.recvfrom(size)
@@ -278,12 +282,15 @@ class FaultySocket:
         return len(data), addr
 
     def recv_into(self, buffer: Any, nbytes: int = 0, /) -> int:
+        """As :meth:`recvfrom_into`, without the source address."""
         return self.recvfrom_into(buffer, nbytes)[0]
 
     def fileno(self) -> int:
+        """A descriptor that polls readable when a datagram is ready (after delay, reordering)."""
         return self._inbox_r.fileno() if self._inbox_r is not None else self._sock.fileno()
 
     def getsockname(self) -> Any:
+        """The wrapped socket's own address."""
         return self._sock.getsockname()
 
     @property
@@ -303,18 +310,23 @@ class FaultySocket:
         self._timeout = value
 
     def gettimeout(self) -> float | None:
+        """The timeout set with ``settimeout`` (``None``: blocking; ``0.0``: non-blocking)."""
         return self._timeout
 
     def setblocking(self, flag: bool, /) -> None:
+        """``True`` is ``settimeout(None)``, ``False`` is ``settimeout(0.0)``, as for sockets."""
         self.settimeout(None if flag else 0.0)
 
     def getblocking(self) -> bool:
+        """Whether receives block (the timeout is not ``0.0``)."""
         return self._timeout != 0.0
 
     def setsockopt(self, level: int, option: int, value: int | bytes, /) -> None:
+        """Set an option on the wrapped socket."""
         self._sock.setsockopt(level, option, value)
 
     def getsockopt(self, level: int, option: int, buflen: int = 0, /) -> Any:
+        """Read an option of the wrapped socket."""
         if buflen:
             return self._sock.getsockopt(level, option, buflen)
         return self._sock.getsockopt(level, option)
@@ -331,6 +343,7 @@ class FaultySocket:
         self.close()
 
     def close(self) -> None:
+        """Close the wrapped socket; datagrams still held back (delayed, reordered) are dropped."""
         with self._lock:
             self._closed = True
             self._held.clear()

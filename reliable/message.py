@@ -62,6 +62,7 @@ class Receipt:
 
     @classmethod
     def from_event(cls, event: MessageDelivered) -> Receipt:
+        """The receipt a :class:`~reliable.events.MessageDelivered` event describes."""
         return cls(
             peer=event.peer,
             size=event.size,

@@ -39,6 +39,7 @@ class PeerStats:
     os_errors: int = 0  #: reports from the operating system that the peer cannot be reached
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, for JSON."""
         return asdict(self)
 
 
@@ -74,6 +75,7 @@ class MailboxStats:
     durable: str | None = None  #: the store (its path) of a durable mailbox
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, for JSON (``rmsg stats --json``)."""
         return asdict(self)
 
 
@@ -121,6 +123,7 @@ class NodeStats:
         raise KeyError(name)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, nested records included, for JSON (``rmsg stats --json``)."""
         d = asdict(self)
         d["retransmissions"] = self.retransmissions
         d["duplicates"] = self.duplicates
