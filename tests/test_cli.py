@@ -169,7 +169,8 @@ def test_installed_rmsg_send_and_recv_as_processes(rmsg_exe: str) -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        time.sleep(0.5)
+        assert recv.stderr is not None
+        assert recv.stderr.readline().startswith(b"listening on")  # bound: sends may start
         for text in ["alpha", "beta", "gamma"]:
             sent = subprocess.run(
                 [rmsg_exe, "send", f"127.0.0.1:{port}", text], capture_output=True, timeout=30

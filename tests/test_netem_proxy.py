@@ -194,11 +194,14 @@ def test_rmsg_netem_cli_relays_and_prints_counters(echo: EchoServer, rmsg_exe: s
         text=True,
     )
     try:
-        time.sleep(0.8)
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # printed once the proxy's socket is bound
+        assert first.startswith(f"netem: 127.0.0.1:{listen} -> "), first
         got = ping(("127.0.0.1", listen), 50)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
+    err = first + err
     assert len(got) == 50
     assert "up: delay 2ms" in err
     stats = json.loads(out)
