@@ -38,7 +38,9 @@ Invariants:
 * The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
   timeout) runs from the last transmission or the last acknowledgement of
   anything, whichever is later, and backs off exponentially while nothing
-  is acknowledged. On expiry it
+  is acknowledged. The first wait is a tail loss probe, about two smoothed
+  RTTs (see ``_probe_delay`` for its floor and how it avoids spurious probes).
+  On expiry it
   *probes*: the oldest packets in flight are retransmitted at once, even past
   the congestion window, without shrinking it — a lost tail packet is the
   usual cause and deserves no congestion response. Only
@@ -73,7 +75,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
+from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
 from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
@@ -87,6 +89,10 @@ _MAX_TIME_THRESHOLD = 4.0
 PROBE_PACKETS = 2
 #: Consecutive probe timeouts that mean the path is congested or gone.
 PERSISTENT_CONGESTION_PROBES = 3
+#: The least a tail loss probe waits at first (seconds): two timer granularities, as
+#: Linux adds two jiffies to its 2 x SRTT. Each probe proven spurious doubles it, up to
+#: ``Config.min_rto``.
+PROBE_FLOOR = 2 * K_GRANULARITY
 
 
 @dataclass(slots=True, eq=False)
@@ -184,6 +190,7 @@ class SendStream:
         "control",
         "cum_ack",
         "cwnd_limited",
+        "data_timed",
         "datagrams_sent",
         "dropped_ahead",
         "flight",
@@ -200,7 +207,10 @@ class SendStream:
         "packets_sent",
         "peer_window",
         "probe_allowance",
+        "probe_floor",
         "probe_time",
+        "probed",
+        "probes",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -247,6 +257,10 @@ class SendStream:
         self.cwnd_limited = False
         self.probe_allowance = 0
         self.probe_time = float("-inf")  # when the retransmission timer last probed
+        self.probes = 0  # probe timeouts that fired (tail loss probes and RTOs)
+        self.probed: set[int] = set()  # sequence numbers the last probe declared lost
+        self.probe_floor = PROBE_FLOOR  # the least a tail loss probe waits; spurious ones raise it
+        self.data_timed = False  # an ack of data timed the path (not only the CHALLENGE)
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
@@ -500,6 +514,7 @@ class SendStream:
             # measure the probe timeout (seconds, at startup), not the path.
             if not newest.retransmitted and newest.sent_time > self.probe_time:
                 self.rtt.on_sample(now - newest.sent_time, ack_delay, newest.datagram_size)
+                self.data_timed = True
             self.backoff = 0
             self.dropped_ahead = 0
             self.last_ack_time = now
@@ -523,25 +538,31 @@ class SendStream:
     def _forget(self, pkt: SentPacket, newest: SentPacket | None, now: float) -> SentPacket | None:
         if pkt.lost:
             # Declared lost, yet acknowledged before any retransmission went out.
-            self._spurious_loss()
+            self._spurious_loss(pkt)
         else:
             self._leave_flight(pkt)
             if pkt.retransmitted and now - pkt.sent_time < self.rtt.min_rtt / 2:
                 # Acknowledged sooner after the retransmission than any round trip
                 # takes: the ack was for the original, which was only reordered.
-                self._spurious_loss()
+                self._spurious_loss(pkt)
         if newest is None or pkt.tx > newest.tx:
             return pkt
         return newest
 
-    def _spurious_loss(self) -> None:
+    def _spurious_loss(self, pkt: SentPacket) -> None:
         """The network reordered more than we allowed for: allow more, within bounds.
 
         Both thresholds widen (RFC 9002 section 6.1.1 permits it; RFC 8985 adapts
         its reordering window the same way). Jitter comparable to the RTT would
         otherwise make every burst look lossy and halve the window for nothing.
+        A probe proved spurious (the peer was only slow to answer) doubles the
+        probe floor instead, up to ``min_rto``.
         """
         self.spurious += 1
+        if pkt.seq in self.probed:
+            self.probed.clear()
+            self.probe_floor = min(2 * self.probe_floor, self.rtt.min_rto)
+            return
         self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
         self.time_threshold = min(self.time_threshold * 1.25, _MAX_TIME_THRESHOLD)
 
@@ -616,12 +637,17 @@ class SendStream:
         The first probe is a tail loss probe (RFC 8985): two smoothed RTTs,
         not the RTO, whose four RTT variances make it several times longer
         on a jittery path. The tail of every burst asks for an immediate
-        ack, so no delayed-ack allowance is needed. It waits at least
-        ``min_rto`` (as Linux floors its probe at 10 ms): on loopback two
-        RTTs can be a fraction of a millisecond, less than a busy receiver
-        takes to answer, and the probe would be spurious. Nor less than the
+        ack, so no delayed-ack allowance is needed. Nor less than the
         latest RTT: the smoothed one lags a queue that is growing. Later
         probes back off from the RTO.
+
+        Its floor is ``probe_floor`` (``PROBE_FLOOR``, 2 ms, as Linux adds
+        two jiffies) once an acknowledgement of data has timed the path, and
+        ``min_rto`` (10 ms) before: a path timed only by the CHALLENGE (a
+        stateless answer, microseconds on loopback) says nothing of how long
+        the peer takes to handle data, and a busy AEAD receiver once drew a
+        spurious probe there. A probe the original's acknowledgement proves
+        spurious doubles ``probe_floor``, up to ``min_rto``.
 
         Whatever the backoff, it is never shorter than the next datagram
         (the flight's head, behind anything the peer dropped unread) may
@@ -632,7 +658,8 @@ class SendStream:
         """
         rtt = self.rtt
         if self.backoff == 0 and rtt.srtt is not None:
-            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, rtt.min_rto))
+            floor = self.probe_floor if self.data_timed else max(self.probe_floor, rtt.min_rto)
+            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, floor))
         else:
             delay = rtt.backed_off(self.backoff)
         flight = self.flight.values()
@@ -652,8 +679,10 @@ class SendStream:
             return
         if self.flight and now >= self._probe_deadline():
             self.backoff += 1
+            self.probes += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
+            self.probed = {pkt.seq for pkt in oldest}
             for pkt in oldest:
                 self._declare_lost(pkt)
             self.probe_allowance = len(oldest)

@@ -1,0 +1,133 @@
+"""Loss recovery on the simulated pair: probes, time-based detection, the first flight.
+
+Deterministic: two endpoints, a hand-driven link, virtual time (tests/harness.py).
+"""
+
+from __future__ import annotations
+
+from reliable import Config, events
+from reliable.sender import PROBE_FLOOR
+
+from .harness import B, Pair
+
+STEP = 0.0001
+
+
+def _wait_for_output(p: Pair, limit: float) -> tuple[list[bytes], float]:
+    """Advance in small steps until A sends something or ``limit`` seconds pass."""
+    waited = 0.0
+    while waited < limit:
+        p.tick(STEP)
+        waited += STEP
+        sent = p.outgoing(p.a)
+        if sent:
+            return sent, waited
+    return [], waited
+
+
+def _connect(p: Pair, rtt: float = 0.001) -> None:
+    """Like ``Pair.connect``, but over a link with a round trip of ``rtt`` seconds, so
+    the estimators have real samples (``settle`` answers in the same instant)."""
+    for side in (p.a, p.b):
+        side.endpoint.send(p.other(side).addr, b"warm", now=p.now)
+    for _ in range(20):
+        moved = p.transfer(p.a)
+        p.now += rtt / 2
+        moved += p.transfer(p.b)
+        p.now += rtt / 2
+        if not moved:
+            break
+    for side in (p.a, p.b):
+        assert len(side.of(events.MessageDelivered)) == 1
+        side.events.clear()
+
+
+def test_a_path_timed_only_by_the_challenge_is_not_probed_before_min_rto() -> None:
+    """The case the old 10 ms floor was added for (test_sealed_nodes_talk[aead] once saw
+    its first message go out three times): the CHALLENGE times a stateless round trip,
+    tiny on loopback, and the peer then takes longer to handle the resent flight (it
+    sets up the session; AEAD on a shared CPU). Until an acknowledgement of data has
+    timed the path, the tail loss probe keeps ``min_rto`` as its floor."""
+    p = Pair()
+    p.a.endpoint.send(B, b"x" * 1000, now=p.now)
+    p.transfer(p.a)  # B keeps no state: it answers with a CHALLENGE
+    p.now += 0.0002  # a 0.2 ms round trip for the challenge
+    p.transfer(p.b)
+    sender = p.a.endpoint._peers[B].sender
+    assert sender.rtt.srtt is not None and sender.rtt.srtt < 0.001 and not sender.data_timed
+    resent = p.outgoing(p.a)  # the flight again, cookie attached
+    assert resent
+    busy, _ = _wait_for_output(p, 0.005)  # B is busy for 5 ms before it handles it
+    assert busy == []  # no probe: 2 x SRTT (0.4 ms) and PROBE_FLOOR (2 ms) were not enough
+    p.deliver(p.b, resent)
+    p.settle()
+    (receipt,) = p.a.of(events.MessageDelivered)
+    assert receipt.transmissions == receipt.fragments
+    assert p.a.endpoint.stats().retransmissions == 0 and sender.probes == 0
+    assert sender.data_timed or sender.rtt.samples == 1  # the resent flight is not timed (Karn)
+
+
+def test_once_data_timed_the_path_the_probe_waits_two_rtts_not_min_rto() -> None:
+    """The other side of the guard: after an acknowledgement of data, a lost tail is
+    probed at about 2 x SRTT even below ``min_rto``."""
+    p = Pair()
+    p.connect()
+    sender = p.a.endpoint._peers[B].sender
+    assert sender.data_timed
+    p.a.endpoint.send(B, b"tail", now=p.now)
+    p.transfer(p.a, drop=lambda i, d: True)
+    sent, waited = _wait_for_output(p, 0.02)
+    rtt = sender.rtt
+    assert rtt.srtt is not None
+    assert sent and waited < Config().min_rto
+    assert waited >= max(2 * rtt.srtt, PROBE_FLOOR) - 1e-9
+    assert sender.probes == 1
+
+
+def test_a_probe_proven_spurious_raises_the_probe_floor() -> None:
+    """The peer was only slow: the original's acknowledgement arrives right after the
+    probe's copy left, sooner than any round trip. The floor doubles (up to min_rto),
+    so a peer that is often this slow is not probed spuriously again and again."""
+    p = Pair(config_b=Config(reply_ack_delay=0))  # B acknowledges at once
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    p.a.endpoint.send(B, b"slow", now=p.now)
+    original = p.outgoing(p.a)
+    probe, _ = _wait_for_output(p, 0.02)
+    assert probe and sender.probes == 1
+    p.deliver(p.b, original)  # B gets the original at last and acknowledges it at once
+    p.now += STEP
+    p.transfer(p.b)
+    assert sender.probe_floor == 2 * PROBE_FLOOR
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 1
+
+
+def test_a_lost_retransmission_is_detected_by_time_not_by_the_probe_timer() -> None:
+    """RACK judges a packet by its latest transmission: a retransmission that is lost
+    too is declared lost once data sent after it is acknowledged and 9/8 RTT passed,
+    with no probe timeout (which would wait at least two RTTs and back off)."""
+    p = Pair()
+    p.connect()
+    sender = p.a.endpoint._peers[B].sender
+    for i in range(6):
+        p.a.endpoint.send(B, bytes([65 + i]) * 1000, now=p.now)  # a datagram each
+    p.transfer(p.a, drop=lambda i, d: i == 0)  # the first is lost
+    p.tick()
+    p.transfer(p.b)  # the gap is reported at once: three datagrams later arrived
+    retransmission = p.outgoing(p.a)
+    assert sender.retransmissions == 1 and len(retransmission) == 1  # lost again
+    for i in range(3):
+        p.a.endpoint.send(B, bytes([97 + i]) * 1000, now=p.now)  # new data after it
+    p.transfer(p.a)
+    p.tick()
+    p.transfer(p.b)  # acknowledges the new data: the retransmission is overdue
+    again, waited = _wait_for_output(p, 0.05)
+    assert again, "the lost retransmission was not repaired"
+    rtt = sender.rtt
+    assert rtt.srtt is not None
+    assert sender.probes == 0 and sender.retransmissions == 2
+    assert waited <= 2 * max(rtt.srtt, rtt.latest)
+    p.deliver(p.b, again)
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 9
