@@ -25,6 +25,10 @@ sends to such a peer are pending, neither silence nor the OS's refusals make
 it unreachable: the session keeps probing, and each message fails only by
 its own deadline. Without it, ``peer_timeout`` applies as to any peer. Once
 the peer has been heard from, it is held to ``peer_timeout`` either way.
+Until then the peer may keep no state for us and drop what we send unread
+(address validation), so at most one ``max_datagram_size`` datagram goes
+out, or a PING when the first fragment is larger: the CHALLENGE (or ACK)
+that answers it comes before the big flight, not after it was wasted.
 
 Expiry: a session is not kept just because its peer once spoke. An idle
 session (not waiting) that hears nothing for ``idle_timeout`` is
@@ -644,8 +648,22 @@ class PeerSession:
                 )
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
-        if sender.can_send():
-            budget = data_budget(self.current_datagram_size())
+        first_contact = self._first_contact()
+        send = sender.can_send()
+        # Before first contact, one small datagram until the peer answers; a larger one
+        # is a PING instead.
+        if (send and first_contact) and (
+            sender.flight or sender.next_record_bytes() > self._first_budget()
+        ):
+            send = False
+            if not sender.flight and self.last_probe == float("-inf"):
+                self.ping_now = True  # ask first; on_timer repeats it if it is lost
+                self.last_probe = now
+        if send:
+            if first_contact:
+                budget = self._first_budget()
+            else:
+                budget = data_budget(self.current_datagram_size())
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:
@@ -673,7 +691,7 @@ class PeerSession:
                         )
                     )
                 )
-                if not more:
+                if not more or first_contact:
                     break
             if out:
                 self.ping_now = False
@@ -690,6 +708,25 @@ class PeerSession:
             receiver.ack_sent()
             self.ping_now = False
         return out
+
+    def _first_contact(self) -> bool:
+        """Whether the peer may keep no state for us yet: never heard from, no cookie.
+
+        A peer that validates addresses drops everything from an unknown
+        address unread and answers with a CHALLENGE, so a first flight of a
+        whole congestion window (650 KB of 64 KiB loopback datagrams) would be
+        sent only to be dropped, and sent again. Until the peer answers, at
+        most one datagram of ``max_datagram_size`` goes out: a small message
+        still costs no round trip with a peer that needs no validation, and a
+        larger first datagram is replaced by a PING, which draws the
+        CHALLENGE (or, from a peer that keeps state for us, an ACK) in a
+        round trip with nothing dropped.
+        """
+        return not self.heard and self.cookie is None
+
+    def _first_budget(self) -> int:
+        """Record bytes the one datagram sent before first contact may carry."""
+        return data_budget(self.config.max_datagram_size)
 
     def farewell(self, now: float, my_incarnation: int) -> bytes:
         """The CLOSE for this peer, carrying our final acknowledgement state.

@@ -286,6 +286,16 @@ class SendStream:
             return True
         return self._next_message() is not None or self._base_untold() is not None
 
+    def next_record_bytes(self) -> int:
+        """Bytes of the record the next datagram starts with (0: nothing to send)."""
+        if self._has_lost():
+            return self.unacked[self.lost[0]].size
+        msg = self._next_message()
+        if msg is not None:
+            return msg.record_bytes(msg.next_index)
+        held = self._base_untold()
+        return 0 if held is None else held.record_bytes(held.next_index - 1)
+
     def _base_untold(self) -> OutgoingMessage | None:
         """A message the receiver holds but cannot deliver, and nothing to tell it why.
 

@@ -548,6 +548,7 @@ def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> No
     lo = ("127.0.0.1", 9)
     a.send(lo, b"x" * 1_000_000, now=0.0)
     session = a._peers[lo]
+    session.heard = True  # past first contact (see tests/test_recovery_pair.py for before)
     first = [d for d, _ in a.datagrams_to_send(0.0)]
     assert session.datagram_size == 65000 and session.cc.window == 10 * 65000
     assert max(len(d) for d in first) <= 65000 and len(first) >= 10
@@ -559,6 +560,7 @@ def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> No
     for _ in range(200):
         small_msgs.send(lo, b"z" * 1000, now=0.0)
     small_msgs._peers[lo].cc.cwnd = 2 * 65000.0
+    small_msgs._peers[lo].heard = True
     bundles = [d for d, _ in small_msgs.datagrams_to_send(0.0)]
     assert len(bundles) >= 4 and max(len(d) for d in bundles) <= 2 * 65000 // 4
     elsewhere = Endpoint(rng=random.Random(1))

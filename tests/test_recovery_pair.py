@@ -5,7 +5,9 @@ Deterministic: two endpoints, a hand-driven link, virtual time (tests/harness.py
 
 from __future__ import annotations
 
-from reliable import Config, events
+import random
+
+from reliable import Config, Endpoint, events
 from reliable.sender import PROBE_FLOOR
 
 from .harness import B, Pair
@@ -131,3 +133,68 @@ def test_a_lost_retransmission_is_detected_by_time_not_by_the_probe_timer() -> N
     p.deliver(p.b, again)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 9
+
+
+def _bytes_before_validation(p: Pair) -> int:
+    """What A sends to a B that has never heard of it, before B's CHALLENGE reaches it
+    (B drops all of it unread), in bytes."""
+    before = p.outgoing(p.a)
+    p.deliver(p.b, before)
+    assert p.b.endpoint.dropped == {"unvalidated": len(before)}
+    return sum(len(d) for d in before)
+
+
+def test_a_cold_big_send_validates_before_its_flight() -> None:
+    """A fresh session's first flight was a whole congestion window (650 KB of loopback
+    datagrams) that the peer dropped unread while it validated our address. Now a PING
+    goes first, the CHALLENGE answers it, and the flight follows with the cookie."""
+    loopback = ("127.0.0.1", 2)
+    a = Endpoint(rng=random.Random(1))
+    b = Endpoint(rng=random.Random(2))
+    a_addr = ("127.0.0.1", 1)
+    data = random.Random(3).randbytes(2_000_000)
+    a.send(loopback, data, now=0.0)
+    first = [d for d, _ in a.datagrams_to_send(0.0)]
+    assert sum(len(d) for d in first) < 100  # one PING, not 650 KB
+    for d in first:
+        b.receive_datagram(d, a_addr, 0.0)
+    assert b.dropped == {"unvalidated": 1}
+    now, moved = 0.0, True
+    for _ in range(1000):
+        if not moved:
+            break
+        now += 0.0001
+        moved = False
+        for src, dst, src_addr in ((a, b, a_addr), (b, a, loopback)):
+            for d, _ in src.datagrams_to_send(now):
+                dst.receive_datagram(d, src_addr, now)
+                moved = True
+    got = b.take(now=now)
+    assert got is not None and got.data == data
+    assert b.dropped == {"unvalidated": 1}  # nothing after the PING was dropped
+    assert a.stats().retransmissions == 0
+
+
+def test_a_cold_small_send_still_goes_in_the_first_datagram() -> None:
+    """A message that fits one ordinary datagram goes at once (a peer that needs no
+    validation, or keeps state for us, delivers it with no extra round trip)."""
+    p = Pair(config_b=Config(validate_addresses=False))
+    p.a.endpoint.send(B, b"hello", now=p.now)
+    p.a.endpoint.send(B, b"world", now=p.now)
+    first = p.outgoing(p.a)
+    assert len(first) == 1  # both messages, bundled
+    p.deliver(p.b, first)
+    assert p.b.received() == [b"hello", b"world"]
+
+
+def test_before_first_contact_only_one_small_datagram_is_sent() -> None:
+    """With validation, what A sends before the CHALLENGE is bounded by one datagram of
+    max_datagram_size, whatever is queued (it was ten full datagrams)."""
+    p = Pair()
+    for _ in range(20):
+        p.a.endpoint.send(B, bytes(1000), now=p.now)
+    p.a.endpoint.send(B, bytes(100_000), now=p.now)
+    assert 0 < _bytes_before_validation(p) <= Config().max_datagram_size
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 21
+    assert p.a.endpoint.stats().retransmissions == 0
