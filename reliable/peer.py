@@ -341,7 +341,7 @@ class PeerSession:
         sizes: beyond that the kernel drops datagrams before we see them.
         """
         room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
-        window = max(0, min(self.config.max_window, room))
+        window = max(0, min(self.config.max_window - self.receiver.held_span(), room))
         if self.socket_buffer and self.record_average:
             fits = int(self.socket_buffer / 2 / self.record_average)
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))

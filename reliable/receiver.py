@@ -580,6 +580,13 @@ class ReceiveStream:
             notices=tuple((m, int(n.reason)) for m, n in notices),
         )
 
+    def held_span(self) -> int:
+        """Sequence numbers from ``expected`` to one past the highest fragment held out of
+        order (0 if none): how much of ``max_window`` the reorder buffer spans."""
+        if not self.ranges or self.expected is None:
+            return 0
+        return self.ranges[-1][1] - self.expected
+
     def ack_sent(self) -> None:
         """An outgoing packet carried the current acknowledgement state."""
         self.ack_pending = 0

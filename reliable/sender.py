@@ -205,6 +205,7 @@ class SendStream:
         "next_msg_id",
         "next_seq",
         "packets_sent",
+        "peer_edge",
         "peer_window",
         "probe_allowance",
         "probe_floor",
@@ -236,6 +237,7 @@ class SendStream:
         self.next_msg_id = first_msg_id
         self.initial_peer_window = config.initial_peer_window
         self.peer_window = config.initial_peer_window
+        self.peer_edge = initial_seq  # one past the highest sequence number the peer holds
         self.queue: deque[OutgoingMessage] = deque()
         self.control: deque[OutgoingMessage] = deque()
         self.unacked: dict[int, SentPacket] = {}
@@ -322,7 +324,7 @@ class SendStream:
             msg = queue[0]
         else:
             return None
-        return msg if self.next_seq < self.cum_ack + self.peer_window else None
+        return msg if self.next_seq < self.peer_edge + self.peer_window else None
 
     def deadline(self) -> float | None:
         """When :meth:`on_timer` must run: time-threshold loss or retransmission timeout."""
@@ -493,6 +495,7 @@ class SendStream:
             return outcome  # an older acknowledgement, overtaken in the network
         self.cum_ack = cum
         self.peer_window = window
+        edge = cum
         newest: SentPacket | None = None
         acked = acked_bytes = 0
         unacked = self.unacked
@@ -507,6 +510,7 @@ class SendStream:
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
             end = min(unwrap(end_w, cum), self.next_seq)
+            edge = max(edge, end)
             if end - start <= len(unacked):
                 seqs: list[int] | range = range(start, end)
             else:
@@ -517,6 +521,7 @@ class SendStream:
                     acked += 1
                     acked_bytes += sacked.size
                     newest = self._forget(sacked, newest, now)
+        self.peer_edge = edge
         outcome.newly_acked = acked
         if newest is not None:
             # Karn: never time an ambiguous ack. Nor one that may answer a probe sent
@@ -741,7 +746,7 @@ class SendStream:
         self.dropped_ahead = 0
         self.in_flight_bytes = 0
         self.lost.clear()
-        self.cum_ack = self.next_seq
+        self.cum_ack = self.peer_edge = self.next_seq
         self.peer_window = self.initial_peer_window
         self.loss_time = None
         self.backoff = 0

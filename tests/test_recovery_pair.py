@@ -10,7 +10,7 @@ import random
 from reliable import Config, Endpoint, events
 from reliable.sender import PROBE_FLOOR
 
-from .harness import B, Pair
+from .harness import A, B, Pair
 
 STEP = 0.0001
 
@@ -198,3 +198,30 @@ def test_before_first_contact_only_one_small_datagram_is_sent() -> None:
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 21
     assert p.a.endpoint.stats().retransmissions == 0
+
+
+def test_the_send_window_slides_with_what_the_peer_holds_not_the_oldest_hole() -> None:
+    """The advertised window bounds the fragments in flight beyond the highest one the
+    peer holds (its socket buffer takes those); it used to count from the cumulative
+    ack, so one lost fragment stopped the sender a window past it until it was repaired.
+    The reorder buffer stays bounded: the peer shrinks its window by the span it holds,
+    so nothing goes past ``expected + max_window``."""
+    p = Pair(config_b=Config(max_window=40))
+    p.connect()
+    p.b.endpoint.set_receive_buffer(1000)  # the smallest window: 8 fragments in flight
+    sender = p.a.endpoint._peers[B].sender
+    hole = b"\x00" * 1000
+    for i in range(60):
+        p.a.endpoint.send(B, bytes([i]) * 1000, now=p.now)  # a datagram each
+    start = sender.next_seq
+    for _ in range(40):  # the first message is lost, again and again
+        p.transfer(p.a, drop=lambda i, d: hole in d)
+        p.tick()
+        p.transfer(p.b)
+    receiver = p.b.endpoint._peers[A].receiver
+    assert sender.peer_window <= 8
+    assert sender.next_seq - start > 8 + 8  # past the hole by more than a window
+    assert sender.next_seq - start <= 40  # but never past expected + max_window
+    assert receiver.beyond_window == 0 and len(receiver.ooo) < 40
+    p.settle()
+    assert p.b.received() == [bytes([i]) * 1000 for i in range(60)]
