@@ -78,11 +78,13 @@ def run(
     rate: float = 100e6,
     delay: float = 0.002,
     seed: int = 1,
+    rcvbuf: int | None = 8 << 20,
 ) -> Run:
     """Stream ``size``-byte messages A -> B for ``seconds`` of virtual time."""
     link = Impairment(loss=per_direction(loss), rate=rate, delay=delay)
     net = SimNetwork(seed=seed, latency=0.0, default=link)
     a, b = Endpoint(rng=random.Random(seed)), Endpoint(rng=random.Random(seed + 1))
+    b.set_receive_buffer(rcvbuf)  # what the bench's receiver reports for its socket
     net.add_host(A, a)
     net.add_host(B, b)
     payload = bytes(size)
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100e6, help="link bits/s (100e6)")
     parser.add_argument("--delay", type=float, default=0.002, help="one-way delay, s (0.002)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rcvbuf", type=int, default=8 << 20, help="receiver's socket buffer, bytes (8 MiB)"
+    )
     parser.add_argument("--loss", type=float, action="append", help="per-socket loss (repeat)")
     parser.add_argument("--cold", type=int, metavar="BYTES", help="measure a cold first send")
     args = parser.parse_args(argv)
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate": args.rate,
         "delay": args.delay,
         "seed": args.seed,
+        "rcvbuf": args.rcvbuf or None,
     }
     lossless = run(0.0, **options) if 0.0 not in losses else None
     print(
