@@ -131,6 +131,9 @@ _log = logging.getLogger(__name__)
 
 #: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
 _MIN_BUFFER_WINDOW = 8
+#: Datagrams sent to a peer before it first answers: the first data datagram (if small)
+#: and PINGs, each drawing its own CHALLENGE or ACK (see PeerSession._first_contact).
+FIRST_CONTACT_DATAGRAMS = 3
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
@@ -651,14 +654,13 @@ class PeerSession:
         first_contact = self._first_contact()
         send = sender.can_send()
         # Before first contact, one small datagram until the peer answers; a larger one
-        # is a PING instead.
+        # is a PING instead. The first time, PINGs go with it (see _first_contact).
+        first_send = send and first_contact and not sender.flight
+        first_send = first_send and self.last_probe == float("-inf")
         if (send and first_contact) and (
             sender.flight or sender.next_record_bytes() > self._first_budget()
         ):
             send = False
-            if not sender.flight and self.last_probe == float("-inf"):
-                self.ping_now = True  # ask first; on_timer repeats it if it is lost
-                self.last_probe = now
         if send:
             if first_contact:
                 budget = self._first_budget()
@@ -702,6 +704,12 @@ class PeerSession:
                 if complete:
                     receiver.ack_sent()
                 # else: the piggybacked state was partial; a full ACK follows below
+        if first_send:
+            self.last_probe = now  # on_timer repeats a PING if no answer comes
+            pings = FIRST_CONTACT_DATAGRAMS - send
+            out.extend(
+                self._control(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
+            )
         if receiver.wants_ack(now) or self.ping_now:
             kind = Kind.PING if self.ping_now else Kind.ACK
             out.append(self._control(kind, now, my_incarnation, ack_flag))
@@ -721,6 +729,12 @@ class PeerSession:
         larger first datagram is replaced by a PING, which draws the
         CHALLENGE (or, from a peer that keeps state for us, an ACK) in a
         round trip with nothing dropped.
+
+        With no RTT known, a lost first datagram waits ``initial_rto`` (1 s)
+        for its probe; the whole window it replaces was never all lost. So the
+        first time, PINGs go with it, ``FIRST_CONTACT_DATAGRAMS`` datagrams in
+        all: at 19% loss each way, no answer comes back 4% of the time instead
+        of 34%.
         """
         return not self.heard and self.cookie is None
 

@@ -41,9 +41,11 @@ Invariants:
   is acknowledged. The first wait is a tail loss probe, about two smoothed
   RTTs (see ``_probe_delay`` for its floor and how it avoids spurious probes).
   On expiry it
-  *probes*: the oldest packets in flight are retransmitted at once, even past
+  *probes*: the oldest packets in flight are retransmitted at once, each in a
+  datagram of its own, even past
   the congestion window, without shrinking it — a lost tail packet is the
-  usual cause and deserves no congestion response. Only
+  usual cause and deserves no congestion response. The RTO after a tail loss
+  probe is not doubled (RFC 8985 7.3); later ones are. Only
   ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
   (RFC 9002 section 7.6's persistent congestion).
 
@@ -208,7 +210,9 @@ class SendStream:
         "peer_edge",
         "peer_window",
         "probe_allowance",
+        "probe_base",
         "probe_floor",
+        "probe_pending",
         "probe_time",
         "probed",
         "probes",
@@ -261,6 +265,8 @@ class SendStream:
         self.probe_time = float("-inf")  # when the retransmission timer last probed
         self.probes = 0  # probe timeouts that fired (tail loss probes and RTOs)
         self.probed: set[int] = set()  # sequence numbers the last probe declared lost
+        self.probe_pending = 0  # of those, how many still leave, one per datagram
+        self.probe_base = 0  # 1 if the first probe of this series was a tail loss probe
         self.probe_floor = PROBE_FLOOR  # the least a tail loss probe waits; spurious ones raise it
         self.data_timed = False  # an ack of data timed the path (not only the CHALLENGE)
         self.reorder_threshold = K_PACKET_THRESHOLD
@@ -355,6 +361,11 @@ class SendStream:
         fragments = [first]
         packets = [pkt]
         used = pkt.size
+        if self.probe_pending and retransmission and pkt.seq in self.probed:
+            # A probe's packets go in datagrams of their own: bundled, one loss
+            # would take them all, and the probe would wait a backed-off RTO.
+            self.probe_pending -= 1
+            used = budget
         while True:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
@@ -676,7 +687,8 @@ class SendStream:
             floor = self.probe_floor if self.data_timed else max(self.probe_floor, rtt.min_rto)
             delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, floor))
         else:
-            delay = rtt.backed_off(self.backoff)
+            # A tail loss probe is not an RTO: the RTO after it is not doubled (RFC 8985 7.3).
+            delay = rtt.backed_off(self.backoff - self.probe_base)
         flight = self.flight.values()
         head = next(iter(flight), None)
         if head is not None:
@@ -693,11 +705,14 @@ class SendStream:
                 self.detect_losses(now)
             return
         if self.flight and now >= self._probe_deadline():
+            if self.backoff == 0:
+                self.probe_base = int(self.rtt.srtt is not None)  # this one is a TLP
             self.backoff += 1
             self.probes += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
             self.probed = {pkt.seq for pkt in oldest}
+            self.probe_pending = len(oldest)
             for pkt in oldest:
                 self._declare_lost(pkt)
             self.probe_allowance = len(oldest)

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import random
 
-from reliable import Config, Endpoint, events
-from reliable.sender import PROBE_FLOOR
+import pytest
 
-from .harness import A, B, Pair
+from reliable import Config, Endpoint, events
+from reliable.peer import FIRST_CONTACT_DATAGRAMS
+from reliable.sender import PROBE_FLOOR
+from reliable.wire import Kind
+
+from .harness import A, B, Pair, decode_all
 
 STEP = 0.0001
 
@@ -147,7 +151,8 @@ def _bytes_before_validation(p: Pair) -> int:
 def test_a_cold_big_send_validates_before_its_flight() -> None:
     """A fresh session's first flight was a whole congestion window (650 KB of loopback
     datagrams) that the peer dropped unread while it validated our address. Now a PING
-    goes first, the CHALLENGE answers it, and the flight follows with the cookie."""
+    goes first (three, in case one is lost), the CHALLENGE answers it, and the flight
+    follows with the cookie."""
     loopback = ("127.0.0.1", 2)
     a = Endpoint(rng=random.Random(1))
     b = Endpoint(rng=random.Random(2))
@@ -155,10 +160,11 @@ def test_a_cold_big_send_validates_before_its_flight() -> None:
     data = random.Random(3).randbytes(2_000_000)
     a.send(loopback, data, now=0.0)
     first = [d for d, _ in a.datagrams_to_send(0.0)]
-    assert sum(len(d) for d in first) < 100  # one PING, not 650 KB
+    kinds = [pkt.kind for pkt in decode_all(first)]
+    assert kinds == [Kind.PING] * FIRST_CONTACT_DATAGRAMS  # not 650 KB of DATA
     for d in first:
         b.receive_datagram(d, a_addr, 0.0)
-    assert b.dropped == {"unvalidated": 1}
+    assert b.dropped == {"unvalidated": FIRST_CONTACT_DATAGRAMS}
     now, moved = 0.0, True
     for _ in range(1000):
         if not moved:
@@ -171,7 +177,7 @@ def test_a_cold_big_send_validates_before_its_flight() -> None:
                 moved = True
     got = b.take(now=now)
     assert got is not None and got.data == data
-    assert b.dropped == {"unvalidated": 1}  # nothing after the PING was dropped
+    assert b.dropped == {"unvalidated": FIRST_CONTACT_DATAGRAMS}  # nothing after the PINGs
     assert a.stats().retransmissions == 0
 
 
@@ -182,19 +188,22 @@ def test_a_cold_small_send_still_goes_in_the_first_datagram() -> None:
     p.a.endpoint.send(B, b"hello", now=p.now)
     p.a.endpoint.send(B, b"world", now=p.now)
     first = p.outgoing(p.a)
-    assert len(first) == 1  # both messages, bundled
+    data = [pkt for pkt in decode_all(first) if pkt.kind == Kind.DATA]
+    assert len(data) == 1 and len(data[0].fragments) == 2  # both messages, bundled
+    assert len(first) == FIRST_CONTACT_DATAGRAMS  # and PINGs, in case it is lost
     p.deliver(p.b, first)
     assert p.b.received() == [b"hello", b"world"]
 
 
 def test_before_first_contact_only_one_small_datagram_is_sent() -> None:
     """With validation, what A sends before the CHALLENGE is bounded by one datagram of
-    max_datagram_size, whatever is queued (it was ten full datagrams)."""
+    max_datagram_size and two PINGs, whatever is queued (it was ten full datagrams)."""
     p = Pair()
     for _ in range(20):
         p.a.endpoint.send(B, bytes(1000), now=p.now)
     p.a.endpoint.send(B, bytes(100_000), now=p.now)
-    assert 0 < _bytes_before_validation(p) <= Config().max_datagram_size
+    pings = (FIRST_CONTACT_DATAGRAMS - 1) * 100
+    assert 0 < _bytes_before_validation(p) <= Config().max_datagram_size + pings
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 21
     assert p.a.endpoint.stats().retransmissions == 0
@@ -225,3 +234,44 @@ def test_the_send_window_slides_with_what_the_peer_holds_not_the_oldest_hole() -
     assert receiver.beyond_window == 0 and len(receiver.ooo) < 40
     p.settle()
     assert p.b.received() == [bytes([i]) * 1000 for i in range(60)]
+
+
+def test_after_a_tail_loss_probe_the_rto_is_not_doubled() -> None:
+    """The tail loss probe is not a timeout: the probe after it waits one RTO, not two
+    (RFC 8985 7.3); only later expiries double it. At 19% loss a lost probe used to
+    stall the stream for 2, 4 then 8 RTOs."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    p.a.endpoint.send(B, b"tail", now=p.now)
+    p.transfer(p.a, drop=lambda i, d: True)
+    times = []
+    for _ in range(3):
+        deadline = p.a.endpoint.get_timer()
+        assert deadline is not None
+        p.now = deadline
+        p.a.endpoint.handle_timer(p.now)
+        if p.outgoing(p.a):  # every probe lost too
+            times.append(p.now)
+    rto = sender.rtt.rto
+    assert sender.probes == 3
+    assert times[1] - times[0] == pytest.approx(rto)
+    assert times[2] - times[1] == pytest.approx(2 * rto)
+
+
+def test_a_probe_sends_its_packets_in_separate_datagrams() -> None:
+    """The two oldest packets a probe resends travelled in one datagram: bundled again,
+    one loss takes both and the probe is wasted. Each goes alone now."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    for i in range(4):
+        p.a.endpoint.send(B, bytes([i]) * 100, now=p.now)
+    first = p.outgoing(p.a)
+    assert len(first) == 1  # four small messages, one datagram: lost
+    sent, _ = _wait_for_output(p, 0.05)
+    assert sender.probes == 1 and len(sent) == 2
+    assert [len(decode_all([d])[0].fragments) for d in sent] == [1, 1]
+    p.deliver(p.b, sent)
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 4

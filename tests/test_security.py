@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from reliable import Config, Endpoint, errors, events, wire
 from reliable.control import StatsRequest
+from reliable.peer import FIRST_CONTACT_DATAGRAMS
 from reliable.security import (
     Authenticated,
     Encrypted,
@@ -281,12 +282,13 @@ def test_the_first_exchange_costs_one_round_trip_then_none() -> None:
     p.a.endpoint.send(B, b"first", now=p.now)
     p.settle()
     assert p.b.received() == [b"first"]
-    assert p.b.endpoint.challenges_sent == 1
+    # one CHALLENGE for each datagram of first contact (the DATA and its PINGs)
+    assert p.b.endpoint.challenges_sent == FIRST_CONTACT_DATAGRAMS
     # dropped unread once, then resent with the cookie: first contact, not a retransmission
     assert p.a.of(events.MessageDelivered)[0].transmissions == 1
     p.a.endpoint.send(B, b"second", now=p.now)
     p.settle()
-    assert p.b.endpoint.challenges_sent == 1
+    assert p.b.endpoint.challenges_sent == FIRST_CONTACT_DATAGRAMS
 
 
 @pytest.mark.timeout(120)
