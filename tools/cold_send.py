@@ -83,11 +83,16 @@ def measure(size: int, warm: bool, tree: str = TREE) -> float:
             receiver.kill()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the guides show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=16 * 1024 * 1024, help="bytes (16 MiB)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     cold: list[float] = []
     warm: list[float] = []
     for _ in range(max(1, min(args.rounds, 50))):

@@ -29,8 +29,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path and "RMSG_LOSS_SIM_TREE" not in os.environ:
@@ -46,8 +46,7 @@ B = ("127.0.0.1", 2)
 LOSSES = (0.0, 0.01, 0.05, 0.10)
 
 
-@dataclass(frozen=True, slots=True)
-class Run:
+class Run(NamedTuple):
     """One measurement: goodput and what recovery did to get it."""
 
     loss: float  #: per socket, as ``rmsg bench`` gives it
@@ -162,7 +161,8 @@ def cold_bytes(size: int, *, seed: int = 1) -> tuple[int, int, float]:
     return b.unread, a.stats().peers[0].packets_sent, net.now
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the docs test parses the commands the guides show with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="message bytes (1024)")
     parser.add_argument("--window", type=int, default=256, help="unconfirmed messages (256)")
@@ -175,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loss", type=float, action="append", help="per-socket loss (repeat)")
     parser.add_argument("--cold", type=int, metavar="BYTES", help="measure a cold first send")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cold:
         unread, sent, took = cold_bytes(args.cold, seed=args.seed)
         print(
