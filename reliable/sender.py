@@ -361,12 +361,11 @@ class SendStream:
         fragments = [first]
         packets = [pkt]
         used = pkt.size
-        if self.probe_pending and retransmission and pkt.seq in self.probed:
-            # A probe's packets go in datagrams of their own: bundled, one loss
-            # would take them all, and the probe would wait a backed-off RTO.
-            self.probe_pending -= 1
-            used = budget
-        while True:
+        # A probe's packets go in datagrams of their own: bundled, one loss would
+        # take them all, and the next probe would wait a backed-off RTO.
+        alone = bool(self.probe_pending) and retransmission and pkt.seq in self.probed
+        self.probe_pending -= alone
+        while not alone:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
                 break
