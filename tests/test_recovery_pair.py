@@ -272,7 +272,7 @@ def test_a_probe_sends_its_packets_in_separate_datagrams() -> None:
     sent, _ = _wait_for_output(p, 0.05)
     assert sender.probes == 1 and len(sent) == 2
     assert [len(decode_all([d])[0].fragments) for d in sent] == [1, 1]
-    assert all(pkt.datagram_size < 300 for pkt in sender.flight.values())  # sized as sent
+    assert all(sender.unacked[seq].datagram_size < 300 for seq in sender.probed)  # as sent
     p.deliver(p.b, sent)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 4
