@@ -90,7 +90,9 @@ class Config:
 
     min_rto: float = 0.01
     """Floor of the retransmission (probe) timeout. Low, because an expiry only
-    probes with one or two packets; the window shrinks on persistent silence."""
+    probes with one or two packets; the window shrinks on persistent silence.
+    The first probe, a tail loss probe at two smoothed RTTs, may fire sooner
+    once an acknowledgement of data has timed the path (docs/protocol.md)."""
 
     max_rto: float = 10.0
     """Ceiling of the retransmission timeout, exponential backoff included."""

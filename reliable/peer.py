@@ -25,6 +25,10 @@ sends to such a peer are pending, neither silence nor the OS's refusals make
 it unreachable: the session keeps probing, and each message fails only by
 its own deadline. Without it, ``peer_timeout`` applies as to any peer. Once
 the peer has been heard from, it is held to ``peer_timeout`` either way.
+Until then the peer may keep no state for us and drop what we send unread
+(address validation), so at most one ``max_datagram_size`` datagram goes
+out, or a PING when the first fragment is larger: the CHALLENGE (or ACK)
+that answers it comes before the big flight, not after it was wasted.
 
 Expiry: a session is not kept just because its peer once spoke. An idle
 session (not waiting) that hears nothing for ``idle_timeout`` is
@@ -127,6 +131,9 @@ _log = logging.getLogger(__name__)
 
 #: Fewest fragments a socket-buffer-bounded window allows (a tiny buffer must not stall).
 _MIN_BUFFER_WINDOW = 8
+#: Datagrams sent to a peer before it first answers: the first data datagram (if small)
+#: and PINGs, each drawing its own CHALLENGE or ACK (see PeerSession._first_contact).
+FIRST_CONTACT_DATAGRAMS = 3
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
@@ -337,7 +344,7 @@ class PeerSession:
         sizes: beyond that the kernel drops datagrams before we see them.
         """
         room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
-        window = max(0, min(self.config.max_window, room))
+        window = max(0, min(self.config.max_window - self.receiver.held_span(), room))
         if self.socket_buffer and self.record_average:
             fits = int(self.socket_buffer / 2 / self.record_average)
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))
@@ -644,8 +651,21 @@ class PeerSession:
                 )
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
-        if sender.can_send():
-            budget = data_budget(self.current_datagram_size())
+        first_contact = self._first_contact()
+        send = sender.can_send()
+        # Before first contact, one small datagram until the peer answers; a larger one
+        # is a PING instead. The first time, PINGs go with it (see _first_contact).
+        first_send = send and first_contact and not sender.flight
+        first_send = first_send and self.last_probe == float("-inf")
+        if (send and first_contact) and (
+            sender.flight or sender.next_record_bytes() > self._first_budget()
+        ):
+            send = False
+        if send:
+            if first_contact:
+                budget = self._first_budget()
+            else:
+                budget = data_budget(self.current_datagram_size())
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:
@@ -673,7 +693,7 @@ class PeerSession:
                         )
                     )
                 )
-                if not more:
+                if not more or first_contact:
                     break
             if out:
                 self.ping_now = False
@@ -684,12 +704,43 @@ class PeerSession:
                 if complete:
                     receiver.ack_sent()
                 # else: the piggybacked state was partial; a full ACK follows below
+        if first_send:
+            self.last_probe = now  # on_timer repeats a PING if no answer comes
+            pings = FIRST_CONTACT_DATAGRAMS - send
+            out.extend(
+                self._control(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
+            )
         if receiver.wants_ack(now) or self.ping_now:
             kind = Kind.PING if self.ping_now else Kind.ACK
             out.append(self._control(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()
             self.ping_now = False
         return out
+
+    def _first_contact(self) -> bool:
+        """Whether the peer may keep no state for us yet: never heard from, no cookie.
+
+        A peer that validates addresses drops everything from an unknown
+        address unread and answers with a CHALLENGE, so a first flight of a
+        whole congestion window (650 KB of 64 KiB loopback datagrams) would be
+        sent only to be dropped, and sent again. Until the peer answers, at
+        most one datagram of ``max_datagram_size`` goes out: a small message
+        still costs no round trip with a peer that needs no validation, and a
+        larger first datagram is replaced by a PING, which draws the
+        CHALLENGE (or, from a peer that keeps state for us, an ACK) in a
+        round trip with nothing dropped.
+
+        With no RTT known, a lost first datagram waits ``initial_rto`` (1 s)
+        for its probe; the whole window it replaces was never all lost. So the
+        first time, PINGs go with it, ``FIRST_CONTACT_DATAGRAMS`` datagrams in
+        all: at 19% loss each way, no answer comes back 4% of the time instead
+        of 34%.
+        """
+        return not self.heard and self.cookie is None
+
+    def _first_budget(self) -> int:
+        """Record bytes the one datagram sent before first contact may carry."""
+        return data_budget(self.config.max_datagram_size)
 
     def farewell(self, now: float, my_incarnation: int) -> bytes:
         """The CLOSE for this peer, carrying our final acknowledgement state.

@@ -7,8 +7,11 @@ delivered, refused or skipped, so a packet below it is a duplicate and costs
 nothing to remember (dedupe with bounded memory). Packets in
 ``[expected, expected + max_window)`` wait in ``ooo`` until the gap before
 them fills; anything further out is dropped, so the reorder buffer holds at
-most ``max_window`` datagrams. In-order packets feed reassembly, which holds
-at most one partial message of at most ``max_message_size`` bytes.
+most ``max_window`` datagrams. Together, all peers' reorder buffers leave one
+``max_message_size`` of the node's receive memory free, so the message a
+stream waits for can always reserve its length (see ``_over_budget``).
+In-order packets feed reassembly, which holds at most one partial message of
+at most ``max_message_size`` bytes.
 
 The first packet of a new peer incarnation sets ``expected`` to the *base* it
 carries (the sender's lowest outstanding sequence number), so a session may
@@ -418,11 +421,21 @@ class ReceiveStream:
             )
         if self.budget.used + need > self.budget.limit:
             return True
+        if seq != self.expected and self.budget.used + need > self._ooo_limit():
+            # What waits out of order leaves room for one message's reservation, or
+            # every peer's reorder buffer could fill the node while each waits for a
+            # start fragment with no room to reserve: a deadlock (three senders did).
+            return True
         # The share bounds what waits out of order. The fragment the stream is
         # waiting for is exempt: refusing it because later fragments fill the
         # share would leave them waiting for it forever (they were selectively
         # acknowledged, so the sender will not send them again).
         return seq != self.expected and self.held + need > self.share
+
+    def _ooo_limit(self) -> int:
+        """Bytes of the node's receive memory out-of-order fragments may fill: all of it
+        but one largest message, kept for the reservation of a message that is next."""
+        return self.budget.limit - self.max_message_size
 
     def resume(self, expected: int, last_msg_id: int | None) -> None:
         """Continue where a dropped session of the same peer incarnation stopped.
@@ -566,6 +579,13 @@ class ReceiveStream:
             sacks=tuple((s, e) for s, e in self.ranges[:max_sacks]),
             notices=tuple((m, int(n.reason)) for m, n in notices),
         )
+
+    def held_span(self) -> int:
+        """Sequence numbers from ``expected`` to one past the highest fragment held out of
+        order (0 if none): how much of ``max_window`` the reorder buffer spans."""
+        if not self.ranges or self.expected is None:
+            return 0
+        return self.ranges[-1][1] - self.expected
 
     def ack_sent(self) -> None:
         """An outgoing packet carried the current acknowledgement state."""

@@ -38,10 +38,14 @@ Invariants:
 * The retransmission timer (RFC 6298's RTO, used as RFC 9002's probe
   timeout) runs from the last transmission or the last acknowledgement of
   anything, whichever is later, and backs off exponentially while nothing
-  is acknowledged. On expiry it
-  *probes*: the oldest packets in flight are retransmitted at once, even past
+  is acknowledged. The first wait is a tail loss probe, about two smoothed
+  RTTs (see ``_probe_delay`` for its floor and how it avoids spurious probes).
+  On expiry it
+  *probes*: the oldest packets in flight are retransmitted at once, each in a
+  datagram of its own, even past
   the congestion window, without shrinking it — a lost tail packet is the
-  usual cause and deserves no congestion response. Only
+  usual cause and deserves no congestion response. The RTO after a tail loss
+  probe is not doubled (RFC 8985 7.3); later ones are. Only
   ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
   (RFC 9002 section 7.6's persistent congestion).
 
@@ -73,7 +77,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
+from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .rtt import RttEstimator
 from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
@@ -87,6 +91,10 @@ _MAX_TIME_THRESHOLD = 4.0
 PROBE_PACKETS = 2
 #: Consecutive probe timeouts that mean the path is congested or gone.
 PERSISTENT_CONGESTION_PROBES = 3
+#: The least a tail loss probe waits at first (seconds): two timer granularities, as
+#: Linux adds two jiffies to its 2 x SRTT. Each probe proven spurious doubles it, up to
+#: ``Config.min_rto``.
+PROBE_FLOOR = 2 * K_GRANULARITY
 
 
 @dataclass(slots=True, eq=False)
@@ -184,6 +192,7 @@ class SendStream:
         "control",
         "cum_ack",
         "cwnd_limited",
+        "data_timed",
         "datagrams_sent",
         "dropped_ahead",
         "flight",
@@ -198,9 +207,15 @@ class SendStream:
         "next_msg_id",
         "next_seq",
         "packets_sent",
+        "peer_edge",
         "peer_window",
         "probe_allowance",
+        "probe_base",
+        "probe_floor",
+        "probe_pending",
         "probe_time",
+        "probed",
+        "probes",
         "queue",
         "reorder_threshold",
         "retransmissions",
@@ -226,6 +241,7 @@ class SendStream:
         self.next_msg_id = first_msg_id
         self.initial_peer_window = config.initial_peer_window
         self.peer_window = config.initial_peer_window
+        self.peer_edge = initial_seq  # one past the highest sequence number the peer holds
         self.queue: deque[OutgoingMessage] = deque()
         self.control: deque[OutgoingMessage] = deque()
         self.unacked: dict[int, SentPacket] = {}
@@ -247,6 +263,12 @@ class SendStream:
         self.cwnd_limited = False
         self.probe_allowance = 0
         self.probe_time = float("-inf")  # when the retransmission timer last probed
+        self.probes = 0  # probe timeouts that fired (tail loss probes and RTOs)
+        self.probed: set[int] = set()  # sequence numbers the last probe declared lost
+        self.probe_pending = 0  # of those, how many still leave, one per datagram
+        self.probe_base = 0  # 1 if the first probe of this series was a tail loss probe
+        self.probe_floor = PROBE_FLOOR  # the least a tail loss probe waits; spurious ones raise it
+        self.data_timed = False  # an ack of data timed the path (not only the CHALLENGE)
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
@@ -271,6 +293,16 @@ class SendStream:
         if self._has_lost():
             return True
         return self._next_message() is not None or self._base_untold() is not None
+
+    def next_record_bytes(self) -> int:
+        """Bytes of the record the next datagram starts with (0: nothing to send)."""
+        if self._has_lost():
+            return self.unacked[self.lost[0]].size
+        msg = self._next_message()
+        if msg is not None:
+            return msg.record_bytes(msg.next_index)
+        held = self._base_untold()
+        return 0 if held is None else held.record_bytes(held.next_index - 1)
 
     def _base_untold(self) -> OutgoingMessage | None:
         """A message the receiver holds but cannot deliver, and nothing to tell it why.
@@ -298,7 +330,7 @@ class SendStream:
             msg = queue[0]
         else:
             return None
-        return msg if self.next_seq < self.cum_ack + self.peer_window else None
+        return msg if self.next_seq < self.peer_edge + self.peer_window else None
 
     def deadline(self) -> float | None:
         """When :meth:`on_timer` must run: time-threshold loss or retransmission timeout."""
@@ -329,7 +361,11 @@ class SendStream:
         fragments = [first]
         packets = [pkt]
         used = pkt.size
-        while True:
+        # A probe's packets go in datagrams of their own: bundled, one loss would
+        # take them all, and the next probe would wait a backed-off RTO.
+        alone = bool(self.probe_pending) and retransmission and pkt.seq in self.probed
+        self.probe_pending -= alone
+        while not alone:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
                 break
@@ -469,6 +505,7 @@ class SendStream:
             return outcome  # an older acknowledgement, overtaken in the network
         self.cum_ack = cum
         self.peer_window = window
+        edge = cum
         newest: SentPacket | None = None
         acked = acked_bytes = 0
         unacked = self.unacked
@@ -483,6 +520,7 @@ class SendStream:
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
             end = min(unwrap(end_w, cum), self.next_seq)
+            edge = max(edge, end)
             if end - start <= len(unacked):
                 seqs: list[int] | range = range(start, end)
             else:
@@ -493,6 +531,7 @@ class SendStream:
                     acked += 1
                     acked_bytes += sacked.size
                     newest = self._forget(sacked, newest, now)
+        self.peer_edge = edge
         outcome.newly_acked = acked
         if newest is not None:
             # Karn: never time an ambiguous ack. Nor one that may answer a probe sent
@@ -500,6 +539,7 @@ class SendStream:
             # measure the probe timeout (seconds, at startup), not the path.
             if not newest.retransmitted and newest.sent_time > self.probe_time:
                 self.rtt.on_sample(now - newest.sent_time, ack_delay, newest.datagram_size)
+                self.data_timed = True
             self.backoff = 0
             self.dropped_ahead = 0
             self.last_ack_time = now
@@ -523,25 +563,31 @@ class SendStream:
     def _forget(self, pkt: SentPacket, newest: SentPacket | None, now: float) -> SentPacket | None:
         if pkt.lost:
             # Declared lost, yet acknowledged before any retransmission went out.
-            self._spurious_loss()
+            self._spurious_loss(pkt)
         else:
             self._leave_flight(pkt)
             if pkt.retransmitted and now - pkt.sent_time < self.rtt.min_rtt / 2:
                 # Acknowledged sooner after the retransmission than any round trip
                 # takes: the ack was for the original, which was only reordered.
-                self._spurious_loss()
+                self._spurious_loss(pkt)
         if newest is None or pkt.tx > newest.tx:
             return pkt
         return newest
 
-    def _spurious_loss(self) -> None:
+    def _spurious_loss(self, pkt: SentPacket) -> None:
         """The network reordered more than we allowed for: allow more, within bounds.
 
         Both thresholds widen (RFC 9002 section 6.1.1 permits it; RFC 8985 adapts
         its reordering window the same way). Jitter comparable to the RTT would
         otherwise make every burst look lossy and halve the window for nothing.
+        A probe proved spurious (the peer was only slow to answer) doubles the
+        probe floor instead, up to ``min_rto``.
         """
         self.spurious += 1
+        if pkt.seq in self.probed:
+            self.probed.clear()
+            self.probe_floor = min(2 * self.probe_floor, self.rtt.min_rto)
+            return
         self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
         self.time_threshold = min(self.time_threshold * 1.25, _MAX_TIME_THRESHOLD)
 
@@ -616,12 +662,17 @@ class SendStream:
         The first probe is a tail loss probe (RFC 8985): two smoothed RTTs,
         not the RTO, whose four RTT variances make it several times longer
         on a jittery path. The tail of every burst asks for an immediate
-        ack, so no delayed-ack allowance is needed. It waits at least
-        ``min_rto`` (as Linux floors its probe at 10 ms): on loopback two
-        RTTs can be a fraction of a millisecond, less than a busy receiver
-        takes to answer, and the probe would be spurious. Nor less than the
+        ack, so no delayed-ack allowance is needed. Nor less than the
         latest RTT: the smoothed one lags a queue that is growing. Later
         probes back off from the RTO.
+
+        Its floor is ``probe_floor`` (``PROBE_FLOOR``, 2 ms, as Linux adds
+        two jiffies) once an acknowledgement of data has timed the path, and
+        ``min_rto`` (10 ms) before: a path timed only by the CHALLENGE (a
+        stateless answer, microseconds on loopback) says nothing of how long
+        the peer takes to handle data, and a busy AEAD receiver once drew a
+        spurious probe there. A probe the original's acknowledgement proves
+        spurious doubles ``probe_floor``, up to ``min_rto``.
 
         Whatever the backoff, it is never shorter than the next datagram
         (the flight's head, behind anything the peer dropped unread) may
@@ -632,9 +683,11 @@ class SendStream:
         """
         rtt = self.rtt
         if self.backoff == 0 and rtt.srtt is not None:
-            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, rtt.min_rto))
+            floor = self.probe_floor if self.data_timed else max(self.probe_floor, rtt.min_rto)
+            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, floor))
         else:
-            delay = rtt.backed_off(self.backoff)
+            # A tail loss probe is not an RTO: the RTO after it is not doubled (RFC 8985 7.3).
+            delay = rtt.backed_off(self.backoff - self.probe_base)
         flight = self.flight.values()
         head = next(iter(flight), None)
         if head is not None:
@@ -651,9 +704,14 @@ class SendStream:
                 self.detect_losses(now)
             return
         if self.flight and now >= self._probe_deadline():
+            if self.backoff == 0:
+                self.probe_base = int(self.rtt.srtt is not None)  # this one is a TLP
             self.backoff += 1
+            self.probes += 1
             self.probe_time = now
             oldest = list(itertools.islice(self.flight.values(), PROBE_PACKETS))
+            self.probed = {pkt.seq for pkt in oldest}
+            self.probe_pending = len(oldest)
             for pkt in oldest:
                 self._declare_lost(pkt)
             self.probe_allowance = len(oldest)
@@ -702,7 +760,7 @@ class SendStream:
         self.dropped_ahead = 0
         self.in_flight_bytes = 0
         self.lost.clear()
-        self.cum_ack = self.next_seq
+        self.cum_ack = self.peer_edge = self.next_seq
         self.peer_window = self.initial_peer_window
         self.loss_time = None
         self.backoff = 0

@@ -52,7 +52,12 @@ def test_a_live_peer_gets_through_after_any_number_of_dead_partial_senders() -> 
     got = [e for e in _events(receiver) if isinstance(e, events.MessageReceived)]
     assert [len(e.data) for e in got] == [300_000]
     stats = receiver.stats()
-    assert stats.sessions_dropped == {"unreachable": len(dead)}
+    # Those holding memory are dropped as unreachable; the rest held nothing (reorder
+    # buffers leave one message's room free for the reservation a stream waits for,
+    # so some dead senders' fragments were shed) and expire idle.
+    assert stats.sessions_dropped.get("unreachable", 0) >= 2
+    assert sum(stats.sessions_dropped.values()) == len(dead)
+    assert set(stats.sessions_dropped) <= {"unreachable", "idle"}
     assert {p.address for p in stats.peers} <= {A}
     assert stats.receive_bytes == 0
 
