@@ -112,8 +112,11 @@ def measure(window: float, proxied: bool, pinned: bool) -> tuple[float, float | 
         ]
         if pinned:
             command = ["taskset", "-c", "1", *command]
-        proxy = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        time.sleep(0.8)  # let it bind
+        proxy = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proxy.stderr is not None
+        for line in proxy.stderr:  # "netem: LISTEN -> FORWARD ..." once its socket is bound
+            if line.startswith(f"netem: 127.0.0.1:{target} -> "):
+                break
     sender = mp.Process(target=_sender, args=(target, window + 0.5, endpoints_cpu))
     sender.start()
     rate = float(parent.recv())
