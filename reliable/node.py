@@ -561,8 +561,10 @@ class Node:
                 if not held:
                     self._held_since = now
                 self._held = held + 1
-                if endpoint.has_events():
-                    self._drive(read=False, flush=False)  # e.g. a send that failed at once
+                if endpoint.has_events() or (self._polling and not held):
+                    # Events: e.g. a send that failed at once. Polling: another thread
+                    # sleeps in poll and must wake within NAP to flush what we hold.
+                    self._drive(read=False, flush=False)
             else:
                 self._drive()
         finally:
@@ -1140,20 +1142,20 @@ class Node:
         before = self._changes
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
-        if now - self._timer_checked >= TIMER_SLACK:
+        polled = self._polling and self._leader != me
+        if polled or now - self._timer_checked >= TIMER_SLACK:
             # The core's next timer costs a walk of its sessions: looked up at most every
             # TIMER_SLACK seconds here (and before every wait, in _lead), since what a
-            # drive adds is never due sooner than an ack delay.
+            # drive adds is never due sooner than an ack delay. Except while another
+            # thread sleeps in poll until the timer it looked up: what this drive sent
+            # armed a retransmission timer it does not know of, and if the datagram is
+            # lost nobody else will run it; look it up, so the check below wakes it.
             self._timer = endpoint.get_timer()
             self._timer_checked = now
         if self._changes != before and self._followers:
             self._changed.notify_all()
         # Another thread leads, asleep in poll: wake it if what we did concerns it.
-        if (
-            self._polling
-            and self._leader != me
-            and (self._changes != before or self._due_before(self._poll_until))
-        ):
+        if polled and (self._changes != before or self._due_before(self._poll_until)):
             self._wake()
 
     def _progress_since(self, rounds: int) -> Callable[[], bool]:
