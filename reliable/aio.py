@@ -42,6 +42,7 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    HOLD_MAX,
     Backlog,
     BatchOutcomes,
     DatagramSocket,
@@ -222,6 +223,7 @@ class AsyncNode:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
+        self._held = 0  # sends to a busy peer made since the last pump (at most HOLD_MAX)
         self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
         self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
         self._groups: GroupSockets | None = None
@@ -490,13 +492,16 @@ class AsyncNode:
         )
         future = AsyncSendHandle(self, ticket, peer if peer is not None else str(target))
         self._handles[ticket] = future
-        if not busy:
-            self._pump([])  # an idle peer: send at once
-        elif not self._pump_soon:
-            # To a busy peer, one pump per loop turn for every send made in it: a
-            # coroutine sending in a loop gets its messages packed into datagrams.
-            self._pump_soon = True
-            loop.call_soon(self._deferred_pump)
+        if not busy or self._held >= HOLD_MAX - 1:
+            self._pump([])  # an idle peer: send at once; a busy one: every HOLD_MAX sends
+        else:
+            # To a busy peer, one pump per loop turn (or per HOLD_MAX sends) for the sends
+            # made in it: a coroutine sending in a loop gets its messages packed into
+            # datagrams, yet a long burst still leaves as several (see HOLD_MAX).
+            self._held += 1
+            if not self._pump_soon:
+                self._pump_soon = True
+                loop.call_soon(self._deferred_pump)
         return future
 
     async def send_many(
@@ -869,6 +874,7 @@ class AsyncNode:
         assert self._loop is not None
         endpoint = self._endpoint
         now = self._loop.time()
+        self._held = 0
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
         timer = self._deadline

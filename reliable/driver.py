@@ -54,6 +54,7 @@ from .stats import MailboxStats, NodeStats
 __all__ = [
     "CLOSE_GRACE",
     "DISCOVERY_WAIT",
+    "HOLD_MAX",
     "Backlog",
     "BatchOutcomes",
     "DatagramSocket",
@@ -83,6 +84,11 @@ MAX_UDP_PAYLOAD = 65535
 CLOSE_GRACE = 1.0
 #: After opening a group to send to it, how long members get to answer its SOLICIT.
 DISCOVERY_WAIT = 0.2
+#: Sends to a busy peer an adapter holds back (to share datagrams) before it flushes
+#: them. Bounded, so that a burst leaves as several datagrams: one lost costs only its
+#: own messages, and the acks of the others carry the SACKs that repair it at once
+#: (one datagram with the whole burst left only the retransmission timer to notice).
+HOLD_MAX = 16
 
 
 class DatagramSocket(Protocol):

@@ -59,6 +59,7 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    HOLD_MAX,
     Backlog,
     BatchOutcomes,
     DatagramSocket,
@@ -95,8 +96,6 @@ IDLE_AFTER = 0.002
 #: Longest nap of the background thread while callers drive (seconds): how late a
 #: send held back to share a datagram, or a timer a busy caller left due, can run.
 NAP = 0.002
-#: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
-HOLD_MAX = 16
 #: Longest nap of the background thread while a caller leads (seconds); once the
 #: callers leave, it takes over within this plus IDLE_AFTER.
 BUSY_NAP = 0.01

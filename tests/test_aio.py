@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
+from netem import Impairment
+from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, NodeClosed, PeerUnreachable, ReceiveTimeout, UsageError
+from reliable.driver import HOLD_MAX, open_socket
 
 from .conftest import free_port
 
@@ -37,6 +40,27 @@ def test_pipelined_futures_and_order() -> None:
             assert got == msgs
             receipts = await asyncio.gather(*futures)
             assert [r.size for r in receipts] == [len(m) for m in msgs]
+
+    run(main())
+
+
+def test_a_burst_in_one_loop_turn_leaves_in_several_datagrams() -> None:
+    """Sends to a busy peer made in one loop turn share datagrams, but at most HOLD_MAX
+    of them: 256 small messages once left as one 64 KiB loopback datagram, so that
+    under loss the whole window hung on one datagram and its retransmission timer
+    (no later datagram's ack could report the gap), and a lost ack resent all 256."""
+
+    async def main() -> None:
+        sock = FaultySocket(open_socket("127.0.0.1:0"), Impairment())
+        async with AsyncNode(sock=sock) as a, AsyncNode() as b:
+            first = a.send_nowait(b.address, b"first")  # idle peer: leaves at once
+            before = sock.counters.seen
+            burst = [b"%03d" % i for i in range(256)]
+            handles = [a.send_nowait(b.address, m) for m in burst]  # one loop turn
+            assert sock.counters.seen - before >= len(burst) // HOLD_MAX - 1
+            await asyncio.gather(first, *handles)
+            got = [(await b.receive(timeout=5)).data for _ in range(len(burst) + 1)]
+            assert got == [b"first", *burst]
 
     run(main())
 
