@@ -42,6 +42,7 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    DRIVE_GAP,
     HOLD_MAX,
     Backlog,
     BatchOutcomes,
@@ -224,6 +225,7 @@ class AsyncNode:
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
         self._held = 0  # sends to a busy peer made since the last pump (at most HOLD_MAX)
+        self._read_at = 0.0  # when the socket was last read (loop time)
         self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
         self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
         self._groups: GroupSockets | None = None
@@ -493,7 +495,7 @@ class AsyncNode:
         future = AsyncSendHandle(self, ticket, peer if peer is not None else str(target))
         self._handles[ticket] = future
         if not busy or self._held >= HOLD_MAX - 1:
-            self._pump([])  # an idle peer: send at once; a busy one: every HOLD_MAX sends
+            self._drive()  # an idle peer: send at once; a busy one: every HOLD_MAX sends
         else:
             # To a busy peer, one pump per loop turn (or per HOLD_MAX sends) for the sends
             # made in it: a coroutine sending in a loop gets its messages packed into
@@ -796,9 +798,15 @@ class AsyncNode:
             mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
         )
         if message is not None:
-            # A parked message may have got in: its sender hears of it now. Durable: the
-            # pump commits the message's deletion before we hand it out.
-            self._pump([])
+            now = loop.time()
+            endpoint = self._endpoint
+            sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
+            if now - self._read_at >= DRIVE_GAP:
+                self._on_readable()  # see _drive
+            elif lock is not None or endpoint.has_output() or endpoint.has_events():
+                # A parked message may have got in: its sender hears now. A lock's
+                # expiry is a new timer.
+                self._pump([])
         return message, selector, receiver
 
     async def _receive(
@@ -858,11 +866,26 @@ class AsyncNode:
     # ------------------------------------------------------------------ I/O
 
     def _on_readable(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._loop is not None
+        self._read_at = self._loop.time()
         reports: list[Unreachable] = []
         batch = drain_socket(self._sock, reports=reports)
         self._take_reports(reports)
         self._pump(batch)
+
+    def _drive(self) -> None:
+        """Pump, reading the socket first unless it was read within ``DRIVE_GAP``.
+
+        A coroutine that sends or takes queued messages in a loop does not yield
+        to the event loop, so the reader callback does not run meanwhile: this
+        reads what arrived, so that acks are heard (and sent) promptly and no
+        peer's RTT estimate is stretched by how long the coroutine ran.
+        """
+        assert self._loop is not None
+        if self._loop.time() - self._read_at >= DRIVE_GAP:
+            self._on_readable()
+        else:
+            self._pump([])
 
     def _on_timer(self) -> None:
         self._timer = None

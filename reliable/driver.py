@@ -54,6 +54,7 @@ from .stats import MailboxStats, NodeStats
 __all__ = [
     "CLOSE_GRACE",
     "DISCOVERY_WAIT",
+    "DRIVE_GAP",
     "HOLD_MAX",
     "Backlog",
     "BatchOutcomes",
@@ -89,6 +90,10 @@ DISCOVERY_WAIT = 0.2
 #: own messages, and the acks of the others carry the SACKs that repair it at once
 #: (one datagram with the whole burst left only the retransmission timer to notice).
 HOLD_MAX = 16
+#: Seconds after a read of the socket in which a receive that found a message queued
+#: hands it out without reading again: one read serves a run of receives, and the
+#: acks of what arrives meanwhile wait at most this long for the application.
+DRIVE_GAP = 0.0005
 
 
 class DatagramSocket(Protocol):

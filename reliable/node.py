@@ -59,6 +59,7 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    DRIVE_GAP,
     HOLD_MAX,
     Backlog,
     BatchOutcomes,
@@ -99,8 +100,6 @@ NAP = 0.002
 #: Longest nap of the background thread while a caller leads (seconds); once the
 #: callers leave, it takes over within this plus IDLE_AFTER.
 BUSY_NAP = 0.01
-#: Seconds after a drive in which a receive takes queued messages without another.
-DRIVE_GAP = 0.0005
 #: How stale the node's copy of the core's next timer may get between waits (seconds).
 TIMER_SLACK = 0.001
 _DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)

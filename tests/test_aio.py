@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, NodeClosed, PeerUnreachable, ReceiveTimeout, UsageError
-from reliable.driver import HOLD_MAX, open_socket
+from reliable.driver import DRIVE_GAP, HOLD_MAX, open_socket
 
 from .conftest import free_port
 
@@ -61,6 +62,30 @@ def test_a_burst_in_one_loop_turn_leaves_in_several_datagrams() -> None:
             await asyncio.gather(first, *handles)
             got = [(await b.receive(timeout=5)).data for _ in range(len(burst) + 1)]
             assert got == [b"first", *burst]
+
+    run(main())
+
+
+def test_a_coroutine_that_never_yields_still_hears_its_peers() -> None:
+    """Taking queued messages (or sending) in a loop does not yield to the event loop,
+    so the socket's reader callback does not run meanwhile; the node reads the socket
+    itself every DRIVE_GAP, as a blocking Node's caller does. Before, what arrived
+    waited for the loop: its acks went out late and the sender's RTT estimate (and
+    so its retransmission timer) grew with how long the coroutine ran."""
+
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            await asyncio.gather(*(a.send_nowait(b.address, b"q%d" % i) for i in range(20)))
+            late = a.send_nowait(b.address, b"late")  # in b's socket now; b's loop is idle
+            got = []
+            for _ in range(21):  # no await: the loop never turns
+                time.sleep(DRIVE_GAP * 2)
+                message = b.receive_nowait()
+                if message is None:
+                    break
+                got.append(message.data)
+            assert got == [b"q%d" % i for i in range(20)] + [b"late"]
+            assert (await late).size == 4
 
     run(main())
 
