@@ -9,7 +9,13 @@ and uvloop).
 
 Every application call ends with a pump of the core, so the events a call
 caused are routed before the call returns: when the core says a waiting
-receive cannot be withdrawn, its future is already resolved.
+receive cannot be withdrawn, its future is already resolved. Two exceptions
+keep a coroutine that calls in a loop (without awaiting) cheap and its peers
+well served: sends to a busy peer are pumped once per loop turn or every
+``HOLD_MAX`` sends, whichever comes first, and a receive that finds a message
+queued pumps only if the core has something to say; both read the socket
+themselves unless it was read within ``DRIVE_GAP`` (the loop cannot run the
+reader callback while the coroutine runs).
 
 Cancellation follows asyncio's convention and the core's withdrawal rules:
 cancelling ``await node.send(...)`` (or the :class:`AsyncSendHandle` a
@@ -48,9 +54,12 @@ from .driver import (
     BatchOutcomes,
     DatagramSocket,
     Departures,
+    Destinations,
     MailboxHandle,
     Target,
     Unreachable,
+    batch_destination,
+    check_count,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -64,7 +73,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
@@ -227,7 +235,7 @@ class AsyncNode:
         self._held = 0  # sends to a busy peer made since the last pump (at most HOLD_MAX)
         self._read_at = 0.0  # when the socket was last read (loop time)
         self._handles: dict[int, AsyncSendHandle | AsyncBatchHandle] = {}
-        self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
+        self._destinations = Destinations()
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -460,26 +468,16 @@ class AsyncNode:
         assert self._sock is not None
         target: Target
         peer: Any = None
-        try:
-            known = self._destinations.get((dest, mailbox))
-        except TypeError:  # unhashable: not a destination; the checks below say so
-            known = None
+        known = self._destinations.get(dest, mailbox)
         if known is not None:
-            target = known  # a node's address parsed before; the core checks the message
-            peer = known[0]
+            target, peer = known  # a node's address parsed before; the core checks the message
         elif isinstance(dest, str) and is_group_url(dest):
             data = checked_message(data, msg_type, priority)  # before the group's discovery
             target = group_destination(dest, mailbox)
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False)
         else:
-            node, name = split_destination(dest, mailbox)
-            peer = resolve_destination(node, self._sock.family)
-            target = (peer, name)
-            if len(self._destinations) >= 1024:
-                self._destinations.clear()
-            with contextlib.suppress(TypeError):
-                self._destinations[(dest, mailbox)] = target
+            target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
         busy = peer is not None and self._endpoint.in_flight(peer)
         ticket = enqueue(
             self._endpoint,
@@ -525,13 +523,11 @@ class AsyncNode:
         ``SendTimeout`` (the handle of what was queued is its ``batch``).
         """
         check_timeout(timeout, "timeout", positive=True)
-        if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError("send_many sends to one node; send to a group with send()")
-        datas = [checked_message(d, msg_type, priority) for d in messages]
         loop = self._require_started()
         assert self._sock is not None
-        node, name = split_destination(dest, mailbox)
-        peer = resolve_destination(node, self._sock.family)
+        peer, name, datas = batch_destination(
+            dest, messages, msg_type, priority, mailbox, self._sock.family
+        )
         batch = AsyncBatchHandle(self, peer)
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -754,8 +750,7 @@ class AsyncNode:
         receiver: str | None,
         lock: float | None = None,
     ) -> list[Message]:
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:

@@ -31,7 +31,7 @@ import struct
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from .addressing import (
     Address,
     GroupAddress,
     ServiceAddress,
+    is_group_url,
     normalize,
     parse_group,
     parse_service,
@@ -60,8 +61,11 @@ __all__ = [
     "BatchOutcomes",
     "DatagramSocket",
     "Departures",
+    "Destinations",
     "EventSink",
     "MailboxHandle",
+    "batch_destination",
+    "check_count",
     "open_socket",
     "parse_stats",
     "receive_failure",
@@ -192,6 +196,70 @@ def _mailbox_name(named: str | None, mailbox: str | None) -> str:
     name = named if named is not None else (mailbox or "")
     check_mailbox_name(name)
     return name
+
+
+#: Parsed destinations an adapter remembers (a cache; cleared when full).
+_DESTINATIONS = 1024
+
+
+class Destinations:
+    """The parsed node destinations of an adapter's sends, remembered.
+
+    ``(dest, mailbox)`` as the application gave them -> ``((address, mailbox
+    name), address)``: a node's address is parsed (and resolved) once, not on
+    every send. Group and anycast URLs are not kept here (their targets are
+    opened per call).
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, str | None], tuple[tuple[Address, str], Address]] = {}
+
+    def get(self, dest: object, mailbox: str | None) -> tuple[tuple[Address, str], Address] | None:
+        """What ``dest`` was parsed to before, if it was."""
+        try:
+            return self._known.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; resolve() says why
+            return None
+
+    def resolve(
+        self, dest: str | tuple[Any, ...], mailbox: str | None, family: int
+    ) -> tuple[tuple[Address, str], Address]:
+        """Parse node destination ``dest`` (``host:port[/mailbox]``) for a socket of
+        ``family`` and remember it; raises the error that says what to change."""
+        node, name = split_destination(dest, mailbox)
+        address = resolve_destination(node, family)
+        known = self._known
+        if len(known) >= _DESTINATIONS:
+            known.clear()
+        parsed = ((address, name), address)
+        with contextlib.suppress(TypeError):
+            known[(dest, mailbox)] = parsed
+        return parsed
+
+
+def batch_destination(
+    dest: str | tuple[Any, ...],
+    messages: Iterable[bytes],
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    family: int,
+) -> tuple[Address, str, list[bytes]]:
+    """``send_many``'s arguments checked, every message before any is sent: the
+    node address, the mailbox name and the messages as bytes."""
+    if isinstance(dest, str) and is_group_url(dest):
+        raise errors.UsageError("send_many sends to one node; send to a group with send()")
+    datas = [checked_message(d, msg_type, priority) for d in messages]
+    node, name = split_destination(dest, mailbox)
+    return resolve_destination(node, family), name, datas
+
+
+def check_count(max_count: object) -> None:
+    """``receive_many``'s ``max_count``: a positive integer."""
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+        raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
 
 
 def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:

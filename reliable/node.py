@@ -35,7 +35,6 @@ flush itself, so a background thread held up in a callback cannot delay it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import select
@@ -65,9 +64,12 @@ from .driver import (
     BatchOutcomes,
     DatagramSocket,
     Departures,
+    Destinations,
     MailboxHandle,
     Target,
     Unreachable,
+    batch_destination,
+    check_count,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -81,7 +83,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
@@ -102,7 +103,6 @@ NAP = 0.002
 BUSY_NAP = 0.01
 #: How stale the node's copy of the core's next timer may get between waits (seconds).
 TIMER_SLACK = 0.001
-_DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -302,7 +302,7 @@ class Node:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
         self._family: int = self._sock.family
-        self._destinations: dict[tuple[Any, str | None], tuple[Target, Any]] = {}
+        self._destinations = Destinations()
         self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._endpoint.set_receive_buffer(receive_buffer(self._sock))
@@ -451,11 +451,9 @@ class Node:
         exception as ``batch``). Every message is checked before any is sent.
         """
         check_timeout(timeout, "timeout", positive=True)
-        if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError("send_many sends to one node; send to a group with send()")
-        datas = [checked_message(d, msg_type, priority) for d in messages]
-        node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._family)
+        label, name, datas = batch_destination(
+            dest, messages, msg_type, priority, mailbox, self._family
+        )
         batch = BatchHandle(self, label)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -475,10 +473,7 @@ class Node:
     ) -> tuple[Target, Any, bytes]:
         """Where ``dest`` is, and the label its handle shows. A node's address is parsed
         once and remembered; its message is checked by the core before it is queued."""
-        try:
-            known = self._destinations.get((dest, mailbox))
-        except TypeError:  # unhashable: not a destination; the checks below say so
-            known = None
+        known = self._destinations.get(dest, mailbox)
         if known is not None:
             return known[0], known[1], data
         target: Target
@@ -488,13 +483,8 @@ class Node:
             if isinstance(target, GroupAddress):
                 target = self._open_group(target, join=False, discover=True)
             return target, str(target), data
-        node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._family)
-        if len(self._destinations) >= _DESTINATIONS:
-            self._destinations.clear()
-        with contextlib.suppress(TypeError):
-            self._destinations[(dest, mailbox)] = ((label, name), label)
-        return (label, name), label, data
+        target, label = self._destinations.resolve(dest, mailbox, self._family)
+        return target, label, data
 
     def _submit(
         self,
@@ -706,8 +696,7 @@ class Node:
         then adds whatever else is waiting by then. An empty list means the
         timeout passed. Errors as :meth:`receive`, except the timeout.
         """
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         try:
             return self._receive(
                 mailbox,
@@ -1432,8 +1421,7 @@ class Mailbox(MailboxHandle):
     ) -> list[Message]:
         """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
         each message is taken under its own lock, as :meth:`receive` does."""
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         try:
             return self._node._receive(
                 self.name,
