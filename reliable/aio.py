@@ -787,14 +787,14 @@ class AsyncNode:
         peer = None if source is None else resolve_destination(source, self._sock.family)
         selector = Selector.of(peer, msg_type, except_type)
         if receiver is None:
-            task = asyncio.current_task()
+            task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
-        message = self._endpoint.take(
-            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
+        endpoint = self._endpoint
+        now = loop.time()
+        message = endpoint.take(
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
         )
         if message is not None:
-            now = loop.time()
-            endpoint = self._endpoint
             sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
             if now - self._read_at >= DRIVE_GAP:
                 self._on_readable()  # see _drive
