@@ -21,7 +21,8 @@ It behaves as a UDP socket for everything a client does — ``connect`` and
 ``getsockopt``, ``with`` — so ordinary client code runs unchanged.
 
 Links are driven under a lock, so the wrapper may be shared by threads
-(``reliable.Node`` sends from application threads and its I/O thread).
+(``reliable.Node`` sends from whichever application thread drives it, or from
+its background thread).
 
 Faults can change while it runs: :meth:`FaultySocket.set`, ``clear``,
 ``partition``, ``heal`` and the ``faults`` context manager act on the

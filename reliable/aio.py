@@ -9,7 +9,13 @@ and uvloop).
 
 Every application call ends with a pump of the core, so the events a call
 caused are routed before the call returns: when the core says a waiting
-receive cannot be withdrawn, its future is already resolved.
+receive cannot be withdrawn, its future is already resolved. Two exceptions
+keep a coroutine that calls in a loop (without awaiting) cheap and its peers
+well served: sends to a busy peer are pumped once per loop turn or every
+``HOLD_MAX`` sends, whichever comes first, and a receive that finds a message
+queued pumps only if the core has something to say; both read the socket
+themselves unless it was read within ``DRIVE_GAP`` (the loop cannot run the
+reader callback while the coroutine runs).
 
 Cancellation follows asyncio's convention and the core's withdrawal rules:
 cancelling ``await node.send(...)`` (or the :class:`AsyncSendHandle` a
@@ -42,13 +48,18 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    DRIVE_GAP,
+    HOLD_MAX,
     Backlog,
     BatchOutcomes,
     DatagramSocket,
     Departures,
+    Destinations,
     MailboxHandle,
     Target,
     Unreachable,
+    batch_destination,
+    check_count,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -64,7 +75,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
@@ -247,8 +257,10 @@ class AsyncNode:
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
+        self._held = 0  # sends to a busy peer made since the last pump (at most HOLD_MAX)
+        self._read_at = 0.0  # when the socket was last read (loop time)
         self._handles: dict[int, _AsyncPendingSend[Any] | AsyncBatchHandle] = {}
-        self._destinations: dict[tuple[Any, str | None], tuple[Address, str]] = {}
+        self._destinations = Destinations()
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
@@ -503,13 +515,9 @@ class AsyncNode:
         assert self._sock is not None
         target: Target
         peer: Any = None
-        try:
-            known = self._destinations.get((dest, mailbox))
-        except TypeError:  # unhashable: not a destination; the checks below say so
-            known = None
+        known = self._destinations.get(dest, mailbox)
         if known is not None:
-            target = known  # a node's address parsed before; the core checks the message
-            peer = known[0]
+            target, peer = known  # a node's address parsed before; the core checks the message
         elif isinstance(dest, GroupAddress):  # send_group: checked before discovery
             data = checked_message(data, msg_type, priority)
             target = self._open_group(dest, join=False)
@@ -517,13 +525,7 @@ class AsyncNode:
             data = checked_message(data, msg_type, priority)
             target = group_destination(dest, mailbox)
         else:
-            node, name = split_destination(dest, mailbox)
-            peer = resolve_destination(node, self._sock.family)
-            target = (peer, name)
-            if len(self._destinations) >= 1024:
-                self._destinations.clear()
-            with contextlib.suppress(TypeError):
-                self._destinations[(dest, mailbox)] = target
+            target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
         busy = peer is not None and self._endpoint.in_flight(peer)
         ticket = enqueue(
             self._endpoint,
@@ -539,13 +541,16 @@ class AsyncNode:
         future.ticket = ticket
         future.destination = peer if peer is not None else str(target)
         self._handles[ticket] = future
-        if not busy:
-            self._pump([])  # an idle peer: send at once
-        elif not self._pump_soon:
-            # To a busy peer, one pump per loop turn for every send made in it: a
-            # coroutine sending in a loop gets its messages packed into datagrams.
-            self._pump_soon = True
-            loop.call_soon(self._deferred_pump)
+        if not busy or self._held >= HOLD_MAX - 1:
+            self._drive()  # an idle peer: send at once; a busy one: every HOLD_MAX sends
+        else:
+            # To a busy peer, one pump per loop turn (or per HOLD_MAX sends) for the sends
+            # made in it: a coroutine sending in a loop gets its messages packed into
+            # datagrams, yet a long burst still leaves as several (see HOLD_MAX).
+            self._held += 1
+            if not self._pump_soon:
+                self._pump_soon = True
+                loop.call_soon(self._deferred_pump)
         return future
 
     async def send_many(
@@ -567,16 +572,11 @@ class AsyncNode:
         ``SendTimeout`` (the handle of what was queued is its ``batch``).
         """
         check_timeout(timeout, "timeout", positive=True)
-        if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError(
-                "send_many sends to one node; send to a group with send_group() "
-                "or to an anycast service with send()"
-            )
-        datas = [checked_message(d, msg_type, priority) for d in messages]
         loop = self._require_started()
         assert self._sock is not None
-        node, name = split_destination(dest, mailbox)
-        peer = resolve_destination(node, self._sock.family)
+        peer, name, datas = batch_destination(
+            dest, messages, msg_type, priority, mailbox, self._sock.family
+        )
         batch = AsyncBatchHandle(self, peer)
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -843,8 +843,7 @@ class AsyncNode:
         receiver: str | None,
         lock: float | None = None,
     ) -> list[Message]:
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:
@@ -881,15 +880,21 @@ class AsyncNode:
         peer = None if source is None else resolve_destination(source, self._sock.family)
         selector = Selector.of(peer, msg_type, except_type)
         if receiver is None:
-            task = asyncio.current_task()
+            task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
-        message = self._endpoint.take(
-            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
+        endpoint = self._endpoint
+        now = loop.time()
+        message = endpoint.take(
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
         )
         if message is not None:
-            # A parked message may have got in: its sender hears of it now. Durable: the
-            # pump commits the message's deletion before we hand it out.
-            self._pump([])
+            sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
+            if now - self._read_at >= DRIVE_GAP:
+                self._on_readable()  # see _drive
+            elif lock is not None or endpoint.has_output() or endpoint.has_events():
+                # A parked message may have got in: its sender hears now. A lock's
+                # expiry is a new timer.
+                self._pump([])
         return message, selector, receiver
 
     async def _receive(
@@ -949,11 +954,26 @@ class AsyncNode:
     # ------------------------------------------------------------------ I/O
 
     def _on_readable(self) -> None:
-        assert self._sock is not None
+        assert self._sock is not None and self._loop is not None
+        self._read_at = self._loop.time()
         reports: list[Unreachable] = []
         batch = drain_socket(self._sock, reports=reports)
         self._take_reports(reports)
         self._pump(batch)
+
+    def _drive(self) -> None:
+        """Pump, reading the socket first unless it was read within ``DRIVE_GAP``.
+
+        A coroutine that sends or takes queued messages in a loop does not yield
+        to the event loop, so the reader callback does not run meanwhile: this
+        reads what arrived, so that acks are heard (and sent) promptly and no
+        peer's RTT estimate is stretched by how long the coroutine ran.
+        """
+        assert self._loop is not None
+        if self._loop.time() - self._read_at >= DRIVE_GAP:
+            self._on_readable()
+        else:
+            self._pump([])
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -965,6 +985,7 @@ class AsyncNode:
         assert self._loop is not None
         endpoint = self._endpoint
         now = self._loop.time()
+        self._held = 0
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
         timer = self._deadline

@@ -31,7 +31,7 @@ import struct
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, Protocol
@@ -41,6 +41,7 @@ from .addressing import (
     Address,
     GroupAddress,
     ServiceAddress,
+    is_group_url,
     normalize,
     parse_group,
     parse_service,
@@ -54,12 +55,17 @@ from .stats import MailboxStats, NodeStats
 __all__ = [
     "CLOSE_GRACE",
     "DISCOVERY_WAIT",
+    "DRIVE_GAP",
+    "HOLD_MAX",
     "Backlog",
     "BatchOutcomes",
     "DatagramSocket",
     "Departures",
+    "Destinations",
     "EventSink",
     "MailboxHandle",
+    "batch_destination",
+    "check_count",
     "open_socket",
     "parse_stats",
     "receive_failure",
@@ -83,6 +89,15 @@ MAX_UDP_PAYLOAD = 65535
 CLOSE_GRACE = 1.0
 #: After opening a group to send to it, how long members get to answer its SOLICIT.
 DISCOVERY_WAIT = 0.2
+#: Sends to a busy peer an adapter holds back (to share datagrams) before it flushes
+#: them. Bounded, so that a burst leaves as several datagrams: one lost costs only its
+#: own messages, and the acks of the others carry the SACKs that repair it at once
+#: (one datagram with the whole burst left only the retransmission timer to notice).
+HOLD_MAX = 16
+#: Seconds after a read of the socket in which a receive that found a message queued
+#: hands it out without reading again: one read serves a run of receives, and the
+#: acks of what arrives meanwhile wait at most this long for the application.
+DRIVE_GAP = 0.0005
 
 
 class DatagramSocket(Protocol):
@@ -212,6 +227,73 @@ def group_target(group: str | GroupAddress, mailbox: str | None) -> GroupAddress
     target = group_destination(text, mailbox)
     assert isinstance(target, GroupAddress)
     return target
+
+
+#: Parsed destinations an adapter remembers (a cache; cleared when full).
+_DESTINATIONS = 1024
+
+
+class Destinations:
+    """The parsed node destinations of an adapter's sends, remembered.
+
+    ``(dest, mailbox)`` as the application gave them -> ``((address, mailbox
+    name), address)``: a node's address is parsed (and resolved) once, not on
+    every send. Group and anycast URLs are not kept here (their targets are
+    opened per call).
+    """
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, str | None], tuple[tuple[Address, str], Address]] = {}
+
+    def get(self, dest: object, mailbox: str | None) -> tuple[tuple[Address, str], Address] | None:
+        """What ``dest`` was parsed to before, if it was."""
+        try:
+            return self._known.get((dest, mailbox))
+        except TypeError:  # unhashable: not a destination; resolve() says why
+            return None
+
+    def resolve(
+        self, dest: str | tuple[Any, ...], mailbox: str | None, family: int
+    ) -> tuple[tuple[Address, str], Address]:
+        """Parse node destination ``dest`` (``host:port[/mailbox]``) for a socket of
+        ``family`` and remember it; raises the error that says what to change."""
+        node, name = split_destination(dest, mailbox)
+        address = resolve_destination(node, family)
+        known = self._known
+        if len(known) >= _DESTINATIONS:
+            known.clear()
+        parsed = ((address, name), address)
+        with contextlib.suppress(TypeError):
+            known[(dest, mailbox)] = parsed
+        return parsed
+
+
+def batch_destination(
+    dest: str | tuple[Any, ...],
+    messages: Iterable[bytes],
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    family: int,
+) -> tuple[Address, str, list[bytes]]:
+    """``send_many``'s arguments checked, every message before any is sent: the
+    node address, the mailbox name and the messages as bytes."""
+    if isinstance(dest, str) and is_group_url(dest):
+        raise errors.UsageError(
+            "send_many sends to one node; send to a group with send_group() "
+            "or to an anycast service with send()"
+        )
+    datas = [checked_message(d, msg_type, priority) for d in messages]
+    node, name = split_destination(dest, mailbox)
+    return resolve_destination(node, family), name, datas
+
+
+def check_count(max_count: object) -> None:
+    """``receive_many``'s ``max_count``: a positive integer."""
+    if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+        raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
 
 
 def group_destination(dest: str, mailbox: str | None) -> GroupAddress | ServiceAddress:

@@ -35,7 +35,6 @@ flush itself, so a background thread held up in a callback cannot delay it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import select
@@ -59,13 +58,18 @@ from .config import Config
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
+    DRIVE_GAP,
+    HOLD_MAX,
     Backlog,
     BatchOutcomes,
     DatagramSocket,
     Departures,
+    Destinations,
     MailboxHandle,
     Target,
     Unreachable,
+    batch_destination,
+    check_count,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -81,7 +85,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
@@ -97,16 +100,11 @@ IDLE_AFTER = 0.002
 #: Longest nap of the background thread while callers drive (seconds): how late a
 #: send held back to share a datagram, or a timer a busy caller left due, can run.
 NAP = 0.002
-#: Sends to a busy peer held back (to share datagrams) before a caller flushes them.
-HOLD_MAX = 16
 #: Longest nap of the background thread while a caller leads (seconds); once the
 #: callers leave, it takes over within this plus IDLE_AFTER.
 BUSY_NAP = 0.01
-#: Seconds after a drive in which a receive takes queued messages without another.
-DRIVE_GAP = 0.0005
 #: How stale the node's copy of the core's next timer may get between waits (seconds).
 TIMER_SLACK = 0.001
-_DESTINATIONS = 1024  # parsed destinations remembered (a cache; cleared when full)
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -335,7 +333,7 @@ class Node:
             sock.setblocking(False)
         self._address = normalize(self._sock.getsockname())
         self._family: int = self._sock.family
-        self._destinations: dict[tuple[Any, str | None], tuple[Target, Any]] = {}
+        self._destinations = Destinations()
         self._endpoint = Endpoint(config, rng=rng, security=security)
         self.config = self._endpoint.config
         self._endpoint.set_receive_buffer(receive_buffer(self._sock))
@@ -522,14 +520,9 @@ class Node:
         exception as ``batch``). Every message is checked before any is sent.
         """
         check_timeout(timeout, "timeout", positive=True)
-        if isinstance(dest, str) and is_group_url(dest):
-            raise errors.UsageError(
-                "send_many sends to one node; send to a group with send_group() "
-                "or to an anycast service with send()"
-            )
-        datas = [checked_message(d, msg_type, priority) for d in messages]
-        node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._family)
+        label, name, datas = batch_destination(
+            dest, messages, msg_type, priority, mailbox, self._family
+        )
         batch = BatchHandle(self, label)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -550,24 +543,16 @@ class Node:
     ) -> tuple[Target, Any, bytes]:
         """Where ``dest`` is, and the label its handle shows. A node's address is parsed
         once and remembered; its message is checked by the core before it is queued."""
-        try:
-            known = self._destinations.get((dest, mailbox))
-        except TypeError:  # unhashable: not a destination; the checks below say so
-            known = None
+        known = self._destinations.get(dest, mailbox)
         if known is not None:
             return known[0], known[1], data
         refuse_group(dest, method)
         if isinstance(dest, str) and is_group_url(dest):  # anycast://
             data = checked_message(data, msg_type, priority)
-            target = group_destination(dest, mailbox)
-            return target, str(target), data
-        node, name = split_destination(dest, mailbox)
-        label = resolve_destination(node, self._family)
-        if len(self._destinations) >= _DESTINATIONS:
-            self._destinations.clear()
-        with contextlib.suppress(TypeError):
-            self._destinations[(dest, mailbox)] = ((label, name), label)
-        return (label, name), label, data
+            service = group_destination(dest, mailbox)
+            return service, str(service), data
+        target, label = self._destinations.resolve(dest, mailbox, self._family)
+        return target, label, data
 
     def _group_target(
         self,
@@ -647,8 +632,10 @@ class Node:
                 if not held:
                     self._held_since = now
                 self._held = held + 1
-                if endpoint.has_events():
-                    self._drive(read=False, flush=False)  # e.g. a send that failed at once
+                if endpoint.has_events() or (self._polling and not held):
+                    # Events: e.g. a send that failed at once. Polling: another thread
+                    # sleeps in poll and must wake within NAP to flush what we hold.
+                    self._drive(read=False, flush=False)
             else:
                 self._drive()
         finally:
@@ -792,8 +779,7 @@ class Node:
         then adds whatever else is waiting by then. An empty list means the
         timeout passed. Errors as :meth:`receive`, except the timeout.
         """
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         try:
             return self._receive(
                 mailbox,
@@ -1226,20 +1212,20 @@ class Node:
         before = self._changes
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
-        if now - self._timer_checked >= TIMER_SLACK:
+        polled = self._polling and self._leader != me
+        if polled or now - self._timer_checked >= TIMER_SLACK:
             # The core's next timer costs a walk of its sessions: looked up at most every
             # TIMER_SLACK seconds here (and before every wait, in _lead), since what a
-            # drive adds is never due sooner than an ack delay.
+            # drive adds is never due sooner than an ack delay. Except while another
+            # thread sleeps in poll until the timer it looked up: what this drive sent
+            # armed a retransmission timer it does not know of, and if the datagram is
+            # lost nobody else will run it; look it up, so the check below wakes it.
             self._timer = endpoint.get_timer()
             self._timer_checked = now
         if self._changes != before and self._followers:
             self._changed.notify_all()
         # Another thread leads, asleep in poll: wake it if what we did concerns it.
-        if (
-            self._polling
-            and self._leader != me
-            and (self._changes != before or self._due_before(self._poll_until))
-        ):
+        if polled and (self._changes != before or self._due_before(self._poll_until)):
             self._wake()
 
     def _progress_since(self, rounds: int) -> Callable[[], bool]:
@@ -1518,8 +1504,7 @@ class Mailbox(MailboxHandle):
     ) -> list[Message]:
         """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
         each message is taken under its own lock, as :meth:`receive` does."""
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
+        check_count(max_count)
         try:
             return self._node._receive(
                 self.name,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from netem import Impairment
+from netem.socket import FaultySocket
 from reliable import AsyncNode, Config, NodeClosed, PeerUnreachable, ReceiveTimeout, UsageError
+from reliable.driver import DRIVE_GAP, HOLD_MAX, open_socket
 
 from .conftest import free_port
 
@@ -37,6 +41,52 @@ def test_pipelined_futures_and_order() -> None:
             assert got == msgs
             receipts = await asyncio.gather(*futures)
             assert [r.size for r in receipts] == [len(m) for m in msgs]
+
+    run(main())
+
+
+def test_a_burst_in_one_loop_turn_leaves_in_several_datagrams() -> None:
+    """Sends to a busy peer made in one loop turn share datagrams, but at most HOLD_MAX
+    of them: 256 small messages once left as one 64 KiB loopback datagram, so that
+    under loss the whole window hung on one datagram and its retransmission timer
+    (no later datagram's ack could report the gap), and a lost ack resent all 256."""
+
+    async def main() -> None:
+        sock = FaultySocket(open_socket("127.0.0.1:0"), Impairment())
+        async with AsyncNode(sock=sock) as a, AsyncNode() as b:
+            first = a.send_nowait(b.address, b"first")  # idle peer: leaves at once
+            await first  # the session is up: first contact no longer limits what leaves
+            before = sock.counters.seen
+            burst = [b"%03d" % i for i in range(256)]
+            handles = [a.send_nowait(b.address, m) for m in burst]  # one loop turn
+            assert sock.counters.seen - before >= len(burst) // HOLD_MAX - 1
+            await asyncio.gather(first, *handles)
+            got = [(await b.receive(timeout=5)).data for _ in range(len(burst) + 1)]
+            assert got == [b"first", *burst]
+
+    run(main())
+
+
+def test_a_coroutine_that_never_yields_still_hears_its_peers() -> None:
+    """Taking queued messages (or sending) in a loop does not yield to the event loop,
+    so the socket's reader callback does not run meanwhile; the node reads the socket
+    itself every DRIVE_GAP, as a blocking Node's caller does. Before, what arrived
+    waited for the loop: its acks went out late and the sender's RTT estimate (and
+    so its retransmission timer) grew with how long the coroutine ran."""
+
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            await asyncio.gather(*(a.send_nowait(b.address, b"q%d" % i) for i in range(20)))
+            late = a.send_nowait(b.address, b"late")  # in b's socket now; b's loop is idle
+            got = []
+            for _ in range(21):  # no await: the loop never turns
+                time.sleep(DRIVE_GAP * 2)
+                message = b.receive_nowait()
+                if message is None:
+                    break
+                got.append(message.data)
+            assert got == [b"q%d" % i for i in range(20)] + [b"late"]
+            assert (await late).size == 4
 
     run(main())
 

@@ -2,8 +2,9 @@
 
 Cancelling withdraws a message while it can be withdrawn (the receiver never
 gets it) and otherwise leaves its fate learnable; ``close()`` tells every
-peer (CLOSE) before the socket goes, even through a full socket or a stalled
-I/O thread, so a message whose send failed is never received afterwards.
+peer (CLOSE) before the socket goes, even through a full socket or a thread
+stalled while driving the node, so a message whose send failed is never
+received afterwards.
 """
 
 from __future__ import annotations
@@ -286,9 +287,10 @@ def test_close_gets_close_out_through_a_full_socket_asyncio() -> None:
     run(main())
 
 
-def test_close_tells_the_peer_even_when_the_io_thread_is_stalled() -> None:
-    """Under load the I/O thread may not run until after close() gave up waiting for
-    it (here: a done-callback holds it for 2.6 s, past close(1.0)'s 2 s wait)."""
+def test_close_tells_the_peer_even_when_the_background_thread_is_stalled() -> None:
+    """Under load the thread that drove the node last (here a's background thread)
+    may not run again until after close() gave up waiting for it (a done-callback
+    holds it for 2.6 s, past close(1.0)'s 2 s wait); close() drives the flush itself."""
     watcher = _Fates()
     with Node(on_event=watcher) as b:
         box = b.create_mailbox("box", 1)
@@ -297,8 +299,8 @@ def test_close_tells_the_peer_even_when_the_io_thread_is_stalled() -> None:
         handles = _park_three(box, lambda m: a.send_nowait(_dest(b.address, "box"), m))
         stall = a.send_nowait(_dest(b.address, "gate"), b"stall")
         _wait_until(lambda: gate.stats().parked == 1)
-        stall.add_done_callback(lambda _h: time.sleep(2.6))  # runs on a's I/O thread
-        gate.receive(timeout=5)  # a's I/O thread hears it and stalls in the callback
+        stall.add_done_callback(lambda _h: time.sleep(2.6))  # on a's background thread
+        gate.receive(timeout=5)  # a's background thread hears it, stalls in the callback
         time.sleep(0.05)
         a.close(1.0)
         for h in handles[1:]:

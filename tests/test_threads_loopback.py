@@ -20,6 +20,7 @@ import pytest
 from netem import Impairment
 from netem.socket import FaultySocket
 from reliable import Config, Node
+from reliable import node as node_module
 from reliable.driver import open_socket
 
 pytestmark = [pytest.mark.loopback]
@@ -102,3 +103,32 @@ def test_many_threads_send_and_receive_every_message_exactly_once() -> None:
             for s in range(SENDERS):
                 seq = [int(m.split(b":")[1]) for m in part if m.startswith(b"%d:" % s)]
                 assert seq == sorted(seq)
+
+
+def test_a_send_made_while_the_background_thread_polls_is_retransmitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send by a caller while another thread leads (asleep in poll) arms the core's
+    retransmission timer; the leader must learn of it, or a lost first datagram
+    waits for whatever timer the leader had (here the 30 s idle timeout).
+
+    The node looks its copy of the core's timer up at most every TIMER_SLACK
+    seconds; the race (a send within TIMER_SLACK of the leader's look-up) is made
+    certain by widening the slack. The application never calls the node while it
+    waits (``done()`` only reads the handle), so only the leader can retransmit.
+    """
+    monkeypatch.setattr(node_module, "TIMER_SLACK", 3600.0)
+    sock = FaultySocket(open_socket("127.0.0.1:0"), Impairment())
+    with Node() as b, Node(sock=sock) as a:
+        a.send(b.address, b"hello", timeout=5)  # the session is up; now idle
+        for attempt in range(3):
+            time.sleep(0.05)  # no calls: the background thread leads, polling
+            sock.partition("up")
+            handle = a.send_nowait(b.address, b"lost once %d" % attempt)
+            sock.heal("up")
+            deadline = time.monotonic() + 5.0
+            while not handle.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert handle.done(), "the lost datagram was never retransmitted"
+            assert handle.result(0).size == len(b"lost once 0")
+        assert sock.counters.dropped >= 3
