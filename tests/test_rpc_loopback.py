@@ -161,6 +161,64 @@ def test_cancelling_a_call_cancels_it_on_the_server(pair: Any) -> None:
     assert time.monotonic() - started < 2, "the handler saw the cancellation"
 
 
+def test_closing_the_server_answers_queued_calls_not_executed() -> None:
+    """A call still waiting for a worker when the server closes is answered UNAVAILABLE,
+    not executed (so its client may call again); the running one finishes."""
+    with Node() as server_node, Node() as client_node:
+        calc = Calc()
+        server = Server(server_node, calc, max_concurrency=1, max_queued=1)
+        with Client(client_node, timeout=10, retry_interval=0.5) as client:
+            running = client.invoke(_dest(server_node), "block")
+            _await(lambda: calc.runs == ["block"])
+            queued = client.invoke(_dest(server_node), "add", [1, 2])
+            _await(lambda: server.core.cached() == 2)
+            closer = threading.Thread(target=server.close)
+            closer.start()
+            with pytest.raises(RpcError) as refused:
+                queued.result(5)
+            assert refused.value.status is Status.UNAVAILABLE
+            assert refused.value.executed is False
+            calc.release.set()
+            assert running.result(5) == "released"
+            closer.join(5)
+            assert not closer.is_alive()
+            assert calc.runs == ["block"]
+
+
+def test_the_cancelled_call_ends_cancelled_though_its_handler_returned(pair: Any) -> None:
+    calc, _server, client, dest = pair
+    call = client.invoke(dest, "block")  # a handler that does not watch for cancellation
+    _await(lambda: "block" in calc.runs)
+    call.cancel()
+    time.sleep(0.2)  # the CANCEL reaches the server first
+    calc.release.set()
+    with pytest.raises(RpcError) as cancelled:
+        call.result(5)
+    assert cancelled.value.status is Status.CANCELLED and cancelled.value.executed is True
+
+
+def test_idle_adapters_do_not_poll() -> None:
+    """With nothing to do, neither the server's reader nor the client's background
+    thread wakes: they wait on the port up to the core's next timer, and it has none."""
+    waits: list[float | None] = []
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc())
+        client = Client(client_node)
+        assert client.call(_dest(server_node), "add", 1, 2) == 3
+        for port in (server._port, client._port):
+            receive = port.receive
+
+            def counted(timeout: float | None = None, _receive: Any = receive, **kw: Any) -> Any:
+                waits.append(timeout)
+                return _receive(timeout, **kw)
+
+            port.receive = counted  # type: ignore[method-assign]
+        time.sleep(0.6)
+        client.close()
+        server.close()
+    assert len(waits) <= 2, f"woke {len(waits)} times in 0.6 s with nothing to do: {waits}"
+
+
 def test_msgpack_codec() -> None:
     pytest.importorskip("msgpack")
     with (

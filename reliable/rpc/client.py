@@ -5,9 +5,22 @@ introspection from a class or Protocol.
 Both are thin adapters around :class:`~reliable.rpc.protocol.ClientCore`: a
 call is marshalled (failing before anything is sent, naming the argument),
 handed to the core, and its messages sent with ``send_nowait``; every send's
-fate goes back to the core, and a reader takes replies from the client's reply
+fate goes back to the core, and replies are taken from the client's reply
 port. The core decides each call's one outcome; the adapter turns it into the
 result or an :class:`~reliable.rpc.RpcError`.
+
+Theory of operation (blocking)
+------------------------------
+The thread that waits for a result reads the reply port itself, so a reply
+reaches its caller without a thread hand-off. One thread reads at a time:
+others wait on a condition and are woken when a call ends or the reading
+role is free (a reader that takes another call's reply finishes that call).
+A reader waits up to the core's next timer (a retry, a deadline), and, while
+one of the client's sends still awaits its fate (which arrives as a callback
+and cannot interrupt a receive), at most ``FATE_WAIT`` seconds. A background
+thread reads only while calls are pending that no thread waits for
+(:meth:`Client.invoke` without :meth:`Call.result`), and then hands the role
+to a caller within ``FATE_WAIT``.
 
 Destinations: ``"host:port"`` (the default service, mailbox ``rpc``),
 ``"host:port/service"`` (mailbox ``rpc.<service>``), or
@@ -27,12 +40,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import errors
 from ..addressing import resolve_address
 from ..node import Node, SendHandle
+from ._adapter import LoopTimer
 from .codec import Codec, get_codec, marshal_call
 from .protocol import CallDone, ClientCore, service_mailbox
 from .status import RemoteError, RpcError, Status
@@ -43,7 +56,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "Call", "Client"]
 
 T = TypeVar("T")
-_POLL = 0.1  # seconds: the longest the reader sleeps before looking at the core's timers
+#: Seconds: the longest a reader waits on the reply port while a send's fate is pending.
+FATE_WAIT = 0.02
 _reply_ports = itertools.count(1)
 _DEFAULT = object()
 
@@ -122,10 +136,6 @@ class _ClientBase:
             raise errors.UsageError(f"timeout must be more than 0 seconds, got {timeout}")
         return float(now + timeout)
 
-    def _wait(self, now: float) -> float:
-        timer = self.core.get_timer()
-        return _POLL if timer is None else max(0.0, min(_POLL, timer - now))
-
     def _drive(
         self,
         node: Any,
@@ -203,18 +213,20 @@ def _bind(
 class Call:
     """A call in progress (:meth:`Client.invoke`): ``result()``, ``cancel()``, ``done()``."""
 
+    __slots__ = ("_client", "_done", "counter", "method")
+
     def __init__(self, client: Client, counter: int, method: str) -> None:
         self._client = client
         self.counter = counter
         self.method = method
-        self._future: Future[CallDone] = Future()
+        self._done: CallDone | None = None
 
     @property
     def call_id(self) -> tuple[int, int]:
         return (self._client.core.incarnation, self.counter)
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._done is not None
 
     def result(self, timeout: float | None = None) -> Any:
         """The handler's return value, or raise the call's :class:`RpcError`.
@@ -222,15 +234,17 @@ class Call:
         ``timeout`` only bounds this wait (``TimeoutError``); the call's own
         deadline was set when it was made.
         """
-        return _outcome(self._future.result(timeout), self.method)
+        return _outcome(self.outcome(timeout), self.method)
 
     def outcome(self, timeout: float | None = None) -> CallDone:
         """The raw outcome: status, executed, body."""
-        return self._future.result(timeout)
+        done = self._done
+        return done if done is not None else self._client._wait_for(self, timeout)
 
     def cancel(self) -> None:
         """Cancel the call: withdrawn if it has not wholly left, else the server is asked
-        to stop it. :meth:`result` then says what happened (CANCELLED and whether it ran)."""
+        to stop it. :meth:`result` then raises CANCELLED, saying whether it ran; a
+        result that arrived before the cancel is kept."""
         self._client._cancel(self.counter)
 
 
@@ -255,9 +269,14 @@ class Client(_ClientBase):
         super().__init__(node.address, node.incarnation, codec, timeout, retry_interval)
         self.node = node
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # callers: a call ended, the role is free
+        self._idle = threading.Condition(self._lock)  # the background reader
         self._calls: dict[int, Call] = {}
         self._handles: dict[int, SendHandle] = {}
         self._fates: deque[tuple[int, SendHandle]] = deque()
+        self._reading = False  # a thread waits on the reply port
+        self._waiting = 0  # threads waiting for a result
+        self._asleep = 0  # of those, asleep on _changed
         self._port = node.create_mailbox(self.reply_mailbox, port=True)
         self._closed = False
         self._reader = threading.Thread(target=self._run, name="rpc-client", daemon=True)
@@ -270,7 +289,12 @@ class Client(_ClientBase):
         cannot be marshalled, :class:`RpcError` (:class:`RemoteError` if the
         handler raised) when the call does not return a result.
         """
-        return self.invoke(dest, method, args, kwargs).result()
+        with self._lock:
+            self._waiting += 1  # this thread will wait: the background reader stays out
+        try:
+            return self.invoke(dest, method, args, kwargs).result()
+        finally:
+            self._stop_waiting()
 
     def invoke(
         self,
@@ -303,6 +327,8 @@ class Client(_ClientBase):
             call = Call(self, counter, method)
             self._calls[counter] = call
             self._step(now)
+            if not self._waiting:
+                self._idle.notify()  # nobody waits for it (yet): the background thread reads
         return call
 
     def stub(
@@ -333,13 +359,15 @@ class Client(_ClientBase):
         """Stop the reader and delete the reply port; calls still waiting fail UNAVAILABLE."""
         if self._closed:
             return
-        self._closed = True
-        self._reader.join(2 * _POLL + 1.0)
-        self._abandon("the RPC client closed")
+        with self._lock:
+            self._closed = True
+            self._idle.notify_all()
         try:
-            self._port.delete()
+            self._port.delete()  # wakes a reader
         except errors.ReliableError:
             pass
+        self._reader.join(5.0)
+        self._abandon("the RPC client closed")
 
     def __enter__(self) -> Client:
         return self
@@ -355,21 +383,79 @@ class Client(_ClientBase):
             self.core.cancel(counter, now)
             self._step(now)
 
-    def _run(self) -> None:
-        while not self._closed:
+    def _wait_for(self, call: Call, timeout: float | None) -> CallDone:
+        """Wait for ``call``'s outcome, reading the reply port when nobody else does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self._lock
+        with lock:
+            self._waiting += 1
             try:
-                msg = self._port.receive(timeout=self._wait(time.monotonic()))
-            except errors.ReceiveTimeout:
-                msg = None
-            except (errors.NodeClosed, errors.MailboxDeleted):
-                self._closed = True
-                self._abandon("the node closed")
-                return
-            with self._lock:
+                while call._done is None:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise TimeoutError(f"no outcome for call {call.counter} in {timeout} s")
+                    if self._reading or self._closed:
+                        self._asleep += 1
+                        try:
+                            self._changed.wait(None if deadline is None else deadline - now)
+                        finally:
+                            self._asleep -= 1
+                        continue
+                    self._read(now, deadline)
+                return call._done
+            finally:
+                self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if not self._waiting and self._calls:
+                self._idle.notify()  # calls nobody waits for: the background thread reads
+
+    def _read(self, now: float, deadline: float | None) -> None:
+        """Lock held once, the reading role free: take it, wait on the reply port up to the
+        core's next timer (or ``deadline``, or ``FATE_WAIT`` while a fate is pending),
+        feed what came, give the role back."""
+        timer = self.core.get_timer()
+        times = [t for t in (timer, deadline) if t is not None]
+        if self._handles:
+            times.append(now + FATE_WAIT)
+        wait = max(0.0, min(times) - now) if times else None
+        self._reading = True
+        self._lock.release()
+        msg = None
+        gone = False
+        try:
+            msg = self._port.receive(timeout=wait)
+        except errors.ReceiveTimeout:
+            pass
+        except (errors.NodeClosed, errors.MailboxDeleted):
+            gone = True
+        finally:
+            self._lock.acquire()
+            self._reading = False
+        if gone:
+            why = "the RPC client closed" if self._closed else "the node closed"
+            self._closed = True
+            self._abandon(why)
+            return
+        now = time.monotonic()
+        if msg is not None:
+            self.core.receive(msg.data, msg.source, now)
+        self._step(now)
+        if self._asleep:
+            self._changed.notify_all()  # the role is free (and calls may have ended)
+
+    def _run(self) -> None:
+        """The background reader: reads only while calls are pending that no thread
+        waits for, handing over to a caller within ``FATE_WAIT``."""
+        with self._lock:
+            while not self._closed:
+                if self._waiting or self._reading or not self._calls:
+                    self._idle.wait()
+                    continue
                 now = time.monotonic()
-                if msg is not None:
-                    self.core.receive(msg.data, msg.source, now)
-                self._step(now)
+                self._read(now, now + FATE_WAIT)
 
     def _on_fate(self, key: int, handle: SendHandle) -> None:
         self._fates.append((key, handle))
@@ -377,6 +463,7 @@ class Client(_ClientBase):
             self._step(time.monotonic())
 
     def _step(self, now: float) -> None:
+        """Lock held: hand fates to the core, drive it, end the calls it finished."""
         core = self.core
         while self._fates:
             key, handle = self._fates.popleft()
@@ -387,16 +474,21 @@ class Client(_ClientBase):
             else:
                 core.send_failed(key, error, now)
         self._drive(self.node, self._handles, now, SendHandle.cancel, self._on_fate)
+        ended = False
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
-                call._future.set_result(done)
+                call._done = done
+                ended = True
+        if ended and self._asleep:
+            self._changed.notify_all()
 
     def _abandon(self, why: str) -> None:
         with self._lock:
             calls, self._calls = self._calls, {}
-        for call in calls.values():
-            call._future.set_result(_unavailable(call.counter, why))
+            for call in calls.values():
+                call._done = _unavailable(call.counter, why)
+            self._changed.notify_all()
 
 
 class AsyncClient(_ClientBase):
@@ -419,10 +511,13 @@ class AsyncClient(_ClientBase):
         self._futures: dict[int, asyncio.Future[CallDone]] = {}
         self._handles: dict[int, AsyncSendHandle] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._timer: LoopTimer | None = None
         self._closed = False
 
     async def start(self) -> AsyncClient:
         if self._reader is None:
+            loop = asyncio.get_running_loop()
+            self._timer = LoopTimer(loop, lambda: self._step(loop.time()))
             self._port = self.node.create_mailbox(self.reply_mailbox, port=True)
             self._reader = asyncio.create_task(self._run(), name="rpc-client")
         return self
@@ -439,6 +534,8 @@ class AsyncClient(_ClientBase):
         self._closed = True
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._abandon("the RPC client closed")
         try:
             self._port.delete()
@@ -512,16 +609,13 @@ class AsyncClient(_ClientBase):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self._closed:
+        while True:
             try:
-                msg = await self._port.receive(timeout=self._wait(loop.time()))
-            except errors.ReceiveTimeout:
-                msg = None
+                msg = await self._port.receive()  # the core's timers: self._timer
             except (errors.NodeClosed, errors.MailboxDeleted):
                 self._abandon("the node closed")
                 return
-            if msg is not None:
-                self.core.receive(msg.data, msg.source, loop.time())
+            self.core.receive(msg.data, msg.source, loop.time())
             self._step(loop.time())
 
     def _on_fate(self, key: int, handle: asyncio.Future[Any]) -> None:
@@ -542,6 +636,8 @@ class AsyncClient(_ClientBase):
             future = self._futures.pop(done.counter, None)
             if future is not None and not future.done():
                 future.set_result(done)
+        if self._timer is not None:
+            self._timer.arm(core.get_timer())
 
     def _abandon(self, why: str) -> None:
         futures, self._futures = self._futures, {}

@@ -382,6 +382,7 @@ class ServerCore:
         self._running = 0
         self._out: list[Outgoing] = []
         self._events: deque[CancelCall] = deque()
+        self.closing = False  #: :meth:`close` was called: no call starts any more
         self.stats = ServerStats()
 
     @property
@@ -428,6 +429,17 @@ class ServerCore:
                 None,
                 error_body("", "the server restarted while the call was on its way; "
                            "its previous life may have run it"),
+            )
+            return
+        if req.executable and self.closing:
+            self.stats.refused += 1
+            self._reply_to(
+                source,
+                req.reply_mailbox,
+                req.call_id,
+                Status.UNAVAILABLE,
+                False,
+                error_body("", "the server is closing; the call was not executed"),
             )
             return
         if not req.executable:
@@ -517,6 +529,23 @@ class ServerCore:
                 self._events.append(CancelCall(call_id=cancel.call_id, reason="cancelled"))
         else:
             self._out.append(Outgoing(source, cancel.reply_mailbox, entry.reply))
+
+    def close(self, now: float) -> None:
+        """The server stops taking calls: every queued call is answered UNAVAILABLE,
+        not executed (its client may call again elsewhere), and later executable
+        requests are refused the same way. Running calls finish as usual
+        (:meth:`finish`); retries are still answered from the cache."""
+        self.closing = True
+        while self._queue:
+            call_id = self._queue.popleft()
+            self._finish(
+                call_id,
+                self._entries[call_id],
+                Status.UNAVAILABLE,
+                False,
+                error_body("", "the server closed before the call started; it was not executed"),
+                now,
+            )
 
     def start_next(self, now: float) -> StartCall | None:
         """The next queued call to run, if a worker is free (``max_concurrency``)."""
@@ -938,11 +967,12 @@ class ClientCore:
         if (
             msg.executed is False
             and call.anycast
-            and msg.status is Status.RESOURCE_EXHAUSTED
+            and msg.status in (Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE)
             and len(call.members) > 1
             and call.cancelled_at is None
         ):
-            call.tried.append((call.target, "busy"))
+            busy = msg.status is Status.RESOURCE_EXHAUSTED
+            call.tried.append((call.target, "busy" if busy else "closing"))
             self._failover(call, now)
             return
         self._end(
@@ -1084,6 +1114,15 @@ class ClientCore:
         codec: str = "json",
         type_name: str = "",
     ) -> None:
+        if call.cancelled_at is not None and status is not Status.CANCELLED:
+            # The application cancelled it: whatever came back (the handler's result, an
+            # error, a failure of the transport), the outcome is CANCELLED, with what is
+            # known of whether it ran. A result that arrived before cancel() is kept.
+            said = "answered OK" if status is Status.OK else f"{status.name}: {details}"
+            details = f"cancelled; the server {said}" if executed is True else (
+                f"cancelled; {said}"
+            )
+            status, body, codec, type_name = Status.CANCELLED, b"", "json", ""
         del self._calls[call.counter]
         for key, kind in call.sends.items():
             self._keys.pop(key, None)

@@ -1,14 +1,28 @@
-"""Serving calls: :class:`Server` (a :class:`reliable.Node` and a worker pool) and
+"""Serving calls: :class:`Server` (a :class:`reliable.Node` and worker threads) and
 :class:`AsyncServer` (a :class:`reliable.AsyncNode` and tasks).
 
-Both are thin adapters around :class:`~reliable.rpc.protocol.ServerCore`: one
-dispatcher takes requests from the service's port (``rpc`` or
-``rpc.<service>``) in arrival order, feeds the core, starts the calls it
-admits, and sends the replies it produces. Handlers are plain functions or an
-object's public methods; arguments are bound to the handler's signature
-before it is entered (a mismatch is INVALID_ARGUMENT, not executed). Inside a
-handler, :func:`current_call` gives the call's deadline, time left and
-cancellation.
+Both are thin adapters around :class:`~reliable.rpc.protocol.ServerCore`: they
+take requests from the service's port (``rpc`` or ``rpc.<service>``) in
+arrival order, feed the core, run the calls it admits, and send the replies
+it produces. Handlers are plain functions or an object's public methods;
+arguments are bound to the handler's signature before it is entered (a
+mismatch is INVALID_ARGUMENT, not executed). Inside a handler,
+:func:`current_call` gives the call's deadline, time left and cancellation.
+
+Theory of operation (blocking)
+------------------------------
+No dispatcher hands requests to a pool: a worker that reads a request runs it
+itself and sends its reply, so a call costs no thread hand-off. One worker at
+a time *reads* (waits on the port, up to the core's next timer, then feeds the
+core, runs its due timers and routes cancellations); the others sleep on a
+condition. A reader that gets a call to run gives the reading role to an idle
+worker (started on demand, at most ``max_concurrency + 1`` threads) before it
+enters the handler, so requests, cancellations and back-pressure answers are
+never held up behind a running handler. The core admits at most
+``max_concurrency`` running calls, so one thread is always free to read.
+
+A handler's deadline needs no timer: :class:`CallContext` compares it with
+the clock whenever asked.
 """
 
 from __future__ import annotations
@@ -19,12 +33,12 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..node import Node, SendHandle
+from ..node import Node
+from ._adapter import LoopTimer
 from .codec import get_codec
 from .protocol import CallId, ServerCore, StartCall, error_body, service_mailbox
 from .status import MarshalError, RpcError, Status
@@ -34,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncServer", "CallContext", "Server", "current_call"]
 
-_POLL = 0.1  # seconds: the longest a dispatcher sleeps before looking at its timers
+_signal_lock = threading.Lock()  # creates a CallContext's event the first time it is needed
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +59,8 @@ class CallContext:
     peer: Any  #: the client node's address
     method: str
     deadline: float | None  #: on ``time.monotonic()``'s clock, or None
-    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _signalled: bool = False
+    _event: threading.Event | None = field(default=None, repr=False)
 
     def time_remaining(self) -> float | None:
         """Seconds until the caller's deadline (negative once passed), or None if it set none."""
@@ -54,11 +69,28 @@ class CallContext:
     @property
     def cancelled(self) -> bool:
         """The client cancelled the call, or its deadline passed: stop when you can."""
-        return self._cancelled.is_set()
+        return self._signalled or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Block until the call is cancelled (True) or ``timeout`` passes (False)."""
-        return self._cancelled.wait(timeout)
+        """Block until the call is cancelled or its deadline passes (True), or
+        ``timeout`` seconds pass (False)."""
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        with _signal_lock:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._signalled:
+                    self._event.set()
+            event = self._event
+        event.wait(timeout)
+        return self.cancelled
+
+    def _signal(self) -> None:
+        with _signal_lock:
+            self._signalled = True
+            if self._event is not None:
+                self._event.set()
 
 
 _current: contextvars.ContextVar[CallContext] = contextvars.ContextVar("rmsg_rpc_call")
@@ -140,10 +172,6 @@ def _failure(exc: BaseException) -> tuple[Status, bytes]:
     return Status.INTERNAL, error_body(type(exc).__qualname__, str(exc))
 
 
-def _ignore_fate(handle: SendHandle) -> None:
-    handle.exception()  # a reply that did not get through stays cached for the retry
-
-
 class _Base:
     def __init__(
         self,
@@ -178,19 +206,20 @@ class _Base:
         """Serve every public method of ``handler`` under its own name."""
         self._registry.register_object(handler)
 
-    def _wait(self, now: float) -> float:
+    def _wait(self, now: float) -> float | None:
+        """Seconds until the core's next timer (None: none is set)."""
         timer = self.core.get_timer()
-        return _POLL if timer is None else max(0.0, min(_POLL, timer - now))
+        return None if timer is None else max(0.0, timer - now)
 
 
 class Server(_Base):
     """Serve a handler's methods (or registered functions) on a blocking :class:`Node`.
 
-    Calls run in a pool of ``max_concurrency`` threads; ``max_queued`` more
-    (default twice that) wait for a thread; beyond that a call is answered
-    RESOURCE_EXHAUSTED without running. ``cache_entries`` and ``cache_age``
-    (seconds) bound the reply cache that answers retried calls. Requests are
-    taken from the port ``rpc`` (``service=""``) or ``rpc.<service>``.
+    At most ``max_concurrency`` calls run at once, each in a worker thread;
+    ``max_queued`` more (default twice that) wait for a worker; beyond that a
+    call is answered RESOURCE_EXHAUSTED without running. ``cache_entries`` and
+    ``cache_age`` (seconds) bound the reply cache that answers retried calls.
+    Requests are taken from the port ``rpc`` (``service=""``) or ``rpc.<service>``.
     """
 
     def __init__(
@@ -215,26 +244,46 @@ class Server(_Base):
         )
         self.node = node
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # workers with nothing to do
+        self._drained = threading.Condition(self._lock)  # close(): the running calls ended
+        self._sleeping = 0  # workers asleep on _idle
+        self._reading = False  # a worker waits on the port
+        self._closed = False  # close() began: no call starts any more
+        self._stopped = False  # the port is gone: workers leave
         self._port = node.create_mailbox(self.mailbox, port=True)
-        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"rpc-{service}")
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"rpc-server-{service}", daemon=True)
-        self._thread.start()
+        self._threads: list[threading.Thread] = []
+        with self._lock:
+            self._spawn()
 
     def close(self) -> None:
-        """Stop taking calls (the port is deleted: new calls get NOT_FOUND, not executed)
-        and wait for running handlers to finish and their replies to go out."""
-        if self._closed:
-            return
-        self._closed = True
-        self._thread.join(2 * _POLL + 1.0)
-        self._pool.shutdown(wait=True)
+        """Stop taking calls and wait for the running ones.
+
+        Calls still queued for a worker are answered UNAVAILABLE, not executed
+        (their clients may call again, here or elsewhere), and so are calls that
+        arrive from now on; running handlers finish (they can watch
+        ``current_call().cancelled``) and their replies go out. Then the port is
+        deleted: later calls get NOT_FOUND, not executed.
+        """
         with self._lock:
-            self._send(time.monotonic())
+            if self._closed:
+                return
+            self._closed = True
+            now = time.monotonic()
+            self.core.close(now)
+            self._send(now)
+            while self.core.running and not self._stopped:
+                self._drained.wait()
         try:
-            self._port.delete()
+            self._port.delete()  # wakes the reader
         except errors.ReliableError:
             pass
+        with self._lock:
+            self._stopped = True
+            self._idle.notify_all()
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(5.0)
 
     def __enter__(self) -> Server:
         return self
@@ -242,22 +291,85 @@ class Server(_Base):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _run(self) -> None:
-        while not self._closed:
-            try:
-                msg = self._port.receive(timeout=self._wait(time.monotonic()))
-            except errors.ReceiveTimeout:
+    def _spawn(self) -> None:
+        """Lock held: start one more worker thread."""
+        thread = threading.Thread(
+            target=self._work,
+            name=f"rpc-{self.service or 'server'}-{len(self._threads)}",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _work(self) -> None:
+        """A worker: run the call the core starts next, else read (one reader at a
+        time), else sleep until the reading role is free."""
+        lock = self._lock
+        core = self.core
+        with lock:
+            while not self._stopped:
+                now = time.monotonic()
+                start = core.start_next(now)
+                if start is not None:
+                    self._run_call(start)
+                    continue
+                if self._reading:
+                    self._sleeping += 1
+                    self._idle.wait()
+                    self._sleeping -= 1
+                    continue
+                self._reading = True
+                wait = self._wait(now)
+                lock.release()
                 msg = None
-            except (errors.NodeClosed, errors.MailboxDeleted):
-                self._closed = True
-                return
-            with self._lock:
+                try:
+                    msg = self._port.receive(timeout=wait)
+                except errors.ReceiveTimeout:
+                    pass
+                except (errors.NodeClosed, errors.MailboxDeleted):
+                    self._stopped = True
+                finally:
+                    lock.acquire()
+                    self._reading = False
                 now = time.monotonic()
                 if msg is not None:
-                    self.core.receive(msg.data, msg.source, now)
+                    core.receive(msg.data, msg.source, now)
                 self._step(now)
+                if self._stopped:
+                    self._idle.notify_all()
+                    self._drained.notify_all()
+
+    def _run_call(self, start: StartCall) -> None:
+        """Lock held: run ``start`` on this thread (the lock released meanwhile)."""
+        context = CallContext(start.call_id, start.peer, start.method, start.deadline)
+        self._contexts[start.call_id] = context
+        if not self._reading:
+            # Someone must read while this handler runs: an idle worker, or a new one.
+            if self._sleeping:
+                self._idle.notify()
+            elif len(self._threads) <= self.core.max_concurrency:
+                self._spawn()
+        self._lock.release()
+        try:
+            status, body, executed = _execute(self._registry, start, context)
+        finally:
+            self._lock.acquire()
+        now = time.monotonic()
+        self._contexts.pop(start.call_id, None)
+        self.core.finish(
+            start.call_id,
+            status,
+            body,
+            now,
+            executed=executed,
+            codec=start.codec if status is Status.OK else "json",
+        )
+        self._step(now)
+        if self._closed and not self.core.running:
+            self._drained.notify_all()  # close() waits for the running calls
 
     def _step(self, now: float) -> None:
+        """Lock held: run the core's due timers, signal cancellations, send replies."""
         core = self.core
         timer = core.get_timer()
         if timer is not None and timer <= now:
@@ -265,47 +377,36 @@ class Server(_Base):
         while (cancel := core.next_event()) is not None:
             context = self._contexts.get(cancel.call_id)
             if context is not None:
-                context._cancelled.set()
-        while (start := core.start_next(now)) is not None:
-            context = CallContext(start.call_id, start.peer, start.method, start.deadline)
-            self._contexts[start.call_id] = context
-            self._pool.submit(self._execute, start, context)
+                context._signal()
         self._send(now)
 
     def _send(self, now: float) -> None:
         for out in self.core.outgoing():
             try:
-                handle = self.node.send_nowait(out.dest, out.data, mailbox=out.mailbox)
+                # Its fate is not watched: a reply that does not get through stays
+                # cached, and the client's retry fetches it.
+                self.node.send_nowait(out.dest, out.data, mailbox=out.mailbox)
             except (errors.WouldBlock, errors.NodeClosed):
-                continue  # the reply stays cached: the client's retry fetches it
-            handle.add_done_callback(_ignore_fate)
+                continue
 
-    def _execute(self, start: StartCall, context: CallContext) -> None:
-        executed = False
+
+def _execute(
+    registry: _Registry, start: StartCall, context: CallContext
+) -> tuple[Status, bytes, bool]:
+    """Run a blocking handler: its status, reply body and whether it was entered."""
+    executed = False
+    try:
+        fn, args, kwargs = registry.prepare(start)
+        token = _current.set(context)
+        executed = True
         try:
-            fn, args, kwargs = self._registry.prepare(start)
-            token = _current.set(context)
-            executed = True
-            try:
-                result = fn(*args, **kwargs)
-            finally:
-                _current.reset(token)
-            status, body = _outcome(start, result)
-        except Exception as exc:
-            status, body = _failure(exc)
-        with self._lock:
-            now = time.monotonic()
-            self._contexts.pop(start.call_id, None)
-            self.core.finish(
-                start.call_id,
-                status,
-                body,
-                now,
-                executed=executed,
-                codec=start.codec if status is Status.OK else "json",
-            )
-            if not self._closed:
-                self._step(now)
+            result = fn(*args, **kwargs)
+        finally:
+            _current.reset(token)
+        status, body = _outcome(start, result)
+    except Exception as exc:
+        status, body = _failure(exc)
+    return status, body, executed
 
 
 class AsyncServer(_Base):
@@ -340,10 +441,13 @@ class AsyncServer(_Base):
         self.node = node
         self._tasks: dict[CallId, asyncio.Task[None]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
+        self._timer: LoopTimer | None = None
         self._closed = False
 
     async def start(self) -> AsyncServer:
         if self._dispatcher is None:
+            loop = asyncio.get_running_loop()
+            self._timer = LoopTimer(loop, lambda: self._step(loop.time()))
             self._port = self.node.create_mailbox(self.mailbox, port=True)
             self._dispatcher = asyncio.create_task(self._run(), name=f"rpc-server-{self.service}")
         return self
@@ -355,12 +459,19 @@ class AsyncServer(_Base):
         await self.close()
 
     async def close(self) -> None:
-        """Stop taking calls, let running ones finish, send their replies."""
+        """Stop taking calls: queued ones (and new ones) are answered UNAVAILABLE, not
+        executed; running ones finish and their replies go out; then the port goes."""
         if self._closed or self._dispatcher is None:
             return
         self._closed = True
+        self.core.close(asyncio.get_running_loop().time())
+        self._send()
+        # The dispatcher goes on reading meanwhile: retries and cancellations are answered.
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._dispatcher.cancel()
-        await asyncio.gather(self._dispatcher, *self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._send()
         try:
             self._port.delete()
@@ -369,17 +480,13 @@ class AsyncServer(_Base):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self._closed:
+        while True:
             try:
-                msg = await self._port.receive(timeout=self._wait(loop.time()))
-            except errors.ReceiveTimeout:
-                msg = None
+                msg = await self._port.receive()  # the core's timers: self._timer
             except (errors.NodeClosed, errors.MailboxDeleted):
                 return
-            now = loop.time()
-            if msg is not None:
-                self.core.receive(msg.data, msg.source, now)
-            self._step(now)
+            self.core.receive(msg.data, msg.source, loop.time())
+            self._step(loop.time())
 
     def _step(self, now: float) -> None:
         core = self.core
@@ -389,7 +496,7 @@ class AsyncServer(_Base):
         while (cancel := core.next_event()) is not None:
             context = self._contexts.get(cancel.call_id)
             if context is not None:
-                context._cancelled.set()
+                context._signal()
                 task = self._tasks.get(cancel.call_id)
                 if task is not None:
                     task.cancel()
@@ -400,6 +507,8 @@ class AsyncServer(_Base):
                 self._execute(start, context), name=f"rpc-{start.method}"
             )
         self._send()
+        if self._timer is not None:
+            self._timer.arm(core.get_timer())
 
     def _send(self) -> None:
         for out in self.core.outgoing():
