@@ -38,7 +38,6 @@ import itertools
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -142,11 +141,12 @@ class _ClientBase:
         handles: dict[int, Any],
         now: float,
         withdraw: Callable[[Any], object],
-        on_fate: Callable[[int, Any], None],
+        on_fate: Callable[[int, Any], None] | None,
     ) -> None:
         """What both adapters do after anything happened: run the core's due timer,
         withdraw the sends it gave up on (``withdraw(handle)``, each adapter's way) and
-        send what it queued, calling ``on_fate(key, handle)`` once each send's fate is known."""
+        send what it queued, calling ``on_fate(key, handle)`` once each send's fate is
+        known (``None``: the adapter looks at ``handles`` itself)."""
         core = self.core
         timer = core.get_timer()
         if timer is not None and timer <= now:
@@ -164,7 +164,8 @@ class _ClientBase:
                 core.send_failed(out.key, exc, now)
                 continue
             handles[out.key] = handle
-            handle.add_done_callback(functools.partial(on_fate, out.key))
+            if on_fate is not None:
+                handle.add_done_callback(functools.partial(on_fate, out.key))
 
 
 def _unavailable(counter: int, why: str) -> CallDone:
@@ -273,7 +274,6 @@ class Client(_ClientBase):
         self._idle = threading.Condition(self._lock)  # the background reader
         self._calls: dict[int, Call] = {}
         self._handles: dict[int, SendHandle] = {}
-        self._fates: deque[tuple[int, SendHandle]] = deque()
         self._reading = False  # a thread waits on the reply port
         self._waiting = 0  # threads waiting for a result
         self._asleep = 0  # of those, asleep on _changed
@@ -457,23 +457,30 @@ class Client(_ClientBase):
                 now = time.monotonic()
                 self._read(now, now + FATE_WAIT)
 
-    def _on_fate(self, key: int, handle: SendHandle) -> None:
-        self._fates.append((key, handle))
-        with self._lock:
-            self._step(time.monotonic())
-
-    def _step(self, now: float) -> None:
-        """Lock held: hand fates to the core, drive it, end the calls it finished."""
-        core = self.core
-        while self._fates:
-            key, handle = self._fates.popleft()
-            self._handles.pop(key, None)
+    def _fates(self, now: float) -> None:
+        """Lock held: hand the core the fates of the sends that have one."""
+        handles = self._handles
+        for key in [key for key, handle in handles.items() if handle.done()]:
+            handle = handles.pop(key)
             error = handle.exception()
             if error is None:
-                core.sent(key, handle.result().incarnation, now)  # type: ignore[union-attr]
+                self.core.sent(key, handle.result().incarnation, now)  # type: ignore[union-attr]
             else:
-                core.send_failed(key, error, now)
-        self._drive(self.node, self._handles, now, SendHandle.cancel, self._on_fate)
+                self.core.send_failed(key, error, now)
+
+    def _step(self, now: float) -> None:
+        """Lock held: hand fates to the core, drive it, end the calls it finished.
+
+        Fates are looked up here, not delivered by callbacks: every thread that
+        waits on the port steps at least every ``FATE_WAIT`` while sends are pending.
+        """
+        core = self.core
+        if self._handles:
+            self._fates(now)
+        self._drive(self.node, self._handles, now, SendHandle.cancel, None)
+        if self._handles:
+            self._fates(now)  # withdrawn (or failed at once) just now
+            self._drive(self.node, self._handles, now, SendHandle.cancel, None)
         ended = False
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)

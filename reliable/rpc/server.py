@@ -112,9 +112,26 @@ def _methods_of(handler: object) -> dict[str, Callable[..., Any]]:
     }
 
 
+def _positional_range(signature: inspect.Signature) -> tuple[int, int] | None:
+    """How many positional arguments bind without keywords, as (fewest, most); None
+    when binding needs a closer look (a required keyword-only parameter)."""
+    fewest = most = 0
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if p.default is p.empty:
+                fewest += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            most = 1 << 30
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return fewest, most
+
+
 class _Registry:
     def __init__(self) -> None:
         self.methods: dict[str, tuple[Callable[..., Any], inspect.Signature | None]] = {}
+        self._positional: dict[str, tuple[int, int] | None] = {}
 
     def register(self, fn: Callable[..., Any], name: str | None = None) -> None:
         name = name if name is not None else fn.__name__
@@ -125,6 +142,7 @@ class _Registry:
         except (TypeError, ValueError):
             signature = None  # a builtin without one: arguments are passed as they come
         self.methods[name] = (fn, signature)
+        self._positional[name] = None if signature is None else _positional_range(signature)
 
     def register_object(self, handler: object) -> None:
         for name, member in _methods_of(handler).items():
@@ -149,7 +167,10 @@ class _Registry:
         ):
             raise RpcError(Status.INVALID_ARGUMENT, "arguments are not [args, kwargs]")
         args, kwargs = value
-        if signature is not None:
+        fits = self._positional.get(start.method)
+        if fits is not None and not kwargs and fits[0] <= len(args) <= fits[1]:
+            pass  # positional arguments only, as many as it takes: they bind
+        elif signature is not None:
             try:
                 signature.bind(*args, **kwargs)
             except TypeError as exc:
