@@ -476,3 +476,29 @@ def test_closing_answers_queued_calls_not_executed_and_lets_running_ones_finish(
             False,
         )
     assert server.stats.started == 1
+
+
+def test_anycast_moves_on_from_a_closing_member_which_did_not_run_it() -> None:
+    """A member that is closing answers 'not executed': provably not run there, so the
+    call may go to the next member (and runs once, there)."""
+    client = ClientCore(7, "reply", retry_interval=1.0)
+    closing = ServerCore(lambda m: True, incarnation=98)
+    other = ServerCore(lambda m: True, incarnation=99)
+    closing.close(0.0)
+    client.start(
+        list(SERVERS), MAILBOX, "square", "json", CODEC.encode([[5], {}]),
+        deadline=None, now=0.0, anycast=True,
+    )
+    _connect(client, closing, 0.0)  # HELLO
+    for out in _connect(client, closing, 0.0):  # the call: refused, not executed
+        client.receive(out.data, SERVERS[0], 0.0)
+    _connect(client, other, 0.1)  # HELLO to the next member
+    _connect(client, other, 0.1)  # the call
+    start = other.start_next(0.1)
+    assert start is not None and closing.stats.started == 0
+    other.finish(start.call_id, Status.OK, CODEC.encode(25), 0.2)
+    for out in other.outgoing():
+        client.receive(out.data, SERVERS[1], 0.2)
+    done = client.next_event()
+    assert done is not None and done.status is Status.OK and CODEC.decode(done.body) == 25
+    assert client.stats.failovers == 1

@@ -181,7 +181,7 @@ def _unavailable(counter: int, why: str) -> CallDone:
     )
 
 
-def _stub_methods(interface: type) -> dict[str, inspect.Signature]:
+def _stub_methods(interface: Any) -> dict[str, inspect.Signature]:
     methods: dict[str, inspect.Signature] = {}
     for name, member in inspect.getmembers(interface, callable):
         if name.startswith("_") or inspect.isclass(member):
@@ -332,9 +332,13 @@ class Client(_ClientBase):
         return call
 
     def stub(
-        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+        self, interface: Callable[..., T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
     ) -> T:
         """An object with ``interface``'s public methods that call them at ``dest``.
+
+        ``interface`` is a class or a ``typing.Protocol`` (typed ``Callable[..., T]``
+        rather than ``type[T]``, which mypy refuses for a Protocol); the stub has its
+        type, so a type checker checks the calls.
 
         Arguments are checked against each method's signature and marshalled
         before anything is sent (``UsageError``/``MarshalError``).
@@ -596,9 +600,10 @@ class AsyncClient(_ClientBase):
         return _outcome(done, method)
 
     def stub(
-        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+        self, interface: Callable[..., T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
     ) -> T:
-        """As :meth:`Client.stub`; its methods are coroutines."""
+        """As :meth:`Client.stub`; its methods are coroutines (declare them ``async def``
+        in the interface)."""
         client = self
 
         def make(name: str, signature: inspect.Signature) -> Callable[..., Any]:
