@@ -219,6 +219,39 @@ def test_idle_adapters_do_not_poll() -> None:
     assert len(waits) <= 2, f"woke {len(waits)} times in 0.6 s with nothing to do: {waits}"
 
 
+def test_a_port_deleted_before_a_receive_ends_the_workers_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() may delete the port between a worker taking the reading role and its
+    receive (UnknownMailbox, not MailboxDeleted): the worker must leave, not die, and
+    a client whose reply port is gone reports its calls UNAVAILABLE."""
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc())
+        client = Client(client_node, timeout=5)
+        receive = server._port.receive
+
+        def deleted_first(timeout: float | None = None, **kw: Any) -> Any:
+            server._port.delete()
+            return receive(timeout, **kw)
+
+        assert client.call(_dest(server_node), "add", 1, 2) == 3
+        server._port.receive = deleted_first  # type: ignore[method-assign]
+        try:  # the next receive deletes the port first: before or after this call came
+            assert client.call(_dest(server_node), "add", 2, 2) == 4
+        except RpcError as exc:
+            assert exc.status is Status.NOT_FOUND and exc.executed is False
+        _await(lambda: not any(t.is_alive() for t in server._threads))
+        server.close()
+        client._port.delete()
+        with pytest.raises(RpcError) as gone:
+            client.call(_dest(server_node), "add", 1, 1)
+        assert gone.value.status is Status.UNAVAILABLE
+        client.close()
+    assert died == []
+
+
 def test_msgpack_codec() -> None:
     pytest.importorskip("msgpack")
     with (

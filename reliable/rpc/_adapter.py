@@ -1,4 +1,5 @@
-"""What the asyncio RPC adapters share: a timer armed at the core's next deadline.
+"""What the RPC adapters share: a timer armed at the core's next deadline (asyncio),
+and the errors that say a port is gone.
 
 The sans-I/O cores answer ``get_timer()`` (an absolute time on the loop's
 clock, or None) and run ``handle_timer(now)``; an adapter re-arms one
@@ -10,6 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+
+from .. import errors
+
+#: What a receive on an adapter's port raises once the port or its node is gone
+#: (UnknownMailbox: deleted before this receive began, as close() may do meanwhile).
+PORT_GONE = (errors.NodeClosed, errors.MailboxDeleted, errors.UnknownMailbox)
 
 
 class LoopTimer:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from .. import errors
 from ..addressing import resolve_address
 from ..node import Node, SendHandle
+from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
 from .codec import Codec, get_codec, marshal_call
 from .protocol import CallDone, ClientCore, service_mailbox
@@ -433,13 +434,13 @@ class Client(_ClientBase):
             msg = self._port.receive(timeout=wait)
         except errors.ReceiveTimeout:
             pass
-        except (errors.NodeClosed, errors.MailboxDeleted):
+        except _PORT_GONE:
             gone = True
         finally:
             self._lock.acquire()
             self._reading = False
         if gone:
-            why = "the RPC client closed" if self._closed else "the node closed"
+            why = "the RPC client closed" if self._closed else "its node or reply port is gone"
             self._closed = True
             self._abandon(why)
             return
@@ -624,7 +625,7 @@ class AsyncClient(_ClientBase):
         while True:
             try:
                 msg = await self._port.receive()  # the core's timers: self._timer
-            except (errors.NodeClosed, errors.MailboxDeleted):
+            except _PORT_GONE:
                 self._abandon("the node closed")
                 return
             self.core.receive(msg.data, msg.source, loop.time())

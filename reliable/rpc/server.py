@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..node import Node
+from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
 from .codec import get_codec
 from .protocol import CallId, ServerCore, StartCall, error_body, service_mailbox
@@ -347,7 +348,7 @@ class Server(_Base):
                     msg = self._port.receive(timeout=wait)
                 except errors.ReceiveTimeout:
                     pass
-                except (errors.NodeClosed, errors.MailboxDeleted):
+                except _PORT_GONE:
                     self._stopped = True
                 finally:
                     lock.acquire()
@@ -504,7 +505,7 @@ class AsyncServer(_Base):
         while True:
             try:
                 msg = await self._port.receive()  # the core's timers: self._timer
-            except (errors.NodeClosed, errors.MailboxDeleted):
+            except _PORT_GONE:
                 return
             self.core.receive(msg.data, msg.source, loop.time())
             self._step(loop.time())
