@@ -446,8 +446,13 @@ def test_closing_answers_queued_calls_not_executed_and_lets_running_ones_finish(
 
     def call(arg: int, now: float) -> int:
         return client.start(
-            [SERVERS[0]], MAILBOX, "square", "json", CODEC.encode([[arg], {}]),
-            deadline=None, now=now,
+            [SERVERS[0]],
+            MAILBOX,
+            "square",
+            "json",
+            CODEC.encode([[arg], {}]),
+            deadline=None,
+            now=now,
         )
 
     running = call(2, 0.0)
@@ -486,8 +491,14 @@ def test_anycast_moves_on_from_a_closing_member_which_did_not_run_it() -> None:
     other = ServerCore(lambda m: True, incarnation=99)
     closing.close(0.0)
     client.start(
-        list(SERVERS), MAILBOX, "square", "json", CODEC.encode([[5], {}]),
-        deadline=None, now=0.0, anycast=True,
+        list(SERVERS),
+        MAILBOX,
+        "square",
+        "json",
+        CODEC.encode([[5], {}]),
+        deadline=None,
+        now=0.0,
+        anycast=True,
     )
     _connect(client, closing, 0.0)  # HELLO
     for out in _connect(client, closing, 0.0):  # the call: refused, not executed

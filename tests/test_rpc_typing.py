@@ -51,7 +51,10 @@ def test_a_stub_from_a_protocol_type_checks(tmp_path: Path) -> None:
 
 
 def test_the_stub_carries_the_interface_types(tmp_path: Path) -> None:
-    done = _mypy(tmp_path, STUB_USER + '\n\ndef wrong(node: Node) -> str:\n'
-                 '    with Client(node) as client:\n'
-                 '        return client.stub(CalculatorAPI, "127.0.0.1:7000").add(1, 2)\n')
+    done = _mypy(
+        tmp_path,
+        STUB_USER + "\n\ndef wrong(node: Node) -> str:\n"
+        "    with Client(node) as client:\n"
+        '        return client.stub(CalculatorAPI, "127.0.0.1:7000").add(1, 2)\n',
+    )
     assert done.returncode == 1 and 'Incompatible return value type (got "int"' in done.stdout

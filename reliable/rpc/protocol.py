@@ -1150,9 +1150,7 @@ class ClientCore:
             # error, a failure of the transport), the outcome is CANCELLED, with what is
             # known of whether it ran. A result that arrived before cancel() is kept.
             said = "answered OK" if status is Status.OK else f"{status.name}: {details}"
-            details = f"cancelled; the server {said}" if executed is True else (
-                f"cancelled; {said}"
-            )
+            details = f"cancelled; the server {said}" if executed is True else f"cancelled; {said}"
             status, body, codec, type_name = Status.CANCELLED, b"", "json", ""
         del self._calls[call.counter]
         for key, kind in call.sends.items():
