@@ -12,12 +12,13 @@ result or an :class:`~reliable.rpc.RpcError`.
 Theory of operation (blocking)
 ------------------------------
 The thread that waits for a result reads the reply port itself, so a reply
-reaches its caller without a thread hand-off. One thread reads at a time:
-others wait on a condition and are woken when a call ends or the reading
-role is free (a reader that takes another call's reply finishes that call).
-A reader waits up to the core's next timer (a retry, a deadline), and, while
-one of the client's sends still awaits its fate (which arrives as a callback
-and cannot interrupt a receive), at most ``FATE_WAIT`` seconds. A background
+reaches its caller without a thread hand-off. One thread reads at a time;
+the others sleep, each on a condition of its own, and are woken alone: when
+their call ends (a reader that takes another call's reply finishes that call)
+or, one of them, when the reading role is free. A reader waits up to the
+core's next timer (a retry, a deadline), and, while one of the client's sends
+still awaits its fate (looked up on its handle whenever the client steps: it
+cannot interrupt a receive), at most ``FATE_WAIT`` seconds. A background
 thread reads only while calls are pending that no thread waits for
 (:meth:`Client.invoke` without :meth:`Call.result`), and then hands the role
 to a caller within ``FATE_WAIT``.
@@ -271,13 +272,14 @@ class Client(_ClientBase):
         super().__init__(node.address, node.incarnation, codec, timeout, retry_interval)
         self.node = node
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)  # callers: a call ended, the role is free
         self._idle = threading.Condition(self._lock)  # the background reader
         self._calls: dict[int, Call] = {}
         self._handles: dict[int, SendHandle] = {}
         self._reading = False  # a thread waits on the reply port
         self._waiting = 0  # threads waiting for a result
-        self._asleep = 0  # of those, asleep on _changed
+        # Of those, the ones asleep, by call: each is woken alone, when its call ends or
+        # (one of them) when the reading role is free - not all on every reply.
+        self._asleep: dict[int, list[threading.Condition]] = {}
         self._port = node.create_mailbox(self.reply_mailbox, port=True)
         self._closed = False
         self._reader = threading.Thread(target=self._run, name="rpc-client", daemon=True)
@@ -400,11 +402,15 @@ class Client(_ClientBase):
                     if deadline is not None and now >= deadline:
                         raise TimeoutError(f"no outcome for call {call.counter} in {timeout} s")
                     if self._reading or self._closed:
-                        self._asleep += 1
+                        wake = threading.Condition(lock)
+                        sleepers = self._asleep.setdefault(call.counter, [])
+                        sleepers.append(wake)
                         try:
-                            self._changed.wait(None if deadline is None else deadline - now)
+                            wake.wait(None if deadline is None else deadline - now)
                         finally:
-                            self._asleep -= 1
+                            sleepers.remove(wake)
+                            if not sleepers:
+                                del self._asleep[call.counter]
                         continue
                     self._read(now, deadline)
                 return call._done
@@ -448,8 +454,10 @@ class Client(_ClientBase):
         if msg is not None:
             self.core.receive(msg.data, msg.source, now)
         self._step(now)
-        if self._asleep:
-            self._changed.notify_all()  # the role is free (and calls may have ended)
+        for counter, sleepers in self._asleep.items():
+            if counter in self._calls:  # still pending: it takes the free reading role
+                sleepers[0].notify()
+                break
 
     def _run(self) -> None:
         """The background reader: reads only while calls are pending that no thread
@@ -486,21 +494,21 @@ class Client(_ClientBase):
         if self._handles:
             self._fates(now)  # withdrawn (or failed at once) just now
             self._drive(self.node, self._handles, now, SendHandle.cancel, None)
-        ended = False
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
                 call._done = done
-                ended = True
-        if ended and self._asleep:
-            self._changed.notify_all()
+                for wake in self._asleep.get(done.counter, ()):
+                    wake.notify()
 
     def _abandon(self, why: str) -> None:
         with self._lock:
             calls, self._calls = self._calls, {}
             for call in calls.values():
                 call._done = _unavailable(call.counter, why)
-            self._changed.notify_all()
+            for sleepers in self._asleep.values():
+                for wake in sleepers:
+                    wake.notify()
 
 
 class AsyncClient(_ClientBase):
