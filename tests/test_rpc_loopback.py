@@ -479,3 +479,25 @@ def test_many_threads_share_one_client() -> None:
             for t in threads:
                 t.join(60)
             assert not any(t.is_alive() for t in threads) and wrong == []
+
+
+def test_short_calls_in_a_row_wake_no_other_server_thread() -> None:
+    """The worker that reads a call runs it; the standby worker takes over reading only
+    if a handler runs on (HANDOVER): back-to-back short calls notify nobody."""
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc(), max_concurrency=4)
+        with Client(client_node) as client:
+            dest = _dest(server_node)
+            assert client.call(dest, "add", 0, 0) == 0
+            notified: list[int] = []
+            notify = server._idle.notify
+
+            def counted(n: int = 1) -> None:
+                notified.append(n)
+                notify(n)
+
+            server._idle.notify = counted  # type: ignore[method-assign]
+            for i in range(30):
+                assert client.call(dest, "add", i, 1) == i + 1
+        server.close()
+    assert len(notified) <= 10, f"{len(notified)} wake-ups for 30 short calls"

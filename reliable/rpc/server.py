@@ -15,10 +15,12 @@ No dispatcher hands requests to a pool: a worker that reads a request runs it
 itself and sends its reply, so a call costs no thread hand-off. One worker at
 a time *reads* (waits on the port, up to the core's next timer, then feeds the
 core, runs its due timers and routes cancellations); the others sleep on a
-condition. A reader that gets a call to run gives the reading role to an idle
-worker (started on demand, at most ``max_concurrency + 1`` threads) before it
-enters the handler, so requests, cancellations and back-pressure answers are
-never held up behind a running handler. The core admits at most
+condition. A reader that gets a call to run leaves the reading role to an
+idle worker (started on demand, at most ``max_concurrency + 1`` threads): the
+*standby* worker takes it if the handler is still running ``HANDOVER``
+seconds later (see ``Server._sleep``), so a short call wakes no other thread,
+and requests, cancellations and back-pressure answers are held up behind a
+long handler for about ``HANDOVER`` at most. The core admits at most
 ``max_concurrency`` running calls, so one thread is always free to read.
 
 A handler's deadline needs no timer: :class:`CallContext` compares it with
@@ -48,6 +50,13 @@ if TYPE_CHECKING:
     from ..aio import AsyncNode
 
 __all__ = ["AsyncServer", "CallContext", "Server", "current_call"]
+
+#: Seconds a blocking server's standby worker sleeps before it looks whether the
+#: reader went off to run a call (and reads in its place): see Server._sleep.
+HANDOVER = 0.005
+#: Seconds after a call started during which a standby worker keeps looking; after
+#: that it sleeps until notified (an idle server does not wake).
+ACTIVE = 0.05
 
 _signal_lock = threading.Lock()  # creates a CallContext's event the first time it is needed
 
@@ -269,6 +278,9 @@ class Server(_Base):
         self._idle = threading.Condition(self._lock)  # workers with nothing to do
         self._drained = threading.Condition(self._lock)  # close(): the running calls ended
         self._sleeping = 0  # workers asleep on _idle
+        self._standby = False  # one of them wakes every HANDOVER seconds (_sleep)
+        self._active_at = -ACTIVE  # when a call last started
+        self._left_unread: float | None = None  # when the reader went off to run a call
         self._reading = False  # a worker waits on the port
         self._closed = False  # close() began: no call starts any more
         self._stopped = False  # the port is gone: workers leave
@@ -328,19 +340,23 @@ class Server(_Base):
         time), else sleep until the reading role is free."""
         lock = self._lock
         core = self.core
+        woke = False  # from _sleep: a reader that went off to run a call has HANDOVER
         with lock:
             while not self._stopped:
                 now = time.monotonic()
                 start = core.start_next(now)
                 if start is not None:
                     self._run_call(start)
+                    woke = False
                     continue
-                if self._reading:
-                    self._sleeping += 1
-                    self._idle.wait()
-                    self._sleeping -= 1
+                left = self._left_unread
+                if self._reading or (woke and left is not None and now < left + HANDOVER):
+                    self._sleep(now)
+                    woke = True
                     continue
+                woke = False
                 self._reading = True
+                self._left_unread = None
                 wait = self._wait(now)
                 lock.release()
                 msg = None
@@ -361,16 +377,47 @@ class Server(_Base):
                     self._idle.notify_all()
                     self._drained.notify_all()
 
+    def _sleep(self, now: float) -> None:
+        """Lock held, someone reads: sleep until the reading role may be free.
+
+        While calls come (within ``ACTIVE`` seconds of the last start), one
+        sleeping worker is the *standby*: it wakes every ``HANDOVER`` seconds and,
+        if the reader went off to run a call ``HANDOVER`` seconds ago or more,
+        reads in its place. So a reader that takes a call wakes nobody - a wake-up
+        per call costs more than a short call (a context switch, and on a busy
+        machine a wait for a CPU while the other thread holds the GIL) - and a long
+        one holds up the port about ``HANDOVER``. The other workers, and the
+        standby once calls stop, sleep until notified; a reader that takes a call
+        with no standby looking wakes one at once.
+        """
+        self._sleeping += 1
+        try:
+            left = self._left_unread
+            if not self._standby and (left is not None or now - self._active_at < ACTIVE):
+                self._standby = True
+                try:
+                    self._idle.wait(HANDOVER if left is None else max(0.0, left + HANDOVER - now))
+                finally:
+                    self._standby = False
+            else:
+                self._idle.wait()
+        finally:
+            self._sleeping -= 1
+
     def _run_call(self, start: StartCall) -> None:
         """Lock held: run ``start`` on this thread (the lock released meanwhile)."""
         context = CallContext(start.call_id, start.peer, start.method, start.deadline)
         self._contexts[start.call_id] = context
+        self._active_at = now = time.monotonic()
         if not self._reading:
-            # Someone must read while this handler runs: an idle worker, or a new one.
-            if self._sleeping:
-                self._idle.notify()
-            elif len(self._threads) <= self.core.max_concurrency:
-                self._spawn()
+            self._left_unread = now
+            if not self._standby:
+                # Someone must read while this handler runs, and no standby worker
+                # looks within HANDOVER: wake an idle worker, or start one.
+                if self._sleeping:
+                    self._idle.notify()
+                elif len(self._threads) <= self.core.max_concurrency:
+                    self._spawn()
         self._lock.release()
         try:
             status, body, executed = _execute(self._registry, start, context)
