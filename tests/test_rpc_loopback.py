@@ -462,23 +462,27 @@ def test_anycast_moves_on_only_when_the_call_provably_did_not_run() -> None:
 
 def test_many_threads_share_one_client() -> None:
     """One thread reads for all; each caller gets its own result, whoever read it."""
-    with Node() as server_node, Node() as client_node:
-        with Server(server_node, Calc(), max_concurrency=4), Client(client_node) as client:
-            dest = _dest(server_node)
-            wrong: list[tuple[int, int, Any]] = []
+    with (
+        Node() as server_node,
+        Node() as client_node,
+        Server(server_node, Calc(), max_concurrency=4),
+        Client(client_node) as client,
+    ):
+        dest = _dest(server_node)
+        wrong: list[tuple[int, int, Any]] = []
 
-            def caller(n: int) -> None:
-                for i in range(40):
-                    got = client.call(dest, "add", n, i)
-                    if got != n + i:
-                        wrong.append((n, i, got))
+        def caller(n: int) -> None:
+            for i in range(40):
+                got = client.call(dest, "add", n, i)
+                if got != n + i:
+                    wrong.append((n, i, got))
 
-            threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            assert not any(t.is_alive() for t in threads) and wrong == []
+        threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and wrong == []
 
 
 def test_short_calls_in_a_row_wake_no_other_server_thread() -> None:
