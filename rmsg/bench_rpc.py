@@ -1,10 +1,13 @@
 """``rmsg bench --rpc``: no-op remote calls per second and their latency, rmsg's RPC
 beside the standard library's xmlrpc (HTTP on loopback) and grpcio when installed.
 
-Each server runs in its own process on loopback; this process makes one no-op
-call at a time for ``duration`` seconds per transport (after a short warm-up),
-rounds interleaved, and reports calls/s and p50/p99 latency (medians over
-rounds). No target but beating xmlrpc; the figures are what this machine did.
+Each server runs in its own process on loopback; this process makes no-op
+calls for ``duration`` seconds per transport (after a short warm-up), one at a
+time and then from ``THREADS`` threads at once (asyncio: as many concurrent
+tasks), rounds interleaved, and reports calls/s and p50/p99 latency (medians
+over rounds). No target but beating xmlrpc; the figures are what this machine
+did. (The stdlib's ``SimpleXMLRPCServer`` serves one request at a time; that
+is what a Python user gets without extra packages.)
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["RpcFigure", "format_rpc_report", "run_rpc_bench"]
+__all__ = ["THREADS", "RpcFigure", "format_rpc_report", "run_rpc_bench"]
+
+#: Callers at once in the concurrent rows.
+THREADS = 8
 
 _SERVER = r"""
 import sys
@@ -112,16 +119,39 @@ def _measure(call: Callable[[], Any], duration: float) -> tuple[float, list[floa
     return len(latencies) / (now - start), latencies
 
 
-def _rmsg(port: int, duration: float) -> tuple[float, list[float]]:
+def _measure_threads(
+    make_call: Callable[[], Callable[[], Any]], threads: int, duration: float
+) -> tuple[float, list[float]]:
+    """``threads`` threads, each with ``make_call()``'s call, calling at once."""
+    if threads == 1:
+        return _measure(make_call(), duration)
+    calls = [make_call() for _ in range(threads)]
+    results: list[tuple[float, list[float]]] = []
+    lock = threading.Lock()
+
+    def run(call: Callable[[], Any]) -> None:
+        outcome = _measure(call, duration)
+        with lock:
+            results.append(outcome)
+
+    workers = [threading.Thread(target=run, args=(c,)) for c in calls]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(duration + 60)
+    return sum(r for r, _ in results), [x for _, lat in results for x in lat]
+
+
+def _rmsg(port: int, duration: float, threads: int) -> tuple[float, list[float]]:
     from reliable import Node
     from reliable.rpc import Client
 
     with Node() as node, Client(node, timeout=10) as client:
         dest = f"127.0.0.1:{port}"
-        return _measure(lambda: client.call(dest, "noop"), duration)
+        return _measure_threads(lambda: lambda: client.call(dest, "noop"), threads, duration)
 
 
-def _rmsg_async(port: int, duration: float) -> tuple[float, list[float]]:
+def _rmsg_async(port: int, duration: float, tasks: int) -> tuple[float, list[float]]:
     from reliable import AsyncNode
     from reliable.rpc import AsyncClient
 
@@ -132,30 +162,37 @@ def _rmsg_async(port: int, duration: float) -> tuple[float, list[float]]:
                 await client.call(dest, "noop")
             latencies: list[float] = []
             start = time.perf_counter()
-            now = start
-            while now < start + duration:
-                before = now
-                await client.call(dest, "noop")
+
+            async def caller() -> None:
                 now = time.perf_counter()
-                latencies.append(now - before)
-            return len(latencies) / (now - start), latencies
+                while now < start + duration:
+                    before = now
+                    await client.call(dest, "noop")
+                    now = time.perf_counter()
+                    latencies.append(now - before)
+
+            await asyncio.gather(*(caller() for _ in range(tasks)))
+            return len(latencies) / (time.perf_counter() - start), latencies
 
     return asyncio.run(main())
 
 
-def _xmlrpc(port: int, duration: float) -> tuple[float, list[float]]:
+def _xmlrpc(port: int, duration: float, threads: int) -> tuple[float, list[float]]:
     import xmlrpc.client
 
-    proxy = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/", allow_none=True)
-    return _measure(proxy.noop, duration)
+    def make() -> Callable[[], Any]:  # a ServerProxy per thread: they are not thread-safe
+        proxy = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port}/", allow_none=True)
+        return proxy.noop
+
+    return _measure_threads(make, threads, duration)
 
 
-def _grpc(port: int, duration: float) -> tuple[float, list[float]]:
+def _grpc(port: int, duration: float, threads: int) -> tuple[float, list[float]]:
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         noop = channel.unary_unary("/bench/noop")
-        return _measure(lambda: noop(b"", timeout=10), duration)
+        return _measure_threads(lambda: lambda: noop(b"", timeout=10), threads, duration)
 
 
 def _grpc_available() -> bool:
@@ -167,28 +204,42 @@ def _grpc_available() -> bool:
 
 
 def run_rpc_bench(
-    *, duration: float = 1.0, rounds: int = 3, progress: Callable[[str], None] | None = None
+    *,
+    duration: float = 1.0,
+    rounds: int = 3,
+    threads: int = THREADS,
+    progress: Callable[[str], None] | None = None,
 ) -> list[RpcFigure]:
-    """Measure each transport ``rounds`` times for ``duration`` seconds; medians."""
-    clients: dict[str, tuple[str, Callable[[int, float], tuple[float, list[float]]]]] = {
-        "rmsg rpc (blocking)": ("rmsg", _rmsg),
-        "rmsg rpc (asyncio client)": ("rmsg", _rmsg_async),
-        "xmlrpc (stdlib, HTTP)": ("xmlrpc", _xmlrpc),
-    }
-    if _grpc_available():
-        clients["grpcio"] = ("grpc", _grpc)
-    rates: dict[str, list[float]] = {name: [] for name in clients}
-    samples: dict[str, list[float]] = {name: [] for name in clients}
+    """Measure each transport ``rounds`` times for ``duration`` seconds, one call at a
+    time and then ``threads`` at once (``threads=1``: only one at a time); medians."""
+    runs: list[tuple[str, str, Callable[[int, float, int], tuple[float, list[float]]], int]] = [
+        ("rmsg rpc (blocking)", "rmsg", _rmsg, 1),
+        ("rmsg rpc (asyncio client)", "rmsg", _rmsg_async, 1),
+        ("xmlrpc (stdlib, HTTP)", "xmlrpc", _xmlrpc, 1),
+    ]
+    grpc = _grpc_available()
+    if grpc:
+        runs.append(("grpcio", "grpc", _grpc, 1))
+    if threads > 1:
+        runs += [
+            (f"rmsg rpc (blocking) x{threads}", "rmsg", _rmsg, threads),
+            (f"rmsg rpc (asyncio) x{threads}", "rmsg", _rmsg_async, threads),
+            (f"xmlrpc (stdlib, HTTP) x{threads}", "xmlrpc", _xmlrpc, threads),
+        ]
+        if grpc:
+            runs.append((f"grpcio x{threads}", "grpc", _grpc, threads))
+    rates: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    samples: dict[str, list[float]] = {name: [] for name, *_ in runs}
     for n in range(rounds):
-        for name, (kind, run) in clients.items():
+        for name, kind, run, callers in runs:
             if progress is not None:
                 progress(f"round {n + 1}/{rounds}: {name}")
             with _server(kind) as port:
-                rate, latencies = run(port, duration)
+                rate, latencies = run(port, duration, callers)
             rates[name].append(rate)
             samples[name].extend(latencies)
     figures = []
-    for name in clients:
+    for name, *_ in runs:
         ordered = sorted(samples[name])
         figures.append(
             RpcFigure(
@@ -206,7 +257,8 @@ def format_rpc_report(figures: list[RpcFigure], as_json: bool = False) -> str:
     if as_json:
         return json.dumps([asdict(f) for f in figures], indent=2)
     lines = [
-        "no-op calls on loopback, one at a time (server in its own process)",
+        "no-op calls on loopback, one at a time, then xN from N threads (asyncio: tasks);"
+        " servers in their own processes",
         f"{'transport':<28}{'calls/s':>10}{'p50 µs':>10}{'p99 µs':>10}{'calls':>9}",
     ]
     for f in figures:

@@ -161,6 +161,97 @@ def test_cancelling_a_call_cancels_it_on_the_server(pair: Any) -> None:
     assert time.monotonic() - started < 2, "the handler saw the cancellation"
 
 
+def test_closing_the_server_answers_queued_calls_not_executed() -> None:
+    """A call still waiting for a worker when the server closes is answered UNAVAILABLE,
+    not executed (so its client may call again); the running one finishes."""
+    with Node() as server_node, Node() as client_node:
+        calc = Calc()
+        server = Server(server_node, calc, max_concurrency=1, max_queued=1)
+        with Client(client_node, timeout=10, retry_interval=0.5) as client:
+            running = client.invoke(_dest(server_node), "block")
+            _await(lambda: calc.runs == ["block"])
+            queued = client.invoke(_dest(server_node), "add", [1, 2])
+            _await(lambda: server.core.cached() == 2)
+            closer = threading.Thread(target=server.close)
+            closer.start()
+            with pytest.raises(RpcError) as refused:
+                queued.result(5)
+            assert refused.value.status is Status.UNAVAILABLE
+            assert refused.value.executed is False
+            calc.release.set()
+            assert running.result(5) == "released"
+            closer.join(5)
+            assert not closer.is_alive()
+            assert calc.runs == ["block"]
+
+
+def test_the_cancelled_call_ends_cancelled_though_its_handler_returned(pair: Any) -> None:
+    calc, _server, client, dest = pair
+    call = client.invoke(dest, "block")  # a handler that does not watch for cancellation
+    _await(lambda: "block" in calc.runs)
+    call.cancel()
+    time.sleep(0.2)  # the CANCEL reaches the server first
+    calc.release.set()
+    with pytest.raises(RpcError) as cancelled:
+        call.result(5)
+    assert cancelled.value.status is Status.CANCELLED and cancelled.value.executed is True
+
+
+def test_idle_adapters_do_not_poll() -> None:
+    """With nothing to do, neither the server's reader nor the client's background
+    thread wakes: they wait on the port up to the core's next timer, and it has none."""
+    waits: list[float | None] = []
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc())
+        client = Client(client_node)
+        assert client.call(_dest(server_node), "add", 1, 2) == 3
+        for port in (server._port, client._port):
+            receive = port.receive
+
+            def counted(timeout: float | None = None, _receive: Any = receive, **kw: Any) -> Any:
+                waits.append(timeout)
+                return _receive(timeout, **kw)
+
+            port.receive = counted  # type: ignore[method-assign]
+        time.sleep(0.6)
+        client.close()
+        server.close()
+    assert len(waits) <= 2, f"woke {len(waits)} times in 0.6 s with nothing to do: {waits}"
+
+
+def test_a_port_deleted_before_a_receive_ends_the_workers_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() may delete the port between a worker taking the reading role and its
+    receive (UnknownMailbox, not MailboxDeleted): the worker must leave, not die, and
+    a client whose reply port is gone reports its calls UNAVAILABLE."""
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc())
+        client = Client(client_node, timeout=5)
+        receive = server._port.receive
+
+        def deleted_first(timeout: float | None = None, **kw: Any) -> Any:
+            server._port.delete()
+            return receive(timeout, **kw)
+
+        assert client.call(_dest(server_node), "add", 1, 2) == 3
+        server._port.receive = deleted_first  # type: ignore[method-assign]
+        try:  # the next receive deletes the port first: before or after this call came
+            assert client.call(_dest(server_node), "add", 2, 2) == 4
+        except RpcError as exc:
+            assert exc.status is Status.NOT_FOUND and exc.executed is False
+        _await(lambda: not any(t.is_alive() for t in server._threads))
+        server.close()
+        client._port.delete()
+        with pytest.raises(RpcError) as gone:
+            client.call(_dest(server_node), "add", 1, 1)
+        assert gone.value.status is Status.UNAVAILABLE
+        client.close()
+    assert died == []
+
+
 def test_msgpack_codec() -> None:
     pytest.importorskip("msgpack")
     with (
@@ -367,3 +458,50 @@ def test_anycast_moves_on_only_when_the_call_provably_did_not_run() -> None:
             assert free.runs == ["add"] * 3 and busy.runs == ["block"]
             busy.release.set()
             assert blocker.result(5) == "released"
+
+
+def test_many_threads_share_one_client() -> None:
+    """One thread reads for all; each caller gets its own result, whoever read it."""
+    with (
+        Node() as server_node,
+        Node() as client_node,
+        Server(server_node, Calc(), max_concurrency=4),
+        Client(client_node) as client,
+    ):
+        dest = _dest(server_node)
+        wrong: list[tuple[int, int, Any]] = []
+
+        def caller(n: int) -> None:
+            for i in range(40):
+                got = client.call(dest, "add", n, i)
+                if got != n + i:
+                    wrong.append((n, i, got))
+
+        threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and wrong == []
+
+
+def test_short_calls_in_a_row_wake_no_other_server_thread() -> None:
+    """The worker that reads a call runs it; the standby worker takes over reading only
+    if a handler runs on (HANDOVER): back-to-back short calls notify nobody."""
+    with Node() as server_node, Node() as client_node:
+        server = Server(server_node, Calc(), max_concurrency=4)
+        with Client(client_node) as client:
+            dest = _dest(server_node)
+            assert client.call(dest, "add", 0, 0) == 0
+            notified: list[int] = []
+            notify = server._idle.notify
+
+            def counted(n: int = 1) -> None:
+                notified.append(n)
+                notify(n)
+
+            server._idle.notify = counted  # type: ignore[method-assign]
+            for i in range(30):
+                assert client.call(dest, "add", i, 1) == i + 1
+        server.close()
+    assert len(notified) <= 10, f"{len(notified)} wake-ups for 30 short calls"

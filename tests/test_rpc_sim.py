@@ -384,3 +384,132 @@ def test_a_restarted_client_is_not_answered_with_its_previous_lifes_replies() ->
     assert [counter for counter, _ in results] == [1, 1]
     assert [CODEC.decode(done.body) for _, done in results] == [9, 16]
     assert sum(executions.values()) == 2
+
+
+# ------------------------------------------------------------- the cores by hand
+
+
+def _connect(client: ClientCore, server: ServerCore, now: float) -> list[Outgoing]:
+    """Deliver everything the client sent to the server (receipts naming its incarnation);
+    returns the server's replies."""
+    for out in client.outgoing():
+        server.receive(out.data, C, now)
+        client.sent(out.key, server.incarnation, now)
+    return server.outgoing()
+
+
+def test_a_call_cancelled_while_running_ends_cancelled_whatever_the_handler_answers() -> None:
+    """The handler ignored the cancellation and returned a result: the client, which
+    cancelled, still sees CANCELLED (executed: it ran), never a result after cancel()."""
+    client = ClientCore(7, "reply", retry_interval=1.0)
+    server = ServerCore(lambda m: True, max_concurrency=1, max_queued=1, incarnation=99)
+    counter = client.start(
+        [SERVERS[0]], MAILBOX, "square", "json", CODEC.encode([[3], {}]), deadline=None, now=0.0
+    )
+    _connect(client, server, 0.0)  # the HELLO
+    _connect(client, server, 0.0)  # the call
+    start = server.start_next(0.0)
+    assert start is not None
+    client.cancel(counter, 0.1)
+    _connect(client, server, 0.1)  # the CANCEL
+    assert server.next_event() == CancelCall(call_id=start.call_id, reason="cancelled")
+    server.finish(start.call_id, Status.OK, CODEC.encode(9), 0.2)  # it ran to the end anyway
+    for out in server.outgoing():
+        client.receive(out.data, SERVERS[0], 0.2)
+    done = client.next_event()
+    assert done is not None and client.next_event() is None
+    assert (done.status, done.executed) == (Status.CANCELLED, True)
+    assert "answered OK" in done.details
+
+
+def test_a_result_that_arrived_before_cancel_is_kept() -> None:
+    client = ClientCore(7, "reply", retry_interval=1.0)
+    server = ServerCore(lambda m: True, incarnation=99)
+    counter = client.start(
+        [SERVERS[0]], MAILBOX, "square", "json", CODEC.encode([[3], {}]), deadline=None, now=0.0
+    )
+    _connect(client, server, 0.0)
+    _connect(client, server, 0.0)
+    start = server.start_next(0.0)
+    assert start is not None
+    server.finish(start.call_id, Status.OK, CODEC.encode(9), 0.1)
+    for out in server.outgoing():
+        client.receive(out.data, SERVERS[0], 0.1)
+    client.cancel(counter, 0.2)  # too late: it has its outcome
+    done = client.next_event()
+    assert done is not None and done.status is Status.OK and CODEC.decode(done.body) == 9
+
+
+def test_closing_answers_queued_calls_not_executed_and_lets_running_ones_finish() -> None:
+    client = ClientCore(7, "reply", retry_interval=1.0)
+    server = ServerCore(lambda m: True, max_concurrency=1, max_queued=2, incarnation=99)
+
+    def call(arg: int, now: float) -> int:
+        return client.start(
+            [SERVERS[0]],
+            MAILBOX,
+            "square",
+            "json",
+            CODEC.encode([[arg], {}]),
+            deadline=None,
+            now=now,
+        )
+
+    running = call(2, 0.0)
+    _connect(client, server, 0.0)  # the HELLO
+    _connect(client, server, 0.0)
+    start = server.start_next(0.0)
+    assert start is not None
+    queued = call(3, 0.1)
+    _connect(client, server, 0.1)
+    assert server.start_next(0.1) is None  # it waits for the worker
+    server.close(0.2)
+    late = call(4, 0.3)
+    replies = _connect(client, server, 0.3)  # after close(): refused, not run
+    assert server.start_next(0.3) is None
+    server.finish(start.call_id, Status.OK, CODEC.encode(4), 0.4)
+    replies += server.outgoing()
+    for out in replies:
+        client.receive(out.data, SERVERS[0], 0.4)
+    outcomes = {}
+    while (done := client.next_event()) is not None:
+        outcomes[done.counter] = done
+    assert (outcomes[running].status, CODEC.decode(outcomes[running].body)) == (Status.OK, 4)
+    for counter in (queued, late):
+        assert (outcomes[counter].status, outcomes[counter].executed) == (
+            Status.UNAVAILABLE,
+            False,
+        )
+    assert server.stats.started == 1
+
+
+def test_anycast_moves_on_from_a_closing_member_which_did_not_run_it() -> None:
+    """A member that is closing answers 'not executed': provably not run there, so the
+    call may go to the next member (and runs once, there)."""
+    client = ClientCore(7, "reply", retry_interval=1.0)
+    closing = ServerCore(lambda m: True, incarnation=98)
+    other = ServerCore(lambda m: True, incarnation=99)
+    closing.close(0.0)
+    client.start(
+        list(SERVERS),
+        MAILBOX,
+        "square",
+        "json",
+        CODEC.encode([[5], {}]),
+        deadline=None,
+        now=0.0,
+        anycast=True,
+    )
+    _connect(client, closing, 0.0)  # HELLO
+    for out in _connect(client, closing, 0.0):  # the call: refused, not executed
+        client.receive(out.data, SERVERS[0], 0.0)
+    _connect(client, other, 0.1)  # HELLO to the next member
+    _connect(client, other, 0.1)  # the call
+    start = other.start_next(0.1)
+    assert start is not None and closing.stats.started == 0
+    other.finish(start.call_id, Status.OK, CODEC.encode(25), 0.2)
+    for out in other.outgoing():
+        client.receive(out.data, SERVERS[1], 0.2)
+    done = client.next_event()
+    assert done is not None and done.status is Status.OK and CODEC.decode(done.body) == 25
+    assert client.stats.failovers == 1

@@ -5,9 +5,23 @@ introspection from a class or Protocol.
 Both are thin adapters around :class:`~reliable.rpc.protocol.ClientCore`: a
 call is marshalled (failing before anything is sent, naming the argument),
 handed to the core, and its messages sent with ``send_nowait``; every send's
-fate goes back to the core, and a reader takes replies from the client's reply
+fate goes back to the core, and replies are taken from the client's reply
 port. The core decides each call's one outcome; the adapter turns it into the
 result or an :class:`~reliable.rpc.RpcError`.
+
+Theory of operation (blocking)
+------------------------------
+The thread that waits for a result reads the reply port itself, so a reply
+reaches its caller without a thread hand-off. One thread reads at a time;
+the others sleep, each on a condition of its own, and are woken alone: when
+their call ends (a reader that takes another call's reply finishes that call)
+or, one of them, when the reading role is free. A reader waits up to the
+core's next timer (a retry, a deadline), and, while one of the client's sends
+still awaits its fate (looked up on its handle whenever the client steps: it
+cannot interrupt a receive), at most ``FATE_WAIT`` seconds. A background
+thread reads only while calls are pending that no thread waits for
+(:meth:`Client.invoke` without :meth:`Call.result`), and then hands the role
+to a caller within ``FATE_WAIT``.
 
 Destinations: ``"host:port"`` (the default service, mailbox ``rpc``),
 ``"host:port/service"`` (mailbox ``rpc.<service>``), or
@@ -25,14 +39,14 @@ import itertools
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import errors
 from ..addressing import resolve_address
 from ..node import Node, SendHandle
+from ._adapter import PORT_GONE as _PORT_GONE
+from ._adapter import LoopTimer
 from .codec import Codec, get_codec, marshal_call
 from .protocol import CallDone, ClientCore, service_mailbox
 from .status import RemoteError, RpcError, Status
@@ -43,7 +57,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "Call", "Client"]
 
 T = TypeVar("T")
-_POLL = 0.1  # seconds: the longest the reader sleeps before looking at the core's timers
+#: Seconds: the longest a reader waits on the reply port while a send's fate is pending.
+FATE_WAIT = 0.02
 _reply_ports = itertools.count(1)
 _DEFAULT = object()
 
@@ -122,21 +137,18 @@ class _ClientBase:
             raise errors.UsageError(f"timeout must be more than 0 seconds, got {timeout}")
         return float(now + timeout)
 
-    def _wait(self, now: float) -> float:
-        timer = self.core.get_timer()
-        return _POLL if timer is None else max(0.0, min(_POLL, timer - now))
-
     def _drive(
         self,
         node: Any,
         handles: dict[int, Any],
         now: float,
         withdraw: Callable[[Any], object],
-        on_fate: Callable[[int, Any], None],
+        on_fate: Callable[[int, Any], None] | None,
     ) -> None:
         """What both adapters do after anything happened: run the core's due timer,
         withdraw the sends it gave up on (``withdraw(handle)``, each adapter's way) and
-        send what it queued, calling ``on_fate(key, handle)`` once each send's fate is known."""
+        send what it queued, calling ``on_fate(key, handle)`` once each send's fate is
+        known (``None``: the adapter looks at ``handles`` itself)."""
         core = self.core
         timer = core.get_timer()
         if timer is not None and timer <= now:
@@ -154,7 +166,8 @@ class _ClientBase:
                 core.send_failed(out.key, exc, now)
                 continue
             handles[out.key] = handle
-            handle.add_done_callback(functools.partial(on_fate, out.key))
+            if on_fate is not None:
+                handle.add_done_callback(functools.partial(on_fate, out.key))
 
 
 def _unavailable(counter: int, why: str) -> CallDone:
@@ -170,7 +183,7 @@ def _unavailable(counter: int, why: str) -> CallDone:
     )
 
 
-def _stub_methods(interface: type) -> dict[str, inspect.Signature]:
+def _stub_methods(interface: Any) -> dict[str, inspect.Signature]:
     methods: dict[str, inspect.Signature] = {}
     for name, member in inspect.getmembers(interface, callable):
         if name.startswith("_") or inspect.isclass(member):
@@ -203,18 +216,20 @@ def _bind(
 class Call:
     """A call in progress (:meth:`Client.invoke`): ``result()``, ``cancel()``, ``done()``."""
 
+    __slots__ = ("_client", "_done", "counter", "method")
+
     def __init__(self, client: Client, counter: int, method: str) -> None:
         self._client = client
         self.counter = counter
         self.method = method
-        self._future: Future[CallDone] = Future()
+        self._done: CallDone | None = None
 
     @property
     def call_id(self) -> tuple[int, int]:
         return (self._client.core.incarnation, self.counter)
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._done is not None
 
     def result(self, timeout: float | None = None) -> Any:
         """The handler's return value, or raise the call's :class:`RpcError`.
@@ -222,15 +237,17 @@ class Call:
         ``timeout`` only bounds this wait (``TimeoutError``); the call's own
         deadline was set when it was made.
         """
-        return _outcome(self._future.result(timeout), self.method)
+        return _outcome(self.outcome(timeout), self.method)
 
     def outcome(self, timeout: float | None = None) -> CallDone:
         """The raw outcome: status, executed, body."""
-        return self._future.result(timeout)
+        done = self._done
+        return done if done is not None else self._client._wait_for(self, timeout)
 
     def cancel(self) -> None:
         """Cancel the call: withdrawn if it has not wholly left, else the server is asked
-        to stop it. :meth:`result` then says what happened (CANCELLED and whether it ran)."""
+        to stop it. :meth:`result` then raises CANCELLED, saying whether it ran; a
+        result that arrived before the cancel is kept."""
         self._client._cancel(self.counter)
 
 
@@ -255,9 +272,14 @@ class Client(_ClientBase):
         super().__init__(node.address, node.incarnation, codec, timeout, retry_interval)
         self.node = node
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)  # the background reader
         self._calls: dict[int, Call] = {}
         self._handles: dict[int, SendHandle] = {}
-        self._fates: deque[tuple[int, SendHandle]] = deque()
+        self._reading = False  # a thread waits on the reply port
+        self._waiting = 0  # threads waiting for a result
+        # Of those, the ones asleep, by call: each is woken alone, when its call ends or
+        # (one of them) when the reading role is free - not all on every reply.
+        self._asleep: dict[int, list[threading.Condition]] = {}
         self._port = node.create_mailbox(self.reply_mailbox, port=True)
         self._closed = False
         self._reader = threading.Thread(target=self._run, name="rpc-client", daemon=True)
@@ -270,7 +292,12 @@ class Client(_ClientBase):
         cannot be marshalled, :class:`RpcError` (:class:`RemoteError` if the
         handler raised) when the call does not return a result.
         """
-        return self.invoke(dest, method, args, kwargs).result()
+        with self._lock:
+            self._waiting += 1  # this thread will wait: the background reader stays out
+        try:
+            return self.invoke(dest, method, args, kwargs).result()
+        finally:
+            self._stop_waiting()
 
     def invoke(
         self,
@@ -303,12 +330,18 @@ class Client(_ClientBase):
             call = Call(self, counter, method)
             self._calls[counter] = call
             self._step(now)
+            if not self._waiting:
+                self._idle.notify()  # nobody waits for it (yet): the background thread reads
         return call
 
     def stub(
-        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+        self, interface: Callable[..., T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
     ) -> T:
         """An object with ``interface``'s public methods that call them at ``dest``.
+
+        ``interface`` is a class or a ``typing.Protocol`` (typed ``Callable[..., T]``
+        rather than ``type[T]``, which mypy refuses for a Protocol); the stub has its
+        type, so a type checker checks the calls.
 
         Arguments are checked against each method's signature and marshalled
         before anything is sent (``UsageError``/``MarshalError``).
@@ -333,13 +366,15 @@ class Client(_ClientBase):
         """Stop the reader and delete the reply port; calls still waiting fail UNAVAILABLE."""
         if self._closed:
             return
-        self._closed = True
-        self._reader.join(2 * _POLL + 1.0)
-        self._abandon("the RPC client closed")
+        with self._lock:
+            self._closed = True
+            self._idle.notify_all()
         try:
-            self._port.delete()
+            self._port.delete()  # wakes a reader
         except errors.ReliableError:
             pass
+        self._reader.join(5.0)
+        self._abandon("the RPC client closed")
 
     def __enter__(self) -> Client:
         return self
@@ -355,48 +390,125 @@ class Client(_ClientBase):
             self.core.cancel(counter, now)
             self._step(now)
 
-    def _run(self) -> None:
-        while not self._closed:
+    def _wait_for(self, call: Call, timeout: float | None) -> CallDone:
+        """Wait for ``call``'s outcome, reading the reply port when nobody else does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        lock = self._lock
+        with lock:
+            self._waiting += 1
             try:
-                msg = self._port.receive(timeout=self._wait(time.monotonic()))
-            except errors.ReceiveTimeout:
-                msg = None
-            except (errors.NodeClosed, errors.MailboxDeleted):
-                self._closed = True
-                self._abandon("the node closed")
-                return
-            with self._lock:
-                now = time.monotonic()
-                if msg is not None:
-                    self.core.receive(msg.data, msg.source, now)
-                self._step(now)
+                while call._done is None:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        raise TimeoutError(f"no outcome for call {call.counter} in {timeout} s")
+                    if self._reading or self._closed:
+                        wake = threading.Condition(lock)
+                        sleepers = self._asleep.setdefault(call.counter, [])
+                        sleepers.append(wake)
+                        try:
+                            wake.wait(None if deadline is None else deadline - now)
+                        finally:
+                            sleepers.remove(wake)
+                            if not sleepers:
+                                del self._asleep[call.counter]
+                        continue
+                    self._read(now, deadline)
+                return call._done
+            finally:
+                self._stop_waiting()
 
-    def _on_fate(self, key: int, handle: SendHandle) -> None:
-        self._fates.append((key, handle))
+    def _stop_waiting(self) -> None:
         with self._lock:
-            self._step(time.monotonic())
+            self._waiting -= 1
+            if not self._waiting and self._calls:
+                self._idle.notify()  # calls nobody waits for: the background thread reads
 
-    def _step(self, now: float) -> None:
-        core = self.core
-        while self._fates:
-            key, handle = self._fates.popleft()
-            self._handles.pop(key, None)
+    def _read(self, now: float, deadline: float | None) -> None:
+        """Lock held once, the reading role free: take it, wait on the reply port up to the
+        core's next timer (or ``deadline``, or ``FATE_WAIT`` while a fate is pending),
+        feed what came, give the role back."""
+        timer = self.core.get_timer()
+        times = [t for t in (timer, deadline) if t is not None]
+        if self._handles:
+            times.append(now + FATE_WAIT)
+        wait = max(0.0, min(times) - now) if times else None
+        self._reading = True
+        self._lock.release()
+        msg = None
+        gone = False
+        try:
+            msg = self._port.receive(timeout=wait)
+        except errors.ReceiveTimeout:
+            pass
+        except _PORT_GONE:
+            gone = True
+        finally:
+            self._lock.acquire()
+            self._reading = False
+        if gone:
+            why = "the RPC client closed" if self._closed else "its node or reply port is gone"
+            self._closed = True
+            self._abandon(why)
+            return
+        now = time.monotonic()
+        if msg is not None:
+            self.core.receive(msg.data, msg.source, now)
+        self._step(now)
+        for counter, sleepers in self._asleep.items():
+            if counter in self._calls:  # still pending: it takes the free reading role
+                sleepers[0].notify()
+                break
+
+    def _run(self) -> None:
+        """The background reader: reads only while calls are pending that no thread
+        waits for, handing over to a caller within ``FATE_WAIT``."""
+        with self._lock:
+            while not self._closed:
+                if self._waiting or self._reading or not self._calls:
+                    self._idle.wait()
+                    continue
+                now = time.monotonic()
+                self._read(now, now + FATE_WAIT)
+
+    def _fates(self, now: float) -> None:
+        """Lock held: hand the core the fates of the sends that have one."""
+        handles = self._handles
+        for key in [key for key, handle in handles.items() if handle.done()]:
+            handle = handles.pop(key)
             error = handle.exception()
             if error is None:
-                core.sent(key, handle.result().incarnation, now)
+                self.core.sent(key, handle.result().incarnation, now)
             else:
-                core.send_failed(key, error, now)
-        self._drive(self.node, self._handles, now, SendHandle.cancel, self._on_fate)
+                self.core.send_failed(key, error, now)
+
+    def _step(self, now: float) -> None:
+        """Lock held: hand fates to the core, drive it, end the calls it finished.
+
+        Fates are looked up here, not delivered by callbacks: every thread that
+        waits on the port steps at least every ``FATE_WAIT`` while sends are pending.
+        """
+        core = self.core
+        if self._handles:
+            self._fates(now)
+        self._drive(self.node, self._handles, now, SendHandle.cancel, None)
+        if self._handles:
+            self._fates(now)  # withdrawn (or failed at once) just now
+            self._drive(self.node, self._handles, now, SendHandle.cancel, None)
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
-                call._future.set_result(done)
+                call._done = done
+                for wake in self._asleep.get(done.counter, ()):
+                    wake.notify()
 
     def _abandon(self, why: str) -> None:
         with self._lock:
             calls, self._calls = self._calls, {}
-        for call in calls.values():
-            call._future.set_result(_unavailable(call.counter, why))
+            for call in calls.values():
+                call._done = _unavailable(call.counter, why)
+            for sleepers in self._asleep.values():
+                for wake in sleepers:
+                    wake.notify()
 
 
 class AsyncClient(_ClientBase):
@@ -419,10 +531,13 @@ class AsyncClient(_ClientBase):
         self._futures: dict[int, asyncio.Future[CallDone]] = {}
         self._handles: dict[int, AsyncSendHandle] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._timer: LoopTimer | None = None
         self._closed = False
 
     async def start(self) -> AsyncClient:
         if self._reader is None:
+            loop = asyncio.get_running_loop()
+            self._timer = LoopTimer(loop, lambda: self._step(loop.time()))
             self._port = self.node.create_mailbox(self.reply_mailbox, port=True)
             self._reader = asyncio.create_task(self._run(), name="rpc-client")
         return self
@@ -439,6 +554,8 @@ class AsyncClient(_ClientBase):
         self._closed = True
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._abandon("the RPC client closed")
         try:
             self._port.delete()
@@ -492,9 +609,10 @@ class AsyncClient(_ClientBase):
         return _outcome(done, method)
 
     def stub(
-        self, interface: type[T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
+        self, interface: Callable[..., T], dest: str | tuple[Any, ...], *, timeout: Any = _DEFAULT
     ) -> T:
-        """As :meth:`Client.stub`; its methods are coroutines."""
+        """As :meth:`Client.stub`; its methods are coroutines (declare them ``async def``
+        in the interface)."""
         client = self
 
         def make(name: str, signature: inspect.Signature) -> Callable[..., Any]:
@@ -512,16 +630,13 @@ class AsyncClient(_ClientBase):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self._closed:
+        while True:
             try:
-                msg = await self._port.receive(timeout=self._wait(loop.time()))
-            except errors.ReceiveTimeout:
-                msg = None
-            except (errors.NodeClosed, errors.MailboxDeleted):
+                msg = await self._port.receive()  # the core's timers: self._timer
+            except _PORT_GONE:
                 self._abandon("the node closed")
                 return
-            if msg is not None:
-                self.core.receive(msg.data, msg.source, loop.time())
+            self.core.receive(msg.data, msg.source, loop.time())
             self._step(loop.time())
 
     def _on_fate(self, key: int, handle: asyncio.Future[Any]) -> None:
@@ -542,6 +657,8 @@ class AsyncClient(_ClientBase):
             future = self._futures.pop(done.counter, None)
             if future is not None and not future.done():
                 future.set_result(done)
+        if self._timer is not None:
+            self._timer.arm(core.get_timer())
 
     def _abandon(self, why: str) -> None:
         futures, self._futures = self._futures, {}

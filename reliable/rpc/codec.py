@@ -92,17 +92,30 @@ def _from_json(value: Any) -> Any:
     return value
 
 
+# One encoder and one decoder for every call (json.dumps with options builds a new one
+# each time).
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_json_decode = json.JSONDecoder().decode
+
+
+_NO_ARGUMENTS = b"[[],{}]"  # a call without arguments, in JSON
+
+
 class JsonCodec:
     """JSON (UTF-8), with bytes as ``{"$b": base64}``; the default codec."""
 
     name = "json"
 
     def encode(self, value: Any) -> bytes:
-        return json.dumps(_to_json(value, ""), separators=(",", ":"), allow_nan=False).encode()
+        if value is None:
+            return b"null"  # the result of most procedures
+        return _json_encode(_to_json(value, "")).encode()
 
     def decode(self, data: bytes) -> Any:
+        if data == b"null":
+            return None
         try:
-            return _from_json(json.loads(data))
+            return _from_json(_json_decode(bytes(data).decode()))
         except (UnicodeDecodeError, RecursionError, TypeError) as exc:
             raise ValueError(f"undecodable JSON: {exc}") from None
 
@@ -196,6 +209,8 @@ def marshal_call(
     On failure, raises :class:`MarshalError` naming the argument (by parameter
     name when ``names`` gives them, else by position) and what in it failed.
     """
+    if not args and not kwargs and isinstance(codec, JsonCodec):
+        return _NO_ARGUMENTS
     try:
         return codec.encode([list(args), dict(kwargs)])
     except (MarshalError, TypeError, ValueError, OverflowError):  # a codec's own error too

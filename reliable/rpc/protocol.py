@@ -101,6 +101,8 @@ NO_TIMEOUT = 0xFFFFFFFF  #: timeout_ms meaning "no deadline"
 _HEAD = struct.Struct("!2sBB")  # magic, version, kind
 _REQUEST = struct.Struct("!QQBIQ")  # incarnation, counter, flags, timeout_ms, expect
 _REPLY = struct.Struct("!QQBB")  # incarnation, counter, status, executed
+_REQUEST_ALL = struct.Struct("!2sBBQQBIQ")  # _HEAD and _REQUEST in one go
+_REPLY_ALL = struct.Struct("!2sBBQQBB")  # _HEAD and _REPLY in one go
 _CANCEL = struct.Struct("!QQ")
 _EXECUTABLE = 0x01
 _EXECUTED_CODE = {False: 0, True: 1, None: 2}
@@ -149,11 +151,20 @@ class Cancel:
     reply_mailbox: str
 
 
+_STR8: dict[str, bytes] = {}  # method, mailbox and codec names seen: each call repeats them
+
+
 def _str8(text: str) -> bytes:
+    known = _STR8.get(text)
+    if known is not None:
+        return known
     raw = text.encode()
     if len(raw) > 255:
         raise errors.UsageError(f"{text[:20]!r}... is over 255 bytes of UTF-8; shorten it")
-    return bytes((len(raw),)) + raw
+    if len(_STR8) >= 4096:
+        _STR8.clear()
+    encoded = _STR8[text] = bytes((len(raw),)) + raw
+    return encoded
 
 
 def _read_str8(data: bytes, at: int) -> tuple[str, int]:
@@ -167,35 +178,61 @@ def _read_str8(data: bytes, at: int) -> tuple[str, int]:
 
 
 def encode_request(request: Request) -> bytes:
-    inc, counter = request.call_id
+    return _pack_request(
+        request.call_id,
+        request.executable,
+        request.timeout_ms,
+        request.expect,
+        request.reply_mailbox,
+        request.method,
+        request.codec,
+        request.payload,
+    )
+
+
+def _pack_request(
+    call_id: CallId,
+    executable: bool,
+    timeout_ms: int,
+    expect: int,
+    reply_mailbox: str,
+    method: str,
+    codec: str,
+    payload: bytes,
+) -> bytes:
+    inc, counter = call_id
     return b"".join(
         (
-            _HEAD.pack(MAGIC, VERSION, Kind.REQUEST),
-            _REQUEST.pack(
+            _REQUEST_ALL.pack(
+                MAGIC,
+                VERSION,
+                Kind.REQUEST,
                 inc,
                 counter,
-                _EXECUTABLE if request.executable else 0,
-                request.timeout_ms,
-                request.expect,
+                _EXECUTABLE if executable else 0,
+                timeout_ms,
+                expect,
             ),
-            _str8(request.reply_mailbox),
-            _str8(request.method),
-            _str8(request.codec),
-            request.payload,
+            _str8(reply_mailbox),
+            _str8(method),
+            _str8(codec),
+            payload,
         )
     )
 
 
 def encode_reply(reply: Reply) -> bytes:
-    inc, counter = reply.call_id
-    return b"".join(
-        (
-            _HEAD.pack(MAGIC, VERSION, Kind.REPLY),
-            _REPLY.pack(inc, counter, reply.status, _EXECUTED_CODE[reply.executed]),
-            _str8(reply.codec),
-            reply.body,
-        )
+    return _pack_reply(reply.call_id, reply.status, reply.executed, reply.codec, reply.body)
+
+
+def _pack_reply(
+    call_id: CallId, status: Status, executed: bool | None, codec: str, body: bytes
+) -> bytes:
+    inc, counter = call_id
+    head = _REPLY_ALL.pack(
+        MAGIC, VERSION, Kind.REPLY, inc, counter, status, _EXECUTED_CODE[executed]
     )
+    return b"".join((head, _str8(codec), body))
 
 
 def encode_cancel(cancel: Cancel) -> bytes:
@@ -227,8 +264,8 @@ def decode(data: bytes) -> Request | Reply | Cancel | Hello:
     at = _HEAD.size
     try:
         if kind == Kind.REQUEST:
-            inc, counter, flags, timeout_ms, expect = _REQUEST.unpack_from(data, at)
-            at += _REQUEST.size
+            _, _, _, inc, counter, flags, timeout_ms, expect = _REQUEST_ALL.unpack_from(data)
+            at = _REQUEST_ALL.size
             reply_mailbox, at = _read_str8(data, at)
             method, at = _read_str8(data, at)
             codec, at = _read_str8(data, at)
@@ -243,8 +280,8 @@ def decode(data: bytes) -> Request | Reply | Cancel | Hello:
                 payload=data[at:],
             )
         if kind == Kind.REPLY:
-            inc, counter, status, executed = _REPLY.unpack_from(data, at)
-            at += _REPLY.size
+            _, _, _, inc, counter, status, executed = _REPLY_ALL.unpack_from(data)
+            at = _REPLY_ALL.size
             codec, at = _read_str8(data, at)
             if executed not in _EXECUTED_VALUE:
                 raise ValueError("bad executed flag")
@@ -382,6 +419,7 @@ class ServerCore:
         self._running = 0
         self._out: list[Outgoing] = []
         self._events: deque[CancelCall] = deque()
+        self.closing = False  #: :meth:`close` was called: no call starts any more
         self.stats = ServerStats()
 
     @property
@@ -428,6 +466,17 @@ class ServerCore:
                 None,
                 error_body("", "the server restarted while the call was on its way; "
                            "its previous life may have run it"),
+            )
+            return
+        if req.executable and self.closing:
+            self.stats.refused += 1
+            self._reply_to(
+                source,
+                req.reply_mailbox,
+                req.call_id,
+                Status.UNAVAILABLE,
+                False,
+                error_body("", "the server is closing; the call was not executed"),
             )
             return
         if not req.executable:
@@ -518,6 +567,23 @@ class ServerCore:
         else:
             self._out.append(Outgoing(source, cancel.reply_mailbox, entry.reply))
 
+    def close(self, now: float) -> None:
+        """The server stops taking calls: every queued call is answered UNAVAILABLE,
+        not executed (its client may call again elsewhere), and later executable
+        requests are refused the same way. Running calls finish as usual
+        (:meth:`finish`); retries are still answered from the cache."""
+        self.closing = True
+        while self._queue:
+            call_id = self._queue.popleft()
+            self._finish(
+                call_id,
+                self._entries[call_id],
+                Status.UNAVAILABLE,
+                False,
+                error_body("", "the server closed before the call started; it was not executed"),
+                now,
+            )
+
     def start_next(self, now: float) -> StartCall | None:
         """The next queued call to run, if a worker is free (``max_concurrency``)."""
         while self._queue and self._running < self.max_concurrency:
@@ -585,9 +651,7 @@ class ServerCore:
         entry.request = None
         entry.done_at = now
         self._active.pop(call_id, None)
-        entry.reply = encode_reply(
-            Reply(call_id=call_id, status=status, executed=executed, codec=codec, body=body)
-        )
+        entry.reply = _pack_reply(call_id, status, executed, codec, body)
         self._done[call_id] = None
         self._out.append(Outgoing(entry.peer, entry.reply_mailbox, entry.reply))
 
@@ -600,9 +664,7 @@ class ServerCore:
         executed: bool | None,
         body: bytes,
     ) -> None:
-        data = encode_reply(
-            Reply(call_id=call_id, status=status, executed=executed, codec="json", body=body)
-        )
+        data = _pack_reply(call_id, status, executed, "json", body)
         self._out.append(Outgoing(dest, mailbox, data))
 
     def _evict(self, now: float) -> None:
@@ -938,11 +1000,12 @@ class ClientCore:
         if (
             msg.executed is False
             and call.anycast
-            and msg.status is Status.RESOURCE_EXHAUSTED
+            and msg.status in (Status.RESOURCE_EXHAUSTED, Status.UNAVAILABLE)
             and len(call.members) > 1
             and call.cancelled_at is None
         ):
-            call.tried.append((call.target, "busy"))
+            busy = msg.status is Status.RESOURCE_EXHAUSTED
+            call.tried.append((call.target, "busy" if busy else "closing"))
             self._failover(call, now)
             return
         self._end(
@@ -1052,17 +1115,15 @@ class ClientCore:
             timeout_ms = (
                 NO_TIMEOUT if left is None else max(0, min(int(left * 1000), NO_TIMEOUT - 1))
             )
-            data = encode_request(
-                Request(
-                    call_id=call_id,
-                    executable=kind == "exec",
-                    timeout_ms=timeout_ms,
-                    expect=expect or 0,
-                    reply_mailbox=self.reply_mailbox,
-                    method=call.method,
-                    codec=call.codec,
-                    payload=call.payload if kind == "exec" else b"",
-                )
+            data = _pack_request(
+                call_id,
+                kind == "exec",
+                timeout_ms,
+                expect or 0,
+                self.reply_mailbox,
+                call.method,
+                call.codec,
+                call.payload if kind == "exec" else b"",
             )
             timeout = left
             if kind == "retry":
@@ -1084,6 +1145,13 @@ class ClientCore:
         codec: str = "json",
         type_name: str = "",
     ) -> None:
+        if call.cancelled_at is not None and status is not Status.CANCELLED:
+            # The application cancelled it: whatever came back (the handler's result, an
+            # error, a failure of the transport), the outcome is CANCELLED, with what is
+            # known of whether it ran. A result that arrived before cancel() is kept.
+            said = "answered OK" if status is Status.OK else f"{status.name}: {details}"
+            details = f"cancelled; the server {said}" if executed is True else f"cancelled; {said}"
+            status, body, codec, type_name = Status.CANCELLED, b"", "json", ""
         del self._calls[call.counter]
         for key, kind in call.sends.items():
             self._keys.pop(key, None)
