@@ -8,7 +8,11 @@ nothing to remember (dedupe with bounded memory). Packets in
 ``[expected, expected + max_window)`` wait in ``ooo`` until the gap before
 them fills; anything further out is dropped, so the reorder buffer holds at
 most ``max_window`` datagrams. In-order packets feed reassembly, which holds
-at most one partial message of at most ``max_message_size`` bytes.
+at most one partial message of at most ``max_message_size`` bytes. A message
+of one fragment marked ``nested`` (``Flag.NESTED``: the sender's higher
+priority) may arrive between two fragments of the partial one: it is
+delivered at once and the partial message goes on. Any other new message
+ends the partial one (its sender abandoned it).
 
 The first packet of a new peer incarnation sets ``expected`` to the *base* it
 carries (the sender's lowest outstanding sequence number), so a session may
@@ -300,7 +304,7 @@ class ReceiveStream:
     def _reassemble(self, frag: Fragment, seq: int, delivered: list[Delivery]) -> None:
         partial = self.partial
         if frag.index == 0:
-            if partial is not None:
+            if partial is not None and (frag.count > 1 or not frag.nested):
                 self.reassembly_errors += 1
                 self._end_partial()
             reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
@@ -414,7 +418,7 @@ class ReceiveStream:
             need -= sum(
                 len(f.payload)
                 for later, f in self.ooo.items()
-                if f.msg_id == wire_id and seq < later < seq + frag.count
+                if f.msg_id == wire_id and seq < later < seq + frag.count + self.max_window
             )
         if self.budget.used + need > self.budget.limit:
             return True
@@ -463,7 +467,7 @@ class ReceiveStream:
             partial is not None
             and partial.reserved > 0
             and frag.msg_id == partial.msg_id & 0xFFFFFFFF
-            and partial.first_seq < seq < partial.first_seq + partial.count
+            and partial.first_seq < seq < partial.first_seq + partial.count + self.max_window
         )
 
     def _unstore(self, frag: Fragment, seq: int) -> None:

@@ -159,16 +159,21 @@ class Flag(enum.IntFlag):
     ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
     CONTROL = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
     COOKIE = 0x0008  #: an address-validation cookie follows the header
+    #: DATA only: a fragment in it is a one-datagram message sent between two fragments
+    #: of a lower-priority one. Receivers that predate priority interleaving refuse the
+    #: bit (unknown flags are malformed) instead of losing the interrupted message.
+    NESTED = 0x0010
     AUTHENTICATED = 0x0100  #: sealed with a MAC (set by the security layer)
     ENCRYPTED = 0x0200  #: sealed with an AEAD (set by the security layer)
 
 
 #: The security-mode bits; a datagram carries at most one, and only sealed ones do.
 MODE_FLAGS = int(Flag.AUTHENTICATED | Flag.ENCRYPTED)
-_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE)
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE | Flag.NESTED)
 # Plain ints for the per-packet paths: enum flag arithmetic costs microseconds a packet.
 _CONTROL = int(Flag.CONTROL)
 _COOKIE = int(Flag.COOKIE)
+_NESTED = int(Flag.NESTED)
 _KINDS = {int(k): k for k in Kind}
 _FLAGS_OFFSET = 4  # of the u16 flags field in the header
 
@@ -223,6 +228,9 @@ class Fragment:
     #: A view into a larger buffer when that saves copying a big fragment (see decode).
     payload: bytes | memoryview
     control: bool = False  #: carried as :attr:`Flag.CONTROL`: a message for the node itself
+    #: sent between two fragments of another message (:attr:`Flag.NESTED`; on decoding,
+    #: set on every fragment of a datagram that carries the flag)
+    nested: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -368,6 +376,12 @@ def encode_body(packet: Packet) -> bytes:
         flags |= _CONTROL
     elif flags & _CONTROL:
         raise ValueError("Flag.CONTROL belongs on DATA packets whose fragment is control")
+    if packet.fragment is not None and (
+        packet.fragment.nested or (packet.bundle and any(f.nested for f in packet.bundle))
+    ):
+        flags |= _NESTED
+    elif flags & _NESTED and packet.kind != Kind.DATA:
+        raise ValueError("Flag.NESTED belongs on DATA packets")
     if flags & _COOKIE:
         raise ValueError("Flag.COOKIE is set from Packet.cookie")
     if packet.cookie is not None:
@@ -523,17 +537,20 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         offset += group_len
     if kind in _DATA_KINDS:
         control = bool(flags & _CONTROL)
-        fragment, offset = _decode_fragment(data, offset, end, control)
+        nested = bool(flags & _NESTED)
+        fragment, offset = _decode_fragment(data, offset, end, control, nested)
         if offset != end:
             if kind != Kind.DATA:
                 raise MalformedPacket("length", "a GDATA packet carries one fragment")
             more = []
             while offset != end:
-                extra, offset = _decode_fragment(data, offset, end, control)
+                extra, offset = _decode_fragment(data, offset, end, control, nested)
                 more.append(extra)
             bundle = tuple(more)
     elif flags & _CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
+    if flags & _NESTED and kind != Kind.DATA:
+        raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
     elif kind == Kind.AUTH_FAILED:
         if offset + _REFUSAL.size != end:
             raise MalformedPacket("length", "AUTH_FAILED carries one byte")
@@ -574,7 +591,7 @@ def _payload(data: bytes | memoryview, start: int, stop: int) -> bytes | memoryv
 
 
 def _decode_fragment(
-    data: bytes | memoryview, offset: int, end: int, control: bool
+    data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
@@ -611,4 +628,5 @@ def _decode_fragment(
         mailbox=mailbox,
         payload=_payload(data, offset, stop),
         control=control,
+        nested=nested,
     ), stop
