@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from reliable import events, wire
 from reliable.sender import PRIORITY_SHARE
 
@@ -108,3 +110,18 @@ def test_low_priority_big_message_keeps_its_share_under_a_stream_of_urgent_ones(
     # fragment of its own, far before the 400 urgent ones end.
     assert got.index(low) <= SHARE * (fragments + 1)
     assert p.b.endpoint._peers[A].receiver.reassembly_errors == 0
+
+
+def test_nested_is_a_data_flag_only() -> None:
+    frag = wire.Fragment(
+        seq=1, base=1, msg_id=0, index=0, count=1, total_len=1,
+        msg_type=0, priority=0, mailbox="", payload=b"x", nested=True,
+    )  # fmt: skip
+    raw = wire.encode(wire.Packet(kind=wire.Kind.DATA, src_incarnation=5, fragment=frag))
+    pkt = wire.decode(raw)
+    assert pkt.flags & wire.Flag.NESTED and pkt.fragment is not None and pkt.fragment.nested
+    body = bytearray(wire.encode_body(wire.Packet(kind=wire.Kind.PING, src_incarnation=5)))
+    wire.decode(wire.with_crc(bytes(body)))  # valid as it is
+    body[4:6] = int(wire.Flag.NESTED).to_bytes(2, "big")
+    with pytest.raises(wire.MalformedPacket, match="NESTED"):
+        wire.decode(wire.with_crc(bytes(body)))
