@@ -116,7 +116,9 @@ def open_socket(
     keeps the socket ready to read (a wrapper without ``recvmsg``, such as
     netem's ``FaultySocket``, cannot). ``offload`` turns on UDP GSO and GRO
     where the OS has them (:mod:`reliable.udpio`); likewise only for a caller
-    that reads with :func:`drain_socket`, which splits coalesced reads.
+    that reads with :func:`drain_socket`, which splits coalesced reads. It
+    also sets DF without the kernel's path MTU cache, for the core's path MTU
+    probes (:func:`reliable.udpio.set_probe_mtu`).
     """
     family, sockaddr = resolve_address(bind, allow_zero_port=True)
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -130,6 +132,7 @@ def open_socket(
             enable_error_queue(sock)
         if offload:
             udpio.enable(sock)
+            udpio.set_probe_mtu(sock)
         sock.bind(sockaddr)
         sock.setblocking(False)
     except OSError as exc:

@@ -17,7 +17,8 @@ Linux (4.18+ for sending, 5.0+ for receiving) moves them in bulk:
   message giving the segment size; :func:`receive` splits it again.
 
 Both are decided per socket by :func:`enable` (the adapters call it through
-``open_socket(..., offload=True)``): GRO is asked of the kernel, GSO is
+``open_socket(..., offload=True)``, which also sets DF for path MTU probing:
+:func:`set_probe_mtu`): GRO is asked of the kernel, GSO is
 tried with ``getsockopt``; anything missing (another OS, an old kernel, a
 wrapper such as netem's ``FaultySocket``, ``RMSG_UDP_OFFLOAD=0`` in the
 environment) leaves plain ``sendto``/``recvfrom``. A socket that reads with
@@ -53,6 +54,7 @@ __all__ = [
     "receive",
     "run_end",
     "send_segments",
+    "set_probe_mtu",
 ]
 
 # Linux's numbers (include/uapi/linux/udp.h); the socket module does not export them.
@@ -117,6 +119,34 @@ def enable(sock: Any, *, gso: bool = True, gro: bool = True) -> Offload | None:
     offload = Offload(can_gso, can_gro)
     _SOCKETS[sock] = offload
     return offload
+
+
+# ip(7), ipv6(7): DF set, the kernel's path MTU cache ignored (RFC 8899's probing needs both)
+_IP_MTU_DISCOVER = 10
+_IPV6_MTU_DISCOVER = 23
+_PMTUDISC_PROBE = 3
+
+
+def set_probe_mtu(sock: socket.socket) -> bool:
+    """Send with DF and without the kernel's path MTU cache (``IP_PMTUDISC_PROBE``).
+
+    The core's path MTU discovery (:mod:`reliable.pmtud`) then sees a probe too
+    big for the path lost, rather than fragmented by the kernel; a datagram
+    too big for the local interface fails with ``EMSGSIZE``, which the
+    adapters drop like any send error that says nothing about the peer.
+    Returns whether the option took (Linux only: the numbers are Linux's).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if sock.family == socket.AF_INET6:
+        level, option = socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER
+    else:
+        level, option = socket.IPPROTO_IP, _IP_MTU_DISCOVER
+    try:
+        sock.setsockopt(level, option, _PMTUDISC_PROBE)
+    except OSError:
+        return False
+    return True
 
 
 def offload_of(sock: Any) -> Offload | None:

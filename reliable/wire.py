@@ -54,6 +54,7 @@ __all__ = [
     "MSG_TYPE_MIN",
     "SECURITY_OVERHEAD",
     "PRIORITY_MAX",
+    "PROBE_OVERHEAD",
     "SERIAL_BITS",
     "VERSION",
     "Flag",
@@ -107,6 +108,9 @@ _FRAGMENT = struct.Struct("!IIIIIIiHB")
 _PAYLOAD_LEN = struct.Struct("!H")
 _TRAILER = struct.Struct("!I")
 _REFUSAL = struct.Struct("!B")
+_PROBE = struct.Struct("!I")
+#: Bytes a PROBE spends beyond :data:`HEADER_OVERHEAD` before its padding.
+PROBE_OVERHEAD = _PROBE.size
 _PREAMBLE = struct.Struct("!HB")  # magic, version
 
 #: Bytes of an address-validation cookie (``Flag.COOKIE``).
@@ -139,6 +143,8 @@ class Kind(enum.IntEnum):
     CHALLENGE = 6  #: "prove you are at this address": echo the cookie it carries
     AUTH_FAILED = 7  #: "your datagram failed my security check" (sent unsealed)
     DROPPED = 8  #: "I dropped what you sent me below ``ack``: fail it, and go on from there"
+    PROBE = 9  #: a path MTU probe: a probe number and padding (reliable/pmtud.py)
+    PROBE_ACK = 10  #: "your probe of this number arrived"
     # Group addressing (docs/protocol.md section 10); each carries a group name.
     GDATA = 16  #: one fragment of a group message, sent to the group address
     GACK = 17  #: a member's ack state for one sender's group stream (unicast to it)
@@ -252,6 +258,8 @@ class Packet:
     group: str = ""  #: group kinds only: the group (or anycast service) name
     #: DATA only: further fragments packed into the same datagram, in order.
     bundle: tuple[Fragment, ...] = ()
+    probe: int = 0  #: PROBE and PROBE_ACK: the probe number (32 bits)
+    padding: int = 0  #: PROBE: bytes of padding after the probe number
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
@@ -265,6 +273,7 @@ class Packet:
 GROUP_KINDS = frozenset(k for k in Kind if k >= 16)
 _GROUP_KIND_VALUES = frozenset(int(k) for k in GROUP_KINDS)
 _DATA_KINDS = frozenset((Kind.DATA, Kind.GDATA))
+_PROBE_KINDS = frozenset((Kind.PROBE, Kind.PROBE_ACK))
 #: Longest group or service name, in UTF-8 bytes.
 MAX_GROUP_BYTES = 255
 _GROUP_LEN = struct.Struct("!B")
@@ -328,6 +337,8 @@ def encoded_size(packet: Packet) -> int:
         size += 1 + len(packet.group.encode("utf-8"))
     if packet.kind == Kind.AUTH_FAILED:
         size += _REFUSAL.size
+    elif packet.kind in _PROBE_KINDS:
+        size += _PROBE.size + packet.padding
     return size
 
 
@@ -423,6 +434,12 @@ def encode_body(packet: Packet) -> bytes:
                 _encode_fragment(frag, parts)
         elif packet.kind == Kind.AUTH_FAILED:
             parts.append(_REFUSAL.pack(packet.refusal))
+        elif packet.kind in _PROBE_KINDS:
+            parts.append(_PROBE.pack(packet.probe))
+            if packet.padding:
+                if packet.kind != Kind.PROBE:
+                    raise ValueError("only a PROBE carries padding")
+                parts.append(bytes(packet.padding))
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
     return b"".join(parts)
@@ -522,6 +539,7 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
+    probe = padding = 0
     group = ""
     if kind_value in _GROUP_KIND_VALUES:
         if offset >= end:
@@ -538,6 +556,8 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
     if kind in _DATA_KINDS:
         control = bool(flags & _CONTROL)
         nested = bool(flags & _NESTED)
+        if nested and kind != Kind.DATA:
+            raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
         fragment, offset = _decode_fragment(data, offset, end, control, nested)
         if offset != end:
             if kind != Kind.DATA:
@@ -549,12 +569,17 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
             bundle = tuple(more)
     elif flags & _CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
-    if flags & _NESTED and kind != Kind.DATA:
+    elif flags & _NESTED and kind != Kind.DATA:
         raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
     elif kind == Kind.AUTH_FAILED:
         if offset + _REFUSAL.size != end:
             raise MalformedPacket("length", "AUTH_FAILED carries one byte")
         (refusal,) = _REFUSAL.unpack_from(data, offset)
+    elif kind in _PROBE_KINDS:
+        if offset + _PROBE.size > end or (kind == Kind.PROBE_ACK and offset + _PROBE.size != end):
+            raise MalformedPacket("length", f"a {kind.name} carries a 4-byte probe number")
+        (probe,) = _PROBE.unpack_from(data, offset)
+        padding = end - offset - _PROBE.size
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
     return Packet(
@@ -572,6 +597,8 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         fragment=fragment,
         group=group,
         bundle=bundle,
+        probe=probe,
+        padding=padding,
     )
 
 
