@@ -1195,7 +1195,7 @@ def bench(
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
       rmsg bench --from figures.json --plot bench.png     # draw a saved run again
-      sudo rmsg bench --veth --rounds 3                   # across namespaces, real MTU
+      rmsg bench --veth --rounds 3                        # as root: namespaces, real MTU
     """
     from .bench import format_report, run_bench
 

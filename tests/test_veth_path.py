@@ -71,3 +71,34 @@ def test_a_veth_path_is_discovered_and_crossed_with_segmentation_offload(testnet
     assert result["datagram_size"] == 1472 and result["probes_acked"] >= 1
     if result["gso"]:  # (a kernel without UDP GSO takes the one-by-one path)
         assert result["gso_sends"] > 0
+
+
+def test_rmsg_bench_veth_reports_its_rows_and_leaves_no_namespace(rmsg_exe: str) -> None:
+    """A smoke run of `rmsg bench --veth`: it works and cleans up; figures are not judged."""
+    from tools.testnet import available
+
+    reason = available()
+    if reason is not None:
+        pytest.skip(reason)
+    bench = subprocess.Popen(
+        [rmsg_exe, "bench", "--veth", "--quick", "--duration", "0.2", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = bench.communicate(timeout=110)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(10)
+    assert bench.returncode == 0, err
+    figures = json.loads(out)
+    assert figures["path"] == "veth"
+    rows = {(t["transport"], t["size"]) for t in figures["throughput"]}
+    big = 16 << 20
+    assert rows == {("udp", 1024), ("tcp", 1024), ("rmsg", 1024), ("tcp", big), ("rmsg", big)}
+    assert all(t["messages"] > 0 for t in figures["throughput"])
+    # tools/testnet.py names a run's namespaces after its pid: the bench's are all gone
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [n for n in listed.split() if n.startswith(f"rt{bench.pid:x}")]
