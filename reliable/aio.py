@@ -285,7 +285,7 @@ class AsyncNode:
         sock = (
             self._given_sock
             if self._given_sock is not None
-            else open_socket(self._bind, error_queue=True)
+            else open_socket(self._bind, error_queue=True, offload=True)
         )
         sock.setblocking(False)
         self._sock = sock

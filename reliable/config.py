@@ -46,6 +46,12 @@ class Config:
     """Largest UDP payload sent to a peer at a loopback address (127.0.0.0/8,
     ::1), whose path carries 64 KiB datagrams whole. ``None`` uses
     ``max_datagram_size`` there too."""
+    pmtu_max: int | None = 1472
+    """Largest datagram path MTU discovery probes for (reliable/pmtud.py, RFC 8899)
+    on paths that are not loopback: datagrams start at ``max_datagram_size`` and
+    grow to what probes confirm. 1472 is an Ethernet MTU less the IPv4 and UDP
+    headers; raise it for jumbo frames. ``None`` (or a value not above
+    ``max_datagram_size``) keeps datagrams at ``max_datagram_size``."""
     max_message_size: int = 16 * 1024 * 1024
     """Largest message accepted by ``send`` and by the receiver's reassembly."""
 
@@ -227,6 +233,12 @@ class Config:
             raise UsageError(
                 f"Config.loopback_datagram_size must be between {_MIN_DATAGRAM} and 65507 "
                 f"(the largest UDP payload) or None, got {loopback}"
+            )
+        pmtu_max = self.pmtu_max
+        if pmtu_max is not None and not _MIN_DATAGRAM <= pmtu_max <= 65507:
+            raise UsageError(
+                f"Config.pmtu_max must be between {_MIN_DATAGRAM} and 65507 "
+                f"(the largest UDP payload) or None, got {pmtu_max}"
             )
         if self.max_window > 0xFFFF:
             raise UsageError(f"Config.max_window must be at most 65535, got {self.max_window}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import itertools
 import json
 import os
 import socket
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, Protocol
 
-from . import errors, events
+from . import errors, events, udpio
 from .addressing import (
     Address,
     GroupAddress,
@@ -119,14 +120,20 @@ class DatagramSocket(Protocol):
     def close(self) -> None: ...
 
 
-def open_socket(bind: str | tuple[str, int], *, error_queue: bool = False) -> socket.socket:
+def open_socket(
+    bind: str | tuple[str, int], *, error_queue: bool = False, offload: bool = False
+) -> socket.socket:
     """A non-blocking UDP socket bound to ``bind`` (``host:port``, port 0 for any).
 
     ``error_queue`` asks the OS to queue ICMP errors (see
     :func:`enable_error_queue`); only for a caller that reads them with
     :func:`drain_socket` and :func:`send_datagram`, since an unread error queue
     keeps the socket ready to read (a wrapper without ``recvmsg``, such as
-    netem's ``FaultySocket``, cannot).
+    netem's ``FaultySocket``, cannot). ``offload`` turns on UDP GSO and GRO
+    where the OS has them (:mod:`reliable.udpio`); likewise only for a caller
+    that reads with :func:`drain_socket`, which splits coalesced reads. It
+    also sets DF without the kernel's path MTU cache, for the core's path MTU
+    probes (:func:`reliable.udpio.set_probe_mtu`).
     """
     family, sockaddr = resolve_address(bind, allow_zero_port=True)
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -138,6 +145,9 @@ def open_socket(bind: str | tuple[str, int], *, error_queue: bool = False) -> so
                 pass
         if error_queue:
             enable_error_queue(sock)
+        if offload:
+            udpio.enable(sock)
+            udpio.set_probe_mtu(sock)
         sock.bind(sockaddr)
         sock.setblocking(False)
     except OSError as exc:
@@ -377,6 +387,25 @@ def drain_socket(
     """
     batch: list[tuple[bytes, Address]] = []
     failed = False
+    offload = udpio.offload_of(sock)
+    if offload is not None and offload.gro:
+        # Each read may hold a train of datagrams (GRO): count datagrams, bound the reads.
+        assert isinstance(sock, socket.socket)
+        for _ in range(limit):
+            try:
+                datagrams, addr = udpio.receive(sock, MAX_UDP_PAYLOAD)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                failed = True
+                continue
+            source = normalize(addr)
+            batch.extend([(d, source) for d in datagrams])
+            if len(batch) >= limit:
+                break
+        if reports is not None and (failed or not batch):
+            reports.extend(read_error_queue(sock))
+        return batch
     for _ in range(limit):
         try:
             data, addr = sock.recvfrom(MAX_UDP_PAYLOAD)
@@ -582,6 +611,48 @@ def send_datagram(
         reports.append(report)
 
 
+def send_all(
+    sock: DatagramSocket, out: list[tuple[bytes, Address]], reports: list[Unreachable]
+) -> int:
+    """Send ``out`` in order until the socket is full; returns how many went.
+
+    Runs of equal-size datagrams to one address go in one GSO ``sendmsg``
+    where the socket has it (:mod:`reliable.udpio`); the rest, and a run
+    whose GSO send failed for any reason but a full socket, one at a time
+    through :func:`send_datagram`, which reads what the OS says.
+    """
+    offload = udpio.offload_of(sock)
+    if offload is None or not offload.gso:
+        for i, (data, addr) in enumerate(out):
+            try:
+                send_datagram(sock, data, addr, reports)
+            except (BlockingIOError, InterruptedError):
+                return i
+        return len(out)
+    assert isinstance(sock, socket.socket)
+    i = 0
+    n = len(out)
+    while i < n:
+        end = udpio.run_end(out, i) if offload.gso else i + 1
+        if end - i > 1:
+            try:
+                if udpio.send_segments(sock, [d for d, _ in out[i:end]], out[i][1]):
+                    i = end
+                    continue
+            except (BlockingIOError, InterruptedError):
+                return i
+            except OSError:
+                pass  # one at a time, reading what the OS says
+        for j in range(i, end):
+            data, addr = out[j]
+            try:
+                send_datagram(sock, data, addr, reports)
+            except (BlockingIOError, InterruptedError):
+                return j
+        i = end
+    return n
+
+
 def refused_send(failure: OSError, addr: Address) -> Unreachable | None:
     """A ``sendto`` to ``addr`` that failed with ``failure`` (twice), as a report if it is one.
 
@@ -614,24 +685,22 @@ class Backlog:
         if self._queue:
             self._queue.extend(out)
             return True
-        for i, (data, addr) in enumerate(out):
-            try:
-                send_datagram(sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
-                self._queue.extend(out[i:])
-                return True
+        sent = send_all(sock, out, reports)
+        if sent < len(out):
+            self._queue.extend(out[sent:])
+            return True
         return False
 
     def flush(self, sock: DatagramSocket, reports: list[Unreachable]) -> bool:
         """Send what waited, as far as the socket takes it; whether all of it went."""
         queue = self._queue
         while queue:
-            data, addr = queue[0]
-            try:
-                send_datagram(sock, data, addr, reports)
-            except (BlockingIOError, InterruptedError):
+            waiting = list(itertools.islice(queue, udpio.GSO_MAX_SEGMENTS))
+            sent = send_all(sock, waiting, reports)
+            for _ in range(sent):
+                queue.popleft()
+            if sent < len(waiting):
                 return False
-            queue.popleft()
         return True
 
     def extend(self, out: list[tuple[bytes, Address]]) -> None:

@@ -43,7 +43,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageReceived(Event):
-    """A whole message from ``peer`` arrived at its mailbox, in that peer's send order.
+    """A whole message from ``peer`` arrived at its mailbox, in that peer's send order
+    within a priority (a higher priority may overtake; docs/protocol.md section 4).
 
     A fact for observers and tests: the message itself waits in the mailbox
     (queued, or parked if the mailbox is full) until a receive takes it.

@@ -327,7 +327,7 @@ class Node:
         security: Security | None = None,
     ) -> None:
         self._sock: DatagramSocket = (
-            sock if sock is not None else open_socket(bind, error_queue=True)
+            sock if sock is not None else open_socket(bind, error_queue=True, offload=True)
         )
         if sock is not None:
             sock.setblocking(False)

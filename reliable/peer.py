@@ -105,16 +105,20 @@ from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
 from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
+from .pmtud import PathMtu
 from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
 from .security import ReplayWindow
-from .sender import OutgoingMessage, SendStream
+from .sender import PERSISTENT_CONGESTION_PROBES, OutgoingMessage, SendStream
 from .stats import PeerStats
 from .wire import (
     ACK_DELAY_TICK,
     DATA_NOTICES,
     DATA_SACK_RANGES,
     FRAGMENT_OVERHEAD,
+    HEADER_OVERHEAD,
+    PROBE_OVERHEAD,
+    SECURITY_OVERHEAD,
     Flag,
     Kind,
     Packet,
@@ -134,6 +138,8 @@ _MIN_BUFFER_WINDOW = 8
 #: Datagrams sent to a peer before it first answers: the first data datagram (if small)
 #: and PINGs, each drawing its own CHALLENGE or ACK (see PeerSession._first_contact).
 FIRST_CONTACT_DATAGRAMS = 3
+#: Most PROBE_ACKs owed at once (a flood of probes earns no more answers).
+_MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
@@ -226,8 +232,13 @@ class PeerSession:
         self._deliver = deliver
         self._on_control = on_control
         self.config = config
-        #: Largest datagram this session sends; the path decides (see ``path_datagram_size``).
+        #: Largest datagram this session sends; the path decides (see ``path_datagram_size``),
+        #: and path MTU discovery raises it where the path's size is not known.
         self.datagram_size = path_datagram_size(addr, config)
+        known = self.datagram_size != config.max_datagram_size  # loopback: no discovery
+        self.pmtu = PathMtu(self.datagram_size, None if known else config.pmtu_max)
+        self.probe_answers: list[int] = []  # PROBE numbers the peer sent us, to answer
+        self.bulk = False  # sent a message of several datagrams: discovery pays off now
         self._emit = emit
         self._on_finished = on_finished
         self.incarnation: int | None = None
@@ -295,6 +306,8 @@ class PeerSession:
     # ------------------------------------------------------------ application
 
     def enqueue(self, msg: OutgoingMessage, now: float) -> None:
+        if msg.count > 1:
+            self.bulk = True
         self.sender.enqueue(msg)
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
@@ -410,6 +423,12 @@ class PeerSession:
                     self._take_delivery(d, now)
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
+        elif pkt.kind == Kind.PROBE:
+            if len(self.probe_answers) < _MAX_PROBE_ANSWERS:
+                self.probe_answers.append(pkt.probe)
+        elif pkt.kind == Kind.PROBE_ACK:
+            if self.pmtu.on_ack(pkt.probe, now):
+                self.datagram_size = self.pmtu.size  # the next messages are cut for it
         elif pkt.kind == Kind.DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
@@ -715,6 +734,12 @@ class PeerSession:
             out.append(self._control(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()
             self.ping_now = False
+        if self.probe_answers:
+            for number in self.probe_answers:
+                out.append(self._probe_packet(Kind.PROBE_ACK, number, 0, my_incarnation))
+            self.probe_answers.clear()
+        if self.bulk and self.pmtu.probe is None and self.heard and self.cookie is None and dst:
+            self._probe_path(now, my_incarnation, out)
         return out
 
     def _first_contact(self) -> bool:
@@ -741,6 +766,35 @@ class PeerSession:
     def _first_budget(self) -> int:
         """Record bytes the one datagram sent before first contact may carry."""
         return data_budget(self.config.max_datagram_size)
+
+    def _probe_path(self, now: float, my_incarnation: int, out: list[bytes]) -> None:
+        """Send a path MTU probe if discovery wants one and there is data it would help.
+
+        Discovery starts with the first message of several datagrams: small
+        messages gain little from larger datagrams, and a probe costs one.
+        """
+        if not self.sender.has_outstanding():
+            return
+        probe = self.pmtu.next_probe(now, self.rtt.rto)
+        if probe is not None:
+            # Padded so that sealed it is exactly the size it tests: unsealed it is as
+            # large as the largest unsealed DATA datagram of that size (which reserves
+            # room for sealing too).
+            padding = probe.size - SECURITY_OVERHEAD - HEADER_OVERHEAD - PROBE_OVERHEAD
+            out.append(self._probe_packet(Kind.PROBE, probe.number, padding, my_incarnation))
+
+    def _probe_packet(self, kind: Kind, number: int, padding: int, my_incarnation: int) -> bytes:
+        """A PROBE or PROBE_ACK: no acknowledgement state, so its size is exact."""
+        return encode_body(
+            Packet(
+                kind=kind,
+                window=self.window(),
+                src_incarnation=my_incarnation,
+                dst_incarnation=self.incarnation or 0,
+                probe=number,
+                padding=padding,
+            )
+        )
 
     def farewell(self, now: float, my_incarnation: int) -> bytes:
         """The CLOSE for this peer, carrying our final acknowledgement state.
@@ -790,6 +844,9 @@ class PeerSession:
         for candidate in (self.sender.deadline(), self.receiver.ack_deadline):
             if candidate is not None and (earliest is None or candidate < earliest):
                 earliest = candidate
+        probe = self.pmtu.probe
+        if probe is not None and (earliest is None or probe.deadline < earliest):
+            earliest = probe.deadline
         deadlines = self._deadlines
         while deadlines and deadlines[0][2].settled_or_cancelling():
             heapq.heappop(deadlines)
@@ -799,6 +856,15 @@ class PeerSession:
 
     def on_timer(self, now: float) -> None:
         self.sender.on_timer(now)
+        pmtu = self.pmtu
+        if pmtu.probe is not None:
+            pmtu.on_timer(now)
+        if (
+            pmtu.size > pmtu.base
+            and self.sender.backoff >= PERSISTENT_CONGESTION_PROBES
+            and pmtu.on_black_hole(now)
+        ):
+            self.datagram_size = pmtu.size  # full-size datagrams stopped getting through
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, msg = heapq.heappop(self._deadlines)
             if msg.settled_or_cancelling():

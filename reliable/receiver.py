@@ -11,7 +11,11 @@ most ``max_window`` datagrams. Together, all peers' reorder buffers leave one
 ``max_message_size`` of the node's receive memory free, so the message a
 stream waits for can always reserve its length (see ``_over_budget``).
 In-order packets feed reassembly, which holds at most one partial message of
-at most ``max_message_size`` bytes.
+at most ``max_message_size`` bytes. A message of one fragment marked
+``nested`` (``Flag.NESTED``: the sender's higher priority) may arrive between
+two fragments of the partial one: it is delivered at once and the partial
+message goes on. Any other new message ends the partial one (its sender
+abandoned it).
 
 The first packet of a new peer incarnation sets ``expected`` to the *base* it
 carries (the sender's lowest outstanding sequence number), so a session may
@@ -303,7 +307,7 @@ class ReceiveStream:
     def _reassemble(self, frag: Fragment, seq: int, delivered: list[Delivery]) -> None:
         partial = self.partial
         if frag.index == 0:
-            if partial is not None:
+            if partial is not None and (frag.count > 1 or not frag.nested):
                 self.reassembly_errors += 1
                 self._end_partial()
             reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
@@ -417,7 +421,7 @@ class ReceiveStream:
             need -= sum(
                 len(f.payload)
                 for later, f in self.ooo.items()
-                if f.msg_id == wire_id and seq < later < seq + frag.count
+                if f.msg_id == wire_id and seq < later < seq + frag.count + self.max_window
             )
         if self.budget.used + need > self.budget.limit:
             return True
@@ -476,7 +480,7 @@ class ReceiveStream:
             partial is not None
             and partial.reserved > 0
             and frag.msg_id == partial.msg_id & 0xFFFFFFFF
-            and partial.first_seq < seq < partial.first_seq + partial.count
+            and partial.first_seq < seq < partial.first_seq + partial.count + self.max_window
         )
 
     def _unstore(self, frag: Fragment, seq: int) -> None:

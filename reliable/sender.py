@@ -9,8 +9,24 @@ control window: they are small, never held by the receiver, and one of them
 withdraws messages that are holding that window closed. A
 fragment gets its sequence number when it is first transmitted, so messages
 abandoned before that never consume sequence space, and a message's fragments
-always occupy consecutive numbers (the receiver reassembles by walking them in
+occupy increasing numbers (the receiver reassembles by walking them in
 order). A retransmission reuses the sequence number, as in TCP.
+
+Priority. The queue keeps send order; which message's fragment goes next is
+chosen by priority (higher first, send order within a priority), at
+fragment granularity but with one restriction the receiver's single
+reassembly slot imposes: at most one multi-datagram message is in progress
+(``current``), and only a message that fits in one datagram may *nest*
+inside it, taking a sequence number between two of its fragments. So a
+priority-65535 message that fits one datagram overtakes the rest of a
+lower-priority 1 MiB message at once; a larger one overtakes every message
+not yet started and begins when the one in progress ends. Nested fragments
+carry :attr:`~reliable.wire.Flag.NESTED`, which receivers before it refuse
+as malformed (loudly, never a silent misdelivery). Against starvation, a
+weighted share: after ``PRIORITY_SHARE - 1`` application fragments of
+other messages, the oldest queued message sends the next fragment (or, if
+it cannot nest, goes next once the message in progress ends). With every
+queued message at one priority, selection is the plain FIFO of before.
 
 Every transmission also gets a ``tx`` number, strictly increasing. Loss
 detection works in transmission order, RACK-style (RFC 8985, with RFC 9002's
@@ -95,6 +111,9 @@ PERSISTENT_CONGESTION_PROBES = 3
 #: Linux adds two jiffies to its 2 x SRTT. Each probe proven spurious doubles it, up to
 #: ``Config.min_rto``.
 PROBE_FLOOR = 2 * K_GRANULARITY
+#: Of every this many application fragments, at least one belongs to the oldest queued
+#: message (the weighted share that keeps priority from starving it).
+PRIORITY_SHARE = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -113,6 +132,7 @@ class OutgoingMessage:
     count: int
     msg_id: int = -1  #: assigned at first transmission
     first_seq: int = -1  #: assigned at first transmission
+    last_seq: int = -1  #: sequence number of its latest fragment sent for the first time
     next_index: int = 0  #: next fragment to transmit for the first time
     transmissions: int = 0
     finished: bool = False  #: left the send stream: acknowledged, abandoned or failed
@@ -171,6 +191,8 @@ class SentPacket:
     #: dropped unread by a peer that first validated our address (resend_now): its resend
     #: is part of first contact, not a retransmission, and is not counted as one
     unread: bool = False
+    #: a one-datagram message sent between two fragments of another (Flag.NESTED)
+    nested: bool = False
 
 
 @dataclass(slots=True)
@@ -191,6 +213,7 @@ class SendStream:
         "cc",
         "control",
         "cum_ack",
+        "current",
         "cwnd_limited",
         "data_timed",
         "datagrams_sent",
@@ -202,11 +225,13 @@ class SendStream:
         "largest_acked_tx",
         "last_ack_time",
         "last_send_time",
+        "levels",
         "loss_time",
         "lost",
         "next_msg_id",
         "next_seq",
         "packets_sent",
+        "passed",
         "peer_edge",
         "peer_window",
         "probe_allowance",
@@ -244,6 +269,10 @@ class SendStream:
         self.peer_edge = initial_seq  # one past the highest sequence number the peer holds
         self.queue: deque[OutgoingMessage] = deque()
         self.control: deque[OutgoingMessage] = deque()
+        #: the application message whose fragments are being sent (started, not fully sent)
+        self.current: OutgoingMessage | None = None
+        self.levels: dict[int, int] = {}  # priority -> application messages queued at it
+        self.passed = 0  # application fragments sent since the oldest queued one last sent
         self.unacked: dict[int, SentPacket] = {}
         self.flight: dict[int, SentPacket] = {}
         self.in_flight_bytes = 0  # sizes of the packets in flight
@@ -322,15 +351,38 @@ class SendStream:
     def _next_message(self) -> OutgoingMessage | None:
         """The message whose next fragment goes out first, if flow control allows it."""
         queue = self.queue
-        if queue and queue[0].started:
-            msg = queue[0]  # a message's fragments take consecutive sequence numbers
-        elif self.control:
-            return self.control[0]
-        elif queue:
-            msg = queue[0]
-        else:
+        if self.current is None and self.control:
+            return self.control[0]  # between two messages
+        if not queue:
             return None
+        msg = queue[0] if len(self.levels) <= 1 else self._by_priority()
         return msg if self.next_seq < self.peer_edge + self.peer_window else None
+
+    def _by_priority(self) -> OutgoingMessage:
+        """The next message by priority, within the share rule (module docstring)."""
+        queue = self.queue
+        current = self.current
+        oldest = queue[0]
+        if self.passed >= PRIORITY_SHARE - 1:
+            # The oldest message's turn: now if it can go now, else after the current one.
+            if current is None or oldest.count == 1:
+                return oldest
+            return current
+        top = max(self.levels)
+        floor = -1 if current is None else current.priority
+        best: OutgoingMessage | None = None
+        for msg in queue:
+            if msg is current or msg.priority <= floor:
+                continue
+            if current is not None and msg.count > 1:
+                continue  # only a one-datagram message may nest in the one in progress
+            if best is None or msg.priority > best.priority:
+                best = msg
+                if msg.priority == top:
+                    break
+        if best is None:
+            return current if current is not None else oldest
+        return best
 
     def deadline(self) -> float | None:
         """When :meth:`on_timer` must run: time-threshold loss or retransmission timeout."""
@@ -414,7 +466,7 @@ class SendStream:
                 return None
             index = held.next_index - 1
             pkt = SentPacket(
-                seq=held.first_seq + index,
+                seq=held.last_seq,
                 message=held,
                 index=index,
                 size=held.record_bytes(index),
@@ -434,9 +486,19 @@ class SendStream:
             self.next_msg_id += 1
             self.by_msg_id[msg.msg_id] = msg
         pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index, size=size)
+        msg.last_seq = self.next_seq
         msg.next_index += 1
-        if msg.next_index == msg.count:
-            (self.control if msg.control else self.queue).popleft()
+        if not msg.control:
+            current = self.current
+            if current is not None and current is not msg:
+                pkt.nested = True
+            self.passed = 0 if msg is self.queue[0] else self.passed + 1
+            if msg.next_index == msg.count:
+                self._unqueue(msg)
+            elif current is None:
+                self.current = msg
+        elif msg.next_index == msg.count:
+            self.control.popleft()
         self.next_seq += 1
         self.unacked[pkt.seq] = pkt
         self._transmit(pkt, now)
@@ -449,6 +511,23 @@ class SendStream:
     def enqueue(self, msg: OutgoingMessage) -> None:
         """Queue an application message behind the others."""
         self.queue.append(msg)
+        self.levels[msg.priority] = self.levels.get(msg.priority, 0) + 1
+
+    def _unqueue(self, msg: OutgoingMessage) -> None:
+        """``msg``, an application message, leaves the queue (fully sent or abandoned)."""
+        queue = self.queue
+        if queue[0] is msg:
+            queue.popleft()
+            self.passed = 0  # a new oldest message: its wait starts now
+        else:
+            queue.remove(msg)
+        if msg is self.current:
+            self.current = None
+        left = self.levels[msg.priority] - 1
+        if left:
+            self.levels[msg.priority] = left
+        else:
+            del self.levels[msg.priority]
 
     def _has_lost(self) -> bool:
         while self.lost:
@@ -483,6 +562,7 @@ class SendStream:
             mailbox=msg.mailbox,
             payload=msg.fragment_payload(pkt.index),
             control=msg.control,
+            nested=pkt.nested,
         )
 
     # ------------------------------------------------------- acknowledgements
@@ -551,9 +631,11 @@ class SendStream:
             self.largest_acked_tx = max(self.largest_acked_tx, newest.tx)
             self.largest_acked_datagram = max(self.largest_acked_datagram, newest.datagram)
         for msg in self.by_msg_id.values():
-            if msg.next_index < msg.count or msg.first_seq + msg.count > cum:
-                break
-            outcome.completed.append(msg)
+            if msg.first_seq >= cum:
+                break  # nor any later: they began later
+            if msg.next_index == msg.count and msg.last_seq < cum:
+                # (one with a message nested in it completes after the nested one)
+                outcome.completed.append(msg)
         for msg in outcome.completed:
             del self.by_msg_id[msg.msg_id]
             msg.finished = True
@@ -729,13 +811,19 @@ class SendStream:
         msg.finished = True
         if msg.started:
             self.by_msg_id.pop(msg.msg_id, None)
-            for seq in range(msg.first_seq, msg.first_seq + msg.next_index):
-                pkt = self.unacked.pop(seq, None)
-                if pkt is not None and not pkt.lost:
-                    self._leave_flight(pkt)
+            unacked = self.unacked
+            for seq in range(msg.first_seq, msg.last_seq + 1):
+                pkt = unacked.get(seq)
+                if pkt is not None and pkt.message is msg:  # (not one nested in it)
+                    del unacked[seq]
+                    if not pkt.lost:
+                        self._leave_flight(pkt)
         if msg.next_index < msg.count:
-            with contextlib.suppress(ValueError):
-                (self.control if msg.control else self.queue).remove(msg)
+            if msg.control:
+                with contextlib.suppress(ValueError):
+                    self.control.remove(msg)
+            elif msg in self.queue:
+                self._unqueue(msg)
 
     def peer_restarted(self) -> list[OutgoingMessage]:
         """The peer lost its state: abandon what it may have seen, keep numbering.
@@ -755,6 +843,7 @@ class SendStream:
         for msg in self.control:
             msg.finished = True
         self.control.clear()
+        self.current = None
         self.unacked.clear()
         self.flight.clear()
         self.dropped_ahead = 0

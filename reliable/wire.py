@@ -54,6 +54,7 @@ __all__ = [
     "MSG_TYPE_MIN",
     "SECURITY_OVERHEAD",
     "PRIORITY_MAX",
+    "PROBE_OVERHEAD",
     "SERIAL_BITS",
     "VERSION",
     "Flag",
@@ -107,6 +108,9 @@ _FRAGMENT = struct.Struct("!IIIIIIiHB")
 _PAYLOAD_LEN = struct.Struct("!H")
 _TRAILER = struct.Struct("!I")
 _REFUSAL = struct.Struct("!B")
+_PROBE = struct.Struct("!I")
+#: Bytes a PROBE spends beyond :data:`HEADER_OVERHEAD` before its padding.
+PROBE_OVERHEAD = _PROBE.size
 _PREAMBLE = struct.Struct("!HB")  # magic, version
 
 #: Bytes of an address-validation cookie (``Flag.COOKIE``).
@@ -139,6 +143,8 @@ class Kind(enum.IntEnum):
     CHALLENGE = 6  #: "prove you are at this address": echo the cookie it carries
     AUTH_FAILED = 7  #: "your datagram failed my security check" (sent unsealed)
     DROPPED = 8  #: "I dropped what you sent me below ``ack``: fail it, and go on from there"
+    PROBE = 9  #: a path MTU probe: a probe number and padding (reliable/pmtud.py)
+    PROBE_ACK = 10  #: "your probe of this number arrived"
     # Group addressing (docs/protocol.md section 10); each carries a group name.
     GDATA = 16  #: one fragment of a group message, sent to the group address
     GACK = 17  #: a member's ack state for one sender's group stream (unicast to it)
@@ -159,16 +165,21 @@ class Flag(enum.IntFlag):
     ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
     CONTROL = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
     COOKIE = 0x0008  #: an address-validation cookie follows the header
+    #: DATA only: a fragment in it is a one-datagram message sent between two fragments
+    #: of a lower-priority one. Receivers that predate priority interleaving refuse the
+    #: bit (unknown flags are malformed) instead of losing the interrupted message.
+    NESTED = 0x0010
     AUTHENTICATED = 0x0100  #: sealed with a MAC (set by the security layer)
     ENCRYPTED = 0x0200  #: sealed with an AEAD (set by the security layer)
 
 
 #: The security-mode bits; a datagram carries at most one, and only sealed ones do.
 MODE_FLAGS = int(Flag.AUTHENTICATED | Flag.ENCRYPTED)
-_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE)
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE | Flag.NESTED)
 # Plain ints for the per-packet paths: enum flag arithmetic costs microseconds a packet.
 _CONTROL = int(Flag.CONTROL)
 _COOKIE = int(Flag.COOKIE)
+_NESTED = int(Flag.NESTED)
 _KINDS = {int(k): k for k in Kind}
 _FLAGS_OFFSET = 4  # of the u16 flags field in the header
 
@@ -223,6 +234,9 @@ class Fragment:
     #: A view into a larger buffer when that saves copying a big fragment (see decode).
     payload: bytes | memoryview
     control: bool = False  #: carried as :attr:`Flag.CONTROL`: a message for the node itself
+    #: sent between two fragments of another message (:attr:`Flag.NESTED`; on decoding,
+    #: set on every fragment of a datagram that carries the flag)
+    nested: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,6 +258,8 @@ class Packet:
     group: str = ""  #: group kinds only: the group (or anycast service) name
     #: DATA only: further fragments packed into the same datagram, in order.
     bundle: tuple[Fragment, ...] = ()
+    probe: int = 0  #: PROBE and PROBE_ACK: the probe number (32 bits)
+    padding: int = 0  #: PROBE: bytes of padding after the probe number
 
     @property
     def fragments(self) -> tuple[Fragment, ...]:
@@ -257,6 +273,7 @@ class Packet:
 GROUP_KINDS = frozenset(k for k in Kind if k >= 16)
 _GROUP_KIND_VALUES = frozenset(int(k) for k in GROUP_KINDS)
 _DATA_KINDS = frozenset((Kind.DATA, Kind.GDATA))
+_PROBE_KINDS = frozenset((Kind.PROBE, Kind.PROBE_ACK))
 #: Longest group or service name, in UTF-8 bytes.
 MAX_GROUP_BYTES = 255
 _GROUP_LEN = struct.Struct("!B")
@@ -320,6 +337,8 @@ def encoded_size(packet: Packet) -> int:
         size += 1 + len(packet.group.encode("utf-8"))
     if packet.kind == Kind.AUTH_FAILED:
         size += _REFUSAL.size
+    elif packet.kind in _PROBE_KINDS:
+        size += _PROBE.size + packet.padding
     return size
 
 
@@ -368,6 +387,12 @@ def encode_body(packet: Packet) -> bytes:
         flags |= _CONTROL
     elif flags & _CONTROL:
         raise ValueError("Flag.CONTROL belongs on DATA packets whose fragment is control")
+    if packet.fragment is not None and (
+        packet.fragment.nested or (packet.bundle and any(f.nested for f in packet.bundle))
+    ):
+        flags |= _NESTED
+    elif flags & _NESTED and packet.kind != Kind.DATA:
+        raise ValueError("Flag.NESTED belongs on DATA packets")
     if flags & _COOKIE:
         raise ValueError("Flag.COOKIE is set from Packet.cookie")
     if packet.cookie is not None:
@@ -409,6 +434,12 @@ def encode_body(packet: Packet) -> bytes:
                 _encode_fragment(frag, parts)
         elif packet.kind == Kind.AUTH_FAILED:
             parts.append(_REFUSAL.pack(packet.refusal))
+        elif packet.kind in _PROBE_KINDS:
+            parts.append(_PROBE.pack(packet.probe))
+            if packet.padding:
+                if packet.kind != Kind.PROBE:
+                    raise ValueError("only a PROBE carries padding")
+                parts.append(bytes(packet.padding))
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
     return b"".join(parts)
@@ -508,6 +539,7 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
+    probe = padding = 0
     group = ""
     if kind_value in _GROUP_KIND_VALUES:
         if offset >= end:
@@ -523,21 +555,31 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         offset += group_len
     if kind in _DATA_KINDS:
         control = bool(flags & _CONTROL)
-        fragment, offset = _decode_fragment(data, offset, end, control)
+        nested = bool(flags & _NESTED)
+        if nested and kind != Kind.DATA:
+            raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
+        fragment, offset = _decode_fragment(data, offset, end, control, nested)
         if offset != end:
             if kind != Kind.DATA:
                 raise MalformedPacket("length", "a GDATA packet carries one fragment")
             more = []
             while offset != end:
-                extra, offset = _decode_fragment(data, offset, end, control)
+                extra, offset = _decode_fragment(data, offset, end, control, nested)
                 more.append(extra)
             bundle = tuple(more)
     elif flags & _CONTROL:
         raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
+    elif flags & _NESTED and kind != Kind.DATA:
+        raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
     elif kind == Kind.AUTH_FAILED:
         if offset + _REFUSAL.size != end:
             raise MalformedPacket("length", "AUTH_FAILED carries one byte")
         (refusal,) = _REFUSAL.unpack_from(data, offset)
+    elif kind in _PROBE_KINDS:
+        if offset + _PROBE.size > end or (kind == Kind.PROBE_ACK and offset + _PROBE.size != end):
+            raise MalformedPacket("length", f"a {kind.name} carries a 4-byte probe number")
+        (probe,) = _PROBE.unpack_from(data, offset)
+        padding = end - offset - _PROBE.size
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
     return Packet(
@@ -555,6 +597,8 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         fragment=fragment,
         group=group,
         bundle=bundle,
+        probe=probe,
+        padding=padding,
     )
 
 
@@ -574,7 +618,7 @@ def _payload(data: bytes | memoryview, start: int, stop: int) -> bytes | memoryv
 
 
 def _decode_fragment(
-    data: bytes | memoryview, offset: int, end: int, control: bool
+    data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
@@ -611,4 +655,5 @@ def _decode_fragment(
         mailbox=mailbox,
         payload=_payload(data, offset, stop),
         control=control,
+        nested=nested,
     ), stop

@@ -19,7 +19,12 @@ and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
 processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
 lose datagrams: its loss is reported); TCP is what users would pick instead.
 
-Every load loop is bounded in count and in time. Loopback only.
+Every load loop is bounded in count and in time. Loopback only, except
+``run_veth_bench`` (``rmsg bench --veth``): 1 KiB and 16 MiB rows between two
+network namespaces joined by veth links (MTU 1500, addresses from the
+benchmarking range 198.18.0.0/15, built by ``tools/testnet.py`` with unique
+names and torn down afterwards), where datagrams are path-MTU sized and UDP
+segmentation offload (``reliable.udpio``) matters.
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ from typing import Any
 
 from .bench_scale import ScaleReport, format_scale, run_scale
 
-__all__ = ["BenchReport", "Latency", "Throughput", "format_report", "run_bench"]
+__all__ = [
+    "BenchReport",
+    "Latency",
+    "Throughput",
+    "format_report",
+    "run_bench",
+    "run_veth_bench",
+]
 
 SIZES = (64, 1024, 64 * 1024)
 BIG = 16 * 1024 * 1024
@@ -88,6 +100,7 @@ class BenchReport:
     scale: ScaleReport | None = None
     #: size -> CPU microseconds per message of the protocol core alone (both ends)
     core_cpu_us: dict[int, float] = field(default_factory=dict)
+    path: str = "loopback"  #: where sender and receiver ran
 
     def find(self, transport: str, size: int, loss: float = 0.0) -> Throughput | None:
         for t in self.throughput:
@@ -103,6 +116,7 @@ class BenchReport:
             "latency": [asdict(x) for x in self.latency],
             "scale": None if self.scale is None else self.scale.as_dict(),
             "core_cpu_us": self.core_cpu_us,
+            "path": self.path,
         }
 
 
@@ -124,7 +138,7 @@ def _rmsg_socket(loss: float, seed: int) -> Any:
     from netem.socket import FaultySocket
     from reliable.driver import open_socket
 
-    sock = open_socket(f"{_LISTEN}:0")
+    sock = open_socket(f"{_LISTEN}:0", offload=not loss)  # (a FaultySocket reads per datagram)
     if not loss:
         return sock
     return FaultySocket(sock, Impairment(loss=loss), incoming=Impairment(loss=loss), seed=seed)
@@ -356,21 +370,57 @@ def _window(size: int) -> int:
     return max(1, min(_WINDOW, _WINDOW_BYTES // max(size, 1)))
 
 
+#: Linux's CLONE_NEWNET, for setns(2)
+_CLONE_NEWNET = 0x40000000
+
+
+def _in_netns(netns: str, listen: str, target: Callable[..., None], *args: Any) -> None:
+    """Run ``target(*args)`` in network namespace ``netns``, binding to ``listen``.
+
+    A process entry point: the spawned child moves itself into the namespace
+    (``setns``, while it is still single-threaded) before anything opens a
+    socket.
+    """
+    import ctypes
+
+    global _LISTEN
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    _LISTEN = listen
+    target(*args)
+
+
+#: (network namespace, its address) of the receiver and of the sender, or None: loopback
+Hosts = tuple[tuple[str, str], tuple[str, str]] | None
+
+
 def _measure_throughput(
-    transport: str, size: int, loss: float, duration: float, one: bool
+    transport: str, size: int, loss: float, duration: float, one: bool, hosts: Hosts = None
 ) -> Throughput:
     ctx = mp.get_context("spawn")
     rx_parent, rx_child = ctx.Pipe()
     tx_parent, tx_child = ctx.Pipe()
     limit = duration + (120.0 if one or loss else 30.0)
-    receiver = ctx.Process(target=_receiver, args=(rx_child, transport, size, loss, limit))
+    rx_args: tuple[Any, ...] = (rx_child, transport, size, loss, limit)
+    if hosts is None:
+        receiver = ctx.Process(target=_receiver, args=rx_args)
+    else:
+        receiver = ctx.Process(target=_in_netns, args=(*hosts[0], _receiver, *rx_args))
     processes = [receiver]
     receiver.start()
     try:
         addr = rx_parent.recv()
-        sender = ctx.Process(
-            target=_sender, args=(tx_child, transport, addr, size, loss, duration, one)
-        )
+        tx_args: tuple[Any, ...] = (tx_child, transport, addr, size, loss, duration, one)
+        if hosts is None:
+            sender = ctx.Process(target=_sender, args=tx_args)
+        else:
+            sender = ctx.Process(target=_in_netns, args=(*hosts[1], _sender, *tx_args))
         processes.append(sender)
         sender.start()
         sent, tx_cpu, tx_rss, retx, packets, tx_elapsed = tx_parent.recv()
@@ -601,6 +651,79 @@ def run_bench(
     return report
 
 
+#: The veth matrix: 1 KiB messages and one 16 MiB message, against TCP (and raw UDP).
+VETH_CASES = (
+    ("udp", 1024, False),
+    ("tcp", 1024, False),
+    ("rmsg", 1024, False),
+    ("tcp", BIG, True),
+    ("rmsg", BIG, True),
+)
+
+
+def _testnet() -> Any:
+    """``tools/testnet.py`` (a source checkout's), imported by path if need be."""
+    try:
+        from tools import testnet
+    except ImportError:
+        import importlib.util
+        import pathlib
+        import sys
+
+        path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "testnet.py"
+        spec = importlib.util.spec_from_file_location("rmsg_testnet", path)
+        if spec is None or spec.loader is None or not path.exists():
+            raise RuntimeError(
+                "rmsg bench --veth needs tools/testnet.py (a source checkout)"
+            ) from None
+        testnet = importlib.util.module_from_spec(spec)
+        sys.modules["rmsg_testnet"] = testnet
+        spec.loader.exec_module(testnet)
+    return testnet
+
+
+def veth_unavailable() -> str | None:
+    """Why ``run_veth_bench`` cannot run here, or None."""
+    try:
+        testnet = _testnet()
+    except RuntimeError as exc:
+        return str(exc)
+    reason: str | None = testnet.available()
+    if reason is None and not os.path.isdir("/run/netns") and os.geteuid() != 0:
+        reason = "network namespaces need root"
+    return reason
+
+
+def run_veth_bench(
+    *,
+    rounds: int = 3,
+    duration: float = 1.5,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """The veth matrix (:data:`VETH_CASES`), interleaved rounds, medians.
+
+    Sender and receiver run in two network namespaces of a fresh test
+    network (two hosts on a bridge, veth links, MTU 1500), deleted when the
+    run ends, however it ends. Raises ``RuntimeError`` when namespaces
+    cannot be built here (see :func:`veth_unavailable`).
+    """
+    testnet = _testnet()
+    seen: dict[tuple[str, int, float], list[Throughput]] = {}
+    with testnet.TestNetwork(hosts=2) as net:
+        rx, tx = net.hosts
+        hosts: Hosts = ((rx.name, rx.address), (tx.name, tx.address))
+        for r in range(rounds):
+            for transport, size, one in VETH_CASES:
+                if progress is not None:
+                    progress(f"round {r + 1}/{rounds}: {transport} {_size(size)} over veth")
+                result = _measure_throughput(transport, size, 0.0, duration, one, hosts)
+                seen.setdefault((transport, size, 0.0), []).append(result)
+    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1, path="veth")
+    for results in seen.values():
+        report.throughput.append(_median(results, "messages_per_s"))
+    return report
+
+
 def measure_core(size: int, messages: int) -> float:
     """CPU seconds per message of the protocol core alone, sender and receiver together.
 
@@ -672,9 +795,13 @@ def _size(n: int) -> str:
     )
 
 
+_PATHS = {"veth": "two network namespaces over veth (MTU 1500)"}
+
+
 def format_report(report: BenchReport) -> str:
     lines = [
-        f"rmsg bench: loopback, {report.cpus} CPUs, median of {report.rounds} round(s)",
+        f"rmsg bench: {_PATHS.get(report.path, report.path)}, {report.cpus} CPUs, "
+        f"median of {report.rounds} round(s)",
         "",
         f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
         f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
@@ -700,7 +827,8 @@ def format_report(report: BenchReport) -> str:
             f"{t.mb_per_s:>8.1f}  {x_udp:>6}  {x_tcp:>6}  {t.cpu_us_per_message:>10.1f}  "
             f"{t.peak_rss_kib / 1024:>7.1f}  {retx:>6}{lost}"
         )
-    lines += ["", f"request/reply, 64 B  {'':<9}{'p50 us':>9}  {'p99 us':>9}  {'p50 x UDP':>9}"]
+    if report.latency:
+        lines += ["", f"request/reply, 64 B  {'':<9}{'p50 us':>9}  {'p99 us':>9}  {'p50 x UDP':>9}"]
     for x in sorted(report.latency, key=lambda x: (not x.pinned, x.transport)):
         base = next(
             (b for b in report.latency if b.transport == "udp" and b.pinned == x.pinned), None

@@ -1189,6 +1189,12 @@ def stats(
     is_flag=True,
     help="Instead: no-op RPC calls/s and p50/p99, rmsg beside stdlib xmlrpc (and grpcio).",
 )
+@click.option(
+    "--veth",
+    is_flag=True,
+    help="Instead: 1 KiB and 16 MiB rows against TCP between two network namespaces "
+    "over veth (MTU 1500, 198.18.0.0/15, removed afterwards); needs root and iproute2.",
+)
 def bench(
     quick: bool,
     rounds: int | None,
@@ -1198,6 +1204,7 @@ def bench(
     from_json: str | None,
     scale: bool,
     rpc: bool = False,
+    veth: bool = False,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
 
@@ -1218,6 +1225,7 @@ def bench(
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
       rmsg bench --from figures.json --plot bench.png     # draw a saved run again
+      rmsg bench --veth --rounds 3                        # as root: namespaces, real MTU
     """
     from .bench import format_report, run_bench
 
@@ -1247,6 +1255,23 @@ def bench(
 
     def progress(text: str) -> None:
         click.echo(f"  {text}", err=True)
+
+    if veth:
+        from .bench import run_veth_bench, veth_unavailable
+
+        reason = veth_unavailable()
+        if reason is not None:
+            raise click.ClickException(f"--veth: {reason}")
+        veth_report = run_veth_bench(
+            rounds=rounds or (1 if quick else 3),
+            duration=duration or (0.3 if quick else 1.5),
+            progress=progress,
+        )
+        if as_json:
+            click.echo(json.dumps(veth_report.as_dict(), indent=2))
+        else:
+            click.echo(format_report(veth_report))
+        return
 
     report = run_bench(
         quick=quick, rounds=rounds, duration=duration, progress=progress, scale=scale

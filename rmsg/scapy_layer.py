@@ -57,7 +57,8 @@ _FLAG_NAMES = [
     "ACK",
     "CONTROL",
     "COOKIE",
-    *("b4", "b5", "b6", "b7"),  # unassigned
+    "NESTED",
+    *("b5", "b6", "b7"),  # unassigned
     "AUTHENTICATED",
     "ENCRYPTED",
 ]
@@ -79,6 +80,10 @@ def _readable(pkt: Packet) -> bool:
 
 def _is_data(pkt: Packet) -> bool:
     return pkt.kind in (Kind.DATA, Kind.GDATA) and _readable(pkt)
+
+
+def _is_probe(pkt: Packet) -> bool:
+    return pkt.kind in (Kind.PROBE, Kind.PROBE_ACK) and _readable(pkt)
 
 
 def _is_group(pkt: Packet) -> bool:
@@ -110,6 +115,15 @@ class _SealedField(StrField):
 
     def getfield(self, pkt: Packet, s: bytes) -> tuple[bytes, bytes]:
         return s[-4:], s[:-4]
+
+
+class _PaddingField(StrField):
+    """A PROBE's padding: everything up to the tag (sealed) and the CRC trailer."""
+
+    def getfield(self, pkt: Packet, s: bytes) -> tuple[bytes, bytes]:
+        tail = 4 + (16 if _sealed(pkt) else 0)
+        cut = max(0, len(s) - tail)
+        return s[cut:], s[:cut]
 
 
 class _TotalLenField(IntField):
@@ -213,6 +227,8 @@ class RMSG(Packet):
             lambda p: p.kind == Kind.DATA and _readable(p),
         ),
         ConditionalField(ByteField("refusal", 1), lambda p: p.kind == Kind.AUTH_FAILED),
+        ConditionalField(IntField("probe", 0), _is_probe),
+        ConditionalField(_PaddingField("padding", b""), lambda p: p.kind == Kind.PROBE),
         ConditionalField(
             StrFixedLenField("tag", b"\0" * 16, 16), lambda p: _sealed(p) and _readable(p)
         ),
@@ -245,7 +261,7 @@ bind_layers(UDP, RMSG, dport=DEFAULT_PORT)
 bind_layers(UDP, RMSG, sport=DEFAULT_PORT)
 
 _HEURISTIC = struct.Struct("!HBBH")  # magic, version, kind, flags
-_KNOWN_FLAGS = 0x000F | _AUTHENTICATED | _ENCRYPTED
+_KNOWN_FLAGS = 0x001F | _AUTHENTICATED | _ENCRYPTED
 _MIN_SIZE = 36  # header and CRC trailer
 
 

@@ -42,6 +42,10 @@ def test_scapy_dissects_what_the_library_encodes(packet: wire.Packet) -> None:
         assert layer.cookie == packet.cookie
     if packet.group:
         assert layer.group == packet.group.encode()
+    if packet.kind in (wire.Kind.PROBE, wire.Kind.PROBE_ACK):
+        assert layer.probe == packet.probe
+    if packet.kind == wire.Kind.PROBE:
+        assert len(layer.padding) == packet.padding
 
 
 @settings(max_examples=100, deadline=None)

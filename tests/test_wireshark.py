@@ -120,6 +120,8 @@ def _every_kind(rng: random.Random) -> list[Record]:
             notices=tuple((rng.getrandbits(32), rng.randint(1, 7)) for _ in range(n % 3)),
             cookie=rng.randbytes(16) if kind in (wire.Kind.CHALLENGE, wire.Kind.ANNOUNCE) else None,
             refusal=2 if kind == wire.Kind.AUTH_FAILED else 0,
+            probe=rng.getrandbits(32) if kind in (wire.Kind.PROBE, wire.Kind.PROBE_ACK) else 0,
+            padding=rng.randint(0, 200) if kind == wire.Kind.PROBE else 0,
             fragment=fragments[0] if fragments else None,
             bundle=fragments[1:],
             group=rng.choice(names) if kind in wire.GROUP_KINDS else "",
@@ -276,6 +278,9 @@ def test_tshark_decodes_every_field_the_library_decodes(
         assert layer.get("rmsg.group", "") == packet.group
         if packet.kind == wire.Kind.AUTH_FAILED:
             assert int(layer["rmsg.refusal"]) == packet.refusal
+        if packet.kind in (wire.Kind.PROBE, wire.Kind.PROBE_ACK):
+            assert int(layer["rmsg.probe"]) == packet.probe
+            assert len(_hexbytes(layer.get("rmsg.padding"))) == packet.padding
         got = [
             (
                 int(f["rmsg.frag.seq"]),

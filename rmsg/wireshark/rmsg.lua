@@ -7,7 +7,8 @@
 --   header (32) | [packet number (8), sealed only] | [cookie (16), flag COOKIE]
 --   | SACK ranges | verdict notices | [group name, kinds 16-24]
 --   | body: DATA/GDATA fragment records (DATA may bundle several),
---           AUTH_FAILED one refusal byte
+--           AUTH_FAILED one refusal byte, PROBE a probe number and padding,
+--           PROBE_ACK a probe number
 --   | [tag (16), sealed only] | CRC-32 (4) over everything before it
 --
 -- Found by a heuristic on every UDP port (magic "RM", version 1, a known
@@ -31,7 +32,7 @@ local COOKIE = 16
 
 local KINDS = {
     [1] = "DATA", [2] = "ACK", [3] = "PING", [4] = "CLOSE", [5] = "RESET",
-    [6] = "CHALLENGE", [7] = "AUTH_FAILED", [8] = "DROPPED",
+    [6] = "CHALLENGE", [7] = "AUTH_FAILED", [8] = "DROPPED", [9] = "PROBE", [10] = "PROBE_ACK",
     [16] = "GDATA", [17] = "GACK", [18] = "GNAK", [19] = "GSYNC", [20] = "JOIN",
     [21] = "LEAVE", [22] = "SOLICIT", [23] = "ANNOUNCE", [24] = "WITHDRAW",
 }
@@ -42,8 +43,9 @@ local VERDICTS = {
 local REFUSALS = { [1] = "bad tag", [2] = "unsealed", [3] = "wrong mode" }
 
 local F_ACK_NOW, F_ACK, F_CONTROL, F_COOKIE = 0x0001, 0x0002, 0x0004, 0x0008
+local F_NESTED = 0x0010
 local F_AUTHENTICATED, F_ENCRYPTED = 0x0100, 0x0200
-local KNOWN_FLAGS = 0x030F
+local KNOWN_FLAGS = 0x031F
 
 local pf = {
     magic = ProtoField.uint16("rmsg.magic", "Magic", base.HEX),
@@ -54,6 +56,7 @@ local pf = {
     f_ack = ProtoField.bool("rmsg.flags.ack", "ACK (ack fields valid)", 16, nil, F_ACK),
     f_control = ProtoField.bool("rmsg.flags.control", "CONTROL", 16, nil, F_CONTROL),
     f_cookie = ProtoField.bool("rmsg.flags.cookie", "COOKIE", 16, nil, F_COOKIE),
+    f_nested = ProtoField.bool("rmsg.flags.nested", "NESTED", 16, nil, F_NESTED),
     f_auth = ProtoField.bool("rmsg.flags.authenticated", "AUTHENTICATED", 16, nil,
         F_AUTHENTICATED),
     f_enc = ProtoField.bool("rmsg.flags.encrypted", "ENCRYPTED", 16, nil, F_ENCRYPTED),
@@ -92,6 +95,8 @@ local pf = {
     payload_len = ProtoField.uint16("rmsg.frag.payload_len", "Payload length", base.DEC),
     payload = ProtoField.bytes("rmsg.frag.payload", "Payload"),
     refusal = ProtoField.uint8("rmsg.refusal", "Refusal", base.DEC, REFUSALS),
+    probe = ProtoField.uint32("rmsg.probe", "Probe number", base.DEC),
+    padding = ProtoField.bytes("rmsg.padding", "Probe padding"),
     ciphertext = ProtoField.bytes("rmsg.ciphertext", "Encrypted body"),
     tag = ProtoField.bytes("rmsg.tag", "Tag"),
     crc = ProtoField.uint32("rmsg.crc", "CRC-32", base.HEX),
@@ -237,6 +242,7 @@ function rmsg.dissector(tvb, pinfo, tree)
     ft:add(pf.f_ack, tvb(4, 2))
     ft:add(pf.f_control, tvb(4, 2))
     ft:add(pf.f_cookie, tvb(4, 2))
+    ft:add(pf.f_nested, tvb(4, 2))
     ft:add(pf.f_auth, tvb(4, 2))
     ft:add(pf.f_enc, tvb(4, 2))
     root:add(pf.window, tvb(6, 2))
@@ -363,12 +369,28 @@ function rmsg.dissector(tvb, pinfo, tree)
         if bit32.band(flags, F_CONTROL) ~= 0 then
             table.insert(info, "CONTROL")
         end
+        if bit32.band(flags, F_NESTED) ~= 0 then
+            table.insert(info, "NESTED")
+        end
     elseif ok and kind == 7 then
         if offset + 1 ~= stop then
             malformed("AUTH_FAILED carries one byte")
         else
             root:add(pf.refusal, tvb(offset, 1))
             table.insert(info, "refusal=" .. (REFUSALS[tvb(offset, 1):uint()] or "?"))
+        end
+    elseif ok and (kind == 9 or kind == 10) then
+        if offset + 4 > stop or (kind == 10 and offset + 4 ~= stop) then
+            malformed(KINDS[kind] .. " carries a 4-byte probe number")
+        else
+            root:add(pf.probe, tvb(offset, 4))
+            table.insert(info, string.format("probe=%u", tvb(offset, 4):uint()))
+            if kind == 9 then
+                if offset + 4 < stop then
+                    root:add(pf.padding, tvb(offset + 4, stop - offset - 4))
+                end
+                table.insert(info, string.format("size=%u", len))
+            end
         end
     elseif ok and offset ~= stop then
         malformed(string.format("%d trailing bytes", stop - offset))
