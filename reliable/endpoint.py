@@ -91,6 +91,7 @@ from .config import Config
 from .control import (
     Admitted,
     Cancel,
+    ControlMessage,
     Discarded,
     MalformedControl,
     StatsReply,
@@ -103,6 +104,7 @@ from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
+from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
     BAD_TAG,
     REFUSAL_TEXT,
@@ -147,6 +149,12 @@ DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 #: Failures after which an anycast message is tried on another member.
+_SESSION_ENDS = (
+    events.PeerClosed,
+    events.PeerUnreachable,
+    events.PeerRestarted,
+    events.SessionDropped,
+)
 _FAILOVER_ERRORS = (
     errors.PeerUnreachable,
     errors.PeerClosed,
@@ -288,6 +296,8 @@ class Endpoint:
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
+        #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
+        self.remote = RemoteMailboxes(self)
 
     # ------------------------------------------------------------ application
 
@@ -323,6 +333,8 @@ class Endpoint:
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
+        if peer.incarnation is None and self.remote.departed_peers:
+            self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
         size = fragment_capacity(peer.current_datagram_size(), mailbox)
         msg = OutgoingMessage(
             ticket=self._next_ticket,
@@ -565,6 +577,8 @@ class Endpoint:
         if packet_number is not None and not session.replay.accept(packet_number):
             self._drop("replay")
             return
+        if self.remote.departed_peers:
+            self.remote.heard(addr)
         self._dirty[addr] = None
         session.on_packet(pkt, now, self.incarnation)
         if pkt.kind == Kind.CLOSE:
@@ -648,7 +662,12 @@ class Endpoint:
         self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         deadlines = [] if first is None else [first]
-        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
+        for part in (
+            self._groups.deadline(),
+            self._services.deadline(),
+            self._lock_deadline(),
+            self.remote.deadline(),
+        ):
             if part is not None:
                 deadlines.append(part)
         if self._closing:
@@ -677,6 +696,9 @@ class Endpoint:
             self._services.on_timer(now)
         if self._locking:
             self._expire_locks(now)
+        remote_due = self.remote.deadline()
+        if remote_due is not None and remote_due <= now:
+            self.remote.on_timer(now)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -898,6 +920,7 @@ class Endpoint:
         owner is gone: nobody else can ever receive what it would accept.
         """
         box = self._box(name, owner=owner, managing=True)
+        self.remote.mailbox_deleted(name)
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
         self._held -= box.queue.bytes + box.locked_bytes
         box.drop_queued()
@@ -1034,6 +1057,9 @@ class Endpoint:
 
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
+        remote = self.remote.cancel(ticket, self._now)
+        if remote is not None:
+            return remote
         name = self._waiting.pop(ticket, None)
         box = None if name is None else self._mailboxes.get(name)
         return box is not None and box.cancel_wait(ticket)
@@ -1444,6 +1470,9 @@ class Endpoint:
         return session
 
     def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+        if payload and payload[0] >= FIRST_OP:
+            self.remote.on_control(session, payload, now)
+            return
         try:
             ctl = decode_control(payload)
         except MalformedControl:
@@ -1474,11 +1503,72 @@ class Endpoint:
                 session.send_control(StatsReply(ctl.request, body), now)
             else:
                 self._drop("stats_refused")
-        else:
+        elif isinstance(ctl, StatsReply):
             self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
         return list(self._peers)
+
+    # ------------------------------------------- remote receivers, management
+
+    def pull(
+        self,
+        owner: Any,
+        mailbox: str,
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        now: float,
+    ) -> int:
+        """Receive from ``mailbox`` on node ``owner``: a waiting receive whose ticket is
+        answered by ``MessageTaken`` or ``ReceiveFailed``, as :meth:`wait_for_message`'s;
+        :meth:`cancel_wait` withdraws it. See :mod:`reliable.remote_mailbox`."""
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new receives")
+        check_mailbox_name(mailbox)
+        self._now = now
+        ticket = self._next_waiter
+        self._next_waiter += 1
+        self.remote.pull(owner, mailbox, selector or ANY, receiver, ticket, now)
+        return ticket
+
+    def manage(self, dest: Any, request: Manage, now: float) -> int:
+        """Ask node ``dest`` to inspect or manage a mailbox (``rmsg ctl``); the answer
+        is a ``ManageAnswered`` event carrying the returned request number."""
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new messages")
+        self._now = now
+        return self.remote.manage(dest, request, now)
+
+    def send_control_to(self, peer: Any, message: ControlMessage, now: float) -> None:
+        """Queue a control message for ``peer`` (its session is made if need be)."""
+        self._peer_for_send(peer, now).send_control(message, now)
+        self._dirty[peer] = None
+
+    def has_session(self, peer: Any) -> bool:
+        return peer in self._peers
+
+    def has_heard(self, peer: Any) -> bool:
+        """Whether the session with ``peer`` has heard from it (knows its incarnation)."""
+        session = self._peers.get(peer)
+        return session is not None and session.incarnation is not None
+
+    def port_owner(self, name: str) -> int | None:
+        """A port's owner token (management on the owner's behalf); None for a mailbox."""
+        box = self._mailboxes.get(name)
+        return None if box is None else box.owner
+
+    def fail_departed(self, peer: Any) -> bool:
+        """A node that said goodbye did not answer within the grace: fail what waits on
+        it with ``MailboxGone``. False if it did answer (it is back)."""
+        session = self._peers.get(peer)
+        if session is None:
+            return True
+        if session.incarnation is not None:
+            return False
+        session.fail_all(errors.MailboxGone(peer))
+        self._dirty[peer] = None
+        return True
 
     # --------------------------------------------------------------- internal
 
@@ -1488,6 +1578,11 @@ class Endpoint:
             if attempt is not None:
                 self._anycast_outcome(attempt, event)
                 return
+        if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
+            if self.remote.intercept(event, self._now):
+                return  # a pull from another node was served (or refused)
+        elif isinstance(event, _SESSION_ENDS):
+            self.remote.observe(event, self._now)
         if isinstance(event, events.GroupSendDone):
             self._group_tickets.discard(event.ticket)
         if isinstance(event, (events.PeerUnreachable, events.PeerClosed)):

@@ -19,6 +19,7 @@ __all__ = [
     "Closed",
     "GroupSendDone",
     "MemberJoined",
+    "ManageAnswered",
     "MemberLeft",
     "Event",
     "MessageDelivered",
@@ -107,6 +108,17 @@ class StatsReceived(Event):
 
     peer: Any
     request: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManageAnswered(Event):
+    """``peer`` answered management request ``request`` (``Endpoint.manage``):
+    ``status`` 0 with a JSON ``body``, else an error text (see reliable/remote_mailbox.py)."""
+
+    peer: Any
+    request: int
+    status: int
     body: bytes
 
 
