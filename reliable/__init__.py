@@ -39,6 +39,7 @@ from .errors import (
     MailboxDeleted,
     MailboxExists,
     MailboxFull,
+    MailboxGone,
     MailboxNotFound,
     MessageRejected,
     MessageTooLarge,
@@ -47,6 +48,7 @@ from .errors import (
     PeerClosed,
     PeerRestarted,
     PeerUnreachable,
+    ReceiveRefused,
     ReceiveTimeout,
     ReliableError,
     SendAborted,
@@ -59,7 +61,7 @@ from .errors import (
 )
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import BatchHandle, Mailbox, Node, SendHandle
+from .node import BatchHandle, Mailbox, Node, RemoteMailbox, SendHandle
 from .stats import MailboxStats, NodeStats, PeerStats
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "MailboxDeleted",
     "MailboxExists",
     "MailboxFull",
+    "MailboxGone",
     "MailboxNotFound",
     "MailboxStats",
     "Message",
@@ -98,7 +101,9 @@ __all__ = [
     "PeerStats",
     "PeerUnreachable",
     "Receipt",
+    "ReceiveRefused",
     "ReceiveTimeout",
+    "RemoteMailbox",
     "ReliableError",
     "SendAborted",
     "SendBufferFull",

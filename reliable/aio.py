@@ -964,6 +964,9 @@ class AsyncNode:
             future.set_exception(error)
         self._notify()
 
+    def on_manage(self, request: int, status: int, body: bytes) -> None:
+        pass  # management requests (rmsg ctl) go through the blocking Node
+
     def on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)
         if future is not None and not future.done():
