@@ -329,6 +329,8 @@ class Endpoint:
         check_timeout(timeout, "timeout")
         self._now = now
         self._check_room(len(data))
+        if self.remote.redirects:
+            dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
@@ -1333,6 +1335,8 @@ class Endpoint:
         if box is None:
             self._drop("refused.no_mailbox")
             _log_refusal(source, name, size, Verdict.NO_MAILBOX)
+            if name in self.remote.moved:
+                self.remote.tell_moved(source, name, self._now)  # where it went
             return Verdict.NO_MAILBOX
         verdict = None
         if not box.open:
@@ -1557,6 +1561,75 @@ class Endpoint:
         """A port's owner token (management on the owner's behalf); None for a mailbox."""
         box = self._mailboxes.get(name)
         return None if box is None else box.owner
+
+    def is_durable(self, name: str) -> bool:
+        return name in self._durable
+
+    def detach_mailbox(
+        self, name: str, owner_text: str, now: float
+    ) -> tuple[list[Message], int | None, int | None]:
+        """Take mailbox ``name`` off this node for a transfer of ownership to
+        ``owner_text``: returns its queued messages (in order) and its limits.
+
+        Parked senders get ``MailboxClosed`` (safe to send again: they are told
+        where it went), waiting receivers ``ReceiveRefused("moved")``. Refused
+        for the default mailbox, a port, a durable mailbox, and one holding
+        messages under a lock (ack or release them first).
+        """
+        box = self._mailboxes.get(name)
+        if box is None:
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+        if name == DEFAULT_MAILBOX or box.owner is not None:
+            raise errors.UsageError(
+                f"mailbox {name!r} cannot be transferred: the default mailbox and ports stay "
+                "with their node"
+            )
+        if box.log is not None:
+            raise errors.UsageError(
+                f"mailbox {name!r} is durable: close it here and open its file on the new node"
+            )
+        if box.locked:
+            raise errors.UsageError(
+                f"mailbox {name!r} has {len(box.locked)} messages taken under a lock (or handed "
+                "to a receiver on another node); ack or release them, then transfer"
+            )
+        self._now = now
+        msgs: list[Message] = []
+        while (msg := box.queue.take()) is not None:
+            msgs.append(msg)
+            self._held -= len(msg.data)
+        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+        for ticket in list(box.waiters):
+            box.cancel_wait(ticket)
+            self._waiting.pop(ticket, None)
+            error = errors.ReceiveRefused("this node", name, "moved", owner_text)
+            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
+        self.remote.mailbox_deleted(name)
+        del self._mailboxes[name]
+        return msgs, box.capacity, box.max_bytes
+
+    def reattach_mailbox(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        msgs: list[Message],
+        now: float,
+    ) -> None:
+        """Undo :meth:`detach_mailbox` (the transfer failed): the mailbox and its
+        messages are back, in order (ahead of any created here meanwhile)."""
+        if name not in self._mailboxes:
+            self._create(name, capacity, max_bytes, None, now)
+        box = self._mailboxes[name]
+        for msg in reversed(msgs):
+            self._held += len(msg.data)
+            box.queue.push_front(msg)
+
+    def adopt_message(self, name: str, msg: Message, now: float) -> None:
+        """A message moved here with ``name``'s ownership: it enters (see Mailbox.adopt)."""
+        self._now = now
+        self._held += len(msg.data)
+        self._mailboxes[name].adopt(msg, now)
 
     def fail_departed(self, peer: Any) -> bool:
         """A node that said goodbye did not answer within the grace: fail what waits on

@@ -997,12 +997,21 @@ class Node:
         if action not in ACTIONS:
             raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
         addr = resolve_destination(dest, self._family)
-        deadline = time.monotonic() + timeout
         request = Manage(0, action, mailbox, capacity, max_bytes, node)
+        return self._managed_call(
+            addr, lambda now: self._endpoint.manage(addr, request, now), timeout
+        )
+
+    def _managed_call(
+        self, addr: Address, start: Callable[[float], int], timeout: float
+    ) -> dict[str, Any]:
+        """Run ``start(now)`` (a management request or a transfer; it returns the
+        request number) and wait for its ``ManageAnswered``."""
+        deadline = time.monotonic() + timeout
         self._enter()
         try:
             self._check_open()
-            number = self._endpoint.manage(addr, request, time.monotonic())
+            number = start(time.monotonic())
             self._manage_replies[number] = None
             self._drive()
             try:
@@ -1021,6 +1030,13 @@ class Node:
         finally:
             self._leave()
         return parse_manage_reply(addr, *reply)
+
+    def _transfer(self, name: str, to: str | tuple[Any, ...], timeout: float) -> dict[str, Any]:
+        check_timeout(timeout, "timeout", positive=True)
+        addr = resolve_destination(to, self._family)
+        return self._managed_call(
+            addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
+        )
 
     # ----------------------------------------------------------- management
 
@@ -1499,6 +1515,21 @@ class Mailbox(MailboxHandle):
             lock=lock,
         )
         return got[0]
+
+    def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+        """Move this mailbox to the node at ``to``: its queued messages (in order), its
+        grants, and the right to manage it. ``to`` must have created an empty
+        mailbox of the same name (its consent; its limits apply from then on).
+
+        Returns ``{"mailbox", "owner", "moved"}`` once the new owner holds the
+        messages. Senders that still address this node are refused with
+        ``MailboxNotFound`` (not delivered: safe to send again) and told the new
+        owner; their node sends there from then on. Raises
+        :class:`~reliable.errors.UsageError` if the new owner refused (the mailbox
+        then stays here, messages and all), or for a port, a durable mailbox, or one
+        with messages under a lock.
+        """
+        return self._node._transfer(self.name, to, timeout)
 
     def receive_nowait(
         self,

@@ -96,11 +96,15 @@ FIRST_OP = 16  #: the first operation code of this module (control.py's end belo
 OP_PULL, OP_PULL_CANCEL, OP_HANDOVER, OP_TAKEN, OP_REFUSED, OP_MANAGE, OP_MANAGE_REPLY = range(
     16, 23
 )
+OP_ADOPT, OP_MOVE, OP_ADOPT_END, OP_ADOPTED, OP_MOVED = range(23, 28)
+ADOPT_STATUS = ("ok", "no_mailbox", "port", "durable", "not_empty")
+MOVED_MEMORY = 256  #: mailboxes a node remembers having handed to another owner
+ORIGINS = 65536  #: moved messages whose first owner a node remembers (oldest forgotten)
 SEEN = 4096  #: message identities a receiving node remembers, to deliver each once
 LEASE_MIN = 60.0  #: seconds: the least lock lease of a handed-over message
 
 REASONS = ("not_granted", "no_mailbox", "port", "moved")
-ACTIONS = ("inspect", "set_limits", "delete", "grant", "revoke")
+ACTIONS = ("inspect", "set_limits", "delete", "grant", "revoke", "transfer")
 STATUS_OK, STATUS_REFUSED, STATUS_ERROR = 0, 1, 2
 
 _U32 = struct.Struct("!I")
@@ -110,6 +114,8 @@ _TAKEN = struct.Struct("!IB")  # key, accepted
 _REFUSED = struct.Struct("!IB")  # request, reason
 _MANAGE = struct.Struct("!IBqq")  # request, action, capacity, max_bytes (-1: None)
 _MANAGE_REPLY = struct.Struct("!IB")  # request, status
+_COUNTED = struct.Struct("!II")  # request, count
+_ADOPTED = struct.Struct("!IBI")  # request, status, count
 
 
 def gone_grace(config: Config) -> float:
@@ -152,6 +158,7 @@ class Handover:
     incarnation: int  #: the original sender's incarnation
     msg_id: int
     data: bytes
+    origin: str = ""  #: the node that accepted it, if not the owner (it moved since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +202,70 @@ class ManageReply:
     body: bytes
 
 
-RemoteControl = Pull | PullCancel | Handover | Taken | Refused | Manage | ManageReply
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """Transfer ``request``: take over ``mailbox`` (the new owner created it, empty);
+    ``granted`` lists the nodes with the receive right. Its messages follow."""
+
+    request: int
+    mailbox: str
+    granted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One message of transfer ``request``, in the mailbox's order."""
+
+    request: int
+    msg_type: int
+    priority: int
+    source: str
+    incarnation: int
+    msg_id: int
+    data: bytes
+    origin: str = ""  #: the node that accepted it, if not the old owner
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptEnd:
+    """Transfer ``request`` is complete: ``count`` messages were moved."""
+
+    request: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The new owner's answer to transfer ``request``: ``status`` one of
+    :data:`ADOPT_STATUS` (``ok``: it holds the ``count`` messages now)."""
+
+    request: int
+    status: str
+    count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """To a sender whose message was refused: ``mailbox`` now lives at ``owner``."""
+
+    mailbox: str
+    owner: str
+
+
+RemoteControl = (
+    Pull
+    | PullCancel
+    | Handover
+    | Taken
+    | Refused
+    | Manage
+    | ManageReply
+    | Adopt
+    | Move
+    | AdoptEnd
+    | Adopted
+    | Moved
+)
 
 
 def _text(value: str, limit: int = 255) -> bytes:
@@ -233,7 +303,7 @@ def encode_remote(msg: RemoteControl) -> bytes:
             msg.incarnation,
             msg.msg_id & 0xFFFFFFFFFFFFFFFF,
         )
-        return bytes([OP_HANDOVER]) + head + _text(msg.source) + msg.data
+        return bytes([OP_HANDOVER]) + head + _text(msg.source) + _text(msg.origin) + msg.data
     if isinstance(msg, Taken):
         return bytes([OP_TAKEN]) + _TAKEN.pack(msg.key & 0xFFFFFFFF, int(msg.accepted))
     if isinstance(msg, Refused):
@@ -247,7 +317,33 @@ def encode_remote(msg: RemoteControl) -> bytes:
             _limit(msg.max_bytes),
         )
         return bytes([OP_MANAGE]) + head + _text(msg.mailbox) + _text(msg.node)
-    return bytes([OP_MANAGE_REPLY]) + _MANAGE_REPLY.pack(msg.request, msg.status) + msg.body
+    if isinstance(msg, ManageReply):
+        return bytes([OP_MANAGE_REPLY]) + _MANAGE_REPLY.pack(msg.request, msg.status) + msg.body
+    if isinstance(msg, Adopt):
+        names = b"".join(_text(g) for g in msg.granted)
+        return (
+            bytes([OP_ADOPT])
+            + _U32.pack(msg.request)
+            + _text(msg.mailbox)
+            + bytes([len(msg.granted)])
+            + names
+        )
+    if isinstance(msg, Move):
+        head = _HANDOVER.pack(
+            msg.request,
+            0,
+            msg.msg_type,
+            msg.priority,
+            msg.incarnation,
+            msg.msg_id & 0xFFFFFFFFFFFFFFFF,
+        )
+        return bytes([OP_MOVE]) + head + _text(msg.source) + _text(msg.origin) + msg.data
+    if isinstance(msg, AdoptEnd):
+        return bytes([OP_ADOPT_END]) + _COUNTED.pack(msg.request, msg.count)
+    if isinstance(msg, Adopted):
+        status = ADOPT_STATUS.index(msg.status)
+        return bytes([OP_ADOPTED]) + _ADOPTED.pack(msg.request, status, msg.count)
+    return bytes([OP_MOVED]) + _text(msg.mailbox) + _text(msg.owner)
 
 
 def decode_remote(data: bytes) -> RemoteControl:
@@ -270,7 +366,10 @@ def decode_remote(data: bytes) -> RemoteControl:
         if op == OP_HANDOVER:
             request, key, msg_type, priority, inc, msg_id = _HANDOVER.unpack_from(body)
             source, at = _read_text(body, _HANDOVER.size)
-            return Handover(request, key, msg_type, priority, source, inc, msg_id, body[at:])
+            origin, at = _read_text(body, at)
+            return Handover(
+                request, key, msg_type, priority, source, inc, msg_id, body[at:], origin
+            )
         if op == OP_TAKEN:
             key, accepted = _TAKEN.unpack(body)
             if accepted > 1:
@@ -303,6 +402,34 @@ def decode_remote(data: bytes) -> RemoteControl:
             if status > STATUS_ERROR:
                 raise ValueError("bad MANAGE_REPLY")
             return ManageReply(request, status, body[_MANAGE_REPLY.size :])
+        if op == OP_ADOPT:
+            (request,) = _U32.unpack_from(body)
+            name, at = _read_text(body, _U32.size)
+            granted = []
+            count, at = body[at], at + 1
+            for _ in range(count):
+                node, at = _read_text(body, at)
+                granted.append(node)
+            if at != len(body):
+                raise ValueError("bad ADOPT")
+            return Adopt(request, name, tuple(granted))
+        if op == OP_MOVE:
+            request, _key, msg_type, priority, inc, msg_id = _HANDOVER.unpack_from(body)
+            source, at = _read_text(body, _HANDOVER.size)
+            origin, at = _read_text(body, at)
+            return Move(request, msg_type, priority, source, inc, msg_id, body[at:], origin)
+        if op == OP_ADOPT_END:
+            request, count = _COUNTED.unpack(body)
+            return AdoptEnd(request, count)
+        if op == OP_ADOPTED:
+            request, status, count = _ADOPTED.unpack(body)
+            return Adopted(request, ADOPT_STATUS[status], count)
+        if op == OP_MOVED:
+            name, at = _read_text(body, 0)
+            owner, at = _read_text(body, at)
+            if at != len(body):
+                raise ValueError("bad MOVED")
+            return Moved(name, owner)
     except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise MalformedControl(str(exc)) from None
     raise MalformedControl(f"unknown control operation {op}")
@@ -328,6 +455,34 @@ class _Pulling:
     mailbox: str
     selector: Selector
     receiver: str
+    follows: int = 0  #: times it followed the mailbox to a new owner
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """Old owner's side: a mailbox whose messages are on their way to ``to``."""
+
+    mailbox: str
+    to: Any
+    messages: list[Message]
+    capacity: int | None
+    max_bytes: int | None
+    granted: set[Any]
+    asked_by: tuple[Any, int] | None = None  #: a remote ``rmsg ctl transfer`` to answer
+
+
+@dataclass(slots=True)
+class _Adopting:
+    """New owner's side: a transfer arriving."""
+
+    mailbox: str
+    status: str
+    granted: tuple[str, ...]
+    count: int = 0
+
+
+_ENDS = (events.PeerClosed, events.PeerUnreachable, events.PeerRestarted, events.SessionDropped)
+MAX_FOLLOWS = 4  #: moves a waiting remote receive follows before it gives up
 
 
 def address_text(addr: Any) -> str:
@@ -369,6 +524,13 @@ class RemoteMailboxes:
         self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self._manage: dict[int, None] = {}  # management requests awaiting their reply
         self._next_manage = 1
+        # transfers of ownership
+        self._transfers: dict[int, _Transfer] = {}  # our request -> a mailbox on its way
+        self._adopting: dict[tuple[Any, int], _Adopting] = {}  # (old owner, request) -> state
+        self.redirects: dict[tuple[Any, str], Any] = {}  #: (old owner, mailbox) -> new owner
+        # Messages that moved here: the node that accepted them, whose session their
+        # msg_id belongs to (it names them, with the source, for the receivers' dedupe).
+        self._origins: OrderedDict[Message, str] = OrderedDict()
         # departed nodes
         self.departed_peers: OrderedDict[Any, None] = OrderedDict()  #: nodes that said CLOSE
         self._grace: dict[Any, float] = {}  # address -> when a silent send to it fails
@@ -462,6 +624,7 @@ class RemoteMailboxes:
                 incarnation=msg.incarnation,
                 msg_id=msg.msg_id,
                 data=msg.data,
+                origin=self._origins.pop(msg, ""),
             ),
             now,
         )
@@ -505,7 +668,12 @@ class RemoteMailboxes:
             serving = self._forget_serving(event.waiter)
             if serving is None:
                 return False
-            self._send(serving.peer, Refused(serving.request, "no_mailbox"), now)
+            error = event.error
+            if isinstance(error, errors.ReceiveRefused) and error.reason == "moved":
+                refusal = Refused(serving.request, "moved", error.owner or "")
+            else:
+                refusal = Refused(serving.request, "no_mailbox")
+            self._send(serving.peer, refusal, now)
             return True
         return False
 
@@ -562,7 +730,7 @@ class RemoteMailboxes:
 
     def _on_handover(self, session: PeerSession, h: Handover, now: float) -> None:
         owner = session.addr
-        identity = (owner, h.source, h.incarnation, h.msg_id)
+        identity = (h.origin or address_text(owner), h.source, h.incarnation, h.msg_id)
         pulling = self._pulls.get(h.request)
         if identity in self._seen:
             # A requeued copy of one we delivered: acknowledge it, deliver nothing.
@@ -599,6 +767,19 @@ class RemoteMailboxes:
         pulling = self._pulls.get(refused.request)
         if pulling is None or pulling.owner != session.addr:
             return
+        if refused.reason == "moved" and pulling.follows < MAX_FOLLOWS:
+            try:
+                owner = parse_address(refused.detail)
+            except errors.AddressError:
+                owner = None
+            if owner is not None:
+                # Follow the mailbox to its new owner: the same receive, asked there.
+                self._ep.unwatch(pulling.owner, now)
+                pulling.owner = owner
+                pulling.follows += 1
+                self._send_pull(refused.request, now)
+                self._ep.watch(owner, now)
+                return
         del self._pulls[refused.request]
         self._ep.unwatch(session.addr, now)
         error = errors.ReceiveRefused(
@@ -646,6 +827,13 @@ class RemoteMailboxes:
                 "management is allowed only from the owner node's host",
             )
             return
+        if req.action == "transfer":
+            try:
+                to = parse_address(req.node)
+                self.transfer(req.mailbox, to, now, asked_by=(peer, req.request))
+            except errors.UsageError as exc:
+                self._reply(peer, req.request, STATUS_ERROR, str(exc))
+            return  # answered when the new owner has it (or refused it)
         try:
             body = self._perform(req, now)
         except errors.UsageError as exc:
@@ -690,6 +878,177 @@ class RemoteMailboxes:
 
     def _reply(self, peer: Any, request: int, status: int, text: str) -> None:
         self._send(peer, ManageReply(request, status, text.encode("utf-8")), self._ep._now)
+
+    # ------------------------------------------------------------- transfer
+
+    def transfer(
+        self, mailbox: str, to: Any, now: float, asked_by: tuple[Any, int] | None = None
+    ) -> int:
+        """Move ``mailbox`` (its queued messages, limits and grants) to node ``to``,
+        which must have created an empty mailbox of that name. Returns the request
+        number its ``ManageAnswered`` event will carry."""
+        granted = set(self.grants.get(mailbox, ()))
+        msgs, capacity, max_bytes = self._ep.detach_mailbox(mailbox, address_text(to), now)
+        number = self._next_manage
+        self._next_manage += 1
+        self._manage[number] = None
+        self._transfers[number] = _Transfer(
+            mailbox, to, msgs, capacity, max_bytes, granted, asked_by
+        )
+        self._remember_moved(mailbox, address_text(to))
+        self._send(to, Adopt(number, mailbox, tuple(sorted(address_text(g) for g in granted))), now)
+        for msg in msgs:
+            move = Move(
+                number,
+                msg.msg_type,
+                msg.priority,
+                address_text(msg.source),
+                msg.incarnation,
+                msg.msg_id,
+                msg.data,
+                self._origins.pop(msg, "") or address_text(self.local_address or "here"),
+            )
+            self._send(to, move, now)
+        self._send(to, AdoptEnd(number, len(msgs)), now)
+        return number
+
+    def _remember_moved(self, mailbox: str, owner: str) -> None:
+        self.moved[mailbox] = owner
+        while len(self.moved) > MOVED_MEMORY:
+            del self.moved[next(iter(self.moved))]
+
+    def tell_moved(self, source: Any, mailbox: str, now: float) -> None:
+        """A message for a mailbox that moved was refused: tell its sender where it went."""
+        owner = self.moved.get(mailbox)
+        if owner is not None and source is not None and self._ep.has_session(source):
+            self._send(source, Moved(mailbox, owner), now)
+
+    def redirect(self, dest: Any, mailbox: str) -> Any:
+        """Where a send to ``dest``'s ``mailbox`` goes: the latest owner we heard of."""
+        for _ in range(MAX_FOLLOWS):
+            newer = self.redirects.get((dest, mailbox))
+            if newer is None or newer == dest:
+                break
+            dest = newer
+        return dest
+
+    def _on_moved(self, session: PeerSession, moved: Moved) -> None:
+        try:
+            owner = parse_address(moved.owner)
+        except errors.AddressError:
+            self._ep._drop("malformed.control")
+            return
+        self.redirects[(session.addr, moved.mailbox)] = owner
+        while len(self.redirects) > MOVED_MEMORY:
+            del self.redirects[next(iter(self.redirects))]
+
+    def _on_adopt(self, session: PeerSession, adopt: Adopt) -> None:
+        ep = self._ep
+        if not ep.has_mailbox(adopt.mailbox):
+            status = "no_mailbox"
+        elif ep.port_owner(adopt.mailbox) is not None:
+            status = "port"
+        elif ep.is_durable(adopt.mailbox):
+            status = "durable"
+        else:
+            status = "ok"
+        key = (session.addr, adopt.request)
+        self._adopting[key] = _Adopting(adopt.mailbox, status, adopt.granted)
+
+    def _on_move(self, session: PeerSession, move: Move, now: float) -> None:
+        state = self._adopting.get((session.addr, move.request))
+        if state is None or state.status != "ok" or not self._ep.has_mailbox(state.mailbox):
+            return
+        try:
+            source: Any = parse_address(move.source)
+        except errors.AddressError:
+            source = move.source
+        msg = Message(
+            source=source,
+            data=move.data,
+            msg_type=move.msg_type,
+            priority=move.priority,
+            mailbox=state.mailbox,
+            msg_id=move.msg_id,
+            incarnation=move.incarnation,
+        )
+        self._origins[msg] = move.origin or address_text(session.addr)
+        while len(self._origins) > ORIGINS:
+            self._origins.popitem(last=False)
+        self._ep.adopt_message(state.mailbox, msg, now)
+        state.count += 1
+
+    def _on_adopt_end(self, session: PeerSession, end: AdoptEnd, now: float) -> None:
+        state = self._adopting.pop((session.addr, end.request), None)
+        if state is None:
+            return
+        if state.status == "ok":
+            for text in state.granted:
+                try:
+                    self.grant(state.mailbox, parse_address(text))
+                except errors.AddressError:
+                    continue
+            self.moved.pop(state.mailbox, None)  # it is ours (again)
+        self._send(session.addr, Adopted(end.request, state.status, state.count), now)
+
+    def _on_adopted(self, session: PeerSession, adopted: Adopted, now: float) -> None:
+        transfer = self._transfers.get(adopted.request)
+        if transfer is None or transfer.to != session.addr:
+            return
+        del self._transfers[adopted.request]
+        if adopted.status == "ok" and adopted.count == len(transfer.messages):
+            body = {
+                "mailbox": transfer.mailbox,
+                "owner": address_text(transfer.to),
+                "moved": adopted.count,
+            }
+            self._finish_transfer(adopted.request, transfer, STATUS_OK, json.dumps(body))
+            return
+        why = {
+            "no_mailbox": f"it has no mailbox {transfer.mailbox!r}: create it there (empty) first",
+            "port": "its mailbox of that name is a port",
+            "durable": "its mailbox of that name is durable (move the file instead)",
+        }.get(adopted.status, f"it took {adopted.count} of {len(transfer.messages)} messages")
+        self._undo_transfer(transfer, now)
+        self._finish_transfer(
+            adopted.request,
+            transfer,
+            STATUS_ERROR,
+            f"{address_text(transfer.to)} refused the mailbox: {why}; it stays here",
+        )
+
+    def _undo_transfer(self, transfer: _Transfer, now: float) -> None:
+        self.moved.pop(transfer.mailbox, None)
+        self._ep.reattach_mailbox(
+            transfer.mailbox, transfer.capacity, transfer.max_bytes, transfer.messages, now
+        )
+        for node in transfer.granted:
+            self.grant(transfer.mailbox, node)
+
+    def _finish_transfer(self, number: int, transfer: _Transfer, status: int, text: str) -> None:
+        if transfer.asked_by is not None:
+            peer, request = transfer.asked_by
+            self._reply(peer, request, status, text)
+        if self._manage.pop(number, 1) is None:
+            self._ep._emit(
+                events.ManageAnswered(
+                    peer=transfer.to, request=number, status=status, body=text.encode("utf-8")
+                )
+            )
+
+    def _transfer_failed(self, peer: Any, now: float) -> None:
+        """The new owner went away mid-transfer: the mailbox stays (comes back) here."""
+        for number, transfer in list(self._transfers.items()):
+            if transfer.to != peer:
+                continue
+            del self._transfers[number]
+            self._undo_transfer(transfer, now)
+            self._finish_transfer(
+                number,
+                transfer,
+                STATUS_ERROR,
+                f"{address_text(peer)} went away during the transfer; the mailbox stays here",
+            )
 
     # ------------------------------------------------------- departed nodes
 
@@ -744,6 +1103,16 @@ class RemoteMailboxes:
             self._on_refused(session, ctl, now)
         elif isinstance(ctl, Manage):
             self._on_manage(session, ctl, now)
+        elif isinstance(ctl, Adopt):
+            self._on_adopt(session, ctl)
+        elif isinstance(ctl, Move):
+            self._on_move(session, ctl, now)
+        elif isinstance(ctl, AdoptEnd):
+            self._on_adopt_end(session, ctl, now)
+        elif isinstance(ctl, Adopted):
+            self._on_adopted(session, ctl, now)
+        elif isinstance(ctl, Moved):
+            self._on_moved(session, ctl)
         elif ctl.request in self._manage:
             del self._manage[ctl.request]
             self._ep._emit(
@@ -755,6 +1124,8 @@ class RemoteMailboxes:
     def observe(self, event: events.Event, now: float) -> None:
         """Session events: a departed owner fails our pulls; a departed receiving
         node gets its hand-overs requeued."""
+        if self._transfers and isinstance(event, _ENDS):
+            self._transfer_failed(event.peer, now)
         if isinstance(event, events.PeerClosed):
             self.departed(event.peer)
             self._peer_gone(event.peer, now)

@@ -20,9 +20,14 @@ from netem import Impairment, SimNetwork
 from reliable import Config, Endpoint, errors, events
 from reliable.message import Message
 from reliable.remote_mailbox import (
+    Adopt,
+    Adopted,
+    AdoptEnd,
     Handover,
     Manage,
     ManageReply,
+    Move,
+    Moved,
     Pull,
     PullCancel,
     Refused,
@@ -128,6 +133,13 @@ def test_wire_round_trip_of_every_operation() -> None:
         Pull(7, "jobs", -3, True, "worker-1"),
         PullCancel(7),
         Handover(7, 9, 5, 300, "10.0.0.1:5000", 2**63 + 5, 2**40, b"\x00data"),
+        Handover(7, 9, 5, 300, "10.0.0.1:5000", 1, 2, b"", "10.0.0.7:7000"),
+        Adopt(3, "jobs", ("10.0.0.1:1", "10.0.0.2:2")),
+        Adopt(3, "jobs"),
+        Move(3, -1, 2, "10.0.0.1:5000", 9, 10, b"x", "10.0.0.7:7000"),
+        AdoptEnd(3, 12),
+        Adopted(3, "no_mailbox", 0),
+        Moved("jobs", "10.0.0.9:7000"),
         Taken(9, False),
         Refused(7, "moved", "10.0.0.9:7000"),
         Manage(1, "set_limits", "jobs", 10, None),
@@ -368,3 +380,86 @@ def test_every_message_reaches_exactly_one_receiver_even_if_one_dies(
     assert len(got) >= accepted
     if crash_at is None:
         assert len(got) == accepted == count
+
+
+# ------------------------------------------------------------- transfer
+
+
+def _answers(app: App) -> list[events.ManageAnswered]:
+    app.react(0.0)
+    return [e for e in app.events if isinstance(e, events.ManageAnswered)]
+
+
+def test_transfer_moves_the_queue_in_order_and_redirects_senders_and_receivers() -> None:
+    net, apps = build(grant=(R1,))
+    new_owner = R2  # R2 becomes the owner: it consents by creating the mailbox, empty
+    apps[R2].pulling = False
+    apps[R2].ep.create_mailbox("jobs", now=0.0)
+    send_burst(net, apps, 5, at=0.1)
+    net.run(until=1.0)
+    assert delivered(apps) == 5
+    started: list[int] = []
+    net.call_at(
+        1.0,
+        lambda: started.append(apps[OWNER].ep.remote.transfer("jobs", new_owner, net.now)),
+        host=OWNER,
+    )
+    net.run(until=2.0)
+    (answer,) = _answers(apps[OWNER])
+    assert answer.status == 0 and b'"moved": 5' in answer.body
+    assert not apps[OWNER].ep.has_mailbox("jobs")
+    new = apps[R2].ep
+    assert new.stats().mailbox("jobs").messages == 5
+    assert new.remote.granted("jobs") == [R1]  # the grants moved too
+    # A sender that still addresses the old owner is refused (safe to resend) and told.
+    later = send_burst(net, apps, 1, at=2.0)
+    net.run(until=3.0)
+    failed = [e for e in apps[SENDER].events if isinstance(e, events.MessageFailed)]
+    assert [e.ticket for e in failed] == later
+    assert isinstance(failed[0].error, errors.MailboxNotFound)
+    assert failed[0].error.delivered is False
+    again = send_burst(net, apps, 1, at=3.0)  # its node now sends to the new owner
+    net.run(until=4.0)
+    receipts = [e for e in apps[SENDER].events if isinstance(e, events.MessageDelivered)]
+    assert receipts[-1].ticket == again[0] and receipts[-1].peer == R2
+    # A remote receiver asking the old owner follows the mailbox to the new one.
+    net.call_at(4.0, lambda: apps[R1].start(net.now), host=R1)
+    net.run(until=6.0)
+    assert tags(apps[R1].got) == [0, 1, 2, 3, 4, 0]  # in order, then the resent one
+
+
+def test_a_refused_transfer_leaves_the_mailbox_and_its_messages_in_place() -> None:
+    net, apps = build()
+    send_burst(net, apps, 3, at=0.1)
+    net.run(until=1.0)
+    net.call_at(1.0, lambda: apps[OWNER].ep.remote.transfer("jobs", R2, net.now), host=OWNER)
+    net.run(until=2.0)
+    (answer,) = _answers(apps[OWNER])
+    assert answer.status != 0 and b"create it there" in answer.body
+    owner = apps[OWNER].ep
+    assert tags([owner.take("jobs", now=net.now) for _ in range(3)]) == [0, 1, 2]  # type: ignore[misc]
+    assert owner.remote.granted("jobs") == [R1, R2]
+
+
+def test_a_transfer_to_a_node_that_dies_leaves_the_mailbox_in_place() -> None:
+    net, apps = build()
+    apps[R2].ep.create_mailbox("jobs", now=0.0)
+    send_burst(net, apps, 3, at=0.1)
+    net.run(until=1.0)
+    net.crash(R2, at=1.0)
+    net.call_at(1.0, lambda: apps[OWNER].ep.remote.transfer("jobs", R2, net.now), host=OWNER)
+    net.run(until=1.0 + CONFIG.peer_timeout + 1.0)
+    (answer,) = _answers(apps[OWNER])
+    assert answer.status != 0 and b"went away" in answer.body
+    assert apps[OWNER].ep.stats().mailbox("jobs").messages == 3
+
+
+def test_transfer_refuses_a_port_and_a_mailbox_with_locked_messages() -> None:
+    ep = Endpoint(CONFIG, rng=random.Random(5))
+    ep.create_mailbox("p", port=True, now=0.0)
+    try:
+        ep.remote.transfer("p", R2, 0.0)
+    except errors.UsageError as exc:
+        assert "ports stay" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("a port was transferred")
