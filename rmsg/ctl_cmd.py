@@ -18,7 +18,7 @@ from reliable import Node, ReliableError, UsageError
 __all__ = ["ctl"]
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-_ACTIONS = ("inspect", "set", "delete", "grant", "revoke")
+_ACTIONS = ("inspect", "set", "delete", "grant", "revoke", "transfer")
 
 
 def _limit(text: str | None) -> int | None:
@@ -70,7 +70,9 @@ def _render(info: dict[str, Any]) -> str:
 @click.argument("target", metavar="HOST:PORT/MAILBOX")
 @click.option("--capacity", help="set: most messages held ('none': unbounded).")
 @click.option("--max-bytes", help="set: most bytes held ('none': unbounded).")
-@click.option("--node", "node_address", metavar="HOST:PORT", help="grant/revoke: the node.")
+@click.option(
+    "--node", "node_address", metavar="HOST:PORT", help="grant/revoke/transfer: the other node."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait.")
 @click.option(
@@ -102,7 +104,9 @@ def ctl(
     ACTION is one of: inspect (counts, limits, receivers, owner), set (change
     --capacity and/or --max-bytes at run time, as IPC_SET), delete (as ipcrm:
     queued messages are discarded, senders get MailboxNotFound), grant and
-    revoke (--node HOST:PORT may, or may no longer, receive from it).
+    revoke (--node HOST:PORT may, or may no longer, receive from it), and
+    transfer (move it, queue and grants, to --node HOST:PORT, which must have
+    created an empty mailbox of that name).
     The node answers only callers on its own host, and only with
     Config.serve_stats (the default).
 
@@ -111,6 +115,7 @@ def ctl(
       rmsg ctl inspect 127.0.0.1:7000/jobs
       rmsg ctl set 127.0.0.1:7000/jobs --capacity 100 --max-bytes none
       rmsg ctl grant 127.0.0.1:7000/jobs --node 127.0.0.1:7001
+      rmsg ctl transfer 127.0.0.1:7000/jobs --node 127.0.0.1:7002
       rmsg ctl delete 127.0.0.1:7000/jobs --json
     """
     from .cli import _fail, _security, _wildcard_for
@@ -122,7 +127,7 @@ def ctl(
     dest, mailbox = target.split("/", 1)
     if action == "set" and capacity is None and max_bytes is None:
         raise click.UsageError("set needs --capacity and/or --max-bytes")
-    if action in ("grant", "revoke") and not node_address:
+    if action in ("grant", "revoke", "transfer") and not node_address:
         raise click.UsageError(f"{action} needs --node HOST:PORT")
     try:
         with Node(_wildcard_for(dest), security=_security(security, keyfile)) as node:
@@ -145,5 +150,7 @@ def ctl(
         click.echo(json.dumps(info, default=str, indent=2))
     elif info.get("deleted"):
         click.echo(f"deleted {target}")
+    elif action == "transfer":
+        click.echo(f"moved {target} to {info['owner']} ({info['moved']} messages)")
     else:
         click.echo(_render(info))

@@ -42,3 +42,17 @@ def test_ctl_errors_say_what_to_change() -> None:
     assert result.exit_code == 2 and "--capacity" in result.output
     result = runner.invoke(main, ["ctl", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
+
+
+def test_ctl_transfer_moves_a_mailbox_between_nodes() -> None:
+    runner = CliRunner()
+    with Node() as old, Node() as new:
+        old.create_mailbox("jobs")
+        new.create_mailbox("jobs")
+        target = f"127.0.0.1:{old.address[1]}/jobs"
+        result = runner.invoke(
+            main, ["ctl", "transfer", target, "--node", f"127.0.0.1:{new.address[1]}"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "moved" in result.output and "0 messages" in result.output
+        assert "jobs" not in [m.name for m in old.stats().mailboxes]

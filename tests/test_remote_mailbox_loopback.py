@@ -90,3 +90,39 @@ def test_manage_inspects_sets_limits_and_deletes_from_another_node() -> None:
         assert "jobs" not in [m.name for m in owner.stats().mailboxes]
         with pytest.raises(errors.UsageError, match="no mailbox"):
             ctl.manage(owner.address, "inspect", "jobs")
+
+
+def test_transfer_moves_the_mailbox_and_senders_follow() -> None:
+    with Node() as old, Node() as new, Node() as sender:
+        jobs = old.create_mailbox("jobs")
+        here = f"127.0.0.1:{old.address[1]}/jobs"
+        for i in range(3):
+            sender.send(here, b"%d" % i)
+        new.create_mailbox("jobs")  # the new owner's consent
+        assert jobs.transfer(new.address) == {
+            "mailbox": "jobs",
+            "owner": f"127.0.0.1:{new.address[1]}",
+            "moved": 3,
+        }
+        moved = new.mailbox("jobs")
+        assert [moved.receive(timeout=5).data for _ in range(3)] == [b"0", b"1", b"2"]
+        with pytest.raises(errors.MailboxNotFound) as bounced:
+            sender.send(here, b"late")
+        assert bounced.value.delivered is False
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the Moved notice may trail the refusal a moment
+            try:
+                receipt = sender.send(here, b"late")
+                break
+            except errors.MailboxNotFound:
+                time.sleep(0.05)
+        assert receipt.peer == new.address
+        assert moved.receive(timeout=5).data == b"late"
+
+
+def test_a_transfer_the_new_node_did_not_consent_to_changes_nothing() -> None:
+    with Node() as old, Node() as other:
+        jobs = old.create_mailbox("jobs")
+        with pytest.raises(errors.UsageError, match="create it there"):
+            jobs.transfer(other.address)
+        assert old.stats().mailbox("jobs").name == "jobs"
