@@ -126,3 +126,26 @@ def test_a_transfer_the_new_node_did_not_consent_to_changes_nothing() -> None:
         with pytest.raises(errors.UsageError, match="create it there"):
             jobs.transfer(other.address)
         assert old.stats().mailbox("jobs").name == "jobs"
+
+
+def test_an_asyncio_node_receives_from_a_mailbox_on_another_node() -> None:
+    import asyncio
+
+    from reliable.aio import AsyncNode
+
+    with Node() as owner, Node() as sender:
+        box = owner.create_mailbox("q")
+        addr = f"127.0.0.1:{owner.address[1]}/q"
+
+        async def main() -> tuple[bytes, str]:
+            async with AsyncNode() as node:
+                box.grant(node.address)
+                remote = node.remote_mailbox(addr)
+                with pytest.raises(errors.ReceiveTimeout):
+                    await remote.receive(timeout=0.2)
+                sender.send(addr, b"async")
+                msg = await remote.receive(timeout=5)
+                return msg.data, msg.mailbox
+
+        assert asyncio.run(main()) == (b"async", addr)
+        assert box.stats().locked == 0
