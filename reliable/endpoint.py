@@ -57,6 +57,10 @@ them. See :mod:`reliable.mailbox` for the semantics. A durable mailbox
 doing I/O; the adapter commits them (``pending_writes``, ``writes_done``),
 and whatever must follow a commit (the sender's receipt, a waiting
 receiver's message) waits for that report: see :mod:`reliable.durable`.
+Receivers on other nodes, transfers of a mailbox's ownership, remote
+management (``rmsg ctl``) and the prompt failure of sends to a node that
+closed are :mod:`reliable.remote_mailbox`'s (``Endpoint.remote``); the
+endpoint routes it the control operations 16 and up and the session events.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -492,6 +496,7 @@ class Endpoint:
             or self._closing
             or self._groups.deadline() is not None
             or self._services.deadline() is not None
+            or self.remote.deadline() is not None
             or any(s.wait_since is not None for s in self._peers.values())
         )
 

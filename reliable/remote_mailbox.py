@@ -45,6 +45,17 @@ serves it only with ``Config.serve_stats`` and only to a peer on its own
 host (a loopback or its own address: as ``ipcrm`` only for the owner);
 in the sealed security modes only key holders get a session at all.
 
+**Transfer of ownership.** :meth:`RemoteMailboxes.transfer` takes the
+mailbox off the old owner's registry and sends ``Adopt``, one ``Move`` per
+queued message (in order) and ``AdoptEnd`` to the new owner, which consents
+by having created a plain mailbox of that name. The old owner keeps the
+messages until ``Adopted`` says the new one holds every one; a refusal, or
+the new owner's session ending first, puts the mailbox back. A sender
+refused for a mailbox that moved is sent ``Moved``, and its node redirects
+later sends for that mailbox; a waiting pull follows ``Refused(moved)``.
+Hand-overs of moved messages name the node that first accepted them: their
+``msg_id`` belongs to that node's session with the sender.
+
 **Departed nodes.** A node that closes says so (CLOSE). A later send to
 that address would otherwise be retried for ``Config.peer_timeout``; here it
 gets a grace of ``gone_grace(config)`` for a new incarnation to answer, and
@@ -572,6 +583,7 @@ class RemoteMailboxes:
         for key, (name, _msg) in list(self._assigned.items()):
             if name == mailbox:
                 del self._assigned[key]
+                self._ep.unwatch(key[0], self._ep._now)
 
     def _on_pull(self, session: PeerSession, pull: Pull, now: float) -> None:
         peer = session.addr
@@ -864,8 +876,7 @@ class RemoteMailboxes:
 
     def describe(self, name: str, now: float) -> dict[str, Any]:
         """What ``rmsg ctl inspect`` shows of mailbox ``name``."""
-        stats = self._ep.stats(now).mailbox(name)
-        info: dict[str, Any] = stats.as_dict() if hasattr(stats, "as_dict") else {}
+        info: dict[str, Any] = self._ep.stats(now).mailbox(name).as_dict()
         info.update(
             {
                 "name": name,
