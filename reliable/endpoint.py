@@ -153,7 +153,9 @@ DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 #: Failures after which an anycast message is tried on another member.
-_SESSION_ENDS = (
+_REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
+    events.MessageTaken,
+    events.ReceiveFailed,
     events.PeerClosed,
     events.PeerUnreachable,
     events.PeerRestarted,
@@ -302,6 +304,9 @@ class Endpoint:
         )
         #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
         self.remote = RemoteMailboxes(self)
+        self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
+        self._redirects = self.remote.redirects
+        self._grace = self.remote.grace
 
     # ------------------------------------------------------------ application
 
@@ -333,13 +338,13 @@ class Endpoint:
         check_timeout(timeout, "timeout")
         self._now = now
         self._check_room(len(data))
-        if self.remote.redirects:
+        if self._redirects:
             dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
-        if peer.incarnation is None and self.remote.departed_peers:
+        if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
         size = fragment_capacity(peer.current_datagram_size(), mailbox)
         msg = OutgoingMessage(
@@ -496,7 +501,7 @@ class Endpoint:
             or self._closing
             or self._groups.deadline() is not None
             or self._services.deadline() is not None
-            or self.remote.deadline() is not None
+            or bool(self._grace)
             or any(s.wait_since is not None for s in self._peers.values())
         )
 
@@ -584,7 +589,7 @@ class Endpoint:
         if packet_number is not None and not session.replay.accept(packet_number):
             self._drop("replay")
             return
-        if self.remote.departed_peers:
+        if self._departed:
             self.remote.heard(addr)
         self._dirty[addr] = None
         session.on_packet(pkt, now, self.incarnation)
@@ -669,14 +674,11 @@ class Endpoint:
         self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         deadlines = [] if first is None else [first]
-        for part in (
-            self._groups.deadline(),
-            self._services.deadline(),
-            self._lock_deadline(),
-            self.remote.deadline(),
-        ):
+        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
             if part is not None:
                 deadlines.append(part)
+        if self._grace:
+            deadlines.append(min(self._grace.values()))  # sends to departed nodes
         if self._closing:
             deadlines.append(self._close_deadline)
             linger = self._groups.linger_until()
@@ -703,8 +705,7 @@ class Endpoint:
             self._services.on_timer(now)
         if self._locking:
             self._expire_locks(now)
-        remote_due = self.remote.deadline()
-        if remote_due is not None and remote_due <= now:
+        if self._grace:
             self.remote.on_timer(now)
         if self._closing:
             self._maybe_finish_close(now)
@@ -1656,11 +1657,12 @@ class Endpoint:
             if attempt is not None:
                 self._anycast_outcome(attempt, event)
                 return
-        if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
-            if self.remote.intercept(event, self._now):
-                return  # a pull from another node was served (or refused)
-        elif isinstance(event, _SESSION_ENDS):
-            self.remote.observe(event, self._now)
+        if isinstance(event, _REMOTE_EVENTS):
+            if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
+                if self.remote.intercept(event, self._now):
+                    return  # a pull from another node was served (or refused)
+            else:
+                self.remote.observe(event, self._now)
         if isinstance(event, events.GroupSendDone):
             self._group_tickets.discard(event.ticket)
         if isinstance(event, (events.PeerUnreachable, events.PeerClosed)):

@@ -544,7 +544,7 @@ class RemoteMailboxes:
         self._origins: OrderedDict[Message, str] = OrderedDict()
         # departed nodes
         self.departed_peers: OrderedDict[Any, None] = OrderedDict()  #: nodes that said CLOSE
-        self._grace: dict[Any, float] = {}  # address -> when a silent send to it fails
+        self.grace: dict[Any, float] = {}  #: address -> when a silent send to it fails
         self.handed_over = 0
         self.returned = 0
         self.requeued = 0
@@ -1072,17 +1072,17 @@ class RemoteMailboxes:
 
     def sending(self, peer: Any, now: float) -> None:
         """A send or pull to ``peer`` on a session that has not heard from it yet."""
-        if peer in self.departed_peers and peer not in self._grace:
-            self._grace[peer] = now + gone_grace(self._ep.config)
+        if peer in self.departed_peers and peer not in self.grace:
+            self.grace[peer] = now + gone_grace(self._ep.config)
 
     def deadline(self) -> float | None:
-        return min(self._grace.values(), default=None)
+        return min(self.grace.values(), default=None)
 
     def on_timer(self, now: float) -> None:
-        for peer, due in list(self._grace.items()):
+        for peer, due in list(self.grace.items()):
             if due > now:
                 continue
-            del self._grace[peer]
+            del self.grace[peer]
             if not self._ep.fail_departed(peer):
                 self.departed_peers.pop(peer, None)  # it came back
                 continue
@@ -1092,7 +1092,7 @@ class RemoteMailboxes:
         """A packet from a live incarnation of ``peer``: it is not gone."""
         if peer in self.departed_peers:
             self.departed_peers.pop(peer, None)
-            self._grace.pop(peer, None)
+            self.grace.pop(peer, None)
 
     # ---------------------------------------------------------------- routing
 
