@@ -41,6 +41,7 @@ from .errors import (
     MailboxDeleted,
     MailboxExists,
     MailboxFull,
+    MailboxGone,
     MailboxNotFound,
     MessageRejected,
     MessageTooLarge,
@@ -49,6 +50,7 @@ from .errors import (
     PeerClosed,
     PeerRestarted,
     PeerUnreachable,
+    ReceiveRefused,
     ReceiveTimeout,
     ReliableError,
     SendAborted,
@@ -61,7 +63,7 @@ from .errors import (
 )
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
-from .node import BatchHandle, GroupSendHandle, Mailbox, Node, SendHandle
+from .node import BatchHandle, GroupSendHandle, Mailbox, Node, RemoteMailbox, SendHandle
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed for checkers
     from .aio import (
@@ -99,6 +101,7 @@ __all__ = [
     "MailboxDeleted",
     "MailboxExists",
     "MailboxFull",
+    "MailboxGone",
     "MailboxNotFound",
     "MailboxStats",
     "Message",
@@ -112,7 +115,9 @@ __all__ = [
     "PeerStats",
     "PeerUnreachable",
     "Receipt",
+    "ReceiveRefused",
     "ReceiveTimeout",
+    "RemoteMailbox",
     "ReliableError",
     "SendAborted",
     "SendBufferFull",

@@ -72,6 +72,7 @@ from .driver import (
     receive_buffer,
     receive_failure,
     refuse_group,
+    remote_mailbox_address,
     report_unreachable,
     resolve_destination,
     route_events,
@@ -289,6 +290,7 @@ class AsyncNode:
         )
         sock.setblocking(False)
         self._sock = sock
+        self._endpoint.remote.local_address = normalize(sock.getsockname())
         self._endpoint.set_receive_buffer(receive_buffer(sock))
         self._close_done = self._loop.create_future()
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -417,6 +419,57 @@ class AsyncNode:
                 store.close()
             raise
         return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
+
+    def remote_mailbox(self, address: str) -> AsyncRemoteMailbox:
+        """A handle to receive from mailbox ``host:port/name`` on another node (see
+        :meth:`reliable.Node.remote_mailbox`)."""
+        node, name = remote_mailbox_address(address)
+        self._require_started()
+        assert self._sock is not None
+        return AsyncRemoteMailbox(self, resolve_destination(node, self._sock.family), name)
+
+    async def _receive_remote(
+        self,
+        owner: Address,
+        name: str,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+        timeout: float | None,
+    ) -> Message:
+        check_timeout(timeout, "timeout")
+        loop = self._require_started()
+        self._check_open()
+        endpoint = self._endpoint
+        mark = self._departures.mark()
+        selector = Selector.of(None, msg_type, except_type)
+        task = asyncio.current_task()
+        label = receiver if receiver is not None else task.get_name() if task else "asyncio"
+        deadline = None if timeout is None else loop.time() + timeout
+        ticket = endpoint.pull(owner, name, selector, receiver=label, now=loop.time())
+        future: asyncio.Future[Message] = loop.create_future()
+        self._receives[ticket] = future
+        self._pump([])
+        try:
+            while not future.done():
+                remaining = None if deadline is None else deadline - loop.time()
+                failure = receive_failure(
+                    closed=self._closed or endpoint.closing,
+                    departures=self._departures,
+                    peer=None,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
+                if failure is not None:
+                    if self._closed or endpoint.cancel_wait(ticket):
+                        self._pump([])  # the owner hears the withdrawal now
+                        raise failure
+                    break
+                await self._wait_change(remaining)
+            return future.result()
+        finally:
+            self._receives.pop(ticket, None)
 
     def mailbox(self, name: str) -> AsyncMailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
@@ -1081,6 +1134,9 @@ class AsyncNode:
             future.set_exception(error)
         self._notify()
 
+    def on_manage(self, request: int, status: int, body: bytes) -> None:
+        pass  # management requests (rmsg ctl) go through the blocking Node
+
     def on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)
         if future is not None and not future.done():
@@ -1184,3 +1240,29 @@ class AsyncMailbox(MailboxHandle):
             receiver,
             lock,
         )
+
+
+class AsyncRemoteMailbox:
+    """A handle to receive from a mailbox on another node (``AsyncNode.remote_mailbox``);
+    see :class:`reliable.RemoteMailbox`."""
+
+    def __init__(self, node: AsyncNode, owner: Address, name: str) -> None:
+        self._node = node
+        self.owner = owner
+        self.name = name
+
+    async def receive(
+        self,
+        timeout: float | None = None,
+        *,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message:
+        """As :meth:`reliable.RemoteMailbox.receive`."""
+        return await self._node._receive_remote(
+            self.owner, self.name, msg_type, except_type, receiver, timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncRemoteMailbox {errors.format_address(self.owner)}/{self.name}>"

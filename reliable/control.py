@@ -32,6 +32,7 @@ __all__ = [
     "ControlMessage",
     "Discarded",
     "MalformedControl",
+    "RawControl",
     "Op",
     "StatsReply",
     "StatsRequest",
@@ -96,10 +97,20 @@ class StatsReply:
     body: bytes
 
 
-ControlMessage = Admitted | Discarded | Cancel | StatsRequest | StatsReply
+@dataclass(frozen=True, slots=True)
+class RawControl:
+    """A control message another module encoded itself (its first byte is its
+    operation code): the remote-mailbox protocol, :mod:`reliable.remote_mailbox`."""
+
+    payload: bytes
+
+
+ControlMessage = Admitted | Discarded | Cancel | StatsRequest | StatsReply | RawControl
 
 
 def encode_control(msg: ControlMessage) -> bytes:
+    if isinstance(msg, RawControl):
+        return msg.payload
     if isinstance(msg, Admitted):
         label = msg.receiver.encode("utf-8")[:_MAX_LABEL]
         head = _ADMITTED.pack(msg.msg_id & 0xFFFFFFFF, int(msg.taken), len(label))

@@ -44,6 +44,7 @@ from .addressing import (
     ServiceAddress,
     is_group_url,
     normalize,
+    parse_address,
     parse_group,
     parse_service,
     resolve_address,
@@ -732,6 +733,8 @@ class EventSink(Protocol):
 
     def on_stats(self, peer: Any, request: int, body: bytes) -> None: ...
 
+    def on_manage(self, request: int, status: int, body: bytes) -> None: ...
+
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
 
     def on_closed(self) -> None: ...
@@ -758,6 +761,8 @@ def route_events(
             sink.on_receive(event.waiter, None, event.error)
         elif isinstance(event, events.StatsReceived):
             sink.on_stats(event.peer, event.request, event.body)
+        elif isinstance(event, events.ManageAnswered):
+            sink.on_manage(event.request, event.status, event.body)
         elif isinstance(event, events.PeerUnreachable):
             error = errors.PeerUnreachable(
                 event.peer, event.silent_for, cause=event.cause, errno=event.errno
@@ -769,6 +774,23 @@ def route_events(
             sink.on_peer_down(event.peer, event.error)
         elif isinstance(event, events.Closed):
             sink.on_closed()
+
+
+def parse_manage_reply(dest: Any, status: int, body: bytes) -> dict[str, Any]:
+    """A management answer (``rmsg ctl``) as a dict, or the error it carries, raised."""
+    text = body.decode("utf-8", "replace")
+    where = errors.format_address(dest)
+    if status == 1:
+        raise errors.ReliableError(f"{where} refused: {text}")
+    if status != 0:
+        raise errors.UsageError(f"{where}: {text}")
+    try:
+        answer = json.loads(text)
+    except ValueError as exc:
+        raise errors.ReliableError(f"{where} sent an unreadable answer: {exc}") from None
+    if not isinstance(answer, dict):
+        raise errors.ReliableError(f"{where} sent an unreadable answer")
+    return answer
 
 
 def parse_stats(body: bytes) -> NodeStats:
@@ -1002,5 +1024,54 @@ class MailboxHandle:
         owner = self._owner
         self._managed._core(lambda ep, now: ep.set_limits(self.name, cap, size, now, owner=owner))
 
+    # Receivers on other nodes (reliable/remote_mailbox.py).
+
+    def grant(self, node: str | tuple[Any, ...]) -> None:
+        """Let ``node`` (``host:port``, as the receiving node is bound) receive from this
+        mailbox with ``RemoteMailbox.receive``; others are refused. Not for a port."""
+        addr = node_address(node)
+        name = self.name
+
+        def grant(ep: Endpoint, now: float) -> None:
+            if not ep.has_mailbox(name):
+                raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+            if ep.port_owner(name) is not None:
+                raise errors.UsageError(
+                    f"mailbox {name!r} is a port: its one receiver is its owner; create a "
+                    "plain mailbox to share it with other nodes"
+                )
+            ep.remote.grant(name, addr)
+
+        self._managed._core(grant)
+
+    def revoke(self, node: str | tuple[Any, ...]) -> None:
+        """Take the receive right back from ``node``; its waiting receives are refused."""
+        addr = node_address(node)
+        self._managed._core(lambda ep, now: ep.remote.revoke(self.name, addr, now))
+
+    def granted(self) -> list[Address]:
+        """The nodes granted the receive right."""
+        return list(self._managed._core(lambda ep, now: ep.remote.granted(self.name)))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def node_address(node: str | tuple[Any, ...]) -> Address:
+    """A node's ``host:port`` (or tuple) as the peer key its datagrams arrive under."""
+    if isinstance(node, tuple):
+        return normalize(node)
+    return parse_address(node)
+
+
+def remote_mailbox_address(address: str) -> tuple[str, str]:
+    """Split ``host:port/name`` for ``remote_mailbox``; the name is required."""
+    if not isinstance(address, str) or "/" not in address:
+        raise errors.UsageError(
+            f"a remote mailbox is named host:port/name, got {address!r}; e.g. '127.0.0.1:7000/jobs'"
+        )
+    node, name = address.split("/", 1)
+    check_mailbox_name(name)
+    if not name:
+        raise errors.UsageError("name the remote mailbox: host:port/name")
+    return node, name

@@ -57,6 +57,10 @@ them. See :mod:`reliable.mailbox` for the semantics. A durable mailbox
 doing I/O; the adapter commits them (``pending_writes``, ``writes_done``),
 and whatever must follow a commit (the sender's receipt, a waiting
 receiver's message) waits for that report: see :mod:`reliable.durable`.
+Receivers on other nodes, transfers of a mailbox's ownership, remote
+management (``rmsg ctl``) and the prompt failure of sends to a node that
+closed are :mod:`reliable.remote_mailbox`'s (``Endpoint.remote``); the
+endpoint routes it the control operations 16 and up and the session events.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -91,6 +95,7 @@ from .config import Config
 from .control import (
     Admitted,
     Cancel,
+    ControlMessage,
     Discarded,
     MalformedControl,
     StatsReply,
@@ -103,6 +108,7 @@ from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
 from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
+from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
     BAD_TAG,
     REFUSAL_TEXT,
@@ -147,6 +153,14 @@ DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 #: Failures after which an anycast message is tried on another member.
+_REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
+    events.MessageTaken,
+    events.ReceiveFailed,
+    events.PeerClosed,
+    events.PeerUnreachable,
+    events.PeerRestarted,
+    events.SessionDropped,
+)
 _FAILOVER_ERRORS = (
     errors.PeerUnreachable,
     errors.PeerClosed,
@@ -288,6 +302,11 @@ class Endpoint:
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
+        #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
+        self.remote = RemoteMailboxes(self)
+        self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
+        self._redirects = self.remote.redirects
+        self._grace = self.remote.grace
 
     # ------------------------------------------------------------ application
 
@@ -319,10 +338,14 @@ class Endpoint:
         check_timeout(timeout, "timeout")
         self._now = now
         self._check_room(len(data))
+        if self._redirects:
+            dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
         peer = self._peer_for_send(dest, now)
+        if self._departed and peer.incarnation is None:
+            self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
         size = fragment_capacity(peer.current_datagram_size(), mailbox)
         msg = OutgoingMessage(
             ticket=self._next_ticket,
@@ -478,6 +501,7 @@ class Endpoint:
             or self._closing
             or self._groups.deadline() is not None
             or self._services.deadline() is not None
+            or bool(self._grace)
             or any(s.wait_since is not None for s in self._peers.values())
         )
 
@@ -565,6 +589,8 @@ class Endpoint:
         if packet_number is not None and not session.replay.accept(packet_number):
             self._drop("replay")
             return
+        if self._departed:
+            self.remote.heard(addr)
         self._dirty[addr] = None
         session.on_packet(pkt, now, self.incarnation)
         if pkt.kind == Kind.CLOSE:
@@ -651,6 +677,8 @@ class Endpoint:
         for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
             if part is not None:
                 deadlines.append(part)
+        if self._grace:
+            deadlines.append(min(self._grace.values()))  # sends to departed nodes
         if self._closing:
             deadlines.append(self._close_deadline)
             linger = self._groups.linger_until()
@@ -677,6 +705,8 @@ class Endpoint:
             self._services.on_timer(now)
         if self._locking:
             self._expire_locks(now)
+        if self._grace:
+            self.remote.on_timer(now)
         if self._closing:
             self._maybe_finish_close(now)
 
@@ -898,6 +928,7 @@ class Endpoint:
         owner is gone: nobody else can ever receive what it would accept.
         """
         box = self._box(name, owner=owner, managing=True)
+        self.remote.mailbox_deleted(name)
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
         self._held -= box.queue.bytes + box.locked_bytes
         box.drop_queued()
@@ -1034,6 +1065,9 @@ class Endpoint:
 
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
+        remote = self.remote.cancel(ticket, self._now)
+        if remote is not None:
+            return remote
         name = self._waiting.pop(ticket, None)
         box = None if name is None else self._mailboxes.get(name)
         return box is not None and box.cancel_wait(ticket)
@@ -1307,6 +1341,8 @@ class Endpoint:
         if box is None:
             self._drop("refused.no_mailbox")
             _log_refusal(source, name, size, Verdict.NO_MAILBOX)
+            if name in self.remote.moved:
+                self.remote.tell_moved(source, name, self._now)  # where it went
             return Verdict.NO_MAILBOX
         verdict = None
         if not box.open:
@@ -1444,6 +1480,9 @@ class Endpoint:
         return session
 
     def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+        if payload and payload[0] >= FIRST_OP:
+            self.remote.on_control(session, payload, now)
+            return
         try:
             ctl = decode_control(payload)
         except MalformedControl:
@@ -1474,11 +1513,141 @@ class Endpoint:
                 session.send_control(StatsReply(ctl.request, body), now)
             else:
                 self._drop("stats_refused")
-        else:
+        elif isinstance(ctl, StatsReply):
             self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
         return list(self._peers)
+
+    # ------------------------------------------- remote receivers, management
+
+    def pull(
+        self,
+        owner: Any,
+        mailbox: str,
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        now: float,
+    ) -> int:
+        """Receive from ``mailbox`` on node ``owner``: a waiting receive whose ticket is
+        answered by ``MessageTaken`` or ``ReceiveFailed``, as :meth:`wait_for_message`'s;
+        :meth:`cancel_wait` withdraws it. See :mod:`reliable.remote_mailbox`."""
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new receives")
+        check_mailbox_name(mailbox)
+        self._now = now
+        ticket = self._next_waiter
+        self._next_waiter += 1
+        self.remote.pull(owner, mailbox, selector or ANY, receiver, ticket, now)
+        return ticket
+
+    def manage(self, dest: Any, request: Manage, now: float) -> int:
+        """Ask node ``dest`` to inspect or manage a mailbox (``rmsg ctl``); the answer
+        is a ``ManageAnswered`` event carrying the returned request number."""
+        if self._closing:
+            raise errors.NodeClosed("the node is closing and accepts no new messages")
+        self._now = now
+        return self.remote.manage(dest, request, now)
+
+    def send_control_to(self, peer: Any, message: ControlMessage, now: float) -> None:
+        """Queue a control message for ``peer`` (its session is made if need be)."""
+        self._peer_for_send(peer, now).send_control(message, now)
+        self._dirty[peer] = None
+
+    def has_session(self, peer: Any) -> bool:
+        return peer in self._peers
+
+    def has_heard(self, peer: Any) -> bool:
+        """Whether the session with ``peer`` has heard from it (knows its incarnation)."""
+        session = self._peers.get(peer)
+        return session is not None and session.incarnation is not None
+
+    def port_owner(self, name: str) -> int | None:
+        """A port's owner token (management on the owner's behalf); None for a mailbox."""
+        box = self._mailboxes.get(name)
+        return None if box is None else box.owner
+
+    def is_durable(self, name: str) -> bool:
+        return name in self._durable
+
+    def detach_mailbox(
+        self, name: str, owner_text: str, now: float
+    ) -> tuple[list[Message], int | None, int | None]:
+        """Take mailbox ``name`` off this node for a transfer of ownership to
+        ``owner_text``: returns its queued messages (in order) and its limits.
+
+        Parked senders get ``MailboxClosed`` (safe to send again: they are told
+        where it went), waiting receivers ``ReceiveRefused("moved")``. Refused
+        for the default mailbox, a port, a durable mailbox, and one holding
+        messages under a lock (ack or release them first).
+        """
+        box = self._mailboxes.get(name)
+        if box is None:
+            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
+        if name == DEFAULT_MAILBOX or box.owner is not None:
+            raise errors.UsageError(
+                f"mailbox {name!r} cannot be transferred: the default mailbox and ports stay "
+                "with their node"
+            )
+        if box.log is not None:
+            raise errors.UsageError(
+                f"mailbox {name!r} is durable: close it here and open its file on the new node"
+            )
+        if box.locked:
+            raise errors.UsageError(
+                f"mailbox {name!r} has {len(box.locked)} messages taken under a lock (or handed "
+                "to a receiver on another node); ack or release them, then transfer"
+            )
+        self._now = now
+        msgs: list[Message] = []
+        while (msg := box.queue.take()) is not None:
+            msgs.append(msg)
+            self._held -= len(msg.data)
+        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+        for ticket in list(box.waiters):
+            box.cancel_wait(ticket)
+            self._waiting.pop(ticket, None)
+            error = errors.ReceiveRefused("this node", name, "moved", owner_text)
+            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
+        self.remote.mailbox_deleted(name)
+        del self._mailboxes[name]
+        return msgs, box.capacity, box.max_bytes
+
+    def reattach_mailbox(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        msgs: list[Message],
+        now: float,
+    ) -> None:
+        """Undo :meth:`detach_mailbox` (the transfer failed): the mailbox and its
+        messages are back, in order (ahead of any created here meanwhile)."""
+        if name not in self._mailboxes:
+            self._create(name, capacity, max_bytes, None, now)
+        box = self._mailboxes[name]
+        for msg in reversed(msgs):
+            self._held += len(msg.data)
+            box.queue.push_front(msg)
+
+    def adopt_message(self, name: str, msg: Message, now: float) -> None:
+        """A message moved here with ``name``'s ownership: it enters (see Mailbox.adopt)."""
+        self._now = now
+        self._held += len(msg.data)
+        self._mailboxes[name].adopt(msg, now)
+
+    def fail_departed(self, peer: Any) -> bool:
+        """A node that said goodbye did not answer within the grace: fail what waits on
+        it with ``MailboxGone``. False if it did answer (it is back)."""
+        session = self._peers.get(peer)
+        if session is None:
+            return True
+        if session.incarnation is not None:
+            return False
+        session.fail_all(errors.MailboxGone(peer))
+        self._dirty[peer] = None
+        return True
 
     # --------------------------------------------------------------- internal
 
@@ -1488,6 +1657,12 @@ class Endpoint:
             if attempt is not None:
                 self._anycast_outcome(attempt, event)
                 return
+        if isinstance(event, _REMOTE_EVENTS):
+            if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
+                if self.remote.intercept(event, self._now):
+                    return  # a pull from another node was served (or refused)
+            else:
+                self.remote.observe(event, self._now)
         if isinstance(event, events.GroupSendDone):
             self._group_tickets.discard(event.ticket)
         if isinstance(event, (events.PeerUnreachable, events.PeerClosed)):

@@ -33,6 +33,7 @@ __all__ = [
     "MailboxDeleted",
     "MailboxExists",
     "MailboxFull",
+    "MailboxGone",
     "MailboxNotFound",
     "MessageRejected",
     "MessageTooLarge",
@@ -41,6 +42,7 @@ __all__ = [
     "PeerDroppedSession",
     "PeerRestarted",
     "PeerUnreachable",
+    "ReceiveRefused",
     "ReceiveTimeout",
     "ReliableError",
     "SendAborted",
@@ -261,6 +263,49 @@ class PeerClosed(DeliveryFailed):
 
     def __init__(self, peer: Any, *, delivered: bool | None = None) -> None:
         super().__init__(peer, "peer closed before acknowledging the message", delivered=delivered)
+
+
+class MailboxGone(PeerClosed):
+    """The node holding ``mailbox`` is gone: it closed (and has not come back).
+
+    A send to a node that said goodbye is not retried for ``Config.peer_timeout``:
+    unless a new incarnation answers within a short grace, it fails with this
+    error. A receive from a mailbox on another node fails with it when that
+    node closes. A :class:`PeerClosed`, so code catching that catches it too.
+    """
+
+    def __init__(
+        self, peer: Any, mailbox: str | None = None, *, delivered: bool | None = None
+    ) -> None:
+        what = "its mailboxes are" if mailbox is None else f"mailbox {mailbox!r} is"
+        DeliveryFailed.__init__(
+            self, peer, f"{what} gone: the node closed and has not come back", delivered=delivered
+        )
+        self.mailbox = mailbox
+
+
+class ReceiveRefused(ReliableError):
+    """The node holding a mailbox refused to let this node receive from it.
+
+    ``reason`` is ``"not_granted"`` (its owner has not granted this node the
+    receive right: ``Mailbox.grant``), ``"no_mailbox"`` (no such mailbox, or
+    deleted), ``"port"`` (a port has one receiver, its owner) or ``"moved"``
+    (ownership went to ``owner``, a ``host:port`` text: receive from there).
+    """
+
+    def __init__(self, peer: Any, mailbox: str, reason: str, owner: str | None = None) -> None:
+        text = {
+            "not_granted": "this node was not granted the right to receive from it "
+            "(the owner calls grant() for this node's address)",
+            "no_mailbox": "no such mailbox (never created, or deleted)",
+            "port": "it is a port: only its owner receives from it",
+            "moved": f"its ownership moved to {owner}: receive from {owner}/{mailbox}",
+        }.get(reason, reason)
+        super().__init__(f"{format_address(peer)}/{mailbox}: receive refused: {text}")
+        self.peer = peer
+        self.mailbox = mailbox
+        self.reason = reason
+        self.owner = owner
 
 
 class MessageRejected(DeliveryFailed):

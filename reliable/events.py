@@ -20,6 +20,7 @@ __all__ = [
     "Closed",
     "GroupSendDone",
     "MemberJoined",
+    "ManageAnswered",
     "MemberLeft",
     "Event",
     "MessageDelivered",
@@ -109,6 +110,17 @@ class StatsReceived(Event):
 
     peer: Address
     request: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManageAnswered(Event):
+    """``peer`` answered management request ``request`` (``Endpoint.manage``):
+    ``status`` 0 with a JSON ``body``, else an error text (see reliable/remote_mailbox.py)."""
+
+    peer: Address
+    request: int
+    status: int
     body: bytes
 
 

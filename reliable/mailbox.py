@@ -320,6 +320,12 @@ class Mailbox:
         self.queue.push(msg)
         self.high_water = max(self.high_water, self.queue.count)
 
+    def adopt(self, msg: Message, now: float) -> None:
+        """A message moved here with the mailbox's ownership (remote_mailbox.py): it
+        enters whatever the limits, as a restored one does; a waiting receiver first."""
+        if not self._hand_to_waiter(msg, None, now):
+            self._enqueue(msg)
+
     def _enqueue(self, msg: Message) -> None:
         self.total_in += 1
         self.queue.push(msg)

@@ -78,10 +78,12 @@ from .driver import (
     group_target,
     manage_mailbox,
     open_socket,
+    parse_manage_reply,
     parse_stats,
     receive_buffer,
     receive_failure,
     refuse_group,
+    remote_mailbox_address,
     report_unreachable,
     resolve_destination,
     route_events,
@@ -89,6 +91,7 @@ from .driver import (
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
+from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
@@ -335,6 +338,7 @@ class Node:
         self._family: int = self._sock.family
         self._destinations = Destinations()
         self._endpoint = Endpoint(config, rng=rng, security=security)
+        self._endpoint.remote.local_address = self._address  # management: same host only
         self.config = self._endpoint.config
         self._endpoint.set_receive_buffer(receive_buffer(self._sock))
         self._on_event = on_event
@@ -344,6 +348,7 @@ class Node:
         self._handles: dict[int, _PendingSend[Any] | BatchHandle] = {}
         self._taken: dict[int, Message | errors.ReliableError] = {}
         self._stats_replies: dict[int, bytes | None] = {}  # pending queries: None until answered
+        self._manage_replies: dict[int, tuple[int, bytes] | None] = {}  # rmsg ctl requests
         self._departures = Departures()
         self._closed = False
         self._failure: BaseException | None = None
@@ -1004,6 +1009,107 @@ class Node:
             self._abandoned.append((name, owner))
             self._wake()
 
+    def remote_mailbox(self, address: str) -> RemoteMailbox:
+        """A handle to receive from mailbox ``host:port/name`` hosted on another node.
+
+        Its owner must have granted this node the receive right (``grant``).
+        Each message goes to exactly one receiver, local or remote; see
+        docs/mailboxes.md, "Receivers on other nodes".
+        """
+        node, name = remote_mailbox_address(address)
+        return RemoteMailbox(self, resolve_destination(node, self._family), name)
+
+    def _receive_remote(
+        self,
+        owner: Address,
+        name: str,
+        msg_type: int,
+        except_type: bool,
+        receiver: str | None,
+        timeout: float | None,
+    ) -> Message:
+        check_timeout(timeout, "timeout")
+        selector = Selector.of(None, msg_type, except_type)
+        label = receiver if receiver is not None else threading.current_thread().name
+        self._enter()
+        try:
+            self._check_open()
+            now = time.monotonic()
+            mark = self._departures.mark()
+            deadline = None if timeout is None else now + timeout
+            ticket = self._endpoint.pull(owner, name, selector, receiver=label, now=now)
+            self._drive()
+            try:
+                return self._await_message(ticket, None, mark, timeout, deadline)
+            except errors.ReceiveTimeout:
+                if not self._closed:
+                    self._drive(read=False)  # the owner hears the withdrawal now
+                raise
+        finally:
+            self._leave()
+
+    def manage(
+        self,
+        dest: str | tuple[Any, ...],
+        action: str,
+        mailbox: str,
+        *,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+        node: str = "",
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        """Ask the node at ``dest`` to ``inspect``, ``set_limits``, ``delete``, ``grant``
+        or ``revoke`` (``node``) its mailbox ``mailbox`` (what ``rmsg ctl`` does).
+
+        Returns the mailbox's description (as ``rmsg ctl inspect --json``). A node
+        serves it only to callers on its own host, with ``Config.serve_stats``.
+        """
+        check_timeout(timeout, "timeout", positive=True)
+        if action not in ACTIONS:
+            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        addr = resolve_destination(dest, self._family)
+        request = Manage(0, action, mailbox, capacity, max_bytes, node)
+        return self._managed_call(
+            addr, lambda now: self._endpoint.manage(addr, request, now), timeout
+        )
+
+    def _managed_call(
+        self, addr: Address, start: Callable[[float], int], timeout: float
+    ) -> dict[str, Any]:
+        """Run ``start(now)`` (a management request or a transfer; it returns the
+        request number) and wait for its ``ManageAnswered``."""
+        deadline = time.monotonic() + timeout
+        self._enter()
+        try:
+            self._check_open()
+            number = start(time.monotonic())
+            self._manage_replies[number] = None
+            self._drive()
+            try:
+                while (reply := self._manage_replies[number]) is None:
+                    self._check_open()
+                    if time.monotonic() >= deadline:
+                        raise errors.ReceiveTimeout(
+                            f"{errors.format_address(addr)} did not answer within {timeout:g}s "
+                            "(is an rmsg node running there?)"
+                        )
+                    self._wait(
+                        lambda: self._manage_replies[number] is not None or self._closed, deadline
+                    )
+            finally:
+                del self._manage_replies[number]
+        finally:
+            self._leave()
+        return parse_manage_reply(addr, *reply)
+
+    def _transfer(self, name: str, to: str | tuple[Any, ...], timeout: float) -> dict[str, Any]:
+        check_timeout(timeout, "timeout", positive=True)
+        addr = resolve_destination(to, self._family)
+        return self._managed_call(
+            addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
+        )
+
     # ----------------------------------------------------------- management
 
     def stats(self) -> NodeStats:
@@ -1318,6 +1424,11 @@ class Node:
             self._stats_replies[request] = body
             self._changes += 1
 
+    def on_manage(self, request: int, status: int, body: bytes) -> None:
+        if request in self._manage_replies:
+            self._manage_replies[request] = (status, body)
+            self._changes += 1
+
     def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
         self._departures.peer_down(peer, error)
         self._changes += 1
@@ -1477,6 +1588,21 @@ class Mailbox(MailboxHandle):
         )
         return got[0]
 
+    def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+        """Move this mailbox to the node at ``to``: its queued messages (in order), its
+        grants, and the right to manage it. ``to`` must have created an empty
+        mailbox of the same name (its consent; its limits apply from then on).
+
+        Returns ``{"mailbox", "owner", "moved"}`` once the new owner holds the
+        messages. Senders that still address this node are refused with
+        ``MailboxNotFound`` (not delivered: safe to send again) and told the new
+        owner; their node sends there from then on. Raises
+        :class:`~reliable.errors.UsageError` if the new owner refused (the mailbox
+        then stays here, messages and all), or for a port, a durable mailbox, or one
+        with messages under a lock.
+        """
+        return self._node._transfer(self.name, to, timeout)
+
     def receive_nowait(
         self,
         *,
@@ -1520,3 +1646,40 @@ class Mailbox(MailboxHandle):
             )
         except errors.ReceiveTimeout:
             return []
+
+
+class RemoteMailbox:
+    """A handle to receive from a mailbox hosted on another node (``Node.remote_mailbox``).
+
+    Each receive sends the owner a credit for one message; the owner hands a
+    message to this node, which acknowledges it before :meth:`receive`
+    returns it. ``msg.mailbox`` is ``host:port/name``; ``msg.source`` the
+    original sender.
+    """
+
+    def __init__(self, node: Node, owner: Address, name: str) -> None:
+        self._node = node
+        self.owner = owner
+        self.name = name
+
+    def receive(
+        self,
+        timeout: float | None = None,
+        *,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+    ) -> Message:
+        """The next message for this node, selected as :meth:`Node.receive` does.
+
+        Raises :class:`~reliable.errors.ReceiveTimeout`;
+        :class:`~reliable.errors.ReceiveRefused` (not granted, a port, no such
+        mailbox or deleted, moved); :class:`~reliable.errors.MailboxGone` when the
+        owner node closes; :class:`~reliable.errors.PeerUnreachable` if it goes silent.
+        """
+        return self._node._receive_remote(
+            self.owner, self.name, msg_type, except_type, receiver, timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"<RemoteMailbox {errors.format_address(self.owner)}/{self.name}>"

@@ -2053,6 +2053,10 @@ from .rpc_cmd import call, serve_demo  # noqa: E402  (commands of their own modu
 main.add_command(call)
 main.add_command(serve_demo)
 
+from .ctl_cmd import ctl  # noqa: E402  (mailbox management, rmsg ctl)
+
+main.add_command(ctl)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

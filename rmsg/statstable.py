@@ -35,6 +35,8 @@ DROP_REASONS = {
     "Config.max_challenges_per_second (a flood of new addresses)",
     "shed.stats": "a stats query answered later: the asker asks faster than it reads",
     "stats_refused": "a stats query refused: this node does not share its statistics",
+    "remote": "an acknowledgement from a receiving node for a message this node no longer "
+    "holds for it (the mailbox was deleted or the hand-over already requeued): nothing lost",
     "malformed": "did not decode: corrupted in transit (checksum) or not rmsg",
     "security": "failed the security check (wrong key or mode, or forged): answered with "
     "AUTH_FAILED, rate-limited",

@@ -1,0 +1,156 @@
+"""``rmsg ctl``: inspect and manage a mailbox on a running node, like ipcs/ipcrm.
+
+A thin command: it parses, calls :meth:`reliable.Node.manage`, renders. The
+node serves management only to callers on its own host (and, in the sealed
+security modes, only to key holders: give the same ``--security``/``--keyfile``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+import reliable
+from reliable import Node, ReliableError, UsageError
+
+__all__ = ["ctl"]
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_ACTIONS = ("inspect", "set", "delete", "grant", "revoke", "transfer")
+
+
+def _limit(text: str | None) -> int | None:
+    if text is None or text.lower() in ("none", "unbounded"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a whole number or 'none'") from None
+    if value < 0:
+        raise click.BadParameter("must be 0 or more (or 'none')")
+    return value
+
+
+def _render(info: dict[str, Any]) -> str:
+    keys = (
+        "name",
+        "owner",
+        "kind",
+        "state",
+        "messages",
+        "bytes",
+        "capacity",
+        "max_bytes",
+        "parked",
+        "locked",
+        "waiting_receivers",
+        "remote_receivers",
+        "granted",
+        "total_in",
+        "total_out",
+        "durable",
+    )
+    width = max(len(k) for k in keys)
+    lines = []
+    for key in keys:
+        if key in info:
+            value = info[key]
+            if isinstance(value, list):
+                value = ", ".join(str(v) for v in value) or "-"
+            elif isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            lines.append(f"{key:<{width}}  {'-' if value is None else value}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("action", type=click.Choice(_ACTIONS))
+@click.argument("target", metavar="HOST:PORT/MAILBOX")
+@click.option("--capacity", help="set: most messages held ('none': unbounded).")
+@click.option("--max-bytes", help="set: most bytes held ('none': unbounded).")
+@click.option(
+    "--node", "node_address", metavar="HOST:PORT", help="grant/revoke/transfer: the other node."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+@click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--security",
+    type=click.Choice(reliable.security.MODES),
+    default="integrity",
+    show_default=True,
+    envvar="RMSG_SECURITY",
+    help="The node's security mode; in the sealed modes only key holders are answered.",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(dir_okay=False),
+    help="Pre-shared key file; default: $RMSG_KEY (hex).",
+)
+def ctl(
+    action: str,
+    target: str,
+    capacity: str | None,
+    max_bytes: str | None,
+    node_address: str | None,
+    as_json: bool,
+    timeout: float,
+    security: str,
+    keyfile: str | None,
+) -> None:
+    """Inspect or manage mailbox MAILBOX on the running node at HOST:PORT.
+
+    ACTION is one of: inspect (counts, limits, receivers, owner), set (change
+    --capacity and/or --max-bytes at run time, as IPC_SET), delete (as ipcrm:
+    queued messages are discarded, senders get MailboxNotFound), grant and
+    revoke (--node HOST:PORT may, or may no longer, receive from it), and
+    transfer (move it, queue and grants, to --node HOST:PORT, which must have
+    created an empty mailbox of that name).
+    The node answers only callers on its own host, and only with
+    Config.serve_stats (the default).
+
+    \b
+    Examples:
+      rmsg ctl inspect 127.0.0.1:7000/jobs
+      rmsg ctl set 127.0.0.1:7000/jobs --capacity 100 --max-bytes none
+      rmsg ctl grant 127.0.0.1:7000/jobs --node 127.0.0.1:7001
+      rmsg ctl transfer 127.0.0.1:7000/jobs --node 127.0.0.1:7002
+      rmsg ctl delete 127.0.0.1:7000/jobs --json
+    """
+    from .cli import _fail, _security, _wildcard_for
+
+    if "/" not in target or not target.split("/", 1)[1]:
+        raise click.BadParameter("name the mailbox: HOST:PORT/MAILBOX", param_hint="TARGET")
+    if timeout <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="--timeout")
+    dest, mailbox = target.split("/", 1)
+    if action == "set" and capacity is None and max_bytes is None:
+        raise click.UsageError("set needs --capacity and/or --max-bytes")
+    if action in ("grant", "revoke", "transfer") and not node_address:
+        raise click.UsageError(f"{action} needs --node HOST:PORT")
+    try:
+        with Node(_wildcard_for(dest), security=_security(security, keyfile)) as node:
+            if action == "set":
+                # What is left out keeps its value: read it first.
+                now = node.manage(dest, "inspect", mailbox, timeout=timeout)
+                info = node.manage(
+                    dest,
+                    "set_limits",
+                    mailbox,
+                    capacity=now["capacity"] if capacity is None else _limit(capacity),
+                    max_bytes=now["max_bytes"] if max_bytes is None else _limit(max_bytes),
+                    timeout=timeout,
+                )
+            else:
+                info = node.manage(dest, action, mailbox, node=node_address or "", timeout=timeout)
+    except (UsageError, ReliableError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(info, default=str, indent=2))
+    elif info.get("deleted"):
+        click.echo(f"deleted {target}")
+    elif action == "transfer":
+        click.echo(f"moved {target} to {info['owner']} ({info['moved']} messages)")
+    else:
+        click.echo(_render(info))
