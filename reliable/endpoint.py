@@ -117,6 +117,7 @@ from .stats import NodeStats
 from .timers import TimerHeap
 from .wire import (
     GROUP_KINDS,
+    MAX_MAILBOX_BYTES,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
@@ -135,6 +136,8 @@ from .wire import (
 __all__ = ["Endpoint", "Withdrawal"]
 
 _log = logging.getLogger(__name__)
+#: Events ``_emit`` acts on beyond queueing them (besides outcomes while anycast sends run).
+_HOOKED_EVENTS = frozenset({events.GroupSendDone, events.PeerUnreachable, events.PeerClosed})
 
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
@@ -380,6 +383,19 @@ class Endpoint:
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
+        if (
+            type(msg_type) is int  # (so not a bool)
+            and type(priority) is int
+            and MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX
+            and 0 <= priority <= PRIORITY_MAX
+            and len(data) <= self.config.max_message_size
+            and type(mailbox) is str
+            and (
+                not mailbox
+                or (mailbox.isascii() and len(mailbox) <= MAX_MAILBOX_BYTES and "/" not in mailbox)
+            )
+        ):
+            return  # the common case, checked without a call per argument
         check_integer(msg_type, "msg_type")
         check_integer(priority, "priority")
         if len(data) > self.config.max_message_size:
@@ -1483,6 +1499,9 @@ class Endpoint:
     # --------------------------------------------------------------- internal
 
     def _emit(self, event: events.Event) -> None:
+        if not self._anycast and type(event) not in _HOOKED_EVENTS:
+            self._events.append(event)  # the per-message events, checked in one lookup
+            return
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
             if attempt is not None:

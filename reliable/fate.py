@@ -85,6 +85,7 @@ import enum
 
 __all__ = [
     "DEADLINE_MATTERS",
+    "DELIVERED_ON_ACK",
     "RECLAIMING_STATES",
     "TERMINAL",
     "TRANSITIONS",
@@ -103,6 +104,10 @@ class FateError(RuntimeError):
 class Fate(enum.Enum):
     """Where a sent message stands (see the module docstring)."""
 
+    # Members are singletons compared by identity: hash them in C, not by name in
+    # Python (Enum's own __hash__), since the table is consulted for every message.
+    __hash__ = object.__hash__
+
     SENDING = "sending"
     CANCEL_PENDING = "cancel-pending"
     PARKED = "parked"
@@ -117,6 +122,8 @@ class Fate(enum.Enum):
 
 class FateInput(enum.Enum):
     """What can happen to a sent message."""
+
+    __hash__ = object.__hash__  # as Fate's
 
     ACKED = "acked"  #: the cumulative ack passed its last fragment, no verdict with it
     DEFER = "defer"  #: a DEFERRED notice: the receiver parked it
@@ -193,6 +200,10 @@ TRANSITIONS: dict[Fate, dict[FateInput, Fate]] = {
 TERMINAL = frozenset(state for state, moves in TRANSITIONS.items() if not moves)
 #: States in which a passing send deadline still does something.
 DEADLINE_MATTERS = frozenset(state for state, moves in TRANSITIONS.items() if _I.TIMEOUT in moves)
+#: States the acknowledgement completing the message ends (nothing else to wait for).
+DELIVERED_ON_ACK = frozenset(
+    state for state, moves in TRANSITIONS.items() if moves.get(_I.ACKED) in TERMINAL
+)
 #: States in which a ``Cancel`` for the message is on its way to the peer.
 RECLAIMING_STATES = frozenset({_F.RECLAIMING, _F.RECLAIMING_CANCELLED})
 

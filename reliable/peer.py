@@ -101,7 +101,15 @@ from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
 from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
-from .fate import DEADLINE_MATTERS, RECLAIMING_STATES, TERMINAL, Fate, FateInput, advance
+from .fate import (
+    DEADLINE_MATTERS,
+    DELIVERED_ON_ACK,
+    RECLAIMING_STATES,
+    TERMINAL,
+    Fate,
+    FateInput,
+    advance,
+)
 from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
 from .security import ReplayWindow
@@ -293,7 +301,8 @@ class PeerSession:
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
         self.unreachable = False
-        self._update_wait(now)
+        if self.wait_since is None:  # _update_wait, knowing a message is now pending
+            self.wait_since = now
 
     def watch(self, now: float) -> None:
         """The application waits to receive from this peer: keep checking it is alive."""
@@ -447,7 +456,7 @@ class PeerSession:
 
     def _acknowledged(self, msg: OutgoingMessage, now: float) -> None:
         """Every fragment of ``msg`` reached the peer: delivered, unless its mailbox deferred it."""
-        if advance(msg.fate, FateInput.ACKED) in TERMINAL:
+        if msg.fate in DELIVERED_ON_ACK:
             self._complete(msg, now)
         else:  # parked: out of the send stream, waiting for its outcome
             msg.step(FateInput.ACKED)
