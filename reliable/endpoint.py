@@ -637,7 +637,8 @@ class Endpoint:
                 session = self._peers.get(addr)
                 if session is not None:
                     out.extend((seal(body), addr) for body in session.datagrams(now, inc))
-                    timers.update(addr, session.deadline())
+                    session.filed_deadline = deadline = session.deadline()
+                    timers.update(addr, deadline)
         if (self._groups.pending or self._services.pending) and not self.closed:
             self._group_output(out, now)
         self.datagrams_sent += len(out)
@@ -697,8 +698,11 @@ class Endpoint:
             self._maybe_finish_close(now)
 
     def _deadline_of(self, addr: Any) -> float | None:
+        """A session's deadline as last computed: every change to a session marks it dirty,
+        and dirty sessions are refiled (recomputed) before any timer query, so this is its
+        real deadline without computing it again each time its entry reaches the top."""
         session = self._peers.get(addr)
-        return None if session is None else session.deadline()
+        return None if session is None else session.filed_deadline
 
     def _refile_dirty(self) -> None:
         """Sessions touched since the last flush may have moved their deadlines earlier."""
@@ -708,7 +712,8 @@ class Endpoint:
             for addr in self._dirty:
                 session = peers.get(addr)
                 if session is not None:
-                    timers.update(addr, session.deadline())
+                    session.filed_deadline = deadline = session.deadline()
+                    timers.update(addr, deadline)
 
     # ------------------------------------------------------------------ stats
 

@@ -280,6 +280,8 @@ class PeerSession:
         self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
         self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
+        #: :meth:`deadline` when the endpoint last refiled this session (see timers.py)
+        self.filed_deadline: float | None = None
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
         self.bogus_acks = 0
