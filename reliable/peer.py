@@ -79,7 +79,9 @@ but not yet acknowledged cannot be withdrawn: a timeout gives it up (it may
 have arrived), a cancel lets it run to its real outcome — and if the receiver
 then parks it, the cancel withdraws it from there. Every failure says
 ``delivered=False`` when the message's last fragment never left (see
-``_fail``); every message gets exactly one outcome.
+``_fail``); every message gets exactly one outcome: its fate
+(:mod:`reliable.fate`) changes only through one table, and ``_complete`` and
+``_fail`` report it exactly when it enters a terminal state.
 
 Logging (logger ``reliable.peer``): INFO when the peer restarts, WARNING when
 it is declared unreachable or drops messages of ours below a fence (each
