@@ -123,6 +123,7 @@ from .stats import NodeStats
 from .timers import TimerHeap
 from .wire import (
     GROUP_KINDS,
+    MAX_MAILBOX_BYTES,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
@@ -141,6 +142,7 @@ from .wire import (
 __all__ = ["Endpoint", "Withdrawal"]
 
 _log = logging.getLogger(__name__)
+#: Events ``_emit`` acts on beyond queueing them (besides outcomes while anycast sends run).
 
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
@@ -152,7 +154,6 @@ _WIRE_ID_MASK = 0xFFFFFFFF
 DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
-#: Failures after which an anycast message is tried on another member.
 _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
     events.MessageTaken,
     events.ReceiveFailed,
@@ -161,6 +162,15 @@ _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session e
     events.PeerRestarted,
     events.SessionDropped,
 )
+#: Event types ``_emit`` must look at (exact types: its fast path checks ``type()``), the
+#: subclasses of hooked events included; every other event is only queued.
+_HOOKED_EVENTS = frozenset(
+    cls
+    for cls in vars(events).values()
+    if isinstance(cls, type)
+    and issubclass(cls, (events.GroupSendDone, events.PeerUnreachable, *_REMOTE_EVENTS))
+)
+#: Failures after which an anycast message is tried on another member.
 _FAILOVER_ERRORS = (
     errors.PeerUnreachable,
     errors.PeerClosed,
@@ -403,6 +413,19 @@ class Endpoint:
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
+        if (
+            type(msg_type) is int  # (so not a bool)
+            and type(priority) is int
+            and MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX
+            and 0 <= priority <= PRIORITY_MAX
+            and len(data) <= self.config.max_message_size
+            and type(mailbox) is str
+            and (
+                not mailbox
+                or (mailbox.isascii() and len(mailbox) <= MAX_MAILBOX_BYTES and "/" not in mailbox)
+            )
+        ):
+            return  # the common case, checked without a call per argument
         check_integer(msg_type, "msg_type")
         check_integer(priority, "priority")
         if len(data) > self.config.max_message_size:
@@ -647,7 +670,8 @@ class Endpoint:
                 session = self._peers.get(addr)
                 if session is not None:
                     out.extend((seal(body), addr) for body in session.datagrams(now, inc))
-                    timers.update(addr, session.deadline())
+                    session.filed_deadline = deadline = session.deadline()
+                    timers.update(addr, deadline)
         if (self._groups.pending or self._services.pending) and not self.closed:
             self._group_output(out, now)
         self.datagrams_sent += len(out)
@@ -711,8 +735,11 @@ class Endpoint:
             self._maybe_finish_close(now)
 
     def _deadline_of(self, addr: Any) -> float | None:
+        """A session's deadline as last computed: every change to a session marks it dirty,
+        and dirty sessions are refiled (recomputed) before any timer query, so this is its
+        real deadline without computing it again each time its entry reaches the top."""
         session = self._peers.get(addr)
-        return None if session is None else session.deadline()
+        return None if session is None else session.filed_deadline
 
     def _refile_dirty(self) -> None:
         """Sessions touched since the last flush may have moved their deadlines earlier."""
@@ -722,7 +749,8 @@ class Endpoint:
             for addr in self._dirty:
                 session = peers.get(addr)
                 if session is not None:
-                    timers.update(addr, session.deadline())
+                    session.filed_deadline = deadline = session.deadline()
+                    timers.update(addr, deadline)
 
     # ------------------------------------------------------------------ stats
 
@@ -1652,6 +1680,9 @@ class Endpoint:
     # --------------------------------------------------------------- internal
 
     def _emit(self, event: events.Event) -> None:
+        if not self._anycast and type(event) not in _HOOKED_EVENTS:
+            self._events.append(event)  # the per-message events, checked in one lookup
+            return
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
             if attempt is not None:

@@ -83,7 +83,9 @@ but not yet acknowledged cannot be withdrawn: a timeout gives it up (it may
 have arrived), a cancel lets it run to its real outcome — and if the receiver
 then parks it, the cancel withdraws it from there. Every failure says
 ``delivered=False`` when the message's last fragment never left (see
-``_fail``); every message gets exactly one outcome.
+``_fail``); every message gets exactly one outcome: its fate
+(:mod:`reliable.fate`) changes only through one table, and ``_complete`` and
+``_fail`` report it exactly when it enters a terminal state.
 
 Logging (logger ``reliable.peer``): INFO when the peer restarts, WARNING when
 it is declared unreachable or drops messages of ours below a fence (each
@@ -105,6 +107,15 @@ from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
 from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
+from .fate import (
+    DEADLINE_MATTERS,
+    DELIVERED_ON_ACK,
+    RECLAIMING_STATES,
+    TERMINAL,
+    Fate,
+    FateInput,
+    advance,
+)
 from .pmtud import PathMtu
 from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
@@ -289,6 +300,8 @@ class PeerSession:
         self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
         self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
+        #: :meth:`deadline` when the endpoint last refiled this session (see timers.py)
+        self.filed_deadline: float | None = None
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
         self.bogus_acks = 0
@@ -312,7 +325,8 @@ class PeerSession:
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
         self.unreachable = False
-        self._update_wait(now)
+        if self.wait_since is None:  # _update_wait, knowing a message is now pending
+            self.wait_since = now
 
     def watch(self, now: float) -> None:
         """The application waits to receive from this peer: keep checking it is alive."""
@@ -449,16 +463,21 @@ class PeerSession:
         sender = self.sender
         for wire_id, code in pkt.notices:
             msg = sender.message_by_wire_id(wire_id)
-            if msg is None or msg.finished:
+            if msg is None:
                 continue
             verdict = Verdict(code)
             if verdict == Verdict.DEFERRED:
-                msg.deferred = True  # acknowledged below, or by a later ack; not yet delivered
-                if msg.cancelled and not msg.cancelling:
+                if msg.control or not msg.fully_sent:
+                    # Only a whole application message can be parked: garbage, ignored.
+                    self.bogus_outcomes += 1
+                    continue
+                # Acknowledged below, or by a later ack; not yet delivered.
+                reclaiming = msg.fate in RECLAIMING_STATES
+                if msg.step(FateInput.DEFER) in RECLAIMING_STATES and not reclaiming:
                     self._take_back(msg, now)  # cancelled while wholly sent: parked, so it can
             else:
                 sender.abandon(msg)
-                self._fail(msg, self._refusal(msg, verdict))
+                self._refuse(msg, verdict)
         outcome = sender.on_ack(pkt.ack, pkt.sacks, pkt.ack_delay * ACK_DELAY_TICK, pkt.window, now)
         if outcome.bogus:
             self.bogus_acks += 1
@@ -467,13 +486,12 @@ class PeerSession:
 
     def _acknowledged(self, msg: OutgoingMessage, now: float) -> None:
         """Every fragment of ``msg`` reached the peer: delivered, unless its mailbox deferred it."""
-        if isinstance(msg.outcome, (Admitted, Discarded)):
-            self._settle(msg, msg.outcome, now)  # the outcome overtook this acknowledgement
-        elif msg.deferred and not msg.control:
+        if msg.fate in DELIVERED_ON_ACK:
+            self._complete(msg, now)
+        else:  # parked: out of the send stream, waiting for its outcome
+            msg.step(FateInput.ACKED)
             self.deferred[msg.msg_id] = msg
             self.full_mailboxes[msg.mailbox] = self.full_mailboxes.get(msg.mailbox, 0) + 1
-        else:
-            self._complete(msg, now)
 
     def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
         """The peer's control message about one of our deferred messages."""
@@ -483,10 +501,13 @@ class PeerSession:
             self._settle(msg, outcome, now)
             return
         msg = self.sender.by_msg_id.get(msg_id)
-        if msg is not None and not msg.control:
-            msg.outcome = outcome  # its acknowledgement is still on the way
-        else:
+        if msg is None or msg.control:
             self.bogus_outcomes += 1
+            return
+        # The outcome overtook the acknowledgement: the peer judged the whole message,
+        # so its sequence numbers need no more tracking and its fate is known now.
+        self.sender.abandon(msg)
+        self._settle(msg, outcome, now)
 
     def _peer_dropped(self, pkt: Packet, my_incarnation: int) -> None:
         """The peer dropped what we sent it below a fence: those messages fail."""
@@ -504,7 +525,7 @@ class PeerSession:
             )
         for msg in lost:
             self._undefer(msg)
-            self._fail(msg, errors.PeerDroppedSession(self.addr))
+            self._fail(msg, FateInput.LOST, errors.PeerDroppedSession(self.addr))
 
     def _undefer(self, msg: OutgoingMessage) -> None:
         """``msg`` no longer waits at the peer for mailbox room (if it did)."""
@@ -518,43 +539,51 @@ class PeerSession:
     def _settle(self, msg: OutgoingMessage, outcome: Admitted | Discarded, now: float) -> None:
         self._undefer(msg)
         if isinstance(outcome, Admitted):
-            self._complete(msg, now, receiver=outcome.receiver if outcome.taken else None)
+            receiver = outcome.receiver if outcome.taken else None
+            self._complete(msg, now, receiver=receiver, event=FateInput.ADMIT)
         else:
-            self._fail(msg, self._refusal(msg, outcome.verdict))
+            self._refuse(msg, outcome.verdict)
         self._update_wait(now)
 
-    def _refusal(self, msg: OutgoingMessage, verdict: Verdict) -> errors.DeliveryFailed:
-        if verdict == Verdict.NO_MAILBOX:
-            return errors.MailboxNotFound(self.addr, msg.mailbox)
-        if verdict == Verdict.MAILBOX_CLOSED:
-            return errors.MailboxClosed(self.addr, msg.mailbox)
+    def _refuse(self, msg: OutgoingMessage, verdict: Verdict) -> None:
+        """The peer said ``msg`` will never enter its mailbox: it fails with the reason."""
+        error: errors.DeliveryFailed
         if verdict == Verdict.CANCELLED:
-            if msg.cancelled:
-                return errors.SendCancelled(self.addr, stage="parked")
-            return errors.SendTimeout(self.addr, msg.timeout or 0.0, stage="parked")
-        return errors.MessageRejected(self.addr, _REASON_TEXT.get(verdict, "refused"))
+            # Given back: whether we asked because it timed out or was cancelled decides.
+            event = FateInput.RECLAIMED
+            if advance(msg.fate, event) is Fate.CANCELLED:
+                error = errors.SendCancelled(self.addr, stage="parked")
+            else:
+                error = errors.SendTimeout(self.addr, msg.timeout or 0.0, stage="parked")
+        else:
+            event = FateInput.REFUSE
+            if verdict == Verdict.NO_MAILBOX:
+                error = errors.MailboxNotFound(self.addr, msg.mailbox)
+            elif verdict == Verdict.MAILBOX_CLOSED:
+                error = errors.MailboxClosed(self.addr, msg.mailbox)
+            else:
+                error = errors.MessageRejected(self.addr, _REASON_TEXT.get(verdict, "refused"))
+        self._fail(msg, event, error)
 
     def withdraw(self, msg: OutgoingMessage, now: float) -> Withdrawal:
         """The application cancelled ``msg``: withdraw it if it can still be withdrawn."""
-        if msg.settled:
+        before = msg.fate
+        if before in TERMINAL:
             return Withdrawal.UNKNOWN
-        if msg.cancelling:
-            return Withdrawal.REQUESTED  # its timeout already asked for it back
-        msg.cancelled = True
-        if msg.deferred:
-            self._take_back(msg, now)
-            return Withdrawal.REQUESTED
-        if msg.fully_sent:
-            return Withdrawal.CONTINUES  # see _on_ack: withdrawn if it turns out parked
-        stage: errors.Stage = "partial" if msg.started else "queued"
-        self.sender.abandon(msg)
-        self._fail(msg, errors.SendCancelled(self.addr, stage=stage))
-        self._update_wait(now)
-        return Withdrawal.WITHDRAWN
+        if not msg.fully_sent:  # only a message still SENDING can be short of its last fragment
+            stage: errors.Stage = "partial" if msg.started else "queued"
+            self.sender.abandon(msg)
+            self._fail(msg, FateInput.WITHDRAW, errors.SendCancelled(self.addr, stage=stage))
+            self._update_wait(now)
+            return Withdrawal.WITHDRAWN
+        if msg.step(FateInput.CANCEL) in RECLAIMING_STATES:
+            if before not in RECLAIMING_STATES:
+                self._take_back(msg, now)  # parked: ask for it back
+            return Withdrawal.REQUESTED  # (or its timeout already did)
+        return Withdrawal.CONTINUES  # see _on_ack: withdrawn if it turns out parked
 
     def _take_back(self, msg: OutgoingMessage, now: float) -> None:
-        """Ask the peer to give back a deferred message; its answer decides the outcome."""
-        msg.cancelling = True
+        """Ask the peer to give back a parked message; its answer decides the outcome."""
         self.send_control(Cancel(msg.msg_id), now)
 
     def mailbox_full(self, mailbox: str) -> bool:
@@ -600,7 +629,7 @@ class PeerSession:
         )
         self._emit(restarted)
         for msg in lost:
-            self._fail(msg, errors.PeerRestarted(self.addr, old, new_incarnation))
+            self._fail(msg, FateInput.LOST, errors.PeerRestarted(self.addr, old, new_incarnation))
         self._update_wait(now)
 
     def fail_all(self, error: errors.DeliveryFailed) -> int:
@@ -610,7 +639,7 @@ class PeerSession:
         """
         abandoned = self.sender.abandon_all() + self._drop_deferred()
         for msg in abandoned:
-            self._fail(msg, error)
+            self._fail(msg, FateInput.LOST, error)
         return sum(not msg.control for msg in abandoned)
 
     def _drop_deferred(self) -> list[OutgoingMessage]:
@@ -848,7 +877,7 @@ class PeerSession:
         if probe is not None and (earliest is None or probe.deadline < earliest):
             earliest = probe.deadline
         deadlines = self._deadlines
-        while deadlines and deadlines[0][2].settled_or_cancelling():
+        while deadlines and deadlines[0][2].fate not in DEADLINE_MATTERS:
             heapq.heappop(deadlines)
         if deadlines and (earliest is None or deadlines[0][0] < earliest):
             earliest = deadlines[0][0]
@@ -867,17 +896,19 @@ class PeerSession:
             self.datagram_size = pmtu.size  # full-size datagrams stopped getting through
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, msg = heapq.heappop(self._deadlines)
-            if msg.settled_or_cancelling():
+            if msg.fate not in DEADLINE_MATTERS:
                 continue
-            if msg.deferred:
+            if msg.fate is Fate.PARKED:
                 # The peer holds it: withdraw it, and let its answer decide the outcome.
+                msg.step(FateInput.TIMEOUT)
                 self._take_back(msg, now)
             else:
                 stage: errors.Stage = (
                     "unacknowledged" if msg.fully_sent else "partial" if msg.started else "queued"
                 )
                 self.sender.abandon(msg)
-                self._fail(msg, errors.SendTimeout(self.addr, msg.timeout or 0.0, stage=stage))
+                error = errors.SendTimeout(self.addr, msg.timeout or 0.0, stage=stage)
+                self._fail(msg, FateInput.TIMEOUT, error)
         if self.receiver.ack_deadline is not None and now >= self.receiver.ack_deadline:
             self.receiver.ack_now = True
         self._update_wait(now)
@@ -989,8 +1020,15 @@ class PeerSession:
 
     # --------------------------------------------------------------- outcomes
 
-    def _complete(self, msg: OutgoingMessage, now: float, receiver: str | None = None) -> None:
-        msg.settled = True
+    def _complete(
+        self,
+        msg: OutgoingMessage,
+        now: float,
+        receiver: str | None = None,
+        event: FateInput = FateInput.ACKED,
+    ) -> None:
+        """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
+        msg.step(event)
         if msg.control:
             return
         self.messages_sent += 1
@@ -1007,13 +1045,14 @@ class PeerSession:
                 elapsed=now - msg.created,
                 incarnation=self.incarnation,
                 mailbox=msg.mailbox,
-                deferred=msg.deferred,
+                deferred=event is FateInput.ADMIT,
                 receiver=receiver,
             )
         )
 
-    def _fail(self, msg: OutgoingMessage, error: errors.DeliveryFailed) -> None:
-        msg.settled = True
+    def _fail(self, msg: OutgoingMessage, event: FateInput, error: errors.DeliveryFailed) -> None:
+        """``event`` ends ``msg`` in failure: report ``error``, once."""
+        msg.step(event)
         if msg.control:
             return
         if error.delivered is None and not msg.fully_sent:

@@ -206,7 +206,8 @@ class ReceiveStream:
                 self.protocol_errors += 1
                 return []
         delivered: list[Delivery] = []
-        self._expire_notices(base)
+        if self.notices:
+            self._expire_notices(base)
         if base > self.expected:
             self._skip_to(base, delivered)
         if seq < self.expected or seq in self.ooo:
@@ -223,20 +224,30 @@ class ReceiveStream:
             self.no_room += 1
             self.ack_now = True
             return delivered
-        if self._in_reservation(frag, seq):
-            self.covered.add(seq)  # its bytes are already set aside
-        elif self._over_budget(frag, seq):
-            self.shed += 1  # the node is full: the sender will retransmit it later
-            self.ack_now = True
-            return delivered
+        if seq == self.expected and not self.ooo:
+            # In order with nothing waiting (the common case): reassembled at once, without
+            # a round trip through the reorder buffer and its ranges (both stay empty).
+            if not self._in_reservation(frag, seq) and self._over_budget(frag, seq):
+                self.shed += 1
+                self.ack_now = True
+                return delivered
+            self._reassemble(frag, seq, delivered)
+            self.expected = seq + 1
         else:
-            self._hold(len(frag.payload))
-        self.ooo[seq] = frag
-        self._add_range(seq)
-        if seq == self.expected:
-            self._advance(delivered)
-        else:
-            self.ack_now = True  # a gap: report it at once so the sender can repair it
+            if self._in_reservation(frag, seq):
+                self.covered.add(seq)  # its bytes are already set aside
+            elif self._over_budget(frag, seq):
+                self.shed += 1  # the node is full: the sender will retransmit it later
+                self.ack_now = True
+                return delivered
+            else:
+                self._hold(len(frag.payload))
+            self.ooo[seq] = frag
+            self._add_range(seq)
+            if seq == self.expected:
+                self._advance(delivered)
+            else:
+                self.ack_now = True  # a gap: report it at once so the sender can repair it
         self.ack_pending += counts
         if self.first_unacked_time is None:
             self.first_unacked_time = now

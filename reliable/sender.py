@@ -65,6 +65,21 @@ Invariants:
   ``PERSISTENT_CONGESTION_PROBES`` consecutive expiries collapse the window
   (RFC 9002 section 7.6's persistent congestion).
 
+A message's fate. Each :class:`OutgoingMessage` carries one
+:class:`~reliable.fate.Fate`, changed only through the table in
+:mod:`reliable.fate` (``OutgoingMessage.step``); an illegal (state, input)
+pair raises. The stream itself only queues, numbers, retransmits and lets
+go of messages (``on_ack`` completing them, ``abandon``); the session turns
+that, the receiver's verdicts and the deadlines into inputs::
+
+    SENDING ──ACKED──► DELIVERED          SENDING ──DEFER──► PARKED ──ADMIT──► DELIVERED
+       │  └─REFUSE / TIMEOUT / LOST / WITHDRAW──► REFUSED / TIMED_OUT / LOST / CANCELLED
+       └─CANCEL (wholly sent)─► CANCEL_PENDING ──DEFER──► RECLAIMING_CANCELLED
+    PARKED ──TIMEOUT──► RECLAIMING ──RECLAIMED──► TIMED_OUT   (a Cancel went to the peer)
+
+The terminal states have no way out: each send reaches exactly one, and
+its outcome event is emitted then. The full table is in :mod:`reliable.fate`.
+
 Timing a slow link. On a rate-limited link a round trip includes the
 datagram's serialisation and the queue ahead of it: 64 KiB take 65 ms at
 8 Mbit/s, while the round trip first timed (a tiny packet, the cookie
@@ -95,6 +110,7 @@ from dataclasses import dataclass, field
 
 from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
+from .fate import TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
 from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
 
@@ -135,13 +151,9 @@ class OutgoingMessage:
     last_seq: int = -1  #: sequence number of its latest fragment sent for the first time
     next_index: int = 0  #: next fragment to transmit for the first time
     transmissions: int = 0
-    finished: bool = False  #: left the send stream: acknowledged, abandoned or failed
     control: bool = False  #: a node-to-node control message, invisible to the application
-    deferred: bool = False  #: the receiver holds it until its mailbox has room
-    cancelling: bool = False  #: deferred, a withdrawal (Cancel) sent: its answer decides
-    cancelled: bool = False  #: the application withdrew it (SendCancelled, not SendTimeout)
-    outcome: object = None  #: a control-message verdict that overtook the acknowledgement
-    settled: bool = False  #: its outcome was reported (delivered or failed)
+    #: where it stands: changed only by :meth:`step` (see :mod:`reliable.fate`)
+    fate: Fate = Fate.SENDING
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
 
     def __post_init__(self) -> None:
@@ -153,9 +165,15 @@ class OutgoingMessage:
         payload = max(0, min(self.fragment_size, len(self.data) - start))
         return record_size(self.mailbox_bytes, payload)
 
-    def settled_or_cancelling(self) -> bool:
-        """Whether its send deadline no longer matters."""
-        return self.settled or self.cancelling
+    def step(self, event: FateInput) -> Fate:
+        """Move its fate on by ``event`` (raises ``FateError`` on an illegal pair)."""
+        self.fate = advance(self.fate, event)
+        return self.fate
+
+    @property
+    def settled(self) -> bool:
+        """Whether it reached its fate (and so had its outcome reported)."""
+        return self.fate in TERMINAL
 
     @property
     def started(self) -> bool:
@@ -638,7 +656,6 @@ class SendStream:
                 outcome.completed.append(msg)
         for msg in outcome.completed:
             del self.by_msg_id[msg.msg_id]
-            msg.finished = True
         self.detect_losses(now)
         return outcome
 
@@ -807,8 +824,10 @@ class SendStream:
         return self.by_msg_id.get(unwrap(wire_id, self.next_msg_id))
 
     def abandon(self, msg: OutgoingMessage) -> None:
-        """Stop sending ``msg``: its sequence numbers are skipped, never retransmitted."""
-        msg.finished = True
+        """Stop sending ``msg``: its sequence numbers are skipped, never retransmitted.
+
+        Its fate is the session's to settle: the stream only lets go of it.
+        """
         if msg.started:
             self.by_msg_id.pop(msg.msg_id, None)
             unacked = self.unacked
@@ -841,7 +860,7 @@ class SendStream:
             self.abandon(msg)
         # Control messages speak of the old incarnation's messages: meaningless now.
         for msg in self.control:
-            msg.finished = True
+            msg.step(FateInput.LOST)
         self.control.clear()
         self.current = None
         self.unacked.clear()

@@ -8,6 +8,12 @@ against the session's real deadline when it reaches the top, so a deadline
 that moved later is simply re-filed. The one rule for callers: after
 anything that may move a session's deadline *earlier* (new data to send, a
 packet received), call :meth:`TimerHeap.update` for it before the next query.
+
+The endpoint's ``deadline_of`` answers from the deadline it computed when it
+last refiled the session, not by computing it again: every change to a
+session marks it dirty, and dirty sessions are refiled before every query, so
+the two agree (a session whose deadline moved later without being marked
+would only get a harmless early ``on_timer``).
 """
 
 from __future__ import annotations
