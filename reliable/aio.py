@@ -69,7 +69,7 @@ from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
-from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
+from .store import Committer, open_store  # durable mailboxes (issue 19)
 
 __all__ = ["AsyncBatchHandle", "AsyncMailbox", "AsyncNode", "AsyncSendHandle"]
 
@@ -237,6 +237,7 @@ class AsyncNode:
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._committer = Committer(self._commit_finished)  # durable mailboxes
 
     # ------------------------------------------------------------- lifecycle
 
@@ -295,7 +296,7 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
-        close_stores(self._endpoint, self._loop.time())
+        self._committer.close(self._endpoint, self._loop.time())
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -398,7 +399,8 @@ class AsyncNode:
         loop = self._require_started()
         self._check_open()
         result = call(self._endpoint, loop.time())
-        self._pump([])  # commits a durable mailbox's writes first
+        self._committer.flush(self._endpoint, loop.time())  # durable: committed first
+        self._pump([])
         return result
 
     def _port_abandoned(self, name: str, owner: int) -> None:
@@ -752,21 +754,24 @@ class AsyncNode:
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock)[0]
+            message = self._take(mailbox, owner, *args, lock, pump=False)[0]
             if message is None:
                 break
             got.append(message)
         if got:
+            self._handed_out()  # one commit for the lot (durable), not one per message
             return got
         try:
             got.append(await self._receive(mailbox, owner, *args, timeout, lock))
         except errors.ReceiveTimeout:
             return []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock)[0]
+            message = self._take(mailbox, owner, *args, lock, pump=False)[0]
             if message is None:
                 break
             got.append(message)
+        if len(got) > 1:
+            self._handed_out()
         return got
 
     def _take(
@@ -778,6 +783,8 @@ class AsyncNode:
         except_type: bool,
         receiver: str | None,
         lock: float | None = None,
+        *,
+        pump: bool = True,
     ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
@@ -790,11 +797,16 @@ class AsyncNode:
         message = self._endpoint.take(
             mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=loop.time()
         )
-        if message is not None:
-            # A parked message may have got in: its sender hears of it now. Durable: the
-            # pump commits the message's deletion before we hand it out.
-            self._pump([])
+        if message is not None and pump:
+            self._handed_out()
         return message, selector, receiver
+
+    def _handed_out(self) -> None:
+        """After taking messages: durable, their deletions commit before they are handed
+        out; and a parked message may have got in: its sender hears of it now."""
+        assert self._loop is not None
+        self._committer.flush(self._endpoint, self._loop.time())
+        self._pump([])
 
     async def _receive(
         self,
@@ -874,14 +886,21 @@ class AsyncNode:
         timer = self._deadline
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
-        if endpoint.has_output() or endpoint.closing or self._backlog:
-            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
+        if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
+            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
         self._arm_timer()
         if self._waiters:
             self._notify()
+
+    def _commit_finished(self) -> None:
+        """On the commit thread: a durable mailbox's commit finished; report it on the loop."""
+        loop = self._loop
+        if loop is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._pump, [])
 
     def _arm_timer(self) -> None:
         """Keep one loop timer at the core's next deadline (looked up once per pump)."""

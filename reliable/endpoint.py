@@ -786,14 +786,15 @@ class Endpoint:
 
     # ---------------------------------------------------- durable mailboxes
 
-    def pending_writes(self) -> list[WriteBatch]:
+    def pending_writes(self, limit: int | None = None) -> list[WriteBatch]:
         """What durable mailboxes owe their stores, one batch per store; the
-        adapter commits each (in one transaction) and reports :meth:`writes_done`."""
+        adapter commits each (in one transaction) and reports :meth:`writes_done`.
+        ``limit``: most new messages per batch (the rest stay owed)."""
         batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
         self._retired.clear()
         for box in self._durable.values():
             if box.log is not None and box.log.pending():
-                batches.append(box.log.take_batch(box.name))
+                batches.append(box.log.take_batch(box.name, limit))
         return batches
 
     def durable_stores(self) -> list[MailboxStore]:
@@ -1331,7 +1332,8 @@ class Endpoint:
         session.hold(len(d.data))
         handoffs = self._handoffs
         box = self._mailboxes[d.mailbox]
-        if box.offer(msg, now) and box.log is None:
+        admitted = box.offer(msg, now)
+        if admitted and box.log is None:
             session.unhold(len(d.data))  # it went straight in: nothing parked
             sender = session.sender
             if (
@@ -1345,7 +1347,8 @@ class Endpoint:
                 # ack (receiver.py).
                 session.receiver.await_reply(now + self.config.reply_ack_delay)
             return None
-        return Verdict.DEFERRED  # parked, or (durable) staged until its commit
+        # Durable, with room: staged until its commit (the mailbox is not full); else parked.
+        return Verdict.STAGED if admitted else Verdict.DEFERRED
 
     def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
         """The message a delivery makes, announced as an event and counted as held."""

@@ -86,7 +86,7 @@ from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
-from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
+from .store import Committer, open_store  # durable mailboxes (issue 19)
 
 __all__ = ["BatchHandle", "Mailbox", "Node", "SendHandle"]
 
@@ -334,6 +334,7 @@ class Node:
         self._driven = 0.0  # when a thread last drove (monotonic seconds)
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
+        self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._backlog = Backlog()
@@ -765,7 +766,7 @@ class Node:
                     break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
-                sync_stores(endpoint, now)  # durable: their deletion commits before we hand out
+                self._committer.flush(endpoint, now)  # durable: deletions commit before hand-out
                 if endpoint.has_output():
                     self._drive()  # a parked message may have got in: its sender hears now
                 if lock is not None:
@@ -799,7 +800,7 @@ class Node:
                     break
                 got.append(message)
             if len(got) > 1:
-                sync_stores(endpoint, now)  # durable: as above, for those taken directly
+                self._committer.flush(endpoint, now)  # durable: as above, for those taken
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -916,7 +917,7 @@ class Node:
 
         def run(now: float) -> Any:
             result = call(self._endpoint, now)
-            sync_stores(self._endpoint, now)  # durable: committed before the call returns
+            self._committer.flush(self._endpoint, now)  # durable: committed before returning
             return result
 
         return self._call(run)
@@ -1126,10 +1127,10 @@ class Node:
         if fed:
             self._rounds += 1
         if (flush or fed or not self._held or now - self._held_since >= NAP) and (
-            endpoint.has_output() or endpoint.closing or self._backlog
+            endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready
         ):
             self._held = 0
-            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
+            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
@@ -1207,7 +1208,7 @@ class Node:
             return
         self._closed = True
         self._sock.close()  # under the lock: no final datagram is on its way (see _drive)
-        close_stores(self._endpoint, time.monotonic())  # durable mailboxes (issue 19)
+        self._committer.close(self._endpoint, time.monotonic())  # durable mailboxes (issue 19)
         self._groups.close()
         handles = list(self._handles.items())
         self._handles.clear()
@@ -1354,7 +1355,8 @@ class Node:
                 return None
             timer = self._timer
             stale = self._held and now - self._held_since >= NAP
-            if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
+            due = (timer is not None and timer <= now) or stale or self._committer.ready
+            if due or self._backlog or self._abandoned:
                 self._drive()
             return NAP
         if self._held or self._backlog or self._abandoned:

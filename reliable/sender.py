@@ -110,6 +110,7 @@ class OutgoingMessage:
     finished: bool = False  #: left the send stream: acknowledged, abandoned or failed
     control: bool = False  #: a node-to-node control message, invisible to the application
     deferred: bool = False  #: the receiver holds it until its mailbox has room
+    staged: bool = False  #: deferred while a durable mailbox commits it (it had room)
     cancelling: bool = False  #: deferred, a withdrawal (Cancel) sent: its answer decides
     cancelled: bool = False  #: the application withdrew it (SendCancelled, not SendTimeout)
     outcome: object = None  #: a control-message verdict that overtook the acknowledgement

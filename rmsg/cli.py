@@ -1159,6 +1159,33 @@ def stats(
     is_flag=True,
     help="Instead: no-op RPC calls/s and p50/p99, rmsg beside stdlib xmlrpc (and grpcio).",
 )
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="Instead: 1 KiB msgs/s into a durable mailbox, beside sqlite3's grouped inserts "
+    "on the same disk and a volatile mailbox.",
+)
+@click.option(
+    "--sync",
+    type=click.Choice(["grouped", "message", "os"]),
+    default="grouped",
+    show_default=True,
+    help="With --durable: the mailbox's sync policy (and the matching sqlite3 settings).",
+)
+@click.option(
+    "--rows",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    help="With --durable: rows per sqlite3 transaction in the comparison.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="With --durable: where the files go (the disk measured). [default: .]",
+)
 def bench(
     quick: bool,
     rounds: int | None,
@@ -1168,6 +1195,10 @@ def bench(
     from_json: str | None,
     scale: bool,
     rpc: bool = False,
+    durable: bool = False,
+    sync: str = "grouped",
+    rows: int = 100,
+    directory: str | None = None,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
 
@@ -1188,6 +1219,7 @@ def bench(
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
       rmsg bench --from figures.json --plot bench.png     # draw a saved run again
+      rmsg bench --durable --sync grouped --rows 100      # durable mailbox vs sqlite3
     """
     from .bench import format_report, run_bench
 
@@ -1203,6 +1235,22 @@ def bench(
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"cannot read figures: {exc}", param_hint="--from") from None
         _plot_bench(saved, plot)
+        return
+    if durable:
+        from .bench_durable import format_durable_report, run_durable_bench
+
+        figures_d = run_durable_bench(
+            sync=sync,
+            rows=rows,
+            duration=duration or (0.5 if quick else 2.0),
+            rounds=rounds or (1 if quick else 3),
+            directory=directory,
+            progress=lambda text: click.echo(f"  {text}", err=True),
+        )
+        if as_json:
+            click.echo(json.dumps(figures_d.as_dict(), indent=2))
+        else:
+            click.echo(format_durable_report(figures_d))
         return
     if rpc:
         from .bench_rpc import format_rpc_report, run_rpc_bench
