@@ -65,7 +65,7 @@ from .driver import (
     split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Selector
+from .mailbox import Selector, Sources, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
@@ -694,30 +694,53 @@ class AsyncNode:
         self,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
-        return self._take(mailbox, None, source, msg_type, except_type, receiver)[0]
+        return self._take(
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            max_size=max_size,
+            truncate=truncate,
+        )[0]
 
     async def receive(
         self,
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         """The next message of ``mailbox``, waiting up to ``timeout`` seconds.
 
         Selection, ordering and errors as :meth:`reliable.Node.receive`;
         ``receiver`` defaults to the current task's name.
         """
-        return await self._receive(mailbox, None, source, msg_type, except_type, receiver, timeout)
+        return await self._receive(
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            max_size=max_size,
+            truncate=truncate,
+        )
 
     async def receive_many(
         self,
@@ -725,16 +748,27 @@ class AsyncNode:
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         """Up to ``max_count`` messages, as :meth:`reliable.Node.receive_many`: what
         is waiting, or (waiting up to ``timeout``) the first to come and whatever
         else is waiting then; ``[]`` when the timeout passed."""
         return await self._receive_many(
-            mailbox, None, max_count, timeout, source, msg_type, except_type, receiver
+            mailbox,
+            None,
+            max_count,
+            timeout,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            max_size=max_size,
+            truncate=truncate,
         )
 
     async def _receive_many(
@@ -743,18 +777,23 @@ class AsyncNode:
         owner: int | None,
         max_count: int,
         timeout: float | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         lock: float | None = None,
+        *,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
             raise errors.UsageError(f"max_count must be a positive integer, not {max_count!r}")
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock, pump=False)[0]
+            message = self._take(
+                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+            )[0]
             if message is None:
                 break
             got.append(message)
@@ -762,11 +801,17 @@ class AsyncNode:
             self._handed_out()  # one commit for the lot (durable), not one per message
             return got
         try:
-            got.append(await self._receive(mailbox, owner, *args, timeout, lock))
+            got.append(
+                await self._receive(
+                    mailbox, owner, *args, timeout, lock, max_size=max_size, truncate=truncate
+                )
+            )
         except errors.ReceiveTimeout:
             return []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock, pump=False)[0]
+            message = self._take(
+                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+            )[0]
             if message is None:
                 break
             got.append(message)
@@ -778,19 +823,28 @@ class AsyncNode:
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         lock: float | None = None,
         *,
         pump: bool = True,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        peer = None if source is None else resolve_destination(source, self._sock.family)
-        selector = Selector.of(peer, msg_type, except_type)
+        family = self._sock.family
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, family),
+        )
         if receiver is None:
             task = asyncio.current_task()
             receiver = task.get_name() if task is not None else "asyncio"
@@ -812,17 +866,28 @@ class AsyncNode:
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
         lock: float | None = None,
+        *,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         check_timeout(timeout, "timeout")
         mark = self._departures.mark()
         message, selector, label = self._take(
-            mailbox, owner, source, msg_type, except_type, receiver, lock
+            mailbox,
+            owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            lock,
+            max_size=max_size,
+            truncate=truncate,
         )
         if message is not None:
             return message
@@ -831,7 +896,8 @@ class AsyncNode:
         loop = self._require_started()
         endpoint = self._endpoint
         deadline = None if timeout is None else loop.time() + timeout
-        peer = selector.source
+        # One named source is watched while we wait; a set of them is not (others may send).
+        peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_message(
             mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
         )
@@ -1038,39 +1104,56 @@ class AsyncMailbox(MailboxHandle):
         self,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> Message:
         """As :meth:`AsyncNode.receive`, from this mailbox (``lock``: see
         :meth:`reliable.Mailbox.receive`)."""
         return await self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout, lock
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            lock,
+            max_size=max_size,
+            truncate=truncate,
         )
 
     def receive_nowait(
         self,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
         args = (source, msg_type, except_type, receiver)
-        return self._node._take(self.name, self._owner, *args)[0]
+        return self._node._take(
+            self.name, self._owner, *args, max_size=max_size, truncate=truncate
+        )[0]
 
     async def receive_many(
         self,
         max_count: int,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> list[Message]:
         """As :meth:`AsyncNode.receive_many`, from this mailbox; with ``lock`` (seconds)
@@ -1085,4 +1168,6 @@ class AsyncMailbox(MailboxHandle):
             except_type,
             receiver,
             lock,
+            max_size=max_size,
+            truncate=truncate,
         )

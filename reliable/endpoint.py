@@ -844,6 +844,7 @@ class Endpoint:
             on_unpark=self._unparked,
             on_handoff=self._handed_off,
             now=now,
+            on_fail=self._wait_failed,
         )
 
     def has_mailbox(self, name: str) -> bool:
@@ -941,14 +942,17 @@ class Endpoint:
         box = self._box(mailbox, owner=owner)
         self._now = now
         check_lock(lock)
+        _check_truncate(selector, lock)
         if self._locking:
             self._expire_locks(now)
-        msg = box.take(selector or ANY, receiver, now, lock)
+        selector = selector or ANY
+        msg = box.take(selector, receiver, now, lock)
         if msg is not None:
             if lock is None:
                 self._held -= len(msg.data)
             else:
                 self._locking.add(mailbox)
+            msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
         return msg
 
     def peek(
@@ -1029,6 +1033,7 @@ class Endpoint:
         ticket = self._next_waiter
         self._next_waiter += 1
         check_lock(lock)
+        _check_truncate(selector, lock)
         self._waiting[ticket] = mailbox
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
@@ -1394,12 +1399,18 @@ class Endpoint:
         if box is not None and msg in box.locked:
             self._locking.add(box.name)  # still held, under a lock
         else:
-            self._held -= len(msg.data)
+            self._held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
         box = self._durable.get(msg.mailbox)
         if box is not None and box.log is not None:
             box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
             return
         self._emit(events.MessageTaken(waiter=ticket, message=msg))
+
+    def _wait_failed(self, ticket: int, error: Exception) -> None:
+        """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
+        self._waiting.pop(ticket, None)
+        assert isinstance(error, errors.ReliableError)
+        self._emit(events.ReceiveFailed(waiter=ticket, error=error))
 
     def _discard_parked(
         self, box: Mailbox, predicate: Callable[[Message], bool], verdict: Verdict
@@ -1824,6 +1835,14 @@ def check_lock(lock: float | None) -> None:
         return
     if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
         raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
+
+
+def _check_truncate(selector: Selector | None, lock: float | None) -> None:
+    if lock is not None and selector is not None and selector.truncate:
+        raise errors.UsageError(
+            "truncate=True cannot be combined with lock=: a locked message is acknowledged "
+            "whole; receive it with a large enough max_size (or without a lock)"
+        )
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

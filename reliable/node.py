@@ -82,7 +82,7 @@ from .driver import (
     split_destination,
 )
 from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Selector
+from .mailbox import Sources, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
@@ -649,10 +649,12 @@ class Node:
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         """The next message of ``mailbox``, waiting up to ``timeout`` seconds (None: forever).
 
@@ -670,7 +672,17 @@ class Node:
         :class:`~reliable.errors.MailboxDeleted` if the mailbox was deleted.
         """
         got = self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, timeout, 1, wait=True
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            1,
+            wait=True,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0]
 
@@ -678,14 +690,26 @@ class Node:
         self,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
         got = self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, None, 1, wait=False
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            None,
+            1,
+            wait=False,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0] if got else None
 
@@ -695,10 +719,12 @@ class Node:
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         """Up to ``max_count`` messages, selected as :meth:`receive` does, in order.
 
@@ -720,6 +746,8 @@ class Node:
                 timeout,
                 max_count,
                 wait=True,
+                max_size=max_size,
+                truncate=truncate,
             )
         except errors.ReceiveTimeout:
             return []
@@ -728,7 +756,7 @@ class Node:
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
@@ -737,10 +765,20 @@ class Node:
         *,
         wait: bool,
         lock: float | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         check_timeout(timeout, "timeout")
-        peer = None if source is None else resolve_destination(source, self._family)
-        selector = Selector.of(peer, msg_type, except_type)
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, self._family),
+        )
+        # One named source is watched while we wait; a set of them is not (others may send).
+        peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
         self._enter()
@@ -1381,10 +1419,12 @@ class Mailbox(MailboxHandle):
         self,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> Message:
         """As :meth:`Node.receive`, from this mailbox.
@@ -1404,20 +1444,34 @@ class Mailbox(MailboxHandle):
             1,
             wait=True,
             lock=lock,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0]
 
     def receive_nowait(
         self,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """As :meth:`Node.receive_nowait`, from this mailbox."""
         got = self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, None, 1, wait=False
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            None,
+            1,
+            wait=False,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0] if got else None
 
@@ -1426,10 +1480,12 @@ class Mailbox(MailboxHandle):
         max_count: int,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> list[Message]:
         """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
@@ -1448,6 +1504,8 @@ class Mailbox(MailboxHandle):
                 max_count,
                 wait=True,
                 lock=lock,
+                max_size=max_size,
+                truncate=truncate,
             )
         except errors.ReceiveTimeout:
             return []

@@ -866,6 +866,20 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     help="With --durable: fsync once per batch, once per message, or leave it to the OS "
     "(safe against a crash of the process, not of the machine).",
 )
+@click.option(
+    "--max-size",
+    type=click.IntRange(0),
+    default=None,
+    metavar="BYTES",
+    help="Receive messages of at most BYTES (msgrcv's msgsz): a longer one stays queued "
+    "and recv fails, unless --truncate.",
+)
+@click.option(
+    "--truncate",
+    is_flag=True,
+    help="With --max-size: print a longer message cut to BYTES (MSG_NOERROR) and note "
+    "it on stderr.",
+)
 @security_options
 def recv(
     security: str,
@@ -888,6 +902,8 @@ def recv(
     impair: str | None,
     durable: str | None,
     sync: str,
+    max_size: int | None = None,
+    truncate: bool = False,
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
@@ -903,6 +919,7 @@ def recv(
       rmsg recv --bind 127.0.0.1:7000 --mailbox meet --capacity 0   # rendezvous
       rmsg recv --bind [::1]:7000 --json --count 10
       rmsg recv --bind 127.0.0.1:7000 --mailbox jobs --durable jobs.db
+      rmsg recv --bind 127.0.0.1:7000 --max-size 512 --truncate
       rmsg recv --bind 0.0.0.0:7000 --output-dir inbox/
       rmsg recv --bind 127.0.0.1:7001 --join multicast://239.1.2.3:7400 --mailbox news
       rmsg recv --bind 127.0.0.1:7002 --join broadcast://:7401
@@ -914,6 +931,8 @@ def recv(
         raise click.UsageError("--durable keeps a named mailbox: give --mailbox NAME too")
     if durable is None and sync != "grouped":
         raise click.UsageError("--sync applies to --durable mailboxes")
+    if truncate and max_size is None:
+        raise click.UsageError("--truncate cuts messages to --max-size: give --max-size too")
     if services and not announce_on:
         click.echo(
             "note: --serve without --announce: senders must list this node with --member",
@@ -975,10 +994,25 @@ def recv(
         while count is None or received < count:
             try:
                 msg = box.receive(
-                    timeout, msg_type=selector.msg_type, except_type=selector.except_type
+                    timeout,
+                    msg_type=selector.msg_type,
+                    except_type=selector.except_type,
+                    max_size=max_size,
+                    truncate=truncate,
                 )
             except ReceiveTimeout:
                 raise _fail(f"no message for {timeout:g}s") from None
+            except reliable.MessageTooBig as exc:
+                raise _fail(
+                    f"the next message is {exc.size} bytes, over --max-size {exc.max_size}; "
+                    "it stays queued (receive it with a larger --max-size, or --truncate)"
+                ) from None
+            if msg.truncated:
+                click.echo(
+                    f"note: a {len(msg.data) + msg.truncated}-byte message from {msg.sender} "
+                    f"was cut to --max-size {len(msg.data)}",
+                    err=True,
+                )
             taken = transfers.offer(msg.sender, msg.data)
             if taken is True:
                 continue  # a manifest or chunk: the transfer goes on
@@ -1059,6 +1093,8 @@ def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = 
     }
     if msg.group is not None:
         record["group"] = msg.group
+    if msg.truncated:
+        record["truncated"] = msg.truncated  # bytes cut off by --max-size --truncate
     if saved_as is not None:
         record["file"] = saved_as
     else:
