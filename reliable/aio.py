@@ -64,8 +64,9 @@ from .driver import (
     route_events,
     split_destination,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Selector, Sources, selector_for
+from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout, message_bytes
+from .localpost import PostQueue
+from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
@@ -238,6 +239,7 @@ class AsyncNode:
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
         self._committer = Committer(self._commit_finished)  # durable mailboxes
+        self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
     # ------------------------------------------------------------- lifecycle
 
@@ -690,6 +692,27 @@ class AsyncNode:
 
     # ------------------------------------------------------------- receiving
 
+    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+        """Put ``data`` into this node's own ``mailbox``, without the network.
+
+        From the loop, another thread, or a signal handler (prefer the loop's
+        ``add_signal_handler``): it never blocks and never takes the node's lock
+        (see :mod:`reliable.localpost`).
+        The message is admitted at the node's next turn (at once if the node
+        is idle) as an arriving message would be: same order, limits (a full
+        mailbox parks it), memory cap and durability; ``msg.source`` is
+        :attr:`address`. Argument errors raise :class:`~reliable.errors.UsageError`
+        here; a refusal later (no such mailbox, closed, memory full) is counted
+        in ``stats().dropped`` (``refused.*``) and logged, not raised.
+        """
+        self._require_started()
+        data = message_bytes(data)
+        check_mailbox_name(mailbox)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if self._closed:
+            raise errors.NodeClosed("the node is closed")
+        self._posts.put(mailbox, data, msg_type, priority)
+
     def receive_nowait(
         self,
         *,
@@ -947,6 +970,9 @@ class AsyncNode:
         assert self._loop is not None
         endpoint = self._endpoint
         now = self._loop.time()
+        if self._posts:
+            assert self._sock is not None
+            self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
         timer = self._deadline
@@ -962,7 +988,8 @@ class AsyncNode:
             self._notify()
 
     def _commit_finished(self) -> None:
-        """On the commit thread: a durable mailbox's commit finished; report it on the loop."""
+        """From another thread (a durable mailbox's commit finished, a local post came):
+        run a pump on the loop soon."""
         loop = self._loop
         if loop is not None and not self._closed:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile

@@ -285,6 +285,7 @@ class Endpoint:
         self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
         self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
         self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
+        self._posted = 0  # local posts so far: their message ids
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -1326,6 +1327,41 @@ class Endpoint:
             self._drop("refused." + verdict.name.lower())
             _log_refusal(source, name, size, verdict)
         return verdict
+
+    def post(
+        self,
+        mailbox: str,
+        data: bytes,
+        *,
+        source: Any,
+        msg_type: int = 0,
+        priority: int = 0,
+        now: float,
+    ) -> Verdict | None:
+        """A message from this node into its own ``mailbox``, without the transport
+        (a local post: ``source`` is the node's own address). It is judged and
+        admitted as an arriving message is: it enters, goes to a waiting
+        receiver, parks while the mailbox is full, or (durable) is staged until
+        committed. Returns None, or the verdict that refused it (also counted as
+        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
+        """
+        self._now = now
+        verdict = self._judge(mailbox, len(data), source)
+        if verdict is not None:
+            return verdict
+        self._posted += 1
+        msg = Message(
+            source=source,
+            data=data,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            msg_id=self._posted,
+            incarnation=0,
+        )
+        self._held += len(data)
+        self._mailboxes[mailbox].offer(msg, now)
+        return None
 
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
         verdict = self._judge(d.mailbox, len(d.data), session.addr)

@@ -81,8 +81,9 @@ from .driver import (
     route_events,
     split_destination,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Sources, selector_for
+from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout, message_bytes
+from .localpost import PostQueue
+from .mailbox import Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
@@ -335,6 +336,7 @@ class Node:
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
+        self._posts = PostQueue(self._wake)  # local posts (node.post), admitted by _drive
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._backlog = Backlog()
@@ -643,6 +645,25 @@ class Node:
         return target
 
     # ------------------------------------------------------------- receiving
+
+    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+        """Put ``data`` into this node's own ``mailbox``, without the network.
+
+        For another thread of this process, or a signal handler: it never
+        blocks and never takes the node's lock (see :mod:`reliable.localpost`).
+        The message is admitted at the node's next turn (at once if the node
+        is idle) as an arriving message would be: same order, limits (a full
+        mailbox parks it), memory cap and durability; ``msg.source`` is
+        :attr:`address`. Argument errors raise :class:`~reliable.errors.UsageError`
+        here; a refusal later (no such mailbox, closed, memory full) is counted
+        in ``stats().dropped`` (``refused.*``) and logged, not raised.
+        """
+        data = message_bytes(data)
+        check_mailbox_name(mailbox)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if self._closed:
+            raise errors.NodeClosed("the node is closed")
+        self._posts.put(mailbox, data, msg_type, priority)
 
     def receive(
         self,
@@ -1146,6 +1167,8 @@ class Node:
         me = threading.get_ident()
         if self._abandoned:
             delete_abandoned_ports(endpoint, self._abandoned, now)
+        if self._posts:
+            self._posts.admit(endpoint, self._address, now)
         fed = False
         if read and (self._leader is None or self._leader == me) and self._ready.poll(0):
             reports: list[Unreachable] = []
@@ -1394,6 +1417,7 @@ class Node:
             timer = self._timer
             stale = self._held and now - self._held_since >= NAP
             due = (timer is not None and timer <= now) or stale or self._committer.ready
+            due = due or bool(self._posts)
             if due or self._backlog or self._abandoned:
                 self._drive()
             return NAP
