@@ -39,6 +39,7 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
+from .consumer import DEFAULT_LOCK, AsyncConsumer
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
@@ -64,7 +65,14 @@ from .driver import (
     route_events,
     split_destination,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout, message_bytes
+from .endpoint import (
+    DEFAULT_MAILBOX,
+    Endpoint,
+    Withdrawal,
+    check_lock,
+    check_timeout,
+    message_bytes,
+)
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
@@ -383,6 +391,35 @@ class AsyncNode:
                 store.close()
             raise
         return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
+
+    def on_message(
+        self,
+        mailbox: str | AsyncMailbox,
+        callback: Callable[[Message], object],
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        lock: float = DEFAULT_LOCK,
+    ) -> AsyncConsumer:
+        """Consume ``mailbox`` (a name, or a handle: a port's owner handle) with
+        ``callback(message)``, as ``mq_notify`` with ``SIGEV_THREAD``: the callback
+        (a function or a coroutine function) runs as a task on the loop.
+
+        The consumer is one more receiver: each message goes to exactly one
+        taker, a ``receive`` call or a consumer. It takes each message under a
+        ``lock`` (seconds) and acknowledges it when the callback returns; if the
+        callback raises, the message is released (back at the head of its
+        priority: not lost) and the consumer stops, keeping the exception in
+        ``consumer.error``. See :mod:`reliable.consumer`. ``source``,
+        ``msg_type``, ``except_type`` select as :meth:`receive` does.
+        """
+        self._require_started()
+        check_lock(lock)
+        Selector.of(None, msg_type, except_type)  # argument errors now, not in the task
+        handle = self.mailbox(mailbox) if isinstance(mailbox, str) else mailbox
+        selection = {"source": source, "msg_type": msg_type, "except_type": except_type}
+        return AsyncConsumer(handle, callback, selection, lock)
 
     def mailbox(self, name: str) -> AsyncMailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""

@@ -56,6 +56,7 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
+from .consumer import DEFAULT_LOCK, Consumer
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
@@ -81,9 +82,16 @@ from .driver import (
     route_events,
     split_destination,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout, message_bytes
+from .endpoint import (
+    DEFAULT_MAILBOX,
+    Endpoint,
+    Withdrawal,
+    check_lock,
+    check_timeout,
+    message_bytes,
+)
 from .localpost import PostQueue
-from .mailbox import Sources, check_mailbox_name, selector_for
+from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
@@ -960,6 +968,34 @@ class Node:
                 store.close()
             raise
         return Mailbox(self, name, owner if port else None)  # only a port dies with it
+
+    def on_message(
+        self,
+        mailbox: str | Mailbox,
+        callback: Callable[[Message], object],
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        lock: float = DEFAULT_LOCK,
+    ) -> Consumer:
+        """Consume ``mailbox`` (a name, or a handle: a port's owner handle) with
+        ``callback(message)``, as ``mq_notify`` with ``SIGEV_THREAD``: the callback
+        runs on a thread of its own, never with the node's lock held.
+
+        The consumer is one more receiver: each message goes to exactly one
+        taker, a ``receive`` call or a consumer. It takes each message under a
+        ``lock`` (seconds) and acknowledges it when the callback returns; if the
+        callback raises, the message is released (back at the head of its
+        priority: not lost) and the consumer stops, keeping the exception in
+        ``consumer.error``. See :mod:`reliable.consumer`. ``source``,
+        ``msg_type``, ``except_type`` select as :meth:`receive` does.
+        """
+        check_lock(lock)
+        Selector.of(None, msg_type, except_type)  # argument errors now, not on the thread
+        handle = self.mailbox(mailbox) if isinstance(mailbox, str) else mailbox
+        selection = {"source": source, "msg_type": msg_type, "except_type": except_type}
+        return Consumer(handle, callback, selection, lock)
 
     def mailbox(self, name: str) -> Mailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
