@@ -32,7 +32,6 @@ longest run.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import threading
@@ -153,6 +152,8 @@ class AsyncConsumer(_Stats):
         selection: dict[str, Any],
         lock: float,
     ) -> None:
+        import asyncio  # here: the blocking Node must not import asyncio
+
         super().__init__()
         self._handle = handle
         self._callback = callback
@@ -168,6 +169,8 @@ class AsyncConsumer(_Stats):
 
     async def cancel(self) -> None:
         """Stop taking messages; a message whose callback was cut short is released."""
+        import asyncio
+
         self._task.cancel()
         try:
             await self._task
@@ -175,6 +178,8 @@ class AsyncConsumer(_Stats):
             pass
 
     async def _run(self) -> None:
+        import asyncio
+
         handle = self._handle
         while True:
             try:
