@@ -45,6 +45,7 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
+from .consumer import DEFAULT_LOCK, AsyncConsumer
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
@@ -77,12 +78,20 @@ from .driver import (
     resolve_destination,
     route_events,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Selector
+from .endpoint import (
+    DEFAULT_MAILBOX,
+    Endpoint,
+    Withdrawal,
+    check_lock,
+    check_timeout,
+    message_bytes,
+)
+from .localpost import PostQueue
+from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .security import Security
 from .stats import NodeStats
-from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
+from .store import Committer, open_store  # durable mailboxes (issue 19)
 
 __all__ = [
     "AsyncBatchHandle",
@@ -275,6 +284,8 @@ class AsyncNode:
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._committer = Committer(self._commit_finished)  # durable mailboxes
+        self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
     # ------------------------------------------------------------- lifecycle
 
@@ -334,7 +345,7 @@ class AsyncNode:
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
-        close_stores(self._endpoint, self._loop.time())
+        self._committer.close(self._endpoint, self._loop.time())
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -471,6 +482,35 @@ class AsyncNode:
         finally:
             self._receives.pop(ticket, None)
 
+    def on_message(
+        self,
+        mailbox: str | AsyncMailbox,
+        callback: Callable[[Message], object],
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        lock: float = DEFAULT_LOCK,
+    ) -> AsyncConsumer:
+        """Consume ``mailbox`` (a name, or a handle: a port's owner handle) with
+        ``callback(message)``, as ``mq_notify`` with ``SIGEV_THREAD``: the callback
+        (a function or a coroutine function) runs as a task on the loop.
+
+        The consumer is one more receiver: each message goes to exactly one
+        taker, a ``receive`` call or a consumer. It takes each message under a
+        ``lock`` (seconds) and acknowledges it when the callback returns; if the
+        callback raises, the message is released (back at the head of its
+        priority: not lost) and the consumer stops, keeping the exception in
+        ``consumer.error``. See :mod:`reliable.consumer`. ``source``,
+        ``msg_type``, ``except_type`` select as :meth:`receive` does.
+        """
+        self._require_started()
+        check_lock(lock)
+        Selector.of(None, msg_type, except_type)  # argument errors now, not in the task
+        handle = self.mailbox(mailbox) if isinstance(mailbox, str) else mailbox
+        selection = {"source": source, "msg_type": msg_type, "except_type": except_type}
+        return AsyncConsumer(handle, callback, selection, lock)
+
     def mailbox(self, name: str) -> AsyncMailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
         if not self._endpoint.has_mailbox(name):
@@ -488,7 +528,8 @@ class AsyncNode:
         loop = self._require_started()
         self._check_open()
         result = call(self._endpoint, loop.time())
-        self._pump([])  # commits a durable mailbox's writes first
+        self._committer.flush(self._endpoint, loop.time())  # durable: committed first
+        self._pump([])
         return result
 
     def _port_abandoned(self, name: str, owner: int) -> None:
@@ -837,34 +878,78 @@ class AsyncNode:
 
     # ------------------------------------------------------------- receiving
 
+    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+        """Put ``data`` into this node's own ``mailbox``, without the network.
+
+        From the loop, another thread, or a signal handler (prefer the loop's
+        ``add_signal_handler``): it never blocks and never takes the node's lock
+        (see :mod:`reliable.localpost`).
+        The message is admitted at the node's next turn (at once if the node
+        is idle) as an arriving message would be: same order, limits (a full
+        mailbox parks it), memory cap and durability; ``msg.source`` is
+        :attr:`address`. Argument errors raise :class:`~reliable.errors.UsageError`
+        here; a refusal later (no such mailbox, closed, memory full) is counted
+        in ``stats().dropped`` (``refused.*``) and logged, not raised.
+        """
+        self._require_started()
+        data = message_bytes(data)
+        check_mailbox_name(mailbox)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if self._closed:
+            raise errors.NodeClosed("the node is closed")
+        self._posts.put(mailbox, data, msg_type, priority)
+
     def receive_nowait(
         self,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
-        return self._take(mailbox, None, source, msg_type, except_type, receiver)[0]
+        return self._take(
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            max_size=max_size,
+            truncate=truncate,
+        )[0]
 
     async def receive(
         self,
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         """The next message of ``mailbox``, waiting up to ``timeout`` seconds.
 
         Selection, ordering and errors as :meth:`reliable.Node.receive`;
         ``receiver`` defaults to the current task's name.
         """
-        return await self._receive(mailbox, None, source, msg_type, except_type, receiver, timeout)
+        return await self._receive(
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            max_size=max_size,
+            truncate=truncate,
+        )
 
     async def receive_many(
         self,
@@ -872,16 +957,27 @@ class AsyncNode:
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         """Up to ``max_count`` messages, as :meth:`reliable.Node.receive_many`: what
         is waiting, or (waiting up to ``timeout``) the first to come and whatever
         else is waiting then; ``[]`` when the timeout passed."""
         return await self._receive_many(
-            mailbox, None, max_count, timeout, source, msg_type, except_type, receiver
+            mailbox,
+            None,
+            max_count,
+            timeout,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            max_size=max_size,
+            truncate=truncate,
         )
 
     async def _receive_many(
@@ -890,48 +986,73 @@ class AsyncNode:
         owner: int | None,
         max_count: int,
         timeout: float | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         lock: float | None = None,
+        *,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         check_count(max_count)
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock)[0]
+            message = self._take(
+                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+            )[0]
             if message is None:
                 break
             got.append(message)
         if got:
+            self._handed_out()  # one commit for the lot (durable), not one per message
             return got
         try:
-            got.append(await self._receive(mailbox, owner, *args, timeout, lock))
+            got.append(
+                await self._receive(
+                    mailbox, owner, *args, timeout, lock, max_size=max_size, truncate=truncate
+                )
+            )
         except errors.ReceiveTimeout:
             return []
         while len(got) < max_count:
-            message = self._take(mailbox, owner, *args, lock)[0]
+            message = self._take(
+                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+            )[0]
             if message is None:
                 break
             got.append(message)
+        if len(got) > 1:
+            self._handed_out()
         return got
 
     def _take(
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         lock: float | None = None,
+        *,
+        pump: bool = True,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> tuple[Message | None, Selector, str]:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        peer = None if source is None else resolve_destination(source, self._sock.family)
-        selector = Selector.of(peer, msg_type, except_type)
+        family = self._sock.family
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, family),
+        )
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
@@ -940,31 +1061,50 @@ class AsyncNode:
         message = endpoint.take(
             mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
         )
-        if message is not None:
-            sync_stores(endpoint, now)  # durable: its deletion commits before we hand it out
-            if now - self._read_at >= DRIVE_GAP:
-                self._on_readable()  # see _drive
-            elif lock is not None or endpoint.has_output() or endpoint.has_events():
-                # A parked message may have got in: its sender hears now. A lock's
-                # expiry is a new timer.
-                self._pump([])
+        if message is not None and pump:
+            self._handed_out(lock is not None)
         return message, selector, receiver
+
+    def _handed_out(self, locked: bool = False) -> None:
+        """After taking messages: durable, their deletions commit before they are handed
+        out; and a parked message may have got in: its sender hears of it now."""
+        assert self._loop is not None
+        endpoint = self._endpoint
+        now = self._loop.time()
+        self._committer.flush(endpoint, now)
+        if now - self._read_at >= DRIVE_GAP:
+            self._on_readable()  # see _drive
+        elif locked or endpoint.has_output() or endpoint.has_events():
+            # A parked message may have got in: its sender hears now. A lock's expiry
+            # is a new timer.
+            self._pump([])
 
     async def _receive(
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
         lock: float | None = None,
+        *,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         check_timeout(timeout, "timeout")
         mark = self._departures.mark()
         message, selector, label = self._take(
-            mailbox, owner, source, msg_type, except_type, receiver, lock
+            mailbox,
+            owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            lock,
+            max_size=max_size,
+            truncate=truncate,
         )
         if message is not None:
             return message
@@ -973,7 +1113,8 @@ class AsyncNode:
         loop = self._require_started()
         endpoint = self._endpoint
         deadline = None if timeout is None else loop.time() + timeout
-        peer = selector.source
+        # One named source is watched while we wait; a set of them is not (others may send).
+        peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_message(
             mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
         )
@@ -1039,19 +1180,30 @@ class AsyncNode:
         endpoint = self._endpoint
         now = self._loop.time()
         self._held = 0
+        if self._posts:
+            assert self._sock is not None
+            self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
         for data, addr in batch:
             endpoint.receive_datagram(data, addr, now)
         timer = self._deadline
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
-        if endpoint.has_output() or endpoint.closing or self._backlog:
-            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
+        if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
+            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
         self._arm_timer()
         if self._waiters:
             self._notify()
+
+    def _commit_finished(self) -> None:
+        """From another thread (a durable mailbox's commit finished, a local post came):
+        run a pump on the loop soon."""
+        loop = self._loop
+        if loop is not None and not self._closed:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._pump, [])
 
     def _arm_timer(self) -> None:
         """Keep one loop timer at the core's next deadline (looked up once per pump)."""
@@ -1192,39 +1344,56 @@ class AsyncMailbox(MailboxHandle):
         self,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> Message:
         """As :meth:`AsyncNode.receive`, from this mailbox (``lock``: see
         :meth:`reliable.Mailbox.receive`)."""
         return await self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, timeout, lock
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            lock,
+            max_size=max_size,
+            truncate=truncate,
         )
 
     def receive_nowait(
         self,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """As :meth:`AsyncNode.receive_nowait`, from this mailbox."""
         args = (source, msg_type, except_type, receiver)
-        return self._node._take(self.name, self._owner, *args)[0]
+        return self._node._take(
+            self.name, self._owner, *args, max_size=max_size, truncate=truncate
+        )[0]
 
     async def receive_many(
         self,
         max_count: int,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> list[Message]:
         """As :meth:`AsyncNode.receive_many`, from this mailbox; with ``lock`` (seconds)
@@ -1239,6 +1408,8 @@ class AsyncMailbox(MailboxHandle):
             except_type,
             receiver,
             lock,
+            max_size=max_size,
+            truncate=truncate,
         )
 
 

@@ -123,10 +123,12 @@ class DurableLog:
     def pending(self) -> bool:
         return bool(self.staged or self.deleting or self.handoffs or self.destroy)
 
-    def take_batch(self, mailbox: str) -> WriteBatch:
-        """Everything owed to the store, as one batch; the log starts afresh."""
+    def take_batch(self, mailbox: str, limit: int | None = None) -> WriteBatch:
+        """What is owed to the store, as one batch: every deletion, and the first
+        ``limit`` staged messages (all of them if None); the rest wait for the next."""
+        cut = len(self.staged) if limit is None else min(limit, len(self.staged))
         inserts = []
-        for msg in self.staged:
+        for msg in self.staged[:cut]:
             inserts.append((self.next_row, msg))
             self.next_row += 1
         batch = WriteBatch(
@@ -138,7 +140,7 @@ class DurableLog:
             self.destroy,
             self.handoffs,
         )
-        self.staged, self.deleting, self.handoffs = [], [], []
+        self.staged, self.deleting, self.handoffs = self.staged[cut:], [], []
         return batch
 
     def inserted(self, inserts: list[tuple[int, Message]]) -> None:

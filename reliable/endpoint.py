@@ -309,6 +309,7 @@ class Endpoint:
         self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
         self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
         self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
+        self._posted = 0  # local posts so far: their message ids
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -844,14 +845,15 @@ class Endpoint:
 
     # ---------------------------------------------------- durable mailboxes
 
-    def pending_writes(self) -> list[WriteBatch]:
+    def pending_writes(self, limit: int | None = None) -> list[WriteBatch]:
         """What durable mailboxes owe their stores, one batch per store; the
-        adapter commits each (in one transaction) and reports :meth:`writes_done`."""
+        adapter commits each (in one transaction) and reports :meth:`writes_done`.
+        ``limit``: most new messages per batch (the rest stay owed)."""
         batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
         self._retired.clear()
         for box in self._durable.values():
             if box.log is not None and box.log.pending():
-                batches.append(box.log.take_batch(box.name))
+                batches.append(box.log.take_batch(box.name, limit))
         return batches
 
     def durable_stores(self) -> list[MailboxStore]:
@@ -901,6 +903,7 @@ class Endpoint:
             on_unpark=self._unparked,
             on_handoff=self._handed_off,
             now=now,
+            on_fail=self._wait_failed,
         )
 
     def has_mailbox(self, name: str) -> bool:
@@ -999,14 +1002,17 @@ class Endpoint:
         box = self._box(mailbox, owner=owner)
         self._now = now
         check_lock(lock)
+        _check_truncate(selector, lock)
         if self._locking:
             self._expire_locks(now)
-        msg = box.take(selector or ANY, receiver, now, lock)
+        selector = selector or ANY
+        msg = box.take(selector, receiver, now, lock)
         if msg is not None:
             if lock is None:
                 self._held -= len(msg.data)
             else:
                 self._locking.add(mailbox)
+            msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
         return msg
 
     def peek(
@@ -1087,6 +1093,7 @@ class Endpoint:
         ticket = self._next_waiter
         self._next_waiter += 1
         check_lock(lock)
+        _check_truncate(selector, lock)
         self._waiting[ticket] = mailbox
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
@@ -1385,6 +1392,41 @@ class Endpoint:
             _log_refusal(source, name, size, verdict)
         return verdict
 
+    def post(
+        self,
+        mailbox: str,
+        data: bytes,
+        *,
+        source: Any,
+        msg_type: int = 0,
+        priority: int = 0,
+        now: float,
+    ) -> Verdict | None:
+        """A message from this node into its own ``mailbox``, without the transport
+        (a local post: ``source`` is the node's own address). It is judged and
+        admitted as an arriving message is: it enters, goes to a waiting
+        receiver, parks while the mailbox is full, or (durable) is staged until
+        committed. Returns None, or the verdict that refused it (also counted as
+        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
+        """
+        self._now = now
+        verdict = self._judge(mailbox, len(data), source)
+        if verdict is not None:
+            return verdict
+        self._posted += 1
+        msg = Message(
+            source=source,
+            data=data,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=mailbox,
+            msg_id=self._posted,
+            incarnation=0,
+        )
+        self._held += len(data)
+        self._mailboxes[mailbox].offer(msg, now)
+        return None
+
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
         verdict = self._judge(d.mailbox, len(d.data), session.addr)
         if verdict is not None:
@@ -1395,7 +1437,8 @@ class Endpoint:
         session.hold(len(d.data))
         handoffs = self._handoffs
         box = self._mailboxes[d.mailbox]
-        if box.offer(msg, now) and box.log is None:
+        admitted = box.offer(msg, now)
+        if admitted and box.log is None:
             session.unhold(len(d.data))  # it went straight in: nothing parked
             sender = session.sender
             if (
@@ -1409,7 +1452,8 @@ class Endpoint:
                 # ack (receiver.py).
                 session.receiver.await_reply(now + self.config.reply_ack_delay)
             return None
-        return Verdict.DEFERRED  # parked, or (durable) staged until its commit
+        # Durable, with room: staged until its commit (the mailbox is not full); else parked.
+        return Verdict.STAGED if admitted else Verdict.DEFERRED
 
     def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
         """The message a delivery makes, announced as an event and counted as held."""
@@ -1455,12 +1499,18 @@ class Endpoint:
         if box is not None and msg in box.locked:
             self._locking.add(box.name)  # still held, under a lock
         else:
-            self._held -= len(msg.data)
+            self._held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
         box = self._durable.get(msg.mailbox)
         if box is not None and box.log is not None:
             box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
             return
         self._emit(events.MessageTaken(waiter=ticket, message=msg))
+
+    def _wait_failed(self, ticket: int, error: Exception) -> None:
+        """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
+        self._waiting.pop(ticket, None)
+        assert isinstance(error, errors.ReliableError)
+        self._emit(events.ReceiveFailed(waiter=ticket, error=error))
 
     def _discard_parked(
         self, box: Mailbox, predicate: Callable[[Message], bool], verdict: Verdict
@@ -2027,6 +2077,14 @@ def check_lock(lock: float | None) -> None:
         return
     if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
         raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
+
+
+def _check_truncate(selector: Selector | None, lock: float | None) -> None:
+    if lock is not None and selector is not None and selector.truncate:
+        raise errors.UsageError(
+            "truncate=True cannot be combined with lock=: a locked message is acknowledged "
+            "whole; receive it with a large enough max_size (or without a lock)"
+        )
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

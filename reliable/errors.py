@@ -36,6 +36,7 @@ __all__ = [
     "MailboxGone",
     "MailboxNotFound",
     "MessageRejected",
+    "MessageTooBig",
     "MessageTooLarge",
     "NodeClosed",
     "PeerClosed",
@@ -92,6 +93,22 @@ class BindError(ReliableError, OSError):
 
 class MessageTooLarge(UsageError):
     """The message exceeds ``Config.max_message_size``."""
+
+
+class MessageTooBig(ReliableError):
+    """A receive's ``max_size`` is smaller than the message it would take (``msgrcv``'s
+    ``E2BIG``); the message stays queued. ``truncate=True`` takes it cut instead."""
+
+    def __init__(self, size: int, max_size: int, mailbox: str) -> None:
+        where = f"mailbox {mailbox!r}" if mailbox else "the default mailbox"
+        super().__init__(
+            f"the next message for this receive in {where} is {size} bytes, more than "
+            f"max_size={max_size}; it stays queued: receive it with a larger max_size, "
+            "or with truncate=True to take it cut to max_size"
+        )
+        self.size = size
+        self.max_size = max_size
+        self.mailbox = mailbox
 
 
 class MailboxExists(UsageError):

@@ -9,7 +9,16 @@ within a priority (POSIX ``mq_receive``). A receive may select (System V
 ``msgrcv``): by source, and by type — ``0`` the first message, ``t > 0`` the
 first of type ``t`` (or, with ``except_type``, the first of any other type),
 ``t < 0`` the first of the lowest type ``<= |t|``. "First" always means first
-in priority order.
+in priority order. The source may be a set of senders: the first message
+from any of them.
+
+Size limit (``msgrcv``'s ``msgsz``): a selector with ``max_size`` never
+hands out a longer message whole. The first message it chooses, if longer,
+either stays queued and the receive fails (:class:`MessageTooBig`, as
+``E2BIG``), or with ``truncate`` is handed out cut, ``Message.truncated``
+saying how many bytes went (``MSG_NOERROR``). A waiting receive whose
+arriving message is too long fails the same way, and the message goes on to
+the next receiver or the queue.
 
 Since the transport delivers each sender's messages in send order, a
 mailbox holds them in send order within each priority: that is the ordering
@@ -47,16 +56,19 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .durable import DurableLog, describe
-from .errors import UsageError
+from .errors import MessageTooBig, UsageError
 from .message import Message
 from .stats import MailboxStats
 from .wire import MAX_MAILBOX_BYTES, MSG_TYPE_MAX, MSG_TYPE_MIN
 
-__all__ = ["Mailbox", "MessageQueue", "Selector", "check_mailbox_name"]
+__all__ = ["Mailbox", "MessageQueue", "Selector", "Sources", "check_mailbox_name", "selector_for"]
+
+#: A receive's ``source``: one sender's address, or a list or set of them (any of those).
+Sources = str | tuple[Any, ...] | list[Any] | set[Any] | frozenset[Any] | None
 
 
 def check_mailbox_name(name: str) -> None:
@@ -82,13 +94,24 @@ def check_limits(capacity: int | None, max_bytes: int | None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """Which messages a receive accepts (``source`` None: any sender)."""
+    """Which messages a receive accepts (``source`` None: any sender; a frozenset: any
+    of those senders), and how long a message it may hand out whole (``max_size``)."""
 
     source: Any = None
     msg_type: int = 0
     except_type: bool = False
+    max_size: int | None = None
+    truncate: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_size is not None and (
+            isinstance(self.max_size, bool)
+            or not isinstance(self.max_size, int)
+            or self.max_size < 0
+        ):
+            raise UsageError(f"max_size must be None or an integer >= 0, got {self.max_size!r}")
+        if self.truncate and self.max_size is None:
+            raise UsageError("truncate=True cuts messages to max_size: give max_size too")
         if isinstance(self.msg_type, bool) or not isinstance(self.msg_type, int):
             raise UsageError(f"msg_type must be an integer, got {self.msg_type!r}")
         if not MSG_TYPE_MIN <= self.msg_type <= MSG_TYPE_MAX:
@@ -97,15 +120,24 @@ class Selector:
             raise UsageError("except_type needs a positive msg_type (as msgrcv's MSG_EXCEPT)")
 
     @staticmethod
-    def of(source: Any = None, msg_type: int = 0, except_type: bool = False) -> Selector:
+    def of(
+        source: Any = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        max_size: int | None = None,
+        truncate: bool = False,
+    ) -> Selector:
         """A selector; the shared "anything" one when nothing is selected (a fast path)."""
-        if source is None and msg_type == 0 and not except_type:
+        if source is None and msg_type == 0 and not except_type and max_size is None:
             return ANY
-        return Selector(source, msg_type, except_type)
+        return Selector(source, msg_type, except_type, max_size, truncate)
 
     def admits(self, msg: Message) -> bool:
-        """Whether ``msg`` alone could satisfy this selection."""
-        if self.source is not None and msg.source != self.source:
+        """Whether ``msg`` alone could satisfy this selection (whatever its size)."""
+        source = self.source
+        if source is not None and (
+            msg.source not in source if isinstance(source, frozenset) else msg.source != source
+        ):
             return False
         t = self.msg_type
         if t == 0:
@@ -114,8 +146,45 @@ class Selector:
             return (msg.msg_type != t) if self.except_type else (msg.msg_type == t)
         return msg.msg_type <= -t
 
+    def too_big(self, msg: Message) -> bool:
+        """Whether ``msg`` is longer than ``max_size`` allows whole."""
+        return self.max_size is not None and len(msg.data) > self.max_size
+
+    def fit(self, msg: Message) -> Message:
+        """``msg`` as this receive hands it out: cut to ``max_size`` if it is longer (the
+        caller checked ``truncate``), else itself."""
+        if self.max_size is None or len(msg.data) <= self.max_size:
+            return msg
+        cut = len(msg.data) - self.max_size
+        return replace(msg, data=msg.data[: self.max_size], truncated=msg.truncated + cut)
+
 
 ANY = Selector()
+
+
+def selector_for(
+    source: Sources,
+    msg_type: int,
+    except_type: bool,
+    max_size: int | None,
+    truncate: bool,
+    resolve: Callable[[Any], Any],
+) -> Selector:
+    """The selector of a receive call; ``resolve`` turns one source into an address.
+
+    ``source`` is one address (a string, or a tuple: an address itself), or a
+    list or set of them: the receive then takes the first message from any of
+    those senders (a set of sources, not only one or any).
+    """
+    peer: Any = None
+    if isinstance(source, (list, set, frozenset)):
+        if not source:
+            raise UsageError("source=[] selects no sender: name at least one, or None for any")
+        peers = frozenset(resolve(s) for s in source)
+        peer = next(iter(peers)) if len(peers) == 1 else peers
+    elif source is not None:
+        peer = resolve(source)
+    return Selector.of(peer, msg_type, except_type, max_size, truncate)
 
 
 class MessageQueue:
@@ -159,7 +228,7 @@ class MessageQueue:
         """(priority, index in its level) of the first message ``selector`` chooses."""
         if not self.count:
             return None
-        if selector is ANY or selector == ANY:
+        if selector is ANY or (selector.source is None and selector.msg_type == 0):
             return self._priorities[-1], 0
         best: tuple[int, int] | None = None
         best_type = 0
@@ -216,7 +285,9 @@ class Mailbox:
 
     ``on_unpark(message, receiver)`` is called when a parked message leaves
     parking (into the queue, or with ``receiver`` set, straight to that
-    receiver); ``on_handoff(ticket, message)`` when a waiting receiver is served.
+    receiver); ``on_handoff(ticket, message)`` when a waiting receiver is served;
+    ``on_fail(ticket, error)`` when a waiting receiver's receive fails (a message
+    longer than its ``max_size``).
     """
 
     def __init__(
@@ -229,8 +300,10 @@ class Mailbox:
         on_unpark: Callable[[Message, str | None], None],
         on_handoff: Callable[[int, Message], None],
         now: float,
+        on_fail: Callable[[int, Exception], None] | None = None,
     ) -> None:
         check_limits(capacity, max_bytes)
+        self._on_fail = on_fail
         self.name = name
         self.capacity = capacity
         self.max_bytes = max_bytes
@@ -331,30 +404,51 @@ class Mailbox:
         self.queue.push(msg)
         self.high_water = max(self.high_water, self.queue.count)
 
-    def _hand_to_waiter(self, msg: Message, receiver: str | None, now: float) -> bool:
+    def _waiter_for(self, msg: Message) -> tuple[int, _Waiter] | None:
+        """The longest-waiting receiver ``msg`` goes to, removed from the line. Receivers
+        it selects but is too long for (``max_size`` without ``truncate``) fail on the way."""
+        found = None
+        refused: list[tuple[int, Selector]] = []
         for ticket, waiter in self.waiters.items():
             if waiter.selector.admits(msg):
-                del self.waiters[ticket]
-                self.total_in += 1
-                self._served(waiter.receiver, now)
-                if waiter.lock is not None:
-                    self._lock(msg, now + waiter.lock)
-                elif self.log is not None:
-                    self.log.remove(msg)
-                self._on_handoff(ticket, msg)
-                return True
-        return False
+                if waiter.selector.too_big(msg) and not waiter.selector.truncate:
+                    refused.append((ticket, waiter.selector))
+                    continue
+                found = ticket, waiter
+                break
+        for ticket, selector in refused:
+            del self.waiters[ticket]
+            if self._on_fail is not None:
+                assert selector.max_size is not None
+                self._on_fail(ticket, MessageTooBig(len(msg.data), selector.max_size, self.name))
+        if found is not None:
+            del self.waiters[found[0]]
+        return found
+
+    def _hand_to_waiter(self, msg: Message, receiver: str | None, now: float) -> bool:
+        found = self._waiter_for(msg) if self.waiters else None
+        if found is None:
+            return False
+        ticket, waiter = found
+        self.total_in += 1
+        self._served(waiter.receiver, now)
+        if waiter.lock is not None:
+            self._lock(msg, now + waiter.lock)
+        elif self.log is not None:
+            self.log.remove(msg)
+        self._on_handoff(ticket, waiter.selector.fit(msg))
+        return True
 
     def _hand_to_waiter_from_parking(self, msg: Message, now: float) -> None:
-        for ticket, waiter in self.waiters.items():
-            if waiter.selector.admits(msg):
-                del self.waiters[ticket]
-                self.parked.remove_where(lambda m: m is msg)
-                self.total_in += 1
-                self._served(waiter.receiver, now)
-                self._on_unpark(msg, waiter.receiver)
-                self._on_handoff(ticket, msg)
-                return
+        found = self._waiter_for(msg) if self.waiters else None
+        if found is None:
+            return
+        ticket, waiter = found
+        self.parked.remove_where(lambda m: m is msg)
+        self.total_in += 1
+        self._served(waiter.receiver, now)
+        self._on_unpark(msg, waiter.receiver)
+        self._on_handoff(ticket, waiter.selector.fit(msg))
 
     # ---------------------------------------------------------------- receiving
 
@@ -367,7 +461,15 @@ class Mailbox:
         other receive sees it until :meth:`ack` removes it, :meth:`release`
         returns it, or the lock expires (:meth:`expire_locks`) and it is
         back at the head of its priority.
+
+        Raises :class:`MessageTooBig`, removing nothing, if the message is longer
+        than ``selector.max_size`` and ``selector.truncate`` is false. The message
+        returned is whole; the caller cuts it (``selector.fit``) once it is counted.
         """
+        if selector.max_size is not None and not selector.truncate:
+            head = (self.parked if self.rendezvous and lock is None else self.queue).peek(selector)
+            if head is not None and selector.too_big(head):
+                raise MessageTooBig(len(head.data), selector.max_size, self.name)
         if lock is not None:
             msg = self.queue.take(selector)
             if msg is not None:

@@ -27,6 +27,9 @@ class Message:
     msg_id: int = 0
     incarnation: int = 0
     group: str | None = None  #: the group it was sent to (``multicast://...``), if any
+    #: bytes cut off its end by a receive with ``max_size`` and ``truncate=True``
+    #: (``msgrcv``'s ``MSG_NOERROR``); 0: ``data`` is the whole message
+    truncated: int = 0
 
     @property
     def sender(self) -> str:

@@ -55,6 +55,7 @@ from .addressing import (
     parse_group,
 )
 from .config import Config
+from .consumer import DEFAULT_LOCK, Consumer
 from .driver import (
     CLOSE_GRACE,
     DISCOVERY_WAIT,
@@ -88,13 +89,21 @@ from .driver import (
     resolve_destination,
     route_events,
 )
-from .endpoint import DEFAULT_MAILBOX, Endpoint, Withdrawal, check_timeout
-from .mailbox import Selector
+from .endpoint import (
+    DEFAULT_MAILBOX,
+    Endpoint,
+    Withdrawal,
+    check_lock,
+    check_timeout,
+    message_bytes,
+)
+from .localpost import PostQueue
+from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
 from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
-from .store import close_stores, open_store, sync_stores  # durable mailboxes (issue 19)
+from .store import Committer, open_store  # durable mailboxes (issue 19)
 
 __all__ = ["BatchHandle", "GroupSendHandle", "Mailbox", "Node", "SendHandle"]
 
@@ -368,6 +377,8 @@ class Node:
         self._driven = 0.0  # when a thread last drove (monotonic seconds)
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
+        self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
+        self._posts = PostQueue(self._wake)  # local posts (node.post), admitted by _drive
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._backlog = Backlog()
@@ -721,15 +732,36 @@ class Node:
 
     # ------------------------------------------------------------- receiving
 
+    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+        """Put ``data`` into this node's own ``mailbox``, without the network.
+
+        For another thread of this process, or a signal handler: it never
+        blocks and never takes the node's lock (see :mod:`reliable.localpost`).
+        The message is admitted at the node's next turn (at once if the node
+        is idle) as an arriving message would be: same order, limits (a full
+        mailbox parks it), memory cap and durability; ``msg.source`` is
+        :attr:`address`. Argument errors raise :class:`~reliable.errors.UsageError`
+        here; a refusal later (no such mailbox, closed, memory full) is counted
+        in ``stats().dropped`` (``refused.*``) and logged, not raised.
+        """
+        data = message_bytes(data)
+        check_mailbox_name(mailbox)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if self._closed:
+            raise errors.NodeClosed("the node is closed")
+        self._posts.put(mailbox, data, msg_type, priority)
+
     def receive(
         self,
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message:
         """The next message of ``mailbox``, waiting up to ``timeout`` seconds (None: forever).
 
@@ -747,7 +779,17 @@ class Node:
         :class:`~reliable.errors.MailboxDeleted` if the mailbox was deleted.
         """
         got = self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, timeout, 1, wait=True
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            1,
+            wait=True,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0]
 
@@ -755,14 +797,26 @@ class Node:
         self,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """The next message if one is waiting (selected as :meth:`receive` does), else ``None``."""
         got = self._receive(
-            mailbox, None, source, msg_type, except_type, receiver, None, 1, wait=False
+            mailbox,
+            None,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            None,
+            1,
+            wait=False,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0] if got else None
 
@@ -772,10 +826,12 @@ class Node:
         timeout: float | None = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         """Up to ``max_count`` messages, selected as :meth:`receive` does, in order.
 
@@ -796,6 +852,8 @@ class Node:
                 timeout,
                 max_count,
                 wait=True,
+                max_size=max_size,
+                truncate=truncate,
             )
         except errors.ReceiveTimeout:
             return []
@@ -804,7 +862,7 @@ class Node:
         self,
         mailbox: str,
         owner: int | None,
-        source: str | tuple[Any, ...] | None,
+        source: Sources,
         msg_type: int,
         except_type: bool,
         receiver: str | None,
@@ -813,10 +871,20 @@ class Node:
         *,
         wait: bool,
         lock: float | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> list[Message]:
         check_timeout(timeout, "timeout")
-        peer = None if source is None else resolve_destination(source, self._family)
-        selector = Selector.of(peer, msg_type, except_type)
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, self._family),
+        )
+        # One named source is watched while we wait; a set of them is not (others may send).
+        peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
         self._enter()
@@ -842,7 +910,7 @@ class Node:
                     break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
-                sync_stores(endpoint, now)  # durable: their deletion commits before we hand out
+                self._committer.flush(endpoint, now)  # durable: deletions commit before hand-out
                 if endpoint.has_output():
                     self._drive()  # a parked message may have got in: its sender hears now
                 if lock is not None:
@@ -876,7 +944,7 @@ class Node:
                     break
                 got.append(message)
             if len(got) > 1:
-                sync_stores(endpoint, now)  # durable: as above, for those taken directly
+                self._committer.flush(endpoint, now)  # durable: as above, for those taken
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -978,6 +1046,34 @@ class Node:
             raise
         return Mailbox(self, name, owner if port else None)  # only a port dies with it
 
+    def on_message(
+        self,
+        mailbox: str | Mailbox,
+        callback: Callable[[Message], object],
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        lock: float = DEFAULT_LOCK,
+    ) -> Consumer:
+        """Consume ``mailbox`` (a name, or a handle: a port's owner handle) with
+        ``callback(message)``, as ``mq_notify`` with ``SIGEV_THREAD``: the callback
+        runs on a thread of its own, never with the node's lock held.
+
+        The consumer is one more receiver: each message goes to exactly one
+        taker, a ``receive`` call or a consumer. It takes each message under a
+        ``lock`` (seconds) and acknowledges it when the callback returns; if the
+        callback raises, the message is released (back at the head of its
+        priority: not lost) and the consumer stops, keeping the exception in
+        ``consumer.error``. See :mod:`reliable.consumer`. ``source``,
+        ``msg_type``, ``except_type`` select as :meth:`receive` does.
+        """
+        check_lock(lock)
+        Selector.of(None, msg_type, except_type)  # argument errors now, not on the thread
+        handle = self.mailbox(mailbox) if isinstance(mailbox, str) else mailbox
+        selection = {"source": source, "msg_type": msg_type, "except_type": except_type}
+        return Consumer(handle, callback, selection, lock)
+
     def mailbox(self, name: str) -> Mailbox:
         """A handle on existing mailbox ``name`` (a port's handle cannot receive)."""
         if not self._call(lambda now: self._endpoint.has_mailbox(name), check=False):
@@ -993,7 +1089,7 @@ class Node:
 
         def run(now: float) -> Any:
             result = call(self._endpoint, now)
-            sync_stores(self._endpoint, now)  # durable: committed before the call returns
+            self._committer.flush(self._endpoint, now)  # durable: committed before returning
             return result
 
         return self._call(run)
@@ -1285,6 +1381,8 @@ class Node:
         me = threading.get_ident()
         if self._abandoned:
             delete_abandoned_ports(endpoint, self._abandoned, now)
+        if self._posts:
+            self._posts.admit(endpoint, self._address, now)
         fed = False
         if read and (self._leader is None or self._leader == me) and self._ready.poll(0):
             reports: list[Unreachable] = []
@@ -1304,10 +1402,10 @@ class Node:
         if fed:
             self._rounds += 1
         if (flush or fed or not self._held or now - self._held_since >= NAP) and (
-            endpoint.has_output() or endpoint.closing or self._backlog
+            endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready
         ):
             self._held = 0
-            sync_stores(endpoint, now)  # durable mailboxes: one grouped commit per turn
+            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
@@ -1385,7 +1483,7 @@ class Node:
             return
         self._closed = True
         self._sock.close()  # under the lock: no final datagram is on its way (see _drive)
-        close_stores(self._endpoint, time.monotonic())  # durable mailboxes (issue 19)
+        self._committer.close(self._endpoint, time.monotonic())  # durable mailboxes (issue 19)
         self._groups.close()
         handles = list(self._handles.items())
         self._handles.clear()
@@ -1537,7 +1635,9 @@ class Node:
                 return None
             timer = self._timer
             stale = self._held and now - self._held_since >= NAP
-            if (timer is not None and timer <= now) or stale or self._backlog or self._abandoned:
+            due = (timer is not None and timer <= now) or stale or self._committer.ready
+            due = due or bool(self._posts)
+            if due or self._backlog or self._abandoned:
                 self._drive()
             return NAP
         if self._held or self._backlog or self._abandoned:
@@ -1562,10 +1662,12 @@ class Mailbox(MailboxHandle):
         self,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> Message:
         """As :meth:`Node.receive`, from this mailbox.
@@ -1585,6 +1687,8 @@ class Mailbox(MailboxHandle):
             1,
             wait=True,
             lock=lock,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0]
 
@@ -1606,14 +1710,26 @@ class Mailbox(MailboxHandle):
     def receive_nowait(
         self,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
     ) -> Message | None:
         """As :meth:`Node.receive_nowait`, from this mailbox."""
         got = self._node._receive(
-            self.name, self._owner, source, msg_type, except_type, receiver, None, 1, wait=False
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            None,
+            1,
+            wait=False,
+            max_size=max_size,
+            truncate=truncate,
         )
         return got[0] if got else None
 
@@ -1622,10 +1738,12 @@ class Mailbox(MailboxHandle):
         max_count: int,
         timeout: float | None = None,
         *,
-        source: str | tuple[Any, ...] | None = None,
+        source: Sources = None,
         msg_type: int = 0,
         except_type: bool = False,
         receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
         lock: float | None = None,
     ) -> list[Message]:
         """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
@@ -1643,6 +1761,8 @@ class Mailbox(MailboxHandle):
                 max_count,
                 wait=True,
                 lock=lock,
+                max_size=max_size,
+                truncate=truncate,
             )
         except errors.ReceiveTimeout:
             return []

@@ -69,7 +69,9 @@ verdict is out of the send stream (nothing to retransmit) but not yet
 delivered: it waits in ``deferred`` for the peer's control message saying
 it entered its mailbox (the receipt) or never will (the error). While any
 message to a mailbox is deferred, that mailbox is known to be full:
-``full_mailboxes`` is what lets a non-blocking send say "would block". A
+``full_mailboxes`` is what lets a non-blocking send say "would block" (a
+``STAGED`` message, which a durable mailbox is committing, waits in
+``deferred`` just the same but does not make its mailbox full). A
 deferred message whose send times out is withdrawn with a ``Cancel``, and its
 fate is whatever the peer answers, so a timeout is never reported for a
 message that did get in.
@@ -124,10 +126,15 @@ from .sender import PERSISTENT_CONGESTION_PROBES, OutgoingMessage, SendStream
 from .stats import PeerStats
 from .wire import (
     ACK_DELAY_TICK,
+    COOKIE_SIZE,
     DATA_NOTICES,
     DATA_SACK_RANGES,
     FRAGMENT_OVERHEAD,
     HEADER_OVERHEAD,
+    MAX_NOTICES,
+    MAX_SACK_RANGES,
+    NOTICE_LIMIT,
+    NOTICE_SIZE,
     PROBE_OVERHEAD,
     SECURITY_OVERHEAD,
     Flag,
@@ -154,6 +161,8 @@ _MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
+#: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
+_ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
 _REASON_TEXT = {
     Verdict.TOO_LARGE: "larger than the receiver's max_message_size (or its mailbox's max_bytes)",
@@ -455,7 +464,7 @@ class PeerSession:
         verdict = None if self._deliver is None else self._deliver(self, d, now)
         if verdict is not None:
             self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
-        if verdict is None or verdict == Verdict.DEFERRED:
+        if verdict is None or verdict in (Verdict.DEFERRED, Verdict.STAGED):
             self.messages_received += 1
             self.bytes_received += len(d.data)
 
@@ -466,12 +475,13 @@ class PeerSession:
             if msg is None:
                 continue
             verdict = Verdict(code)
-            if verdict == Verdict.DEFERRED:
+            if verdict in (Verdict.DEFERRED, Verdict.STAGED):
                 if msg.control or not msg.fully_sent:
                     # Only a whole application message can be parked: garbage, ignored.
                     self.bogus_outcomes += 1
                     continue
                 # Acknowledged below, or by a later ack; not yet delivered.
+                msg.staged = verdict == Verdict.STAGED  # being stored: its mailbox has room
                 reclaiming = msg.fate in RECLAIMING_STATES
                 if msg.step(FateInput.DEFER) in RECLAIMING_STATES and not reclaiming:
                     self._take_back(msg, now)  # cancelled while wholly sent: parked, so it can
@@ -491,7 +501,8 @@ class PeerSession:
         else:  # parked: out of the send stream, waiting for its outcome
             msg.step(FateInput.ACKED)
             self.deferred[msg.msg_id] = msg
-            self.full_mailboxes[msg.mailbox] = self.full_mailboxes.get(msg.mailbox, 0) + 1
+            if not msg.staged:
+                self.full_mailboxes[msg.mailbox] = self.full_mailboxes.get(msg.mailbox, 0) + 1
 
     def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
         """The peer's control message about one of our deferred messages."""
@@ -529,7 +540,7 @@ class PeerSession:
 
     def _undefer(self, msg: OutgoingMessage) -> None:
         """``msg`` no longer waits at the peer for mailbox room (if it did)."""
-        if self.deferred.pop(msg.msg_id, None) is not None:
+        if self.deferred.pop(msg.msg_id, None) is not None and not msg.staged:
             left = self.full_mailboxes[msg.mailbox] - 1
             if left:
                 self.full_mailboxes[msg.mailbox] = left
@@ -836,7 +847,13 @@ class PeerSession:
         return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
 
     def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: int) -> bytes:
-        ack = self.receiver.ack_state(now)
+        # As many notices as the datagram has room for (at least MAX_NOTICES, which
+        # always fit): a durable mailbox owes one per message until its sender's base
+        # passes it, and the ack cannot pass a notice it leaves out.
+        room = self.current_datagram_size() - _ACK_ROOM
+        ack = self.receiver.ack_state(
+            now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
+        )
         return encode_body(
             Packet(
                 kind=kind,

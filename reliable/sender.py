@@ -154,6 +154,7 @@ class OutgoingMessage:
     control: bool = False  #: a node-to-node control message, invisible to the application
     #: where it stands: changed only by :meth:`step` (see :mod:`reliable.fate`)
     fate: Fate = Fate.SENDING
+    staged: bool = False  #: parked while a durable mailbox commits it (it had room)
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
 
     def __post_init__(self) -> None:

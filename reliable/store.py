@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from . import errors
@@ -49,7 +52,9 @@ from .endpoint import Endpoint
 from .message import Message
 
 __all__ = [
+    "GROUP_MAX",
     "SYNC_POLICIES",
+    "Committer",
     "MemoryStore",
     "SqliteStore",
     "StoreBusy",
@@ -59,6 +64,9 @@ __all__ = [
 ]
 
 SYNC_POLICIES = ("grouped", "message", "os")
+#: Most new messages one grouped commit of a mailbox stores; more wait for the next
+#: commit. Bounds how long a commit (and so a receipt) takes.
+GROUP_MAX = 1024
 _I64 = 1 << 63
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -303,3 +311,105 @@ def close_stores(endpoint: Endpoint, now: float) -> None:
     sync_stores(endpoint, now)
     for store in endpoint.durable_stores():
         store.close()
+
+
+class Committer:
+    """Grouped commits across loop turns: one commit in flight, on a thread of its own.
+
+    An adapter that committed inside its loop turn would stop reading its
+    socket for the length of an fsync; senders then have nothing acknowledged
+    (not even with ``DEFERRED``) and stall once their windows are full, so a
+    commit groups only what arrived in one turn. Instead the adapter calls
+    :meth:`turn` every loop turn: it reports commits that finished (the core
+    then sends their receipts) and, if none is in flight, hands everything
+    owed since to the commit thread — up to :data:`GROUP_MAX` new messages
+    per mailbox. Meanwhile the loop keeps receiving and acknowledging, so the
+    next commit takes everything that arrived during this one: the longer
+    an fsync takes, the more it carries. A message waits for at most the
+    commit in flight and its own; no timer is involved, so an idle mailbox
+    commits a lone message at once.
+
+    The thread touches only the batches and their stores, never the core:
+    :meth:`turn`, :meth:`flush` and :meth:`close` run on the adapter's side
+    (its lock held) and do all the reporting. When a commit finishes the
+    thread calls ``wake`` (thread-safe), and the adapter runs a turn soon.
+    :meth:`flush` commits synchronously (after waiting for the one in
+    flight): for a receive, whose deletion must be committed before the
+    message is handed out, and for management calls.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: queue.SimpleQueue[list[WriteBatch] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._inflight = False
+        self._done: list[tuple[WriteBatch, Exception | None]] = []
+        self.commits = 0  #: batches committed (or failed) on the thread
+
+    @property
+    def ready(self) -> bool:
+        """Whether finished commits wait to be reported (cheap; any thread)."""
+        return bool(self._done)
+
+    def turn(self, endpoint: Endpoint, now: float) -> None:
+        """One adapter loop turn: report what finished, start the next commit if idle."""
+        if self._done:
+            self._report(endpoint, now)
+        if self._inflight or not endpoint.owes_writes():
+            return
+        batches = endpoint.pending_writes(GROUP_MAX)
+        if not batches:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="rmsg-durable-commit", daemon=True
+            )
+            self._thread.start()
+        self._inflight = True
+        self._queue.put(batches)
+
+    def flush(self, endpoint: Endpoint, now: float) -> None:
+        """Wait for the commit in flight, report it, and commit everything owed now."""
+        if not (self._inflight or self._done or endpoint.owes_writes()):
+            return  # nothing durable going on: the common case, kept cheap
+        with self._lock:
+            while self._inflight:
+                self._idle.wait()
+        self._report(endpoint, now)
+        sync_stores(endpoint, now)
+
+    def close(self, endpoint: Endpoint, now: float) -> None:
+        """Commit what is owed, stop the thread and close the stores (the node closes)."""
+        self.flush(endpoint, now)
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(5.0)
+        for store in endpoint.durable_stores():
+            store.close()
+
+    def _report(self, endpoint: Endpoint, now: float) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+        for batch, error in done:
+            endpoint.writes_done(batch, now, error)
+            if batch.destroy:
+                batch.store.close()
+
+    def _run(self) -> None:
+        while (batches := self._queue.get()) is not None:
+            results: list[tuple[WriteBatch, Exception | None]] = []
+            for batch in batches:
+                try:
+                    batch.store.commit(batch.inserts, batch.deletes, batch.destroy)
+                except Exception as exc:  # any store failure refuses the batch's messages
+                    results.append((batch, exc))
+                else:
+                    results.append((batch, None))
+            with self._lock:
+                self._done.extend(results)
+                self.commits += len(results)
+                self._inflight = False
+                self._idle.notify_all()
+            self._wake()

@@ -49,6 +49,8 @@ __all__ = [
     "MAGIC",
     "MAX_MAILBOX_BYTES",
     "MAX_NOTICES",
+    "NOTICE_LIMIT",
+    "NOTICE_SIZE",
     "MAX_SACK_RANGES",
     "MSG_TYPE_MAX",
     "MSG_TYPE_MIN",
@@ -90,8 +92,12 @@ ACK_DELAY_TICK = 1e-5
 #: Most SACK ranges one packet may carry. The receiver reports the ranges
 #: nearest the cumulative ack first, which are the ones a sender acts on.
 MAX_SACK_RANGES = 32
-#: Most verdict notices one packet may carry.
+#: Verdict notices a pure ACK always has room for (the datagram size floor counts them).
 MAX_NOTICES = 32
+#: Most verdict notices one packet may carry (its count is one byte). A pure ACK carries
+#: more than :data:`MAX_NOTICES` when its datagram has room: a receiver owing many
+#: notices (a durable mailbox's ``STAGED``) then acknowledges more messages per ACK.
+NOTICE_LIMIT = 255
 #: SACK ranges and notices a DATA packet carries at most; pure ACKs carry the full set.
 #: Kept small so acknowledgement state costs data packets little room.
 DATA_SACK_RANGES = 4
@@ -103,6 +109,7 @@ MAX_MAILBOX_BYTES = 255
 _HEADER = struct.Struct("!HBBHHQQIHBB")
 _SACK = struct.Struct("!II")
 _NOTICE = struct.Struct("!IB")
+NOTICE_SIZE = _NOTICE.size  #: bytes of one verdict notice
 # seq, base, msg_id, frag_index, frag_count, total_len, msg_type, priority, mailbox_len
 _FRAGMENT = struct.Struct("!IIIIIIiHB")
 _PAYLOAD_LEN = struct.Struct("!H")
@@ -190,8 +197,9 @@ class Verdict(enum.IntEnum):
     A message acknowledged without a notice entered its mailbox. The refusals
     (1-5) end the message; ``DEFERRED`` means the node holds it while its
     mailbox is full (or, for a rendezvous mailbox, until a receiver takes it)
-    and will report the outcome in a control message. ``CANCELLED`` appears
-    only in control messages.
+    and will report the outcome in a control message; ``STAGED`` the same,
+    while a durable mailbox commits it. ``CANCELLED`` appears only in control
+    messages.
     """
 
     TOO_LARGE = 1  #: larger than the receiver's ``max_message_size``
@@ -201,6 +209,9 @@ class Verdict(enum.IntEnum):
     NO_MEMORY = 5  #: the receiving node's mailbox memory cap is reached
     DEFERRED = 6  #: held until the mailbox has room; the outcome follows
     CANCELLED = 7  #: withdrawn at the sender's request before it entered the mailbox
+    #: held until its (durable) mailbox's store commits it; the outcome follows, as for
+    #: ``DEFERRED``, but the mailbox had room: a non-blocking send need not wait
+    STAGED = 8
 
 
 class MalformedPacket(ValueError):
@@ -368,7 +379,7 @@ def check_crc(data: bytes) -> int:
 
 def encode_body(packet: Packet) -> bytes:
     """Serialise ``packet`` without a trailer (for a security mode to seal)."""
-    if len(packet.sacks) > MAX_SACK_RANGES or len(packet.notices) > MAX_NOTICES:
+    if len(packet.sacks) > MAX_SACK_RANGES or len(packet.notices) > NOTICE_LIMIT:
         raise ValueError("too many SACK ranges or notices for one packet")
     if packet.flags & ~_KNOWN_FLAGS:
         raise ValueError(f"unknown flag bits {packet.flags:#x}")
@@ -515,7 +526,7 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         raise MalformedPacket("flags", f"{flags:#x}")
     if src_inc == 0:
         raise MalformedPacket("incarnation", "source incarnation is zero")
-    if n_sack > MAX_SACK_RANGES or n_notice > MAX_NOTICES:
+    if n_sack > MAX_SACK_RANGES or n_notice > NOTICE_LIMIT:
         raise MalformedPacket("length", "too many SACK ranges or notices")
     offset = _HEADER.size
     cookie = None

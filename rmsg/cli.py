@@ -893,6 +893,20 @@ def _read_message(message: str | None, path: str | None) -> bytes:
     help="With --durable: fsync once per batch, once per message, or leave it to the OS "
     "(safe against a crash of the process, not of the machine).",
 )
+@click.option(
+    "--max-size",
+    type=click.IntRange(0),
+    default=None,
+    metavar="BYTES",
+    help="Receive messages of at most BYTES (msgrcv's msgsz): a longer one stays queued "
+    "and recv fails, unless --truncate.",
+)
+@click.option(
+    "--truncate",
+    is_flag=True,
+    help="With --max-size: print a longer message cut to BYTES (MSG_NOERROR) and note "
+    "it on stderr.",
+)
 @security_options
 def recv(
     security: str,
@@ -915,6 +929,8 @@ def recv(
     impair: str | None,
     durable: str | None,
     sync: str,
+    max_size: int | None = None,
+    truncate: bool = False,
 ) -> None:
     """Receive messages on --bind and print each exactly once.
 
@@ -930,6 +946,7 @@ def recv(
       rmsg recv --bind 127.0.0.1:7000 --mailbox meet --capacity 0   # rendezvous
       rmsg recv --bind [::1]:7000 --json --count 10
       rmsg recv --bind 127.0.0.1:7000 --mailbox jobs --durable jobs.db
+      rmsg recv --bind 127.0.0.1:7000 --max-size 512 --truncate
       rmsg recv --bind 0.0.0.0:7000 --output-dir inbox/
       rmsg recv --bind 127.0.0.1:7001 --join multicast://239.1.2.3:7400 --mailbox news
       rmsg recv --bind 127.0.0.1:7002 --join broadcast://:7401
@@ -941,6 +958,8 @@ def recv(
         raise click.UsageError("--durable keeps a named mailbox: give --mailbox NAME too")
     if durable is None and sync != "grouped":
         raise click.UsageError("--sync applies to --durable mailboxes")
+    if truncate and max_size is None:
+        raise click.UsageError("--truncate cuts messages to --max-size: give --max-size too")
     if services and not announce_on:
         click.echo(
             "note: --serve without --announce: senders must list this node with --member",
@@ -1003,10 +1022,25 @@ def recv(
         while count is None or received < count:
             try:
                 msg = box.receive(
-                    timeout, msg_type=selector.msg_type, except_type=selector.except_type
+                    timeout,
+                    msg_type=selector.msg_type,
+                    except_type=selector.except_type,
+                    max_size=max_size,
+                    truncate=truncate,
                 )
             except ReceiveTimeout:
                 raise _fail(f"no message for {timeout:g}s") from None
+            except reliable.MessageTooBig as exc:
+                raise _fail(
+                    f"the next message is {exc.size} bytes, over --max-size {exc.max_size}; "
+                    "it stays queued (receive it with a larger --max-size, or --truncate)"
+                ) from None
+            if msg.truncated:
+                click.echo(
+                    f"note: a {len(msg.data) + msg.truncated}-byte message from {msg.sender} "
+                    f"was cut to --max-size {len(msg.data)}",
+                    err=True,
+                )
             taken = transfers.offer(msg.sender, msg.data)
             if taken is True:
                 continue  # a manifest or chunk: the transfer goes on
@@ -1089,6 +1123,8 @@ def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = 
     }
     if msg.group is not None:
         record["group"] = msg.group
+    if msg.truncated:
+        record["truncated"] = msg.truncated  # bytes cut off by --max-size --truncate
     if saved_as is not None:
         record["file"] = saved_as
     else:
@@ -1195,6 +1231,33 @@ def stats(
     help="Instead: 1 KiB and 16 MiB rows against TCP between two network namespaces "
     "over veth (MTU 1500, 198.18.0.0/15, removed afterwards); needs root and iproute2.",
 )
+@click.option(
+    "--durable",
+    is_flag=True,
+    help="Instead: 1 KiB msgs/s into a durable mailbox, beside sqlite3's grouped inserts "
+    "on the same disk and a volatile mailbox.",
+)
+@click.option(
+    "--sync",
+    type=click.Choice(["grouped", "message", "os"]),
+    default="grouped",
+    show_default=True,
+    help="With --durable: the mailbox's sync policy (and the matching sqlite3 settings).",
+)
+@click.option(
+    "--rows",
+    type=click.IntRange(1, 100_000),
+    default=100,
+    show_default=True,
+    help="With --durable: rows per sqlite3 transaction in the comparison.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="With --durable: where the files go (the disk measured). [default: .]",
+)
 def bench(
     quick: bool,
     rounds: int | None,
@@ -1205,6 +1268,10 @@ def bench(
     scale: bool,
     rpc: bool = False,
     veth: bool = False,
+    durable: bool = False,
+    sync: str = "grouped",
+    rows: int = 100,
+    directory: str | None = None,
 ) -> None:
     """Measure rmsg against raw UDP and length-framed TCP, on loopback, in one run.
 
@@ -1226,6 +1293,7 @@ def bench(
       rmsg bench --plot bench.png
       rmsg bench --from figures.json --plot bench.png     # draw a saved run again
       rmsg bench --veth --rounds 3                        # as root: namespaces, real MTU
+      rmsg bench --durable --sync grouped --rows 100      # durable mailbox vs sqlite3
     """
     from .bench import format_report, run_bench
 
@@ -1241,6 +1309,22 @@ def bench(
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"cannot read figures: {exc}", param_hint="--from") from None
         _plot_bench(saved, plot)
+        return
+    if durable:
+        from .bench_durable import format_durable_report, run_durable_bench
+
+        figures_d = run_durable_bench(
+            sync=sync,
+            rows=rows,
+            duration=duration or (0.5 if quick else 2.0),
+            rounds=rounds or (1 if quick else 3),
+            directory=directory,
+            progress=lambda text: click.echo(f"  {text}", err=True),
+        )
+        if as_json:
+            click.echo(json.dumps(figures_d.as_dict(), indent=2))
+        else:
+            click.echo(format_durable_report(figures_d))
         return
     if rpc:
         from .bench_rpc import format_rpc_report, run_rpc_bench

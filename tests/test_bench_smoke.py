@@ -45,3 +45,21 @@ def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
     rmsg = [t for t in report["throughput"] if t["transport"] == "rmsg"]
     assert all(t["messages"] > 0 and t["retransmission_ratio"] is not None for t in rmsg)
     assert {(x["transport"], x["pinned"]) for x in report["latency"]} >= {("rmsg", False)}
+
+
+def test_rmsg_bench_durable_reports_the_three_rates(rmsg_exe: str, tmp_path: Path) -> None:
+    """`rmsg bench --durable`: durable, sqlite3 and volatile rates from one run; the
+    durable host stored every message it acknowledged, several per commit or not."""
+    command = [rmsg_exe, "bench", "--durable", "--quick", "--duration", "0.3", "--json"]
+    done = subprocess.run(
+        [*command, "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["durable"] > 0 and report["sqlite"] > 0 and report["volatile"] > 0
+    assert report["rows_per_commit"] >= 1 and report["sync"] == "grouped"
+    assert report["ratio"] == pytest.approx(report["durable"] / report["sqlite"])
+    assert list(tmp_path.iterdir()) == [], "the scratch files are removed"

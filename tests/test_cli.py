@@ -262,3 +262,30 @@ def test_stats_prints_mailboxes_and_peers_of_a_remote_node() -> None:
 def test_stats_of_nothing_times_out_with_a_hint() -> None:
     result = CliRunner().invoke(main, ["stats", f"127.0.0.1:{free_port()}", "--timeout", "0.3"])
     assert result.exit_code == 1 and "serve_stats" in result.output
+
+
+def test_recv_max_size_fails_on_a_longer_message_or_truncates_it() -> None:
+    port = free_port()
+    sender = _send_later(f"127.0.0.1:{port}", [b"short", b"a longer message"])
+    bind = ["recv", "--bind", f"127.0.0.1:{port}", "--timeout", "5"]
+    result = CliRunner().invoke(main, [*bind, "--json", "-n", "2", "--max-size", "5"])
+    sender.join()
+    assert result.exit_code == 1
+    assert "over --max-size 5; it stays queued" in result.output
+    records = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert [r["data"] for r in records] == ["short"]
+
+    port = free_port()
+    sender = _send_later(f"127.0.0.1:{port}", [b"a longer message"])
+    bind = ["recv", "--bind", f"127.0.0.1:{port}", "--timeout", "5"]
+    result = CliRunner().invoke(main, [*bind, "--json", "-n", "1", "--max-size", "8", "--truncate"])
+    sender.join()
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    assert (line["data"], line["truncated"]) == ("a longer", 8)
+    assert "cut to --max-size 8" in result.output
+
+
+def test_recv_truncate_needs_max_size() -> None:
+    result = CliRunner().invoke(main, ["recv", "--bind", f"127.0.0.1:{free_port()}", "--truncate"])
+    assert result.exit_code == 2 and "--max-size" in result.output

@@ -219,3 +219,136 @@ def test_every_async_receive_commits_the_deletion_before_it_returns(tmp_path: An
             assert [m.data for m in await waiting] == [b"late"] and store.count() == 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_message_being_committed_does_not_make_its_mailbox_full() -> None:
+    """A durable mailbox with room answers STAGED, not DEFERRED: the sender waits for the
+    receipt but may go on sending without blocking (send_nowait raised MailboxFull)."""
+    p = DurablePair(release=False)
+    p.connect()
+    p.b.create_mailbox("jobs", store=MemoryStore())
+    first = p.a.endpoint.send(B, b"one", now=p.now, mailbox="jobs")
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    p.deliver(p.a, Pair.outgoing(p, p.b))  # B's ack (STAGED), before its commit
+    assert first not in _fates(p), "no receipt before the commit"
+    second = p.a.endpoint.send(B, b"two", now=p.now, mailbox="jobs")  # no MailboxFull
+    p.settle()
+    assert all(isinstance(_fates(p)[t], events.MessageDelivered) for t in (first, second))
+
+
+def test_a_full_durable_mailbox_still_makes_a_nonblocking_send_wait() -> None:
+    p = DurablePair(release=False)
+    p.connect()
+    p.b.create_mailbox("jobs", capacity=1, store=MemoryStore())
+    p.a.endpoint.send(B, b"one", now=p.now, mailbox="jobs")
+    p.settle()
+    p.a.endpoint.send(B, b"two", now=p.now, mailbox="jobs")  # parks: DEFERRED
+    for _ in range(3):
+        p.transfer(p.a)
+        p.transfer(p.b)
+    with pytest.raises(errors.MailboxFull):
+        p.a.endpoint.send(B, b"three", now=p.now, mailbox="jobs")
+
+
+class _GatedStore(MemoryStore):
+    """A store whose commits wait for a gate (an fsync that takes its time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+        self.batches: list[list[bytes]] = []
+
+    def commit(self, inserts: list[tuple[int, Any]], deletes: list[int], destroy: bool) -> None:
+        assert self.gate.wait(10)
+        self.batches.append([m.data for _row, m in inserts])
+        super().commit(inserts, deletes, destroy)
+
+
+def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
+    """Grouped commits across turns: while one commit is in flight the node goes on
+    acknowledging (STAGED) and the next commit takes everything that came meanwhile;
+    receipts leave only after their commit."""
+    import threading
+
+    from reliable.store import Committer
+
+    woken = threading.Event()
+    committer = Committer(woken.set)
+
+    class CommitterPair(Pair):
+        def outgoing(self, side: Side) -> list[bytes]:
+            if side is self.b:  # the committer of B's node
+                committer.turn(side.endpoint, self.now)
+            return super().outgoing(side)
+
+    p = CommitterPair(release=False)
+    p.connect()
+    store = _GatedStore()
+    p.b.create_mailbox("jobs", store=store)
+    first = p.a.endpoint.send(B, b"m0", now=p.now, mailbox="jobs")
+    p.deliver(p.b, p.outgoing(p.a))
+    p.deliver(p.a, p.outgoing(p.b))  # B's turn: the commit of m0 starts, and blocks
+    tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in (1, 2, 3)]
+    for _ in range(3):  # several turns of B while the commit runs
+        p.deliver(p.b, p.outgoing(p.a))
+        p.deliver(p.a, p.outgoing(p.b))
+    session = p.a.endpoint._peers[B]
+    assert not session.sender.unacked, "acknowledged (STAGED) while the commit ran"
+    assert not _fates(p), "but no receipt before a commit"
+    store.gate.set()
+    assert woken.wait(10)  # the thread says the first commit is done
+    woken.clear()
+    p.deliver(p.a, p.outgoing(p.b))  # reports m0 (its receipt), starts m1..m3 as one
+    assert woken.wait(10)
+    p.settle()
+    committer.close(p.b.endpoint, p.now)
+    assert store.batches == [[b"m0"], [b"m1", b"m2", b"m3"]]
+    assert all(isinstance(_fates(p)[t], events.MessageDelivered) for t in [first, *tickets])
+
+
+@pytest.mark.loopback
+def test_async_receive_many_commits_its_deletions_once(tmp_path: Any) -> None:
+    import asyncio
+
+    from reliable import AsyncNode
+
+    async def main() -> None:
+        async with AsyncNode() as server, AsyncNode() as client:
+            box = server.create_mailbox("jobs", durable=str(tmp_path / "jobs.db"))
+            (store,) = server._endpoint.durable_stores()
+            dest = f"127.0.0.1:{server.address[1]}/jobs"
+            for i in range(8):
+                await client.send(dest, b"%d" % i, timeout=5)
+            before = store.commits
+            got = await box.receive_many(8, timeout=5)
+            assert [m.data for m in got] == [b"%d" % i for i in range(8)]
+            assert store.count() == 0
+            assert store.commits - before == 1, "one commit for the batch, not one per message"
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_one_ack_carries_the_staged_notices_of_a_whole_burst() -> None:
+    """A durable mailbox owes a STAGED notice per message until the sender's base passes
+    it, and an ack never passes a notice it leaves out: a pure ACK capped at 32 notices
+    let a burst through 32 messages per round trip (issue 19's accept rate)."""
+    from reliable import wire
+
+    from .harness import decode_all
+
+    p = DurablePair(release=False)
+    p.connect()
+    p.b.create_mailbox("jobs", store=MemoryStore())
+    for i in range(100):
+        p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs")
+    sent = 0
+    for _ in range(10):  # A's window opens as it goes: until all 100 are at B
+        out = Pair.outgoing(p, p.a)
+        if not out:
+            break
+        p.deliver(p.b, out)
+        sent += len(out)
+    acks = [pkt for pkt in decode_all(Pair.outgoing(p, p.b)) if pkt.kind == wire.Kind.ACK]
+    assert acks and max(len(pkt.notices) for pkt in acks) > wire.MAX_NOTICES

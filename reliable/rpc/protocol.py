@@ -464,8 +464,11 @@ class ServerCore:
                 req.call_id,
                 Status.UNAVAILABLE,
                 None,
-                error_body("", "the server restarted while the call was on its way; "
-                           "its previous life may have run it"),
+                error_body(
+                    "",
+                    "the server restarted while the call was on its way; "
+                    "its previous life may have run it",
+                ),
             )
             return
         if req.executable and self.closing:
@@ -953,8 +956,7 @@ class ClientCore:
                     call,
                     Status.NOT_FOUND,
                     False,
-                    f"nothing serves mailbox {call.mailbox!r} there "
-                    "(is the service name right?)",
+                    f"nothing serves mailbox {call.mailbox!r} there (is the service name right?)",
                 )
             else:
                 self._end(call, _status_of(error), False, str(error))

@@ -38,7 +38,7 @@ local KINDS = {
 }
 local VERDICTS = {
     [1] = "TOO_LARGE", [2] = "NO_MAILBOX", [3] = "MAILBOX_CLOSED", [4] = "REFUSED",
-    [5] = "NO_MEMORY", [6] = "DEFERRED", [7] = "CANCELLED",
+    [5] = "NO_MEMORY", [6] = "DEFERRED", [7] = "CANCELLED", [8] = "STAGED",
 }
 local REFUSALS = { [1] = "bad tag", [2] = "unsealed", [3] = "wrong mode" }
 
