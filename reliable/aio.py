@@ -809,6 +809,7 @@ class AsyncNode:
         self._open_group(parse_group(group), join=True)
 
     def leave(self, group: str) -> None:
+        """Stop being a member of ``group``, as :meth:`reliable.Node.leave`."""
         loop = self._require_started()
         self._endpoint.leave_group(self._resolve(parse_group(group)), loop.time())
         self._pump([])
@@ -818,6 +819,7 @@ class AsyncNode:
         return self._endpoint.group_members(self._open_group(parse_group(group), join=False))
 
     async def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
+        """Wait until ``group`` has at least ``count`` live members or ``timeout`` passes."""
         check_timeout(timeout, "timeout")
         loop = self._require_started()
         deadline = loop.time() + timeout
@@ -830,6 +832,7 @@ class AsyncNode:
             await self._wait_change(min(remaining, 0.05))
 
     def serve(self, service: str, *, announce: str | list[str]) -> None:
+        """Serve anycast ``service``, announced on each group in ``announce``."""
         loop = self._require_started()
         groups = [announce] if isinstance(announce, str) else list(announce)
         targets = [self._open_group(parse_group(g), join=False) for g in groups]
@@ -837,15 +840,18 @@ class AsyncNode:
         self._pump([])
 
     def unserve(self, service: str) -> None:
+        """Stop serving anycast ``service`` (a WITHDRAW tells the discovery groups)."""
         self._endpoint.unserve(service)
         self._pump([])
 
     def discover(self, group: str) -> None:
+        """Learn the anycast services announced on ``group``."""
         loop = self._require_started()
         self._endpoint.discover(self._open_group(parse_group(group), join=False), loop.time())
         self._pump([])
 
     def add_service_members(self, service: str, members: list[str | tuple[Any, ...]]) -> None:
+        """Members of ``service`` known without announcements (``host:port`` each)."""
         self._require_started()
         assert self._sock is not None
         family = self._sock.family
@@ -854,6 +860,7 @@ class AsyncNode:
         )
 
     def service_members(self, service: str) -> list[Address]:
+        """The live members of anycast ``service`` known here."""
         return self._endpoint.service_members(service)
 
     def _resolve(self, group: GroupAddress) -> GroupAddress:
@@ -1273,7 +1280,7 @@ class AsyncNode:
                 timer.cancel()
 
     # EventSink
-    def on_receive(
+    def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
     ) -> None:
         future = self._receives.get(waiter)
@@ -1286,15 +1293,15 @@ class AsyncNode:
             future.set_exception(error)
         self._notify()
 
-    def on_manage(self, request: int, status: int, body: bytes) -> None:
+    def _on_manage(self, request: int, status: int, body: bytes) -> None:
         pass  # management requests (rmsg ctl) go through the blocking Node
 
-    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
+    def _on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)
         if future is not None and not future.done():
             future.set_result(body)
 
-    def on_outcome(
+    def _on_outcome(
         self,
         ticket: int,
         receipt: Receipt | GroupReceipt | None,
@@ -1312,10 +1319,10 @@ class AsyncNode:
         else:
             future.set_result(receipt)  # the node routes each kind of receipt to its kind of handle
 
-    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
+    def _on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
         self._departures.peer_down(peer, error)
 
-    def on_closed(self) -> None:
+    def _on_closed(self) -> None:
         if self._close_done is not None and not self._close_done.done():
             self._close_done.set_result(None)
 

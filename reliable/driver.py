@@ -718,26 +718,29 @@ def report_unreachable(endpoint: Endpoint, reports: list[Unreachable], now: floa
 
 
 class EventSink(Protocol):
-    """What an adapter does with the core's events."""
+    """What an adapter does with the core's events (:func:`route_events` calls these).
 
-    def on_outcome(
+    The methods are underscored: an adapter implements them for the driver,
+    not for its users, so they stay out of its public API."""
+
+    def _on_outcome(
         self,
         ticket: int,
         receipt: Receipt | GroupReceipt | None,
         error: errors.DeliveryFailed | None,
     ) -> None: ...
 
-    def on_receive(
+    def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
     ) -> None: ...
 
-    def on_stats(self, peer: Any, request: int, body: bytes) -> None: ...
+    def _on_stats(self, peer: Any, request: int, body: bytes) -> None: ...
 
-    def on_manage(self, request: int, status: int, body: bytes) -> None: ...
+    def _on_manage(self, request: int, status: int, body: bytes) -> None: ...
 
-    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
+    def _on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None: ...
 
-    def on_closed(self) -> None: ...
+    def _on_closed(self) -> None: ...
 
 
 def route_events(
@@ -750,30 +753,30 @@ def route_events(
         if observer is not None:
             observer(event)
         if isinstance(event, events.MessageDelivered):
-            sink.on_outcome(event.ticket, Receipt.from_event(event), None)
+            sink._on_outcome(event.ticket, Receipt.from_event(event), None)
         elif isinstance(event, events.GroupSendDone):
-            sink.on_outcome(event.ticket, event.receipt, None)
+            sink._on_outcome(event.ticket, event.receipt, None)
         elif isinstance(event, events.MessageFailed):
-            sink.on_outcome(event.ticket, None, event.error)
+            sink._on_outcome(event.ticket, None, event.error)
         elif isinstance(event, events.MessageTaken):
-            sink.on_receive(event.waiter, event.message, None)
+            sink._on_receive(event.waiter, event.message, None)
         elif isinstance(event, events.ReceiveFailed):
-            sink.on_receive(event.waiter, None, event.error)
+            sink._on_receive(event.waiter, None, event.error)
         elif isinstance(event, events.StatsReceived):
-            sink.on_stats(event.peer, event.request, event.body)
+            sink._on_stats(event.peer, event.request, event.body)
         elif isinstance(event, events.ManageAnswered):
-            sink.on_manage(event.request, event.status, event.body)
+            sink._on_manage(event.request, event.status, event.body)
         elif isinstance(event, events.PeerUnreachable):
             error = errors.PeerUnreachable(
                 event.peer, event.silent_for, cause=event.cause, errno=event.errno
             )
-            sink.on_peer_down(event.peer, error)
+            sink._on_peer_down(event.peer, error)
         elif isinstance(event, events.PeerClosed):
-            sink.on_peer_down(event.peer, errors.PeerClosed(event.peer))
+            sink._on_peer_down(event.peer, errors.PeerClosed(event.peer))
         elif isinstance(event, events.PeerRejectedUs):
-            sink.on_peer_down(event.peer, event.error)
+            sink._on_peer_down(event.peer, event.error)
         elif isinstance(event, events.Closed):
-            sink.on_closed()
+            sink._on_closed()
 
 
 def parse_manage_reply(dest: Any, status: int, body: bytes) -> dict[str, Any]:

@@ -446,6 +446,7 @@ class Endpoint:
         self._dirty[peer] = None
 
     def unwatch(self, peer: Any, now: float) -> None:
+        """End what :meth:`watch` started: ``peer`` is no longer checked for that receive."""
         session = self._peers.get(peer)
         if session is not None:
             session.unwatch(now)
@@ -907,6 +908,7 @@ class Endpoint:
         )
 
     def has_mailbox(self, name: str) -> bool:
+        """Whether this node has a mailbox called ``name``."""
         return name in self._mailboxes
 
     def is_port_of(self, name: str, owner: int) -> bool:
@@ -915,6 +917,7 @@ class Endpoint:
         return box is not None and box.owner is not None and box.owner == owner
 
     def mailbox_names(self) -> list[str]:
+        """The names of this node's mailboxes (the default one is ``""``)."""
         return list(self._mailboxes)
 
     def close_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
@@ -1141,9 +1144,11 @@ class Endpoint:
         self._groups.leave(group.name, now)
 
     def is_open_group(self, group: GroupAddress) -> bool:
+        """Whether ``group`` is open here (joined, or opened to send to it)."""
         return self._groups.is_open(group.name)
 
     def is_member(self, group: GroupAddress) -> bool:
+        """Whether this node joined ``group``."""
         return self._groups.is_member(group.name)
 
     def group_members(self, group: GroupAddress) -> dict[Any, int]:
@@ -1595,6 +1600,7 @@ class Endpoint:
             self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
+        """The addresses of the peers this endpoint has a session with."""
         return list(self._peers)
 
     # ------------------------------------------- remote receivers, management
@@ -1634,6 +1640,7 @@ class Endpoint:
         self._dirty[peer] = None
 
     def has_session(self, peer: Any) -> bool:
+        """Whether this endpoint has a session with ``peer``."""
         return peer in self._peers
 
     def has_heard(self, peer: Any) -> bool:
@@ -1647,6 +1654,7 @@ class Endpoint:
         return None if box is None else box.owner
 
     def is_durable(self, name: str) -> bool:
+        """Whether mailbox ``name`` is durable (kept in an SQLite file)."""
         return name in self._durable
 
     def detach_mailbox(

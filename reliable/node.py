@@ -690,6 +690,7 @@ class Node:
         self._call(lambda now: self._endpoint.serve(service, targets, now))
 
     def unserve(self, service: str) -> None:
+        """Stop serving anycast ``service``: a WITHDRAW tells the discovery groups at once."""
         self._call(lambda now: self._endpoint.unserve(service))
 
     def discover(self, group: str) -> None:
@@ -703,6 +704,7 @@ class Node:
         self._call(lambda now: self._endpoint.add_service_members(service, addrs), check=False)
 
     def service_members(self, service: str) -> list[Address]:
+        """The live members of anycast ``service`` known here (announced or added)."""
         return self._call(lambda now: self._endpoint.service_members(service), check=False)
 
     def _open_group(self, group: GroupAddress, *, join: bool, discover: bool) -> GroupAddress:
@@ -1496,7 +1498,7 @@ class Node:
         self._nap.set()
 
     # EventSink, called under the lock from route_events
-    def on_outcome(
+    def _on_outcome(
         self,
         ticket: int,
         receipt: Receipt | GroupReceipt | None,
@@ -1509,7 +1511,7 @@ class Node:
                 assert isinstance(handle, _PendingSend)
                 self._callbacks.append(handle)
 
-    def on_receive(
+    def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
     ) -> None:
         outcome = message if message is not None else error
@@ -1517,21 +1519,21 @@ class Node:
         self._taken[waiter] = outcome
         self._changes += 1
 
-    def on_stats(self, peer: Any, request: int, body: bytes) -> None:
+    def _on_stats(self, peer: Any, request: int, body: bytes) -> None:
         if request in self._stats_replies:
             self._stats_replies[request] = body
             self._changes += 1
 
-    def on_manage(self, request: int, status: int, body: bytes) -> None:
+    def _on_manage(self, request: int, status: int, body: bytes) -> None:
         if request in self._manage_replies:
             self._manage_replies[request] = (status, body)
             self._changes += 1
 
-    def on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
+    def _on_peer_down(self, peer: Any, error: errors.DeliveryFailed) -> None:
         self._departures.peer_down(peer, error)
         self._changes += 1
 
-    def on_closed(self) -> None:
+    def _on_closed(self) -> None:
         self._changes += 1
 
     # --------------------------------------------------------------- helpers

@@ -64,6 +64,9 @@ def test_a_broken_docstring_fails_the_build(tmp_path: Path) -> None:
             class Thing:
                 """Made by :func:`make_thing`, see :class:`Thing` and :mod:`brokenpkg`."""
 
+                def method(self) -> None:
+                    pass
+
 
             def undocumented() -> None:
                 pass
@@ -75,5 +78,6 @@ def test_a_broken_docstring_fails_the_build(tmp_path: Path) -> None:
     assert "brokenpkg.Thing: :func:`make_thing` names nothing" in done.stderr
     assert ":class:`Thing`" not in done.stderr and ":mod:`brokenpkg`" not in done.stderr
     assert "brokenpkg.undocumented: no docstring" in done.stderr
+    assert "brokenpkg.Thing.method: no docstring" in done.stderr  # public methods too
     assert "Found 'Missing' in brokenpkg.__all__, but it does not resolve" in done.stderr
-    assert "3 broken docstring(s)" in done.stderr
+    assert "4 broken docstring(s)" in done.stderr

@@ -17,7 +17,7 @@ A docstring is broken, and the build exits 1 naming it, when:
 * a cross-reference in it (``:class:`X```, ``:func:``, ``:meth:``, ``:mod:``,
   ``:attr:``, ``:exc:``, ``:data:``, ``:obj:``) names nothing: not an
   importable dotted path, nor a name in the documented object's class or module;
-* a public module, class or function has none.
+* a public module, class, function or method has none.
 
 The test suite runs this (tests/test_api_docs.py), so CI fails on a broken docstring.
 """
@@ -99,10 +99,8 @@ def check(modules: list[str]) -> list[str]:
             return importlib.import_module(d.modulename)
 
     def walk(d: pdoc.doc.Doc[Any], cls: type | None = None) -> None:
-        # Modules, classes and functions need a docstring (methods: not yet, see CHANGELOG).
-        needs_one = isinstance(d, (pdoc.doc.Module, pdoc.doc.Class)) or (
-            isinstance(d, pdoc.doc.Function) and cls is None
-        )
+        # Modules, classes, functions and methods need a docstring.
+        needs_one = isinstance(d, (pdoc.doc.Module, pdoc.doc.Class, pdoc.doc.Function))
         if needs_one and not d.name.startswith("_") and not d.docstring.strip():
             problems.append(f"{d.fullname}: no docstring")
         here = d.obj if isinstance(d, pdoc.doc.Class) else cls
