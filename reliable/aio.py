@@ -1065,6 +1065,9 @@ class AsyncNode:
             receiver = task.get_name() if task is not None else "asyncio"
         endpoint = self._endpoint
         now = loop.time()
+        if self._posts and self._sock is not None:
+            # Posts made before this receive are in the mailbox when it looks.
+            self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
         message = endpoint.take(
             mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
         )

@@ -899,6 +899,10 @@ class Node:
             fresh = now - self._driven < DRIVE_GAP and (timer is None or timer > now)
             if not fresh:
                 self._drive()
+            elif self._posts:
+                # Posts made before this receive are in the mailbox when it looks (a thread
+                # that posts, then receives, sees its own posts), drive or no drive.
+                self._posts.admit(endpoint, self._address, now)
             got: list[Message] = []
             while len(got) < count:
                 message = endpoint.take(
