@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 
 from .config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
+from .control import Admitted, Discarded
 from .rtt import RttEstimator
 from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
 
@@ -112,7 +113,8 @@ class OutgoingMessage:
     deferred: bool = False  #: the receiver holds it until its mailbox has room
     cancelling: bool = False  #: deferred, a withdrawal (Cancel) sent: its answer decides
     cancelled: bool = False  #: the application withdrew it (SendCancelled, not SendTimeout)
-    outcome: object = None  #: a control-message verdict that overtook the acknowledgement
+    #: a control-message verdict that overtook the acknowledgement
+    outcome: Admitted | Discarded | None = None
     settled: bool = False  #: its outcome was reported (delivered or failed)
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
 
