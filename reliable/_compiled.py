@@ -3,7 +3,10 @@
 Theory of operation. ``COMPILED_MODULES`` below is the one list the build
 (``tools/rmsg_build.py``) hands to mypyc; everything else in the package is
 always interpreted (``errors`` because its classes inherit from built-in
-exceptions such as ``TimeoutError``, which mypyc cannot compile; this module
+exceptions such as ``TimeoutError``, which mypyc cannot compile; ``mailbox``
+because its public ``Selector`` and ``Mailbox`` check their arguments'
+types themselves, raising ``UsageError``, where compiled code would raise
+``TypeError`` at the call first; this module
 and ``reliable/__init__.py`` so the choice below is made in plain Python; the
 adapters, RPC and storage because their cost is system calls, not Python).
 A compiled build still ships every ``.py`` source beside its extension
@@ -53,7 +56,6 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.group_member",
     "reliable.group_sender",
     "reliable.groups",
-    "reliable.mailbox",
     "reliable.membership",
     "reliable.message",
     "reliable.peer",
