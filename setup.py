@@ -9,6 +9,6 @@ from pathlib import Path
 from setuptools import setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
-from rmsg_build import setup_arguments  # noqa: E402
+from rmsg_build import setup_arguments
 
 setup(**setup_arguments())

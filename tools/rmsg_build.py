@@ -27,6 +27,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ def prepare_metadata_for_build_wheel(
 def build_wheel(
     wheel_directory: str, config_settings: Any = None, metadata_directory: str | None = None
 ) -> str:
+    # setuptools packs whatever its build/lib holds: a pure wheel must not inherit the
+    # extensions of an earlier compiled build (nor a compiled one a stale record).
+    for scratch in (*ROOT.glob("build/lib*"), *ROOT.glob("build/bdist*")):
+        shutil.rmtree(scratch, ignore_errors=True)
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
