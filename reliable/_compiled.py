@@ -16,14 +16,15 @@ A compiled module is used only when it is exactly the code its source says.
 The build records a SHA-256 of each compiled module's source in
 ``_mypyc_build.json`` next to this file; at import, before any other
 submodule loads, :func:`select` checks every compiled module's extension
-and source against it. It runs pure -- installing a finder that loads
-``COMPILED_MODULES`` from their ``.py`` files, all of them or none, because
+and source against it. It runs pure -- installing a finder that loads every
+module with an extension from its ``.py`` file, all of them or none, because
 compiled modules call each other natively -- when:
 
 * ``RMSG_PURE_PYTHON=1`` is set (asked; silent);
-* there is no build record, or a source no longer matches its hash, or an
-  extension is missing (a stale or partial build beside edited sources:
-  with a ``RuntimeWarning`` naming the module when an extension was found).
+* there is no build record, a source no longer matches its hash, an
+  extension is missing, or one is there that the build did not make (a
+  stale or partial build beside edited sources, or a module since removed
+  from the list: with a ``RuntimeWarning`` naming the module).
 
 So an edited source is never shadowed by an old compiled module. Editable
 installs never build extensions at all (see docs/performance.md).
@@ -85,35 +86,36 @@ def source_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _extension(module: str) -> Path | None:
-    src = source_path(module)
+def _extensions(package_dir: Path = _PACKAGE_DIR) -> dict[str, Path]:
+    """Every extension module in the package that sits beside a ``.py`` source."""
+    found: dict[str, Path] = {}
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = src.with_suffix(suffix)
-        if candidate.exists():
-            return candidate
-    return None
+        for path in package_dir.rglob(f"*{suffix}"):
+            source = path.with_name(path.name[: -len(suffix)] + ".py")
+            if source.exists():
+                parts = source.relative_to(package_dir).with_suffix("").parts
+                found.setdefault(".".join(("reliable", *parts)), path)
+    return found
 
 
-def _check_build() -> tuple[bool, str]:
+def _check_build(extensions: dict[str, Path]) -> tuple[bool, str]:
     """(compiled usable, why not). Reads the build record and hashes the sources."""
-    extensions = {m: _extension(m) for m in COMPILED_MODULES}
-    found = [m for m, ext in extensions.items() if ext is not None]
-    if not found:
+    if not extensions:
         return False, ""
     record_path = _PACKAGE_DIR / BUILD_RECORD
     try:
         record = json.loads(record_path.read_text())
         hashes: dict[str, str] = record["sources"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False, f"compiled modules ({', '.join(found)}) have no valid {BUILD_RECORD}"
+        found = ", ".join(sorted(extensions))
+        return False, f"compiled modules ({found}) have no valid {BUILD_RECORD}"
+    for module in sorted(extensions):
+        if module not in COMPILED_MODULES or module not in hashes:
+            return False, f"{module} is compiled but not part of this build (a stale extension)"
     for module in COMPILED_MODULES:
-        if extensions[module] is None:
+        if module not in extensions:
             return False, f"{module} has no compiled extension (a partial build)"
-        try:
-            current = source_hash(source_path(module))
-        except OSError:
-            return False, f"{module} has no source beside its extension"
-        if hashes.get(module) != current:
+        if hashes.get(module) != source_hash(source_path(module)):
             return False, f"{module}'s source changed since it was compiled"
     return True, ""
 
@@ -134,10 +136,11 @@ class _SourceFinder:
 
 def select() -> bool:
     """Decide once, before any compiled module is imported; True if compiled runs."""
+    extensions = _extensions()
     if os.environ.get("RMSG_PURE_PYTHON", "") not in ("", "0"):
         usable, why = False, ""
     else:
-        usable, why = _check_build()
+        usable, why = _check_build(extensions)
         if why:
             warnings.warn(
                 f"rmsg: running the pure-Python core: {why}; rebuild (pip install .) "
@@ -145,8 +148,8 @@ def select() -> bool:
                 RuntimeWarning,
                 stacklevel=2,
             )
-    if not usable and any(_extension(m) is not None for m in COMPILED_MODULES):
-        sys.meta_path.insert(0, _SourceFinder(COMPILED_MODULES))
+    if not usable and extensions:
+        sys.meta_path.insert(0, _SourceFinder([*COMPILED_MODULES, *extensions]))
     return usable
 
 

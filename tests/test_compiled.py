@@ -116,7 +116,7 @@ def _fake_extension(package: Path, module: str) -> Path:
 PROBE = "import reliable, reliable.endpoint; print(reliable.__compiled__)"
 
 
-@pytest.mark.parametrize("damage", ["no record", "edited source"])
+@pytest.mark.parametrize("damage", ["no record", "edited source", "unlisted extension"])
 def test_an_extension_beside_an_edited_source_never_runs(damage: str, tmp_path: Path) -> None:
     """A compiled module left beside a source edited after the build (or built in place,
     without the build's record) would run instead of the edit: reliable runs pure, warns."""
@@ -125,7 +125,7 @@ def test_an_extension_beside_an_edited_source_never_runs(damage: str, tmp_path: 
         _fake_extension(package, module)
     if damage == "no record":
         (package / _compiled.BUILD_RECORD).unlink(missing_ok=True)
-    else:
+    else:  # a record that matches every listed module's source
         record = {
             "sources": {
                 m: _compiled.source_hash(_compiled.source_path(m, package))
@@ -133,8 +133,11 @@ def test_an_extension_beside_an_edited_source_never_runs(damage: str, tmp_path: 
             }
         }
         (package / _compiled.BUILD_RECORD).write_text(json.dumps(record))
+    if damage == "edited source":
         endpoint = _compiled.source_path("reliable.endpoint", package)
         endpoint.write_text(endpoint.read_text() + "\nEDITED = True\n")
+    if damage == "unlisted extension":  # an old build's module, since taken off the list
+        _fake_extension(package, "reliable.mailbox")
     env = {k: v for k, v in os.environ.items() if k not in ("RMSG_PURE_PYTHON",)}
     env["PYTHONPATH"] = str(package.parent)
     done = subprocess.run(
@@ -149,8 +152,12 @@ def test_an_extension_beside_an_edited_source_never_runs(damage: str, tmp_path: 
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True" if damage == "edited source" else "0"]
     assert "running the pure-Python core" in done.stderr and "RuntimeWarning" in done.stderr
-    expected = "no valid" if damage == "no record" else "reliable.endpoint's source changed"
-    assert expected in done.stderr
+    expected = {
+        "no record": "no valid",
+        "edited source": "reliable.endpoint's source changed",
+        "unlisted extension": "reliable.mailbox is compiled but not part of this build",
+    }
+    assert expected[damage] in done.stderr
 
 
 def test_pure_python_is_chosen_quietly_when_asked(tmp_path: Path) -> None:
