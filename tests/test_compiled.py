@@ -170,12 +170,13 @@ def test_pure_python_is_chosen_quietly_when_asked(tmp_path: Path) -> None:
 
 def test_the_build_compiles_exactly_the_listed_modules() -> None:
     """tools/rmsg_build.py reads the list without importing reliable; both agree."""
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "tools"))
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
     try:
         import rmsg_build
     finally:
-        sys.path.remove(str(root / "tools"))
+        sys.path.remove(str(tools))
+    root = PACKAGE.parent  # the checkout, or site-packages for a compiled install's run
     listed = rmsg_build.compiled_modules(root)
     assert listed == _compiled.COMPILED_MODULES
     assert "reliable.errors" not in listed and "reliable.mailbox" not in listed
