@@ -221,3 +221,29 @@ def test_version_and_bench_say_which_core_runs() -> None:
     assert done.exit_code == 0 and f"({core} core)" in done.output
     header = format_report(BenchReport(rounds=1, cpus=2, core=core)).splitlines()[0]
     assert f"loopback, {core} core, 2 CPUs" in header
+
+
+def test_every_editable_hook_builds_pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RMSG_COMPILE=1 pip install -e .` failed: setuptools runs setup.py to learn an
+    editable build's requirements too, and that step still asked for mypyc."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import rmsg_build
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("RMSG_COMPILE", "1")
+    monkeypatch.delenv("RMSG_PURE_PYTHON", raising=False)
+    seen: list[bool] = []
+
+    def hook(*args: object) -> list[str]:
+        seen.append(rmsg_build.compile_requested())
+        return []
+
+    for name in ("get_requires_for_build_editable", "prepare_metadata_for_build_editable"):
+        monkeypatch.setattr(rmsg_build._setuptools, name, hook)
+    monkeypatch.setattr(rmsg_build._setuptools, "build_editable", hook)
+    rmsg_build.get_requires_for_build_editable()
+    rmsg_build.prepare_metadata_for_build_editable("meta")
+    rmsg_build.build_editable("wheels")
+    assert seen == [False, False, False]
+    assert rmsg_build.compile_requested()  # and a regular build still compiles

@@ -36,7 +36,6 @@ from setuptools import build_meta as _setuptools
 from setuptools.build_meta import (  # noqa: F401  (re-exported PEP 517 hooks)
     build_sdist,
     get_requires_for_build_sdist,
-    prepare_metadata_for_build_editable,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,8 +141,24 @@ def build_wheel(
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
 
 
+def _editable(hook: Any, *args: Any) -> Any:
+    """Run a setuptools hook for an editable install: always pure (every step runs setup.py)."""
+    os.environ[_EDITABLE] = "1"
+    try:
+        return hook(*args)
+    finally:
+        del os.environ[_EDITABLE]
+
+
 def get_requires_for_build_editable(config_settings: Any = None) -> list[str]:
-    return _setuptools.get_requires_for_build_editable(config_settings)
+    return list(_editable(_setuptools.get_requires_for_build_editable, config_settings))
+
+
+def prepare_metadata_for_build_editable(
+    metadata_directory: str, config_settings: Any = None
+) -> str:
+    prepare = _setuptools.prepare_metadata_for_build_editable
+    return str(_editable(prepare, metadata_directory, config_settings))
 
 
 def build_editable(
@@ -151,8 +166,5 @@ def build_editable(
 ) -> str:
     if os.environ.get("RMSG_COMPILE", "") not in ("", "0"):
         print("rmsg: editable installs are pure Python; RMSG_COMPILE ignored", file=sys.stderr)
-    os.environ[_EDITABLE] = "1"
-    try:
-        return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
-    finally:
-        del os.environ[_EDITABLE]
+    build = _setuptools.build_editable
+    return str(_editable(build, wheel_directory, config_settings, metadata_directory))
