@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from . import errors, events, security, wire
+# _compiled comes first: it decides compiled or pure before any core module loads.
+from . import _compiled, errors, events, security, wire
 from .addressing import (
     Address,
     GroupAddress,
@@ -141,6 +142,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: True when the mypyc-compiled core runs, False for pure Python (see docs/performance.md).
+__compiled__: bool = _compiled.ACTIVE
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

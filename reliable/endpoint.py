@@ -144,6 +144,12 @@ __all__ = ["Endpoint", "Withdrawal"]
 _log = logging.getLogger(__name__)
 #: Events ``_emit`` acts on beyond queueing them (besides outcomes while anycast sends run).
 
+# The arguments send() checks itself are declared ``object``, named for what they accept:
+# a compiled (mypyc) core checks declared types at the call and would raise TypeError
+# there, before the check that says what to pass (UsageError, as the pure core raises).
+Buffer = object  #: bytes, bytearray or memoryview; anything else is a UsageError
+Integer = object  #: an int, not a bool; anything else is a UsageError
+
 _RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
 _RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
@@ -324,11 +330,11 @@ class Endpoint:
     def send(
         self,
         dest: Any,
-        data: bytes,
+        data: Buffer,
         *,
         now: float,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Integer = 0,
+        priority: Integer = 0,
         mailbox: str = "",
         timeout: float | None = None,
         deadline: float | None = None,
@@ -345,6 +351,8 @@ class Endpoint:
         in every case nothing was queued.
         """
         data = message_bytes(data)
+        msg_type = check_integer(msg_type, "msg_type")
+        priority = check_integer(priority, "priority")
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
         check_timeout(timeout, "timeout")
         self._now = now
@@ -2073,10 +2081,11 @@ def message_bytes(data: object) -> bytes:
     )
 
 
-def check_integer(value: object, name: str) -> None:
-    """Raise a :class:`~reliable.errors.UsageError` unless ``value`` is an int (not a bool)."""
+def check_integer(value: object, name: str) -> int:
+    """``value``, or a :class:`~reliable.errors.UsageError` unless it is an int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.UsageError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 def check_lock(lock: float | None) -> None:

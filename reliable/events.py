@@ -8,13 +8,13 @@ on them directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .addressing import Address
 from .errors import DeliveryFailed, ReliableError
 
-if TYPE_CHECKING:
-    from .message import GroupReceipt, Message
+# A real import, not a TYPE_CHECKING one: compiled (mypyc) dataclasses need their field
+# types at import. message.py therefore imports events only for type checking.
+from .message import GroupReceipt, Message
 
 __all__ = [
     "Closed",

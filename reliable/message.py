@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .addressing import Address
 from .errors import format_address
-from .events import MessageDelivered
+
+if TYPE_CHECKING:  # events imports this module at run time (see events.py)
+    from .events import MessageDelivered
 
 __all__ = ["GroupReceipt", "Message", "Receipt"]
 

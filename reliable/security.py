@@ -80,7 +80,7 @@ _TAG = 16
 _CRC = struct.Struct("!I")
 _FLAGS = struct.Struct("!H")
 _FLAGS_AT = 4
-_INCARNATION = slice(8, 16)
+_INCARNATION_AT = 8  # the sender's incarnation: header bytes [8, 16)
 _SUBKEYS = 1024  # derived subkeys cached (one per peer incarnation seen)
 
 
@@ -189,7 +189,8 @@ class _Sealed:
         if len(data) < _HEADER + _PN.size + _TAG + _CRC.size:
             raise MalformedPacket("short", f"{len(data)} bytes")
         (pn,) = _PN.unpack_from(data, _HEADER)
-        return data[: _HEADER + _PN.size], pn, data[_INCARNATION]
+        # (bounds, not a slice object: mypyc compiles bytes[slice_object] as an int index)
+        return data[: _HEADER + _PN.size], pn, data[_INCARNATION_AT : _INCARNATION_AT + 8]
 
 
 class Authenticated(_Sealed):

@@ -97,6 +97,8 @@ class BenchReport:
     latency: list[Latency] = field(default_factory=list)
     rounds: int = 0
     cpus: int = 0
+    #: which protocol core ran: "pure" Python or "compiled" (mypyc), see docs/performance.md
+    core: str = ""
     scale: ScaleReport | None = None
     #: size -> CPU microseconds per message of the protocol core alone (both ends)
     core_cpu_us: dict[int, float] = field(default_factory=dict)
@@ -112,6 +114,7 @@ class BenchReport:
         return {
             "rounds": self.rounds,
             "cpus": self.cpus,
+            "core": self.core,
             "throughput": [asdict(t) for t in self.throughput],
             "latency": [asdict(x) for x in self.latency],
             "scale": None if self.scale is None else self.scale.as_dict(),
@@ -637,7 +640,10 @@ def run_bench(
                 lat.setdefault((transport, pinned), []).append(
                     _measure_latency(transport, pinned, pings)
                 )
-    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1)
+    import reliable
+
+    core = "compiled" if reliable.__compiled__ else "pure"
+    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1, core=core)
     for results in seen.values():
         report.throughput.append(_median(results, "messages_per_s"))
     for results_l in lat.values():
@@ -800,7 +806,8 @@ _PATHS = {"veth": "two network namespaces over veth (MTU 1500)"}
 
 def format_report(report: BenchReport) -> str:
     lines = [
-        f"rmsg bench: {_PATHS.get(report.path, report.path)}, {report.cpus} CPUs, "
+        f"rmsg bench: {_PATHS.get(report.path, report.path)}, {report.core or 'pure'} core, "
+        f"{report.cpus} CPUs, "
         f"median of {report.rounds} round(s)",
         "",
         f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "

@@ -169,7 +169,12 @@ def _configure_logging(verbose: int) -> Callable[[], None]:
 
 
 @click.group(context_settings=_CONTEXT)
-@click.version_option(reliable.__version__, prog_name="rmsg")
+@click.version_option(
+    reliable.__version__,
+    prog_name="rmsg",
+    message="%(prog)s, version %(version)s"
+    + (" (compiled core)" if reliable.__compiled__ else " (pure core)"),
+)
 @click.option(
     "-v",
     "--verbose",

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With ``RMSG_EXPECT_CORE=compiled`` (or ``pure``), refuse to run on the other core.
+
+    CI runs the suite twice, once per build; a compiled run that silently imported the
+    source tree (or fell back to pure at import) would test nothing new.
+    """
+    want = os.environ.get("RMSG_EXPECT_CORE")
+    if not want:
+        return
+    import reliable
+
+    core = "compiled" if reliable.__compiled__ else "pure"
+    if core != want:
+        raise pytest.UsageError(
+            f"RMSG_EXPECT_CORE={want} but the {core} core runs, from {reliable.__file__}"
+        )
 
 
 def free_port() -> int:

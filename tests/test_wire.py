@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -258,4 +259,4 @@ def test_bundles_are_for_data_only_and_share_the_control_flag() -> None:
 
 
 def _fields(frag: Fragment) -> dict[str, object]:
-    return {name: getattr(frag, name) for name in Fragment.__slots__}
+    return {f.name: getattr(frag, f.name) for f in dataclasses.fields(Fragment)}

@@ -22,6 +22,9 @@ Run it from a checkout::
 
     python tools/core_bench.py             # both workloads, callgrind if installed
     python tools/core_bench.py --cpu --json
+    .venv-compiled/bin/python tools/core_bench.py --installed   # a compiled install
+
+Each figure says which core ran (``pure`` or ``compiled``, ``reliable.__compiled__``).
 
 ``run_workload`` is importable (the test suite checks that each workload
 moves what it claims).
@@ -42,12 +45,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path and "RMSG_CORE_BENCH_TREE" not in os.environ:
+# --installed: measure the reliable this interpreter has installed (e.g. a compiled build in
+# another venv), not the checkout. The valgrind children inherit it through the environment.
+INSTALLED = "--installed" in sys.argv or os.environ.get("RMSG_CORE_BENCH_INSTALLED") == "1"
+if INSTALLED:
+    os.environ["RMSG_CORE_BENCH_INSTALLED"] = "1"
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "tools")]
+elif str(ROOT) not in sys.path and "RMSG_CORE_BENCH_TREE" not in os.environ:
     sys.path.insert(0, str(ROOT))  # this checkout's reliable/, unless told to measure another
 elif "RMSG_CORE_BENCH_TREE" in os.environ:
     sys.path.insert(0, os.environ["RMSG_CORE_BENCH_TREE"])
 
+import reliable  # noqa: E402
 from reliable import Endpoint  # noqa: E402
+
+CORE = "compiled" if getattr(reliable, "__compiled__", False) else "pure"
 
 A = ("127.0.0.1", 1)  # labels on a simulated loopback path (64 KiB datagrams, as a real one)
 B = ("127.0.0.1", 2)
@@ -158,6 +170,7 @@ def measure(name: str, count: int, *, cpu: bool, repeats: int = 5) -> dict[str, 
         return {
             "workload": name,
             "unit": unit,
+            "core": CORE,
             "method": "callgrind",
             "instructions": round((high - low) / count),
             "n": count,
@@ -167,6 +180,7 @@ def measure(name: str, count: int, *, cpu: bool, repeats: int = 5) -> dict[str, 
     return {
         "workload": name,
         "unit": unit,
+        "core": CORE,
         "method": "cpu",
         "cpu_us": round((high - low) / count * 1e6, 2),
         "n": count,
@@ -180,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, help="messages or round trips (default per workload)")
     parser.add_argument("--cpu", action="store_true", help="CPU time even if valgrind exists")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--installed",
+        action="store_true",
+        help="measure the reliable installed for this interpreter, not this checkout",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     return parser
 
@@ -199,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 figure = f"{r['instructions']:>12,} instructions"
             else:
                 figure = f"{r['cpu_us']:>12} us of CPU"
-            print(f"core {r['workload']:<7} {figure} per {r['unit']}  ({r['method']}, N={r['n']})")
+            how = f"{r['core']} core, {r['method']}, N={r['n']}"
+            print(f"core {r['workload']:<7} {figure} per {r['unit']}  ({how})")
     return 0
 
 

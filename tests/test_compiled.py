@@ -1,0 +1,249 @@
+"""The optional compiled core (mypyc): same behaviour as pure, and never a stale module.
+
+CI runs this suite twice: on the editable (pure) install and on a compiled
+install (``RMSG_EXPECT_CORE=compiled``, see .ci/run). Tests that need a
+compiled build skip on the pure run, saying so.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import reliable
+from reliable import _compiled
+
+PACKAGE = Path(reliable.__file__).resolve().parent
+CORES = ["pure", "compiled"]
+
+# Every wrong-typed argument the public API checks itself, as a snippet and the words its
+# UsageError must carry. Run in a fresh interpreter per core (the choice is made at import).
+MISUSE = textwrap.dedent(
+    """
+    import json, random
+    from reliable import Endpoint, Selector, errors
+    from reliable.mailbox import Mailbox
+    B = ("127.0.0.1", 2)
+    ep = Endpoint(rng=random.Random(1))
+    cases = [
+        ("text", lambda: ep.send(B, "text", now=0.0), "encode text first"),
+        ("int data", lambda: ep.send(B, 42, now=0.0), "got int"),
+        ("bool msg_type", lambda: ep.send(B, b"x", now=0.0, msg_type=True), "msg_type"),
+        ("float msg_type", lambda: ep.send(B, b"x", now=0.0, msg_type=1.5), "msg_type"),
+        ("str priority", lambda: ep.send(B, b"x", now=0.0, priority="3"), "priority"),
+        ("bool priority", lambda: ep.send(B, b"x", now=0.0, priority=True), "priority"),
+        ("str selector", lambda: Selector(msg_type="3"), "integer"),
+        ("bool except_type", lambda: Selector(msg_type=0, except_type=True), "except_type"),
+        ("float capacity", lambda: Mailbox("m", capacity=1.5, max_bytes=None, owner=None, now=0.0,
+            on_unpark=print, on_handoff=print), "capacity"),
+    ]
+    seen = {}
+    for name, call, words in cases:
+        try:
+            call()
+        except errors.UsageError as exc:
+            seen[name] = "ok" if words in str(exc) else f"UsageError without {words!r}: {exc}"
+        except Exception as exc:
+            seen[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            seen[name] = "accepted"
+    assert ep.peers() == [] and ep.datagrams_to_send(0.0) == []
+    import reliable
+    print(json.dumps({"compiled": reliable.__compiled__, "seen": seen}))
+    """
+)
+
+
+def _run(code: str, *, pure: bool, cwd: Path, pythonpath: Path | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RMSG_PURE_PYTHON", "PYTHONPATH")}
+    if pure:
+        env["RMSG_PURE_PYTHON"] = "1"
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    # -S with a doctored copy: no site-packages, so no editable install's import hook
+    # can answer for reliable in its place (the library needs only the standard library)
+    isolate = ["-S"] if pythonpath is not None else []
+    done = subprocess.run(
+        [sys.executable, *isolate, "-W", "error::RuntimeWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_wrong_typed_argument_is_a_usage_error_in_either_core(core: str, tmp_path: Path) -> None:
+    """Compiled, send("text") raised TypeError at the call (mypyc checks declared types)
+    and msg_type=True was accepted (a bool becomes an int at a compiled boundary)."""
+    if core == "compiled" and not reliable.__compiled__:
+        pytest.skip("no compiled build installed here (CI's second run has one)")
+    # tmp_path as the working directory: the installed reliable, never a checkout's
+    result = json.loads(_run(MISUSE, pure=core == "pure", cwd=tmp_path))
+    assert result["compiled"] is (core == "compiled")
+    assert result["seen"] == dict.fromkeys(result["seen"], "ok")
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    """A copy of the reliable package under test, to doctor."""
+    target = tmp_path / "site" / "reliable"
+    shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def _fake_extension(package: Path, module: str) -> Path:
+    """A file where a compiled module's extension would be; importing it would fail."""
+    path = _compiled.source_path(module, package).with_suffix(
+        importlib.machinery.EXTENSION_SUFFIXES[0]
+    )
+    if not path.exists():
+        path.write_bytes(b"not a shared object: importing this would fail")
+    return path
+
+
+PROBE = "import reliable, reliable.endpoint; print(reliable.__compiled__)"
+
+
+@pytest.mark.parametrize("damage", ["no record", "edited source", "unlisted extension"])
+def test_an_extension_beside_an_edited_source_never_runs(damage: str, tmp_path: Path) -> None:
+    """A compiled module left beside a source edited after the build (or built in place,
+    without the build's record) would run instead of the edit: reliable runs pure, warns."""
+    package = _copy_package(tmp_path)
+    for module in _compiled.COMPILED_MODULES:
+        _fake_extension(package, module)
+    if damage == "no record":
+        (package / _compiled.BUILD_RECORD).unlink(missing_ok=True)
+    else:  # a record that matches every listed module's source
+        record = {
+            "sources": {
+                m: _compiled.source_hash(_compiled.source_path(m, package))
+                for m in _compiled.COMPILED_MODULES
+            }
+        }
+        (package / _compiled.BUILD_RECORD).write_text(json.dumps(record))
+    if damage == "edited source":
+        endpoint = _compiled.source_path("reliable.endpoint", package)
+        endpoint.write_text(endpoint.read_text() + "\nEDITED = True\n")
+    if damage == "unlisted extension":  # an old build's module, since taken off the list
+        _fake_extension(package, "reliable.mailbox")
+    env = {k: v for k, v in os.environ.items() if k not in ("RMSG_PURE_PYTHON",)}
+    env["PYTHONPATH"] = str(package.parent)
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", PROBE + "; print(getattr(reliable.endpoint, 'EDITED', 0))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True" if damage == "edited source" else "0"]
+    assert "running the pure-Python core" in done.stderr and "RuntimeWarning" in done.stderr
+    expected = {
+        "no record": "no valid",
+        "edited source": "reliable.endpoint's source changed",
+        "unlisted extension": "reliable.mailbox is compiled but not part of this build",
+    }
+    assert expected[damage] in done.stderr
+
+
+def test_pure_python_is_chosen_quietly_when_asked(tmp_path: Path) -> None:
+    package = _copy_package(tmp_path)
+    for module in _compiled.COMPILED_MODULES:
+        _fake_extension(package, module)
+    out = _run(PROBE, pure=True, cwd=tmp_path, pythonpath=package.parent)
+    assert out.split() == ["False"]  # and no RuntimeWarning: -W error would have failed it
+
+
+def test_the_build_compiles_exactly_the_listed_modules() -> None:
+    """tools/rmsg_build.py reads the list without importing reliable; both agree."""
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        import rmsg_build
+    finally:
+        sys.path.remove(str(tools))
+    root = PACKAGE.parent  # the checkout, or site-packages for a compiled install's run
+    listed = rmsg_build.compiled_modules(root)
+    assert listed == _compiled.COMPILED_MODULES
+    assert "reliable.errors" not in listed and "reliable.mailbox" not in listed
+    for module in listed:
+        assert (root / rmsg_build.module_source(module)).is_file()
+
+
+@pytest.mark.parametrize(
+    ("environ", "editable", "compiles"),
+    [
+        ({}, False, False),
+        ({"RMSG_COMPILE": "1"}, False, True),
+        ({"RMSG_COMPILE": "1", "RMSG_PURE_PYTHON": "1"}, False, False),
+        ({"RMSG_COMPILE": "1"}, True, False),  # editable installs are always pure
+    ],
+)
+def test_when_the_build_compiles(
+    environ: dict[str, str], editable: bool, compiles: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import rmsg_build
+    finally:
+        sys.path.pop(0)
+    for name in ("RMSG_COMPILE", "RMSG_PURE_PYTHON", "_RMSG_BUILD_EDITABLE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    if editable:
+        monkeypatch.setenv("_RMSG_BUILD_EDITABLE", "1")
+    assert rmsg_build.compile_requested() is compiles
+
+
+def test_version_and_bench_say_which_core_runs() -> None:
+    from click.testing import CliRunner
+
+    from rmsg.bench import BenchReport, format_report
+    from rmsg.cli import main
+
+    core = "compiled" if reliable.__compiled__ else "pure"
+    done = CliRunner().invoke(main, ["--version"])
+    assert done.exit_code == 0 and f"({core} core)" in done.output
+    header = format_report(BenchReport(rounds=1, cpus=2, core=core)).splitlines()[0]
+    assert f"loopback, {core} core, 2 CPUs" in header
+
+
+def test_every_editable_hook_builds_pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RMSG_COMPILE=1 pip install -e .` failed: setuptools runs setup.py to learn an
+    editable build's requirements too, and that step still asked for mypyc."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        import rmsg_build
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("RMSG_COMPILE", "1")
+    monkeypatch.delenv("RMSG_PURE_PYTHON", raising=False)
+    seen: list[bool] = []
+
+    def hook(*args: object) -> list[str]:
+        seen.append(rmsg_build.compile_requested())
+        return []
+
+    for name in ("get_requires_for_build_editable", "prepare_metadata_for_build_editable"):
+        monkeypatch.setattr(rmsg_build._setuptools, name, hook)
+    monkeypatch.setattr(rmsg_build._setuptools, "build_editable", hook)
+    rmsg_build.get_requires_for_build_editable()
+    rmsg_build.prepare_metadata_for_build_editable("meta")
+    rmsg_build.build_editable("wheels")
+    assert seen == [False, False, False]
+    assert rmsg_build.compile_requested()  # and a regular build still compiles
