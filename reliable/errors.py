@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 __all__ = [
     "NoServiceMember",
+    "FateError",
     "AddressError",
     "BindError",
     "AuthenticationFailed",
@@ -65,6 +66,13 @@ def format_address(addr: Any) -> str:
             return f"[{host}]:{port}"
         return f"{host}:{port}"
     return str(addr)
+
+
+class FateError(RuntimeError):
+    """An input a sent message's fate does not accept in its state (see
+    :mod:`reliable.fate`): a bug in the core, never caused by a peer. It lives
+    here, interpreted, because a compiled (mypyc) module cannot subclass a
+    built-in exception."""
 
 
 class ReliableError(Exception):

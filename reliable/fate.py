@@ -83,6 +83,8 @@ from __future__ import annotations
 
 import enum
 
+from .errors import FateError
+
 __all__ = [
     "DEADLINE_MATTERS",
     "DELIVERED_ON_ACK",
@@ -95,10 +97,6 @@ __all__ = [
     "advance",
     "describe",
 ]
-
-
-class FateError(RuntimeError):
-    """An input a message's fate does not accept in its state: a bug in the core."""
 
 
 class Fate(enum.Enum):
