@@ -19,6 +19,7 @@ from .errors import AddressError, format_address
 
 __all__ = [
     "Address",
+    "CoreAddress",
     "GroupAddress",
     "ServiceAddress",
     "format_address",
@@ -35,6 +36,11 @@ __all__ = [
 #: IPv6. Index it (``addr[0]``, ``addr[1]``) or format it with
 #: :func:`format_address` (``host:port``, ``[v6]:port``).
 Address = tuple[str, int] | tuple[str, int, int, int]
+#: An address as the sans-I/O core carries it in messages, receipts and events: whatever
+#: the adapter handed it, never looked into. A socket :data:`Address` under Node and
+#: AsyncNode; any hashable under the simulator (``netem.SimNetwork`` names hosts as it
+#: likes). Typed ``Any`` so both hold, compiled (mypyc checks declared types) or not.
+CoreAddress = Any
 
 
 def parse_address(text: str | tuple[str, int], *, allow_zero_port: bool = False) -> tuple[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .addressing import Address
+from .addressing import CoreAddress
 from .errors import DeliveryFailed, ReliableError
 
 # A real import, not a TYPE_CHECKING one: compiled (mypyc) dataclasses need their field
@@ -51,7 +51,7 @@ class MessageReceived(Event):
     (queued, or parked if the mailbox is full) until a receive takes it.
     """
 
-    peer: Address
+    peer: CoreAddress
     data: bytes
     msg_type: int
     priority: int
@@ -65,7 +65,7 @@ class MessageDelivered(Event):
     """The peer acknowledged every fragment of message ``ticket`` (the receipt)."""
 
     ticket: int
-    peer: Address
+    peer: CoreAddress
     size: int  #: message bytes
     fragments: int
     #: datagrams sent for it, retransmissions included (not the resend of a
@@ -76,7 +76,7 @@ class MessageDelivered(Event):
     mailbox: str = ""
     deferred: bool = False  #: it waited at the peer for room in its mailbox
     receiver: str | None = None  #: who took it, for a rendezvous mailbox
-    failovers: tuple[tuple[Address, str], ...] = ()  #: anycast: members tried before, and why
+    failovers: tuple[tuple[CoreAddress, str], ...] = ()  #: anycast: members tried before, and why
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +84,7 @@ class MessageFailed(Event):
     """Message ``ticket`` will not be confirmed; ``error`` says why."""
 
     ticket: int
-    peer: Address
+    peer: CoreAddress
     error: DeliveryFailed
 
 
@@ -108,7 +108,7 @@ class ReceiveFailed(Event):
 class StatsReceived(Event):
     """``peer`` answered stats query ``request`` (``Endpoint.query_stats``) with JSON ``body``."""
 
-    peer: Address
+    peer: CoreAddress
     request: int
     body: bytes
 
@@ -118,7 +118,7 @@ class ManageAnswered(Event):
     """``peer`` answered management request ``request`` (``Endpoint.manage``):
     ``status`` 0 with a JSON ``body``, else an error text (see reliable/remote_mailbox.py)."""
 
-    peer: Address
+    peer: CoreAddress
     request: int
     status: int
     body: bytes
@@ -128,7 +128,7 @@ class ManageAnswered(Event):
 class PeerRestarted(Event):
     """``peer`` came back with a new incarnation; its old session ended."""
 
-    peer: Address
+    peer: CoreAddress
     old_incarnation: int
     new_incarnation: int
 
@@ -141,7 +141,7 @@ class PeerUnreachable(Event):
     (``cause`` says how, ``errno`` is the OS's number if it gave one).
     """
 
-    peer: Address
+    peer: CoreAddress
     silent_for: float
     cause: str | None = None
     errno: int | None = None
@@ -158,7 +158,7 @@ class SessionDropped(Event):
     has nothing in flight, and a peer heard from again resumes where it was.
     """
 
-    peer: Address
+    peer: CoreAddress
     reason: str
     released: int
 
@@ -167,7 +167,7 @@ class SessionDropped(Event):
 class PeerRejectedUs(Event):
     """``peer`` answered our datagrams with AUTH_FAILED: our keys or modes differ."""
 
-    peer: Address
+    peer: CoreAddress
     error: DeliveryFailed
 
 
@@ -175,7 +175,7 @@ class PeerRejectedUs(Event):
 class PeerClosed(Event):
     """``peer`` announced it is closing; its incarnation ended."""
 
-    peer: Address
+    peer: CoreAddress
     incarnation: int
 
 
@@ -197,7 +197,7 @@ class MemberJoined(Event):
     """``member`` joined ``group`` (a group address or ``anycast://`` service), as heard here."""
 
     group: str
-    member: Address
+    member: CoreAddress
     incarnation: int
 
 
@@ -206,6 +206,6 @@ class MemberLeft(Event):
     """``member`` left ``group``; ``reason`` is left, unreachable, restarted or withdrawn."""
 
     group: str
-    member: Address
+    member: CoreAddress
     incarnation: int
     reason: str

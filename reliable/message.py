@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .addressing import Address
+from .addressing import CoreAddress
 from .errors import format_address
 
 if TYPE_CHECKING:  # events imports this module at run time (see events.py)
@@ -22,7 +22,7 @@ class Message:
     equal bytes from the same sender are still two messages.
     """
 
-    source: Address
+    source: CoreAddress
     data: bytes
     msg_type: int = 0
     priority: int = 0
@@ -48,7 +48,7 @@ class Receipt:
     ``receiver`` says which.
     """
 
-    peer: Address
+    peer: CoreAddress
     size: int  #: bytes delivered
     fragments: int
     #: datagrams sent for the message, retransmissions included (not the resend of a
@@ -60,7 +60,7 @@ class Receipt:
     deferred: bool = False  #: the mailbox was full and the message waited for room
     receiver: str | None = None  #: which receiver took it, when known (rendezvous)
     #: anycast only: members tried first that failed, with why (see docs/groups.md)
-    failovers: tuple[tuple[Address, str], ...] = ()
+    failovers: tuple[tuple[CoreAddress, str], ...] = ()
 
     @property
     def retransmissions(self) -> int:
@@ -99,8 +99,8 @@ class GroupReceipt:
     fragments: int
     transmissions: int  #: datagrams sent for it, to the group and unicast repairs
     elapsed: float
-    acked: tuple[Address, ...]
-    missing: dict[Address, str]
+    acked: tuple[CoreAddress, ...]
+    missing: dict[CoreAddress, str]
 
     @property
     def complete(self) -> bool:

@@ -72,7 +72,8 @@ def peer_of(node: Node) -> str:
     receipt = node.send("127.0.0.1:7000", b"hi")  # a unicast destination
     where: Address = receipt.peer  # a Receipt: GroupReceipt has no .peer
     later = node.send_nowait("anycast://printer", b"page").result(timeout=5)
-    return format_address(where) + str(later.peer[1])
+    member: Address = later.peer
+    return format_address(where) + str(member[1])
 
 
 def members_of(node: Node) -> int:
@@ -86,7 +87,9 @@ async def talk(node: AsyncNode) -> int:
     receipt = await node.send("127.0.0.1:7000", b"hi")
     group = await node.send_group("multicast://239.1.2.3:7000", b"all")
     handle = node.send_nowait("127.0.0.1:7000", b"hi")
-    return (await handle).peer[1] + receipt.peer[1] + len(group.acked)
+    first: Address = receipt.peer
+    second: Address = (await handle).peer
+    return first[1] + second[1] + len(group.acked)
 """
 
 #: What the type checker must refuse: a group's outcome read as a unicast receipt.
