@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -81,10 +80,6 @@ def test_rmsg_bench_veth_reports_its_rows_and_leaves_no_namespace(rmsg_exe: str)
     reason = available()
     if reason is not None:
         pytest.skip(reason)
-    import rmsg
-
-    if not (Path(rmsg.__file__).resolve().parents[1] / "tools" / "testnet.py").exists():
-        pytest.skip("rmsg is installed outside a source checkout: --veth needs tools/testnet.py")
     bench = subprocess.Popen(
         [rmsg_exe, "bench", "--veth", "--quick", "--duration", "0.2", "--json"],
         stdout=subprocess.PIPE,
@@ -97,6 +92,8 @@ def test_rmsg_bench_veth_reports_its_rows_and_leaves_no_namespace(rmsg_exe: str)
         if bench.poll() is None:
             bench.kill()
             bench.wait(10)
+    if bench.returncode != 0 and "needs tools/testnet.py" in err:
+        pytest.skip("this rmsg is installed outside a source checkout (the compiled-core run)")
     assert bench.returncode == 0, err
     figures = json.loads(out)
     assert figures["path"] == "veth"
