@@ -156,6 +156,9 @@ _MIN_BUFFER_WINDOW = 8
 #: Datagrams sent to a peer before it first answers: the first data datagram (if small)
 #: and PINGs, each drawing its own CHALLENGE or ACK (see PeerSession._first_contact).
 FIRST_CONTACT_DATAGRAMS = 3
+#: How much larger than the datagram the CHALLENGE timed the bundles of small messages
+#: sent before the first acknowledgement of data may be (see PeerSession.bundle_size).
+DATAGRAM_GROWTH = 4
 #: Most PROBE_ACKs owed at once (a flood of probes earns no more answers).
 _MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
@@ -370,6 +373,31 @@ class PeerSession:
         """
         quarter = int(self.cc.window) // 4
         return min(self.datagram_size, max(self.config.max_datagram_size, quarter))
+
+    def bundle_size(self) -> int:
+        """How full to pack the next datagram of bundled small messages.
+
+        :meth:`current_datagram_size`, except between the CHALLENGE and the
+        first acknowledgement of data: then at most ``DATAGRAM_GROWTH`` times
+        the datagram the challenge timed (never below ``max_datagram_size``).
+        A lost datagram's probe waits for as long as the path might take to
+        carry it at the rate the samples have shown
+        (:meth:`RttEstimator.serialization_bound`), and the challenge times
+        only the first contact, one small datagram (133 bytes for a 64-byte
+        message), so it shows a very low rate: one 25 KB bundle of everything
+        queued meanwhile, lost, waited ``initial_rto`` (1 s) for its probe
+        against a 22 ms RTO. Bundles of at most ``max_datagram_size`` keep that
+        wait to about ten round trips, and the first acknowledgement of data
+        times them. A fragment of a large message is cut when it is queued and
+        keeps its size.
+        """
+        size = self.current_datagram_size()
+        sender = self.sender
+        rtt = self.rtt
+        if not sender.data_timed and rtt.srtt is not None and rtt.sampled_size < size:
+            grown = max(self.config.max_datagram_size, DATAGRAM_GROWTH * rtt.sampled_size)
+            size = min(size, grown)
+        return size
 
     def window(self) -> int:
         """The receive window to advertise, in fragments.
@@ -721,10 +749,7 @@ class PeerSession:
         ):
             send = False
         if send:
-            if first_contact:
-                budget = self._first_budget()
-            else:
-                budget = data_budget(self.current_datagram_size())
+            budget = self._first_budget() if first_contact else data_budget(self.bundle_size())
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:

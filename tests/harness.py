@@ -61,14 +61,19 @@ class Pair:
         release: bool = True,
         security_a: Security | None = None,
         security_b: Security | None = None,
+        addrs: tuple[Any, Any] = (A, B),
     ) -> None:
+        """``addrs`` are the two ends' addresses: loopback ones give the path
+        ``Config.loopback_datagram_size`` (64 KiB datagrams) instead of
+        ``max_datagram_size``."""
         self.now = 0.0
         self.seed = seed
         self.a = Side(
-            A, Endpoint(config_a or Config(), rng=random.Random(seed), security=security_a)
+            addrs[0], Endpoint(config_a or Config(), rng=random.Random(seed), security=security_a)
         )
         self.b = Side(
-            B, Endpoint(config_b or Config(), rng=random.Random(seed + 1), security=security_b)
+            addrs[1],
+            Endpoint(config_b or Config(), rng=random.Random(seed + 1), security=security_b),
         )
         self.release = release
         self.log: list[tuple[Any, wire.Packet | None]] = []
@@ -87,14 +92,14 @@ class Pair:
                 pass
 
     def side(self, addr: Any) -> Side:
-        return self.a if addr == A else self.b
+        return self.a if addr == self.a.addr else self.b
 
     def other(self, side: Side) -> Side:
         return self.b if side is self.a else self.a
 
     def restart_b(self, config: Config | None = None, seed: int = 99) -> None:
         """B crashes and comes back on the same address with a new incarnation."""
-        self.b = Side(B, Endpoint(config or Config(), rng=random.Random(seed)))
+        self.b = Side(self.b.addr, Endpoint(config or Config(), rng=random.Random(seed)))
 
     def outgoing(self, side: Side) -> list[bytes]:
         return [d for d, _ in side.endpoint.datagrams_to_send(self.now)]

@@ -10,13 +10,15 @@ import random
 import pytest
 
 from reliable import Config, Endpoint, events
-from reliable.peer import FIRST_CONTACT_DATAGRAMS
+from reliable.peer import DATAGRAM_GROWTH, FIRST_CONTACT_DATAGRAMS
 from reliable.sender import PROBE_FLOOR
 from reliable.wire import Kind
 
 from .harness import A, B, Pair, decode_all
 
 STEP = 0.0001
+#: Loopback addresses: the path gets 64 KiB datagrams, as between two local processes.
+LOOPBACK = (("127.0.0.1", 1000), ("127.0.0.1", 2000))
 
 
 def _wait_for_output(p: Pair, limit: float) -> tuple[list[bytes], float]:
@@ -137,6 +139,63 @@ def test_a_lost_retransmission_is_detected_by_time_not_by_the_probe_timer() -> N
     p.deliver(p.b, again)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 9
+
+
+def test_a_flight_after_a_small_challenge_is_bundled_so_its_loss_waits_round_trips() -> None:
+    """Regression: the CHALLENGE times the first contact, one small datagram. Bundling
+    everything queued meanwhile into one 25 KB datagram meant that, if it was lost, the
+    probe waited for what such a slow path might take to carry it (srtt x 188, cut to
+    ``initial_rto``: 1 s, where the RTO was 22 ms; the benchmark's 5% loss row often
+    ended after 257 messages). Bundles now grow from the size a round trip timed."""
+    p = Pair(addrs=LOOPBACK)
+    b = p.b.addr
+    p.a.endpoint.send(b, bytes(64), now=p.now)
+    first = p.outgoing(p.a)
+    sampled = max(len(d) for d in first)
+    p.deliver(p.b, first)  # B keeps no state for A yet: it answers with a CHALLENGE
+    for _ in range(255):
+        p.a.endpoint.send(b, bytes(64), now=p.now)
+    p.now += 0.008  # a slow first round trip, as on a loaded machine
+    p.transfer(p.b)
+    sender = p.a.endpoint._peers[b].sender
+    assert sender.rtt.sampled_size == sampled and not sender.data_timed
+    flight = p.outgoing(p.a)  # the lot again, with the cookie; all of it is lost
+    limit = max(Config().max_datagram_size, DATAGRAM_GROWTH * sampled)
+    assert len(flight) > 1 and max(len(d) for d in flight) <= limit
+    probe, waited = _wait_for_output(p, Config().initial_rto)
+    assert probe, "the lost flight was never probed"
+    assert waited < Config().initial_rto / 4
+    p.deliver(p.b, probe)
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 256
+    assert p.b.received() == [bytes(64)] * 256
+
+
+def test_once_data_is_acknowledged_bundles_fill_the_path_datagram_size() -> None:
+    """The limit lasts one round trip: after the first acknowledgement of data, small
+    messages are bundled into datagrams of the path's full size again."""
+    p = Pair(addrs=LOOPBACK)
+    b = p.b.addr
+    p.a.endpoint.send(b, bytes(64), now=p.now)
+    p.deliver(p.b, p.outgoing(p.a))  # a CHALLENGE
+    p.now += 0.001
+    p.transfer(p.b)
+    peer = p.a.endpoint._peers[b]
+    assert peer.bundle_size() == Config().max_datagram_size < peer.current_datagram_size()
+    p.a.endpoint.send(b, bytes(64), now=p.now)  # new: the resent first one is not timed
+    p.now += 0.0005
+    p.transfer(p.a)  # both, with the cookie
+    p.now += 0.0005
+    p.transfer(p.b)  # their acknowledgement times the path
+    assert peer.sender.data_timed
+    for _ in range(1000):
+        p.a.endpoint.send(b, bytes(64), now=p.now)
+    flight = p.outgoing(p.a)
+    assert peer.bundle_size() == peer.current_datagram_size()
+    assert max(len(d) for d in flight) > 16 * Config().max_datagram_size
+    p.deliver(p.b, flight)
+    p.settle()
+    assert len(p.b.received()) == 1002
 
 
 def _bytes_before_validation(p: Pair) -> int:
