@@ -1,8 +1,9 @@
-"""``rmsg ctl``: inspect and manage a mailbox on a running node, like ipcs/ipcrm.
+"""``rmsg stats`` and ``rmsg ctl``: look into and manage a running node, like ipcs/ipcrm.
 
-A thin command: it parses, calls :meth:`reliable.Node.manage`, renders. The
-node serves management only to callers on its own host (and, in the sealed
-security modes, only to key holders: give the same ``--security``/``--keyfile``).
+Thin commands: they parse, call :meth:`reliable.Node.query_stats` or
+:meth:`reliable.Node.manage`, render. The node serves management only to
+callers on its own host (and, in the sealed security modes, only to key
+holders: give the same ``--security``/``--keyfile``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,56 @@ import click
 import reliable
 from reliable import Node, ReliableError, UsageError
 
-__all__ = ["ctl"]
+from ..statstable import format_stats
+from .options import CONTEXT, DURATION, fail, make_security, security_options, wildcard_for
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# ----------------------------------------------------------------------- stats
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("node_address", metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw statistics as JSON.")
+@click.option(
+    "--timeout",
+    type=DURATION,
+    default=3.0,
+    show_default=True,
+    help="Give up if the node does not answer within this long.",
+)
+@security_options
+def stats(
+    security: str, keyfile: str | None, node_address: str, as_json: bool, timeout: float
+) -> None:
+    """Ask the rmsg node at HOST:PORT for its statistics and print them.
+
+    Like ipcs: one row per mailbox (messages and bytes queued, capacity,
+    parked senders, high-water mark, totals in and out, last sender and
+    receiver), one per peer (SRTT, RTTVAR, RTO, in-flight, retransmissions,
+    duplicates and corrupt datagrams dropped), then node-wide totals.
+    The node must be running with Config.serve_stats (the default).
+
+    \b
+    Examples:
+      rmsg stats 127.0.0.1:7000
+      rmsg stats 127.0.0.1:7000 --json | jq '.mailboxes[] | {name, messages}'
+    """
+    if timeout <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="--timeout")
+    try:
+        with Node(wildcard_for(node_address), security=make_security(security, keyfile)) as node:
+            snapshot = node.query_stats(node_address, timeout=timeout)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    except ReliableError as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(snapshot.as_dict(), default=str, indent=2))
+    else:
+        click.echo(format_stats(snapshot, node_address))
+
+
+# ------------------------------------------------------------------------- ctl
+
 _ACTIONS = ("inspect", "set", "delete", "grant", "revoke", "transfer")
 
 
@@ -65,7 +113,7 @@ def _render(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("action", type=click.Choice(_ACTIONS))
 @click.argument("target", metavar="HOST:PORT/MAILBOX")
 @click.option("--capacity", help="set: most messages held ('none': unbounded).")
@@ -118,8 +166,6 @@ def ctl(
       rmsg ctl transfer 127.0.0.1:7000/jobs --node 127.0.0.1:7002
       rmsg ctl delete 127.0.0.1:7000/jobs --json
     """
-    from .cli import _fail, _security, _wildcard_for
-
     if "/" not in target or not target.split("/", 1)[1]:
         raise click.BadParameter("name the mailbox: HOST:PORT/MAILBOX", param_hint="TARGET")
     if timeout <= 0:
@@ -130,7 +176,7 @@ def ctl(
     if action in ("grant", "revoke", "transfer") and not node_address:
         raise click.UsageError(f"{action} needs --node HOST:PORT")
     try:
-        with Node(_wildcard_for(dest), security=_security(security, keyfile)) as node:
+        with Node(wildcard_for(dest), security=make_security(security, keyfile)) as node:
             if action == "set":
                 # What is left out keeps its value: read it first.
                 now = node.manage(dest, "inspect", mailbox, timeout=timeout)
@@ -145,7 +191,7 @@ def ctl(
             else:
                 info = node.manage(dest, action, mailbox, node=node_address or "", timeout=timeout)
     except (UsageError, ReliableError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         click.echo(json.dumps(info, default=str, indent=2))
     elif info.get("deleted"):

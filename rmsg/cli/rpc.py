@@ -22,9 +22,9 @@ import click
 from reliable import Node, ReliableError, UsageError
 from reliable.rpc import Client, RemoteError, RpcError, Server, Status, current_call
 
-__all__ = ["DemoService", "call", "serve_demo"]
+from .options import CONTEXT
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+__all__ = ["DemoService", "call", "serve_demo"]
 
 
 class DemoService:
@@ -88,7 +88,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("dest")
 @click.argument("method")
 @click.argument("args", nargs=-1)
@@ -205,7 +205,7 @@ def _report_error(exc: RpcError, as_json: bool) -> None:
         click.echo(f"Error: {exc}", err=True)
 
 
-@click.command("serve-demo", context_settings=_CONTEXT)
+@click.command("serve-demo", context_settings=CONTEXT)
 @click.option("--bind", default="127.0.0.1:7000", show_default=True, metavar="HOST:PORT")
 @click.option("--service", default="", help="Serve as HOST:PORT/SERVICE instead of HOST:PORT.")
 @click.option(
