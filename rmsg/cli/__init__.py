@@ -1,11 +1,14 @@
 """The ``rmsg`` command line: thin wrappers that build a config, call the library and
 turn its errors into one-line messages and exit codes.
 
-The package's modules, one a job: ``app`` (the click group, logging), ``options``
-(shared option types and decorators), one module a family of commands
-(``messaging``: send and recv; ``impair``: netem; ``manage``: stats and ctl;
-``rpc``: call and serve-demo; ``bench``; ``tools``: keygen, demo, dissect and
-wireshark). ``main`` is the entry point (``rmsg`` and ``python -m rmsg``).
+The package's modules, one a job: ``app`` (the click group, and the one place
+library errors become CLI errors), ``options`` (shared option types and
+decorators, parsed with the library's own parsers), ``render`` (every receipt,
+table and JSON record printed), and one module a family of commands, each
+command thin (parse, call the library, render): ``messaging`` (send, recv),
+``impair`` (netem), ``manage`` (stats, ctl), ``rpc`` (call, serve-demo),
+``bench``, ``tools`` (keygen, demo, dissect, wireshark). ``main`` is the entry
+point (``rmsg`` and ``python -m rmsg``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,80 @@
-"""The ``rmsg`` click group: version, verbosity and logging; the commands live beside it."""
+"""The ``rmsg`` click group, and the one place library errors become CLI errors.
+
+Every command is made with :func:`command` (or :func:`group`), so it is a
+:class:`Command` whose invocation runs inside :func:`library_errors`: a
+command body calls the library and lets its errors rise. A
+:class:`reliable.UsageError` (a bad address, name or combination: something
+the user should change) becomes a click usage error, exit 2, with the
+command's usage line, and so does a netem spec or scenario that does not
+parse; any other :class:`reliable.ReliableError` (unreachable, refused, timed
+out) a one-line failure, exit 1. A command that means
+something more particular (``--bind`` is what was wrong; a file transfer
+that can be resumed) says so itself, before this catches it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 
 import reliable
+from netem.scenario import ScenarioError
+from netem.spec import SpecError
+from reliable import ReliableError, UsageError
 
-from .options import CONTEXT
+__all__ = ["CONTEXT", "Command", "Group", "command", "group", "library_errors", "main"]
+
+#: Every command's context: -h as well as --help, help text up to 100 columns.
+CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@contextlib.contextmanager
+def library_errors(ctx: click.Context) -> Iterator[None]:
+    """Turn the library's errors into click's: misuse exits 2 with usage, failure exits 1.
+
+    A netem spec or scenario that does not parse is misuse too.
+    """
+    try:
+        yield
+    except (UsageError, SpecError, ScenarioError) as exc:
+        raise click.UsageError(str(exc), ctx=ctx) from None
+    except ReliableError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class Command(click.Command):
+    """A command whose library errors are translated once, by :func:`library_errors`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with library_errors(ctx):
+            return super().invoke(ctx)
+
+
+class Group(click.Group):
+    """A group of :class:`Command` (and of groups like itself), translated the same way."""
+
+    command_class = Command
+    group_class = type  # click: subgroups are of this same class
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with library_errors(ctx):
+            return super().invoke(ctx)
+
+
+def command(name: str | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], Command]:
+    """``click.command`` making a :class:`Command` with the shared context settings."""
+    attrs.setdefault("context_settings", CONTEXT)
+    return click.command(name, cls=Command, **attrs)
+
+
+def group(name: str | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], Group]:
+    """``click.group`` making a :class:`Group` with the shared context settings."""
+    attrs.setdefault("context_settings", CONTEXT)
+    return click.group(name, cls=Group, **attrs)
 
 
 class _StderrHandler(logging.Handler):
@@ -48,7 +113,7 @@ def _configure_logging(verbose: int) -> Callable[[], None]:
     return undo
 
 
-@click.group(context_settings=CONTEXT)
+@group()
 @click.version_option(
     reliable.__version__,
     prog_name="rmsg",

@@ -8,12 +8,14 @@ from typing import Any
 
 import click
 
-from .options import CONTEXT, DURATION, fail, require_plotting
+from . import render
+from .app import command
+from .options import POSITIVE_DURATION, fail, require_plotting
 
 # ----------------------------------------------------------------------- bench
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.option("--quick", is_flag=True, help="A smoke run: small matrix, short windows.")
 @click.option(
     "--rounds",
@@ -23,7 +25,7 @@ from .options import CONTEXT, DURATION, fail, require_plotting
 )
 @click.option(
     "--duration",
-    type=DURATION,
+    type=POSITIVE_DURATION,
     default=None,
     help="Sending window per throughput measurement. [default: 1.5s, quick: 0.3s]",
 )
@@ -126,8 +128,6 @@ def bench(
     """
     from ..bench import format_report, run_bench
 
-    if duration is not None and duration <= 0:
-        raise click.BadParameter("must be more than 0", param_hint="--duration")
     if plot is not None:
         require_plotting(plot, "--plot")  # before minutes of measuring, not after
     if from_json is not None:
@@ -148,26 +148,23 @@ def bench(
             duration=duration or (0.5 if quick else 2.0),
             rounds=rounds or (1 if quick else 3),
             directory=directory,
-            progress=lambda text: click.echo(f"  {text}", err=True),
+            progress=_progress,
         )
         if as_json:
-            click.echo(json.dumps(figures_d.as_dict(), indent=2))
+            render.echo_json(figures_d.as_dict(), indent=2)
         else:
             click.echo(format_durable_report(figures_d))
         return
     if rpc:
         from ..bench_rpc import format_rpc_report, run_rpc_bench
 
-        figures = run_rpc_bench(
+        rpc_figures = run_rpc_bench(
             duration=duration or (0.3 if quick else 1.0),
             rounds=rounds or (1 if quick else 3),
-            progress=lambda text: click.echo(f"  {text}", err=True),
+            progress=_progress,
         )
-        click.echo(format_rpc_report(figures, as_json))
+        click.echo(format_rpc_report(rpc_figures, as_json))
         return
-
-    def progress(text: str) -> None:
-        click.echo(f"  {text}", err=True)
 
     if veth:
         from ..bench import run_veth_bench, veth_unavailable
@@ -178,16 +175,16 @@ def bench(
         veth_report = run_veth_bench(
             rounds=rounds or (1 if quick else 3),
             duration=duration or (0.3 if quick else 1.5),
-            progress=progress,
+            progress=_progress,
         )
         if as_json:
-            click.echo(json.dumps(veth_report.as_dict(), indent=2))
+            render.echo_json(veth_report.as_dict(), indent=2)
         else:
             click.echo(format_report(veth_report))
         return
 
     report = run_bench(
-        quick=quick, rounds=rounds, duration=duration, progress=progress, scale=scale
+        quick=quick, rounds=rounds, duration=duration, progress=_progress, scale=scale
     )
     from ..plots import describe_machine
 
@@ -201,11 +198,16 @@ def bench(
         + ([] if scale else ["--no-scale"])
     )
     if as_json:
-        click.echo(json.dumps(figures, indent=2))
+        render.echo_json(figures, indent=2)
     else:
         click.echo(format_report(report))
     if plot is not None:
         _plot_bench(figures, plot)
+
+
+def _progress(text: str) -> None:
+    """A measurement under way, on stderr (stdout keeps the report or JSON)."""
+    click.echo(f"  {text}", err=True)
 
 
 def _plot_bench(figures: dict[str, Any], plot: str) -> None:

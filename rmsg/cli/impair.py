@@ -11,21 +11,20 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 import reliable
 
-if TYPE_CHECKING:
-    from netem.proxy import ProxyStats
-
-from .options import CONTEXT, DURATION, fail
+from . import render
+from .app import CONTEXT, group
+from .options import DURATION, fail
 
 # ------------------------------------------------------------------------ netem
 
 
-@click.group(context_settings=CONTEXT, invoke_without_command=True)
+@group(invoke_without_command=True)
 @click.option("--listen", default=None, metavar="HOST:PORT", help="Where clients send. [required]")
 @click.option(
     "--forward", default=None, metavar="HOST:PORT", help="The server to relay to. [required]"
@@ -157,17 +156,15 @@ def netem(
         missing = "--listen" if listen is None else "--forward"
         raise click.UsageError(f"Missing option '{missing}' (or a subcommand: ctl)")
     from netem.proxy import ProxyFailed, UdpProxy
-    from netem.scenario import Scenario, ScenarioError
-    from netem.spec import SpecError, format_spec, parse_spec
+    from netem.scenario import Scenario
+    from netem.spec import format_spec, parse_spec
 
     if scenario is not None and (spec or up or down):
         raise click.UsageError("give either --scenario or --spec/--up/--down, not both")
-    try:
-        timeline = Scenario.from_toml(pathlib.Path(scenario)) if scenario else None
-        up_imp = parse_spec(up if up is not None else spec or "")
-        down_imp = parse_spec(down if down is not None else spec or "")
-    except (SpecError, ScenarioError) as exc:
-        raise click.UsageError(str(exc)) from None
+    # a spec or scenario that does not parse is a usage error (app.library_errors)
+    timeline = Scenario.from_toml(pathlib.Path(scenario)) if scenario else None
+    up_imp = parse_spec(up if up is not None else spec or "")
+    down_imp = parse_spec(down if down is not None else spec or "")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
@@ -230,9 +227,9 @@ def netem(
                 failure = exc
     stats = proxy.snapshot()
     if as_json:
-        click.echo(json.dumps(stats.as_dict(), indent=2))
+        render.echo_json(stats.as_dict(), indent=2)
     else:
-        click.echo(_netem_summary(stats, time.monotonic() - started))
+        click.echo(render.netem_summary(stats, time.monotonic() - started))
     if failure is not None:
         raise fail(str(failure))
 
@@ -293,7 +290,7 @@ def _ctl_request(ctx: click.Context, method: str, path: str, body: dict[str, Any
         conn.close()
     if response.status != 200:
         raise fail(str(payload.get("error", f"HTTP {response.status}")))
-    click.echo(json.dumps(payload, indent=2))
+    render.echo_json(payload, indent=2)
 
 
 _DIRECTION = click.option(
@@ -371,33 +368,6 @@ def ctl_partition(ctx: click.Context, direction: str, client: str | None) -> Non
 def ctl_heal(ctx: click.Context, direction: str, client: str | None) -> None:
     """End partitions."""
     _ctl_request(ctx, "POST", "/heal", {"direction": direction, "client": client})
-
-
-def _netem_summary(stats: ProxyStats, elapsed: float) -> str:
-    rows = [("up", stats.up, stats.up_sent), ("down", stats.down, stats.down_sent)]
-    lines = [f"netem summary after {elapsed:.1f}s"]
-    lines.append(
-        f"  {'dir':<5}{'seen':>9}{'sent':>9}{'dropped':>9}{'dup':>7}{'corrupt':>9}"
-        f"{'reorder':>9}{'delay mean/max ms':>20}"
-    )
-    for name, c, sent in rows:
-        lines.append(
-            f"  {name:<5}{c.seen:>9}{sent:>9}{c.dropped:>9}{c.duplicated:>7}{c.corrupted:>9}"
-            f"{c.reordered:>9}{c.delay_mean * 1000:>11.2f}/{c.delay_max * 1000:<8.2f}"
-        )
-    reasons = ", ".join(f"{name} {count}" for name, count in sorted(stats.refused.items()))
-    lines.append(
-        f"  clients {stats.clients} (expired {stats.clients_expired}, refused "
-        f"{stats.clients_refused}{f': {reasons}' if reasons else ''}), rebinds {stats.rebinds}"
-        f"{f' ({stats.rebind_errors} failed)' if stats.rebind_errors else ''}, "
-        f"send errors {stats.send_errors}"
-    )
-    if stats.strays or stats.other_port_replies:
-        lines.append(
-            f"  replies from other server ports {stats.other_port_replies}, "
-            f"strays dropped {stats.strays}"
-        )
-    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import click
 
 import reliable
+from netem.models import Impairment
 from reliable import Node, ReceiveTimeout, ReliableError, UsageError
+from reliable.security import Security
 
+from . import render
+from .app import command
 from .options import (
-    CONTEXT,
+    DESTINATION,
     DURATION,
     LOOPBACK_GROUP_NOTE,
+    NETEM_SPEC,
+    POSITIVE_DURATION,
+    Destination,
     fail,
     on_loopback,
     open_node,
@@ -29,8 +34,8 @@ from .options import (
 # ------------------------------------------------------------------------ send
 
 
-@click.command(context_settings=CONTEXT)
-@click.argument("dest")
+@command()
+@click.argument("dest", type=DESTINATION)
 @click.argument("message", required=False)
 @click.option(
     "-f",
@@ -70,7 +75,7 @@ from .options import (
 )
 @click.option(
     "--timeout",
-    type=DURATION,
+    type=POSITIVE_DURATION,
     default=10.0,
     show_default=True,
     help="Give up if not in the mailbox within this long (e.g. 10s, 500ms); "
@@ -125,6 +130,7 @@ from .options import (
 @click.option(
     "--netem",
     "impair",
+    type=NETEM_SPEC,
     default=None,
     metavar="SPEC",
     help="Impair this process's outgoing datagrams with a tc-netem SPEC "
@@ -132,9 +138,8 @@ from .options import (
 )
 @security_options
 def send(
-    security: str,
-    keyfile: str | None,
-    dest: str,
+    security: Security,
+    dest: Destination,
     message: str | None,
     path: str | None,
     resume: bool,
@@ -150,7 +155,7 @@ def send(
     discover_on: tuple[str, ...],
     members: tuple[str, ...],
     policy: str,
-    impair: str | None,
+    impair: Impairment | None,
 ) -> None:
     """Send one message to DEST and wait until it is in its mailbox.
 
@@ -184,48 +189,31 @@ def send(
     """
     if message is not None and path is not None:
         raise click.UsageError("give either MESSAGE or --file, not both")
-    if resume and (path is None or path == "-" or reliable.addressing.is_group_url(dest)):
+    if resume and (path is None or path == "-" or dest.node is None):
         raise click.UsageError("--resume goes with --file PATH to one node (HOST:PORT[/MAILBOX])")
-    if timeout <= 0:
-        raise click.BadParameter("must be more than 0", param_hint="--timeout")
-    grouped = reliable.addressing.is_group_url(dest)
-    anycast = dest.startswith("anycast://")
-    if (discover_on or members) and not anycast:
+    if (discover_on or members) and dest.service is None:
         raise click.UsageError("--discover and --member describe an anycast:// DEST")
-    if wait_members is not None and (anycast or not grouped):
+    if wait_members is not None and dest.group is None:
         raise click.UsageError("--wait-members applies to a multicast:// or broadcast:// DEST")
-    if anycast and not (discover_on or members):
+    if dest.service is not None and not (discover_on or members):
         raise click.UsageError(
             "an anycast DEST needs its members: --discover GROUP (where they announce "
             "themselves) or --member HOST:PORT"
         )
+    if lines and dest.node is None:
+        raise click.UsageError("--lines sends to one node: HOST:PORT[/MAILBOX]")
+    local = bind or ("127.0.0.1:0" if dest.node is None else wildcard_for(dest.node))
     if lines:
-        if grouped:
-            raise click.UsageError("--lines sends to one node: HOST:PORT[/MAILBOX]")
-        local = bind or wildcard_for(dest.split("/", 1)[0])
-        try:
-            with open_node(local, security, keyfile, impair) as node:
-                _send_lines(
-                    node,
-                    dest,
-                    _input_lines(message, path),
-                    msg_type,
-                    priority,
-                    mailbox,
-                    timeout,
-                    quiet,
-                )
-        except UsageError as exc:
-            raise click.UsageError(str(exc)) from None
-        except ReliableError as exc:
-            raise fail(str(exc)) from None
+        source = _input_lines(message, path)
+        with open_node(local, security, impair) as node:
+            _send_lines(node, dest.text, source, msg_type, priority, mailbox, timeout, quiet)
         return
-    if path is not None and path != "-" and not grouped:
+    if path is not None and path != "-" and dest.node is not None:
         given = click.get_current_context().get_parameter_source("timeout")
         _send_file(
             dest,
             pathlib.Path(path),
-            node_args=(bind or wildcard_for(dest.split("/", 1)[0]), security, keyfile, impair),
+            open_node=lambda: open_node(local, security, impair),
             timeout=None if given == click.core.ParameterSource.DEFAULT else timeout,
             msg_type=msg_type,
             priority=priority,
@@ -236,66 +224,41 @@ def send(
         )
         return
     data = _read_message(message, path)
-    local = bind or ("127.0.0.1:0" if grouped else wildcard_for(dest.split("/", 1)[0]))
-    if grouped and not anycast and on_loopback(local) and not quiet:
+    if dest.group is not None and on_loopback(local) and not quiet:
         click.echo(LOOPBACK_GROUP_NOTE, err=True)
     deadline = time.monotonic() + timeout
-    try:
-        with open_node(local, security, keyfile, impair) as node:
-            try:
-                receipt = _send_one(
-                    node,
-                    dest,
-                    data,
-                    msg_type,
-                    priority,
-                    mailbox,
-                    timeout,
-                    deadline,
-                    wait_members,
-                    discover_on,
-                    members,
-                    policy,
-                )
-            except KeyboardInterrupt:
-                _interrupted(node, len(data), as_json)
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
-    except ReliableError as exc:
-        raise fail(str(exc)) from None
+    with open_node(local, security, impair) as node:
+        try:
+            receipt = _send_one(
+                node,
+                dest,
+                data,
+                msg_type,
+                priority,
+                mailbox,
+                timeout,
+                deadline,
+                wait_members,
+                discover_on,
+                members,
+                policy,
+            )
+        except KeyboardInterrupt:
+            _interrupted(node, len(data), as_json)
     if isinstance(receipt, reliable.GroupReceipt):
         _report_group(receipt, quiet, as_json)
-        return
-    if as_json:
-        click.echo(json.dumps(_receipt_dict(receipt)))
-        return
-    if not quiet:
-        where = reliable.format_address(receipt.peer)
-        if receipt.mailbox:
-            where += f"/{receipt.mailbox}"
-        notes = [f"{receipt.fragments} fragment(s)", f"{receipt.retransmissions} retransmission(s)"]
-        if anycast:
-            where = f"{dest.split('/', 3)[2]} member {where}"
-            tried = ", ".join(
-                f"{reliable.format_address(m)} ({why})" for m, why in receipt.failovers
-            )
-            if tried:
-                notes.append(f"failed over from {tried}")
-        if receipt.deferred:
-            notes.append("waited for room")
-        if receipt.receiver is not None:
-            notes.append(f"taken by {receipt.receiver!r}")
-        click.echo(
-            f"delivered {receipt.size} bytes to {where} in {receipt.elapsed * 1000:.1f} ms "
-            f"({', '.join(notes)})"
-        )
+    elif as_json:
+        render.echo_json(render.receipt_record(receipt))
+    elif not quiet:
+        service = dest.service.service if dest.service is not None else None
+        click.echo(render.receipt_line(receipt, service))
 
 
 def _send_file(
-    dest: str,
+    dest: Destination,
     path: pathlib.Path,
     *,
-    node_args: tuple[str, str, str | None, str | None],
+    open_node: Callable[[], Node],
     timeout: float | None,
     msg_type: int,
     priority: int,
@@ -313,14 +276,13 @@ def _send_file(
         raise click.BadParameter(
             f"cannot read {path}: {exc.strerror}", param_hint="--file"
         ) from None
-    stderr = sys.stderr
-    progress = None if quiet or as_json else Progress(stderr, size, f"send {path.name}")
+    progress = None if quiet or as_json else Progress(sys.stderr, size, f"send {path.name}")
     try:
-        with open_node(*node_args) as node:
+        with open_node() as node:
             try:
                 outcome = send_file(
                     node,
-                    dest,
+                    dest.text,
                     path,
                     timeout=timeout,
                     msg_type=msg_type,
@@ -331,31 +293,24 @@ def _send_file(
                 )
             except KeyboardInterrupt:
                 _interrupted(node, size, as_json)
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
-    except ReliableError as exc:
+    except UsageError:
+        raise  # a usage error, as every command's (app.library_errors)
+    except ReliableError as exc:  # the part is kept: say how to carry on
         raise fail(
             f"{path.name}: {exc}; a receiver with --output-dir keeps the part it has "
             "(send again with --resume to carry on)"
         ) from None
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror}") from None
-    peer = dest.split("/", 1)[0]
     if as_json:
-        click.echo(json.dumps(outcome.as_dict(peer)))
+        render.echo_json(outcome.as_dict(str(dest.node)))
     elif not quiet:
-        m = outcome.manifest
-        resumed = f", resumed after {outcome.resumed:,} bytes" if outcome.resumed else ""
-        click.echo(
-            f"delivered {m.name} ({m.size:,} bytes, SHA-256 {m.sha256[:16]}...) to {dest} "
-            f"in {outcome.elapsed:.1f} s ({m.chunks} chunk(s), "
-            f"{outcome.retransmissions} retransmission(s){resumed})"
-        )
+        click.echo(render.file_sent_line(outcome, dest.text))
 
 
 def _send_one(
     node: Node,
-    dest: str,
+    dest: Destination,
     data: bytes,
     msg_type: int,
     priority: int,
@@ -368,25 +323,26 @@ def _send_one(
     policy: str,
 ) -> reliable.Receipt | reliable.GroupReceipt:
     """Wait for the members or service DEST needs, then send and wait for the receipt."""
-    if wait_members is not None:
-        found = node.wait_for_members(_group_of(dest), wait_members, timeout)
+    if wait_members is not None and dest.group is not None:
+        found = node.wait_for_members(dest.group.url, wait_members, timeout)
         if len(found) < wait_members:
             raise fail(
-                f"only {len(found)} of {wait_members} members of {_group_of(dest)} "
+                f"only {len(found)} of {wait_members} members of {dest.group.url} "
                 f"announced themselves within {timeout:g}s"
             )
     for group in discover_on:
         node.discover(group)
-    if members:
-        node.add_service_members(dest[len("anycast://") :].split("/", 1)[0], list(members))
-    if discover_on:
-        service = dest[len("anycast://") :].split("/", 1)[0]
-        _await(lambda: bool(node.service_members(service)), deadline)
+    if dest.service is not None:
+        service = dest.service.service
+        if members:
+            node.add_service_members(service, list(members))
+        if discover_on:
+            _await(lambda: bool(node.service_members(service)), deadline)
     waited = wait_members is not None or bool(discover_on)
     remaining = max(0.001, deadline - time.monotonic()) if waited else timeout
-    if dest.startswith(("multicast://", "broadcast://")):
+    if dest.group is not None:
         return node.send_group(
-            dest,
+            dest.text,
             data,
             msg_type=msg_type,
             priority=priority,
@@ -394,7 +350,7 @@ def _send_one(
             timeout=remaining,
         )
     return node.send(
-        dest,
+        dest.text,
         data,
         msg_type=msg_type,
         priority=priority,
@@ -412,38 +368,10 @@ def _interrupted(node: Node, size: int, as_json: bool) -> None:
     """Ctrl-C during a send: say what is known about the message, exit 130 at once."""
     sent = node.stats().datagrams_sent
     node.close(timeout=0)  # no close flush: the user asked to stop now
-    if sent == 0:
-        known = "nothing was sent: the message was not delivered"
-        delivered: bool | None = False
-    else:
-        known = (
-            f"{sent} datagram(s) sent, no receipt yet: the message of {size} bytes may or "
-            "may not have reached its mailbox"
-        )
-        delivered = None
     if as_json:
-        click.echo(
-            json.dumps({"status": "interrupted", "delivered": delivered, "datagrams_sent": sent})
-        )
-    click.echo(f"interrupted: {known}", err=True)
+        render.echo_json(render.interrupted_record(sent))
+    click.echo(render.interrupted_line(sent, size), err=True)
     raise click.exceptions.Exit(EXIT_INTERRUPTED)
-
-
-def _receipt_dict(receipt: reliable.Receipt) -> dict[str, Any]:
-    return {
-        "status": "delivered",
-        "peer": reliable.format_address(receipt.peer),
-        "mailbox": receipt.mailbox,
-        "size": receipt.size,
-        "fragments": receipt.fragments,
-        "transmissions": receipt.transmissions,
-        "retransmissions": receipt.retransmissions,
-        "elapsed": receipt.elapsed,
-        "incarnation": receipt.incarnation,
-        "deferred": receipt.deferred,
-        "receiver": receipt.receiver,
-        "failovers": [[reliable.format_address(m), why] for m, why in receipt.failovers],
-    }
 
 
 _LINE_BATCH = 1024  # lines per send_many: one handle, one lock round, datagrams packed
@@ -520,16 +448,7 @@ def _send_lines(
         more = " (first 10 above)" if len(failed) > 10 else ""
         raise fail(f"{len(failed)} of {count} lines were not delivered{more}")
     if not quiet:
-        elapsed = (time.monotonic() - started) * 1000
-        click.echo(
-            f"delivered {count} messages ({size} bytes) to {dest} in {elapsed:.1f} ms", err=True
-        )
-
-
-def _group_of(dest: str) -> str:
-    """``multicast://239.1.2.3:7000/inbox`` -> ``multicast://239.1.2.3:7000``."""
-    scheme, _, rest = dest.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
+        click.echo(render.lines_line(count, size, dest, time.monotonic() - started), err=True)
 
 
 def _await(condition: Callable[[], bool], deadline: float) -> None:
@@ -542,27 +461,15 @@ def _report_group(receipt: reliable.GroupReceipt, quiet: bool, as_json: bool = F
     if not receipt.acked and not receipt.missing:
         raise fail(f"{receipt.group}: no members were known, so nobody received it")
     if as_json:
-        record = {
-            "status": "missing" if receipt.missing else "delivered",
-            "group": receipt.group,
-            "size": receipt.size,
-            "fragments": receipt.fragments,
-            "transmissions": receipt.transmissions,
-            "elapsed": receipt.elapsed,
-            "acked": [reliable.format_address(m) for m in receipt.acked],
-            "missing": {reliable.format_address(m): why for m, why in receipt.missing.items()},
-        }
-        click.echo(json.dumps(record))
+        render.echo_json(render.group_receipt_record(receipt))
     elif not quiet or receipt.missing:
-        click.echo(
-            f"{receipt.size} bytes in {receipt.elapsed * 1000:.1f} ms, "
-            f"{receipt.transmissions} datagram(s): {receipt}"
-        )
+        click.echo(render.group_receipt_line(receipt))
     if receipt.missing:
         raise click.exceptions.Exit(1)
 
 
 def _read_message(message: str | None, path: str | None) -> bytes:
+    """The message: MESSAGE, the whole of --file, or all of stdin."""
     if message is not None:
         return message.encode("utf-8")
     if path is None or path == "-":
@@ -580,7 +487,7 @@ def _read_message(message: str | None, path: str | None) -> bytes:
 # ------------------------------------------------------------------------ recv
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.option("--bind", required=True, metavar="HOST:PORT", help="Address to receive on.")
 @click.option(
     "--json",
@@ -668,6 +575,7 @@ def _read_message(message: str | None, path: str | None) -> bytes:
 @click.option(
     "--netem",
     "impair",
+    type=NETEM_SPEC,
     default=None,
     metavar="SPEC",
     help="Impair this process's outgoing datagrams (acks, NAKs) with a tc-netem SPEC.",
@@ -704,8 +612,7 @@ def _read_message(message: str | None, path: str | None) -> bytes:
 )
 @security_options
 def recv(
-    security: str,
-    keyfile: str | None,
+    security: Security,
     bind: str,
     as_json: bool,
     count: int | None,
@@ -721,7 +628,7 @@ def recv(
     groups: tuple[str, ...],
     services: tuple[str, ...],
     announce_on: tuple[str, ...],
-    impair: str | None,
+    impair: Impairment | None,
     durable: str | None,
     sync: str,
     max_size: int | None = None,
@@ -766,24 +673,19 @@ def recv(
         out_dir.mkdir(parents=True, exist_ok=True)
     stdout: BinaryIO = sys.stdout.buffer
     received = 0
-    try:
-        selector = reliable.Selector(msg_type=msg_type, except_type=except_type)
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        node = open_node(bind, security, keyfile, impair)
+    selector = reliable.Selector(msg_type=msg_type, except_type=except_type)
+    try:  # a BindError (in use, not ours) is no usage error: it fails as any other
+        node = open_node(bind, security, impair)
     except UsageError as exc:
         raise click.BadParameter(str(exc), param_hint="--bind") from None
-    except ReliableError as exc:  # BindError: the OS refused (in use, not ours): not usage
-        raise fail(str(exc)) from None
     try:
         for group in groups:
             node.join(group)
         for service in services:
             node.serve(service, announce=list(announce_on))
-    except UsageError as exc:
+    except UsageError:
         node.close(timeout=0)
-        raise click.UsageError(str(exc)) from None
+        raise
     try:
         box = (
             node.mailbox("")
@@ -805,12 +707,10 @@ def recv(
         reply=lambda source, box_name, answer: node.send_nowait(f"{source}/{box_name}", answer),
     )
     failed_transfers = 0
-    where = reliable.format_address(node.address) + (f"/{mailbox}" if mailbox else "")
-    if durable is not None:
-        kept = box.stats().messages
-        where += f" (durable: {durable}, {kept} message{'s' if kept != 1 else ''} kept)"
-    extra = [f"member of {g}" for g in groups] + [f"serving anycast://{s}" for s in services]
-    click.echo(f"listening on {where}" + "".join(f", {e}" for e in extra), err=True)
+    kept = box.stats().messages if durable is not None else None
+    click.echo(
+        render.listening_line(node.address, mailbox, durable, kept, groups, services), err=True
+    )
     if groups and on_loopback(bind):
         click.echo(LOOPBACK_GROUP_NOTE.replace("hear it", "send to it"), err=True)
     try:
@@ -842,23 +742,24 @@ def recv(
             if isinstance(taken, TransferDone):
                 received += 1
                 failed_transfers += not taken.verified
-                _report_transfer(taken, stdout, as_json, out_dir is None)
+                render.report_transfer(taken, stdout, as_json, out_dir is None)
                 continue
             received += 1
             if out_dir is not None:
                 name = f"{received:06d}-{msg.sender.replace(':', '_').strip('[]')}.bin"
                 (out_dir / name).write_bytes(msg.data)
                 if as_json:
-                    _write_json(stdout, msg, saved_as=str(out_dir / name))
+                    render.write_json_line(stdout, render.message_record(msg, str(out_dir / name)))
             elif as_json:
-                _write_json(stdout, msg)
+                render.write_json_line(stdout, render.message_record(msg))
             elif no_newline or msg.data.endswith(b"\n"):
                 stdout.write(msg.data)  # a line (echo, piped stdin) already ends itself
             else:
                 stdout.write(msg.data + b"\n")
             stdout.flush()
-        if count is not None:
-            _warn_left_behind(box.stats(), durable)
+        left = render.left_behind_line(box.stats(), durable) if count is not None else None
+        if left is not None:
+            click.echo(left, err=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -872,60 +773,3 @@ def recv(
         transfers.close()
     if failed_transfers:
         raise fail(f"{failed_transfers} file transfer(s) failed their check")
-
-
-def _report_transfer(done: Any, stdout: BinaryIO, as_json: bool, to_stdout: bool) -> None:
-    """One finished ``send --file`` transfer: a JSON line, or a note on stderr."""
-    if as_json:
-        record = done.as_dict()
-        if to_stdout:
-            record["warning"] = "file data is kept only with --output-dir"
-        stdout.write(json.dumps(record).encode("utf-8") + b"\n")
-        stdout.flush()
-    m = done.manifest
-    if done.verified:
-        where = f"saved as {done.saved_as}" if done.saved_as is not None else "written to stdout"
-        note = f"received {m.name} ({m.size:,} bytes) from {done.source}: SHA-256 verified, {where}"
-        if done.resumed:
-            note += f" (resumed: {done.resumed:,} bytes kept from an earlier attempt)"
-    else:
-        kept = f"; the part is in {done.saved_as}" if done.saved_as is not None else ""
-        note = f"error: {m.name} from {done.source}: {done.error}{kept}"
-    if not as_json or not done.verified:
-        click.echo(note, err=True)
-
-
-def _warn_left_behind(stats: reliable.MailboxStats, durable: str | None) -> None:
-    """--count is reached: say what the mailbox still holds, which closing would lose."""
-    left = stats.messages + stats.parked
-    if not left:
-        return
-    fate = f"kept in {durable}" if durable else "discarded when this node closes"
-    click.echo(
-        f"warning: stopped after --count; {left} message{'s' if left != 1 else ''} "
-        f"left in the mailbox ({fate})",
-        err=True,
-    )
-
-
-def _write_json(stream: BinaryIO, msg: reliable.Message, saved_as: str | None = None) -> None:
-    record: dict[str, Any] = {
-        "source": msg.sender,
-        "size": len(msg.data),
-        "type": msg.msg_type,
-        "priority": msg.priority,
-        "mailbox": msg.mailbox,
-    }
-    if msg.group is not None:
-        record["group"] = msg.group
-    if msg.truncated:
-        record["truncated"] = msg.truncated  # bytes cut off by --max-size --truncate
-    if saved_as is not None:
-        record["file"] = saved_as
-    else:
-        try:
-            record["data"] = msg.data.decode("utf-8")
-        except UnicodeDecodeError:
-            record["data"] = base64.b64encode(msg.data).decode("ascii")
-            record["encoding"] = "base64"
-    stream.write(json.dumps(record).encode("utf-8") + b"\n")

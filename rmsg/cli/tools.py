@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
@@ -13,12 +12,14 @@ from netem.models import Impairment
 from reliable import UsageError
 
 from ..demo import DemoProgress, run_demo
-from .options import CONTEXT, DURATION, PROBABILITY, fail, require_plotting
+from . import render
+from .app import CONTEXT, command, group
+from .options import DURATION, PROBABILITY, fail, require_plotting
 
 # ---------------------------------------------------------------------- keygen
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print where the key went as JSON (never the key)."
@@ -46,7 +47,7 @@ def keygen(path: str, as_json: bool) -> None:
         written = pathlib.Path(path).resolve()
         info = written.stat()
         record = {"status": "written", "path": str(written), "mode": f"{info.st_mode & 0o777:o}"}
-        click.echo(json.dumps(record))
+        render.echo_json(record)
         return
     click.echo(f"wrote a new key to {path} (mode 600)", err=True)
 
@@ -54,7 +55,7 @@ def keygen(path: str, as_json: bool) -> None:
 # ------------------------------------------------------------------------ demo
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.option(
     "-n",
     "--messages",
@@ -192,45 +193,17 @@ def demo(
     if live:
         click.echo(err=True)
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
+        render.echo_json(result.as_dict(), indent=2)
     else:
-        r = result
-        verdict = "OK" if r.ok else "FAILED"
-        click.echo(
-            "\n".join(
-                [
-                    f"  sent                       {r.messages} messages "
-                    f"({r.messages * r.size:,} bytes)",
-                    f"  acknowledged               {r.acknowledged}  (failed: {r.failed})",
-                    f"  delivered intact, in order {r.intact}  (duplicates delivered: "
-                    f"{r.duplicates_delivered}, in order: {'yes' if r.in_order else 'NO'})",
-                    f"  fragments retransmitted    {r.retransmissions}  (a datagram bundles "
-                    "several fragments, so one lost datagram may cost many)",
-                    f"  datagrams dropped          {r.duplicate_datagrams_dropped} duplicates, "
-                    f"{r.corrupt_datagrams_dropped} corrupt  (by the receiving nodes)",
-                    f"  link carried               {r.link_datagrams} datagrams: dropped "
-                    f"{r.link_dropped} ({_share(r.link_dropped, r.link_datagrams)}), duplicated "
-                    f"{r.link_duplicated}, corrupted {r.link_corrupted}, reordered "
-                    f"{r.link_reordered}",
-                    f"  throughput                 {r.messages_per_second:,.0f} msg/s, "
-                    f"{r.megabytes_per_second:.2f} MB/s over {r.elapsed:.2f}s",
-                    f"  verdict                    {verdict}"
-                    + (" (timed out)" if r.timed_out else ""),
-                ]
-            )
-        )
+        click.echo(render.demo_summary(result))
     if not result.ok:
         sys.exit(1)
-
-
-def _share(part: int, whole: int) -> str:
-    return f"{part / whole:.1%}" if whole else "-"
 
 
 # ---------------------------------------------------------------------- dissect
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("capture", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per datagram.")
 @click.option(
@@ -266,7 +239,10 @@ def dissect(capture: str, as_json: bool, plot: str | None) -> None:
         for entry in dissect_file(capture):
             if plot is not None:
                 entries.append(entry)
-            click.echo(json.dumps(entry.as_dict()) if as_json else entry.format())
+            if as_json:
+                render.echo_json(entry.as_dict())
+            else:
+                click.echo(entry.format())
     except RuntimeError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:  # scapy's own errors for unreadable files
@@ -281,7 +257,7 @@ def dissect(capture: str, as_json: bool, plot: str | None) -> None:
 # -------------------------------------------------------------------- wireshark
 
 
-@click.group(context_settings=CONTEXT)
+@group()
 def wireshark() -> None:
     """Wireshark and tshark support: a Lua dissector for rmsg's wire format.
 
@@ -345,6 +321,6 @@ def wireshark_install(folder: str | None, print_only: bool, as_json: bool) -> No
             "bytes": target.stat().st_size,
             "tshark": shutil.which("tshark"),
         }
-        click.echo(json.dumps(record))
+        render.echo_json(record)
         return
     click.echo(str(target))
