@@ -11,11 +11,12 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-import reliable
+if TYPE_CHECKING:
+    from netem.proxy import ProxyFailed, UdpProxy
 
 from . import render
 from .app import CONTEXT, group
@@ -155,7 +156,7 @@ def netem(
     if listen is None or forward is None:
         missing = "--listen" if listen is None else "--forward"
         raise click.UsageError(f"Missing option '{missing}' (or a subcommand: ctl)")
-    from netem.proxy import ProxyFailed, UdpProxy
+    from netem.proxy import UdpProxy
     from netem.scenario import Scenario
     from netem.spec import format_spec, parse_spec
 
@@ -197,17 +198,22 @@ def netem(
         if timeline
         else f"up: {format_spec(up_imp) or 'clean'}; down: {format_spec(down_imp) or 'clean'}"
     )
-    click.echo(
-        f"netem: {reliable.format_address(proxy.address)} -> "
-        f"{reliable.format_address(proxy.forward)} ({described}, seed {seed})",
-        err=True,
-    )
-    if proxy.control_address is not None:
-        click.echo(
-            f"netem: control API on http://{reliable.format_address(proxy.control_address)} "
-            "(no authentication: keep it on loopback)",
-            err=True,
-        )
+    click.echo(render.proxy_started(proxy, described, seed), err=True)
+    started = time.monotonic()
+    failure = _relay(proxy, duration)
+    stats = proxy.snapshot()
+    if as_json:
+        render.echo_json(stats.as_dict(), indent=2)
+    else:
+        click.echo(render.netem_summary(stats, time.monotonic() - started))
+    if failure is not None:
+        raise fail(str(failure))
+
+
+def _relay(proxy: UdpProxy, duration: float | None) -> ProxyFailed | None:
+    """Run the relay until Ctrl-C, SIGTERM or --duration; what failed it, if anything did."""
+    from netem.proxy import ProxyFailed
+
     started = time.monotonic()
     failure: ProxyFailed | None = None
     with _terminate_as_interrupt():
@@ -225,13 +231,7 @@ def netem(
                 proxy.stop()
             except ProxyFailed as exc:
                 failure = exc
-    stats = proxy.snapshot()
-    if as_json:
-        render.echo_json(stats.as_dict(), indent=2)
-    else:
-        click.echo(render.netem_summary(stats, time.monotonic() - started))
-    if failure is not None:
-        raise fail(str(failure))
+    return failure
 
 
 @netem.group(context_settings=CONTEXT)

@@ -672,20 +672,8 @@ def recv(
         out_dir = pathlib.Path(output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     stdout: BinaryIO = sys.stdout.buffer
-    received = 0
     selector = reliable.Selector(msg_type=msg_type, except_type=except_type)
-    try:  # a BindError (in use, not ours) is no usage error: it fails as any other
-        node = open_node(bind, security, impair)
-    except UsageError as exc:
-        raise click.BadParameter(str(exc), param_hint="--bind") from None
-    try:
-        for group in groups:
-            node.join(group)
-        for service in services:
-            node.serve(service, announce=list(announce_on))
-    except UsageError:
-        node.close(timeout=0)
-        raise
+    node = _open_receiver(bind, security, impair, groups, services, announce_on)
     try:
         box = (
             node.mailbox("")
@@ -699,64 +687,31 @@ def recv(
         raise click.BadParameter(str(exc), param_hint="--mailbox") from None
     from ..transfer import FileReceiver, TransferDone
 
-    stderr = sys.stderr
     transfers = FileReceiver(
         out_dir,
         sink=None if out_dir is not None or as_json else stdout,
-        progress_stream=stderr if stderr.isatty() and not as_json else None,
+        progress_stream=sys.stderr if sys.stderr.isatty() and not as_json else None,
         reply=lambda source, box_name, answer: node.send_nowait(f"{source}/{box_name}", answer),
     )
-    failed_transfers = 0
     kept = box.stats().messages if durable is not None else None
     click.echo(
         render.listening_line(node.address, mailbox, durable, kept, groups, services), err=True
     )
     if groups and on_loopback(bind):
         click.echo(LOOPBACK_GROUP_NOTE.replace("hear it", "send to it"), err=True)
+    received = failed_transfers = 0
     try:
         while count is None or received < count:
-            try:
-                msg = box.receive(
-                    timeout,
-                    msg_type=selector.msg_type,
-                    except_type=selector.except_type,
-                    max_size=max_size,
-                    truncate=truncate,
-                )
-            except ReceiveTimeout:
-                raise fail(f"no message for {timeout:g}s") from None
-            except reliable.MessageTooBig as exc:
-                raise fail(
-                    f"the next message is {exc.size} bytes, over --max-size {exc.max_size}; "
-                    "it stays queued (receive it with a larger --max-size, or --truncate)"
-                ) from None
-            if msg.truncated:
-                click.echo(
-                    f"note: a {len(msg.data) + msg.truncated}-byte message from {msg.sender} "
-                    f"was cut to --max-size {len(msg.data)}",
-                    err=True,
-                )
+            msg = _receive_one(box, timeout, selector, max_size, truncate)
             taken = transfers.offer(msg.sender, msg.data)
             if taken is True:
                 continue  # a manifest or chunk: the transfer goes on
+            received += 1
             if isinstance(taken, TransferDone):
-                received += 1
                 failed_transfers += not taken.verified
                 render.report_transfer(taken, stdout, as_json, out_dir is None)
-                continue
-            received += 1
-            if out_dir is not None:
-                name = f"{received:06d}-{msg.sender.replace(':', '_').strip('[]')}.bin"
-                (out_dir / name).write_bytes(msg.data)
-                if as_json:
-                    render.write_json_line(stdout, render.message_record(msg, str(out_dir / name)))
-            elif as_json:
-                render.write_json_line(stdout, render.message_record(msg))
-            elif no_newline or msg.data.endswith(b"\n"):
-                stdout.write(msg.data)  # a line (echo, piped stdin) already ends itself
             else:
-                stdout.write(msg.data + b"\n")
-            stdout.flush()
+                _write_message(stdout, msg, received, out_dir, as_json, no_newline)
         left = render.left_behind_line(box.stats(), durable) if count is not None else None
         if left is not None:
             click.echo(left, err=True)
@@ -765,11 +720,82 @@ def recv(
     finally:
         node.close(timeout=1.0)
         for source, manifest, got in transfers.unfinished():
-            click.echo(
-                f"incomplete: {manifest.name} from {source}, {got:,} of {manifest.size:,} "
-                "bytes (not saved under its name)",
-                err=True,
-            )
+            click.echo(render.incomplete_transfer_line(source, manifest, got), err=True)
         transfers.close()
     if failed_transfers:
         raise fail(f"{failed_transfers} file transfer(s) failed their check")
+
+
+def _open_receiver(
+    bind: str,
+    security: Security,
+    impair: Impairment | None,
+    groups: tuple[str, ...],
+    services: tuple[str, ...],
+    announce_on: tuple[str, ...],
+) -> Node:
+    """``recv``'s node on --bind, a member of its --join groups, serving its --serve services."""
+    try:  # a BindError (in use, not ours) is no usage error: it fails as any other
+        node = open_node(bind, security, impair)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc), param_hint="--bind") from None
+    try:
+        for group in groups:
+            node.join(group)
+        for service in services:
+            node.serve(service, announce=list(announce_on))
+    except UsageError:
+        node.close(timeout=0)
+        raise
+    return node
+
+
+def _receive_one(
+    box: reliable.Mailbox,
+    timeout: float | None,
+    selector: reliable.Selector,
+    max_size: int | None,
+    truncate: bool,
+) -> reliable.Message:
+    """The next message --type selects; a timeout or a message over --max-size ends recv."""
+    try:
+        msg = box.receive(
+            timeout,
+            msg_type=selector.msg_type,
+            except_type=selector.except_type,
+            max_size=max_size,
+            truncate=truncate,
+        )
+    except ReceiveTimeout:
+        raise fail(f"no message for {timeout:g}s") from None
+    except reliable.MessageTooBig as exc:
+        raise fail(
+            f"the next message is {exc.size} bytes, over --max-size {exc.max_size}; "
+            "it stays queued (receive it with a larger --max-size, or --truncate)"
+        ) from None
+    if msg.truncated:
+        click.echo(render.truncated_line(msg), err=True)
+    return msg
+
+
+def _write_message(
+    stdout: BinaryIO,
+    msg: reliable.Message,
+    number: int,
+    out_dir: pathlib.Path | None,
+    as_json: bool,
+    no_newline: bool,
+) -> None:
+    """Message ``number``: saved in --output-dir, as a JSON line, or raw on stdout."""
+    if out_dir is not None:
+        name = f"{number:06d}-{msg.sender.replace(':', '_').strip('[]')}.bin"
+        (out_dir / name).write_bytes(msg.data)
+        if as_json:
+            render.write_json_line(stdout, render.message_record(msg, str(out_dir / name)))
+    elif as_json:
+        render.write_json_line(stdout, render.message_record(msg))
+    elif no_newline or msg.data.endswith(b"\n"):
+        stdout.write(msg.data)  # a line (echo, piped stdin) already ends itself
+    else:
+        stdout.write(msg.data + b"\n")
+    stdout.flush()

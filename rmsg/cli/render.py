@@ -20,11 +20,11 @@ import click
 import reliable
 
 if TYPE_CHECKING:
-    from netem.proxy import ProxyStats
+    from netem.proxy import ProxyStats, UdpProxy
     from reliable.rpc import RpcError
 
     from ..demo import DemoResult
-    from ..transfer import SendOutcome, TransferDone
+    from ..transfer import Manifest, SendOutcome, TransferDone
 
 
 def echo_json(record: Any, *, indent: int | None = None, default: Any = None) -> None:
@@ -200,6 +200,22 @@ def report_transfer(done: TransferDone, stdout: BinaryIO, as_json: bool, to_stdo
         click.echo(note, err=True)
 
 
+def truncated_line(msg: reliable.Message) -> str:
+    """A message ``recv --max-size --truncate`` cut: how long it was, what is left."""
+    return (
+        f"note: a {len(msg.data) + msg.truncated}-byte message from {msg.sender} "
+        f"was cut to --max-size {len(msg.data)}"
+    )
+
+
+def incomplete_transfer_line(source: str, manifest: Manifest, got: int) -> str:
+    """A file transfer still unfinished when ``recv`` stops: how much of it came."""
+    return (
+        f"incomplete: {manifest.name} from {source}, {got:,} of {manifest.size:,} "
+        "bytes (not saved under its name)"
+    )
+
+
 def left_behind_line(stats: reliable.MailboxStats, durable: str | None) -> str | None:
     """--count is reached: what the mailbox still holds, which closing would lose."""
     left = stats.messages + stats.parked
@@ -213,6 +229,20 @@ def left_behind_line(stats: reliable.MailboxStats, durable: str | None) -> str |
 
 
 # ------------------------------------------------------------------------ netem
+
+
+def proxy_started(proxy: UdpProxy, described: str, seed: int) -> str:
+    """``rmsg netem`` started: where it listens and relays to, the faults, the control API."""
+    text = (
+        f"netem: {reliable.format_address(proxy.address)} -> "
+        f"{reliable.format_address(proxy.forward)} ({described}, seed {seed})"
+    )
+    if proxy.control_address is not None:
+        text += (
+            f"\nnetem: control API on http://{reliable.format_address(proxy.control_address)} "
+            "(no authentication: keep it on loopback)"
+        )
+    return text
 
 
 def netem_summary(stats: ProxyStats, elapsed: float) -> str:
