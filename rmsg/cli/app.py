@@ -7,9 +7,9 @@ command body calls the library and lets its errors rise. A
 the user should change) becomes a click usage error, exit 2, with the
 command's usage line, and so does a netem spec or scenario that does not
 parse; any other :class:`reliable.ReliableError` (unreachable, refused, timed
-out) a one-line failure, exit 1. A command that means
-something more particular (``--bind`` is what was wrong; a file transfer
-that can be resumed) says so itself, before this catches it.
+out) becomes a one-line failure, exit 1. A command that means something more
+particular (``--bind`` is what was wrong; a file transfer that can be
+resumed) says so itself, before this catches it.
 """
 
 from __future__ import annotations
