@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .addressing import CoreAddress
 from .errors import format_address
 
-if TYPE_CHECKING:  # events imports this module at run time (see events.py)
-    from .events import MessageDelivered
-
-__all__ = ["GroupReceipt", "Message", "Receipt"]
+__all__ = ["DeliveryFacts", "GroupReceipt", "Message", "Receipt"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -38,6 +35,36 @@ class Message:
     def sender(self) -> str:
         """The source as ``host:port`` text."""
         return format_address(self.source)
+
+
+class DeliveryFacts(Protocol):
+    """What a :class:`Receipt` is made from: the fields of ``events.MessageDelivered``.
+
+    A protocol rather than that class, so this module imports nothing from
+    events.py, which imports this one at run time (its compiled dataclasses
+    need their field types then): the two modules depend one way only.
+    """
+
+    @property
+    def peer(self) -> CoreAddress: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def fragments(self) -> int: ...
+    @property
+    def transmissions(self) -> int: ...
+    @property
+    def elapsed(self) -> float: ...
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def mailbox(self) -> str: ...
+    @property
+    def deferred(self) -> bool: ...
+    @property
+    def receiver(self) -> str | None: ...
+    @property
+    def failovers(self) -> tuple[tuple[CoreAddress, str], ...]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +94,7 @@ class Receipt:
         return self.transmissions - self.fragments
 
     @classmethod
-    def from_event(cls, event: MessageDelivered) -> Receipt:
+    def from_event(cls, event: DeliveryFacts) -> Receipt:
         """The receipt a :class:`~reliable.events.MessageDelivered` event describes."""
         return cls(
             peer=event.peer,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from reliable import Node
 from reliable.rpc import Server
 from rmsg.cli import main
-from rmsg.rpc_cmd import DemoService
+from rmsg.cli.rpc import DemoService
 
 pytestmark = pytest.mark.loopback
 

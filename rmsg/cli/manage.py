@@ -1,23 +1,62 @@
-"""``rmsg ctl``: inspect and manage a mailbox on a running node, like ipcs/ipcrm.
+"""``rmsg stats`` and ``rmsg ctl``: look into and manage a running node, like ipcs/ipcrm.
 
-A thin command: it parses, calls :meth:`reliable.Node.manage`, renders. The
-node serves management only to callers on its own host (and, in the sealed
-security modes, only to key holders: give the same ``--security``/``--keyfile``).
+Thin commands: they parse, call :meth:`reliable.Node.query_stats` or
+:meth:`reliable.Node.manage`, render. The node serves management only to
+callers on its own host (and, in the sealed security modes, only to key
+holders: give the same ``--security``/``--keyfile``).
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import click
 
-import reliable
-from reliable import Node, ReliableError, UsageError
+from reliable import Node, UsageError
+from reliable.driver import split_destination
+from reliable.security import Security
 
-__all__ = ["ctl"]
+from ..statstable import format_stats
+from . import render
+from .app import command
+from .options import POSITIVE_DURATION, fail, security_options, wildcard_for
 
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# ----------------------------------------------------------------------- stats
+
+
+@command()
+@click.argument("node_address", metavar="HOST:PORT")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw statistics as JSON.")
+@click.option(
+    "--timeout",
+    type=POSITIVE_DURATION,
+    default=3.0,
+    show_default=True,
+    help="Give up if the node does not answer within this long.",
+)
+@security_options
+def stats(security: Security, node_address: str, as_json: bool, timeout: float) -> None:
+    """Ask the rmsg node at HOST:PORT for its statistics and print them.
+
+    Like ipcs: one row per mailbox (messages and bytes queued, capacity,
+    parked senders, high-water mark, totals in and out, last sender and
+    receiver), one per peer (SRTT, RTTVAR, RTO, in-flight, retransmissions,
+    duplicates and corrupt datagrams dropped), then node-wide totals.
+    The node must be running with Config.serve_stats (the default).
+
+    \b
+    Examples:
+      rmsg stats 127.0.0.1:7000
+      rmsg stats 127.0.0.1:7000 --json | jq '.mailboxes[] | {name, messages}'
+    """
+    with Node(wildcard_for(node_address), security=security) as node:
+        snapshot = node.query_stats(node_address, timeout=timeout)
+    if as_json:
+        render.echo_json(snapshot.as_dict(), default=str, indent=2)
+    else:
+        click.echo(format_stats(snapshot, node_address))
+
+
+# ------------------------------------------------------------------------- ctl
+
 _ACTIONS = ("inspect", "set", "delete", "grant", "revoke", "transfer")
 
 
@@ -33,39 +72,7 @@ def _limit(text: str | None) -> int | None:
     return value
 
 
-def _render(info: dict[str, Any]) -> str:
-    keys = (
-        "name",
-        "owner",
-        "kind",
-        "state",
-        "messages",
-        "bytes",
-        "capacity",
-        "max_bytes",
-        "parked",
-        "locked",
-        "waiting_receivers",
-        "remote_receivers",
-        "granted",
-        "total_in",
-        "total_out",
-        "durable",
-    )
-    width = max(len(k) for k in keys)
-    lines = []
-    for key in keys:
-        if key in info:
-            value = info[key]
-            if isinstance(value, list):
-                value = ", ".join(str(v) for v in value) or "-"
-            elif isinstance(value, dict):
-                value = ", ".join(f"{k} {v}" for k, v in value.items())
-            lines.append(f"{key:<{width}}  {'-' if value is None else value}")
-    return "\n".join(lines)
-
-
-@click.command(context_settings=_CONTEXT)
+@command()
 @click.argument("action", type=click.Choice(_ACTIONS))
 @click.argument("target", metavar="HOST:PORT/MAILBOX")
 @click.option("--capacity", help="set: most messages held ('none': unbounded).")
@@ -75,18 +82,9 @@ def _render(info: dict[str, Any]) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 @click.option("--timeout", type=float, default=3.0, show_default=True, help="Seconds to wait.")
-@click.option(
-    "--security",
-    type=click.Choice(reliable.security.MODES),
-    default="integrity",
-    show_default=True,
-    envvar="RMSG_SECURITY",
-    help="The node's security mode; in the sealed modes only key holders are answered.",
-)
-@click.option(
-    "--keyfile",
-    type=click.Path(dir_okay=False),
-    help="Pre-shared key file; default: $RMSG_KEY (hex).",
+@security_options(
+    security_help="The node's security mode; in the sealed modes only key holders are answered.",
+    keyfile_help="Pre-shared key file; default: $RMSG_KEY (hex).",
 )
 def ctl(
     action: str,
@@ -96,8 +94,7 @@ def ctl(
     node_address: str | None,
     as_json: bool,
     timeout: float,
-    security: str,
-    keyfile: str | None,
+    security: Security,
 ) -> None:
     """Inspect or manage mailbox MAILBOX on the running node at HOST:PORT.
 
@@ -118,19 +115,23 @@ def ctl(
       rmsg ctl transfer 127.0.0.1:7000/jobs --node 127.0.0.1:7002
       rmsg ctl delete 127.0.0.1:7000/jobs --json
     """
-    from .cli import _fail, _security, _wildcard_for
-
-    if "/" not in target or not target.split("/", 1)[1]:
+    if "/" not in target:
+        raise click.BadParameter("name the mailbox: HOST:PORT/MAILBOX", param_hint="TARGET")
+    try:
+        where, mailbox = split_destination(target, None)
+    except UsageError as exc:  # ctl reports every refusal, its own and the node's, as exit 1
+        raise fail(str(exc)) from None
+    if not mailbox:
         raise click.BadParameter("name the mailbox: HOST:PORT/MAILBOX", param_hint="TARGET")
     if timeout <= 0:
         raise click.BadParameter("must be more than 0", param_hint="--timeout")
-    dest, mailbox = target.split("/", 1)
+    dest = str(where)
     if action == "set" and capacity is None and max_bytes is None:
         raise click.UsageError("set needs --capacity and/or --max-bytes")
     if action in ("grant", "revoke", "transfer") and not node_address:
         raise click.UsageError(f"{action} needs --node HOST:PORT")
     try:
-        with Node(_wildcard_for(dest), security=_security(security, keyfile)) as node:
+        with Node(wildcard_for(dest), security=security) as node:
             if action == "set":
                 # What is left out keeps its value: read it first.
                 now = node.manage(dest, "inspect", mailbox, timeout=timeout)
@@ -144,13 +145,13 @@ def ctl(
                 )
             else:
                 info = node.manage(dest, action, mailbox, node=node_address or "", timeout=timeout)
-    except (UsageError, ReliableError) as exc:
-        raise _fail(str(exc)) from None
+    except UsageError as exc:  # as above: exit 1 (other library errors: app.library_errors)
+        raise fail(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(info, default=str, indent=2))
+        render.echo_json(info, default=str, indent=2)
     elif info.get("deleted"):
         click.echo(f"deleted {target}")
     elif action == "transfer":
         click.echo(f"moved {target} to {info['owner']} ({info['moved']} messages)")
     else:
-        click.echo(_render(info))
+        click.echo(render.mailbox_table(info))

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import sys
@@ -19,12 +18,14 @@ from typing import Any
 
 import click
 
-from reliable import Node, ReliableError, UsageError
-from reliable.rpc import Client, RemoteError, RpcError, Server, Status, current_call
+from reliable import Node
+from reliable.addressing import parse_service
+from reliable.rpc import Client, RpcError, Server, Status, current_call
+
+from . import render
+from .app import command
 
 __all__ = ["DemoService", "call", "serve_demo"]
-
-_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class DemoService:
@@ -77,18 +78,7 @@ def _json_arg(text: str, what: str) -> Any:
         ) from None
 
 
-def _plain(value: Any) -> Any:
-    """JSON for output: bytes as {"$b": base64}."""
-    if isinstance(value, (bytes, bytearray)):
-        return {"$b": base64.b64encode(value).decode()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-@click.command(context_settings=_CONTEXT)
+@command()
 @click.argument("dest")
 @click.argument("method")
 @click.argument("args", nargs=-1)
@@ -154,58 +144,42 @@ def call(
         if not sep or not name:
             raise click.BadParameter(f"{item!r} is not NAME=JSON", param_hint="--kw")
         named[name] = _json_arg(text, "--kw")
-    try:
-        with Node(bind) as node:
-            if dest.startswith("anycast://"):
-                service = dest[len("anycast://") :].strip("/")
-                if members:
-                    node.add_service_members(service, list(members))
-                if discover is not None:
-                    node.discover(discover)
-                    deadline = time.monotonic() + min(timeout, 2.0)
-                    while not node.service_members(service) and time.monotonic() < deadline:
-                        time.sleep(0.01)
-            with Client(node, codec=codec, timeout=timeout) as client:
-                started = time.monotonic()
-                try:
-                    result = client.call(dest, method, *values, **named)
-                except RpcError as exc:
-                    _report_error(exc, as_json)
-                    sys.exit(int(exc.status))
-                elapsed = time.monotonic() - started
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
-    except ReliableError as exc:
-        raise click.ClickException(str(exc)) from None
+    service = None
+    if dest.startswith("anycast://"):
+        target = parse_service(dest)
+        if target.mailbox:  # the RPC client would look for a service named "SERVICE/NAME"
+            raise click.BadParameter(
+                f"{dest!r}: an RPC service is named anycast://SERVICE, without /MAILBOX",
+                param_hint="DEST",
+            )
+        service = target.service
+    with Node(bind) as node:
+        if service is not None:
+            if members:
+                node.add_service_members(service, list(members))
+            if discover is not None:
+                node.discover(discover)
+                deadline = time.monotonic() + min(timeout, 2.0)
+                while not node.service_members(service) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        with Client(node, codec=codec, timeout=timeout) as client:
+            started = time.monotonic()
+            try:
+                result = client.call(dest, method, *values, **named)
+            except RpcError as exc:
+                if as_json:
+                    render.echo_json(render.rpc_error_record(exc))
+                else:
+                    click.echo(f"Error: {exc}", err=True)
+                sys.exit(int(exc.status))
+            elapsed = time.monotonic() - started
     if as_json:
-        outcome = {
-            "status": "OK",
-            "code": 0,
-            "executed": True,
-            "result": _plain(result),
-            "elapsed": round(elapsed, 6),
-        }
-        click.echo(json.dumps(outcome))
+        render.echo_json(render.rpc_result_record(result, elapsed))
     else:
-        click.echo(json.dumps(_plain(result)))
+        render.echo_json(render.plain(result))
 
 
-def _report_error(exc: RpcError, as_json: bool) -> None:
-    if as_json:
-        outcome: dict[str, Any] = {
-            "status": exc.status.name,
-            "code": int(exc.status),
-            "executed": exc.executed,
-            "details": exc.details,
-        }
-        if isinstance(exc, RemoteError):
-            outcome["type"] = exc.type_name
-        click.echo(json.dumps(outcome))
-    else:
-        click.echo(f"Error: {exc}", err=True)
-
-
-@click.command("serve-demo", context_settings=_CONTEXT)
+@command("serve-demo")
 @click.option("--bind", default="127.0.0.1:7000", show_default=True, metavar="HOST:PORT")
 @click.option("--service", default="", help="Serve as HOST:PORT/SERVICE instead of HOST:PORT.")
 @click.option(
@@ -235,21 +209,16 @@ def serve_demo(bind: str, service: str, announce: str | None, workers: int, queu
         raise click.BadParameter("--announce needs --service", param_hint="--announce")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        with Node(bind) as node:
-            if announce is not None:
-                node.serve(service, announce=announce)
-            with Server(
-                node, DemoService(), service=service, max_concurrency=workers, max_queued=queue
-            ):
-                where = f"{bind}/{service}" if service else bind
-                click.echo(f"serving the demo service at {where} (Ctrl-C to stop)", err=True)
-                try:
-                    while not stop.wait(0.2):
-                        pass
-                except KeyboardInterrupt:
+    with Node(bind) as node:
+        if announce is not None:
+            node.serve(service, announce=announce)
+        with Server(
+            node, DemoService(), service=service, max_concurrency=workers, max_queued=queue
+        ):
+            where = f"{bind}/{service}" if service else bind
+            click.echo(f"serving the demo service at {where} (Ctrl-C to stop)", err=True)
+            try:
+                while not stop.wait(0.2):
                     pass
-    except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
-    except ReliableError as exc:
-        raise click.ClickException(str(exc)) from None
+            except KeyboardInterrupt:
+                pass
