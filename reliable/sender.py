@@ -20,7 +20,10 @@ reassembly slot imposes: at most one multi-datagram message is in progress
 inside it, taking a sequence number between two of its fragments. So a
 priority-65535 message that fits one datagram overtakes the rest of a
 lower-priority 1 MiB message at once; a larger one overtakes every message
-not yet started and begins when the one in progress ends. Nested fragments
+not yet started and begins when the one in progress ends. A message never
+overtakes an older one of its own priority, so a one-datagram message does
+not nest while an older message of its priority waits for the one in
+progress to end. Nested fragments
 carry :attr:`~reliable.wire.Flag.NESTED`, which receivers before it refuse
 as malformed (loudly, never a silent misdelivery). Against starvation, a
 weighted share: after ``PRIORITY_SHARE - 1`` application fragments of
@@ -390,11 +393,15 @@ class SendStream:
         top = max(self.levels)
         floor = -1 if current is None else current.priority
         best: OutgoingMessage | None = None
+        waiting: set[int] = set()  # priorities whose oldest message cannot nest
         for msg in queue:
-            if msg is current or msg.priority <= floor:
+            if msg is current or msg.priority <= floor or msg.priority in waiting:
                 continue
             if current is not None and msg.count > 1:
-                continue  # only a one-datagram message may nest in the one in progress
+                # Only a one-datagram message may nest in the one in progress; and none
+                # of this priority may overtake this one (FIFO within a priority).
+                waiting.add(msg.priority)
+                continue
             if best is None or msg.priority > best.priority:
                 best = msg
                 if msg.priority == top:

@@ -65,6 +65,25 @@ def test_higher_priority_goes_first_and_fifo_holds_within_a_priority() -> None:
     assert got.index(b"high2") < got.index(b"low1")  # priority overtook send order
 
 
+def test_a_one_datagram_message_never_nests_ahead_of_an_older_one_of_its_priority() -> None:
+    """Found by tests/test_mailbox_sim.py: while a big low-priority message was in
+    progress, a one-datagram urgent message nested in it ahead of an older urgent
+    message of two datagrams (which cannot nest), so one producer's messages of one
+    priority arrived out of order. The older one goes first; the younger follows it."""
+    p = Pair()
+    p.connect()
+    p.a.endpoint.send(B, bytes(100_000), now=p.now, priority=0)
+    _rounds(p, 1)  # the big one is in progress
+    p.a.endpoint.send(B, b"a" * 2000, now=p.now, priority=5)  # two datagrams: cannot nest
+    p.a.endpoint.send(B, b"b", now=p.now, priority=5)  # one datagram: could nest
+    p.a.endpoint.send(B, b"c", now=p.now, priority=7)  # higher: nests at once
+    p.settle()
+    got = p.b.received()
+    assert got[0] == b"c"
+    assert got.index(b"a" * 2000) < got.index(b"b")
+    assert len(got) == 4
+
+
 def test_a_big_urgent_message_overtakes_messages_not_yet_started() -> None:
     p = Pair()
     p.connect()
