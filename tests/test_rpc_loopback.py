@@ -206,13 +206,20 @@ def test_idle_adapters_do_not_poll() -> None:
         client = Client(client_node)
         assert client.call(_dest(server_node), "add", 1, 2) == 3
         for port in (server._port, client._port):
-            receive = port.receive
+            receive, receive_many = port.receive, port.receive_many
 
             def counted(timeout: float | None = None, _receive: Any = receive, **kw: Any) -> Any:
                 waits.append(timeout)
                 return _receive(timeout, **kw)
 
+            def counted_many(
+                count: int, timeout: float | None = None, _many: Any = receive_many, **kw: Any
+            ) -> Any:
+                waits.append(timeout)
+                return _many(count, timeout, **kw)
+
             port.receive = counted  # type: ignore[method-assign]
+            port.receive_many = counted_many  # type: ignore[method-assign]
         time.sleep(0.6)
         client.close()
         server.close()
@@ -230,14 +237,14 @@ def test_a_port_deleted_before_a_receive_ends_the_workers_quietly(
     with Node() as server_node, Node() as client_node:
         server = Server(server_node, Calc())
         client = Client(client_node, timeout=5)
-        receive = server._port.receive
+        receive_many = server._port.receive_many
 
-        def deleted_first(timeout: float | None = None, **kw: Any) -> Any:
+        def deleted_first(count: int, timeout: float | None = None, **kw: Any) -> Any:
             server._port.delete()
-            return receive(timeout, **kw)
+            return receive_many(count, timeout, **kw)
 
         assert client.call(_dest(server_node), "add", 1, 2) == 3
-        server._port.receive = deleted_first  # type: ignore[method-assign]
+        server._port.receive_many = deleted_first  # type: ignore[method-assign]
         try:  # the next receive deletes the port first: before or after this call came
             assert client.call(_dest(server_node), "add", 2, 2) == 4
         except RpcError as exc:

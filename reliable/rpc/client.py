@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import errors
 from ..addressing import resolve_address
+from ..message import Message
 from ..node import Node, SendHandle
 from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
@@ -432,14 +433,16 @@ class Client(_ClientBase):
         if self._handles:
             times.append(now + FATE_WAIT)
         wait = max(0.0, min(times) - now) if times else None
+        # Every reply waiting is taken at once (at most one per pending call, at least
+        # one: a late reply still has to be read): with many calls out, one read ends
+        # several of them.
+        count = max(1, len(self._calls))
         self._reading = True
         self._lock.release()
-        msg = None
+        msgs: list[Message] = []
         gone = False
         try:
-            msg = self._port.receive(timeout=wait)
-        except errors.ReceiveTimeout:
-            pass
+            msgs = self._port.receive_many(count, timeout=wait)
         except _PORT_GONE:
             gone = True
         finally:
@@ -451,7 +454,7 @@ class Client(_ClientBase):
             self._abandon(why)
             return
         now = time.monotonic()
-        if msg is not None:
+        for msg in msgs:
             self.core.receive(msg.data, msg.source, now)
         self._step(now)
         for counter, sleepers in self._asleep.items():
@@ -630,13 +633,18 @@ class AsyncClient(_ClientBase):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        core = self.core
         while True:
             try:
-                msg = await self._port.receive()  # the core's timers: self._timer
+                # The core's timers: self._timer. Every waiting reply at once, as the
+                # blocking client takes them.
+                msgs = await self._port.receive_many(max(1, len(self._futures)))
             except _PORT_GONE:
                 self._abandon("the node closed")
                 return
-            self.core.receive(msg.data, msg.source, loop.time())
+            now = loop.time()
+            for msg in msgs:
+                core.receive(msg.data, msg.source, now)
             self._step(loop.time())
 
     def _on_fate(self, key: int, handle: asyncio.Future[Any]) -> None:

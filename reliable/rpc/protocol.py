@@ -426,6 +426,11 @@ class ServerCore:
     def running(self) -> int:
         return self._running
 
+    def room(self) -> int:
+        """How many more calls may queue before the next is refused RESOURCE_EXHAUSTED:
+        an adapter takes up to this many requests off the port in one read."""
+        return max(0, self.max_concurrency + self.max_queued - self._running - len(self._queue))
+
     def cached(self) -> int:
         """Entries held now (queued, running and finished)."""
         return len(self._entries)

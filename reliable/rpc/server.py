@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..message import Message
 from ..node import Node
 from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
@@ -358,19 +359,21 @@ class Server(_Base):
                 self._reading = True
                 self._left_unread = None
                 wait = self._wait(now)
+                # Every request waiting is taken at once (as many as may queue, at least
+                # one: a retry, a cancel or a refusal needs no room): under load one read
+                # serves many calls, and their replies leave together.
+                count = max(1, core.room())
                 lock.release()
-                msg = None
+                msgs: list[Message] = []
                 try:
-                    msg = self._port.receive(timeout=wait)
-                except errors.ReceiveTimeout:
-                    pass
+                    msgs = self._port.receive_many(count, timeout=wait)
                 except _PORT_GONE:
                     self._stopped = True
                 finally:
                     lock.acquire()
                     self._reading = False
                 now = time.monotonic()
-                if msg is not None:
+                for msg in msgs:
                     core.receive(msg.data, msg.source, now)
                 self._step(now)
                 if self._stopped:
@@ -549,12 +552,17 @@ class AsyncServer(_Base):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        core = self.core
         while True:
             try:
-                msg = await self._port.receive()  # the core's timers: self._timer
+                # The core's timers: self._timer. Every waiting request at once, as the
+                # blocking server takes them.
+                msgs = await self._port.receive_many(max(1, core.room()))
             except _PORT_GONE:
                 return
-            self.core.receive(msg.data, msg.source, loop.time())
+            now = loop.time()
+            for msg in msgs:
+                core.receive(msg.data, msg.source, now)
             self._step(loop.time())
 
     def _step(self, now: float) -> None:
