@@ -27,7 +27,8 @@ Destinations: ``"host:port"`` (the default service, mailbox ``rpc``),
 ``"host:port/service"`` (mailbox ``rpc.<service>``), or
 ``"anycast://service"`` (one member from ``node.service_members(service)``,
 taken in turn; another is tried only when the call provably did not run on
-the previous one).
+the previous one). A client resolves each destination name once and keeps
+the address (a lookup per call would cost more than the call).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ __all__ = ["AsyncClient", "Call", "Client"]
 T = TypeVar("T")
 #: Seconds: the longest a reader waits on the reply port while a send's fate is pending.
 FATE_WAIT = 0.02
+#: Destination names a client remembers resolved (the table is emptied when full).
+RESOLVED_MAX = 256
 _reply_ports = itertools.count(1)
 _DEFAULT = object()
 
@@ -109,6 +112,7 @@ class _ClientBase:
         self.reply_mailbox = f"rpc.reply.{next(_reply_ports)}"
         self.core = ClientCore(incarnation, self.reply_mailbox, retry_interval=retry_interval)
         self._turn = 0
+        self._resolved: dict[str, _Target] = {}  # destination text -> where it goes
 
     def _target(self, node: Any, dest: str | tuple[Any, ...]) -> _Target:
         if isinstance(dest, str) and dest.startswith("anycast://"):
@@ -124,11 +128,23 @@ class _ClientBase:
             self._turn += 1
             start = self._turn % len(members)
             return _Target(members[start:] + members[:start], service, True)
+        if isinstance(dest, str):
+            known = self._resolved.get(dest)
+            if known is not None:
+                return known  # never mutated: ClientCore.start copies the members
+        key = dest
         service = ""
         if isinstance(dest, str) and "/" in dest:
             dest, service = dest.split("/", 1)
         text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
-        return _Target([resolve_address(text, family=self._family)[1]], service, False)
+        target = _Target([resolve_address(text, family=self._family)[1]], service, False)
+        if isinstance(key, str):
+            # A name is resolved once per client (a lookup per call would cost more
+            # than the call), in a bounded table.
+            if len(self._resolved) >= RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[key] = target
+        return target
 
     def _deadline(self, timeout: Any, now: float) -> float | None:
         timeout = self.timeout if timeout is _DEFAULT else timeout
@@ -491,12 +507,13 @@ class Client(_ClientBase):
         waits on the port steps at least every ``FATE_WAIT`` while sends are pending.
         """
         core = self.core
-        if self._handles:
+        handles = self._handles
+        if handles:
             self._fates(now)
-        self._drive(self.node, self._handles, now, SendHandle.cancel, None)
-        if self._handles:
+        self._drive(self.node, handles, now, SendHandle.cancel, None)
+        if handles and any(handle.done() for handle in handles.values()):
             self._fates(now)  # withdrawn (or failed at once) just now
-            self._drive(self.node, self._handles, now, SendHandle.cancel, None)
+            self._drive(self.node, handles, now, SendHandle.cancel, None)
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
