@@ -621,7 +621,9 @@ class AsyncClient(_ClientBase):
         self._futures[counter] = future
         self._step(now)
         try:
-            done = await asyncio.shield(future)
+            # Not shielded: a cancel of this task cancels the future too, which only
+            # means the core's outcome for the call, when it comes, finds it done.
+            done = await future
         except asyncio.CancelledError:
             self.core.cancel(counter, loop.time())
             self._step(loop.time())
