@@ -12,7 +12,9 @@ result or an :class:`~reliable.rpc.RpcError`.
 Theory of operation (blocking)
 ------------------------------
 The thread that waits for a result reads the reply port itself, so a reply
-reaches its caller without a thread hand-off. One thread reads at a time;
+reaches its caller without a thread hand-off; it takes every reply waiting,
+ending other callers' calls too (with many calls out, one read serves
+several). One thread reads at a time;
 the others sleep, each on a condition of its own, and are woken alone: when
 their call ends (a reader that takes another call's reply finishes that call)
 or, one of them, when the reading role is free. A reader waits up to the
@@ -112,6 +114,7 @@ class _ClientBase:
         self.reply_mailbox = f"rpc.reply.{next(_reply_ports)}"
         self.core = ClientCore(incarnation, self.reply_mailbox, retry_interval=retry_interval)
         self._turn = 0
+        self._sent = 0  # messages handed to the node since the blocking reader last read
         self._resolved: dict[str, _Target] = {}  # destination text -> where it goes
 
     def _target(self, node: Any, dest: str | tuple[Any, ...]) -> _Target:
@@ -183,6 +186,7 @@ class _ClientBase:
                 core.send_failed(out.key, exc, now)
                 continue
             handles[out.key] = handle
+            self._sent += 1
             if on_fate is not None:
                 handle.add_done_callback(functools.partial(on_fate, out.key))
 
@@ -453,12 +457,20 @@ class Client(_ClientBase):
         # one: a late reply still has to be read): with many calls out, one read ends
         # several of them.
         count = max(1, len(self._calls))
+        # With other calls out, the node may hold a request back a moment (up to its
+        # NAP) to share a datagram with the next; a reader about to sleep sends none,
+        # and the server waits for it. So first a look that does not wait: it sends.
+        flush = self._sent > 0 and count > 1
+        self._sent = 0
         self._reading = True
         self._lock.release()
         msgs: list[Message] = []
         gone = False
         try:
-            msgs = self._port.receive_many(count, timeout=wait)
+            if flush:
+                msgs = self._port.receive_many(count, timeout=0)
+            if not msgs:
+                msgs = self._port.receive_many(count, timeout=wait)
         except _PORT_GONE:
             gone = True
         finally:
