@@ -57,4 +57,8 @@ def test_rpc_bench_measures_rmsg_beside_xmlrpc() -> None:
         "xmlrpc (stdlib, HTTP)",
     ]
     assert all(f.calls > 0 and f.p99_us >= f.p50_us > 0 for f in figures)
-    assert "calls/s" in format_rpc_report(figures)
+    # Every row says what each side cost; the echo row is rmsg without the RPC layer.
+    assert all(f.client_cpu_us > 0 and f.server_cpu_us >= 0 for f in figures)
+    assert "rmsg echo, no RPC" in names
+    report = format_rpc_report(figures)
+    assert "calls/s" in report and "CPU µs/call" in report and "rmsg core:" in report

@@ -206,13 +206,20 @@ def test_idle_adapters_do_not_poll() -> None:
         client = Client(client_node)
         assert client.call(_dest(server_node), "add", 1, 2) == 3
         for port in (server._port, client._port):
-            receive = port.receive
+            receive, receive_many = port.receive, port.receive_many
 
             def counted(timeout: float | None = None, _receive: Any = receive, **kw: Any) -> Any:
                 waits.append(timeout)
                 return _receive(timeout, **kw)
 
+            def counted_many(
+                count: int, timeout: float | None = None, _many: Any = receive_many, **kw: Any
+            ) -> Any:
+                waits.append(timeout)
+                return _many(count, timeout, **kw)
+
             port.receive = counted  # type: ignore[method-assign]
+            port.receive_many = counted_many  # type: ignore[method-assign]
         time.sleep(0.6)
         client.close()
         server.close()
@@ -230,14 +237,14 @@ def test_a_port_deleted_before_a_receive_ends_the_workers_quietly(
     with Node() as server_node, Node() as client_node:
         server = Server(server_node, Calc())
         client = Client(client_node, timeout=5)
-        receive = server._port.receive
+        receive_many = server._port.receive_many
 
-        def deleted_first(timeout: float | None = None, **kw: Any) -> Any:
+        def deleted_first(count: int, timeout: float | None = None, **kw: Any) -> Any:
             server._port.delete()
-            return receive(timeout, **kw)
+            return receive_many(count, timeout, **kw)
 
         assert client.call(_dest(server_node), "add", 1, 2) == 3
-        server._port.receive = deleted_first  # type: ignore[method-assign]
+        server._port.receive_many = deleted_first  # type: ignore[method-assign]
         try:  # the next receive deletes the port first: before or after this call came
             assert client.call(_dest(server_node), "add", 2, 2) == 4
         except RpcError as exc:
@@ -505,3 +512,43 @@ def test_short_calls_in_a_row_wake_no_other_server_thread() -> None:
                 assert client.call(dest, "add", i, 1) == i + 1
         server.close()
     assert len(notified) <= 10, f"{len(notified)} wake-ups for 30 short calls"
+
+
+def test_a_destination_name_is_resolved_once_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup per call would cost more than the call: a client resolves each
+    destination text once, in a table bounded by RESOLVED_MAX."""
+    from reliable.rpc import client as client_module
+
+    looked_up: list[Any] = []
+    real = client_module.resolve_address
+
+    def counted(text: Any, **kw: Any) -> Any:
+        looked_up.append(text)
+        return real(text, **kw)
+
+    monkeypatch.setattr(client_module, "resolve_address", counted)
+    with Node() as server_node, Node() as client_node:
+        Server(server_node, Calc())
+        client = Client(client_node, timeout=5)
+        port = server_node.address[1]
+        by_name, by_number = f"localhost:{port}", f"127.0.0.1:{port}"
+        for i in range(3):
+            assert client.call(by_name, "add", i, 1) == i + 1
+        assert looked_up == [by_name]
+        monkeypatch.setattr(client_module, "RESOLVED_MAX", 1)
+        assert client.call(by_number, "add", 1, 1) == 2  # the table was full: emptied
+        assert client.call(by_name, "add", 2, 2) == 4
+        assert looked_up == [by_name, by_number, by_name]
+        client.close()
+
+
+def test_calls_without_arguments_get_their_own_lists() -> None:
+    """The codec's shortcut for an argument-less call hands out fresh containers."""
+    from reliable.rpc.codec import get_codec, marshal_call
+
+    codec = get_codec("json")
+    payload = marshal_call(codec, "noop", (), {})
+    first = codec.decode(payload)
+    assert first == [[], {}]
+    first[0].append(1)
+    assert codec.decode(payload) == [[], {}]

@@ -12,7 +12,9 @@ result or an :class:`~reliable.rpc.RpcError`.
 Theory of operation (blocking)
 ------------------------------
 The thread that waits for a result reads the reply port itself, so a reply
-reaches its caller without a thread hand-off. One thread reads at a time;
+reaches its caller without a thread hand-off; it takes every reply waiting,
+ending other callers' calls too (with many calls out, one read serves
+several). One thread reads at a time;
 the others sleep, each on a condition of its own, and are woken alone: when
 their call ends (a reader that takes another call's reply finishes that call)
 or, one of them, when the reading role is free. A reader waits up to the
@@ -27,7 +29,8 @@ Destinations: ``"host:port"`` (the default service, mailbox ``rpc``),
 ``"host:port/service"`` (mailbox ``rpc.<service>``), or
 ``"anycast://service"`` (one member from ``node.service_members(service)``,
 taken in turn; another is tried only when the call provably did not run on
-the previous one).
+the previous one). A client resolves each destination name once and keeps
+the address (a lookup per call would cost more than the call).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .. import errors
 from ..addressing import resolve_address
+from ..message import Message
 from ..node import Node, SendHandle
 from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
@@ -59,6 +63,8 @@ __all__ = ["AsyncClient", "Call", "Client"]
 T = TypeVar("T")
 #: Seconds: the longest a reader waits on the reply port while a send's fate is pending.
 FATE_WAIT = 0.02
+#: Destination names a client remembers resolved (the table is emptied when full).
+RESOLVED_MAX = 256
 _reply_ports = itertools.count(1)
 _DEFAULT = object()
 
@@ -108,6 +114,8 @@ class _ClientBase:
         self.reply_mailbox = f"rpc.reply.{next(_reply_ports)}"
         self.core = ClientCore(incarnation, self.reply_mailbox, retry_interval=retry_interval)
         self._turn = 0
+        self._sent = 0  # messages handed to the node since the blocking reader last read
+        self._resolved: dict[str, _Target] = {}  # destination text -> where it goes
 
     def _target(self, node: Any, dest: str | tuple[Any, ...]) -> _Target:
         if isinstance(dest, str) and dest.startswith("anycast://"):
@@ -123,11 +131,23 @@ class _ClientBase:
             self._turn += 1
             start = self._turn % len(members)
             return _Target(members[start:] + members[:start], service, True)
+        if isinstance(dest, str):
+            known = self._resolved.get(dest)
+            if known is not None:
+                return known  # never mutated: ClientCore.start copies the members
+        key = dest
         service = ""
         if isinstance(dest, str) and "/" in dest:
             dest, service = dest.split("/", 1)
         text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
-        return _Target([resolve_address(text, family=self._family)[1]], service, False)
+        target = _Target([resolve_address(text, family=self._family)[1]], service, False)
+        if isinstance(key, str):
+            # A name is resolved once per client (a lookup per call would cost more
+            # than the call), in a bounded table.
+            if len(self._resolved) >= RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[key] = target
+        return target
 
     def _deadline(self, timeout: Any, now: float) -> float | None:
         timeout = self.timeout if timeout is _DEFAULT else timeout
@@ -166,6 +186,7 @@ class _ClientBase:
                 core.send_failed(out.key, exc, now)
                 continue
             handles[out.key] = handle
+            self._sent += 1
             if on_fate is not None:
                 handle.add_done_callback(functools.partial(on_fate, out.key))
 
@@ -432,14 +453,24 @@ class Client(_ClientBase):
         if self._handles:
             times.append(now + FATE_WAIT)
         wait = max(0.0, min(times) - now) if times else None
+        # Every reply waiting is taken at once (at most one per pending call, at least
+        # one: a late reply still has to be read): with many calls out, one read ends
+        # several of them.
+        count = max(1, len(self._calls))
+        # With other calls out, the node may hold a request back a moment (up to its
+        # NAP) to share a datagram with the next; a reader about to sleep sends none,
+        # and the server waits for it. So first a look that does not wait: it sends.
+        flush = self._sent > 0 and count > 1
+        self._sent = 0
         self._reading = True
         self._lock.release()
-        msg = None
+        msgs: list[Message] = []
         gone = False
         try:
-            msg = self._port.receive(timeout=wait)
-        except errors.ReceiveTimeout:
-            pass
+            if flush:
+                msgs = self._port.receive_many(count, timeout=0)
+            if not msgs:
+                msgs = self._port.receive_many(count, timeout=wait)
         except _PORT_GONE:
             gone = True
         finally:
@@ -451,7 +482,7 @@ class Client(_ClientBase):
             self._abandon(why)
             return
         now = time.monotonic()
-        if msg is not None:
+        for msg in msgs:
             self.core.receive(msg.data, msg.source, now)
         self._step(now)
         for counter, sleepers in self._asleep.items():
@@ -488,12 +519,13 @@ class Client(_ClientBase):
         waits on the port steps at least every ``FATE_WAIT`` while sends are pending.
         """
         core = self.core
-        if self._handles:
+        handles = self._handles
+        if handles:
             self._fates(now)
-        self._drive(self.node, self._handles, now, SendHandle.cancel, None)
-        if self._handles:
+        self._drive(self.node, handles, now, SendHandle.cancel, None)
+        if handles and any(handle.done() for handle in handles.values()):
             self._fates(now)  # withdrawn (or failed at once) just now
-            self._drive(self.node, self._handles, now, SendHandle.cancel, None)
+            self._drive(self.node, handles, now, SendHandle.cancel, None)
         while (done := core.next_event()) is not None:
             call = self._calls.pop(done.counter, None)
             if call is not None:
@@ -601,7 +633,9 @@ class AsyncClient(_ClientBase):
         self._futures[counter] = future
         self._step(now)
         try:
-            done = await asyncio.shield(future)
+            # Not shielded: a cancel of this task cancels the future too, which only
+            # means the core's outcome for the call, when it comes, finds it done.
+            done = await future
         except asyncio.CancelledError:
             self.core.cancel(counter, loop.time())
             self._step(loop.time())
@@ -630,13 +664,18 @@ class AsyncClient(_ClientBase):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        core = self.core
         while True:
             try:
-                msg = await self._port.receive()  # the core's timers: self._timer
+                # The core's timers: self._timer. Every waiting reply at once, as the
+                # blocking client takes them.
+                msgs = await self._port.receive_many(max(1, len(self._futures)))
             except _PORT_GONE:
                 self._abandon("the node closed")
                 return
-            self.core.receive(msg.data, msg.source, loop.time())
+            now = loop.time()
+            for msg in msgs:
+                core.receive(msg.data, msg.source, now)
             self._step(loop.time())
 
     def _on_fate(self, key: int, handle: asyncio.Future[Any]) -> None:

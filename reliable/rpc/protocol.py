@@ -107,6 +107,7 @@ _CANCEL = struct.Struct("!QQ")
 _EXECUTABLE = 0x01
 _EXECUTED_CODE = {False: 0, True: 1, None: 2}
 _EXECUTED_VALUE: dict[int, bool | None] = {0: False, 1: True, 2: None}
+_STATUSES = {int(status): status for status in Status}  # Status(n) costs a microsecond
 
 
 class Kind(enum.IntEnum):
@@ -124,7 +125,7 @@ def service_mailbox(service: str) -> str:
 # ------------------------------------------------------------------ wire format
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen __init__ costs 3x
 class Request:
     call_id: CallId
     executable: bool
@@ -136,7 +137,7 @@ class Request:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen __init__ costs 3x
 class Reply:
     call_id: CallId
     status: Status
@@ -145,7 +146,7 @@ class Reply:
     body: bytes  #: the encoded result (OK), else ``error_body``
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: a frozen __init__ costs 3x
 class Cancel:
     call_id: CallId
     reply_mailbox: str
@@ -285,9 +286,12 @@ def decode(data: bytes) -> Request | Reply | Cancel | Hello:
             codec, at = _read_str8(data, at)
             if executed not in _EXECUTED_VALUE:
                 raise ValueError("bad executed flag")
+            known = _STATUSES.get(status)
+            if known is None:
+                raise ValueError(f"unknown status {status}")
             return Reply(
                 call_id=(inc, counter),
-                status=Status(status),
+                status=known,
                 executed=_EXECUTED_VALUE[executed],
                 codec=codec,
                 body=data[at:],
@@ -318,7 +322,7 @@ def parse_error_body(body: bytes) -> tuple[str, str]:
     return "", body[:200].decode(errors="replace")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message, and a frozen __init__ costs 3x
 class Outgoing:
     """A message for the adapter to send: ``send_nowait(dest, data, mailbox=..., timeout=...)``.
 
@@ -353,7 +357,7 @@ class _Entry:
     signalled: bool = False  #: a CancelCall went out for it
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: one per call (see Outgoing)
 class StartCall:
     """Run ``method`` now (the adapter decodes ``payload`` with ``codec``), then ``finish``."""
 
@@ -425,6 +429,11 @@ class ServerCore:
     @property
     def running(self) -> int:
         return self._running
+
+    def room(self) -> int:
+        """How many more calls may queue before the next is refused RESOURCE_EXHAUSTED:
+        an adapter takes up to this many requests off the port in one read."""
+        return max(0, self.max_concurrency + self.max_queued - self._running - len(self._queue))
 
     def cached(self) -> int:
         """Entries held now (queued, running and finished)."""
@@ -692,16 +701,22 @@ class ServerCore:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` has work: a cache expiry or a running call's deadline."""
-        times: list[float] = []
+        # Asked after every step (three times a call): no list, no min() of one.
+        first: float | None = None
         if self._done:
-            times.append(self._entries[next(iter(self._done))].done_at + self.cache_age)
+            first = self._entries[next(iter(self._done))].done_at + self.cache_age
         for entry in self._active.values():
-            waiting = entry.state is _State.QUEUED or (
-                entry.state is _State.RUNNING and not entry.signalled
-            )
-            if entry.deadline is not None and waiting:
-                times.append(entry.deadline)
-        return min(times) if times else None
+            deadline = entry.deadline
+            if (
+                deadline is not None
+                and (first is None or deadline < first)
+                and (
+                    entry.state is _State.QUEUED
+                    or (entry.state is _State.RUNNING and not entry.signalled)
+                )
+            ):
+                first = deadline
+        return first
 
     def handle_timer(self, now: float) -> None:
         self._evict(now)
@@ -1035,6 +1050,8 @@ class ClientCore:
         return self._done.popleft() if self._done else None
 
     def get_timer(self) -> float | None:
+        if not self._calls:
+            return None
         times: list[float] = []
         for call in self._calls.values():
             if call.deadline is not None and not call.outstanding("exec"):

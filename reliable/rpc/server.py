@@ -13,9 +13,11 @@ Theory of operation (blocking)
 ------------------------------
 No dispatcher hands requests to a pool: a worker that reads a request runs it
 itself and sends its reply, so a call costs no thread hand-off. One worker at
-a time *reads* (waits on the port, up to the core's next timer, then feeds the
-core, runs its due timers and routes cancellations); the others sleep on a
-condition. A reader that gets a call to run leaves the reading role to an
+a time *reads* (waits on the port, up to the core's next timer, then takes
+every request waiting, as many as may queue, feeds them to the core, runs its
+due timers and routes cancellations); the others sleep on a condition. Under
+load one read serves several calls, and their replies, sent one after another
+to the same client, share datagrams. A reader that gets a call to run leaves the reading role to an
 idle worker (started on demand, at most ``max_concurrency + 1`` threads): the
 *standby* worker takes it if the handler is still running ``HANDOVER``
 seconds later (see ``Server._sleep``), so a short call wakes no other thread,
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
+from ..message import Message
 from ..node import Node
 from ._adapter import PORT_GONE as _PORT_GONE
 from ._adapter import LoopTimer
@@ -282,6 +285,7 @@ class Server(_Base):
         self._active_at = -ACTIVE  # when a call last started
         self._left_unread: float | None = None  # when the reader went off to run a call
         self._reading = False  # a worker waits on the port
+        self._sent = 0  # replies handed to the node since the last read
         self._closed = False  # close() began: no call starts any more
         self._stopped = False  # the port is gone: workers leave
         self._port = node.create_mailbox(self.mailbox, port=True)
@@ -358,19 +362,30 @@ class Server(_Base):
                 self._reading = True
                 self._left_unread = None
                 wait = self._wait(now)
+                # Every request waiting is taken at once (as many as may queue, at least
+                # one: a retry, a cancel or a refusal needs no room): under load one read
+                # serves many calls, and their replies leave together.
+                count = max(1, core.room())
+                # The node holds a send to a busy peer back a moment (up to NAP) to
+                # share a datagram with the next; a reader about to sleep has no next
+                # send, and its clients wait for those replies. So after several
+                # replies, a look at the port that does not wait first: it sends them.
+                flush = self._sent >= 2
+                self._sent = 0
                 lock.release()
-                msg = None
+                msgs: list[Message] = []
                 try:
-                    msg = self._port.receive(timeout=wait)
-                except errors.ReceiveTimeout:
-                    pass
+                    if flush:
+                        msgs = self._port.receive_many(count, timeout=0)
+                    if not msgs:
+                        msgs = self._port.receive_many(count, timeout=wait)
                 except _PORT_GONE:
                     self._stopped = True
                 finally:
                     lock.acquire()
                     self._reading = False
                 now = time.monotonic()
-                if msg is not None:
+                for msg in msgs:
                     core.receive(msg.data, msg.source, now)
                 self._step(now)
                 if self._stopped:
@@ -455,6 +470,7 @@ class Server(_Base):
                 # Its fate is not watched: a reply that does not get through stays
                 # cached, and the client's retry fetches it.
                 self.node.send_nowait(out.dest, out.data, mailbox=out.mailbox)
+                self._sent += 1
             except (errors.WouldBlock, errors.NodeClosed):
                 continue
 
@@ -549,12 +565,17 @@ class AsyncServer(_Base):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        core = self.core
         while True:
             try:
-                msg = await self._port.receive()  # the core's timers: self._timer
+                # The core's timers: self._timer. Every waiting request at once, as the
+                # blocking server takes them.
+                msgs = await self._port.receive_many(max(1, core.room()))
             except _PORT_GONE:
                 return
-            self.core.receive(msg.data, msg.source, loop.time())
+            now = loop.time()
+            for msg in msgs:
+                core.receive(msg.data, msg.source, now)
             self._step(loop.time())
 
     def _step(self, now: float) -> None:
