@@ -69,6 +69,7 @@ from .driver import (
     group_target,
     manage_mailbox,
     open_socket,
+    parse_manage_reply,
     parse_stats,
     receive_buffer,
     receive_failure,
@@ -89,6 +90,7 @@ from .endpoint import (
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
+from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -274,6 +276,7 @@ class AsyncNode:
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
+        self._manage_replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # manage, transfer
         self._departures = Departures()
         # Futures of coroutines waiting for "something changed". Registered synchronously,
         # right after their condition was checked, so no change can slip in between
@@ -354,6 +357,7 @@ class AsyncNode:
             *self._handles.values(),
             *self._receives.values(),
             *self._stats_replies.values(),
+            *self._manage_replies.values(),
         ]
         for future in futures:
             if not future.done():
@@ -361,6 +365,7 @@ class AsyncNode:
         self._handles.clear()
         self._receives.clear()
         self._stats_replies.clear()
+        self._manage_replies.clear()
         self._notify()
 
     @property
@@ -399,6 +404,64 @@ class AsyncNode:
         finally:
             self._stats_replies.pop(request, None)
         return parse_stats(body)
+
+    async def manage(
+        self,
+        dest: str | tuple[Any, ...],
+        action: str,
+        mailbox: str,
+        *,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+        node: str = "",
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        """As :meth:`reliable.Node.manage`: ask the node at ``dest`` to ``inspect``,
+        ``set_limits``, ``delete``, ``grant`` or ``revoke`` its mailbox ``mailbox``
+        (what ``rmsg ctl`` does), without blocking the loop while it answers."""
+        check_timeout(timeout, "timeout", positive=True)
+        if action not in ACTIONS:
+            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        self._require_started()
+        assert self._sock is not None
+        addr = resolve_destination(dest, self._sock.family)
+        request = Manage(0, action, mailbox, capacity, max_bytes, node)
+        return await self._managed_call(
+            addr, lambda now: self._endpoint.manage(addr, request, now), timeout
+        )
+
+    async def _managed_call(
+        self, addr: Address, start: Callable[[float], int], timeout: float
+    ) -> dict[str, Any]:
+        """Run ``start(now)`` (a management request or a transfer; it returns the
+        request number) and await its answer."""
+        loop = self._require_started()
+        self._check_open()
+        number = start(loop.time())
+        future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self._manage_replies[number] = future
+        self._pump([])
+        try:
+            status, body = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.ReceiveTimeout(
+                f"{errors.format_address(addr)} did not answer within {timeout:g}s "
+                "(is an rmsg node running there?)"
+            ) from None
+        finally:
+            self._manage_replies.pop(number, None)
+        return parse_manage_reply(addr, status, body)
+
+    async def _transfer(
+        self, name: str, to: str | tuple[Any, ...], timeout: float
+    ) -> dict[str, Any]:
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        addr = resolve_destination(to, self._sock.family)
+        return await self._managed_call(
+            addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
+        )
 
     # ------------------------------------------------------------- mailboxes
 
@@ -1297,7 +1360,9 @@ class AsyncNode:
         self._notify()
 
     def _on_manage(self, request: int, status: int, body: bytes) -> None:
-        pass  # management requests (rmsg ctl) go through the blocking Node
+        future = self._manage_replies.get(request)
+        if future is not None and not future.done():
+            future.set_result((status, body))
 
     def _on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)
@@ -1376,6 +1441,12 @@ class AsyncMailbox(MailboxHandle):
             max_size=max_size,
             truncate=truncate,
         )
+
+    async def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+        """As :meth:`reliable.Mailbox.transfer`: move this mailbox (queued messages,
+        grants, the right to manage it) to the node at ``to``, which consented by
+        creating an empty mailbox of the same name."""
+        return await self._node._transfer(self.name, to, timeout)
 
     def receive_nowait(
         self,
