@@ -67,6 +67,7 @@ from .driver import (
     enqueue,
     group_destination,
     group_target,
+    mailbox_set,
     manage_mailbox,
     open_socket,
     parse_manage_reply,
@@ -1049,6 +1050,79 @@ class AsyncNode:
             max_size=max_size,
             truncate=truncate,
         )
+
+    async def receive_any(
+        self,
+        mailboxes: Iterable[str | MailboxHandle],
+        timeout: float | None = None,
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> Message:
+        """As :meth:`reliable.Node.receive_any`: the next message from any of several
+        local ``mailboxes`` (a select over queues); ``msg.mailbox`` says which."""
+        check_timeout(timeout, "timeout")
+        boxes = mailbox_set(mailboxes)
+        loop = self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        family = self._sock.family
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, family),
+        )
+        if receiver is None:
+            task = asyncio.current_task(loop)
+            receiver = task.get_name() if task is not None else "asyncio"
+        endpoint = self._endpoint
+        mark = self._departures.mark()
+        now = loop.time()
+        if self._posts:
+            self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
+        message = endpoint.take_any(boxes, selector, receiver=receiver, lock=lock, now=now)
+        if message is not None:
+            self._handed_out(lock is not None)
+            return message
+        if timeout == 0:
+            raise errors.ReceiveTimeout("no message waiting")
+        deadline = None if timeout is None else now + timeout
+        peer = None if isinstance(selector.source, frozenset) else selector.source
+        ticket = endpoint.wait_for_any(boxes, selector, receiver=receiver, lock=lock, now=now)
+        future: asyncio.Future[Message] = loop.create_future()
+        self._receives[ticket] = future
+        if peer is not None:
+            endpoint.watch(peer, now)
+        self._pump([])
+        try:
+            while not future.done():
+                remaining = None if deadline is None else deadline - loop.time()
+                failure = receive_failure(
+                    closed=self._closed or endpoint.closing,
+                    departures=self._departures,
+                    peer=peer,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
+                if failure is not None:
+                    if self._closed or endpoint.cancel_wait(ticket):
+                        raise failure
+                    break
+                await self._wait_change(remaining)
+            return future.result()
+        finally:
+            self._receives.pop(ticket, None)
+            if peer is not None and not self._closed:
+                endpoint.unwatch(peer, loop.time())
 
     async def _receive_many(
         self,

@@ -1060,6 +1060,31 @@ class MailboxHandle:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int | None]]:
+    """The ``(name, owner)`` pairs of a receive from a set of mailboxes (names, or
+    handles: a port's owner handle carries the right to receive from it)."""
+    if isinstance(mailboxes, (str, MailboxHandle)):
+        raise errors.UsageError(
+            "receive_any takes a list of mailboxes, e.g. ['jobs', 'urgent']; "
+            "to receive from one, use receive(mailbox=...)"
+        )
+    chosen: list[tuple[str, int | None]] = []
+    for box in mailboxes:
+        if isinstance(box, MailboxHandle):
+            chosen.append((box.name, box._owner))
+        elif isinstance(box, str):
+            check_mailbox_name(box)
+            chosen.append((box, None))
+        else:
+            raise errors.UsageError(f"a mailbox is a name or a handle, not {box!r}")
+    if not chosen:
+        raise errors.UsageError("give at least one mailbox to receive from")
+    names = [name for name, _ in chosen]
+    if len(set(names)) != len(names):
+        raise errors.UsageError(f"name each mailbox once: {names}")
+    return chosen
+
+
 def node_address(node: str | tuple[Any, ...]) -> Address:
     """A node's ``host:port`` (or tuple) as the peer key its datagrams arrive under."""
     if isinstance(node, tuple):

@@ -285,6 +285,8 @@ class Endpoint:
         self._mailboxes: dict[str, Mailbox] = {}
         self._held = 0  # bytes in all mailboxes, parked included
         self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
+        # A receive from a set of mailboxes waits in each one's line under one ticket.
+        self._waiting_sets: dict[int, list[str]] = {}
         self._next_waiter = 1
         self._next_owner = 1
         self._handoffs = 0  # messages handed straight to a waiting receiver
@@ -989,6 +991,7 @@ class Endpoint:
         for ticket in list(box.waiters):
             box.cancel_wait(ticket)
             self._waiting.pop(ticket, None)
+            self._leave_other_lines(ticket, None)
             error = errors.MailboxDeleted(f"mailbox {name!r} was deleted while waiting on it")
             self._emit(events.ReceiveFailed(waiter=ticket, error=error))
         del self._mailboxes[name]
@@ -1109,11 +1112,93 @@ class Endpoint:
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
 
+    def take_any(
+        self,
+        mailboxes: list[tuple[str, int | None]],
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> Message | None:
+        """The first message ``selector`` chooses from any of ``mailboxes`` (``(name,
+        owner)`` pairs), if one is there; never waits (a select over queues).
+
+        "First" is the highest priority among the mailboxes' heads; between equal
+        priorities, the mailbox listed first. ``msg.mailbox`` says which it came
+        from. As :meth:`take` otherwise (raises ``MessageTooBig`` as it does).
+        """
+        chosen: tuple[str, int | None] | None = None
+        best = -1
+        sel = selector or ANY
+        for name, owner in mailboxes:
+            box = self._box(name, owner=owner)
+            source = box.parked if box.rendezvous and lock is None else box.queue
+            head = source.peek(sel)
+            if head is not None and head.priority > best:
+                chosen, best = (name, owner), head.priority
+        if chosen is None:
+            return None
+        return self.take(
+            chosen[0], selector, owner=chosen[1], receiver=receiver, lock=lock, now=now
+        )
+
+    def wait_for_any(
+        self,
+        mailboxes: list[tuple[str, int | None]],
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> int:
+        """Queue one receive in the line of every mailbox of ``mailboxes`` (call
+        :meth:`take_any` first); returns its ticket.
+
+        The first mailbox to serve it answers (``MessageTaken``, the message's
+        ``mailbox`` says which); at that moment it leaves every other line, so it
+        gets exactly one message. If one of them is deleted meanwhile, the receive
+        fails (``ReceiveFailed``) and leaves the others' lines too.
+        """
+        if not mailboxes:
+            raise errors.UsageError("give at least one mailbox to receive from")
+        names = [name for name, _ in mailboxes]
+        if len(set(names)) != len(names):
+            raise errors.UsageError(f"each mailbox once, please: {names}")
+        boxes = [self._box(name, owner=owner) for name, owner in mailboxes]
+        self._now = now
+        check_lock(lock)
+        _check_truncate(selector, lock)
+        ticket = self._next_waiter
+        self._next_waiter += 1
+        self._waiting[ticket] = names[0]
+        if len(boxes) > 1:
+            self._waiting_sets[ticket] = names
+        for box in boxes:
+            box.wait(ticket, selector or ANY, receiver, lock)
+        return ticket
+
+    def _leave_other_lines(self, ticket: int, served_by: str | None) -> bool:
+        """A receive from a set of mailboxes was answered (by ``served_by``) or failed:
+        it leaves every other mailbox's line. True if it was still waiting anywhere."""
+        names = self._waiting_sets.pop(ticket, None)
+        if names is None:
+            return False
+        left = False
+        for name in names:
+            box = self._mailboxes.get(name)
+            if name != served_by and box is not None and box.cancel_wait(ticket):
+                left = True
+        return left
+
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
         remote = self.remote.cancel(ticket, self._now)
         if remote is not None:
             return remote
+        if ticket in self._waiting_sets:
+            self._waiting.pop(ticket, None)
+            return self._leave_other_lines(ticket, None)
         name = self._waiting.pop(ticket, None)
         box = None if name is None else self._mailboxes.get(name)
         return box is not None and box.cancel_wait(ticket)
@@ -1508,6 +1593,8 @@ class Endpoint:
     def _handed_off(self, ticket: int, msg: Message) -> None:
         self._handoffs += 1
         self._waiting.pop(ticket, None)
+        if self._waiting_sets:
+            self._leave_other_lines(ticket, msg.mailbox)
         box = self._mailboxes.get(msg.mailbox)
         if box is not None and msg in box.locked:
             self._locking.add(box.name)  # still held, under a lock
@@ -1522,6 +1609,7 @@ class Endpoint:
     def _wait_failed(self, ticket: int, error: Exception) -> None:
         """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
         self._waiting.pop(ticket, None)
+        self._leave_other_lines(ticket, None)
         assert isinstance(error, errors.ReliableError)
         self._emit(events.ReceiveFailed(waiter=ticket, error=error))
 
@@ -1702,6 +1790,7 @@ class Endpoint:
         for ticket in list(box.waiters):
             box.cancel_wait(ticket)
             self._waiting.pop(ticket, None)
+            self._leave_other_lines(ticket, None)
             error = errors.ReceiveRefused("this node", name, "moved", owner_text)
             self._emit(events.ReceiveFailed(waiter=ticket, error=error))
         self.remote.mailbox_deleted(name)

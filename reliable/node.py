@@ -77,6 +77,7 @@ from .driver import (
     enqueue,
     group_destination,
     group_target,
+    mailbox_set,
     manage_mailbox,
     open_socket,
     parse_manage_reply,
@@ -859,6 +860,75 @@ class Node:
             )
         except errors.ReceiveTimeout:
             return []
+
+    def receive_any(
+        self,
+        mailboxes: Iterable[str | MailboxHandle],
+        timeout: float | None = None,
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> Message:
+        """The next message from any of several local ``mailboxes`` (names, or handles:
+        a port's owner handle), waiting up to ``timeout`` seconds: a select over queues.
+
+        Takes the first message selected (as :meth:`receive` selects) among the
+        mailboxes: the highest priority among their heads, and between equal
+        priorities the mailbox listed first. ``msg.mailbox`` says which one it
+        came from. A receive that waits stands in every mailbox's line at once
+        and gets exactly one message, from whichever serves it first. ``lock``:
+        as :meth:`Mailbox.receive` (ack or release on that mailbox's handle).
+
+        Raises :class:`~reliable.errors.ReceiveTimeout`, and
+        :class:`~reliable.errors.MailboxDeleted` if one of them is deleted while
+        it waits.
+        """
+        check_timeout(timeout, "timeout")
+        boxes = mailbox_set(mailboxes)
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, self._family),
+        )
+        peer = None if isinstance(selector.source, frozenset) else selector.source
+        label = receiver if receiver is not None else threading.current_thread().name
+        endpoint = self._endpoint
+        self._enter()
+        try:
+            self._check_open()
+            self._drive()
+            now = time.monotonic()
+            message = endpoint.take_any(boxes, selector, receiver=label, lock=lock, now=now)
+            if message is None:
+                if timeout == 0:
+                    raise errors.ReceiveTimeout("no message waiting")
+                mark = self._departures.mark()
+                deadline = None if timeout is None else now + timeout
+                ticket = endpoint.wait_for_any(boxes, selector, receiver=label, lock=lock, now=now)
+                if peer is not None:
+                    endpoint.watch(peer, now)
+                try:
+                    message = self._await_message(ticket, peer, mark, timeout, deadline)
+                finally:
+                    if peer is not None and not self._closed:
+                        endpoint.unwatch(peer, time.monotonic())
+            else:
+                self._committer.flush(endpoint, now)  # durable: deletion commits before hand-out
+            if endpoint.has_output():
+                self._drive()
+            if lock is not None:
+                self._lock_timer()
+            return message
+        finally:
+            self._leave()
 
     def _receive(
         self,
