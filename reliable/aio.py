@@ -57,6 +57,7 @@ from .driver import (
     Departures,
     Destinations,
     MailboxHandle,
+    OutboxTarget,
     Target,
     Unreachable,
     batch_destination,
@@ -70,6 +71,7 @@ from .driver import (
     mailbox_set,
     manage_mailbox,
     open_socket,
+    outbox_destination,
     parse_manage_reply,
     parse_stats,
     receive_buffer,
@@ -91,6 +93,7 @@ from .endpoint import (
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
+from .outbox import AsyncOutbox, OutboxStore, settle_outbox_send
 from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
@@ -288,6 +291,7 @@ class AsyncNode:
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._committer = Committer(self._commit_finished)  # durable mailboxes
         self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
@@ -350,6 +354,8 @@ class AsyncNode:
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
         self._committer.close(self._endpoint, self._loop.time())
+        for store in self._outboxes:
+            store.close()  # sends the close cut short stay in it, for the next open
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -494,6 +500,102 @@ class AsyncNode:
                 store.close()
             raise
         return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
+
+    async def open_outbox(
+        self, path: str | os.PathLike[str], *, sync: str = "message"
+    ) -> AsyncOutbox:
+        """As :meth:`reliable.Node.open_outbox`: a durable outbox in the SQLite file
+        ``path``; the sends it still holds are sent again before this returns
+        (queued: their handles are ``outbox.replayed``)."""
+        self._require_started()
+        self._check_open()
+        store = OutboxStore(path, sync=sync)
+        self._outboxes.append(store)
+        outbox = AsyncOutbox(self, store)
+        for row in store.restored:
+            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            outbox.replayed.append(
+                await self._outbox_submit(
+                    store, row.row, target, row.data, row.msg_type, row.priority, None, block=True
+                )
+            )
+        return outbox
+
+    async def _outbox_send(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> AsyncSendHandle:
+        """Check, store (accepted: the commit runs on a worker thread), then send."""
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        addr, name, data = outbox_destination(
+            dest, data, msg_type, priority, mailbox, self._sock.family
+        )
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        row, tag = await asyncio.to_thread(store.add, addr, name, msg_type, priority, data)
+        target = OutboxTarget(addr, name, tag)
+        return await self._outbox_submit(
+            store, row, target, data, msg_type, priority, timeout, block=block
+        )
+
+    async def _outbox_submit(
+        self,
+        store: OutboxStore,
+        row: int,
+        target: OutboxTarget,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> AsyncSendHandle:
+        loop = self._require_started()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                try:
+                    future = self._submit(
+                        target,
+                        data,
+                        msg_type,
+                        priority,
+                        None,
+                        timeout,
+                        deadline,
+                        "",
+                        AsyncSendHandle(self, 0, None),
+                    )
+                    break
+                except errors.WouldBlock:
+                    if not block:
+                        raise
+                    remaining = None if deadline is None else deadline - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        raise errors.SendTimeout(
+                            target.addr, timeout or 0.0, stage="queued"
+                        ) from None
+                    self._check_open()
+                    await self._wait_change(remaining)
+        except BaseException:
+            store.settle(row)  # never queued: nothing to retry
+            raise
+
+        def settle(done: asyncio.Future[Receipt]) -> None:
+            settle_outbox_send(store, row, None if done.cancelled() else done.exception())
+
+        future.add_done_callback(settle)
+        return future
 
     def remote_mailbox(self, address: str) -> AsyncRemoteMailbox:
         """A handle to receive from mailbox ``host:port/name`` on another node (see
@@ -659,7 +761,7 @@ class AsyncNode:
 
     def _submit(
         self,
-        dest: str | tuple[Any, ...] | GroupAddress,
+        dest: str | tuple[Any, ...] | GroupAddress | OutboxTarget,
         data: bytes,
         msg_type: int,
         priority: int,
@@ -682,6 +784,8 @@ class AsyncNode:
         elif isinstance(dest, str) and is_group_url(dest):  # anycast://
             data = checked_message(data, msg_type, priority)
             target = group_destination(dest, mailbox)
+        elif isinstance(dest, OutboxTarget):  # a durable outbox's send, checked by the outbox
+            target, peer = dest, dest.addr
         else:
             target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
         busy = peer is not None and self._endpoint.in_flight(peer)

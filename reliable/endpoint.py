@@ -106,6 +106,7 @@ from .durable import DurableLog, MailboxStore, WriteBatch
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
+from .outbox_ids import TAG_MAX, DeliveredIds, parse_tagged
 from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
@@ -236,6 +237,16 @@ class _Anycast:
 CONVERSATION = 1.0
 
 
+def _tagged(mailbox: str, outbox: str) -> str:
+    """``mailbox`` tagged with outbox id ``outbox`` (checked: the name stays in bounds)."""
+    if not outbox.startswith("/") or len(mailbox.encode()) + len(outbox) > MAX_MAILBOX_BYTES:
+        raise errors.UsageError(
+            f"mailbox name {mailbox[:20]!r} is too long for an outbox send: keep it within "
+            f"{MAX_MAILBOX_BYTES - TAG_MAX} bytes"
+        )
+    return mailbox + outbox
+
+
 class Endpoint:
     """One rmsg node's protocol state, for every peer it talks to."""
 
@@ -318,6 +329,10 @@ class Endpoint:
         self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
         self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
         self._posted = 0  # local posts so far: their message ids
+        #: outbox message ids delivered here (outbox_ids.py), and those of messages parked
+        #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
+        self.outbox_ids = DeliveredIds()
+        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int]] = {}
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -340,8 +355,13 @@ class Endpoint:
         mailbox: str = "",
         timeout: float | None = None,
         deadline: float | None = None,
+        outbox: str = "",
     ) -> int:
         """Queue ``data`` for ``dest``; returns the ticket its events will carry.
+
+        ``outbox`` is a durable outbox's message id (``outbox_ids.format_tag``): it
+        travels with the mailbox name so that the receiving node delivers a
+        re-send after the sender's restart only once.
 
         A message not acknowledged ``timeout`` seconds after ``now`` (or by the
         absolute ``deadline``, when a caller already spent part of its timeout
@@ -364,6 +384,8 @@ class Endpoint:
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
+        if outbox:
+            mailbox = _tagged(mailbox, outbox)
         peer = self._peer_for_send(dest, now)
         if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
@@ -1467,7 +1489,12 @@ class Endpoint:
 
     def _screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
         """Judge a message (from ``source``) by its first fragment, before buffering the rest."""
-        return self._judge(frag.mailbox, frag.total_len, source)
+        name = frag.mailbox
+        if "/" in name:  # an outbox's id tags the name (outbox_ids.py): judge the mailbox
+            parsed = parse_tagged(name)
+            if parsed is not None:
+                name = parsed[0]
+        return self._judge(name, frag.total_len, source)
 
     def _judge(self, name: str, size: int, source: Any) -> Verdict | None:
         box = self._mailboxes.get(name)
@@ -1525,7 +1552,36 @@ class Endpoint:
         self._mailboxes[mailbox].offer(msg, now)
         return None
 
+    def _deliver_outbox(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        """A message tagged with an outbox id (``jobs/o.<outbox>.<row>.<floor>``): a
+        re-send of one delivered before is acknowledged and not delivered again."""
+        parsed = parse_tagged(d.mailbox)
+        if parsed is None:
+            return self._judge(d.mailbox, len(d.data), session.addr)  # no such mailbox
+        name, outbox, row, floor = parsed
+        if self.outbox_ids.seen(outbox, row, floor):
+            self._drop("duplicate.outbox")
+            return None  # it is in (or went through) its mailbox already: acknowledge it
+        d.mailbox = name
+        verdict = self._deliver(session, d, now)
+        if verdict is None:
+            self.outbox_ids.remember(outbox, row, floor)
+        elif verdict is Verdict.STAGED or verdict is Verdict.DEFERRED:
+            self.outbox_ids.remember(outbox, row, floor)
+            assert session.incarnation is not None
+            self._outbox_pending[(session.addr, session.incarnation, d.msg_id)] = (outbox, row)
+        return verdict
+
+    def _outbox_settled(self, msg: Message, entered: bool) -> None:
+        """A parked or staged outbox message entered its mailbox, or never will: a
+        re-send of it must then be delivered."""
+        key = self._outbox_pending.pop((msg.source, msg.incarnation, msg.msg_id), None)
+        if key is not None and not entered:
+            self.outbox_ids.forget(*key)
+
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        if "/" in d.mailbox:
+            return self._deliver_outbox(session, d, now)
         verdict = self._judge(d.mailbox, len(d.data), session.addr)
         if verdict is not None:
             return verdict
@@ -1583,6 +1639,8 @@ class Endpoint:
         """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
         if msg.group is not None:
             return  # a group's sender counted it delivered when it parked
+        if self._outbox_pending:
+            self._outbox_settled(msg, True)
         session = self._live_session(msg)
         if session is not None:
             session.release(len(msg.data))
@@ -1625,6 +1683,8 @@ class Endpoint:
 
     def _tell_discarded(self, msg: Message, verdict: Verdict) -> None:
         """A deferred message will never enter its mailbox: tell its sender ``verdict``."""
+        if self._outbox_pending:
+            self._outbox_settled(msg, False)
         session = self._live_session(msg) if msg.group is None else None
         if session is not None:
             session.release(len(msg.data))
@@ -1649,6 +1709,8 @@ class Endpoint:
             )
             for msg in removed:
                 self._held -= len(msg.data)
+                if self._outbox_pending:
+                    self._outbox_settled(msg, False)
                 if session is not None:
                     session.release(len(msg.data))
 

@@ -67,6 +67,7 @@ from .driver import (
     Departures,
     Destinations,
     MailboxHandle,
+    OutboxTarget,
     Target,
     Unreachable,
     batch_destination,
@@ -80,6 +81,7 @@ from .driver import (
     mailbox_set,
     manage_mailbox,
     open_socket,
+    outbox_destination,
     parse_manage_reply,
     parse_stats,
     receive_buffer,
@@ -101,6 +103,7 @@ from .endpoint import (
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
+from .outbox import Outbox, OutboxStore, settle_outbox_send
 from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
@@ -387,6 +390,7 @@ class Node:
         self._group_socks: list[socket.socket] = []
         self._unregistered: list[socket.socket] = []  # group sockets the leader's poll lacks
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._ready = select.poll()  # non-blocking readability checks, under the lock
         self._ready.register(self._sock.fileno(), _POLL_IN)
         self._poller = select.poll()  # the leader's blocking wait (one leader at a time)
@@ -1087,6 +1091,86 @@ class Node:
 
     # ------------------------------------------------------------- mailboxes
 
+    def open_outbox(self, path: str | os.PathLike[str], *, sync: str = "message") -> Outbox:
+        """Give this node a durable outbox in the SQLite file ``path``: sends made
+        through it are stored before they go out, and retried by the next
+        ``open_outbox`` on the file if this process dies first (see
+        :mod:`reliable.outbox` for exactly what is guaranteed).
+
+        Sends the file still holds (accepted before a crash, or cut short by
+        a close) are sent again now, in the order accepted; their handles are
+        ``outbox.replayed``. ``sync``: ``"message"`` fsyncs every accepted send,
+        ``"os"`` leaves it to the OS (survives the process, not a power loss).
+        """
+        self._check_open()
+        store = OutboxStore(path, sync=sync)
+        self._outboxes.append(store)
+        outbox = Outbox(self, store)
+        for row in store.restored:
+            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            label = (row.dest, row.mailbox)
+            outbox.replayed.append(
+                self._outbox_submit(
+                    store,
+                    row.row,
+                    target,
+                    row.data,
+                    row.msg_type,
+                    row.priority,
+                    None,
+                    label,
+                    block=True,
+                )
+            )
+        return outbox
+
+    def _outbox_send(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> SendHandle:
+        """Check, store (accepted), then send: an outbox's send."""
+        check_timeout(timeout, "timeout", positive=True)
+        addr, name, data = outbox_destination(dest, data, msg_type, priority, mailbox, self._family)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        row, tag = store.add(addr, name, msg_type, priority, data)
+        target = OutboxTarget(addr, name, tag)
+        return self._outbox_submit(
+            store, row, target, data, msg_type, priority, timeout, addr, block=block
+        )
+
+    def _outbox_submit(
+        self,
+        store: OutboxStore,
+        row: int,
+        target: OutboxTarget,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        timeout: float | None,
+        label: Any,
+        *,
+        block: bool,
+    ) -> SendHandle:
+        handle = SendHandle(self, 0, label)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._submit(
+                target, [data], handle, msg_type, priority, timeout, deadline, "", block=block
+            )
+        except BaseException:
+            store.settle(row)  # never queued: nothing to retry
+            raise
+        handle.add_done_callback(lambda done: settle_outbox_send(store, row, done.exception()))
+        return handle
+
     def create_mailbox(
         self,
         name: str,
@@ -1341,6 +1425,8 @@ class Node:
                 self._shut(errors.NodeClosed("the node closed"))
         finally:
             self._leave()
+        for store in self._outboxes:
+            store.close()  # sends the close cut short stay in it, for the next open
         self._wake()  # the background thread sees the node closed and ends
         if threading.current_thread() is not self._thread:
             self._thread.join(0.5)
