@@ -93,7 +93,9 @@ from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
 from .control import (
+    ADMITTED_MANY_MAX,
     Admitted,
+    AdmittedMany,
     Cancel,
     ControlMessage,
     Discarded,
@@ -333,6 +335,8 @@ class Endpoint:
         #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
         self.outbox_ids = DeliveredIds()
         self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int]] = {}
+        #: while a commit's messages enter their mailbox: their senders' ids, to admit
+        self._admits: dict[PeerSession, list[int]] | None = None
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -909,7 +913,19 @@ class Endpoint:
         if error is None and live:
             assert box is not None
             batch.log.inserted(batch.inserts)
-            box.committed(msgs, now)
+            # Their senders' receipts: one AdmittedMany per sender for the whole commit,
+            # not one control message per message (each one a reliable message of its own).
+            self._admits = {}
+            try:
+                box.committed(msgs, now)
+            finally:
+                admits, self._admits = self._admits, None
+            for session, ids in admits.items():
+                for at in range(0, len(ids), ADMITTED_MANY_MAX):
+                    chunk = ids[at : at + ADMITTED_MANY_MAX]
+                    outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
+                    session.send_control(outcome, now)
+                self._dirty[session.addr] = None
         elif msgs:
             if error is not None:
                 self._drop("store.failed")
@@ -1644,6 +1660,9 @@ class Endpoint:
         session = self._live_session(msg)
         if session is not None:
             session.release(len(msg.data))
+            if receiver is None and self._admits is not None:  # a commit: batched
+                self._admits.setdefault(session, []).append(msg.msg_id)
+                return
             outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
             session.send_control(outcome, self._now)
             self._dirty[session.addr] = None
@@ -1731,6 +1750,9 @@ class Endpoint:
             return
         if isinstance(ctl, (Admitted, Discarded)):
             session.on_outcome(ctl, now)
+        elif isinstance(ctl, AdmittedMany):
+            for msg_id in ctl.msg_ids:
+                session.on_outcome(Admitted(msg_id), now)
         elif isinstance(ctl, Cancel):
             inc = session.incarnation
             wire_id = ctl.msg_id

@@ -117,6 +117,7 @@ class SqliteStore:
         self.mailbox = mailbox
         self.sync = sync
         self.commits = 0  #: transactions committed
+        self._sources: dict[Any, str] = {}  # source address -> its stored text
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
@@ -182,18 +183,27 @@ class SqliteStore:
 
     def commit(self, inserts: list[tuple[int, Message]], deletes: list[int], destroy: bool) -> None:
         """Write one batch: one transaction, or (``sync="message"``) one per row."""
-        rows = [
-            (
-                row,
-                m.priority,
-                m.msg_type,
-                _source_text(m.source),
-                _signed(m.incarnation),
-                _signed(m.msg_id),
-                m.data,
+        # A batch comes from a few senders: each one's source text is made once, not per
+        # row (json.dumps was a sixth of a 1024-row commit's time).
+        sources = self._sources
+        if len(sources) > 4096:
+            sources.clear()
+        rows = []
+        for row, m in inserts:
+            text = sources.get(m.source)
+            if text is None:
+                text = sources[m.source] = _source_text(m.source)
+            rows.append(
+                (
+                    row,
+                    m.priority,
+                    m.msg_type,
+                    text,
+                    _signed(m.incarnation),
+                    _signed(m.msg_id),
+                    m.data,
+                )
             )
-            for row, m in inserts
-        ]
         conn = self._conn
         insert = "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)"
         delete = "DELETE FROM messages WHERE row = ?"
