@@ -1108,7 +1108,6 @@ class Node:
         outbox = Outbox(self, store)
         for row in store.restored:
             target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
-            label = (row.dest, row.mailbox)
             outbox.replayed.append(
                 self._outbox_submit(
                     store,
@@ -1118,7 +1117,7 @@ class Node:
                     row.msg_type,
                     row.priority,
                     None,
-                    label,
+                    row.dest,
                     block=True,
                 )
             )
