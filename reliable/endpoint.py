@@ -334,7 +334,7 @@ class Endpoint:
         #: outbox message ids delivered here (outbox_ids.py), and those of messages parked
         #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
         self.outbox_ids = DeliveredIds()
-        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int]] = {}
+        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
         #: while a commit's messages enter their mailbox: their senders' ids, to admit
         self._admits: dict[PeerSession, list[int]] | None = None
         self._create(
@@ -873,6 +873,11 @@ class Endpoint:
 
     def _make_durable(self, box: Mailbox, store: MailboxStore) -> None:
         box.log = DurableLog(store)
+        # The outbox message ids its messages came with (oldest floor first: a later,
+        # higher floor then forgets what it settles): re-sends are still recognised.
+        restored_ids: list[tuple[int, int, int]] = getattr(store, "restored_ids", [])
+        for outbox, row, floor in sorted(restored_ids, key=lambda i: i[2]):
+            self.outbox_ids.remember(outbox, row, floor)
         for _row, msg in store.restored:
             msg = replace(msg, mailbox=box.name)
             box.log.rows[msg] = _row
@@ -891,6 +896,15 @@ class Endpoint:
         for box in self._durable.values():
             if box.log is not None and box.log.pending():
                 batches.append(box.log.take_batch(box.name, limit))
+        if self._outbox_pending:
+            # Outbox message ids go to the store with their messages, so that a restart
+            # of this node still recognises a re-send of what it delivered (outbox_ids.py).
+            pending = self._outbox_pending
+            for batch in batches:
+                for row, msg in batch.inserts:
+                    key = pending.get((msg.source, msg.incarnation, msg.msg_id))
+                    if key is not None:
+                        batch.ids.append((row, *key))
         return batches
 
     def durable_stores(self) -> list[MailboxStore]:
@@ -1585,7 +1599,8 @@ class Endpoint:
         elif verdict is Verdict.STAGED or verdict is Verdict.DEFERRED:
             self.outbox_ids.remember(outbox, row, floor)
             assert session.incarnation is not None
-            self._outbox_pending[(session.addr, session.incarnation, d.msg_id)] = (outbox, row)
+            pending_key = (session.addr, session.incarnation, d.msg_id)
+            self._outbox_pending[pending_key] = (outbox, row, floor)
         return verdict
 
     def _outbox_settled(self, msg: Message, entered: bool) -> None:
@@ -1593,7 +1608,7 @@ class Endpoint:
         re-send of it must then be delivered."""
         key = self._outbox_pending.pop((msg.source, msg.incarnation, msg.msg_id), None)
         if key is not None and not entered:
-            self.outbox_ids.forget(*key)
+            self.outbox_ids.forget(key[0], key[1])
 
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
         if "/" in d.mailbox:

@@ -37,7 +37,8 @@ What is guaranteed, exactly:
   committed yet, in which case it is re-sent and the receiver's memory
   catches it.
 * **Delivered once** while the receiving node remembers the id: it does
-  unless it restarted in between, or more than ``REMEMBERED_OUTBOXES``
+  unless it restarted in between (a durable mailbox stores the ids with its
+  messages: a restart on its file remembers them), or more than ``REMEMBERED_OUTBOXES``
   other outboxes, or more than ``REMEMBERED_ROWS`` of this outbox's sends
   above its floor, came between. Past those bounds a re-send is delivered
   again: at least once, never lost.

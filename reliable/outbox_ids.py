@@ -27,8 +27,11 @@ outstanding.
 Bounds (what the guarantee rests on): the memory holds at most
 :data:`REMEMBERED_OUTBOXES` outboxes (least recently heard from forgotten
 first) and :data:`REMEMBERED_ROWS` rows above each floor (the oldest
-forgotten first). It lives in the receiving node's memory: a receiving node
-that restarts has forgotten it. A forgotten id delivered again is a
+forgotten first). It lives in the receiving node's memory; a durable mailbox
+also stores the ids of the messages it took in with them (``outbox_ids``
+table, :mod:`reliable.store`), and a node restarting on that file
+remembers them again. A receiving node that restarts otherwise has
+forgotten them. A forgotten id delivered again is a
 duplicate (at least once); nothing is ever dropped because of the memory,
 since a row is treated as delivered only when this node remembers it or the
 sender itself declared it settled (below the floor).

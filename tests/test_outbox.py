@@ -255,3 +255,64 @@ def test_asyncnode_outbox_sends_and_replays(tmp_path: Path) -> None:
         asyncio.run(main())
         assert [box.receive(timeout=5).data for _ in range(3)] == [b"left", b"new", b"newer"]
     assert _rows(path) == []
+
+
+# ------------------------------------------------ ids kept by a durable mailbox
+
+
+def test_a_durable_mailbox_keeps_the_ids_so_a_restarted_receiver_still_knows_them() -> None:
+    import random
+
+    from reliable import Config, Endpoint
+    from reliable.store import MemoryStore, sync_stores
+
+    from .harness import B, Side
+
+    p = Pair(release=False)
+    store = MemoryStore()
+    p.b.create_mailbox("jobs", store=store)
+    p.a.endpoint.send(B, b"received", now=p.now, mailbox="jobs", outbox=TAG)
+    p.a.endpoint.send(B, b"queued", now=p.now, mailbox="jobs", outbox=format_tag(0xABC, 2, 1))
+    for _ in range(50):
+        p.transfer(p.a)
+        p.transfer(p.b)
+        sync_stores(p.b.endpoint, p.now)
+        p.tick()
+    got = p.b.endpoint.take("jobs", now=p.now)
+    sync_stores(p.b.endpoint, p.now)
+    assert got is not None and got.data == b"received"
+    assert sorted(store.ids) == [(0xABC, 1, 1), (0xABC, 2, 1)]
+    # Both nodes crash. The receiver comes back on its store; the sender sends both again.
+    p.restart_b()
+    p.b.create_mailbox("jobs", store=store.crashed())
+    p.a = Side(A, Endpoint(Config(), rng=random.Random(7)))
+    p.a.endpoint.send(B, b"received", now=p.now, mailbox="jobs", outbox=TAG)
+    p.a.endpoint.send(B, b"queued", now=p.now, mailbox="jobs", outbox=format_tag(0xABC, 2, 1))
+    p.run(0.5)
+    assert len(p.a.of(events.MessageDelivered)) == 2, "both acknowledged"
+    assert p.b.endpoint.stats().dropped.get("duplicate.outbox") == 2, "neither delivered again"
+    left = p.b.endpoint.take("jobs", now=p.now)
+    assert left is not None and left.data == b"queued"
+    assert p.b.endpoint.take("jobs", now=p.now) is None
+
+
+def test_the_sqlite_store_keeps_ids_and_forgets_what_a_floor_settles(tmp_path: Path) -> None:
+    from reliable.message import Message
+    from reliable.store import SqliteStore
+
+    path = tmp_path / "box.db"
+    store = SqliteStore(path, "jobs")
+    msgs = [Message(source=("127.0.0.1", 1), data=b"%d" % i, mailbox="jobs") for i in range(3)]
+    big = 2**64 - 5  # outbox ids are 64-bit unsigned
+    store.commit([(1, msgs[0]), (2, msgs[1])], [], False, ids=[(1, big, 7, 7), (2, big, 8, 7)])
+    store.close()
+    store = SqliteStore(path, "jobs")
+    assert sorted(store.restored_ids) == [(big, 7, 7), (big, 8, 7)]
+    store.commit([(3, msgs[2])], [1, 2], False, ids=[(3, big, 9, 8)])  # floor 8: 7 goes
+    store.close()
+    store = SqliteStore(path, "jobs")
+    assert sorted(store.restored_ids) == [(big, 8, 7), (big, 9, 8)]
+    assert [row for row, _ in store.restored] == [3]
+    store.commit([], [], True)  # the mailbox was deleted: its file is emptied
+    store.close()
+    assert SqliteStore(path, "jobs").restored_ids == []
