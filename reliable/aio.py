@@ -548,6 +548,50 @@ class AsyncNode:
             store, row, target, data, msg_type, priority, timeout, block=block
         )
 
+    async def _outbox_send_many(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        messages: list[bytes],
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+    ) -> list[AsyncSendHandle]:
+        """Check all, store all in one commit (on a worker thread), then send each."""
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        family = self._sock.family
+        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, family)
+        checked = [checked_message(data, msg_type, priority) for data in messages]
+        for data in checked:
+            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        if not checked:
+            return []
+        stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
+        handles = []
+        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
+            try:
+                handles.append(
+                    await self._outbox_submit(
+                        store,
+                        row,
+                        OutboxTarget(addr, name, tag),
+                        data,
+                        msg_type,
+                        priority,
+                        timeout,
+                        block=True,
+                    )
+                )
+            except BaseException:
+                for later, _tag in stored[index + 1 :]:
+                    store.settle(later)  # never queued: nothing to retry
+                raise
+        return handles
+
     async def _outbox_submit(
         self,
         store: OutboxStore,

@@ -1145,6 +1145,47 @@ class Node:
             store, row, target, data, msg_type, priority, timeout, addr, block=block
         )
 
+    def _outbox_send_many(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        messages: list[bytes],
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+    ) -> list[SendHandle]:
+        """Check all, store all in one commit, then send each: an outbox's send_many."""
+        check_timeout(timeout, "timeout", positive=True)
+        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, self._family)
+        checked = [checked_message(data, msg_type, priority) for data in messages]
+        for data in checked:
+            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        if not checked:
+            return []
+        stored = store.add_many(addr, name, msg_type, priority, checked)
+        handles = []
+        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
+            try:
+                handles.append(
+                    self._outbox_submit(
+                        store,
+                        row,
+                        OutboxTarget(addr, name, tag),
+                        data,
+                        msg_type,
+                        priority,
+                        timeout,
+                        addr,
+                        block=True,
+                    )
+                )
+            except BaseException:
+                for later, _tag in stored[index + 1 :]:
+                    store.settle(later)  # never queued: nothing to retry
+                raise
+        return handles
+
     def _outbox_submit(
         self,
         store: OutboxStore,

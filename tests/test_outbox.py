@@ -316,3 +316,39 @@ def test_the_sqlite_store_keeps_ids_and_forgets_what_a_floor_settles(tmp_path: P
     store.commit([], [], True)  # the mailbox was deleted: its file is emptied
     store.close()
     assert SqliteStore(path, "jobs").restored_ids == []
+
+
+@pytestmark_loopback
+def test_send_many_stores_all_in_one_commit_then_sends_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "out.db"
+    with Node() as server, Node() as client:
+        box = server.create_mailbox("jobs")
+        outbox = client.open_outbox(path)
+        dest = f"127.0.0.1:{server.address[1]}/jobs"
+        commits = outbox.store.commits
+        handles = outbox.send_many(dest, (b"%d" % i for i in range(50)))
+        assert outbox.store.commits == commits + 1, "one transaction for the fifty"
+        assert [h.result(5).mailbox for h in handles] == ["jobs"] * 50
+        assert [m.data for m in box.receive_many(50, timeout=5)] == [b"%d" % i for i in range(50)]
+        with pytest.raises(errors.UsageError, match="priority"):
+            outbox.send_many(dest, [b"ok", b"ok"], priority=70000)
+        with pytest.raises(errors.UsageError):
+            outbox.send_many(dest, [b"ok", "not bytes"])  # type: ignore[list-item]
+        assert outbox.send_many(dest, []) == []
+        outbox.flush()
+        assert outbox.store.count() == 0, "nothing of the refused batches was stored"
+
+
+@pytestmark_loopback
+def test_asyncnode_outbox_send_many(tmp_path: Path) -> None:
+    with Node() as server:
+        box = server.create_mailbox("jobs")
+
+        async def main() -> None:
+            async with AsyncNode() as client:
+                outbox = await client.open_outbox(tmp_path / "out.db")
+                handles = await outbox.send_many(server.address, [b"a", b"b"], mailbox="jobs")
+                assert [(await h).mailbox for h in handles] == ["jobs", "jobs"]
+
+        asyncio.run(main())
+        assert [m.data for m in box.receive_many(2, timeout=5)] == [b"a", b"b"]
