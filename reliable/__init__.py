@@ -66,6 +66,7 @@ from .errors import (
 from .mailbox import Selector
 from .message import GroupReceipt, Message, Receipt
 from .node import BatchHandle, GroupSendHandle, Mailbox, Node, RemoteMailbox, SendHandle
+from .outbox import Outbox
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed for checkers
     from .aio import (
@@ -120,6 +121,7 @@ __all__ = [
     "Receipt",
     "ReceiveRefused",
     "ReceiveTimeout",
+    "Outbox",
     "RemoteMailbox",
     "ReliableError",
     "SendAborted",

@@ -57,6 +57,7 @@ from .driver import (
     Departures,
     Destinations,
     MailboxHandle,
+    OutboxTarget,
     Target,
     Unreachable,
     batch_destination,
@@ -67,8 +68,11 @@ from .driver import (
     enqueue,
     group_destination,
     group_target,
+    mailbox_set,
     manage_mailbox,
     open_socket,
+    outbox_destination,
+    parse_manage_reply,
     parse_stats,
     receive_buffer,
     receive_failure,
@@ -89,6 +93,8 @@ from .endpoint import (
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
+from .outbox import AsyncOutbox, OutboxStore, settle_outbox_send
+from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -274,6 +280,7 @@ class AsyncNode:
         self._groups: GroupSockets | None = None
         self._receives: dict[int, asyncio.Future[Message]] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
+        self._manage_replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # manage, transfer
         self._departures = Departures()
         # Futures of coroutines waiting for "something changed". Registered synchronously,
         # right after their condition was checked, so no change can slip in between
@@ -284,6 +291,7 @@ class AsyncNode:
         self._closed = False
         self._close_done: asyncio.Future[None] | None = None
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._committer = Committer(self._commit_finished)  # durable mailboxes
         self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
@@ -346,6 +354,8 @@ class AsyncNode:
         self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
         self._committer.close(self._endpoint, self._loop.time())
+        for store in self._outboxes:
+            store.close()  # sends the close cut short stay in it, for the next open
         if self._groups is not None:
             for group_sock in self._groups.sockets():
                 self._loop.remove_reader(group_sock.fileno())
@@ -354,6 +364,7 @@ class AsyncNode:
             *self._handles.values(),
             *self._receives.values(),
             *self._stats_replies.values(),
+            *self._manage_replies.values(),
         ]
         for future in futures:
             if not future.done():
@@ -361,6 +372,7 @@ class AsyncNode:
         self._handles.clear()
         self._receives.clear()
         self._stats_replies.clear()
+        self._manage_replies.clear()
         self._notify()
 
     @property
@@ -400,6 +412,64 @@ class AsyncNode:
             self._stats_replies.pop(request, None)
         return parse_stats(body)
 
+    async def manage(
+        self,
+        dest: str | tuple[Any, ...],
+        action: str,
+        mailbox: str,
+        *,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+        node: str = "",
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        """As :meth:`reliable.Node.manage`: ask the node at ``dest`` to ``inspect``,
+        ``set_limits``, ``delete``, ``grant`` or ``revoke`` its mailbox ``mailbox``
+        (what ``rmsg ctl`` does), without blocking the loop while it answers."""
+        check_timeout(timeout, "timeout", positive=True)
+        if action not in ACTIONS:
+            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        self._require_started()
+        assert self._sock is not None
+        addr = resolve_destination(dest, self._sock.family)
+        request = Manage(0, action, mailbox, capacity, max_bytes, node)
+        return await self._managed_call(
+            addr, lambda now: self._endpoint.manage(addr, request, now), timeout
+        )
+
+    async def _managed_call(
+        self, addr: Address, start: Callable[[float], int], timeout: float
+    ) -> dict[str, Any]:
+        """Run ``start(now)`` (a management request or a transfer; it returns the
+        request number) and await its answer."""
+        loop = self._require_started()
+        self._check_open()
+        number = start(loop.time())
+        future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self._manage_replies[number] = future
+        self._pump([])
+        try:
+            status, body = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.ReceiveTimeout(
+                f"{errors.format_address(addr)} did not answer within {timeout:g}s "
+                "(is an rmsg node running there?)"
+            ) from None
+        finally:
+            self._manage_replies.pop(number, None)
+        return parse_manage_reply(addr, status, body)
+
+    async def _transfer(
+        self, name: str, to: str | tuple[Any, ...], timeout: float
+    ) -> dict[str, Any]:
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        addr = resolve_destination(to, self._sock.family)
+        return await self._managed_call(
+            addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
+        )
+
     # ------------------------------------------------------------- mailboxes
 
     def create_mailbox(
@@ -430,6 +500,146 @@ class AsyncNode:
                 store.close()
             raise
         return AsyncMailbox(self, name, owner if port else None)  # only a port dies with it
+
+    async def open_outbox(
+        self, path: str | os.PathLike[str], *, sync: str = "message"
+    ) -> AsyncOutbox:
+        """As :meth:`reliable.Node.open_outbox`: a durable outbox in the SQLite file
+        ``path``; the sends it still holds are sent again before this returns
+        (queued: their handles are ``outbox.replayed``)."""
+        self._require_started()
+        self._check_open()
+        store = OutboxStore(path, sync=sync)
+        self._outboxes.append(store)
+        outbox = AsyncOutbox(self, store)
+        for row in store.restored:
+            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            outbox.replayed.append(
+                await self._outbox_submit(
+                    store, row.row, target, row.data, row.msg_type, row.priority, None, block=True
+                )
+            )
+        return outbox
+
+    async def _outbox_send(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> AsyncSendHandle:
+        """Check, store (accepted: the commit runs on a worker thread), then send."""
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        addr, name, data = outbox_destination(
+            dest, data, msg_type, priority, mailbox, self._sock.family
+        )
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        row, tag = await asyncio.to_thread(store.add, addr, name, msg_type, priority, data)
+        target = OutboxTarget(addr, name, tag)
+        return await self._outbox_submit(
+            store, row, target, data, msg_type, priority, timeout, block=block
+        )
+
+    async def _outbox_send_many(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        messages: list[bytes],
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+    ) -> list[AsyncSendHandle]:
+        """Check all, store all in one commit (on a worker thread), then send each."""
+        check_timeout(timeout, "timeout", positive=True)
+        self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        family = self._sock.family
+        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, family)
+        checked = [checked_message(data, msg_type, priority) for data in messages]
+        for data in checked:
+            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        if not checked:
+            return []
+        stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
+        handles = []
+        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
+            try:
+                handles.append(
+                    await self._outbox_submit(
+                        store,
+                        row,
+                        OutboxTarget(addr, name, tag),
+                        data,
+                        msg_type,
+                        priority,
+                        timeout,
+                        block=True,
+                    )
+                )
+            except BaseException:
+                for later, _tag in stored[index + 1 :]:
+                    store.settle(later)  # never queued: nothing to retry
+                raise
+        return handles
+
+    async def _outbox_submit(
+        self,
+        store: OutboxStore,
+        row: int,
+        target: OutboxTarget,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> AsyncSendHandle:
+        loop = self._require_started()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                try:
+                    future = self._submit(
+                        target,
+                        data,
+                        msg_type,
+                        priority,
+                        None,
+                        timeout,
+                        deadline,
+                        "",
+                        AsyncSendHandle(self, 0, None),
+                    )
+                    break
+                except errors.WouldBlock:
+                    if not block:
+                        raise
+                    remaining = None if deadline is None else deadline - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        raise errors.SendTimeout(
+                            target.addr, timeout or 0.0, stage="queued"
+                        ) from None
+                    self._check_open()
+                    await self._wait_change(remaining)
+        except BaseException:
+            store.settle(row)  # never queued: nothing to retry
+            raise
+
+        def settle(done: asyncio.Future[Receipt]) -> None:
+            settle_outbox_send(store, row, None if done.cancelled() else done.exception())
+
+        future.add_done_callback(settle)
+        return future
 
     def remote_mailbox(self, address: str) -> AsyncRemoteMailbox:
         """A handle to receive from mailbox ``host:port/name`` on another node (see
@@ -595,7 +805,7 @@ class AsyncNode:
 
     def _submit(
         self,
-        dest: str | tuple[Any, ...] | GroupAddress,
+        dest: str | tuple[Any, ...] | GroupAddress | OutboxTarget,
         data: bytes,
         msg_type: int,
         priority: int,
@@ -618,6 +828,8 @@ class AsyncNode:
         elif isinstance(dest, str) and is_group_url(dest):  # anycast://
             data = checked_message(data, msg_type, priority)
             target = group_destination(dest, mailbox)
+        elif isinstance(dest, OutboxTarget):  # a durable outbox's send, checked by the outbox
+            target, peer = dest, dest.addr
         else:
             target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
         busy = peer is not None and self._endpoint.in_flight(peer)
@@ -987,6 +1199,79 @@ class AsyncNode:
             truncate=truncate,
         )
 
+    async def receive_any(
+        self,
+        mailboxes: Iterable[str | MailboxHandle],
+        timeout: float | None = None,
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> Message:
+        """As :meth:`reliable.Node.receive_any`: the next message from any of several
+        local ``mailboxes`` (a select over queues); ``msg.mailbox`` says which."""
+        check_timeout(timeout, "timeout")
+        boxes = mailbox_set(mailboxes)
+        loop = self._require_started()
+        assert self._sock is not None
+        self._check_open()
+        family = self._sock.family
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, family),
+        )
+        if receiver is None:
+            task = asyncio.current_task(loop)
+            receiver = task.get_name() if task is not None else "asyncio"
+        endpoint = self._endpoint
+        mark = self._departures.mark()
+        now = loop.time()
+        if self._posts:
+            self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
+        message = endpoint.take_any(boxes, selector, receiver=receiver, lock=lock, now=now)
+        if message is not None:
+            self._handed_out(lock is not None)
+            return message
+        if timeout == 0:
+            raise errors.ReceiveTimeout("no message waiting")
+        deadline = None if timeout is None else now + timeout
+        peer = None if isinstance(selector.source, frozenset) else selector.source
+        ticket = endpoint.wait_for_any(boxes, selector, receiver=receiver, lock=lock, now=now)
+        future: asyncio.Future[Message] = loop.create_future()
+        self._receives[ticket] = future
+        if peer is not None:
+            endpoint.watch(peer, now)
+        self._pump([])
+        try:
+            while not future.done():
+                remaining = None if deadline is None else deadline - loop.time()
+                failure = receive_failure(
+                    closed=self._closed or endpoint.closing,
+                    departures=self._departures,
+                    peer=peer,
+                    mark=mark,
+                    remaining=remaining,
+                    timeout=timeout,
+                )
+                if failure is not None:
+                    if self._closed or endpoint.cancel_wait(ticket):
+                        raise failure
+                    break
+                await self._wait_change(remaining)
+            return future.result()
+        finally:
+            self._receives.pop(ticket, None)
+            if peer is not None and not self._closed:
+                endpoint.unwatch(peer, loop.time())
+
     async def _receive_many(
         self,
         mailbox: str,
@@ -1297,7 +1582,9 @@ class AsyncNode:
         self._notify()
 
     def _on_manage(self, request: int, status: int, body: bytes) -> None:
-        pass  # management requests (rmsg ctl) go through the blocking Node
+        future = self._manage_replies.get(request)
+        if future is not None and not future.done():
+            future.set_result((status, body))
 
     def _on_stats(self, peer: Any, request: int, body: bytes) -> None:
         future = self._stats_replies.get(request)
@@ -1376,6 +1663,12 @@ class AsyncMailbox(MailboxHandle):
             max_size=max_size,
             truncate=truncate,
         )
+
+    async def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+        """As :meth:`reliable.Mailbox.transfer`: move this mailbox (queued messages,
+        grants, the right to manage it) to the node at ``to``, which consented by
+        creating an empty mailbox of the same name."""
+        return await self._node._transfer(self.name, to, timeout)
 
     def receive_nowait(
         self,

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from .wire import Verdict
 
 __all__ = [
+    "ADMITTED_MANY_MAX",
     "Admitted",
+    "AdmittedMany",
     "Cancel",
     "ControlMessage",
     "Discarded",
@@ -44,6 +46,9 @@ _U32 = struct.Struct("!I")
 _ADMITTED = struct.Struct("!IBB")  # msg_id, taken, receiver label length
 _DISCARDED = struct.Struct("!IB")  # msg_id, verdict
 _MAX_LABEL = 255
+_U16 = struct.Struct("!H")
+#: Most message ids one ``AdmittedMany`` carries (803 bytes: one fragment at any MTU).
+ADMITTED_MANY_MAX = 200
 
 
 class Op(enum.IntEnum):
@@ -52,6 +57,7 @@ class Op(enum.IntEnum):
     CANCEL = 3
     STATS_REQUEST = 4
     STATS_REPLY = 5
+    ADMITTED_MANY = 6
 
 
 class MalformedControl(ValueError):
@@ -65,6 +71,14 @@ class Admitted:
     msg_id: int
     taken: bool = False
     receiver: str = ""  #: who took it, when ``taken`` (a rendezvous)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedMany:
+    """Deferred messages ``msg_ids`` entered their mailbox (none taken by a receiver):
+    one control message for a durable mailbox's whole commit, instead of one each."""
+
+    msg_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +119,9 @@ class RawControl:
     payload: bytes
 
 
-ControlMessage = Admitted | Discarded | Cancel | StatsRequest | StatsReply | RawControl
+ControlMessage = (
+    Admitted | AdmittedMany | Discarded | Cancel | StatsRequest | StatsReply | RawControl
+)
 
 
 def encode_control(msg: ControlMessage) -> bytes:
@@ -115,6 +131,10 @@ def encode_control(msg: ControlMessage) -> bytes:
         label = msg.receiver.encode("utf-8")[:_MAX_LABEL]
         head = _ADMITTED.pack(msg.msg_id & 0xFFFFFFFF, int(msg.taken), len(label))
         return bytes([Op.ADMITTED]) + head + label
+    if isinstance(msg, AdmittedMany):
+        ids = msg.msg_ids
+        head = bytes([Op.ADMITTED_MANY]) + _U16.pack(len(ids))
+        return head + struct.pack(f"!{len(ids)}I", *(i & 0xFFFFFFFF for i in ids))
     if isinstance(msg, Discarded):
         return bytes([Op.DISCARDED]) + _DISCARDED.pack(msg.msg_id & 0xFFFFFFFF, msg.verdict)
     if isinstance(msg, Cancel):
@@ -136,6 +156,11 @@ def decode_control(data: bytes) -> ControlMessage:
             if len(label) != n or taken > 1:
                 raise MalformedControl("bad ADMITTED")
             return Admitted(msg_id, bool(taken), label.decode("utf-8"))
+        if op == Op.ADMITTED_MANY:
+            (count,) = _U16.unpack_from(body)
+            if not 0 < count <= ADMITTED_MANY_MAX or len(body) != _U16.size + 4 * count:
+                raise MalformedControl("bad ADMITTED_MANY")
+            return AdmittedMany(struct.unpack_from(f"!{count}I", body, _U16.size))
         if op == Op.DISCARDED:
             if len(body) != _DISCARDED.size:
                 raise MalformedControl("bad DISCARDED")

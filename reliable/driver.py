@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import errors, events, udpio
 from .addressing import (
@@ -52,6 +52,7 @@ from .addressing import (
 from .endpoint import Endpoint, check_integer, message_bytes
 from .mailbox import Selector, check_mailbox_name
 from .message import GroupReceipt, Message, Receipt
+from .outbox import check_outbox_mailbox
 from .stats import MailboxStats, NodeStats
 
 __all__ = [
@@ -301,6 +302,27 @@ def batch_destination(
     return resolve_destination(node, family), name, datas
 
 
+def outbox_destination(
+    dest: str | tuple[Any, ...],
+    data: bytes,
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    family: int,
+) -> tuple[Address, str, bytes]:
+    """A durable outbox send's arguments checked before it is stored: one node's
+    address, the mailbox name (with room for the outbox id) and the data as bytes."""
+    if isinstance(dest, str) and is_group_url(dest):
+        raise errors.UsageError(
+            "an outbox sends to one node's mailbox (host:port/name), not to a group or an "
+            "anycast service"
+        )
+    data = checked_message(data, msg_type, priority)
+    node, name = split_destination(dest, mailbox)
+    check_outbox_mailbox(name)
+    return resolve_destination(node, family), name, data
+
+
 def check_count(max_count: object) -> None:
     """``receive_many``'s ``max_count``: a positive integer."""
     if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
@@ -331,7 +353,16 @@ def checked_message(data: object, msg_type: object, priority: object) -> bytes:
 
 
 #: Where a message goes once its destination is parsed: a node and mailbox, a group, a service.
-Target = tuple[Address, str] | GroupAddress | ServiceAddress
+class OutboxTarget(NamedTuple):
+    """A send from a durable outbox (reliable/outbox.py): one node's mailbox, and the
+    message's outbox id, which travels with the mailbox name (outbox_ids.format_tag)."""
+
+    addr: Address
+    mailbox: str
+    tag: str
+
+
+Target = tuple[Address, str] | GroupAddress | ServiceAddress | OutboxTarget
 
 
 def enqueue(
@@ -360,6 +391,18 @@ def enqueue(
     if isinstance(target, GroupAddress):
         return endpoint.send_group(
             target, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+        )
+    if isinstance(target, OutboxTarget):
+        return endpoint.send(
+            target.addr,
+            data,
+            now=now,
+            msg_type=msg_type,
+            priority=priority,
+            mailbox=target.mailbox,
+            timeout=timeout,
+            deadline=deadline,
+            outbox=target.tag,
         )
     addr, mailbox = target
     return endpoint.send(
@@ -1058,6 +1101,31 @@ class MailboxHandle:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int | None]]:
+    """The ``(name, owner)`` pairs of a receive from a set of mailboxes (names, or
+    handles: a port's owner handle carries the right to receive from it)."""
+    if isinstance(mailboxes, (str, MailboxHandle)):
+        raise errors.UsageError(
+            "receive_any takes a list of mailboxes, e.g. ['jobs', 'urgent']; "
+            "to receive from one, use receive(mailbox=...)"
+        )
+    chosen: list[tuple[str, int | None]] = []
+    for box in mailboxes:
+        if isinstance(box, MailboxHandle):
+            chosen.append((box.name, box._owner))
+        elif isinstance(box, str):
+            check_mailbox_name(box)
+            chosen.append((box, None))
+        else:
+            raise errors.UsageError(f"a mailbox is a name or a handle, not {box!r}")
+    if not chosen:
+        raise errors.UsageError("give at least one mailbox to receive from")
+    names = [name for name, _ in chosen]
+    if len(set(names)) != len(names):
+        raise errors.UsageError(f"name each mailbox once: {names}")
+    return chosen
 
 
 def node_address(node: str | tuple[Any, ...]) -> Address:

@@ -66,9 +66,17 @@ class MailboxStore(Protocol):
         """The stored messages, ``(row, message)`` in row (commit) order."""
         ...
 
-    def commit(self, inserts: list[tuple[int, Message]], deletes: list[int], destroy: bool) -> None:
+    def commit(
+        self,
+        inserts: list[tuple[int, Message]],
+        deletes: list[int],
+        destroy: bool,
+        ids: list[tuple[int, int, int, int]] | None = None,
+    ) -> None:
         """Write one batch durably (per the store's sync policy); raise ``OSError`` or
-        ``sqlite3.Error`` if it could not."""
+        ``sqlite3.Error`` if it could not. ``ids``: the durable outbox message ids
+        of inserted messages, ``(row, outbox, outbox row, floor)``, to store with
+        them (a store offers them back as ``restored_ids``)."""
         ...
 
     def close(self) -> None: ...
@@ -86,6 +94,9 @@ class WriteBatch:
     destroy: bool = False  #: the mailbox was deleted: remove everything it stored
     #: waiting receivers served meanwhile, answered once their deletes are committed
     handoffs: list[tuple[int, Message]] = field(default_factory=list)
+    #: durable outbox message ids of inserted messages (``reliable.outbox_ids``):
+    #: (the message's row, outbox, outbox row, floor), stored with their messages
+    ids: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class DurableLog:

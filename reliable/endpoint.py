@@ -93,7 +93,9 @@ from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
 from .control import (
+    ADMITTED_MANY_MAX,
     Admitted,
+    AdmittedMany,
     Cancel,
     ControlMessage,
     Discarded,
@@ -106,6 +108,7 @@ from .durable import DurableLog, MailboxStore, WriteBatch
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
+from .outbox_ids import TAG_MAX, DeliveredIds, parse_tagged
 from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
@@ -236,6 +239,16 @@ class _Anycast:
 CONVERSATION = 1.0
 
 
+def _tagged(mailbox: str, outbox: str) -> str:
+    """``mailbox`` tagged with outbox id ``outbox`` (checked: the name stays in bounds)."""
+    if not outbox.startswith("/") or len(mailbox.encode()) + len(outbox) > MAX_MAILBOX_BYTES:
+        raise errors.UsageError(
+            f"mailbox name {mailbox[:20]!r} is too long for an outbox send: keep it within "
+            f"{MAX_MAILBOX_BYTES - TAG_MAX} bytes"
+        )
+    return mailbox + outbox
+
+
 class Endpoint:
     """One rmsg node's protocol state, for every peer it talks to."""
 
@@ -285,6 +298,8 @@ class Endpoint:
         self._mailboxes: dict[str, Mailbox] = {}
         self._held = 0  # bytes in all mailboxes, parked included
         self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
+        # A receive from a set of mailboxes waits in each one's line under one ticket.
+        self._waiting_sets: dict[int, list[str]] = {}
         self._next_waiter = 1
         self._next_owner = 1
         self._handoffs = 0  # messages handed straight to a waiting receiver
@@ -316,6 +331,12 @@ class Endpoint:
         self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
         self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
         self._posted = 0  # local posts so far: their message ids
+        #: outbox message ids delivered here (outbox_ids.py), and those of messages parked
+        #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
+        self.outbox_ids = DeliveredIds()
+        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
+        #: while a commit's messages enter their mailbox: their senders' ids, to admit
+        self._admits: dict[PeerSession, list[int]] | None = None
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -338,8 +359,13 @@ class Endpoint:
         mailbox: str = "",
         timeout: float | None = None,
         deadline: float | None = None,
+        outbox: str = "",
     ) -> int:
         """Queue ``data`` for ``dest``; returns the ticket its events will carry.
+
+        ``outbox`` is a durable outbox's message id (``outbox_ids.format_tag``): it
+        travels with the mailbox name so that the receiving node delivers a
+        re-send after the sender's restart only once.
 
         A message not acknowledged ``timeout`` seconds after ``now`` (or by the
         absolute ``deadline``, when a caller already spent part of its timeout
@@ -362,6 +388,8 @@ class Endpoint:
         session = self._peers.get(dest)
         if session is not None and session.mailbox_full(mailbox):
             raise errors.MailboxFull(dest, mailbox)
+        if outbox:
+            mailbox = _tagged(mailbox, outbox)
         peer = self._peer_for_send(dest, now)
         if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
@@ -845,6 +873,11 @@ class Endpoint:
 
     def _make_durable(self, box: Mailbox, store: MailboxStore) -> None:
         box.log = DurableLog(store)
+        # The outbox message ids its messages came with (oldest floor first: a later,
+        # higher floor then forgets what it settles): re-sends are still recognised.
+        restored_ids: list[tuple[int, int, int]] = getattr(store, "restored_ids", [])
+        for outbox, row, floor in sorted(restored_ids, key=lambda i: i[2]):
+            self.outbox_ids.remember(outbox, row, floor)
         for _row, msg in store.restored:
             msg = replace(msg, mailbox=box.name)
             box.log.rows[msg] = _row
@@ -863,6 +896,15 @@ class Endpoint:
         for box in self._durable.values():
             if box.log is not None and box.log.pending():
                 batches.append(box.log.take_batch(box.name, limit))
+        if self._outbox_pending:
+            # Outbox message ids go to the store with their messages, so that a restart
+            # of this node still recognises a re-send of what it delivered (outbox_ids.py).
+            pending = self._outbox_pending
+            for batch in batches:
+                for row, msg in batch.inserts:
+                    key = pending.get((msg.source, msg.incarnation, msg.msg_id))
+                    if key is not None:
+                        batch.ids.append((row, *key))
         return batches
 
     def durable_stores(self) -> list[MailboxStore]:
@@ -885,7 +927,19 @@ class Endpoint:
         if error is None and live:
             assert box is not None
             batch.log.inserted(batch.inserts)
-            box.committed(msgs, now)
+            # Their senders' receipts: one AdmittedMany per sender for the whole commit,
+            # not one control message per message (each one a reliable message of its own).
+            self._admits = {}
+            try:
+                box.committed(msgs, now)
+            finally:
+                admits, self._admits = self._admits, None
+            for session, ids in admits.items():
+                for at in range(0, len(ids), ADMITTED_MANY_MAX):
+                    chunk = ids[at : at + ADMITTED_MANY_MAX]
+                    outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
+                    session.send_control(outcome, now)
+                self._dirty[session.addr] = None
         elif msgs:
             if error is not None:
                 self._drop("store.failed")
@@ -989,6 +1043,7 @@ class Endpoint:
         for ticket in list(box.waiters):
             box.cancel_wait(ticket)
             self._waiting.pop(ticket, None)
+            self._leave_other_lines(ticket, None)
             error = errors.MailboxDeleted(f"mailbox {name!r} was deleted while waiting on it")
             self._emit(events.ReceiveFailed(waiter=ticket, error=error))
         del self._mailboxes[name]
@@ -1109,11 +1164,93 @@ class Endpoint:
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
 
+    def take_any(
+        self,
+        mailboxes: list[tuple[str, int | None]],
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> Message | None:
+        """The first message ``selector`` chooses from any of ``mailboxes`` (``(name,
+        owner)`` pairs), if one is there; never waits (a select over queues).
+
+        "First" is the highest priority among the mailboxes' heads; between equal
+        priorities, the mailbox listed first. ``msg.mailbox`` says which it came
+        from. As :meth:`take` otherwise (raises ``MessageTooBig`` as it does).
+        """
+        chosen: tuple[str, int | None] | None = None
+        best = -1
+        sel = selector or ANY
+        for name, owner in mailboxes:
+            box = self._box(name, owner=owner)
+            source = box.parked if box.rendezvous and lock is None else box.queue
+            head = source.peek(sel)
+            if head is not None and head.priority > best:
+                chosen, best = (name, owner), head.priority
+        if chosen is None:
+            return None
+        return self.take(
+            chosen[0], selector, owner=chosen[1], receiver=receiver, lock=lock, now=now
+        )
+
+    def wait_for_any(
+        self,
+        mailboxes: list[tuple[str, int | None]],
+        selector: Selector | None = None,
+        *,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> int:
+        """Queue one receive in the line of every mailbox of ``mailboxes`` (call
+        :meth:`take_any` first); returns its ticket.
+
+        The first mailbox to serve it answers (``MessageTaken``, the message's
+        ``mailbox`` says which); at that moment it leaves every other line, so it
+        gets exactly one message. If one of them is deleted meanwhile, the receive
+        fails (``ReceiveFailed``) and leaves the others' lines too.
+        """
+        if not mailboxes:
+            raise errors.UsageError("give at least one mailbox to receive from")
+        names = [name for name, _ in mailboxes]
+        if len(set(names)) != len(names):
+            raise errors.UsageError(f"each mailbox once, please: {names}")
+        boxes = [self._box(name, owner=owner) for name, owner in mailboxes]
+        self._now = now
+        check_lock(lock)
+        _check_truncate(selector, lock)
+        ticket = self._next_waiter
+        self._next_waiter += 1
+        self._waiting[ticket] = names[0]
+        if len(boxes) > 1:
+            self._waiting_sets[ticket] = names
+        for box in boxes:
+            box.wait(ticket, selector or ANY, receiver, lock)
+        return ticket
+
+    def _leave_other_lines(self, ticket: int, served_by: str | None) -> bool:
+        """A receive from a set of mailboxes was answered (by ``served_by``) or failed:
+        it leaves every other mailbox's line. True if it was still waiting anywhere."""
+        names = self._waiting_sets.pop(ticket, None)
+        if names is None:
+            return False
+        left = False
+        for name in names:
+            box = self._mailboxes.get(name)
+            if name != served_by and box is not None and box.cancel_wait(ticket):
+                left = True
+        return left
+
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
         remote = self.remote.cancel(ticket, self._now)
         if remote is not None:
             return remote
+        if ticket in self._waiting_sets:
+            self._waiting.pop(ticket, None)
+            return self._leave_other_lines(ticket, None)
         name = self._waiting.pop(ticket, None)
         box = None if name is None else self._mailboxes.get(name)
         return box is not None and box.cancel_wait(ticket)
@@ -1382,7 +1519,12 @@ class Endpoint:
 
     def _screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
         """Judge a message (from ``source``) by its first fragment, before buffering the rest."""
-        return self._judge(frag.mailbox, frag.total_len, source)
+        name = frag.mailbox
+        if "/" in name:  # an outbox's id tags the name (outbox_ids.py): judge the mailbox
+            parsed = parse_tagged(name)
+            if parsed is not None:
+                name = parsed[0]
+        return self._judge(name, frag.total_len, source)
 
     def _judge(self, name: str, size: int, source: Any) -> Verdict | None:
         box = self._mailboxes.get(name)
@@ -1440,7 +1582,37 @@ class Endpoint:
         self._mailboxes[mailbox].offer(msg, now)
         return None
 
+    def _deliver_outbox(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        """A message tagged with an outbox id (``jobs/o.<outbox>.<row>.<floor>``): a
+        re-send of one delivered before is acknowledged and not delivered again."""
+        parsed = parse_tagged(d.mailbox)
+        if parsed is None:
+            return self._judge(d.mailbox, len(d.data), session.addr)  # no such mailbox
+        name, outbox, row, floor = parsed
+        if self.outbox_ids.seen(outbox, row, floor):
+            self._drop("duplicate.outbox")
+            return None  # it is in (or went through) its mailbox already: acknowledge it
+        d.mailbox = name
+        verdict = self._deliver(session, d, now)
+        if verdict is None:
+            self.outbox_ids.remember(outbox, row, floor)
+        elif verdict is Verdict.STAGED or verdict is Verdict.DEFERRED:
+            self.outbox_ids.remember(outbox, row, floor)
+            assert session.incarnation is not None
+            pending_key = (session.addr, session.incarnation, d.msg_id)
+            self._outbox_pending[pending_key] = (outbox, row, floor)
+        return verdict
+
+    def _outbox_settled(self, msg: Message, entered: bool) -> None:
+        """A parked or staged outbox message entered its mailbox, or never will: a
+        re-send of it must then be delivered."""
+        key = self._outbox_pending.pop((msg.source, msg.incarnation, msg.msg_id), None)
+        if key is not None and not entered:
+            self.outbox_ids.forget(key[0], key[1])
+
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        if "/" in d.mailbox:
+            return self._deliver_outbox(session, d, now)
         verdict = self._judge(d.mailbox, len(d.data), session.addr)
         if verdict is not None:
             return verdict
@@ -1498,9 +1670,14 @@ class Endpoint:
         """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
         if msg.group is not None:
             return  # a group's sender counted it delivered when it parked
+        if self._outbox_pending:
+            self._outbox_settled(msg, True)
         session = self._live_session(msg)
         if session is not None:
             session.release(len(msg.data))
+            if receiver is None and self._admits is not None:  # a commit: batched
+                self._admits.setdefault(session, []).append(msg.msg_id)
+                return
             outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
             session.send_control(outcome, self._now)
             self._dirty[session.addr] = None
@@ -1508,6 +1685,8 @@ class Endpoint:
     def _handed_off(self, ticket: int, msg: Message) -> None:
         self._handoffs += 1
         self._waiting.pop(ticket, None)
+        if self._waiting_sets:
+            self._leave_other_lines(ticket, msg.mailbox)
         box = self._mailboxes.get(msg.mailbox)
         if box is not None and msg in box.locked:
             self._locking.add(box.name)  # still held, under a lock
@@ -1522,6 +1701,7 @@ class Endpoint:
     def _wait_failed(self, ticket: int, error: Exception) -> None:
         """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
         self._waiting.pop(ticket, None)
+        self._leave_other_lines(ticket, None)
         assert isinstance(error, errors.ReliableError)
         self._emit(events.ReceiveFailed(waiter=ticket, error=error))
 
@@ -1537,6 +1717,8 @@ class Endpoint:
 
     def _tell_discarded(self, msg: Message, verdict: Verdict) -> None:
         """A deferred message will never enter its mailbox: tell its sender ``verdict``."""
+        if self._outbox_pending:
+            self._outbox_settled(msg, False)
         session = self._live_session(msg) if msg.group is None else None
         if session is not None:
             session.release(len(msg.data))
@@ -1561,6 +1743,8 @@ class Endpoint:
             )
             for msg in removed:
                 self._held -= len(msg.data)
+                if self._outbox_pending:
+                    self._outbox_settled(msg, False)
                 if session is not None:
                     session.release(len(msg.data))
 
@@ -1581,6 +1765,9 @@ class Endpoint:
             return
         if isinstance(ctl, (Admitted, Discarded)):
             session.on_outcome(ctl, now)
+        elif isinstance(ctl, AdmittedMany):
+            for msg_id in ctl.msg_ids:
+                session.on_outcome(Admitted(msg_id), now)
         elif isinstance(ctl, Cancel):
             inc = session.incarnation
             wire_id = ctl.msg_id
@@ -1702,6 +1889,7 @@ class Endpoint:
         for ticket in list(box.waiters):
             box.cancel_wait(ticket)
             self._waiting.pop(ticket, None)
+            self._leave_other_lines(ticket, None)
             error = errors.ReceiveRefused("this node", name, "moved", owner_text)
             self._emit(events.ReceiveFailed(waiter=ticket, error=error))
         self.remote.mailbox_deleted(name)

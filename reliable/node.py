@@ -67,6 +67,7 @@ from .driver import (
     Departures,
     Destinations,
     MailboxHandle,
+    OutboxTarget,
     Target,
     Unreachable,
     batch_destination,
@@ -77,8 +78,10 @@ from .driver import (
     enqueue,
     group_destination,
     group_target,
+    mailbox_set,
     manage_mailbox,
     open_socket,
+    outbox_destination,
     parse_manage_reply,
     parse_stats,
     receive_buffer,
@@ -100,6 +103,7 @@ from .endpoint import (
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
+from .outbox import Outbox, OutboxStore, settle_outbox_send
 from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
@@ -386,6 +390,7 @@ class Node:
         self._group_socks: list[socket.socket] = []
         self._unregistered: list[socket.socket] = []  # group sockets the leader's poll lacks
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
+        self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._ready = select.poll()  # non-blocking readability checks, under the lock
         self._ready.register(self._sock.fileno(), _POLL_IN)
         self._poller = select.poll()  # the leader's blocking wait (one leader at a time)
@@ -860,6 +865,75 @@ class Node:
         except errors.ReceiveTimeout:
             return []
 
+    def receive_any(
+        self,
+        mailboxes: Iterable[str | MailboxHandle],
+        timeout: float | None = None,
+        *,
+        source: Sources = None,
+        msg_type: int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> Message:
+        """The next message from any of several local ``mailboxes`` (names, or handles:
+        a port's owner handle), waiting up to ``timeout`` seconds: a select over queues.
+
+        Takes the first message selected (as :meth:`receive` selects) among the
+        mailboxes: the highest priority among their heads, and between equal
+        priorities the mailbox listed first. ``msg.mailbox`` says which one it
+        came from. A receive that waits stands in every mailbox's line at once
+        and gets exactly one message, from whichever serves it first. ``lock``:
+        as :meth:`Mailbox.receive` (ack or release on that mailbox's handle).
+
+        Raises :class:`~reliable.errors.ReceiveTimeout`, and
+        :class:`~reliable.errors.MailboxDeleted` if one of them is deleted while
+        it waits.
+        """
+        check_timeout(timeout, "timeout")
+        boxes = mailbox_set(mailboxes)
+        selector = selector_for(
+            source,
+            msg_type,
+            except_type,
+            max_size,
+            truncate,
+            lambda one: resolve_destination(one, self._family),
+        )
+        peer = None if isinstance(selector.source, frozenset) else selector.source
+        label = receiver if receiver is not None else threading.current_thread().name
+        endpoint = self._endpoint
+        self._enter()
+        try:
+            self._check_open()
+            self._drive()
+            now = time.monotonic()
+            message = endpoint.take_any(boxes, selector, receiver=label, lock=lock, now=now)
+            if message is None:
+                if timeout == 0:
+                    raise errors.ReceiveTimeout("no message waiting")
+                mark = self._departures.mark()
+                deadline = None if timeout is None else now + timeout
+                ticket = endpoint.wait_for_any(boxes, selector, receiver=label, lock=lock, now=now)
+                if peer is not None:
+                    endpoint.watch(peer, now)
+                try:
+                    message = self._await_message(ticket, peer, mark, timeout, deadline)
+                finally:
+                    if peer is not None and not self._closed:
+                        endpoint.unwatch(peer, time.monotonic())
+            else:
+                self._committer.flush(endpoint, now)  # durable: deletion commits before hand-out
+            if endpoint.has_output():
+                self._drive()
+            if lock is not None:
+                self._lock_timer()
+            return message
+        finally:
+            self._leave()
+
     def _receive(
         self,
         mailbox: str,
@@ -1016,6 +1090,126 @@ class Node:
         return outcome
 
     # ------------------------------------------------------------- mailboxes
+
+    def open_outbox(self, path: str | os.PathLike[str], *, sync: str = "message") -> Outbox:
+        """Give this node a durable outbox in the SQLite file ``path``: sends made
+        through it are stored before they go out, and retried by the next
+        ``open_outbox`` on the file if this process dies first (see
+        :mod:`reliable.outbox` for exactly what is guaranteed).
+
+        Sends the file still holds (accepted before a crash, or cut short by
+        a close) are sent again now, in the order accepted; their handles are
+        ``outbox.replayed``. ``sync``: ``"message"`` fsyncs every accepted send,
+        ``"os"`` leaves it to the OS (survives the process, not a power loss).
+        """
+        self._check_open()
+        store = OutboxStore(path, sync=sync)
+        self._outboxes.append(store)
+        outbox = Outbox(self, store)
+        for row in store.restored:
+            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            outbox.replayed.append(
+                self._outbox_submit(
+                    store,
+                    row.row,
+                    target,
+                    row.data,
+                    row.msg_type,
+                    row.priority,
+                    None,
+                    row.dest,
+                    block=True,
+                )
+            )
+        return outbox
+
+    def _outbox_send(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+        *,
+        block: bool,
+    ) -> SendHandle:
+        """Check, store (accepted), then send: an outbox's send."""
+        check_timeout(timeout, "timeout", positive=True)
+        addr, name, data = outbox_destination(dest, data, msg_type, priority, mailbox, self._family)
+        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        row, tag = store.add(addr, name, msg_type, priority, data)
+        target = OutboxTarget(addr, name, tag)
+        return self._outbox_submit(
+            store, row, target, data, msg_type, priority, timeout, addr, block=block
+        )
+
+    def _outbox_send_many(
+        self,
+        store: OutboxStore,
+        dest: str | tuple[Any, ...],
+        messages: list[bytes],
+        msg_type: int,
+        priority: int,
+        mailbox: str | None,
+        timeout: float | None,
+    ) -> list[SendHandle]:
+        """Check all, store all in one commit, then send each: an outbox's send_many."""
+        check_timeout(timeout, "timeout", positive=True)
+        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, self._family)
+        checked = [checked_message(data, msg_type, priority) for data in messages]
+        for data in checked:
+            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        if not checked:
+            return []
+        stored = store.add_many(addr, name, msg_type, priority, checked)
+        handles = []
+        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
+            try:
+                handles.append(
+                    self._outbox_submit(
+                        store,
+                        row,
+                        OutboxTarget(addr, name, tag),
+                        data,
+                        msg_type,
+                        priority,
+                        timeout,
+                        addr,
+                        block=True,
+                    )
+                )
+            except BaseException:
+                for later, _tag in stored[index + 1 :]:
+                    store.settle(later)  # never queued: nothing to retry
+                raise
+        return handles
+
+    def _outbox_submit(
+        self,
+        store: OutboxStore,
+        row: int,
+        target: OutboxTarget,
+        data: bytes,
+        msg_type: int,
+        priority: int,
+        timeout: float | None,
+        label: Any,
+        *,
+        block: bool,
+    ) -> SendHandle:
+        handle = SendHandle(self, 0, label)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._submit(
+                target, [data], handle, msg_type, priority, timeout, deadline, "", block=block
+            )
+        except BaseException:
+            store.settle(row)  # never queued: nothing to retry
+            raise
+        handle.add_done_callback(lambda done: settle_outbox_send(store, row, done.exception()))
+        return handle
 
     def create_mailbox(
         self,
@@ -1271,6 +1465,8 @@ class Node:
                 self._shut(errors.NodeClosed("the node closed"))
         finally:
             self._leave()
+        for store in self._outboxes:
+            store.close()  # sends the close cut short stay in it, for the next open
         self._wake()  # the background thread sees the node closed and ends
         if threading.current_thread() is not self._thread:
             self._thread.join(0.5)

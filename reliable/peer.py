@@ -177,6 +177,12 @@ _REASON_TEXT = {
 _FENCED_KINDS = frozenset({Kind.DATA, Kind.PING, Kind.ACK})
 
 
+def _plain(mailbox: str) -> str:
+    """The mailbox a name on the wire names: without a durable outbox's message id
+    (``jobs/o.<outbox>.<row>.<floor>``, see outbox_ids.py), which is ours, not the user's."""
+    return mailbox.partition("/")[0]
+
+
 class Withdrawal(enum.Enum):
     """What withdrawing a send (``Endpoint.withdraw``) did."""
 
@@ -530,7 +536,8 @@ class PeerSession:
             msg.step(FateInput.ACKED)
             self.deferred[msg.msg_id] = msg
             if not msg.staged:
-                self.full_mailboxes[msg.mailbox] = self.full_mailboxes.get(msg.mailbox, 0) + 1
+                name = _plain(msg.mailbox)
+                self.full_mailboxes[name] = self.full_mailboxes.get(name, 0) + 1
 
     def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
         """The peer's control message about one of our deferred messages."""
@@ -569,11 +576,12 @@ class PeerSession:
     def _undefer(self, msg: OutgoingMessage) -> None:
         """``msg`` no longer waits at the peer for mailbox room (if it did)."""
         if self.deferred.pop(msg.msg_id, None) is not None and not msg.staged:
-            left = self.full_mailboxes[msg.mailbox] - 1
+            name = _plain(msg.mailbox)
+            left = self.full_mailboxes[name] - 1
             if left:
-                self.full_mailboxes[msg.mailbox] = left
+                self.full_mailboxes[name] = left
             else:
-                del self.full_mailboxes[msg.mailbox]
+                del self.full_mailboxes[name]
 
     def _settle(self, msg: OutgoingMessage, outcome: Admitted | Discarded, now: float) -> None:
         self._undefer(msg)
@@ -597,9 +605,9 @@ class PeerSession:
         else:
             event = FateInput.REFUSE
             if verdict == Verdict.NO_MAILBOX:
-                error = errors.MailboxNotFound(self.addr, msg.mailbox)
+                error = errors.MailboxNotFound(self.addr, _plain(msg.mailbox))
             elif verdict == Verdict.MAILBOX_CLOSED:
-                error = errors.MailboxClosed(self.addr, msg.mailbox)
+                error = errors.MailboxClosed(self.addr, _plain(msg.mailbox))
             else:
                 error = errors.MessageRejected(self.addr, _REASON_TEXT.get(verdict, "refused"))
         self._fail(msg, event, error)
@@ -1086,7 +1094,7 @@ class PeerSession:
                 transmissions=msg.transmissions,
                 elapsed=now - msg.created,
                 incarnation=self.incarnation,
-                mailbox=msg.mailbox,
+                mailbox=msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
                 deferred=event is FateInput.ADMIT,
                 receiver=receiver,
             )

@@ -46,6 +46,8 @@ DROP_REASONS = {
     "anycast": "anycast traffic for a service this node does not serve, or that it cannot confirm",
     "store": "messages for a durable mailbox whose commit failed (disk full, I/O error): "
     "refused, and their senders told; nothing acknowledged was lost",
+    "duplicate": "a durable outbox's re-send of a message this node already delivered (its "
+    "sender restarted): acknowledged, not delivered twice",
 }
 
 

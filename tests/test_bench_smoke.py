@@ -47,9 +47,10 @@ def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
     assert {(x["transport"], x["pinned"]) for x in report["latency"]} >= {("rmsg", False)}
 
 
-def test_rmsg_bench_durable_reports_the_three_rates(rmsg_exe: str, tmp_path: Path) -> None:
-    """`rmsg bench --durable`: durable, sqlite3 and volatile rates from one run; the
-    durable host stored every message it acknowledged, several per commit or not."""
+def test_rmsg_bench_durable_reports_the_four_rates(rmsg_exe: str, tmp_path: Path) -> None:
+    """`rmsg bench --durable`: network and local durable, sqlite3 and volatile rates from
+    one run; the durable host stored every message it acknowledged, several per commit
+    or not."""
     command = [rmsg_exe, "bench", "--durable", "--quick", "--duration", "0.3", "--json"]
     done = subprocess.run(
         [*command, "--dir", str(tmp_path)],
@@ -60,6 +61,7 @@ def test_rmsg_bench_durable_reports_the_three_rates(rmsg_exe: str, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["durable"] > 0 and report["sqlite"] > 0 and report["volatile"] > 0
+    assert report["local"] > 0
     assert report["rows_per_commit"] >= 1 and report["sync"] == "grouped"
     assert report["ratio"] == pytest.approx(report["durable"] / report["sqlite"])
     assert list(tmp_path.iterdir()) == [], "the scratch files are removed"

@@ -124,9 +124,7 @@ def get_requires_for_build_wheel(config_settings: Any = None) -> list[str]:
     return [*found, *extra]
 
 
-def prepare_metadata_for_build_wheel(
-    metadata_directory: str, config_settings: Any = None
-) -> str:
+def prepare_metadata_for_build_wheel(metadata_directory: str, config_settings: Any = None) -> str:
     prepare = _setuptools.prepare_metadata_for_build_wheel
     return str(_without_extensions(prepare, metadata_directory, config_settings))
 
