@@ -748,35 +748,59 @@ def route_events(
     sink: EventSink,
     observer: Callable[[events.Event], None] | None = None,
 ) -> None:
-    """Hand every pending core event to ``sink`` (and to ``observer``, if any)."""
+    """Hand every pending core event to ``sink`` (and to ``observer``, if any).
+
+    The three kinds every message makes are told apart by exact type first
+    (an arrival, which the adapters ignore, used to walk the whole chain).
+    """
+    received, delivered, taken = (
+        events.MessageReceived,
+        events.MessageDelivered,
+        events.MessageTaken,
+    )
     while (event := endpoint.next_event()) is not None:
         if observer is not None:
             observer(event)
-        if isinstance(event, events.MessageDelivered):
+        kind = type(event)
+        if kind is received:
+            continue
+        if kind is delivered:
+            assert isinstance(event, events.MessageDelivered)
             sink._on_outcome(event.ticket, Receipt.from_event(event), None)
-        elif isinstance(event, events.GroupSendDone):
-            sink._on_outcome(event.ticket, event.receipt, None)
-        elif isinstance(event, events.MessageFailed):
-            sink._on_outcome(event.ticket, None, event.error)
-        elif isinstance(event, events.MessageTaken):
+        elif kind is taken:
+            assert isinstance(event, events.MessageTaken)
             sink._on_receive(event.waiter, event.message, None)
-        elif isinstance(event, events.ReceiveFailed):
-            sink._on_receive(event.waiter, None, event.error)
-        elif isinstance(event, events.StatsReceived):
-            sink._on_stats(event.peer, event.request, event.body)
-        elif isinstance(event, events.ManageAnswered):
-            sink._on_manage(event.request, event.status, event.body)
-        elif isinstance(event, events.PeerUnreachable):
-            error = errors.PeerUnreachable(
-                event.peer, event.silent_for, cause=event.cause, errno=event.errno
-            )
-            sink._on_peer_down(event.peer, error)
-        elif isinstance(event, events.PeerClosed):
-            sink._on_peer_down(event.peer, errors.PeerClosed(event.peer))
-        elif isinstance(event, events.PeerRejectedUs):
-            sink._on_peer_down(event.peer, event.error)
-        elif isinstance(event, events.Closed):
-            sink._on_closed()
+        else:
+            _route_rare(event, sink)
+
+
+def _route_rare(event: events.Event, sink: EventSink) -> None:
+    """:func:`route_events` for the kinds that are not one per message."""
+    if isinstance(event, events.MessageDelivered):
+        sink._on_outcome(event.ticket, Receipt.from_event(event), None)
+    elif isinstance(event, events.GroupSendDone):
+        sink._on_outcome(event.ticket, event.receipt, None)
+    elif isinstance(event, events.MessageFailed):
+        sink._on_outcome(event.ticket, None, event.error)
+    elif isinstance(event, events.MessageTaken):
+        sink._on_receive(event.waiter, event.message, None)
+    elif isinstance(event, events.ReceiveFailed):
+        sink._on_receive(event.waiter, None, event.error)
+    elif isinstance(event, events.StatsReceived):
+        sink._on_stats(event.peer, event.request, event.body)
+    elif isinstance(event, events.ManageAnswered):
+        sink._on_manage(event.request, event.status, event.body)
+    elif isinstance(event, events.PeerUnreachable):
+        error = errors.PeerUnreachable(
+            event.peer, event.silent_for, cause=event.cause, errno=event.errno
+        )
+        sink._on_peer_down(event.peer, error)
+    elif isinstance(event, events.PeerClosed):
+        sink._on_peer_down(event.peer, errors.PeerClosed(event.peer))
+    elif isinstance(event, events.PeerRejectedUs):
+        sink._on_peer_down(event.peer, event.error)
+    elif isinstance(event, events.Closed):
+        sink._on_closed()
 
 
 def parse_manage_reply(dest: Any, status: int, body: bytes) -> dict[str, Any]:

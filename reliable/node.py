@@ -375,6 +375,7 @@ class Node:
         self._poll_until: float | None = None  # when the polling leader wakes by itself
         self._timer: float | None = None  # the core's next timer, as of the last drive
         self._driven = 0.0  # when a thread last drove (monotonic seconds)
+        self._read_at = 0.0  # when a thread last looked at the socket (monotonic seconds)
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
@@ -653,7 +654,10 @@ class Node:
                     # sleeps in poll and must wake within NAP to flush what we hold.
                     self._drive(read=False, flush=False)
             else:
-                self._drive()
+                # Send now. A flush of held sends reads the socket first (acks make room);
+                # a send to an idle peer only if nobody looked for DRIVE_GAP seconds: a
+                # reply sent right after its request came in does not pay a system call.
+                self._drive(read=bool(held) or now - self._read_at >= DRIVE_GAP)
         finally:
             self._leave()
 
@@ -1350,6 +1354,7 @@ class Node:
             self._timer = self._endpoint.get_timer()  # calls since the last drive may move it
             self._timer_checked = time.monotonic()
             until = deadline
+            readable = False  # poll said a socket of the node has datagrams
             for due in (
                 self._timer,
                 self._held_since + NAP if self._held else None,
@@ -1368,19 +1373,23 @@ class Node:
                     self._lock.acquire()
                     self._polling = False
                 wake_fd = self._wake_r.fileno()
-                if any(fd == wake_fd for fd, _ in ready):
-                    self._drain_wake()
+                for fd, _ in ready:
+                    if fd == wake_fd:
+                        self._drain_wake()
+                    else:
+                        readable = True
             if not self._closed:
-                self._drive()
+                self._drive(readable=readable)
         finally:
             self._leader = None
             if self._followers:
                 self._changed.notify_all()  # one of them leads now
 
-    def _drive(self, *, read: bool = True, flush: bool = True) -> None:
+    def _drive(self, *, read: bool = True, flush: bool = True, readable: bool = False) -> None:
         """Lock held: feed waiting datagrams and due timers to the core, send what it
         produced, route its events. ``read``: unless another thread leads (it reads).
-        ``flush``: send now; otherwise only if sends were held back long enough."""
+        ``flush``: send now; otherwise only if sends were held back long enough.
+        ``readable``: poll has just said so (the leader): no need to ask again."""
         endpoint = self._endpoint
         now = time.monotonic()
         self._driven = now
@@ -1390,7 +1399,12 @@ class Node:
         if self._posts:
             self._posts.admit(endpoint, self._address, now)
         fed = False
-        if read and (self._leader is None or self._leader == me) and self._ready.poll(0):
+        if read and (self._leader is None or self._leader == me):
+            self._read_at = now
+            read = readable or bool(self._ready.poll(0))
+        else:
+            read = False
+        if read:
             reports: list[Unreachable] = []
             batch = drain_socket(self._sock, reports=reports)
             for sock in self._group_socks:
