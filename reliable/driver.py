@@ -622,6 +622,13 @@ def send_all(
     whose GSO send failed for any reason but a full socket, one at a time
     through :func:`send_datagram`, which reads what the OS says.
     """
+    if len(out) == 1:  # the common case (a message, an ack, a reply): nothing to segment
+        data, addr = out[0]
+        try:
+            send_datagram(sock, data, addr, reports)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        return 1
     offload = udpio.offload_of(sock)
     if offload is None or not offload.gso:
         for i, (data, addr) in enumerate(out):
