@@ -1348,9 +1348,11 @@ class AsyncNode:
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
     ) -> None:
+        if isinstance(receipt, events.MessageDelivered):  # (routed without lazy_receipts)
+            receipt = Receipt.from_event(receipt)
         future = self._handles.pop(ticket, None)
         if isinstance(future, AsyncBatchHandle):
             if not future.done():

@@ -733,9 +733,12 @@ class EventSink(Protocol):
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
-    ) -> None: ...
+    ) -> None:
+        """A send's fate. A ``MessageDelivered`` stands for its receipt when the
+        adapter asked :func:`route_events` for ``lazy_receipts``
+        (``Receipt.from_event`` makes it)."""
 
     def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
@@ -754,11 +757,16 @@ def route_events(
     endpoint: Endpoint,
     sink: EventSink,
     observer: Callable[[events.Event], None] | None = None,
+    *,
+    lazy_receipts: bool = False,
 ) -> None:
     """Hand every pending core event to ``sink`` (and to ``observer``, if any).
 
     The three kinds every message makes are told apart by exact type first
     (an arrival, which the adapters ignore, used to walk the whole chain).
+    ``lazy_receipts``: a delivery reaches ``sink._on_outcome`` as its
+    ``MessageDelivered`` event, for the sink to make the :class:`Receipt` only
+    if someone asks for it (most sends are never asked).
     """
     received, delivered, taken = (
         events.MessageReceived,
@@ -773,7 +781,8 @@ def route_events(
             continue
         if kind is delivered:
             assert isinstance(event, events.MessageDelivered)
-            sink._on_outcome(event.ticket, Receipt.from_event(event), None)
+            receipt = event if lazy_receipts else Receipt.from_event(event)
+            sink._on_outcome(event.ticket, receipt, None)
         elif kind is taken:
             assert isinstance(event, events.MessageTaken)
             sink._on_receive(event.waiter, event.message, None)

@@ -136,7 +136,9 @@ class _PendingSend(Generic[R]):
         self.ticket = ticket
         self.destination = destination
         self._done = False
-        self._receipt: R | None = None
+        # The receipt, or the core's MessageDelivered event until someone asks for it
+        # (most sends are never asked: the Receipt is made by the first result()).
+        self._receipt: R | events.MessageDelivered | None = None
         self._error: errors.ReliableError | None = None
         self._callbacks: list[Callable[[Any], None]] | None = None
 
@@ -171,8 +173,11 @@ class _PendingSend(Generic[R]):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
         if self._error is not None:
             raise self._error
-        assert self._receipt is not None
-        return self._receipt
+        receipt = self._receipt
+        if isinstance(receipt, events.MessageDelivered):
+            receipt = self._receipt = Receipt.from_event(receipt)  # type: ignore[assignment]
+        assert receipt is not None
+        return receipt  # type: ignore[return-value]  # the node routes each kind
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The delivery error, ``None`` once delivered; ``TimeoutError`` if not known in time."""
@@ -191,7 +196,10 @@ class _PendingSend(Generic[R]):
             fn(self)
 
     def _resolve(
-        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+        self,
+        ticket: int,
+        receipt: Outcome | events.MessageDelivered | None,
+        error: errors.ReliableError | None,
     ) -> bool:
         """Record the outcome (the node lock is held); whether callbacks are due."""
         self._receipt = receipt  # type: ignore[assignment]  # the node routes each kind
@@ -288,8 +296,13 @@ class BatchHandle:
         return sum(a is Withdrawal.WITHDRAWN for a in answers)
 
     def _resolve(
-        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+        self,
+        ticket: int,
+        receipt: Outcome | events.MessageDelivered | None,
+        error: errors.ReliableError | None,
     ) -> bool:
+        if isinstance(receipt, events.MessageDelivered):
+            receipt = Receipt.from_event(receipt)
         self._outcomes.resolve(ticket, receipt, error)
         return False
 
@@ -1435,7 +1448,7 @@ class Node:
                 self._transmit(out, now)
         before = self._changes
         if endpoint.has_events():
-            route_events(endpoint, self, self._on_event)
+            route_events(endpoint, self, self._on_event, lazy_receipts=True)
         polled = self._polling and self._leader != me
         if polled or now - self._timer_checked >= TIMER_SLACK:
             # The core's next timer costs a walk of its sessions: looked up at most every
@@ -1519,7 +1532,7 @@ class Node:
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
     ) -> None:
         handle = self._handles.pop(ticket, None)
