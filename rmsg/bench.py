@@ -16,7 +16,10 @@ Measured, per message size (64 B, 1 KiB, 64 KiB, one 16 MiB message):
   ``rmsg-async-batch``), without loss;
 
 and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
-processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
+processes pinned to one CPU and unpinned, with the CPU and datagrams each
+round trip cost, beside the protocol core on a bare loop (row ``core``: no
+adapter, the floor an adapter can reach; ``run_rr_bench`` measures these
+rows alone, ``rmsg bench --rr``). Raw UDP is the ceiling (it may
 lose datagrams: its loss is reported); TCP is what users would pick instead.
 
 Every load loop is bounded in count and in time. Loopback only, except
@@ -52,6 +55,7 @@ __all__ = [
     "Throughput",
     "format_report",
     "run_bench",
+    "run_rr_bench",
     "run_veth_bench",
 ]
 
