@@ -272,6 +272,9 @@ class AsyncNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
+        self._timer_stale = False  # a pump left the loop timer to be re-armed (_arm_later)
+        self._arm_scheduled = False
+        self._woke = False  # the running pump resolved a waiting coroutine's future
         self._pump_soon = False  # a pump is scheduled for this loop turn (sends batch up)
         self._held = 0  # sends to a busy peer made since the last pump (at most HOLD_MAX)
         self._read_at = 0.0  # when the socket was last read (loop time)
@@ -312,7 +315,7 @@ class AsyncNode:
         self._endpoint.remote.local_address = normalize(sock.getsockname())
         self._endpoint.set_receive_buffer(receive_buffer(sock))
         self._close_done = self._loop.create_future()
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        self._loop.add_reader(sock.fileno(), self._on_reader)
         self._groups = GroupSockets(sock, self.config)
         return self
 
@@ -1416,8 +1419,13 @@ class AsyncNode:
         future: asyncio.Future[Message] = loop.create_future()
         self._receives[ticket] = future
         if peer is not None:
-            endpoint.watch(peer, loop.time())
-        self._pump([])
+            endpoint.watch(peer, loop.time())  # probes: a new timer
+            self._pump([])
+        elif endpoint.has_output() or endpoint.has_events():
+            # The wait let a parked message in (a rendezvous): its sender hears now, and
+            # the answer is routed. A plain wait changes nothing else (no timer): no pump,
+            # which would look the core's timer up again just before the loop sleeps.
+            self._pump([])
         try:
             while not future.done():
                 remaining = None if deadline is None else deadline - loop.time()
@@ -1442,13 +1450,17 @@ class AsyncNode:
 
     # ------------------------------------------------------------------ I/O
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, *, arm_later: bool = False) -> None:
         assert self._sock is not None and self._loop is not None
         self._read_at = self._loop.time()
         reports: list[Unreachable] = []
         batch = drain_socket(self._sock, reports=reports)
         self._take_reports(reports)
-        self._pump(batch)
+        self._pump(batch, arm_later=arm_later)
+
+    def _on_reader(self) -> None:
+        """The socket's reader callback (see :meth:`_arm_later`)."""
+        self._on_readable(arm_later=True)
 
     def _drive(self) -> None:
         """Pump, reading the socket first unless it was read within ``DRIVE_GAP``.
@@ -1468,13 +1480,14 @@ class AsyncNode:
         self._timer = None
         self._pump([])
 
-    def _pump(self, batch: list[tuple[bytes, Address]]) -> None:
+    def _pump(self, batch: list[tuple[bytes, Address]], *, arm_later: bool = False) -> None:
         if self._closed:
             return
         assert self._loop is not None
         endpoint = self._endpoint
         now = self._loop.time()
         self._held = 0
+        self._woke = False
         if self._posts:
             assert self._sock is not None
             self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
@@ -1488,9 +1501,35 @@ class AsyncNode:
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
-        self._arm_timer()
+        if arm_later and (self._woke or self._waiters):
+            self._arm_later()
+        else:
+            self._arm_timer()
         if self._waiters:
             self._notify()
+
+    def _arm_later(self) -> None:
+        """Re-arm the loop timer after the coroutines this pump wakes have run.
+
+        The reader callback's pump resolves the receive a coroutine awaits; that
+        coroutine runs next in this loop turn, and what it does with the message
+        (a reply, another receive) pumps and arms the timer again. Arming here
+        too would look the core's next timer up twice, once on the reply's
+        critical path. So the callback only schedules a check, after those
+        coroutines (call_soon keeps order), which arms the timer unless a pump
+        did meanwhile. Only when a coroutine was woken: otherwise the check
+        would cost the loop an extra turn.
+        """
+        self._timer_stale = True
+        if not self._arm_scheduled:
+            assert self._loop is not None
+            self._arm_scheduled = True
+            self._loop.call_soon(self._arm_if_stale)
+
+    def _arm_if_stale(self) -> None:
+        self._arm_scheduled = False
+        if self._timer_stale and not self._closed:
+            self._arm_timer()
 
     def _commit_finished(self) -> None:
         """From another thread (a durable mailbox's commit finished, a local post came):
@@ -1503,6 +1542,7 @@ class AsyncNode:
     def _arm_timer(self) -> None:
         """Keep one loop timer at the core's next deadline (looked up once per pump)."""
         assert self._loop is not None
+        self._timer_stale = False
         timer = self._deadline = self._endpoint.get_timer()
         if self._timer is not None:
             if timer is not None and self._timer.when() == timer:
@@ -1550,6 +1590,7 @@ class AsyncNode:
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []
+        self._woke = self._woke or bool(waiters)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -1594,9 +1635,11 @@ class AsyncNode:
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
     ) -> None:
+        if isinstance(receipt, events.MessageDelivered):  # (routed without lazy_receipts)
+            receipt = Receipt.from_event(receipt)
         future = self._handles.pop(ticket, None)
         if isinstance(future, AsyncBatchHandle):
             if not future.done():

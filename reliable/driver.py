@@ -665,6 +665,13 @@ def send_all(
     whose GSO send failed for any reason but a full socket, one at a time
     through :func:`send_datagram`, which reads what the OS says.
     """
+    if len(out) == 1:  # the common case (a message, an ack, a reply): nothing to segment
+        data, addr = out[0]
+        try:
+            send_datagram(sock, data, addr, reports)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        return 1
     offload = udpio.offload_of(sock)
     if offload is None or not offload.gso:
         for i, (data, addr) in enumerate(out):
@@ -769,9 +776,12 @@ class EventSink(Protocol):
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
-    ) -> None: ...
+    ) -> None:
+        """A send's fate. A ``MessageDelivered`` stands for its receipt when the
+        adapter asked :func:`route_events` for ``lazy_receipts``
+        (``Receipt.from_event`` makes it)."""
 
     def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
@@ -790,36 +800,66 @@ def route_events(
     endpoint: Endpoint,
     sink: EventSink,
     observer: Callable[[events.Event], None] | None = None,
+    *,
+    lazy_receipts: bool = False,
 ) -> None:
-    """Hand every pending core event to ``sink`` (and to ``observer``, if any)."""
+    """Hand every pending core event to ``sink`` (and to ``observer``, if any).
+
+    The three kinds every message makes are told apart by exact type first
+    (an arrival, which the adapters ignore, used to walk the whole chain).
+    ``lazy_receipts``: a delivery reaches ``sink._on_outcome`` as its
+    ``MessageDelivered`` event, for the sink to make the :class:`Receipt` only
+    if someone asks for it (most sends are never asked).
+    """
+    received, delivered, taken = (
+        events.MessageReceived,
+        events.MessageDelivered,
+        events.MessageTaken,
+    )
     while (event := endpoint.next_event()) is not None:
         if observer is not None:
             observer(event)
-        if isinstance(event, events.MessageDelivered):
-            sink._on_outcome(event.ticket, Receipt.from_event(event), None)
-        elif isinstance(event, events.GroupSendDone):
-            sink._on_outcome(event.ticket, event.receipt, None)
-        elif isinstance(event, events.MessageFailed):
-            sink._on_outcome(event.ticket, None, event.error)
-        elif isinstance(event, events.MessageTaken):
+        kind = type(event)
+        if kind is received:
+            continue
+        if kind is delivered:
+            assert isinstance(event, events.MessageDelivered)
+            receipt = event if lazy_receipts else Receipt.from_event(event)
+            sink._on_outcome(event.ticket, receipt, None)
+        elif kind is taken:
+            assert isinstance(event, events.MessageTaken)
             sink._on_receive(event.waiter, event.message, None)
-        elif isinstance(event, events.ReceiveFailed):
-            sink._on_receive(event.waiter, None, event.error)
-        elif isinstance(event, events.StatsReceived):
-            sink._on_stats(event.peer, event.request, event.body)
-        elif isinstance(event, events.ManageAnswered):
-            sink._on_manage(event.request, event.status, event.body)
-        elif isinstance(event, events.PeerUnreachable):
-            error = errors.PeerUnreachable(
-                event.peer, event.silent_for, cause=event.cause, errno=event.errno
-            )
-            sink._on_peer_down(event.peer, error)
-        elif isinstance(event, events.PeerClosed):
-            sink._on_peer_down(event.peer, errors.PeerClosed(event.peer))
-        elif isinstance(event, events.PeerRejectedUs):
-            sink._on_peer_down(event.peer, event.error)
-        elif isinstance(event, events.Closed):
-            sink._on_closed()
+        else:
+            _route_rare(event, sink)
+
+
+def _route_rare(event: events.Event, sink: EventSink) -> None:
+    """:func:`route_events` for the kinds that are not one per message."""
+    if isinstance(event, events.MessageDelivered):
+        sink._on_outcome(event.ticket, Receipt.from_event(event), None)
+    elif isinstance(event, events.GroupSendDone):
+        sink._on_outcome(event.ticket, event.receipt, None)
+    elif isinstance(event, events.MessageFailed):
+        sink._on_outcome(event.ticket, None, event.error)
+    elif isinstance(event, events.MessageTaken):
+        sink._on_receive(event.waiter, event.message, None)
+    elif isinstance(event, events.ReceiveFailed):
+        sink._on_receive(event.waiter, None, event.error)
+    elif isinstance(event, events.StatsReceived):
+        sink._on_stats(event.peer, event.request, event.body)
+    elif isinstance(event, events.ManageAnswered):
+        sink._on_manage(event.request, event.status, event.body)
+    elif isinstance(event, events.PeerUnreachable):
+        error = errors.PeerUnreachable(
+            event.peer, event.silent_for, cause=event.cause, errno=event.errno
+        )
+        sink._on_peer_down(event.peer, error)
+    elif isinstance(event, events.PeerClosed):
+        sink._on_peer_down(event.peer, errors.PeerClosed(event.peer))
+    elif isinstance(event, events.PeerRejectedUs):
+        sink._on_peer_down(event.peer, event.error)
+    elif isinstance(event, events.Closed):
+        sink._on_closed()
 
 
 def parse_manage_reply(dest: Any, status: int, body: bytes) -> dict[str, Any]:

@@ -129,6 +129,8 @@ class Selector:
     ) -> Selector:
         """A selector; the shared "anything" one when nothing is selected (a fast path)."""
         if source is None and msg_type == 0 and not except_type and max_size is None:
+            if truncate:  # the checks below are skipped on this path: this one must not be
+                raise UsageError("truncate=True cuts messages to max_size: give max_size too")
             return ANY
         return Selector(source, msg_type, except_type, max_size, truncate)
 

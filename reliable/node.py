@@ -140,7 +140,9 @@ class _PendingSend(Generic[R]):
         self.ticket = ticket
         self.destination = destination
         self._done = False
-        self._receipt: R | None = None
+        # The receipt, or the core's MessageDelivered event until someone asks for it
+        # (most sends are never asked: the Receipt is made by the first result()).
+        self._receipt: R | events.MessageDelivered | None = None
         self._error: errors.ReliableError | None = None
         self._callbacks: list[Callable[[Any], None]] | None = None
 
@@ -175,8 +177,11 @@ class _PendingSend(Generic[R]):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
         if self._error is not None:
             raise self._error
-        assert self._receipt is not None
-        return self._receipt
+        receipt = self._receipt
+        if isinstance(receipt, events.MessageDelivered):
+            receipt = self._receipt = Receipt.from_event(receipt)  # type: ignore[assignment]
+        assert receipt is not None
+        return receipt  # type: ignore[return-value]  # the node routes each kind
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The delivery error, ``None`` once delivered; ``TimeoutError`` if not known in time."""
@@ -195,7 +200,10 @@ class _PendingSend(Generic[R]):
             fn(self)
 
     def _resolve(
-        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+        self,
+        ticket: int,
+        receipt: Outcome | events.MessageDelivered | None,
+        error: errors.ReliableError | None,
     ) -> bool:
         """Record the outcome (the node lock is held); whether callbacks are due."""
         self._receipt = receipt  # type: ignore[assignment]  # the node routes each kind
@@ -292,8 +300,13 @@ class BatchHandle:
         return sum(a is Withdrawal.WITHDRAWN for a in answers)
 
     def _resolve(
-        self, ticket: int, receipt: Outcome | None, error: errors.ReliableError | None
+        self,
+        ticket: int,
+        receipt: Outcome | events.MessageDelivered | None,
+        error: errors.ReliableError | None,
     ) -> bool:
+        if isinstance(receipt, events.MessageDelivered):
+            receipt = Receipt.from_event(receipt)
         self._outcomes.resolve(ticket, receipt, error)
         return False
 
@@ -379,6 +392,7 @@ class Node:
         self._poll_until: float | None = None  # when the polling leader wakes by itself
         self._timer: float | None = None  # the core's next timer, as of the last drive
         self._driven = 0.0  # when a thread last drove (monotonic seconds)
+        self._read_at = 0.0  # when a thread last looked at the socket (monotonic seconds)
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
@@ -658,7 +672,10 @@ class Node:
                     # sleeps in poll and must wake within NAP to flush what we hold.
                     self._drive(read=False, flush=False)
             else:
-                self._drive()
+                # Send now. A flush of held sends reads the socket first (acks make room);
+                # a send to an idle peer only if nobody looked for DRIVE_GAP seconds: a
+                # reply sent right after its request came in does not pay a system call.
+                self._drive(read=bool(held) or now - self._read_at >= DRIVE_GAP)
         finally:
             self._leave()
 
@@ -1546,6 +1563,7 @@ class Node:
             self._timer = self._endpoint.get_timer()  # calls since the last drive may move it
             self._timer_checked = time.monotonic()
             until = deadline
+            readable = False  # poll said a socket of the node has datagrams
             for due in (
                 self._timer,
                 self._held_since + NAP if self._held else None,
@@ -1564,19 +1582,23 @@ class Node:
                     self._lock.acquire()
                     self._polling = False
                 wake_fd = self._wake_r.fileno()
-                if any(fd == wake_fd for fd, _ in ready):
-                    self._drain_wake()
+                for fd, _ in ready:
+                    if fd == wake_fd:
+                        self._drain_wake()
+                    else:
+                        readable = True
             if not self._closed:
-                self._drive()
+                self._drive(readable=readable)
         finally:
             self._leader = None
             if self._followers:
                 self._changed.notify_all()  # one of them leads now
 
-    def _drive(self, *, read: bool = True, flush: bool = True) -> None:
+    def _drive(self, *, read: bool = True, flush: bool = True, readable: bool = False) -> None:
         """Lock held: feed waiting datagrams and due timers to the core, send what it
         produced, route its events. ``read``: unless another thread leads (it reads).
-        ``flush``: send now; otherwise only if sends were held back long enough."""
+        ``flush``: send now; otherwise only if sends were held back long enough.
+        ``readable``: poll has just said so (the leader): no need to ask again."""
         endpoint = self._endpoint
         now = time.monotonic()
         self._driven = now
@@ -1586,7 +1608,12 @@ class Node:
         if self._posts:
             self._posts.admit(endpoint, self._address, now)
         fed = False
-        if read and (self._leader is None or self._leader == me) and self._ready.poll(0):
+        if read and (self._leader is None or self._leader == me):
+            self._read_at = now
+            read = readable or bool(self._ready.poll(0))
+        else:
+            read = False
+        if read:
             reports: list[Unreachable] = []
             batch = drain_socket(self._sock, reports=reports)
             for sock in self._group_socks:
@@ -1617,7 +1644,7 @@ class Node:
                 self._transmit(out, now)
         before = self._changes
         if endpoint.has_events():
-            route_events(endpoint, self, self._on_event)
+            route_events(endpoint, self, self._on_event, lazy_receipts=True)
         polled = self._polling and self._leader != me
         if polled or now - self._timer_checked >= TIMER_SLACK:
             # The core's next timer costs a walk of its sessions: looked up at most every
@@ -1701,7 +1728,7 @@ class Node:
     def _on_outcome(
         self,
         ticket: int,
-        receipt: Receipt | GroupReceipt | None,
+        receipt: Receipt | GroupReceipt | events.MessageDelivered | None,
         error: errors.DeliveryFailed | None,
     ) -> None:
         handle = self._handles.pop(ticket, None)

@@ -16,7 +16,10 @@ Measured, per message size (64 B, 1 KiB, 64 KiB, one 16 MiB message):
   ``rmsg-async-batch``), without loss;
 
 and request/reply round-trip time (64-byte ping-pong), p50 and p99, with both
-processes pinned to one CPU and unpinned. Raw UDP is the ceiling (it may
+processes pinned to one CPU and unpinned, with the CPU and datagrams each
+round trip cost, beside the protocol core on a bare loop (row ``core``: no
+adapter, the floor an adapter can reach; ``run_rr_bench`` measures these
+rows alone, ``rmsg bench --rr``). Raw UDP is the ceiling (it may
 lose datagrams: its loss is reported); TCP is what users would pick instead.
 
 Every load loop is bounded in count and in time. Loopback only, except
@@ -52,6 +55,7 @@ __all__ = [
     "Throughput",
     "format_report",
     "run_bench",
+    "run_rr_bench",
     "run_veth_bench",
 ]
 
@@ -84,11 +88,15 @@ class Throughput:
 
 @dataclass(frozen=True, slots=True)
 class Latency:
-    transport: str
+    transport: str  #: udp, tcp, core (the core on a bare loop), rmsg, rmsg-async
     pinned: bool
     p50_us: float
     p99_us: float
     samples: int
+    #: CPU of both processes during the round trips, per round trip
+    cpu_us_per_rt: float | None = None
+    #: datagrams both ends sent per round trip (core, rmsg: 2 when every ack rides a message)
+    datagrams_per_rt: float | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +111,8 @@ class BenchReport:
     #: size -> CPU microseconds per message of the protocol core alone (both ends)
     core_cpu_us: dict[int, float] = field(default_factory=dict)
     path: str = "loopback"  #: where sender and receiver ran
+    #: CPU microseconds per 64 B request/reply of the protocol core alone (both ends)
+    core_rr_us: float | None = None
 
     def find(self, transport: str, size: int, loss: float = 0.0) -> Throughput | None:
         for t in self.throughput:
@@ -120,6 +130,7 @@ class BenchReport:
             "scale": None if self.scale is None else self.scale.as_dict(),
             "core_cpu_us": self.core_cpu_us,
             "path": self.path,
+            "core_rr_us": self.core_rr_us,
         }
 
 
@@ -463,17 +474,26 @@ def _reap(processes: list[Any]) -> None:
 
 # -------------------------------------------------------------------- latency
 
+#: Request/reply transports: the baselines, the protocol core on a bare loop, the adapters.
+RR_TRANSPORTS = ("udp", "tcp", "core", "rmsg", "rmsg-async")
+_BARE_TICK = 0.002  # seconds the bare loop's blocking read waits before it runs the timers
+
 
 def _echo(conn: Connection, transport: str, cpu: int | None, count: int) -> None:
+    """Answer ``count`` 64-byte requests; then report (CPU seconds, datagrams sent)."""
     _pin(cpu)
+    cpu0 = cpu1 = 0.0
+    datagrams: int | None = None
     if transport == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind((_LISTEN, 0))
             conn.send(sock.getsockname())
             sock.settimeout(10)
+            cpu0, _ = _usage()
             for _ in range(count):
                 data, peer = sock.recvfrom(256)
                 sock.sendto(data, peer)
+            cpu1, _ = _usage()
     elif transport == "tcp":
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
             server.bind((_LISTEN, 0))
@@ -482,30 +502,126 @@ def _echo(conn: Connection, transport: str, cpu: int | None, count: int) -> None
             peer, _ = server.accept()
             with peer:
                 peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                cpu0, _ = _usage()
                 for _ in range(count):
                     peer.sendall(_recv_exact(peer, 64))
+                cpu1, _ = _usage()
+    elif transport == "core":
+        bare = _BareLoop(2)
+        conn.send(bare.sock.getsockname())
+        cpu0, _ = _usage()
+        for _ in range(count):
+            msg = bare.receive()
+            bare.send(msg.source, msg.data)
+        cpu1, _ = _usage()
+        bare.linger(0.2)
+        datagrams = bare.endpoint.datagrams_sent
     elif transport == "rmsg":
         from reliable import Node
 
         with Node() as node:
             conn.send(node.address)
+            cpu0, _ = _usage()
             for _ in range(count):
                 msg = node.receive(timeout=10)
                 node.send_nowait(msg.source, msg.data)
+            cpu1, _ = _usage()
             time.sleep(0.2)  # let the last reply's acknowledgement come back
+            datagrams = node.stats().datagrams_sent
     else:
 
-        async def serve() -> None:
+        async def serve() -> tuple[float, float, int]:
             from reliable.aio import AsyncNode
 
             async with AsyncNode() as node:
                 conn.send(node.address)
+                start, _ = _usage()
                 for _ in range(count):
                     msg = await node.receive(timeout=10)
                     node.send_nowait(msg.source, msg.data)
+                stop, _ = _usage()
                 await asyncio.sleep(0.2)
+                return start, stop, node.stats().datagrams_sent
 
-        asyncio.run(serve())
+        cpu0, cpu1, datagrams = asyncio.run(serve())
+    conn.send((cpu1 - cpu0, datagrams))
+
+
+class _BareLoop:
+    """The protocol core on a bare loop: one blocking socket, no adapter, no thread.
+
+    The floor any adapter can reach on this machine: a round trip of ``core``
+    against one of ``rmsg`` is what the adapter adds. It reads with a short
+    timeout and runs the core's due timers after every read; nothing else
+    (no backlog, no batching, no events beyond the messages).
+    """
+
+    def __init__(self, seed: int) -> None:
+        import random
+
+        from reliable import Config, Endpoint, Selector, events
+
+        self.taken = events.MessageTaken
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((_LISTEN, 0))
+        self.sock.settimeout(_BARE_TICK)
+        self.endpoint = Endpoint(Config(peer_timeout=30.0), rng=random.Random(seed))
+        self.every = Selector.of(None, 0, False)
+
+    def turn(self) -> float:
+        """Read at most one datagram (or time out), run due timers; returns ``now``."""
+        endpoint = self.endpoint
+        try:
+            data, addr = self.sock.recvfrom(65535)
+        except TimeoutError:
+            data = None
+        now = time.monotonic()
+        if data is not None:
+            endpoint.receive_datagram(data, addr, now)
+        timer = endpoint.get_timer()
+        if timer is not None and timer <= now:
+            endpoint.handle_timer(now)
+        return now
+
+    def flush(self, now: float) -> Any:
+        """Send what the core has; the message a waiting receive was handed, if any."""
+        got = None
+        while (event := self.endpoint.next_event()) is not None:
+            if isinstance(event, self.taken):
+                got = event.message
+        for data, addr in self.endpoint.datagrams_to_send(now):
+            self.sock.sendto(data, addr)
+        return got
+
+    def receive(self, limit: float = 10.0) -> Any:
+        """The next message. It waits as the adapters do (a waiting receive, so that
+        the core may hold the ack back for the reply to carry it)."""
+        endpoint = self.endpoint
+        now = time.monotonic()
+        msg = endpoint.take("", self.every, now=now)
+        if msg is not None:
+            return msg
+        endpoint.wait_for_message("", self.every, receiver="bench", now=now)
+        give_up = now + limit
+        while True:
+            now = self.turn()
+            msg = self.flush(now)
+            if msg is not None:
+                return msg
+            if now > give_up:
+                raise TimeoutError("no message")
+
+    def send(self, dest: Any, data: bytes) -> None:
+        now = time.monotonic()
+        self.endpoint.send(dest, data, now=now)
+        self.flush(now)
+
+    def linger(self, seconds: float) -> None:
+        """Keep answering (acks) for ``seconds``, then close the socket."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.flush(self.turn())
+        self.sock.close()
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -519,48 +635,72 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _ping(conn: Connection, transport: str, addr: Any, cpu: int | None, count: int) -> None:
+    """``count`` timed round trips; reports (samples, CPU seconds, datagrams sent)."""
     _pin(cpu)
     payload = b"p" * 64
     samples: list[float] = []
+    cpu0 = cpu1 = 0.0
+    datagrams: int | None = None
     if transport == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(10)
+            cpu0, _ = _usage()
             for _ in range(count):
                 start = time.perf_counter()
                 sock.sendto(payload, addr)
                 sock.recv(256)
                 samples.append(time.perf_counter() - start)
+            cpu1, _ = _usage()
     elif transport == "tcp":
         with socket.create_connection(addr) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cpu0, _ = _usage()
             for _ in range(count):
                 start = time.perf_counter()
                 sock.sendall(payload)
                 _recv_exact(sock, 64)
                 samples.append(time.perf_counter() - start)
+            cpu1, _ = _usage()
+    elif transport == "core":
+        bare = _BareLoop(1)
+        cpu0, _ = _usage()
+        for _ in range(count):
+            start = time.perf_counter()
+            bare.send(addr, payload)
+            bare.receive()
+            samples.append(time.perf_counter() - start)
+        cpu1, _ = _usage()
+        datagrams = bare.endpoint.datagrams_sent
+        bare.linger(0.05)
     elif transport == "rmsg":
         from reliable import Node
 
         with Node() as node:
+            cpu0, _ = _usage()
             for _ in range(count):
                 start = time.perf_counter()
                 node.send_nowait(addr, payload)
                 node.receive(timeout=10)
                 samples.append(time.perf_counter() - start)
+            cpu1, _ = _usage()
+            datagrams = node.stats().datagrams_sent
     else:
 
-        async def ping() -> None:
+        async def ping() -> tuple[float, float, int]:
             from reliable.aio import AsyncNode
 
             async with AsyncNode() as node:
+                start_cpu, _ = _usage()
                 for _ in range(count):
                     start = time.perf_counter()
                     node.send_nowait(addr, payload)
                     await node.receive(timeout=10)
                     samples.append(time.perf_counter() - start)
+                stop_cpu, _ = _usage()
+                return start_cpu, stop_cpu, node.stats().datagrams_sent
 
-        asyncio.run(ping())
-    conn.send(samples)
+        cpu0, cpu1, datagrams = asyncio.run(ping())
+    conn.send((samples, cpu1 - cpu0, datagrams))
 
 
 def _measure_latency(transport: str, pinned: bool, count: int) -> Latency:
@@ -576,18 +716,120 @@ def _measure_latency(transport: str, pinned: bool, count: int) -> Latency:
         pinger = ctx.Process(target=_ping, args=(ping_child, transport, addr, cpu, count))
         processes.append(pinger)
         pinger.start()
-        samples = sorted(ping_parent.recv())
+        samples, ping_cpu, ping_sent = ping_parent.recv()
+        echo_cpu, echo_sent = echo_parent.recv()
+        samples.sort()
         pinger.join(30)
         echo.join(30)
     finally:
         _reap(processes)
+    sent = None if ping_sent is None or echo_sent is None else (ping_sent + echo_sent) / count
     return Latency(
         transport=transport,
         pinned=pinned,
         p50_us=statistics.median(samples) * 1e6,
         p99_us=samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1e6,
         samples=len(samples),
+        cpu_us_per_rt=(ping_cpu + echo_cpu) / count * 1e6,
+        datagrams_per_rt=sent,
     )
+
+
+def measure_core_rr(count: int) -> float:
+    """CPU seconds per 64-byte request/reply of the protocol core alone, both ends.
+
+    Two endpoints on a perfect link in virtual time (0.4 ms a round trip, so
+    a reply's ack rides on the next request as in ``rmsg bench``), no
+    sockets: the request is sent, delivered and taken, the reply likewise.
+    Marginal cost, as :func:`measure_core`. A round trip on loopback costs
+    more than this even with no adapter at all (the ``core`` row of the
+    request/reply block): each process runs on a CPU the other one just
+    used, with cold caches.
+    """
+    import random
+
+    from reliable import Config, Endpoint, Selector
+
+    every = Selector.of(None, 0, False)
+    payload = b"p" * 64
+
+    def run(n: int) -> float:
+        config = Config(peer_timeout=30.0)
+        a = Endpoint(config, rng=random.Random(1))
+        b = Endpoint(config, rng=random.Random(2))
+        addr_a, addr_b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+        now = 0.0
+
+        def pump() -> None:
+            for data, _ in a.datagrams_to_send(now):
+                b.receive_datagram(data, addr_a, now)
+            for data, _ in b.datagrams_to_send(now):
+                a.receive_datagram(data, addr_b, now)
+
+        def take(end: Any) -> Any:
+            for _ in range(20):  # bounded: the first exchange also opens the session
+                msg = end.take("", every, now=now)
+                if msg is not None:
+                    return msg
+                pump()
+            raise RuntimeError("the core did not deliver over a perfect link")
+
+        start = time.process_time()
+        for _ in range(n):
+            now += 0.0004
+            a.send(addr_b, payload, now=now)
+            pump()
+            request = take(b)
+            b.send(addr_a, request.data, now=now)
+            pump()
+            take(a)
+            for end in (a, b):
+                while end.next_event() is not None:
+                    pass
+                timer = end.get_timer()
+                if timer is not None and timer <= now:
+                    end.handle_timer(now)
+        return time.process_time() - start
+
+    first = run(count)
+    return max(0.0, (run(2 * count) - first) / count)
+
+
+def run_rr_bench(
+    *,
+    rounds: int = 3,
+    count: int = 3000,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Request/reply only (``rmsg bench --rr``): every :data:`RR_TRANSPORTS` row,
+    pinned to one CPU and unpinned, in interleaved rounds (medians by p50), and
+    the core's own CPU per round trip measured in every round (median)."""
+    lat: dict[tuple[str, bool], list[Latency]] = {}
+    core: list[float] = []
+    pinned_options = (True, False) if (os.cpu_count() or 1) > 1 else (False,)
+    for r in range(rounds):
+        for transport in RR_TRANSPORTS:
+            for pinned in pinned_options:
+                if progress is not None:
+                    where = "pinned" if pinned else "unpinned"
+                    progress(f"round {r + 1}/{rounds}: {transport} request/reply, {where}")
+                lat.setdefault((transport, pinned), []).append(
+                    _measure_latency(transport, pinned, count)
+                )
+        if progress is not None:
+            progress(f"round {r + 1}/{rounds}: the core alone, request/reply")
+        core.append(measure_core_rr(max(200, count // 3)) * 1e6)
+    import reliable
+
+    report = BenchReport(
+        rounds=rounds,
+        cpus=os.cpu_count() or 1,
+        core="compiled" if reliable.__compiled__ else "pure",
+        core_rr_us=statistics.median(core),
+    )
+    for results in lat.values():
+        report.latency.append(_median(results, "p50_us"))
+    return report
 
 
 # ---------------------------------------------------------------------- runner
@@ -625,6 +867,8 @@ def run_bench(
     cases = list(_cases(quick))
     seen: dict[tuple[str, int, float], list[Throughput]] = {}
     lat: dict[tuple[str, bool], list[Latency]] = {}
+    core_cpu: dict[int, list[float]] = {}
+    core_rr: list[float] = []
     pinned_options = (True, False) if (os.cpu_count() or 1) > 1 else (False,)
     for r in range(rounds):
         for transport, size, loss, one in cases:
@@ -632,7 +876,7 @@ def run_bench(
                 progress(f"round {r + 1}/{rounds}: {transport} {size} B, {loss:.0%} loss")
             result = _measure_throughput(transport, size, loss, duration, one)
             seen.setdefault((transport, size, loss), []).append(result)
-        for transport in ("udp", "tcp", "rmsg", "rmsg-async"):
+        for transport in RR_TRANSPORTS:
             for pinned in pinned_options:
                 if progress is not None:
                     where = "pinned" if pinned else "unpinned"
@@ -640,18 +884,28 @@ def run_bench(
                 lat.setdefault((transport, pinned), []).append(
                     _measure_latency(transport, pinned, pings)
                 )
+        # The core alone, in every round: the adapters' share compares figures of the
+        # same rounds, so the machine's load weighs on both sides of the ratio alike.
+        for size in (64, 1024):
+            if progress is not None:
+                progress(f"round {r + 1}/{rounds}: the core alone, {size} B messages")
+            core_cpu.setdefault(size, []).append(measure_core(size, 2000 if quick else 20000) * 1e6)
+        core_rr.append(measure_core_rr(200 if quick else 1000) * 1e6)
     import reliable
 
     core = "compiled" if reliable.__compiled__ else "pure"
-    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1, core=core)
+    report = BenchReport(
+        rounds=rounds,
+        cpus=os.cpu_count() or 1,
+        core=core,
+        core_rr_us=statistics.median(core_rr),
+    )
     for results in seen.values():
         report.throughput.append(_median(results, "messages_per_s"))
     for results_l in lat.values():
         report.latency.append(_median(results_l, "p50_us"))
-    for size in (64, 1024):
-        if progress is not None:
-            progress(f"core alone: {size} B messages")
-        report.core_cpu_us[size] = measure_core(size, 2000 if quick else 20000) * 1e6
+    for size, figures in core_cpu.items():
+        report.core_cpu_us[size] = statistics.median(figures)
     if scale:
         report.scale = run_scale(quick=quick, progress=progress)
     return report
@@ -809,10 +1063,13 @@ def format_report(report: BenchReport) -> str:
         f"rmsg bench: {_PATHS.get(report.path, report.path)}, {report.core or 'pure'} core, "
         f"{report.cpus} CPUs, "
         f"median of {report.rounds} round(s)",
-        "",
-        f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
-        f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
     ]
+    if report.throughput:
+        lines += [
+            "",
+            f"{'size':>7}  {'transport':<17}{'loss':>5}  {'msgs/s':>10}  {'MB/s':>8}  "
+            f"{'x UDP':>6}  {'x TCP':>6}  {'CPU us/msg':>10}  {'RSS MiB':>7}  {'retx':>6}",
+        ]
     for t in sorted(
         report.throughput,
         key=lambda t: (t.size, t.transport != "udp", t.transport != "tcp", t.transport, t.loss),
@@ -835,14 +1092,33 @@ def format_report(report: BenchReport) -> str:
             f"{t.peak_rss_kib / 1024:>7.1f}  {retx:>6}{lost}"
         )
     if report.latency:
-        lines += ["", f"request/reply, 64 B  {'':<9}{'p50 us':>9}  {'p99 us':>9}  {'p50 x UDP':>9}"]
-    for x in sorted(report.latency, key=lambda x: (not x.pinned, x.transport)):
+        lines += [
+            "",
+            f"request/reply, 64 B  {'':<9}{'p50 us':>9}  {'p99 us':>9}  {'p50 x UDP':>9}"
+            f"  {'CPU us/rt':>9}  {'dgrams/rt':>9}",
+        ]
+    order = {t: i for i, t in enumerate(RR_TRANSPORTS)}
+    for x in sorted(report.latency, key=lambda x: (not x.pinned, order.get(x.transport, 9))):
         base = next(
             (b for b in report.latency if b.transport == "udp" and b.pinned == x.pinned), None
         )
         ratio = f"{x.p50_us / base.p50_us:.2f}" if base else "-"
         where = "pinned" if x.pinned else "unpinned"
-        lines.append(f"{x.transport:<11}{where:<18}{x.p50_us:>9.1f}  {x.p99_us:>9.1f}  {ratio:>9}")
+        cpu = "-" if x.cpu_us_per_rt is None else f"{x.cpu_us_per_rt:.1f}"
+        sent = "-" if x.datagrams_per_rt is None else f"{x.datagrams_per_rt:.2f}"
+        lines.append(
+            f"{x.transport:<11}{where:<18}{x.p50_us:>9.1f}  {x.p99_us:>9.1f}  {ratio:>9}"
+            f"  {cpu:>9}  {sent:>9}"
+        )
+    if report.latency:
+        lines.append(
+            "  (core: the protocol core on a bare loop, no adapter: the floor an adapter can reach)"
+        )
+    if report.core_rr_us is not None:
+        lines.append(
+            f"  the core alone, both ends, per round trip (virtual time, no sockets): "
+            f"{report.core_rr_us:.1f} us of CPU"
+        )
     if report.core_cpu_us:
         lines += ["", "CPU per message, sender + receiver: the core alone, and the adapters' share"]
         for size, core in sorted(report.core_cpu_us.items()):

@@ -163,3 +163,31 @@ def test_request_reply_never_loses_a_wakeup() -> None:
             await echoing
 
     run(main())
+
+
+def test_a_received_message_leaves_the_loop_timer_armed_within_the_turn() -> None:
+    """The reader callback that hands a waiting coroutine its message re-arms the loop
+    timer after that coroutine ran (it usually pumps and arms anyway, replying); a
+    coroutine that then leaves the node alone must still find the timer at the core's
+    next deadline by the end of the turn, or a held ack or a retransmission would wait
+    for the next datagram."""
+
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            # a conversation, so that b's core holds its ack for a reply (a timer)
+            a.send_nowait(b.address, b"hello")
+            assert (await b.receive(timeout=2)).data == b"hello"
+            b.send_nowait(a.address, b"hi")
+            assert (await a.receive(timeout=2)).data == b"hi"
+            for _ in range(20):
+                handle = a.send_nowait(b.address, b"request")
+                msg = await b.receive(timeout=2)  # woken by b's reader callback
+                assert msg.data == b"request"
+                await asyncio.sleep(0)  # the rest of the turn: nobody calls b
+                deadline = b._endpoint.get_timer()
+                assert deadline is not None and not b._timer_stale
+                assert b._timer is not None and b._timer.when() == deadline
+                receipt = await asyncio.wait_for(handle, 2)  # the held ack left on the timer
+                assert receipt.peer == b.address
+
+    run(main())

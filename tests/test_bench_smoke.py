@@ -47,6 +47,30 @@ def test_rmsg_bench_quick_reports_every_transport(rmsg_exe: str) -> None:
     assert {(x["transport"], x["pinned"]) for x in report["latency"]} >= {("rmsg", False)}
 
 
+def test_rmsg_bench_rr_reports_the_floor_and_the_cost_per_round_trip(rmsg_exe: str) -> None:
+    """`rmsg bench --rr`: request/reply rows only, the core on a bare loop among them,
+    with CPU and datagrams per round trip, and the core's own CPU per round trip."""
+    done = subprocess.run(
+        [rmsg_exe, "bench", "--rr", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["throughput"] == []
+    rows = {(x["transport"], x["pinned"]): x for x in report["latency"]}
+    assert {t for t, _ in rows} == {"udp", "tcp", "core", "rmsg", "rmsg-async"}
+    for (transport, _), row in rows.items():
+        assert row["samples"] == 300 and row["p50_us"] > 0 and row["cpu_us_per_rt"] > 0
+        # a request and its reply at least; rmsg's acks ride on them when they can
+        if transport in ("core", "rmsg", "rmsg-async"):
+            assert row["datagrams_per_rt"] >= 2
+        else:
+            assert row["datagrams_per_rt"] is None
+    assert report["core_rr_us"] > 0
+
+
 def test_rmsg_bench_durable_reports_the_four_rates(rmsg_exe: str, tmp_path: Path) -> None:
     """`rmsg bench --durable`: network and local durable, sqlite3 and volatile rates from
     one run; the durable host stored every message it acknowledged, several per commit

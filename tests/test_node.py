@@ -295,3 +295,25 @@ def test_async_group_sends_are_refused_by_send_too() -> None:
             assert node.stats().datagrams_sent == 0
 
     asyncio.run(main())
+
+
+def test_a_receipt_is_made_when_asked_and_is_the_same_every_time() -> None:
+    """A confirmation reaches the handle as the core's event; the first result() makes
+    the Receipt from it (nobody asked for most sends), every later one returns it,
+    and a done-callback sees the same."""
+    seen: list[object] = []
+    with Node() as a, Node() as b:
+        handle = a.send_nowait(b.address, b"x" * 100, msg_type=2)
+        handle.add_done_callback(lambda h: seen.append(h.result()))
+        assert b.receive(timeout=5).data == b"x" * 100
+        assert handle.wait(5)
+        receipt = handle.result()
+        assert receipt.peer == b.address and receipt.size == 100
+        assert receipt.incarnation == b.incarnation and receipt.fragments == 1
+        assert handle.result() is receipt and handle.exception() is None
+        give_up = time.monotonic() + 5  # the callback runs on whichever thread drove
+        while not seen and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert seen == [receipt]
+        batch = a.send_many(b.address, [b"1", b"22"])
+        assert [r.size for r in batch.result(5)] == [1, 2]

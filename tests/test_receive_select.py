@@ -115,3 +115,16 @@ def test_async_node_max_size_truncate_and_source_sets() -> None:
             assert got.data == b"late", "still queued after the waiting receive failed"
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.loopback
+def test_truncate_without_max_size_is_refused_by_the_adapters_too() -> None:
+    """Selector.of's fast path for "anything" skipped the check Selector() makes, so a
+    receive with truncate=True and no max_size silently took whole messages."""
+    from reliable import Node
+
+    with Node() as node:
+        with pytest.raises(errors.UsageError, match="give max_size too"):
+            node.receive_nowait(truncate=True)
+        with pytest.raises(errors.UsageError, match="give max_size too"):
+            node.receive(timeout=0.01, truncate=True)

@@ -57,6 +57,12 @@ from .options import POSITIVE_DURATION, fail, require_plotting
     help="Instead: no-op RPC calls/s and p50/p99, rmsg beside stdlib xmlrpc (and grpcio).",
 )
 @click.option(
+    "--rr",
+    is_flag=True,
+    help="Instead: request/reply only (64 B, pinned and unpinned), with CPU and datagrams "
+    "per round trip, the core on a bare loop (no adapter) and the core's own CPU.",
+)
+@click.option(
     "--veth",
     is_flag=True,
     help="Instead: 1 KiB and 16 MiB rows against TCP between two network namespaces "
@@ -98,6 +104,7 @@ def bench(
     from_json: str | None,
     scale: bool,
     rpc: bool = False,
+    rr: bool = False,
     veth: bool = False,
     durable: bool = False,
     sync: str = "grouped",
@@ -123,6 +130,7 @@ def bench(
       rmsg bench --rounds 5 --json > figures.json
       rmsg bench --plot bench.png
       rmsg bench --from figures.json --plot bench.png     # draw a saved run again
+      rmsg bench --rr --rounds 5                          # request/reply only
       rmsg bench --veth --rounds 3                        # as root: namespaces, real MTU
       rmsg bench --durable --sync grouped --rows 100      # durable mailbox vs sqlite3
     """
@@ -165,7 +173,19 @@ def bench(
         )
         click.echo(format_rpc_report(rpc_figures, as_json))
         return
+    if rr:
+        from ..bench import run_rr_bench
 
+        rr_report = run_rr_bench(
+            rounds=rounds or (1 if quick else 3),
+            count=300 if quick else 3000,
+            progress=_progress,
+        )
+        if as_json:
+            render.echo_json(rr_report.as_dict(), indent=2)
+        else:
+            click.echo(format_report(rr_report))
+        return
     if veth:
         from ..bench import run_veth_bench, veth_unavailable
 
