@@ -143,6 +143,7 @@ from .wire import (
     Verdict,
     data_budget,
     encode_body,
+    encode_session,
     fragment_capacity,
     unwrap,
 )
@@ -161,6 +162,7 @@ _MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
+_DATA = int(Kind.DATA)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
@@ -735,21 +737,18 @@ class PeerSession:
                 more = sender.can_send()
                 flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
-                    encode_body(
-                        Packet(
-                            kind=Kind.DATA,
-                            flags=flags,
-                            window=window,
-                            src_incarnation=my_incarnation,
-                            dst_incarnation=dst,
-                            ack=ack.ack,
-                            ack_delay=ack.ack_delay,
-                            sacks=ack.sacks,
-                            notices=ack.notices,
-                            cookie=self.cookie,
-                            fragment=fragments[0],
-                            bundle=tuple(fragments[1:]),
-                        )
+                    encode_session(
+                        _DATA,
+                        flags,
+                        window,
+                        my_incarnation,
+                        dst,
+                        ack.ack,
+                        ack.ack_delay,
+                        ack.sacks,
+                        ack.notices,
+                        self.cookie,
+                        fragments,
                     )
                 )
                 if not more or first_contact:
@@ -854,19 +853,17 @@ class PeerSession:
         ack = self.receiver.ack_state(
             now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
         )
-        return encode_body(
-            Packet(
-                kind=kind,
-                flags=ack_flag,
-                window=self.window(),
-                src_incarnation=my_incarnation,
-                dst_incarnation=self.incarnation or 0,
-                ack=ack.ack,
-                ack_delay=ack.ack_delay,
-                sacks=ack.sacks,
-                notices=ack.notices,
-                cookie=self.cookie,
-            )
+        return encode_session(
+            kind,
+            ack_flag,
+            self.window(),
+            my_incarnation,
+            self.incarnation or 0,
+            ack.ack,
+            ack.ack_delay,
+            ack.sacks,
+            ack.notices,
+            self.cookie,
         )
 
     # ----------------------------------------------------------------- timers

@@ -324,23 +324,21 @@ class ReceiveStream:
             reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
             msg_id = unwrap(frag.msg_id, reference)
             self.last_msg_id = msg_id
-            rejected = None
-            if frag.total_len > self.max_message_size:
-                rejected = Verdict.TOO_LARGE
-            elif self.screen is not None and not frag.control:
-                rejected = self.screen(frag)
-            if rejected is not None:
-                self.add_notice(msg_id, rejected, seq)
-                self.refused += 1
-            if frag.count == 1:  # the common case, without the bookkeeping of a partial
-                if rejected is None:
-                    if len(frag.payload) != frag.total_len:
-                        self.reassembly_errors += 1
-                        return
+            if frag.count == 1:
+                # The common case, without the bookkeeping of a partial and without the
+                # screen: a whole message is judged where it is delivered, at once (a
+                # screen exists to refuse a long message before its other fragments).
+                if frag.total_len > self.max_message_size:
+                    self.add_notice(msg_id, Verdict.TOO_LARGE, seq)
+                    self.refused += 1
+                elif len(frag.payload) != frag.total_len:
+                    self.reassembly_errors += 1
+                else:
+                    payload = frag.payload
                     delivered.append(
                         Delivery(
                             msg_id,
-                            bytes(frag.payload),
+                            payload if type(payload) is bytes else bytes(payload),
                             frag.msg_type,
                             frag.priority,
                             frag.mailbox,
@@ -349,6 +347,14 @@ class ReceiveStream:
                         )
                     )
                 return
+            rejected = None
+            if frag.total_len > self.max_message_size:
+                rejected = Verdict.TOO_LARGE
+            elif self.screen is not None and not frag.control:
+                rejected = self.screen(frag)
+            if rejected is not None:
+                self.add_notice(msg_id, rejected, seq)
+                self.refused += 1
             partial = self.partial = _Partial(
                 msg_id=msg_id,
                 count=frag.count,

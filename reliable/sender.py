@@ -112,7 +112,7 @@ from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .fate import TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
-from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
+from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Fragment, record_size, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -495,33 +495,66 @@ class SendStream:
             self.unacked[pkt.seq] = pkt  # the only one: the base it carries is its own seq
             self._transmit(pkt, now)
             return self._fragment(pkt), True, pkt
-        size = msg.record_bytes(msg.next_index)
+        index = msg.next_index
+        if msg.count == 1:
+            # One fragment: the whole message, no slicing (the common small message).
+            payload: bytes | memoryview = msg.data
+            size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + len(payload)
+        else:
+            size = msg.record_bytes(index)
+            payload = msg.fragment_payload(index)
         if room is not None and (msg.control != control or size > room):
             return None
-        self._use_window()
-        if msg.next_index == 0:
-            msg.msg_id = self.next_msg_id
-            msg.first_seq = self.next_seq
-            self.next_msg_id += 1
-            self.by_msg_id[msg.msg_id] = msg
-        pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index, size=size)
-        msg.last_seq = self.next_seq
-        msg.next_index += 1
+        if self.in_flight_bytes >= self.cc.window:
+            self.probe_allowance -= 1  # a probe may exceed the window
+        seq = self.next_seq
+        if index == 0:
+            msg.msg_id = msg_id = self.next_msg_id
+            msg.first_seq = seq
+            self.next_msg_id = msg_id + 1
+            self.by_msg_id[msg_id] = msg
+        # _transmit, inline: this is the per-fragment path
+        tx = self.tx_counter
+        pkt = SentPacket(seq, msg, index, size, tx, self.datagrams_sent, 0, now)
+        msg.last_seq = seq
+        msg.next_index = index + 1
+        msg.transmissions += 1
+        nested = False
         if not msg.control:
             current = self.current
             if current is not None and current is not msg:
-                pkt.nested = True
+                pkt.nested = nested = True
             self.passed = 0 if msg is self.queue[0] else self.passed + 1
-            if msg.next_index == msg.count:
+            if index + 1 == msg.count:
                 self._unqueue(msg)
             elif current is None:
                 self.current = msg
-        elif msg.next_index == msg.count:
+        elif index + 1 == msg.count:
             self.control.popleft()
-        self.next_seq += 1
-        self.unacked[pkt.seq] = pkt
-        self._transmit(pkt, now)
-        return self._fragment(pkt), False, pkt
+        self.next_seq = seq + 1
+        unacked = self.unacked
+        unacked[seq] = pkt
+        self.tx_counter = tx + 1
+        self.flight[tx] = pkt
+        self.in_flight_bytes += size
+        self.last_send_time = now
+        self.packets_sent += 1
+        base = next(iter(unacked))  # (not empty: it holds this packet)
+        fragment = Fragment(
+            seq=seq,
+            base=base,
+            msg_id=msg.msg_id,
+            index=index,
+            count=msg.count,
+            total_len=len(msg.data),
+            msg_type=msg.msg_type,
+            priority=msg.priority,
+            mailbox=msg.mailbox,
+            payload=payload,
+            control=msg.control,
+            nested=nested,
+        )
+        return fragment, False, pkt
 
     def _use_window(self) -> None:
         if self.in_flight_bytes >= self.cc.window:

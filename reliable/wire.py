@@ -70,6 +70,7 @@ __all__ = [
     "decode_body",
     "encode",
     "encode_body",
+    "encode_session",
     "data_budget",
     "encoded_size",
     "fragment_capacity",
@@ -453,6 +454,81 @@ def encode_body(packet: Packet) -> bytes:
                 parts.append(bytes(packet.padding))
     except struct.error as exc:
         raise ValueError(f"field out of range: {exc}") from None
+    return b"".join(parts)
+
+
+def encode_session(
+    kind: int,
+    flags: int,
+    window: int,
+    src_incarnation: int,
+    dst_incarnation: int,
+    ack: int,
+    ack_delay: int,
+    sacks: tuple[tuple[int, int], ...],
+    notices: tuple[tuple[int, int], ...],
+    cookie: bytes | None,
+    fragments: list[Fragment] | None = None,
+) -> bytes:
+    """What ``encode_body`` makes of a session's DATA or ack-bearing control packet
+    (ACK, PING, CLOSE), from its fields, without building and checking a
+    :class:`Packet`: the per-datagram path of a peer session, whose fields are its
+    own (in range by construction). ``flags`` holds only ``ACK_NOW`` and ``ACK``;
+    ``CONTROL``, ``NESTED`` and ``COOKIE`` are set here from the fragments and cookie.
+    """
+    if fragments:
+        if fragments[0].control:
+            flags |= _CONTROL
+        for frag in fragments:
+            if frag.nested:
+                flags |= _NESTED
+                break
+    if cookie is not None:
+        flags |= _COOKIE
+    parts: list[bytes | memoryview] = [
+        _HEADER.pack(
+            MAGIC,
+            VERSION,
+            kind,
+            flags,
+            window,
+            src_incarnation,
+            dst_incarnation,
+            ack & _SERIAL_MASK,
+            ack_delay if ack_delay < _U16_MAX else _U16_MAX,
+            len(sacks),
+            len(notices),
+        )
+    ]
+    if cookie is not None:
+        parts.append(cookie)
+    for start, end in sacks:
+        parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
+    for msg_id, reason in notices:
+        parts.append(_NOTICE.pack(msg_id & _SERIAL_MASK, reason))
+    if fragments:
+        pack = _FRAGMENT.pack
+        payload_len = _PAYLOAD_LEN.pack
+        for frag in fragments:
+            mailbox = frag.mailbox.encode("utf-8") if frag.mailbox else b""
+            payload = frag.payload
+            parts.append(
+                pack(
+                    frag.seq & _SERIAL_MASK,
+                    frag.base & _SERIAL_MASK,
+                    frag.msg_id & _SERIAL_MASK,
+                    frag.index,
+                    frag.count,
+                    frag.total_len,
+                    frag.msg_type,
+                    frag.priority,
+                    len(mailbox),
+                )
+            )
+            if mailbox:
+                parts.append(mailbox)
+            parts.append(payload_len(len(payload)))
+            parts.append(payload)
     return b"".join(parts)
 
 
