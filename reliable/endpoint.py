@@ -1010,6 +1010,18 @@ class Endpoint:
         or the lock expires. From a durable mailbox, the adapter must commit
         (``sync_stores``) before it hands a removed message out.
         """
+        box = self._mailboxes.get(mailbox)
+        if (
+            box is not None
+            and not box.queue.count
+            and not box.parked.count
+            and selector is None
+            and lock is None
+            and not self._locking
+            and (box.owner is None or owner == box.owner)
+        ):
+            self._now = now
+            return None  # the poll of an empty mailbox (no lock can expire back into it)
         box = self._box(mailbox, owner=owner)
         self._now = now
         check_lock(lock)

@@ -72,9 +72,12 @@ class Delivery:
 Screen = Callable[[Fragment], Verdict | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AckState:
-    """The acknowledgement fields for the next outgoing packet (wire values)."""
+    """The acknowledgement fields for the next outgoing packet (wire values).
+
+    Treat it as immutable (not frozen: one is built per datagram sent, see
+    :class:`~reliable.wire.Packet`)."""
 
     ack: int
     ack_delay: int
@@ -586,20 +589,22 @@ class ReceiveStream:
         if self.expected is None:
             return AckState(0, 0, (), ())
         cum = self.expected
-        notices = list(self.notices.items())
-        if len(notices) > max_notices:
-            # Never acknowledge past a refused message whose notice is not in this packet.
-            cum = min(cum, notices[max_notices][1].first_seq)
-            notices = notices[:max_notices]
+        carried: tuple[tuple[int, int], ...] = ()
+        if self.notices:
+            notices = list(self.notices.items())
+            if len(notices) > max_notices:
+                # Never acknowledge past a refused message whose notice is not in this packet.
+                cum = min(cum, notices[max_notices][1].first_seq)
+                notices = notices[:max_notices]
+            carried = tuple([(m, int(n.reason)) for m, n in notices])
         delay = 0
         if self.first_unacked_time is not None:
             delay = int((now - self.first_unacked_time) / ACK_DELAY_TICK)
-        return AckState(
-            ack=cum,
-            ack_delay=max(0, delay),
-            sacks=tuple((s, e) for s, e in self.ranges[:max_sacks]),
-            notices=tuple((m, int(n.reason)) for m, n in notices),
-        )
+            if delay < 0:
+                delay = 0
+        ranges = self.ranges
+        sacks = tuple([(s, e) for s, e in ranges[:max_sacks]]) if ranges else ()
+        return AckState(cum, delay, sacks, carried)
 
     def held_span(self) -> int:
         """Sequence numbers from ``expected`` to one past the highest fragment held out of

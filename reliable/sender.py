@@ -338,9 +338,13 @@ class SendStream:
         """Whether :meth:`next_datagram` would return a datagram now."""
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             return False
-        if self._has_lost():
+        if self.lost and self._has_lost():
             return True
-        return self._next_message() is not None or self._base_untold() is not None
+        if (self.queue or self.control) and self._next_message() is not None:
+            return True
+        if self.flight or not self.by_msg_id:
+            return False  # (what _base_untold checks first)
+        return self._base_untold() is not None
 
     def next_record_bytes(self) -> int:
         """Bytes of the record the next datagram starts with (0: nothing to send)."""
@@ -463,7 +467,7 @@ class SendStream:
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             self.cwnd_limited = True
             return None
-        if self._has_lost():
+        if self.lost and self._has_lost():
             pkt = self.unacked[self.lost[0]]
             if room is not None and (pkt.message.control != control or pkt.size > room):
                 return None

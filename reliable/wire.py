@@ -251,9 +251,15 @@ class Fragment:
     nested: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Packet:
-    """One decoded datagram."""
+    """One decoded datagram.
+
+    Treat it as immutable. It is not frozen for the reason :class:`Fragment`
+    is not: one is built for every datagram received, and a frozen dataclass
+    sets each of its 16 fields through ``object.__setattr__``, about four
+    times the cost of a plain one.
+    """
 
     kind: Kind
     flags: int = 0
@@ -616,13 +622,17 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
     if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
         raise MalformedPacket("length", "ack section overruns the datagram")
-    sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
-    offset += n_sack * _SACK.size
-    notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
-    offset += n_notice * _NOTICE.size
-    for _, reason in notices:
-        if reason not in _VERDICTS:
-            raise MalformedPacket("notice", f"unknown verdict {reason}")
+    sacks: tuple[tuple[int, int], ...] = ()
+    notices: tuple[tuple[int, int], ...] = ()
+    if n_sack:
+        sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
+        offset += n_sack * _SACK.size
+    if n_notice:
+        notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
+        offset += n_notice * _NOTICE.size
+        for _, reason in notices:
+            if reason not in _VERDICTS:
+                raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
