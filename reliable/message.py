@@ -14,12 +14,13 @@ if TYPE_CHECKING:  # events imports this module at run time (see events.py)
 __all__ = ["GroupReceipt", "Message", "Receipt"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(slots=True, kw_only=True, eq=False)
 class Message:
     """A message received from ``source`` (the sending node's address).
 
     Compared by identity: two receives never return the same message, and
-    equal bytes from the same sender are still two messages.
+    equal bytes from the same sender are still two messages. Treat it as
+    immutable (it is not frozen, for speed: see :mod:`reliable.events`).
     """
 
     source: CoreAddress
