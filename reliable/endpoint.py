@@ -231,6 +231,9 @@ class _Anycast:
         self.tried: list[tuple[Any, str]] = []
 
 
+#: Most (datagram size, mailbox) capacities Endpoint.send remembers before starting over.
+_CAPACITIES_KEPT = 64
+
 #: Seconds since we last sent a peer data within which a request from it is taken to be
 #: part of a conversation, so that our reply may carry its ack (Config.reply_ack_delay).
 CONVERSATION = 1.0
@@ -257,6 +260,8 @@ class Endpoint:
         # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
         self._cookie_key = self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16)
         self._packet_number = 0
+        #: fragment_capacity by (datagram size, mailbox): asked on every send
+        self._capacities: dict[tuple[int, str], int] = {}
         self._receive_budget = MemoryBudget(self.config.receive_memory)
         self._challenge_budget = float(self.config.max_challenges_per_second)
         self._challenge_clock = 0.0
@@ -350,22 +355,34 @@ class Endpoint:
         :class:`~reliable.errors.NodeClosed` when it cannot be taken now;
         in every case nothing was queued.
         """
-        data = message_bytes(data)
-        msg_type = check_integer(msg_type, "msg_type")
-        priority = check_integer(priority, "priority")
+        # Each check is called only for a value of another type than the usual one, so the
+        # common send makes no call per argument (the checks take ``object``: a compiled
+        # core raises the same UsageError as a pure one).
+        if type(data) is not bytes:
+            data = message_bytes(data)
+        if type(msg_type) is not int:
+            msg_type = check_integer(msg_type, "msg_type")
+        if type(priority) is not int:
+            priority = check_integer(priority, "priority")
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
-        check_timeout(timeout, "timeout")
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
         self._now = now
         self._check_room(len(data))
         if self._redirects:
             dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
-        if session is not None and session.mailbox_full(mailbox):
+        if session is not None and mailbox in session.full_mailboxes:
             raise errors.MailboxFull(dest, mailbox)
-        peer = self._peer_for_send(dest, now)
+        peer = session if session is not None else self._peer_for_send(dest, now)
         if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
-        size = fragment_capacity(peer.current_datagram_size(), mailbox)
+        datagram = peer.current_datagram_size()
+        size = self._capacities.get((datagram, mailbox), 0)
+        if not size:
+            if len(self._capacities) >= _CAPACITIES_KEPT:
+                self._capacities.clear()
+            size = self._capacities[datagram, mailbox] = fragment_capacity(datagram, mailbox)
         msg = OutgoingMessage(
             ticket=self._next_ticket,
             data=data,
@@ -1407,7 +1424,7 @@ class Endpoint:
         verdict = None
         if not box.open:
             verdict = Verdict.MAILBOX_CLOSED
-        elif not box.fits(size):
+        elif box.max_bytes is not None and size > box.max_bytes and not box.fits(size):
             verdict = Verdict.TOO_LARGE
         elif self._held + size > self.config.mailbox_memory:
             verdict = Verdict.NO_MEMORY
@@ -1458,13 +1475,15 @@ class Endpoint:
             return verdict
         assert session.incarnation is not None
         msg = self._arrived(session.addr, session.incarnation, d, None)
-        # Held first: a rendezvous may hand it over (and release it) inside offer().
-        session.hold(len(d.data))
+        # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
+        # release it) inside offer().
+        size = len(d.data)
+        session.parked += size
         handoffs = self._handoffs
         box = self._mailboxes[d.mailbox]
         admitted = box.offer(msg, now)
         if admitted and box.log is None:
-            session.unhold(len(d.data))  # it went straight in: nothing parked
+            session.parked -= size  # it went straight in: nothing parked (unhold)
             sender = session.sender
             if (
                 self._handoffs != handoffs
