@@ -433,19 +433,22 @@ class PeerSession:
         if pkt.kind == Kind.DATA:
             receiver = self.receiver
             last = len(pkt.bundle)
+            backlog = self.config.receive_backlog
+            ack_now = bool(pkt.flags & _ACK_NOW)
+            average = self.record_average
             for i, frag in enumerate(pkt.fragments):
                 size = FRAGMENT_OVERHEAD + len(frag.payload)
-                average = self.record_average
-                self.record_average = average + (size - average) / 8 if average else size
+                average = average + (size - average) / 8 if average else size
                 deliveries = receiver.on_fragment(
                     frag,
                     now,
-                    has_room=self.parked < self.config.receive_backlog,
-                    ack_now=bool(pkt.flags & _ACK_NOW),
+                    has_room=self.parked < backlog,
+                    ack_now=ack_now,
                     counts=i == last,  # the ack policy counts datagrams, not fragments
                 )
                 for d in deliveries:
                     self._take_delivery(d, now)
+            self.record_average = average
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
         elif pkt.kind == Kind.PROBE:

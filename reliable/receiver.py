@@ -53,6 +53,11 @@ from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, Verdic
 
 __all__ = ["AckState", "Delivery", "ReceiveStream"]
 
+# 32-bit serial arithmetic (wire.unwrap), inline on the per-fragment path
+_SERIAL_MOD = 1 << 32
+_SERIAL_HALF = 1 << 31
+_SERIAL_MASK = _SERIAL_MOD - 1
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -203,11 +208,14 @@ class ReceiveStream:
                 return []
             self.expected = base
         else:
-            seq = unwrap(frag.seq, self.expected)
-            base = unwrap(frag.base, seq)
-            if base > seq:
+            # unwrap(frag.seq, expected), then unwrap(frag.base, seq), inline (per fragment)
+            delta = (frag.seq - self.expected) & _SERIAL_MASK
+            seq = self.expected + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
+            delta = (frag.base - seq) & _SERIAL_MASK
+            if delta and delta < _SERIAL_HALF:  # base > seq
                 self.protocol_errors += 1
                 return []
+            base = seq + (delta - _SERIAL_MOD if delta else 0)
         delivered: list[Delivery] = []
         if self.notices:
             self._expire_notices(base)
