@@ -1028,31 +1028,24 @@ class Endpoint:
         (``sync_stores``) before it hands a removed message out.
         """
         box = self._mailboxes.get(mailbox)
-        if (
-            box is not None
-            and not box.queue.count
-            and not box.parked.count
-            and selector is None
-            and lock is None
-            and not self._locking
-            and (box.owner is None or owner == box.owner)
-        ):
-            self._now = now
-            return None  # the poll of an empty mailbox (no lock can expire back into it)
-        box = self._box(mailbox, owner=owner)
+        if box is None or (box.owner is not None and owner != box.owner):
+            box = self._box(mailbox, owner=owner)  # raises, saying why
         self._now = now
-        check_lock(lock)
-        _check_truncate(selector, lock)
+        if lock is not None:
+            check_lock(lock)
+            _check_truncate(selector, lock)
         if self._locking:
             self._expire_locks(now)
-        selector = selector or ANY
-        msg = box.take(selector, receiver, now, lock)
+        elif selector is None and lock is None and not box.queue.count and not box.parked.count:
+            return None  # the poll of an empty mailbox
+        msg = box.take(selector or ANY, receiver, now, lock)
         if msg is not None:
             if lock is None:
                 self._held -= len(msg.data)
             else:
                 self._locking.add(mailbox)
-            msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
+            if selector is not None:
+                msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
         return msg
 
     def peek(
@@ -1470,14 +1463,21 @@ class Endpoint:
         return None
 
     def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        verdict = self._judge(d.mailbox, len(d.data), session.addr)
-        if verdict is not None:
-            return verdict
+        box = self._mailboxes.get(d.mailbox)
+        size = len(d.data)
+        if (
+            box is None
+            or not box.open
+            or (box.max_bytes is not None and size > box.max_bytes)
+            or self._held + size > self.config.mailbox_memory
+        ):  # maybe a refusal: _judge decides (and counts and logs it)
+            verdict = self._judge(d.mailbox, size, session.addr)
+            if verdict is not None:
+                return verdict
         assert session.incarnation is not None
         msg = self._arrived(session.addr, session.incarnation, d, None)
         # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
         # release it) inside offer().
-        size = len(d.data)
         session.parked += size
         handoffs = self._handoffs
         box = self._mailboxes[d.mailbox]

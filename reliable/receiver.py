@@ -238,7 +238,14 @@ class ReceiveStream:
         if seq == self.expected and not self.ooo:
             # In order with nothing waiting (the common case): reassembled at once, without
             # a round trip through the reorder buffer and its ranges (both stay empty).
-            if not self._in_reservation(frag, seq) and self._over_budget(frag, seq):
+            # Only a fragment starting a multi-datagram message can be over budget here
+            # (_over_budget: in order, anything else is delivered or already reserved).
+            if (
+                frag.index == 0
+                and frag.count > 1
+                and not self._in_reservation(frag, seq)
+                and self._over_budget(frag, seq)
+            ):
                 self.shed += 1
                 self.ack_now = True
                 return delivered

@@ -645,14 +645,26 @@ class SendStream:
         newest: SentPacket | None = None
         acked = acked_bytes = 0
         unacked = self.unacked
-        while unacked:
-            seq = next(iter(unacked))
+        below: list[int] = []
+        for seq in unacked:  # (in sequence order)
             if seq >= cum:
                 break
+            below.append(seq)
+        flight = self.flight
+        for seq in below:
             pkt = unacked.pop(seq)
             acked += 1
-            acked_bytes += pkt.size
-            newest = self._forget(pkt, newest, now)
+            size = pkt.size
+            acked_bytes += size
+            if pkt.lost or pkt.retransmitted:
+                newest = self._forget(pkt, newest, now)
+                continue
+            # _forget's common case, inline: it leaves the flight, and is the newest
+            # if it went out last
+            if flight.pop(pkt.tx, None) is not None:
+                self.in_flight_bytes -= size
+            if newest is None or pkt.tx > newest.tx:
+                newest = pkt
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
             end = min(unwrap(end_w, cum), self.next_seq)
