@@ -240,7 +240,14 @@ CONVERSATION = 1.0
 
 
 class Endpoint:
-    """One rmsg node's protocol state, for every peer it talks to."""
+    """One rmsg node's protocol state, for every peer it talks to.
+
+    ``arrival_events=True`` queues a :class:`~reliable.events.MessageReceived`
+    for every message that arrives, a tap for tests and simulations. It is off
+    by default: the message itself waits in its mailbox either way, nothing in
+    the adapters reads the event, and building one per message cost 5% of the
+    core's instructions per streamed message.
+    """
 
     def __init__(
         self,
@@ -248,8 +255,11 @@ class Endpoint:
         *,
         rng: random.Random | None = None,
         security: Security | None = None,
+        arrival_events: bool = False,
     ) -> None:
         self.config = config or Config()
+        #: Queue a MessageReceived for every message that arrives (see its docstring).
+        self._arrival_events = arrival_events
         self._rng = rng if rng is not None else random.Random()
         self.security: Security = security if security is not None else Integrity()
         if self.security.needs_unique_incarnation:
@@ -1511,17 +1521,18 @@ class Endpoint:
             incarnation=incarnation,
             group=group,
         )
-        self._emit(
-            events.MessageReceived(
-                peer=source,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=incarnation,
+        if self._arrival_events:
+            self._emit(
+                events.MessageReceived(
+                    peer=source,
+                    data=d.data,
+                    msg_type=d.msg_type,
+                    priority=d.priority,
+                    mailbox=d.mailbox,
+                    msg_id=d.msg_id,
+                    incarnation=incarnation,
+                )
             )
-        )
         self._held += len(d.data)
         return msg
 

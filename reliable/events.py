@@ -55,6 +55,8 @@ class MessageReceived(Event):
 
     A fact for observers and tests: the message itself waits in the mailbox
     (queued, or parked if the mailbox is full) until a receive takes it.
+    Queued only by an ``Endpoint(..., arrival_events=True)``: built only when
+    someone asked to observe it.
     """
 
     peer: CoreAddress

@@ -65,10 +65,22 @@ class Pair:
         self.now = 0.0
         self.seed = seed
         self.a = Side(
-            A, Endpoint(config_a or Config(), rng=random.Random(seed), security=security_a)
+            A,
+            Endpoint(
+                config_a or Config(),
+                rng=random.Random(seed),
+                security=security_a,
+                arrival_events=True,
+            ),
         )
         self.b = Side(
-            B, Endpoint(config_b or Config(), rng=random.Random(seed + 1), security=security_b)
+            B,
+            Endpoint(
+                config_b or Config(),
+                rng=random.Random(seed + 1),
+                security=security_b,
+                arrival_events=True,
+            ),
         )
         self.release = release
         self.log: list[tuple[Any, wire.Packet | None]] = []
@@ -94,7 +106,7 @@ class Pair:
 
     def restart_b(self, config: Config | None = None, seed: int = 99) -> None:
         """B crashes and comes back on the same address with a new incarnation."""
-        self.b = Side(B, Endpoint(config or Config(), rng=random.Random(seed)))
+        self.b = Side(B, Endpoint(config or Config(), rng=random.Random(seed), arrival_events=True))
 
     def outgoing(self, side: Side) -> list[bytes]:
         return [d for d, _ in side.endpoint.datagrams_to_send(self.now)]
