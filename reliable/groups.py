@@ -192,6 +192,9 @@ class Groups:
         return any(g.sender is not None and g.sender.messages for g in self._groups.values())
 
     def buffered(self) -> int:
+        """Bytes of group messages awaiting their receipts (asked on every send)."""
+        if not self._groups:
+            return 0
         return sum(g.sender.buffered for g in self._groups.values() if g.sender is not None)
 
     def linger_until(self) -> float | None:
