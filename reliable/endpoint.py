@@ -378,7 +378,10 @@ class Endpoint:
         if timeout is not None:
             check_timeout(timeout, "timeout")
         self._now = now
-        self._check_room(len(data))
+        if self._closing or (
+            self._buffered + self._groups.buffered() + len(data) > self.config.send_buffer
+        ):
+            self._check_room(len(data))  # raises, saying why
         if self._redirects:
             dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
@@ -1485,7 +1488,19 @@ class Endpoint:
             if verdict is not None:
                 return verdict
         assert session.incarnation is not None
-        msg = self._arrived(session.addr, session.incarnation, d, None)
+        if self._arrival_events:
+            msg = self._arrived(session.addr, session.incarnation, d, None)
+        else:  # _arrived without its event, inline: once per message
+            msg = Message(
+                source=session.addr,
+                data=d.data,
+                msg_type=d.msg_type,
+                priority=d.priority,
+                mailbox=d.mailbox,
+                msg_id=d.msg_id,
+                incarnation=session.incarnation,
+            )
+            self._held += size
         # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
         # release it) inside offer().
         session.parked += size

@@ -332,7 +332,10 @@ class PeerSession:
     def enqueue(self, msg: OutgoingMessage, now: float) -> None:
         if msg.count > 1:
             self.bulk = True
-        self.sender.enqueue(msg)
+        sender = self.sender  # SendStream.enqueue, inline: once per message
+        sender.queue.append(msg)
+        levels = sender.levels
+        levels[msg.priority] = levels.get(msg.priority, 0) + 1
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
         self.unreachable = False
@@ -1045,7 +1048,7 @@ class PeerSession:
         event: FateInput = FateInput.ACKED,
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
-        msg.step(event)
+        msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
         if msg.control:
             return
         self.messages_sent += 1

@@ -238,9 +238,35 @@ class ReceiveStream:
         if seq == self.expected and not self.ooo:
             # In order with nothing waiting (the common case): reassembled at once, without
             # a round trip through the reorder buffer and its ranges (both stay empty).
+            payload = frag.payload
+            if (
+                frag.count == 1
+                and self.partial is None
+                and len(payload) == frag.total_len <= self.max_message_size
+            ):
+                # A whole message (_reassemble's one-fragment case, inline): its id is
+                # unwrapped next to the last one's, and it is delivered as it is.
+                last = self.last_msg_id
+                if last is None:
+                    msg_id = frag.msg_id
+                else:
+                    delta = (frag.msg_id - last - 1) & _SERIAL_MASK
+                    msg_id = last + 1 + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
+                self.last_msg_id = msg_id
+                delivered.append(
+                    Delivery(
+                        msg_id,
+                        payload if type(payload) is bytes else bytes(payload),
+                        frag.msg_type,
+                        frag.priority,
+                        frag.mailbox,
+                        seq,
+                        frag.control,
+                    )
+                )
             # Only a fragment starting a multi-datagram message can be over budget here
             # (_over_budget: in order, anything else is delivered or already reserved).
-            if (
+            elif (
                 frag.index == 0
                 and frag.count > 1
                 and not self._in_reservation(frag, seq)
@@ -249,7 +275,8 @@ class ReceiveStream:
                 self.shed += 1
                 self.ack_now = True
                 return delivered
-            self._reassemble(frag, seq, delivered)
+            else:
+                self._reassemble(frag, seq, delivered)
             self.expected = seq + 1
         else:
             if self._in_reservation(frag, seq):

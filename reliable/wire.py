@@ -702,18 +702,6 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
 _VERDICTS = frozenset(int(r) for r in Verdict)
 
 
-def _payload(data: bytes | memoryview, start: int, stop: int) -> bytes | memoryview:
-    """A fragment's payload: a view when it is most of the datagram, else a copy.
-
-    The view saves copying a large fragment twice (here and at reassembly);
-    a small one is copied so that it never pins a 64 KiB datagram: what a
-    fragment holds stays within twice what it is charged for.
-    """
-    if 2 * (stop - start) >= len(data):
-        return memoryview(data)[start:stop].toreadonly()
-    return bytes(data[start:stop])
-
-
 def _decode_fragment(
     data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
@@ -738,8 +726,16 @@ def _decode_fragment(
         raise MalformedPacket("length", "payload overruns the datagram")
     if count == 0 or index >= count:
         raise MalformedPacket("fragment", f"index {index} of {count}")
-    if payload_len > total_len or count > max(1, total_len):
+    if payload_len > total_len or (count > total_len and count > 1):
         raise MalformedPacket("fragment", f"{count} fragments for {total_len} bytes")
+    # A view when the payload is most of the datagram: that saves copying a large
+    # fragment twice (here and at reassembly). A small one is copied so that it never
+    # pins a 64 KiB datagram: what a fragment holds stays within twice what it is
+    # charged for.
+    if 2 * payload_len >= len(data):
+        payload: bytes | memoryview = memoryview(data)[offset:stop].toreadonly()
+    else:
+        payload = bytes(data[offset:stop])
     return Fragment(
         seq=seq,
         base=base,
@@ -750,7 +746,7 @@ def _decode_fragment(
         msg_type=msg_type,
         priority=priority,
         mailbox=mailbox,
-        payload=_payload(data, offset, stop),
+        payload=payload,
         control=control,
         nested=nested,
     ), stop
