@@ -83,10 +83,12 @@ import logging
 import math
 import random
 import secrets
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from zlib import crc32
 
 from . import errors, events
 from .addressing import GroupAddress, ServiceAddress, check_service_name
@@ -230,6 +232,9 @@ class _Anycast:
         self.maybe_delivered = False  #: some member tried may have it
         self.tried: list[tuple[Any, str]] = []
 
+
+#: The CRC-32 trailer (wire.with_crc), packed inline for unsealed datagrams.
+_CRC = struct.Struct("!I")
 
 #: Most (datagram size, mailbox) capacities Endpoint.send remembers before starting over.
 _CAPACITIES_KEPT = 64
@@ -705,11 +710,16 @@ class Endpoint:
             self._dirty = {}
             inc = self.incarnation
             seal = self._seal
+            plain = type(self.security) is Integrity  # a CRC, no packet number: inline
             timers = self._timers
             for addr in dirty:
                 session = self._peers.get(addr)
                 if session is not None:
-                    out.extend((seal(body), addr) for body in session.datagrams(now, inc))
+                    for body in session.datagrams(now, inc):
+                        if plain:
+                            out.append((body + _CRC.pack(crc32(body)), addr))
+                        else:
+                            out.append((seal(body), addr))
                     session.filed_deadline = deadline = session.deadline()
                     timers.update(addr, deadline)
         if (self._groups.pending or self._services.pending) and not self.closed:
