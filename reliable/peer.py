@@ -887,12 +887,23 @@ class PeerSession:
             earliest = None
         else:
             earliest = self._next_probe()
-            if not self._awaits_first_contact():
-                silence = max(self.last_heard, wait_since) + self.config.peer_timeout
-                earliest = min(earliest, silence)
-        for candidate in (self.sender.deadline(), self.receiver.ack_deadline):
-            if candidate is not None and (earliest is None or candidate < earliest):
-                earliest = candidate
+            # (not _awaits_first_contact(), which is false once the peer was heard)
+            if self.heard or not self._awaits_first_contact():
+                last_heard = self.last_heard
+                silence = (last_heard if last_heard > wait_since else wait_since) + (
+                    self.config.peer_timeout
+                )
+                if silence < earliest:
+                    earliest = silence
+        sender = self.sender  # SendStream.deadline, inline
+        candidate = sender.loss_time
+        if candidate is None and sender.flight:
+            candidate = sender.probe_deadline()
+        if candidate is not None and (earliest is None or candidate < earliest):
+            earliest = candidate
+        candidate = self.receiver.ack_deadline
+        if candidate is not None and (earliest is None or candidate < earliest):
+            earliest = candidate
         probe = self.pmtu.probe
         if probe is not None and (earliest is None or probe.deadline < earliest):
             earliest = probe.deadline

@@ -412,7 +412,7 @@ class SendStream:
         if self.loss_time is not None:
             return self.loss_time
         if self.flight:
-            return self._probe_deadline()
+            return self.probe_deadline()
         return None
 
     def messages(self) -> list[OutgoingMessage]:
@@ -800,7 +800,7 @@ class SendStream:
             self._declare_lost(pkt)
             pkt.unread = True
 
-    def _probe_deadline(self) -> float:
+    def probe_deadline(self) -> float:
         """When the tail has gone unacknowledged too long: a probe delay after the last
         transmission or the last acknowledgement of anything, whichever is later."""
         return max(self.last_send_time, self.last_ack_time) + self._probe_delay()
@@ -852,7 +852,7 @@ class SendStream:
             if now >= self.loss_time:
                 self.detect_losses(now)
             return
-        if self.flight and now >= self._probe_deadline():
+        if self.flight and now >= self.probe_deadline():
             if self.backoff == 0:
                 self.probe_base = int(self.rtt.srtt is not None)  # this one is a TLP
             self.backoff += 1
