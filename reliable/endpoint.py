@@ -747,6 +747,13 @@ class Endpoint:
             return None
         self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
+        if not (self._locking or self._grace or self._closing):
+            # the common case: only sessions, groups and services have timers
+            earliest = first
+            for part in (self._groups.deadline(), self._services.deadline()):
+                if part is not None and (earliest is None or part < earliest):
+                    earliest = part
+            return earliest
         deadlines = [] if first is None else [first]
         for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
             if part is not None:

@@ -696,8 +696,10 @@ class SendStream:
             if self.cwnd_limited or 2 * (self.in_flight_bytes + acked_bytes) >= self.cc.window:
                 self.cc.on_acked(acked_bytes, newest.sent_time)
             self.cwnd_limited = False
-            self.largest_acked_tx = max(self.largest_acked_tx, newest.tx)
-            self.largest_acked_datagram = max(self.largest_acked_datagram, newest.datagram)
+            if newest.tx > self.largest_acked_tx:
+                self.largest_acked_tx = newest.tx
+            if newest.datagram > self.largest_acked_datagram:
+                self.largest_acked_datagram = newest.datagram
         for msg in self.by_msg_id.values():
             if msg.first_seq >= cum:
                 break  # nor any later: they began later
@@ -743,22 +745,24 @@ class SendStream:
     def detect_losses(self, now: float) -> int:
         """Declare packets overtaken by later acknowledged transmissions lost."""
         self.loss_time = None
-        if self.largest_acked_tx < 0:
-            return 0
-        delay = self.rtt.loss_delay(self.time_threshold)
+        if self.largest_acked_tx < 0 or not self.flight:
+            return 0  # (nothing in flight: nothing to declare lost)
+        delay: float | None = None  # asked of the estimator only when a packet needs it
         lost: list[SentPacket] = []
         for tx, pkt in self.flight.items():
             if tx >= self.largest_acked_tx:
                 break
-            # the same expression as loss_time below, so a timer firing at loss_time always
-            # finds its packet lost (now - delay could round the other way and livelock)
             # The packet threshold counts datagrams: a bundle is reordered as one.
-            overtaken = self.largest_acked_datagram - pkt.datagram >= self.reorder_threshold
-            if overtaken or pkt.sent_time + delay <= now:
-                lost.append(pkt)
-            else:
-                self.loss_time = pkt.sent_time + delay
-                break
+            if self.largest_acked_datagram - pkt.datagram < self.reorder_threshold:
+                if delay is None:
+                    delay = self.rtt.loss_delay(self.time_threshold)
+                # the same expression as loss_time below, so a timer firing at loss_time
+                # always finds its packet lost (now - delay could round the other way and
+                # livelock)
+                if pkt.sent_time + delay > now:
+                    self.loss_time = pkt.sent_time + delay
+                    break
+            lost.append(pkt)
         for pkt in lost:
             self._declare_lost(pkt)
         if lost:
