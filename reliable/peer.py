@@ -162,6 +162,7 @@ _MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
+_NEVER = float("-inf")
 _DATA = int(Kind.DATA)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
@@ -311,6 +312,8 @@ class PeerSession:
         self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
         self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
+        self._record_room_size = 0  # the datagram size _record_room was computed for
+        self._record_room = 0  # data_budget(_record_room_size)
         #: :meth:`deadline` when the endpoint last refiled this session (see timers.py)
         self.filed_deadline: float | None = None
         # cumulative counters (the streams are replaced on a restart)
@@ -384,8 +387,15 @@ class PeerSession:
         is, the window holds what fits in half of it at this peer's fragment
         sizes: beyond that the kernel drops datagrams before we see them.
         """
-        room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
-        window = max(0, min(self.config.max_window - self.receiver.held_span(), room))
+        config = self.config
+        room = (config.receive_backlog - self.parked) // config.max_datagram_size
+        receiver = self.receiver
+        span = 0 if not receiver.ranges else receiver.held_span()  # (0 with no ranges)
+        window = config.max_window - span
+        if room < window:
+            window = room
+        if window < 0:
+            window = 0
         if self.socket_buffer and self.record_average:
             fits = int(self.socket_buffer / 2 / self.record_average)
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))
@@ -718,12 +728,12 @@ class PeerSession:
                 )
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
-        first_contact = self._first_contact()
+        first_contact = not self.heard and self.cookie is None  # (_first_contact, inline)
         send = sender.can_send()
         # Before first contact, one small datagram until the peer answers; a larger one
         # is a PING instead. The first time, PINGs go with it (see _first_contact).
         first_send = send and first_contact and not sender.flight
-        first_send = first_send and self.last_probe == float("-inf")
+        first_send = first_send and self.last_probe == _NEVER
         if (send and first_contact) and (
             sender.flight or sender.next_record_bytes() > self._first_budget()
         ):
@@ -732,7 +742,11 @@ class PeerSession:
             if first_contact:
                 budget = self._first_budget()
             else:
-                budget = data_budget(self.current_datagram_size())
+                size = self.current_datagram_size()
+                if size != self._record_room_size:  # data_budget, kept for the last size
+                    self._record_room_size = size
+                    self._record_room = data_budget(size)
+                budget = self._record_room
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:
@@ -981,7 +995,12 @@ class PeerSession:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
 
     def _update_wait(self, now: float) -> None:
-        waiting = self.watchers > 0 or self.has_pending() or self.holds_memory() > 0
+        sender = self.sender  # has_pending and holds_memory, inline: after every packet
+        waiting = (
+            self.watchers > 0
+            or bool(sender.queue or sender.control or sender.by_msg_id or self.deferred)
+            or self.receiver.held + self.parked > 0
+        )
         if not waiting:
             self.wait_since = None
         elif self.wait_since is None:
