@@ -127,6 +127,10 @@ PERSISTENT_CONGESTION_PROBES = 3
 #: Linux adds two jiffies to its 2 x SRTT. Each probe proven spurious doubles it, up to
 #: ``Config.min_rto``.
 PROBE_FLOOR = 2 * K_GRANULARITY
+# 32-bit serial arithmetic (wire.unwrap), inline on the per-acknowledgement path
+_SERIAL_MOD = 1 << 32
+_SERIAL_HALF = 1 << 31
+_SERIAL_MASK = _SERIAL_MOD - 1
 #: Of every this many application fragments, at least one belongs to the oldest queued
 #: message (the weighted share that keeps priority from starving it).
 PRIORITY_SHARE = 8
@@ -633,7 +637,8 @@ class SendStream:
     ) -> AckOutcome:
         """Process the peer's acknowledgement state (32-bit wire values)."""
         outcome = AckOutcome()
-        cum = unwrap(ack, self.next_seq)
+        delta = (ack - self.next_seq) & _SERIAL_MASK  # unwrap(ack, next_seq), inline
+        cum = self.next_seq + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
         if cum > self.next_seq:
             outcome.bogus = True
             return outcome
