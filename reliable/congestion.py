@@ -20,29 +20,40 @@ _LOSS_REDUCTION = 0.5
 class NewReno:
     """Congestion window for one peer, counted in bytes."""
 
-    __slots__ = ("cwnd", "max_datagram", "min_cwnd", "recovery_start", "ssthresh")
+    __slots__ = ("_cwnd", "max_datagram", "min_cwnd", "recovery_start", "ssthresh", "window")
 
     def __init__(self, *, initial_cwnd: int, min_cwnd: int, max_datagram: int = 1) -> None:
         """Windows in bytes; ``max_datagram`` is the additive-increase step (1: units)."""
-        self.cwnd = float(initial_cwnd)
+        self._cwnd = float(initial_cwnd)
+        #: Bytes that may be in flight: ``int(cwnd)``, kept as a plain attribute because
+        #: the sender reads it several times a datagram and it changes only on acks.
+        self.window = int(initial_cwnd)
         self.min_cwnd = float(min_cwnd)
         self.max_datagram = max_datagram
         self.ssthresh = float("inf")
         self.recovery_start = float("-inf")
 
     @property
-    def window(self) -> int:
-        """Bytes that may be in flight."""
-        return int(self.cwnd)
+    def cwnd(self) -> float:
+        """The congestion window, in bytes (fractional: congestion avoidance adds parts)."""
+        return self._cwnd
+
+    @cwnd.setter
+    def cwnd(self, value: float) -> None:
+        self._cwnd = value
+        self.window = int(value)
 
     def on_acked(self, nbytes: int, newest_sent_time: float) -> None:
         """``nbytes`` were acknowledged; the newest was sent at ``newest_sent_time``."""
         if newest_sent_time <= self.recovery_start:
             return  # still recovering from a loss: no growth until new data is acked
-        if self.cwnd < self.ssthresh:
-            self.cwnd += nbytes
+        cwnd = self._cwnd
+        if cwnd < self.ssthresh:
+            cwnd += nbytes
         else:
-            self.cwnd += self.max_datagram * nbytes / self.cwnd
+            cwnd += self.max_datagram * nbytes / cwnd
+        self._cwnd = cwnd
+        self.window = int(cwnd)
 
     def on_lost(self, newest_lost_sent_time: float, now: float) -> None:
         """Packets were declared lost; the newest of them was sent at ``newest_lost_sent_time``."""

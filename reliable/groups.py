@@ -192,7 +192,8 @@ class Groups:
         return any(g.sender is not None and g.sender.messages for g in self._groups.values())
 
     def buffered(self) -> int:
-        if not self._groups:  # every unicast send asks: no generator when there are no groups
+        """Bytes of group messages awaiting their receipts (asked on every send)."""
+        if not self._groups:
             return 0
         return sum(g.sender.buffered for g in self._groups.values() if g.sender is not None)
 

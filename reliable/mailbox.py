@@ -218,6 +218,13 @@ class MessageQueue:
 
     def take(self, selector: Selector = ANY) -> Message | None:
         """Remove and return the first message ``selector`` chooses, or ``None``."""
+        if selector is ANY:  # the head of the highest priority, without a search
+            if not self.count:
+                return None
+            level = self._levels[self._priorities[-1]]
+            msg = level.popleft()
+            self._settle(msg, level)
+            return msg
         found = self._find(selector)
         return None if found is None else self._remove(*found)
 
@@ -344,12 +351,12 @@ class Mailbox:
     def offer(self, msg: Message, now: float) -> bool:
         """Take an arriving message; returns False if it was parked (deferred)."""
         self.last_send = (now, msg.source)
-        if not self.parked and not self.rendezvous:
+        if not self.parked.count and self.capacity != 0:  # (not a rendezvous)
             if self.log is not None:
                 if self._has_room(len(msg.data)):
                     self._stage(msg)
                     return True
-            elif self._hand_to_waiter(msg, None, now):
+            elif self.waiters and self._hand_to_waiter(msg, None, now):
                 return True
             elif self._has_room(len(msg.data)):
                 self._enqueue(msg)
@@ -478,7 +485,7 @@ class Mailbox:
                 self._lock(msg, now + lock)
                 self._served(receiver, now)
             return msg
-        if self.rendezvous:
+        if self.capacity == 0:  # a rendezvous
             msg = self.parked.take(selector)
             if msg is not None:
                 self.total_in += 1
@@ -490,7 +497,8 @@ class Mailbox:
             if self.log is not None:
                 self.log.remove(msg)
             self._served(receiver, now)
-            self._refill(now)
+            if self.parked.count:
+                self._refill(now)
         return msg
 
     def wait(

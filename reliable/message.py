@@ -11,12 +11,13 @@ from .errors import format_address
 __all__ = ["DeliveryFacts", "GroupReceipt", "Message", "Receipt"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(slots=True, kw_only=True, eq=False)
 class Message:
     """A message received from ``source`` (the sending node's address).
 
     Compared by identity: two receives never return the same message, and
-    equal bytes from the same sender are still two messages.
+    equal bytes from the same sender are still two messages. Treat it as
+    immutable (it is not frozen, for speed: see :mod:`reliable.events`).
     """
 
     source: CoreAddress

@@ -143,6 +143,7 @@ from .wire import (
     Verdict,
     data_budget,
     encode_body,
+    encode_session,
     fragment_capacity,
     unwrap,
 )
@@ -164,6 +165,8 @@ _MAX_PROBE_ANSWERS = 4
 # Plain ints on the per-packet paths (enum flag arithmetic is slow).
 _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
+_NEVER = float("-inf")
+_DATA = int(Kind.DATA)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
@@ -318,6 +321,8 @@ class PeerSession:
         self.cookie: bytes | None = None  # the peer's validation cookie, echoed until it knows us
         self.replay = ReplayWindow()  # the peer incarnation's packet numbers (sealed modes)
         self._deadlines: list[tuple[float, int, OutgoingMessage]] = []
+        self._record_room_size = 0  # the datagram size _record_room was computed for
+        self._record_room = 0  # data_budget(_record_room_size)
         #: :meth:`deadline` when the endpoint last refiled this session (see timers.py)
         self.filed_deadline: float | None = None
         # cumulative counters (the streams are replaced on a restart)
@@ -339,7 +344,10 @@ class PeerSession:
     def enqueue(self, msg: OutgoingMessage, now: float) -> None:
         if msg.count > 1:
             self.bulk = True
-        self.sender.enqueue(msg)
+        sender = self.sender  # SendStream.enqueue, inline: once per message
+        sender.queue.append(msg)
+        levels = sender.levels
+        levels[msg.priority] = levels.get(msg.priority, 0) + 1
         if msg.deadline is not None:
             heapq.heappush(self._deadlines, (msg.deadline, msg.ticket, msg))
         self.unreachable = False
@@ -413,8 +421,15 @@ class PeerSession:
         is, the window holds what fits in half of it at this peer's fragment
         sizes: beyond that the kernel drops datagrams before we see them.
         """
-        room = (self.config.receive_backlog - self.parked) // self.config.max_datagram_size
-        window = max(0, min(self.config.max_window - self.receiver.held_span(), room))
+        config = self.config
+        room = (config.receive_backlog - self.parked) // config.max_datagram_size
+        receiver = self.receiver
+        span = 0 if not receiver.ranges else receiver.held_span()  # (0 with no ranges)
+        window = config.max_window - span
+        if room < window:
+            window = room
+        if window < 0:
+            window = 0
         if self.socket_buffer and self.record_average:
             fits = int(self.socket_buffer / 2 / self.record_average)
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))
@@ -465,19 +480,22 @@ class PeerSession:
         if pkt.kind == Kind.DATA:
             receiver = self.receiver
             last = len(pkt.bundle)
+            backlog = self.config.receive_backlog
+            ack_now = bool(pkt.flags & _ACK_NOW)
+            average = self.record_average
             for i, frag in enumerate(pkt.fragments):
                 size = FRAGMENT_OVERHEAD + len(frag.payload)
-                average = self.record_average
-                self.record_average = average + (size - average) / 8 if average else size
+                average = average + (size - average) / 8 if average else size
                 deliveries = receiver.on_fragment(
                     frag,
                     now,
-                    has_room=self.parked < self.config.receive_backlog,
-                    ack_now=bool(pkt.flags & _ACK_NOW),
+                    has_room=self.parked < backlog,
+                    ack_now=ack_now,
                     counts=i == last,  # the ack policy counts datagrams, not fragments
                 )
                 for d in deliveries:
                     self._take_delivery(d, now)
+            self.record_average = average
         elif pkt.kind == Kind.PING:
             self.receiver.ack_now = True
         elif pkt.kind == Kind.PROBE:
@@ -746,18 +764,28 @@ class PeerSession:
                 )
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
-        first_contact = self._first_contact()
+        first_contact = not self.heard and self.cookie is None  # (_first_contact, inline)
         send = sender.can_send()
         # Before first contact, one small datagram until the peer answers; a larger one
         # is a PING instead. The first time, PINGs go with it (see _first_contact).
         first_send = send and first_contact and not sender.flight
-        first_send = first_send and self.last_probe == float("-inf")
+        first_send = first_send and self.last_probe == _NEVER
         if (send and first_contact) and (
             sender.flight or sender.next_record_bytes() > self._first_budget()
         ):
             send = False
         if send:
-            budget = self._first_budget() if first_contact else data_budget(self.bundle_size())
+            if first_contact:
+                budget = self._first_budget()
+            else:
+                # bundle_size() is the datagram size once data is timed: skip the call
+                size = (
+                    self.current_datagram_size() if self.sender.data_timed else self.bundle_size()
+                )
+                if size != self._record_room_size:  # data_budget, kept for the last size
+                    self._record_room_size = size
+                    self._record_room = data_budget(size)
+                budget = self._record_room
             ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
             window = self.window()
             while True:
@@ -768,21 +796,18 @@ class PeerSession:
                 more = sender.can_send()
                 flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
-                    encode_body(
-                        Packet(
-                            kind=Kind.DATA,
-                            flags=flags,
-                            window=window,
-                            src_incarnation=my_incarnation,
-                            dst_incarnation=dst,
-                            ack=ack.ack,
-                            ack_delay=ack.ack_delay,
-                            sacks=ack.sacks,
-                            notices=ack.notices,
-                            cookie=self.cookie,
-                            fragment=fragments[0],
-                            bundle=tuple(fragments[1:]),
-                        )
+                    encode_session(
+                        _DATA,
+                        flags,
+                        window,
+                        my_incarnation,
+                        dst,
+                        ack.ack,
+                        ack.ack_delay,
+                        ack.sacks,
+                        ack.notices,
+                        self.cookie,
+                        fragments,
                     )
                 )
                 if not more or first_contact:
@@ -887,19 +912,17 @@ class PeerSession:
         ack = self.receiver.ack_state(
             now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
         )
-        return encode_body(
-            Packet(
-                kind=kind,
-                flags=ack_flag,
-                window=self.window(),
-                src_incarnation=my_incarnation,
-                dst_incarnation=self.incarnation or 0,
-                ack=ack.ack,
-                ack_delay=ack.ack_delay,
-                sacks=ack.sacks,
-                notices=ack.notices,
-                cookie=self.cookie,
-            )
+        return encode_session(
+            kind,
+            ack_flag,
+            self.window(),
+            my_incarnation,
+            self.incarnation or 0,
+            ack.ack,
+            ack.ack_delay,
+            ack.sacks,
+            ack.notices,
+            self.cookie,
         )
 
     # ----------------------------------------------------------------- timers
@@ -917,12 +940,23 @@ class PeerSession:
             earliest = None
         else:
             earliest = self._next_probe()
-            if not self._awaits_first_contact():
-                silence = max(self.last_heard, wait_since) + self.config.peer_timeout
-                earliest = min(earliest, silence)
-        for candidate in (self.sender.deadline(), self.receiver.ack_deadline):
-            if candidate is not None and (earliest is None or candidate < earliest):
-                earliest = candidate
+            # (not _awaits_first_contact(), which is false once the peer was heard)
+            if self.heard or not self._awaits_first_contact():
+                last_heard = self.last_heard
+                silence = (last_heard if last_heard > wait_since else wait_since) + (
+                    self.config.peer_timeout
+                )
+                if silence < earliest:
+                    earliest = silence
+        sender = self.sender  # SendStream.deadline, inline
+        candidate = sender.loss_time
+        if candidate is None and sender.flight:
+            candidate = sender.probe_deadline()
+        if candidate is not None and (earliest is None or candidate < earliest):
+            earliest = candidate
+        candidate = self.receiver.ack_deadline
+        if candidate is not None and (earliest is None or candidate < earliest):
+            earliest = candidate
         probe = self.pmtu.probe
         if probe is not None and (earliest is None or probe.deadline < earliest):
             earliest = probe.deadline
@@ -1000,7 +1034,12 @@ class PeerSession:
         return min(self.rtt.backed_off(self.probe_backoff), self.config.max_probe_interval)
 
     def _update_wait(self, now: float) -> None:
-        waiting = self.watchers > 0 or self.has_pending() or self.holds_memory() > 0
+        sender = self.sender  # has_pending and holds_memory, inline: after every packet
+        waiting = (
+            self.watchers > 0
+            or bool(sender.queue or sender.control or sender.by_msg_id or self.deferred)
+            or self.receiver.held + self.parked > 0
+        )
         if not waiting:
             self.wait_since = None
         elif self.wait_since is None:
@@ -1078,7 +1117,7 @@ class PeerSession:
         event: FateInput = FateInput.ACKED,
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
-        msg.step(event)
+        msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
         if msg.control:
             return
         self.messages_sent += 1

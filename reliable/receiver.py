@@ -53,6 +53,11 @@ from .wire import ACK_DELAY_TICK, MAX_NOTICES, MAX_SACK_RANGES, Fragment, Verdic
 
 __all__ = ["AckState", "Delivery", "ReceiveStream"]
 
+# 32-bit serial arithmetic (wire.unwrap), inline on the per-fragment path
+_SERIAL_MOD = 1 << 32
+_SERIAL_HALF = 1 << 31
+_SERIAL_MASK = _SERIAL_MOD - 1
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -72,9 +77,12 @@ class Delivery:
 Screen = Callable[[Fragment], Verdict | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AckState:
-    """The acknowledgement fields for the next outgoing packet (wire values)."""
+    """The acknowledgement fields for the next outgoing packet (wire values).
+
+    Treat it as immutable (not frozen: one is built per datagram sent, see
+    :class:`~reliable.wire.Packet`)."""
 
     ack: int
     ack_delay: int
@@ -200,11 +208,14 @@ class ReceiveStream:
                 return []
             self.expected = base
         else:
-            seq = unwrap(frag.seq, self.expected)
-            base = unwrap(frag.base, seq)
-            if base > seq:
+            # unwrap(frag.seq, expected), then unwrap(frag.base, seq), inline (per fragment)
+            delta = (frag.seq - self.expected) & _SERIAL_MASK
+            seq = self.expected + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
+            delta = (frag.base - seq) & _SERIAL_MASK
+            if delta and delta < _SERIAL_HALF:  # base > seq
                 self.protocol_errors += 1
                 return []
+            base = seq + (delta - _SERIAL_MOD if delta else 0)
         delivered: list[Delivery] = []
         if self.notices:
             self._expire_notices(base)
@@ -227,11 +238,45 @@ class ReceiveStream:
         if seq == self.expected and not self.ooo:
             # In order with nothing waiting (the common case): reassembled at once, without
             # a round trip through the reorder buffer and its ranges (both stay empty).
-            if not self._in_reservation(frag, seq) and self._over_budget(frag, seq):
+            payload = frag.payload
+            if (
+                frag.count == 1
+                and self.partial is None
+                and len(payload) == frag.total_len <= self.max_message_size
+            ):
+                # A whole message (_reassemble's one-fragment case, inline): its id is
+                # unwrapped next to the last one's, and it is delivered as it is.
+                last = self.last_msg_id
+                if last is None:
+                    msg_id = frag.msg_id
+                else:
+                    delta = (frag.msg_id - last - 1) & _SERIAL_MASK
+                    msg_id = last + 1 + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
+                self.last_msg_id = msg_id
+                delivered.append(
+                    Delivery(
+                        msg_id,
+                        payload if type(payload) is bytes else bytes(payload),
+                        frag.msg_type,
+                        frag.priority,
+                        frag.mailbox,
+                        seq,
+                        frag.control,
+                    )
+                )
+            # Only a fragment starting a multi-datagram message can be over budget here
+            # (_over_budget: in order, anything else is delivered or already reserved).
+            elif (
+                frag.index == 0
+                and frag.count > 1
+                and not self._in_reservation(frag, seq)
+                and self._over_budget(frag, seq)
+            ):
                 self.shed += 1
                 self.ack_now = True
                 return delivered
-            self._reassemble(frag, seq, delivered)
+            else:
+                self._reassemble(frag, seq, delivered)
             self.expected = seq + 1
         else:
             if self._in_reservation(frag, seq):
@@ -324,23 +369,21 @@ class ReceiveStream:
             reference = frag.msg_id if self.last_msg_id is None else self.last_msg_id + 1
             msg_id = unwrap(frag.msg_id, reference)
             self.last_msg_id = msg_id
-            rejected = None
-            if frag.total_len > self.max_message_size:
-                rejected = Verdict.TOO_LARGE
-            elif self.screen is not None and not frag.control:
-                rejected = self.screen(frag)
-            if rejected is not None:
-                self.add_notice(msg_id, rejected, seq)
-                self.refused += 1
-            if frag.count == 1:  # the common case, without the bookkeeping of a partial
-                if rejected is None:
-                    if len(frag.payload) != frag.total_len:
-                        self.reassembly_errors += 1
-                        return
+            if frag.count == 1:
+                # The common case, without the bookkeeping of a partial and without the
+                # screen: a whole message is judged where it is delivered, at once (a
+                # screen exists to refuse a long message before its other fragments).
+                if frag.total_len > self.max_message_size:
+                    self.add_notice(msg_id, Verdict.TOO_LARGE, seq)
+                    self.refused += 1
+                elif len(frag.payload) != frag.total_len:
+                    self.reassembly_errors += 1
+                else:
+                    payload = frag.payload
                     delivered.append(
                         Delivery(
                             msg_id,
-                            bytes(frag.payload),
+                            payload if type(payload) is bytes else bytes(payload),
                             frag.msg_type,
                             frag.priority,
                             frag.mailbox,
@@ -349,6 +392,14 @@ class ReceiveStream:
                         )
                     )
                 return
+            rejected = None
+            if frag.total_len > self.max_message_size:
+                rejected = Verdict.TOO_LARGE
+            elif self.screen is not None and not frag.control:
+                rejected = self.screen(frag)
+            if rejected is not None:
+                self.add_notice(msg_id, rejected, seq)
+                self.refused += 1
             partial = self.partial = _Partial(
                 msg_id=msg_id,
                 count=frag.count,
@@ -580,20 +631,22 @@ class ReceiveStream:
         if self.expected is None:
             return AckState(0, 0, (), ())
         cum = self.expected
-        notices = list(self.notices.items())
-        if len(notices) > max_notices:
-            # Never acknowledge past a refused message whose notice is not in this packet.
-            cum = min(cum, notices[max_notices][1].first_seq)
-            notices = notices[:max_notices]
+        carried: tuple[tuple[int, int], ...] = ()
+        if self.notices:
+            notices = list(self.notices.items())
+            if len(notices) > max_notices:
+                # Never acknowledge past a refused message whose notice is not in this packet.
+                cum = min(cum, notices[max_notices][1].first_seq)
+                notices = notices[:max_notices]
+            carried = tuple([(m, int(n.reason)) for m, n in notices])
         delay = 0
         if self.first_unacked_time is not None:
             delay = int((now - self.first_unacked_time) / ACK_DELAY_TICK)
-        return AckState(
-            ack=cum,
-            ack_delay=max(0, delay),
-            sacks=tuple((s, e) for s, e in self.ranges[:max_sacks]),
-            notices=tuple((m, int(n.reason)) for m, n in notices),
-        )
+            if delay < 0:
+                delay = 0
+        ranges = self.ranges
+        sacks = tuple([(s, e) for s, e in ranges[:max_sacks]]) if ranges else ()
+        return AckState(cum, delay, sacks, carried)
 
     def held_span(self) -> int:
         """Sequence numbers from ``expected`` to one past the highest fragment held out of

@@ -115,7 +115,7 @@ from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .fate import TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
-from .wire import HEADER_OVERHEAD, Fragment, record_size, unwrap
+from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Fragment, record_size, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -130,6 +130,10 @@ PERSISTENT_CONGESTION_PROBES = 3
 #: Linux adds two jiffies to its 2 x SRTT. Each probe proven spurious doubles it, up to
 #: ``Config.min_rto``.
 PROBE_FLOOR = 2 * K_GRANULARITY
+# 32-bit serial arithmetic (wire.unwrap), inline on the per-acknowledgement path
+_SERIAL_MOD = 1 << 32
+_SERIAL_HALF = 1 << 31
+_SERIAL_MASK = _SERIAL_MOD - 1
 #: Of every this many application fragments, at least one belongs to the oldest queued
 #: message (the weighted share that keeps priority from starving it).
 PRIORITY_SHARE = 8
@@ -341,9 +345,13 @@ class SendStream:
         """Whether :meth:`next_datagram` would return a datagram now."""
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             return False
-        if self._has_lost():
+        if self.lost and self._has_lost():
             return True
-        return self._next_message() is not None or self._base_untold() is not None
+        if (self.queue or self.control) and self._next_message() is not None:
+            return True
+        if self.flight or not self.by_msg_id:
+            return False  # (what _base_untold checks first)
+        return self._base_untold() is not None
 
     def next_record_bytes(self) -> int:
         """Bytes of the record the next datagram starts with (0: nothing to send)."""
@@ -415,7 +423,7 @@ class SendStream:
         if self.loss_time is not None:
             return self.loss_time
         if self.flight:
-            return self._probe_deadline()
+            return self.probe_deadline()
         return None
 
     def messages(self) -> list[OutgoingMessage]:
@@ -470,7 +478,7 @@ class SendStream:
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
             self.cwnd_limited = True
             return None
-        if self._has_lost():
+        if self.lost and self._has_lost():
             pkt = self.unacked[self.lost[0]]
             if room is not None and (pkt.message.control != control or pkt.size > room):
                 return None
@@ -502,33 +510,66 @@ class SendStream:
             self.unacked[pkt.seq] = pkt  # the only one: the base it carries is its own seq
             self._transmit(pkt, now)
             return self._fragment(pkt), True, pkt
-        size = msg.record_bytes(msg.next_index)
+        index = msg.next_index
+        if msg.count == 1:
+            # One fragment: the whole message, no slicing (the common small message).
+            payload: bytes | memoryview = msg.data
+            size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + len(payload)
+        else:
+            size = msg.record_bytes(index)
+            payload = msg.fragment_payload(index)
         if room is not None and (msg.control != control or size > room):
             return None
-        self._use_window()
-        if msg.next_index == 0:
-            msg.msg_id = self.next_msg_id
-            msg.first_seq = self.next_seq
-            self.next_msg_id += 1
-            self.by_msg_id[msg.msg_id] = msg
-        pkt = SentPacket(seq=self.next_seq, message=msg, index=msg.next_index, size=size)
-        msg.last_seq = self.next_seq
-        msg.next_index += 1
+        if self.in_flight_bytes >= self.cc.window:
+            self.probe_allowance -= 1  # a probe may exceed the window
+        seq = self.next_seq
+        if index == 0:
+            msg.msg_id = msg_id = self.next_msg_id
+            msg.first_seq = seq
+            self.next_msg_id = msg_id + 1
+            self.by_msg_id[msg_id] = msg
+        # _transmit, inline: this is the per-fragment path
+        tx = self.tx_counter
+        pkt = SentPacket(seq, msg, index, size, tx, self.datagrams_sent, 0, now)
+        msg.last_seq = seq
+        msg.next_index = index + 1
+        msg.transmissions += 1
+        nested = False
         if not msg.control:
             current = self.current
             if current is not None and current is not msg:
-                pkt.nested = True
+                pkt.nested = nested = True
             self.passed = 0 if msg is self.queue[0] else self.passed + 1
-            if msg.next_index == msg.count:
+            if index + 1 == msg.count:
                 self._unqueue(msg)
             elif current is None:
                 self.current = msg
-        elif msg.next_index == msg.count:
+        elif index + 1 == msg.count:
             self.control.popleft()
-        self.next_seq += 1
-        self.unacked[pkt.seq] = pkt
-        self._transmit(pkt, now)
-        return self._fragment(pkt), False, pkt
+        self.next_seq = seq + 1
+        unacked = self.unacked
+        unacked[seq] = pkt
+        self.tx_counter = tx + 1
+        self.flight[tx] = pkt
+        self.in_flight_bytes += size
+        self.last_send_time = now
+        self.packets_sent += 1
+        base = next(iter(unacked))  # (not empty: it holds this packet)
+        fragment = Fragment(
+            seq=seq,
+            base=base,
+            msg_id=msg.msg_id,
+            index=index,
+            count=msg.count,
+            total_len=len(msg.data),
+            msg_type=msg.msg_type,
+            priority=msg.priority,
+            mailbox=msg.mailbox,
+            payload=payload,
+            control=msg.control,
+            nested=nested,
+        )
+        return fragment, False, pkt
 
     def _use_window(self) -> None:
         if self.in_flight_bytes >= self.cc.window:
@@ -603,7 +644,8 @@ class SendStream:
     ) -> AckOutcome:
         """Process the peer's acknowledgement state (32-bit wire values)."""
         outcome = AckOutcome()
-        cum = unwrap(ack, self.next_seq)
+        delta = (ack - self.next_seq) & _SERIAL_MASK  # unwrap(ack, next_seq), inline
+        cum = self.next_seq + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
         if cum > self.next_seq:
             outcome.bogus = True
             return outcome
@@ -615,14 +657,26 @@ class SendStream:
         newest: SentPacket | None = None
         acked = acked_bytes = 0
         unacked = self.unacked
-        while unacked:
-            seq = next(iter(unacked))
+        below: list[int] = []
+        for seq in unacked:  # (in sequence order)
             if seq >= cum:
                 break
+            below.append(seq)
+        flight = self.flight
+        for seq in below:
             pkt = unacked.pop(seq)
             acked += 1
-            acked_bytes += pkt.size
-            newest = self._forget(pkt, newest, now)
+            size = pkt.size
+            acked_bytes += size
+            if pkt.lost or pkt.retransmitted:
+                newest = self._forget(pkt, newest, now)
+                continue
+            # _forget's common case, inline: it leaves the flight, and is the newest
+            # if it went out last
+            if flight.pop(pkt.tx, None) is not None:
+                self.in_flight_bytes -= size
+            if newest is None or pkt.tx > newest.tx:
+                newest = pkt
         for start_w, end_w in sacks:
             start = max(unwrap(start_w, cum), cum)
             end = min(unwrap(end_w, cum), self.next_seq)
@@ -654,8 +708,10 @@ class SendStream:
             if self.cwnd_limited or 2 * (self.in_flight_bytes + acked_bytes) >= self.cc.window:
                 self.cc.on_acked(acked_bytes, newest.sent_time)
             self.cwnd_limited = False
-            self.largest_acked_tx = max(self.largest_acked_tx, newest.tx)
-            self.largest_acked_datagram = max(self.largest_acked_datagram, newest.datagram)
+            if newest.tx > self.largest_acked_tx:
+                self.largest_acked_tx = newest.tx
+            if newest.datagram > self.largest_acked_datagram:
+                self.largest_acked_datagram = newest.datagram
         for msg in self.by_msg_id.values():
             if msg.first_seq >= cum:
                 break  # nor any later: they began later
@@ -701,22 +757,24 @@ class SendStream:
     def detect_losses(self, now: float) -> int:
         """Declare packets overtaken by later acknowledged transmissions lost."""
         self.loss_time = None
-        if self.largest_acked_tx < 0:
-            return 0
-        delay = self.rtt.loss_delay(self.time_threshold)
+        if self.largest_acked_tx < 0 or not self.flight:
+            return 0  # (nothing in flight: nothing to declare lost)
+        delay: float | None = None  # asked of the estimator only when a packet needs it
         lost: list[SentPacket] = []
         for tx, pkt in self.flight.items():
             if tx >= self.largest_acked_tx:
                 break
-            # the same expression as loss_time below, so a timer firing at loss_time always
-            # finds its packet lost (now - delay could round the other way and livelock)
             # The packet threshold counts datagrams: a bundle is reordered as one.
-            overtaken = self.largest_acked_datagram - pkt.datagram >= self.reorder_threshold
-            if overtaken or pkt.sent_time + delay <= now:
-                lost.append(pkt)
-            else:
-                self.loss_time = pkt.sent_time + delay
-                break
+            if self.largest_acked_datagram - pkt.datagram < self.reorder_threshold:
+                if delay is None:
+                    delay = self.rtt.loss_delay(self.time_threshold)
+                # the same expression as loss_time below, so a timer firing at loss_time
+                # always finds its packet lost (now - delay could round the other way and
+                # livelock)
+                if pkt.sent_time + delay > now:
+                    self.loss_time = pkt.sent_time + delay
+                    break
+            lost.append(pkt)
         for pkt in lost:
             self._declare_lost(pkt)
         if lost:
@@ -758,7 +816,7 @@ class SendStream:
             self._declare_lost(pkt)
             pkt.unread = True
 
-    def _probe_deadline(self) -> float:
+    def probe_deadline(self) -> float:
         """When the tail has gone unacknowledged too long: a probe delay after the last
         transmission or the last acknowledgement of anything, whichever is later."""
         return max(self.last_send_time, self.last_ack_time) + self._probe_delay()
@@ -810,7 +868,7 @@ class SendStream:
             if now >= self.loss_time:
                 self.detect_losses(now)
             return
-        if self.flight and now >= self._probe_deadline():
+        if self.flight and now >= self.probe_deadline():
             if self.backoff == 0:
                 self.probe_base = int(self.rtt.srtt is not None)  # this one is a TLP
             self.backoff += 1

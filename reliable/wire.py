@@ -70,6 +70,7 @@ __all__ = [
     "decode_body",
     "encode",
     "encode_body",
+    "encode_session",
     "data_budget",
     "encoded_size",
     "fragment_capacity",
@@ -250,9 +251,15 @@ class Fragment:
     nested: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Packet:
-    """One decoded datagram."""
+    """One decoded datagram.
+
+    Treat it as immutable. It is not frozen for the reason :class:`Fragment`
+    is not: one is built for every datagram received, and a frozen dataclass
+    sets each of its 16 fields through ``object.__setattr__``, about four
+    times the cost of a plain one.
+    """
 
     kind: Kind
     flags: int = 0
@@ -456,6 +463,81 @@ def encode_body(packet: Packet) -> bytes:
     return b"".join(parts)
 
 
+def encode_session(
+    kind: int,
+    flags: int,
+    window: int,
+    src_incarnation: int,
+    dst_incarnation: int,
+    ack: int,
+    ack_delay: int,
+    sacks: tuple[tuple[int, int], ...],
+    notices: tuple[tuple[int, int], ...],
+    cookie: bytes | None,
+    fragments: list[Fragment] | None = None,
+) -> bytes:
+    """What ``encode_body`` makes of a session's DATA or ack-bearing control packet
+    (ACK, PING, CLOSE), from its fields, without building and checking a
+    :class:`Packet`: the per-datagram path of a peer session, whose fields are its
+    own (in range by construction). ``flags`` holds only ``ACK_NOW`` and ``ACK``;
+    ``CONTROL``, ``NESTED`` and ``COOKIE`` are set here from the fragments and cookie.
+    """
+    if fragments:
+        if fragments[0].control:
+            flags |= _CONTROL
+        for frag in fragments:
+            if frag.nested:
+                flags |= _NESTED
+                break
+    if cookie is not None:
+        flags |= _COOKIE
+    parts: list[bytes | memoryview] = [
+        _HEADER.pack(
+            MAGIC,
+            VERSION,
+            kind,
+            flags,
+            window,
+            src_incarnation,
+            dst_incarnation,
+            ack & _SERIAL_MASK,
+            ack_delay if ack_delay < _U16_MAX else _U16_MAX,
+            len(sacks),
+            len(notices),
+        )
+    ]
+    if cookie is not None:
+        parts.append(cookie)
+    for start, end in sacks:
+        parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
+    for msg_id, reason in notices:
+        parts.append(_NOTICE.pack(msg_id & _SERIAL_MASK, reason))
+    if fragments:
+        pack = _FRAGMENT.pack
+        payload_len = _PAYLOAD_LEN.pack
+        for frag in fragments:
+            mailbox = frag.mailbox.encode("utf-8") if frag.mailbox else b""
+            payload = frag.payload
+            parts.append(
+                pack(
+                    frag.seq & _SERIAL_MASK,
+                    frag.base & _SERIAL_MASK,
+                    frag.msg_id & _SERIAL_MASK,
+                    frag.index,
+                    frag.count,
+                    frag.total_len,
+                    frag.msg_type,
+                    frag.priority,
+                    len(mailbox),
+                )
+            )
+            if mailbox:
+                parts.append(mailbox)
+            parts.append(payload_len(len(payload)))
+            parts.append(payload)
+    return b"".join(parts)
+
+
 def _encode_fragment(frag: Fragment, parts: list[bytes | memoryview]) -> None:
     mailbox = frag.mailbox.encode("utf-8")
     if len(mailbox) > MAX_MAILBOX_BYTES:
@@ -540,13 +622,17 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
     if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
         raise MalformedPacket("length", "ack section overruns the datagram")
-    sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
-    offset += n_sack * _SACK.size
-    notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
-    offset += n_notice * _NOTICE.size
-    for _, reason in notices:
-        if reason not in _VERDICTS:
-            raise MalformedPacket("notice", f"unknown verdict {reason}")
+    sacks: tuple[tuple[int, int], ...] = ()
+    notices: tuple[tuple[int, int], ...] = ()
+    if n_sack:
+        sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
+        offset += n_sack * _SACK.size
+    if n_notice:
+        notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
+        offset += n_notice * _NOTICE.size
+        for _, reason in notices:
+            if reason not in _VERDICTS:
+                raise MalformedPacket("notice", f"unknown verdict {reason}")
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
@@ -616,18 +702,6 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
 _VERDICTS = frozenset(int(r) for r in Verdict)
 
 
-def _payload(data: bytes | memoryview, start: int, stop: int) -> bytes | memoryview:
-    """A fragment's payload: a view when it is most of the datagram, else a copy.
-
-    The view saves copying a large fragment twice (here and at reassembly);
-    a small one is copied so that it never pins a 64 KiB datagram: what a
-    fragment holds stays within twice what it is charged for.
-    """
-    if 2 * (stop - start) >= len(data):
-        return memoryview(data)[start:stop].toreadonly()
-    return bytes(data[start:stop])
-
-
 def _decode_fragment(
     data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
@@ -652,8 +726,16 @@ def _decode_fragment(
         raise MalformedPacket("length", "payload overruns the datagram")
     if count == 0 or index >= count:
         raise MalformedPacket("fragment", f"index {index} of {count}")
-    if payload_len > total_len or count > max(1, total_len):
+    if payload_len > total_len or (count > total_len and count > 1):
         raise MalformedPacket("fragment", f"{count} fragments for {total_len} bytes")
+    # A view when the payload is most of the datagram: that saves copying a large
+    # fragment twice (here and at reassembly). A small one is copied so that it never
+    # pins a 64 KiB datagram: what a fragment holds stays within twice what it is
+    # charged for.
+    if 2 * payload_len >= len(data):
+        payload: bytes | memoryview = memoryview(data)[offset:stop].toreadonly()
+    else:
+        payload = bytes(data[offset:stop])
     return Fragment(
         seq=seq,
         base=base,
@@ -664,7 +746,7 @@ def _decode_fragment(
         msg_type=msg_type,
         priority=priority,
         mailbox=mailbox,
-        payload=_payload(data, offset, stop),
+        payload=payload,
         control=control,
         nested=nested,
     ), stop

@@ -69,11 +69,22 @@ class Pair:
         self.now = 0.0
         self.seed = seed
         self.a = Side(
-            addrs[0], Endpoint(config_a or Config(), rng=random.Random(seed), security=security_a)
+            addrs[0],
+            Endpoint(
+                config_a or Config(),
+                rng=random.Random(seed),
+                security=security_a,
+                arrival_events=True,
+            ),
         )
         self.b = Side(
             addrs[1],
-            Endpoint(config_b or Config(), rng=random.Random(seed + 1), security=security_b),
+            Endpoint(
+                config_b or Config(),
+                rng=random.Random(seed + 1),
+                security=security_b,
+                arrival_events=True,
+            ),
         )
         self.release = release
         self.log: list[tuple[Any, wire.Packet | None]] = []
@@ -99,7 +110,9 @@ class Pair:
 
     def restart_b(self, config: Config | None = None, seed: int = 99) -> None:
         """B crashes and comes back on the same address with a new incarnation."""
-        self.b = Side(self.b.addr, Endpoint(config or Config(), rng=random.Random(seed)))
+        self.b = Side(
+            self.b.addr, Endpoint(config or Config(), rng=random.Random(seed), arrival_events=True)
+        )
 
     def outgoing(self, side: Side) -> list[bytes]:
         return [d for d, _ in side.endpoint.datagrams_to_send(self.now)]

@@ -369,7 +369,7 @@ class _WrapRng(random.Random):
 
 def test_sequence_numbers_wrap_safely() -> None:
     p = Pair()
-    p.a.endpoint = Endpoint(Config(), rng=_WrapRng(5))
+    p.a.endpoint = Endpoint(Config(), rng=_WrapRng(5), arrival_events=True)
     msgs = [b"w%d" % i * 300 for i in range(100)]
     for m in msgs:
         p.a.endpoint.send(B, m, now=p.now)
@@ -401,7 +401,7 @@ def test_acks_for_data_never_sent_are_counted_not_trusted() -> None:
 
 
 def test_local_misuse_fails_before_anything_is_queued() -> None:
-    ep = Endpoint(Config(max_message_size=1000))
+    ep = Endpoint(Config(max_message_size=1000), arrival_events=True)
     with pytest.raises(errors.MessageTooLarge, match="max_message_size"):
         ep.send(B, b"x" * 1001, now=0)
     with pytest.raises(errors.UsageError, match="priority"):
@@ -416,7 +416,7 @@ def test_local_misuse_fails_before_anything_is_queued() -> None:
 
 
 def test_send_buffer_is_bounded() -> None:
-    ep = Endpoint(Config(max_message_size=1000, send_buffer=3000))
+    ep = Endpoint(Config(max_message_size=1000, send_buffer=3000), arrival_events=True)
     for _ in range(3):
         ep.send(B, b"x" * 1000, now=0)
     with pytest.raises(errors.SendBufferFull):
@@ -464,7 +464,10 @@ def test_jitter_without_loss_widens_the_loss_thresholds_instead_of_retransmittin
     from netem import Impairment, SimNetwork
 
     net = SimNetwork(seed=8, default=Impairment(delay=0.001, jitter=0.001))
-    a, b = Endpoint(rng=random.Random(1)), Endpoint(rng=random.Random(2))
+    a, b = (
+        Endpoint(rng=random.Random(1), arrival_events=True),
+        Endpoint(rng=random.Random(2), arrival_events=True),
+    )
     net.add_host(A, a)
     net.add_host(B, b)
     for i in range(2000):
@@ -544,7 +547,7 @@ def test_an_ack_that_may_answer_a_probe_is_not_timed() -> None:
 def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> None:
     """64 KiB datagrams to a loopback peer, except that a window always spans four or
     more datagrams: with two, one loss leaves loss detection nothing to compare."""
-    a = Endpoint(rng=random.Random(1))
+    a = Endpoint(rng=random.Random(1), arrival_events=True)
     lo = ("127.0.0.1", 9)
     a.send(lo, b"x" * 1_000_000, now=0.0)
     session = a._peers[lo]
@@ -556,14 +559,14 @@ def test_loopback_peers_get_large_datagrams_but_at_least_four_per_window() -> No
     a.send(lo, b"y" * 1_000_000, now=0.0)  # cut to fit four datagrams in that window
     small = [m for m in session.sender.queue if m.data[:1] == b"y"]
     assert small[0].fragment_size <= 2 * 65000 // 4
-    small_msgs = Endpoint(rng=random.Random(2))
+    small_msgs = Endpoint(rng=random.Random(2), arrival_events=True)
     for _ in range(200):
         small_msgs.send(lo, b"z" * 1000, now=0.0)
     small_msgs._peers[lo].cc.cwnd = 2 * 65000.0
     small_msgs._peers[lo].heard = True
     bundles = [d for d, _ in small_msgs.datagrams_to_send(0.0)]
     assert len(bundles) >= 4 and max(len(d) for d in bundles) <= 2 * 65000 // 4
-    elsewhere = Endpoint(rng=random.Random(1))
+    elsewhere = Endpoint(rng=random.Random(1), arrival_events=True)
     elsewhere.send(B, b"x" * 100_000, now=0.0)
     assert max(len(d) for d, _ in elsewhere.datagrams_to_send(0.0)) <= 1200
 

@@ -47,7 +47,7 @@ def assert_bounded(ep: Endpoint) -> None:
 @FUZZ
 @given(st.lists(st.tuples(st.binary(max_size=1500), st.integers(0, 40)), max_size=50))
 def test_random_bytes_are_counted_drops(datagrams: list[tuple[bytes, int]]) -> None:
-    ep = Endpoint(CONFIG, rng=random.Random(0))
+    ep = Endpoint(CONFIG, rng=random.Random(0), arrival_events=True)
     for i, (data, port) in enumerate(datagrams):
         ep.receive_datagram(data, ("192.0.2.1", port), float(i))
         ep.handle_timer(float(i))
@@ -136,7 +136,7 @@ UNVALIDATED = dataclasses.replace(CONFIG, validate_addresses=False)
 
 
 def test_a_flood_of_new_incarnations_from_one_address_stays_bounded() -> None:
-    ep = Endpoint(UNVALIDATED, rng=random.Random(0))
+    ep = Endpoint(UNVALIDATED, rng=random.Random(0), arrival_events=True)
     for inc in range(1, 5001):
         pkt = Packet(kind=Kind.PING, src_incarnation=inc)
         ep.receive_datagram(wire.encode(pkt), A, 0.0)
@@ -149,7 +149,7 @@ def test_a_flood_of_new_incarnations_from_one_address_stays_bounded() -> None:
 def test_a_flood_of_new_addresses_is_capped_and_counted() -> None:
     """Idle sessions make way for new peers; what each reached is remembered, boundedly."""
     config = dataclasses.replace(UNVALIDATED, remembered_sessions=100)
-    ep = Endpoint(config, rng=random.Random(0))
+    ep = Endpoint(config, rng=random.Random(0), arrival_events=True)
     for port in range(1, 1001):
         pkt = Packet(kind=Kind.PING, src_incarnation=port)
         ep.receive_datagram(wire.encode(pkt), ("192.0.2.1", port), 0.0)
@@ -160,7 +160,7 @@ def test_a_flood_of_new_addresses_is_capped_and_counted() -> None:
 
 
 def test_a_flood_of_new_addresses_cannot_evict_sessions_that_hold_data() -> None:
-    ep = Endpoint(UNVALIDATED, rng=random.Random(0))
+    ep = Endpoint(UNVALIDATED, rng=random.Random(0), arrival_events=True)
     for port in range(1, 1001):
         # The first of two fragments: each peer now holds a reservation here.
         frag = Fragment(
@@ -205,7 +205,7 @@ def test_a_claim_of_four_billion_fragments_allocates_nothing() -> None:
 
 
 def test_unknown_peers_cannot_create_state_with_acks_or_close() -> None:
-    ep = Endpoint(CONFIG, rng=random.Random(0))
+    ep = Endpoint(CONFIG, rng=random.Random(0), arrival_events=True)
     for kind in (Kind.ACK, Kind.CLOSE, Kind.RESET):
         ep.receive_datagram(wire.encode(Packet(kind=kind, src_incarnation=5)), A, 0.0)
     assert ep.peers() == []
@@ -221,7 +221,7 @@ def test_hostile_group_packets_keep_every_bound_and_never_amplify(data: st.DataO
     """
     from reliable.addressing import GroupAddress
 
-    ep = Endpoint(CONFIG, rng=random.Random(0))
+    ep = Endpoint(CONFIG, rng=random.Random(0), arrival_events=True)
     joined = GroupAddress("multicast", "239.1.2.3", 7000)
     other = GroupAddress("multicast", "239.1.2.4", 7000)
     ep.open_group(joined, 0.0, join=True)
@@ -267,7 +267,7 @@ def test_an_acknowledgement_of_nothing_earns_no_unicast_repairs() -> None:
     """
     from reliable.addressing import GroupAddress
 
-    ep = Endpoint(CONFIG, rng=random.Random(0))
+    ep = Endpoint(CONFIG, rng=random.Random(0), arrival_events=True)
     group = GroupAddress("multicast", "239.1.2.4", 7000)
     ep.open_group(group, 0.0, join=False)
     victim = ("192.0.2.9", 7000)

@@ -39,7 +39,10 @@ def test_faulty_socket_fixture(faulty_socket) -> None:  # type: ignore[no-untype
 
 
 def test_sim_network_fixture_runs_sans_io_hosts(sim_network: SimNetwork, netem_seed: int) -> None:
-    a, b = Endpoint(rng=random.Random(netem_seed)), Endpoint(rng=random.Random(netem_seed + 1))
+    a, b = (
+        Endpoint(rng=random.Random(netem_seed), arrival_events=True),
+        Endpoint(rng=random.Random(netem_seed + 1), arrival_events=True),
+    )
     sim_network.add_host("a", a)
     sim_network.add_host("b", b)
     sim_network.set_link("a", "b", "loss 30%")

@@ -107,7 +107,10 @@ def test_pause_refuses_an_end_before_its_start() -> None:
 
 def _endpoints(config: Config) -> tuple[SimNetwork, Endpoint, Endpoint]:
     net = SimNetwork(seed=5, default="delay 5ms")
-    a, b = Endpoint(config, rng=random.Random(1)), Endpoint(config, rng=random.Random(2))
+    a, b = (
+        Endpoint(config, rng=random.Random(1), arrival_events=True),
+        Endpoint(config, rng=random.Random(2), arrival_events=True),
+    )
     net.add_host("a", a)
     net.add_host("b", b)
     return net, a, b
@@ -181,7 +184,10 @@ def test_rmsg_delivers_between_hosts_whose_clocks_disagree() -> None:
     must not confuse the retransmission timers (sans-I/O time is only ever compared
     with itself)."""
     net = SimNetwork(seed=3, default="delay 10ms 2ms loss 5%")
-    a, b = Endpoint(rng=random.Random(1)), Endpoint(rng=random.Random(2))
+    a, b = (
+        Endpoint(rng=random.Random(1), arrival_events=True),
+        Endpoint(rng=random.Random(2), arrival_events=True),
+    )
     net.add_host("a", a)
     net.add_host("b", b)
     net.set_clock("a", offset=-50.0, drift=-0.01)
@@ -231,7 +237,7 @@ def test_rmsg_reports_the_restart_and_a_resend_reaches_the_new_incarnation() -> 
     net, a, _ = _endpoints(config)
     net.call_at(0.0, lambda: a.send("b", b"to the first life", now=net.now), host="a")
     net.crash("b", at=1.0)
-    net.restart("b", lambda: Endpoint(config, rng=random.Random(9)), at=1.5)
+    net.restart("b", lambda: Endpoint(config, rng=random.Random(9), arrival_events=True), at=1.5)
     net.call_at(2.0, lambda: a.send("b", b"to the second life", now=net.now), host="a")
     net.run(until=6.0)
     seen = list(iter(a.next_event, None))

@@ -184,7 +184,10 @@ def test_link_phases_from_python() -> None:
 def test_sim_partition_cuts_and_heals() -> None:
     net = SimNetwork(seed=3)
     a, b = ("a", 1), ("b", 2)
-    ea, eb = Endpoint(Config(peer_timeout=30), rng=random.Random(1)), Endpoint(rng=random.Random(2))
+    ea, eb = (
+        Endpoint(Config(peer_timeout=30), rng=random.Random(1), arrival_events=True),
+        Endpoint(rng=random.Random(2), arrival_events=True),
+    )
     net.add_host(a, ea)
     net.add_host(b, eb)
     net.partition(a, b, start=0.0, end=2.0)

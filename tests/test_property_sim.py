@@ -72,8 +72,8 @@ def test_exactly_once_in_order_or_reported(
     net = SimNetwork(seed=seed)
     net.set_link(A, B, impairment)
     net.set_link(B, A, reverse)
-    a = Endpoint(config, rng=random.Random(seed))
-    b = Endpoint(config, rng=random.Random(seed + 1))
+    a = Endpoint(config, rng=random.Random(seed), arrival_events=True)
+    b = Endpoint(config, rng=random.Random(seed + 1), arrival_events=True)
     net.add_host(A, a)
     net.add_host(B, b)
     rng = random.Random(seed)
@@ -131,8 +131,8 @@ def test_restart_mid_stream_loses_nothing_silently(
     """B crashes while A streams to it and comes back on the same address."""
     config = Config(peer_timeout=10.0)
     net = SimNetwork(seed=seed, default=impairment)
-    a = Endpoint(config, rng=random.Random(seed))
-    lives = [Endpoint(config, rng=random.Random(seed + 1))]
+    a = Endpoint(config, rng=random.Random(seed), arrival_events=True)
+    lives = [Endpoint(config, rng=random.Random(seed + 1), arrival_events=True)]
     net.add_host(A, a)
     net.add_host(B, lives[0])
     rng = random.Random(seed)
@@ -148,7 +148,7 @@ def test_restart_mid_stream_loses_nothing_silently(
         net.remove_host(B)
 
     def reboot() -> None:
-        lives.append(Endpoint(config, rng=random.Random(seed + 2)))
+        lives.append(Endpoint(config, rng=random.Random(seed + 2), arrival_events=True))
         net.add_host(B, lives[-1])
 
     net.call_at(crash_at, crash)
@@ -208,8 +208,8 @@ def test_cancelled_sends_have_one_fate_and_not_delivered_means_never_received(
     means it did; nothing is received twice."""
     config = Config(peer_timeout=5.0, max_datagram_size=1200)
     net = SimNetwork(seed=seed, default=impairment)
-    a = Endpoint(config, rng=random.Random(seed))
-    b = Endpoint(config, rng=random.Random(seed + 1))
+    a = Endpoint(config, rng=random.Random(seed), arrival_events=True)
+    b = Endpoint(config, rng=random.Random(seed + 1), arrival_events=True)
     b.create_mailbox("q", capacity=capacity, now=0.0)
     net.add_host(A, a)
     net.add_host(B, b)

@@ -213,8 +213,8 @@ def test_a_cold_big_send_validates_before_its_flight() -> None:
     goes first (three, in case one is lost), the CHALLENGE answers it, and the flight
     follows with the cookie."""
     loopback = ("127.0.0.1", 2)
-    a = Endpoint(rng=random.Random(1))
-    b = Endpoint(rng=random.Random(2))
+    a = Endpoint(rng=random.Random(1), arrival_events=True)
+    b = Endpoint(rng=random.Random(2), arrival_events=True)
     a_addr = ("127.0.0.1", 1)
     data = random.Random(3).randbytes(2_000_000)
     a.send(loopback, data, now=0.0)

@@ -191,7 +191,7 @@ def test_replayed_datagrams_are_dropped_even_with_valid_tags(make) -> None:  # t
 
 @SEALED
 def test_forged_datagrams_create_nothing_and_are_counted(make) -> None:  # type: ignore[no-untyped-def]
-    ep = Endpoint(Config(), rng=random.Random(1), security=make(KEY))
+    ep = Endpoint(Config(), rng=random.Random(1), security=make(KEY), arrival_events=True)
     forger = make(OTHER_KEY)
     rng = random.Random(5)
     for i in range(500):
@@ -232,9 +232,12 @@ def test_an_auth_failed_must_echo_our_incarnation() -> None:
 
 
 def test_encrypted_incarnations_never_repeat_even_with_a_seeded_rng() -> None:
-    lives = [Endpoint(rng=random.Random(7), security=Encrypted(KEY)) for _ in range(50)]
+    lives = [
+        Endpoint(rng=random.Random(7), security=Encrypted(KEY), arrival_events=True)
+        for _ in range(50)
+    ]
     assert len({e.incarnation for e in lives}) == 50  # so (subkey, nonce) pairs never repeat
-    plain = [Endpoint(rng=random.Random(7)) for _ in range(2)]
+    plain = [Endpoint(rng=random.Random(7), arrival_events=True) for _ in range(2)]
     assert plain[0].incarnation == plain[1].incarnation  # (simulations stay reproducible)
 
 
@@ -256,7 +259,7 @@ def test_packet_numbers_only_go_up() -> None:
 
 
 def test_a_new_address_gets_a_challenge_and_no_state() -> None:
-    ep = Endpoint(Config(), rng=random.Random(1))
+    ep = Endpoint(Config(), rng=random.Random(1), arrival_events=True)
     ping = wire.encode(Packet(kind=Kind.PING, src_incarnation=42))
     ep.receive_datagram(ping, A, 0.0)
     ((reply, to),) = ep.datagrams_to_send(0.0)
@@ -336,9 +339,9 @@ def test_receive_memory_is_shared_fairly_and_never_deadlocks(seed: int) -> None:
 
     config = Config(max_message_size=40_000, receive_memory=48_000, peer_timeout=30.0)
     net = SimNetwork(seed=seed, default=Impairment(loss=0.05, reorder=0.3, delay=0.002))
-    sink = Endpoint(config, rng=random.Random(9))
+    sink = Endpoint(config, rng=random.Random(9), arrival_events=True)
     net.add_host(("sink", 1), sink)
-    senders = [Endpoint(config, rng=random.Random(n)) for n in range(3)]
+    senders = [Endpoint(config, rng=random.Random(n), arrival_events=True) for n in range(3)]
     for n, ep in enumerate(senders):
         net.add_host(("src", n), ep)
         for i in range(4):

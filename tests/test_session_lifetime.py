@@ -28,11 +28,11 @@ def _events(ep: Endpoint) -> list[events.Event]:
 def test_a_live_peer_gets_through_after_any_number_of_dead_partial_senders() -> None:
     """Senders killed in the middle of big messages once held the receiver's memory for good."""
     net = SimNetwork(seed=3)
-    receiver = Endpoint(SMALL, rng=random.Random(1))
+    receiver = Endpoint(SMALL, rng=random.Random(1), arrival_events=True)
     net.add_host(B, receiver)
     dead = [(f"10.0.1.{i}", 4000 + i) for i in range(6)]
     for i, addr in enumerate(dead):
-        sender = Endpoint(SMALL, rng=random.Random(10 + i))
+        sender = Endpoint(SMALL, rng=random.Random(10 + i), arrival_events=True)
         net.add_host(addr, sender)
         sender.send(B, bytes(390_000), now=0.0)
         net.flush(addr)
@@ -41,7 +41,7 @@ def test_a_live_peer_gets_through_after_any_number_of_dead_partial_senders() -> 
     held = receiver.stats().receive_bytes
     assert held > SMALL.receive_memory // 2  # the dead hold most of the memory
 
-    live = Endpoint(SMALL, rng=random.Random(99))
+    live = Endpoint(SMALL, rng=random.Random(99), arrival_events=True)
     net.add_host(A, live)
     ticket = live.send(B, b"L" * 300_000, now=net.now)
     net.flush(A)
@@ -83,11 +83,11 @@ def test_a_full_peer_table_makes_room_by_evicting_the_least_recently_heard_idle_
     """4,096 peers that spoke once and went silent locked every new peer out."""
     config = Config(max_peers=2)
     net = SimNetwork(seed=1)
-    hub = Endpoint(config, rng=random.Random(1))
+    hub = Endpoint(config, rng=random.Random(1), arrival_events=True)
     net.add_host(B, hub)
     spokes = {}
     for i, addr in enumerate([A, C, ("10.0.0.4", 4000)]):
-        spokes[addr] = Endpoint(rng=random.Random(20 + i))
+        spokes[addr] = Endpoint(rng=random.Random(20 + i), arrival_events=True)
         net.add_host(addr, spokes[addr])
     for addr in spokes:  # one after another, each then silent
         spokes[addr].send(B, b"hello from %r" % (addr,), now=net.now)
@@ -311,7 +311,7 @@ def test_an_established_peer_that_goes_silent_is_unreachable_even_when_waiting_f
 def test_bad_message_arguments_fail_before_anything_is_sent() -> None:
     """send("text") raised a bare TypeError, and msg_type=True was accepted by send but
     refused by receive."""
-    ep = Endpoint(rng=random.Random(1))
+    ep = Endpoint(rng=random.Random(1), arrival_events=True)
     for data, words in (("text", "encode text first"), (42, "got int")):
         try:
             ep.send(B, data, now=0.0)  # type: ignore[arg-type]
