@@ -477,7 +477,22 @@ class PeerSession:
                 self.fenced_out += pkt.kind == Kind.DATA
                 self._update_wait(now)
                 return
-        if pkt.kind == Kind.DATA:
+        kind = pkt.kind
+        if kind == _DATA and not pkt.bundle:
+            # One fragment (every datagram of a big message): the loop below, unrolled
+            frag = pkt.fragment
+            assert frag is not None
+            size = FRAGMENT_OVERHEAD + len(frag.payload)
+            average = self.record_average
+            self.record_average = average + (size - average) / 8 if average else size
+            for d in self.receiver.on_fragment(
+                frag,
+                now,
+                has_room=self.parked < self.config.receive_backlog,
+                ack_now=bool(pkt.flags & _ACK_NOW),
+            ):
+                self._take_delivery(d, now)
+        elif kind == _DATA:
             receiver = self.receiver
             last = len(pkt.bundle)
             backlog = self.config.receive_backlog

@@ -105,6 +105,7 @@ class _Partial:
     reserved: int = 0  # bytes of the node's receive memory set aside for it
     first_seq: int = 0
     next_index: int = 0
+    wire_id: int = 0  # msg_id as its fragments carry it (32 bits)
 
 
 class MemoryBudget:
@@ -264,6 +265,21 @@ class ReceiveStream:
                         frag.control,
                     )
                 )
+            # The next fragment of the message in progress, not its last (_reassemble's
+            # common case for a big message, inline: its bytes were reserved at its start)
+            elif (
+                (partial := self.partial) is not None
+                and frag.index == partial.next_index
+                and partial.next_index + 1 < partial.count
+                and partial.rejected is None
+                and frag.count == partial.count
+                and frag.total_len == partial.total_len
+                and frag.msg_id == partial.wire_id
+                and partial.size + len(payload) <= partial.total_len
+            ):
+                partial.next_index += 1
+                partial.chunks.append(payload)
+                partial.size += len(payload)
             # Only a fragment starting a multi-datagram message can be over budget here
             # (_over_budget: in order, anything else is delivered or already reserved).
             elif (
@@ -411,6 +427,7 @@ class ReceiveStream:
                 rejected=rejected,
             )
             partial.first_seq = seq
+            partial.wire_id = msg_id & 0xFFFFFFFF
             if rejected is None and frag.count > 1:
                 # Its whole length is reserved now, so a started message can always
                 # finish: partial messages never deadlock over the shared budget. Its

@@ -163,6 +163,8 @@ class OutgoingMessage:
     fate: Fate = Fate.SENDING
     staged: bool = False  #: parked while a durable mailbox commits it (it had room)
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
+    #: a view of ``data``, made at its first slice: fragments are cut from it without copies
+    view: memoryview | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.mailbox_bytes = len(self.mailbox.encode("utf-8"))
@@ -197,7 +199,10 @@ class OutgoingMessage:
     def fragment_payload(self, index: int) -> bytes | memoryview:
         """A view, not a copy: the datagram's encoding copies it once."""
         start = index * self.fragment_size
-        return memoryview(self.data)[start : start + self.fragment_size]
+        view = self.view
+        if view is None:
+            view = self.view = memoryview(self.data)
+        return view[start : start + self.fragment_size]
 
 
 @dataclass(slots=True, eq=False)
@@ -451,7 +456,9 @@ class SendStream:
         # take them all, and the next probe would wait a backed-off RTO.
         alone = bool(self.probe_pending) and retransmission and pkt.seq in self.probed
         self.probe_pending -= alone
-        while not alone:
+        # A full-size fragment of a big message leaves no room for another record: skip
+        # the search for one (the per-datagram path of a bulk transfer).
+        while not alone and budget - used >= FRAGMENT_OVERHEAD:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
                 break
@@ -515,11 +522,23 @@ class SendStream:
             # One fragment: the whole message, no slicing (the common small message).
             payload: bytes | memoryview = msg.data
             size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + len(payload)
+            if room is not None and (msg.control != control or size > room):
+                return None
         else:
-            size = msg.record_bytes(index)
-            payload = msg.fragment_payload(index)
-        if room is not None and (msg.control != control or size > room):
-            return None
+            # record_bytes and fragment_payload, inline (per fragment of a big message),
+            # and the slice taken only once the record is known to fit
+            fragment_size = msg.fragment_size
+            start = index * fragment_size
+            length = len(msg.data) - start
+            if length > fragment_size:
+                length = fragment_size
+            size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + length
+            if room is not None and (msg.control != control or size > room):
+                return None
+            view = msg.view
+            if view is None:
+                view = msg.view = memoryview(msg.data)
+            payload = view[start : start + fragment_size]
         if self.in_flight_bytes >= self.cc.window:
             self.probe_allowance -= 1  # a probe may exceed the window
         seq = self.next_seq
@@ -651,6 +670,15 @@ class SendStream:
             return outcome
         if cum < self.cum_ack:
             return outcome  # an older acknowledgement, overtaken in the network
+        if cum == self.cum_ack and not sacks:
+            # Nothing new (the ack state every DATA packet of a two-way exchange repeats):
+            # what the full path below would change, and nothing else. No sample, no
+            # completion; a loss only if the loss timer is already due.
+            self.peer_window = window
+            self.peer_edge = cum
+            if self.loss_time is not None and now >= self.loss_time:
+                self.detect_losses(now)
+            return outcome
         self.cum_ack = cum
         self.peer_window = window
         edge = cum

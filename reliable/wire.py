@@ -714,11 +714,14 @@ def _decode_fragment(
     offset += _FRAGMENT.size
     if offset + mailbox_len + _PAYLOAD_LEN.size > end:
         raise MalformedPacket("length", "mailbox name overruns the datagram")
-    try:
-        mailbox = str(data[offset : offset + mailbox_len], "utf-8")
-    except UnicodeDecodeError:
-        raise MalformedPacket("mailbox", "name is not UTF-8") from None
-    offset += mailbox_len
+    if mailbox_len:
+        try:
+            mailbox = str(data[offset : offset + mailbox_len], "utf-8")
+        except UnicodeDecodeError:
+            raise MalformedPacket("mailbox", "name is not UTF-8") from None
+        offset += mailbox_len
+    else:
+        mailbox = ""  # the default mailbox (every fragment of a plain big message)
     (payload_len,) = _PAYLOAD_LEN.unpack_from(data, offset)
     offset += _PAYLOAD_LEN.size
     stop = offset + payload_len
@@ -733,7 +736,11 @@ def _decode_fragment(
     # pins a 64 KiB datagram: what a fragment holds stays within twice what it is
     # charged for.
     if 2 * payload_len >= len(data):
-        payload: bytes | memoryview = memoryview(data)[offset:stop].toreadonly()
+        # (a read-only view slices to a read-only view: only a writable one is wrapped)
+        if type(data) is memoryview and data.readonly:
+            payload: bytes | memoryview = data[offset:stop]
+        else:
+            payload = memoryview(data)[offset:stop].toreadonly()
     else:
         payload = bytes(data[offset:stop])
     return Fragment(
