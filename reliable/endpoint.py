@@ -164,6 +164,10 @@ _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats qu
 _WIRE_ID_MASK = 0xFFFFFFFF
 DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
+# Plain ints for the per-datagram path: looking up an enum member costs about 0.2 us.
+_AUTH_FAILED, _CHALLENGE, _RESET, _CLOSE = (
+    int(k) for k in (Kind.AUTH_FAILED, Kind.CHALLENGE, Kind.RESET, Kind.CLOSE)
+)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
     events.MessageTaken,
@@ -631,10 +635,10 @@ class Endpoint:
         if pkt.kind >= _FIRST_GROUP_KIND:
             self._on_group_packet(pkt, addr, len(data), now)
             return
-        if pkt.kind == Kind.AUTH_FAILED:
+        if pkt.kind == _AUTH_FAILED:
             self._peer_refused_us(pkt, addr, now)
             return
-        if pkt.kind == Kind.CHALLENGE:
+        if pkt.kind == _CHALLENGE:
             self._challenged(pkt, addr, now)
             return
         if pkt.dst_incarnation not in (0, self.incarnation):
@@ -679,7 +683,7 @@ class Endpoint:
             self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
             self._forget_parked(addr, old)
-        elif pkt.kind == Kind.RESET:
+        elif pkt.kind == _RESET:
             self._drop("stale_reset")
             return
         if packet_number is not None and not session.replay.accept(packet_number):
@@ -689,7 +693,7 @@ class Endpoint:
             self.remote.heard(addr)
         self._dirty[addr] = None
         session.on_packet(pkt, now, self.incarnation)
-        if pkt.kind == Kind.CLOSE:
+        if pkt.kind == _CLOSE:
             # after its final acks: what it acknowledged on the way out is delivered
             self._peer_closed(session, now)
             return

@@ -167,6 +167,10 @@ _ACK = int(Flag.ACK)
 _ACK_NOW = int(Flag.ACK_NOW)
 _NEVER = float("-inf")
 _DATA = int(Kind.DATA)
+# (the per-packet paths compare plain ints: an enum member's lookup costs about 0.2 us)
+_ACK_KIND, _PING, _PROBE, _PROBE_ACK, _DROPPED = (
+    int(k) for k in (Kind.ACK, Kind.PING, Kind.PROBE, Kind.PROBE_ACK, Kind.DROPPED)
+)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
@@ -511,15 +515,15 @@ class PeerSession:
                 for d in deliveries:
                     self._take_delivery(d, now)
             self.record_average = average
-        elif pkt.kind == Kind.PING:
+        elif kind == _PING:
             self.receiver.ack_now = True
-        elif pkt.kind == Kind.PROBE:
+        elif kind == _PROBE:
             if len(self.probe_answers) < _MAX_PROBE_ANSWERS:
                 self.probe_answers.append(pkt.probe)
-        elif pkt.kind == Kind.PROBE_ACK:
+        elif kind == _PROBE_ACK:
             if self.pmtu.on_ack(pkt.probe, now):
                 self.datagram_size = self.pmtu.size  # the next messages are cut for it
-        elif pkt.kind == Kind.DROPPED:
+        elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
 
@@ -843,7 +847,7 @@ class PeerSession:
                 self._control(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
             )
         if receiver.wants_ack(now) or self.ping_now:
-            kind = Kind.PING if self.ping_now else Kind.ACK
+            kind = _PING if self.ping_now else _ACK_KIND
             out.append(self._control(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()
             self.ping_now = False
@@ -919,7 +923,7 @@ class PeerSession:
         ack_flag = _ACK if self.receiver.expected is not None else 0
         return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
 
-    def _control(self, kind: Kind, now: float, my_incarnation: int, ack_flag: int) -> bytes:
+    def _control(self, kind: int, now: float, my_incarnation: int, ack_flag: int) -> bytes:
         # As many notices as the datagram has room for (at least MAX_NOTICES, which
         # always fit): a durable mailbox owes one per message until its sender's base
         # passes it, and the ack cannot pass a notice it leaves out.

@@ -259,6 +259,7 @@ class SendStream:
         "levels",
         "loss_time",
         "lost",
+        "low",
         "next_msg_id",
         "next_seq",
         "packets_sent",
@@ -305,6 +306,11 @@ class SendStream:
         self.levels: dict[int, int] = {}  # priority -> application messages queued at it
         self.passed = 0  # application fragments sent since the oldest queued one last sent
         self.unacked: dict[int, SentPacket] = {}
+        #: no key of ``unacked`` is below it: where the search for the base starts. A dict
+        #: emptied from the front keeps its deleted slots until it is resized, and iterating
+        #: it (``next(iter(unacked))``) walks them all: microseconds a datagram in a bulk
+        #: transfer, where thousands of packets are in flight.
+        self.low = initial_seq
         self.flight: dict[int, SentPacket] = {}
         self.in_flight_bytes = 0  # sizes of the packets in flight
         self.dropped_ahead = 0  # bytes the peer dropped unread, still crossing before the flight
@@ -338,9 +344,15 @@ class SendStream:
     @property
     def base(self) -> int:
         """Lowest sequence number neither acknowledged nor abandoned."""
-        for seq in self.unacked:
-            return seq
-        return self.next_seq
+        unacked = self.unacked
+        if not unacked:
+            self.low = low = self.next_seq
+            return low
+        low = self.low
+        while low not in unacked:  # (it holds a key at or above low: this ends)
+            low += 1
+        self.low = low
+        return low
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
@@ -515,6 +527,8 @@ class SendStream:
             )
             self.retransmissions += 1
             self.unacked[pkt.seq] = pkt  # the only one: the base it carries is its own seq
+            if pkt.seq < self.low:
+                self.low = pkt.seq
             self._transmit(pkt, now)
             return self._fragment(pkt), True, pkt
         index = msg.next_index
@@ -573,7 +587,11 @@ class SendStream:
         self.in_flight_bytes += size
         self.last_send_time = now
         self.packets_sent += 1
-        base = next(iter(unacked))  # (not empty: it holds this packet)
+        # the base (not next(iter(unacked)): see ``low``); unacked holds this packet
+        base = self.low
+        while base not in unacked:
+            base += 1
+        self.low = base
         fragment = Fragment(
             seq=seq,
             base=base,
@@ -685,14 +703,16 @@ class SendStream:
         newest: SentPacket | None = None
         acked = acked_bytes = 0
         unacked = self.unacked
-        below: list[int] = []
-        for seq in unacked:  # (in sequence order)
-            if seq >= cum:
-                break
-            below.append(seq)
         flight = self.flight
-        for seq in below:
-            pkt = unacked.pop(seq)
+        # Every key below cum leaves; none is below low (and walking the dict from its
+        # start would cross every slot emptied since it was last resized)
+        low = self.low
+        if cum > low:
+            self.low = cum
+        for seq in range(low, cum):
+            pkt = unacked.pop(seq, None)  # (gone already if selectively acknowledged)
+            if pkt is None:
+                continue
             acked += 1
             size = pkt.size
             acked_bytes += size
@@ -958,6 +978,7 @@ class SendStream:
         self.control.clear()
         self.current = None
         self.unacked.clear()
+        self.low = self.next_seq
         self.flight.clear()
         self.dropped_ahead = 0
         self.in_flight_bytes = 0

@@ -189,6 +189,9 @@ _CONTROL = int(Flag.CONTROL)
 _COOKIE = int(Flag.COOKIE)
 _NESTED = int(Flag.NESTED)
 _KINDS = {int(k): k for k in Kind}
+# (compared as ints on the per-datagram path: an enum member's lookup costs about 0.2 us)
+_DATA_KIND = int(Kind.DATA)
+_CHALLENGE_KIND = int(Kind.CHALLENGE)
 _FLAGS_OFFSET = 4  # of the u16 flags field in the header
 
 
@@ -618,7 +621,7 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         cookie = bytes(data[offset : offset + COOKIE_SIZE])
         offset += COOKIE_SIZE
         flags &= ~_COOKIE
-    elif kind == Kind.CHALLENGE:
+    elif kind_value == _CHALLENGE_KIND:
         raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
     if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
         raise MalformedPacket("length", "ack section overruns the datagram")
@@ -653,11 +656,11 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
     if kind in _DATA_KINDS:
         control = bool(flags & _CONTROL)
         nested = bool(flags & _NESTED)
-        if nested and kind != Kind.DATA:
+        if nested and kind_value != _DATA_KIND:
             raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
         fragment, offset = _decode_fragment(data, offset, end, control, nested)
         if offset != end:
-            if kind != Kind.DATA:
+            if kind_value != _DATA_KIND:
                 raise MalformedPacket("length", "a GDATA packet carries one fragment")
             more = []
             while offset != end:
