@@ -406,8 +406,8 @@ class PeerSession:
         queued meanwhile, lost, waited ``initial_rto`` (1 s) for its probe
         against a 22 ms RTO. Bundles of at most ``max_datagram_size`` keep that
         wait to about ten round trips, and the first acknowledgement of data
-        times them. A fragment of a large message is cut when it is queued and
-        keeps its size.
+        times them. A large message is cut when it is queued (and again if the
+        path's size changes before it starts) and keeps that size once started.
         """
         size = self.current_datagram_size()
         sender = self.sender
@@ -523,9 +523,28 @@ class PeerSession:
         elif kind == _PROBE_ACK:
             if self.pmtu.on_ack(pkt.probe, now):
                 self.datagram_size = self.pmtu.size  # the next messages are cut for it
+                self._recut()  # and so are the queued ones not yet started
         elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
+
+    def _recut(self) -> None:
+        """The path's datagram size changed: cut the queued messages that have not started
+        for the size a message queued now gets.
+
+        A message's fragment size and count are fixed once its first fragment is
+        sent (the receiver reassembles by them), but until then nothing of it is on
+        the wire: messages queued before discovery confirmed a larger size go in
+        fewer, larger datagrams, and after a black hole in datagrams the path
+        still carries.
+        """
+        datagram = self.current_datagram_size()
+        for msg in self.sender.queue:
+            if msg.next_index == 0:  # (not started)
+                size = fragment_capacity(datagram, msg.mailbox)
+                if size != msg.fragment_size:
+                    msg.fragment_size = size
+                    msg.count = max(1, -(-len(msg.data) // size))
 
     def _take_delivery(self, d: Delivery, now: float) -> None:
         if d.control:
@@ -997,6 +1016,7 @@ class PeerSession:
             and pmtu.on_black_hole(now)
         ):
             self.datagram_size = pmtu.size  # full-size datagrams stopped getting through
+            self._recut()  # and messages not yet started are cut for the base size again
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, msg = heapq.heappop(self._deadlines)
             if msg.fate not in DEADLINE_MATTERS:

@@ -470,7 +470,9 @@ class SendStream:
         self.probe_pending -= alone
         # A full-size fragment of a big message leaves no room for another record: skip
         # the search for one (the per-datagram path of a bulk transfer).
-        while not alone and budget - used >= FRAGMENT_OVERHEAD:
+        if not alone and self._next_record_too_big(pkt, budget - used, retransmission):
+            alone = True
+        while not alone:
             step = self._next_fragment(now, budget - used, first.control)
             if step is None:
                 break
@@ -484,6 +486,28 @@ class SendStream:
             pkt.datagram_size = size
         self.datagrams_sent += 1
         return fragments, retransmission
+
+    def _next_record_too_big(self, pkt: SentPacket, room: int, retransmission: bool) -> bool:
+        """Whether no record can follow ``pkt`` in ``room`` bytes, known without the search.
+
+        A bulk transfer's datagram holds one fragment: a record is at least
+        ``FRAGMENT_OVERHEAD`` bytes, and while a message of one priority is in
+        progress and nothing is lost, what comes next is its own next fragment,
+        whose size is known (it does not fit when the message was cut for a
+        smaller datagram than the path now carries). False means "search".
+        """
+        if room < FRAGMENT_OVERHEAD:
+            return True
+        msg = pkt.message
+        if retransmission or self.lost or len(self.levels) > 1 or msg.control:
+            return False
+        index = msg.next_index
+        if index >= msg.count or msg is not self.current or self.queue[0] is not msg:
+            return False
+        length = len(msg.data) - index * msg.fragment_size
+        if length > msg.fragment_size:
+            length = msg.fragment_size
+        return FRAGMENT_OVERHEAD + msg.mailbox_bytes + length > room
 
     def _next_fragment(
         self, now: float, room: int | None, control: bool

@@ -71,6 +71,28 @@ def test_an_answered_probe_grows_the_datagrams() -> None:
     assert p.b.received() == [b"a" * BIG, b"b" * BIG]
 
 
+def test_queued_messages_not_yet_started_are_cut_for_the_confirmed_size() -> None:
+    p = Pair()
+    p.connect()
+    session = p.a.endpoint._peers[B]
+    # Queued before discovery: the first starts at 1200 (and keeps its cut), the
+    # others have sent nothing when the probe's answer comes, and are cut again.
+    for i in range(3):
+        p.a.endpoint.send(B, bytes([i]) * BIG, now=p.now)
+    queued = list(session.sender.queue)
+    assert {m.count for m in queued} == {-(-BIG // queued[0].fragment_size)}
+    seen: list[bytes] = []
+    _exchange(p, 1472, 2.0, seen)
+    assert session.datagram_size == 1472
+    assert queued[0].fragment_size < queued[1].fragment_size == queued[2].fragment_size
+    assert queued[2].count < queued[0].count
+    data = [wire.decode(d) for d in seen if wire.decode(d).kind == wire.Kind.DATA]
+    counts = {f.msg_id: f.count for pkt in data for f in pkt.fragments}
+    assert sorted(counts.values(), reverse=True) == [m.count for m in queued]
+    assert max(map(len, seen)) <= 1472 - wire.SECURITY_OVERHEAD
+    assert p.b.received() == [bytes([i]) * BIG for i in range(3)]
+
+
 def test_lost_probes_leave_the_size_and_the_data_alone() -> None:
     p = Pair()
     p.connect()
@@ -118,6 +140,27 @@ def test_a_black_hole_falls_back_to_the_base_size() -> None:
     assert failed and isinstance(failed[0].error, errors.SendTimeout)  # cut too big: lost
     p.a.endpoint.send(B, b"c" * BIG, now=p.now)  # cut for the base size: it crosses
     _exchange(p, 1300, 5.0, seen)
+    assert p.b.received() == [b"a" * BIG, b"c" * BIG]
+
+
+def test_a_black_hole_recuts_the_messages_not_yet_started() -> None:
+    p = Pair(Config(peer_timeout=30.0, initial_peer_window=40))
+    p.connect()
+    session = p.a.endpoint._peers[B]
+    p.a.endpoint.send(B, b"a" * BIG, now=p.now)
+    seen: list[bytes] = []
+    _exchange(p, 1472, 2.0, seen)
+    assert session.datagram_size == 1472
+    # The path shrinks; a long message holds the queue while the black hole is found,
+    # and the one behind it, cut for 1472 when queued, has not started by then.
+    first = p.a.endpoint.send(B, b"b" * (40 * BIG), now=p.now, timeout=5.0)
+    p.a.endpoint.send(B, b"c" * BIG, now=p.now)
+    waiting = session.sender.queue[-1]
+    assert waiting.fragment_size > 1300
+    _exchange(p, 1300, 8.0, seen)
+    assert session.pmtu.black_holes == 1 and session.datagram_size == 1200
+    assert [e.ticket for e in p.a.of(events.MessageFailed)] == [first]
+    assert waiting.fragment_size < 1200
     assert p.b.received() == [b"a" * BIG, b"c" * BIG]
 
 
