@@ -139,6 +139,7 @@ from .wire import (
     Verdict,
     decode,
     decode_body,
+    decode_bulk,
     encode,
     encode_body,
     fragment_capacity,
@@ -619,6 +620,8 @@ class Endpoint:
         self.datagrams_received += 1
         try:
             packet_number, body = self.security.open(data)
+            if packet_number is None and self._bulk(body, addr, now):
+                return  # the next fragment of a big message, taken without a Packet
             pkt = decode_body(body)
         except SecurityError as refused:
             if not self._auth_failed_reply(data, addr, now):
@@ -699,6 +702,30 @@ class Endpoint:
             return
         if self._closing:
             self._maybe_finish_close(now)
+
+    def _bulk(self, body: bytes | memoryview, addr: Any, now: float) -> bool:
+        """Take ``body`` if it is the next middle fragment of a message the peer at ``addr``
+        is sending us, in the simplest form of DATA (``wire.decode_bulk``): the rest of
+        ``receive_datagram`` for it, without a Packet. False, having changed nothing,
+        for anything else (and always in a keyed mode, whose packet numbers the replay
+        window must see)."""
+        frag = decode_bulk(body)
+        if frag is None or self._departed:
+            return False
+        session = self._peers.get(addr)
+        src = frag[1]
+        if (
+            session is None
+            or session.incarnation != src
+            or frag[2] not in (0, self.incarnation)
+            or (addr, src) in self._ended
+            or not session.on_bulk(frag, now)
+        ):
+            return False
+        self._dirty[addr] = None
+        if self._closing:
+            self._maybe_finish_close(now)
+        return True
 
     def handle_unreachable(
         self,

@@ -137,6 +137,7 @@ from .wire import (
     NOTICE_SIZE,
     PROBE_OVERHEAD,
     SECURITY_OVERHEAD,
+    BulkFragment,
     Flag,
     Kind,
     Packet,
@@ -527,6 +528,35 @@ class PeerSession:
         elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
+
+    def on_bulk(self, frag: BulkFragment, now: float) -> bool:
+        """:meth:`on_packet` for a DATA packet in its simplest form (``wire.decode_bulk``)
+        carrying the next middle fragment of the message being reassembled: the work
+        on_packet does for it, without a Packet or a Fragment. False, having changed
+        nothing, for anything else (the endpoint then decodes it and calls on_packet).
+
+        The endpoint has checked what it checks before on_packet: the packet is
+        from this peer's incarnation, addressed to ours, not replayed.
+        """
+        if self.fence is not None or self.parked >= self.config.receive_backlog:
+            return False
+        ack_now, _, _, seq, base, msg_id, index, count, total_len, payload = frag
+        if not self.receiver.take_middle(
+            seq, base, msg_id, index, count, total_len, payload, now, ack_now
+        ):
+            return False
+        # on_packet's bookkeeping (the packet carries no ack state: no ACK flag)
+        self.cookie = None
+        self.last_heard = now
+        self.heard = True
+        self.unreachable = False
+        self.probe_backoff = 0
+        self.packets_received += 1
+        size = FRAGMENT_OVERHEAD + len(payload)
+        average = self.record_average
+        self.record_average = average + (size - average) / 8 if average else size
+        self._update_wait(now)
+        return True
 
     def _recut(self) -> None:
         """The path's datagram size changed: cut the queued messages that have not started

@@ -320,6 +320,65 @@ class ReceiveStream:
             self.ack_deadline = now + self.max_ack_delay
         return delivered
 
+    def take_middle(
+        self,
+        seq_w: int,
+        base_w: int,
+        msg_id: int,
+        index: int,
+        count: int,
+        total_len: int,
+        payload: bytes | memoryview,
+        now: float,
+        ack_now: bool,
+    ) -> bool:
+        """:meth:`on_fragment` for the commonest fragment of all (wire values), if it is one:
+        the next in sequence, in the middle of the message being reassembled (not its
+        last), nothing out of order, no notice owed. Returns False, having changed
+        nothing, for any other; the caller then builds the fragment and calls
+        ``on_fragment``, which does exactly what this does for this case.
+
+        (The session has checked the rest of on_fragment's preconditions: there is
+        room, and the packet counts as a datagram of its own.)
+        """
+        expected = self.expected
+        partial = self.partial
+        if (
+            expected is None
+            or partial is None
+            or partial.rejected is not None
+            or self.ooo
+            or self.notices
+            or (seq_w - expected) & _SERIAL_MASK  # (not the one expected)
+        ):
+            return False
+        delta = (base_w - expected) & _SERIAL_MASK
+        if delta and delta < _SERIAL_HALF:
+            return False  # base > seq: malformed, for on_fragment to count
+        if (
+            index != partial.next_index
+            or index + 1 >= partial.count
+            or count != partial.count
+            or total_len != partial.total_len
+            or msg_id != partial.wire_id
+            or partial.size + len(payload) > total_len
+        ):
+            return False
+        partial.next_index = index + 1
+        partial.chunks.append(payload)
+        partial.size += len(payload)
+        self.expected = expected + 1
+        self.ack_pending += 1
+        if self.first_unacked_time is None:
+            self.first_unacked_time = now
+        if self.ack_pending >= self.ack_every:
+            self.ack_now = True
+        elif ack_now:
+            self.ack_requested = True
+        elif self.ack_deadline is None:
+            self.ack_deadline = now + self.max_ack_delay
+        return True
+
     def skip_to(self, base: int) -> list[Delivery]:
         """The sender gave up on everything below ``base`` (a group stream's GSYNC says so).
 

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliable import wire
@@ -320,3 +320,96 @@ def test_encode_session_writes_what_encode_body_does(
     anywhere = any(f.nested for f in frags)
     expected = tuple(dataclasses.replace(f, nested=anywhere) for f in frags)
     assert decode(wire.with_crc(fast)).fragments == expected
+
+
+def _bulk_view(pkt: Packet) -> wire.BulkFragment | None:
+    """What decode_bulk must return for a decoded packet: its fields if the packet is in
+    the simplest form of DATA (one default-mailbox fragment of at least half the body,
+    no ack section, cookie or flags but ACK_NOW), else None."""
+    frag = pkt.fragment
+    if (
+        pkt.kind != Kind.DATA
+        or frag is None
+        or pkt.bundle
+        or frag.mailbox
+        or frag.control
+        or frag.nested
+        or pkt.flags & ~Flag.ACK_NOW
+        or pkt.cookie is not None
+        or pkt.sacks
+        or pkt.notices
+        or not isinstance(frag.payload, memoryview)
+    ):
+        return None
+    return (
+        bool(pkt.flags & Flag.ACK_NOW),
+        pkt.src_incarnation,
+        pkt.dst_incarnation,
+        frag.seq,
+        frag.base,
+        frag.msg_id,
+        frag.index,
+        frag.count,
+        frag.total_len,
+        frag.payload,
+    )
+
+
+@st.composite
+def bulk_bodies(draw: st.DrawFn) -> bytes:
+    """A big message's DATA body, often as the sender makes it, sometimes mangled."""
+    payload = draw(st.binary(min_size=70, max_size=300) | st.binary(max_size=70))
+    total = draw(st.integers(len(payload), len(payload) + 10_000))
+    count = draw(st.integers(1, max(1, total)))
+    frag = Fragment(
+        seq=draw(u32),
+        base=draw(u32),
+        msg_id=draw(u32),
+        index=draw(st.integers(0, count - 1)),
+        count=count,
+        total_len=total,
+        msg_type=0,
+        priority=draw(st.integers(0, 3)),
+        mailbox=draw(st.sampled_from(["", "", "", "box"])),
+        payload=payload,
+    )
+    body = wire.encode_body(
+        Packet(
+            kind=Kind.DATA,
+            flags=draw(st.sampled_from([0, 0, Flag.ACK_NOW, Flag.ACK])),
+            src_incarnation=draw(st.integers(1, 2**64 - 1)),
+            dst_incarnation=draw(st.integers(0, 2**64 - 1)),
+            cookie=draw(st.none() | st.just(bytes(16))),
+            fragment=frag,
+            bundle=tuple(draw(st.lists(st.just(frag), max_size=1))),
+        )
+    )
+    for at, value in draw(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 255)), max_size=2)):
+        if at < len(body):
+            body = body[:at] + bytes([value]) + body[at + 1 :]
+    return body
+
+
+@settings(max_examples=300)
+@given(bulk_bodies(), st.booleans())
+def test_decode_bulk_reads_what_decode_body_reads_or_declines(body: bytes, view: bool) -> None:
+    """The receive fast path's decoder accepts exactly the simplest DATA packets, and reads
+    them as the general decoder does; anything else it leaves to decode_body."""
+    data: bytes | memoryview = memoryview(body) if view else body
+    try:
+        pkt = wire.decode_body(data)
+    except MalformedPacket:
+        assert wire.decode_bulk(data) is None  # malformed: never taken
+        return
+    fast = wire.decode_bulk(data)
+    assert fast == _bulk_view(pkt)
+    if fast is not None:
+        assert isinstance(fast[-1], memoryview) and fast[-1].readonly
+
+
+def test_decode_bulk_takes_a_big_messages_datagram() -> None:
+    frag = _data(index=3, count=10, total_len=10_000, payload=bytes(1000), mailbox="")
+    body = wire.encode_body(Packet(kind=Kind.DATA, src_incarnation=7, fragment=frag))
+    fast = wire.decode_bulk(body)
+    assert fast is not None and fast[:9] == (False, 7, 0, 1, 1, 0, 3, 10, 10_000)
+    assert bytes(fast[9]) == bytes(1000)
