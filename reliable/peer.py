@@ -860,9 +860,9 @@ class PeerSession:
                 step = sender.next_datagram(now, budget)
                 if step is None:
                     break
-                fragments, retransmission = step
+                records, record_flags, retransmission = step
                 more = sender.can_send()
-                flags = ack_flag | (_ACK_NOW if retransmission or not more else 0)
+                flags = ack_flag | record_flags | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
                     encode_session(
                         _DATA,
@@ -875,7 +875,8 @@ class PeerSession:
                         ack.sacks,
                         ack.notices,
                         self.cookie,
-                        fragments,
+                        None,
+                        records,
                     )
                 )
                 if not more or first_contact:

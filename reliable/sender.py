@@ -115,7 +115,7 @@ from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .fate import TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
-from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Fragment, record_size, unwrap
+from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Flag, pack_record, record_size, unwrap
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -137,6 +137,8 @@ _SERIAL_MASK = _SERIAL_MOD - 1
 #: Of every this many application fragments, at least one belongs to the oldest queued
 #: message (the weighted share that keeps priority from starving it).
 PRIORITY_SHARE = 8
+_CONTROL = int(Flag.CONTROL)
+_NESTED = int(Flag.NESTED)
 
 
 @dataclass(slots=True, eq=False)
@@ -163,11 +165,13 @@ class OutgoingMessage:
     fate: Fate = Fate.SENDING
     staged: bool = False  #: parked while a durable mailbox commits it (it had room)
     mailbox_bytes: int = field(init=False, default=0)  #: the mailbox name's UTF-8 length
+    mailbox_raw: bytes = field(init=False, default=b"")  #: the mailbox name in UTF-8
     #: a view of ``data``, made at its first slice: fragments are cut from it without copies
     view: memoryview | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.mailbox_bytes = len(self.mailbox.encode("utf-8"))
+        self.mailbox_raw = self.mailbox.encode("utf-8")
+        self.mailbox_bytes = len(self.mailbox_raw)
 
     def record_bytes(self, index: int) -> int:
         """Bytes fragment ``index`` takes in a DATA body."""
@@ -450,18 +454,24 @@ class SendStream:
 
     # ---------------------------------------------------------------- sending
 
-    def next_datagram(self, now: float, budget: int) -> tuple[list[Fragment], bool] | None:
-        """The fragments of the next DATA datagram, and whether any is a retransmission.
+    def next_datagram(
+        self, now: float, budget: int
+    ) -> tuple[list[bytes | memoryview], int, bool] | None:
+        """The next DATA datagram's fragment records, packed (``wire.pack_record``), the
+        flags they call for (``CONTROL``, ``NESTED``), and whether any is a
+        retransmission.
 
         The first fragment goes whatever its size; more follow, in order, while
         their records fit in ``budget`` bytes and share the first's control flag
         (control and application fragments never share a datagram).
         """
-        step = self._next_fragment(now, None, False)
+        records: list[bytes | memoryview] = []
+        step = self._next_fragment(now, None, False, records)
         if step is None:
             return None
-        first, retransmission, pkt = step
-        fragments = [first]
+        retransmission, pkt = step
+        control = pkt.message.control
+        nested = pkt.nested
         packets = [pkt]
         used = pkt.size
         # A probe's packets go in datagrams of their own: bundled, one loss would
@@ -473,11 +483,11 @@ class SendStream:
         if not alone and self._next_record_too_big(pkt, budget - used, retransmission):
             alone = True
         while not alone:
-            step = self._next_fragment(now, budget - used, first.control)
+            step = self._next_fragment(now, budget - used, control, records)
             if step is None:
                 break
-            fragment, again, pkt = step
-            fragments.append(fragment)
+            again, pkt = step
+            nested = nested or pkt.nested
             packets.append(pkt)
             retransmission = retransmission or again
             used += pkt.size
@@ -485,7 +495,10 @@ class SendStream:
         for pkt in packets:
             pkt.datagram_size = size
         self.datagrams_sent += 1
-        return fragments, retransmission
+        flags = _CONTROL if control else 0
+        if nested:
+            flags |= _NESTED
+        return records, flags, retransmission
 
     def _next_record_too_big(self, pkt: SentPacket, room: int, retransmission: bool) -> bool:
         """Whether no record can follow ``pkt`` in ``room`` bytes, known without the search.
@@ -510,9 +523,10 @@ class SendStream:
         return FRAGMENT_OVERHEAD + msg.mailbox_bytes + length > room
 
     def _next_fragment(
-        self, now: float, room: int | None, control: bool
-    ) -> tuple[Fragment, bool, SentPacket] | None:
-        """The next fragment to transmit, whether it is a retransmission, and its packet.
+        self, now: float, room: int | None, control: bool, records: list[bytes | memoryview]
+    ) -> tuple[bool, SentPacket] | None:
+        """Transmit the next fragment: its record goes on ``records``; returns whether it
+        is a retransmission, and its packet.
 
         With ``room``, only one whose record fits in that many bytes and whose
         control flag is ``control``. Returns ``None``, changing nothing, when
@@ -535,7 +549,8 @@ class SendStream:
             else:
                 self.retransmissions += 1
             self._transmit(pkt, now)
-            return self._fragment(pkt), True, pkt
+            self._record(pkt, records)
+            return True, pkt
         msg = self._next_message()
         if msg is None:
             held = self._base_untold() if room is None else None
@@ -554,7 +569,8 @@ class SendStream:
             if pkt.seq < self.low:
                 self.low = pkt.seq
             self._transmit(pkt, now)
-            return self._fragment(pkt), True, pkt
+            self._record(pkt, records)
+            return True, pkt
         index = msg.next_index
         if msg.count == 1:
             # One fragment: the whole message, no slicing (the common small message).
@@ -591,11 +607,10 @@ class SendStream:
         msg.last_seq = seq
         msg.next_index = index + 1
         msg.transmissions += 1
-        nested = False
         if not msg.control:
             current = self.current
             if current is not None and current is not msg:
-                pkt.nested = nested = True
+                pkt.nested = True
             self.passed = 0 if msg is self.queue[0] else self.passed + 1
             if index + 1 == msg.count:
                 self._unqueue(msg)
@@ -616,21 +631,20 @@ class SendStream:
         while base not in unacked:
             base += 1
         self.low = base
-        fragment = Fragment(
-            seq=seq,
-            base=base,
-            msg_id=msg.msg_id,
-            index=index,
-            count=msg.count,
-            total_len=len(msg.data),
-            msg_type=msg.msg_type,
-            priority=msg.priority,
-            mailbox=msg.mailbox,
-            payload=payload,
-            control=msg.control,
-            nested=nested,
+        pack_record(
+            records,
+            seq,
+            base,
+            msg.msg_id,
+            index,
+            msg.count,
+            len(msg.data),
+            msg.msg_type,
+            msg.priority,
+            msg.mailbox_raw,
+            payload,
         )
-        return fragment, False, pkt
+        return False, pkt
 
     def _use_window(self) -> None:
         if self.in_flight_bytes >= self.cc.window:
@@ -676,21 +690,21 @@ class SendStream:
         self.last_send_time = now
         self.packets_sent += 1
 
-    def _fragment(self, pkt: SentPacket) -> Fragment:
+    def _record(self, pkt: SentPacket, records: list[bytes | memoryview]) -> None:
+        """``pkt``'s record again (a retransmission), carrying today's base."""
         msg = pkt.message
-        return Fragment(
-            seq=pkt.seq,
-            base=self.base,
-            msg_id=msg.msg_id,
-            index=pkt.index,
-            count=msg.count,
-            total_len=len(msg.data),
-            msg_type=msg.msg_type,
-            priority=msg.priority,
-            mailbox=msg.mailbox,
-            payload=msg.fragment_payload(pkt.index),
-            control=msg.control,
-            nested=pkt.nested,
+        pack_record(
+            records,
+            pkt.seq,
+            self.base,
+            msg.msg_id,
+            pkt.index,
+            msg.count,
+            len(msg.data),
+            msg.msg_type,
+            msg.priority,
+            msg.mailbox_raw,
+            msg.fragment_payload(pkt.index),
         )
 
     # ------------------------------------------------------- acknowledgements

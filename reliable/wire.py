@@ -73,6 +73,7 @@ __all__ = [
     "encode",
     "encode_body",
     "encode_session",
+    "pack_record",
     "data_budget",
     "encoded_size",
     "fragment_capacity",
@@ -480,12 +481,16 @@ def encode_session(
     notices: tuple[tuple[int, int], ...],
     cookie: bytes | None,
     fragments: list[Fragment] | None = None,
+    records: list[bytes | memoryview] | None = None,
 ) -> bytes:
     """What ``encode_body`` makes of a session's DATA or ack-bearing control packet
     (ACK, PING, CLOSE), from its fields, without building and checking a
     :class:`Packet`: the per-datagram path of a peer session, whose fields are its
     own (in range by construction). ``flags`` holds only ``ACK_NOW`` and ``ACK``;
     ``CONTROL``, ``NESTED`` and ``COOKIE`` are set here from the fragments and cookie.
+
+    ``records`` instead of ``fragments``: the fragment records already packed
+    (:func:`pack_record`); ``flags`` then carries their ``CONTROL`` and ``NESTED``.
     """
     if fragments:
         if fragments[0].control:
@@ -517,6 +522,8 @@ def encode_session(
         parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
     for msg_id, reason in notices:
         parts.append(_NOTICE.pack(msg_id & _SERIAL_MASK, reason))
+    if records:
+        parts += records
     if fragments:
         pack = _FRAGMENT.pack
         payload_len = _PAYLOAD_LEN.pack
@@ -541,6 +548,61 @@ def encode_session(
             parts.append(payload_len(len(payload)))
             parts.append(payload)
     return b"".join(parts)
+
+
+#: A fragment record's header and payload length together, when the mailbox name is empty.
+_RECORD_HEAD = struct.Struct("!IIIIIIiHBH")
+
+
+def pack_record(
+    parts: list[bytes | memoryview],
+    seq: int,
+    base: int,
+    msg_id: int,
+    index: int,
+    count: int,
+    total_len: int,
+    msg_type: int,
+    priority: int,
+    mailbox: bytes,
+    payload: bytes | memoryview,
+) -> None:
+    """Append one fragment record, from its fields (unbounded sequence numbers are
+    sent mod 2**32), to ``parts``: what ``encode_session`` writes for a
+    :class:`Fragment`, without building one (a sender's per-fragment path).
+    ``mailbox`` is the name in UTF-8, at most :data:`MAX_MAILBOX_BYTES`."""
+    if mailbox:
+        parts.append(
+            _FRAGMENT.pack(
+                seq & _SERIAL_MASK,
+                base & _SERIAL_MASK,
+                msg_id & _SERIAL_MASK,
+                index,
+                count,
+                total_len,
+                msg_type,
+                priority,
+                len(mailbox),
+            )
+        )
+        parts.append(mailbox)
+        parts.append(_PAYLOAD_LEN.pack(len(payload)))
+    else:
+        parts.append(
+            _RECORD_HEAD.pack(
+                seq & _SERIAL_MASK,
+                base & _SERIAL_MASK,
+                msg_id & _SERIAL_MASK,
+                index,
+                count,
+                total_len,
+                msg_type,
+                priority,
+                0,
+                len(payload),
+            )
+        )
+    parts.append(payload)
 
 
 def _encode_fragment(frag: Fragment, parts: list[bytes | memoryview]) -> None:

@@ -413,3 +413,26 @@ def test_decode_bulk_takes_a_big_messages_datagram() -> None:
     fast = wire.decode_bulk(body)
     assert fast is not None and fast[:9] == (False, 7, 0, 1, 1, 0, 3, 10, 10_000)
     assert bytes(fast[9]) == bytes(1000)
+
+
+@given(st.lists(fragments(), min_size=1, max_size=3), st.sampled_from([0, int(Flag.ACK_NOW)]))
+def test_packed_records_encode_as_the_fragments_do(frags: list[Fragment], flags: int) -> None:
+    """A sender's records (pack_record, with unbounded sequence numbers) are the bytes
+    encode_session writes for the same fragments."""
+    records: list[bytes | memoryview] = []
+    for f in frags:
+        wire.pack_record(
+            records,
+            f.seq + 2**32,  # unbounded, as a session numbers them: sent mod 2**32
+            f.base,
+            f.msg_id + 2**33,
+            f.index,
+            f.count,
+            f.total_len,
+            f.msg_type,
+            f.priority,
+            f.mailbox.encode(),
+            f.payload,
+        )
+    head = (Kind.DATA, flags, 9, 1, 2, 3, 4, (), (), None)
+    assert wire.encode_session(*head, None, records) == wire.encode_session(*head, frags)
