@@ -169,9 +169,11 @@ _ACK_NOW = int(Flag.ACK_NOW)
 _NEVER = float("-inf")
 _DATA = int(Kind.DATA)
 # (the per-packet paths compare plain ints: an enum member's lookup costs about 0.2 us)
-_ACK_KIND, _PING, _PROBE, _PROBE_ACK, _DROPPED = (
-    int(k) for k in (Kind.ACK, Kind.PING, Kind.PROBE, Kind.PROBE_ACK, Kind.DROPPED)
-)
+_ACK_KIND = int(Kind.ACK)
+_PING = int(Kind.PING)
+_PROBE = int(Kind.PROBE)
+_PROBE_ACK = int(Kind.PROBE_ACK)
+_DROPPED = int(Kind.DROPPED)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
