@@ -278,6 +278,9 @@ class PeerSession:
         self.pmtu = PathMtu(self.datagram_size, None if known else config.pmtu_max)
         self.probe_answers: list[int] = []  # PROBE numbers the peer sent us, to answer
         self.bulk = False  # sent a message of several datagrams: discovery pays off now
+        #: whether DATA may take on_bulk, the fast path (tests turn it off to compare)
+        self.bulk_path = True
+        self.bulk_taken = 0  # DATA packets that took it
         self._emit = emit
         self._on_finished = on_finished
         self.incarnation: int | None = None
@@ -540,7 +543,11 @@ class PeerSession:
         The endpoint has checked what it checks before on_packet: the packet is
         from this peer's incarnation, addressed to ours, not replayed.
         """
-        if self.fence is not None or self.parked >= self.config.receive_backlog:
+        if (
+            not self.bulk_path
+            or self.fence is not None
+            or self.parked >= self.config.receive_backlog
+        ):
             return False
         ack_now, _, _, seq, base, msg_id, index, count, total_len, payload = frag
         if not self.receiver.take_middle(
@@ -558,6 +565,7 @@ class PeerSession:
         average = self.record_average
         self.record_average = average + (size - average) / 8 if average else size
         self._update_wait(now)
+        self.bulk_taken += 1
         return True
 
     def _recut(self) -> None:
