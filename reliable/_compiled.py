@@ -55,6 +55,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.endpoint",
     "reliable.events",
     "reliable.fate",
+    "reliable.gate",
     "reliable.group_member",
     "reliable.group_sender",
     "reliable.groups",

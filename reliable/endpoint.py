@@ -76,8 +76,6 @@ challenges and closing. ``reliable.peer`` logs restarts and unreachable peers.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -107,6 +105,7 @@ from .control import (
     decode_control,
 )
 from .durable import DurableLog, MailboxStore, WriteBatch
+from .gate import Gate
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
@@ -115,10 +114,7 @@ from .peer import PeerSession, Resumption, Withdrawal
 from .receiver import Delivery, MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
-    BAD_TAG,
     REFUSAL_TEXT,
-    UNSEALED,
-    WRONG_MODE,
     Integrity,
     Security,
     SecurityError,
@@ -139,7 +135,6 @@ from .wire import (
     Verdict,
     decode,
     decode_body,
-    encode,
     encode_body,
     fragment_capacity,
 )
@@ -155,11 +150,7 @@ _log = logging.getLogger(__name__)
 Buffer = object  #: bytes, bytearray or memoryview; anything else is a UsageError
 Integer = object  #: an int, not a bool; anything else is a UsageError
 
-_RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
-_RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
-_COOKIE_LIFETIME = 30.0  # seconds a CHALLENGE's cookie stays valid (two buckets)
-_AMPLIFICATION = 3  # an unvalidated address never gets a reply over 3x its datagram
 _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
 _WIRE_ID_MASK = 0xFFFFFFFF
 DEFAULT_MAILBOX = ""
@@ -285,15 +276,10 @@ class Endpoint:
             self.incarnation = secrets.randbits(64) or 1
         else:
             self.incarnation = self._rng.getrandbits(64) or 1
-        # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
-        self._cookie_key = self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16)
         self._packet_number = 0
         #: fragment_capacity by (datagram size, mailbox): asked on every send
         self._capacities: dict[tuple[int, str], int] = {}
         self._receive_budget = MemoryBudget(self.config.receive_memory)
-        self._challenge_budget = float(self.config.max_challenges_per_second)
-        self._challenge_clock = 0.0
-        self.challenges_sent = 0
         self._departed_retransmissions = 0
         self._departed_duplicates = 0
         self._departed_forged_acks = 0
@@ -304,7 +290,6 @@ class Endpoint:
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
-        self._reset_sent: OrderedDict[Any, float] = OrderedDict()
         self._control: list[tuple[bytes, Any]] = []
         self._next_ticket = 1
         self._buffered = 0
@@ -324,6 +309,15 @@ class Endpoint:
         self._next_owner = 1
         self._handoffs = 0  # messages handed straight to a waiting receiver
         self._next_query = 1
+        self._gate = Gate(
+            self.incarnation,
+            # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
+            self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16),
+            self.config.max_challenges_per_second,
+            seal=self._seal,
+            queue=self._queue_loose,
+            drop=self._drop,
+        )
         self._groups = Groups(
             self.config,
             self._rng,
@@ -340,8 +334,8 @@ class Endpoint:
             self.incarnation,
             emit=self._emit,
             drop=self._drop,
-            issue_cookie=self._issue_cookie,
-            cookie_valid=self._cookie_valid,
+            issue_cookie=self._gate.issue_cookie,
+            cookie_valid=self._gate.cookie_valid,
         )
         self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
@@ -540,6 +534,11 @@ class Endpoint:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def challenges_sent(self) -> int:
+        """Address-validation challenges sent to new addresses (see :mod:`reliable.gate`)."""
+        return self._gate.challenges_sent
+
     def set_receive_buffer(self, nbytes: int | None) -> None:
         """Tell the core how many bytes the socket's kernel receive buffer holds.
 
@@ -620,7 +619,7 @@ class Endpoint:
             if not self._auth_failed_reply(data, addr, now):
                 self._drop(refused.reason)
                 if refused.refusal:
-                    self._refuse(data, addr, refused.refusal, now)
+                    self._gate.refuse(data, addr, refused.refusal, now)
             return
         except MalformedPacket as malformed:
             self._drop("malformed." + malformed.reason)
@@ -640,7 +639,7 @@ class Endpoint:
         if pkt.dst_incarnation not in (0, self.incarnation):
             self._drop("stale_incarnation")
             if pkt.kind not in (Kind.RESET, Kind.CLOSE):
-                self._send_reset(addr, pkt.src_incarnation, now, len(data))
+                self._gate.reset(addr, pkt.src_incarnation, now, len(data))
             return
         if (addr, pkt.src_incarnation) in self._ended:
             self._drop("dead_incarnation")
@@ -650,9 +649,9 @@ class Endpoint:
             if pkt.kind not in (Kind.DATA, Kind.PING):
                 self._drop("unknown_peer")
                 return
-            if self.config.validate_addresses and not self._cookie_valid(pkt, addr, now):
+            if self.config.validate_addresses and not self._gate.cookie_valid(pkt, addr, now):
                 self._drop("unvalidated")
-                self._challenge(pkt, addr, len(data), now)
+                self._gate.challenge(pkt, addr, len(data), now)
                 return
             # Only a validated address may evict: spoofed sources must not push live peers out.
             if len(self._peers) >= self.config.max_peers and not self._evict_idle(now):
@@ -854,7 +853,7 @@ class Endpoint:
             mailbox_memory=self.config.mailbox_memory,
             receive_bytes=self._receive_budget.used,
             receive_memory=self._receive_budget.limit,
-            challenges_sent=self.challenges_sent,
+            challenges_sent=self._gate.challenges_sent,
             departed_retransmissions=self._departed_retransmissions,
             departed_duplicates=self._departed_duplicates,
             sessions_dropped=dict(self.sessions_dropped),
@@ -2064,81 +2063,14 @@ class Endpoint:
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def _queue_loose(self, datagram: bytes, addr: Any) -> None:
+        """Send ``datagram`` outside any session (a reply from the gate, a farewell)."""
+        self._control.append((datagram, addr))
+
     def _remember_ended(self, addr: Any, incarnation: int) -> None:
         self._ended[(addr, incarnation)] = None
         while len(self._ended) > self.config.remembered_incarnations:
             self._ended.popitem(last=False)
-
-    def _may_answer(self, addr: Any, now: float) -> bool:
-        """Rate limit for unsolicited replies (RESET, AUTH_FAILED): one per interval per address."""
-        last = self._reset_sent.get(addr)
-        if last is not None and now - last < _RESET_INTERVAL:
-            return False
-        self._reset_sent[addr] = now
-        self._reset_sent.move_to_end(addr)
-        while len(self._reset_sent) > _RESET_MEMORY:
-            self._reset_sent.popitem(last=False)
-        return True
-
-    def _answer(self, reply: bytes, addr: Any, received: int) -> bool:
-        """Queue a reply to an address we have not validated, within the amplification bound."""
-        if len(reply) > _AMPLIFICATION * received:
-            self._drop("amplification_limited")
-            return False
-        self._control.append((reply, addr))
-        return True
-
-    def _send_reset(self, addr: Any, their_incarnation: int, now: float, received: int) -> None:
-        if not self._may_answer(addr, now):
-            return
-        pkt = Packet(
-            kind=Kind.RESET, src_incarnation=self.incarnation, dst_incarnation=their_incarnation
-        )
-        self._answer(self._seal(encode_body(pkt)), addr, received)
-
-    # ------------------------------------------------------- address validation
-
-    def _cookie(self, addr: Any, incarnation: int, bucket: int) -> bytes:
-        material = repr(addr).encode() + incarnation.to_bytes(8, "big")
-        material += bucket.to_bytes(8, "big", signed=True)
-        return hashlib.blake2b(material, key=self._cookie_key, digest_size=16).digest()
-
-    def _issue_cookie(self, addr: Any, incarnation: int, now: float) -> bytes:
-        return self._cookie(addr, incarnation, math.floor(now / _COOKIE_LIFETIME))
-
-    def _cookie_valid(self, pkt: Packet, addr: Any, now: float) -> bool:
-        """A cookie we issued to this address and incarnation within the last lifetime or two.
-
-        Stateless: the cookie is a MAC of what it vouches for, so a flood of
-        spoofed sources costs no memory.
-        """
-        if pkt.cookie is None:
-            return False
-        bucket = math.floor(now / _COOKIE_LIFETIME)
-        return any(
-            hmac.compare_digest(pkt.cookie, self._cookie(addr, pkt.src_incarnation, b))
-            for b in (bucket, bucket - 1)
-        )
-
-    def _challenge(self, pkt: Packet, addr: Any, received: int, now: float) -> None:
-        rate = self.config.max_challenges_per_second
-        elapsed = max(0.0, now - self._challenge_clock)
-        self._challenge_budget = min(float(rate), self._challenge_budget + elapsed * rate)
-        self._challenge_clock = now
-        if self._challenge_budget < 1:
-            self._drop("challenge_limited")
-            return
-        self._challenge_budget -= 1
-        cookie = self._cookie(addr, pkt.src_incarnation, math.floor(now / _COOKIE_LIFETIME))
-        challenge = Packet(
-            kind=Kind.CHALLENGE,
-            src_incarnation=self.incarnation,
-            dst_incarnation=pkt.src_incarnation,
-            cookie=cookie,
-        )
-        if self._answer(self._seal(encode_body(challenge)), addr, received):
-            self.challenges_sent += 1
-            _log.debug("challenged %s to prove its address", errors.format_address(addr))
 
     def _challenged(self, pkt: Packet, addr: Any, now: float) -> None:
         """The peer wants our address proven: echo its cookie from now on."""
@@ -2150,31 +2082,6 @@ class Endpoint:
         self._dirty[addr] = None
 
     # ------------------------------------------------------ security refusals
-
-    def _refuse(self, data: bytes, addr: Any, refusal: int, now: float) -> None:
-        """Tell the sender its datagram failed our security check, so it fails fast.
-
-        Unsealed (it may not share our key), echoing the incarnation it
-        claimed so that an off-path attacker cannot forge one, rate-limited
-        and never larger than a small multiple of what it answers.
-        """
-        if len(data) < 16 or data[3] == Kind.AUTH_FAILED:
-            return
-        their = int.from_bytes(data[8:16], "big")
-        if their == 0 or not self._may_answer(addr, now):
-            return
-        reply = Packet(
-            kind=Kind.AUTH_FAILED,
-            src_incarnation=self.incarnation,
-            dst_incarnation=their,
-            refusal=refusal,
-        )
-        if self._answer(encode(reply), addr, len(data)):
-            _log.info(
-                "refused a datagram from %s (%s); told it with AUTH_FAILED",
-                errors.format_address(addr),
-                _REFUSAL_REASON.get(refusal, "failed the security check"),
-            )
 
     def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
         """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
@@ -2290,11 +2197,6 @@ class Endpoint:
         self._emit(events.Closed())
 
 
-_REFUSAL_REASON = {
-    BAD_TAG: "its tag does not verify: our keys differ",
-    UNSEALED: "it is unsealed and this node requires security",
-    WRONG_MODE: "it uses a different security mode",
-}
 _VERDICT_TEXT = {
     Verdict.NO_MAILBOX: "no such mailbox",
     Verdict.MAILBOX_CLOSED: "the mailbox is closed",
