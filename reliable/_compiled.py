@@ -54,6 +54,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.control",
     "reliable.endpoint",
     "reliable.events",
+    "reliable.failover",
     "reliable.fate",
     "reliable.gate",
     "reliable.group_member",

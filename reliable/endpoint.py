@@ -105,6 +105,7 @@ from .control import (
     decode_control,
 )
 from .durable import DurableLog, MailboxStore, WriteBatch
+from .failover import ANYCAST_POLICIES, Anycast, Failover
 from .gate import Gate
 from .groups import Groups
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
@@ -172,61 +173,6 @@ _HOOKED_EVENTS = frozenset(
     if isinstance(cls, type)
     and issubclass(cls, (events.GroupSendDone, events.PeerUnreachable, *_REMOTE_EVENTS))
 )
-#: Failures after which an anycast message is tried on another member.
-_FAILOVER_ERRORS = (
-    errors.PeerUnreachable,
-    errors.PeerClosed,
-    errors.PeerRestarted,
-    errors.MessageRejected,
-    errors.AuthenticationFailed,
-)
-ANYCAST_POLICIES = ("round-robin", "lowest-rtt")
-
-
-class _Anycast:
-    """One anycast send: the application's ticket and the members tried so far."""
-
-    __slots__ = (
-        "cancelled",
-        "data",
-        "deadline",
-        "inner",
-        "mailbox",
-        "maybe_delivered",
-        "member",
-        "msg_type",
-        "policy",
-        "priority",
-        "service",
-        "ticket",
-        "tried",
-    )
-
-    def __init__(
-        self,
-        ticket: int,
-        service: ServiceAddress,
-        data: bytes,
-        msg_type: int,
-        priority: int,
-        deadline: float | None,
-        policy: str,
-    ) -> None:
-        self.ticket = ticket
-        self.service = service.service
-        self.mailbox = service.mailbox
-        self.data = data
-        self.msg_type = msg_type
-        self.priority = priority
-        self.deadline = deadline
-        self.policy = policy
-        self.member: Any = None
-        self.inner = 0  #: the unicast ticket of the attempt in progress
-        self.cancelled = False  #: the application withdrew it: no failover
-        self.maybe_delivered = False  #: some member tried may have it
-        self.tried: list[tuple[Any, str]] = []
-
-
 #: The CRC-32 trailer (wire.with_crc), packed inline for unsealed datagrams.
 _CRC = struct.Struct("!I")
 
@@ -337,7 +283,10 @@ class Endpoint:
             issue_cookie=self._gate.issue_cookie,
             cookie_valid=self._gate.cookie_valid,
         )
-        self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
+        self._failover = Failover(
+            send=self.send, choose=self._services.choose, rtt=self._srtt, report=self._events.append
+        )
+        self._anycast = self._failover.attempts  # the same dict: one lookup per event
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
@@ -459,14 +408,11 @@ class Endpoint:
         Whatever the answer, the ticket gets exactly one outcome event.
         """
         self._now = now
-        for attempt in self._anycast.values():
-            if attempt.ticket == ticket:
-                attempt.cancelled = True
-                ticket = attempt.inner
-                break
-        else:
-            if ticket in self._group_tickets:
-                return Withdrawal.CONTINUES
+        inner = self._failover.withdraw(ticket) if self._anycast else None
+        if inner is not None:
+            ticket = inner
+        elif ticket in self._group_tickets:
+            return Withdrawal.CONTINUES
         entry = self._outgoing.get(ticket)
         if entry is None:
             return Withdrawal.UNKNOWN
@@ -1471,13 +1417,9 @@ class Endpoint:
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=service.mailbox)
         check_timeout(timeout, "timeout")
         self._check_room(len(data))
-        member = self._services.choose(
-            service.service, policy=policy, exclude=set(), rtt=self._srtt
-        )
-        if member is None:
-            raise errors.NoServiceMember(service.service)
+        member = self._failover.first_member(service.service, policy)
         self._now = now
-        attempt = _Anycast(
+        attempt = Anycast(
             self._next_ticket,
             service,
             data,
@@ -1487,57 +1429,8 @@ class Endpoint:
             policy,
         )
         self._next_ticket += 1
-        self._anycast_to(attempt, member, now)
+        self._failover.start(attempt, member, now)
         return attempt.ticket
-
-    def _anycast_to(self, attempt: _Anycast, member: Any, now: float) -> None:
-        inner = self.send(
-            member,
-            attempt.data,
-            now=now,
-            msg_type=attempt.msg_type,
-            priority=attempt.priority,
-            mailbox=attempt.mailbox,
-            deadline=attempt.deadline,
-        )
-        attempt.member = member
-        attempt.inner = inner
-        self._anycast[inner] = attempt
-
-    def _anycast_outcome(
-        self, attempt: _Anycast, event: events.MessageDelivered | events.MessageFailed
-    ) -> None:
-        if isinstance(event, events.MessageDelivered):
-            failovers = tuple(attempt.tried)
-            self._events.append(replace(event, ticket=attempt.ticket, failovers=failovers))
-            return
-        error = event.error
-        if not isinstance(error, _FAILOVER_ERRORS):
-            self._events.append(replace(event, ticket=attempt.ticket))
-            return
-        attempt.tried.append((attempt.member, _short_reason(error)))
-        attempt.maybe_delivered = attempt.maybe_delivered or error.delivered is None
-        now = self._now
-        tried = {m for m, _ in attempt.tried}
-        member = None
-        if not attempt.cancelled and (attempt.deadline is None or now < attempt.deadline):
-            member = self._services.choose(
-                attempt.service, policy=attempt.policy, exclude=tried, rtt=self._srtt
-            )
-        if member is not None and not self._closing:
-            try:
-                self._anycast_to(attempt, member, now)
-                return
-            except errors.ReliableError:
-                pass  # no room now: report the failure rather than hold it
-        failure = errors.NoServiceMember(
-            attempt.service,
-            tuple(attempt.tried),
-            delivered=None if attempt.maybe_delivered else False,
-        )
-        self._events.append(
-            events.MessageFailed(ticket=attempt.ticket, peer=failure.peer, error=failure)
-        )
 
     def _srtt(self, member: Any) -> float | None:
         session = self._peers.get(member)
@@ -2013,7 +1906,7 @@ class Endpoint:
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
             if attempt is not None:
-                self._anycast_outcome(attempt, event)
+                self._failover.outcome(attempt, event, self._now, self._closing)
                 return
         if isinstance(event, _REMOTE_EVENTS):
             if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
@@ -2214,19 +2107,6 @@ def _log_refusal(source: Any, mailbox: str, size: int, verdict: Verdict) -> None
             mailbox,
             _VERDICT_TEXT.get(verdict, verdict.name.lower()),
         )
-
-
-def _short_reason(error: errors.DeliveryFailed) -> str:
-    """A failure as one word or two, for anycast receipts (``failovers``)."""
-    names = {
-        errors.PeerUnreachable: "unreachable",
-        errors.PeerClosed: "closed",
-        errors.PeerRestarted: "restarted",
-        errors.MailboxNotFound: "no_mailbox",
-        errors.MailboxClosed: "mailbox_closed",
-        errors.AuthenticationFailed: "auth_failed",
-    }
-    return names.get(type(error), type(error).__name__)
 
 
 def _short_reason_of_event(event: events.PeerUnreachable | events.PeerClosed) -> str:
