@@ -63,6 +63,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.membership",
     "reliable.message",
     "reliable.peer",
+    "reliable.post_office",
     "reliable.pmtud",
     "reliable.receiver",
     "reliable.remote_mailbox",

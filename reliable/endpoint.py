@@ -83,8 +83,6 @@ import random
 import secrets
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 from zlib import crc32
 
@@ -93,7 +91,6 @@ from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
 from .control import (
-    ADMITTED_MANY_MAX,
     Admitted,
     AdmittedMany,
     Cancel,
@@ -104,15 +101,18 @@ from .control import (
     StatsRequest,
     decode_control,
 )
-from .durable import DurableLog, MailboxStore, WriteBatch
+from .durable import MailboxStore, WriteBatch
 from .failover import ANYCAST_POLICIES, Anycast, Failover
 from .gate import Gate
 from .groups import Groups
-from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
+from .mailbox import ANY, Selector, check_mailbox_name
 from .message import Message
-from .outbox_ids import TAG_MAX, DeliveredIds, parse_tagged
+from .outbox_ids import TAG_MAX
 from .peer import PeerSession, Resumption, Withdrawal
-from .receiver import Delivery, MemoryBudget
+from .post_office import DEFAULT_MAILBOX as DEFAULT_MAILBOX
+from .post_office import PostOffice
+from .post_office import check_lock as check_lock
+from .receiver import MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
     REFUSAL_TEXT,
@@ -129,7 +129,6 @@ from .wire import (
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
-    Fragment,
     Kind,
     MalformedPacket,
     Packet,
@@ -153,8 +152,6 @@ Integer = object  #: an int, not a bool; anything else is a UsageError
 
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
 _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
-_WIRE_ID_MASK = 0xFFFFFFFF
-DEFAULT_MAILBOX = ""
 _FIRST_GROUP_KIND = min(GROUP_KINDS)
 _SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
@@ -178,10 +175,6 @@ _CRC = struct.Struct("!I")
 
 #: Most (datagram size, mailbox) capacities Endpoint.send remembers before starting over.
 _CAPACITIES_KEPT = 64
-
-#: Seconds since we last sent a peer data within which a request from it is taken to be
-#: part of a conversation, so that our reply may carry its ack (Config.reply_ack_delay).
-CONVERSATION = 1.0
 
 
 def _tagged(mailbox: str, outbox: str) -> str:
@@ -246,15 +239,23 @@ class Endpoint:
         self._close_deadline = math.inf
         self.closed = False
         self._now = 0.0  # the latest time a caller gave us, for stats ages
-        self._mailboxes: dict[str, Mailbox] = {}
-        self._held = 0  # bytes in all mailboxes, parked included
-        self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
-        # A receive from a set of mailboxes waits in each one's line under one ticket.
-        self._waiting_sets: dict[int, list[str]] = {}
-        self._next_waiter = 1
-        self._next_owner = 1
-        self._handoffs = 0  # messages handed straight to a waiting receiver
         self._next_query = 1
+        #: the mailboxes, their admission verdicts and accounting (post_office.py)
+        self._post = post = PostOffice(
+            self.config,
+            self._peers,
+            emit=self._emit,
+            drop=self._drop,
+            mark_dirty=self._mark_dirty,
+            clock=self._clock,
+            on_deleted=self._mailbox_deleted,
+            no_mailbox=self._no_mailbox,
+            arrival_events=arrival_events,
+        )
+        self._mailboxes = post.mailboxes  # the same dict, read by stats
+        self._locking = post.locking  # the same set: one test per timer query
+        #: outbox message ids delivered here (the post office's; outbox_ids.py)
+        self.outbox_ids = post.outbox_ids
         self._gate = Gate(
             self.incarnation,
             # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
@@ -269,8 +270,8 @@ class Endpoint:
             self._rng,
             self.incarnation,
             emit=self._emit,
-            admit=self._deliver_group,
-            screen=self._screen,
+            admit=post.deliver_group,
+            screen=post.screen,
             drop=self._drop,
             budget=self._receive_budget,
         )
@@ -290,19 +291,6 @@ class Endpoint:
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
-        self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
-        self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
-        self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
-        self._posted = 0  # local posts so far: their message ids
-        #: outbox message ids delivered here (outbox_ids.py), and those of messages parked
-        #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
-        self.outbox_ids = DeliveredIds()
-        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
-        #: while a commit's messages enter their mailbox: their senders' ids, to admit
-        self._admits: dict[PeerSession, list[int]] | None = None
-        self._create(
-            DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
-        )
         #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
         self.remote = RemoteMailboxes(self)
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
@@ -524,9 +512,7 @@ class Endpoint:
 
     def owes_writes(self) -> bool:
         """Whether a durable mailbox has writes for the adapter to commit (cheap)."""
-        return bool(self._retired) or any(
-            box.log is not None and box.log.pending() for box in self._durable.values()
-        )
+        return self._post.owes_writes()
 
     def quiet(self) -> bool:
         """Whether nothing is under way: no datagram queued, no session waiting on its
@@ -623,7 +609,7 @@ class Endpoint:
             old = session.incarnation
             self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
-            self._forget_parked(addr, old)
+            self._post.forget_parked(addr, old)
         elif pkt.kind == Kind.RESET:
             self._drop("stale_reset")
             return
@@ -728,7 +714,11 @@ class Endpoint:
                     earliest = part
             return earliest
         deadlines = [] if first is None else [first]
-        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
+        for part in (
+            self._groups.deadline(),
+            self._services.deadline(),
+            self._post.lock_deadline(),
+        ):
             if part is not None:
                 deadlines.append(part)
         if self._grace:
@@ -758,7 +748,7 @@ class Endpoint:
         if services_due is not None and services_due <= now:
             self._services.on_timer(now)
         if self._locking:
-            self._expire_locks(now)
+            self._post.expire_locks(now)
         if self._grace:
             self.remote.on_timer(now)
         if self._closing:
@@ -795,7 +785,7 @@ class Endpoint:
             datagrams_received=self.datagrams_received,
             datagrams_sent=self.datagrams_sent,
             send_buffer_bytes=self._buffered,
-            mailbox_bytes=self._held,
+            mailbox_bytes=self._post.held,
             mailbox_memory=self.config.mailbox_memory,
             receive_bytes=self._receive_budget.used,
             receive_memory=self._receive_budget.limit,
@@ -848,34 +838,9 @@ class Endpoint:
         ``store`` the mailbox is durable (:mod:`reliable.durable`): it starts
         with the messages the store restored, in order.
         """
-        check_mailbox_name(name)
-        if name in self._mailboxes:
-            raise errors.MailboxExists(f"mailbox {name!r} already exists on this node")
-        if store is not None and capacity == 0:
-            raise errors.UsageError(
-                "a rendezvous mailbox (capacity=0) holds nothing to store; "
-                "give a durable mailbox a capacity of at least 1, or None"
-            )
-        owner = self._next_owner
-        self._next_owner += 1
-        self._create(name, capacity, max_bytes, owner if port else None, now)
-        if store is not None:
-            self._make_durable(self._mailboxes[name], store)
-        return owner
-
-    def _make_durable(self, box: Mailbox, store: MailboxStore) -> None:
-        box.log = DurableLog(store)
-        # The outbox message ids its messages came with (oldest floor first: a later,
-        # higher floor then forgets what it settles): re-sends are still recognised.
-        restored_ids: list[tuple[int, int, int]] = getattr(store, "restored_ids", [])
-        for outbox, row, floor in sorted(restored_ids, key=lambda i: i[2]):
-            self.outbox_ids.remember(outbox, row, floor)
-        for _row, msg in store.restored:
-            msg = replace(msg, mailbox=box.name)
-            box.log.rows[msg] = _row
-            box.restore(msg)
-            self._held += len(msg.data)
-        self._durable[box.name] = box
+        return self._post.create_mailbox(
+            name, capacity=capacity, max_bytes=max_bytes, port=port, store=store, now=now
+        )
 
     # ---------------------------------------------------- durable mailboxes
 
@@ -883,25 +848,11 @@ class Endpoint:
         """What durable mailboxes owe their stores, one batch per store; the
         adapter commits each (in one transaction) and reports :meth:`writes_done`.
         ``limit``: most new messages per batch (the rest stay owed)."""
-        batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
-        self._retired.clear()
-        for box in self._durable.values():
-            if box.log is not None and box.log.pending():
-                batches.append(box.log.take_batch(box.name, limit))
-        if self._outbox_pending:
-            # Outbox message ids go to the store with their messages, so that a restart
-            # of this node still recognises a re-send of what it delivered (outbox_ids.py).
-            pending = self._outbox_pending
-            for batch in batches:
-                for row, msg in batch.inserts:
-                    key = pending.get((msg.source, msg.incarnation, msg.msg_id))
-                    if key is not None:
-                        batch.ids.append((row, *key))
-        return batches
+        return self._post.pending_writes(limit)
 
     def durable_stores(self) -> list[MailboxStore]:
         """The stores of the durable mailboxes (to close with the node)."""
-        return [box.log.store for box in self._durable.values() if box.log is not None]
+        return self._post.durable_stores()
 
     def writes_done(self, batch: WriteBatch, now: float, error: Exception | None = None) -> None:
         """``batch`` was committed (``error`` None) or could not be.
@@ -913,75 +864,26 @@ class Endpoint:
         receivers still get theirs (its row may then come back after a restart).
         """
         self._now = now
-        box = self._mailboxes.get(batch.mailbox)
-        live = box is not None and box.log is batch.log
-        msgs = [msg for _row, msg in batch.inserts]
-        if error is None and live:
-            assert box is not None
-            batch.log.inserted(batch.inserts)
-            # Their senders' receipts: one AdmittedMany per sender for the whole commit,
-            # not one control message per message (each one a reliable message of its own).
-            self._admits = {}
-            try:
-                box.committed(msgs, now)
-            finally:
-                admits, self._admits = self._admits, None
-            for session, ids in admits.items():
-                for at in range(0, len(ids), ADMITTED_MANY_MAX):
-                    chunk = ids[at : at + ADMITTED_MANY_MAX]
-                    outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
-                    session.send_control(outcome, now)
-                self._dirty[session.addr] = None
-        elif msgs:
-            if error is not None:
-                self._drop("store.failed")
-            verdict = Verdict.REFUSED if error is not None else Verdict.MAILBOX_CLOSED
-            for msg in msgs:
-                self._held -= len(msg.data)
-                self._tell_discarded(msg, verdict)
-            if live:
-                assert box is not None
-                box.uncommitted(msgs)
-        elif error is not None:
-            self._drop("store.failed")
-        for ticket, msg in batch.handoffs:
-            self._emit(events.MessageTaken(waiter=ticket, message=msg))
-
-    def _create(
-        self, name: str, capacity: int | None, max_bytes: int | None, owner: int | None, now: float
-    ) -> None:
-        self._mailboxes[name] = Mailbox(
-            name,
-            capacity=capacity,
-            max_bytes=max_bytes,
-            owner=owner,
-            on_unpark=self._unparked,
-            on_handoff=self._handed_off,
-            now=now,
-            on_fail=self._wait_failed,
-        )
+        self._post.writes_done(batch, now, error)
 
     def has_mailbox(self, name: str) -> bool:
         """Whether this node has a mailbox called ``name``."""
-        return name in self._mailboxes
+        return self._post.has_mailbox(name)
 
     def is_port_of(self, name: str, owner: int) -> bool:
         """Whether mailbox ``name`` is a port whose owner token is ``owner``."""
-        box = self._mailboxes.get(name)
-        return box is not None and box.owner is not None and box.owner == owner
+        return self._post.is_port_of(name, owner)
 
     def mailbox_names(self) -> list[str]:
         """The names of this node's mailboxes (the default one is ``""``)."""
-        return list(self._mailboxes)
+        return self._post.mailbox_names()
 
     def close_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Refuse new messages (senders get ``MailboxClosed``); queued ones stay receivable.
 
         A port is managed by its owner only: ``owner`` must be its token.
         """
-        box = self._box(name, owner=owner, managing=True)
-        box.open = False
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+        self._post.close_mailbox(name, now, owner=owner)
 
     def set_limits(
         self,
@@ -994,19 +896,12 @@ class Endpoint:
     ) -> None:
         """Change mailbox ``name``'s capacity and max_bytes at run time (see
         :meth:`Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
-        box = self._mailboxes.get(name)
-        if box is not None and name != DEFAULT_MAILBOX:
-            box = self._box(name, owner=owner, managing=True)
-        elif box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
-        if capacity == 0 and box.log is not None:
-            raise errors.UsageError("a durable mailbox cannot be a rendezvous (capacity=0)")
         self._now = now
-        box.set_limits(capacity, max_bytes, now)
+        self._post.set_limits(name, capacity, max_bytes, now, owner=owner)
 
     def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
-        self._box(name, owner=owner, managing=True).open = True
+        self._post.open_mailbox(name, owner=owner)
 
     def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Remove the mailbox: parked senders get ``MailboxClosed``, later ones
@@ -1015,30 +910,7 @@ class Endpoint:
         A port is deleted by its owner only (``owner``), and should be once the
         owner is gone: nobody else can ever receive what it would accept.
         """
-        box = self._box(name, owner=owner, managing=True)
-        self.remote.mailbox_deleted(name)
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        self._held -= box.queue.bytes + box.locked_bytes
-        box.drop_queued()
-        box.locked.clear()
-        box.locked_bytes = 0
-        if box.log is not None:
-            # Staged messages never enter: their senders hear so, and the store is emptied.
-            staged, box.log.staged = box.log.staged, []
-            box.uncommitted(staged)
-            for msg in staged:
-                self._held -= len(msg.data)
-                self._tell_discarded(msg, Verdict.MAILBOX_CLOSED)
-            box.log.destroy = True
-            del self._durable[name]
-            self._retired.append(box)
-        for ticket in list(box.waiters):
-            box.cancel_wait(ticket)
-            self._waiting.pop(ticket, None)
-            self._leave_other_lines(ticket, None)
-            error = errors.MailboxDeleted(f"mailbox {name!r} was deleted while waiting on it")
-            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-        del self._mailboxes[name]
+        self._post.delete_mailbox(name, now, owner=owner)
 
     def take(
         self,
@@ -1057,26 +929,10 @@ class Endpoint:
         or the lock expires. From a durable mailbox, the adapter must commit
         (``sync_stores``) before it hands a removed message out.
         """
-        box = self._mailboxes.get(mailbox)
-        if box is None or (box.owner is not None and owner != box.owner):
-            box = self._box(mailbox, owner=owner)  # raises, saying why
         self._now = now
-        if lock is not None:
-            check_lock(lock)
-            _check_truncate(selector, lock)
-        if self._locking:
-            self._expire_locks(now)
-        elif selector is None and lock is None and not box.queue.count and not box.parked.count:
-            return None  # the poll of an empty mailbox
-        msg = box.take(selector or ANY, receiver, now, lock)
-        if msg is not None:
-            if lock is None:
-                self._held -= len(msg.data)
-            else:
-                self._locking.add(mailbox)
-            if selector is not None:
-                msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
-        return msg
+        return self._post.take(
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
+        )
 
     def peek(
         self,
@@ -1087,54 +943,26 @@ class Endpoint:
         now: float,
     ) -> Message | None:
         """The message :meth:`take` would return, left in the mailbox (browse)."""
-        box = self._box(mailbox, owner=owner)
-        self._expire_locks(now)
-        return box.peek(selector or ANY)
+        return self._post.peek(mailbox, selector, owner=owner, now=now)
 
     def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Remove ``msg``, taken under a lock, for good. False if its lock had expired
         (then it went back to the mailbox, and may have been received again)."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        if box.ack(msg, now):
-            self._held -= len(msg.data)
-            return True
-        return False
+        return self._post.ack(mailbox, msg, owner=owner, now=now)
 
     def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        return box.release(msg, now)
+        return self._post.release(mailbox, msg, owner=owner, now=now)
 
     def remove_message(
         self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
     ) -> bool:
         """Explicit delete: remove ``msg`` (peeked, or locked) from its mailbox.
         False if it is no longer there (received, or deleted, meanwhile)."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        if box.remove(msg, now):
-            self._held -= len(msg.data)
-            return True
-        return False
-
-    def _expire_locks(self, now: float) -> None:
-        for name in list(self._locking):
-            box = self._mailboxes.get(name)
-            if box is not None:
-                box.expire_locks(now)
-            if box is None or not box.locked:
-                self._locking.discard(name)
-
-    def _lock_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for name in self._locking
-            if (box := self._mailboxes.get(name)) is not None
-            if (d := box.lock_deadline()) is not None
-        ]
-        return min(deadlines, default=None)
+        return self._post.remove_message(mailbox, msg, owner=owner, now=now)
 
     def wait_for_message(
         self,
@@ -1151,15 +979,10 @@ class Endpoint:
         The answer is a ``MessageTaken`` event, or ``ReceiveFailed`` if the
         mailbox is deleted. Waiting receives are served first come, first served.
         """
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        ticket = self._next_waiter
-        self._next_waiter += 1
-        check_lock(lock)
-        _check_truncate(selector, lock)
-        self._waiting[ticket] = mailbox
-        box.wait(ticket, selector or ANY, receiver, lock)
-        return ticket
+        return self._post.wait_for_message(
+            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
+        )
 
     def take_any(
         self,
@@ -1177,20 +1000,8 @@ class Endpoint:
         priorities, the mailbox listed first. ``msg.mailbox`` says which it came
         from. As :meth:`take` otherwise (raises ``MessageTooBig`` as it does).
         """
-        chosen: tuple[str, int | None] | None = None
-        best = -1
-        sel = selector or ANY
-        for name, owner in mailboxes:
-            box = self._box(name, owner=owner)
-            source = box.parked if box.rendezvous and lock is None else box.queue
-            head = source.peek(sel)
-            if head is not None and head.priority > best:
-                chosen, best = (name, owner), head.priority
-        if chosen is None:
-            return None
-        return self.take(
-            chosen[0], selector, owner=chosen[1], receiver=receiver, lock=lock, now=now
-        )
+        self._now = now  # as the take it makes
+        return self._post.take_any(mailboxes, selector, receiver=receiver, lock=lock, now=now)
 
     def wait_for_any(
         self,
@@ -1209,62 +1020,15 @@ class Endpoint:
         gets exactly one message. If one of them is deleted meanwhile, the receive
         fails (``ReceiveFailed``) and leaves the others' lines too.
         """
-        if not mailboxes:
-            raise errors.UsageError("give at least one mailbox to receive from")
-        names = [name for name, _ in mailboxes]
-        if len(set(names)) != len(names):
-            raise errors.UsageError(f"each mailbox once, please: {names}")
-        boxes = [self._box(name, owner=owner) for name, owner in mailboxes]
         self._now = now
-        check_lock(lock)
-        _check_truncate(selector, lock)
-        ticket = self._next_waiter
-        self._next_waiter += 1
-        self._waiting[ticket] = names[0]
-        if len(boxes) > 1:
-            self._waiting_sets[ticket] = names
-        for box in boxes:
-            box.wait(ticket, selector or ANY, receiver, lock)
-        return ticket
-
-    def _leave_other_lines(self, ticket: int, served_by: str | None) -> bool:
-        """A receive from a set of mailboxes was answered (by ``served_by``) or failed:
-        it leaves every other mailbox's line. True if it was still waiting anywhere."""
-        names = self._waiting_sets.pop(ticket, None)
-        if names is None:
-            return False
-        left = False
-        for name in names:
-            box = self._mailboxes.get(name)
-            if name != served_by and box is not None and box.cancel_wait(ticket):
-                left = True
-        return left
+        return self._post.wait_for_any(mailboxes, selector, receiver=receiver, lock=lock, now=now)
 
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
         remote = self.remote.cancel(ticket, self._now)
         if remote is not None:
             return remote
-        if ticket in self._waiting_sets:
-            self._waiting.pop(ticket, None)
-            return self._leave_other_lines(ticket, None)
-        name = self._waiting.pop(ticket, None)
-        box = None if name is None else self._mailboxes.get(name)
-        return box is not None and box.cancel_wait(ticket)
-
-    def _box(self, name: str, *, owner: int | None = None, managing: bool = False) -> Mailbox:
-        box = self._mailboxes.get(name)
-        if box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
-        if managing and name == DEFAULT_MAILBOX:
-            raise errors.UsageError("the default mailbox cannot be closed or deleted")
-        if box.owner is not None and owner != box.owner:
-            doing = "closes, opens or deletes" if managing else "receives from"
-            raise errors.UsageError(
-                f"mailbox {name!r} is a port: only its owner (the handle that created it) "
-                f"{doing} it"
-            )
-        return box
+        return self._post.cancel_wait(ticket)
 
     # ------------------------------------------------------ group addressing
 
@@ -1447,49 +1211,7 @@ class Endpoint:
             self._services.solicited(pkt.group, now)
         self._groups.on_packet(pkt, addr, size, now)
 
-    def _deliver_group(
-        self, sender: Any, incarnation: int, url: str, d: Delivery, now: float
-    ) -> Verdict | None:
-        """A group message is whole and in order: into its mailbox (or parked), or refused."""
-        verdict = self._judge(d.mailbox, len(d.data), sender)
-        if verdict is not None:
-            return verdict
-        msg = self._arrived(sender, incarnation, d, url)
-        # Parked or not, it is the member's now: the mailbox memory cap bounds what parks.
-        self._mailboxes[d.mailbox].offer(msg, now)
-        return None
-
     # ------------------------------------------------- mailbox admission (core)
-
-    def _screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
-        """Judge a message (from ``source``) by its first fragment, before buffering the rest."""
-        name = frag.mailbox
-        if "/" in name:  # an outbox's id tags the name (outbox_ids.py): judge the mailbox
-            parsed = parse_tagged(name)
-            if parsed is not None:
-                name = parsed[0]
-        return self._judge(name, frag.total_len, source)
-
-    def _judge(self, name: str, size: int, source: Any) -> Verdict | None:
-        box = self._mailboxes.get(name)
-        if box is None:
-            self._drop("refused.no_mailbox")
-            _log_refusal(source, name, size, Verdict.NO_MAILBOX)
-            if name in self.remote.moved:
-                self.remote.tell_moved(source, name, self._now)  # where it went
-            return Verdict.NO_MAILBOX
-        verdict = None
-        if not box.open:
-            verdict = Verdict.MAILBOX_CLOSED
-        elif box.max_bytes is not None and size > box.max_bytes and not box.fits(size):
-            verdict = Verdict.TOO_LARGE
-        elif self._held + size > self.config.mailbox_memory:
-            verdict = Verdict.NO_MEMORY
-        if verdict is not None:
-            box.refused += 1
-            self._drop("refused." + verdict.name.lower())
-            _log_refusal(source, name, size, verdict)
-        return verdict
 
     def post(
         self,
@@ -1509,216 +1231,9 @@ class Endpoint:
         a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
         """
         self._now = now
-        verdict = self._judge(mailbox, len(data), source)
-        if verdict is not None:
-            return verdict
-        self._posted += 1
-        msg = Message(
-            source=source,
-            data=data,
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=mailbox,
-            msg_id=self._posted,
-            incarnation=0,
+        return self._post.post(
+            mailbox, data, source=source, msg_type=msg_type, priority=priority, now=now
         )
-        self._held += len(data)
-        self._mailboxes[mailbox].offer(msg, now)
-        return None
-
-    def _deliver_outbox(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        """A message tagged with an outbox id (``jobs/o.<outbox>.<row>.<floor>``): a
-        re-send of one delivered before is acknowledged and not delivered again."""
-        parsed = parse_tagged(d.mailbox)
-        if parsed is None:
-            return self._judge(d.mailbox, len(d.data), session.addr)  # no such mailbox
-        name, outbox, row, floor = parsed
-        if self.outbox_ids.seen(outbox, row, floor):
-            self._drop("duplicate.outbox")
-            return None  # it is in (or went through) its mailbox already: acknowledge it
-        d.mailbox = name
-        verdict = self._deliver(session, d, now)
-        if verdict is None:
-            self.outbox_ids.remember(outbox, row, floor)
-        elif verdict is Verdict.STAGED or verdict is Verdict.DEFERRED:
-            self.outbox_ids.remember(outbox, row, floor)
-            assert session.incarnation is not None
-            pending_key = (session.addr, session.incarnation, d.msg_id)
-            self._outbox_pending[pending_key] = (outbox, row, floor)
-        return verdict
-
-    def _outbox_settled(self, msg: Message, entered: bool) -> None:
-        """A parked or staged outbox message entered its mailbox, or never will: a
-        re-send of it must then be delivered."""
-        key = self._outbox_pending.pop((msg.source, msg.incarnation, msg.msg_id), None)
-        if key is not None and not entered:
-            self.outbox_ids.forget(key[0], key[1])
-
-    def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        if "/" in d.mailbox:
-            return self._deliver_outbox(session, d, now)
-        box = self._mailboxes.get(d.mailbox)
-        size = len(d.data)
-        if (
-            box is None
-            or not box.open
-            or (box.max_bytes is not None and size > box.max_bytes)
-            or self._held + size > self.config.mailbox_memory
-        ):  # maybe a refusal: _judge decides (and counts and logs it)
-            verdict = self._judge(d.mailbox, size, session.addr)
-            if verdict is not None:
-                return verdict
-        assert session.incarnation is not None
-        if self._arrival_events:
-            msg = self._arrived(session.addr, session.incarnation, d, None)
-        else:  # _arrived without its event, inline: once per message
-            msg = Message(
-                source=session.addr,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=session.incarnation,
-            )
-            self._held += size
-        # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
-        # release it) inside offer().
-        session.parked += size
-        handoffs = self._handoffs
-        box = self._mailboxes[d.mailbox]
-        admitted = box.offer(msg, now)
-        if admitted and box.log is None:
-            session.parked -= size  # it went straight in: nothing parked (unhold)
-            sender = session.sender
-            if (
-                self._handoffs != handoffs
-                and self.config.reply_ack_delay > 0
-                and sender.packets_sent
-                and now - sender.last_send_time < CONVERSATION
-            ):
-                # A waiting receiver has it, and we talk to that peer both ways (not a
-                # one-way stream, whose acks clock the sender): the reply may carry the
-                # ack (receiver.py).
-                session.receiver.await_reply(now + self.config.reply_ack_delay)
-            return None
-        # Durable, with room: staged until its commit (the mailbox is not full); else parked.
-        return Verdict.STAGED if admitted else Verdict.DEFERRED
-
-    def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
-        """The message a delivery makes, announced as an event and counted as held."""
-        msg = Message(
-            source=source,
-            data=d.data,
-            msg_type=d.msg_type,
-            priority=d.priority,
-            mailbox=d.mailbox,
-            msg_id=d.msg_id,
-            incarnation=incarnation,
-            group=group,
-        )
-        if self._arrival_events:
-            self._emit(
-                events.MessageReceived(
-                    peer=source,
-                    data=d.data,
-                    msg_type=d.msg_type,
-                    priority=d.priority,
-                    mailbox=d.mailbox,
-                    msg_id=d.msg_id,
-                    incarnation=incarnation,
-                )
-            )
-        self._held += len(d.data)
-        return msg
-
-    def _unparked(self, msg: Message, receiver: str | None) -> None:
-        """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
-        if msg.group is not None:
-            return  # a group's sender counted it delivered when it parked
-        if self._outbox_pending:
-            self._outbox_settled(msg, True)
-        session = self._live_session(msg)
-        if session is not None:
-            session.release(len(msg.data))
-            if receiver is None and self._admits is not None:  # a commit: batched
-                self._admits.setdefault(session, []).append(msg.msg_id)
-                return
-            outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
-            session.send_control(outcome, self._now)
-            self._dirty[session.addr] = None
-
-    def _handed_off(self, ticket: int, msg: Message) -> None:
-        self._handoffs += 1
-        self._waiting.pop(ticket, None)
-        if self._waiting_sets:
-            self._leave_other_lines(ticket, msg.mailbox)
-        box = self._mailboxes.get(msg.mailbox)
-        if box is not None and msg in box.locked:
-            self._locking.add(box.name)  # still held, under a lock
-        else:
-            self._held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
-        box = self._durable.get(msg.mailbox)
-        if box is not None and box.log is not None:
-            box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
-            return
-        self._emit(events.MessageTaken(waiter=ticket, message=msg))
-
-    def _wait_failed(self, ticket: int, error: Exception) -> None:
-        """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
-        self._waiting.pop(ticket, None)
-        self._leave_other_lines(ticket, None)
-        assert isinstance(error, errors.ReliableError)
-        self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-
-    def _discard_parked(
-        self, box: Mailbox, predicate: Callable[[Message], bool], verdict: Verdict
-    ) -> int:
-        """Withdraw parked messages and tell their senders ``verdict``; returns how many."""
-        removed = box.remove_parked(predicate)
-        for msg in removed:
-            self._held -= len(msg.data)
-            self._tell_discarded(msg, verdict)
-        return len(removed)
-
-    def _tell_discarded(self, msg: Message, verdict: Verdict) -> None:
-        """A deferred message will never enter its mailbox: tell its sender ``verdict``."""
-        if self._outbox_pending:
-            self._outbox_settled(msg, False)
-        session = self._live_session(msg) if msg.group is None else None
-        if session is not None:
-            session.release(len(msg.data))
-            session.send_control(Discarded(msg.msg_id, verdict), self._now)
-            self._dirty[session.addr] = None
-
-    def _forget_parked(self, addr: Any, incarnation: int) -> None:
-        """A peer's incarnation ended: its parked messages have nobody waiting on them."""
-        session = self._peers.get(addr)
-        for box in self._durable.values():
-            # Staged ones still get stored (the sender was told they may have arrived),
-            # but nobody will hear their receipt: their window bytes are free now.
-            assert box.log is not None
-            for msg in box.log.staged:
-                if session is not None and msg.source == addr and msg.incarnation == incarnation:
-                    session.release(len(msg.data))
-        for box in self._mailboxes.values():
-            if not box.parked:
-                continue
-            removed = box.remove_parked(
-                lambda m: m.source == addr and m.incarnation == incarnation and m.group is None
-            )
-            for msg in removed:
-                self._held -= len(msg.data)
-                if self._outbox_pending:
-                    self._outbox_settled(msg, False)
-                if session is not None:
-                    session.release(len(msg.data))
-
-    def _live_session(self, msg: Message) -> PeerSession | None:
-        session = self._peers.get(msg.source)
-        if session is None or session.incarnation != msg.incarnation:
-            return None
-        return session
 
     def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
         if payload and payload[0] >= FIRST_OP:
@@ -1735,20 +1250,7 @@ class Endpoint:
             for msg_id in ctl.msg_ids:
                 session.on_outcome(Admitted(msg_id), now)
         elif isinstance(ctl, Cancel):
-            inc = session.incarnation
-            wire_id = ctl.msg_id
-
-            def withdrawn(m: Message) -> bool:
-                return (
-                    m.source == session.addr
-                    and m.incarnation == inc
-                    and m.msg_id & _WIRE_ID_MASK == wire_id
-                )
-
-            for box in self._mailboxes.values():
-                if box.parked and self._discard_parked(box, withdrawn, Verdict.CANCELLED):
-                    break
-            # Not parked: it already got in (or was discarded), and that answer is on its way.
+            self._post.withdraw_parked(session, ctl.msg_id)
         elif isinstance(ctl, StatsRequest):
             if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
                 self._drop("shed.stats")  # it asks faster than it reads: answer later asks
@@ -1782,8 +1284,7 @@ class Endpoint:
             raise errors.NodeClosed("the node is closing and accepts no new receives")
         check_mailbox_name(mailbox)
         self._now = now
-        ticket = self._next_waiter
-        self._next_waiter += 1
+        ticket = self._post.new_waiter()
         self.remote.pull(owner, mailbox, selector or ANY, receiver, ticket, now)
         return ticket
 
@@ -1811,12 +1312,11 @@ class Endpoint:
 
     def port_owner(self, name: str) -> int | None:
         """A port's owner token (management on the owner's behalf); None for a mailbox."""
-        box = self._mailboxes.get(name)
-        return None if box is None else box.owner
+        return self._post.port_owner(name)
 
     def is_durable(self, name: str) -> bool:
         """Whether mailbox ``name`` is durable (kept in an SQLite file)."""
-        return name in self._durable
+        return self._post.is_durable(name)
 
     def detach_mailbox(
         self, name: str, owner_text: str, now: float
@@ -1829,38 +1329,8 @@ class Endpoint:
         for the default mailbox, a port, a durable mailbox, and one holding
         messages under a lock (ack or release them first).
         """
-        box = self._mailboxes.get(name)
-        if box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
-        if name == DEFAULT_MAILBOX or box.owner is not None:
-            raise errors.UsageError(
-                f"mailbox {name!r} cannot be transferred: the default mailbox and ports stay "
-                "with their node"
-            )
-        if box.log is not None:
-            raise errors.UsageError(
-                f"mailbox {name!r} is durable: close it here and open its file on the new node"
-            )
-        if box.locked:
-            raise errors.UsageError(
-                f"mailbox {name!r} has {len(box.locked)} messages taken under a lock (or handed "
-                "to a receiver on another node); ack or release them, then transfer"
-            )
         self._now = now
-        msgs: list[Message] = []
-        while (msg := box.queue.take()) is not None:
-            msgs.append(msg)
-            self._held -= len(msg.data)
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        for ticket in list(box.waiters):
-            box.cancel_wait(ticket)
-            self._waiting.pop(ticket, None)
-            self._leave_other_lines(ticket, None)
-            error = errors.ReceiveRefused("this node", name, "moved", owner_text)
-            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-        self.remote.mailbox_deleted(name)
-        del self._mailboxes[name]
-        return msgs, box.capacity, box.max_bytes
+        return self._post.detach_mailbox(name, owner_text, now)
 
     def reattach_mailbox(
         self,
@@ -1872,18 +1342,12 @@ class Endpoint:
     ) -> None:
         """Undo :meth:`detach_mailbox` (the transfer failed): the mailbox and its
         messages are back, in order (ahead of any created here meanwhile)."""
-        if name not in self._mailboxes:
-            self._create(name, capacity, max_bytes, None, now)
-        box = self._mailboxes[name]
-        for msg in reversed(msgs):
-            self._held += len(msg.data)
-            box.queue.push_front(msg)
+        self._post.reattach_mailbox(name, capacity, max_bytes, msgs, now)
 
     def adopt_message(self, name: str, msg: Message, now: float) -> None:
         """A message moved here with ``name``'s ownership: it enters (see Mailbox.adopt)."""
         self._now = now
-        self._held += len(msg.data)
-        self._mailboxes[name].adopt(msg, now)
+        self._post.adopt_message(name, msg, now)
 
     def fail_departed(self, peer: Any) -> bool:
         """A node that said goodbye did not answer within the grace: fail what waits on
@@ -1932,8 +1396,8 @@ class Endpoint:
             now,
             self._emit,
             self._message_finished,
-            screen=lambda frag: self._screen(frag, addr),
-            deliver=self._deliver,
+            screen=lambda frag: self._post.screen(frag, addr),
+            deliver=self._post.deliver,
             on_control=self._on_control,
             budget=self._receive_budget,
             resume=self._resumable.pop(addr, None),
@@ -1955,6 +1419,21 @@ class Endpoint:
 
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _mark_dirty(self, addr: Any) -> None:
+        """The session with ``addr`` has something to send (or a deadline moved)."""
+        self._dirty[addr] = None
+
+    def _clock(self) -> float:
+        return self._now
+
+    def _mailbox_deleted(self, name: str) -> None:
+        self.remote.mailbox_deleted(name)
+
+    def _no_mailbox(self, source: Any, name: str) -> None:
+        """A message asked for mailbox ``name``, not here: if it moved, say where."""
+        if name in self.remote.moved:
+            self.remote.tell_moved(source, name, self._now)
 
     def _queue_loose(self, datagram: bytes, addr: Any) -> None:
         """Send ``datagram`` outside any session (a reply from the gate, a farewell)."""
@@ -2011,7 +1490,7 @@ class Endpoint:
     def _remove_session(self, session: PeerSession) -> None:
         """Forget ``session``: what it held is released, its counters go to the node's."""
         if session.incarnation is not None:
-            self._forget_parked(session.addr, session.incarnation)
+            self._post.forget_parked(session.addr, session.incarnation)
         session.receiver.release()
         gone = session.stats()
         self._departed_retransmissions += gone.retransmissions
@@ -2090,25 +1569,6 @@ class Endpoint:
         self._emit(events.Closed())
 
 
-_VERDICT_TEXT = {
-    Verdict.NO_MAILBOX: "no such mailbox",
-    Verdict.MAILBOX_CLOSED: "the mailbox is closed",
-    Verdict.TOO_LARGE: "larger than the mailbox accepts",
-    Verdict.NO_MEMORY: "mailbox memory (Config.mailbox_memory) is full",
-}
-
-
-def _log_refusal(source: Any, mailbox: str, size: int, verdict: Verdict) -> None:
-    if _log.isEnabledFor(logging.INFO):
-        _log.info(
-            "refused a %d-byte message from %s for mailbox %r: %s",
-            size,
-            "a group member" if source is None else errors.format_address(source),
-            mailbox,
-            _VERDICT_TEXT.get(verdict, verdict.name.lower()),
-        )
-
-
 def _short_reason_of_event(event: events.PeerUnreachable | events.PeerClosed) -> str:
     return "unreachable" if isinstance(event, events.PeerUnreachable) else "closed"
 
@@ -2130,22 +1590,6 @@ def check_integer(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.UsageError(f"{name} must be an integer, got {value!r}")
     return value
-
-
-def check_lock(lock: float | None) -> None:
-    """A receive's lock (visibility timeout) is None or a positive number of seconds."""
-    if lock is None:
-        return
-    if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
-        raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
-
-
-def _check_truncate(selector: Selector | None, lock: float | None) -> None:
-    if lock is not None and selector is not None and selector.truncate:
-        raise errors.UsageError(
-            "truncate=True cannot be combined with lock=: a locked message is acknowledged "
-            "whole; receive it with a large enough max_size (or without a lock)"
-        )
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:
