@@ -83,6 +83,7 @@ import random
 import secrets
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 from zlib import crc32
 
@@ -152,8 +153,6 @@ Integer = object  #: an int, not a bool; anything else is a UsageError
 
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
 _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
-_FIRST_GROUP_KIND = min(GROUP_KINDS)
-_SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
     events.MessageTaken,
     events.ReceiveFailed,
@@ -288,6 +287,30 @@ class Endpoint:
             send=self.send, choose=self._services.choose, rtt=self._srtt, report=self._events.append
         )
         self._anycast = self._failover.attempts  # the same dict: one lookup per event
+        #: Handlers of the packets no session takes, by kind (every other kind goes on to
+        #: the session checks in receive_datagram). Each takes (packet, source, datagram
+        #: size, now).
+        self._sessionless: dict[int, Callable[[Packet, Any, int, float], None]] = {
+            kind: self._groups.on_packet for kind in GROUP_KINDS
+        }
+        #: Handlers of node control messages, by type (see _on_control_message).
+        self._control_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
+            Admitted: self._handle_outcome,
+            Discarded: self._handle_outcome,
+            AdmittedMany: self._handle_admitted_many,
+            Cancel: self._handle_cancel,
+            StatsRequest: self._handle_stats_request,
+            StatsReply: self._handle_stats_reply,
+        }
+        self._sessionless.update(
+            {
+                Kind.SOLICIT: self._handle_solicit,
+                Kind.ANNOUNCE: self._handle_service,
+                Kind.WITHDRAW: self._handle_service,
+                Kind.CHALLENGE: self._handle_challenge,
+                Kind.AUTH_FAILED: self._handle_auth_failed,
+            }
+        )
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
@@ -559,14 +582,9 @@ class Endpoint:
             if session is not None and malformed.reason == "checksum":
                 session.corrupt += 1
             return
-        if pkt.kind >= _FIRST_GROUP_KIND:
-            self._on_group_packet(pkt, addr, len(data), now)
-            return
-        if pkt.kind == Kind.AUTH_FAILED:
-            self._peer_refused_us(pkt, addr, now)
-            return
-        if pkt.kind == Kind.CHALLENGE:
-            self._challenged(pkt, addr, now)
+        handle = self._sessionless.get(pkt.kind)
+        if handle is not None:  # group and anycast kinds, CHALLENGE, AUTH_FAILED
+            handle(pkt, addr, len(data), now)
             return
         if pkt.dst_incarnation not in (0, self.incarnation):
             self._drop("stale_incarnation")
@@ -1200,11 +1218,13 @@ class Endpoint:
         session = self._peers.get(member)
         return None if session is None else session.rtt.srtt
 
-    def _on_group_packet(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        if pkt.kind in _SERVICE_KINDS:
-            self._services.on_packet(pkt, addr, now)
-            return
-        if pkt.kind == Kind.SOLICIT and pkt.src_incarnation != self.incarnation:
+    def _handle_service(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """ANNOUNCE or WITHDRAW: the anycast directory's."""
+        self._services.on_packet(pkt, addr, now)
+
+    def _handle_solicit(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """SOLICIT: a member answers for its groups, a server for its services."""
+        if pkt.src_incarnation != self.incarnation:
             if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
                 self._services.confirm_request(pkt, addr)
                 return
@@ -1235,7 +1255,11 @@ class Endpoint:
             mailbox, data, source=source, msg_type=msg_type, priority=priority, now=now
         )
 
-    def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+    # ---------------------------------------------------- node control messages
+
+    def _on_control_message(self, session: PeerSession, payload: bytes, now: float) -> None:
+        """A node control message from ``session``'s peer (:mod:`reliable.control`): the
+        remote-mailbox protocol's operations go there, the rest to their handler by type."""
         if payload and payload[0] >= FIRST_OP:
             self.remote.on_control(session, payload, now)
             return
@@ -1244,23 +1268,34 @@ class Endpoint:
         except MalformedControl:
             self._drop("malformed.control")
             return
-        if isinstance(ctl, (Admitted, Discarded)):
-            session.on_outcome(ctl, now)
-        elif isinstance(ctl, AdmittedMany):
-            for msg_id in ctl.msg_ids:
-                session.on_outcome(Admitted(msg_id), now)
-        elif isinstance(ctl, Cancel):
-            self._post.withdraw_parked(session, ctl.msg_id)
-        elif isinstance(ctl, StatsRequest):
-            if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
-                self._drop("shed.stats")  # it asks faster than it reads: answer later asks
-            elif self.config.serve_stats:
-                body = json.dumps(self.stats(now).as_dict(), default=str).encode()
-                session.send_control(StatsReply(ctl.request, body), now)
-            else:
-                self._drop("stats_refused")
-        elif isinstance(ctl, StatsReply):
-            self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
+        handle = self._control_handlers.get(type(ctl))
+        if handle is not None:
+            handle(session, ctl, now)
+
+    def _handle_outcome(self, session: PeerSession, ctl: Admitted | Discarded, now: float) -> None:
+        """What became of a message of ours the peer had parked."""
+        session.on_outcome(ctl, now)
+
+    def _handle_admitted_many(self, session: PeerSession, ctl: AdmittedMany, now: float) -> None:
+        """A durable mailbox's commit let in several of our parked messages."""
+        for msg_id in ctl.msg_ids:
+            session.on_outcome(Admitted(msg_id), now)
+
+    def _handle_cancel(self, session: PeerSession, ctl: Cancel, now: float) -> None:
+        """The peer withdrew a message it sent us (if it is parked here)."""
+        self._post.withdraw_parked(session, ctl.msg_id)
+
+    def _handle_stats_request(self, session: PeerSession, ctl: StatsRequest, now: float) -> None:
+        if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
+            self._drop("shed.stats")  # it asks faster than it reads: answer later asks
+        elif self.config.serve_stats:
+            body = json.dumps(self.stats(now).as_dict(), default=str).encode()
+            session.send_control(StatsReply(ctl.request, body), now)
+        else:
+            self._drop("stats_refused")
+
+    def _handle_stats_reply(self, session: PeerSession, ctl: StatsReply, now: float) -> None:
+        self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
         """The addresses of the peers this endpoint has a session with."""
@@ -1398,7 +1433,7 @@ class Endpoint:
             self._message_finished,
             screen=lambda frag: self._post.screen(frag, addr),
             deliver=self._post.deliver,
-            on_control=self._on_control,
+            on_control=self._on_control_message,
             budget=self._receive_budget,
             resume=self._resumable.pop(addr, None),
         )
@@ -1444,7 +1479,7 @@ class Endpoint:
         while len(self._ended) > self.config.remembered_incarnations:
             self._ended.popitem(last=False)
 
-    def _challenged(self, pkt: Packet, addr: Any, now: float) -> None:
+    def _handle_challenge(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
         """The peer wants our address proven: echo its cookie from now on."""
         session = self._peers.get(addr)
         if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
@@ -1463,10 +1498,11 @@ class Endpoint:
             pkt = decode(data)
         except MalformedPacket:
             return False
-        self._peer_refused_us(pkt, addr, now)
+        self._handle_auth_failed(pkt, addr, len(data), now)
         return True
 
-    def _peer_refused_us(self, pkt: Packet, addr: Any, now: float) -> None:
+    def _handle_auth_failed(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """AUTH_FAILED: a peer refuses our datagrams (keys or modes differ)."""
         session = self._peers.get(addr)
         if session is None or pkt.dst_incarnation != self.incarnation:
             self._drop("stray_auth_failed")  # the echo is what proves it answers us
