@@ -45,22 +45,35 @@ Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
 with a CLOSE packet, and a :class:`~reliable.events.Closed` event ends it.
 
-Mailboxes live here too, because admitting a message is part of
-acknowledging it: the verdict (entered, deferred because the mailbox is full,
-refused) must ride on the very acknowledgement that covers the message. The
-default mailbox ``""`` always exists; others are created, closed, reopened and
-deleted by the application. Receiving is ``take`` (never waits) and
-``wait_for_message`` (a ticket answered by a ``MessageTaken`` or
-``ReceiveFailed`` event); the adapters build blocking and asyncio calls on
-them. See :mod:`reliable.mailbox` for the semantics. A durable mailbox
-(``create_mailbox(..., store=...)``) records write intents instead of
-doing I/O; the adapter commits them (``pending_writes``, ``writes_done``),
-and whatever must follow a commit (the sender's receipt, a waiting
-receiver's message) waits for that report: see :mod:`reliable.durable`.
-Receivers on other nodes, transfers of a mailbox's ownership, remote
-management (``rmsg ctl``) and the prompt failure of sends to a node that
-closed are :mod:`reliable.remote_mailbox`'s (``Endpoint.remote``); the
-endpoint routes it the control operations 16 and up and the session events.
+The endpoint routes; its jobs live in rooms of their own, each handed the
+few callables it needs:
+
+* :mod:`reliable.gate`: what the node says to addresses it keeps no session
+  for (CHALLENGE cookies, RESET, AUTH_FAILED), within the amplification and
+  rate limits;
+* :mod:`reliable.post_office`: the mailboxes, and the verdict on each
+  arriving message, which must ride on the very acknowledgement that covers
+  it (entered, deferred because the mailbox is full, staged for a durable
+  mailbox's commit, refused); the endpoint's mailbox methods (``take``,
+  ``wait_for_message``, ``create_mailbox``...) hand their work there. The
+  default mailbox ``""`` always exists. A durable mailbox records write
+  intents instead of doing I/O; the adapter commits them
+  (``pending_writes``, ``writes_done``): see :mod:`reliable.durable`;
+* :mod:`reliable.failover`: anycast sends, tried on one member at a time;
+* :mod:`reliable.groups` and :mod:`reliable.anycast`: group streams and the
+  service directory;
+* :mod:`reliable.remote_mailbox` (``Endpoint.remote``): receivers on other
+  nodes, transfers of a mailbox's ownership, remote management (``rmsg
+  ctl``) and the prompt failure of sends to a node that closed; the endpoint
+  routes it the control operations 16 and up and the session events.
+
+A datagram's way in (``receive_datagram``) reads top to bottom: open and
+decode; the kinds no session takes go to their handler through one table
+(``_sessionless``: group and anycast kinds, CHALLENGE, AUTH_FAILED); the
+rest pass the admission checks above and reach their session, which hands
+each whole message to the post office and each node control message back
+here (``_on_control_message``, a table by type). ``docs/architecture.md``
+draws it.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -71,7 +84,9 @@ mailbox verdict; a failed security check that was answered with
 AUTH_FAILED, itself rate-limited per address); WARNING when a session is
 evicted or a new peer turned away because ``max_peers`` is reached, and when
 a peer refuses *our* datagrams (keys or modes differ); DEBUG for address
-challenges and closing. ``reliable.peer`` logs restarts and unreachable peers.
+challenges and closing. The gate and the post office speak through this
+logger too: an operator configures one. ``reliable.peer`` logs restarts and
+unreachable peers.
 """
 
 from __future__ import annotations
@@ -228,7 +243,9 @@ class Endpoint:
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
-        self._control: list[tuple[bytes, Any]] = []
+        #: datagrams sent outside any session: the gate's replies, group output at close,
+        #: farewells (not "control": that word is kept for node control messages)
+        self._loose: list[tuple[bytes, Any]] = []
         self._next_ticket = 1
         self._buffered = 0
         self.dropped: dict[str, int] = {}
@@ -526,7 +543,7 @@ class Endpoint:
         """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""
         return bool(
             self._dirty
-            or self._control
+            or self._loose
             or self._events
             or self._groups.pending
             or self._services.pending
@@ -544,7 +561,7 @@ class Endpoint:
         taken do not count.)"""
         return not (
             self._dirty
-            or self._control
+            or self._loose
             or self._groups.pending
             or self._services.pending
             or self.owes_writes()
@@ -680,8 +697,8 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
-        out = self._control
-        self._control = []
+        out = self._loose
+        self._loose = []
         if self._dirty and not self.closed:
             dirty = self._dirty
             self._dirty = {}
@@ -913,7 +930,7 @@ class Endpoint:
         owner: int | None = None,
     ) -> None:
         """Change mailbox ``name``'s capacity and max_bytes at run time (see
-        :meth:`Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
+        :meth:`~reliable.mailbox.Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
         self._now = now
         self._post.set_limits(name, capacity, max_bytes, now, owner=owner)
 
@@ -1472,7 +1489,7 @@ class Endpoint:
 
     def _queue_loose(self, datagram: bytes, addr: Any) -> None:
         """Send ``datagram`` outside any session (a reply from the gate, a farewell)."""
-        self._control.append((datagram, addr))
+        self._loose.append((datagram, addr))
 
     def _remember_ended(self, addr: Any, incarnation: int) -> None:
         self._ended[(addr, incarnation)] = None
@@ -1585,21 +1602,21 @@ class Endpoint:
         if pending and now < self._close_deadline:
             return
         self._groups.flush_acks()
-        self._group_output(self._control, now)  # final acks, before the LEAVEs
+        self._group_output(self._loose, now)  # final acks, before the LEAVEs
         self._groups.close("closing", now)
         for service in list(self._services.served):
             self._services.unserve(service)
-        self._group_output(self._control, now)
+        self._group_output(self._loose, now)
         for session in self._peers.values():
             session.fail_all(errors.SendAborted(session.addr))
         # Flush whatever the sessions still owe (final acks), then say goodbye.
         for addr, session in self._peers.items():
             for body in session.datagrams(now, self.incarnation):
-                self._control.append((self._seal(body), addr))
+                self._loose.append((self._seal(body), addr))
             if session.incarnation is not None:
                 bye = session.farewell(now, self.incarnation)
                 # two copies, each its own packet number (a replay window drops repeats)
-                self._control.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
+                self._loose.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
         self.closed = True
         _log.debug("closed; peers told: %d", len(self._peers))
         self._emit(events.Closed())
