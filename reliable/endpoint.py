@@ -873,9 +873,7 @@ class Endpoint:
         ``store`` the mailbox is durable (:mod:`reliable.durable`): it starts
         with the messages the store restored, in order.
         """
-        return self._post.create_mailbox(
-            name, capacity=capacity, max_bytes=max_bytes, port=port, store=store, now=now
-        )
+        return self._post.create_mailbox(name, capacity, max_bytes, port, store, now)
 
     # ---------------------------------------------------- durable mailboxes
 
@@ -918,7 +916,7 @@ class Endpoint:
 
         A port is managed by its owner only: ``owner`` must be its token.
         """
-        self._post.close_mailbox(name, now, owner=owner)
+        self._post.close_mailbox(name, now, owner)
 
     def set_limits(
         self,
@@ -930,13 +928,14 @@ class Endpoint:
         owner: int | None = None,
     ) -> None:
         """Change mailbox ``name``'s capacity and max_bytes at run time (see
-        :meth:`~reliable.mailbox.Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
+        :meth:`~reliable.mailbox.Mailbox.set_limits`); the default mailbox's too. A port's
+        by its owner."""
         self._now = now
-        self._post.set_limits(name, capacity, max_bytes, now, owner=owner)
+        self._post.set_limits(name, capacity, max_bytes, now, owner)
 
     def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
-        self._post.open_mailbox(name, owner=owner)
+        self._post.open_mailbox(name, owner)
 
     def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Remove the mailbox: parked senders get ``MailboxClosed``, later ones
@@ -945,7 +944,7 @@ class Endpoint:
         A port is deleted by its owner only (``owner``), and should be once the
         owner is gone: nobody else can ever receive what it would accept.
         """
-        self._post.delete_mailbox(name, now, owner=owner)
+        self._post.delete_mailbox(name, now, owner)
 
     def take(
         self,
@@ -965,9 +964,7 @@ class Endpoint:
         (``sync_stores``) before it hands a removed message out.
         """
         self._now = now
-        return self._post.take(
-            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
-        )
+        return self._post.take(mailbox, selector, owner, receiver, lock, now)
 
     def peek(
         self,
@@ -978,18 +975,18 @@ class Endpoint:
         now: float,
     ) -> Message | None:
         """The message :meth:`take` would return, left in the mailbox (browse)."""
-        return self._post.peek(mailbox, selector, owner=owner, now=now)
+        return self._post.peek(mailbox, selector, owner, now)
 
     def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Remove ``msg``, taken under a lock, for good. False if its lock had expired
         (then it went back to the mailbox, and may have been received again)."""
         self._now = now
-        return self._post.ack(mailbox, msg, owner=owner, now=now)
+        return self._post.ack(mailbox, msg, owner, now)
 
     def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
         self._now = now
-        return self._post.release(mailbox, msg, owner=owner, now=now)
+        return self._post.release(mailbox, msg, owner, now)
 
     def remove_message(
         self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
@@ -997,7 +994,7 @@ class Endpoint:
         """Explicit delete: remove ``msg`` (peeked, or locked) from its mailbox.
         False if it is no longer there (received, or deleted, meanwhile)."""
         self._now = now
-        return self._post.remove_message(mailbox, msg, owner=owner, now=now)
+        return self._post.remove_message(mailbox, msg, owner, now)
 
     def wait_for_message(
         self,
@@ -1015,9 +1012,7 @@ class Endpoint:
         mailbox is deleted. Waiting receives are served first come, first served.
         """
         self._now = now
-        return self._post.wait_for_message(
-            mailbox, selector, owner=owner, receiver=receiver, lock=lock, now=now
-        )
+        return self._post.wait_for_message(mailbox, selector, owner, receiver, lock, now)
 
     def take_any(
         self,
@@ -1036,7 +1031,7 @@ class Endpoint:
         from. As :meth:`take` otherwise (raises ``MessageTooBig`` as it does).
         """
         self._now = now  # as the take it makes
-        return self._post.take_any(mailboxes, selector, receiver=receiver, lock=lock, now=now)
+        return self._post.take_any(mailboxes, selector, receiver, lock, now)
 
     def wait_for_any(
         self,
@@ -1056,7 +1051,7 @@ class Endpoint:
         fails (``ReceiveFailed``) and leaves the others' lines too.
         """
         self._now = now
-        return self._post.wait_for_any(mailboxes, selector, receiver=receiver, lock=lock, now=now)
+        return self._post.wait_for_any(mailboxes, selector, receiver, lock, now)
 
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
@@ -1268,9 +1263,7 @@ class Endpoint:
         a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
         """
         self._now = now
-        return self._post.post(
-            mailbox, data, source=source, msg_type=msg_type, priority=priority, now=now
-        )
+        return self._post.post(mailbox, data, source, msg_type, priority, now)
 
     # ---------------------------------------------------- node control messages
 

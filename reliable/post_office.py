@@ -131,11 +131,10 @@ class PostOffice:
     def create_mailbox(
         self,
         name: str,
-        *,
-        capacity: int | None = None,
-        max_bytes: int | None = None,
-        port: bool = False,
-        store: MailboxStore | None = None,
+        capacity: int | None,
+        max_bytes: int | None,
+        port: bool,
+        store: MailboxStore | None,
         now: float,
     ) -> int:
         """As :meth:`Endpoint.create_mailbox <reliable.endpoint.Endpoint.create_mailbox>`."""
@@ -204,20 +203,14 @@ class PostOffice:
         """As :meth:`Endpoint.is_durable <reliable.endpoint.Endpoint.is_durable>`."""
         return name in self._durable
 
-    def close_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
+    def close_mailbox(self, name: str, now: float, owner: int | None) -> None:
         """As :meth:`Endpoint.close_mailbox <reliable.endpoint.Endpoint.close_mailbox>`."""
         box = self._box(name, owner=owner, managing=True)
         box.open = False
         self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
 
     def set_limits(
-        self,
-        name: str,
-        capacity: int | None,
-        max_bytes: int | None,
-        now: float,
-        *,
-        owner: int | None = None,
+        self, name: str, capacity: int | None, max_bytes: int | None, now: float, owner: int | None
     ) -> None:
         """As :meth:`Endpoint.set_limits <reliable.endpoint.Endpoint.set_limits>`."""
         box = self.mailboxes.get(name)
@@ -229,11 +222,11 @@ class PostOffice:
             raise errors.UsageError("a durable mailbox cannot be a rendezvous (capacity=0)")
         box.set_limits(capacity, max_bytes, now)
 
-    def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
+    def open_mailbox(self, name: str, owner: int | None) -> None:
         """As :meth:`Endpoint.open_mailbox <reliable.endpoint.Endpoint.open_mailbox>`."""
         self._box(name, owner=owner, managing=True).open = True
 
-    def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
+    def delete_mailbox(self, name: str, now: float, owner: int | None) -> None:
         """As :meth:`Endpoint.delete_mailbox <reliable.endpoint.Endpoint.delete_mailbox>`."""
         box = self._box(name, owner=owner, managing=True)
         self._on_deleted(name)
@@ -276,7 +269,7 @@ class PostOffice:
 
     # ------------------------------------------------ durable mailboxes
 
-    def pending_writes(self, limit: int | None = None) -> list[WriteBatch]:
+    def pending_writes(self, limit: int | None) -> list[WriteBatch]:
         """As :meth:`Endpoint.pending_writes <reliable.endpoint.Endpoint.pending_writes>`."""
         batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
         self._retired.clear()
@@ -298,7 +291,7 @@ class PostOffice:
         """As :meth:`Endpoint.durable_stores <reliable.endpoint.Endpoint.durable_stores>`."""
         return [box.log.store for box in self._durable.values() if box.log is not None]
 
-    def writes_done(self, batch: WriteBatch, now: float, error: Exception | None = None) -> None:
+    def writes_done(self, batch: WriteBatch, now: float, error: Exception | None) -> None:
         """As :meth:`Endpoint.writes_done <reliable.endpoint.Endpoint.writes_done>`."""
         box = self.mailboxes.get(batch.mailbox)
         live = box is not None and box.log is batch.log
@@ -344,12 +337,11 @@ class PostOffice:
 
     def take(
         self,
-        mailbox: str = DEFAULT_MAILBOX,
-        selector: Selector | None = None,
-        *,
-        owner: int | None = None,
-        receiver: str = "",
-        lock: float | None = None,
+        mailbox: str,
+        selector: Selector | None,
+        owner: int | None,
+        receiver: str,
+        lock: float | None,
         now: float,
     ) -> Message | None:
         """As :meth:`Endpoint.take <reliable.endpoint.Endpoint.take>`."""
@@ -374,19 +366,14 @@ class PostOffice:
         return msg
 
     def peek(
-        self,
-        mailbox: str = DEFAULT_MAILBOX,
-        selector: Selector | None = None,
-        *,
-        owner: int | None = None,
-        now: float,
+        self, mailbox: str, selector: Selector | None, owner: int | None, now: float
     ) -> Message | None:
         """As :meth:`Endpoint.peek <reliable.endpoint.Endpoint.peek>`."""
         box = self._box(mailbox, owner=owner)
         self.expire_locks(now)
         return box.peek(selector or ANY)
 
-    def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+    def ack(self, mailbox: str, msg: Message, owner: int | None, now: float) -> bool:
         """As :meth:`Endpoint.ack <reliable.endpoint.Endpoint.ack>`."""
         box = self._box(mailbox, owner=owner)
         if box.ack(msg, now):
@@ -394,14 +381,12 @@ class PostOffice:
             return True
         return False
 
-    def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
+    def release(self, mailbox: str, msg: Message, owner: int | None, now: float) -> bool:
         """As :meth:`Endpoint.release <reliable.endpoint.Endpoint.release>`."""
         box = self._box(mailbox, owner=owner)
         return box.release(msg, now)
 
-    def remove_message(
-        self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
-    ) -> bool:
+    def remove_message(self, mailbox: str, msg: Message, owner: int | None, now: float) -> bool:
         """As :meth:`Endpoint.remove_message <reliable.endpoint.Endpoint.remove_message>`."""
         box = self._box(mailbox, owner=owner)
         if box.remove(msg, now):
@@ -428,12 +413,11 @@ class PostOffice:
 
     def wait_for_message(
         self,
-        mailbox: str = DEFAULT_MAILBOX,
-        selector: Selector | None = None,
-        *,
-        owner: int | None = None,
-        receiver: str = "",
-        lock: float | None = None,
+        mailbox: str,
+        selector: Selector | None,
+        owner: int | None,
+        receiver: str,
+        lock: float | None,
         now: float,
     ) -> int:
         """As :meth:`Endpoint.wait_for_message <reliable.endpoint.Endpoint.wait_for_message>`."""
@@ -448,10 +432,9 @@ class PostOffice:
     def take_any(
         self,
         mailboxes: list[tuple[str, int | None]],
-        selector: Selector | None = None,
-        *,
-        receiver: str = "",
-        lock: float | None = None,
+        selector: Selector | None,
+        receiver: str,
+        lock: float | None,
         now: float,
     ) -> Message | None:
         """As :meth:`Endpoint.take_any <reliable.endpoint.Endpoint.take_any>`."""
@@ -466,17 +449,14 @@ class PostOffice:
                 chosen, best = (name, owner), head.priority
         if chosen is None:
             return None
-        return self.take(
-            chosen[0], selector, owner=chosen[1], receiver=receiver, lock=lock, now=now
-        )
+        return self.take(chosen[0], selector, chosen[1], receiver, lock, now)
 
     def wait_for_any(
         self,
         mailboxes: list[tuple[str, int | None]],
-        selector: Selector | None = None,
-        *,
-        receiver: str = "",
-        lock: float | None = None,
+        selector: Selector | None,
+        receiver: str,
+        lock: float | None,
         now: float,
     ) -> int:
         """As :meth:`Endpoint.wait_for_any <reliable.endpoint.Endpoint.wait_for_any>`."""
@@ -641,14 +621,7 @@ class PostOffice:
         return None
 
     def post(
-        self,
-        mailbox: str,
-        data: bytes,
-        *,
-        source: Any,
-        msg_type: int = 0,
-        priority: int = 0,
-        now: float,
+        self, mailbox: str, data: bytes, source: Any, msg_type: int, priority: int, now: float
     ) -> Verdict | None:
         """As :meth:`Endpoint.post <reliable.endpoint.Endpoint.post>`."""
         verdict = self._judge(mailbox, len(data), source)

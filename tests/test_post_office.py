@@ -12,6 +12,7 @@ import pytest
 from reliable import Config, errors, events
 from reliable.control import Admitted, Discarded, decode_control
 from reliable.mailbox import Selector
+from reliable.message import Message
 from reliable.outbox_ids import format_tag
 from reliable.peer import PeerSession
 from reliable.post_office import PostOffice
@@ -58,6 +59,18 @@ class Node:
         d = Delivery(self._msg_id, data, 0, 0, mailbox, last_seq=self._msg_id)
         return self.post.deliver(self.session, d, NOW)
 
+    def create(
+        self,
+        name: str,
+        capacity: int | None = None,
+        max_bytes: int | None = None,
+        port: bool = False,
+    ) -> int:
+        return self.post.create_mailbox(name, capacity, max_bytes, port, None, NOW)
+
+    def take(self, name: str) -> Message | None:
+        return self.post.take(name, None, None, "", None, NOW)
+
     def told(self) -> list[object]:
         """The node control messages queued for the sender, decoded."""
         return [decode_control(m.data) for m in self.session.sender.control]
@@ -81,9 +94,9 @@ def _first(mailbox: str, total_len: int) -> Fragment:
 def test_the_screen_refuses_by_the_first_fragment_and_counts_why() -> None:
     node = Node(Config(mailbox_memory=1000))
     post = node.post
-    post.create_mailbox("small", max_bytes=10, now=NOW)
-    post.create_mailbox("shut", now=NOW)
-    post.close_mailbox("shut", NOW)
+    node.create("small", max_bytes=10)
+    node.create("shut")
+    post.close_mailbox("shut", NOW, None)
     assert post.screen(_first("nope", 5), SENDER) is Verdict.NO_MAILBOX
     assert node.missing == [(SENDER, "nope")]  # the remote-mailbox protocol may know where
     assert post.screen(_first("shut", 5), SENDER) is Verdict.MAILBOX_CLOSED
@@ -103,12 +116,12 @@ def test_the_screen_refuses_by_the_first_fragment_and_counts_why() -> None:
 def test_a_parked_message_stays_charged_to_its_sender_until_it_gets_in() -> None:
     node = Node()
     post = node.post
-    post.create_mailbox("box", capacity=1, now=NOW)
+    node.create("box", capacity=1)
     assert node.deliver("box") is None  # in
     assert node.deliver("box") is Verdict.DEFERRED  # full: parked
     assert (post.held, node.session.parked) == (20, 10)
     assert node.told() == []
-    first = post.take("box", now=NOW)
+    first = node.take("box")
     assert first is not None and first.msg_id == 1 and first.incarnation == 77
     # Room: the parked one got in, its sender hears so and its window bytes come back.
     assert (post.held, node.session.parked) == (10, 0)
@@ -119,7 +132,7 @@ def test_a_parked_message_stays_charged_to_its_sender_until_it_gets_in() -> None
 def test_a_message_for_a_waiting_receiver_is_handed_over_at_once() -> None:
     node = Node()
     post = node.post
-    ticket = post.wait_for_message("", Selector(msg_type=0), now=NOW)
+    ticket = post.wait_for_message("", Selector(msg_type=0), None, "", None, NOW)
     assert node.deliver("") is None
     (taken,) = node.events
     assert isinstance(taken, events.MessageTaken) and taken.waiter == ticket
@@ -130,7 +143,7 @@ def test_a_message_for_a_waiting_receiver_is_handed_over_at_once() -> None:
 def test_a_withdrawn_parked_message_leaves_and_its_sender_hears_cancelled() -> None:
     node = Node()
     post = node.post
-    post.create_mailbox("box", capacity=0, now=NOW)  # rendezvous: everything parks
+    node.create("box", capacity=0)  # rendezvous: everything parks
     assert node.deliver("box") is Verdict.DEFERRED
     post.withdraw_parked(node.session, 2)  # not parked here: nothing happens
     assert post.held == 10
@@ -142,7 +155,7 @@ def test_a_withdrawn_parked_message_leaves_and_its_sender_hears_cancelled() -> N
 def test_an_ended_incarnations_parked_messages_are_forgotten_silently() -> None:
     node = Node()
     post = node.post
-    post.create_mailbox("box", capacity=0, now=NOW)
+    node.create("box", capacity=0)
     node.deliver("box")
     node.deliver("box")
     post.forget_parked(SENDER, 76)  # another incarnation: not these
@@ -154,13 +167,13 @@ def test_an_ended_incarnations_parked_messages_are_forgotten_silently() -> None:
 def test_deleting_a_mailbox_fails_its_receives_and_tells_its_parked_senders() -> None:
     node = Node()
     post = node.post
-    owner = post.create_mailbox("box", capacity=1, port=True, now=NOW)
+    owner = node.create("box", capacity=1, port=True)
     node.deliver("box")
     node.deliver("box")
-    ticket = post.wait_for_any([("box", owner), ("", None)], now=NOW)
+    ticket = post.wait_for_any([("box", owner), ("", None)], None, "", None, NOW)
     with pytest.raises(errors.UsageError):
-        post.delete_mailbox("box", NOW)  # a port: only its owner deletes it
-    post.delete_mailbox("box", NOW, owner=owner)
+        post.delete_mailbox("box", NOW, None)  # a port: only its owner deletes it
+    post.delete_mailbox("box", NOW, owner)
     assert node.deleted == ["box"]
     assert not post.has_mailbox("box") and post.held == 0
     assert node.told() == [Discarded(2, Verdict.MAILBOX_CLOSED)]
@@ -168,28 +181,27 @@ def test_deleting_a_mailbox_fails_its_receives_and_tells_its_parked_senders() ->
     assert isinstance(failed, events.ReceiveFailed) and failed.waiter == ticket
     assert isinstance(failed.error, errors.MailboxDeleted)
     assert node.deliver("") is None  # it left the default mailbox's line too
-    assert post.take("", now=NOW) is not None
+    assert node.take("") is not None
     with pytest.raises(errors.UsageError):
-        post.delete_mailbox("", NOW)  # the default mailbox stays
+        post.delete_mailbox("", NOW, None)  # the default mailbox stays
 
 
 def test_a_resent_outbox_message_is_acknowledged_and_not_delivered_twice() -> None:
     node = Node()
-    post = node.post
-    post.create_mailbox("jobs", now=NOW)
+    node.create("jobs")
     tagged = "jobs" + format_tag(3, 9, 0)
     assert node.deliver(tagged) is None
     assert node.deliver(tagged) is None  # the re-send after the sender's restart
     assert node.dropped == {"duplicate.outbox": 1}
-    first = post.take("jobs", now=NOW)
+    first = node.take("jobs")
     assert first is not None and first.mailbox == "jobs"
-    assert post.take("jobs", now=NOW) is None
+    assert node.take("jobs") is None
 
 
 def test_a_local_post_is_judged_and_numbered_as_an_arrival() -> None:
     node = Node()
     post = node.post
-    assert post.post("", b"one", source=SENDER, now=NOW) is None
-    assert post.post("nope", b"two", source=SENDER, now=NOW) is Verdict.NO_MAILBOX
-    msg = post.take("", now=NOW)
+    assert post.post("", b"one", SENDER, 0, 0, NOW) is None
+    assert post.post("nope", b"two", SENDER, 0, 0, NOW) is Verdict.NO_MAILBOX
+    msg = node.take("")
     assert msg is not None and (msg.data, msg.msg_id, msg.incarnation) == (b"one", 1, 0)
