@@ -158,7 +158,6 @@ from .wire import (
 __all__ = ["Endpoint", "Withdrawal"]
 
 _log = logging.getLogger(__name__)
-#: Events ``_emit`` acts on beyond queueing them (besides outcomes while anycast sends run).
 
 # The arguments send() checks itself are declared ``object``, named for what they accept:
 # a compiled (mypyc) core checks declared types at the call and would raise TypeError
@@ -730,6 +729,53 @@ class Endpoint:
         self._packet_number = number + 1
         return self.security.seal(body, self.incarnation, number)
 
+    # ------------------------------------------------ packets no session takes
+
+    def _handle_service(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """ANNOUNCE or WITHDRAW: the anycast directory's."""
+        self._services.on_packet(pkt, addr, now)
+
+    def _handle_solicit(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """SOLICIT: a member answers for its groups, a server for its services."""
+        if pkt.src_incarnation != self.incarnation:
+            if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
+                self._services.confirm_request(pkt, addr)
+                return
+            self._services.solicited(pkt.group, now)
+        self._groups.on_packet(pkt, addr, size, now)
+
+    def _handle_challenge(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """The peer wants our address proven: echo its cookie from now on."""
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
+            self._drop("stray_challenge")
+            return
+        session.on_challenge(pkt.cookie, now)
+        self._dirty[addr] = None
+
+    def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
+        """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
+        if len(data) < 4 or data[3] != Kind.AUTH_FAILED:
+            return False
+        try:
+            pkt = decode(data)
+        except MalformedPacket:
+            return False
+        self._handle_auth_failed(pkt, addr, len(data), now)
+        return True
+
+    def _handle_auth_failed(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """AUTH_FAILED: a peer refuses our datagrams (keys or modes differ)."""
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation:
+            self._drop("stray_auth_failed")  # the echo is what proves it answers us
+            return
+        self._drop("auth_failed")
+        error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
+        _log.warning("%s", error)
+        self._emit(events.PeerRejectedUs(peer=addr, error=error))
+        session.fail_all(error)
+
     # ----------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
@@ -853,7 +899,7 @@ class Endpoint:
         self._dirty[dest] = None
         return request
 
-    # -------------------------------------------------------------- mailboxes
+    # ------------------------------- mailboxes (their work is the post office's)
 
     def create_mailbox(
         self,
@@ -874,6 +920,26 @@ class Endpoint:
         with the messages the store restored, in order.
         """
         return self._post.create_mailbox(name, capacity, max_bytes, port, store, now)
+
+    def post(
+        self,
+        mailbox: str,
+        data: bytes,
+        *,
+        source: Any,
+        msg_type: int = 0,
+        priority: int = 0,
+        now: float,
+    ) -> Verdict | None:
+        """A message from this node into its own ``mailbox``, without the transport
+        (a local post: ``source`` is the node's own address). It is judged and
+        admitted as an arriving message is: it enters, goes to a waiting
+        receiver, parks while the mailbox is full, or (durable) is staged until
+        committed. Returns None, or the verdict that refused it (also counted as
+        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
+        """
+        self._now = now
+        return self._post.post(mailbox, data, source, msg_type, priority, now)
 
     # ---------------------------------------------------- durable mailboxes
 
@@ -1230,41 +1296,6 @@ class Endpoint:
         session = self._peers.get(member)
         return None if session is None else session.rtt.srtt
 
-    def _handle_service(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        """ANNOUNCE or WITHDRAW: the anycast directory's."""
-        self._services.on_packet(pkt, addr, now)
-
-    def _handle_solicit(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        """SOLICIT: a member answers for its groups, a server for its services."""
-        if pkt.src_incarnation != self.incarnation:
-            if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
-                self._services.confirm_request(pkt, addr)
-                return
-            self._services.solicited(pkt.group, now)
-        self._groups.on_packet(pkt, addr, size, now)
-
-    # ------------------------------------------------- mailbox admission (core)
-
-    def post(
-        self,
-        mailbox: str,
-        data: bytes,
-        *,
-        source: Any,
-        msg_type: int = 0,
-        priority: int = 0,
-        now: float,
-    ) -> Verdict | None:
-        """A message from this node into its own ``mailbox``, without the transport
-        (a local post: ``source`` is the node's own address). It is judged and
-        admitted as an arriving message is: it enters, goes to a waiting
-        receiver, parks while the mailbox is full, or (durable) is staged until
-        committed. Returns None, or the verdict that refused it (also counted as
-        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
-        """
-        self._now = now
-        return self._post.post(mailbox, data, source, msg_type, priority, now)
-
     # ---------------------------------------------------- node control messages
 
     def _on_control_message(self, session: PeerSession, payload: bytes, now: float) -> None:
@@ -1488,40 +1519,6 @@ class Endpoint:
         self._ended[(addr, incarnation)] = None
         while len(self._ended) > self.config.remembered_incarnations:
             self._ended.popitem(last=False)
-
-    def _handle_challenge(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        """The peer wants our address proven: echo its cookie from now on."""
-        session = self._peers.get(addr)
-        if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
-            self._drop("stray_challenge")
-            return
-        session.on_challenge(pkt.cookie, now)
-        self._dirty[addr] = None
-
-    # ------------------------------------------------------ security refusals
-
-    def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
-        """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
-        if len(data) < 4 or data[3] != Kind.AUTH_FAILED:
-            return False
-        try:
-            pkt = decode(data)
-        except MalformedPacket:
-            return False
-        self._handle_auth_failed(pkt, addr, len(data), now)
-        return True
-
-    def _handle_auth_failed(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        """AUTH_FAILED: a peer refuses our datagrams (keys or modes differ)."""
-        session = self._peers.get(addr)
-        if session is None or pkt.dst_incarnation != self.incarnation:
-            self._drop("stray_auth_failed")  # the echo is what proves it answers us
-            return
-        self._drop("auth_failed")
-        error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
-        _log.warning("%s", error)
-        self._emit(events.PeerRejectedUs(peer=addr, error=error))
-        session.fail_all(error)
 
     def _peer_closed(self, session: PeerSession, now: float) -> None:
         assert session.incarnation is not None
