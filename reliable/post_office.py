@@ -348,8 +348,10 @@ class PostOffice:
         box = self.mailboxes.get(mailbox)
         if box is None or (box.owner is not None and owner != box.owner):
             box = self._box(mailbox, owner=owner)  # raises, saying why
+        # Checked before any narrowing: inside an ``if lock is not None`` the compiled
+        # core would pass the value as a float, and True would arrive as 1.0.
+        check_lock(lock)
         if lock is not None:
-            check_lock(lock)
             _check_truncate(selector, lock)
         if self.locking:
             self.expire_locks(now)
@@ -855,7 +857,12 @@ def _log_refusal(source: Any, mailbox: str, size: int, verdict: Verdict) -> None
 
 
 def check_lock(lock: float | None) -> None:
-    """A receive's lock (visibility timeout) is None or a positive number of seconds."""
+    """A receive's lock (visibility timeout) is None or a positive number of seconds.
+
+    Call it with the argument as received: a compiled core unboxes a value
+    narrowed to ``float`` (``True`` becomes ``1.0``), so a check after an
+    ``is not None`` test would pass a bool.
+    """
     if lock is None:
         return
     if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
