@@ -30,7 +30,9 @@ timeouts in a row, while using more than the base size) and the size falls
 back to ``BASE_PLPMTU`` at once; the search resumes after
 ``PMTU_RAISE_TIMER``. Messages already cut for the larger size keep their
 fragment size (fragments are fixed when a message is queued), so on a path
-that really shrank they fail (``PeerUnreachable``); later ones use the base.
+that really shrank they fail (``PeerUnreachable`` with a ``cause``: see
+``PeerSession._fail_cut_too_big``, which judges that from probe timeouts
+after the fall while the peer is still heard); later ones use the base.
 
 There is no ERROR state: a path that does not carry ``BASE_PLPMTU`` is an
 unreachable peer, as before. ``DISABLED`` is for paths whose size is known
