@@ -113,7 +113,7 @@ from dataclasses import dataclass, field
 
 from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
-from .fate import TERMINAL, Fate, FateInput, advance
+from .fate import DELIVERED_ON_ACK, TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
 from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Fragment, record_size, unwrap
 
@@ -332,10 +332,37 @@ class SendStream:
 
     @property
     def base(self) -> int:
-        """Lowest sequence number neither acknowledged nor abandoned."""
+        """Lowest sequence number neither acknowledged nor abandoned, held back at the
+        first message whose verdict the peer may still owe us (see :meth:`_verdict_hold`)."""
         for seq in self.unacked:
-            return seq
-        return self.next_seq
+            return seq if seq <= self.cum_ack else self._verdict_hold(seq)
+        seq = self.next_seq
+        return seq if seq <= self.cum_ack else self._verdict_hold(seq)
+
+    def _verdict_hold(self, base: int) -> int:
+        """``base``, or the first sequence number of the oldest message below it that was
+        selectively acknowledged but neither passed by the cumulative ack nor given a
+        verdict, if there is one.
+
+        The receiver keeps a notice (a message parked in a full mailbox, or refused) on
+        its acks until our base passes the message: the base is its only sign that we
+        heard it. It holds its cumulative ack below a message whose notice it did not
+        carry, but a SACK may cover a message's fragments before it is delivered (its
+        verdict does not exist yet: an earlier gap holds delivery back). A base moved
+        past such a message by that SACK made the receiver drop a notice we never got,
+        and the next cumulative ack then reported a parked (or refused) message
+        delivered (found by the mailbox back-pressure property test: a rendezvous
+        receipt with no receiver). Called only when the base is above the cumulative
+        ack, which loss or reordering must have caused.
+        """
+        cum = self.cum_ack
+        for msg in self.by_msg_id.values():  # in first_seq order
+            first = msg.first_seq
+            if first >= base:
+                break
+            if msg.fate in DELIVERED_ON_ACK and not msg.control and msg.last_seq >= cum:
+                return first if first > cum else cum
+        return base
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
@@ -555,6 +582,8 @@ class SendStream:
         self.last_send_time = now
         self.packets_sent += 1
         base = next(iter(unacked))  # (not empty: it holds this packet)
+        if base > self.cum_ack:  # (rare: loss or reordering; see _verdict_hold)
+            base = self._verdict_hold(base)
         fragment = Fragment(
             seq=seq,
             base=base,
