@@ -340,29 +340,35 @@ class SendStream:
         return seq if seq <= self.cum_ack else self._verdict_hold(seq)
 
     def _verdict_hold(self, base: int) -> int:
-        """``base``, or the first sequence number of the oldest message below it that was
+        """``base``, or the last sequence number of a message below it that was wholly
         selectively acknowledged but neither passed by the cumulative ack nor given a
-        verdict, if there is one.
+        verdict (the lowest such), if there is one.
 
-        The receiver keeps a notice (a message parked in a full mailbox, or refused) on
-        its acks until our base passes the message: the base is its only sign that we
-        heard it. It holds its cumulative ack below a message whose notice it did not
-        carry, but a SACK may cover a message's fragments before it is delivered (its
-        verdict does not exist yet: an earlier gap holds delivery back). A base moved
-        past such a message by that SACK made the receiver drop a notice we never got,
-        and the next cumulative ack then reported a parked (or refused) message
-        delivered (found by the mailbox back-pressure property test: a rendezvous
-        receipt with no receiver). Called only when the base is above the cumulative
-        ack, which loss or reordering must have caused.
+        The receiver keeps a notice (a message parked in a full mailbox, or refused at
+        delivery) on its acks until our base passes the message's last fragment: the
+        base is its only sign that we heard it. It holds its cumulative ack below a
+        message whose notice it did not carry, but a SACK may cover a message before it
+        is delivered (its verdict does not exist yet: an earlier gap holds delivery
+        back). A base moved past such a message by that SACK made the receiver drop a
+        notice we never got, and the next cumulative ack then reported a parked (or
+        refused) message delivered (found by the mailbox back-pressure property test: a
+        rendezvous receipt with no receiver). Held at the message's last fragment, not
+        lower, the base still passes anything abandoned below it. Called only when the
+        base is above the cumulative ack, which loss or reordering must have caused.
         """
-        cum = self.cum_ack
-        for msg in self.by_msg_id.values():  # in first_seq order
-            first = msg.first_seq
-            if first >= base:
+        held = base
+        for msg in self.by_msg_id.values():  # in first_seq order (nested ones end sooner)
+            if msg.first_seq >= held:
                 break
-            if msg.fate in DELIVERED_ON_ACK and not msg.control and msg.last_seq >= cum:
-                return first if first > cum else cum
-        return base
+            last = msg.last_seq
+            if (
+                last < held
+                and msg.next_index >= msg.count  # wholly sent: the peer may judge it
+                and msg.fate in DELIVERED_ON_ACK
+                and not msg.control
+            ):
+                held = last
+        return held
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
