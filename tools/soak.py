@@ -86,8 +86,9 @@ class Plan:
         ]
         for side, msgs in self.messages.items():
             sizes = [m[1] for m in msgs]
+            largest = max(sizes, default=0)
             lines.append(
-                f"  {side} sends {len(msgs)} messages, {sum(sizes)} bytes, largest {max(sizes)}"
+                f"  {side} sends {len(msgs)} messages, {sum(sizes)} bytes, largest {largest}"
             )
         return "\n".join(lines)
 
@@ -119,8 +120,11 @@ def _size(rng: random.Random) -> int:
     return rng.randint(600_000, 3 * 1024 * 1024)  # the bulk paths
 
 
-def draw(seed: int, *, max_bytes: int = 6 * 1024 * 1024) -> Plan:
-    """The scenario ``seed`` stands for (the same on every run and machine)."""
+def draw(seed: int, *, max_bytes: int = 6 * 1024 * 1024, one_way: bool = False) -> Plan:
+    """The scenario ``seed`` stands for (the same on every run and machine).
+
+    ``one_way``: B sends nothing, so A's DATA carries no piggybacked acks (the
+    receiver's fast path for big messages takes only such datagrams)."""
     rng = random.Random(seed)
     if rng.random() < 0.3:
         datagram, pmtu_max, mtu, drop = 65000, None, 0, None
@@ -140,7 +144,7 @@ def draw(seed: int, *, max_bytes: int = 6 * 1024 * 1024) -> Plan:
             budget -= size
             when += rng.choice([0.0, 0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.5)])
             msgs.append((when, size, rng.choice(PRIORITIES), rng.choice(MAILBOXES)))
-        plan.messages[side] = msgs
+        plan.messages[side] = [] if one_way and side == "b" else msgs
     return plan
 
 
@@ -333,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, help="run only this scenario")
     ap.add_argument("--max-bytes", type=int, default=6 * 1024 * 1024, help="a->b bytes per run")
     ap.add_argument("--keep-going", action="store_true", help="run on after a failure")
+    ap.add_argument("--one-way", action="store_true", help="only a sends (b acknowledges)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every scenario")
     return ap
 
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.monotonic() - start > args.seconds:
             print(f"stopped at the {args.seconds:g} s bound before seed {seed}")
             break
-        plan = draw(seed, max_bytes=args.max_bytes)
+        plan = draw(seed, max_bytes=args.max_bytes, one_way=args.one_way)
         if args.verbose:
             print(plan.describe(), flush=True)
         try:
