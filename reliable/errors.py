@@ -221,7 +221,10 @@ class PeerUnreachable(DeliveryFailed):
     ``cause`` is set when the operating system said the peer cannot be reached
     (an ICMP port, host or network unreachable, or a send refused for want of
     a route) and the node failed at once on its word rather than waiting out
-    ``Config.peer_timeout``; ``errno`` is then the OS's error number.
+    ``Config.peer_timeout``; ``errno`` is then the OS's error number. It is
+    also set, with no ``errno``, when the path's datagrams shrank (a PMTU
+    black hole) below the size a message was already cut for: the peer still
+    answers, but that message can no longer reach it.
     """
 
     def __init__(

@@ -294,6 +294,10 @@ class PeerSession:
         known = self.datagram_size != config.max_datagram_size  # loopback: no discovery
         self.pmtu = PathMtu(self.datagram_size, None if known else config.pmtu_max)
         self.probe_answers: list[int] = []  # PROBE numbers the peer sent us, to answer
+        #: When a black hole last shrank the datagrams, and the sender's backoff then:
+        #: what tells a message cut too big for the path apart from one merely lost.
+        self.shrunk_at: float | None = None
+        self.shrunk_backoff = 0
         self.bulk = False  # sent a message of several datagrams: discovery pays off now
         #: whether DATA may take on_bulk, the fast path (tests turn it off to compare)
         self.bulk_path = True
@@ -547,6 +551,7 @@ class PeerSession:
             if self.pmtu.on_ack(pkt.probe, now):
                 self.datagram_size = self.pmtu.size  # the next messages are cut for it
                 self._recut()  # and so are the queued ones not yet started
+                self.shrunk_at = None  # what was cut for a larger size may fit again
         elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
@@ -1075,6 +1080,10 @@ class PeerSession:
         ):
             self.datagram_size = pmtu.size  # full-size datagrams stopped getting through
             self._recut()  # and messages not yet started are cut for the base size again
+            self.shrunk_at = now
+            self.shrunk_backoff = self.sender.backoff
+        elif self.shrunk_at is not None:
+            self._fail_cut_too_big(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, msg = heapq.heappop(self._deadlines)
             if msg.fate not in DEADLINE_MATTERS:
@@ -1178,6 +1187,58 @@ class PeerSession:
         # refusal from its host counts, once it owes us an answer: a retransmission
         # timeout of silence while we wait (a healthy peer answers sooner).
         return not soft and now - max(self.last_heard, self.wait_since) >= self.rtt.rto
+
+    def _fail_cut_too_big(self, now: float) -> None:
+        """Fail the messages cut for datagrams larger than the path now carries.
+
+        A message's fragments are fixed once it is cut (their count is on the
+        wire), so one cut before a black hole may never fit the path again: its
+        datagrams vanish each time they are retransmitted, while the session's
+        small pings are answered, so ``peer_timeout`` never fires either. The
+        evidence that it is the path and not loss: ``PERSISTENT_CONGESTION_PROBES``
+        more probe timeouts since the fall, with the peer heard after it. Then
+        every application message that does not fit fails with
+        ``PeerUnreachable`` (with a ``cause`` that says why); the others carry on.
+        """
+        shrunk_at = self.shrunk_at
+        assert shrunk_at is not None
+        backoff = self.sender.backoff
+        if backoff < self.shrunk_backoff:  # progress since the fall restarted the count
+            self.shrunk_backoff = 0
+        if backoff < self.shrunk_backoff + PERSISTENT_CONGESTION_PROBES:
+            return
+        if self.last_heard <= shrunk_at:  # silence: peer_timeout's to judge, not ours
+            return
+        size = self.datagram_size
+        fits: dict[str, int] = {}
+        too_big: list[OutgoingMessage] = []
+        for msg in self.sender.messages():
+            if msg.control:
+                continue
+            room = fits.get(msg.mailbox)
+            if room is None:
+                room = fits[msg.mailbox] = fragment_capacity(size, msg.mailbox)
+            if min(msg.fragment_size, len(msg.data)) > room:
+                too_big.append(msg)
+        self.shrunk_backoff = backoff  # the next verdict waits for more evidence
+        if not too_big:
+            return
+        cause = (
+            f"the path no longer carries the datagrams this message was cut for "
+            f"(its size fell to {size} bytes after a black hole, and a sent message's "
+            "fragments cannot be cut again)"
+        )
+        for msg in too_big:
+            self.sender.abandon(msg)
+            # delivered stays unknown for a wholly sent message (_fail says False otherwise)
+            error = errors.PeerUnreachable(self.addr, now - shrunk_at, cause=cause)
+            self._fail(msg, FateInput.LOST, error)
+        _log.warning(
+            "peer %s: %d messages cut too big for the path's %d-byte datagrams failed",
+            errors.format_address(self.addr),
+            len(too_big),
+            size,
+        )
 
     def _declare_unreachable(
         self,

@@ -29,11 +29,13 @@ size loses every full-size datagram. The session reports that
 timeouts in a row, while using more than the base size) and the size falls
 back to ``BASE_PLPMTU`` at once; the search resumes after
 ``PMTU_RAISE_TIMER``. A message's fragments are fixed once its first one is
-sent (the receiver reassembles by their count), so a message already started
-at the larger size keeps it and, on a path that really shrank, fails
-(``PeerUnreachable`` or its send timeout); queued messages not yet started
+sent (the receiver reassembles by their count); queued messages not yet started
 are cut again for the base size (``PeerSession._recut``), as they are for a
-larger size when a probe confirms one.
+larger size when a probe confirms one. A message already started at the
+larger size keeps it and, on a path that really shrank, fails
+(``PeerUnreachable`` with a ``cause``: see ``PeerSession._fail_cut_too_big``,
+which judges that from probe timeouts after the fall while the peer is
+still heard).
 
 There is no ERROR state: a path that does not carry ``BASE_PLPMTU`` is an
 unreachable peer, as before. ``DISABLED`` is for paths whose size is known

@@ -221,7 +221,7 @@ class ReceiveStream:
         if self.notices:
             self._expire_notices(base)
         if base > self.expected:
-            self._skip_to(base, delivered)
+            self._skip_to(base, delivered, frag if seq == base else None)
         if seq < self.expected or seq in self.ooo:
             self.duplicates += 1
             self.ack_now = True
@@ -419,21 +419,45 @@ class ReceiveStream:
             self.expected += 1
         self._trim_ranges()
 
-    def _skip_to(self, base: int, delivered: list[Delivery]) -> None:
-        """The sender abandoned everything below ``base``: deliver what is whole, drop the rest."""
+    def _skip_to(
+        self, base: int, delivered: list[Delivery], at_base: Fragment | None = None
+    ) -> None:
+        """The sender abandoned everything below ``base``: deliver what is whole, drop the rest.
+
+        A gap ends the message in progress unless the fragment after it is that
+        message's next one: what was abandoned in between was a message nested in it
+        (a higher priority's, timed out or cut too big for the path), and the message
+        in progress is whole without it. Ending it anyway lost it while its
+        fragments were acknowledged, so its sender was told it was delivered.
+        ``at_base`` is the fragment at ``base`` being received, if that is the one.
+        """
         assert self.expected is not None
         for seq in sorted(s for s in self.ooo if s < base):
-            if seq != self.expected:
+            if seq != self.expected and not self._continues(self.ooo[seq]):
                 self._end_partial()  # a gap: the message in progress can never complete
             frag = self.ooo.pop(seq)
             self._unstore(frag, seq)
             self._reassemble(frag, seq, delivered)
             self.expected = seq + 1
         if self.expected < base:
-            self._end_partial()
+            nxt = self.ooo.get(base, at_base)
+            if nxt is None or not self._continues(nxt):
+                self._end_partial()
             self.expected = base
         self._trim_ranges()
         self._advance(delivered)
+
+    def _continues(self, frag: Fragment) -> bool:
+        """Whether ``frag`` is the next fragment of the message in progress."""
+        partial = self.partial
+        return (
+            partial is not None
+            and frag.index == partial.next_index
+            and frag.index > 0
+            and frag.count == partial.count
+            and frag.total_len == partial.total_len
+            and frag.msg_id == partial.msg_id & 0xFFFFFFFF
+        )
 
     def _reassemble(self, frag: Fragment, seq: int, delivered: list[Delivery]) -> None:
         partial = self.partial

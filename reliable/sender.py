@@ -113,7 +113,7 @@ from dataclasses import dataclass, field
 
 from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
-from .fate import TERMINAL, Fate, FateInput, advance
+from .fate import DELIVERED_ON_ACK, TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
 from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Flag, pack_record, record_size, unwrap
 
@@ -347,16 +347,48 @@ class SendStream:
 
     @property
     def base(self) -> int:
-        """Lowest sequence number neither acknowledged nor abandoned."""
+        """Lowest sequence number neither acknowledged nor abandoned, held back at the
+        first message whose verdict the peer may still owe us (see :meth:`_verdict_hold`)."""
         unacked = self.unacked
         if not unacked:
             self.low = low = self.next_seq
-            return low
-        low = self.low
-        while low not in unacked:  # (it holds a key at or above low: this ends)
-            low += 1
-        self.low = low
-        return low
+        else:
+            low = self.low
+            while low not in unacked:  # (it holds a key at or above low: this ends)
+                low += 1
+            self.low = low
+        return low if low <= self.cum_ack else self._verdict_hold(low)
+
+    def _verdict_hold(self, base: int) -> int:
+        """``base``, or the last sequence number of a message below it that was wholly
+        selectively acknowledged but neither passed by the cumulative ack nor given a
+        verdict (the lowest such), if there is one.
+
+        The receiver keeps a notice (a message parked in a full mailbox, or refused at
+        delivery) on its acks until our base passes the message's last fragment: the
+        base is its only sign that we heard it. It holds its cumulative ack below a
+        message whose notice it did not carry, but a SACK may cover a message before it
+        is delivered (its verdict does not exist yet: an earlier gap holds delivery
+        back). A base moved past such a message by that SACK made the receiver drop a
+        notice we never got, and the next cumulative ack then reported a parked (or
+        refused) message delivered (found by the mailbox back-pressure property test: a
+        rendezvous receipt with no receiver). Held at the message's last fragment, not
+        lower, the base still passes anything abandoned below it. Called only when the
+        base is above the cumulative ack, which loss or reordering must have caused.
+        """
+        held = base
+        for msg in self.by_msg_id.values():  # in first_seq order (nested ones end sooner)
+            if msg.first_seq >= held:
+                break
+            last = msg.last_seq
+            if (
+                last < held
+                and msg.next_index >= msg.count  # wholly sent: the peer may judge it
+                and msg.fate in DELIVERED_ON_ACK
+                and not msg.control
+            ):
+                held = last
+        return held
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
@@ -631,6 +663,8 @@ class SendStream:
         while base not in unacked:
             base += 1
         self.low = base
+        if base > self.cum_ack:  # (rare: loss or reordering; see _verdict_hold)
+            base = self._verdict_hold(base)
         pack_record(
             records,
             seq,

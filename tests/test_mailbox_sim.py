@@ -180,3 +180,29 @@ def test_timed_sends_to_a_full_mailbox_each_get_one_truthful_outcome(
     withdrawn = consumer.stats().mailbox("q").discarded
     timed_out = sum(isinstance(f, events.MessageFailed) for f in fates.values())
     assert withdrawn <= timed_out
+
+
+def test_a_sacked_message_keeps_its_parked_notice_until_the_sender_hears_it() -> None:
+    """Found by soaking the back-pressure property (5,000 examples, seed 4242).
+
+    The third message's two fragments were selectively acknowledged while the first
+    (retransmitted) was still missing, so the rendezvous mailbox could not judge it yet.
+    The sender's base then moved past it on that SACK alone; the receiver took the
+    base as proof that its DEFERRED notice had been heard and dropped it, and the next
+    cumulative ack completed the parked message as plainly delivered: a rendezvous
+    receipt without its receiver (and, for a refusal, a refused message reported
+    delivered). SendStream._verdict_hold keeps the base at such a message."""
+    test_back_pressure_never_drops_and_keeps_each_senders_order.hypothesis.inner_test(
+        capacity=0,
+        messages=[(0, 0, 37), (0, 0, 968), (0, 0, 1044), (0, 0, 0)],
+        take_every=0.00390625,
+        link=Impairment(
+            loss=0.203125,
+            duplicate=0.125,
+            corrupt=0.0625,
+            delay=0.001953125,
+            jitter=0.0008809686721332956,
+            reorder=0.25,
+        ),
+        seed=65535,
+    )

@@ -137,7 +137,9 @@ def test_a_black_hole_falls_back_to_the_base_size() -> None:
     _exchange(p, 1300, 6.0, seen)
     assert session.pmtu.black_holes == 1 and session.datagram_size == 1200
     failed = [e for e in p.a.of(events.MessageFailed) if e.ticket == ticket]
-    assert failed and isinstance(failed[0].error, errors.SendTimeout)  # cut too big: lost
+    # Cut too big: it fails once the path is shown to be smaller, before its timeout.
+    assert failed and isinstance(failed[0].error, errors.PeerUnreachable)
+    assert failed[0].error.cause is not None and "black hole" in failed[0].error.cause
     p.a.endpoint.send(B, b"c" * BIG, now=p.now)  # cut for the base size: it crosses
     _exchange(p, 1300, 5.0, seen)
     assert p.b.received() == [b"a" * BIG, b"c" * BIG]
@@ -200,3 +202,31 @@ def test_probe_packets_round_trip_and_reject_bad_lengths(kind: wire.Kind) -> Non
     forged[3] = int(kind)  # the kind byte: a probe with no probe number
     with pytest.raises(wire.MalformedPacket):
         wire.decode(wire.with_crc(bytes(forged)))
+
+
+def test_a_message_cut_too_big_for_a_shrunk_path_fails_instead_of_stalling() -> None:
+    """Found by tools/soak.py (seed 2): with no send timeout, a message cut for 1472
+    bytes before a black hole was retransmitted whole forever. The peer kept answering
+    the session's small pings, so peer_timeout never fired and the message never got a
+    fate. Its fragments cannot be cut again once sent, so it fails, and says why."""
+    p = Pair(Config(peer_timeout=30.0))
+    p.connect()
+    session = p.a.endpoint._peers[B]
+    p.a.endpoint.send(B, b"a" * BIG, now=p.now)
+    seen: list[bytes] = []
+    _exchange(p, 1472, 2.0, seen)
+    assert session.datagram_size == 1472
+    # One fragment of 1267 bytes: it fits 1472-byte datagrams, not 1200-byte ones.
+    ticket = p.a.endpoint.send(B, b"b" * 1267, now=p.now)
+    _exchange(p, 1200, 60.0, seen)  # the path shrank to the base size
+    assert session.pmtu.black_holes == 1 and session.datagram_size == 1200
+    failed = [e for e in p.a.of(events.MessageFailed) if e.ticket == ticket]
+    assert failed, "a message that can no longer cross the path must fail, not stall"
+    error = failed[0].error
+    # Its one fragment was wholly sent, so the sender cannot know it never arrived.
+    assert isinstance(error, errors.PeerUnreachable) and error.delivered is None
+    assert error.cause is not None and "1200" in error.cause
+    assert not p.a.of(events.PeerUnreachable)  # the peer itself is fine: only that message
+    p.a.endpoint.send(B, b"c" * 1267, now=p.now)  # cut for the base size: it crosses
+    _exchange(p, 1200, 5.0, seen)
+    assert p.b.received() == [b"a" * BIG, b"c" * 1267]
