@@ -112,11 +112,6 @@ R = TypeVar("R", Receipt, GroupReceipt)
 H = TypeVar("H", bound="_AsyncPendingSend[Any]")
 
 
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class _AsyncPendingSend(asyncio.Future[R]):
     """What :class:`AsyncSendHandle` and :class:`AsyncGroupSendHandle` share: an
     ``asyncio.Future`` resolved with the receipt or the delivery error.
@@ -271,6 +266,8 @@ class AsyncNode:
         self._sock: DatagramSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # One loop timer for the deadlines of every waiting coroutine (see _wake_by).
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._timer_stale = False  # a pump left the loop timer to be re-armed (_arm_later)
         self._arm_scheduled = False
@@ -281,7 +278,9 @@ class AsyncNode:
         self._handles: dict[int, _AsyncPendingSend[Any] | AsyncBatchHandle] = {}
         self._destinations = Destinations()
         self._groups: GroupSockets | None = None
-        self._receives: dict[int, asyncio.Future[Message]] = {}
+        # Receives waiting for the core's answer (tickets), and the answers routed to them.
+        self._receives: set[int] = set()
+        self._taken: dict[int, Message | errors.ReliableError] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
         self._manage_replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # manage, transfer
         self._departures = Departures()
@@ -352,6 +351,8 @@ class AsyncNode:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         assert self._loop is not None and self._sock is not None
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
@@ -365,7 +366,6 @@ class AsyncNode:
             self._groups.close()
         futures: list[asyncio.Future[Any]] = [
             *self._handles.values(),
-            *self._receives.values(),
             *self._stats_replies.values(),
             *self._manage_replies.values(),
         ]
@@ -373,7 +373,6 @@ class AsyncNode:
             if not future.done():
                 future.set_exception(errors.NodeClosed("the node closed"))
         self._handles.clear()
-        self._receives.clear()
         self._stats_replies.clear()
         self._manage_replies.clear()
         self._notify()
@@ -671,29 +670,9 @@ class AsyncNode:
         label = receiver if receiver is not None else task.get_name() if task else "asyncio"
         deadline = None if timeout is None else loop.time() + timeout
         ticket = endpoint.pull(owner, name, selector, receiver=label, now=loop.time())
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         self._pump([])
-        try:
-            while not future.done():
-                remaining = None if deadline is None else deadline - loop.time()
-                failure = receive_failure(
-                    closed=self._closed or endpoint.closing,
-                    departures=self._departures,
-                    peer=None,
-                    mark=mark,
-                    remaining=remaining,
-                    timeout=timeout,
-                )
-                if failure is not None:
-                    if self._closed or endpoint.cancel_wait(ticket):
-                        self._pump([])  # the owner hears the withdrawal now
-                        raise failure
-                    break
-                await self._wait_change(remaining)
-            return future.result()
-        finally:
-            self._receives.pop(ticket, None)
+        return await self._await_message(ticket, None, mark, timeout, deadline)
 
     def on_message(
         self,
@@ -1248,32 +1227,11 @@ class AsyncNode:
         deadline = None if timeout is None else now + timeout
         peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_any(boxes, selector, receiver=receiver, lock=lock, now=now)
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         if peer is not None:
             endpoint.watch(peer, now)
         self._pump([])
-        try:
-            while not future.done():
-                remaining = None if deadline is None else deadline - loop.time()
-                failure = receive_failure(
-                    closed=self._closed or endpoint.closing,
-                    departures=self._departures,
-                    peer=peer,
-                    mark=mark,
-                    remaining=remaining,
-                    timeout=timeout,
-                )
-                if failure is not None:
-                    if self._closed or endpoint.cancel_wait(ticket):
-                        raise failure
-                    break
-                await self._wait_change(remaining)
-            return future.result()
-        finally:
-            self._receives.pop(ticket, None)
-            if peer is not None and not self._closed:
-                endpoint.unwatch(peer, loop.time())
+        return await self._await_message(ticket, peer, mark, timeout, deadline)
 
     async def _receive_many(
         self,
@@ -1416,8 +1374,7 @@ class AsyncNode:
         ticket = endpoint.wait_for_message(
             mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
         )
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         if peer is not None:
             endpoint.watch(peer, loop.time())  # probes: a new timer
             self._pump([])
@@ -1426,8 +1383,31 @@ class AsyncNode:
             # the answer is routed. A plain wait changes nothing else (no timer): no pump,
             # which would look the core's timer up again just before the loop sleeps.
             self._pump([])
+        return await self._await_message(ticket, peer, mark, timeout, deadline)
+
+    async def _await_message(
+        self,
+        ticket: int,
+        peer: Address | None,
+        mark: int,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> Message:
+        """Wait for the core's answer to the receive ``ticket`` (registered in
+        ``_receives``); ``peer``, if named, was watched, and is unwatched after.
+
+        The same steps as :meth:`reliable.Node._await_message` with the event
+        loop's wait: the pump that routes the answer (``_on_receive``) wakes us.
+        Giving up (a timeout, the named peer gone, the node closed, or this
+        coroutine cancelled, as by ``asyncio.wait_for``) withdraws the wait from
+        the core, or the core would hand the next message to nobody; if the core
+        answered first, the answer wins (the message was taken for us).
+        """
+        loop = self._require_started()
+        endpoint = self._endpoint
+        taken = self._taken
         try:
-            while not future.done():
+            while ticket not in taken:
                 remaining = None if deadline is None else deadline - loop.time()
                 failure = receive_failure(
                     closed=self._closed or endpoint.closing,
@@ -1439,14 +1419,26 @@ class AsyncNode:
                 )
                 if failure is not None:
                     if self._closed or endpoint.cancel_wait(ticket):
+                        self._pump([])  # e.g. a remote mailbox's owner hears of it now
                         raise failure
-                    break  # answered: every call pumps, so the future is already resolved
+                    self._pump([])  # answered meanwhile: route the answer, then take it
+                    continue
                 await self._wait_change(remaining)
-            return future.result()
+        except asyncio.CancelledError:
+            if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
+                self._pump([])
+            # Else the answer came in the moment before the cancellation: that message
+            # was taken for a receive that no longer wants it, and goes with it.
+            taken.pop(ticket, None)
+            raise
         finally:
-            self._receives.pop(ticket, None)
+            self._receives.discard(ticket)
             if peer is not None and not self._closed:
                 endpoint.unwatch(peer, loop.time())
+        outcome = taken.pop(ticket)
+        if isinstance(outcome, errors.ReliableError):
+            raise outcome
+        return outcome
 
     # ------------------------------------------------------------------ I/O
 
@@ -1597,29 +1589,46 @@ class AsyncNode:
 
     async def _wait_change(self, timeout: float | None) -> None:
         """Until the next pump (or ``timeout``): the waiting coroutine is resumed by the
-        pump's own callback, in the same step that read the datagram (no wait_for hop)."""
+        pump's own callback, in the same step that read the datagram (no wait_for hop).
+        Callers check their own deadline when woken (a wake-up may come early)."""
         loop = self._require_started()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if timeout is not None:
+            self._wake_by(loop.time() + timeout)
+        await waiter
+
+    def _wake_by(self, when: float) -> None:
+        """See that the waiting coroutines are woken by ``when`` (loop time).
+
+        One loop timer serves every waiter's deadline: it is moved only to an
+        earlier time, and when it fires it wakes them all; each looks at its own
+        deadline and, still waiting, asks again for its own. A receive with a
+        timeout that gets its message in time (the common case) thus costs no
+        timer of its own: a timer per wait, cancelled a moment later, cost a
+        handle, a heap push and a cancelled heap entry each.
+        """
+        timer = self._wake_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        assert self._loop is not None
+        self._wake_timer = self._loop.call_at(when, self._on_wake_timer)
+
+    def _on_wake_timer(self) -> None:
+        self._wake_timer = None
+        self._notify()
 
     # EventSink
     def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
     ) -> None:
-        future = self._receives.get(waiter)
-        if future is None or future.done():
+        if waiter not in self._receives or waiter in self._taken:
             return
-        if message is not None:
-            future.set_result(message)
-        else:
-            assert error is not None
-            future.set_exception(error)
+        outcome = message if message is not None else error
+        assert outcome is not None
+        self._taken[waiter] = outcome
         self._notify()
 
     def _on_manage(self, request: int, status: int, body: bytes) -> None:
