@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -264,7 +265,11 @@ class AsyncNode:
         self.config = self._endpoint.config
         self._on_event = on_event
         self._sock: DatagramSocket | None = None
+        self._family = 0  # the socket's address family, once started
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop's clock (loop.time), read a dozen times per message: asyncio's own
+        # loop reads time.monotonic through a Python method; we read it directly.
+        self._clock: Callable[[], float] = time.monotonic
         self._timer: asyncio.TimerHandle | None = None
         # One loop timer for the deadlines of every waiting coroutine (see _wake_by).
         self._wake_timer: asyncio.TimerHandle | None = None
@@ -303,7 +308,9 @@ class AsyncNode:
         """Open (or adopt) the socket and start serving on the running loop."""
         if self._loop is not None:
             return self
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if type(loop).time is not asyncio.BaseEventLoop.time:
+            self._clock = loop.time  # another loop's own clock (e.g. a test's virtual time)
         sock = (
             self._given_sock
             if self._given_sock is not None
@@ -311,6 +318,7 @@ class AsyncNode:
         )
         sock.setblocking(False)
         self._sock = sock
+        self._family = sock.family
         self._endpoint.remote.local_address = normalize(sock.getsockname())
         self._endpoint.set_receive_buffer(receive_buffer(sock))
         self._close_done = self._loop.create_future()
@@ -819,7 +827,7 @@ class AsyncNode:
             self._endpoint,
             target,
             data,
-            now=loop.time(),
+            now=self._clock(),
             msg_type=msg_type,
             priority=priority,
             timeout=timeout,
@@ -1201,7 +1209,7 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
+        family = self._family
         selector = selector_for(
             source,
             msg_type,
@@ -1297,7 +1305,7 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
+        family = self._family
         selector = selector_for(
             source,
             msg_type,
@@ -1310,7 +1318,7 @@ class AsyncNode:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
         endpoint = self._endpoint
-        now = loop.time()
+        now = self._clock()
         if self._posts and self._sock is not None:
             # Posts made before this receive are in the mailbox when it looks.
             self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
@@ -1326,7 +1334,7 @@ class AsyncNode:
         out; and a parked message may have got in: its sender hears of it now."""
         assert self._loop is not None
         endpoint = self._endpoint
-        now = self._loop.time()
+        now = self._clock()
         self._committer.flush(endpoint, now)
         if now - self._read_at >= DRIVE_GAP:
             self._on_readable()  # see _drive
@@ -1366,17 +1374,16 @@ class AsyncNode:
             return message
         if timeout == 0:
             raise errors.ReceiveTimeout("no message waiting")
-        loop = self._require_started()
         endpoint = self._endpoint
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else self._clock() + timeout
         # One named source is watched while we wait; a set of them is not (others may send).
         peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_message(
-            mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
+            mailbox, selector, owner=owner, receiver=label, lock=lock, now=self._clock()
         )
         self._receives.add(ticket)
         if peer is not None:
-            endpoint.watch(peer, loop.time())  # probes: a new timer
+            endpoint.watch(peer, self._clock())  # probes: a new timer
             self._pump([])
         elif endpoint.has_output() or endpoint.has_events():
             # The wait let a parked message in (a rendezvous): its sender hears now, and
@@ -1403,12 +1410,11 @@ class AsyncNode:
         the core, or the core would hand the next message to nobody; if the core
         answered first, the answer wins (the message was taken for us).
         """
-        loop = self._require_started()
         endpoint = self._endpoint
         taken = self._taken
         try:
             while ticket not in taken:
-                remaining = None if deadline is None else deadline - loop.time()
+                remaining = None if deadline is None else deadline - self._clock()
                 failure = receive_failure(
                     closed=self._closed or endpoint.closing,
                     departures=self._departures,
@@ -1434,7 +1440,7 @@ class AsyncNode:
         finally:
             self._receives.discard(ticket)
             if peer is not None and not self._closed:
-                endpoint.unwatch(peer, loop.time())
+                endpoint.unwatch(peer, self._clock())
         outcome = taken.pop(ticket)
         if isinstance(outcome, errors.ReliableError):
             raise outcome
@@ -1444,10 +1450,11 @@ class AsyncNode:
 
     def _on_readable(self, *, arm_later: bool = False) -> None:
         assert self._sock is not None and self._loop is not None
-        self._read_at = self._loop.time()
+        self._read_at = self._clock()
         reports: list[Unreachable] = []
         batch = drain_socket(self._sock, reports=reports)
-        self._take_reports(reports)
+        if reports:
+            self._take_reports(reports)
         self._pump(batch, arm_later=arm_later)
 
     def _on_reader(self) -> None:
@@ -1463,7 +1470,7 @@ class AsyncNode:
         peer's RTT estimate is stretched by how long the coroutine ran.
         """
         assert self._loop is not None
-        if self._loop.time() - self._read_at >= DRIVE_GAP:
+        if self._clock() - self._read_at >= DRIVE_GAP:
             self._on_readable()
         else:
             self._pump([])
@@ -1477,7 +1484,7 @@ class AsyncNode:
             return
         assert self._loop is not None
         endpoint = self._endpoint
-        now = self._loop.time()
+        now = self._clock()
         self._held = 0
         self._woke = False
         if self._posts:
@@ -1552,7 +1559,8 @@ class AsyncNode:
         if self._backlog.transmit(self._sock, out, reports) and not waiting:
             assert self._loop is not None
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
-        self._take_reports(reports)
+        if reports:
+            self._take_reports(reports)
 
     def _on_writable(self) -> None:
         assert self._sock is not None and self._loop is not None
@@ -1595,7 +1603,7 @@ class AsyncNode:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if timeout is not None:
-            self._wake_by(loop.time() + timeout)
+            self._wake_by(self._clock() + timeout)
         await waiter
 
     def _wake_by(self, when: float) -> None:
