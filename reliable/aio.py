@@ -71,17 +71,24 @@ from .driver import (
     group_target,
     mailbox_set,
     manage_mailbox,
+    manage_request,
+    no_answer,
     open_socket,
-    outbox_destination,
+    outbox_batch,
+    outbox_message,
     parse_manage_reply,
     parse_stats,
+    post_local,
     receive_buffer,
     receive_failure,
+    receive_selector,
     refuse_group,
     remote_mailbox_address,
+    replay_target,
     report_unreachable,
     resolve_destination,
     route_events,
+    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -89,13 +96,11 @@ from .endpoint import (
     Withdrawal,
     check_lock,
     check_timeout,
-    message_bytes,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources, check_mailbox_name, selector_for
+from .mailbox import Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import AsyncOutbox, OutboxStore, settle_outbox_send
-from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -414,10 +419,7 @@ class AsyncNode:
         try:
             body = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise errors.ReceiveTimeout(
-                f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
-                "(is an rmsg node running there, with Config.serve_stats?)"
-            ) from None
+            raise no_answer(addr, timeout, stats=True) from None
         finally:
             self._stats_replies.pop(request, None)
         return parse_stats(body)
@@ -437,12 +439,10 @@ class AsyncNode:
         ``set_limits``, ``delete``, ``grant`` or ``revoke`` its mailbox ``mailbox``
         (what ``rmsg ctl`` does), without blocking the loop while it answers."""
         check_timeout(timeout, "timeout", positive=True)
-        if action not in ACTIONS:
-            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        request = manage_request(action, mailbox, capacity, max_bytes, node)
         self._require_started()
         assert self._sock is not None
         addr = resolve_destination(dest, self._sock.family)
-        request = Manage(0, action, mailbox, capacity, max_bytes, node)
         return await self._managed_call(
             addr, lambda now: self._endpoint.manage(addr, request, now), timeout
         )
@@ -461,10 +461,7 @@ class AsyncNode:
         try:
             status, body = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise errors.ReceiveTimeout(
-                f"{errors.format_address(addr)} did not answer within {timeout:g}s "
-                "(is an rmsg node running there?)"
-            ) from None
+            raise no_answer(addr, timeout) from None
         finally:
             self._manage_replies.pop(number, None)
         return parse_manage_reply(addr, status, body)
@@ -523,7 +520,7 @@ class AsyncNode:
         self._outboxes.append(store)
         outbox = AsyncOutbox(self, store)
         for row in store.restored:
-            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            target = replay_target(store, row)
             outbox.replayed.append(
                 await self._outbox_submit(
                     store, row.row, target, row.data, row.msg_type, row.priority, None, block=True
@@ -548,10 +545,9 @@ class AsyncNode:
         self._require_started()
         assert self._sock is not None
         self._check_open()
-        addr, name, data = outbox_destination(
-            dest, data, msg_type, priority, mailbox, self._sock.family
+        addr, name, data = outbox_message(
+            self._endpoint, dest, data, msg_type, priority, mailbox, self._family
         )
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
         row, tag = await asyncio.to_thread(store.add, addr, name, msg_type, priority, data)
         target = OutboxTarget(addr, name, tag)
         return await self._outbox_submit(
@@ -573,11 +569,9 @@ class AsyncNode:
         self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
-        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, family)
-        checked = [checked_message(data, msg_type, priority) for data in messages]
-        for data in checked:
-            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        addr, name, checked = outbox_batch(
+            self._endpoint, dest, messages, msg_type, priority, mailbox, self._family
+        )
         if not checked:
             return []
         stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
@@ -597,8 +591,7 @@ class AsyncNode:
                     )
                 )
             except BaseException:
-                for later, _tag in stored[index + 1 :]:
-                    store.settle(later)  # never queued: nothing to retry
+                settle_unqueued(store, stored[index + 1 :])
                 raise
         return handles
 
@@ -1101,12 +1094,7 @@ class AsyncNode:
         in ``stats().dropped`` (``refused.*``) and logged, not raised.
         """
         self._require_started()
-        data = message_bytes(data)
-        check_mailbox_name(mailbox)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
-        if self._closed:
-            raise errors.NodeClosed("the node is closed")
-        self._posts.put(mailbox, data, msg_type, priority)
+        post_local(self._endpoint, self._posts, self._closed, mailbox, data, msg_type, priority)
 
     def receive_nowait(
         self,
@@ -1209,15 +1197,7 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._family
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
@@ -1305,15 +1285,7 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._family
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"

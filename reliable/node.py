@@ -80,17 +80,24 @@ from .driver import (
     group_target,
     mailbox_set,
     manage_mailbox,
+    manage_request,
+    no_answer,
     open_socket,
-    outbox_destination,
+    outbox_batch,
+    outbox_message,
     parse_manage_reply,
     parse_stats,
+    post_local,
     receive_buffer,
     receive_failure,
+    receive_selector,
     refuse_group,
     remote_mailbox_address,
+    replay_target,
     report_unreachable,
     resolve_destination,
     route_events,
+    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -98,13 +105,11 @@ from .endpoint import (
     Withdrawal,
     check_lock,
     check_timeout,
-    message_bytes,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources, check_mailbox_name, selector_for
+from .mailbox import Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import Outbox, OutboxStore, settle_outbox_send
-from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -768,12 +773,7 @@ class Node:
         here; a refusal later (no such mailbox, closed, memory full) is counted
         in ``stats().dropped`` (``refused.*``) and logged, not raised.
         """
-        data = message_bytes(data)
-        check_mailbox_name(mailbox)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
-        if self._closed:
-            raise errors.NodeClosed("the node is closed")
-        self._posts.put(mailbox, data, msg_type, priority)
+        post_local(self._endpoint, self._posts, self._closed, mailbox, data, msg_type, priority)
 
     def receive(
         self,
@@ -911,14 +911,7 @@ class Node:
         """
         check_timeout(timeout, "timeout")
         boxes = mailbox_set(mailboxes)
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, self._family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
@@ -968,14 +961,7 @@ class Node:
         truncate: bool = False,
     ) -> list[Message]:
         check_timeout(timeout, "timeout")
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, self._family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         # One named source is watched while we wait; a set of them is not (others may send).
         peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
@@ -1124,7 +1110,7 @@ class Node:
         self._outboxes.append(store)
         outbox = Outbox(self, store)
         for row in store.restored:
-            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            target = replay_target(store, row)
             outbox.replayed.append(
                 self._outbox_submit(
                     store,
@@ -1154,8 +1140,10 @@ class Node:
     ) -> SendHandle:
         """Check, store (accepted), then send: an outbox's send."""
         check_timeout(timeout, "timeout", positive=True)
-        addr, name, data = outbox_destination(dest, data, msg_type, priority, mailbox, self._family)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        endpoint = self._endpoint
+        addr, name, data = outbox_message(
+            endpoint, dest, data, msg_type, priority, mailbox, self._family
+        )
         row, tag = store.add(addr, name, msg_type, priority, data)
         target = OutboxTarget(addr, name, tag)
         return self._outbox_submit(
@@ -1174,10 +1162,10 @@ class Node:
     ) -> list[SendHandle]:
         """Check all, store all in one commit, then send each: an outbox's send_many."""
         check_timeout(timeout, "timeout", positive=True)
-        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, self._family)
-        checked = [checked_message(data, msg_type, priority) for data in messages]
-        for data in checked:
-            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        endpoint = self._endpoint
+        addr, name, checked = outbox_batch(
+            endpoint, dest, messages, msg_type, priority, mailbox, self._family
+        )
         if not checked:
             return []
         stored = store.add_many(addr, name, msg_type, priority, checked)
@@ -1198,8 +1186,7 @@ class Node:
                     )
                 )
             except BaseException:
-                for later, _tag in stored[index + 1 :]:
-                    store.settle(later)  # never queued: nothing to retry
+                settle_unqueued(store, stored[index + 1 :])
                 raise
         return handles
 
@@ -1379,10 +1366,8 @@ class Node:
         serves it only to callers on its own host, with ``Config.serve_stats``.
         """
         check_timeout(timeout, "timeout", positive=True)
-        if action not in ACTIONS:
-            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        request = manage_request(action, mailbox, capacity, max_bytes, node)
         addr = resolve_destination(dest, self._family)
-        request = Manage(0, action, mailbox, capacity, max_bytes, node)
         return self._managed_call(
             addr, lambda now: self._endpoint.manage(addr, request, now), timeout
         )
@@ -1403,10 +1388,7 @@ class Node:
                 while (reply := self._manage_replies[number]) is None:
                     self._check_open()
                     if time.monotonic() >= deadline:
-                        raise errors.ReceiveTimeout(
-                            f"{errors.format_address(addr)} did not answer within {timeout:g}s "
-                            "(is an rmsg node running there?)"
-                        )
+                        raise no_answer(addr, timeout)
                     self._wait(
                         lambda: self._manage_replies[number] is not None or self._closed, deadline
                     )
@@ -1444,10 +1426,7 @@ class Node:
                 while (body := self._stats_replies[request]) is None:
                     self._check_open()
                     if time.monotonic() >= deadline:
-                        raise errors.ReceiveTimeout(
-                            f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
-                            "(is an rmsg node running there, with Config.serve_stats?)"
-                        )
+                        raise no_answer(addr, timeout, stats=True)
                     self._wait(
                         lambda: self._stats_replies[request] is not None or self._closed, deadline
                     )
