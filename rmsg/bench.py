@@ -314,7 +314,7 @@ def _sender(
             sock.shutdown(socket.SHUT_WR)
             sock.recv(1)  # wait until the receiver has read it all and closed
     elif transport == "rmsg":
-        from reliable import Config, Node
+        from reliable import Config, Node, WouldBlock
 
         with Node(sock=_rmsg_socket(loss, 2), config=Config(peer_timeout=30.0)) as node:
             outstanding: deque[Any] = deque()
@@ -322,7 +322,12 @@ def _sender(
             while sent < budget and time.monotonic() < end:
                 if len(outstanding) >= window:
                     outstanding.popleft().result(60)
-                outstanding.append(node.send_nowait(addr, payload))
+                try:
+                    outstanding.append(node.send_nowait(addr, payload))
+                except WouldBlock:
+                    # The receiver's mailbox is full (it takes messages slower than they
+                    # come): a blocking send waits for room, as an application would.
+                    node.send(addr, payload, timeout=60)
                 sent += 1
             for handle in outstanding:
                 handle.result(120)
@@ -363,7 +368,7 @@ def _sender(
 async def _async_sender(
     addr: Any, payload: bytes, loss: float, end: float, budget: int, batch: bool
 ) -> tuple[int, int, int]:
-    from reliable import Config
+    from reliable import Config, WouldBlock
     from reliable.aio import AsyncNode
 
     sent = 0
@@ -379,7 +384,10 @@ async def _async_sender(
         while not batch and sent < budget and time.monotonic() < end:
             if len(outstanding) >= window:
                 await outstanding.popleft()
-            outstanding.append(node.send_nowait(addr, payload))
+            try:
+                outstanding.append(node.send_nowait(addr, payload))
+            except WouldBlock:  # the receiver's mailbox is full: wait for room (as above)
+                await node.send(addr, payload, timeout=60)
             sent += 1
         await asyncio.gather(*outstanding)
         stats = node.stats()
