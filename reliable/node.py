@@ -1070,7 +1070,17 @@ class Node:
             )
 
         while ticket not in taken:
-            self._wait(over, deadline)
+            try:
+                self._wait(over, deadline)
+            except BaseException:
+                # Interrupted while waiting (KeyboardInterrupt, an exception raised by a
+                # signal handler): withdraw the wait, or the core would hand the next
+                # message to this receive, which nobody will return. One answered in
+                # the same instant goes with the interruption.
+                if not self._closed and ticket not in taken and self._endpoint.cancel_wait(ticket):
+                    self._drive(read=False)  # e.g. a remote mailbox's owner hears now
+                taken.pop(ticket, None)
+                raise
             if ticket in taken:
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
