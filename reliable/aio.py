@@ -1400,7 +1400,9 @@ class AsyncNode:
                         self._pump([])  # e.g. a remote mailbox's owner hears of it now
                         raise failure
                     self._pump([])  # answered meanwhile: route the answer, then take it
-                    continue
+                    if ticket not in taken:  # (the core said answered: never, but no spin)
+                        raise failure
+                    break
                 await self._wait_change(remaining)
         except asyncio.CancelledError:
             if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
