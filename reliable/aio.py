@@ -98,7 +98,7 @@ from .endpoint import (
     check_timeout,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources
+from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import AsyncOutbox, OutboxStore, settle_outbox_send
 from .security import Security
@@ -1282,10 +1282,21 @@ class AsyncNode:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> tuple[Message | None, Selector, str]:
-        loop = self._require_started()
+        loop = self._loop if self._loop is not None else self._require_started()
         assert self._sock is not None
         self._check_open()
-        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
+        if (
+            source is None
+            and msg_type == 0
+            and not except_type
+            and max_size is None
+            and not truncate
+        ):
+            selector = ANY  # the common receive selects nothing (as Selector.of; a fast path)
+        else:
+            selector = receive_selector(
+                source, msg_type, except_type, max_size, truncate, self._family
+            )
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
@@ -1384,6 +1395,8 @@ class AsyncNode:
         """
         endpoint = self._endpoint
         taken = self._taken
+        loop = self._loop
+        assert loop is not None
         try:
             while ticket not in taken:
                 remaining = None if deadline is None else deadline - self._clock()
@@ -1403,7 +1416,12 @@ class AsyncNode:
                     if ticket not in taken:  # (the core said answered: never, but no spin)
                         raise failure
                     break
-                await self._wait_change(remaining)
+                # As _wait_change, inline (a coroutine frame less per wait, on the reply's path).
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+                if deadline is not None:
+                    self._wake_by(deadline)
+                await waiter
         except asyncio.CancelledError:
             if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
                 self._pump([])
@@ -1573,7 +1591,7 @@ class AsyncNode:
         """Until the next pump (or ``timeout``): the waiting coroutine is resumed by the
         pump's own callback, in the same step that read the datagram (no wait_for hop).
         Callers check their own deadline when woken (a wake-up may come early)."""
-        loop = self._require_started()
+        loop = self._loop if self._loop is not None else self._require_started()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if timeout is not None:
