@@ -305,6 +305,9 @@ class AsyncNode:
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
         self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._committer = Committer(self._commit_finished)  # durable mailboxes
+        # Whether a durable mailbox was ever made here (sticky): until then, no commit
+        # can be owed, and the per-message checks for one are skipped.
+        self._durable = False
         self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
     # ------------------------------------------------------------- lifecycle
@@ -493,6 +496,8 @@ class AsyncNode:
         loop = self._require_started()
         self._check_open()
         store = open_store(durable, name, sync)
+        if store is not None:
+            self._durable = True
         try:
             owner = self._endpoint.create_mailbox(
                 name,
@@ -1318,7 +1323,8 @@ class AsyncNode:
         assert self._loop is not None
         endpoint = self._endpoint
         now = self._clock()
-        self._committer.flush(endpoint, now)
+        if self._durable:
+            self._committer.flush(endpoint, now)
         if now - self._read_at >= DRIVE_GAP:
             self._on_readable()  # see _drive
         elif locked or endpoint.has_output() or endpoint.has_events():
@@ -1488,7 +1494,8 @@ class AsyncNode:
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
         if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
-            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
+            if self._durable:
+                self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)

@@ -401,6 +401,9 @@ class Node:
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
+        # Whether a durable mailbox was ever made here (sticky): until then, no commit
+        # can be owed, and the per-message checks for one are skipped.
+        self._durable = False
         self._posts = PostQueue(self._wake)  # local posts (node.post), admitted by _drive
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -935,7 +938,8 @@ class Node:
                     if peer is not None and not self._closed:
                         endpoint.unwatch(peer, time.monotonic())
             else:
-                self._committer.flush(endpoint, now)  # durable: deletion commits before hand-out
+                if self._durable:  # deletion commits before hand-out
+                    self._committer.flush(endpoint, now)
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -993,7 +997,8 @@ class Node:
                     break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
-                self._committer.flush(endpoint, now)  # durable: deletions commit before hand-out
+                if self._durable:  # deletions commit before hand-out
+                    self._committer.flush(endpoint, now)
                 if endpoint.has_output():
                     self._drive()  # a parked message may have got in: its sender hears now
                 if lock is not None:
@@ -1026,8 +1031,8 @@ class Node:
                 if message is None:
                     break
                 got.append(message)
-            if len(got) > 1:
-                self._committer.flush(endpoint, now)  # durable: as above, for those taken
+            if len(got) > 1 and self._durable:
+                self._committer.flush(endpoint, now)  # as above, for those taken
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -1246,6 +1251,8 @@ class Node:
         process; ``sync`` is its sync policy (see docs/mailboxes.md).
         """
         store = open_store(durable, name, sync)
+        if store is not None:
+            self._durable = True
 
         def create(now: float) -> int:
             return self._endpoint.create_mailbox(
@@ -1623,7 +1630,8 @@ class Node:
             endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready
         ):
             self._held = 0
-            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
+            if self._durable:
+                self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot
