@@ -116,6 +116,10 @@ __all__ = [
 
 R = TypeVar("R", Receipt, GroupReceipt)
 H = TypeVar("H", bound="_AsyncPendingSend[Any]")
+#: A receive's timeout that needs no check_timeout call: a finite int or float >= 0
+#: (NaN, a bool or a negative one goes to check_timeout, which says why).
+_PLAIN = (int, float)
+_INF = float("inf")
 
 
 class _AsyncPendingSend(asyncio.Future[R]):
@@ -1346,7 +1350,8 @@ class AsyncNode:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> Message:
-        check_timeout(timeout, "timeout")
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
         mark = self._departures.mark()
         message, selector, label = self._take(
             mailbox,

@@ -107,7 +107,7 @@ from .endpoint import (
     check_timeout,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources
+from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import Outbox, OutboxStore, settle_outbox_send
 from .security import Security
@@ -128,6 +128,10 @@ BUSY_NAP = 0.01
 TIMER_SLACK = 0.001
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+#: A receive's or a wait's timeout that needs no check_timeout call: a finite int or
+#: float >= 0 (NaN, a bool or a negative one goes to check_timeout, which says why).
+_PLAIN = (int, float)
+_INF = float("inf")
 
 Outcome = Receipt | GroupReceipt
 T = TypeVar("T")
@@ -173,7 +177,8 @@ class _PendingSend(Generic[R]):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
-        check_timeout(timeout, "timeout")
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")
         return self._done or self._node._await(lambda: self._done, timeout)
 
     def result(self, timeout: float | None = None) -> R:
@@ -964,8 +969,20 @@ class Node:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> list[Message]:
-        check_timeout(timeout, "timeout")
-        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
+        if (
+            source is None
+            and msg_type == 0
+            and not except_type
+            and max_size is None
+            and not truncate
+        ):
+            selector = ANY  # the common receive selects nothing (as Selector.of; a fast path)
+        else:
+            selector = receive_selector(
+                source, msg_type, except_type, max_size, truncate, self._family
+            )
         # One named source is watched while we wait; a set of them is not (others may send).
         peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
