@@ -45,22 +45,35 @@ Closing flushes: no new sends, outstanding messages get until the close
 deadline to be acknowledged, then whatever is left fails, every peer is told
 with a CLOSE packet, and a :class:`~reliable.events.Closed` event ends it.
 
-Mailboxes live here too, because admitting a message is part of
-acknowledging it: the verdict (entered, deferred because the mailbox is full,
-refused) must ride on the very acknowledgement that covers the message. The
-default mailbox ``""`` always exists; others are created, closed, reopened and
-deleted by the application. Receiving is ``take`` (never waits) and
-``wait_for_message`` (a ticket answered by a ``MessageTaken`` or
-``ReceiveFailed`` event); the adapters build blocking and asyncio calls on
-them. See :mod:`reliable.mailbox` for the semantics. A durable mailbox
-(``create_mailbox(..., store=...)``) records write intents instead of
-doing I/O; the adapter commits them (``pending_writes``, ``writes_done``),
-and whatever must follow a commit (the sender's receipt, a waiting
-receiver's message) waits for that report: see :mod:`reliable.durable`.
-Receivers on other nodes, transfers of a mailbox's ownership, remote
-management (``rmsg ctl``) and the prompt failure of sends to a node that
-closed are :mod:`reliable.remote_mailbox`'s (``Endpoint.remote``); the
-endpoint routes it the control operations 16 and up and the session events.
+The endpoint routes; its jobs live in rooms of their own, each handed the
+few callables it needs:
+
+* :mod:`reliable.gate`: what the node says to addresses it keeps no session
+  for (CHALLENGE cookies, RESET, AUTH_FAILED), within the amplification and
+  rate limits;
+* :mod:`reliable.post_office`: the mailboxes, and the verdict on each
+  arriving message, which must ride on the very acknowledgement that covers
+  it (entered, deferred because the mailbox is full, staged for a durable
+  mailbox's commit, refused); the endpoint's mailbox methods (``take``,
+  ``wait_for_message``, ``create_mailbox``...) hand their work there. The
+  default mailbox ``""`` always exists. A durable mailbox records write
+  intents instead of doing I/O; the adapter commits them
+  (``pending_writes``, ``writes_done``): see :mod:`reliable.durable`;
+* :mod:`reliable.failover`: anycast sends, tried on one member at a time;
+* :mod:`reliable.groups` and :mod:`reliable.anycast`: group streams and the
+  service directory;
+* :mod:`reliable.remote_mailbox` (``Endpoint.remote``): receivers on other
+  nodes, transfers of a mailbox's ownership, remote management (``rmsg
+  ctl``) and the prompt failure of sends to a node that closed; the endpoint
+  routes it the control operations 16 and up and the session events.
+
+A datagram's way in (``receive_datagram``) reads top to bottom: open and
+decode; the kinds no session takes go to their handler through one table
+(``_sessionless``: group and anycast kinds, CHALLENGE, AUTH_FAILED); the
+rest pass the admission checks above and reach their session, which hands
+each whole message to the post office and each node control message back
+here (``_on_control_message``, a table by type). ``docs/architecture.md``
+draws it.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -71,13 +84,13 @@ mailbox verdict; a failed security check that was answered with
 AUTH_FAILED, itself rate-limited per address); WARNING when a session is
 evicted or a new peer turned away because ``max_peers`` is reached, and when
 a peer refuses *our* datagrams (keys or modes differ); DEBUG for address
-challenges and closing. ``reliable.peer`` logs restarts and unreachable peers.
+challenges and closing. The gate and the post office speak through this
+logger too: an operator configures one. ``reliable.peer`` logs restarts and
+unreachable peers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import math
@@ -86,7 +99,6 @@ import secrets
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 from zlib import crc32
 
@@ -95,7 +107,6 @@ from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
 from .control import (
-    ADMITTED_MANY_MAX,
     Admitted,
     AdmittedMany,
     Cancel,
@@ -106,19 +117,21 @@ from .control import (
     StatsRequest,
     decode_control,
 )
-from .durable import DurableLog, MailboxStore, WriteBatch
+from .durable import MailboxStore, WriteBatch
+from .failover import ANYCAST_POLICIES, Anycast, Failover
+from .gate import Gate
 from .groups import Groups
-from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
+from .mailbox import ANY, Selector, check_mailbox_name
 from .message import Message
-from .outbox_ids import TAG_MAX, DeliveredIds, parse_tagged
+from .outbox_ids import TAG_MAX
 from .peer import PeerSession, Resumption, Withdrawal
-from .receiver import Delivery, MemoryBudget
+from .post_office import DEFAULT_MAILBOX as DEFAULT_MAILBOX
+from .post_office import PostOffice
+from .post_office import check_lock as check_lock
+from .receiver import MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
-    BAD_TAG,
     REFUSAL_TEXT,
-    UNSEALED,
-    WRONG_MODE,
     Integrity,
     Security,
     SecurityError,
@@ -132,14 +145,12 @@ from .wire import (
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
-    Fragment,
     Kind,
     MalformedPacket,
     Packet,
     Verdict,
     decode,
     decode_body,
-    encode,
     encode_body,
     fragment_capacity,
 )
@@ -147,7 +158,6 @@ from .wire import (
 __all__ = ["Endpoint", "Withdrawal"]
 
 _log = logging.getLogger(__name__)
-#: Events ``_emit`` acts on beyond queueing them (besides outcomes while anycast sends run).
 
 # The arguments send() checks itself are declared ``object``, named for what they accept:
 # a compiled (mypyc) core checks declared types at the call and would raise TypeError
@@ -155,16 +165,8 @@ _log = logging.getLogger(__name__)
 Buffer = object  #: bytes, bytearray or memoryview; anything else is a UsageError
 Integer = object  #: an int, not a bool; anything else is a UsageError
 
-_RESET_INTERVAL = 0.1  # at most one RESET per address per this many seconds
-_RESET_MEMORY = 256  # addresses remembered for RESET rate limiting
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
-_COOKIE_LIFETIME = 30.0  # seconds a CHALLENGE's cookie stays valid (two buckets)
-_AMPLIFICATION = 3  # an unvalidated address never gets a reply over 3x its datagram
 _MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
-_WIRE_ID_MASK = 0xFFFFFFFF
-DEFAULT_MAILBOX = ""
-_FIRST_GROUP_KIND = min(GROUP_KINDS)
-_SERVICE_KINDS = (Kind.ANNOUNCE, Kind.WITHDRAW)
 _REMOTE_EVENTS = (  # what remote_mailbox.py must see: waiter answers, session ends
     events.MessageTaken,
     events.ReceiveFailed,
@@ -181,70 +183,11 @@ _HOOKED_EVENTS = frozenset(
     if isinstance(cls, type)
     and issubclass(cls, (events.GroupSendDone, events.PeerUnreachable, *_REMOTE_EVENTS))
 )
-#: Failures after which an anycast message is tried on another member.
-_FAILOVER_ERRORS = (
-    errors.PeerUnreachable,
-    errors.PeerClosed,
-    errors.PeerRestarted,
-    errors.MessageRejected,
-    errors.AuthenticationFailed,
-)
-ANYCAST_POLICIES = ("round-robin", "lowest-rtt")
-
-
-class _Anycast:
-    """One anycast send: the application's ticket and the members tried so far."""
-
-    __slots__ = (
-        "cancelled",
-        "data",
-        "deadline",
-        "inner",
-        "mailbox",
-        "maybe_delivered",
-        "member",
-        "msg_type",
-        "policy",
-        "priority",
-        "service",
-        "ticket",
-        "tried",
-    )
-
-    def __init__(
-        self,
-        ticket: int,
-        service: ServiceAddress,
-        data: bytes,
-        msg_type: int,
-        priority: int,
-        deadline: float | None,
-        policy: str,
-    ) -> None:
-        self.ticket = ticket
-        self.service = service.service
-        self.mailbox = service.mailbox
-        self.data = data
-        self.msg_type = msg_type
-        self.priority = priority
-        self.deadline = deadline
-        self.policy = policy
-        self.member: Any = None
-        self.inner = 0  #: the unicast ticket of the attempt in progress
-        self.cancelled = False  #: the application withdrew it: no failover
-        self.maybe_delivered = False  #: some member tried may have it
-        self.tried: list[tuple[Any, str]] = []
-
-
 #: The CRC-32 trailer (wire.with_crc), packed inline for unsealed datagrams.
 _CRC = struct.Struct("!I")
 
 #: Most (datagram size, mailbox) capacities Endpoint.send remembers before starting over.
 _CAPACITIES_KEPT = 64
-
-#: Seconds since we last sent a peer data within which a request from it is taken to be
-#: part of a conversation, so that our reply may carry its ack (Config.reply_ack_delay).
-CONVERSATION = 1.0
 
 
 def _tagged(mailbox: str, outbox: str) -> str:
@@ -285,15 +228,10 @@ class Endpoint:
             self.incarnation = secrets.randbits(64) or 1
         else:
             self.incarnation = self._rng.getrandbits(64) or 1
-        # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
-        self._cookie_key = self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16)
         self._packet_number = 0
         #: fragment_capacity by (datagram size, mailbox): asked on every send
         self._capacities: dict[tuple[int, str], int] = {}
         self._receive_budget = MemoryBudget(self.config.receive_memory)
-        self._challenge_budget = float(self.config.max_challenges_per_second)
-        self._challenge_clock = 0.0
-        self.challenges_sent = 0
         self._departed_retransmissions = 0
         self._departed_duplicates = 0
         self._departed_forged_acks = 0
@@ -304,8 +242,9 @@ class Endpoint:
         self._dirty: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
-        self._reset_sent: OrderedDict[Any, float] = OrderedDict()
-        self._control: list[tuple[bytes, Any]] = []
+        #: datagrams sent outside any session: the gate's replies, group output at close,
+        #: farewells (not "control": that word is kept for node control messages)
+        self._loose: list[tuple[bytes, Any]] = []
         self._next_ticket = 1
         self._buffered = 0
         self.dropped: dict[str, int] = {}
@@ -315,22 +254,39 @@ class Endpoint:
         self._close_deadline = math.inf
         self.closed = False
         self._now = 0.0  # the latest time a caller gave us, for stats ages
-        self._mailboxes: dict[str, Mailbox] = {}
-        self._held = 0  # bytes in all mailboxes, parked included
-        self._waiting: dict[int, str] = {}  # receive ticket -> mailbox name
-        # A receive from a set of mailboxes waits in each one's line under one ticket.
-        self._waiting_sets: dict[int, list[str]] = {}
-        self._next_waiter = 1
-        self._next_owner = 1
-        self._handoffs = 0  # messages handed straight to a waiting receiver
         self._next_query = 1
+        #: the mailboxes, their admission verdicts and accounting (post_office.py)
+        self._post = post = PostOffice(
+            self.config,
+            self._peers,
+            emit=self._emit,
+            drop=self._drop,
+            mark_dirty=self._mark_dirty,
+            clock=self._clock,
+            on_deleted=self._mailbox_deleted,
+            no_mailbox=self._no_mailbox,
+            arrival_events=arrival_events,
+        )
+        self._mailboxes = post.mailboxes  # the same dict, read by stats
+        self._locking = post.locking  # the same set: one test per timer query
+        #: outbox message ids delivered here (the post office's; outbox_ids.py)
+        self.outbox_ids = post.outbox_ids
+        self._gate = Gate(
+            self.incarnation,
+            # Cookies must be unguessable off-path; a seeded RNG (a simulation) may be predictable.
+            self._rng.randbytes(16) if rng is not None else secrets.token_bytes(16),
+            self.config.max_challenges_per_second,
+            seal=self._seal,
+            queue=self._queue_loose,
+            drop=self._drop,
+        )
         self._groups = Groups(
             self.config,
             self._rng,
             self.incarnation,
             emit=self._emit,
-            admit=self._deliver_group,
-            screen=self._screen,
+            admit=post.deliver_group,
+            screen=post.screen,
             drop=self._drop,
             budget=self._receive_budget,
         )
@@ -340,26 +296,40 @@ class Endpoint:
             self.incarnation,
             emit=self._emit,
             drop=self._drop,
-            issue_cookie=self._issue_cookie,
-            cookie_valid=self._cookie_valid,
+            issue_cookie=self._gate.issue_cookie,
+            cookie_valid=self._gate.cookie_valid,
         )
-        self._anycast: dict[int, _Anycast] = {}  # unicast ticket -> the anycast send it serves
+        self._failover = Failover(
+            send=self.send, choose=self._services.choose, rtt=self._srtt, report=self._events.append
+        )
+        self._anycast = self._failover.attempts  # the same dict: one lookup per event
+        #: Handlers of the packets no session takes, by kind (every other kind goes on to
+        #: the session checks in receive_datagram). Each takes (packet, source, datagram
+        #: size, now).
+        self._sessionless: dict[int, Callable[[Packet, Any, int, float], None]] = {
+            kind: self._groups.on_packet for kind in GROUP_KINDS
+        }
+        #: Handlers of node control messages, by type (see _on_control_message).
+        self._control_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
+            Admitted: self._handle_outcome,
+            Discarded: self._handle_outcome,
+            AdmittedMany: self._handle_admitted_many,
+            Cancel: self._handle_cancel,
+            StatsRequest: self._handle_stats_request,
+            StatsReply: self._handle_stats_reply,
+        }
+        self._sessionless.update(
+            {
+                Kind.SOLICIT: self._handle_solicit,
+                Kind.ANNOUNCE: self._handle_service,
+                Kind.WITHDRAW: self._handle_service,
+                Kind.CHALLENGE: self._handle_challenge,
+                Kind.AUTH_FAILED: self._handle_auth_failed,
+            }
+        )
         self._outgoing: dict[int, tuple[Any, OutgoingMessage]] = {}  # ticket -> (peer, message)
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
-        self._durable: dict[str, Mailbox] = {}  # durable mailboxes, by name
-        self._locking: set[str] = set()  # mailboxes holding messages taken under a lock
-        self._retired: list[Mailbox] = []  # deleted durable mailboxes owing their store a write
-        self._posted = 0  # local posts so far: their message ids
-        #: outbox message ids delivered here (outbox_ids.py), and those of messages parked
-        #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
-        self.outbox_ids = DeliveredIds()
-        self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
-        #: while a commit's messages enter their mailbox: their senders' ids, to admit
-        self._admits: dict[PeerSession, list[int]] | None = None
-        self._create(
-            DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
-        )
         #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
         self.remote = RemoteMailboxes(self)
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
@@ -465,14 +435,11 @@ class Endpoint:
         Whatever the answer, the ticket gets exactly one outcome event.
         """
         self._now = now
-        for attempt in self._anycast.values():
-            if attempt.ticket == ticket:
-                attempt.cancelled = True
-                ticket = attempt.inner
-                break
-        else:
-            if ticket in self._group_tickets:
-                return Withdrawal.CONTINUES
+        inner = self._failover.withdraw(ticket) if self._anycast else None
+        if inner is not None:
+            ticket = inner
+        elif ticket in self._group_tickets:
+            return Withdrawal.CONTINUES
         entry = self._outgoing.get(ticket)
         if entry is None:
             return Withdrawal.UNKNOWN
@@ -540,6 +507,11 @@ class Endpoint:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def challenges_sent(self) -> int:
+        """Address-validation challenges sent to new addresses (see :mod:`reliable.gate`)."""
+        return self._gate.challenges_sent
+
     def set_receive_buffer(self, nbytes: int | None) -> None:
         """Tell the core how many bytes the socket's kernel receive buffer holds.
 
@@ -570,7 +542,7 @@ class Endpoint:
         """Whether ``datagrams_to_send`` or ``next_event`` may have something (cheap)."""
         return bool(
             self._dirty
-            or self._control
+            or self._loose
             or self._events
             or self._groups.pending
             or self._services.pending
@@ -579,9 +551,7 @@ class Endpoint:
 
     def owes_writes(self) -> bool:
         """Whether a durable mailbox has writes for the adapter to commit (cheap)."""
-        return bool(self._retired) or any(
-            box.log is not None and box.log.pending() for box in self._durable.values()
-        )
+        return self._post.owes_writes()
 
     def quiet(self) -> bool:
         """Whether nothing is under way: no datagram queued, no session waiting on its
@@ -590,7 +560,7 @@ class Endpoint:
         taken do not count.)"""
         return not (
             self._dirty
-            or self._control
+            or self._loose
             or self._groups.pending
             or self._services.pending
             or self.owes_writes()
@@ -620,7 +590,7 @@ class Endpoint:
             if not self._auth_failed_reply(data, addr, now):
                 self._drop(refused.reason)
                 if refused.refusal:
-                    self._refuse(data, addr, refused.refusal, now)
+                    self._gate.refuse(data, addr, refused.refusal, now)
             return
         except MalformedPacket as malformed:
             self._drop("malformed." + malformed.reason)
@@ -628,19 +598,14 @@ class Endpoint:
             if session is not None and malformed.reason == "checksum":
                 session.corrupt += 1
             return
-        if pkt.kind >= _FIRST_GROUP_KIND:
-            self._on_group_packet(pkt, addr, len(data), now)
-            return
-        if pkt.kind == Kind.AUTH_FAILED:
-            self._peer_refused_us(pkt, addr, now)
-            return
-        if pkt.kind == Kind.CHALLENGE:
-            self._challenged(pkt, addr, now)
+        handle = self._sessionless.get(pkt.kind)
+        if handle is not None:  # group and anycast kinds, CHALLENGE, AUTH_FAILED
+            handle(pkt, addr, len(data), now)
             return
         if pkt.dst_incarnation not in (0, self.incarnation):
             self._drop("stale_incarnation")
             if pkt.kind not in (Kind.RESET, Kind.CLOSE):
-                self._send_reset(addr, pkt.src_incarnation, now, len(data))
+                self._gate.reset(addr, pkt.src_incarnation, now, len(data))
             return
         if (addr, pkt.src_incarnation) in self._ended:
             self._drop("dead_incarnation")
@@ -650,9 +615,9 @@ class Endpoint:
             if pkt.kind not in (Kind.DATA, Kind.PING):
                 self._drop("unknown_peer")
                 return
-            if self.config.validate_addresses and not self._cookie_valid(pkt, addr, now):
+            if self.config.validate_addresses and not self._gate.cookie_valid(pkt, addr, now):
                 self._drop("unvalidated")
-                self._challenge(pkt, addr, len(data), now)
+                self._gate.challenge(pkt, addr, len(data), now)
                 return
             # Only a validated address may evict: spoofed sources must not push live peers out.
             if len(self._peers) >= self.config.max_peers and not self._evict_idle(now):
@@ -678,7 +643,7 @@ class Endpoint:
             old = session.incarnation
             self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
-            self._forget_parked(addr, old)
+            self._post.forget_parked(addr, old)
         elif pkt.kind == Kind.RESET:
             self._drop("stale_reset")
             return
@@ -731,8 +696,8 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
-        out = self._control
-        self._control = []
+        out = self._loose
+        self._loose = []
         if self._dirty and not self.closed:
             dirty = self._dirty
             self._dirty = {}
@@ -764,6 +729,53 @@ class Endpoint:
         self._packet_number = number + 1
         return self.security.seal(body, self.incarnation, number)
 
+    # ------------------------------------------------ packets no session takes
+
+    def _handle_service(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """ANNOUNCE or WITHDRAW: the anycast directory's."""
+        self._services.on_packet(pkt, addr, now)
+
+    def _handle_solicit(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """SOLICIT: a member answers for its groups, a server for its services."""
+        if pkt.src_incarnation != self.incarnation:
+            if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
+                self._services.confirm_request(pkt, addr)
+                return
+            self._services.solicited(pkt.group, now)
+        self._groups.on_packet(pkt, addr, size, now)
+
+    def _handle_challenge(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """The peer wants our address proven: echo its cookie from now on."""
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
+            self._drop("stray_challenge")
+            return
+        session.on_challenge(pkt.cookie, now)
+        self._dirty[addr] = None
+
+    def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
+        """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
+        if len(data) < 4 or data[3] != Kind.AUTH_FAILED:
+            return False
+        try:
+            pkt = decode(data)
+        except MalformedPacket:
+            return False
+        self._handle_auth_failed(pkt, addr, len(data), now)
+        return True
+
+    def _handle_auth_failed(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
+        """AUTH_FAILED: a peer refuses our datagrams (keys or modes differ)."""
+        session = self._peers.get(addr)
+        if session is None or pkt.dst_incarnation != self.incarnation:
+            self._drop("stray_auth_failed")  # the echo is what proves it answers us
+            return
+        self._drop("auth_failed")
+        error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
+        _log.warning("%s", error)
+        self._emit(events.PeerRejectedUs(peer=addr, error=error))
+        session.fail_all(error)
+
     # ----------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
@@ -783,7 +795,11 @@ class Endpoint:
                     earliest = part
             return earliest
         deadlines = [] if first is None else [first]
-        for part in (self._groups.deadline(), self._services.deadline(), self._lock_deadline()):
+        for part in (
+            self._groups.deadline(),
+            self._services.deadline(),
+            self._post.lock_deadline(),
+        ):
             if part is not None:
                 deadlines.append(part)
         if self._grace:
@@ -813,7 +829,7 @@ class Endpoint:
         if services_due is not None and services_due <= now:
             self._services.on_timer(now)
         if self._locking:
-            self._expire_locks(now)
+            self._post.expire_locks(now)
         if self._grace:
             self.remote.on_timer(now)
         if self._closing:
@@ -850,11 +866,11 @@ class Endpoint:
             datagrams_received=self.datagrams_received,
             datagrams_sent=self.datagrams_sent,
             send_buffer_bytes=self._buffered,
-            mailbox_bytes=self._held,
+            mailbox_bytes=self._post.held,
             mailbox_memory=self.config.mailbox_memory,
             receive_bytes=self._receive_budget.used,
             receive_memory=self._receive_budget.limit,
-            challenges_sent=self.challenges_sent,
+            challenges_sent=self._gate.challenges_sent,
             departed_retransmissions=self._departed_retransmissions,
             departed_duplicates=self._departed_duplicates,
             sessions_dropped=dict(self.sessions_dropped),
@@ -883,7 +899,7 @@ class Endpoint:
         self._dirty[dest] = None
         return request
 
-    # -------------------------------------------------------------- mailboxes
+    # ------------------------------- mailboxes (their work is the post office's)
 
     def create_mailbox(
         self,
@@ -903,34 +919,27 @@ class Endpoint:
         ``store`` the mailbox is durable (:mod:`reliable.durable`): it starts
         with the messages the store restored, in order.
         """
-        check_mailbox_name(name)
-        if name in self._mailboxes:
-            raise errors.MailboxExists(f"mailbox {name!r} already exists on this node")
-        if store is not None and capacity == 0:
-            raise errors.UsageError(
-                "a rendezvous mailbox (capacity=0) holds nothing to store; "
-                "give a durable mailbox a capacity of at least 1, or None"
-            )
-        owner = self._next_owner
-        self._next_owner += 1
-        self._create(name, capacity, max_bytes, owner if port else None, now)
-        if store is not None:
-            self._make_durable(self._mailboxes[name], store)
-        return owner
+        return self._post.create_mailbox(name, capacity, max_bytes, port, store, now)
 
-    def _make_durable(self, box: Mailbox, store: MailboxStore) -> None:
-        box.log = DurableLog(store)
-        # The outbox message ids its messages came with (oldest floor first: a later,
-        # higher floor then forgets what it settles): re-sends are still recognised.
-        restored_ids: list[tuple[int, int, int]] = getattr(store, "restored_ids", [])
-        for outbox, row, floor in sorted(restored_ids, key=lambda i: i[2]):
-            self.outbox_ids.remember(outbox, row, floor)
-        for _row, msg in store.restored:
-            msg = replace(msg, mailbox=box.name)
-            box.log.rows[msg] = _row
-            box.restore(msg)
-            self._held += len(msg.data)
-        self._durable[box.name] = box
+    def post(
+        self,
+        mailbox: str,
+        data: bytes,
+        *,
+        source: Any,
+        msg_type: int = 0,
+        priority: int = 0,
+        now: float,
+    ) -> Verdict | None:
+        """A message from this node into its own ``mailbox``, without the transport
+        (a local post: ``source`` is the node's own address). It is judged and
+        admitted as an arriving message is: it enters, goes to a waiting
+        receiver, parks while the mailbox is full, or (durable) is staged until
+        committed. Returns None, or the verdict that refused it (also counted as
+        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
+        """
+        self._now = now
+        return self._post.post(mailbox, data, source, msg_type, priority, now)
 
     # ---------------------------------------------------- durable mailboxes
 
@@ -938,25 +947,11 @@ class Endpoint:
         """What durable mailboxes owe their stores, one batch per store; the
         adapter commits each (in one transaction) and reports :meth:`writes_done`.
         ``limit``: most new messages per batch (the rest stay owed)."""
-        batches = [box.log.take_batch(box.name) for box in self._retired if box.log]
-        self._retired.clear()
-        for box in self._durable.values():
-            if box.log is not None and box.log.pending():
-                batches.append(box.log.take_batch(box.name, limit))
-        if self._outbox_pending:
-            # Outbox message ids go to the store with their messages, so that a restart
-            # of this node still recognises a re-send of what it delivered (outbox_ids.py).
-            pending = self._outbox_pending
-            for batch in batches:
-                for row, msg in batch.inserts:
-                    key = pending.get((msg.source, msg.incarnation, msg.msg_id))
-                    if key is not None:
-                        batch.ids.append((row, *key))
-        return batches
+        return self._post.pending_writes(limit)
 
     def durable_stores(self) -> list[MailboxStore]:
         """The stores of the durable mailboxes (to close with the node)."""
-        return [box.log.store for box in self._durable.values() if box.log is not None]
+        return self._post.durable_stores()
 
     def writes_done(self, batch: WriteBatch, now: float, error: Exception | None = None) -> None:
         """``batch`` was committed (``error`` None) or could not be.
@@ -968,75 +963,26 @@ class Endpoint:
         receivers still get theirs (its row may then come back after a restart).
         """
         self._now = now
-        box = self._mailboxes.get(batch.mailbox)
-        live = box is not None and box.log is batch.log
-        msgs = [msg for _row, msg in batch.inserts]
-        if error is None and live:
-            assert box is not None
-            batch.log.inserted(batch.inserts)
-            # Their senders' receipts: one AdmittedMany per sender for the whole commit,
-            # not one control message per message (each one a reliable message of its own).
-            self._admits = {}
-            try:
-                box.committed(msgs, now)
-            finally:
-                admits, self._admits = self._admits, None
-            for session, ids in admits.items():
-                for at in range(0, len(ids), ADMITTED_MANY_MAX):
-                    chunk = ids[at : at + ADMITTED_MANY_MAX]
-                    outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
-                    session.send_control(outcome, now)
-                self._dirty[session.addr] = None
-        elif msgs:
-            if error is not None:
-                self._drop("store.failed")
-            verdict = Verdict.REFUSED if error is not None else Verdict.MAILBOX_CLOSED
-            for msg in msgs:
-                self._held -= len(msg.data)
-                self._tell_discarded(msg, verdict)
-            if live:
-                assert box is not None
-                box.uncommitted(msgs)
-        elif error is not None:
-            self._drop("store.failed")
-        for ticket, msg in batch.handoffs:
-            self._emit(events.MessageTaken(waiter=ticket, message=msg))
-
-    def _create(
-        self, name: str, capacity: int | None, max_bytes: int | None, owner: int | None, now: float
-    ) -> None:
-        self._mailboxes[name] = Mailbox(
-            name,
-            capacity=capacity,
-            max_bytes=max_bytes,
-            owner=owner,
-            on_unpark=self._unparked,
-            on_handoff=self._handed_off,
-            now=now,
-            on_fail=self._wait_failed,
-        )
+        self._post.writes_done(batch, now, error)
 
     def has_mailbox(self, name: str) -> bool:
         """Whether this node has a mailbox called ``name``."""
-        return name in self._mailboxes
+        return self._post.has_mailbox(name)
 
     def is_port_of(self, name: str, owner: int) -> bool:
         """Whether mailbox ``name`` is a port whose owner token is ``owner``."""
-        box = self._mailboxes.get(name)
-        return box is not None and box.owner is not None and box.owner == owner
+        return self._post.is_port_of(name, owner)
 
     def mailbox_names(self) -> list[str]:
         """The names of this node's mailboxes (the default one is ``""``)."""
-        return list(self._mailboxes)
+        return self._post.mailbox_names()
 
     def close_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Refuse new messages (senders get ``MailboxClosed``); queued ones stay receivable.
 
         A port is managed by its owner only: ``owner`` must be its token.
         """
-        box = self._box(name, owner=owner, managing=True)
-        box.open = False
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
+        self._post.close_mailbox(name, now, owner)
 
     def set_limits(
         self,
@@ -1048,20 +994,14 @@ class Endpoint:
         owner: int | None = None,
     ) -> None:
         """Change mailbox ``name``'s capacity and max_bytes at run time (see
-        :meth:`Mailbox.set_limits`); the default mailbox's too. A port's by its owner."""
-        box = self._mailboxes.get(name)
-        if box is not None and name != DEFAULT_MAILBOX:
-            box = self._box(name, owner=owner, managing=True)
-        elif box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
-        if capacity == 0 and box.log is not None:
-            raise errors.UsageError("a durable mailbox cannot be a rendezvous (capacity=0)")
+        :meth:`~reliable.mailbox.Mailbox.set_limits`); the default mailbox's too. A port's
+        by its owner."""
         self._now = now
-        box.set_limits(capacity, max_bytes, now)
+        self._post.set_limits(name, capacity, max_bytes, now, owner)
 
     def open_mailbox(self, name: str, *, owner: int | None = None) -> None:
         """Accept messages again after :meth:`close_mailbox`."""
-        self._box(name, owner=owner, managing=True).open = True
+        self._post.open_mailbox(name, owner)
 
     def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None:
         """Remove the mailbox: parked senders get ``MailboxClosed``, later ones
@@ -1070,30 +1010,7 @@ class Endpoint:
         A port is deleted by its owner only (``owner``), and should be once the
         owner is gone: nobody else can ever receive what it would accept.
         """
-        box = self._box(name, owner=owner, managing=True)
-        self.remote.mailbox_deleted(name)
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        self._held -= box.queue.bytes + box.locked_bytes
-        box.drop_queued()
-        box.locked.clear()
-        box.locked_bytes = 0
-        if box.log is not None:
-            # Staged messages never enter: their senders hear so, and the store is emptied.
-            staged, box.log.staged = box.log.staged, []
-            box.uncommitted(staged)
-            for msg in staged:
-                self._held -= len(msg.data)
-                self._tell_discarded(msg, Verdict.MAILBOX_CLOSED)
-            box.log.destroy = True
-            del self._durable[name]
-            self._retired.append(box)
-        for ticket in list(box.waiters):
-            box.cancel_wait(ticket)
-            self._waiting.pop(ticket, None)
-            self._leave_other_lines(ticket, None)
-            error = errors.MailboxDeleted(f"mailbox {name!r} was deleted while waiting on it")
-            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-        del self._mailboxes[name]
+        self._post.delete_mailbox(name, now, owner)
 
     def take(
         self,
@@ -1112,26 +1029,8 @@ class Endpoint:
         or the lock expires. From a durable mailbox, the adapter must commit
         (``sync_stores``) before it hands a removed message out.
         """
-        box = self._mailboxes.get(mailbox)
-        if box is None or (box.owner is not None and owner != box.owner):
-            box = self._box(mailbox, owner=owner)  # raises, saying why
         self._now = now
-        if lock is not None:
-            check_lock(lock)
-            _check_truncate(selector, lock)
-        if self._locking:
-            self._expire_locks(now)
-        elif selector is None and lock is None and not box.queue.count and not box.parked.count:
-            return None  # the poll of an empty mailbox
-        msg = box.take(selector or ANY, receiver, now, lock)
-        if msg is not None:
-            if lock is None:
-                self._held -= len(msg.data)
-            else:
-                self._locking.add(mailbox)
-            if selector is not None:
-                msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
-        return msg
+        return self._post.take(mailbox, selector, owner, receiver, lock, now)
 
     def peek(
         self,
@@ -1142,54 +1041,26 @@ class Endpoint:
         now: float,
     ) -> Message | None:
         """The message :meth:`take` would return, left in the mailbox (browse)."""
-        box = self._box(mailbox, owner=owner)
-        self._expire_locks(now)
-        return box.peek(selector or ANY)
+        return self._post.peek(mailbox, selector, owner, now)
 
     def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Remove ``msg``, taken under a lock, for good. False if its lock had expired
         (then it went back to the mailbox, and may have been received again)."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        if box.ack(msg, now):
-            self._held -= len(msg.data)
-            return True
-        return False
+        return self._post.ack(mailbox, msg, owner, now)
 
     def release(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool:
         """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        return box.release(msg, now)
+        return self._post.release(mailbox, msg, owner, now)
 
     def remove_message(
         self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
     ) -> bool:
         """Explicit delete: remove ``msg`` (peeked, or locked) from its mailbox.
         False if it is no longer there (received, or deleted, meanwhile)."""
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        if box.remove(msg, now):
-            self._held -= len(msg.data)
-            return True
-        return False
-
-    def _expire_locks(self, now: float) -> None:
-        for name in list(self._locking):
-            box = self._mailboxes.get(name)
-            if box is not None:
-                box.expire_locks(now)
-            if box is None or not box.locked:
-                self._locking.discard(name)
-
-    def _lock_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for name in self._locking
-            if (box := self._mailboxes.get(name)) is not None
-            if (d := box.lock_deadline()) is not None
-        ]
-        return min(deadlines, default=None)
+        return self._post.remove_message(mailbox, msg, owner, now)
 
     def wait_for_message(
         self,
@@ -1206,15 +1077,8 @@ class Endpoint:
         The answer is a ``MessageTaken`` event, or ``ReceiveFailed`` if the
         mailbox is deleted. Waiting receives are served first come, first served.
         """
-        box = self._box(mailbox, owner=owner)
         self._now = now
-        ticket = self._next_waiter
-        self._next_waiter += 1
-        check_lock(lock)
-        _check_truncate(selector, lock)
-        self._waiting[ticket] = mailbox
-        box.wait(ticket, selector or ANY, receiver, lock)
-        return ticket
+        return self._post.wait_for_message(mailbox, selector, owner, receiver, lock, now)
 
     def take_any(
         self,
@@ -1232,20 +1096,8 @@ class Endpoint:
         priorities, the mailbox listed first. ``msg.mailbox`` says which it came
         from. As :meth:`take` otherwise (raises ``MessageTooBig`` as it does).
         """
-        chosen: tuple[str, int | None] | None = None
-        best = -1
-        sel = selector or ANY
-        for name, owner in mailboxes:
-            box = self._box(name, owner=owner)
-            source = box.parked if box.rendezvous and lock is None else box.queue
-            head = source.peek(sel)
-            if head is not None and head.priority > best:
-                chosen, best = (name, owner), head.priority
-        if chosen is None:
-            return None
-        return self.take(
-            chosen[0], selector, owner=chosen[1], receiver=receiver, lock=lock, now=now
-        )
+        self._now = now  # as the take it makes
+        return self._post.take_any(mailboxes, selector, receiver, lock, now)
 
     def wait_for_any(
         self,
@@ -1264,62 +1116,15 @@ class Endpoint:
         gets exactly one message. If one of them is deleted meanwhile, the receive
         fails (``ReceiveFailed``) and leaves the others' lines too.
         """
-        if not mailboxes:
-            raise errors.UsageError("give at least one mailbox to receive from")
-        names = [name for name, _ in mailboxes]
-        if len(set(names)) != len(names):
-            raise errors.UsageError(f"each mailbox once, please: {names}")
-        boxes = [self._box(name, owner=owner) for name, owner in mailboxes]
         self._now = now
-        check_lock(lock)
-        _check_truncate(selector, lock)
-        ticket = self._next_waiter
-        self._next_waiter += 1
-        self._waiting[ticket] = names[0]
-        if len(boxes) > 1:
-            self._waiting_sets[ticket] = names
-        for box in boxes:
-            box.wait(ticket, selector or ANY, receiver, lock)
-        return ticket
-
-    def _leave_other_lines(self, ticket: int, served_by: str | None) -> bool:
-        """A receive from a set of mailboxes was answered (by ``served_by``) or failed:
-        it leaves every other mailbox's line. True if it was still waiting anywhere."""
-        names = self._waiting_sets.pop(ticket, None)
-        if names is None:
-            return False
-        left = False
-        for name in names:
-            box = self._mailboxes.get(name)
-            if name != served_by and box is not None and box.cancel_wait(ticket):
-                left = True
-        return left
+        return self._post.wait_for_any(mailboxes, selector, receiver, lock, now)
 
     def cancel_wait(self, ticket: int) -> bool:
         """Withdraw a waiting receive; False if it was already answered (see its event)."""
         remote = self.remote.cancel(ticket, self._now)
         if remote is not None:
             return remote
-        if ticket in self._waiting_sets:
-            self._waiting.pop(ticket, None)
-            return self._leave_other_lines(ticket, None)
-        name = self._waiting.pop(ticket, None)
-        box = None if name is None else self._mailboxes.get(name)
-        return box is not None and box.cancel_wait(ticket)
-
-    def _box(self, name: str, *, owner: int | None = None, managing: bool = False) -> Mailbox:
-        box = self._mailboxes.get(name)
-        if box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node; create it first")
-        if managing and name == DEFAULT_MAILBOX:
-            raise errors.UsageError("the default mailbox cannot be closed or deleted")
-        if box.owner is not None and owner != box.owner:
-            doing = "closes, opens or deletes" if managing else "receives from"
-            raise errors.UsageError(
-                f"mailbox {name!r} is a port: only its owner (the handle that created it) "
-                f"{doing} it"
-            )
-        return box
+        return self._post.cancel_wait(ticket)
 
     # ------------------------------------------------------ group addressing
 
@@ -1472,13 +1277,9 @@ class Endpoint:
         self.check_message(data, msg_type=msg_type, priority=priority, mailbox=service.mailbox)
         check_timeout(timeout, "timeout")
         self._check_room(len(data))
-        member = self._services.choose(
-            service.service, policy=policy, exclude=set(), rtt=self._srtt
-        )
-        if member is None:
-            raise errors.NoServiceMember(service.service)
+        member = self._failover.first_member(service.service, policy)
         self._now = now
-        attempt = _Anycast(
+        attempt = Anycast(
             self._next_ticket,
             service,
             data,
@@ -1488,347 +1289,18 @@ class Endpoint:
             policy,
         )
         self._next_ticket += 1
-        self._anycast_to(attempt, member, now)
+        self._failover.start(attempt, member, now)
         return attempt.ticket
-
-    def _anycast_to(self, attempt: _Anycast, member: Any, now: float) -> None:
-        inner = self.send(
-            member,
-            attempt.data,
-            now=now,
-            msg_type=attempt.msg_type,
-            priority=attempt.priority,
-            mailbox=attempt.mailbox,
-            deadline=attempt.deadline,
-        )
-        attempt.member = member
-        attempt.inner = inner
-        self._anycast[inner] = attempt
-
-    def _anycast_outcome(
-        self, attempt: _Anycast, event: events.MessageDelivered | events.MessageFailed
-    ) -> None:
-        if isinstance(event, events.MessageDelivered):
-            failovers = tuple(attempt.tried)
-            self._events.append(replace(event, ticket=attempt.ticket, failovers=failovers))
-            return
-        error = event.error
-        if not isinstance(error, _FAILOVER_ERRORS):
-            self._events.append(replace(event, ticket=attempt.ticket))
-            return
-        attempt.tried.append((attempt.member, _short_reason(error)))
-        attempt.maybe_delivered = attempt.maybe_delivered or error.delivered is None
-        now = self._now
-        tried = {m for m, _ in attempt.tried}
-        member = None
-        if not attempt.cancelled and (attempt.deadline is None or now < attempt.deadline):
-            member = self._services.choose(
-                attempt.service, policy=attempt.policy, exclude=tried, rtt=self._srtt
-            )
-        if member is not None and not self._closing:
-            try:
-                self._anycast_to(attempt, member, now)
-                return
-            except errors.ReliableError:
-                pass  # no room now: report the failure rather than hold it
-        failure = errors.NoServiceMember(
-            attempt.service,
-            tuple(attempt.tried),
-            delivered=None if attempt.maybe_delivered else False,
-        )
-        self._events.append(
-            events.MessageFailed(ticket=attempt.ticket, peer=failure.peer, error=failure)
-        )
 
     def _srtt(self, member: Any) -> float | None:
         session = self._peers.get(member)
         return None if session is None else session.rtt.srtt
 
-    def _on_group_packet(self, pkt: Packet, addr: Any, size: int, now: float) -> None:
-        if pkt.kind in _SERVICE_KINDS:
-            self._services.on_packet(pkt, addr, now)
-            return
-        if pkt.kind == Kind.SOLICIT and pkt.src_incarnation != self.incarnation:
-            if pkt.cookie is not None:  # unicast: "do you serve this, at this address?"
-                self._services.confirm_request(pkt, addr)
-                return
-            self._services.solicited(pkt.group, now)
-        self._groups.on_packet(pkt, addr, size, now)
+    # ---------------------------------------------------- node control messages
 
-    def _deliver_group(
-        self, sender: Any, incarnation: int, url: str, d: Delivery, now: float
-    ) -> Verdict | None:
-        """A group message is whole and in order: into its mailbox (or parked), or refused."""
-        verdict = self._judge(d.mailbox, len(d.data), sender)
-        if verdict is not None:
-            return verdict
-        msg = self._arrived(sender, incarnation, d, url)
-        # Parked or not, it is the member's now: the mailbox memory cap bounds what parks.
-        self._mailboxes[d.mailbox].offer(msg, now)
-        return None
-
-    # ------------------------------------------------- mailbox admission (core)
-
-    def _screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
-        """Judge a message (from ``source``) by its first fragment, before buffering the rest."""
-        name = frag.mailbox
-        if "/" in name:  # an outbox's id tags the name (outbox_ids.py): judge the mailbox
-            parsed = parse_tagged(name)
-            if parsed is not None:
-                name = parsed[0]
-        return self._judge(name, frag.total_len, source)
-
-    def _judge(self, name: str, size: int, source: Any) -> Verdict | None:
-        box = self._mailboxes.get(name)
-        if box is None:
-            self._drop("refused.no_mailbox")
-            _log_refusal(source, name, size, Verdict.NO_MAILBOX)
-            if name in self.remote.moved:
-                self.remote.tell_moved(source, name, self._now)  # where it went
-            return Verdict.NO_MAILBOX
-        verdict = None
-        if not box.open:
-            verdict = Verdict.MAILBOX_CLOSED
-        elif box.max_bytes is not None and size > box.max_bytes and not box.fits(size):
-            verdict = Verdict.TOO_LARGE
-        elif self._held + size > self.config.mailbox_memory:
-            verdict = Verdict.NO_MEMORY
-        if verdict is not None:
-            box.refused += 1
-            self._drop("refused." + verdict.name.lower())
-            _log_refusal(source, name, size, verdict)
-        return verdict
-
-    def post(
-        self,
-        mailbox: str,
-        data: bytes,
-        *,
-        source: Any,
-        msg_type: int = 0,
-        priority: int = 0,
-        now: float,
-    ) -> Verdict | None:
-        """A message from this node into its own ``mailbox``, without the transport
-        (a local post: ``source`` is the node's own address). It is judged and
-        admitted as an arriving message is: it enters, goes to a waiting
-        receiver, parks while the mailbox is full, or (durable) is staged until
-        committed. Returns None, or the verdict that refused it (also counted as
-        a ``refused.*`` drop). Its ``incarnation`` is 0: no session hears of it.
-        """
-        self._now = now
-        verdict = self._judge(mailbox, len(data), source)
-        if verdict is not None:
-            return verdict
-        self._posted += 1
-        msg = Message(
-            source=source,
-            data=data,
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=mailbox,
-            msg_id=self._posted,
-            incarnation=0,
-        )
-        self._held += len(data)
-        self._mailboxes[mailbox].offer(msg, now)
-        return None
-
-    def _deliver_outbox(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        """A message tagged with an outbox id (``jobs/o.<outbox>.<row>.<floor>``): a
-        re-send of one delivered before is acknowledged and not delivered again."""
-        parsed = parse_tagged(d.mailbox)
-        if parsed is None:
-            return self._judge(d.mailbox, len(d.data), session.addr)  # no such mailbox
-        name, outbox, row, floor = parsed
-        if self.outbox_ids.seen(outbox, row, floor):
-            self._drop("duplicate.outbox")
-            return None  # it is in (or went through) its mailbox already: acknowledge it
-        d.mailbox = name
-        verdict = self._deliver(session, d, now)
-        if verdict is None:
-            self.outbox_ids.remember(outbox, row, floor)
-        elif verdict is Verdict.STAGED or verdict is Verdict.DEFERRED:
-            self.outbox_ids.remember(outbox, row, floor)
-            assert session.incarnation is not None
-            pending_key = (session.addr, session.incarnation, d.msg_id)
-            self._outbox_pending[pending_key] = (outbox, row, floor)
-        return verdict
-
-    def _outbox_settled(self, msg: Message, entered: bool) -> None:
-        """A parked or staged outbox message entered its mailbox, or never will: a
-        re-send of it must then be delivered."""
-        key = self._outbox_pending.pop((msg.source, msg.incarnation, msg.msg_id), None)
-        if key is not None and not entered:
-            self.outbox_ids.forget(key[0], key[1])
-
-    def _deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        if "/" in d.mailbox:
-            return self._deliver_outbox(session, d, now)
-        box = self._mailboxes.get(d.mailbox)
-        size = len(d.data)
-        if (
-            box is None
-            or not box.open
-            or (box.max_bytes is not None and size > box.max_bytes)
-            or self._held + size > self.config.mailbox_memory
-        ):  # maybe a refusal: _judge decides (and counts and logs it)
-            verdict = self._judge(d.mailbox, size, session.addr)
-            if verdict is not None:
-                return verdict
-        assert session.incarnation is not None
-        if self._arrival_events:
-            msg = self._arrived(session.addr, session.incarnation, d, None)
-        else:  # _arrived without its event, inline: once per message
-            msg = Message(
-                source=session.addr,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=session.incarnation,
-            )
-            self._held += size
-        # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
-        # release it) inside offer().
-        session.parked += size
-        handoffs = self._handoffs
-        box = self._mailboxes[d.mailbox]
-        admitted = box.offer(msg, now)
-        if admitted and box.log is None:
-            session.parked -= size  # it went straight in: nothing parked (unhold)
-            sender = session.sender
-            if (
-                self._handoffs != handoffs
-                and self.config.reply_ack_delay > 0
-                and sender.packets_sent
-                and now - sender.last_send_time < CONVERSATION
-            ):
-                # A waiting receiver has it, and we talk to that peer both ways (not a
-                # one-way stream, whose acks clock the sender): the reply may carry the
-                # ack (receiver.py).
-                session.receiver.await_reply(now + self.config.reply_ack_delay)
-            return None
-        # Durable, with room: staged until its commit (the mailbox is not full); else parked.
-        return Verdict.STAGED if admitted else Verdict.DEFERRED
-
-    def _arrived(self, source: Any, incarnation: int, d: Delivery, group: str | None) -> Message:
-        """The message a delivery makes, announced as an event and counted as held."""
-        msg = Message(
-            source=source,
-            data=d.data,
-            msg_type=d.msg_type,
-            priority=d.priority,
-            mailbox=d.mailbox,
-            msg_id=d.msg_id,
-            incarnation=incarnation,
-            group=group,
-        )
-        if self._arrival_events:
-            self._emit(
-                events.MessageReceived(
-                    peer=source,
-                    data=d.data,
-                    msg_type=d.msg_type,
-                    priority=d.priority,
-                    mailbox=d.mailbox,
-                    msg_id=d.msg_id,
-                    incarnation=incarnation,
-                )
-            )
-        self._held += len(d.data)
-        return msg
-
-    def _unparked(self, msg: Message, receiver: str | None) -> None:
-        """A parked message got in (or, with ``receiver``, was taken): tell its sender."""
-        if msg.group is not None:
-            return  # a group's sender counted it delivered when it parked
-        if self._outbox_pending:
-            self._outbox_settled(msg, True)
-        session = self._live_session(msg)
-        if session is not None:
-            session.release(len(msg.data))
-            if receiver is None and self._admits is not None:  # a commit: batched
-                self._admits.setdefault(session, []).append(msg.msg_id)
-                return
-            outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
-            session.send_control(outcome, self._now)
-            self._dirty[session.addr] = None
-
-    def _handed_off(self, ticket: int, msg: Message) -> None:
-        self._handoffs += 1
-        self._waiting.pop(ticket, None)
-        if self._waiting_sets:
-            self._leave_other_lines(ticket, msg.mailbox)
-        box = self._mailboxes.get(msg.mailbox)
-        if box is not None and msg in box.locked:
-            self._locking.add(box.name)  # still held, under a lock
-        else:
-            self._held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
-        box = self._durable.get(msg.mailbox)
-        if box is not None and box.log is not None:
-            box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
-            return
-        self._emit(events.MessageTaken(waiter=ticket, message=msg))
-
-    def _wait_failed(self, ticket: int, error: Exception) -> None:
-        """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
-        self._waiting.pop(ticket, None)
-        self._leave_other_lines(ticket, None)
-        assert isinstance(error, errors.ReliableError)
-        self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-
-    def _discard_parked(
-        self, box: Mailbox, predicate: Callable[[Message], bool], verdict: Verdict
-    ) -> int:
-        """Withdraw parked messages and tell their senders ``verdict``; returns how many."""
-        removed = box.remove_parked(predicate)
-        for msg in removed:
-            self._held -= len(msg.data)
-            self._tell_discarded(msg, verdict)
-        return len(removed)
-
-    def _tell_discarded(self, msg: Message, verdict: Verdict) -> None:
-        """A deferred message will never enter its mailbox: tell its sender ``verdict``."""
-        if self._outbox_pending:
-            self._outbox_settled(msg, False)
-        session = self._live_session(msg) if msg.group is None else None
-        if session is not None:
-            session.release(len(msg.data))
-            session.send_control(Discarded(msg.msg_id, verdict), self._now)
-            self._dirty[session.addr] = None
-
-    def _forget_parked(self, addr: Any, incarnation: int) -> None:
-        """A peer's incarnation ended: its parked messages have nobody waiting on them."""
-        session = self._peers.get(addr)
-        for box in self._durable.values():
-            # Staged ones still get stored (the sender was told they may have arrived),
-            # but nobody will hear their receipt: their window bytes are free now.
-            assert box.log is not None
-            for msg in box.log.staged:
-                if session is not None and msg.source == addr and msg.incarnation == incarnation:
-                    session.release(len(msg.data))
-        for box in self._mailboxes.values():
-            if not box.parked:
-                continue
-            removed = box.remove_parked(
-                lambda m: m.source == addr and m.incarnation == incarnation and m.group is None
-            )
-            for msg in removed:
-                self._held -= len(msg.data)
-                if self._outbox_pending:
-                    self._outbox_settled(msg, False)
-                if session is not None:
-                    session.release(len(msg.data))
-
-    def _live_session(self, msg: Message) -> PeerSession | None:
-        session = self._peers.get(msg.source)
-        if session is None or session.incarnation != msg.incarnation:
-            return None
-        return session
-
-    def _on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+    def _on_control_message(self, session: PeerSession, payload: bytes, now: float) -> None:
+        """A node control message from ``session``'s peer (:mod:`reliable.control`): the
+        remote-mailbox protocol's operations go there, the rest to their handler by type."""
         if payload and payload[0] >= FIRST_OP:
             self.remote.on_control(session, payload, now)
             return
@@ -1837,36 +1309,34 @@ class Endpoint:
         except MalformedControl:
             self._drop("malformed.control")
             return
-        if isinstance(ctl, (Admitted, Discarded)):
-            session.on_outcome(ctl, now)
-        elif isinstance(ctl, AdmittedMany):
-            for msg_id in ctl.msg_ids:
-                session.on_outcome(Admitted(msg_id), now)
-        elif isinstance(ctl, Cancel):
-            inc = session.incarnation
-            wire_id = ctl.msg_id
+        handle = self._control_handlers.get(type(ctl))
+        if handle is not None:
+            handle(session, ctl, now)
 
-            def withdrawn(m: Message) -> bool:
-                return (
-                    m.source == session.addr
-                    and m.incarnation == inc
-                    and m.msg_id & _WIRE_ID_MASK == wire_id
-                )
+    def _handle_outcome(self, session: PeerSession, ctl: Admitted | Discarded, now: float) -> None:
+        """What became of a message of ours the peer had parked."""
+        session.on_outcome(ctl, now)
 
-            for box in self._mailboxes.values():
-                if box.parked and self._discard_parked(box, withdrawn, Verdict.CANCELLED):
-                    break
-            # Not parked: it already got in (or was discarded), and that answer is on its way.
-        elif isinstance(ctl, StatsRequest):
-            if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
-                self._drop("shed.stats")  # it asks faster than it reads: answer later asks
-            elif self.config.serve_stats:
-                body = json.dumps(self.stats(now).as_dict(), default=str).encode()
-                session.send_control(StatsReply(ctl.request, body), now)
-            else:
-                self._drop("stats_refused")
-        elif isinstance(ctl, StatsReply):
-            self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
+    def _handle_admitted_many(self, session: PeerSession, ctl: AdmittedMany, now: float) -> None:
+        """A durable mailbox's commit let in several of our parked messages."""
+        for msg_id in ctl.msg_ids:
+            session.on_outcome(Admitted(msg_id), now)
+
+    def _handle_cancel(self, session: PeerSession, ctl: Cancel, now: float) -> None:
+        """The peer withdrew a message it sent us (if it is parked here)."""
+        self._post.withdraw_parked(session, ctl.msg_id)
+
+    def _handle_stats_request(self, session: PeerSession, ctl: StatsRequest, now: float) -> None:
+        if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
+            self._drop("shed.stats")  # it asks faster than it reads: answer later asks
+        elif self.config.serve_stats:
+            body = json.dumps(self.stats(now).as_dict(), default=str).encode()
+            session.send_control(StatsReply(ctl.request, body), now)
+        else:
+            self._drop("stats_refused")
+
+    def _handle_stats_reply(self, session: PeerSession, ctl: StatsReply, now: float) -> None:
+        self._emit(events.StatsReceived(peer=session.addr, request=ctl.request, body=ctl.body))
 
     def peers(self) -> list[Any]:
         """The addresses of the peers this endpoint has a session with."""
@@ -1890,8 +1360,7 @@ class Endpoint:
             raise errors.NodeClosed("the node is closing and accepts no new receives")
         check_mailbox_name(mailbox)
         self._now = now
-        ticket = self._next_waiter
-        self._next_waiter += 1
+        ticket = self._post.new_waiter()
         self.remote.pull(owner, mailbox, selector or ANY, receiver, ticket, now)
         return ticket
 
@@ -1919,12 +1388,11 @@ class Endpoint:
 
     def port_owner(self, name: str) -> int | None:
         """A port's owner token (management on the owner's behalf); None for a mailbox."""
-        box = self._mailboxes.get(name)
-        return None if box is None else box.owner
+        return self._post.port_owner(name)
 
     def is_durable(self, name: str) -> bool:
         """Whether mailbox ``name`` is durable (kept in an SQLite file)."""
-        return name in self._durable
+        return self._post.is_durable(name)
 
     def detach_mailbox(
         self, name: str, owner_text: str, now: float
@@ -1937,38 +1405,8 @@ class Endpoint:
         for the default mailbox, a port, a durable mailbox, and one holding
         messages under a lock (ack or release them first).
         """
-        box = self._mailboxes.get(name)
-        if box is None:
-            raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
-        if name == DEFAULT_MAILBOX or box.owner is not None:
-            raise errors.UsageError(
-                f"mailbox {name!r} cannot be transferred: the default mailbox and ports stay "
-                "with their node"
-            )
-        if box.log is not None:
-            raise errors.UsageError(
-                f"mailbox {name!r} is durable: close it here and open its file on the new node"
-            )
-        if box.locked:
-            raise errors.UsageError(
-                f"mailbox {name!r} has {len(box.locked)} messages taken under a lock (or handed "
-                "to a receiver on another node); ack or release them, then transfer"
-            )
         self._now = now
-        msgs: list[Message] = []
-        while (msg := box.queue.take()) is not None:
-            msgs.append(msg)
-            self._held -= len(msg.data)
-        self._discard_parked(box, lambda _m: True, Verdict.MAILBOX_CLOSED)
-        for ticket in list(box.waiters):
-            box.cancel_wait(ticket)
-            self._waiting.pop(ticket, None)
-            self._leave_other_lines(ticket, None)
-            error = errors.ReceiveRefused("this node", name, "moved", owner_text)
-            self._emit(events.ReceiveFailed(waiter=ticket, error=error))
-        self.remote.mailbox_deleted(name)
-        del self._mailboxes[name]
-        return msgs, box.capacity, box.max_bytes
+        return self._post.detach_mailbox(name, owner_text, now)
 
     def reattach_mailbox(
         self,
@@ -1980,18 +1418,12 @@ class Endpoint:
     ) -> None:
         """Undo :meth:`detach_mailbox` (the transfer failed): the mailbox and its
         messages are back, in order (ahead of any created here meanwhile)."""
-        if name not in self._mailboxes:
-            self._create(name, capacity, max_bytes, None, now)
-        box = self._mailboxes[name]
-        for msg in reversed(msgs):
-            self._held += len(msg.data)
-            box.queue.push_front(msg)
+        self._post.reattach_mailbox(name, capacity, max_bytes, msgs, now)
 
     def adopt_message(self, name: str, msg: Message, now: float) -> None:
         """A message moved here with ``name``'s ownership: it enters (see Mailbox.adopt)."""
         self._now = now
-        self._held += len(msg.data)
-        self._mailboxes[name].adopt(msg, now)
+        self._post.adopt_message(name, msg, now)
 
     def fail_departed(self, peer: Any) -> bool:
         """A node that said goodbye did not answer within the grace: fail what waits on
@@ -2014,7 +1446,7 @@ class Endpoint:
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
             if attempt is not None:
-                self._anycast_outcome(attempt, event)
+                self._failover.outcome(attempt, event, self._now, self._closing)
                 return
         if isinstance(event, _REMOTE_EVENTS):
             if isinstance(event, (events.MessageTaken, events.ReceiveFailed)):
@@ -2040,9 +1472,8 @@ class Endpoint:
             now,
             self._emit,
             self._message_finished,
-            screen=lambda frag: self._screen(frag, addr),
-            deliver=self._deliver,
-            on_control=self._on_control,
+            admission=self._post,
+            on_control=self._on_control_message,
             budget=self._receive_budget,
             resume=self._resumable.pop(addr, None),
         )
@@ -2064,139 +1495,29 @@ class Endpoint:
     def _drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def _mark_dirty(self, addr: Any) -> None:
+        """The session with ``addr`` has something to send (or a deadline moved)."""
+        self._dirty[addr] = None
+
+    def _clock(self) -> float:
+        return self._now
+
+    def _mailbox_deleted(self, name: str) -> None:
+        self.remote.mailbox_deleted(name)
+
+    def _no_mailbox(self, source: Any, name: str) -> None:
+        """A message asked for mailbox ``name``, not here: if it moved, say where."""
+        if name in self.remote.moved:
+            self.remote.tell_moved(source, name, self._now)
+
+    def _queue_loose(self, datagram: bytes, addr: Any) -> None:
+        """Send ``datagram`` outside any session (a reply from the gate, a farewell)."""
+        self._loose.append((datagram, addr))
+
     def _remember_ended(self, addr: Any, incarnation: int) -> None:
         self._ended[(addr, incarnation)] = None
         while len(self._ended) > self.config.remembered_incarnations:
             self._ended.popitem(last=False)
-
-    def _may_answer(self, addr: Any, now: float) -> bool:
-        """Rate limit for unsolicited replies (RESET, AUTH_FAILED): one per interval per address."""
-        last = self._reset_sent.get(addr)
-        if last is not None and now - last < _RESET_INTERVAL:
-            return False
-        self._reset_sent[addr] = now
-        self._reset_sent.move_to_end(addr)
-        while len(self._reset_sent) > _RESET_MEMORY:
-            self._reset_sent.popitem(last=False)
-        return True
-
-    def _answer(self, reply: bytes, addr: Any, received: int) -> bool:
-        """Queue a reply to an address we have not validated, within the amplification bound."""
-        if len(reply) > _AMPLIFICATION * received:
-            self._drop("amplification_limited")
-            return False
-        self._control.append((reply, addr))
-        return True
-
-    def _send_reset(self, addr: Any, their_incarnation: int, now: float, received: int) -> None:
-        if not self._may_answer(addr, now):
-            return
-        pkt = Packet(
-            kind=Kind.RESET, src_incarnation=self.incarnation, dst_incarnation=their_incarnation
-        )
-        self._answer(self._seal(encode_body(pkt)), addr, received)
-
-    # ------------------------------------------------------- address validation
-
-    def _cookie(self, addr: Any, incarnation: int, bucket: int) -> bytes:
-        material = repr(addr).encode() + incarnation.to_bytes(8, "big")
-        material += bucket.to_bytes(8, "big", signed=True)
-        return hashlib.blake2b(material, key=self._cookie_key, digest_size=16).digest()
-
-    def _issue_cookie(self, addr: Any, incarnation: int, now: float) -> bytes:
-        return self._cookie(addr, incarnation, math.floor(now / _COOKIE_LIFETIME))
-
-    def _cookie_valid(self, pkt: Packet, addr: Any, now: float) -> bool:
-        """A cookie we issued to this address and incarnation within the last lifetime or two.
-
-        Stateless: the cookie is a MAC of what it vouches for, so a flood of
-        spoofed sources costs no memory.
-        """
-        if pkt.cookie is None:
-            return False
-        bucket = math.floor(now / _COOKIE_LIFETIME)
-        return any(
-            hmac.compare_digest(pkt.cookie, self._cookie(addr, pkt.src_incarnation, b))
-            for b in (bucket, bucket - 1)
-        )
-
-    def _challenge(self, pkt: Packet, addr: Any, received: int, now: float) -> None:
-        rate = self.config.max_challenges_per_second
-        elapsed = max(0.0, now - self._challenge_clock)
-        self._challenge_budget = min(float(rate), self._challenge_budget + elapsed * rate)
-        self._challenge_clock = now
-        if self._challenge_budget < 1:
-            self._drop("challenge_limited")
-            return
-        self._challenge_budget -= 1
-        cookie = self._cookie(addr, pkt.src_incarnation, math.floor(now / _COOKIE_LIFETIME))
-        challenge = Packet(
-            kind=Kind.CHALLENGE,
-            src_incarnation=self.incarnation,
-            dst_incarnation=pkt.src_incarnation,
-            cookie=cookie,
-        )
-        if self._answer(self._seal(encode_body(challenge)), addr, received):
-            self.challenges_sent += 1
-            _log.debug("challenged %s to prove its address", errors.format_address(addr))
-
-    def _challenged(self, pkt: Packet, addr: Any, now: float) -> None:
-        """The peer wants our address proven: echo its cookie from now on."""
-        session = self._peers.get(addr)
-        if session is None or pkt.dst_incarnation != self.incarnation or pkt.cookie is None:
-            self._drop("stray_challenge")
-            return
-        session.on_challenge(pkt.cookie, now)
-        self._dirty[addr] = None
-
-    # ------------------------------------------------------ security refusals
-
-    def _refuse(self, data: bytes, addr: Any, refusal: int, now: float) -> None:
-        """Tell the sender its datagram failed our security check, so it fails fast.
-
-        Unsealed (it may not share our key), echoing the incarnation it
-        claimed so that an off-path attacker cannot forge one, rate-limited
-        and never larger than a small multiple of what it answers.
-        """
-        if len(data) < 16 or data[3] == Kind.AUTH_FAILED:
-            return
-        their = int.from_bytes(data[8:16], "big")
-        if their == 0 or not self._may_answer(addr, now):
-            return
-        reply = Packet(
-            kind=Kind.AUTH_FAILED,
-            src_incarnation=self.incarnation,
-            dst_incarnation=their,
-            refusal=refusal,
-        )
-        if self._answer(encode(reply), addr, len(data)):
-            _log.info(
-                "refused a datagram from %s (%s); told it with AUTH_FAILED",
-                errors.format_address(addr),
-                _REFUSAL_REASON.get(refusal, "failed the security check"),
-            )
-
-    def _auth_failed_reply(self, data: bytes, addr: Any, now: float) -> bool:
-        """An AUTH_FAILED is never sealed; a sealed node takes it here. Was it one?"""
-        if len(data) < 4 or data[3] != Kind.AUTH_FAILED:
-            return False
-        try:
-            pkt = decode(data)
-        except MalformedPacket:
-            return False
-        self._peer_refused_us(pkt, addr, now)
-        return True
-
-    def _peer_refused_us(self, pkt: Packet, addr: Any, now: float) -> None:
-        session = self._peers.get(addr)
-        if session is None or pkt.dst_incarnation != self.incarnation:
-            self._drop("stray_auth_failed")  # the echo is what proves it answers us
-            return
-        self._drop("auth_failed")
-        error = errors.AuthenticationFailed(addr, REFUSAL_TEXT.get(pkt.refusal, "refused"))
-        _log.warning("%s", error)
-        self._emit(events.PeerRejectedUs(peer=addr, error=error))
-        session.fail_all(error)
 
     def _peer_closed(self, session: PeerSession, now: float) -> None:
         assert session.incarnation is not None
@@ -2211,7 +1532,7 @@ class Endpoint:
     def _remove_session(self, session: PeerSession) -> None:
         """Forget ``session``: what it held is released, its counters go to the node's."""
         if session.incarnation is not None:
-            self._forget_parked(session.addr, session.incarnation)
+            self._post.forget_parked(session.addr, session.incarnation)
         session.receiver.release()
         gone = session.stats()
         self._departed_retransmissions += gone.retransmissions
@@ -2270,61 +1591,24 @@ class Endpoint:
         if pending and now < self._close_deadline:
             return
         self._groups.flush_acks()
-        self._group_output(self._control, now)  # final acks, before the LEAVEs
+        self._group_output(self._loose, now)  # final acks, before the LEAVEs
         self._groups.close("closing", now)
         for service in list(self._services.served):
             self._services.unserve(service)
-        self._group_output(self._control, now)
+        self._group_output(self._loose, now)
         for session in self._peers.values():
             session.fail_all(errors.SendAborted(session.addr))
         # Flush whatever the sessions still owe (final acks), then say goodbye.
         for addr, session in self._peers.items():
             for body in session.datagrams(now, self.incarnation):
-                self._control.append((self._seal(body), addr))
+                self._loose.append((self._seal(body), addr))
             if session.incarnation is not None:
                 bye = session.farewell(now, self.incarnation)
                 # two copies, each its own packet number (a replay window drops repeats)
-                self._control.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
+                self._loose.extend((self._seal(bye), addr) for _ in range(_CLOSE_COPIES))
         self.closed = True
         _log.debug("closed; peers told: %d", len(self._peers))
         self._emit(events.Closed())
-
-
-_REFUSAL_REASON = {
-    BAD_TAG: "its tag does not verify: our keys differ",
-    UNSEALED: "it is unsealed and this node requires security",
-    WRONG_MODE: "it uses a different security mode",
-}
-_VERDICT_TEXT = {
-    Verdict.NO_MAILBOX: "no such mailbox",
-    Verdict.MAILBOX_CLOSED: "the mailbox is closed",
-    Verdict.TOO_LARGE: "larger than the mailbox accepts",
-    Verdict.NO_MEMORY: "mailbox memory (Config.mailbox_memory) is full",
-}
-
-
-def _log_refusal(source: Any, mailbox: str, size: int, verdict: Verdict) -> None:
-    if _log.isEnabledFor(logging.INFO):
-        _log.info(
-            "refused a %d-byte message from %s for mailbox %r: %s",
-            size,
-            "a group member" if source is None else errors.format_address(source),
-            mailbox,
-            _VERDICT_TEXT.get(verdict, verdict.name.lower()),
-        )
-
-
-def _short_reason(error: errors.DeliveryFailed) -> str:
-    """A failure as one word or two, for anycast receipts (``failovers``)."""
-    names = {
-        errors.PeerUnreachable: "unreachable",
-        errors.PeerClosed: "closed",
-        errors.PeerRestarted: "restarted",
-        errors.MailboxNotFound: "no_mailbox",
-        errors.MailboxClosed: "mailbox_closed",
-        errors.AuthenticationFailed: "auth_failed",
-    }
-    return names.get(type(error), type(error).__name__)
 
 
 def _short_reason_of_event(event: events.PeerUnreachable | events.PeerClosed) -> str:
@@ -2348,22 +1632,6 @@ def check_integer(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.UsageError(f"{name} must be an integer, got {value!r}")
     return value
-
-
-def check_lock(lock: float | None) -> None:
-    """A receive's lock (visibility timeout) is None or a positive number of seconds."""
-    if lock is None:
-        return
-    if isinstance(lock, bool) or not isinstance(lock, (int, float)) or not 0 < lock < math.inf:
-        raise errors.UsageError(f"lock must be a positive number of seconds, got {lock!r}")
-
-
-def _check_truncate(selector: Selector | None, lock: float | None) -> None:
-    if lock is not None and selector is not None and selector.truncate:
-        raise errors.UsageError(
-            "truncate=True cannot be combined with lock=: a locked message is acknowledged "
-            "whole; receive it with a large enough max_size (or without a lock)"
-        )
 
 
 def check_timeout(timeout: float | None, name: str, *, positive: bool = False) -> None:

@@ -103,7 +103,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import errors, events
 from .config import K_GRANULARITY, Config
@@ -138,6 +138,7 @@ from .wire import (
     PROBE_OVERHEAD,
     SECURITY_OVERHEAD,
     Flag,
+    Fragment,
     Kind,
     Packet,
     Verdict,
@@ -205,6 +206,20 @@ class Withdrawal(enum.Enum):
 
 #: What the endpoint does with a delivered message: its verdict, or None if it entered.
 Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
+
+
+class Admission(Protocol):
+    """What a session asks before it acknowledges a message: the node's post office
+    (:class:`~reliable.post_office.PostOffice`), whose verdict rides on the very
+    acknowledgement that covers the message. Bound once, when the session is made."""
+
+    def screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
+        """A refusal of the message ``frag`` starts, from ``source``; None to receive it."""
+
+    def deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
+        """A whole message: its verdict, or None if it entered (or went to a receiver)."""
+
+
 #: What the endpoint does with a control message from the peer.
 OnControl = Callable[["PeerSession", bytes, float], None]
 
@@ -252,16 +267,18 @@ class PeerSession:
         emit: Callable[[events.Event], None],
         on_finished: Callable[[OutgoingMessage], None],
         *,
-        screen: Screen | None = None,
-        deliver: Deliver | None = None,
+        admission: Admission | None = None,
         on_control: OnControl | None = None,
         budget: MemoryBudget | None = None,
         resume: Resumption | None = None,
     ) -> None:
         self.addr = addr
         self._budget = budget if budget is not None else MemoryBudget(config.receive_memory)
-        self._screen = screen
-        self._deliver = deliver
+        self._screen: Screen | None = None
+        self._deliver: Deliver | None = None
+        if admission is not None:
+            self._screen = lambda frag: admission.screen(frag, addr)
+            self._deliver = admission.deliver
         self._on_control = on_control
         self.config = config
         #: Largest datagram this session sends; the path decides (see ``path_datagram_size``),
@@ -296,7 +313,7 @@ class PeerSession:
         else:
             self.sender = SendStream(config, self.rtt, self.cc, resume.next_seq, resume.next_msg_id)
             self.incarnation = resume.incarnation
-        self.receiver = ReceiveStream(config, screen, self._budget)
+        self.receiver = ReceiveStream(config, self._screen, self._budget)
         if resume is not None and resume.expected is not None:
             self.receiver.resume(resume.expected, resume.last_msg_id)
         #: Set on a session resumed after data was dropped: see "Expiry" above.

@@ -51,14 +51,18 @@ if kind == "rmsg":
     print(node.address[1], flush=True)
 elif kind == "echo":
     import threading
-    from reliable import Node
+    from reliable import Node, NodeClosed
     node = Node("127.0.0.1:0")
     port = node.create_mailbox("rpc", port=True)
     def echo():
-        while True:
-            msg = port.receive()
-            node.send_nowait(msg.source, msg.data, mailbox="reply")
-    threading.Thread(target=echo, daemon=True).start()
+        try:
+            while True:
+                msg = port.receive()
+                node.send_nowait(msg.source, msg.data, mailbox="reply")
+        except NodeClosed:
+            pass  # the bench is over: the node was closed below
+    echoing = threading.Thread(target=echo)
+    echoing.start()
     print(node.address[1], flush=True)
 elif kind == "xmlrpc":
     import threading
@@ -86,6 +90,9 @@ import os
 for line in sys.stdin:  # each line asks for this process's CPU seconds so far; EOF: exit
     times = os.times()
     print(times.user + times.system, flush=True)
+if kind == "echo":  # closed, not torn down by the exit mid-receive (a traceback on stderr)
+    node.close()
+    echoing.join(5)
 """
 
 

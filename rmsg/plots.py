@@ -53,7 +53,7 @@ def plot_timeline(entries: Sequence[TimelineEntry], path: str, *, title: str = "
     for e in entries:
         if e.packet is not None and e.packet.fragment is not None:
             flows.setdefault((e.source, e.destination), []).append(e)
-    directions = list(flows) or [None]
+    directions: list[tuple[Any, Any] | None] = list(flows) or [None]
     fig, axes = plt.subplots(
         len(directions), 1, figsize=(12, 7), dpi=100, squeeze=False, sharex=True
     )

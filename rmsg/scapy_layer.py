@@ -284,4 +284,4 @@ def _guess_payload_class(self: UDP, payload: bytes) -> Any:
     return guessed
 
 
-UDP.guess_payload_class = _guess_payload_class  # type: ignore[method-assign]
+UDP.guess_payload_class = _guess_payload_class  # type: ignore[method-assign,assignment]

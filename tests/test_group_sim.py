@@ -229,7 +229,7 @@ def test_one_loss_upstream_of_every_member_draws_few_naks() -> None:
             if len(kept) != len(out):
                 lost["armed"] = False
             for d, dst in kept:
-                sender._control.append((d, dst))  # re-queue what survives
+                sender._loose.append((d, dst))  # re-queue what survives
         original(addr)
 
     net.flush = flush  # type: ignore[method-assign]
@@ -265,7 +265,7 @@ def test_a_leave_carries_the_final_ack_so_a_lost_gack_is_not_read_as_missing() -
                 if wire.decode(data).kind == wire.Kind.GACK:
                     lost.append(len(data))
                 else:
-                    member._control.append((data, dst))
+                    member._loose.append((data, dst))
         original(host)
 
     net.flush = flush  # type: ignore[method-assign]

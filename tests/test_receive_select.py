@@ -36,7 +36,7 @@ def test_truncate_hands_the_message_out_cut_and_says_so() -> None:
     _queued(p, [10])
     msg = p.b.endpoint.take(selector=Selector(max_size=4, truncate=True), now=p.now)
     assert msg is not None and msg.data == b"xxxx" and msg.truncated == 6
-    assert p.b.endpoint._held == 0, "the whole message's bytes are released"
+    assert p.b.endpoint.stats().mailbox_bytes == 0, "the whole message's bytes are released"
 
 
 def test_a_waiting_receive_fails_on_a_message_too_long_and_the_next_one_gets_it() -> None:
@@ -51,7 +51,7 @@ def test_a_waiting_receive_fails_on_a_message_too_long_and_the_next_one_gets_it(
     taken = {e.waiter: e.message for e in p.b.of(events.MessageTaken)}
     assert isinstance(failed[small], errors.MessageTooBig)
     assert taken[cut].data == b"xxxx" and taken[cut].truncated == 5
-    assert p.b.endpoint._held == 0
+    assert p.b.endpoint.stats().mailbox_bytes == 0
 
 
 def test_truncate_needs_max_size_and_does_not_mix_with_a_lock() -> None:
