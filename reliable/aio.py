@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -70,17 +71,24 @@ from .driver import (
     group_target,
     mailbox_set,
     manage_mailbox,
+    manage_request,
+    no_answer,
     open_socket,
-    outbox_destination,
+    outbox_batch,
+    outbox_message,
     parse_manage_reply,
     parse_stats,
+    post_local,
     receive_buffer,
     receive_failure,
+    receive_selector,
     refuse_group,
     remote_mailbox_address,
+    replay_target,
     report_unreachable,
     resolve_destination,
     route_events,
+    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -88,13 +96,11 @@ from .endpoint import (
     Withdrawal,
     check_lock,
     check_timeout,
-    message_bytes,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources, check_mailbox_name, selector_for
+from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import AsyncOutbox, OutboxStore, settle_outbox_send
-from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -110,11 +116,10 @@ __all__ = [
 
 R = TypeVar("R", Receipt, GroupReceipt)
 H = TypeVar("H", bound="_AsyncPendingSend[Any]")
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+#: A receive's timeout that needs no check_timeout call: a finite int or float >= 0
+#: (NaN, a bool or a negative one goes to check_timeout, which says why).
+_PLAIN = (int, float)
+_INF = float("inf")
 
 
 class _AsyncPendingSend(asyncio.Future[R]):
@@ -269,8 +274,14 @@ class AsyncNode:
         self.config = self._endpoint.config
         self._on_event = on_event
         self._sock: DatagramSocket | None = None
+        self._family = 0  # the socket's address family, once started
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop's clock (loop.time), read a dozen times per message: asyncio's own
+        # loop reads time.monotonic through a Python method; we read it directly.
+        self._clock: Callable[[], float] = time.monotonic
         self._timer: asyncio.TimerHandle | None = None
+        # One loop timer for the deadlines of every waiting coroutine (see _wake_by).
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._timer_stale = False  # a pump left the loop timer to be re-armed (_arm_later)
         self._arm_scheduled = False
@@ -281,7 +292,9 @@ class AsyncNode:
         self._handles: dict[int, _AsyncPendingSend[Any] | AsyncBatchHandle] = {}
         self._destinations = Destinations()
         self._groups: GroupSockets | None = None
-        self._receives: dict[int, asyncio.Future[Message]] = {}
+        # Receives waiting for the core's answer (tickets), and the answers routed to them.
+        self._receives: set[int] = set()
+        self._taken: dict[int, Message | errors.ReliableError] = {}
         self._stats_replies: dict[int, asyncio.Future[bytes]] = {}
         self._manage_replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # manage, transfer
         self._departures = Departures()
@@ -296,6 +309,9 @@ class AsyncNode:
         self._abandoned: list[tuple[str, int]] = []  # ports whose owner handles are gone
         self._outboxes: list[OutboxStore] = []  # durable outboxes, closed with the node
         self._committer = Committer(self._commit_finished)  # durable mailboxes
+        # Whether a durable mailbox was ever made here (sticky): until then, no commit
+        # can be owed, and the per-message checks for one are skipped.
+        self._durable = False
         self._posts = PostQueue(self._commit_finished)  # local posts, admitted by _pump
 
     # ------------------------------------------------------------- lifecycle
@@ -304,7 +320,9 @@ class AsyncNode:
         """Open (or adopt) the socket and start serving on the running loop."""
         if self._loop is not None:
             return self
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if type(loop).time is not asyncio.BaseEventLoop.time:
+            self._clock = loop.time  # another loop's own clock (e.g. a test's virtual time)
         sock = (
             self._given_sock
             if self._given_sock is not None
@@ -312,6 +330,7 @@ class AsyncNode:
         )
         sock.setblocking(False)
         self._sock = sock
+        self._family = sock.family
         self._endpoint.remote.local_address = normalize(sock.getsockname())
         self._endpoint.set_receive_buffer(receive_buffer(sock))
         self._close_done = self._loop.create_future()
@@ -352,6 +371,8 @@ class AsyncNode:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         assert self._loop is not None and self._sock is not None
         self._loop.remove_reader(self._sock.fileno())
         self._loop.remove_writer(self._sock.fileno())
@@ -365,7 +386,6 @@ class AsyncNode:
             self._groups.close()
         futures: list[asyncio.Future[Any]] = [
             *self._handles.values(),
-            *self._receives.values(),
             *self._stats_replies.values(),
             *self._manage_replies.values(),
         ]
@@ -373,7 +393,6 @@ class AsyncNode:
             if not future.done():
                 future.set_exception(errors.NodeClosed("the node closed"))
         self._handles.clear()
-        self._receives.clear()
         self._stats_replies.clear()
         self._manage_replies.clear()
         self._notify()
@@ -407,10 +426,7 @@ class AsyncNode:
         try:
             body = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise errors.ReceiveTimeout(
-                f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
-                "(is an rmsg node running there, with Config.serve_stats?)"
-            ) from None
+            raise no_answer(addr, timeout, stats=True) from None
         finally:
             self._stats_replies.pop(request, None)
         return parse_stats(body)
@@ -430,12 +446,10 @@ class AsyncNode:
         ``set_limits``, ``delete``, ``grant`` or ``revoke`` its mailbox ``mailbox``
         (what ``rmsg ctl`` does), without blocking the loop while it answers."""
         check_timeout(timeout, "timeout", positive=True)
-        if action not in ACTIONS:
-            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        request = manage_request(action, mailbox, capacity, max_bytes, node)
         self._require_started()
         assert self._sock is not None
         addr = resolve_destination(dest, self._sock.family)
-        request = Manage(0, action, mailbox, capacity, max_bytes, node)
         return await self._managed_call(
             addr, lambda now: self._endpoint.manage(addr, request, now), timeout
         )
@@ -454,10 +468,7 @@ class AsyncNode:
         try:
             status, body = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise errors.ReceiveTimeout(
-                f"{errors.format_address(addr)} did not answer within {timeout:g}s "
-                "(is an rmsg node running there?)"
-            ) from None
+            raise no_answer(addr, timeout) from None
         finally:
             self._manage_replies.pop(number, None)
         return parse_manage_reply(addr, status, body)
@@ -489,6 +500,8 @@ class AsyncNode:
         loop = self._require_started()
         self._check_open()
         store = open_store(durable, name, sync)
+        if store is not None:
+            self._durable = True
         try:
             owner = self._endpoint.create_mailbox(
                 name,
@@ -516,7 +529,7 @@ class AsyncNode:
         self._outboxes.append(store)
         outbox = AsyncOutbox(self, store)
         for row in store.restored:
-            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            target = replay_target(store, row)
             outbox.replayed.append(
                 await self._outbox_submit(
                     store, row.row, target, row.data, row.msg_type, row.priority, None, block=True
@@ -541,10 +554,9 @@ class AsyncNode:
         self._require_started()
         assert self._sock is not None
         self._check_open()
-        addr, name, data = outbox_destination(
-            dest, data, msg_type, priority, mailbox, self._sock.family
+        addr, name, data = outbox_message(
+            self._endpoint, dest, data, msg_type, priority, mailbox, self._family
         )
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
         row, tag = await asyncio.to_thread(store.add, addr, name, msg_type, priority, data)
         target = OutboxTarget(addr, name, tag)
         return await self._outbox_submit(
@@ -566,11 +578,9 @@ class AsyncNode:
         self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
-        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, family)
-        checked = [checked_message(data, msg_type, priority) for data in messages]
-        for data in checked:
-            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        addr, name, checked = outbox_batch(
+            self._endpoint, dest, messages, msg_type, priority, mailbox, self._family
+        )
         if not checked:
             return []
         stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
@@ -590,8 +600,7 @@ class AsyncNode:
                     )
                 )
             except BaseException:
-                for later, _tag in stored[index + 1 :]:
-                    store.settle(later)  # never queued: nothing to retry
+                settle_unqueued(store, stored[index + 1 :])
                 raise
         return handles
 
@@ -671,29 +680,9 @@ class AsyncNode:
         label = receiver if receiver is not None else task.get_name() if task else "asyncio"
         deadline = None if timeout is None else loop.time() + timeout
         ticket = endpoint.pull(owner, name, selector, receiver=label, now=loop.time())
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         self._pump([])
-        try:
-            while not future.done():
-                remaining = None if deadline is None else deadline - loop.time()
-                failure = receive_failure(
-                    closed=self._closed or endpoint.closing,
-                    departures=self._departures,
-                    peer=None,
-                    mark=mark,
-                    remaining=remaining,
-                    timeout=timeout,
-                )
-                if failure is not None:
-                    if self._closed or endpoint.cancel_wait(ticket):
-                        self._pump([])  # the owner hears the withdrawal now
-                        raise failure
-                    break
-                await self._wait_change(remaining)
-            return future.result()
-        finally:
-            self._receives.pop(ticket, None)
+        return await self._await_message(ticket, None, mark, timeout, deadline)
 
     def on_message(
         self,
@@ -840,7 +829,7 @@ class AsyncNode:
             self._endpoint,
             target,
             data,
-            now=loop.time(),
+            now=self._clock(),
             msg_type=msg_type,
             priority=priority,
             timeout=timeout,
@@ -1114,12 +1103,7 @@ class AsyncNode:
         in ``stats().dropped`` (``refused.*``) and logged, not raised.
         """
         self._require_started()
-        data = message_bytes(data)
-        check_mailbox_name(mailbox)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
-        if self._closed:
-            raise errors.NodeClosed("the node is closed")
-        self._posts.put(mailbox, data, msg_type, priority)
+        post_local(self._endpoint, self._posts, self._closed, mailbox, data, msg_type, priority)
 
     def receive_nowait(
         self,
@@ -1222,15 +1206,7 @@ class AsyncNode:
         loop = self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
@@ -1248,32 +1224,11 @@ class AsyncNode:
         deadline = None if timeout is None else now + timeout
         peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_any(boxes, selector, receiver=receiver, lock=lock, now=now)
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         if peer is not None:
             endpoint.watch(peer, now)
         self._pump([])
-        try:
-            while not future.done():
-                remaining = None if deadline is None else deadline - loop.time()
-                failure = receive_failure(
-                    closed=self._closed or endpoint.closing,
-                    departures=self._departures,
-                    peer=peer,
-                    mark=mark,
-                    remaining=remaining,
-                    timeout=timeout,
-                )
-                if failure is not None:
-                    if self._closed or endpoint.cancel_wait(ticket):
-                        raise failure
-                    break
-                await self._wait_change(remaining)
-            return future.result()
-        finally:
-            self._receives.pop(ticket, None)
-            if peer is not None and not self._closed:
-                endpoint.unwatch(peer, loop.time())
+        return await self._await_message(ticket, peer, mark, timeout, deadline)
 
     async def _receive_many(
         self,
@@ -1336,23 +1291,26 @@ class AsyncNode:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> tuple[Message | None, Selector, str]:
-        loop = self._require_started()
+        loop = self._loop if self._loop is not None else self._require_started()
         assert self._sock is not None
         self._check_open()
-        family = self._sock.family
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, family),
-        )
+        if (
+            source is None
+            and msg_type == 0
+            and not except_type
+            and max_size is None
+            and not truncate
+        ):
+            selector = ANY  # the common receive selects nothing (as Selector.of; a fast path)
+        else:
+            selector = receive_selector(
+                source, msg_type, except_type, max_size, truncate, self._family
+            )
         if receiver is None:
             task = asyncio.current_task(loop)
             receiver = task.get_name() if task is not None else "asyncio"
         endpoint = self._endpoint
-        now = loop.time()
+        now = self._clock()
         if self._posts and self._sock is not None:
             # Posts made before this receive are in the mailbox when it looks.
             self._posts.admit(endpoint, normalize(self._sock.getsockname()), now)
@@ -1368,8 +1326,9 @@ class AsyncNode:
         out; and a parked message may have got in: its sender hears of it now."""
         assert self._loop is not None
         endpoint = self._endpoint
-        now = self._loop.time()
-        self._committer.flush(endpoint, now)
+        now = self._clock()
+        if self._durable:
+            self._committer.flush(endpoint, now)
         if now - self._read_at >= DRIVE_GAP:
             self._on_readable()  # see _drive
         elif locked or endpoint.has_output() or endpoint.has_events():
@@ -1391,7 +1350,8 @@ class AsyncNode:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> Message:
-        check_timeout(timeout, "timeout")
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
         mark = self._departures.mark()
         message, selector, label = self._take(
             mailbox,
@@ -1408,27 +1368,49 @@ class AsyncNode:
             return message
         if timeout == 0:
             raise errors.ReceiveTimeout("no message waiting")
-        loop = self._require_started()
         endpoint = self._endpoint
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else self._clock() + timeout
         # One named source is watched while we wait; a set of them is not (others may send).
         peer = None if isinstance(selector.source, frozenset) else selector.source
         ticket = endpoint.wait_for_message(
-            mailbox, selector, owner=owner, receiver=label, lock=lock, now=loop.time()
+            mailbox, selector, owner=owner, receiver=label, lock=lock, now=self._clock()
         )
-        future: asyncio.Future[Message] = loop.create_future()
-        self._receives[ticket] = future
+        self._receives.add(ticket)
         if peer is not None:
-            endpoint.watch(peer, loop.time())  # probes: a new timer
+            endpoint.watch(peer, self._clock())  # probes: a new timer
             self._pump([])
         elif endpoint.has_output() or endpoint.has_events():
             # The wait let a parked message in (a rendezvous): its sender hears now, and
             # the answer is routed. A plain wait changes nothing else (no timer): no pump,
             # which would look the core's timer up again just before the loop sleeps.
             self._pump([])
+        return await self._await_message(ticket, peer, mark, timeout, deadline)
+
+    async def _await_message(
+        self,
+        ticket: int,
+        peer: Address | None,
+        mark: int,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> Message:
+        """Wait for the core's answer to the receive ``ticket`` (registered in
+        ``_receives``); ``peer``, if named, was watched, and is unwatched after.
+
+        The same steps as :meth:`reliable.Node._await_message` with the event
+        loop's wait: the pump that routes the answer (``_on_receive``) wakes us.
+        Giving up (a timeout, the named peer gone, the node closed, or this
+        coroutine cancelled, as by ``asyncio.wait_for``) withdraws the wait from
+        the core, or the core would hand the next message to nobody; if the core
+        answered first, the answer wins (the message was taken for us).
+        """
+        endpoint = self._endpoint
+        taken = self._taken
+        loop = self._loop
+        assert loop is not None
         try:
-            while not future.done():
-                remaining = None if deadline is None else deadline - loop.time()
+            while ticket not in taken:
+                remaining = None if deadline is None else deadline - self._clock()
                 failure = receive_failure(
                     closed=self._closed or endpoint.closing,
                     departures=self._departures,
@@ -1439,23 +1421,43 @@ class AsyncNode:
                 )
                 if failure is not None:
                     if self._closed or endpoint.cancel_wait(ticket):
+                        self._pump([])  # e.g. a remote mailbox's owner hears of it now
                         raise failure
-                    break  # answered: every call pumps, so the future is already resolved
-                await self._wait_change(remaining)
-            return future.result()
+                    self._pump([])  # answered meanwhile: route the answer, then take it
+                    if ticket not in taken:  # (the core said answered: never, but no spin)
+                        raise failure
+                    break
+                # As _wait_change, inline (a coroutine frame less per wait, on the reply's path).
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+                if deadline is not None:
+                    self._wake_by(deadline)
+                await waiter
+        except asyncio.CancelledError:
+            if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
+                self._pump([])
+            # Else the answer came in the moment before the cancellation: that message
+            # was taken for a receive that no longer wants it, and goes with it.
+            taken.pop(ticket, None)
+            raise
         finally:
-            self._receives.pop(ticket, None)
+            self._receives.discard(ticket)
             if peer is not None and not self._closed:
-                endpoint.unwatch(peer, loop.time())
+                endpoint.unwatch(peer, self._clock())
+        outcome = taken.pop(ticket)
+        if isinstance(outcome, errors.ReliableError):
+            raise outcome
+        return outcome
 
     # ------------------------------------------------------------------ I/O
 
     def _on_readable(self, *, arm_later: bool = False) -> None:
         assert self._sock is not None and self._loop is not None
-        self._read_at = self._loop.time()
+        self._read_at = self._clock()
         reports: list[Unreachable] = []
         batch = drain_socket(self._sock, reports=reports)
-        self._take_reports(reports)
+        if reports:
+            self._take_reports(reports)
         self._pump(batch, arm_later=arm_later)
 
     def _on_reader(self) -> None:
@@ -1471,7 +1473,7 @@ class AsyncNode:
         peer's RTT estimate is stretched by how long the coroutine ran.
         """
         assert self._loop is not None
-        if self._loop.time() - self._read_at >= DRIVE_GAP:
+        if self._clock() - self._read_at >= DRIVE_GAP:
             self._on_readable()
         else:
             self._pump([])
@@ -1485,7 +1487,7 @@ class AsyncNode:
             return
         assert self._loop is not None
         endpoint = self._endpoint
-        now = self._loop.time()
+        now = self._clock()
         self._held = 0
         self._woke = False
         if self._posts:
@@ -1497,7 +1499,8 @@ class AsyncNode:
         if timer is not None and timer <= now:
             endpoint.handle_timer(now)
         if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
-            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
+            if self._durable:
+                self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             self._transmit(endpoint.datagrams_to_send(now))
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
@@ -1560,7 +1563,8 @@ class AsyncNode:
         if self._backlog.transmit(self._sock, out, reports) and not waiting:
             assert self._loop is not None
             self._loop.add_writer(self._sock.fileno(), self._on_writable)
-        self._take_reports(reports)
+        if reports:
+            self._take_reports(reports)
 
     def _on_writable(self) -> None:
         assert self._sock is not None and self._loop is not None
@@ -1597,29 +1601,46 @@ class AsyncNode:
 
     async def _wait_change(self, timeout: float | None) -> None:
         """Until the next pump (or ``timeout``): the waiting coroutine is resumed by the
-        pump's own callback, in the same step that read the datagram (no wait_for hop)."""
-        loop = self._require_started()
+        pump's own callback, in the same step that read the datagram (no wait_for hop).
+        Callers check their own deadline when woken (a wake-up may come early)."""
+        loop = self._loop if self._loop is not None else self._require_started()
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
-        timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
-        try:
-            await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if timeout is not None:
+            self._wake_by(self._clock() + timeout)
+        await waiter
+
+    def _wake_by(self, when: float) -> None:
+        """See that the waiting coroutines are woken by ``when`` (loop time).
+
+        One loop timer serves every waiter's deadline: it is moved only to an
+        earlier time, and when it fires it wakes them all; each looks at its own
+        deadline and, still waiting, asks again for its own. A receive with a
+        timeout that gets its message in time (the common case) thus costs no
+        timer of its own: a timer per wait, cancelled a moment later, cost a
+        handle, a heap push and a cancelled heap entry each.
+        """
+        timer = self._wake_timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        assert self._loop is not None
+        self._wake_timer = self._loop.call_at(when, self._on_wake_timer)
+
+    def _on_wake_timer(self) -> None:
+        self._wake_timer = None
+        self._notify()
 
     # EventSink
     def _on_receive(
         self, waiter: int, message: Message | None, error: errors.ReliableError | None
     ) -> None:
-        future = self._receives.get(waiter)
-        if future is None or future.done():
+        if waiter not in self._receives or waiter in self._taken:
             return
-        if message is not None:
-            future.set_result(message)
-        else:
-            assert error is not None
-            future.set_exception(error)
+        outcome = message if message is not None else error
+        assert outcome is not None
+        self._taken[waiter] = outcome
         self._notify()
 
     def _on_manage(self, request: int, status: int, body: bytes) -> None:

@@ -50,9 +50,11 @@ from .addressing import (
     resolve_address,
 )
 from .endpoint import Endpoint, check_integer, message_bytes
-from .mailbox import Selector, check_mailbox_name
+from .localpost import PostQueue
+from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import GroupReceipt, Message, Receipt
-from .outbox import check_outbox_mailbox
+from .outbox import OutboxRow, OutboxStore, check_outbox_mailbox
+from .remote_mailbox import ACTIONS, Manage
 from .stats import MailboxStats, NodeStats
 
 __all__ = [
@@ -69,6 +71,14 @@ __all__ = [
     "MailboxHandle",
     "batch_destination",
     "check_count",
+    "manage_request",
+    "no_answer",
+    "outbox_batch",
+    "outbox_message",
+    "post_local",
+    "receive_selector",
+    "replay_target",
+    "settle_unqueued",
     "open_socket",
     "parse_stats",
     "receive_failure",
@@ -321,6 +331,119 @@ def outbox_destination(
     node, name = split_destination(dest, mailbox)
     check_outbox_mailbox(name)
     return resolve_destination(node, family), name, data
+
+
+def outbox_message(
+    endpoint: Endpoint,
+    dest: str | tuple[Any, ...],
+    data: bytes,
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    family: int,
+) -> tuple[Address, str, bytes]:
+    """An outbox send checked whole, by the core too, before it is stored: the node,
+    the mailbox name and the data (as :func:`outbox_destination`)."""
+    addr, name, data = outbox_destination(dest, data, msg_type, priority, mailbox, family)
+    endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+    return addr, name, data
+
+
+def outbox_batch(
+    endpoint: Endpoint,
+    dest: str | tuple[Any, ...],
+    messages: Iterable[bytes],
+    msg_type: int,
+    priority: int,
+    mailbox: str | None,
+    family: int,
+) -> tuple[Address, str, list[bytes]]:
+    """An outbox's ``send_many``: every message checked, by the core too, before any
+    is stored (they are stored in one commit)."""
+    addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, family)
+    checked = [checked_message(data, msg_type, priority) for data in messages]
+    for data in checked:
+        endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+    return addr, name, checked
+
+
+def replay_target(store: OutboxStore, row: OutboxRow) -> OutboxTarget:
+    """Where a send an outbox file still held (``store.restored``) goes again."""
+    return OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+
+
+def settle_unqueued(store: OutboxStore, rows: Iterable[tuple[int, str]]) -> None:
+    """Stored sends of a batch that were never queued (an earlier one failed to queue):
+    nothing will retry them, so they leave the outbox file."""
+    for row, _tag in rows:
+        store.settle(row)
+
+
+def post_local(
+    endpoint: Endpoint,
+    posts: PostQueue,
+    closed: bool,
+    mailbox: str,
+    data: bytes,
+    msg_type: int,
+    priority: int,
+) -> None:
+    """``post``: check a local message now (argument errors raise here) and queue it
+    for the node's next turn, without its lock (see :mod:`reliable.localpost`)."""
+    data = message_bytes(data)
+    check_mailbox_name(mailbox)
+    endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+    if closed:
+        raise errors.NodeClosed("the node is closed")
+    posts.put(mailbox, data, msg_type, priority)
+
+
+def manage_request(
+    action: str,
+    mailbox: str,
+    capacity: int | None,
+    max_bytes: int | None,
+    node: str,
+) -> Manage:
+    """A management request (``manage``, what ``rmsg ctl`` sends), its action checked."""
+    if action not in ACTIONS:
+        raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+    return Manage(0, action, mailbox, capacity, max_bytes, node)
+
+
+def no_answer(addr: Any, timeout: float, *, stats: bool = False) -> errors.ReceiveTimeout:
+    """The error of a management request (or, ``stats``, a stats query) left unanswered."""
+    where = errors.format_address(addr)
+    if stats:
+        return errors.ReceiveTimeout(
+            f"{where} sent no stats within {timeout:g}s "
+            "(is an rmsg node running there, with Config.serve_stats?)"
+        )
+    return errors.ReceiveTimeout(
+        f"{where} did not answer within {timeout:g}s (is an rmsg node running there?)"
+    )
+
+
+def receive_selector(
+    source: Sources,
+    msg_type: int,
+    except_type: bool,
+    max_size: int | None,
+    truncate: bool,
+    family: int,
+) -> Selector:
+    """A receive call's selector (:func:`reliable.mailbox.selector_for`), a named
+    source parsed as an address of the node's ``family``."""
+    if source is None:  # the common case: nothing to parse
+        return Selector.of(None, msg_type, except_type, max_size, truncate)
+    return selector_for(
+        source,
+        msg_type,
+        except_type,
+        max_size,
+        truncate,
+        lambda one: resolve_destination(one, family),
+    )
 
 
 def check_count(max_count: object) -> None:

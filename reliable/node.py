@@ -80,17 +80,24 @@ from .driver import (
     group_target,
     mailbox_set,
     manage_mailbox,
+    manage_request,
+    no_answer,
     open_socket,
-    outbox_destination,
+    outbox_batch,
+    outbox_message,
     parse_manage_reply,
     parse_stats,
+    post_local,
     receive_buffer,
     receive_failure,
+    receive_selector,
     refuse_group,
     remote_mailbox_address,
+    replay_target,
     report_unreachable,
     resolve_destination,
     route_events,
+    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -98,13 +105,11 @@ from .endpoint import (
     Withdrawal,
     check_lock,
     check_timeout,
-    message_bytes,
 )
 from .localpost import PostQueue
-from .mailbox import Selector, Sources, check_mailbox_name, selector_for
+from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
 from .outbox import Outbox, OutboxStore, settle_outbox_send
-from .remote_mailbox import ACTIONS, Manage
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
@@ -123,6 +128,10 @@ BUSY_NAP = 0.01
 TIMER_SLACK = 0.001
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+#: A receive's or a wait's timeout that needs no check_timeout call: a finite int or
+#: float >= 0 (NaN, a bool or a negative one goes to check_timeout, which says why).
+_PLAIN = (int, float)
+_INF = float("inf")
 
 Outcome = Receipt | GroupReceipt
 T = TypeVar("T")
@@ -168,7 +177,8 @@ class _PendingSend(Generic[R]):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
-        check_timeout(timeout, "timeout")
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")
         return self._done or self._node._await(lambda: self._done, timeout)
 
     def result(self, timeout: float | None = None) -> R:
@@ -396,6 +406,9 @@ class Node:
         self._timer_checked = 0.0  # when _timer was last looked up
         self._wake_r, self._wake_w = socket.socketpair()
         self._committer = Committer(self._wake)  # durable mailboxes: grouped commits
+        # Whether a durable mailbox was ever made here (sticky): until then, no commit
+        # can be owed, and the per-message checks for one are skipped.
+        self._durable = False
         self._posts = PostQueue(self._wake)  # local posts (node.post), admitted by _drive
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -768,12 +781,7 @@ class Node:
         here; a refusal later (no such mailbox, closed, memory full) is counted
         in ``stats().dropped`` (``refused.*``) and logged, not raised.
         """
-        data = message_bytes(data)
-        check_mailbox_name(mailbox)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
-        if self._closed:
-            raise errors.NodeClosed("the node is closed")
-        self._posts.put(mailbox, data, msg_type, priority)
+        post_local(self._endpoint, self._posts, self._closed, mailbox, data, msg_type, priority)
 
     def receive(
         self,
@@ -911,14 +919,7 @@ class Node:
         """
         check_timeout(timeout, "timeout")
         boxes = mailbox_set(mailboxes)
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, self._family),
-        )
+        selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
@@ -942,7 +943,8 @@ class Node:
                     if peer is not None and not self._closed:
                         endpoint.unwatch(peer, time.monotonic())
             else:
-                self._committer.flush(endpoint, now)  # durable: deletion commits before hand-out
+                if self._durable:  # deletion commits before hand-out
+                    self._committer.flush(endpoint, now)
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -967,15 +969,20 @@ class Node:
         max_size: int | None = None,
         truncate: bool = False,
     ) -> list[Message]:
-        check_timeout(timeout, "timeout")
-        selector = selector_for(
-            source,
-            msg_type,
-            except_type,
-            max_size,
-            truncate,
-            lambda one: resolve_destination(one, self._family),
-        )
+        if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
+            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
+        if (
+            source is None
+            and msg_type == 0
+            and not except_type
+            and max_size is None
+            and not truncate
+        ):
+            selector = ANY  # the common receive selects nothing (as Selector.of; a fast path)
+        else:
+            selector = receive_selector(
+                source, msg_type, except_type, max_size, truncate, self._family
+            )
         # One named source is watched while we wait; a set of them is not (others may send).
         peer = None if isinstance(selector.source, frozenset) else selector.source
         label = receiver if receiver is not None else threading.current_thread().name
@@ -1007,7 +1014,8 @@ class Node:
                     break  # a receive that waits reads the socket first thing (_lead)
                 got.append(message)
             if got:
-                self._committer.flush(endpoint, now)  # durable: deletions commit before hand-out
+                if self._durable:  # deletions commit before hand-out
+                    self._committer.flush(endpoint, now)
                 if endpoint.has_output():
                     self._drive()  # a parked message may have got in: its sender hears now
                 if lock is not None:
@@ -1040,8 +1048,8 @@ class Node:
                 if message is None:
                     break
                 got.append(message)
-            if len(got) > 1:
-                self._committer.flush(endpoint, now)  # durable: as above, for those taken
+            if len(got) > 1 and self._durable:
+                self._committer.flush(endpoint, now)  # as above, for those taken
             if endpoint.has_output():
                 self._drive()
             if lock is not None:
@@ -1084,7 +1092,17 @@ class Node:
             )
 
         while ticket not in taken:
-            self._wait(over, deadline)
+            try:
+                self._wait(over, deadline)
+            except BaseException:
+                # Interrupted while waiting (KeyboardInterrupt, an exception raised by a
+                # signal handler): withdraw the wait, or the core would hand the next
+                # message to this receive, which nobody will return. One answered in
+                # the same instant goes with the interruption.
+                if not self._closed and ticket not in taken and self._endpoint.cancel_wait(ticket):
+                    self._drive(read=False)  # e.g. a remote mailbox's owner hears now
+                taken.pop(ticket, None)
+                raise
             if ticket in taken:
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -1124,7 +1142,7 @@ class Node:
         self._outboxes.append(store)
         outbox = Outbox(self, store)
         for row in store.restored:
-            target = OutboxTarget(row.dest, row.mailbox, store.tag(row.row))
+            target = replay_target(store, row)
             outbox.replayed.append(
                 self._outbox_submit(
                     store,
@@ -1154,8 +1172,10 @@ class Node:
     ) -> SendHandle:
         """Check, store (accepted), then send: an outbox's send."""
         check_timeout(timeout, "timeout", positive=True)
-        addr, name, data = outbox_destination(dest, data, msg_type, priority, mailbox, self._family)
-        self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        endpoint = self._endpoint
+        addr, name, data = outbox_message(
+            endpoint, dest, data, msg_type, priority, mailbox, self._family
+        )
         row, tag = store.add(addr, name, msg_type, priority, data)
         target = OutboxTarget(addr, name, tag)
         return self._outbox_submit(
@@ -1174,10 +1194,10 @@ class Node:
     ) -> list[SendHandle]:
         """Check all, store all in one commit, then send each: an outbox's send_many."""
         check_timeout(timeout, "timeout", positive=True)
-        addr, name, _ = outbox_destination(dest, b"", msg_type, priority, mailbox, self._family)
-        checked = [checked_message(data, msg_type, priority) for data in messages]
-        for data in checked:
-            self._endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=name)
+        endpoint = self._endpoint
+        addr, name, checked = outbox_batch(
+            endpoint, dest, messages, msg_type, priority, mailbox, self._family
+        )
         if not checked:
             return []
         stored = store.add_many(addr, name, msg_type, priority, checked)
@@ -1198,8 +1218,7 @@ class Node:
                     )
                 )
             except BaseException:
-                for later, _tag in stored[index + 1 :]:
-                    store.settle(later)  # never queued: nothing to retry
+                settle_unqueued(store, stored[index + 1 :])
                 raise
         return handles
 
@@ -1249,6 +1268,8 @@ class Node:
         process; ``sync`` is its sync policy (see docs/mailboxes.md).
         """
         store = open_store(durable, name, sync)
+        if store is not None:
+            self._durable = True
 
         def create(now: float) -> int:
             return self._endpoint.create_mailbox(
@@ -1379,10 +1400,8 @@ class Node:
         serves it only to callers on its own host, with ``Config.serve_stats``.
         """
         check_timeout(timeout, "timeout", positive=True)
-        if action not in ACTIONS:
-            raise errors.UsageError(f"action must be one of {', '.join(ACTIONS)}, not {action!r}")
+        request = manage_request(action, mailbox, capacity, max_bytes, node)
         addr = resolve_destination(dest, self._family)
-        request = Manage(0, action, mailbox, capacity, max_bytes, node)
         return self._managed_call(
             addr, lambda now: self._endpoint.manage(addr, request, now), timeout
         )
@@ -1403,10 +1422,7 @@ class Node:
                 while (reply := self._manage_replies[number]) is None:
                     self._check_open()
                     if time.monotonic() >= deadline:
-                        raise errors.ReceiveTimeout(
-                            f"{errors.format_address(addr)} did not answer within {timeout:g}s "
-                            "(is an rmsg node running there?)"
-                        )
+                        raise no_answer(addr, timeout)
                     self._wait(
                         lambda: self._manage_replies[number] is not None or self._closed, deadline
                     )
@@ -1444,10 +1460,7 @@ class Node:
                 while (body := self._stats_replies[request]) is None:
                     self._check_open()
                     if time.monotonic() >= deadline:
-                        raise errors.ReceiveTimeout(
-                            f"{errors.format_address(addr)} sent no stats within {timeout:g}s "
-                            "(is an rmsg node running there, with Config.serve_stats?)"
-                        )
+                        raise no_answer(addr, timeout, stats=True)
                     self._wait(
                         lambda: self._stats_replies[request] is not None or self._closed, deadline
                     )
@@ -1634,7 +1647,8 @@ class Node:
             endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready
         ):
             self._held = 0
-            self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
+            if self._durable:
+                self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
             out = endpoint.datagrams_to_send(now)
             if endpoint.closed:
                 # The last datagrams (CLOSE): out before the lock goes, so close() cannot

@@ -191,3 +191,33 @@ def test_a_received_message_leaves_the_loop_timer_armed_within_the_turn() -> Non
                 assert receipt.peer == b.address
 
     run(main())
+
+
+def test_a_cancelled_receive_does_not_swallow_the_next_message() -> None:
+    """A receive given up by cancellation (a task's cancel, ``asyncio.wait_for``'s
+    timeout) withdraws its wait from the core. It used to stay registered, and the
+    core handed the next message to that dead receive: acknowledged to its sender,
+    lost to the application."""
+
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            task = asyncio.ensure_future(b.receive(timeout=5))
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await a.send(b.address, b"after cancel", timeout=2)
+            assert (await b.receive(timeout=2)).data == b"after cancel"
+
+            for source in (None, a.address):  # the named source is unwatched again, too
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(b.receive(source=source), 0.05)
+                await a.send(b.address, b"after wait_for", timeout=2)
+                assert (await b.receive(timeout=2)).data == b"after wait_for"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(b.receive_any([""]), 0.05)
+            await a.send(b.address, b"after receive_any", timeout=2)
+            assert (await b.receive(timeout=2)).data == b"after receive_any"
+            assert not b._receives and not b._taken
+
+    run(main())

@@ -317,3 +317,32 @@ def test_a_receipt_is_made_when_asked_and_is_the_same_every_time() -> None:
         assert seen == [receipt]
         batch = a.send_many(b.address, [b"1", b"22"])
         assert [r.size for r in batch.result(5)] == [1, 2]
+
+
+def test_an_interrupted_receive_does_not_swallow_the_next_message() -> None:
+    """A receive interrupted while it waits (KeyboardInterrupt, or any exception a
+    signal handler raises in the waiting thread) withdraws its wait. It used to stay
+    registered, and the core handed the next message to it: acknowledged to its
+    sender, lost to the application."""
+    import os
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with Node() as a, Node() as b:
+            timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+            timer.start()
+            with pytest.raises(Interrupted):
+                b.receive(timeout=5)  # the main thread: the handler runs here
+            timer.join()
+            a.send(b.address, b"after the interruption", timeout=2)
+            assert b.receive(timeout=2).data == b"after the interruption"
+            assert not b._taken
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
