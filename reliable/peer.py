@@ -1212,17 +1212,33 @@ class PeerSession:
         size = self.datagram_size
         fits: dict[str, int] = {}
         too_big: list[OutgoingMessage] = []
+        needed = 0  # the smallest datagram one of them needs
         for msg in self.sender.messages():
             if msg.control:
                 continue
             room = fits.get(msg.mailbox)
             if room is None:
                 room = fits[msg.mailbox] = fragment_capacity(size, msg.mailbox)
-            if min(msg.fragment_size, len(msg.data)) > room:
+            payload = min(msg.fragment_size, len(msg.data))
+            if payload > room:
                 too_big.append(msg)
-        self.shrunk_backoff = backoff  # the next verdict waits for more evidence
+                wanted = size + payload - room
+                needed = wanted if not needed else min(needed, wanted)
         if not too_big:
+            self.shrunk_backoff = backoff  # the next verdict waits for more evidence
             return
+        # The losses say "black hole", but a receiver out of memory drops full-size data
+        # just the same while it answers pings: a probe of the size they need, which
+        # carries no data, tells the two apart (answered: the path carries it).
+        carried = self.pmtu.confirm(needed)
+        if carried is None:
+            self.bulk = True  # so _probe_path sends it
+            return
+        if carried:
+            self.datagram_size = self.pmtu.size = max(self.pmtu.size, self.pmtu.low)
+            self.shrunk_at = None
+            return
+        self.shrunk_backoff = backoff
         cause = (
             f"the path no longer carries the datagrams this message was cut for "
             f"(its size fell to {size} bytes after a black hole, and a sent message's "

@@ -35,7 +35,7 @@ larger size when a probe confirms one. A message already started at the
 larger size keeps it and, on a path that really shrank, fails
 (``PeerUnreachable`` with a ``cause``: see ``PeerSession._fail_cut_too_big``,
 which judges that from probe timeouts after the fall while the peer is
-still heard).
+still heard, confirmed by probes of the size it needs: :meth:`PathMtu.confirm`).
 
 There is no ERROR state: a path that does not carry ``BASE_PLPMTU`` is an
 unreachable peer, as before. ``DISABLED`` is for paths whose size is known
@@ -103,6 +103,7 @@ class PathMtu:
         "raise_at",
         "size",
         "state",
+        "verify",
     )
 
     def __init__(self, base: int, maximum: int | None) -> None:
@@ -120,6 +121,8 @@ class PathMtu:
         self.probes_acked = 0
         self.probes_lost = 0
         self.black_holes = 0
+        #: A size to confirm before messages cut for it are given up (see :meth:`confirm`).
+        self.verify: int | None = None
 
     def _candidate(self) -> int | None:
         """The next size to try, or None when the search is done."""
@@ -133,6 +136,15 @@ class PathMtu:
         """The probe to send now (it counts as lost after ``timeout`` seconds), if any."""
         if self.state is PmtuState.DISABLED or self.probe is not None:
             return None
+        verify = self.verify
+        if verify is not None:  # asked by confirm(): one size, outside the search
+            if self.high <= verify or self.low >= verify:
+                self.verify = None  # settled meanwhile, either way
+            else:
+                self.probe = Probe(self.next_number, verify, now + timeout)
+                self.next_number = (self.next_number + 1) & 0xFFFFFFFF
+                self.probes_sent += 1
+                return self.probe
         if self.state is PmtuState.SEARCH_COMPLETE:
             if self.raise_at is None or now < self.raise_at:
                 return None
@@ -164,6 +176,24 @@ class PathMtu:
         if self._candidate() is None:
             self._complete(now)
         return grew
+
+    def confirm(self, size: int) -> bool | None:
+        """Whether the path carries ``size``-byte datagrams: True if a probe of that size
+        (or larger) was answered, False once ``MAX_PROBES`` of them were lost, None while
+        that is unknown; then a probe of ``size`` goes out with the next ones.
+
+        A black hole is inferred from loss, and loss has other causes: a receiver out of
+        memory drops full-size data too, while it answers the small datagrams. A probe
+        carries no data, so only the path can lose it.
+        """
+        if self.low >= size:
+            self.verify = None
+            return True
+        if self.high <= size:
+            self.verify = None
+            return False
+        self.verify = size
+        return None
 
     def deadline(self) -> float | None:
         """When :meth:`on_timer` must run: the probe in flight's loss deadline."""

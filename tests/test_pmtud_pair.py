@@ -230,3 +230,31 @@ def test_a_message_cut_too_big_for_a_shrunk_path_fails_instead_of_stalling() -> 
     p.a.endpoint.send(B, b"c" * 1267, now=p.now)  # cut for the base size: it crosses
     _exchange(p, 1200, 5.0, seen)
     assert p.b.received() == [b"a" * BIG, b"c" * 1267]
+
+
+def test_confirm_probes_the_size_asked_and_answers_from_the_probes() -> None:
+    """PathMtu.confirm: a data-free probe of the size a message was cut for decides
+    whether the path carries it (answered), or not (MAX_PROBES lost); until then, None.
+    Loss alone cannot: a receiver out of memory drops full-size data too."""
+    from reliable.pmtud import MAX_PROBES, PathMtu
+
+    answered = PathMtu(1200, 1472)
+    answered.on_black_hole(0.0)
+    assert answered.confirm(1400) is None
+    probe = answered.next_probe(0.0, 0.1)
+    assert probe is not None and probe.size == 1400
+    answered.on_ack(probe.number, 0.01)
+    assert answered.confirm(1400) is True and answered.size == 1400
+
+    lost = PathMtu(1200, 1472)
+    lost.on_black_hole(0.0)
+    now = 0.0
+    for _ in range(MAX_PROBES):
+        assert lost.confirm(1400) is None
+        probe = lost.next_probe(now, 0.1)
+        assert probe is not None and probe.size == 1400
+        now += 0.2
+        lost.on_timer(now)
+    assert lost.confirm(1400) is False and lost.size == 1200
+    after = lost.next_probe(now, 0.1)  # settled: the search may go on, below it
+    assert after is None or after.size < 1400
