@@ -89,3 +89,21 @@ def test_rmsg_bench_durable_reports_the_four_rates(rmsg_exe: str, tmp_path: Path
     assert report["rows_per_commit"] >= 1 and report["sync"] == "grouped"
     assert report["ratio"] == pytest.approx(report["durable"] / report["sqlite"])
     assert list(tmp_path.iterdir()) == [], "the scratch files are removed"
+
+
+def test_a_bench_child_that_dies_without_reporting_fails_the_bench_not_hangs_it() -> None:
+    """The parent holds the child's end of each pipe, so a dead child never shows as EOF;
+    the bench asks whether it is alive instead of waiting on recv() forever."""
+    import multiprocessing as mp
+
+    from rmsg.bench import _answer
+
+    ctx = mp.get_context("spawn")
+    parent, _child = ctx.Pipe()
+    process = ctx.Process(target=sys.exit, args=(3,))
+    process.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"exit code 3\) without reporting"):
+            _answer(parent, process, 60.0, "sender")
+    finally:
+        process.join(5)
