@@ -310,15 +310,10 @@ def settle_outbox_send(store: OutboxStore, row: int, error: BaseException | None
         store.settle(row)
 
 
-class Outbox:
-    """A :class:`reliable.Node`'s durable outbox (``node.open_outbox(PATH)``): sends that
-    are stored before they go out, so that a crash of this process does not lose them."""
+class _Outboxes:
+    """What both adapters' outboxes read from their store."""
 
-    def __init__(self, node: Node, store: OutboxStore) -> None:
-        self._node = node
-        self.store = store
-        #: the sends the file held when opened, sent again (their outcomes, in order)
-        self.replayed: list[SendHandle] = []
+    store: OutboxStore
 
     @property
     def id(self) -> int:
@@ -329,6 +324,17 @@ class Outbox:
     def pending(self) -> int:
         """Sends accepted and not settled yet."""
         return self.store.pending
+
+
+class Outbox(_Outboxes):
+    """A :class:`reliable.Node`'s durable outbox (``node.open_outbox(PATH)``): sends that
+    are stored before they go out, so that a crash of this process does not lose them."""
+
+    def __init__(self, node: Node, store: OutboxStore) -> None:
+        self._node = node
+        self.store = store
+        #: the sends the file held when opened, sent again (their outcomes, in order)
+        self.replayed: list[SendHandle] = []
 
     def send(
         self,
@@ -394,7 +400,7 @@ class Outbox:
         return f"<Outbox {self.store.path} pending={self.pending}>"
 
 
-class AsyncOutbox:
+class AsyncOutbox(_Outboxes):
     """An :class:`reliable.AsyncNode`'s durable outbox (see :class:`Outbox`). Storing a
     send is a commit (an fsync with ``sync="message"``): it runs on a worker thread,
     so the event loop goes on meanwhile."""
@@ -404,16 +410,6 @@ class AsyncOutbox:
         self.store = store
         #: the sends the file held when opened, sent again (their outcomes, in order)
         self.replayed: list[AsyncSendHandle] = []
-
-    @property
-    def id(self) -> int:
-        """The outbox's id (random, made with the file): half of each send's message id."""
-        return self.store.id
-
-    @property
-    def pending(self) -> int:
-        """Sends accepted and not settled yet."""
-        return self.store.pending
 
     async def send(
         self,
