@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .bench_scale import ScaleReport, format_scale, run_scale
+from .bench_scale import ScaleReport, answer, format_scale, run_scale
 
 __all__ = [
     "BenchReport",
@@ -424,25 +424,6 @@ def _in_netns(netns: str, listen: str, target: Callable[..., None], *args: Any) 
     target(*args)
 
 
-def _answer(conn: Any, process: Any, limit: float, what: str) -> Any:
-    """What ``process`` sends on ``conn``; a ``RuntimeError`` instead if it ends without
-    sending, or sends nothing for ``limit`` seconds. The parent holds the child's end of
-    the pipe too, so a child that died would never show as end-of-file: a bare
-    ``recv()`` waited forever (``rmsg bench --veth`` was seen hanging so)."""
-    deadline = time.monotonic() + limit
-    while not conn.poll(0.2):
-        if not process.is_alive():
-            if conn.poll(0):  # it sent, then ended
-                break
-            raise RuntimeError(
-                f"the bench's {what} process ended (exit code {process.exitcode}) "
-                "without reporting; its error, if any, is above"
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the bench's {what} process reported nothing in {limit:g} s")
-    return conn.recv()
-
-
 #: (network namespace, its address) of the receiver and of the sender, or None: loopback
 Hosts = tuple[tuple[str, str], tuple[str, str]] | None
 
@@ -462,7 +443,7 @@ def _measure_throughput(
     processes = [receiver]
     receiver.start()
     try:
-        addr = _answer(rx_parent, receiver, 60.0, "receiver")
+        addr = answer(rx_parent, receiver, 60.0, "receiver")
         tx_args: tuple[Any, ...] = (tx_child, transport, addr, size, loss, duration, one)
         if hosts is None:
             sender = ctx.Process(target=_sender, args=tx_args)
@@ -470,12 +451,12 @@ def _measure_throughput(
             sender = ctx.Process(target=_in_netns, args=(*hosts[1], _sender, *tx_args))
         processes.append(sender)
         sender.start()
-        sent, tx_cpu, tx_rss, retx, packets, tx_elapsed = _answer(
+        sent, tx_cpu, tx_rss, retx, packets, tx_elapsed = answer(
             tx_parent, sender, limit + 60.0, "sender"
         )
         sender.join(30)
         rx_parent.send(sent)
-        received, seconds, rx_cpu, rx_rss = _answer(rx_parent, receiver, limit + 60.0, "receiver")
+        received, seconds, rx_cpu, rx_rss = answer(rx_parent, receiver, limit + 60.0, "receiver")
         receiver.join(30)
     finally:
         _reap(processes)
@@ -747,12 +728,12 @@ def _measure_latency(transport: str, pinned: bool, count: int) -> Latency:
     processes = [echo]
     echo.start()
     try:
-        addr = _answer(echo_parent, echo, 60.0, "echo")
+        addr = answer(echo_parent, echo, 60.0, "echo")
         pinger = ctx.Process(target=_ping, args=(ping_child, transport, addr, cpu, count))
         processes.append(pinger)
         pinger.start()
-        samples, ping_cpu, ping_sent = _answer(ping_parent, pinger, 600.0, "ping")
-        echo_cpu, echo_sent = _answer(echo_parent, echo, 60.0, "echo")
+        samples, ping_cpu, ping_sent = answer(ping_parent, pinger, 600.0, "ping")
+        echo_cpu, echo_sent = answer(echo_parent, echo, 60.0, "echo")
         samples.sort()
         pinger.join(30)
         echo.join(30)

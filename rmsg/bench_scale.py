@@ -37,6 +37,7 @@ from reliable.driver import drain_socket, open_socket
 
 __all__ = [
     "ScaleReport",
+    "answer",
     "format_scale",
     "measure_peers",
     "measure_sim",
@@ -175,7 +176,7 @@ class _Peers:
 
 
 def _aggregate_rate(
-    count: int, messages: int, dest: Any, size: int, limit: float, sink: Connection
+    count: int, messages: int, dest: Any, size: int, limit: float, sink: _ChildPipe
 ) -> tuple[float, float]:
     """Messages/s from ``count`` peers to the sink, and the sink's CPU us per message."""
     peers = _Peers(count)
@@ -199,8 +200,43 @@ def _aggregate_rate(
         peers.close()
 
 
+def answer(conn: Any, process: Any, limit: float, what: str) -> Any:
+    """What ``process`` sends on ``conn``; a ``RuntimeError`` instead if it ends without
+    sending, or sends nothing for ``limit`` seconds. The parent holds the child's end of
+    the pipe too, so a child that died would never show as end-of-file: a bare
+    ``recv()`` waited forever (``rmsg bench --veth`` was seen hanging so)."""
+    deadline = time.monotonic() + limit
+    while not conn.poll(0.2):
+        if not process.is_alive():
+            if conn.poll(0):  # it sent, then ended
+                break
+            raise RuntimeError(
+                f"the bench's {what} process ended (exit code {process.exitcode}) "
+                "without reporting; its error, if any, is above"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the bench's {what} process reported nothing in {limit:g} s")
+    return conn.recv()
+
+
+class _ChildPipe:
+    """Our end of a child's pipe: every answer read through :func:`answer`, so a child
+    that died makes the measurement fail instead of wait forever."""
+
+    def __init__(self, conn: Connection, process: Any, what: str) -> None:
+        self._conn = conn
+        self._process = process
+        self._what = what
+
+    def send(self, obj: Any) -> None:
+        self._conn.send(obj)
+
+    def recv(self, limit: float = 120.0) -> Any:
+        return answer(self._conn, self._process, limit, self._what)
+
+
 @contextlib.contextmanager
-def _child(target: Callable[..., None], *args: Any) -> Iterator[Connection]:
+def _child(target: Callable[..., None], *args: Any) -> Iterator[_ChildPipe]:
     """Run ``target(conn, *args)`` in a fresh process; yields our end of ``conn``.
 
     On exit the child is told to stop, and killed (by its handle) if it does not.
@@ -211,7 +247,7 @@ def _child(target: Callable[..., None], *args: Any) -> Iterator[Connection]:
     )
     process.start()
     try:
-        yield parent
+        yield _ChildPipe(parent, process, target.__name__.strip("_"))
     finally:
         parent.send("stop")
         process.join(10)

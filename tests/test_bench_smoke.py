@@ -96,7 +96,7 @@ def test_a_bench_child_that_dies_without_reporting_fails_the_bench_not_hangs_it(
     the bench asks whether it is alive instead of waiting on recv() forever."""
     import multiprocessing as mp
 
-    from rmsg.bench import _answer
+    from rmsg.bench_scale import answer
 
     ctx = mp.get_context("spawn")
     parent, _child = ctx.Pipe()
@@ -104,6 +104,6 @@ def test_a_bench_child_that_dies_without_reporting_fails_the_bench_not_hangs_it(
     process.start()
     try:
         with pytest.raises(RuntimeError, match=r"exit code 3\) without reporting"):
-            _answer(parent, process, 60.0, "sender")
+            answer(parent, process, 60.0, "sender")
     finally:
         process.join(5)
