@@ -71,7 +71,7 @@ __all__ = ["Mailbox", "MessageQueue", "Selector", "Sources", "check_mailbox_name
 Sources = str | tuple[Any, ...] | list[Any] | set[Any] | frozenset[Any] | None
 
 
-def check_mailbox_name(name: str) -> None:
+def check_mailbox_name(name: object) -> None:
     """Raise a :class:`UsageError` unless ``name`` is a valid mailbox name."""
     if not isinstance(name, str):
         raise UsageError(f"a mailbox name is a string, got {name!r}")
@@ -81,15 +81,26 @@ def check_mailbox_name(name: str) -> None:
         raise UsageError(f"mailbox name {name!r} may not contain '/'")
 
 
-def check_limits(capacity: int | None, max_bytes: int | None) -> None:
-    """Raise a :class:`UsageError` unless these are valid mailbox limits."""
-    for label, value in (("capacity", capacity), ("max_bytes", max_bytes)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            raise UsageError(f"{label} must be None (unbounded) or an integer >= 0, got {value!r}")
-    if max_bytes == 0 and capacity != 0:
+def _limit(label: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"{label} must be None (unbounded) or an integer >= 0, got {value!r}")
+    return value
+
+
+def check_limits(capacity: object, max_bytes: object) -> tuple[int | None, int | None]:
+    """``(capacity, max_bytes)`` once checked; a :class:`UsageError` unless they are
+    valid mailbox limits.
+
+    The arguments are ``object``, not ``int | None``: the caller's values arrive
+    here unchecked, and in the compiled core a declared type would be checked at
+    the call, raising ``TypeError`` instead of this ``UsageError``.
+    """
+    cap, size = _limit("capacity", capacity), _limit("max_bytes", max_bytes)
+    if size == 0 and cap != 0:
         raise UsageError("max_bytes=0 admits nothing; for a rendezvous mailbox use capacity=0")
+    return cap, size
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +108,14 @@ class Selector:
     """Which messages a receive accepts (``source`` None: any sender; a frozenset: any
     of those senders), and how long a message it may hand out whole (``max_size``)."""
 
+    # Typed Any, not int/bool: the caller's values arrive here unchecked, and a compiled
+    # core checks declared field types in __init__ (TypeError, or a bool passing as an
+    # int) before __post_init__ can raise the UsageError that says what to pass.
     source: Any = None
-    msg_type: int = 0
-    except_type: bool = False
-    max_size: int | None = None
-    truncate: bool = False
+    msg_type: Any = 0
+    except_type: Any = False
+    max_size: Any = None
+    truncate: Any = False
 
     def __post_init__(self) -> None:
         if self.max_size is not None and (
@@ -122,10 +136,10 @@ class Selector:
     @staticmethod
     def of(
         source: Any = None,
-        msg_type: int = 0,
-        except_type: bool = False,
-        max_size: int | None = None,
-        truncate: bool = False,
+        msg_type: Any = 0,
+        except_type: Any = False,
+        max_size: Any = None,
+        truncate: Any = False,
     ) -> Selector:
         """A selector; the shared "anything" one when nothing is selected (a fast path)."""
         if source is None and msg_type == 0 and not except_type and max_size is None:
@@ -141,7 +155,7 @@ class Selector:
             msg.source not in source if isinstance(source, frozenset) else msg.source != source
         ):
             return False
-        t = self.msg_type
+        t: int = self.msg_type  # checked an int in __post_init__
         if t == 0:
             return True
         if t > 0:
@@ -165,11 +179,11 @@ ANY = Selector()
 
 
 def selector_for(
-    source: Sources,
-    msg_type: int,
-    except_type: bool,
-    max_size: int | None,
-    truncate: bool,
+    source: Any,
+    msg_type: Any,
+    except_type: Any,
+    max_size: Any,
+    truncate: Any,
     resolve: Callable[[Any], Any],
 ) -> Selector:
     """The selector of a receive call; ``resolve`` turns one source into an address.
@@ -303,19 +317,17 @@ class Mailbox:
         self,
         name: str,
         *,
-        capacity: int | None,
-        max_bytes: int | None,
+        capacity: object,
+        max_bytes: object,
         owner: int | None,
         on_unpark: Callable[[Message, str | None], None],
         on_handoff: Callable[[int, Message], None],
         now: float,
         on_fail: Callable[[int, Exception], None] | None = None,
     ) -> None:
-        check_limits(capacity, max_bytes)
+        self.capacity, self.max_bytes = check_limits(capacity, max_bytes)
         self._on_fail = on_fail
         self.name = name
-        self.capacity = capacity
-        self.max_bytes = max_bytes
         self.owner = owner
         self.open = True
         self.queue = MessageQueue()
@@ -589,20 +601,20 @@ class Mailbox:
 
     # ------------------------------------------------------------- management
 
-    def set_limits(self, capacity: int | None, max_bytes: int | None, now: float) -> None:
+    def set_limits(self, capacity: object, max_bytes: object, now: float) -> None:
         """Change the limits at run time (``mq_setattr``, ``IPC_SET``'s ``msg_qbytes``).
 
         Lowering them keeps what is queued (new arrivals park until it drains
         below); raising them admits parked messages at once. A rendezvous stays
         one, and only a rendezvous has capacity 0.
         """
-        check_limits(capacity, max_bytes)
-        if (capacity == 0) != self.rendezvous:
+        cap, size = check_limits(capacity, max_bytes)
+        if (cap == 0) != self.rendezvous:
             raise UsageError(
                 f"mailbox {self.name!r}: a rendezvous (capacity 0) cannot become a buffered "
                 "mailbox or the other way round; create another mailbox"
             )
-        self.capacity, self.max_bytes = capacity, max_bytes
+        self.capacity, self.max_bytes = cap, size
         if not self.rendezvous:
             self._refill(now)
 
