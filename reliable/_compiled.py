@@ -3,12 +3,14 @@
 Theory of operation. ``COMPILED_MODULES`` below is the one list the build
 (``tools/rmsg_build.py``) hands to mypyc; everything else in the package is
 always interpreted (``errors`` because its classes inherit from built-in
-exceptions such as ``TimeoutError``, which mypyc cannot compile; ``mailbox``
-because its public ``Selector`` and ``Mailbox`` check their arguments'
-types themselves, raising ``UsageError``, where compiled code would raise
-``TypeError`` at the call first; this module
+exceptions such as ``TimeoutError``, which mypyc cannot compile; this module
 and ``reliable/__init__.py`` so the choice below is made in plain Python; the
-adapters, RPC and storage because their cost is system calls, not Python).
+adapters (``node``, ``aio``, ``driver``) because their public classes are
+subclassed by interpreted code and their many public arguments are checked
+by declared type, which compiled would raise ``TypeError`` where pure raises
+``UsageError``; RPC and storage because their cost is system calls, not
+Python). ``mailbox`` compiles because its public ``Selector`` and limits take
+their arguments as ``Any``/``object`` and check them inside.
 A compiled build still ships every ``.py`` source beside its extension
 modules, so the same installation can always run pure.
 
@@ -60,6 +62,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.group_member",
     "reliable.group_sender",
     "reliable.groups",
+    "reliable.mailbox",
     "reliable.membership",
     "reliable.message",
     "reliable.peer",
@@ -72,6 +75,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.sender",
     "reliable.stats",
     "reliable.timers",
+    "reliable.udpio",
     "reliable.wire",
 )
 
