@@ -32,6 +32,32 @@ class Message:
     #: (``msgrcv``'s ``MSG_NOERROR``); 0: ``data`` is the whole message
     truncated: int = 0
 
+    # Written out, not generated: a dataclass's generated __init__ stays interpreted
+    # code in the compiled core (about 5x the cost per object there). Same
+    # signature and defaults as the generated one.
+    def __init__(
+        self,
+        *,
+        source: CoreAddress,
+        data: bytes,
+        msg_type: int = 0,
+        priority: int = 0,
+        mailbox: str = "",
+        msg_id: int = 0,
+        incarnation: int = 0,
+        group: str | None = None,
+        truncated: int = 0,
+    ) -> None:
+        self.source = source
+        self.data = data
+        self.msg_type = msg_type
+        self.priority = priority
+        self.mailbox = mailbox
+        self.msg_id = msg_id
+        self.incarnation = incarnation
+        self.group = group
+        self.truncated = truncated
+
     @property
     def sender(self) -> str:
         """The source as ``host:port`` text."""
