@@ -994,7 +994,14 @@ def run_veth_bench(
                     progress(f"round {r + 1}/{rounds}: {transport} {_size(size)} over veth")
                 result = _measure_throughput(transport, size, 0.0, duration, one, hosts)
                 seen.setdefault((transport, size, 0.0), []).append(result)
-    report = BenchReport(rounds=rounds, cpus=os.cpu_count() or 1, path="veth")
+    import reliable
+
+    report = BenchReport(
+        rounds=rounds,
+        cpus=os.cpu_count() or 1,
+        path="veth",
+        core="compiled" if reliable.__compiled__ else "pure",
+    )
     for results in seen.values():
         report.throughput.append(_median(results, "messages_per_s"))
     return report
