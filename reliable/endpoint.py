@@ -452,7 +452,9 @@ class Endpoint:
         if session is None:  # pragma: no cover - a session fails its messages before it goes
             return Withdrawal.UNKNOWN
         self._dirty[dest] = None
-        return session.withdraw(msg, now)
+        answer = session.withdraw(msg, now)
+        self._take_events(session)
+        return answer
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
@@ -649,6 +651,7 @@ class Endpoint:
             old = session.incarnation
             self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
+            self._take_events(session)
             self._post.forget_parked(addr, old)
         elif pkt.kind == _RESET:
             self._drop("stale_reset")
@@ -659,7 +662,19 @@ class Endpoint:
         if self._departed:
             self.remote.heard(addr)
         self._dirty[addr] = None
-        session.on_packet(pkt, now, self.incarnation)
+        deliveries = session.on_packet(pkt, now, self.incarnation)
+        if session.events:
+            self._take_events(session)  # what its acknowledgements settled, first
+        post = self._post
+        while deliveries is not None:  # each whole message, judged before any ack is built
+            for d in deliveries:
+                if d.control:
+                    self._on_control_message(session, d.data, now)
+                    if session.events:
+                        self._take_events(session)  # the outcomes of our parked messages
+                else:
+                    session.took(d, post.deliver(session, d, now))
+            deliveries = session.delivered(now)  # the rest of the packet
         if pkt.kind == _CLOSE:
             # after its final acks: what it acknowledged on the way out is delivered
             self._peer_closed(session, now)
@@ -718,6 +733,7 @@ class Endpoint:
             return False
         self._now = now
         failed = session.on_unreachable(reason, now, errno=errno, soft=soft)
+        self._take_events(session)
         if not self._drop_if_expired(session):
             self._dirty[addr] = None  # its deadline moved
         if failed and self._closing:
@@ -743,6 +759,8 @@ class Endpoint:
                             out.append((body + _CRC.pack(crc32(body)), addr))
                         else:
                             out.append((seal(body), addr))
+                    if session.events:  # messages that failed for the path's size
+                        self._take_events(session)
                     session.filed_deadline = deadline = session.deadline()
                     timers.update(addr, deadline)
         if (self._groups.pending or self._services.pending) and not self.closed:
@@ -805,6 +823,7 @@ class Endpoint:
         _log.warning("%s", error)
         self._emit(events.PeerRejectedUs(peer=addr, error=error))
         session.fail_all(error)
+        self._take_events(session)
 
     # ----------------------------------------------------------------- timers
 
@@ -850,6 +869,8 @@ class Endpoint:
         for addr in self._timers.due(now, self._deadline_of):
             session = self._peers[addr]
             session.on_timer(now)
+            if session.events:
+                self._take_events(session)
             if not self._drop_if_expired(session):
                 self._dirty[addr] = None
         groups_due = self._groups.deadline()
@@ -1464,6 +1485,7 @@ class Endpoint:
         if session.incarnation is not None:
             return False
         session.fail_all(errors.MailboxGone(peer))
+        self._take_events(session)
         self._dirty[peer] = None
         return True
 
@@ -1490,9 +1512,20 @@ class Endpoint:
             self._services.member_down(event.peer, _short_reason_of_event(event))
         self._events.append(event)
 
-    def _message_finished(self, msg: OutgoingMessage) -> None:
-        self._buffered -= len(msg.data)
-        self._outgoing.pop(msg.ticket, None)
+    def _take_events(self, session: PeerSession) -> None:
+        """What ``session`` produced since it was last asked, in order: each message's
+        outcome leaves the send buffer, then goes where any event goes (:meth:`_emit`)."""
+        produced = session.events
+        if not produced:
+            return
+        session.events = []  # (an event's consequences may call the session again)
+        outgoing = self._outgoing
+        for event in produced:
+            if isinstance(event, (events.MessageDelivered, events.MessageFailed)):
+                entry = outgoing.pop(event.ticket, None)
+                if entry is not None:
+                    self._buffered -= len(entry[1].data)
+            self._emit(event)
 
     def _new_peer(self, addr: Any, now: float) -> PeerSession:
         session = PeerSession(
@@ -1500,10 +1533,7 @@ class Endpoint:
             self.config,
             self._rng,
             now,
-            self._emit,
-            self._message_finished,
             admission=self._post,
-            on_control=self._on_control_message,
             budget=self._receive_budget,
             resume=self._resumable.pop(addr, None),
         )
@@ -1554,6 +1584,7 @@ class Endpoint:
         _log.info("peer %s closed its session", errors.format_address(session.addr))
         self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
         session.fail_all(errors.PeerClosed(session.addr))
+        self._take_events(session)
         self._remember_ended(session.addr, session.incarnation)
         self._remove_session(session)
         if self._closing:
@@ -1577,6 +1608,7 @@ class Endpoint:
         resumption = session.resumption()  # before what it holds is released: that sets the fence
         # Nothing is pending (an idle session), or it already failed (an unreachable one).
         session.fail_all(errors.PeerUnreachable(session.addr, self._now - session.last_heard))
+        self._take_events(session)
         self._remove_session(session)
         self._resumable[session.addr] = resumption
         self._resumable.move_to_end(session.addr)
@@ -1628,10 +1660,12 @@ class Endpoint:
         self._group_output(self._loose, now)
         for session in self._peers.values():
             session.fail_all(errors.SendAborted(session.addr))
+            self._take_events(session)
         # Flush whatever the sessions still owe (final acks), then say goodbye.
         for addr, session in self._peers.items():
             for body in session.datagrams(now, self.incarnation):
                 self._loose.append((self._seal(body), addr))
+            self._take_events(session)
             if session.incarnation is not None:
                 bye = session.farewell(now, self.incarnation)
                 # two copies, each its own packet number (a replay window drops repeats)

@@ -101,7 +101,6 @@ import heapq
 import ipaddress
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -211,24 +210,19 @@ class Withdrawal(enum.Enum):
     UNKNOWN = "unknown"
 
 
-#: What the endpoint does with a delivered message: its verdict, or None if it entered.
-Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
-
-
 class Admission(Protocol):
-    """What a session asks before it acknowledges a message: the node's post office
-    (:class:`~reliable.post_office.PostOffice`), whose verdict rides on the very
-    acknowledgement that covers the message. Bound once, when the session is made."""
+    """The one question a session asks while it handles a packet: the node's post office
+    (:class:`~reliable.post_office.PostOffice`), bound once, when the session is made.
+
+    Everything else a packet produces the session hands back (see :meth:`PeerSession.on_packet`)
+    and the endpoint acts on it. The screen cannot wait for that: its answer (refuse the
+    message a first fragment starts, before its other fragments are held) decides whether
+    the receive stream keeps the fragment, and so what the acknowledgement built from this
+    very packet says.
+    """
 
     def screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
         """A refusal of the message ``frag`` starts, from ``source``; None to receive it."""
-
-    def deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        """A whole message: its verdict, or None if it entered (or went to a receiver)."""
-
-
-#: What the endpoint does with a control message from the peer.
-OnControl = Callable[["PeerSession", bytes, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,22 +265,24 @@ class PeerSession:
         config: Config,
         rng: random.Random,
         now: float,
-        emit: Callable[[events.Event], None],
-        on_finished: Callable[[OutgoingMessage], None],
         *,
         admission: Admission | None = None,
-        on_control: OnControl | None = None,
         budget: MemoryBudget | None = None,
         resume: Resumption | None = None,
     ) -> None:
         self.addr = addr
         self._budget = budget if budget is not None else MemoryBudget(config.receive_memory)
         self._screen: Screen | None = None
-        self._deliver: Deliver | None = None
         if admission is not None:
             self._screen = lambda frag: admission.screen(frag, addr)
-            self._deliver = admission.deliver
-        self._on_control = on_control
+        #: What the session produced for its owner (receipts, failures, restarts), in
+        #: order; the endpoint takes them after each call (``Endpoint._take_events``).
+        #: A message's event is also the news that it no longer occupies the send buffer.
+        self.events: list[events.Event] = []
+        #: The rest of a bundle after a fragment that completed a message (see
+        #: :meth:`delivered`): its fragments, the next one's index, the running
+        #: fragment-size average, the packet's ACK_NOW, the index that counts.
+        self._rest: tuple[tuple[Fragment, ...], int, float, bool, int] | None = None
         self.config = config
         #: Largest datagram this session sends; the path decides (see ``path_datagram_size``),
         #: and path MTU discovery raises it where the path's size is not known.
@@ -302,8 +298,6 @@ class PeerSession:
         #: whether DATA may take on_bulk, the fast path (tests turn it off to compare)
         self.bulk_path = True
         self.bulk_taken = 0  # DATA packets that took it
-        self._emit = emit
-        self._on_finished = on_finished
         self.incarnation: int | None = None
         self.rtt = RttEstimator(
             initial_rto=config.initial_rto,
@@ -489,8 +483,18 @@ class PeerSession:
 
     # ---------------------------------------------------------------- network
 
-    def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> None:
-        """Process a verified packet from the current incarnation of this peer."""
+    def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> list[Delivery] | None:
+        """Process a verified packet from the current incarnation of this peer.
+
+        Returns the whole messages its fragments completed, or None. The caller
+        (the endpoint) judges each, tells the session with :meth:`took`, and then
+        calls :meth:`delivered`, which goes on with the rest of the packet: the
+        packet is not done until ``delivered`` returns None. A message's verdict
+        (parked, say) narrows the window the next fragment of a bundle meets, so
+        the session stops after every fragment that completed one. What the
+        packet settled of ours (acknowledgements, refusals) waits in
+        :attr:`events`.
+        """
         self.cookie = None  # it has state for us now: no more echoing
         self.last_heard = now
         self.heard = True
@@ -507,41 +511,32 @@ class PeerSession:
                 self.tell_dropped = True
                 self.fenced_out += pkt.kind == Kind.DATA
                 self._update_wait(now)
-                return
+                return None
         kind = pkt.kind
         if kind == _DATA and not pkt.bundle:
-            # One fragment (every datagram of a big message): the loop below, unrolled
+            # One fragment (every datagram of a big message): _bundle_from, unrolled
             frag = pkt.fragment
             assert frag is not None
             size = FRAGMENT_OVERHEAD + len(frag.payload)
             average = self.record_average
             self.record_average = average + (size - average) / 8 if average else size
-            for d in self.receiver.on_fragment(
+            deliveries = self.receiver.on_fragment(
                 frag,
                 now,
                 has_room=self.parked < self.config.receive_backlog,
                 ack_now=bool(pkt.flags & _ACK_NOW),
-            ):
-                self._take_delivery(d, now)
+            )
+            if deliveries:
+                return deliveries  # delivered() finishes the packet
         elif kind == _DATA:
-            receiver = self.receiver
-            last = len(pkt.bundle)
-            backlog = self.config.receive_backlog
-            ack_now = bool(pkt.flags & _ACK_NOW)
-            average = self.record_average
-            for i, frag in enumerate(pkt.fragments):
-                size = FRAGMENT_OVERHEAD + len(frag.payload)
-                average = average + (size - average) / 8 if average else size
-                deliveries = receiver.on_fragment(
-                    frag,
-                    now,
-                    has_room=self.parked < backlog,
-                    ack_now=ack_now,
-                    counts=i == last,  # the ack policy counts datagrams, not fragments
-                )
-                for d in deliveries:
-                    self._take_delivery(d, now)
-            self.record_average = average
+            return self._bundle_from(
+                pkt.fragments,
+                0,
+                self.record_average,
+                bool(pkt.flags & _ACK_NOW),
+                len(pkt.bundle),
+                now,
+            )
         elif kind == _PING:
             self.receiver.ack_now = True
         elif kind == _PROBE:
@@ -555,6 +550,58 @@ class PeerSession:
         elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
+        return None
+
+    def _bundle_from(
+        self,
+        fragments: tuple[Fragment, ...],
+        start: int,
+        average: float,
+        ack_now: bool,
+        last: int,
+        now: float,
+    ) -> list[Delivery] | None:
+        """A bundle's fragments from index ``start``, up to the first that completes
+        messages (returned; :meth:`delivered` goes on from there) or the end (None)."""
+        receiver = self.receiver
+        backlog = self.config.receive_backlog
+        for i in range(start, len(fragments)):
+            frag = fragments[i]
+            size = FRAGMENT_OVERHEAD + len(frag.payload)
+            average = average + (size - average) / 8 if average else size
+            deliveries = receiver.on_fragment(
+                frag,
+                now,
+                has_room=self.parked < backlog,
+                ack_now=ack_now,
+                counts=i == last,  # the ack policy counts datagrams, not fragments
+            )
+            if deliveries:
+                self._rest = (fragments, i + 1, average, ack_now, last)
+                return deliveries
+        self.record_average = average
+        self._update_wait(now)
+        return None
+
+    def took(self, d: Delivery, verdict: Verdict | None) -> None:
+        """The endpoint's verdict on a message :meth:`on_packet` returned (None: it
+        entered): a verdict rides on the next acknowledgement."""
+        if verdict is not None:
+            self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
+        if verdict is None or verdict in (Verdict.DEFERRED, Verdict.STAGED):
+            self.messages_received += 1
+            self.bytes_received += len(d.data)
+
+    def delivered(self, now: float) -> list[Delivery] | None:
+        """The endpoint has judged the messages the packet completed: go on with its
+        fragments (more messages, or None when the packet is done)."""
+        rest = self._rest
+        if rest is None:
+            self._update_wait(now)
+            return None
+        self._rest = None
+        fragments, start, average, ack_now, last = rest
+        return self._bundle_from(fragments, start, average, ack_now, last, now)
 
     def on_bulk(self, frag: BulkFragment, now: float) -> bool:
         """:meth:`on_packet` for a DATA packet in its simplest form (``wire.decode_bulk``)
@@ -607,18 +654,6 @@ class PeerSession:
                 if size != msg.fragment_size:
                     msg.fragment_size = size
                     msg.count = max(1, -(-len(msg.data) // size))
-
-    def _take_delivery(self, d: Delivery, now: float) -> None:
-        if d.control:
-            if self._on_control is not None:
-                self._on_control(self, d.data, now)
-            return
-        verdict = None if self._deliver is None else self._deliver(self, d, now)
-        if verdict is not None:
-            self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
-        if verdict is None or verdict in (Verdict.DEFERRED, Verdict.STAGED):
-            self.messages_received += 1
-            self.bytes_received += len(d.data)
 
     def _on_ack(self, pkt: Packet, now: float) -> None:
         sender = self.sender
@@ -792,7 +827,7 @@ class PeerSession:
             new_incarnation,
             f"; messages it may have seen failed (PeerRestarted): {failing}" if failing else "",
         )
-        self._emit(restarted)
+        self.events.append(restarted)
         for msg in lost:
             self._fail(msg, FateInput.LOST, errors.PeerRestarted(self.addr, old, new_incarnation))
         self._update_wait(now)
@@ -1266,7 +1301,7 @@ class PeerSession:
     ) -> None:
         self.unreachable = True
         self.wait_since = None
-        self._emit(
+        self.events.append(
             events.PeerUnreachable(peer=self.addr, silent_for=silent_for, cause=cause, errno=errno)
         )
         failed = self.fail_all(
@@ -1296,9 +1331,8 @@ class PeerSession:
             return
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
-        self._on_finished(msg)
         assert self.incarnation is not None
-        self._emit(
+        self.events.append(
             events.MessageDelivered(
                 ticket=msg.ticket,
                 peer=self.addr,
@@ -1322,8 +1356,7 @@ class PeerSession:
             # Its last fragment never left: the receiver cannot have completed it.
             error = error.with_delivered(False)
         self.messages_failed += 1
-        self._on_finished(msg)
-        self._emit(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))
+        self.events.append(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))
 
     # ------------------------------------------------------------------ stats
 

@@ -44,9 +44,7 @@ class Node:
             on_deleted=self.deleted.append,
             no_mailbox=lambda source, name: self.missing.append((source, name)),
         )
-        self.session = PeerSession(
-            SENDER, self.config, random.Random(1), NOW, self.events.append, lambda _m: None
-        )
+        self.session = PeerSession(SENDER, self.config, random.Random(1), NOW)
         self.session.incarnation = 77
         self.peers[SENDER] = self.session
         self._msg_id = 0
