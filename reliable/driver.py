@@ -69,28 +69,28 @@ __all__ = [
     "Destinations",
     "EventSink",
     "MailboxHandle",
+    "Unreachable",
     "batch_destination",
     "check_count",
-    "manage_request",
-    "no_answer",
-    "outbox_batch",
-    "outbox_message",
-    "post_local",
-    "receive_selector",
-    "replay_target",
-    "settle_unqueued",
-    "open_socket",
-    "parse_stats",
-    "receive_failure",
-    "resolve_destination",
-    "Unreachable",
     "drain_socket",
     "enable_error_queue",
+    "manage_request",
+    "no_answer",
+    "open_socket",
+    "outbox_batch",
+    "outbox_message",
     "parse_extended_error",
+    "parse_stats",
+    "post_local",
     "read_error_queue",
+    "receive_failure",
+    "receive_selector",
+    "replay_target",
     "report_unreachable",
+    "resolve_destination",
     "route_events",
     "send_datagram",
+    "settle_unqueued",
     "split_destination",
 ]
 
@@ -703,7 +703,7 @@ def read_error_queue(sock: object, limit: int = RECV_BATCH) -> list[Unreachable]
 
 
 def parse_extended_error(level: int, kind: int, payload: bytes, dest: Any) -> Unreachable | None:
-    """One error-queue control message about a datagram to ``dest``, if it says unreachable.
+    """One error-queue node message about a datagram to ``dest``, if it says unreachable.
 
     ``payload`` is a ``struct sock_extended_err`` followed by the sockaddr of
     the node that reported it (the ICMP's source).

@@ -12,10 +12,10 @@ Everything that must follow a commit waits in the core until that report:
 * **Arrival.** A message admitted to a durable mailbox is *staged*, not
   queued: its sender's transport is answered with the ``DEFERRED`` verdict
   (the path a message to a full mailbox already takes, see
-  :mod:`reliable.control`), so the sender neither retransmits it nor counts
+  :mod:`reliable.node_messages`), so the sender neither retransmits it nor counts
   it delivered. Only when the commit that inserted it is reported does it
   enter the queue (or go to a waiting receiver), and only then does the
-  ``Admitted`` control message — the sender's receipt — leave. Hence: *a
+  ``Admitted`` node message — the sender's receipt — leave. Hence: *a
   message is acknowledged to its sender only after it is committed.* Staged
   messages occupy room (capacity, max_bytes) as queued ones do, so a full
   durable mailbox parks further arrivals in memory exactly like a volatile

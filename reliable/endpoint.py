@@ -65,14 +65,14 @@ few callables it needs:
 * :mod:`reliable.remote_mailbox` (``Endpoint.remote``): receivers on other
   nodes, transfers of a mailbox's ownership, remote management (``rmsg
   ctl``) and the prompt failure of sends to a node that closed; the endpoint
-  routes it the control operations 16 and up and the session events.
+  routes it the node-message operations 16 and up and the session events.
 
 A datagram's way in (``receive_datagram``) reads top to bottom: open and
 decode; the kinds no session takes go to their handler through one table
 (``_sessionless``: group and anycast kinds, CHALLENGE, AUTH_FAILED); the
 rest pass the admission checks above and reach their session, which hands
-each whole message to the post office and each node control message back
-here (``_on_control_message``, a table by type). ``docs/architecture.md``
+each whole message to the post office and each node message back
+here (``_on_node_message``, a table by type). ``docs/architecture.md``
 draws it.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
@@ -106,23 +106,23 @@ from . import errors, events
 from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
-from .control import (
-    Admitted,
-    AdmittedMany,
-    Cancel,
-    ControlMessage,
-    Discarded,
-    MalformedControl,
-    StatsReply,
-    StatsRequest,
-    decode_control,
-)
 from .durable import MailboxStore, WriteBatch
 from .failover import ANYCAST_POLICIES, Anycast, Failover
 from .gate import Gate
 from .groups import Groups
 from .mailbox import ANY, Selector, check_mailbox_name
 from .message import Message
+from .node_messages import (
+    Admitted,
+    AdmittedMany,
+    Cancel,
+    Discarded,
+    MalformedNodeMessage,
+    NodeMessage,
+    StatsReply,
+    StatsRequest,
+    decode_node_message,
+)
 from .outbox_ids import TAG_MAX
 from .peer import PeerSession, Resumption, Withdrawal
 from .post_office import DEFAULT_MAILBOX as DEFAULT_MAILBOX
@@ -167,7 +167,7 @@ Buffer = object  #: bytes, bytearray or memoryview; anything else is a UsageErro
 Integer = object  #: an int, not a bool; anything else is a UsageError
 
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
-_MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
+_MAX_NODE_BACKLOG = 64  # node messages queued to one peer before stats queries are shed
 # Plain ints for the per-datagram path: looking up an enum member costs about 0.2 us.
 _RESET = int(Kind.RESET)
 _CLOSE = int(Kind.CLOSE)
@@ -247,7 +247,7 @@ class Endpoint:
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
         #: datagrams sent outside any session: the gate's replies, group output at close,
-        #: farewells (not "control": that word is kept for node control messages)
+        #: farewells (not "control": that word is kept for node messages)
         self._loose: list[tuple[bytes, Any]] = []
         self._next_ticket = 1
         self._buffered = 0
@@ -313,8 +313,8 @@ class Endpoint:
         self._sessionless: dict[int, Callable[[Packet, Any, int, float], None]] = {
             kind: self._groups.on_packet for kind in GROUP_KINDS
         }
-        #: Handlers of node control messages, by type (see _on_control_message).
-        self._control_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
+        #: Handlers of node messages, by type (see _on_node_message).
+        self._node_message_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
             Admitted: self._handle_outcome,
             Discarded: self._handle_outcome,
             AdmittedMany: self._handle_admitted_many,
@@ -668,8 +668,8 @@ class Endpoint:
         post = self._post
         while deliveries is not None:  # each whole message, judged before any ack is built
             for d in deliveries:
-                if d.control:
-                    self._on_control_message(session, d.data, now)
+                if d.for_node:
+                    self._on_node_message(session, d.data, now)
                     if session.events:
                         self._take_events(session)  # the outcomes of our parked messages
                 else:
@@ -946,7 +946,7 @@ class Endpoint:
         self._now = now
         request = self._next_query
         self._next_query += 1
-        self._peer_for_send(dest, now).send_control(StatsRequest(request), now)
+        self._peer_for_send(dest, now).send_node_message(StatsRequest(request), now)
         self._dirty[dest] = None
         return request
 
@@ -1347,20 +1347,20 @@ class Endpoint:
         session = self._peers.get(member)
         return None if session is None else session.rtt.srtt
 
-    # ---------------------------------------------------- node control messages
+    # ---------------------------------------------------- node messages
 
-    def _on_control_message(self, session: PeerSession, payload: bytes, now: float) -> None:
-        """A node control message from ``session``'s peer (:mod:`reliable.control`): the
+    def _on_node_message(self, session: PeerSession, payload: bytes, now: float) -> None:
+        """A node message from ``session``'s peer (:mod:`reliable.node_messages`): the
         remote-mailbox protocol's operations go there, the rest to their handler by type."""
         if payload and payload[0] >= FIRST_OP:
-            self.remote.on_control(session, payload, now)
+            self.remote.on_node_message(session, payload, now)
             return
         try:
-            ctl = decode_control(payload)
-        except MalformedControl:
+            ctl = decode_node_message(payload)
+        except MalformedNodeMessage:
             self._drop("malformed.control")
             return
-        handle = self._control_handlers.get(type(ctl))
+        handle = self._node_message_handlers.get(type(ctl))
         if handle is not None:
             handle(session, ctl, now)
 
@@ -1378,11 +1378,11 @@ class Endpoint:
         self._post.withdraw_parked(session, ctl.msg_id)
 
     def _handle_stats_request(self, session: PeerSession, ctl: StatsRequest, now: float) -> None:
-        if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
+        if len(session.sender.node_messages) >= _MAX_NODE_BACKLOG:
             self._drop("shed.stats")  # it asks faster than it reads: answer later asks
         elif self.config.serve_stats:
             body = json.dumps(self.stats(now).as_dict(), default=str).encode()
-            session.send_control(StatsReply(ctl.request, body), now)
+            session.send_node_message(StatsReply(ctl.request, body), now)
         else:
             self._drop("stats_refused")
 
@@ -1423,9 +1423,9 @@ class Endpoint:
         self._now = now
         return self.remote.manage(dest, request, now)
 
-    def send_control_to(self, peer: Any, message: ControlMessage, now: float) -> None:
-        """Queue a control message for ``peer`` (its session is made if need be)."""
-        self._peer_for_send(peer, now).send_control(message, now)
+    def send_node_message_to(self, peer: Any, message: NodeMessage, now: float) -> None:
+        """Queue a node message for ``peer`` (its session is made if need be)."""
+        self._peer_for_send(peer, now).send_node_message(message, now)
         self._dirty[peer] = None
 
     def has_session(self, peer: Any) -> bool:

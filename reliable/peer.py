@@ -66,7 +66,7 @@ RFC 1122 section 4.2.3.9 calls them soft, and so do we for a live session.
 
 Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
 verdict is out of the send stream (nothing to retransmit) but not yet
-delivered: it waits in ``deferred`` for the peer's control message saying
+delivered: it waits in ``deferred`` for the peer's node message saying
 it entered its mailbox (the receipt) or never will (the error). While any
 message to a mailbox is deferred, that mailbox is known to be full:
 ``full_mailboxes`` is what lets a non-blocking send say "would block" (a
@@ -107,7 +107,6 @@ from typing import Any, Protocol
 from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
-from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
 from .fate import (
     DEADLINE_MATTERS,
     DELIVERED_ON_ACK,
@@ -117,6 +116,7 @@ from .fate import (
     FateInput,
     advance,
 )
+from .node_messages import Admitted, Cancel, Discarded, NodeMessage, encode_node_message
 from .pmtud import PathMtu
 from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
@@ -353,7 +353,7 @@ class PeerSession:
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
         self.bogus_acks = 0
-        self.bogus_outcomes = 0  # control outcomes naming no message of ours
+        self.bogus_outcomes = 0  # node-message outcomes naming no message of ours
         self.corrupt = 0
         self.os_errors = 0  # the OS's reports that the peer cannot be reached
         self.messages_sent = 0
@@ -460,11 +460,11 @@ class PeerSession:
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))
         return window
 
-    def send_control(self, message: ControlMessage, now: float) -> None:
-        """Queue a control message for the peer (reliable, ahead of waiting data)."""
-        payload = encode_control(message)
+    def send_node_message(self, message: NodeMessage, now: float) -> None:
+        """Queue a node message for the peer (reliable, ahead of waiting data)."""
+        payload = encode_node_message(message)
         size = fragment_capacity(self.current_datagram_size(), "")
-        self.sender.control.append(
+        self.sender.node_messages.append(
             OutgoingMessage(
                 ticket=0,
                 data=payload,
@@ -476,7 +476,7 @@ class PeerSession:
                 timeout=None,
                 fragment_size=size,
                 count=max(1, -(-len(payload) // size)),
-                control=True,
+                for_node=True,
             )
         )
         self._update_wait(now)
@@ -663,7 +663,7 @@ class PeerSession:
                 continue
             verdict = Verdict(code)
             if verdict in (Verdict.DEFERRED, Verdict.STAGED):
-                if msg.control or not msg.fully_sent:
+                if msg.for_node or not msg.fully_sent:
                     # Only a whole application message can be parked: garbage, ignored.
                     self.bogus_outcomes += 1
                     continue
@@ -693,14 +693,14 @@ class PeerSession:
                 self.full_mailboxes[name] = self.full_mailboxes.get(name, 0) + 1
 
     def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
-        """The peer's control message about one of our deferred messages."""
+        """The peer's node message about one of our deferred messages."""
         msg_id = unwrap(outcome.msg_id, self.sender.next_msg_id)
         msg = self.deferred.get(msg_id)
         if msg is not None:
             self._settle(msg, outcome, now)
             return
         msg = self.sender.by_msg_id.get(msg_id)
-        if msg is None or msg.control:
+        if msg is None or msg.for_node:
             self.bogus_outcomes += 1
             return
         # The outcome overtook the acknowledgement: the peer judged the whole message,
@@ -720,7 +720,7 @@ class PeerSession:
             _log.warning(
                 "peer %s had dropped our session; messages failed (PeerDroppedSession): %d",
                 errors.format_address(self.addr),
-                sum(not msg.control for msg in lost),
+                sum(not msg.for_node for msg in lost),
             )
         for msg in lost:
             self._undefer(msg)
@@ -784,7 +784,7 @@ class PeerSession:
 
     def _take_back(self, msg: OutgoingMessage, now: float) -> None:
         """Ask the peer to give back a parked message; its answer decides the outcome."""
-        self.send_control(Cancel(msg.msg_id), now)
+        self.send_node_message(Cancel(msg.msg_id), now)
 
     def mailbox_full(self, mailbox: str) -> bool:
         """Whether a message of ours still waits for room in ``mailbox`` of this peer."""
@@ -819,7 +819,7 @@ class PeerSession:
         restarted = events.PeerRestarted(
             peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
         )
-        failing = sum(not msg.control for msg in lost)
+        failing = sum(not msg.for_node for msg in lost)
         _log.info(
             "peer %s restarted (incarnation %016x -> %016x)%s",
             errors.format_address(self.addr),
@@ -840,7 +840,7 @@ class PeerSession:
         abandoned = self.sender.abandon_all() + self._drop_deferred()
         for msg in abandoned:
             self._fail(msg, FateInput.LOST, error)
-        return sum(not msg.control for msg in abandoned)
+        return sum(not msg.for_node for msg in abandoned)
 
     def _drop_deferred(self) -> list[OutgoingMessage]:
         dropped = list(self.deferred.values())
@@ -961,11 +961,11 @@ class PeerSession:
             self.last_probe = now  # on_timer repeats a PING if no answer comes
             pings = FIRST_CONTACT_DATAGRAMS - send
             out.extend(
-                self._control(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
+                self._bare_packet(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
             )
         if receiver.wants_ack(now) or self.ping_now:
             kind = _PING if self.ping_now else _ACK_KIND
-            out.append(self._control(kind, now, my_incarnation, ack_flag))
+            out.append(self._bare_packet(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()
             self.ping_now = False
         if self.probe_answers:
@@ -1038,9 +1038,9 @@ class PeerSession:
         repeats it, and the peer processes it before failing what is left.
         """
         ack_flag = _ACK if self.receiver.expected is not None else 0
-        return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
+        return self._bare_packet(Kind.CLOSE, now, my_incarnation, ack_flag)
 
-    def _control(self, kind: int, now: float, my_incarnation: int, ack_flag: int) -> bytes:
+    def _bare_packet(self, kind: int, now: float, my_incarnation: int, ack_flag: int) -> bytes:
         # As many notices as the datagram has room for (at least MAX_NOTICES, which
         # always fit): a durable mailbox owes one per message until its sender's base
         # passes it, and the ack cannot pass a notice it leaves out.
@@ -1178,7 +1178,7 @@ class PeerSession:
         sender = self.sender  # has_pending and holds_memory, inline: after every packet
         waiting = (
             self.watchers > 0
-            or bool(sender.queue or sender.control or sender.by_msg_id or self.deferred)
+            or bool(sender.queue or sender.node_messages or sender.by_msg_id or self.deferred)
             or self.receiver.held + self.parked > 0
         )
         if not waiting:
@@ -1249,7 +1249,7 @@ class PeerSession:
         too_big: list[OutgoingMessage] = []
         needed = 0  # the smallest datagram one of them needs
         for msg in self.sender.messages():
-            if msg.control:
+            if msg.for_node:
                 continue
             room = fits.get(msg.mailbox)
             if room is None:
@@ -1327,7 +1327,7 @@ class PeerSession:
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
         msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
-        if msg.control:
+        if msg.for_node:
             return
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
@@ -1350,7 +1350,7 @@ class PeerSession:
     def _fail(self, msg: OutgoingMessage, event: FateInput, error: errors.DeliveryFailed) -> None:
         """``event`` ends ``msg`` in failure: report ``error``, once."""
         msg.step(event)
-        if msg.control:
+        if msg.for_node:
             return
         if error.delivered is None and not msg.fully_sent:
             # Its last fragment never left: the receiver cannot have completed it.

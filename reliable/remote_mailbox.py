@@ -20,7 +20,7 @@ messages while another receiver waits.
 disk, if durable), invisible to other receives, and sends it in a
 ``Handover``. It removes it only when the receiving node answers
 ``Taken(accepted=1)``; ``Taken(accepted=0)`` (the receive was cancelled
-meanwhile) gives it back at once. Control messages ride the session's
+meanwhile) gives it back at once. Node messages ride the session's
 reliable, ordered stream, so each of these arrives exactly once per session.
 If the receiving node's session ends — it closed, restarted, or stayed
 silent for ``Config.peer_timeout`` — every message handed to it and not yet
@@ -80,9 +80,9 @@ from typing import TYPE_CHECKING, Any
 from . import errors, events
 from .addressing import parse_address
 from .config import Config
-from .control import MalformedControl, RawControl
 from .mailbox import Selector
 from .message import Message
+from .node_messages import MalformedNodeMessage, RawNodeMessage
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -103,7 +103,7 @@ __all__ = [
     "gone_grace",
 ]
 
-FIRST_OP = 16  #: the first operation code of this module (control.py's end below it)
+FIRST_OP = 16  #: the first operation code of this module (node_messages.py's end below it)
 OP_PULL, OP_PULL_CANCEL, OP_HANDOVER, OP_TAKEN, OP_REFUSED, OP_MANAGE, OP_MANAGE_REPLY = range(
     16, 23
 )
@@ -263,7 +263,7 @@ class Moved:
     owner: str
 
 
-RemoteControl = (
+RemoteOperation = (
     Pull
     | PullCancel
     | Handover
@@ -298,8 +298,8 @@ def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def encode_remote(msg: RemoteControl) -> bytes:
-    """The control payload of ``msg`` (operation byte first)."""
+def encode_remote(msg: RemoteOperation) -> bytes:
+    """The node-message payload of ``msg`` (operation byte first)."""
     if isinstance(msg, Pull):
         head = _PULL.pack(msg.request & 0xFFFFFFFF, msg.msg_type, int(msg.except_type))
         return bytes([OP_PULL]) + head + _text(msg.mailbox) + _text(msg.receiver[:64])
@@ -357,10 +357,10 @@ def encode_remote(msg: RemoteControl) -> bytes:
     return bytes([OP_MOVED]) + _text(msg.mailbox) + _text(msg.owner)
 
 
-def decode_remote(data: bytes) -> RemoteControl:
-    """Parse a control payload of this module; raises ``MalformedControl``."""
+def decode_remote(data: bytes) -> RemoteOperation:
+    """Parse a node-message payload of this module; raises ``MalformedNodeMessage``."""
     if not data:
-        raise MalformedControl("empty control message")
+        raise MalformedNodeMessage("empty node message")
     op, body = data[0], bytes(data[1:])
     try:
         if op == OP_PULL:
@@ -442,8 +442,8 @@ def decode_remote(data: bytes) -> RemoteControl:
                 raise ValueError("bad MOVED")
             return Moved(name, owner)
     except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise MalformedControl(str(exc)) from None
-    raise MalformedControl(f"unknown control operation {op}")
+        raise MalformedNodeMessage(str(exc)) from None
+    raise MalformedNodeMessage(f"unknown node-message operation {op}")
 
 
 # ------------------------------------------------------------------- state
@@ -512,8 +512,8 @@ def _same_host(peer: Any, own: Any) -> bool:
 class RemoteMailboxes:
     """The remote-mailbox protocol of one :class:`~reliable.endpoint.Endpoint`.
 
-    The endpoint routes to it the control payloads of operations
-    ``FIRST_OP`` and up (:meth:`on_control`), the waiter events of the pulls
+    The endpoint routes to it the node-message payloads of operations
+    ``FIRST_OP`` and up (:meth:`on_node_message`), the waiter events of the pulls
     it serves (:meth:`intercept`), the session events it must see
     (:meth:`observe`), and its timer. It uses the endpoint's mailbox calls
     (take, wait, ack, release) like any receiver does.
@@ -810,7 +810,7 @@ class RemoteMailboxes:
 
     def manage(self, dest: Any, request: Manage, now: float) -> int:
         """Send a management request; the answer is a ``StatsReceived``-like
-        ``ManageAnswered`` event (see :meth:`on_control`). Returns its number."""
+        ``ManageAnswered`` event (see :meth:`on_node_message`). Returns its number."""
         number = self._next_manage
         self._next_manage += 1
         self._manage[number] = None
@@ -1096,10 +1096,10 @@ class RemoteMailboxes:
 
     # ---------------------------------------------------------------- routing
 
-    def on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+    def on_node_message(self, session: PeerSession, payload: bytes, now: float) -> None:
         try:
             ctl = decode_remote(payload)
-        except MalformedControl:
+        except MalformedNodeMessage:
             self._ep._drop("malformed.control")
             return
         if isinstance(ctl, Pull):
@@ -1158,7 +1158,7 @@ class RemoteMailboxes:
                 if pulling.owner == event.peer:
                     self._send_pull(ticket, now)
 
-    def _send(self, peer: Any, msg: RemoteControl, now: float) -> None:
-        self._ep.send_control_to(peer, RawControl(encode_remote(msg)), now)
+    def _send(self, peer: Any, msg: RemoteOperation, now: float) -> None:
+        self._ep.send_node_message_to(peer, RawNodeMessage(encode_remote(msg)), now)
         if self.departed_peers and not self._ep.has_heard(peer):
             self.sending(peer, now)

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reliable import events, fate, wire
-from reliable.control import Admitted
 from reliable.fate import TERMINAL, TRANSITIONS, Fate, FateError, FateInput, advance
+from reliable.node_messages import Admitted
 from reliable.peer import Withdrawal
 
 from .harness import B, Pair

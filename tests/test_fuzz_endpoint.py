@@ -86,7 +86,7 @@ def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
         fragment = draw(hostile_fragments(control))
         bundle = tuple(draw(st.lists(hostile_fragments(control), min_size=1, max_size=4)))
     elif kind in (Kind.DATA, Kind.GDATA):
-        # control messages reach the control decoder
+        # node messages reach the control decoder
         fragment = draw(hostile_fragments(draw(st.booleans())))
     return Packet(
         kind=kind,
