@@ -670,8 +670,6 @@ class Endpoint:
             for d in deliveries:
                 if d.for_node:
                     self._on_node_message(session, d.data, now)
-                    if session.events:
-                        self._take_events(session)  # the outcomes of our parked messages
                 else:
                     session.took(d, post.deliver(session, d, now))
             deliveries = session.delivered(now)  # the rest of the packet
@@ -1367,11 +1365,13 @@ class Endpoint:
     def _handle_outcome(self, session: PeerSession, ctl: Admitted | Discarded, now: float) -> None:
         """What became of a message of ours the peer had parked."""
         session.on_outcome(ctl, now)
+        self._take_events(session)
 
     def _handle_admitted_many(self, session: PeerSession, ctl: AdmittedMany, now: float) -> None:
         """A durable mailbox's commit let in several of our parked messages."""
         for msg_id in ctl.msg_ids:
             session.on_outcome(Admitted(msg_id), now)
+            self._take_events(session)
 
     def _handle_cancel(self, session: PeerSession, ctl: Cancel, now: float) -> None:
         """The peer withdrew a message it sent us (if it is parked here)."""
