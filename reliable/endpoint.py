@@ -335,7 +335,9 @@ class Endpoint:
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
         #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
-        self.remote = RemoteMailboxes(self)
+        self.remote = RemoteMailboxes(
+            self.config, self, emit=self._emit, drop=self._drop, clock=lambda: self._now
+        )
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
         self._redirects = self.remote.redirects
         self._grace = self.remote.grace
