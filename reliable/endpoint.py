@@ -70,10 +70,14 @@ few callables it needs:
 A datagram's way in (``receive_datagram``) reads top to bottom: open and
 decode; the kinds no session takes go to their handler through one table
 (``_sessionless``: group and anycast kinds, CHALLENGE, AUTH_FAILED); the
-rest pass the admission checks above and reach their session, which hands
-each whole message to the post office and each node message back
-here (``_on_node_message``, a table by type). ``docs/architecture.md``
-draws it.
+rest pass the admission checks above and reach their session. The session
+answers instead of calling back: ``PeerSession.on_packet`` returns the
+messages the packet completed and keeps the receipts and failures it settled
+in ``session.events``. The endpoint takes the events first
+(``_take_events``), then judges each message in order (a node message by
+``_on_node_message``, a table by type; any other by the post office) and
+hands the verdict back (``PeerSession.took``) before anything is sent, so it
+rides on the acknowledgement. ``docs/architecture.md`` draws it.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
