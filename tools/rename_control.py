@@ -119,6 +119,7 @@ ATTRIBUTE_FILES = [
     "rmsg/dissect.py",
     "tests/test_wire.py",
     "tests/test_mailbox_pair.py",
+    "tests/test_fuzz_endpoint.py",
 ]
 
 #: In sender.py, ``self.control`` is SendStream's queue of node messages.
@@ -174,11 +175,35 @@ __all__ = [
 '''
 
 
+#: Files that speak of the old names on purpose (the alias's own test).
+KEEP_FILES = {"tests/test_control_alias.py"}
+#: A line that holds this speaks of an old name on purpose and is left as it is.
+KEEP_MARK = "rename-control: keep"
+
+
 def _files(patterns: list[str]) -> list[Path]:
     found: list[Path] = []
     for pattern in patterns:
-        found += sorted(p for p in ROOT.glob(pattern) if p != OLD_MODULE)
+        found += sorted(
+            p
+            for p in ROOT.glob(pattern)
+            if p != OLD_MODULE and str(p.relative_to(ROOT)) not in KEEP_FILES
+        )
     return found
+
+
+def _apply_words(text: str) -> str:
+    """WORDS on ``text``, but for the lines marked with KEEP_MARK."""
+    lines = text.split("\n")
+    kept = {i: line for i, line in enumerate(lines) if KEEP_MARK in line}
+    for i in kept:
+        lines[i] = f"\0{i}\0"
+    text = "\n".join(lines)
+    for pattern, replacement in WORDS:
+        text = re.sub(pattern, replacement, text, flags=re.M)
+    for i, line in kept.items():
+        text = text.replace(f"\0{i}\0", line)
+    return text
 
 
 def _rename_names(text: str, old: str, new: str) -> str:
@@ -207,8 +232,7 @@ def main() -> int:
     changed: set[Path] = set()
     for path in _files(WORD_FILES):
         text = before = path.read_text()
-        for pattern, replacement in WORDS:
-            text = re.sub(pattern, replacement, text, flags=re.M)
+        text = _apply_words(text)
         if path.name == "sender.py":
             for pattern, replacement in SENDER_QUEUE:
                 text = re.sub(pattern, replacement, text, flags=re.M)
