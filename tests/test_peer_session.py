@@ -5,9 +5,6 @@ returns the messages a packet completed, the caller's verdicts go back with
 from __future__ import annotations
 
 import random
-import warnings
-
-import pytest
 
 from reliable import Config, events
 from reliable.peer import PeerSession
@@ -95,21 +92,3 @@ def test_what_a_session_settles_waits_in_its_events() -> None:
     session.restart(6, NOW)
     (restarted,) = session.events
     assert isinstance(restarted, events.PeerRestarted) and restarted.new_incarnation == 6
-
-
-def test_the_old_control_module_still_answers_with_a_warning() -> None:
-    import importlib
-    import sys
-
-    sys.modules.pop("reliable.control", None)
-    with pytest.warns(DeprecationWarning, match="reliable.node_messages"):
-        old = importlib.import_module("reliable.control")
-    from reliable import node_messages
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert old.ControlMessage is node_messages.NodeMessage
-        assert old.decode_control is node_messages.decode_node_message
-        assert old.encode_control(node_messages.Cancel(3)) == node_messages.encode_node_message(
-            node_messages.Cancel(3)
-        )
