@@ -677,7 +677,9 @@ class Endpoint:
                 if d.for_node:
                     self._on_node_message(session, d.data, now)
                 else:
-                    session.took(d, post.deliver(session, d, now))
+                    verdict = post.deliver(session, d, now)
+                    if verdict is not None:  # (None: it entered)
+                        session.took(d, verdict)
             deliveries = session.delivered(now)  # the rest of the packet
         if pkt.kind == _CLOSE:
             # after its final acks: what it acknowledged on the way out is delivered

@@ -279,10 +279,14 @@ class PeerSession:
         #: order; the endpoint takes them after each call (``Endpoint._take_events``).
         #: A message's event is also the news that it no longer occupies the send buffer.
         self.events: list[events.Event] = []
-        #: The rest of a bundle after a fragment that completed a message (see
-        #: :meth:`delivered`): its fragments, the next one's index, the running
-        #: fragment-size average, the packet's ACK_NOW, the index that counts.
-        self._rest: tuple[tuple[Fragment, ...], int, float, bool, int] | None = None
+        #: The bundle being taken (see :meth:`delivered`): its fragments, the next
+        #: one's index, the running fragment-size average, the packet's ACK_NOW, and
+        #: the index of the fragment that counts for the ack policy.
+        self._rest: tuple[Fragment, ...] | None = None
+        self._rest_index = 0
+        self._rest_average = 0.0
+        self._rest_ack_now = False
+        self._rest_last = 0
         self.config = config
         #: Largest datagram this session sends; the path decides (see ``path_datagram_size``),
         #: and path MTU discovery raises it where the path's size is not known.
@@ -514,7 +518,7 @@ class PeerSession:
                 return None
         kind = pkt.kind
         if kind == _DATA and not pkt.bundle:
-            # One fragment (every datagram of a big message): _bundle_from, unrolled
+            # One fragment (every datagram of a big message): delivered()'s loop, unrolled
             frag = pkt.fragment
             assert frag is not None
             size = FRAGMENT_OVERHEAD + len(frag.payload)
@@ -527,16 +531,18 @@ class PeerSession:
                 ack_now=bool(pkt.flags & _ACK_NOW),
             )
             if deliveries:
+                for d in deliveries:  # counted now; took() uncounts a refused one
+                    if not d.for_node:
+                        self.messages_received += 1
+                        self.bytes_received += len(d.data)
                 return deliveries  # delivered() finishes the packet
         elif kind == _DATA:
-            return self._bundle_from(
-                pkt.fragments,
-                0,
-                self.record_average,
-                bool(pkt.flags & _ACK_NOW),
-                len(pkt.bundle),
-                now,
-            )
+            self._rest = pkt.fragments
+            self._rest_index = 0
+            self._rest_average = self.record_average
+            self._rest_ack_now = bool(pkt.flags & _ACK_NOW)
+            self._rest_last = len(pkt.bundle)
+            return self.delivered(now)
         elif kind == _PING:
             self.receiver.ack_now = True
         elif kind == _PROBE:
@@ -552,20 +558,34 @@ class PeerSession:
         self._update_wait(now)
         return None
 
-    def _bundle_from(
-        self,
-        fragments: tuple[Fragment, ...],
-        start: int,
-        average: float,
-        ack_now: bool,
-        last: int,
-        now: float,
-    ) -> list[Delivery] | None:
-        """A bundle's fragments from index ``start``, up to the first that completes
-        messages (returned; :meth:`delivered` goes on from there) or the end (None)."""
+    def took(self, d: Delivery, verdict: Verdict) -> None:
+        """The endpoint's verdict on a message :meth:`on_packet` returned, when it did
+        not simply enter: the verdict rides on the next acknowledgement."""
+        self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
+        if verdict is not Verdict.DEFERRED and verdict is not Verdict.STAGED:
+            self.messages_received -= 1  # refused: not received after all
+            self.bytes_received -= len(d.data)
+
+    def delivered(self, now: float) -> list[Delivery] | None:
+        """Go on with the packet once the endpoint has judged the messages it returned:
+        the next messages a bundle's fragments complete, or None when the packet is done.
+
+        A bundle stops after each fragment that completed messages, because what
+        the endpoint does with them can change how the next fragment is taken (a
+        parked message narrows the window, a node message may widen it again).
+        """
+        fragments = self._rest
+        if fragments is None:
+            self._update_wait(now)
+            return None
         receiver = self.receiver
         backlog = self.config.receive_backlog
-        for i in range(start, len(fragments)):
+        average = self._rest_average
+        ack_now = self._rest_ack_now
+        last = self._rest_last
+        i = self._rest_index
+        end = len(fragments)
+        while i < end:
             frag = fragments[i]
             size = FRAGMENT_OVERHEAD + len(frag.payload)
             average = average + (size - average) / 8 if average else size
@@ -576,32 +596,19 @@ class PeerSession:
                 ack_now=ack_now,
                 counts=i == last,  # the ack policy counts datagrams, not fragments
             )
+            i += 1
             if deliveries:
-                self._rest = (fragments, i + 1, average, ack_now, last)
+                self._rest_index = i
+                self._rest_average = average
+                for d in deliveries:  # counted now; took() uncounts a refused one
+                    if not d.for_node:
+                        self.messages_received += 1
+                        self.bytes_received += len(d.data)
                 return deliveries
+        self._rest = None
         self.record_average = average
         self._update_wait(now)
         return None
-
-    def took(self, d: Delivery, verdict: Verdict | None) -> None:
-        """The endpoint's verdict on a message :meth:`on_packet` returned (None: it
-        entered): a verdict rides on the next acknowledgement."""
-        if verdict is not None:
-            self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
-        if verdict is None or verdict in (Verdict.DEFERRED, Verdict.STAGED):
-            self.messages_received += 1
-            self.bytes_received += len(d.data)
-
-    def delivered(self, now: float) -> list[Delivery] | None:
-        """The endpoint has judged the messages the packet completed: go on with its
-        fragments (more messages, or None when the packet is done)."""
-        rest = self._rest
-        if rest is None:
-            self._update_wait(now)
-            return None
-        self._rest = None
-        fragments, start, average, ack_now, last = rest
-        return self._bundle_from(fragments, start, average, ack_now, last, now)
 
     def on_bulk(self, frag: BulkFragment, now: float) -> bool:
         """:meth:`on_packet` for a DATA packet in its simplest form (``wire.decode_bulk``)
