@@ -5,12 +5,13 @@ no pair of them."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import random
 from typing import Any
 
 from reliable import Config, events
 from reliable.message import Message
 from reliable.node_messages import RawNodeMessage
+from reliable.peer import PeerSession
 from reliable.remote_mailbox import (
     Handover,
     Manage,
@@ -97,8 +98,9 @@ def _owner(
     return remote, node, drops, emitted
 
 
-def _from(addr: Any) -> Any:
-    return SimpleNamespace(addr=addr)
+def _from(addr: Any) -> PeerSession:
+    """The session a node message came in on (only its address is read)."""
+    return PeerSession(addr, Config(), random.Random(1), NOW)
 
 
 def test_a_pull_from_a_node_without_the_right_is_refused_and_takes_nothing() -> None:
