@@ -13,6 +13,7 @@ that restarts mid-stream.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -122,7 +123,15 @@ SCENARIOS: dict[str, Callable[[Recorder, float, int], None]] = {
 }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description="Digests of scripted exchanges on the simulated pair (every datagram, "
+        "event and counter). RMSG_DIGEST_TREE=DIR measures the checkout at DIR instead."
+    )
+
+
 def main() -> int:
+    build_parser().parse_args()
     for name, scenario in SCENARIOS.items():
         for loss, seed in ((0.0, 1), (0.05, 2), (0.2, 3)):
             rec = Recorder()
