@@ -79,6 +79,7 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
+    put_back_answer,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -682,7 +683,7 @@ class AsyncNode:
         ticket = endpoint.pull(owner, name, selector, receiver=label, now=loop.time())
         self._receives.add(ticket)
         self._pump([])
-        return await self._await_message(ticket, None, mark, timeout, deadline)
+        return await self._await_message(ticket, None, mark, timeout, deadline, local=False)
 
     def on_message(
         self,
@@ -1228,7 +1229,9 @@ class AsyncNode:
         if peer is not None:
             endpoint.watch(peer, now)
         self._pump([])
-        return await self._await_message(ticket, peer, mark, timeout, deadline)
+        return await self._await_message(
+            ticket, peer, mark, timeout, deadline, locked=lock is not None
+        )
 
     async def _receive_many(
         self,
@@ -1384,7 +1387,9 @@ class AsyncNode:
             # the answer is routed. A plain wait changes nothing else (no timer): no pump,
             # which would look the core's timer up again just before the loop sleeps.
             self._pump([])
-        return await self._await_message(ticket, peer, mark, timeout, deadline)
+        return await self._await_message(
+            ticket, peer, mark, timeout, deadline, locked=lock is not None
+        )
 
     async def _await_message(
         self,
@@ -1393,16 +1398,21 @@ class AsyncNode:
         mark: int,
         timeout: float | None,
         deadline: float | None,
+        locked: bool = False,
+        local: bool = True,
     ) -> Message:
         """Wait for the core's answer to the receive ``ticket`` (registered in
         ``_receives``); ``peer``, if named, was watched, and is unwatched after.
+        ``locked``: a receive under a lock; ``local``: from a mailbox of this node.
 
         The same steps as :meth:`reliable.Node._await_message` with the event
         loop's wait: the pump that routes the answer (``_on_receive``) wakes us.
         Giving up (a timeout, the named peer gone, the node closed, or this
         coroutine cancelled, as by ``asyncio.wait_for``) withdraws the wait from
         the core, or the core would hand the next message to nobody; if the core
-        answered first, the answer wins (the message was taken for us).
+        answered first, the answer wins (the message was taken for us), except
+        when this coroutine is cancelled: then the message goes back to its
+        mailbox (:func:`reliable.driver.put_back_answer`), not with the receive.
         """
         endpoint = self._endpoint
         taken = self._taken
@@ -1434,10 +1444,18 @@ class AsyncNode:
                     self._wake_by(deadline)
                 await waiter
         except asyncio.CancelledError:
-            if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
-                self._pump([])
-            # Else the answer came in the moment before the cancellation: that message
-            # was taken for a receive that no longer wants it, and goes with it.
+            if not self._closed:
+                if ticket not in taken and endpoint.cancel_wait(ticket):
+                    self._pump([])
+                else:
+                    # Answered in the moment before the cancellation (routed, or still
+                    # in the core's events: routed now). The message was taken for a
+                    # receive that no longer wants it: back to its mailbox.
+                    if ticket not in taken:
+                        self._pump([])
+                    answer = taken.pop(ticket, None)
+                    if local and put_back_answer(endpoint, answer, locked, self._clock()):
+                        self._pump([])
             taken.pop(ticket, None)
             raise
         finally:

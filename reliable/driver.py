@@ -1116,6 +1116,20 @@ def receive_failure(
     return None
 
 
+def put_back_answer(endpoint: Endpoint, answer: object, locked: bool, now: float) -> bool:
+    """A receive gave up (cancelled, interrupted) in the instant the core answered it:
+    the message it was handed goes back to its mailbox (``Endpoint.put_back``: its
+    place, a waiting receive first, a lock released, a durable row again), since its
+    sender already has its receipt. Whether one went back; the caller then pumps,
+    so that what that caused (a hand-off, a durable row) is routed and committed.
+    Only for a local mailbox's receive: a remote mailbox's message is not ours to
+    put back."""
+    if not isinstance(answer, Message):
+        return False
+    owner = endpoint.port_owner(answer.mailbox)
+    return endpoint.put_back(answer, owner=owner, locked=locked, now=now)
+
+
 class _ManagedNode(Protocol):
     def _manage(self, name: str, action: str, owner: int | None) -> None: ...
 

@@ -88,6 +88,7 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
+    put_back_answer,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -938,7 +939,9 @@ class Node:
                 if peer is not None:
                     endpoint.watch(peer, now)
                 try:
-                    message = self._await_message(ticket, peer, mark, timeout, deadline)
+                    message = self._await_message(
+                        ticket, peer, mark, timeout, deadline, locked=lock is not None
+                    )
                 finally:
                     if peer is not None and not self._closed:
                         endpoint.unwatch(peer, time.monotonic())
@@ -1035,7 +1038,9 @@ class Node:
                 endpoint.watch(peer, now)
             try:
                 # Durable: the core answers the ticket only once the deletion is committed.
-                first = self._await_message(ticket, peer, mark, timeout, deadline)
+                first = self._await_message(
+                    ticket, peer, mark, timeout, deadline, locked=lock is not None
+                )
             finally:
                 if peer is not None and not self._closed:
                     endpoint.unwatch(peer, time.monotonic())
@@ -1077,8 +1082,11 @@ class Node:
         mark: int,
         timeout: float | None,
         deadline: float | None,
+        locked: bool = False,
+        local: bool = True,
     ) -> Message:
-        """Lock held: wait (leading or following) for the core's answer to ``ticket``."""
+        """Lock held: wait (leading or following) for the core's answer to ``ticket``
+        (``locked``: a receive under a lock; ``local``: from a mailbox of this node)."""
         taken = self._taken
         departures = self._departures
 
@@ -1098,9 +1106,18 @@ class Node:
                 # Interrupted while waiting (KeyboardInterrupt, an exception raised by a
                 # signal handler): withdraw the wait, or the core would hand the next
                 # message to this receive, which nobody will return. One answered in
-                # the same instant goes with the interruption.
-                if not self._closed and ticket not in taken and self._endpoint.cancel_wait(ticket):
-                    self._drive(read=False)  # e.g. a remote mailbox's owner hears now
+                # the same instant (routed, or still in the core's events: routed now)
+                # goes back to its mailbox: its sender already has its receipt.
+                if not self._closed:
+                    endpoint = self._endpoint
+                    if ticket not in taken and endpoint.cancel_wait(ticket):
+                        self._drive(read=False)  # e.g. a remote mailbox's owner hears now
+                    else:
+                        if ticket not in taken:
+                            self._drive(read=False)
+                        answer = taken.pop(ticket, None)
+                        if local and put_back_answer(endpoint, answer, locked, time.monotonic()):
+                            self._drive(read=False)  # a waiting receive; a durable row
                 taken.pop(ticket, None)
                 raise
             if ticket in taken:
@@ -1374,7 +1391,7 @@ class Node:
             ticket = self._endpoint.pull(owner, name, selector, receiver=label, now=now)
             self._drive()
             try:
-                return self._await_message(ticket, None, mark, timeout, deadline)
+                return self._await_message(ticket, None, mark, timeout, deadline, local=False)
             except errors.ReceiveTimeout:
                 if not self._closed:
                     self._drive(read=False)  # the owner hears the withdrawal now
