@@ -283,6 +283,7 @@ class AsyncNode:
         self._timer: asyncio.TimerHandle | None = None
         # One loop timer for the deadlines of every waiting coroutine (see _wake_by).
         self._wake_timer: asyncio.TimerHandle | None = None
+        self._wake_at = _INF  # when _wake_timer fires (inf: none), read without a call
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._timer_stale = False  # a pump left the loop timer to be re-armed (_arm_later)
         self._arm_scheduled = False
@@ -1419,7 +1420,19 @@ class AsyncNode:
         loop = self._loop
         assert loop is not None
         try:
+            # The first wait skips the checks below: the caller just made them (open,
+            # a timeout above zero, the named peer not gone since ``mark``, or it is
+            # watched now). Whatever changes meanwhile comes with a pump, which wakes us.
+            first = peer is None and not self._closed
             while ticket not in taken:
+                if first:
+                    first = False
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._waiters.append(waiter)
+                    if deadline is not None and deadline < self._wake_at:
+                        self._wake_by(deadline)
+                    await waiter
+                    continue
                 remaining = None if deadline is None else deadline - self._clock()
                 failure = receive_failure(
                     closed=self._closed or endpoint.closing,
@@ -1438,9 +1451,9 @@ class AsyncNode:
                         raise failure
                     break
                 # As _wait_change, inline (a coroutine frame less per wait, on the reply's path).
-                waiter: asyncio.Future[None] = loop.create_future()
+                waiter = loop.create_future()
                 self._waiters.append(waiter)
-                if deadline is not None:
+                if deadline is not None and deadline < self._wake_at:
                     self._wake_by(deadline)
                 await waiter
         except asyncio.CancelledError:
@@ -1519,7 +1532,9 @@ class AsyncNode:
         if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
             if self._durable:
                 self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
-            self._transmit(endpoint.datagrams_to_send(now))
+            out = endpoint.datagrams_to_send(now)
+            if out or self._backlog:  # (none: an ack held for the reply to carry it)
+                self._transmit(out)
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
         if arm_later and (self._woke or self._waiters):
@@ -1561,17 +1576,26 @@ class AsyncNode:
                 loop.call_soon_threadsafe(self._pump, [])
 
     def _arm_timer(self) -> None:
-        """Keep one loop timer at the core's next deadline (looked up once per pump)."""
+        """Keep one loop timer at or before the core's next deadline (looked up once per
+        pump); ``_deadline`` is that deadline itself, which the pump goes by.
+
+        The timer is moved only to an earlier time; a later deadline leaves it where
+        it is, to fire early: the pump finds nothing due and arms it again. In
+        request/reply the deadline moves later with every request (its tail-loss
+        probe is a few round trips after the send), and moving the timer each time
+        cost a handle, a cancellation and the loop's heap work (a cancelled handle
+        stays in the heap until its time, each comparison a Python call); firing
+        early costs one pump per probe interval instead.
+        """
         assert self._loop is not None
         self._timer_stale = False
         timer = self._deadline = self._endpoint.get_timer()
-        if self._timer is not None:
-            if timer is not None and self._timer.when() == timer:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if timer is not None:
-            self._timer = self._loop.call_at(timer, self._on_timer)
+        armed = self._timer
+        if armed is not None:
+            if timer is None or armed.when() <= timer:
+                return  # early or on time (if nothing is due then, it fires for nothing)
+            armed.cancel()
+        self._timer = None if timer is None else self._loop.call_at(timer, self._on_timer)
 
     def _transmit(self, out: list[tuple[bytes, Address]]) -> None:
         """Send ``out``; called by :meth:`_pump`, which routes what OS reports cause."""
@@ -1640,14 +1664,16 @@ class AsyncNode:
         """
         timer = self._wake_timer
         if timer is not None:
-            if timer.when() <= when:
+            if self._wake_at <= when:
                 return
             timer.cancel()
         assert self._loop is not None
         self._wake_timer = self._loop.call_at(when, self._on_wake_timer)
+        self._wake_at = when
 
     def _on_wake_timer(self) -> None:
         self._wake_timer = None
+        self._wake_at = _INF
         self._notify()
 
     # EventSink
