@@ -773,8 +773,10 @@ class AsyncNode:
         ``MailboxFull``) instead of waiting; nothing was sent then. A multicast
         or broadcast group goes through :meth:`send_group_nowait`.
         """
-        check_timeout(timeout, "timeout", positive=True)
-        refuse_group(dest, "_nowait")
+        if timeout is not None:
+            check_timeout(timeout, "timeout", positive=True)
+        if type(dest) is not tuple:  # (an address tuple is never a group: no call for it)
+            refuse_group(dest, "_nowait")
         future = AsyncSendHandle(self, 0, None)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, policy, future)
 
@@ -809,10 +811,11 @@ class AsyncNode:
         policy: str,
         future: H,
     ) -> H:
-        loop = self._require_started()
+        loop = self._loop if self._loop is not None else self._require_started()
         assert self._sock is not None
         target: Target
         peer: Any = None
+        endpoint = self._endpoint
         known = self._destinations.get(dest, mailbox)
         if known is not None:
             target, peer = known  # a node's address parsed before; the core checks the message
@@ -826,18 +829,30 @@ class AsyncNode:
             target, peer = dest, dest.addr
         else:
             target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
-        busy = peer is not None and self._endpoint.in_flight(peer)
-        ticket = enqueue(
-            self._endpoint,
-            target,
-            data,
-            now=self._clock(),
-            msg_type=msg_type,
-            priority=priority,
-            timeout=timeout,
-            deadline=deadline,
-            policy=policy,
-        )
+        busy = peer is not None and endpoint.in_flight(peer)
+        if known is not None:  # a node (the common case): no dispatch on the kind of target
+            ticket = endpoint.send(
+                known[0][0],
+                data,
+                now=self._clock(),
+                msg_type=msg_type,
+                priority=priority,
+                mailbox=known[0][1],
+                timeout=timeout,
+                deadline=deadline,
+            )
+        else:
+            ticket = enqueue(
+                endpoint,
+                target,
+                data,
+                now=self._clock(),
+                msg_type=msg_type,
+                priority=priority,
+                timeout=timeout,
+                deadline=deadline,
+                policy=policy,
+            )
         future.ticket = ticket
         future.destination = peer if peer is not None else str(target)
         self._handles[ticket] = future
