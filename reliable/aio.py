@@ -830,29 +830,17 @@ class AsyncNode:
         else:
             target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
         busy = peer is not None and endpoint.in_flight(peer)
-        if known is not None:  # a node (the common case): no dispatch on the kind of target
-            ticket = endpoint.send(
-                known[0][0],
-                data,
-                now=self._clock(),
-                msg_type=msg_type,
-                priority=priority,
-                mailbox=known[0][1],
-                timeout=timeout,
-                deadline=deadline,
-            )
-        else:
-            ticket = enqueue(
-                endpoint,
-                target,
-                data,
-                now=self._clock(),
-                msg_type=msg_type,
-                priority=priority,
-                timeout=timeout,
-                deadline=deadline,
-                policy=policy,
-            )
+        ticket = enqueue(
+            endpoint,
+            target,
+            data,
+            now=self._clock(),
+            msg_type=msg_type,
+            priority=priority,
+            timeout=timeout,
+            deadline=deadline,
+            policy=policy,
+        )
         future.ticket = ticket
         future.destination = peer if peer is not None else str(target)
         self._handles[ticket] = future
