@@ -59,6 +59,7 @@ from .driver import (
     Destinations,
     MailboxHandle,
     OutboxTarget,
+    StoredBatch,
     Target,
     Unreachable,
     batch_destination,
@@ -89,7 +90,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -586,25 +586,13 @@ class AsyncNode:
         if not checked:
             return []
         stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
-        handles = []
-        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
-            try:
-                handles.append(
-                    await self._outbox_submit(
-                        store,
-                        row,
-                        OutboxTarget(addr, name, tag),
-                        data,
-                        msg_type,
-                        priority,
-                        timeout,
-                        block=True,
-                    )
+        with StoredBatch(store, addr, name, stored, checked) as batch:
+            return [
+                await self._outbox_submit(
+                    store, row, target, data, msg_type, priority, timeout, block=True
                 )
-            except BaseException:
-                settle_unqueued(store, stored[index + 1 :])
-                raise
-        return handles
+                for row, target, data in batch
+            ]
 
     async def _outbox_submit(
         self,
@@ -1255,13 +1243,17 @@ class AsyncNode:
         check_count(max_count)
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
-        while len(got) < max_count:
-            message = self._take(
-                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
-            )[0]
-            if message is None:
-                break
-            got.append(message)
+
+        def take_more() -> None:
+            while len(got) < max_count:
+                message = self._take(
+                    mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+                )[0]
+                if message is None:
+                    break
+                got.append(message)
+
+        take_more()
         if got:
             self._handed_out()  # one commit for the lot (durable), not one per message
             return got
@@ -1273,13 +1265,7 @@ class AsyncNode:
             )
         except errors.ReceiveTimeout:
             return []
-        while len(got) < max_count:
-            message = self._take(
-                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
-            )[0]
-            if message is None:
-                break
-            got.append(message)
+        take_more()  # what came with it
         if len(got) > 1:
             self._handed_out()
         return got

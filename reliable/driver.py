@@ -32,7 +32,7 @@ import struct
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
@@ -79,6 +79,8 @@ __all__ = [
     "receive_selector",
     "replay_target",
     "settle_unqueued",
+    "StoredBatch",
+    "put_back_answer",
     "open_socket",
     "parse_stats",
     "receive_failure",
@@ -377,6 +379,42 @@ def settle_unqueued(store: OutboxStore, rows: Iterable[tuple[int, str]]) -> None
     nothing will retry them, so they leave the outbox file."""
     for row, _tag in rows:
         store.settle(row)
+
+
+class StoredBatch:
+    """An outbox's ``send_many`` after its one commit: what each adapter queues, one
+    send at a time (blocking or awaited: the one part the adapters do differently).
+
+    Iterating yields ``(row, target, data)`` per stored message. Used as a context
+    manager around that loop: if queueing one raises, the rows after it were stored
+    but will never be queued, and leave the outbox file (:func:`settle_unqueued`).
+    """
+
+    __slots__ = ("_addr", "_checked", "_name", "_next", "_store", "_stored")
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        addr: Address,
+        name: str,
+        stored: list[tuple[int, str]],
+        checked: list[bytes],
+    ) -> None:
+        self._store, self._addr, self._name = store, addr, name
+        self._stored, self._checked = stored, checked
+        self._next = 0  # how many were handed out to be queued
+
+    def __iter__(self) -> Iterator[tuple[int, OutboxTarget, bytes]]:
+        for (row, tag), data in zip(self._stored, self._checked, strict=True):
+            self._next += 1
+            yield row, OutboxTarget(self._addr, self._name, tag), data
+
+    def __enter__(self) -> StoredBatch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            settle_unqueued(self._store, self._stored[self._next :])
 
 
 def post_local(

@@ -68,6 +68,7 @@ from .driver import (
     Destinations,
     MailboxHandle,
     OutboxTarget,
+    StoredBatch,
     Target,
     Unreachable,
     batch_destination,
@@ -98,7 +99,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -1218,26 +1218,13 @@ class Node:
         if not checked:
             return []
         stored = store.add_many(addr, name, msg_type, priority, checked)
-        handles = []
-        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
-            try:
-                handles.append(
-                    self._outbox_submit(
-                        store,
-                        row,
-                        OutboxTarget(addr, name, tag),
-                        data,
-                        msg_type,
-                        priority,
-                        timeout,
-                        addr,
-                        block=True,
-                    )
+        with StoredBatch(store, addr, name, stored, checked) as batch:
+            return [
+                self._outbox_submit(
+                    store, row, target, data, msg_type, priority, timeout, addr, block=True
                 )
-            except BaseException:
-                settle_unqueued(store, stored[index + 1 :])
-                raise
-        return handles
+                for row, target, data in batch
+            ]
 
     def _outbox_submit(
         self,
