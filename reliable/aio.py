@@ -68,6 +68,7 @@ from .driver import (
     delete_abandoned_ports,
     drain_socket,
     enqueue,
+    give_up_receive,
     group_destination,
     group_target,
     mailbox_set,
@@ -80,7 +81,6 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
-    put_back_answer,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -1402,7 +1402,7 @@ class AsyncNode:
         the core, or the core would hand the next message to nobody; if the core
         answered first, the answer wins (the message was taken for us), except
         when this coroutine is cancelled: then the message goes back to its
-        mailbox (:func:`reliable.driver.put_back_answer`), not with the receive.
+        mailbox (:func:`reliable.driver.give_up_receive`), not with the receive.
         """
         endpoint = self._endpoint
         taken = self._taken
@@ -1446,18 +1446,16 @@ class AsyncNode:
                     self._wake_by(deadline)
                 await waiter
         except asyncio.CancelledError:
-            if not self._closed:
-                if ticket not in taken and endpoint.cancel_wait(ticket):
-                    self._pump([])
-                else:
-                    # Answered in the moment before the cancellation (routed, or still
-                    # in the core's events: routed now). The message was taken for a
-                    # receive that no longer wants it: back to its mailbox.
-                    if ticket not in taken:
-                        self._pump([])
-                    answer = taken.pop(ticket, None)
-                    if local and put_back_answer(endpoint, answer, locked, self._clock()):
-                        self._pump([])
+            if not self._closed:  # withdrawn; or answered just before: put back
+                give_up_receive(
+                    endpoint,
+                    ticket,
+                    taken,
+                    locked=locked,
+                    local=local,
+                    route=lambda: self._pump([]),
+                    now=self._clock(),
+                )
             taken.pop(ticket, None)
             raise
         finally:

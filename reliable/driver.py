@@ -80,7 +80,7 @@ __all__ = [
     "replay_target",
     "settle_unqueued",
     "StoredBatch",
-    "put_back_answer",
+    "give_up_receive",
     "open_socket",
     "parse_stats",
     "receive_failure",
@@ -1159,18 +1159,37 @@ def receive_failure(
     return None
 
 
-def put_back_answer(endpoint: Endpoint, answer: object, locked: bool, now: float) -> bool:
-    """A receive gave up (cancelled, interrupted) in the instant the core answered it:
-    the message it was handed goes back to its mailbox (``Endpoint.put_back``: its
-    place, a waiting receive first, a lock released, a durable row again), since its
-    sender already has its receipt. Whether one went back; the caller then pumps,
-    so that what that caused (a hand-off, a durable row) is routed and committed.
-    Only for a local mailbox's receive: a remote mailbox's message is not ours to
-    put back."""
-    if not isinstance(answer, Message):
-        return False
-    owner = endpoint.port_owner(answer.mailbox)
-    return endpoint.put_back(answer, owner=owner, locked=locked, now=now)
+def give_up_receive(
+    endpoint: Endpoint,
+    ticket: int,
+    taken: dict[int, Any],
+    *,
+    locked: bool,
+    local: bool,
+    route: Callable[[], None],
+    now: float,
+) -> None:
+    """A waiting receive gives up (cancelled, interrupted) whatever the core did with it.
+
+    Still waiting: the wait is withdrawn, or the core would hand the next message to
+    nobody. Already answered (routed into ``taken``, the adapter's answers by ticket,
+    or still in the core's events: ``route`` routes them): the message it was handed
+    goes back to its mailbox (``Endpoint.put_back``: its place, a waiting receive
+    first, a lock released, a durable row again), since its sender already has its
+    receipt; only for a ``local`` mailbox's receive (a remote mailbox's message is
+    not ours to put back). ``route`` runs the adapter's pump after whatever changed
+    (a remote owner hears of the withdrawal; a hand-off; a durable row to commit).
+    """
+    if ticket not in taken and endpoint.cancel_wait(ticket):
+        route()
+        return
+    if ticket not in taken:
+        route()
+    answer = taken.pop(ticket, None)
+    if local and isinstance(answer, Message):
+        owner = endpoint.port_owner(answer.mailbox)
+        if endpoint.put_back(answer, owner=owner, locked=locked, now=now):
+            route()
 
 
 class _ManagedNode(Protocol):

@@ -77,6 +77,7 @@ from .driver import (
     delete_abandoned_ports,
     drain_socket,
     enqueue,
+    give_up_receive,
     group_destination,
     group_target,
     mailbox_set,
@@ -89,7 +90,6 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
-    put_back_answer,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -1109,15 +1109,15 @@ class Node:
                 # the same instant (routed, or still in the core's events: routed now)
                 # goes back to its mailbox: its sender already has its receipt.
                 if not self._closed:
-                    endpoint = self._endpoint
-                    if ticket not in taken and endpoint.cancel_wait(ticket):
-                        self._drive(read=False)  # e.g. a remote mailbox's owner hears now
-                    else:
-                        if ticket not in taken:
-                            self._drive(read=False)
-                        answer = taken.pop(ticket, None)
-                        if local and put_back_answer(endpoint, answer, locked, time.monotonic()):
-                            self._drive(read=False)  # a waiting receive; a durable row
+                    give_up_receive(
+                        self._endpoint,
+                        ticket,
+                        taken,
+                        locked=locked,
+                        local=local,
+                        route=lambda: self._drive(read=False),
+                        now=time.monotonic(),
+                    )
                 taken.pop(ticket, None)
                 raise
             if ticket in taken:
