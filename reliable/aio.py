@@ -1345,7 +1345,8 @@ class AsyncNode:
     ) -> Message:
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
             check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
-        mark = self._departures.mark()
+        # Only a receive from one named source looks at departures (receive_failure).
+        mark = 0 if source is None else self._departures.mark()
         message, selector, label = self._take(
             mailbox,
             owner,
