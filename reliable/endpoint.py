@@ -1111,6 +1111,23 @@ class Endpoint:
         self._now = now
         return self._post.release(mailbox, msg, owner, now)
 
+    def put_back(
+        self, msg: Message, *, owner: int | None = None, locked: bool = False, now: float
+    ) -> bool:
+        """Return ``msg``, taken from its mailbox (``msg.mailbox``), as if it had never
+        been: for a receive that gave up in the instant it was answered (cancelled,
+        interrupted), whose message must not be lost, since its sender got its receipt.
+
+        It goes to the longest-waiting receive it suits, or back to the head of its
+        priority; taken under a lock (``locked``), it is released. A durable mailbox
+        stores it again, first (commit before relying on it, as after a take). False, and
+        nothing changes, if it cannot go back: its mailbox was deleted, it was cut
+        (``max_size`` with ``truncate``: part of it is gone), or its lock expired
+        (then it is back already).
+        """
+        self._now = now
+        return self._post.put_back(msg, owner, locked, now)
+
     def remove_message(
         self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
     ) -> bool:

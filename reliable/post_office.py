@@ -295,10 +295,12 @@ class PostOffice:
         """As :meth:`Endpoint.writes_done <reliable.endpoint.Endpoint.writes_done>`."""
         box = self.mailboxes.get(batch.mailbox)
         live = box is not None and box.log is batch.log
-        msgs = [msg for _row, msg in batch.inserts]
+        # Messages put back are stored again, not arriving: their rows are known already.
+        arrived = batch.inserts[batch.returned :] if batch.returned else batch.inserts
+        msgs = [msg for _row, msg in arrived]
         if error is None and live:
             assert box is not None
-            batch.log.inserted(batch.inserts)
+            batch.log.inserted(arrived)
             # Their senders' receipts: one AdmittedMany per sender for the whole commit,
             # not one node message per message (each one a reliable message of its own).
             self._admits = {}
@@ -366,6 +368,19 @@ class PostOffice:
             if selector is not None:
                 msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
         return msg
+
+    def put_back(self, msg: Message, owner: int | None, locked: bool, now: float) -> bool:
+        """As :meth:`Endpoint.put_back <reliable.endpoint.Endpoint.put_back>`."""
+        box = self.mailboxes.get(msg.mailbox)
+        if box is None or msg.truncated or (box.owner is not None and owner != box.owner):
+            return False
+        if not box.put_back(msg, now, locked):
+            return False
+        if locked:
+            self.locking.add(box.name)  # released; or, handed on, locked again
+        else:
+            self.held += len(msg.data)  # in a mailbox again (a hand-off counts it out)
+        return True
 
     def peek(
         self, mailbox: str, selector: Selector | None, owner: int | None, now: float
