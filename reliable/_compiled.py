@@ -53,7 +53,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.anycast",
     "reliable.config",
     "reliable.congestion",
-    "reliable.control",
+    "reliable.node_messages",
     "reliable.endpoint",
     "reliable.events",
     "reliable.failover",

@@ -59,6 +59,7 @@ from .driver import (
     Destinations,
     MailboxHandle,
     OutboxTarget,
+    StoredBatch,
     Target,
     Unreachable,
     batch_destination,
@@ -67,6 +68,7 @@ from .driver import (
     delete_abandoned_ports,
     drain_socket,
     enqueue,
+    give_up_receive,
     group_destination,
     group_target,
     mailbox_set,
@@ -88,7 +90,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -282,6 +283,7 @@ class AsyncNode:
         self._timer: asyncio.TimerHandle | None = None
         # One loop timer for the deadlines of every waiting coroutine (see _wake_by).
         self._wake_timer: asyncio.TimerHandle | None = None
+        self._wake_at = _INF  # when _wake_timer fires (inf: none), read without a call
         self._deadline: float | None = None  # the core's next timer, as of the last pump
         self._timer_stale = False  # a pump left the loop timer to be re-armed (_arm_later)
         self._arm_scheduled = False
@@ -584,25 +586,13 @@ class AsyncNode:
         if not checked:
             return []
         stored = await asyncio.to_thread(store.add_many, addr, name, msg_type, priority, checked)
-        handles = []
-        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
-            try:
-                handles.append(
-                    await self._outbox_submit(
-                        store,
-                        row,
-                        OutboxTarget(addr, name, tag),
-                        data,
-                        msg_type,
-                        priority,
-                        timeout,
-                        block=True,
-                    )
+        with StoredBatch(store, addr, name, stored, checked) as batch:
+            return [
+                await self._outbox_submit(
+                    store, row, target, data, msg_type, priority, timeout, block=True
                 )
-            except BaseException:
-                settle_unqueued(store, stored[index + 1 :])
-                raise
-        return handles
+                for row, target, data in batch
+            ]
 
     async def _outbox_submit(
         self,
@@ -682,7 +672,7 @@ class AsyncNode:
         ticket = endpoint.pull(owner, name, selector, receiver=label, now=loop.time())
         self._receives.add(ticket)
         self._pump([])
-        return await self._await_message(ticket, None, mark, timeout, deadline)
+        return await self._await_message(ticket, None, mark, timeout, deadline, local=False)
 
     def on_message(
         self,
@@ -771,8 +761,10 @@ class AsyncNode:
         ``MailboxFull``) instead of waiting; nothing was sent then. A multicast
         or broadcast group goes through :meth:`send_group_nowait`.
         """
-        check_timeout(timeout, "timeout", positive=True)
-        refuse_group(dest, "_nowait")
+        if timeout is not None:
+            check_timeout(timeout, "timeout", positive=True)
+        if type(dest) is not tuple:  # (an address tuple is never a group: no call for it)
+            refuse_group(dest, "_nowait")
         future = AsyncSendHandle(self, 0, None)
         return self._submit(dest, data, msg_type, priority, mailbox, timeout, None, policy, future)
 
@@ -807,10 +799,11 @@ class AsyncNode:
         policy: str,
         future: H,
     ) -> H:
-        loop = self._require_started()
+        loop = self._loop if self._loop is not None else self._require_started()
         assert self._sock is not None
         target: Target
         peer: Any = None
+        endpoint = self._endpoint
         known = self._destinations.get(dest, mailbox)
         if known is not None:
             target, peer = known  # a node's address parsed before; the core checks the message
@@ -824,9 +817,9 @@ class AsyncNode:
             target, peer = dest, dest.addr
         else:
             target, peer = self._destinations.resolve(dest, mailbox, self._sock.family)
-        busy = peer is not None and self._endpoint.in_flight(peer)
+        busy = peer is not None and endpoint.in_flight(peer)
         ticket = enqueue(
-            self._endpoint,
+            endpoint,
             target,
             data,
             now=self._clock(),
@@ -1228,7 +1221,9 @@ class AsyncNode:
         if peer is not None:
             endpoint.watch(peer, now)
         self._pump([])
-        return await self._await_message(ticket, peer, mark, timeout, deadline)
+        return await self._await_message(
+            ticket, peer, mark, timeout, deadline, locked=lock is not None
+        )
 
     async def _receive_many(
         self,
@@ -1248,13 +1243,17 @@ class AsyncNode:
         check_count(max_count)
         args = (source, msg_type, except_type, receiver)
         got: list[Message] = []
-        while len(got) < max_count:
-            message = self._take(
-                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
-            )[0]
-            if message is None:
-                break
-            got.append(message)
+
+        def take_more() -> None:
+            while len(got) < max_count:
+                message = self._take(
+                    mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
+                )[0]
+                if message is None:
+                    break
+                got.append(message)
+
+        take_more()
         if got:
             self._handed_out()  # one commit for the lot (durable), not one per message
             return got
@@ -1266,13 +1265,7 @@ class AsyncNode:
             )
         except errors.ReceiveTimeout:
             return []
-        while len(got) < max_count:
-            message = self._take(
-                mailbox, owner, *args, lock, pump=False, max_size=max_size, truncate=truncate
-            )[0]
-            if message is None:
-                break
-            got.append(message)
+        take_more()  # what came with it
         if len(got) > 1:
             self._handed_out()
         return got
@@ -1352,7 +1345,8 @@ class AsyncNode:
     ) -> Message:
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
             check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
-        mark = self._departures.mark()
+        # Only a receive from one named source looks at departures (receive_failure).
+        mark = 0 if source is None else self._departures.mark()
         message, selector, label = self._take(
             mailbox,
             owner,
@@ -1384,7 +1378,9 @@ class AsyncNode:
             # the answer is routed. A plain wait changes nothing else (no timer): no pump,
             # which would look the core's timer up again just before the loop sleeps.
             self._pump([])
-        return await self._await_message(ticket, peer, mark, timeout, deadline)
+        return await self._await_message(
+            ticket, peer, mark, timeout, deadline, locked=lock is not None
+        )
 
     async def _await_message(
         self,
@@ -1393,23 +1389,40 @@ class AsyncNode:
         mark: int,
         timeout: float | None,
         deadline: float | None,
+        locked: bool = False,
+        local: bool = True,
     ) -> Message:
         """Wait for the core's answer to the receive ``ticket`` (registered in
         ``_receives``); ``peer``, if named, was watched, and is unwatched after.
+        ``locked``: a receive under a lock; ``local``: from a mailbox of this node.
 
         The same steps as :meth:`reliable.Node._await_message` with the event
         loop's wait: the pump that routes the answer (``_on_receive``) wakes us.
         Giving up (a timeout, the named peer gone, the node closed, or this
         coroutine cancelled, as by ``asyncio.wait_for``) withdraws the wait from
         the core, or the core would hand the next message to nobody; if the core
-        answered first, the answer wins (the message was taken for us).
+        answered first, the answer wins (the message was taken for us), except
+        when this coroutine is cancelled: then the message goes back to its
+        mailbox (:func:`reliable.driver.give_up_receive`), not with the receive.
         """
         endpoint = self._endpoint
         taken = self._taken
         loop = self._loop
         assert loop is not None
         try:
+            # The first wait skips the checks below: the caller just made them (open,
+            # a timeout above zero, the named peer not gone since ``mark``, or it is
+            # watched now). Whatever changes meanwhile comes with a pump, which wakes us.
+            first = peer is None and not self._closed
             while ticket not in taken:
+                if first:
+                    first = False
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._waiters.append(waiter)
+                    if deadline is not None and deadline < self._wake_at:
+                        self._wake_by(deadline)
+                    await waiter
+                    continue
                 remaining = None if deadline is None else deadline - self._clock()
                 failure = receive_failure(
                     closed=self._closed or endpoint.closing,
@@ -1428,16 +1441,22 @@ class AsyncNode:
                         raise failure
                     break
                 # As _wait_change, inline (a coroutine frame less per wait, on the reply's path).
-                waiter: asyncio.Future[None] = loop.create_future()
+                waiter = loop.create_future()
                 self._waiters.append(waiter)
-                if deadline is not None:
+                if deadline is not None and deadline < self._wake_at:
                     self._wake_by(deadline)
                 await waiter
         except asyncio.CancelledError:
-            if ticket not in taken and not self._closed and endpoint.cancel_wait(ticket):
-                self._pump([])
-            # Else the answer came in the moment before the cancellation: that message
-            # was taken for a receive that no longer wants it, and goes with it.
+            if not self._closed:  # withdrawn; or answered just before: put back
+                give_up_receive(
+                    endpoint,
+                    ticket,
+                    taken,
+                    locked=locked,
+                    local=local,
+                    route=lambda: self._pump([]),
+                    now=self._clock(),
+                )
             taken.pop(ticket, None)
             raise
         finally:
@@ -1501,7 +1520,9 @@ class AsyncNode:
         if endpoint.has_output() or endpoint.closing or self._backlog or self._committer.ready:
             if self._durable:
                 self._committer.turn(endpoint, now)  # durable mailboxes: grouped commits
-            self._transmit(endpoint.datagrams_to_send(now))
+            out = endpoint.datagrams_to_send(now)
+            if out or self._backlog:  # (none: an ack held for the reply to carry it)
+                self._transmit(out)
         if endpoint.has_events():
             route_events(endpoint, self, self._on_event)
         if arm_later and (self._woke or self._waiters):
@@ -1543,7 +1564,14 @@ class AsyncNode:
                 loop.call_soon_threadsafe(self._pump, [])
 
     def _arm_timer(self) -> None:
-        """Keep one loop timer at the core's next deadline (looked up once per pump)."""
+        """Keep one loop timer at the core's next deadline (looked up once per pump).
+
+        Moved at once, later as well as earlier. (Moving it only earlier, so that a
+        later deadline leaves it to fire early once per probe interval, saved the
+        handle, the cancellation and the heap work per request in request/reply,
+        some 20 Python-level calls per round trip; but it woke the process about once
+        every five round trips for nothing, and interleaved runs showed no gain.)
+        """
         assert self._loop is not None
         self._timer_stale = False
         timer = self._deadline = self._endpoint.get_timer()
@@ -1622,14 +1650,16 @@ class AsyncNode:
         """
         timer = self._wake_timer
         if timer is not None:
-            if timer.when() <= when:
+            if self._wake_at <= when:
                 return
             timer.cancel()
         assert self._loop is not None
         self._wake_timer = self._loop.call_at(when, self._on_wake_timer)
+        self._wake_at = when
 
     def _on_wake_timer(self) -> None:
         self._wake_timer = None
+        self._wake_at = _INF
         self._notify()
 
     # EventSink

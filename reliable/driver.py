@@ -32,7 +32,7 @@ import struct
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
@@ -69,28 +69,30 @@ __all__ = [
     "Destinations",
     "EventSink",
     "MailboxHandle",
+    "StoredBatch",
+    "Unreachable",
     "batch_destination",
     "check_count",
-    "manage_request",
-    "no_answer",
-    "outbox_batch",
-    "outbox_message",
-    "post_local",
-    "receive_selector",
-    "replay_target",
-    "settle_unqueued",
-    "open_socket",
-    "parse_stats",
-    "receive_failure",
-    "resolve_destination",
-    "Unreachable",
     "drain_socket",
     "enable_error_queue",
+    "give_up_receive",
+    "manage_request",
+    "no_answer",
+    "open_socket",
+    "outbox_batch",
+    "outbox_message",
     "parse_extended_error",
+    "parse_stats",
+    "post_local",
     "read_error_queue",
+    "receive_failure",
+    "receive_selector",
+    "replay_target",
     "report_unreachable",
+    "resolve_destination",
     "route_events",
     "send_datagram",
+    "settle_unqueued",
     "split_destination",
 ]
 
@@ -379,6 +381,42 @@ def settle_unqueued(store: OutboxStore, rows: Iterable[tuple[int, str]]) -> None
         store.settle(row)
 
 
+class StoredBatch:
+    """An outbox's ``send_many`` after its one commit: what each adapter queues, one
+    send at a time (blocking or awaited: the one part the adapters do differently).
+
+    Iterating yields ``(row, target, data)`` per stored message. Used as a context
+    manager around that loop: if queueing one raises, the rows after it were stored
+    but will never be queued, and leave the outbox file (:func:`settle_unqueued`).
+    """
+
+    __slots__ = ("_addr", "_checked", "_name", "_next", "_store", "_stored")
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        addr: Address,
+        name: str,
+        stored: list[tuple[int, str]],
+        checked: list[bytes],
+    ) -> None:
+        self._store, self._addr, self._name = store, addr, name
+        self._stored, self._checked = stored, checked
+        self._next = 0  # how many were handed out to be queued
+
+    def __iter__(self) -> Iterator[tuple[int, OutboxTarget, bytes]]:
+        for (row, tag), data in zip(self._stored, self._checked, strict=True):
+            self._next += 1
+            yield row, OutboxTarget(self._addr, self._name, tag), data
+
+    def __enter__(self) -> StoredBatch:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            settle_unqueued(self._store, self._stored[self._next :])
+
+
 def post_local(
     endpoint: Endpoint,
     posts: PostQueue,
@@ -500,34 +538,39 @@ def enqueue(
     deadline: float | None,
     policy: str,
 ) -> int:
-    """Queue ``data`` for ``target`` in the core, whatever kind of destination it is."""
-    if isinstance(target, ServiceAddress):
-        return endpoint.send_anycast(
-            target,
-            data,
-            now=now,
-            msg_type=msg_type,
-            priority=priority,
-            timeout=timeout,
-            policy=policy,
-        )
-    if isinstance(target, GroupAddress):
-        return endpoint.send_group(
-            target, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
-        )
-    if isinstance(target, OutboxTarget):
-        return endpoint.send(
-            target.addr,
-            data,
-            now=now,
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=target.mailbox,
-            timeout=timeout,
-            deadline=deadline,
-            outbox=target.tag,
-        )
-    addr, mailbox = target
+    """Queue ``data`` for ``target`` in the core, whatever kind of destination it is.
+
+    A node (an ``(address, mailbox)`` tuple, the common case) skips the checks for
+    the other kinds: one type check per send instead of three.
+    """
+    if type(target) is not tuple:
+        if isinstance(target, ServiceAddress):
+            return endpoint.send_anycast(
+                target,
+                data,
+                now=now,
+                msg_type=msg_type,
+                priority=priority,
+                timeout=timeout,
+                policy=policy,
+            )
+        if isinstance(target, GroupAddress):
+            return endpoint.send_group(
+                target, data, now=now, msg_type=msg_type, priority=priority, timeout=timeout
+            )
+        if isinstance(target, OutboxTarget):
+            return endpoint.send(
+                target.addr,
+                data,
+                now=now,
+                msg_type=msg_type,
+                priority=priority,
+                mailbox=target.mailbox,
+                timeout=timeout,
+                deadline=deadline,
+                outbox=target.tag,
+            )
+    addr, mailbox = target  # type: ignore[misc]  # (mypy: OutboxTarget is handled above)
     return endpoint.send(
         addr,
         data,
@@ -703,7 +746,7 @@ def read_error_queue(sock: object, limit: int = RECV_BATCH) -> list[Unreachable]
 
 
 def parse_extended_error(level: int, kind: int, payload: bytes, dest: Any) -> Unreachable | None:
-    """One error-queue control message about a datagram to ``dest``, if it says unreachable.
+    """One error-queue node message about a datagram to ``dest``, if it says unreachable.
 
     ``payload`` is a ``struct sock_extended_err`` followed by the sockaddr of
     the node that reported it (the ICMP's source).
@@ -1114,6 +1157,39 @@ def receive_failure(
     if remaining is not None and remaining <= 0:
         return errors.ReceiveTimeout(f"no message within {timeout:g}s")
     return None
+
+
+def give_up_receive(
+    endpoint: Endpoint,
+    ticket: int,
+    taken: dict[int, Any],
+    *,
+    locked: bool,
+    local: bool,
+    route: Callable[[], None],
+    now: float,
+) -> None:
+    """A waiting receive gives up (cancelled, interrupted) whatever the core did with it.
+
+    Still waiting: the wait is withdrawn, or the core would hand the next message to
+    nobody. Already answered (routed into ``taken``, the adapter's answers by ticket,
+    or still in the core's events: ``route`` routes them): the message it was handed
+    goes back to its mailbox (``Endpoint.put_back``: its place, a waiting receive
+    first, a lock released, a durable row again), since its sender already has its
+    receipt; only for a ``local`` mailbox's receive (a remote mailbox's message is
+    not ours to put back). ``route`` runs the adapter's pump after whatever changed
+    (a remote owner hears of the withdrawal; a hand-off; a durable row to commit).
+    """
+    if ticket not in taken and endpoint.cancel_wait(ticket):
+        route()
+        return
+    if ticket not in taken:
+        route()
+    answer = taken.pop(ticket, None)
+    if local and isinstance(answer, Message):
+        owner = endpoint.port_owner(answer.mailbox)
+        if endpoint.put_back(answer, owner=owner, locked=locked, now=now):
+            route()
 
 
 class _ManagedNode(Protocol):

@@ -12,10 +12,10 @@ Everything that must follow a commit waits in the core until that report:
 * **Arrival.** A message admitted to a durable mailbox is *staged*, not
   queued: its sender's transport is answered with the ``DEFERRED`` verdict
   (the path a message to a full mailbox already takes, see
-  :mod:`reliable.control`), so the sender neither retransmits it nor counts
+  :mod:`reliable.node_messages`), so the sender neither retransmits it nor counts
   it delivered. Only when the commit that inserted it is reported does it
   enter the queue (or go to a waiting receiver), and only then does the
-  ``Admitted`` control message — the sender's receipt — leave. Hence: *a
+  ``Admitted`` node message — the sender's receipt — leave. Hence: *a
   message is acknowledged to its sender only after it is committed.* Staged
   messages occupy room (capacity, max_bytes) as queued ones do, so a full
   durable mailbox parks further arrivals in memory exactly like a volatile
@@ -97,6 +97,9 @@ class WriteBatch:
     #: durable outbox message ids of inserted messages (``reliable.outbox_ids``):
     #: (the message's row, outbox, outbox row, floor), stored with their messages
     ids: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: how many of the first ``inserts`` are messages put back (``DurableLog.put_back``),
+    #: stored again: not new arrivals, and their rows are already known
+    returned: int = 0
 
 
 class DurableLog:
@@ -105,8 +108,10 @@ class DurableLog:
     __slots__ = (
         "deleting",
         "destroy",
+        "first_row",
         "handoffs",
         "next_row",
+        "returning",
         "rows",
         "staged",
         "store",
@@ -116,6 +121,9 @@ class DurableLog:
         self.store = store
         restored = store.restored
         self.next_row = max((row for row, _ in restored), default=0) + 1
+        #: below every row so far: a message put back takes the row before it
+        self.first_row = min((row for row, _ in restored), default=self.next_row)
+        self.returning: list[tuple[int, Message]] = []  # put back, to insert again
         self.rows: dict[Message, int] = {msg: row for row, msg in restored}
         self.staged: list[Message] = []  # admitted, to insert at the next commit
         self.deleting: list[int] = []  # rows of taken messages, to delete
@@ -131,14 +139,23 @@ class DurableLog:
         if row is not None:
             self.deleting.append(row)
 
+    def put_back(self, msg: Message) -> None:
+        """``msg``, taken (its row deleted, or to be), is back at the head of the mailbox:
+        it is stored again, in a row before every other, so a restart restores it first.
+        Its row is known at once: taken again, that row is deleted after its insert."""
+        self.first_row -= 1
+        self.rows[msg] = self.first_row
+        self.returning.append((self.first_row, msg))
+
     def pending(self) -> bool:
-        return bool(self.staged or self.deleting or self.handoffs or self.destroy)
+        return bool(self.staged or self.deleting or self.handoffs or self.destroy or self.returning)
 
     def take_batch(self, mailbox: str, limit: int | None = None) -> WriteBatch:
         """What is owed to the store, as one batch: every deletion, and the first
         ``limit`` staged messages (all of them if None); the rest wait for the next."""
         cut = len(self.staged) if limit is None else min(limit, len(self.staged))
-        inserts = []
+        returned, self.returning = self.returning, []
+        inserts = list(returned)
         for msg in self.staged[:cut]:
             inserts.append((self.next_row, msg))
             self.next_row += 1
@@ -150,6 +167,7 @@ class DurableLog:
             self.deleting,
             self.destroy,
             self.handoffs,
+            returned=len(returned),
         )
         self.staged, self.deleting, self.handoffs = self.staged[cut:], [], []
         return batch

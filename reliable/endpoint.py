@@ -65,15 +65,19 @@ few callables it needs:
 * :mod:`reliable.remote_mailbox` (``Endpoint.remote``): receivers on other
   nodes, transfers of a mailbox's ownership, remote management (``rmsg
   ctl``) and the prompt failure of sends to a node that closed; the endpoint
-  routes it the control operations 16 and up and the session events.
+  routes it the node-message operations 16 and up and the session events.
 
 A datagram's way in (``receive_datagram``) reads top to bottom: open and
 decode; the kinds no session takes go to their handler through one table
 (``_sessionless``: group and anycast kinds, CHALLENGE, AUTH_FAILED); the
-rest pass the admission checks above and reach their session, which hands
-each whole message to the post office and each node control message back
-here (``_on_control_message``, a table by type). ``docs/architecture.md``
-draws it.
+rest pass the admission checks above and reach their session. The session
+answers instead of calling back: ``PeerSession.on_packet`` returns the
+messages the packet completed and keeps the receipts and failures it settled
+in ``session.events``. The endpoint takes the events first
+(``_take_events``), then judges each message in order (a node message by
+``_on_node_message``, a table by type; any other by the post office) and
+hands the verdict back (``PeerSession.took``) before anything is sent, so it
+rides on the acknowledgement. ``docs/architecture.md`` draws it.
 
 Logging: the logger ``reliable.endpoint`` (under ``reliable``; the library
 adds only a ``NullHandler``, so nothing is printed unless the application
@@ -106,23 +110,23 @@ from . import errors, events
 from .addressing import GroupAddress, ServiceAddress, check_service_name
 from .anycast import Services
 from .config import Config
-from .control import (
-    Admitted,
-    AdmittedMany,
-    Cancel,
-    ControlMessage,
-    Discarded,
-    MalformedControl,
-    StatsReply,
-    StatsRequest,
-    decode_control,
-)
 from .durable import MailboxStore, WriteBatch
 from .failover import ANYCAST_POLICIES, Anycast, Failover
 from .gate import Gate
 from .groups import Groups
 from .mailbox import ANY, Selector, check_mailbox_name
 from .message import Message
+from .node_messages import (
+    Admitted,
+    AdmittedMany,
+    Cancel,
+    Discarded,
+    MalformedNodeMessage,
+    NodeMessage,
+    StatsReply,
+    StatsRequest,
+    decode_node_message,
+)
 from .outbox_ids import TAG_MAX
 from .peer import PeerSession, Resumption, Withdrawal
 from .post_office import DEFAULT_MAILBOX as DEFAULT_MAILBOX
@@ -167,7 +171,7 @@ Buffer = object  #: bytes, bytearray or memoryview; anything else is a UsageErro
 Integer = object  #: an int, not a bool; anything else is a UsageError
 
 _CLOSE_COPIES = 2  # CLOSE is best-effort; a second copy survives a single loss
-_MAX_CONTROL_BACKLOG = 64  # control messages queued to one peer before stats queries are shed
+_MAX_NODE_BACKLOG = 64  # node messages queued to one peer before stats queries are shed
 # Plain ints for the per-datagram path: looking up an enum member costs about 0.2 us.
 _RESET = int(Kind.RESET)
 _CLOSE = int(Kind.CLOSE)
@@ -247,7 +251,7 @@ class Endpoint:
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
         #: datagrams sent outside any session: the gate's replies, group output at close,
-        #: farewells (not "control": that word is kept for node control messages)
+        #: farewells (not "control": that word is kept for node messages)
         self._loose: list[tuple[bytes, Any]] = []
         self._next_ticket = 1
         self._buffered = 0
@@ -313,8 +317,8 @@ class Endpoint:
         self._sessionless: dict[int, Callable[[Packet, Any, int, float], None]] = {
             kind: self._groups.on_packet for kind in GROUP_KINDS
         }
-        #: Handlers of node control messages, by type (see _on_control_message).
-        self._control_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
+        #: Handlers of node messages, by type (see _on_node_message).
+        self._node_message_handlers: dict[type, Callable[[PeerSession, Any, float], None]] = {
             Admitted: self._handle_outcome,
             Discarded: self._handle_outcome,
             AdmittedMany: self._handle_admitted_many,
@@ -335,7 +339,9 @@ class Endpoint:
         self._group_tickets: set[int] = set()  # group sends awaiting their GroupSendDone
         self._socket_buffer: int | None = None  # the kernel receive buffer (set_receive_buffer)
         #: receivers on other nodes, remote management, departed nodes (remote_mailbox.py)
-        self.remote = RemoteMailboxes(self)
+        self.remote = RemoteMailboxes(
+            self.config, self, emit=self._emit, drop=self._drop, clock=lambda: self._now
+        )
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
         self._redirects = self.remote.redirects
         self._grace = self.remote.grace
@@ -452,7 +458,9 @@ class Endpoint:
         if session is None:  # pragma: no cover - a session fails its messages before it goes
             return Withdrawal.UNKNOWN
         self._dirty[dest] = None
-        return session.withdraw(msg, now)
+        answer = session.withdraw(msg, now)
+        self._take_events(session)
+        return answer
 
     def check_message(self, data: bytes, *, msg_type: int, priority: int, mailbox: str) -> None:
         """Raise a :class:`~reliable.errors.UsageError` if ``send`` would refuse these."""
@@ -649,6 +657,7 @@ class Endpoint:
             old = session.incarnation
             self._remember_ended(addr, old)
             session.restart(pkt.src_incarnation, now)
+            self._take_events(session)
             self._post.forget_parked(addr, old)
         elif pkt.kind == _RESET:
             self._drop("stale_reset")
@@ -659,7 +668,19 @@ class Endpoint:
         if self._departed:
             self.remote.heard(addr)
         self._dirty[addr] = None
-        session.on_packet(pkt, now, self.incarnation)
+        deliveries = session.on_packet(pkt, now, self.incarnation)
+        if session.events:
+            self._take_events(session)  # what its acknowledgements settled, first
+        post = self._post
+        while deliveries is not None:  # each whole message, judged before any ack is built
+            for d in deliveries:
+                if d.for_node:
+                    self._on_node_message(session, d.data, now)
+                else:
+                    verdict = post.deliver(session, d, now)
+                    if verdict is not None:  # (None: it entered)
+                        session.took(d, verdict)
+            deliveries = session.delivered(now)  # the rest of the packet
         if pkt.kind == _CLOSE:
             # after its final acks: what it acknowledged on the way out is delivered
             self._peer_closed(session, now)
@@ -718,6 +739,7 @@ class Endpoint:
             return False
         self._now = now
         failed = session.on_unreachable(reason, now, errno=errno, soft=soft)
+        self._take_events(session)
         if not self._drop_if_expired(session):
             self._dirty[addr] = None  # its deadline moved
         if failed and self._closing:
@@ -743,6 +765,8 @@ class Endpoint:
                             out.append((body + _CRC.pack(crc32(body)), addr))
                         else:
                             out.append((seal(body), addr))
+                    if session.events:  # messages that failed for the path's size
+                        self._take_events(session)
                     session.filed_deadline = deadline = session.deadline()
                     timers.update(addr, deadline)
         if (self._groups.pending or self._services.pending) and not self.closed:
@@ -805,6 +829,7 @@ class Endpoint:
         _log.warning("%s", error)
         self._emit(events.PeerRejectedUs(peer=addr, error=error))
         session.fail_all(error)
+        self._take_events(session)
 
     # ----------------------------------------------------------------- timers
 
@@ -850,6 +875,8 @@ class Endpoint:
         for addr in self._timers.due(now, self._deadline_of):
             session = self._peers[addr]
             session.on_timer(now)
+            if session.events:
+                self._take_events(session)
             if not self._drop_if_expired(session):
                 self._dirty[addr] = None
         groups_due = self._groups.deadline()
@@ -925,7 +952,7 @@ class Endpoint:
         self._now = now
         request = self._next_query
         self._next_query += 1
-        self._peer_for_send(dest, now).send_control(StatsRequest(request), now)
+        self._peer_for_send(dest, now).send_node_message(StatsRequest(request), now)
         self._dirty[dest] = None
         return request
 
@@ -1083,6 +1110,23 @@ class Endpoint:
         """Give ``msg``, taken under a lock, back to the mailbox; False if the lock had expired."""
         self._now = now
         return self._post.release(mailbox, msg, owner, now)
+
+    def put_back(
+        self, msg: Message, *, owner: int | None = None, locked: bool = False, now: float
+    ) -> bool:
+        """Return ``msg``, taken from its mailbox (``msg.mailbox``), as if it had never
+        been: for a receive that gave up in the instant it was answered (cancelled,
+        interrupted), whose message must not be lost, since its sender got its receipt.
+
+        It goes to the longest-waiting receive it suits, or back to the head of its
+        priority; taken under a lock (``locked``), it is released. A durable mailbox
+        stores it again, first (commit before relying on it, as after a take). False, and
+        nothing changes, if it cannot go back: its mailbox was deleted, it was cut
+        (``max_size`` with ``truncate``: part of it is gone), or its lock expired
+        (then it is back already).
+        """
+        self._now = now
+        return self._post.put_back(msg, owner, locked, now)
 
     def remove_message(
         self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
@@ -1326,42 +1370,44 @@ class Endpoint:
         session = self._peers.get(member)
         return None if session is None else session.rtt.srtt
 
-    # ---------------------------------------------------- node control messages
+    # ---------------------------------------------------- node messages
 
-    def _on_control_message(self, session: PeerSession, payload: bytes, now: float) -> None:
-        """A node control message from ``session``'s peer (:mod:`reliable.control`): the
+    def _on_node_message(self, session: PeerSession, payload: bytes, now: float) -> None:
+        """A node message from ``session``'s peer (:mod:`reliable.node_messages`): the
         remote-mailbox protocol's operations go there, the rest to their handler by type."""
         if payload and payload[0] >= FIRST_OP:
-            self.remote.on_control(session, payload, now)
+            self.remote.on_node_message(session, payload, now)
             return
         try:
-            ctl = decode_control(payload)
-        except MalformedControl:
+            ctl = decode_node_message(payload)
+        except MalformedNodeMessage:
             self._drop("malformed.control")
             return
-        handle = self._control_handlers.get(type(ctl))
+        handle = self._node_message_handlers.get(type(ctl))
         if handle is not None:
             handle(session, ctl, now)
 
     def _handle_outcome(self, session: PeerSession, ctl: Admitted | Discarded, now: float) -> None:
         """What became of a message of ours the peer had parked."""
         session.on_outcome(ctl, now)
+        self._take_events(session)
 
     def _handle_admitted_many(self, session: PeerSession, ctl: AdmittedMany, now: float) -> None:
         """A durable mailbox's commit let in several of our parked messages."""
         for msg_id in ctl.msg_ids:
             session.on_outcome(Admitted(msg_id), now)
+            self._take_events(session)
 
     def _handle_cancel(self, session: PeerSession, ctl: Cancel, now: float) -> None:
         """The peer withdrew a message it sent us (if it is parked here)."""
         self._post.withdraw_parked(session, ctl.msg_id)
 
     def _handle_stats_request(self, session: PeerSession, ctl: StatsRequest, now: float) -> None:
-        if len(session.sender.control) >= _MAX_CONTROL_BACKLOG:
+        if len(session.sender.node_messages) >= _MAX_NODE_BACKLOG:
             self._drop("shed.stats")  # it asks faster than it reads: answer later asks
         elif self.config.serve_stats:
             body = json.dumps(self.stats(now).as_dict(), default=str).encode()
-            session.send_control(StatsReply(ctl.request, body), now)
+            session.send_node_message(StatsReply(ctl.request, body), now)
         else:
             self._drop("stats_refused")
 
@@ -1402,9 +1448,9 @@ class Endpoint:
         self._now = now
         return self.remote.manage(dest, request, now)
 
-    def send_control_to(self, peer: Any, message: ControlMessage, now: float) -> None:
-        """Queue a control message for ``peer`` (its session is made if need be)."""
-        self._peer_for_send(peer, now).send_control(message, now)
+    def send_node_message_to(self, peer: Any, message: NodeMessage, now: float) -> None:
+        """Queue a node message for ``peer`` (its session is made if need be)."""
+        self._peer_for_send(peer, now).send_node_message(message, now)
         self._dirty[peer] = None
 
     def has_session(self, peer: Any) -> bool:
@@ -1464,6 +1510,7 @@ class Endpoint:
         if session.incarnation is not None:
             return False
         session.fail_all(errors.MailboxGone(peer))
+        self._take_events(session)
         self._dirty[peer] = None
         return True
 
@@ -1490,9 +1537,20 @@ class Endpoint:
             self._services.member_down(event.peer, _short_reason_of_event(event))
         self._events.append(event)
 
-    def _message_finished(self, msg: OutgoingMessage) -> None:
-        self._buffered -= len(msg.data)
-        self._outgoing.pop(msg.ticket, None)
+    def _take_events(self, session: PeerSession) -> None:
+        """What ``session`` produced since it was last asked, in order: each message's
+        outcome leaves the send buffer, then goes where any event goes (:meth:`_emit`)."""
+        produced = session.events
+        if not produced:
+            return
+        session.events = []  # (an event's consequences may call the session again)
+        outgoing = self._outgoing
+        for event in produced:
+            if isinstance(event, (events.MessageDelivered, events.MessageFailed)):
+                entry = outgoing.pop(event.ticket, None)
+                if entry is not None:
+                    self._buffered -= len(entry[1].data)
+            self._emit(event)
 
     def _new_peer(self, addr: Any, now: float) -> PeerSession:
         session = PeerSession(
@@ -1500,10 +1558,7 @@ class Endpoint:
             self.config,
             self._rng,
             now,
-            self._emit,
-            self._message_finished,
             admission=self._post,
-            on_control=self._on_control_message,
             budget=self._receive_budget,
             resume=self._resumable.pop(addr, None),
         )
@@ -1554,6 +1609,7 @@ class Endpoint:
         _log.info("peer %s closed its session", errors.format_address(session.addr))
         self._emit(events.PeerClosed(peer=session.addr, incarnation=session.incarnation))
         session.fail_all(errors.PeerClosed(session.addr))
+        self._take_events(session)
         self._remember_ended(session.addr, session.incarnation)
         self._remove_session(session)
         if self._closing:
@@ -1577,6 +1633,7 @@ class Endpoint:
         resumption = session.resumption()  # before what it holds is released: that sets the fence
         # Nothing is pending (an idle session), or it already failed (an unreachable one).
         session.fail_all(errors.PeerUnreachable(session.addr, self._now - session.last_heard))
+        self._take_events(session)
         self._remove_session(session)
         self._resumable[session.addr] = resumption
         self._resumable.move_to_end(session.addr)
@@ -1628,10 +1685,12 @@ class Endpoint:
         self._group_output(self._loose, now)
         for session in self._peers.values():
             session.fail_all(errors.SendAborted(session.addr))
+            self._take_events(session)
         # Flush whatever the sessions still owe (final acks), then say goodbye.
         for addr, session in self._peers.items():
             for body in session.datagrams(now, self.incarnation):
                 self._loose.append((self._seal(body), addr))
+            self._take_events(session)
             if session.incarnation is not None:
                 bye = session.farewell(now, self.incarnation)
                 # two copies, each its own packet number (a replay window drops repeats)

@@ -111,7 +111,7 @@ class Fate(enum.Enum):
     PARKED = "parked"
     RECLAIMING = "reclaiming"
     RECLAIMING_CANCELLED = "reclaiming-cancelled"
-    DELIVERED = "delivered"  #: entered its mailbox (or, a control message, was acknowledged)
+    DELIVERED = "delivered"  #: entered its mailbox (or, a node message, was acknowledged)
     REFUSED = "refused"  #: the receiver refused it: no mailbox, closed, too large, ...
     TIMED_OUT = "timed-out"  #: its send timeout expired (SendTimeout)
     CANCELLED = "cancelled"  #: the application withdrew it (SendCancelled)

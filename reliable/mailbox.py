@@ -349,6 +349,9 @@ class Mailbox:
         self.staged_bytes = 0
         self.locked: dict[Message, float] = {}  #: taken under a lock, until this deadline
         self.locked_bytes = 0
+        #: rendezvous: messages put back (:meth:`put_back`) into parking after their
+        #: sender was told they were taken; taken again, the sender is not told twice
+        self.returned: set[Message] = set()
 
     @property
     def rendezvous(self) -> bool:
@@ -468,8 +471,16 @@ class Mailbox:
         self.parked.remove_where(lambda m: m is msg)
         self.total_in += 1
         self._served(waiter.receiver, now)
-        self._on_unpark(msg, waiter.receiver)
+        if not self.returned or not self._was_returned(msg):
+            self._on_unpark(msg, waiter.receiver)
         self._on_handoff(ticket, waiter.selector.fit(msg))
+
+    def _was_returned(self, msg: Message) -> bool:
+        """Whether ``msg`` was put back after its sender heard it was taken (forgotten now)."""
+        if msg in self.returned:
+            self.returned.discard(msg)
+            return True
+        return False
 
     # ---------------------------------------------------------------- receiving
 
@@ -502,7 +513,8 @@ class Mailbox:
             if msg is not None:
                 self.total_in += 1
                 self._served(receiver, now)
-                self._on_unpark(msg, receiver)
+                if not self.returned or not self._was_returned(msg):
+                    self._on_unpark(msg, receiver)
             return msg
         msg = self.queue.take(selector)
         if msg is not None:
@@ -549,6 +561,32 @@ class Mailbox:
         if not self._unlock(msg):
             return False
         self.total_out -= 1  # it was not consumed after all
+        if self._hand_to_waiter(msg, None, now):
+            self.total_in -= 1  # it entered once, when it first arrived
+        else:
+            self.queue.push_front(msg)
+        return True
+
+    def put_back(self, msg: Message, now: float, locked: bool = False) -> bool:
+        """Return ``msg``, handed to a receive that gave up in the same instant, as if
+        it had never been taken: the longest-waiting receiver it suits gets it, or it
+        goes back to the head of its priority. Taken under a lock (``locked``), it is
+        released (False if that lock expired meanwhile: it is back already). Durable,
+        its row is written again, first in the mailbox (:meth:`DurableLog.put_back`). A
+        rendezvous message waits in parking again; its sender, told it was taken, is not
+        told again.
+        """
+        if locked:
+            return self.release(msg, now)
+        self.total_out -= 1  # it was not consumed after all
+        if self.log is not None:
+            self.log.put_back(msg)
+        if self.rendezvous:
+            self.total_in -= 1  # it enters (is taken) again
+            self.returned.add(msg)
+            self.parked.push_front(msg)
+            self._hand_to_waiter_from_parking(msg, now)
+            return True
         if self._hand_to_waiter(msg, None, now):
             self.total_in -= 1  # it entered once, when it first arrived
         else:
@@ -620,7 +658,11 @@ class Mailbox:
 
     def remove_parked(self, predicate: Callable[[Message], bool]) -> list[Message]:
         """Withdraw parked messages (cancelled, or their sender ended); returns them."""
-        removed = self.parked.remove_where(predicate)
+        if self.returned:  # put back after their senders heard they were taken: kept
+            returned = self.returned
+            removed = self.parked.remove_where(lambda m: m not in returned and predicate(m))
+        else:
+            removed = self.parked.remove_where(predicate)
         self.discarded += len(removed)
         return removed
 

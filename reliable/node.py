@@ -68,6 +68,7 @@ from .driver import (
     Destinations,
     MailboxHandle,
     OutboxTarget,
+    StoredBatch,
     Target,
     Unreachable,
     batch_destination,
@@ -76,6 +77,7 @@ from .driver import (
     delete_abandoned_ports,
     drain_socket,
     enqueue,
+    give_up_receive,
     group_destination,
     group_target,
     mailbox_set,
@@ -97,7 +99,6 @@ from .driver import (
     report_unreachable,
     resolve_destination,
     route_events,
-    settle_unqueued,
 )
 from .endpoint import (
     DEFAULT_MAILBOX,
@@ -938,7 +939,9 @@ class Node:
                 if peer is not None:
                     endpoint.watch(peer, now)
                 try:
-                    message = self._await_message(ticket, peer, mark, timeout, deadline)
+                    message = self._await_message(
+                        ticket, peer, mark, timeout, deadline, locked=lock is not None
+                    )
                 finally:
                     if peer is not None and not self._closed:
                         endpoint.unwatch(peer, time.monotonic())
@@ -1035,7 +1038,9 @@ class Node:
                 endpoint.watch(peer, now)
             try:
                 # Durable: the core answers the ticket only once the deletion is committed.
-                first = self._await_message(ticket, peer, mark, timeout, deadline)
+                first = self._await_message(
+                    ticket, peer, mark, timeout, deadline, locked=lock is not None
+                )
             finally:
                 if peer is not None and not self._closed:
                     endpoint.unwatch(peer, time.monotonic())
@@ -1077,8 +1082,11 @@ class Node:
         mark: int,
         timeout: float | None,
         deadline: float | None,
+        locked: bool = False,
+        local: bool = True,
     ) -> Message:
-        """Lock held: wait (leading or following) for the core's answer to ``ticket``."""
+        """Lock held: wait (leading or following) for the core's answer to ``ticket``
+        (``locked``: a receive under a lock; ``local``: from a mailbox of this node)."""
         taken = self._taken
         departures = self._departures
 
@@ -1098,9 +1106,18 @@ class Node:
                 # Interrupted while waiting (KeyboardInterrupt, an exception raised by a
                 # signal handler): withdraw the wait, or the core would hand the next
                 # message to this receive, which nobody will return. One answered in
-                # the same instant goes with the interruption.
-                if not self._closed and ticket not in taken and self._endpoint.cancel_wait(ticket):
-                    self._drive(read=False)  # e.g. a remote mailbox's owner hears now
+                # the same instant (routed, or still in the core's events: routed now)
+                # goes back to its mailbox: its sender already has its receipt.
+                if not self._closed:
+                    give_up_receive(
+                        self._endpoint,
+                        ticket,
+                        taken,
+                        locked=locked,
+                        local=local,
+                        route=lambda: self._drive(read=False),
+                        now=time.monotonic(),
+                    )
                 taken.pop(ticket, None)
                 raise
             if ticket in taken:
@@ -1201,26 +1218,13 @@ class Node:
         if not checked:
             return []
         stored = store.add_many(addr, name, msg_type, priority, checked)
-        handles = []
-        for index, ((row, tag), data) in enumerate(zip(stored, checked, strict=True)):
-            try:
-                handles.append(
-                    self._outbox_submit(
-                        store,
-                        row,
-                        OutboxTarget(addr, name, tag),
-                        data,
-                        msg_type,
-                        priority,
-                        timeout,
-                        addr,
-                        block=True,
-                    )
+        with StoredBatch(store, addr, name, stored, checked) as batch:
+            return [
+                self._outbox_submit(
+                    store, row, target, data, msg_type, priority, timeout, addr, block=True
                 )
-            except BaseException:
-                settle_unqueued(store, stored[index + 1 :])
-                raise
-        return handles
+                for row, target, data in batch
+            ]
 
     def _outbox_submit(
         self,
@@ -1374,7 +1378,7 @@ class Node:
             ticket = self._endpoint.pull(owner, name, selector, receiver=label, now=now)
             self._drive()
             try:
-                return self._await_message(ticket, None, mark, timeout, deadline)
+                return self._await_message(ticket, None, mark, timeout, deadline, local=False)
             except errors.ReceiveTimeout:
                 if not self._closed:
                     self._drive(read=False)  # the owner hears the withdrawal now

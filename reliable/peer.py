@@ -66,7 +66,7 @@ RFC 1122 section 4.2.3.9 calls them soft, and so do we for a live session.
 
 Mailbox outcomes: a message the peer acknowledged with a ``DEFERRED``
 verdict is out of the send stream (nothing to retransmit) but not yet
-delivered: it waits in ``deferred`` for the peer's control message saying
+delivered: it waits in ``deferred`` for the peer's node message saying
 it entered its mailbox (the receipt) or never will (the error). While any
 message to a mailbox is deferred, that mailbox is known to be full:
 ``full_mailboxes`` is what lets a non-blocking send say "would block" (a
@@ -101,14 +101,12 @@ import heapq
 import ipaddress
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import errors, events
 from .config import K_GRANULARITY, Config
 from .congestion import NewReno
-from .control import Admitted, Cancel, ControlMessage, Discarded, encode_control
 from .fate import (
     DEADLINE_MATTERS,
     DELIVERED_ON_ACK,
@@ -118,6 +116,7 @@ from .fate import (
     FateInput,
     advance,
 )
+from .node_messages import Admitted, Cancel, Discarded, NodeMessage, encode_node_message
 from .pmtud import PathMtu
 from .receiver import Delivery, MemoryBudget, ReceiveStream, Screen
 from .rtt import RttEstimator
@@ -211,24 +210,19 @@ class Withdrawal(enum.Enum):
     UNKNOWN = "unknown"
 
 
-#: What the endpoint does with a delivered message: its verdict, or None if it entered.
-Deliver = Callable[["PeerSession", Delivery, float], "Verdict | None"]
-
-
 class Admission(Protocol):
-    """What a session asks before it acknowledges a message: the node's post office
-    (:class:`~reliable.post_office.PostOffice`), whose verdict rides on the very
-    acknowledgement that covers the message. Bound once, when the session is made."""
+    """The one question a session asks while it handles a packet: the node's post office
+    (:class:`~reliable.post_office.PostOffice`), bound once, when the session is made.
+
+    Everything else a packet produces the session hands back (see :meth:`PeerSession.on_packet`)
+    and the endpoint acts on it. The screen cannot wait for that: its answer (refuse the
+    message a first fragment starts, before its other fragments are held) decides whether
+    the receive stream keeps the fragment, and so what the acknowledgement built from this
+    very packet says.
+    """
 
     def screen(self, frag: Fragment, source: Any = None) -> Verdict | None:
         """A refusal of the message ``frag`` starts, from ``source``; None to receive it."""
-
-    def deliver(self, session: PeerSession, d: Delivery, now: float) -> Verdict | None:
-        """A whole message: its verdict, or None if it entered (or went to a receiver)."""
-
-
-#: What the endpoint does with a control message from the peer.
-OnControl = Callable[["PeerSession", bytes, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,22 +265,28 @@ class PeerSession:
         config: Config,
         rng: random.Random,
         now: float,
-        emit: Callable[[events.Event], None],
-        on_finished: Callable[[OutgoingMessage], None],
         *,
         admission: Admission | None = None,
-        on_control: OnControl | None = None,
         budget: MemoryBudget | None = None,
         resume: Resumption | None = None,
     ) -> None:
         self.addr = addr
         self._budget = budget if budget is not None else MemoryBudget(config.receive_memory)
         self._screen: Screen | None = None
-        self._deliver: Deliver | None = None
         if admission is not None:
             self._screen = lambda frag: admission.screen(frag, addr)
-            self._deliver = admission.deliver
-        self._on_control = on_control
+        #: What the session produced for its owner (receipts, failures, restarts), in
+        #: order; the endpoint takes them after each call (``Endpoint._take_events``).
+        #: A message's event is also the news that it no longer occupies the send buffer.
+        self.events: list[events.Event] = []
+        #: The bundle being taken (see :meth:`delivered`): its fragments, the next
+        #: one's index, the running fragment-size average, the packet's ACK_NOW, and
+        #: the index of the fragment that counts for the ack policy.
+        self._rest: tuple[Fragment, ...] | None = None
+        self._rest_index = 0
+        self._rest_average = 0.0
+        self._rest_ack_now = False
+        self._rest_last = 0
         self.config = config
         #: Largest datagram this session sends; the path decides (see ``path_datagram_size``),
         #: and path MTU discovery raises it where the path's size is not known.
@@ -302,8 +302,6 @@ class PeerSession:
         #: whether DATA may take on_bulk, the fast path (tests turn it off to compare)
         self.bulk_path = True
         self.bulk_taken = 0  # DATA packets that took it
-        self._emit = emit
-        self._on_finished = on_finished
         self.incarnation: int | None = None
         self.rtt = RttEstimator(
             initial_rto=config.initial_rto,
@@ -359,7 +357,7 @@ class PeerSession:
         # cumulative counters (the streams are replaced on a restart)
         self.packets_received = 0
         self.bogus_acks = 0
-        self.bogus_outcomes = 0  # control outcomes naming no message of ours
+        self.bogus_outcomes = 0  # node-message outcomes naming no message of ours
         self.corrupt = 0
         self.os_errors = 0  # the OS's reports that the peer cannot be reached
         self.messages_sent = 0
@@ -466,11 +464,11 @@ class PeerSession:
             window = min(window, max(_MIN_BUFFER_WINDOW, fits))
         return window
 
-    def send_control(self, message: ControlMessage, now: float) -> None:
-        """Queue a control message for the peer (reliable, ahead of waiting data)."""
-        payload = encode_control(message)
+    def send_node_message(self, message: NodeMessage, now: float) -> None:
+        """Queue a node message for the peer (reliable, ahead of waiting data)."""
+        payload = encode_node_message(message)
         size = fragment_capacity(self.current_datagram_size(), "")
-        self.sender.control.append(
+        self.sender.node_messages.append(
             OutgoingMessage(
                 ticket=0,
                 data=payload,
@@ -482,15 +480,25 @@ class PeerSession:
                 timeout=None,
                 fragment_size=size,
                 count=max(1, -(-len(payload) // size)),
-                control=True,
+                for_node=True,
             )
         )
         self._update_wait(now)
 
     # ---------------------------------------------------------------- network
 
-    def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> None:
-        """Process a verified packet from the current incarnation of this peer."""
+    def on_packet(self, pkt: Packet, now: float, my_incarnation: int) -> list[Delivery] | None:
+        """Process a verified packet from the current incarnation of this peer.
+
+        Returns the whole messages its fragments completed, or None. The caller
+        (the endpoint) judges each, tells the session with :meth:`took`, and then
+        calls :meth:`delivered`, which goes on with the rest of the packet: the
+        packet is not done until ``delivered`` returns None. A message's verdict
+        (parked, say) narrows the window the next fragment of a bundle meets, so
+        the session stops after every fragment that completed one. What the
+        packet settled of ours (acknowledgements, refusals) waits in
+        :attr:`events`.
+        """
         self.cookie = None  # it has state for us now: no more echoing
         self.last_heard = now
         self.heard = True
@@ -507,41 +515,34 @@ class PeerSession:
                 self.tell_dropped = True
                 self.fenced_out += pkt.kind == Kind.DATA
                 self._update_wait(now)
-                return
+                return None
         kind = pkt.kind
         if kind == _DATA and not pkt.bundle:
-            # One fragment (every datagram of a big message): the loop below, unrolled
+            # One fragment (every datagram of a big message): delivered()'s loop, unrolled
             frag = pkt.fragment
             assert frag is not None
             size = FRAGMENT_OVERHEAD + len(frag.payload)
             average = self.record_average
             self.record_average = average + (size - average) / 8 if average else size
-            for d in self.receiver.on_fragment(
+            deliveries = self.receiver.on_fragment(
                 frag,
                 now,
                 has_room=self.parked < self.config.receive_backlog,
                 ack_now=bool(pkt.flags & _ACK_NOW),
-            ):
-                self._take_delivery(d, now)
+            )
+            if deliveries:
+                for d in deliveries:  # counted now; took() uncounts a refused one
+                    if not d.for_node:
+                        self.messages_received += 1
+                        self.bytes_received += len(d.data)
+                return deliveries  # delivered() finishes the packet
         elif kind == _DATA:
-            receiver = self.receiver
-            last = len(pkt.bundle)
-            backlog = self.config.receive_backlog
-            ack_now = bool(pkt.flags & _ACK_NOW)
-            average = self.record_average
-            for i, frag in enumerate(pkt.fragments):
-                size = FRAGMENT_OVERHEAD + len(frag.payload)
-                average = average + (size - average) / 8 if average else size
-                deliveries = receiver.on_fragment(
-                    frag,
-                    now,
-                    has_room=self.parked < backlog,
-                    ack_now=ack_now,
-                    counts=i == last,  # the ack policy counts datagrams, not fragments
-                )
-                for d in deliveries:
-                    self._take_delivery(d, now)
-            self.record_average = average
+            self._rest = pkt.fragments
+            self._rest_index = 0
+            self._rest_average = self.record_average
+            self._rest_ack_now = bool(pkt.flags & _ACK_NOW)
+            self._rest_last = len(pkt.bundle)
+            return self.delivered(now)
         elif kind == _PING:
             self.receiver.ack_now = True
         elif kind == _PROBE:
@@ -555,6 +556,59 @@ class PeerSession:
         elif kind == _DROPPED:
             self._peer_dropped(pkt, my_incarnation)
         self._update_wait(now)
+        return None
+
+    def took(self, d: Delivery, verdict: Verdict) -> None:
+        """The endpoint's verdict on a message :meth:`on_packet` returned, when it did
+        not simply enter: the verdict rides on the next acknowledgement."""
+        self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
+        if verdict is not Verdict.DEFERRED and verdict is not Verdict.STAGED:
+            self.messages_received -= 1  # refused: not received after all
+            self.bytes_received -= len(d.data)
+
+    def delivered(self, now: float) -> list[Delivery] | None:
+        """Go on with the packet once the endpoint has judged the messages it returned:
+        the next messages a bundle's fragments complete, or None when the packet is done.
+
+        A bundle stops after each fragment that completed messages, because what
+        the endpoint does with them can change how the next fragment is taken (a
+        parked message narrows the window, a node message may widen it again).
+        """
+        fragments = self._rest
+        if fragments is None:
+            self._update_wait(now)
+            return None
+        receiver = self.receiver
+        backlog = self.config.receive_backlog
+        average = self._rest_average
+        ack_now = self._rest_ack_now
+        last = self._rest_last
+        i = self._rest_index
+        end = len(fragments)
+        while i < end:
+            frag = fragments[i]
+            size = FRAGMENT_OVERHEAD + len(frag.payload)
+            average = average + (size - average) / 8 if average else size
+            deliveries = receiver.on_fragment(
+                frag,
+                now,
+                has_room=self.parked < backlog,
+                ack_now=ack_now,
+                counts=i == last,  # the ack policy counts datagrams, not fragments
+            )
+            i += 1
+            if deliveries:
+                self._rest_index = i
+                self._rest_average = average
+                for d in deliveries:  # counted now; took() uncounts a refused one
+                    if not d.for_node:
+                        self.messages_received += 1
+                        self.bytes_received += len(d.data)
+                return deliveries
+        self._rest = None
+        self.record_average = average
+        self._update_wait(now)
+        return None
 
     def on_bulk(self, frag: BulkFragment, now: float) -> bool:
         """:meth:`on_packet` for a DATA packet in its simplest form (``wire.decode_bulk``)
@@ -608,18 +662,6 @@ class PeerSession:
                     msg.fragment_size = size
                     msg.count = max(1, -(-len(msg.data) // size))
 
-    def _take_delivery(self, d: Delivery, now: float) -> None:
-        if d.control:
-            if self._on_control is not None:
-                self._on_control(self, d.data, now)
-            return
-        verdict = None if self._deliver is None else self._deliver(self, d, now)
-        if verdict is not None:
-            self.receiver.add_notice(d.msg_id, verdict, d.last_seq)
-        if verdict is None or verdict in (Verdict.DEFERRED, Verdict.STAGED):
-            self.messages_received += 1
-            self.bytes_received += len(d.data)
-
     def _on_ack(self, pkt: Packet, now: float) -> None:
         sender = self.sender
         for wire_id, code in pkt.notices:
@@ -628,7 +670,7 @@ class PeerSession:
                 continue
             verdict = Verdict(code)
             if verdict in (Verdict.DEFERRED, Verdict.STAGED):
-                if msg.control or not msg.fully_sent:
+                if msg.for_node or not msg.fully_sent:
                     # Only a whole application message can be parked: garbage, ignored.
                     self.bogus_outcomes += 1
                     continue
@@ -658,14 +700,14 @@ class PeerSession:
                 self.full_mailboxes[name] = self.full_mailboxes.get(name, 0) + 1
 
     def on_outcome(self, outcome: Admitted | Discarded, now: float) -> None:
-        """The peer's control message about one of our deferred messages."""
+        """The peer's node message about one of our deferred messages."""
         msg_id = unwrap(outcome.msg_id, self.sender.next_msg_id)
         msg = self.deferred.get(msg_id)
         if msg is not None:
             self._settle(msg, outcome, now)
             return
         msg = self.sender.by_msg_id.get(msg_id)
-        if msg is None or msg.control:
+        if msg is None or msg.for_node:
             self.bogus_outcomes += 1
             return
         # The outcome overtook the acknowledgement: the peer judged the whole message,
@@ -685,7 +727,7 @@ class PeerSession:
             _log.warning(
                 "peer %s had dropped our session; messages failed (PeerDroppedSession): %d",
                 errors.format_address(self.addr),
-                sum(not msg.control for msg in lost),
+                sum(not msg.for_node for msg in lost),
             )
         for msg in lost:
             self._undefer(msg)
@@ -749,7 +791,7 @@ class PeerSession:
 
     def _take_back(self, msg: OutgoingMessage, now: float) -> None:
         """Ask the peer to give back a parked message; its answer decides the outcome."""
-        self.send_control(Cancel(msg.msg_id), now)
+        self.send_node_message(Cancel(msg.msg_id), now)
 
     def mailbox_full(self, mailbox: str) -> bool:
         """Whether a message of ours still waits for room in ``mailbox`` of this peer."""
@@ -784,7 +826,7 @@ class PeerSession:
         restarted = events.PeerRestarted(
             peer=self.addr, old_incarnation=old, new_incarnation=new_incarnation
         )
-        failing = sum(not msg.control for msg in lost)
+        failing = sum(not msg.for_node for msg in lost)
         _log.info(
             "peer %s restarted (incarnation %016x -> %016x)%s",
             errors.format_address(self.addr),
@@ -792,7 +834,7 @@ class PeerSession:
             new_incarnation,
             f"; messages it may have seen failed (PeerRestarted): {failing}" if failing else "",
         )
-        self._emit(restarted)
+        self.events.append(restarted)
         for msg in lost:
             self._fail(msg, FateInput.LOST, errors.PeerRestarted(self.addr, old, new_incarnation))
         self._update_wait(now)
@@ -805,7 +847,7 @@ class PeerSession:
         abandoned = self.sender.abandon_all() + self._drop_deferred()
         for msg in abandoned:
             self._fail(msg, FateInput.LOST, error)
-        return sum(not msg.control for msg in abandoned)
+        return sum(not msg.for_node for msg in abandoned)
 
     def _drop_deferred(self) -> list[OutgoingMessage]:
         dropped = list(self.deferred.values())
@@ -926,11 +968,11 @@ class PeerSession:
             self.last_probe = now  # on_timer repeats a PING if no answer comes
             pings = FIRST_CONTACT_DATAGRAMS - send
             out.extend(
-                self._control(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
+                self._bare_packet(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
             )
         if receiver.wants_ack(now) or self.ping_now:
             kind = _PING if self.ping_now else _ACK_KIND
-            out.append(self._control(kind, now, my_incarnation, ack_flag))
+            out.append(self._bare_packet(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()
             self.ping_now = False
         if self.probe_answers:
@@ -1003,9 +1045,9 @@ class PeerSession:
         repeats it, and the peer processes it before failing what is left.
         """
         ack_flag = _ACK if self.receiver.expected is not None else 0
-        return self._control(Kind.CLOSE, now, my_incarnation, ack_flag)
+        return self._bare_packet(Kind.CLOSE, now, my_incarnation, ack_flag)
 
-    def _control(self, kind: int, now: float, my_incarnation: int, ack_flag: int) -> bytes:
+    def _bare_packet(self, kind: int, now: float, my_incarnation: int, ack_flag: int) -> bytes:
         # As many notices as the datagram has room for (at least MAX_NOTICES, which
         # always fit): a durable mailbox owes one per message until its sender's base
         # passes it, and the ack cannot pass a notice it leaves out.
@@ -1143,7 +1185,7 @@ class PeerSession:
         sender = self.sender  # has_pending and holds_memory, inline: after every packet
         waiting = (
             self.watchers > 0
-            or bool(sender.queue or sender.control or sender.by_msg_id or self.deferred)
+            or bool(sender.queue or sender.node_messages or sender.by_msg_id or self.deferred)
             or self.receiver.held + self.parked > 0
         )
         if not waiting:
@@ -1214,7 +1256,7 @@ class PeerSession:
         too_big: list[OutgoingMessage] = []
         needed = 0  # the smallest datagram one of them needs
         for msg in self.sender.messages():
-            if msg.control:
+            if msg.for_node:
                 continue
             room = fits.get(msg.mailbox)
             if room is None:
@@ -1266,7 +1308,7 @@ class PeerSession:
     ) -> None:
         self.unreachable = True
         self.wait_since = None
-        self._emit(
+        self.events.append(
             events.PeerUnreachable(peer=self.addr, silent_for=silent_for, cause=cause, errno=errno)
         )
         failed = self.fail_all(
@@ -1292,13 +1334,12 @@ class PeerSession:
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
         msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
-        if msg.control:
+        if msg.for_node:
             return
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
-        self._on_finished(msg)
         assert self.incarnation is not None
-        self._emit(
+        self.events.append(
             events.MessageDelivered(
                 ticket=msg.ticket,
                 peer=self.addr,
@@ -1316,14 +1357,13 @@ class PeerSession:
     def _fail(self, msg: OutgoingMessage, event: FateInput, error: errors.DeliveryFailed) -> None:
         """``event`` ends ``msg`` in failure: report ``error``, once."""
         msg.step(event)
-        if msg.control:
+        if msg.for_node:
             return
         if error.delivered is None and not msg.fully_sent:
             # Its last fragment never left: the receiver cannot have completed it.
             error = error.with_delivered(False)
         self.messages_failed += 1
-        self._on_finished(msg)
-        self._emit(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))
+        self.events.append(events.MessageFailed(ticket=msg.ticket, peer=self.addr, error=error))
 
     # ------------------------------------------------------------------ stats
 

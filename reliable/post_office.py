@@ -13,7 +13,7 @@ messages included, and is kept under ``Config.mailbox_memory``. A message
 *parked* at a full mailbox stays charged to its sender's session
 (``PeerSession.parked``: the sender's window does not reopen for it) until
 it enters, is taken, or is discarded; then the sender is told
-(``Admitted``, ``Discarded``: node control messages), and a message a
+(``Admitted``, ``Discarded``: node messages), and a message a
 commit let in is announced with its commit's others (``AdmittedMany``).
 Messages tagged with a durable outbox's id are delivered once even when
 re-sent after the sender's restart (:mod:`reliable.outbox_ids`).
@@ -43,10 +43,10 @@ from typing import Any
 
 from . import errors, events
 from .config import Config
-from .control import ADMITTED_MANY_MAX, Admitted, AdmittedMany, Discarded
 from .durable import DurableLog, MailboxStore, WriteBatch
 from .mailbox import ANY, Mailbox, Selector, check_mailbox_name
 from .message import Message
+from .node_messages import ADMITTED_MANY_MAX, Admitted, AdmittedMany, Discarded
 from .outbox_ids import DeliveredIds, parse_tagged
 from .peer import PeerSession
 from .receiver import Delivery
@@ -295,12 +295,14 @@ class PostOffice:
         """As :meth:`Endpoint.writes_done <reliable.endpoint.Endpoint.writes_done>`."""
         box = self.mailboxes.get(batch.mailbox)
         live = box is not None and box.log is batch.log
-        msgs = [msg for _row, msg in batch.inserts]
+        # Messages put back are stored again, not arriving: their rows are known already.
+        arrived = batch.inserts[batch.returned :] if batch.returned else batch.inserts
+        msgs = [msg for _row, msg in arrived]
         if error is None and live:
             assert box is not None
-            batch.log.inserted(batch.inserts)
+            batch.log.inserted(arrived)
             # Their senders' receipts: one AdmittedMany per sender for the whole commit,
-            # not one control message per message (each one a reliable message of its own).
+            # not one node message per message (each one a reliable message of its own).
             self._admits = {}
             try:
                 box.committed(msgs, now)
@@ -310,7 +312,7 @@ class PostOffice:
                 for at in range(0, len(ids), ADMITTED_MANY_MAX):
                     chunk = ids[at : at + ADMITTED_MANY_MAX]
                     outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
-                    session.send_control(outcome, now)
+                    session.send_node_message(outcome, now)
                 self._mark_dirty(session.addr)
         elif msgs:
             if error is not None:
@@ -366,6 +368,19 @@ class PostOffice:
             if selector is not None:
                 msg = selector.fit(msg)  # max_size with truncate: cut, once counted whole
         return msg
+
+    def put_back(self, msg: Message, owner: int | None, locked: bool, now: float) -> bool:
+        """As :meth:`Endpoint.put_back <reliable.endpoint.Endpoint.put_back>`."""
+        box = self.mailboxes.get(msg.mailbox)
+        if box is None or msg.truncated or (box.owner is not None and owner != box.owner):
+            return False
+        if not box.put_back(msg, now, locked):
+            return False
+        if locked:
+            self.locking.add(box.name)  # released; or, handed on, locked again
+        else:
+            self.held += len(msg.data)  # in a mailbox again (a hand-off counts it out)
+        return True
 
     def peek(
         self, mailbox: str, selector: Selector | None, owner: int | None, now: float
@@ -685,7 +700,7 @@ class PostOffice:
                 self._admits.setdefault(session, []).append(msg.msg_id)
                 return
             outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
-            session.send_control(outcome, self._clock())
+            session.send_node_message(outcome, self._clock())
             self._mark_dirty(session.addr)
 
     def _handed_off(self, ticket: int, msg: Message) -> None:
@@ -728,7 +743,7 @@ class PostOffice:
         session = self._live_session(msg) if msg.group is None else None
         if session is not None:
             session.release(len(msg.data))
-            session.send_control(Discarded(msg.msg_id, verdict), self._clock())
+            session.send_node_message(Discarded(msg.msg_id, verdict), self._clock())
             self._mark_dirty(session.addr)
 
     def forget_parked(self, addr: Any, incarnation: int) -> None:

@@ -70,7 +70,7 @@ class Delivery:
     priority: int
     mailbox: str
     last_seq: int  #: sequence number of its last fragment (where a verdict notice attaches)
-    control: bool = False  #: a control message for the node, not for a mailbox
+    for_node: bool = False  #: a message for the node, not for a mailbox
 
     # Written out, not generated: a dataclass's generated __init__ stays interpreted
     # code in the compiled core (about 5x the cost per object there). Same
@@ -83,7 +83,7 @@ class Delivery:
         priority: int,
         mailbox: str,
         last_seq: int,
-        control: bool = False,
+        for_node: bool = False,
     ) -> None:
         self.msg_id = msg_id
         self.data = data
@@ -91,7 +91,7 @@ class Delivery:
         self.priority = priority
         self.mailbox = mailbox
         self.last_seq = last_seq
-        self.control = control
+        self.for_node = for_node
 
 
 #: Judges a message by its first fragment: a refusal, or None to receive it.
@@ -119,7 +119,7 @@ class _Partial:
     msg_type: int
     priority: int
     mailbox: str
-    control: bool
+    for_node: bool
     rejected: Verdict | None
     chunks: list[bytes | memoryview] = field(default_factory=list)
     size: int = 0
@@ -251,8 +251,8 @@ class ReceiveStream:
             self.beyond_window += 1
             self.ack_now = True
             return delivered
-        if seq == self.expected and not has_room and not frag.control:
-            # Control messages pass: they are never held, and a withdrawal (CANCEL)
+        if seq == self.expected and not has_room and not frag.for_node:
+            # Node messages pass: they are never held, and a withdrawal (CANCEL)
             # must get through precisely when parked messages have closed the window.
             self.no_room += 1
             self.ack_now = True
@@ -283,7 +283,7 @@ class ReceiveStream:
                         frag.priority,
                         frag.mailbox,
                         seq,
-                        frag.control,
+                        frag.for_node,
                     )
                 )
             # The next fragment of the message in progress, not its last (_reassemble's
@@ -508,14 +508,14 @@ class ReceiveStream:
                             frag.priority,
                             frag.mailbox,
                             seq,
-                            frag.control,
+                            frag.for_node,
                         )
                     )
                 return
             rejected = None
             if frag.total_len > self.max_message_size:
                 rejected = Verdict.TOO_LARGE
-            elif self.screen is not None and not frag.control:
+            elif self.screen is not None and not frag.for_node:
                 rejected = self.screen(frag)
             if rejected is not None:
                 self.add_notice(msg_id, rejected, seq)
@@ -527,7 +527,7 @@ class ReceiveStream:
                 msg_type=frag.msg_type,
                 priority=frag.priority,
                 mailbox=frag.mailbox,
-                control=frag.control,
+                for_node=frag.for_node,
                 rejected=rejected,
             )
             partial.first_seq = seq
@@ -578,7 +578,7 @@ class ReceiveStream:
                 partial.priority,
                 partial.mailbox,
                 seq,
-                partial.control,
+                partial.for_node,
             )
         )
 
@@ -588,10 +588,10 @@ class ReceiveStream:
 
         In-order fragments of a message already started never are (its length
         was reserved); neither is an in-order single-datagram message (it is
-        delivered at once) or a control message. A fragment that starts a
+        delivered at once) or a node message. A fragment that starts a
         multi-datagram message needs room for the whole message.
         """
-        if frag.control or frag.total_len > self.max_message_size:
+        if frag.for_node or frag.total_len > self.max_message_size:
             return False  # (one too large is refused without storing a byte)
         starts = frag.index == 0 and frag.count > 1
         if seq == self.expected and not starts:

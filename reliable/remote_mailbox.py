@@ -20,7 +20,7 @@ messages while another receiver waits.
 disk, if durable), invisible to other receives, and sends it in a
 ``Handover``. It removes it only when the receiving node answers
 ``Taken(accepted=1)``; ``Taken(accepted=0)`` (the receive was cancelled
-meanwhile) gives it back at once. Control messages ride the session's
+meanwhile) gives it back at once. Node messages ride the session's
 reliable, ordered stream, so each of these arrives exactly once per session.
 If the receiving node's session ends — it closed, restarted, or stayed
 silent for ``Config.peer_timeout`` — every message handed to it and not yet
@@ -74,19 +74,21 @@ from __future__ import annotations
 import json
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import errors, events
 from .addressing import parse_address
 from .config import Config
-from .control import MalformedControl, RawControl
 from .mailbox import Selector
 from .message import Message
+from .node_messages import MalformedNodeMessage, RawNodeMessage
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from .node_messages import NodeMessage
     from .peer import PeerSession
+    from .stats import NodeStats
 
 __all__ = [
     "FIRST_OP",
@@ -103,7 +105,7 @@ __all__ = [
     "gone_grace",
 ]
 
-FIRST_OP = 16  #: the first operation code of this module (control.py's end below it)
+FIRST_OP = 16  #: the first operation code of this module (node_messages.py's end below it)
 OP_PULL, OP_PULL_CANCEL, OP_HANDOVER, OP_TAKEN, OP_REFUSED, OP_MANAGE, OP_MANAGE_REPLY = range(
     16, 23
 )
@@ -263,7 +265,7 @@ class Moved:
     owner: str
 
 
-RemoteControl = (
+RemoteOperation = (
     Pull
     | PullCancel
     | Handover
@@ -298,8 +300,8 @@ def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def encode_remote(msg: RemoteControl) -> bytes:
-    """The control payload of ``msg`` (operation byte first)."""
+def encode_remote(msg: RemoteOperation) -> bytes:
+    """The node-message payload of ``msg`` (operation byte first)."""
     if isinstance(msg, Pull):
         head = _PULL.pack(msg.request & 0xFFFFFFFF, msg.msg_type, int(msg.except_type))
         return bytes([OP_PULL]) + head + _text(msg.mailbox) + _text(msg.receiver[:64])
@@ -357,10 +359,10 @@ def encode_remote(msg: RemoteControl) -> bytes:
     return bytes([OP_MOVED]) + _text(msg.mailbox) + _text(msg.owner)
 
 
-def decode_remote(data: bytes) -> RemoteControl:
-    """Parse a control payload of this module; raises ``MalformedControl``."""
+def decode_remote(data: bytes) -> RemoteOperation:
+    """Parse a node-message payload of this module; raises ``MalformedNodeMessage``."""
     if not data:
-        raise MalformedControl("empty control message")
+        raise MalformedNodeMessage("empty node message")
     op, body = data[0], bytes(data[1:])
     try:
         if op == OP_PULL:
@@ -442,8 +444,8 @@ def decode_remote(data: bytes) -> RemoteControl:
                 raise ValueError("bad MOVED")
             return Moved(name, owner)
     except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise MalformedControl(str(exc)) from None
-    raise MalformedControl(f"unknown control operation {op}")
+        raise MalformedNodeMessage(str(exc)) from None
+    raise MalformedNodeMessage(f"unknown node-message operation {op}")
 
 
 # ------------------------------------------------------------------- state
@@ -509,19 +511,117 @@ def _same_host(peer: Any, own: Any) -> bool:
     return isinstance(own, tuple) and bool(own) and own[0] == host
 
 
-class RemoteMailboxes:
-    """The remote-mailbox protocol of one :class:`~reliable.endpoint.Endpoint`.
+class RemoteNode(Protocol):
+    """The node calls the remote-mailbox protocol makes: the mailbox calls any receiver
+    makes (take, wait, ack, release), the management and transfer calls it serves for
+    other nodes, and a few about sessions (keep one alive while a pull waits on it,
+    send a node message). :class:`~reliable.endpoint.Endpoint` is one; nothing else of
+    the endpoint is reached (its events, drops and time come as callables)."""
 
-    The endpoint routes to it the control payloads of operations
-    ``FIRST_OP`` and up (:meth:`on_control`), the waiter events of the pulls
+    def take(
+        self,
+        mailbox: str,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> Message | None: ...
+
+    def wait_for_message(
+        self,
+        mailbox: str,
+        selector: Selector | None = None,
+        *,
+        owner: int | None = None,
+        receiver: str = "",
+        lock: float | None = None,
+        now: float,
+    ) -> int: ...
+
+    def cancel_wait(self, ticket: int) -> bool: ...
+
+    def ack(self, mailbox: str, msg: Message, *, owner: int | None = None, now: float) -> bool: ...
+
+    def release(
+        self, mailbox: str, msg: Message, *, owner: int | None = None, now: float
+    ) -> bool: ...
+
+    def has_mailbox(self, name: str) -> bool: ...
+
+    def port_owner(self, name: str) -> int | None: ...
+
+    def is_durable(self, name: str) -> bool: ...
+
+    def set_limits(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        now: float,
+        *,
+        owner: int | None = None,
+    ) -> None: ...
+
+    def delete_mailbox(self, name: str, now: float, *, owner: int | None = None) -> None: ...
+
+    def stats(self, now: float | None = None) -> NodeStats: ...
+
+    def detach_mailbox(
+        self, name: str, owner_text: str, now: float
+    ) -> tuple[list[Message], int | None, int | None]: ...
+
+    def reattach_mailbox(
+        self,
+        name: str,
+        capacity: int | None,
+        max_bytes: int | None,
+        msgs: list[Message],
+        now: float,
+    ) -> None: ...
+
+    def adopt_message(self, name: str, msg: Message, now: float) -> None: ...
+
+    def watch(self, peer: Any, now: float) -> None: ...
+
+    def unwatch(self, peer: Any, now: float) -> None: ...
+
+    def has_session(self, peer: Any) -> bool: ...
+
+    def has_heard(self, peer: Any) -> bool: ...
+
+    def fail_departed(self, peer: Any) -> bool: ...
+
+    def send_node_message_to(self, peer: Any, message: NodeMessage, now: float) -> None: ...
+
+
+class RemoteMailboxes:
+    """The remote-mailbox protocol of one node.
+
+    The endpoint routes to it the node-message payloads of operations
+    ``FIRST_OP`` and up (:meth:`on_node_message`), the waiter events of the pulls
     it serves (:meth:`intercept`), the session events it must see
-    (:meth:`observe`), and its timer. It uses the endpoint's mailbox calls
-    (take, wait, ack, release) like any receiver does.
+    (:meth:`observe`), and its timer. It works through the node's calls
+    (:class:`RemoteNode`) like any receiver does, and reports through ``emit``
+    (events), ``drop`` (counted drops) and ``clock`` (the endpoint's time).
     """
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._ep = endpoint
-        self.lease = max(LEASE_MIN, 4 * endpoint.config.peer_timeout)
+    def __init__(
+        self,
+        config: Config,
+        node: RemoteNode,
+        *,
+        emit: Callable[[events.Event], None],
+        drop: Callable[[str], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self._node = node
+        self._config = config
+        self._emit = emit
+        self._drop = drop
+        self._clock = clock
+        self.lease = max(LEASE_MIN, 4 * config.peer_timeout)
         self.grants: dict[str, set[Any]] = {}  #: mailbox -> nodes granted the receive right
         self.moved: dict[str, str] = {}  #: mailbox -> its new owner's ``host:port``
         self.local_address: Any = None  #: set by the adapter: this node's own address
@@ -563,7 +663,7 @@ class RemoteMailboxes:
             nodes.discard(node)
         for ticket, serving in list(self._serving.items()):
             mine = serving.peer == node and serving.mailbox == mailbox
-            if mine and self._ep.cancel_wait(ticket):
+            if mine and self._node.cancel_wait(ticket):
                 self._forget_serving(ticket)
                 self._send(node, Refused(serving.request, "not_granted"), now)
 
@@ -583,7 +683,7 @@ class RemoteMailboxes:
         for key, (name, _msg) in list(self._assigned.items()):
             if name == mailbox:
                 del self._assigned[key]
-                self._ep.unwatch(key[0], self._ep._now)
+                self._node.unwatch(key[0], self._clock())
 
     def _on_pull(self, session: PeerSession, pull: Pull, now: float) -> None:
         peer = session.addr
@@ -593,7 +693,7 @@ class RemoteMailboxes:
             return
         selector = Selector.of(None, pull.msg_type, pull.except_type)
         label = pull.receiver or address_text(peer)
-        ep = self._ep
+        ep = self._node
         try:
             msg = ep.take(pull.mailbox, selector, receiver=label, lock=self.lease, now=now)
         except errors.UsageError:
@@ -611,9 +711,9 @@ class RemoteMailboxes:
     def _refusal(self, mailbox: str, peer: Any) -> tuple[str, str] | None:
         if mailbox in self.moved:
             return ("moved", self.moved[mailbox])
-        if not self._ep.has_mailbox(mailbox):
+        if not self._node.has_mailbox(mailbox):
             return ("no_mailbox", "")
-        if self._ep.port_owner(mailbox) is not None:
+        if self._node.port_owner(mailbox) is not None:
             return ("port", "")
         if peer not in self.grants.get(mailbox, ()):
             return ("not_granted", "")
@@ -623,7 +723,7 @@ class RemoteMailboxes:
         key = self._next_key
         self._next_key = (key + 1) & 0xFFFFFFFF or 1
         self._assigned[(peer, key)] = (msg.mailbox, msg)
-        self._ep.watch(peer, now)  # until it answers: a receiving node that dies is noticed
+        self._node.watch(peer, now)  # until it answers: a receiving node that dies is noticed
         self.handed_over += 1
         self._send(
             peer,
@@ -644,21 +744,21 @@ class RemoteMailboxes:
     def _on_taken(self, session: PeerSession, taken: Taken, now: float) -> None:
         entry = self._assigned.pop((session.addr, taken.key), None)
         if entry is None:
-            self._ep._drop("remote.stray_taken")
+            self._drop("remote.stray_taken")
             return
-        self._ep.unwatch(session.addr, now)
+        self._node.unwatch(session.addr, now)
         name, msg = entry
-        if not self._ep.has_mailbox(name):
+        if not self._node.has_mailbox(name):
             return
         if taken.accepted:
-            self._ep.ack(name, msg, now=now)
+            self._node.ack(name, msg, now=now)
         else:
             self.returned += 1
-            self._ep.release(name, msg, now=now)
+            self._node.release(name, msg, now=now)
 
     def _on_pull_cancel(self, session: PeerSession, cancel: PullCancel) -> None:
         ticket = self._by_request.get((session.addr, cancel.request))
-        if ticket is not None and self._ep.cancel_wait(ticket):
+        if ticket is not None and self._node.cancel_wait(ticket):
             self._forget_serving(ticket)
         # Otherwise its Handover is already on its way; the receiving node gives it back.
 
@@ -694,14 +794,14 @@ class RemoteMailboxes:
         (in that order: a requeued message must not go back to it)."""
         for ticket, serving in list(self._serving.items()):
             if serving.peer == peer:
-                self._ep.cancel_wait(ticket)
+                self._node.cancel_wait(ticket)
                 self._forget_serving(ticket)
         for key, (name, msg) in list(self._assigned.items()):
             if key[0] != peer:
                 continue
             del self._assigned[key]
-            self._ep.unwatch(peer, now)
-            if self._ep.has_mailbox(name) and self._ep.release(name, msg, now=now):
+            self._node.unwatch(peer, now)
+            if self._node.has_mailbox(name) and self._node.release(name, msg, now=now):
                 self.requeued += 1
 
     # -------------------------------------------------------- receiving side
@@ -718,7 +818,7 @@ class RemoteMailboxes:
             )
         self._pulls[ticket] = _Pulling(owner, mailbox, selector, receiver)
         self._send_pull(ticket, now)
-        self._ep.watch(owner, now)  # a dead owner must not leave the receive blocked
+        self._node.watch(owner, now)  # a dead owner must not leave the receive blocked
 
     def _send_pull(self, ticket: int, now: float) -> None:
         pulling = self._pulls[ticket]
@@ -732,8 +832,8 @@ class RemoteMailboxes:
         pulling = self._pulls.pop(ticket, None)
         if pulling is None:
             return None
-        self._ep.unwatch(pulling.owner, now)
-        if self._ep.has_session(pulling.owner):
+        self._node.unwatch(pulling.owner, now)
+        if self._node.has_session(pulling.owner):
             self._send(pulling.owner, PullCancel(ticket), now)
         return True
 
@@ -768,12 +868,12 @@ class RemoteMailboxes:
             incarnation=h.incarnation,
         )
         del self._pulls[h.request]
-        self._ep.unwatch(owner, now)
+        self._node.unwatch(owner, now)
         self._seen[identity] = None
         while len(self._seen) > SEEN:
             self._seen.popitem(last=False)
         self._send(owner, Taken(h.key, True), now)
-        self._ep._emit(events.MessageTaken(waiter=h.request, message=msg))
+        self._emit(events.MessageTaken(waiter=h.request, message=msg))
 
     def _on_refused(self, session: PeerSession, refused: Refused, now: float) -> None:
         pulling = self._pulls.get(refused.request)
@@ -786,31 +886,31 @@ class RemoteMailboxes:
                 owner = None
             if owner is not None:
                 # Follow the mailbox to its new owner: the same receive, asked there.
-                self._ep.unwatch(pulling.owner, now)
+                self._node.unwatch(pulling.owner, now)
                 pulling.owner = owner
                 pulling.follows += 1
                 self._send_pull(refused.request, now)
-                self._ep.watch(owner, now)
+                self._node.watch(owner, now)
                 return
         del self._pulls[refused.request]
-        self._ep.unwatch(session.addr, now)
+        self._node.unwatch(session.addr, now)
         error = errors.ReceiveRefused(
             session.addr, pulling.mailbox, refused.reason, refused.detail or None
         )
-        self._ep._emit(events.ReceiveFailed(waiter=refused.request, error=error))
+        self._emit(events.ReceiveFailed(waiter=refused.request, error=error))
 
     def _fail_pulls(self, owner: Any, error: errors.ReliableError, now: float) -> None:
         for ticket, pulling in list(self._pulls.items()):
             if pulling.owner == owner:
                 del self._pulls[ticket]
-                self._ep.unwatch(owner, now)
-                self._ep._emit(events.ReceiveFailed(waiter=ticket, error=error))
+                self._node.unwatch(owner, now)
+                self._emit(events.ReceiveFailed(waiter=ticket, error=error))
 
     # ------------------------------------------------------------ management
 
     def manage(self, dest: Any, request: Manage, now: float) -> int:
         """Send a management request; the answer is a ``StatsReceived``-like
-        ``ManageAnswered`` event (see :meth:`on_control`). Returns its number."""
+        ``ManageAnswered`` event (see :meth:`on_node_message`). Returns its number."""
         number = self._next_manage
         self._next_manage += 1
         self._manage[number] = None
@@ -827,8 +927,7 @@ class RemoteMailboxes:
 
     def _on_manage(self, session: PeerSession, req: Manage, now: float) -> None:
         peer = session.addr
-        ep = self._ep
-        if not ep.config.serve_stats:
+        if not self._config.serve_stats:
             self._reply(peer, req.request, STATUS_REFUSED, "this node does not serve management")
             return
         if not _same_host(peer, self.local_address):
@@ -854,7 +953,7 @@ class RemoteMailboxes:
         self._reply(peer, req.request, STATUS_OK, json.dumps(body, default=str))
 
     def _perform(self, req: Manage, now: float) -> dict[str, Any]:
-        ep = self._ep
+        ep = self._node
         name = req.mailbox
         if not ep.has_mailbox(name):
             raise errors.UnknownMailbox(f"no mailbox {name!r} on that node")
@@ -876,7 +975,7 @@ class RemoteMailboxes:
 
     def describe(self, name: str, now: float) -> dict[str, Any]:
         """What ``rmsg ctl inspect`` shows of mailbox ``name``."""
-        info: dict[str, Any] = self._ep.stats(now).mailbox(name).as_dict()
+        info: dict[str, Any] = self._node.stats(now).mailbox(name).as_dict()
         info.update(
             {
                 "name": name,
@@ -888,7 +987,7 @@ class RemoteMailboxes:
         return info
 
     def _reply(self, peer: Any, request: int, status: int, text: str) -> None:
-        self._send(peer, ManageReply(request, status, text.encode("utf-8")), self._ep._now)
+        self._send(peer, ManageReply(request, status, text.encode("utf-8")), self._clock())
 
     # ------------------------------------------------------------- transfer
 
@@ -899,7 +998,7 @@ class RemoteMailboxes:
         which must have created an empty mailbox of that name. Returns the request
         number its ``ManageAnswered`` event will carry."""
         granted = set(self.grants.get(mailbox, ()))
-        msgs, capacity, max_bytes = self._ep.detach_mailbox(mailbox, address_text(to), now)
+        msgs, capacity, max_bytes = self._node.detach_mailbox(mailbox, address_text(to), now)
         number = self._next_manage
         self._next_manage += 1
         self._manage[number] = None
@@ -931,7 +1030,7 @@ class RemoteMailboxes:
     def tell_moved(self, source: Any, mailbox: str, now: float) -> None:
         """A message for a mailbox that moved was refused: tell its sender where it went."""
         owner = self.moved.get(mailbox)
-        if owner is not None and source is not None and self._ep.has_session(source):
+        if owner is not None and source is not None and self._node.has_session(source):
             self._send(source, Moved(mailbox, owner), now)
 
     def redirect(self, dest: Any, mailbox: str) -> Any:
@@ -947,14 +1046,14 @@ class RemoteMailboxes:
         try:
             owner = parse_address(moved.owner)
         except errors.AddressError:
-            self._ep._drop("malformed.control")
+            self._drop("malformed.control")
             return
         self.redirects[(session.addr, moved.mailbox)] = owner
         while len(self.redirects) > MOVED_MEMORY:
             del self.redirects[next(iter(self.redirects))]
 
     def _on_adopt(self, session: PeerSession, adopt: Adopt) -> None:
-        ep = self._ep
+        ep = self._node
         if not ep.has_mailbox(adopt.mailbox):
             status = "no_mailbox"
         elif ep.port_owner(adopt.mailbox) is not None:
@@ -968,7 +1067,7 @@ class RemoteMailboxes:
 
     def _on_move(self, session: PeerSession, move: Move, now: float) -> None:
         state = self._adopting.get((session.addr, move.request))
-        if state is None or state.status != "ok" or not self._ep.has_mailbox(state.mailbox):
+        if state is None or state.status != "ok" or not self._node.has_mailbox(state.mailbox):
             return
         try:
             source: Any = parse_address(move.source)
@@ -986,7 +1085,7 @@ class RemoteMailboxes:
         self._origins[msg] = move.origin or address_text(session.addr)
         while len(self._origins) > ORIGINS:
             self._origins.popitem(last=False)
-        self._ep.adopt_message(state.mailbox, msg, now)
+        self._node.adopt_message(state.mailbox, msg, now)
         state.count += 1
 
     def _on_adopt_end(self, session: PeerSession, end: AdoptEnd, now: float) -> None:
@@ -1030,7 +1129,7 @@ class RemoteMailboxes:
 
     def _undo_transfer(self, transfer: _Transfer, now: float) -> None:
         self.moved.pop(transfer.mailbox, None)
-        self._ep.reattach_mailbox(
+        self._node.reattach_mailbox(
             transfer.mailbox, transfer.capacity, transfer.max_bytes, transfer.messages, now
         )
         for node in transfer.granted:
@@ -1041,7 +1140,7 @@ class RemoteMailboxes:
             peer, request = transfer.asked_by
             self._reply(peer, request, status, text)
         if self._manage.pop(number, 1) is None:
-            self._ep._emit(
+            self._emit(
                 events.ManageAnswered(
                     peer=transfer.to, request=number, status=status, body=text.encode("utf-8")
                 )
@@ -1067,13 +1166,13 @@ class RemoteMailboxes:
         """``peer`` said goodbye (CLOSE)."""
         self.departed_peers[peer] = None
         self.departed_peers.move_to_end(peer)
-        while len(self.departed_peers) > self._ep.config.remembered_incarnations:
+        while len(self.departed_peers) > self._config.remembered_incarnations:
             self.departed_peers.popitem(last=False)
 
     def sending(self, peer: Any, now: float) -> None:
         """A send or pull to ``peer`` on a session that has not heard from it yet."""
         if peer in self.departed_peers and peer not in self.grace:
-            self.grace[peer] = now + gone_grace(self._ep.config)
+            self.grace[peer] = now + gone_grace(self._config)
 
     def deadline(self) -> float | None:
         return min(self.grace.values(), default=None)
@@ -1083,7 +1182,7 @@ class RemoteMailboxes:
             if due > now:
                 continue
             del self.grace[peer]
-            if not self._ep.fail_departed(peer):
+            if not self._node.fail_departed(peer):
                 self.departed_peers.pop(peer, None)  # it came back
                 continue
             self._fail_pulls(peer, errors.MailboxGone(peer, None), now)
@@ -1096,11 +1195,11 @@ class RemoteMailboxes:
 
     # ---------------------------------------------------------------- routing
 
-    def on_control(self, session: PeerSession, payload: bytes, now: float) -> None:
+    def on_node_message(self, session: PeerSession, payload: bytes, now: float) -> None:
         try:
             ctl = decode_remote(payload)
-        except MalformedControl:
-            self._ep._drop("malformed.control")
+        except MalformedNodeMessage:
+            self._drop("malformed.control")
             return
         if isinstance(ctl, Pull):
             self._on_pull(session, ctl, now)
@@ -1126,7 +1225,7 @@ class RemoteMailboxes:
             self._on_moved(session, ctl)
         elif ctl.request in self._manage:
             del self._manage[ctl.request]
-            self._ep._emit(
+            self._emit(
                 events.ManageAnswered(
                     peer=session.addr, request=ctl.request, status=ctl.status, body=ctl.body
                 )
@@ -1158,7 +1257,7 @@ class RemoteMailboxes:
                 if pulling.owner == event.peer:
                     self._send_pull(ticket, now)
 
-    def _send(self, peer: Any, msg: RemoteControl, now: float) -> None:
-        self._ep.send_control_to(peer, RawControl(encode_remote(msg)), now)
-        if self.departed_peers and not self._ep.has_heard(peer):
+    def _send(self, peer: Any, msg: RemoteOperation, now: float) -> None:
+        self._node.send_node_message_to(peer, RawNodeMessage(encode_remote(msg)), now)
+        if self.departed_peers and not self._node.has_heard(peer):
             self.sending(peer, now)

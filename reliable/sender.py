@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Messages wait in ``queue`` until the windows allow their fragments out.
-Control messages (node to node, see :mod:`reliable.control`) wait in
-``control`` and go first, between two messages, and past the peer's flow
+Node messages (node to node, see :mod:`reliable.node_messages`) wait in
+``node_messages`` and go first, between two messages, and past the peer's flow
 control window: they are small, never held by the receiver, and one of them
 withdraws messages that are holding that window closed. A
 fragment gets its sequence number when it is first transmitted, so messages
@@ -137,7 +137,7 @@ _SERIAL_MASK = _SERIAL_MOD - 1
 #: Of every this many application fragments, at least one belongs to the oldest queued
 #: message (the weighted share that keeps priority from starving it).
 PRIORITY_SHARE = 8
-_CONTROL = int(Flag.CONTROL)
+_NODE = int(Flag.NODE)
 _NESTED = int(Flag.NESTED)
 
 
@@ -160,7 +160,7 @@ class OutgoingMessage:
     last_seq: int = -1  #: sequence number of its latest fragment sent for the first time
     next_index: int = 0  #: next fragment to transmit for the first time
     transmissions: int = 0
-    control: bool = False  #: a node-to-node control message, invisible to the application
+    for_node: bool = False  #: a node message, invisible to the application
     #: where it stands: changed only by :meth:`step` (see :mod:`reliable.fate`)
     fate: Fate = Fate.SENDING
     staged: bool = False  #: parked while a durable mailbox commits it (it had room)
@@ -189,7 +189,7 @@ class OutgoingMessage:
         last_seq: int = -1,
         next_index: int = 0,
         transmissions: int = 0,
-        control: bool = False,
+        for_node: bool = False,
         fate: Fate = Fate.SENDING,
         staged: bool = False,
     ) -> None:
@@ -208,7 +208,7 @@ class OutgoingMessage:
         self.last_seq = last_seq
         self.next_index = next_index
         self.transmissions = transmissions
-        self.control = control
+        self.for_node = for_node
         self.fate = fate
         self.staged = staged
         self.mailbox_raw = mailbox.encode("utf-8")
@@ -319,7 +319,6 @@ class SendStream:
         "backoff",
         "by_msg_id",
         "cc",
-        "control",
         "cum_ack",
         "current",
         "cwnd_limited",
@@ -339,6 +338,7 @@ class SendStream:
         "low",
         "next_msg_id",
         "next_seq",
+        "node_messages",
         "packets_sent",
         "passed",
         "peer_edge",
@@ -377,7 +377,7 @@ class SendStream:
         self.peer_window = config.initial_peer_window
         self.peer_edge = initial_seq  # one past the highest sequence number the peer holds
         self.queue: deque[OutgoingMessage] = deque()
-        self.control: deque[OutgoingMessage] = deque()
+        self.node_messages: deque[OutgoingMessage] = deque()
         #: the application message whose fragments are being sent (started, not fully sent)
         self.current: OutgoingMessage | None = None
         self.levels: dict[int, int] = {}  # priority -> application messages queued at it
@@ -458,14 +458,14 @@ class SendStream:
                 last < held
                 and msg.next_index >= msg.count  # wholly sent: the peer may judge it
                 and msg.fate in DELIVERED_ON_ACK
-                and not msg.control
+                and not msg.for_node
             ):
                 held = last
         return held
 
     def has_outstanding(self) -> bool:
         """Whether any accepted message still awaits its fate."""
-        return bool(self.queue or self.control or self.by_msg_id)
+        return bool(self.queue or self.node_messages or self.by_msg_id)
 
     def can_send(self) -> bool:
         """Whether :meth:`next_datagram` would return a datagram now."""
@@ -473,7 +473,7 @@ class SendStream:
             return False
         if self.lost and self._has_lost():
             return True
-        if (self.queue or self.control) and self._next_message() is not None:
+        if (self.queue or self.node_messages) and self._next_message() is not None:
             return True
         if self.flight or not self.by_msg_id:
             return False  # (what _base_untold checks first)
@@ -507,8 +507,8 @@ class SendStream:
     def _next_message(self) -> OutgoingMessage | None:
         """The message whose next fragment goes out first, if flow control allows it."""
         queue = self.queue
-        if self.current is None and self.control:
-            return self.control[0]  # between two messages
+        if self.current is None and self.node_messages:
+            return self.node_messages[0]  # between two messages
         if not queue:
             return None
         msg = queue[0] if len(self.levels) <= 1 else self._by_priority()
@@ -554,7 +554,7 @@ class SendStream:
 
     def messages(self) -> list[OutgoingMessage]:
         """Every unfinished message, transmitted ones first, in order."""
-        waiting = [m for m in (*self.control, *self.queue) if not m.started]
+        waiting = [m for m in (*self.node_messages, *self.queue) if not m.started]
         return list(self.by_msg_id.values()) + waiting
 
     # ---------------------------------------------------------------- sending
@@ -563,19 +563,19 @@ class SendStream:
         self, now: float, budget: int
     ) -> tuple[list[bytes | memoryview], int, bool] | None:
         """The next DATA datagram's fragment records, packed (``wire.pack_record``), the
-        flags they call for (``CONTROL``, ``NESTED``), and whether any is a
+        flags they call for (``NODE``, ``NESTED``), and whether any is a
         retransmission.
 
         The first fragment goes whatever its size; more follow, in order, while
-        their records fit in ``budget`` bytes and share the first's control flag
-        (control and application fragments never share a datagram).
+        their records fit in ``budget`` bytes and share the first's ``NODE`` flag
+        (node-message and application fragments never share a datagram).
         """
         records: list[bytes | memoryview] = []
         step = self._next_fragment(now, None, False, records)
         if step is None:
             return None
         retransmission, pkt = step
-        control = pkt.message.control
+        for_node = pkt.message.for_node
         nested = pkt.nested
         packets = [pkt]
         used = pkt.size
@@ -588,7 +588,7 @@ class SendStream:
         if not alone and self._next_record_too_big(pkt, budget - used, retransmission):
             alone = True
         while not alone:
-            step = self._next_fragment(now, budget - used, control, records)
+            step = self._next_fragment(now, budget - used, for_node, records)
             if step is None:
                 break
             again, pkt = step
@@ -600,7 +600,7 @@ class SendStream:
         for pkt in packets:
             pkt.datagram_size = size
         self.datagrams_sent += 1
-        flags = _CONTROL if control else 0
+        flags = _NODE if for_node else 0
         if nested:
             flags |= _NESTED
         return records, flags, retransmission
@@ -617,7 +617,7 @@ class SendStream:
         if room < FRAGMENT_OVERHEAD:
             return True
         msg = pkt.message
-        if retransmission or self.lost or len(self.levels) > 1 or msg.control:
+        if retransmission or self.lost or len(self.levels) > 1 or msg.for_node:
             return False
         index = msg.next_index
         if index >= msg.count or msg is not self.current or self.queue[0] is not msg:
@@ -628,13 +628,13 @@ class SendStream:
         return FRAGMENT_OVERHEAD + msg.mailbox_bytes + length > room
 
     def _next_fragment(
-        self, now: float, room: int | None, control: bool, records: list[bytes | memoryview]
+        self, now: float, room: int | None, for_node: bool, records: list[bytes | memoryview]
     ) -> tuple[bool, SentPacket] | None:
         """Transmit the next fragment: its record goes on ``records``; returns whether it
         is a retransmission, and its packet.
 
         With ``room``, only one whose record fits in that many bytes and whose
-        control flag is ``control``. Returns ``None``, changing nothing, when
+        ``NODE`` flag is ``for_node``. Returns ``None``, changing nothing, when
         there is none.
         """
         if self.in_flight_bytes >= self.cc.window and not self.probe_allowance:
@@ -642,7 +642,7 @@ class SendStream:
             return None
         if self.lost and self._has_lost():
             pkt = self.unacked[self.lost[0]]
-            if room is not None and (pkt.message.control != control or pkt.size > room):
+            if room is not None and (pkt.message.for_node != for_node or pkt.size > room):
                 return None
             heapq.heappop(self.lost)
             self._use_window()
@@ -681,7 +681,7 @@ class SendStream:
             # One fragment: the whole message, no slicing (the common small message).
             payload: bytes | memoryview = msg.data
             size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + len(payload)
-            if room is not None and (msg.control != control or size > room):
+            if room is not None and (msg.for_node != for_node or size > room):
                 return None
         else:
             # record_bytes and fragment_payload, inline (per fragment of a big message),
@@ -692,7 +692,7 @@ class SendStream:
             if length > fragment_size:
                 length = fragment_size
             size = FRAGMENT_OVERHEAD + msg.mailbox_bytes + length
-            if room is not None and (msg.control != control or size > room):
+            if room is not None and (msg.for_node != for_node or size > room):
                 return None
             view = msg.view
             if view is None:
@@ -712,7 +712,7 @@ class SendStream:
         msg.last_seq = seq
         msg.next_index = index + 1
         msg.transmissions += 1
-        if not msg.control:
+        if not msg.for_node:
             current = self.current
             if current is not None and current is not msg:
                 pkt.nested = True
@@ -722,7 +722,7 @@ class SendStream:
             elif current is None:
                 self.current = msg
         elif index + 1 == msg.count:
-            self.control.popleft()
+            self.node_messages.popleft()
         self.next_seq = seq + 1
         unacked = self.unacked
         unacked[seq] = pkt
@@ -1097,9 +1097,9 @@ class SendStream:
                     if not pkt.lost:
                         self._leave_flight(pkt)
         if msg.next_index < msg.count:
-            if msg.control:
+            if msg.for_node:
                 with contextlib.suppress(ValueError):
-                    self.control.remove(msg)
+                    self.node_messages.remove(msg)
             elif msg in self.queue:
                 self._unqueue(msg)
 
@@ -1117,10 +1117,10 @@ class SendStream:
         started = [m for m in self.messages() if m.started]
         for msg in started:
             self.abandon(msg)
-        # Control messages speak of the old incarnation's messages: meaningless now.
-        for msg in self.control:
+        # Node messages speak of the old incarnation's messages: meaningless now.
+        for msg in self.node_messages:
             msg.step(FateInput.LOST)
-        self.control.clear()
+        self.node_messages.clear()
         self.current = None
         self.unacked.clear()
         self.low = self.next_seq

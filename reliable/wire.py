@@ -37,29 +37,29 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACK_DELAY_TICK",
-    "BulkFragment",
+    "COOKIE_SIZE",
     "DATA_NOTICES",
     "DATA_SACK_RANGES",
-    "COOKIE_SIZE",
     "DEFAULT_PORT",
     "FRAGMENT_OVERHEAD",
     "GROUP_KINDS",
-    "MAX_GROUP_BYTES",
-    "MODE_FLAGS",
     "HEADER_OVERHEAD",
     "MAGIC",
+    "MAX_GROUP_BYTES",
     "MAX_MAILBOX_BYTES",
     "MAX_NOTICES",
-    "NOTICE_LIMIT",
-    "NOTICE_SIZE",
     "MAX_SACK_RANGES",
+    "MODE_FLAGS",
     "MSG_TYPE_MAX",
     "MSG_TYPE_MIN",
-    "SECURITY_OVERHEAD",
+    "NOTICE_LIMIT",
+    "NOTICE_SIZE",
     "PRIORITY_MAX",
     "PROBE_OVERHEAD",
+    "SECURITY_OVERHEAD",
     "SERIAL_BITS",
     "VERSION",
+    "BulkFragment",
     "Flag",
     "Fragment",
     "Kind",
@@ -67,16 +67,16 @@ __all__ = [
     "Packet",
     "Verdict",
     "check_crc",
+    "data_budget",
     "decode",
     "decode_body",
     "decode_bulk",
     "encode",
     "encode_body",
     "encode_session",
-    "pack_record",
-    "data_budget",
     "encoded_size",
     "fragment_capacity",
+    "pack_record",
     "record_size",
     "unwrap",
     "with_crc",
@@ -174,7 +174,7 @@ class Flag(enum.IntFlag):
     NONE = 0
     ACK_NOW = 0x0001  #: the receiver should acknowledge at once, not after a delay
     ACK = 0x0002  #: the ack fields are valid (the sender has received data from us)
-    CONTROL = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
+    NODE = 0x0004  #: DATA only: the message is for the rmsg node itself, not a mailbox
     COOKIE = 0x0008  #: an address-validation cookie follows the header
     #: DATA only: a fragment in it is a one-datagram message sent between two fragments
     #: of a lower-priority one. Receivers that predate priority interleaving refuse the
@@ -186,9 +186,9 @@ class Flag(enum.IntFlag):
 
 #: The security-mode bits; a datagram carries at most one, and only sealed ones do.
 MODE_FLAGS = int(Flag.AUTHENTICATED | Flag.ENCRYPTED)
-_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.CONTROL | Flag.COOKIE | Flag.NESTED)
+_KNOWN_FLAGS = int(Flag.ACK_NOW | Flag.ACK | Flag.NODE | Flag.COOKIE | Flag.NESTED)
 # Plain ints for the per-packet paths: enum flag arithmetic costs microseconds a packet.
-_CONTROL = int(Flag.CONTROL)
+_NODE = int(Flag.NODE)
 _COOKIE = int(Flag.COOKIE)
 _NESTED = int(Flag.NESTED)
 _KINDS = {int(k): k for k in Kind}
@@ -204,8 +204,8 @@ class Verdict(enum.IntEnum):
     A message acknowledged without a notice entered its mailbox. The refusals
     (1-5) end the message; ``DEFERRED`` means the node holds it while its
     mailbox is full (or, for a rendezvous mailbox, until a receiver takes it)
-    and will report the outcome in a control message; ``STAGED`` the same,
-    while a durable mailbox commits it. ``CANCELLED`` appears only in control
+    and will report the outcome in a node message; ``STAGED`` the same,
+    while a durable mailbox commits it. ``CANCELLED`` appears only in node
     messages.
     """
 
@@ -251,7 +251,7 @@ class Fragment:
     mailbox: str  #: destination mailbox name ("" for the node's default)
     #: A view into a larger buffer when that saves copying a big fragment (see decode).
     payload: bytes | memoryview
-    control: bool = False  #: carried as :attr:`Flag.CONTROL`: a message for the node itself
+    for_node: bool = False  #: carried as :attr:`Flag.NODE`: a message for the node itself
     #: sent between two fragments of another message (:attr:`Flag.NESTED`; on decoding,
     #: set on every fragment of a datagram that carries the flag)
     nested: bool = False
@@ -272,7 +272,7 @@ class Fragment:
         priority: int,
         mailbox: str,
         payload: bytes | memoryview,
-        control: bool = False,
+        for_node: bool = False,
         nested: bool = False,
     ) -> None:
         self.seq = seq
@@ -285,7 +285,7 @@ class Fragment:
         self.priority = priority
         self.mailbox = mailbox
         self.payload = payload
-        self.control = control
+        self.for_node = for_node
         self.nested = nested
 
 
@@ -472,17 +472,17 @@ def encode_body(packet: Packet) -> bytes:
         raise ValueError("a DATA or GDATA packet needs a fragment and only they may carry one")
     if packet.bundle and packet.kind != Kind.DATA:
         raise ValueError("only DATA packets bundle several fragments")
-    control = packet.fragment is not None and packet.fragment.control
-    if any(f.control != control for f in packet.bundle):
-        raise ValueError("a bundle's fragments are all control fragments or none is")
+    for_node = packet.fragment is not None and packet.fragment.for_node
+    if any(f.for_node != for_node for f in packet.bundle):
+        raise ValueError("a bundle's fragments are all node-message fragments or none is")
     is_group = packet.kind in _GROUP_KIND_VALUES
     if packet.group and not is_group:
         raise ValueError("only group kinds carry a group name")
     flags = int(packet.flags)
-    if packet.fragment is not None and packet.fragment.control:
-        flags |= _CONTROL
-    elif flags & _CONTROL:
-        raise ValueError("Flag.CONTROL belongs on DATA packets whose fragment is control")
+    if packet.fragment is not None and packet.fragment.for_node:
+        flags |= _NODE
+    elif flags & _NODE:
+        raise ValueError("Flag.NODE belongs on DATA packets whose fragment is a node message's")
     if packet.fragment is not None and (
         packet.fragment.nested or (packet.bundle and any(f.nested for f in packet.bundle))
     ):
@@ -555,18 +555,18 @@ def encode_session(
     fragments: list[Fragment] | None = None,
     records: list[bytes | memoryview] | None = None,
 ) -> bytes:
-    """What ``encode_body`` makes of a session's DATA or ack-bearing control packet
+    """What ``encode_body`` makes of a session's DATA or ack-bearing bare packet
     (ACK, PING, CLOSE), from its fields, without building and checking a
     :class:`Packet`: the per-datagram path of a peer session, whose fields are its
     own (in range by construction). ``flags`` holds only ``ACK_NOW`` and ``ACK``;
-    ``CONTROL``, ``NESTED`` and ``COOKIE`` are set here from the fragments and cookie.
+    ``NODE``, ``NESTED`` and ``COOKIE`` are set here from the fragments and cookie.
 
     ``records`` instead of ``fragments``: the fragment records already packed
-    (:func:`pack_record`); ``flags`` then carries their ``CONTROL`` and ``NESTED``.
+    (:func:`pack_record`); ``flags`` then carries their ``NODE`` and ``NESTED``.
     """
     if fragments:
-        if fragments[0].control:
-            flags |= _CONTROL
+        if fragments[0].for_node:
+            flags |= _NODE
         for frag in fragments:
             if frag.nested:
                 flags |= _NESTED
@@ -790,21 +790,21 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
             raise MalformedPacket("group", "name is not UTF-8") from None
         offset += group_len
     if kind in _DATA_KINDS:
-        control = bool(flags & _CONTROL)
+        for_node = bool(flags & _NODE)
         nested = bool(flags & _NESTED)
         if nested and kind_value != _DATA_KIND:
             raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
-        fragment, offset = _decode_fragment(data, offset, end, control, nested)
+        fragment, offset = _decode_fragment(data, offset, end, for_node, nested)
         if offset != end:
             if kind_value != _DATA_KIND:
                 raise MalformedPacket("length", "a GDATA packet carries one fragment")
             more = []
             while offset != end:
-                extra, offset = _decode_fragment(data, offset, end, control, nested)
+                extra, offset = _decode_fragment(data, offset, end, for_node, nested)
                 more.append(extra)
             bundle = tuple(more)
-    elif flags & _CONTROL:
-        raise MalformedPacket("flags", "CONTROL on a packet that is not DATA")
+    elif flags & _NODE:
+        raise MalformedPacket("flags", "NODE on a packet that is not DATA")
     elif flags & _NESTED and kind != Kind.DATA:
         raise MalformedPacket("flags", "NESTED on a packet that is not DATA")
     elif kind == Kind.AUTH_FAILED:
@@ -856,7 +856,7 @@ def decode_bulk(body: bytes | memoryview) -> BulkFragment | None:
 
     The simplest form is what every datagram of a big message is: one fragment,
     for the default mailbox, most of the datagram, no acknowledgement section,
-    cookie, control or nesting flag, and only ``ACK_NOW`` among the flags. It is
+    cookie, ``NODE`` or ``NESTED`` flag, and only ``ACK_NOW`` among the flags. It is
     checked exactly as ``decode_body`` checks it; the session's receive path
     (``PeerSession.on_bulk``) then takes it without a :class:`Packet` or a
     :class:`Fragment`: those two objects, the generic decoder's branches and
@@ -924,7 +924,7 @@ def decode_bulk(body: bytes | memoryview) -> BulkFragment | None:
 
 
 def _decode_fragment(
-    data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
+    data: bytes | memoryview, offset: int, end: int, for_node: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
     if offset + _FRAGMENT.size > end:
@@ -975,6 +975,6 @@ def _decode_fragment(
         priority=priority,
         mailbox=mailbox,
         payload=payload,
-        control=control,
+        for_node=for_node,
         nested=nested,
     ), stop

@@ -94,8 +94,8 @@ class TimelineEntry:
             parts.append(f"len={len(f.payload)}/{f.total_len}")
             if f.mailbox:
                 parts.append(f"mailbox={f.mailbox!r}")
-            if f.control:
-                parts.append("CONTROL")
+            if f.for_node:
+                parts.append("NODE")
             if p.bundle:
                 parts.append(f"+{len(p.bundle)} bundled (seq {p.bundle[-1].seq} last)")
         if p.flags & wire.Flag.ACK:

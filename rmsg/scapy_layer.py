@@ -55,7 +55,7 @@ _REASONS = {int(r): r.name for r in Verdict}
 _FLAG_NAMES = [
     "ACK_NOW",
     "ACK",
-    "CONTROL",
+    "NODE",
     "COOKIE",
     "NESTED",
     *("b5", "b6", "b7"),  # unassigned

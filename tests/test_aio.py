@@ -221,3 +221,55 @@ def test_a_cancelled_receive_does_not_swallow_the_next_message() -> None:
             assert not b._receives and not b._taken
 
     run(main())
+
+
+def test_a_receive_cancelled_as_its_message_arrives_puts_the_message_back() -> None:
+    """The cancellation lands in the very turn the core answers the receive (as
+    ``asyncio.wait_for``'s timeout can): the message, acknowledged to its sender,
+    goes back to its mailbox instead of away with the cancelled receive. Forced
+    deterministically: the answer's routing cancels the task; and, second, the
+    task is cancelled while the core's answer is not yet routed."""
+
+    async def main() -> None:
+        async with AsyncNode() as a, AsyncNode() as b:
+            task = asyncio.ensure_future(b.receive(timeout=5))
+            for _ in range(100):  # a few loop steps until it waits in the core
+                if b._receives:
+                    break
+                await asyncio.sleep(0)
+            assert b._receives
+            routed = b._on_receive
+
+            def answered_then_cancelled(waiter: int, message: object, error: object) -> None:
+                routed(waiter, message, error)  # type: ignore[arg-type]
+                task.cancel()  # in the same turn, before the task resumes
+
+            b._on_receive = answered_then_cancelled  # type: ignore[method-assign]
+            receipt = await a.send(b.address, b"taken, then cancelled", timeout=2)
+            assert receipt.peer == b.address, "its sender was told it was delivered"
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            del b._on_receive
+            assert (await b.receive(timeout=2)).data == b"taken, then cancelled"
+
+            # Under a lock, from a mailbox handle; answered in the core, not yet routed.
+            jobs = b.create_mailbox("jobs")
+            task = asyncio.ensure_future(jobs.receive(timeout=5, lock=30.0))
+            for _ in range(100):
+                if b._receives:
+                    break
+                await asyncio.sleep(0)
+            task.cancel()
+            b.post("jobs", b"locked")
+            assert b._sock is not None
+            b._posts.admit(b._endpoint, b.address, b._clock())  # the hand-off, unrouted
+            assert not b._taken
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert b.stats().mailbox("jobs").locked == 0, "its lock released"
+            again = await jobs.receive(timeout=2, lock=30.0)
+            assert again.data == b"locked"
+            assert jobs.ack(again)
+            assert not b._receives and not b._taken
+
+    run(main())

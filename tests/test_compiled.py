@@ -250,3 +250,45 @@ def test_every_editable_hook_builds_pure(monkeypatch: pytest.MonkeyPatch) -> Non
     rmsg_build.build_editable("wheels")
     assert seen == [False, False, False]
     assert rmsg_build.compile_requested()  # and a regular build still compiles
+
+
+def test_written_out_inits_match_their_dataclass_fields() -> None:
+    """The hot dataclasses write out ``__init__`` (mypyc leaves a generated one
+    interpreted): each must take exactly the fields the generated one would, in
+    order, with the same defaults and keyword-only-ness, and set every slot."""
+    if reliable.__compiled__:
+        pytest.skip("reads the sources' signatures: the pure run checks them")
+    import dataclasses
+    import inspect
+
+    from reliable import events, message, receiver, sender, wire
+
+    classes = [
+        wire.Packet,
+        wire.Fragment,
+        sender.OutgoingMessage,
+        sender.SentPacket,
+        receiver.Delivery,
+        events.MessageDelivered,
+        message.Message,
+    ]
+    for cls in classes:
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()][1:]
+        assert [p.name for p in params] == [f.name for f in fields], cls
+        for param, field in zip(params, fields, strict=True):
+            default = (
+                inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+            )
+            assert param.default == default, (cls, field.name)
+            assert (param.kind == inspect.Parameter.KEYWORD_ONLY) == bool(field.kw_only), (
+                cls,
+                field.name,
+            )
+        # built from its required fields alone, every slot is set
+        required = {f.name: object() for f in fields if f.default is dataclasses.MISSING}
+        if cls is sender.OutgoingMessage:
+            required["mailbox"] = "box"
+        obj = cls(**required)
+        for name in cls.__slots__:
+            assert hasattr(obj, name), (cls, name)

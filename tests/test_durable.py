@@ -356,8 +356,13 @@ def test_one_ack_carries_the_staged_notices_of_a_whole_burst() -> None:
 
 def test_one_commit_admits_all_its_messages_in_one_control_message() -> None:
     """The receipts of a commit's messages travel as one AdmittedMany per sender (up to
-    ADMITTED_MANY_MAX ids each), not one control message per message."""
-    from reliable.control import ADMITTED_MANY_MAX, AdmittedMany, decode_control, encode_control
+    ADMITTED_MANY_MAX ids each), not one node message per message."""
+    from reliable.node_messages import (
+        ADMITTED_MANY_MAX,
+        AdmittedMany,
+        decode_node_message,
+        encode_node_message,
+    )
 
     p = Pair(release=False)  # the test commits by hand, once, for everything staged
     p.connect()
@@ -368,16 +373,16 @@ def test_one_commit_admits_all_its_messages_in_one_control_message() -> None:
     p.run(0.5)
     assert not _fates(p), "staged: nothing is delivered before the commit"
     session = p.b.endpoint._peers[p.a.addr]
-    queued = len(session.sender.control)
+    queued = len(session.sender.node_messages)
     sync_stores(p.b.endpoint, p.now)
     assert store.commits == 1
-    assert len(session.sender.control) - queued == 2, "one AdmittedMany of 200 ids, one of 5"
+    assert len(session.sender.node_messages) - queued == 2, "one AdmittedMany of 200 ids, one of 5"
     p.run(0.5)
     fates = _fates(p)
     assert sorted(fates) == tickets
     assert all(isinstance(e, events.MessageDelivered) for e in fates.values())
     many = AdmittedMany(tuple(range(2**32 - 3, 2**32)))
-    assert decode_control(encode_control(many)) == many
+    assert decode_node_message(encode_node_message(many)) == many
     for bad in (b"\x06\x00\x00", b"\x06\x00\x02\x00\x00\x00\x01", b"\x06\x00\xc9" + b"\0" * 804):
         with pytest.raises(ValueError):
-            decode_control(bad)
+            decode_node_message(bad)

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reliable import events, fate, wire
-from reliable.control import Admitted
 from reliable.fate import TERMINAL, TRANSITIONS, Fate, FateError, FateInput, advance
+from reliable.node_messages import Admitted
 from reliable.peer import Withdrawal
 
 from .harness import B, Pair
@@ -118,7 +118,7 @@ def test_an_outcome_that_overtakes_its_acknowledgement_settles_the_send_at_once(
     (msg,) = session.sender.by_msg_id.values()
     assert msg.fate is Fate.SENDING
     # B's receipt, as if the acknowledgement carrying the notice were still on its way.
-    session.on_outcome(Admitted(msg.msg_id, taken=True, receiver="alice"), p.now)
+    p.a.endpoint._handle_outcome(session, Admitted(msg.msg_id, taken=True, receiver="alice"), p.now)
     (done,) = p.a.of(events.MessageDelivered)
     assert (done.ticket, done.deferred, done.receiver) == (ticket, True, "alice")
     assert msg.fate is Fate.DELIVERED and not session.sender.by_msg_id

@@ -58,7 +58,7 @@ def test_random_bytes_are_counted_drops(datagrams: list[tuple[bytes, int]]) -> N
 
 
 @st.composite
-def hostile_fragments(draw: st.DrawFn, control: bool) -> Fragment:
+def hostile_fragments(draw: st.DrawFn, for_node: bool) -> Fragment:
     total = draw(st.sampled_from([0, 1, 100, 60_000, 2**32 - 1]))
     count = draw(st.integers(1, max(1, min(total, 2**32 - 1))))
     return Fragment(
@@ -72,7 +72,7 @@ def hostile_fragments(draw: st.DrawFn, control: bool) -> Fragment:
         priority=draw(st.integers(0, 3)),
         mailbox=draw(st.sampled_from(["", "inbox"])),
         payload=draw(st.binary(max_size=min(total, 200))),
-        control=control,
+        for_node=for_node,
     )
 
 
@@ -82,11 +82,11 @@ def hostile_packets(draw: st.DrawFn, incarnations: list[int]) -> Packet:
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     if kind == Kind.DATA and draw(st.integers(0, 3)) == 0:  # a bundle of insane fragments
-        control = draw(st.booleans())
-        fragment = draw(hostile_fragments(control))
-        bundle = tuple(draw(st.lists(hostile_fragments(control), min_size=1, max_size=4)))
+        for_node = draw(st.booleans())
+        fragment = draw(hostile_fragments(for_node))
+        bundle = tuple(draw(st.lists(hostile_fragments(for_node), min_size=1, max_size=4)))
     elif kind in (Kind.DATA, Kind.GDATA):
-        # control messages reach the control decoder
+        # node messages reach the control decoder
         fragment = draw(hostile_fragments(draw(st.booleans())))
     return Packet(
         kind=kind,

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from reliable import Config, Selector, errors, events, wire
-from reliable.control import Admitted, Cancel, Discarded, StatsReply, decode_control, encode_control
+from reliable.node_messages import (
+    Admitted,
+    Cancel,
+    Discarded,
+    StatsReply,
+    decode_node_message,
+    encode_node_message,
+)
 from reliable.sender import OutgoingMessage
 
 from .harness import B, Pair
@@ -212,16 +219,16 @@ def test_control_messages_round_trip_and_garbage_is_counted() -> None:
         Cancel(9),
         StatsReply(4, b"{}"),
     ):
-        assert decode_control(encode_control(msg)) == msg
+        assert decode_node_message(encode_node_message(msg)) == msg
     p = Pair()
     session = p.a.endpoint._peer_for_send(B, 0.0)
-    session.sender.control.append(_raw_control(b"\xff garbage"))
+    session.sender.node_messages.append(_raw_node_message(b"\xff garbage"))
     p.a.endpoint._dirty[B] = None
     p.settle()
     assert p.b.endpoint.stats().dropped["malformed.control"] == 1
 
 
-def _raw_control(payload: bytes) -> OutgoingMessage:
+def _raw_node_message(payload: bytes) -> OutgoingMessage:
     return OutgoingMessage(
         ticket=0,
         data=payload,
@@ -233,5 +240,5 @@ def _raw_control(payload: bytes) -> OutgoingMessage:
         timeout=None,
         fragment_size=1000,
         count=1,
-        control=True,
+        for_node=True,
     )

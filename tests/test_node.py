@@ -6,6 +6,7 @@ import asyncio
 import errno
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -346,3 +347,42 @@ def test_an_interrupted_receive_does_not_swallow_the_next_message() -> None:
             assert not b._taken
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_receive_interrupted_as_its_message_arrives_puts_the_message_back() -> None:
+    """An interruption (KeyboardInterrupt) in the waiting thread right after the
+    core handed the receive its message, before the receive returned: the message
+    goes back to its mailbox, not away with the interrupted receive. Forced
+    deterministically by wrapping the node's wait: first after the answer was
+    routed, then with the answer still in the core's events."""
+    with Node() as b:
+        wait = b._wait
+
+        def answered_then_interrupted(ready: Callable[[], bool], deadline: float | None) -> bool:
+            b.post("", b"routed")
+            wait(ready, deadline)  # the post is admitted and handed to the receive
+            assert b._taken, "answered"
+            raise KeyboardInterrupt
+
+        b._wait = answered_then_interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            b.receive(timeout=5)
+        del b._wait
+        assert b.receive(timeout=2).data == b"routed"
+
+        box = b.create_mailbox("jobs")
+
+        def handed_then_interrupted(ready: Callable[[], bool], deadline: float | None) -> bool:
+            b.post("jobs", b"unrouted")
+            b._posts.admit(b._endpoint, b.address, time.monotonic())  # the core hands it
+            raise KeyboardInterrupt
+
+        b._wait = handed_then_interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            box.receive(timeout=5, lock=30.0)
+        del b._wait
+        assert b.stats().mailbox("jobs").locked == 0, "its lock released"
+        again = box.receive(timeout=2, lock=30.0)
+        assert again.data == b"unrouted"
+        assert box.ack(again)
+        assert not b._taken

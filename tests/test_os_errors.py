@@ -235,7 +235,7 @@ def test_parser_names_a_router_that_reported() -> None:
         (socket.IPPROTO_IP, 11, _extended(errno.EMSGSIZE, 2, 3, 4, _sockaddr_in("10.9.9.9"))),
         # a local error (origin 1), not an ICMP
         (socket.IPPROTO_IP, 11, _extended(errno.ECONNREFUSED, 1, 0, 0, bytes(16))),
-        # some other control message
+        # some other node message
         (socket.IPPROTO_IP, 8, _extended(errno.ECONNREFUSED, 2, 3, 3, bytes(16))),
         # too short to be a sock_extended_err
         (socket.IPPROTO_IP, 11, b"\x6f\x00\x00"),

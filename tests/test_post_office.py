@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from reliable import Config, errors, events
-from reliable.control import Admitted, Discarded, decode_control
 from reliable.mailbox import Selector
 from reliable.message import Message
+from reliable.node_messages import Admitted, Discarded, decode_node_message
 from reliable.outbox_ids import format_tag
 from reliable.peer import PeerSession
 from reliable.post_office import PostOffice
@@ -44,9 +44,7 @@ class Node:
             on_deleted=self.deleted.append,
             no_mailbox=lambda source, name: self.missing.append((source, name)),
         )
-        self.session = PeerSession(
-            SENDER, self.config, random.Random(1), NOW, self.events.append, lambda _m: None
-        )
+        self.session = PeerSession(SENDER, self.config, random.Random(1), NOW)
         self.session.incarnation = 77
         self.peers[SENDER] = self.session
         self._msg_id = 0
@@ -72,8 +70,8 @@ class Node:
         return self.post.take(name, None, None, "", None, NOW)
 
     def told(self) -> list[object]:
-        """The node control messages queued for the sender, decoded."""
-        return [decode_control(m.data) for m in self.session.sender.control]
+        """The node messages queued for the sender, decoded."""
+        return [decode_node_message(m.data) for m in self.session.sender.node_messages]
 
 
 def _first(mailbox: str, total_len: int) -> Fragment:

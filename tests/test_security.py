@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reliable import Config, Endpoint, errors, events, wire
-from reliable.control import StatsRequest
+from reliable.node_messages import StatsRequest
 from reliable.peer import FIRST_CONTACT_DATAGRAMS
 from reliable.security import (
     Authenticated,
@@ -377,7 +377,7 @@ def test_stats_queries_are_shed_when_replies_pile_up() -> None:
     p.connect()
     session = p.b.endpoint._peers[A]
     for _ in range(64):
-        session.send_control(StatsRequest(0), p.now)
+        session.send_node_message(StatsRequest(0), p.now)
     p.a.endpoint.query_stats(B, p.now)
     p.transfer(p.a)
     assert p.b.endpoint.stats().dropped["shed.stats"] == 1

@@ -243,9 +243,9 @@ def test_bundles_are_for_data_only_and_share_the_control_flag() -> None:
     frag = _data()
     with pytest.raises(ValueError, match="only DATA"):
         encode(Packet(kind=Kind.GDATA, src_incarnation=1, group="g", fragment=frag, bundle=(frag,)))
-    control = Fragment(**{**_fields(frag), "control": True})
-    with pytest.raises(ValueError, match="control"):
-        encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag, bundle=(control,)))
+    for_node = Fragment(**{**_fields(frag), "for_node": True})
+    with pytest.raises(ValueError, match="node-message"):
+        encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag, bundle=(for_node,)))
     # a GDATA body with a second record is malformed, not silently half-read
     one = encode(Packet(kind=Kind.GDATA, src_incarnation=1, group="g", fragment=frag))[:-4]
     single = encode(Packet(kind=Kind.DATA, src_incarnation=1, fragment=frag))[:-4]
@@ -264,7 +264,7 @@ def _fields(frag: Fragment) -> dict[str, object]:
 
 @given(
     frags=st.lists(fragments(), min_size=0, max_size=4),
-    control=st.booleans(),
+    for_node=st.booleans(),
     nested=st.lists(st.booleans(), min_size=4, max_size=4),
     flags=st.sampled_from([0, int(Flag.ACK), int(Flag.ACK | Flag.ACK_NOW)]),
     window=st.integers(0, 0xFFFF),
@@ -279,7 +279,7 @@ def _fields(frag: Fragment) -> dict[str, object]:
 )
 def test_encode_session_writes_what_encode_body_does(
     frags: list[Fragment],
-    control: bool,
+    for_node: bool,
     nested: list[bool],
     flags: int,
     window: int,
@@ -294,7 +294,7 @@ def test_encode_session_writes_what_encode_body_does(
 ) -> None:
     """The sessions' fast encoder is the general one, byte for byte (DATA and ack kinds)."""
     frags = [
-        dataclasses.replace(f, control=control, nested=n, mailbox=f.mailbox[:60])
+        dataclasses.replace(f, for_node=for_node, nested=n, mailbox=f.mailbox[:60])
         for f, n in zip(frags, nested[: len(frags)], strict=True)
     ]
     fields = dict(
@@ -332,7 +332,7 @@ def _bulk_view(pkt: Packet) -> wire.BulkFragment | None:
         or frag is None
         or pkt.bundle
         or frag.mailbox
-        or frag.control
+        or frag.for_node
         or frag.nested
         or pkt.flags & ~Flag.ACK_NOW
         or pkt.cookie is not None
