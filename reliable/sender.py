@@ -170,8 +170,9 @@ class OutgoingMessage:
     view: memoryview | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.mailbox_raw = self.mailbox.encode("utf-8")
-        self.mailbox_bytes = len(self.mailbox_raw)
+        if self.mailbox:  # (the default mailbox keeps the field defaults: b"", 0)
+            self.mailbox_raw = self.mailbox.encode("utf-8")
+            self.mailbox_bytes = len(self.mailbox_raw)
 
     def record_bytes(self, index: int) -> int:
         """Bytes fragment ``index`` takes in a DATA body."""
@@ -967,19 +968,40 @@ class SendStream:
         for an immediate ack).
         """
         rtt = self.rtt
-        if self.backoff == 0 and rtt.srtt is not None:
-            floor = self.probe_floor if self.data_timed else max(self.probe_floor, rtt.min_rto)
-            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, floor))
+        srtt = rtt.srtt
+        if self.backoff == 0 and srtt is not None:
+            # min(rtt.rto, max(2 * srtt, rtt.latest, floor)), compared in place: this runs
+            # for every timer query while data is in flight (twice per round trip)
+            floor = self.probe_floor
+            if not self.data_timed and rtt.min_rto > floor:
+                floor = rtt.min_rto
+            delay = 2 * srtt
+            if rtt.latest > delay:
+                delay = rtt.latest
+            if floor > delay:
+                delay = floor
+            rttvar4 = 4 * rtt.rttvar
+            rto = srtt + (rttvar4 if rttvar4 > rtt.granularity else rtt.granularity)
+            rto += rtt.max_ack_delay
+            if rto < rtt.min_rto:
+                rto = rtt.min_rto
+            if rto > rtt.max_rto:
+                rto = rtt.max_rto
+            if rto < delay:
+                delay = rto
         else:
             # A tail loss probe is not an RTO: the RTO after it is not doubled (RFC 8985 7.3).
             delay = rtt.backed_off(self.backoff - self.probe_base)
-        flight = self.flight.values()
-        head = next(iter(flight), None)
-        if head is not None:
-            crossing = rtt.serialization_bound(self.dropped_ahead + head.datagram_size)
-            if crossing and head.datagram != next(reversed(flight)).datagram:
-                crossing += rtt.max_ack_delay  # more follows: the head's ack may be delayed
-            delay = max(delay, crossing)
+        flight = self.flight
+        if flight:
+            head = next(iter(flight.values()))
+            size = self.dropped_ahead + head.datagram_size
+            if size > rtt.sampled_size:  # (serialization_bound is 0 for a size timed)
+                crossing = rtt.serialization_bound(size)
+                if crossing and head.datagram != next(reversed(flight.values())).datagram:
+                    crossing += rtt.max_ack_delay  # more follows: the head's ack may be delayed
+                if crossing > delay:
+                    delay = crossing
         return delay
 
     def on_timer(self, now: float) -> None:

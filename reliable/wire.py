@@ -229,7 +229,7 @@ class MalformedPacket(ValueError):
         self.reason = reason
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Fragment:
     """The body of a DATA packet: one fragment of one message.
 
@@ -892,17 +892,18 @@ def _decode_fragment(
             payload = memoryview(data)[offset:stop].toreadonly()
     else:
         payload = bytes(data[offset:stop])
+    # (positional: keywords cost a dict per fragment, one per small message)
     return Fragment(
-        seq=seq,
-        base=base,
-        msg_id=msg_id,
-        index=index,
-        count=count,
-        total_len=total_len,
-        msg_type=msg_type,
-        priority=priority,
-        mailbox=mailbox,
-        payload=payload,
-        control=control,
-        nested=nested,
+        seq,
+        base,
+        msg_id,
+        index,
+        count,
+        total_len,
+        msg_type,
+        priority,
+        mailbox,
+        payload,
+        control,
+        nested,
     ), stop
