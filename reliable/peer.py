@@ -1009,10 +1009,14 @@ class PeerSession:
         # As many notices as the datagram has room for (at least MAX_NOTICES, which
         # always fit): a durable mailbox owes one per message until its sender's base
         # passes it, and the ack cannot pass a notice it leaves out.
-        room = self.current_datagram_size() - _ACK_ROOM
-        ack = self.receiver.ack_state(
-            now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
-        )
+        receiver = self.receiver
+        if receiver.notices:
+            room = self.current_datagram_size() - _ACK_ROOM
+            ack = receiver.ack_state(
+                now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
+            )
+        else:  # (no notice owed: the room for them is not worked out, once per ACK sent)
+            ack = receiver.ack_state(now)
         return encode_session(
             kind,
             ack_flag,
