@@ -115,7 +115,15 @@ from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .fate import DELIVERED_ON_ACK, TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
-from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Flag, pack_record, record_size, unwrap
+from .wire import (
+    FRAGMENT_OVERHEAD,
+    HEADER_OVERHEAD,
+    RECORD_HEAD,
+    Flag,
+    pack_record,
+    record_size,
+    unwrap,
+)
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -139,6 +147,7 @@ _SERIAL_MASK = _SERIAL_MOD - 1
 PRIORITY_SHARE = 8
 _CONTROL = int(Flag.CONTROL)
 _NESTED = int(Flag.NESTED)
+_pack_record_head = RECORD_HEAD.pack  # (wire.pack_record, default mailbox: see _next_fragment)
 
 
 @dataclass(slots=True, eq=False)
@@ -644,11 +653,27 @@ class SendStream:
             current = self.current
             if current is not None and current is not msg:
                 pkt.nested = True
-            self.passed = 0 if msg is self.queue[0] else self.passed + 1
             if index + 1 == msg.count:
-                self._unqueue(msg)
-            elif current is None:
-                self.current = msg
+                # _unqueue, inline (every small message leaves the queue here)
+                queue = self.queue
+                if queue[0] is msg:
+                    queue.popleft()
+                    self.passed = 0
+                else:
+                    queue.remove(msg)
+                    self.passed += 1
+                if msg is current:
+                    self.current = None
+                levels = self.levels
+                left = levels[msg.priority] - 1
+                if left:
+                    levels[msg.priority] = left
+                else:
+                    del levels[msg.priority]
+            else:
+                self.passed = 0 if msg is self.queue[0] else self.passed + 1
+                if current is None:
+                    self.current = msg
         elif index + 1 == msg.count:
             self.control.popleft()
         self.next_seq = seq + 1
@@ -666,6 +691,24 @@ class SendStream:
         self.low = base
         if base > self.cum_ack:  # (rare: loss or reordering; see _verdict_hold)
             base = self._verdict_hold(base)
+        if not msg.mailbox_bytes:
+            # pack_record's default-mailbox case, inline (a record per small message)
+            records.append(
+                _pack_record_head(
+                    seq & _SERIAL_MASK,
+                    base & _SERIAL_MASK,
+                    msg.msg_id & _SERIAL_MASK,
+                    index,
+                    msg.count,
+                    len(msg.data),
+                    msg.msg_type,
+                    msg.priority,
+                    0,
+                    len(payload),
+                )
+            )
+            records.append(payload)
+            return False, pkt
         pack_record(
             records,
             seq,

@@ -58,6 +58,7 @@ __all__ = [
     "SECURITY_OVERHEAD",
     "PRIORITY_MAX",
     "PROBE_OVERHEAD",
+    "RECORD_HEAD",
     "SERIAL_BITS",
     "VERSION",
     "Flag",
@@ -567,6 +568,8 @@ def encode_session(
 
 #: A fragment record's header and payload length together, when the mailbox name is empty.
 _RECORD_HEAD = struct.Struct("!IIIIIIiHBH")
+#: The same, public: the sender packs a default-mailbox record with it inline.
+RECORD_HEAD = _RECORD_HEAD
 
 
 def pack_record(
@@ -877,24 +880,45 @@ def _decode_fragment(
     data: bytes | memoryview, offset: int, end: int, control: bool, nested: bool = False
 ) -> tuple[Fragment, int]:
     """One fragment record at ``offset``, and where the next record starts."""
-    if offset + _FRAGMENT.size > end:
+    if offset + _RECORD_HEAD.size <= end:
+        # Header and payload length in one unpack; right when the mailbox name is empty
+        # (the default mailbox: most records), and re-read below when it is not.
+        (
+            seq,
+            base,
+            msg_id,
+            index,
+            count,
+            total_len,
+            msg_type,
+            priority,
+            mailbox_len,
+            payload_len,
+        ) = _RECORD_HEAD.unpack_from(data, offset)
+    elif offset + _FRAGMENT.size > end:
         raise MalformedPacket("length", "fragment header overruns the datagram")
-    (seq, base, msg_id, index, count, total_len, msg_type, priority, mailbox_len) = (
-        _FRAGMENT.unpack_from(data, offset)
-    )
-    offset += _FRAGMENT.size
-    if offset + mailbox_len + _PAYLOAD_LEN.size > end:
-        raise MalformedPacket("length", "mailbox name overruns the datagram")
-    if mailbox_len:
-        try:
-            mailbox = str(data[offset : offset + mailbox_len], "utf-8")
-        except UnicodeDecodeError:
-            raise MalformedPacket("mailbox", "name is not UTF-8") from None
-        offset += mailbox_len
+    else:
+        (seq, base, msg_id, index, count, total_len, msg_type, priority, mailbox_len) = (
+            _FRAGMENT.unpack_from(data, offset)
+        )
+        payload_len = -1  # (the length field overruns: judged below)
+    if mailbox_len or payload_len < 0:
+        offset += _FRAGMENT.size
+        if offset + mailbox_len + _PAYLOAD_LEN.size > end:
+            raise MalformedPacket("length", "mailbox name overruns the datagram")
+        if mailbox_len:
+            try:
+                mailbox = str(data[offset : offset + mailbox_len], "utf-8")
+            except UnicodeDecodeError:
+                raise MalformedPacket("mailbox", "name is not UTF-8") from None
+            offset += mailbox_len
+        else:
+            mailbox = ""
+        (payload_len,) = _PAYLOAD_LEN.unpack_from(data, offset)
+        offset += _PAYLOAD_LEN.size
     else:
         mailbox = ""  # the default mailbox (every fragment of a plain big message)
-    (payload_len,) = _PAYLOAD_LEN.unpack_from(data, offset)
-    offset += _PAYLOAD_LEN.size
+        offset += _RECORD_HEAD.size
     stop = offset + payload_len
     if stop > end:
         raise MalformedPacket("length", "payload overruns the datagram")
