@@ -1044,7 +1044,16 @@ class PeerSession:
         elif self.unreachable:
             earliest = None
         else:
-            earliest = self._next_probe()
+            sender = self.sender
+            if sender.flight:  # _next_probe's case with data in flight, inline
+                last = self.last_heard
+                if self.last_probe > last:
+                    last = self.last_probe
+                if sender.last_send_time > last:
+                    last = sender.last_send_time
+                earliest = last + self.config.max_probe_interval
+            else:
+                earliest = self._next_probe()
             # (not _awaits_first_contact(), which is false once the peer was heard)
             if self.heard or not self._awaits_first_contact():
                 last_heard = self.last_heard
