@@ -383,10 +383,16 @@ def with_crc(data: bytes) -> bytes:
 def check_crc(data: bytes) -> int:
     """Verify preamble, length and CRC-32 trailer of a datagram; returns where the trailer
     starts. Raises :class:`MalformedPacket` (``short``, ``magic``, ``version``, ``checksum``)."""
-    if len(data) < HEADER_OVERHEAD:
-        raise MalformedPacket("short", f"{len(data)} bytes")
-    check_preamble(data)
-    end = len(data) - _TRAILER.size
+    size = len(data)
+    if size < HEADER_OVERHEAD:
+        raise MalformedPacket("short", f"{size} bytes")
+    # check_preamble, inline (once per datagram received)
+    magic, version = _PREAMBLE.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise MalformedPacket("magic", f"{magic:#06x}")
+    if version != VERSION:
+        raise MalformedPacket("version", str(version))
+    end = size - _TRAILER.size
     (crc,) = _TRAILER.unpack_from(data, end)
     if zlib.crc32(memoryview(data)[:end]) != crc:
         raise MalformedPacket("checksum")
