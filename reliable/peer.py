@@ -416,8 +416,14 @@ class PeerSession:
         As Linux sizes TSO bursts: a window of two huge datagrams leaves loss
         detection nothing to compare, so every loss waits for the probe timeout.
         """
-        quarter = int(self.cc.window) // 4
-        return min(self.datagram_size, max(self.config.max_datagram_size, quarter))
+        # min(datagram_size, max(max_datagram_size, window // 4)), compared in place: asked
+        # for every message sent and every datagram (cc.window is an int)
+        quarter = self.cc.window // 4
+        floor = self.config.max_datagram_size
+        if quarter < floor:
+            quarter = floor
+        size = self.datagram_size
+        return size if size <= quarter else quarter
 
     def bundle_size(self) -> int:
         """How full to pack the next datagram of bundled small messages.

@@ -884,7 +884,10 @@ class SendStream:
                 outcome.completed.append(msg)
         for msg in outcome.completed:
             del self.by_msg_id[msg.msg_id]
-        self.detect_losses(now)
+        if self.flight:
+            self.detect_losses(now)
+        else:
+            self.loss_time = None  # (detect_losses with nothing in flight)
         return outcome
 
     def _forget(self, pkt: SentPacket, newest: SentPacket | None, now: float) -> SentPacket | None:
@@ -983,7 +986,10 @@ class SendStream:
     def probe_deadline(self) -> float:
         """When the tail has gone unacknowledged too long: a probe delay after the last
         transmission or the last acknowledgement of anything, whichever is later."""
-        return max(self.last_send_time, self.last_ack_time) + self._probe_delay()
+        last = self.last_send_time
+        if self.last_ack_time > last:
+            last = self.last_ack_time
+        return last + self._probe_delay()
 
     def _probe_delay(self) -> float:
         """How long the flight may go unacknowledged before a probe.
