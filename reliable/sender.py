@@ -249,6 +249,11 @@ class AckOutcome:
     bogus: bool = False  #: it acknowledged sequence numbers never sent
 
 
+#: What an acknowledgement that completes nothing returns (two of a round trip's four
+#: packets): shared, so never changed; on_ack builds its own for any other.
+_NO_NEWS = AckOutcome()
+
+
 class SendStream:
     """Sender state for one peer incarnation."""
 
@@ -796,14 +801,12 @@ class SendStream:
         now: float,
     ) -> AckOutcome:
         """Process the peer's acknowledgement state (32-bit wire values)."""
-        outcome = AckOutcome()
         delta = (ack - self.next_seq) & _SERIAL_MASK  # unwrap(ack, next_seq), inline
         cum = self.next_seq + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
         if cum > self.next_seq:
-            outcome.bogus = True
-            return outcome
+            return AckOutcome(bogus=True)
         if cum < self.cum_ack:
-            return outcome  # an older acknowledgement, overtaken in the network
+            return _NO_NEWS  # an older acknowledgement, overtaken in the network
         if cum == self.cum_ack and not sacks:
             # Nothing new (the ack state every DATA packet of a two-way exchange repeats):
             # what the full path below would change, and nothing else. No sample, no
@@ -812,7 +815,8 @@ class SendStream:
             self.peer_edge = cum
             if self.loss_time is not None and now >= self.loss_time:
                 self.detect_losses(now)
-            return outcome
+            return _NO_NEWS
+        outcome = AckOutcome()
         self.cum_ack = cum
         self.peer_window = window
         edge = cum
