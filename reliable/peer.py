@@ -414,8 +414,14 @@ class PeerSession:
         As Linux sizes TSO bursts: a window of two huge datagrams leaves loss
         detection nothing to compare, so every loss waits for the probe timeout.
         """
-        quarter = int(self.cc.window) // 4
-        return min(self.datagram_size, max(self.config.max_datagram_size, quarter))
+        # min(datagram_size, max(max_datagram_size, window // 4)), compared in place: asked
+        # for every message sent and every datagram (cc.window is an int)
+        quarter = self.cc.window // 4
+        floor = self.config.max_datagram_size
+        if quarter < floor:
+            quarter = floor
+        size = self.datagram_size
+        return size if size <= quarter else quarter
 
     def bundle_size(self) -> int:
         """How full to pack the next datagram of bundled small messages.
@@ -1051,10 +1057,14 @@ class PeerSession:
         # As many notices as the datagram has room for (at least MAX_NOTICES, which
         # always fit): a durable mailbox owes one per message until its sender's base
         # passes it, and the ack cannot pass a notice it leaves out.
-        room = self.current_datagram_size() - _ACK_ROOM
-        ack = self.receiver.ack_state(
-            now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
-        )
+        receiver = self.receiver
+        if receiver.notices:
+            room = self.current_datagram_size() - _ACK_ROOM
+            ack = receiver.ack_state(
+                now, max_notices=max(MAX_NOTICES, min(NOTICE_LIMIT, room // NOTICE_SIZE))
+            )
+        else:  # (no notice owed: the room for them is not worked out, once per ACK sent)
+            ack = receiver.ack_state(now)
         return encode_session(
             kind,
             ack_flag,
@@ -1082,7 +1092,16 @@ class PeerSession:
         elif self.unreachable:
             earliest = None
         else:
-            earliest = self._next_probe()
+            sender = self.sender
+            if sender.flight:  # _next_probe's case with data in flight, inline
+                last = self.last_heard
+                if self.last_probe > last:
+                    last = self.last_probe
+                if sender.last_send_time > last:
+                    last = sender.last_send_time
+                earliest = last + self.config.max_probe_interval
+            else:
+                earliest = self._next_probe()
             # (not _awaits_first_contact(), which is false once the peer was heard)
             if self.heard or not self._awaits_first_contact():
                 last_heard = self.last_heard

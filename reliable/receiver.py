@@ -222,17 +222,18 @@ class ReceiveStream:
         ``counts`` is false for all but the last fragment of a bundle: the
         every-``ack_every``-packets rule counts datagrams.
         """
-        if self.expected is None:
+        expected = self.expected
+        if expected is None:
             seq = frag.seq
             base = unwrap(frag.base, seq)
             if base > seq:
                 self.protocol_errors += 1
                 return []
-            self.expected = base
+            self.expected = expected = base
         else:
             # unwrap(frag.seq, expected), then unwrap(frag.base, seq), inline (per fragment)
-            delta = (frag.seq - self.expected) & _SERIAL_MASK
-            seq = self.expected + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
+            delta = (frag.seq - expected) & _SERIAL_MASK
+            seq = expected + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
             delta = (frag.base - seq) & _SERIAL_MASK
             if delta and delta < _SERIAL_HALF:  # base > seq
                 self.protocol_errors += 1
@@ -241,23 +242,29 @@ class ReceiveStream:
         delivered: list[Delivery] = []
         if self.notices:
             self._expire_notices(base)
-        if base > self.expected:
+        if base > expected:
             self._skip_to(base, delivered, frag if seq == base else None)
-        if seq < self.expected or seq in self.ooo:
-            self.duplicates += 1
-            self.ack_now = True
-            return delivered
-        if seq >= self.expected + self.max_window:
-            self.beyond_window += 1
-            self.ack_now = True
-            return delivered
-        if seq == self.expected and not has_room and not frag.for_node:
+            expected = self.expected
+            assert expected is not None
+        ooo = self.ooo
+        # The next fragment with nothing held out of order (the common case) is neither a
+        # duplicate nor beyond the window: the two tests below are for the others.
+        if seq != expected or ooo or self.max_window <= 0:
+            if seq < expected or seq in ooo:
+                self.duplicates += 1
+                self.ack_now = True
+                return delivered
+            if seq >= expected + self.max_window:
+                self.beyond_window += 1
+                self.ack_now = True
+                return delivered
+        if seq == expected and not has_room and not frag.for_node:
             # Node messages pass: they are never held, and a withdrawal (CANCEL)
             # must get through precisely when parked messages have closed the window.
             self.no_room += 1
             self.ack_now = True
             return delivered
-        if seq == self.expected and not self.ooo:
+        if seq == expected and not ooo:
             # In order with nothing waiting (the common case): reassembled at once, without
             # a round trip through the reorder buffer and its ranges (both stay empty).
             payload = frag.payload

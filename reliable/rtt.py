@@ -67,10 +67,16 @@ class RttEstimator:
         if rtt < 0:
             return
         self.samples += 1
-        self.sampled_size = max(self.sampled_size, size)
+        # (compared in place, not with min() and max(): once per acknowledgement)
+        if size > self.sampled_size:
+            self.sampled_size = size
         self.latest = rtt
-        self.min_rtt = min(self.min_rtt, rtt)
-        ack_delay = min(max(ack_delay, 0.0), self.max_ack_delay)
+        if rtt < self.min_rtt:
+            self.min_rtt = rtt
+        if ack_delay > self.max_ack_delay:
+            ack_delay = self.max_ack_delay
+        elif ack_delay < 0.0:
+            ack_delay = 0.0
         adjusted = rtt - ack_delay if rtt - ack_delay >= self.min_rtt else rtt
         if self.srtt is None:
             self.srtt = adjusted

@@ -115,7 +115,15 @@ from .config import K_GRANULARITY, K_PACKET_THRESHOLD, K_TIME_THRESHOLD, Config
 from .congestion import NewReno
 from .fate import DELIVERED_ON_ACK, TERMINAL, Fate, FateInput, advance
 from .rtt import RttEstimator
-from .wire import FRAGMENT_OVERHEAD, HEADER_OVERHEAD, Flag, pack_record, record_size, unwrap
+from .wire import (
+    FRAGMENT_OVERHEAD,
+    HEADER_OVERHEAD,
+    RECORD_HEAD,
+    Flag,
+    pack_record,
+    record_size,
+    unwrap,
+)
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
@@ -139,6 +147,7 @@ _SERIAL_MASK = _SERIAL_MOD - 1
 PRIORITY_SHARE = 8
 _NODE = int(Flag.NODE)
 _NESTED = int(Flag.NESTED)
+_pack_record_head = RECORD_HEAD.pack  # (wire.pack_record, default mailbox: see _next_fragment)
 
 
 @dataclass(slots=True, eq=False)
@@ -211,8 +220,12 @@ class OutgoingMessage:
         self.for_node = for_node
         self.fate = fate
         self.staged = staged
-        self.mailbox_raw = mailbox.encode("utf-8")
-        self.mailbox_bytes = len(self.mailbox_raw)
+        if mailbox:
+            self.mailbox_raw = mailbox.encode("utf-8")
+            self.mailbox_bytes = len(self.mailbox_raw)
+        else:  # the default mailbox (most messages): nothing to encode
+            self.mailbox_raw = b""
+            self.mailbox_bytes = 0
         self.view = None
 
     def record_bytes(self, index: int) -> int:
@@ -310,6 +323,11 @@ class AckOutcome:
     newly_acked: int = 0
     completed: list[OutgoingMessage] = field(default_factory=list)
     bogus: bool = False  #: it acknowledged sequence numbers never sent
+
+
+#: What an acknowledgement that completes nothing returns (two of a round trip's four
+#: packets): shared, so never changed; on_ack builds its own for any other.
+_NO_NEWS = AckOutcome()
 
 
 class SendStream:
@@ -716,11 +734,27 @@ class SendStream:
             current = self.current
             if current is not None and current is not msg:
                 pkt.nested = True
-            self.passed = 0 if msg is self.queue[0] else self.passed + 1
             if index + 1 == msg.count:
-                self._unqueue(msg)
-            elif current is None:
-                self.current = msg
+                # _unqueue, inline (every small message leaves the queue here)
+                queue = self.queue
+                if queue[0] is msg:
+                    queue.popleft()
+                    self.passed = 0
+                else:
+                    queue.remove(msg)
+                    self.passed += 1
+                if msg is current:
+                    self.current = None
+                levels = self.levels
+                left = levels[msg.priority] - 1
+                if left:
+                    levels[msg.priority] = left
+                else:
+                    del levels[msg.priority]
+            else:
+                self.passed = 0 if msg is self.queue[0] else self.passed + 1
+                if current is None:
+                    self.current = msg
         elif index + 1 == msg.count:
             self.node_messages.popleft()
         self.next_seq = seq + 1
@@ -738,6 +772,24 @@ class SendStream:
         self.low = base
         if base > self.cum_ack:  # (rare: loss or reordering; see _verdict_hold)
             base = self._verdict_hold(base)
+        if not msg.mailbox_bytes:
+            # pack_record's default-mailbox case, inline (a record per small message)
+            records.append(
+                _pack_record_head(
+                    seq & _SERIAL_MASK,
+                    base & _SERIAL_MASK,
+                    msg.msg_id & _SERIAL_MASK,
+                    index,
+                    msg.count,
+                    len(msg.data),
+                    msg.msg_type,
+                    msg.priority,
+                    0,
+                    len(payload),
+                )
+            )
+            records.append(payload)
+            return False, pkt
         pack_record(
             records,
             seq,
@@ -825,14 +877,12 @@ class SendStream:
         now: float,
     ) -> AckOutcome:
         """Process the peer's acknowledgement state (32-bit wire values)."""
-        outcome = AckOutcome()
         delta = (ack - self.next_seq) & _SERIAL_MASK  # unwrap(ack, next_seq), inline
         cum = self.next_seq + (delta - _SERIAL_MOD if delta >= _SERIAL_HALF else delta)
         if cum > self.next_seq:
-            outcome.bogus = True
-            return outcome
+            return AckOutcome(bogus=True)
         if cum < self.cum_ack:
-            return outcome  # an older acknowledgement, overtaken in the network
+            return _NO_NEWS  # an older acknowledgement, overtaken in the network
         if cum == self.cum_ack and not sacks:
             # Nothing new (the ack state every DATA packet of a two-way exchange repeats):
             # what the full path below would change, and nothing else. No sample, no
@@ -841,7 +891,8 @@ class SendStream:
             self.peer_edge = cum
             if self.loss_time is not None and now >= self.loss_time:
                 self.detect_losses(now)
-            return outcome
+            return _NO_NEWS
+        outcome = AckOutcome()
         self.cum_ack = cum
         self.peer_window = window
         edge = cum
@@ -913,7 +964,10 @@ class SendStream:
                 outcome.completed.append(msg)
         for msg in outcome.completed:
             del self.by_msg_id[msg.msg_id]
-        self.detect_losses(now)
+        if self.flight:
+            self.detect_losses(now)
+        else:
+            self.loss_time = None  # (detect_losses with nothing in flight)
         return outcome
 
     def _forget(self, pkt: SentPacket, newest: SentPacket | None, now: float) -> SentPacket | None:
@@ -1012,7 +1066,10 @@ class SendStream:
     def probe_deadline(self) -> float:
         """When the tail has gone unacknowledged too long: a probe delay after the last
         transmission or the last acknowledgement of anything, whichever is later."""
-        return max(self.last_send_time, self.last_ack_time) + self._probe_delay()
+        last = self.last_send_time
+        if self.last_ack_time > last:
+            last = self.last_ack_time
+        return last + self._probe_delay()
 
     def _probe_delay(self) -> float:
         """How long the flight may go unacknowledged before a probe.
@@ -1040,19 +1097,40 @@ class SendStream:
         for an immediate ack).
         """
         rtt = self.rtt
-        if self.backoff == 0 and rtt.srtt is not None:
-            floor = self.probe_floor if self.data_timed else max(self.probe_floor, rtt.min_rto)
-            delay = min(rtt.rto, max(2 * rtt.srtt, rtt.latest, floor))
+        srtt = rtt.srtt
+        if self.backoff == 0 and srtt is not None:
+            # min(rtt.rto, max(2 * srtt, rtt.latest, floor)), compared in place: this runs
+            # for every timer query while data is in flight (twice per round trip)
+            floor = self.probe_floor
+            if not self.data_timed and rtt.min_rto > floor:
+                floor = rtt.min_rto
+            delay = 2 * srtt
+            if rtt.latest > delay:
+                delay = rtt.latest
+            if floor > delay:
+                delay = floor
+            rttvar4 = 4 * rtt.rttvar
+            rto = srtt + (rttvar4 if rttvar4 > rtt.granularity else rtt.granularity)
+            rto += rtt.max_ack_delay
+            if rto < rtt.min_rto:
+                rto = rtt.min_rto
+            if rto > rtt.max_rto:
+                rto = rtt.max_rto
+            if rto < delay:
+                delay = rto
         else:
             # A tail loss probe is not an RTO: the RTO after it is not doubled (RFC 8985 7.3).
             delay = rtt.backed_off(self.backoff - self.probe_base)
-        flight = self.flight.values()
-        head = next(iter(flight), None)
-        if head is not None:
-            crossing = rtt.serialization_bound(self.dropped_ahead + head.datagram_size)
-            if crossing and head.datagram != next(reversed(flight)).datagram:
-                crossing += rtt.max_ack_delay  # more follows: the head's ack may be delayed
-            delay = max(delay, crossing)
+        flight = self.flight
+        if flight:
+            head = next(iter(flight.values()))
+            size = self.dropped_ahead + head.datagram_size
+            if size > rtt.sampled_size:  # (serialization_bound is 0 for a size timed)
+                crossing = rtt.serialization_bound(size)
+                if crossing and head.datagram != next(reversed(flight.values())).datagram:
+                    crossing += rtt.max_ack_delay  # more follows: the head's ack may be delayed
+                if crossing > delay:
+                    delay = crossing
         return delay
 
     def on_timer(self, now: float) -> None:

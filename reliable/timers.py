@@ -55,10 +55,12 @@ class TimerHeap:
             actual = deadline_of(key)
             if actual == when:
                 return when
-            heapq.heappop(heap)
-            del self._filed[key]
-            if actual is not None:
-                self.update(key, actual)
+            if actual is None:
+                heapq.heappop(heap)
+                del self._filed[key]
+            else:  # moved (later): re-filed in one heap operation, not a pop and a push
+                self._filed[key] = actual
+                heapq.heapreplace(heap, (actual, next(self._order), key))
         return None
 
     def due(self, now: float, deadline_of: Callable[[Hashable], float | None]) -> list[Hashable]:

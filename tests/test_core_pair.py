@@ -634,3 +634,20 @@ def test_first_contact_resend_is_not_a_retransmission() -> None:
     p.settle()
     assert p.a.endpoint.stats().retransmissions == 1
     assert p.a.of(events.MessageDelivered)[-1].transmissions == 2
+
+
+def test_the_shared_no_news_ack_outcome_is_never_changed() -> None:
+    """Acks that complete nothing return one shared outcome (sender._NO_NEWS): a round
+    trip's piggybacked repeats, older acks overtaken in the network. Whoever reads it must
+    find it empty however many went by, and the real receipts must still come."""
+    from reliable import sender
+
+    p = Pair()
+    for i in range(30):  # request/reply: each DATA repeats the ack state the ACK before it had
+        p.a.endpoint.send(B, b"q%d" % i, now=p.now)
+        p.settle()
+        p.b.endpoint.send(A, b"r%d" % i, now=p.now)
+        p.settle()
+    shared = sender._NO_NEWS
+    assert (shared.newly_acked, shared.completed, shared.bogus) == (0, [], False)
+    assert len(p.a.of(events.MessageDelivered)) == len(p.b.of(events.MessageDelivered)) == 30
