@@ -49,6 +49,7 @@ from .config import Config
 from .consumer import DEFAULT_LOCK, AsyncConsumer
 from .driver import (
     CLOSE_GRACE,
+    DISCOVERY_MAX,
     DISCOVERY_WAIT,
     DRIVE_GAP,
     HOLD_MAX,
@@ -956,9 +957,14 @@ class AsyncNode:
         target = group_target(group, mailbox)
         data = checked_message(data, msg_type, priority)
         self._require_started()
-        if not self._endpoint.is_open_group(self._resolve(target)):
+        resolved = self._resolve(target)
+        if not self._endpoint.is_open_group(resolved):
             self._open_group(target, join=False)
             await asyncio.sleep(DISCOVERY_WAIT)  # members answer the SOLICIT
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + DISCOVERY_MAX - DISCOVERY_WAIT
+            while not self._endpoint.group_members(resolved) and loop.time() < give_up:
+                await asyncio.sleep(0.02)  # none yet: a loaded host answers late
         return await self._send_waiting(
             target, data, msg_type, priority, None, timeout, "", AsyncGroupSendHandle
         )

@@ -59,6 +59,7 @@ from .stats import MailboxStats, NodeStats
 
 __all__ = [
     "CLOSE_GRACE",
+    "DISCOVERY_MAX",
     "DISCOVERY_WAIT",
     "DRIVE_GAP",
     "HOLD_MAX",
@@ -104,6 +105,10 @@ MAX_UDP_PAYLOAD = 65535
 CLOSE_GRACE = 1.0
 #: After opening a group to send to it, how long members get to answer its SOLICIT.
 DISCOVERY_WAIT = 0.2
+#: ... and, while no member has answered yet, how long in all the sender waits for the
+#: first: a loaded host answers late, and a group send to no known member is
+#: acknowledged by nobody (its receipt would say so though members heard it).
+DISCOVERY_MAX = 1.0
 #: Sends to a busy peer an adapter holds back (to share datagrams) before it flushes
 #: them. Bounded, so that a burst leaves as several datagrams: one lost costs only its
 #: own messages, and the acks of the others carry the SACKs that repair it at once

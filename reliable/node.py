@@ -58,6 +58,7 @@ from .config import Config
 from .consumer import DEFAULT_LOCK, Consumer
 from .driver import (
     CLOSE_GRACE,
+    DISCOVERY_MAX,
     DISCOVERY_WAIT,
     DRIVE_GAP,
     HOLD_MAX,
@@ -747,7 +748,8 @@ class Node:
         """Hear ``group`` (one socket per group) and open it in the core.
 
         With ``discover``, a group opened only now gets ``DISCOVERY_WAIT`` seconds
-        for its members to answer the SOLICIT before the caller sends to it.
+        for its members to answer the SOLICIT before the caller sends to it, and up to
+        ``DISCOVERY_MAX`` in all while none has answered.
         """
 
         def open_it(now: float) -> tuple[GroupAddress, bool]:
@@ -766,6 +768,9 @@ class Node:
         target, fresh = self._call(open_it)
         if discover and fresh:
             self._await(lambda: False, DISCOVERY_WAIT)  # driving meanwhile: answers come in
+            members = self._endpoint.group_members
+            if not members(target):  # none yet: a loaded host answers late
+                self._await(lambda: bool(members(target)), DISCOVERY_MAX - DISCOVERY_WAIT)
         return target
 
     # ------------------------------------------------------------- receiving

@@ -249,3 +249,27 @@ def test_the_node_refuses_what_would_leave_the_machine() -> None:
         node.join("multicast://239.1.2.3:7000")
     with Node("0.0.0.0:0") as node, pytest.raises(errors.UsageError, match="specific IPv4"):
         node.members("broadcast://:7000")
+
+
+@pytest.mark.parametrize("adapter", ["node", "asyncio"])
+def test_a_first_send_waits_for_a_member_that_answers_late(adapter: str) -> None:
+    """A loaded host answers the SOLICIT after DISCOVERY_WAIT: the first send_group waits
+    for it (up to DISCOVERY_MAX) rather than go to no known member and be acked by nobody."""
+    group = group_url("multicast")
+    member = faulty_node("delay 500ms", config=Config(announce_interval=30.0))
+    try:
+        member.join(group)
+        if adapter == "node":
+            with Node(config=CONFIG) as sender:
+                receipt = sender.send_group(group, b"late", timeout=10)
+        else:
+
+            async def main() -> GroupReceipt:
+                async with AsyncNode(config=CONFIG) as sender:
+                    return await sender.send_group(group, b"late", timeout=10)
+
+            receipt = asyncio.run(main())
+        assert receipt.acked == (member.address,) and receipt.complete, receipt
+        assert member.receive(timeout=5).data == b"late"
+    finally:
+        member.close(timeout=0.5)
