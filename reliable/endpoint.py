@@ -419,7 +419,7 @@ class Endpoint:
             deadline=deadline if deadline is not None or timeout is None else now + timeout,
             timeout=timeout,
             fragment_size=size,
-            count=max(1, -(-len(data) // size)),
+            count=-(-len(data) // size) or 1,  # (an empty message: one fragment)
         )
         self._next_ticket += 1
         self._buffered += len(data)

@@ -174,6 +174,7 @@ _PING = int(Kind.PING)
 _PROBE = int(Kind.PROBE)
 _PROBE_ACK = int(Kind.PROBE_ACK)
 _DROPPED = int(Kind.DROPPED)
+_ADMIT = FateInput.ADMIT  # (a module constant, for the reason above)
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
@@ -1202,15 +1203,18 @@ class PeerSession:
 
     def _update_wait(self, now: float) -> None:
         sender = self.sender  # has_pending and holds_memory, inline: after every packet
-        waiting = (
+        if (
             self.watchers > 0
-            or bool(sender.queue or sender.node_messages or sender.by_msg_id or self.deferred)
+            or sender.queue
+            or sender.node_messages
+            or sender.by_msg_id
+            or self.deferred
             or self.receiver.held + self.parked > 0
-        )
-        if not waiting:
+        ):
+            if self.wait_since is None:
+                self.wait_since = now
+        else:
             self.wait_since = None
-        elif self.wait_since is None:
-            self.wait_since = now
 
     def on_unreachable(
         self, cause: str, now: float, *, errno: int | None = None, soft: bool = False
@@ -1368,7 +1372,7 @@ class PeerSession:
                 elapsed=now - msg.created,
                 incarnation=self.incarnation,
                 mailbox=msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
-                deferred=event is FateInput.ADMIT,
+                deferred=event is _ADMIT,
                 receiver=receiver,
             )
         )
