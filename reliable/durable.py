@@ -173,8 +173,7 @@ class DurableLog:
         return batch
 
     def inserted(self, inserts: list[tuple[int, Message]]) -> None:
-        for row, msg in inserts:
-            self.rows[msg] = row
+        self.rows.update({msg: row for row, msg in inserts})
 
 
 def describe(store: Any) -> str:

@@ -116,6 +116,8 @@ class PostOffice:
         self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
         #: while a commit's messages enter their mailbox: their senders' ids, to admit
         self._admits: dict[PeerSession, list[int]] | None = None
+        #: ... and the bytes each sender's session gets back, released once per commit
+        self._admit_bytes: dict[PeerSession, int] = {}
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -308,6 +310,11 @@ class PostOffice:
                 box.committed(msgs, now)
             finally:
                 admits, self._admits = self._admits, None
+                released, self._admit_bytes = self._admit_bytes, {}
+                # Their window back: once per sender, not per message (PeerSession.release
+                # weighs the window before and after, a tenth of a commit's report).
+                for session, nbytes in released.items():
+                    session.release(nbytes)
             for session, ids in admits.items():
                 for at in range(0, len(ids), ADMITTED_MANY_MAX):
                     chunk = ids[at : at + ADMITTED_MANY_MAX]
@@ -695,10 +702,17 @@ class PostOffice:
             self._outbox_settled(msg, True)
         session = self._live_session(msg)
         if session is not None:
-            session.release(len(msg.data))
-            if receiver is None and self._admits is not None:  # a commit: batched
-                self._admits.setdefault(session, []).append(msg.msg_id)
+            admits = self._admits
+            if receiver is None and admits is not None:  # a commit: batched, as its window
+                ids = admits.get(session)
+                if ids is None:
+                    admits[session] = [msg.msg_id]
+                    self._admit_bytes[session] = len(msg.data)
+                else:
+                    ids.append(msg.msg_id)
+                    self._admit_bytes[session] += len(msg.data)
                 return
+            session.release(len(msg.data))
             outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
             session.send_node_message(outcome, self._clock())
             self._mark_dirty(session.addr)

@@ -72,6 +72,7 @@ SYNC_POLICIES = ("grouped", "message", "os")
 #: commit. Bounds how long a commit (and so a receipt) takes.
 GROUP_MAX = 1024
 _I64 = 1 << 63
+_NO_SOURCE = object()  # no row's source: the first row looks its source text up
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -230,22 +231,35 @@ class SqliteStore:
         newest) are forgotten, as the node's memory forgets them."""
         # A batch comes from a few senders: each one's source text is made once, not per
         # row (json.dumps was a sixth of a 1024-row commit's time).
+        # The commit thread holds the GIL for this loop (SQLite lets go of it only inside
+        # executemany and COMMIT), and the node's loop waits for it meanwhile: a run of
+        # rows from one sender (the usual batch) reuses the previous row's source text
+        # and incarnation, and an id in signed range (all but 1 in 2**63) is stored as is.
         sources = self._sources
         if len(sources) > 4096:
             sources.clear()
-        rows = []
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        source: Any = _NO_SOURCE
+        incarnation = -1
+        text = ""
+        stored = 0
         for row, m in inserts:
-            text = sources.get(m.source)
-            if text is None:
-                text = sources[m.source] = _source_text(m.source)
-            rows.append(
+            if m.source is not source or m.incarnation != incarnation:
+                source, incarnation = m.source, m.incarnation
+                found = sources.get(source)
+                if found is None:
+                    found = sources[source] = _source_text(source)
+                text, stored = found, _signed(incarnation)
+            msg_id = m.msg_id
+            append(
                 (
                     row,
                     m.priority,
                     m.msg_type,
                     text,
-                    _signed(m.incarnation),
-                    _signed(m.msg_id),
+                    stored,
+                    msg_id if 0 <= msg_id < _I64 else _signed(msg_id),
                     m.data,
                 )
             )

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 _HOST = r"""
 import os, resource, sys
-import reliable.endpoint
+import reliable.post_office
 if os.environ.get("RMSG_BENCH_ONE_ADMITTED"):
-    reliable.endpoint.ADMITTED_MANY_MAX = 1
+    reliable.post_office.ADMITTED_MANY_MAX = 1  # where the receipts are batched
 from reliable import Node
 path = sys.argv[1]
 node = Node("127.0.0.1:0")
