@@ -20,11 +20,14 @@ from .conftest import free_port
 
 pytestmark = pytest.mark.loopback
 
-# A sender that starts a big message and blocks; the test kills it mid-transfer.
+# A sender that starts a big message and blocks; the test kills it mid-transfer. Its
+# datagrams are cut for a real path (1200 bytes, not loopback's 64 KiB), so the 12 MiB
+# take some 10,000 datagrams: at loopback's size the whole message could arrive between
+# the test seeing it under way and the kill, leaving an idle session, not a dead one.
 SENDER = """
 import sys
 from reliable import Config, Node
-node = Node(config=Config(peer_timeout=60.0))
+node = Node(config=Config(peer_timeout=60.0, loopback_datagram_size=None))
 print("ready", flush=True)
 node.send_nowait(sys.argv[1], bytes(int(sys.argv[2])))
 sys.stdin.read()
