@@ -581,38 +581,25 @@ def encode_session(
                 break
     if cookie is not None:
         flags |= _COOKIE
-    elif not sacks and not notices and not records and not fragments:
-        # The header is the whole packet (a plain ACK or PING): no list, no join
-        return _HEADER.pack(
-            MAGIC,
-            VERSION,
-            kind,
-            flags,
-            window,
-            src_incarnation,
-            dst_incarnation,
-            ack & _SERIAL_MASK,
-            ack_delay if ack_delay < _U16_MAX else _U16_MAX,
-            0,
-            0,
-        )
-    parts: list[bytes | memoryview] = [
-        _HEADER.pack(
-            MAGIC,
-            VERSION,
-            kind,
-            flags,
-            window,
-            src_incarnation,
-            dst_incarnation,
-            ack & _SERIAL_MASK,
-            ack_delay if ack_delay < _U16_MAX else _U16_MAX,
-            len(sacks),
-            len(notices),
-        )
-    ]
-    if cookie is not None:
-        parts.append(cookie)
+    header = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        kind,
+        flags,
+        window,
+        src_incarnation,
+        dst_incarnation,
+        ack & _SERIAL_MASK,
+        ack_delay if ack_delay < _U16_MAX else _U16_MAX,
+        len(sacks),
+        len(notices),
+    )
+    if cookie is None:
+        if not sacks and not notices and not records and not fragments:
+            return header  # the whole packet (a plain ACK or PING): no list, no join
+        parts: list[bytes | memoryview] = [header]
+    else:
+        parts = [header, cookie]
     for start, end in sacks:
         parts.append(_SACK.pack(start & _SERIAL_MASK, end & _SERIAL_MASK))
     for msg_id, reason in notices:
