@@ -722,6 +722,34 @@ class PeerSession:
         self.sender.abandon(msg)
         self._settle(msg, outcome, now)
 
+    def on_admitted_many(self, msg_ids: tuple[int, ...], now: float) -> None:
+        """The peer's ``AdmittedMany``: a durable mailbox's commit let in ``msg_ids``.
+
+        One pass over the commit's ids (up to ``ADMITTED_MANY_MAX``), and the
+        session's wait weighed once at the end, instead of :meth:`on_outcome`
+        per id (an ``Admitted`` made for each, the wait weighed after each).
+        A commit's messages were all staged (the mailbox had room), so none
+        counts in ``full_mailboxes``. An id that is not a deferred message of
+        ours (the receipt overtook the acknowledgement, or garbage) takes the
+        one-at-a-time path."""
+        deferred = self.deferred
+        next_msg_id = self.sender.next_msg_id
+        complete = self._complete
+        for wire_id in msg_ids:
+            msg = deferred.pop(unwrap(wire_id, next_msg_id), None)
+            if msg is None:
+                self.on_outcome(Admitted(wire_id), now)
+                continue
+            if not msg.staged:  # (parked while full, then staged: _undefer's count)
+                name = _plain(msg.mailbox)
+                left = self.full_mailboxes[name] - 1
+                if left:
+                    self.full_mailboxes[name] = left
+                else:
+                    del self.full_mailboxes[name]
+            complete(msg, now, None, _ADMIT)
+        self._update_wait(now)
+
     def _peer_dropped(self, pkt: Packet, my_incarnation: int) -> None:
         """The peer dropped what we sent it below a fence: those messages fail."""
         if pkt.dst_incarnation != my_incarnation:

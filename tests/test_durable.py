@@ -386,3 +386,41 @@ def test_one_commit_admits_all_its_messages_in_one_control_message() -> None:
     for bad in (b"\x06\x00\x00", b"\x06\x00\x02\x00\x00\x00\x01", b"\x06\x00\xc9" + b"\0" * 804):
         with pytest.raises(ValueError):
             decode_node_message(bad)
+
+
+def test_an_admitted_many_settles_parked_overtaken_and_bogus_ids_each_once() -> None:
+    """The sender settles an AdmittedMany in one pass (PeerSession.on_admitted_many):
+    messages parked while the mailbox was full (not staged: counted in full_mailboxes)
+    leave that count, a receipt that overtook its acknowledgement still completes its
+    message, a stranger's id is counted bogus, and every message gets one fate."""
+    p = DurablePair(release=False)
+    p.connect()
+    p.b.create_mailbox("jobs", capacity=2, store=MemoryStore())
+    tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in range(4)]
+    p.run(0.5)
+    session = p.a.endpoint._peers[B]
+    assert sorted(_fates(p)) == tickets[:2]
+    assert len(session.deferred) == 2 and session.full_mailboxes == {"jobs": 2}
+    for _ in range(2):
+        assert p.b.endpoint.take("jobs", now=p.now) is not None
+    p.settle()  # room: the parked two are staged, committed, admitted in one AdmittedMany
+    assert p.a.endpoint._peers[B] is session
+    assert sorted(_fates(p)) == tickets
+    assert not session.deferred and session.full_mailboxes == {}
+    assert all(_fates(p)[t].deferred for t in tickets[2:])
+
+    # A receipt ahead of the acknowledgement: B's answer (ack and all) never arrives.
+    for _ in range(2):  # room for it
+        assert p.b.endpoint.take("jobs", now=p.now) is not None
+    late = p.a.endpoint.send(B, b"m4", now=p.now, mailbox="jobs")
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    (msg,) = [m for m in session.sender.by_msg_id.values() if not m.for_node]
+    bogus = session.bogus_outcomes
+    session.on_admitted_many((msg.msg_id & 0xFFFFFFFF, 999_999), p.now)
+    p.a.endpoint._take_events(session)
+    assert session.bogus_outcomes == bogus + 1, "the stranger's id"
+    assert isinstance(_fates(p)[late], events.MessageDelivered)
+    assert sum(1 for e in p.a.of(events.MessageDelivered) if e.ticket == late) == 1
+    p.settle()  # B's ack and its own receipt arrive after all: no second fate
+    assert sum(1 for e in p.a.of(events.MessageDelivered) if e.ticket == late) == 1
+    assert not p.a.of(events.MessageFailed)
