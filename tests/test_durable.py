@@ -258,9 +258,11 @@ class _GatedStore(MemoryStore):
         import threading
 
         self.gate = threading.Event()
+        self.entered = threading.Event()  #: a commit has begun (and waits for the gate)
         self.batches: list[list[bytes]] = []
 
     def commit(self, inserts: list[tuple[int, Any]], deletes: list[int], destroy: bool) -> None:
+        self.entered.set()
         assert self.gate.wait(10)
         self.batches.append([m.data for _row, m in inserts])
         super().commit(inserts, deletes, destroy)
@@ -271,6 +273,7 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     acknowledging (STAGED) and the next commit takes everything that came meanwhile;
     receipts leave only after their commit."""
     import threading
+    import time
 
     from reliable.store import Committer
 
@@ -290,6 +293,7 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     first = p.a.endpoint.send(B, b"m0", now=p.now, mailbox="jobs")
     p.deliver(p.b, p.outgoing(p.a))
     p.deliver(p.a, p.outgoing(p.b))  # B's turn: the commit of m0 starts, and blocks
+    assert store.entered.wait(10)
     tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in (1, 2, 3)]
     for _ in range(3):  # several turns of B while the commit runs
         p.deliver(p.b, p.outgoing(p.a))
@@ -298,10 +302,16 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     assert not session.sender.unacked, "acknowledged (STAGED) while the commit ran"
     assert not _fates(p), "but no receipt before a commit"
     store.gate.set()
-    assert woken.wait(10)  # the thread says the first commit is done
-    woken.clear()
-    p.deliver(p.a, p.outgoing(p.b))  # reports m0 (its receipt), starts m1..m3 as one
-    assert woken.wait(10)
+    # The thread goes on to m1..m3 (handed over by B's turns meanwhile, as one batch)
+    # as soon as m0 is committed, without waiting for another turn of B.
+    for _ in range(1000):
+        if committer.commits == 2:
+            break
+        time.sleep(0.01)
+    assert store.batches == [[b"m0"], [b"m1", b"m2", b"m3"]]
+    assert not _fates(p), "receipts leave on B's next turn, which reports both commits"
+    p.deliver(p.a, p.outgoing(p.b))
+    assert sorted(_fates(p)) == [first, *tickets]
     p.settle()
     committer.close(p.b.endpoint, p.now)
     assert store.batches == [[b"m0"], [b"m1", b"m2", b"m3"]]
