@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sqlite3
 import threading
 from collections.abc import Callable
