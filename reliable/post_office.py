@@ -344,10 +344,10 @@ class PostOffice:
         ids: list[int] | None = None
         nbytes = 0
         for msg in msgs:
-            if outbox:
-                self._outbox_settled(msg, True)
             if msg.group is not None:
                 continue
+            if outbox:
+                self._outbox_settled(msg, True)
             if msg.source is not source or msg.incarnation != incarnation:
                 if session is not None:
                     bytes_of[session] = bytes_of.get(session, 0) + nbytes
