@@ -434,3 +434,66 @@ def test_an_admitted_many_settles_parked_overtaken_and_bogus_ids_each_once() -> 
     p.settle()  # B's ack and its own receipt arrive after all: no second fate
     assert sum(1 for e in p.a.of(events.MessageDelivered) if e.ticket == late) == 1
     assert not p.a.of(events.MessageFailed)
+
+
+def test_one_commit_from_two_senders_gives_each_its_receipts_and_window() -> None:
+    """A commit's receipts are made in one pass over its messages (PostOffice._receipts),
+    a session per run of one sender's messages: with two senders' messages interleaved
+    in one commit, each sender gets receipts for exactly its own, and the host gives
+    each session back exactly the bytes it had parked."""
+    import random
+
+    from reliable import Endpoint
+
+    host_addr, one_addr, two_addr = ("10.0.0.9", 9), ("10.0.0.1", 1), ("10.0.0.2", 2)
+    host = Endpoint(rng=random.Random(9))
+    senders = {one_addr: Endpoint(rng=random.Random(1)), two_addr: Endpoint(rng=random.Random(2))}
+    store = MemoryStore()
+    host.create_mailbox("jobs", store=store, now=0.0)
+    now = 0.0
+    tickets: dict[Any, list[int]] = {addr: [] for addr in senders}
+    fates: dict[Any, list[int]] = {addr: [] for addr in senders}
+
+    def exchange(commit: bool) -> None:
+        nonlocal now
+        for _ in range(200):
+            moved = False
+            for addr, ep in senders.items():
+                for d, _ in ep.datagrams_to_send(now):
+                    host.receive_datagram(d, addr, now)
+                    moved = True
+            if commit:
+                sync_stores(host, now)
+            for d, dest in host.datagrams_to_send(now):
+                senders[dest].receive_datagram(d, host_addr, now)
+                moved = True
+            for addr, ep in senders.items():
+                while (e := ep.next_event()) is not None:
+                    if isinstance(e, events.MessageDelivered) and e.mailbox == "jobs":
+                        fates[addr].append(e.ticket)
+            now += 0.001
+            for ep in (host, *senders.values()):
+                timer = ep.get_timer()
+                if timer is not None and timer <= now:
+                    ep.handle_timer(now)
+            if not moved:
+                return
+
+    for ep in senders.values():  # the sessions up
+        ep.send(host_addr, b"", now=now)
+    exchange(commit=False)
+    for i in range(6):  # interleaved: one, two, one, two, ...
+        for addr, ep in senders.items():
+            tickets[addr].append(ep.send(host_addr, b"x" * (10 + i), now=now, mailbox="jobs"))
+            for d, _ in ep.datagrams_to_send(now):
+                host.receive_datagram(d, addr, now)
+    exchange(commit=False)  # all staged, acknowledged, none committed
+    assert not any(fates.values())
+    sessions = {addr: host._peers[addr] for addr in senders}
+    assert all(s.parked == sum(10 + i for i in range(6)) for s in sessions.values())
+    assert sync_stores(host, now) == 1, "one commit for both senders' messages"
+    exchange(commit=True)
+    for addr in senders:
+        assert sorted(fates[addr]) == sorted(tickets[addr])
+        assert sessions[addr].parked == 0
+    assert len(store.rows) == 12
