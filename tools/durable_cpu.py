@@ -19,6 +19,7 @@ Run it from a checkout::
 
     python tools/durable_cpu.py                  # 20000 messages, 3 rounds
     python tools/durable_cpu.py --count 5000 --rounds 5
+    RMSG_DURABLE_CPU_TREE=/path/to/other/checkout python tools/durable_cpu.py
 
 Loopback only; every loop is bounded in count and every wait in time.
 """
@@ -37,7 +38,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout measured: this one, or another's (e.g. main's, for a before/after pair
+# run by the same tool) named by RMSG_DURABLE_CPU_TREE.
+ROOT = Path(os.environ.get("RMSG_DURABLE_CPU_TREE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 _HOST = r"""
