@@ -130,9 +130,6 @@ class DurableLog:
         self.handoffs: list[tuple[int, Message]] = []  # (waiter ticket, message)
         self.destroy = False
 
-    def stage(self, msg: Message) -> None:
-        self.staged.append(msg)
-
     def remove(self, msg: Message) -> None:
         """``msg`` left the mailbox (taken by a receiver): its row goes."""
         row = self.rows.pop(msg, None)

@@ -1393,10 +1393,10 @@ class Endpoint:
         self._take_events(session)
 
     def _handle_admitted_many(self, session: PeerSession, ctl: AdmittedMany, now: float) -> None:
-        """A durable mailbox's commit let in several of our parked messages."""
-        for msg_id in ctl.msg_ids:
-            session.on_outcome(Admitted(msg_id), now)
-            self._take_events(session)
+        """A durable mailbox's commit let in several of our parked messages: settled as
+        one batch (PeerSession.on_admitted_many), their events taken once."""
+        session.on_admitted_many(ctl.msg_ids, now)
+        self._take_events(session)
 
     def _handle_cancel(self, session: PeerSession, ctl: Cancel, now: float) -> None:
         """The peer withdrew a message it sent us (if it is parked here)."""

@@ -394,16 +394,26 @@ class Mailbox:
         assert self.log is not None
         self.staged += 1
         self.staged_bytes += len(msg.data)
-        self.log.stage(msg)
+        self.log.staged.append(msg)  # (DurableLog.stage, inline: once per message)
 
     def committed(self, msgs: list[Message], now: float) -> None:
-        """Durable: the store committed staged ``msgs``; they enter, in order."""
+        """Durable: the store committed staged ``msgs``; they enter, in order.
+
+        Their senders' receipts are the caller's (``PostOffice.writes_done``
+        makes them for the whole commit in one pass), not ``on_unpark``'s one
+        message at a time."""
+        queue = self.queue
+        nbytes = 0
         for msg in msgs:
-            self.staged -= 1
-            self.staged_bytes -= len(msg.data)
-            self._on_unpark(msg, None)  # its sender's receipt: only now
-            if not self._hand_to_waiter(msg, None, now):
-                self._enqueue(msg)
+            nbytes += len(msg.data)
+            if self.waiters and self._hand_to_waiter(msg, None, now):
+                continue
+            self.total_in += 1  # (_enqueue, inline: once per message)
+            queue.push(msg)
+        self.staged -= len(msgs)
+        self.staged_bytes -= nbytes
+        if queue.count > self.high_water:
+            self.high_water = queue.count
 
     def uncommitted(self, msgs: list[Message]) -> None:
         """Durable: the store failed to commit staged ``msgs``; they never enter."""

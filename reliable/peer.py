@@ -175,6 +175,8 @@ _PROBE = int(Kind.PROBE)
 _PROBE_ACK = int(Kind.PROBE_ACK)
 _DROPPED = int(Kind.DROPPED)
 _ADMIT = FateInput.ADMIT  # (a module constant, for the reason above)
+_PARKED = Fate.PARKED
+_STAGED, _DEFERRED = int(Verdict.STAGED), int(Verdict.DEFERRED)  # notice codes, per message
 #: What a pure ACK spends before its notices, at most: header, a cookie, every SACK range.
 _ACK_ROOM = HEADER_OVERHEAD + SECURITY_OVERHEAD + COOKIE_SIZE + 8 * MAX_SACK_RANGES
 
@@ -675,20 +677,24 @@ class PeerSession:
             msg = sender.message_by_wire_id(wire_id)
             if msg is None:
                 continue
-            verdict = Verdict(code)
-            if verdict in (Verdict.DEFERRED, Verdict.STAGED):
+            if code in (_STAGED, _DEFERRED):  # (compared as ints: no Verdict made)
+                staged = code == _STAGED  # being stored: its mailbox has room
+                if msg.fate is _PARKED and msg.staged == staged:
+                    # The same notice again: a durable mailbox's acks carry it until our
+                    # base passes its message (about 1.4 times per message at window 256).
+                    continue
                 if msg.for_node or not msg.fully_sent:
                     # Only a whole application message can be parked: garbage, ignored.
                     self.bogus_outcomes += 1
                     continue
                 # Acknowledged below, or by a later ack; not yet delivered.
-                msg.staged = verdict == Verdict.STAGED  # being stored: its mailbox has room
+                msg.staged = staged
                 reclaiming = msg.fate in RECLAIMING_STATES
                 if msg.step(FateInput.DEFER) in RECLAIMING_STATES and not reclaiming:
                     self._take_back(msg, now)  # cancelled while wholly sent: parked, so it can
             else:
                 sender.abandon(msg)
-                self._refuse(msg, verdict)
+                self._refuse(msg, Verdict(code))
         outcome = sender.on_ack(pkt.ack, pkt.sacks, pkt.ack_delay * ACK_DELAY_TICK, pkt.window, now)
         if outcome.bogus:
             self.bogus_acks += 1
@@ -721,6 +727,34 @@ class PeerSession:
         # so its sequence numbers need no more tracking and its fate is known now.
         self.sender.abandon(msg)
         self._settle(msg, outcome, now)
+
+    def on_admitted_many(self, msg_ids: tuple[int, ...], now: float) -> None:
+        """The peer's ``AdmittedMany``: a durable mailbox's commit let in ``msg_ids``.
+
+        One pass over the commit's ids (up to ``ADMITTED_MANY_MAX``), and the
+        session's wait weighed once at the end, instead of :meth:`on_outcome`
+        per id (an ``Admitted`` made for each, the wait weighed after each).
+        A commit's messages were all staged (the mailbox had room), so none
+        counts in ``full_mailboxes``. An id that is not a deferred message of
+        ours (the receipt overtook the acknowledgement, or garbage) takes the
+        one-at-a-time path."""
+        deferred = self.deferred
+        next_msg_id = self.sender.next_msg_id
+        complete = self._complete
+        for wire_id in msg_ids:
+            msg = deferred.pop(unwrap(wire_id, next_msg_id), None)
+            if msg is None:
+                self.on_outcome(Admitted(wire_id), now)
+                continue
+            if not msg.staged:  # (parked while full, then staged: _undefer's count)
+                name = _plain(msg.mailbox)
+                left = self.full_mailboxes[name] - 1
+                if left:
+                    self.full_mailboxes[name] = left
+                else:
+                    del self.full_mailboxes[name]
+            complete(msg, now, None, _ADMIT)
+        self._update_wait(now)
 
     def _peer_dropped(self, pkt: Packet, my_incarnation: int) -> None:
         """The peer dropped what we sent it below a fence: those messages fail."""

@@ -114,10 +114,6 @@ class PostOffice:
         #: or staged, by (source, incarnation, msg_id), until they enter or are discarded
         self.outbox_ids = DeliveredIds()
         self._outbox_pending: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
-        #: while a commit's messages enter their mailbox: their senders' ids, to admit
-        self._admits: dict[PeerSession, list[int]] | None = None
-        #: ... and the bytes each sender's session gets back, released once per commit
-        self._admit_bytes: dict[PeerSession, int] = {}
         self._create(
             DEFAULT_MAILBOX, self.config.inbox_capacity, self.config.inbox_bytes, None, 0.0
         )
@@ -303,19 +299,14 @@ class PostOffice:
         if error is None and live:
             assert box is not None
             batch.log.inserted(arrived)
-            # Their senders' receipts: one AdmittedMany per sender for the whole commit,
-            # not one node message per message (each one a reliable message of its own).
-            self._admits = {}
-            try:
-                box.committed(msgs, now)
-            finally:
-                admits, self._admits = self._admits, None
-                released, self._admit_bytes = self._admit_bytes, {}
+            admits = self._receipts(msgs)
+            box.committed(msgs, now)
+            for session, (ids, nbytes) in admits.items():
                 # Their window back: once per sender, not per message (PeerSession.release
                 # weighs the window before and after, a tenth of a commit's report).
-                for session, nbytes in released.items():
-                    session.release(nbytes)
-            for session, ids in admits.items():
+                session.release(nbytes)
+                # Their receipts: one AdmittedMany per sender for the whole commit, not one
+                # node message per message (each one a reliable message of its own).
                 for at in range(0, len(ids), ADMITTED_MANY_MAX):
                     chunk = ids[at : at + ADMITTED_MANY_MAX]
                     outcome = Admitted(chunk[0]) if len(chunk) == 1 else AdmittedMany(tuple(chunk))
@@ -335,6 +326,41 @@ class PostOffice:
             self._drop("store.failed")
         for ticket, msg in batch.handoffs:
             self._emit(events.MessageTaken(waiter=ticket, message=msg))
+
+    def _receipts(self, msgs: list[Message]) -> dict[PeerSession, tuple[list[int], int]]:
+        """A commit's messages entered their mailbox: per live sender session, the ids
+        it is owed receipts for and the bytes its window gets back, in one pass.
+
+        A commit's messages come in runs from one sender (its window's worth), so
+        the session is looked up once per run of the same source and incarnation,
+        not per message. Group messages owe nobody a receipt (their senders counted
+        them delivered when acknowledged); an outbox message's id is settled."""
+        ids_of: dict[PeerSession, list[int]] = {}
+        bytes_of: dict[PeerSession, int] = {}
+        outbox = bool(self._outbox_pending)
+        source: Any = ids_of  # (no message's source)
+        incarnation = -1
+        session: PeerSession | None = None
+        ids: list[int] | None = None
+        nbytes = 0
+        for msg in msgs:
+            if msg.group is not None:
+                continue
+            if outbox:
+                self._outbox_settled(msg, True)
+            if msg.source is not source or msg.incarnation != incarnation:
+                if session is not None:
+                    bytes_of[session] = bytes_of.get(session, 0) + nbytes
+                source, incarnation = msg.source, msg.incarnation
+                session = self._live_session(msg)
+                ids = None if session is None else ids_of.setdefault(session, [])
+                nbytes = 0
+            if ids is not None:
+                ids.append(msg.msg_id)
+                nbytes += len(msg.data)
+        if session is not None:
+            bytes_of[session] = bytes_of.get(session, 0) + nbytes
+        return {s: (ids, bytes_of[s]) for s, ids in ids_of.items()}
 
     def owes_writes(self) -> bool:
         """As :meth:`Endpoint.owes_writes <reliable.endpoint.Endpoint.owes_writes>`."""
@@ -702,16 +728,6 @@ class PostOffice:
             self._outbox_settled(msg, True)
         session = self._live_session(msg)
         if session is not None:
-            admits = self._admits
-            if receiver is None and admits is not None:  # a commit: batched, as its window
-                ids = admits.get(session)
-                if ids is None:
-                    admits[session] = [msg.msg_id]
-                    self._admit_bytes[session] = len(msg.data)
-                else:
-                    ids.append(msg.msg_id)
-                    self._admit_bytes[session] += len(msg.data)
-                return
             session.release(len(msg.data))
             outcome = Admitted(msg.msg_id, taken=receiver is not None, receiver=receiver or "")
             session.send_node_message(outcome, self._clock())

@@ -258,9 +258,11 @@ class _GatedStore(MemoryStore):
         import threading
 
         self.gate = threading.Event()
+        self.entered = threading.Event()  #: a commit has begun (and waits for the gate)
         self.batches: list[list[bytes]] = []
 
     def commit(self, inserts: list[tuple[int, Any]], deletes: list[int], destroy: bool) -> None:
+        self.entered.set()
         assert self.gate.wait(10)
         self.batches.append([m.data for _row, m in inserts])
         super().commit(inserts, deletes, destroy)
@@ -271,6 +273,7 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     acknowledging (STAGED) and the next commit takes everything that came meanwhile;
     receipts leave only after their commit."""
     import threading
+    import time
 
     from reliable.store import Committer
 
@@ -290,6 +293,7 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     first = p.a.endpoint.send(B, b"m0", now=p.now, mailbox="jobs")
     p.deliver(p.b, p.outgoing(p.a))
     p.deliver(p.a, p.outgoing(p.b))  # B's turn: the commit of m0 starts, and blocks
+    assert store.entered.wait(10)
     tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in (1, 2, 3)]
     for _ in range(3):  # several turns of B while the commit runs
         p.deliver(p.b, p.outgoing(p.a))
@@ -298,10 +302,16 @@ def test_the_committer_groups_what_arrives_while_a_commit_runs() -> None:
     assert not session.sender.unacked, "acknowledged (STAGED) while the commit ran"
     assert not _fates(p), "but no receipt before a commit"
     store.gate.set()
-    assert woken.wait(10)  # the thread says the first commit is done
-    woken.clear()
-    p.deliver(p.a, p.outgoing(p.b))  # reports m0 (its receipt), starts m1..m3 as one
-    assert woken.wait(10)
+    # The thread goes on to m1..m3 (handed over by B's turns meanwhile, as one batch)
+    # as soon as m0 is committed, without waiting for another turn of B.
+    for _ in range(1000):
+        if committer.commits == 2:
+            break
+        time.sleep(0.01)
+    assert store.batches == [[b"m0"], [b"m1", b"m2", b"m3"]]
+    assert not _fates(p), "receipts leave on B's next turn, which reports both commits"
+    p.deliver(p.a, p.outgoing(p.b))
+    assert sorted(_fates(p)) == [first, *tickets]
     p.settle()
     committer.close(p.b.endpoint, p.now)
     assert store.batches == [[b"m0"], [b"m1", b"m2", b"m3"]]
@@ -386,3 +396,104 @@ def test_one_commit_admits_all_its_messages_in_one_control_message() -> None:
     for bad in (b"\x06\x00\x00", b"\x06\x00\x02\x00\x00\x00\x01", b"\x06\x00\xc9" + b"\0" * 804):
         with pytest.raises(ValueError):
             decode_node_message(bad)
+
+
+def test_an_admitted_many_settles_parked_overtaken_and_bogus_ids_each_once() -> None:
+    """The sender settles an AdmittedMany in one pass (PeerSession.on_admitted_many):
+    messages parked while the mailbox was full (not staged: counted in full_mailboxes)
+    leave that count, a receipt that overtook its acknowledgement still completes its
+    message, a stranger's id is counted bogus, and every message gets one fate."""
+    p = DurablePair(release=False)
+    p.connect()
+    p.b.create_mailbox("jobs", capacity=2, store=MemoryStore())
+    tickets = [p.a.endpoint.send(B, b"m%d" % i, now=p.now, mailbox="jobs") for i in range(4)]
+    p.run(0.5)
+    session = p.a.endpoint._peers[B]
+    assert sorted(_fates(p)) == tickets[:2]
+    assert len(session.deferred) == 2 and session.full_mailboxes == {"jobs": 2}
+    for _ in range(2):
+        assert p.b.endpoint.take("jobs", now=p.now) is not None
+    p.settle()  # room: the parked two are staged, committed, admitted in one AdmittedMany
+    assert p.a.endpoint._peers[B] is session
+    assert sorted(_fates(p)) == tickets
+    assert not session.deferred and session.full_mailboxes == {}
+    assert all(_fates(p)[t].deferred for t in tickets[2:])
+
+    # A receipt ahead of the acknowledgement: B's answer (ack and all) never arrives.
+    for _ in range(2):  # room for it
+        assert p.b.endpoint.take("jobs", now=p.now) is not None
+    late = p.a.endpoint.send(B, b"m4", now=p.now, mailbox="jobs")
+    p.deliver(p.b, Pair.outgoing(p, p.a))
+    (msg,) = [m for m in session.sender.by_msg_id.values() if not m.for_node]
+    bogus = session.bogus_outcomes
+    session.on_admitted_many((msg.msg_id & 0xFFFFFFFF, 999_999), p.now)
+    p.a.endpoint._take_events(session)
+    assert session.bogus_outcomes == bogus + 1, "the stranger's id"
+    assert isinstance(_fates(p)[late], events.MessageDelivered)
+    assert sum(1 for e in p.a.of(events.MessageDelivered) if e.ticket == late) == 1
+    p.settle()  # B's ack and its own receipt arrive after all: no second fate
+    assert sum(1 for e in p.a.of(events.MessageDelivered) if e.ticket == late) == 1
+    assert not p.a.of(events.MessageFailed)
+
+
+def test_one_commit_from_two_senders_gives_each_its_receipts_and_window() -> None:
+    """A commit's receipts are made in one pass over its messages (PostOffice._receipts),
+    a session per run of one sender's messages: with two senders' messages interleaved
+    in one commit, each sender gets receipts for exactly its own, and the host gives
+    each session back exactly the bytes it had parked."""
+    import random
+
+    from reliable import Endpoint
+
+    host_addr, one_addr, two_addr = ("10.0.0.9", 9), ("10.0.0.1", 1), ("10.0.0.2", 2)
+    host = Endpoint(rng=random.Random(9))
+    senders = {one_addr: Endpoint(rng=random.Random(1)), two_addr: Endpoint(rng=random.Random(2))}
+    store = MemoryStore()
+    host.create_mailbox("jobs", store=store, now=0.0)
+    now = 0.0
+    tickets: dict[Any, list[int]] = {addr: [] for addr in senders}
+    fates: dict[Any, list[int]] = {addr: [] for addr in senders}
+
+    def exchange(commit: bool) -> None:
+        nonlocal now
+        for _ in range(200):
+            moved = False
+            for addr, ep in senders.items():
+                for d, _ in ep.datagrams_to_send(now):
+                    host.receive_datagram(d, addr, now)
+                    moved = True
+            if commit:
+                sync_stores(host, now)
+            for d, dest in host.datagrams_to_send(now):
+                senders[dest].receive_datagram(d, host_addr, now)
+                moved = True
+            for addr, ep in senders.items():
+                while (e := ep.next_event()) is not None:
+                    if isinstance(e, events.MessageDelivered) and e.mailbox == "jobs":
+                        fates[addr].append(e.ticket)
+            now += 0.001
+            for ep in (host, *senders.values()):
+                timer = ep.get_timer()
+                if timer is not None and timer <= now:
+                    ep.handle_timer(now)
+            if not moved:
+                return
+
+    for ep in senders.values():  # the sessions up
+        ep.send(host_addr, b"", now=now)
+    exchange(commit=False)
+    for i in range(6):  # interleaved: one, two, one, two, ...
+        for addr, ep in senders.items():
+            tickets[addr].append(ep.send(host_addr, b"x" * (10 + i), now=now, mailbox="jobs"))
+            for d, _ in ep.datagrams_to_send(now):
+                host.receive_datagram(d, addr, now)
+    exchange(commit=False)  # all staged, acknowledged, none committed
+    assert not any(fates.values())
+    sessions = {addr: host._peers[addr] for addr in senders}
+    assert all(s.parked == sum(10 + i for i in range(6)) for s in sessions.values())
+    assert sync_stores(host, now) == 1, "one commit for both senders' messages"
+    exchange(commit=True)
+    for addr in senders:
+        assert sorted(fates[addr]) == sorted(tickets[addr])
+        assert sessions[addr].parked == 0
+    assert len(store.rows) == 12

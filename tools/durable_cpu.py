@@ -5,7 +5,8 @@ a wall-clock rate.
 A sender keeps 256 1 KiB messages unconfirmed (``send_nowait``) to a mailbox on
 a node in another process, over loopback, for a fixed count of messages; the
 report gives each process's CPU time (user + system, all threads: the durable
-host's commit thread included) per message, and the wall-clock rate. Three
+host's commit thread included, and that thread's own share beside it, from
+``/proc``, in clock ticks) per message, and the wall-clock rate. Three
 kinds, rounds interleaved, medians:
 
 * ``durable``: a durable mailbox (sync ``grouped``), as shipped;
@@ -18,6 +19,7 @@ Run it from a checkout::
 
     python tools/durable_cpu.py                  # 20000 messages, 3 rounds
     python tools/durable_cpu.py --count 5000 --rounds 5
+    RMSG_DURABLE_CPU_TREE=/path/to/other/checkout python tools/durable_cpu.py
 
 Loopback only; every loop is bounded in count and every wait in time.
 """
@@ -36,7 +38,9 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout measured: this one, or another's (e.g. main's, for a before/after pair
+# run by the same tool) named by RMSG_DURABLE_CPU_TREE.
+ROOT = Path(os.environ.get("RMSG_DURABLE_CPU_TREE") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 _HOST = r"""
@@ -51,11 +55,23 @@ if path == "-":
     node.create_mailbox("bench")
 else:
     node.create_mailbox("bench", durable=path)
+def commit_thread_cpu():
+    # The commit thread's user + system time, from /proc (clock ticks); 0 if none ran.
+    import threading
+    for t in threading.enumerate():
+        if t.name == "rmsg-durable-commit" and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                return 0.0
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(node.address[1], usage.ru_utime + usage.ru_stime, flush=True)
 sys.stdin.readline()
 usage = resource.getrusage(resource.RUSAGE_SELF)
-print(usage.ru_utime + usage.ru_stime, flush=True)
+print(usage.ru_utime + usage.ru_stime, commit_thread_cpu(), flush=True)
 sys.stdin.read()
 node.close()
 """
@@ -66,8 +82,9 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(path: str, count: int, one_admitted: bool) -> tuple[float, float, float]:
-    """(msgs/s, sender CPU us/msg, host CPU us/msg) for ``count`` messages."""
+def measure(path: str, count: int, one_admitted: bool) -> tuple[float, float, float, float]:
+    """(msgs/s, sender CPU us/msg, host CPU us/msg, the host's commit thread's share of
+    it) for ``count`` messages."""
     from reliable import Node
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -98,10 +115,12 @@ def measure(path: str, count: int, one_admitted: bool) -> tuple[float, float, fl
             elapsed, sender = time.monotonic() - t0, _cpu() - cpu0
         proc.stdin.write("\n")
         proc.stdin.flush()
-        host = float(proc.stdout.readline()) - float(host_start)
+        host_end, committing = (float(v) for v in proc.stdout.readline().split())
+        host = host_end - float(host_start)
         proc.stdin.close()
         proc.wait(30)
-        return count / elapsed, sender / count * 1e6, host / count * 1e6
+        per = 1e6 / count
+        return count / elapsed, sender * per, host * per, committing * per
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -117,7 +136,7 @@ def main() -> None:
         parser.error("--count 1..1000000, --rounds 1..50")
     kinds = [("durable", True, False), ("durable, one Admitted each", True, True)]
     kinds.append(("volatile", False, False))
-    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k, _, _ in kinds}
+    results: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k, _, _ in kinds}
     with tempfile.TemporaryDirectory(dir=os.getcwd(), prefix="rmsg-cpu-") as scratch:
         for i in range(args.rounds):
             for label, durable, one in kinds:
@@ -125,10 +144,13 @@ def main() -> None:
                 results[label].append(measure(path if durable else "-", args.count, one))
                 print(f"round {i + 1}/{args.rounds}: {label}", file=sys.stderr, flush=True)
     print(f"{args.count} x 1 KiB messages, window 256, medians of {args.rounds} rounds")
-    print(f"  {'mailbox':<28} {'msgs/s':>8} {'sender us/msg':>14} {'host us/msg':>12}")
+    print(
+        f"  {'mailbox':<28} {'msgs/s':>8} {'sender us/msg':>14} {'host us/msg':>12}"
+        f" {'of it, commit thread':>21}"
+    )
     for label, runs in results.items():
-        rate, sender, host = (statistics.median(r[k] for r in runs) for k in range(3))
-        print(f"  {label:<28} {rate:>8,.0f} {sender:>14.1f} {host:>12.1f}")
+        rate, sender, host, committing = (statistics.median(r[k] for r in runs) for k in range(4))
+        print(f"  {label:<28} {rate:>8,.0f} {sender:>14.1f} {host:>12.1f} {committing:>21.1f}")
 
 
 if __name__ == "__main__":
