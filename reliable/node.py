@@ -854,9 +854,9 @@ class Node:
             and not truncate
             and (timeout is None or (type(timeout) in _PLAIN and 0 <= timeout < _INF))
         ):
-            queued = self._take_queued(mailbox, receiver)
-            if queued is not None:
-                return queued
+            message = self._receive_plain(mailbox, receiver, timeout)
+            if message is not None:
+                return message
         got = self._receive(
             mailbox,
             None,
@@ -872,11 +872,12 @@ class Node:
         )
         return got[0]
 
-    def _take_queued(self, mailbox: str, receiver: str | None) -> Message | None:
-        """The next message of ``mailbox`` if one is queued (or in the socket), for a
-        receive that selects nothing: the no-wait slice of :meth:`_receive`, which a
-        stream of receives takes nearly every time. ``None``: let ``_receive`` wait
-        (it reads the socket again only if this drive is more than DRIVE_GAP old)."""
+    def _receive_plain(
+        self, mailbox: str, receiver: str | None, timeout: float | None
+    ) -> Message | None:
+        """:meth:`_receive` for one message of ``mailbox``, selecting nothing (what a
+        stream of receives asks each time), without its loops and choices. ``None``
+        only for ``timeout == 0`` with nothing queued: ``_receive`` then looks again."""
         label = receiver if receiver is not None else threading.current_thread().name
         endpoint = self._endpoint
         self._lock.acquire()
@@ -886,16 +887,27 @@ class Node:
                 self._check_open()  # raises, saying why
             now = time.monotonic()
             timer = self._timer
+            # Messages already queued are handed out without a look at the socket if it
+            # was read a moment ago (and no timer is due): one drive serves many receives.
             if now - self._driven >= DRIVE_GAP or (timer is not None and timer <= now):
                 self._drive()  # (it also admits local posts)
             elif self._posts:
                 self._posts.admit(endpoint, self._address, now)  # as _receive: own posts first
             message = endpoint.take(mailbox, ANY, owner=None, receiver=label, lock=None, now=now)
-            if message is not None:
-                if self._durable:  # deletions commit before hand-out
-                    self._committer.flush(endpoint, now)
-                if endpoint.has_output():
-                    self._drive()  # a parked message may have got in: its sender hears now
+            if message is None:
+                if timeout == 0:
+                    return None
+                # Wait (a receive that waits reads the socket first thing, in _lead).
+                mark = self._departures.mark()
+                deadline = None if timeout is None else now + timeout
+                ticket = endpoint.wait_for_message(
+                    mailbox, ANY, owner=None, receiver=label, lock=None, now=now
+                )
+                message = self._await_message(ticket, None, mark, timeout, deadline)
+            elif self._durable:  # deletions commit before hand-out
+                self._committer.flush(endpoint, now)
+            if endpoint.has_output():
+                self._drive()  # a parked message may have got in: its sender hears now
             return message
         finally:
             self._leave()
