@@ -71,3 +71,27 @@ def test_many_threads_stream_to_plain_receives_exactly_once() -> None:
     expected = {b"%d:%d" % (k, i) for k in range(senders) for i in range(per_sender)}
     assert len(got) == total
     assert set(got) == expected
+
+
+def test_an_async_plain_receive_times_out_waits_and_is_served_in_order() -> None:
+    import asyncio
+
+    from reliable.aio import AsyncNode
+
+    async def run() -> None:
+        async with AsyncNode() as server, AsyncNode() as client:
+            with pytest.raises(errors.ReceiveTimeout):
+                await server.receive(timeout=0)
+            with pytest.raises(errors.UnknownMailbox):
+                await server.receive(timeout=0.05, mailbox="nope")
+            waiter = asyncio.ensure_future(server.receive(timeout=5))  # nothing queued: waits
+            await asyncio.sleep(0.01)
+            assert not waiter.done()
+            await client.send(server.address, b"first")
+            assert (await waiter).data == b"first"
+            for i in range(50):
+                client.send_nowait(server.address, b"%d" % i)
+            got = [(await server.receive(timeout=5)).data for _ in range(50)]
+            assert got == [b"%d" % i for i in range(50)]
+
+    asyncio.run(run())
