@@ -248,14 +248,18 @@ def measure(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--async", dest="use_async", action="store_true", help="AsyncNode")
     parser.add_argument("--size", type=int, default=1024, help="bytes per message")
     parser.add_argument("--count", type=int, default=60_000, help="most messages to send")
     parser.add_argument("--seconds", type=float, default=1.5, help="longest sending window")
     parser.add_argument("--profile", choices=("tx", "rx"), help="cProfile one side's loop")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     got = measure(
         use_async=args.use_async,
         size=args.size,
