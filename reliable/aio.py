@@ -82,6 +82,7 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
+    receipt_of,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -1696,7 +1697,7 @@ class AsyncNode:
         error: errors.DeliveryFailed | None,
     ) -> None:
         if isinstance(receipt, events.MessageDelivered):  # (routed without lazy_receipts)
-            receipt = Receipt.from_event(receipt)
+            receipt = receipt_of(receipt)
         future = self._handles.pop(ticket, None)
         if isinstance(future, AsyncBatchHandle):
             if not future.done():

@@ -23,6 +23,7 @@ otherwise wake the adapter for ever. See ip(7) and ipv6(7).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as _errno
 import itertools
 import json
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
 
-from . import errors, events, udpio
+from . import errors, events, message, udpio
 from .addressing import (
     Address,
     GroupAddress,
@@ -52,7 +53,7 @@ from .addressing import (
 from .endpoint import Endpoint, check_integer, message_bytes
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
-from .message import GroupReceipt, Message, Receipt
+from .message import DeliveryFacts, GroupReceipt, Message, Receipt
 from .outbox import OutboxRow, OutboxStore, check_outbox_mailbox
 from .remote_mailbox import ACTIONS, Manage
 from .stats import MailboxStats, NodeStats
@@ -86,6 +87,7 @@ __all__ = [
     "parse_stats",
     "post_local",
     "read_error_queue",
+    "receipt_of",
     "receive_failure",
     "receive_selector",
     "replay_target",
@@ -967,6 +969,31 @@ class EventSink(Protocol):
     def _on_closed(self) -> None: ...
 
 
+def _receipt_maker() -> Callable[[DeliveryFacts], Receipt]:
+    """A maker of the :class:`Receipt` a ``MessageDelivered`` event describes, as
+    ``Receipt.from_event`` but about twice as fast in the pure core: a frozen
+    dataclass's ``__init__`` takes every field by keyword and sets it through a
+    global lookup, about 1 us per receipt, which a stream of ``result()`` calls paid
+    per message. Made from the dataclass's own fields, so a field added later is
+    copied too; the compiled core's ``from_event`` is native code already (and its
+    classes are not built through ``object.__new__``), so it keeps that one."""
+    if not (getattr(message, "__file__", None) or "").endswith(".py"):
+        return Receipt.from_event  # pragma: no cover - the compiled core
+    names = [field.name for field in dataclasses.fields(Receipt)]
+    body = "".join(f"    _set(r, {name!r}, e.{name})\n" for name in names)
+    head = "def receipt_of(e, _new=_new, _set=_set, _R=_R):\n    r = _new(_R)\n"
+    source = f"{head}{body}    return r\n"
+    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "_R": Receipt}
+    exec(source, scope)  # fixed text, made from the dataclass's field names
+    maker: Callable[[DeliveryFacts], Receipt] = scope["receipt_of"]
+    return maker
+
+
+#: ``receipt_of(event)``: the :class:`Receipt` of a ``MessageDelivered`` event (as
+#: ``Receipt.from_event``, faster).
+receipt_of = _receipt_maker()
+
+
 def route_events(
     endpoint: Endpoint,
     sink: EventSink,
@@ -995,7 +1022,7 @@ def route_events(
             continue
         if kind is delivered:
             assert isinstance(event, events.MessageDelivered)
-            receipt = event if lazy_receipts else Receipt.from_event(event)
+            receipt = event if lazy_receipts else receipt_of(event)
             sink._on_outcome(event.ticket, receipt, None)
         elif kind is taken:
             assert isinstance(event, events.MessageTaken)
@@ -1007,7 +1034,7 @@ def route_events(
 def _route_rare(event: events.Event, sink: EventSink) -> None:
     """:func:`route_events` for the kinds that are not one per message."""
     if isinstance(event, events.MessageDelivered):
-        sink._on_outcome(event.ticket, Receipt.from_event(event), None)
+        sink._on_outcome(event.ticket, receipt_of(event), None)
     elif isinstance(event, events.GroupSendDone):
         sink._on_outcome(event.ticket, event.receipt, None)
     elif isinstance(event, events.MessageFailed):

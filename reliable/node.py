@@ -91,6 +91,7 @@ from .driver import (
     parse_manage_reply,
     parse_stats,
     post_local,
+    receipt_of,
     receive_buffer,
     receive_failure,
     receive_selector,
@@ -185,13 +186,13 @@ class _PendingSend(Generic[R]):
 
     def result(self, timeout: float | None = None) -> R:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
-        if not self.wait(timeout):
+        if not self._done and not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
         if self._error is not None:
             raise self._error
         receipt = self._receipt
         if isinstance(receipt, events.MessageDelivered):
-            receipt = self._receipt = Receipt.from_event(receipt)  # type: ignore[assignment]
+            receipt = self._receipt = receipt_of(receipt)  # type: ignore[assignment]
         assert receipt is not None
         return receipt  # type: ignore[return-value]  # the node routes each kind
 
@@ -318,7 +319,7 @@ class BatchHandle:
         error: errors.ReliableError | None,
     ) -> bool:
         if isinstance(receipt, events.MessageDelivered):
-            receipt = Receipt.from_event(receipt)
+            receipt = receipt_of(receipt)
         self._outcomes.resolve(ticket, receipt, error)
         return False
 
@@ -497,10 +498,35 @@ class Node:
         is full, :class:`~reliable.errors.MailboxFull` when the destination
         mailbox is known to be full. Nothing was sent in either case.
         """
-        check_timeout(timeout, "timeout", positive=True)
-        target, label, data = self._target(dest, data, msg_type, priority, mailbox, "_nowait")
+        if timeout is not None:
+            check_timeout(timeout, "timeout", positive=True)
+        known = self._destinations.get(dest, mailbox)
+        if known is None:
+            target, label, data = self._target(dest, data, msg_type, priority, mailbox, "_nowait")
+            handle = SendHandle(self, 0, label)
+            self._submit(
+                target, [data], handle, msg_type, priority, timeout, None, policy, block=False
+            )
+            return handle
+        # A node seen before (the common case): the one-message, non-blocking slice of
+        # _submit, without its loops, so a stream of sends pays for no more than it uses.
+        (peer, name), label = known
         handle = SendHandle(self, 0, label)
-        self._submit(target, [data], handle, msg_type, priority, timeout, None, policy, block=False)
+        endpoint = self._endpoint
+        self._lock.acquire()
+        self._inside += 1
+        try:
+            if self._failure is not None or self._closed or endpoint.closing:
+                self._check_open()  # raises, saying why
+            now = time.monotonic()
+            ticket = handle.ticket = endpoint.send(
+                peer, data, now=now, msg_type=msg_type, priority=priority, mailbox=name,
+                timeout=timeout,
+            )  # fmt: skip
+            self._handles[ticket] = handle
+            self._after_send(endpoint, peer, now)
+        finally:
+            self._leave()
         return handle
 
     def send_group(
@@ -669,30 +695,34 @@ class Node:
                 else:
                     handle._add(ticket)
                 self._handles[ticket] = handle
-            # To a busy peer, hold sends back a moment (up to HOLD_MAX sends or NAP
-            # seconds): those made meanwhile share datagrams, and one drive serves them
-            # all. To an idle one, send at once.
-            held = self._held
-            if (
-                peer is not None
-                and held < HOLD_MAX
-                and (not held or now - self._held_since < NAP)
-                and endpoint.in_flight(peer)
-            ):
-                if not held:
-                    self._held_since = now
-                self._held = held + 1
-                if endpoint.has_events() or (self._polling and not held):
-                    # Events: e.g. a send that failed at once. Polling: another thread
-                    # sleeps in poll and must wake within NAP to flush what we hold.
-                    self._drive(read=False, flush=False)
-            else:
-                # Send now. A flush of held sends reads the socket first (acks make room);
-                # a send to an idle peer only if nobody looked for DRIVE_GAP seconds: a
-                # reply sent right after its request came in does not pay a system call.
-                self._drive(read=bool(held) or now - self._read_at >= DRIVE_GAP)
+            self._after_send(endpoint, peer, now)
         finally:
             self._leave()
+
+    def _after_send(self, endpoint: Endpoint, peer: Address | None, now: float) -> None:
+        """Lock held, after queueing sends (to ``peer``, a node, else ``None``): hold
+        them back or drive. To a busy peer, hold sends back a moment (up to HOLD_MAX
+        sends or NAP seconds): those made meanwhile share datagrams, and one drive
+        serves them all. To an idle one, send at once."""
+        held = self._held
+        if (
+            peer is not None
+            and held < HOLD_MAX
+            and (not held or now - self._held_since < NAP)
+            and endpoint.in_flight(peer)
+        ):
+            if not held:
+                self._held_since = now
+            self._held = held + 1
+            if endpoint.has_events() or (self._polling and not held):
+                # Events: e.g. a send that failed at once. Polling: another thread
+                # sleeps in poll and must wake within NAP to flush what we hold.
+                self._drive(read=False, flush=False)
+        else:
+            # Send now. A flush of held sends reads the socket first (acks make room);
+            # a send to an idle peer only if nobody looked for DRIVE_GAP seconds: a
+            # reply sent right after its request came in does not pay a system call.
+            self._drive(read=bool(held) or now - self._read_at >= DRIVE_GAP)
 
     # ---------------------------------------------------------------- groups
 
@@ -816,6 +846,17 @@ class Node:
         if ``source`` was named and went away while we waited;
         :class:`~reliable.errors.MailboxDeleted` if the mailbox was deleted.
         """
+        if (
+            source is None
+            and msg_type == 0
+            and not except_type
+            and max_size is None
+            and not truncate
+            and (timeout is None or (type(timeout) in _PLAIN and 0 <= timeout < _INF))
+        ):
+            message = self._receive_plain(mailbox, receiver, timeout)
+            if message is not None:
+                return message
         got = self._receive(
             mailbox,
             None,
@@ -830,6 +871,46 @@ class Node:
             truncate=truncate,
         )
         return got[0]
+
+    def _receive_plain(
+        self, mailbox: str, receiver: str | None, timeout: float | None
+    ) -> Message | None:
+        """:meth:`_receive` for one message of ``mailbox``, selecting nothing (what a
+        stream of receives asks each time), without its loops and choices. ``None``
+        only for ``timeout == 0`` with nothing queued: ``_receive`` then looks again."""
+        label = receiver if receiver is not None else threading.current_thread().name
+        endpoint = self._endpoint
+        self._lock.acquire()
+        self._inside += 1
+        try:
+            if self._failure is not None or self._closed or endpoint.closing:
+                self._check_open()  # raises, saying why
+            now = time.monotonic()
+            timer = self._timer
+            # Messages already queued are handed out without a look at the socket if it
+            # was read a moment ago (and no timer is due): one drive serves many receives.
+            if now - self._driven >= DRIVE_GAP or (timer is not None and timer <= now):
+                self._drive()  # (it also admits local posts)
+            elif self._posts:
+                self._posts.admit(endpoint, self._address, now)  # as _receive: own posts first
+            message = endpoint.take(mailbox, ANY, owner=None, receiver=label, lock=None, now=now)
+            if message is None:
+                if timeout == 0:
+                    return None
+                # Wait (a receive that waits reads the socket first thing, in _lead).
+                mark = self._departures.mark()
+                deadline = None if timeout is None else now + timeout
+                ticket = endpoint.wait_for_message(
+                    mailbox, ANY, owner=None, receiver=label, lock=None, now=now
+                )
+                message = self._await_message(ticket, None, mark, timeout, deadline)
+            elif self._durable:  # deletions commit before hand-out
+                self._committer.flush(endpoint, now)
+            if endpoint.has_output():
+                self._drive()  # a parked message may have got in: its sender hears now
+            return message
+        finally:
+            self._leave()
 
     def receive_nowait(
         self,

@@ -364,8 +364,11 @@ class PostOffice:
 
     def owes_writes(self) -> bool:
         """As :meth:`Endpoint.owes_writes <reliable.endpoint.Endpoint.owes_writes>`."""
-        return bool(self._retired) or any(
-            box.log is not None and box.log.pending() for box in self._durable.values()
+        if self._retired:
+            return True
+        durable = self._durable  # (empty unless a durable mailbox exists: asked per receive)
+        return bool(durable) and any(
+            box.log is not None and box.log.pending() for box in durable.values()
         )
 
     # -------------------------------------------------------- receiving

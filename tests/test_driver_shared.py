@@ -43,3 +43,36 @@ def test_a_stored_batch_queued_whole_settles_nothing() -> None:
     with StoredBatch(store, ("::1", 9), "", [(1, "x")], [b"m"]) as batch:  # type: ignore[arg-type]
         assert [(row, data) for row, _target, data in batch] == [(1, b"m")]
     assert store.settled == []
+
+
+def test_receipt_of_makes_the_receipt_from_event_makes() -> None:
+    """The fast receipt maker copies every field (non-default values, so a field it
+    missed would show as a default) and makes a real, frozen Receipt."""
+    import dataclasses
+
+    from reliable import events
+    from reliable.driver import receipt_of
+    from reliable.message import Receipt
+
+    event = events.MessageDelivered(
+        ticket=7,
+        peer=("127.0.0.1", 9),
+        size=1024,
+        fragments=3,
+        transmissions=5,
+        elapsed=0.25,
+        incarnation=0x1234,
+        mailbox="jobs",
+        deferred=True,
+        receiver="worker-1",
+        failovers=((("127.0.0.1", 8), "unreachable"),),
+    )
+    made = receipt_of(event)
+    assert type(made) is Receipt
+    assert made == Receipt.from_event(event)
+    for field in dataclasses.fields(Receipt):
+        assert getattr(made, field.name) == getattr(event, field.name)
+    assert made.retransmissions == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.size = 1  # type: ignore[misc]
+    assert hash(made) == hash(Receipt.from_event(event))
