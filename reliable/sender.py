@@ -130,6 +130,9 @@ __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 _MAX_REORDER_THRESHOLD = 32
 #: Most a proven-spurious loss history may stretch the time threshold (in RTTs).
 _MAX_TIME_THRESHOLD = 4.0
+#: Loss recoveries in a row with no spurious loss after which widened loss thresholds
+#: return to RFC 9002's (RFC 8985 section 6.2 resets its reordering window after 16).
+CALM_RECOVERIES = 16
 #: Packets retransmitted when the probe timer fires (RFC 9002 sends one or two).
 PROBE_PACKETS = 2
 #: Consecutive probe timeouts that mean the path is congested or gone.
@@ -336,6 +339,7 @@ class SendStream:
     __slots__ = (
         "backoff",
         "by_msg_id",
+        "calm_recoveries",
         "cc",
         "cum_ack",
         "current",
@@ -376,6 +380,7 @@ class SendStream:
         "time_threshold",
         "tx_counter",
         "unacked",
+        "widen_tx",
     )
 
     def __init__(
@@ -433,6 +438,10 @@ class SendStream:
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
+        #: the thresholds widen at most once per flight: again only for a packet sent at
+        #: or after this transmission (the next one when they last widened)
+        self.widen_tx = 0
+        self.calm_recoveries = 0  # loss recoveries since the thresholds last widened
 
     # ----------------------------------------------------------------- queries
 
@@ -992,14 +1001,38 @@ class SendStream:
         otherwise make every burst look lossy and halve the window for nothing.
         A probe proved spurious (the peer was only slow to answer) doubles the
         probe floor instead, up to ``min_rto``.
+
+        As RFC 8985's reordering window, they widen at most once per round
+        trip (for a packet sent since they last widened), and return to their
+        defaults after ``CALM_RECOVERIES`` loss recoveries with no spurious one
+        (:meth:`_recovered`). Widening once per packet let one reordered 64 KiB
+        datagram (some 60 bundled messages, each found spurious) take the time
+        threshold to its 4 RTT cap at once, for good: on loopback, where the
+        scheduler now and then delays a datagram past a few later ones, every
+        later loss then waited four round trips to be detected.
         """
         self.spurious += 1
         if pkt.seq in self.probed:
             self.probed.clear()
             self.probe_floor = min(2 * self.probe_floor, self.rtt.min_rto)
             return
+        if pkt.tx < self.widen_tx:
+            return  # sent before the last widening: judged by the old thresholds
+        self.widen_tx = self.tx_counter
+        self.calm_recoveries = 0
         self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
         self.time_threshold = min(self.time_threshold * 1.25, _MAX_TIME_THRESHOLD)
+
+    def _recovered(self) -> None:
+        """A loss recovery began: after ``CALM_RECOVERIES`` of them with no spurious loss,
+        the reordering that widened the thresholds is taken to be over."""
+        if self.reorder_threshold == K_PACKET_THRESHOLD and self.time_threshold == K_TIME_THRESHOLD:
+            return
+        self.calm_recoveries += 1
+        if self.calm_recoveries >= CALM_RECOVERIES:
+            self.calm_recoveries = 0
+            self.reorder_threshold = K_PACKET_THRESHOLD
+            self.time_threshold = K_TIME_THRESHOLD
 
     def detect_losses(self, now: float) -> int:
         """Declare packets overtaken by later acknowledged transmissions lost."""
@@ -1025,7 +1058,11 @@ class SendStream:
         for pkt in lost:
             self._declare_lost(pkt)
         if lost:
-            self.cc.on_lost(lost[-1].sent_time, now)
+            cc = self.cc
+            began = cc.recovery_start
+            cc.on_lost(lost[-1].sent_time, now)
+            if cc.recovery_start != began:
+                self._recovered()
         return len(lost)
 
     def _leave_flight(self, pkt: SentPacket) -> None:

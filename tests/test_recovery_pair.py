@@ -10,8 +10,9 @@ import random
 import pytest
 
 from reliable import Config, Endpoint, events
+from reliable.config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD
 from reliable.peer import DATAGRAM_GROWTH, FIRST_CONTACT_DATAGRAMS
-from reliable.sender import PROBE_FLOOR
+from reliable.sender import CALM_RECOVERIES, PROBE_FLOOR
 from reliable.wire import Kind
 
 from .harness import A, B, Pair, decode_all
@@ -335,3 +336,58 @@ def test_a_probe_sends_its_packets_in_separate_datagrams() -> None:
     p.deliver(p.b, sent)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 4
+
+
+def test_a_reordered_bundle_widens_the_loss_thresholds_one_step_not_one_per_fragment() -> None:
+    """A datagram of many bundled messages overtaken by three later ones is declared
+    lost, then turns up: every fragment in it proves a spurious loss, but it was one
+    reordering, so the thresholds widen one step (RFC 8985: once per round trip).
+    Widening per fragment took the time threshold to its 4 RTT cap at once on the
+    loopback bench, and every later loss waited four round trips to be detected."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    for i in range(60):
+        p.a.endpoint.send(B, bytes([65 + i % 26]) * 100, now=p.now)
+    flight = p.outgoing(p.a)
+    assert len(flight) >= 5
+    bundled = 1 + len(decode_all(flight[:1])[0].bundle)
+    assert bundled > 2
+    p.deliver(p.b, flight[1:])  # the first datagram is held up: the others overtake it
+    p.now += 0.001
+    p.transfer(p.b)  # A hears of the gap, three datagrams on: the first is "lost"
+    assert sender.lost
+    p.deliver(p.b, flight[:1])  # ... but it was only late
+    p.tick(Config().max_ack_delay)
+    p.transfer(p.b)  # acknowledged before its retransmission went out
+    assert sender.spurious == bundled
+    assert sender.reorder_threshold == K_PACKET_THRESHOLD + 1
+    assert sender.time_threshold == pytest.approx(K_TIME_THRESHOLD * 1.25)
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 60
+
+
+def test_widened_loss_thresholds_return_to_the_defaults_after_calm_recoveries() -> None:
+    """Reordering does not last for ever: after ``CALM_RECOVERIES`` loss recoveries with
+    no spurious loss, the thresholds are RFC 9002's again (RFC 8985 resets its
+    reordering window after 16), so real losses are found in 9/8 RTT once more."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    sender.reorder_threshold = K_PACKET_THRESHOLD + 2  # as after two reorderings
+    sender.time_threshold = K_TIME_THRESHOLD * 1.25**2
+    for recovery in range(CALM_RECOVERIES):
+        assert sender.time_threshold > K_TIME_THRESHOLD, recovery
+        for i in range(8):
+            p.a.endpoint.send(B, bytes([65 + i]) * 1000, now=p.now)  # a datagram each
+        p.transfer(p.a, drop=lambda i, d: i == 0)  # the first is really lost
+        for _ in range(200):
+            p.tick(0.0005)
+            p.transfer(p.b)
+            p.transfer(p.a)
+            if not sender.has_outstanding():
+                break
+        assert not sender.has_outstanding()
+    assert sender.spurious == 0
+    assert sender.reorder_threshold == K_PACKET_THRESHOLD
+    assert sender.time_threshold == K_TIME_THRESHOLD
