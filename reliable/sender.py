@@ -129,7 +129,9 @@ __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
 #: The packet threshold once the path has reordered: none (detection by time alone,
 #: as RFC 8985 does once it has seen reordering), until the widening decays away.
-_TIME_ONLY = 1 << 62
+#: Far beyond any flight (the receive window is at most thousands of packets), and a
+#: short int for the compiled core.
+_TIME_ONLY = 1 << 30
 #: Most a proven-spurious loss history may stretch the time threshold (in RTTs).
 _MAX_TIME_THRESHOLD = 4.0
 #: Loss recoveries in a row with no spurious loss after which widened loss thresholds
