@@ -1047,7 +1047,7 @@ class SendStream:
         the last of it. Only half: without duplicate SACKs a spurious loss is proven
         only when the original's acknowledgement beats the copy's, so a calm stretch
         may be reordering that went unproven."""
-        if self.time_threshold == K_TIME_THRESHOLD:
+        if self.time_threshold == K_TIME_THRESHOLD and self.reorder_threshold == K_PACKET_THRESHOLD:
             return
         self.calm_recoveries += 1
         if self.calm_recoveries >= CALM_RECOVERIES:

@@ -398,3 +398,18 @@ def test_widened_loss_thresholds_narrow_again_after_calm_recoveries() -> None:
     assert thresholds[CALM_RECOVERIES - 2][0] == K_TIME_THRESHOLD * 1.25
     assert K_TIME_THRESHOLD < thresholds[CALM_RECOVERIES][0] < K_TIME_THRESHOLD * 1.25
     assert thresholds[-1] == (K_TIME_THRESHOLD, K_PACKET_THRESHOLD)
+
+
+def test_the_packet_threshold_returns_even_when_the_time_threshold_never_widened() -> None:
+    """A spurious loss of a packet sent before the last widening drops the packet
+    threshold without widening the time threshold again; calm recoveries must still
+    bring the packet threshold back (it once waited for a time threshold already at
+    its default, for ever)."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    sender.reorder_threshold = 1 << 30
+    assert sender.time_threshold == K_TIME_THRESHOLD
+    for _ in range(CALM_RECOVERIES):
+        sender._recovered()
+    assert sender.reorder_threshold == K_PACKET_THRESHOLD
