@@ -124,6 +124,9 @@ def test_loss_bench_runs_the_loss_rows_and_sees_inside_the_sender() -> None:
     )
     assert done.returncode == 0, done.stderr
     row = next(line.split() for line in done.stdout.splitlines() if " 10% " in line)
+    if "compiled" in done.stdout.splitlines()[0]:  # (CI's compiled run: no hooks)
+        assert row[1:3] == ["rmsg", "10%"] and row[6] == "-"
+        return
     # round transport loss msgs/s ratio retx probes spur thr srtt detect repair cwnd% late
     assert row[1:3] == ["rmsg", "10%"]
     retx, probes, thr, detect, repair = row[5], row[6], row[8], row[10], row[11]

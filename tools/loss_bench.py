@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     bench._sender = _sender  # type: ignore[assignment]  # (spawned children look it up)
     import reliable
 
-    print(f"{args.size} B, {args.seconds:g} s windows; reliable from {reliable.__file__}")
+    core = "compiled (recovery columns blank)" if reliable.__compiled__ else "pure"
+    print(f"{args.size} B, {args.seconds:g} s windows; {core} core from {reliable.__file__}")
     print(
         f"{'round':>5} {'transport':<10} {'loss':>4} {'msgs/s':>8} {'ratio':>5} {'retx':>5} "
         f"{'probes':>6} {'spur':>4} {'thr':>4} {'srtt':>5} {'detect':>6} {'repair':>6} "
