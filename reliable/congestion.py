@@ -8,6 +8,11 @@ round trip until the first loss, then congestion avoidance adds one
 once per round trip: losses of packets sent before the current recovery
 period began do not reduce it again. A retransmission timeout means the path
 may be gone, so the window collapses to ``min_cwnd`` and slow start resumes.
+
+A reduction for losses that prove spurious (the network only reordered) is
+taken back (:meth:`NewReno.undo`), as Linux TCP undoes one when duplicate
+SACKs show that every retransmission of the recovery was needless (the
+Eifel response, RFC 4015).
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ _LOSS_REDUCTION = 0.5
 class NewReno:
     """Congestion window for one peer, counted in bytes."""
 
-    __slots__ = ("_cwnd", "max_datagram", "min_cwnd", "recovery_start", "ssthresh", "window")
+    __slots__ = (
+        "_cwnd",
+        "max_datagram",
+        "min_cwnd",
+        "prior_cwnd",
+        "prior_ssthresh",
+        "recovery_start",
+        "ssthresh",
+        "window",
+    )
 
     def __init__(self, *, initial_cwnd: int, min_cwnd: int, max_datagram: int = 1) -> None:
         """Windows in bytes; ``max_datagram`` is the additive-increase step (1: units)."""
@@ -32,6 +46,10 @@ class NewReno:
         self.max_datagram = max_datagram
         self.ssthresh = float("inf")
         self.recovery_start = float("-inf")
+        #: the window and threshold before the current recovery's reduction (0: no
+        #: reduction to take back)
+        self.prior_cwnd = 0.0
+        self.prior_ssthresh = float("inf")
 
     @property
     def cwnd(self) -> float:
@@ -60,11 +78,25 @@ class NewReno:
         if newest_lost_sent_time <= self.recovery_start:
             return
         self.recovery_start = now
+        self.prior_cwnd = self._cwnd
+        self.prior_ssthresh = self.ssthresh
         self.cwnd = max(self.cwnd * _LOSS_REDUCTION, self.min_cwnd)
         self.ssthresh = self.cwnd
+
+    def undo(self) -> None:
+        """Every loss the current recovery reduced the window for proved spurious: take
+        the reduction back (the recovery period itself stands)."""
+        if not self.prior_cwnd:
+            return
+        if self.prior_cwnd > self._cwnd:
+            self.cwnd = self.prior_cwnd
+        if self.prior_ssthresh > self.ssthresh:
+            self.ssthresh = self.prior_ssthresh
+        self.prior_cwnd = 0.0
 
     def on_timeout(self, now: float) -> None:
         """The retransmission timer fired with nothing acknowledged."""
         self.ssthresh = max(self.cwnd * _LOSS_REDUCTION, self.min_cwnd)
         self.cwnd = self.min_cwnd
         self.recovery_start = now
+        self.prior_cwnd = 0.0  # not undone: the path may really be gone

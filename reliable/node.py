@@ -1680,7 +1680,9 @@ class Node:
                 self._polling = True
                 self._lock.release()
                 try:
-                    ready = self._poller.poll(None if wait is None else wait * 1000 + 0.5)
+                    # (poll rounds a timeout up to whole ms: up to 1 ms late, so nothing
+                    # added here; +0.5 ms made loss timers 1 ms late on average)
+                    ready = self._poller.poll(None if wait is None else wait * 1000)
                 finally:
                     self._lock.acquire()
                     self._polling = False

@@ -127,9 +127,16 @@ from .wire import (
 
 __all__ = ["OutgoingMessage", "SendStream", "SentPacket"]
 
-_MAX_REORDER_THRESHOLD = 32
+#: The packet threshold once the path has reordered: none (detection by time alone,
+#: as RFC 8985 does once it has seen reordering), until the widening decays away.
+#: Far beyond any flight (the receive window is at most thousands of packets), and a
+#: short int for the compiled core.
+_TIME_ONLY = 1 << 30
 #: Most a proven-spurious loss history may stretch the time threshold (in RTTs).
 _MAX_TIME_THRESHOLD = 4.0
+#: Loss recoveries in a row with no spurious loss after which widened loss thresholds
+#: return to RFC 9002's (RFC 8985 section 6.2 resets its reordering window after 16).
+CALM_RECOVERIES = 16
 #: Packets retransmitted when the probe timer fires (RFC 9002 sends one or two).
 PROBE_PACKETS = 2
 #: Consecutive probe timeouts that mean the path is congested or gone.
@@ -336,6 +343,7 @@ class SendStream:
     __slots__ = (
         "backoff",
         "by_msg_id",
+        "calm_recoveries",
         "cc",
         "cum_ack",
         "current",
@@ -373,9 +381,11 @@ class SendStream:
         "retransmissions",
         "rtt",
         "spurious",
+        "suspects",
         "time_threshold",
         "tx_counter",
         "unacked",
+        "widen_tx",
     )
 
     def __init__(
@@ -433,6 +443,14 @@ class SendStream:
         self.reorder_threshold = K_PACKET_THRESHOLD
         self.time_threshold = K_TIME_THRESHOLD
         self.spurious = 0
+        #: the thresholds widen at most once per flight: again only for a packet sent at
+        #: or after this transmission (the next one when they last widened)
+        self.widen_tx = 0
+        self.calm_recoveries = 0  # loss recoveries since the thresholds last widened
+        #: sequence numbers declared lost in the current recovery and neither proven
+        #: spurious nor retransmitted-and-acknowledged: when the last of them proves
+        #: spurious, the recovery's window reduction is undone
+        self.suspects: set[int] = set()
 
     # ----------------------------------------------------------------- queries
 
@@ -974,6 +992,11 @@ class SendStream:
         if pkt.lost:
             # Declared lost, yet acknowledged before any retransmission went out.
             self._spurious_loss(pkt)
+            suspects = self.suspects
+            if suspects:
+                suspects.discard(pkt.seq)
+                if not suspects:
+                    self.cc.undo()  # every loss of this recovery was the network's reordering
         else:
             self._leave_flight(pkt)
             if pkt.retransmitted and now - pkt.sent_time < self.rtt.min_rtt / 2:
@@ -987,9 +1010,22 @@ class SendStream:
     def _spurious_loss(self, pkt: SentPacket) -> None:
         """The network reordered more than we allowed for: allow more, within bounds.
 
-        Both thresholds widen (RFC 9002 section 6.1.1 permits it; RFC 8985 adapts
-        its reordering window the same way). Jitter comparable to the RTT would
-        otherwise make every burst look lossy and halve the window for nothing.
+        The thresholds widen as RFC 8985's reordering window does (RFC 9002
+        section 6.1.1 permits it): the packet threshold is dropped, and
+        detection goes by time alone, whose threshold grows by a quarter, at
+        most once per round trip (for a packet sent since it last grew), up to
+        4 RTTs. Jitter comparable to the RTT would otherwise make every burst
+        look lossy and halve the window for nothing; a packet threshold alone
+        would not do, since how many datagrams a delay lets pass grows with the
+        window. After ``CALM_RECOVERIES`` loss recoveries with no spurious loss
+        half the widening goes (:meth:`_recovered`).
+
+        Widening once per packet, and never narrowing, let one reordered 64 KiB
+        datagram (some 60 bundled messages, each found spurious) take the time
+        threshold to its cap at once, for good: on loopback, where the scheduler
+        now and then delays a datagram past a few later ones, every later loss
+        then waited four round trips to be detected.
+
         A probe proved spurious (the peer was only slow to answer) doubles the
         probe floor instead, up to ``min_rto``.
         """
@@ -998,8 +1034,29 @@ class SendStream:
             self.probed.clear()
             self.probe_floor = min(2 * self.probe_floor, self.rtt.min_rto)
             return
-        self.reorder_threshold = min(self.reorder_threshold + 1, _MAX_REORDER_THRESHOLD)
+        self.calm_recoveries = 0
+        self.reorder_threshold = _TIME_ONLY
+        if pkt.tx < self.widen_tx:
+            return  # sent before the last widening: judged by the old threshold
+        self.widen_tx = self.tx_counter
         self.time_threshold = min(self.time_threshold * 1.25, _MAX_TIME_THRESHOLD)
+
+    def _recovered(self) -> None:
+        """A loss recovery began. After ``CALM_RECOVERIES`` of them with no spurious loss,
+        half the time threshold's widening goes, and the packet threshold returns with
+        the last of it. Only half: without duplicate SACKs a spurious loss is proven
+        only when the original's acknowledgement beats the copy's, so a calm stretch
+        may be reordering that went unproven."""
+        if self.time_threshold == K_TIME_THRESHOLD and self.reorder_threshold == K_PACKET_THRESHOLD:
+            return
+        self.calm_recoveries += 1
+        if self.calm_recoveries >= CALM_RECOVERIES:
+            self.calm_recoveries = 0
+            time_threshold = (self.time_threshold + K_TIME_THRESHOLD) / 2
+            if time_threshold - K_TIME_THRESHOLD < 0.05:
+                time_threshold = K_TIME_THRESHOLD
+                self.reorder_threshold = K_PACKET_THRESHOLD
+            self.time_threshold = time_threshold
 
     def detect_losses(self, now: float) -> int:
         """Declare packets overtaken by later acknowledged transmissions lost."""
@@ -1025,7 +1082,14 @@ class SendStream:
         for pkt in lost:
             self._declare_lost(pkt)
         if lost:
-            self.cc.on_lost(lost[-1].sent_time, now)
+            cc = self.cc
+            began = cc.recovery_start
+            cc.on_lost(lost[-1].sent_time, now)
+            if cc.recovery_start != began:
+                self._recovered()
+                self.suspects = {pkt.seq for pkt in lost}
+            elif cc.prior_cwnd:  # the reduction may still be undone: these count too
+                self.suspects.update(pkt.seq for pkt in lost)
         return len(lost)
 
     def _leave_flight(self, pkt: SentPacket) -> None:
@@ -1206,6 +1270,7 @@ class SendStream:
         self.dropped_ahead = 0
         self.in_flight_bytes = 0
         self.lost.clear()
+        self.suspects.clear()
         self.cum_ack = self.peer_edge = self.next_seq
         self.peer_window = self.initial_peer_window
         self.loss_time = None

@@ -10,8 +10,9 @@ import random
 import pytest
 
 from reliable import Config, Endpoint, events
+from reliable.config import K_PACKET_THRESHOLD, K_TIME_THRESHOLD
 from reliable.peer import DATAGRAM_GROWTH, FIRST_CONTACT_DATAGRAMS
-from reliable.sender import PROBE_FLOOR
+from reliable.sender import CALM_RECOVERIES, PROBE_FLOOR
 from reliable.wire import Kind
 
 from .harness import A, B, Pair, decode_all
@@ -335,3 +336,80 @@ def test_a_probe_sends_its_packets_in_separate_datagrams() -> None:
     p.deliver(p.b, sent)
     p.settle()
     assert len(p.a.of(events.MessageDelivered)) == 4
+
+
+def test_a_reordered_bundle_widens_the_loss_thresholds_one_step_not_one_per_fragment() -> None:
+    """A datagram of many bundled messages overtaken by three later ones is declared
+    lost, then turns up: every fragment in it proves a spurious loss, but it was one
+    reordering, so the time threshold widens one step (RFC 8985: once per round trip)
+    and detection goes by time alone (the packet threshold is dropped, as RFC 8985
+    does once it has seen reordering). Widening per fragment took the time threshold
+    to its 4 RTT cap at once on the loopback bench, and every later loss waited four
+    round trips to be detected. The window's reduction for those losses is undone."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    for i in range(60):
+        p.a.endpoint.send(B, bytes([65 + i % 26]) * 100, now=p.now)
+    flight = p.outgoing(p.a)
+    assert len(flight) >= 5
+    bundled = 1 + len(decode_all(flight[:1])[0].bundle)
+    assert bundled > 2
+    window = sender.cc.window
+    p.deliver(p.b, flight[1:])  # the first datagram is held up: the others overtake it
+    p.now += 0.001
+    p.transfer(p.b)  # A hears of the gap, three datagrams on: the first is "lost"
+    assert sender.lost and sender.cc.window < window
+    p.deliver(p.b, flight[:1])  # ... but it was only late
+    p.tick(Config().max_ack_delay)
+    p.transfer(p.b)  # acknowledged before its retransmission went out
+    assert sender.spurious == bundled
+    assert sender.time_threshold == pytest.approx(K_TIME_THRESHOLD * 1.25)
+    assert sender.reorder_threshold > 1000  # none: by time alone
+    assert sender.cc.window >= window  # (halved without the undo)
+    p.settle()
+    assert len(p.a.of(events.MessageDelivered)) == 60
+
+
+def test_widened_loss_thresholds_narrow_again_after_calm_recoveries() -> None:
+    """Reordering does not last for ever: each ``CALM_RECOVERIES`` loss recoveries with
+    no spurious loss take half the time threshold's widening away (RFC 8985 resets
+    its reordering window after 16), and the packet threshold comes back with the
+    last of it, so real losses are found in 9/8 RTT once more."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    sender.reorder_threshold = 1 << 30  # as after a reordering
+    sender.time_threshold = K_TIME_THRESHOLD * 1.25
+    thresholds = []
+    for _ in range(4 * CALM_RECOVERIES):
+        for i in range(8):
+            p.a.endpoint.send(B, bytes([65 + i]) * 1000, now=p.now)  # a datagram each
+        p.transfer(p.a, drop=lambda i, d: i == 0)  # the first is really lost
+        for _ in range(200):
+            p.tick(0.0005)
+            p.transfer(p.b)
+            p.transfer(p.a)
+            if not sender.has_outstanding():
+                break
+        assert not sender.has_outstanding()
+        thresholds.append((sender.time_threshold, sender.reorder_threshold))
+    assert sender.spurious == 0
+    assert thresholds[CALM_RECOVERIES - 2][0] == K_TIME_THRESHOLD * 1.25
+    assert K_TIME_THRESHOLD < thresholds[CALM_RECOVERIES][0] < K_TIME_THRESHOLD * 1.25
+    assert thresholds[-1] == (K_TIME_THRESHOLD, K_PACKET_THRESHOLD)
+
+
+def test_the_packet_threshold_returns_even_when_the_time_threshold_never_widened() -> None:
+    """A spurious loss of a packet sent before the last widening drops the packet
+    threshold without widening the time threshold again; calm recoveries must still
+    bring the packet threshold back (it once waited for a time threshold already at
+    its default, for ever)."""
+    p = Pair()
+    _connect(p)
+    sender = p.a.endpoint._peers[B].sender
+    sender.reorder_threshold = 1 << 30
+    assert sender.time_threshold == K_TIME_THRESHOLD
+    for _ in range(CALM_RECOVERIES):
+        sender._recovered()
+    assert sender.reorder_threshold == K_PACKET_THRESHOLD

@@ -93,6 +93,24 @@ def test_timeout_collapses_to_min_cwnd() -> None:
     assert cc.ssthresh == 20
 
 
+def test_undo_takes_back_the_reduction_of_the_current_recovery_only() -> None:
+    """Losses proven spurious (reordering) give the window back (Eifel, RFC 4015), once;
+    a timeout's collapse is never undone."""
+    cc = NewReno(initial_cwnd=40, min_cwnd=2)
+    cc.on_acked(40, newest_sent_time=1.0)  # slow start: 80
+    cc.on_lost(newest_lost_sent_time=1.0, now=2.0)
+    assert (cc.window, cc.ssthresh) == (40, 40)
+    cc.undo()
+    assert cc.window == 80 and cc.ssthresh == float("inf")  # as before the loss
+    cc.on_lost(newest_lost_sent_time=1.5, now=2.1)  # the same recovery: no new reduction
+    cc.undo()  # nothing left to undo
+    assert cc.window == 80
+    cc.on_lost(newest_lost_sent_time=2.5, now=3.0)
+    cc.on_timeout(now=4.0)
+    cc.undo()
+    assert cc.window == 2
+
+
 def test_the_window_counts_bytes_and_grows_one_datagram_per_window() -> None:
     cc = NewReno(initial_cwnd=10 * 1200, min_cwnd=2 * 1200, max_datagram=1200)
     cc.on_lost(newest_lost_sent_time=0.5, now=1.0)  # out of slow start at 6,000 bytes
