@@ -343,6 +343,7 @@ class Endpoint:
             self.config, self, emit=self._emit, drop=self._drop, clock=lambda: self._now
         )
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
+        self._serving = self.remote._serving  # (never rebound): a waiter answer routes here
         self._redirects = self.remote.redirects
         self._grace = self.remote.grace
 
@@ -385,7 +386,13 @@ class Endpoint:
             msg_type = check_integer(msg_type, "msg_type")
         if type(priority) is not int:
             priority = check_integer(priority, "priority")
-        self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if not (  # check_message's common case, inline (it says what is wrong)
+            MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX
+            and 0 <= priority <= PRIORITY_MAX
+            and len(data) <= self.config.max_message_size
+            and mailbox == ""  # (a named mailbox's name is checked by the call)
+        ):
+            self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
         if timeout is not None:
             check_timeout(timeout, "timeout")
         self._now = now
@@ -1517,8 +1524,12 @@ class Endpoint:
     # --------------------------------------------------------------- internal
 
     def _emit(self, event: events.Event) -> None:
-        if not self._anycast and type(event) not in _HOOKED_EVENTS:
-            self._events.append(event)  # the per-message events, checked in one lookup
+        if type(event) not in _HOOKED_EVENTS:
+            if not self._anycast:
+                self._events.append(event)  # the per-message events, checked in one lookup
+                return
+        elif type(event) is events.MessageTaken and not self._serving:
+            self._events.append(event)  # a local receive's answer: no remote pull to route
             return
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
@@ -1545,7 +1556,15 @@ class Endpoint:
             return
         session.events = []  # (an event's consequences may call the session again)
         outgoing = self._outgoing
+        plain = not self._anycast
         for event in produced:
+            if plain and type(event) is events.MessageDelivered:
+                # The per-message receipt (_emit's common case, inline)
+                entry = outgoing.pop(event.ticket, None)
+                if entry is not None:
+                    self._buffered -= len(entry[1].data)
+                self._events.append(event)
+                continue
             if isinstance(event, (events.MessageDelivered, events.MessageFailed)):
                 entry = outgoing.pop(event.ticket, None)
                 if entry is not None:

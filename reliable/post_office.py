@@ -357,6 +357,12 @@ class PostOffice:
         box = self.mailboxes.get(mailbox)
         if box is None or (box.owner is not None and owner != box.owner):
             box = self._box(mailbox, owner=owner)  # raises, saying why
+        if lock is None and selector is None and not self.locking:
+            # The common receive: the head of the queue, or None (no lock to check)
+            msg = box.take_head(receiver, now)
+            if msg is not None:
+                self.held -= len(msg.data)
+            return msg
         # Checked before any narrowing: inside an ``if lock is not None`` the compiled
         # core would pass the value as a float, and True would arrive as 1.0.
         check_lock(lock)
@@ -723,14 +729,15 @@ class PostOffice:
         if self._waiting_sets:
             self._leave_other_lines(ticket, msg.mailbox)
         box = self.mailboxes.get(msg.mailbox)
-        if box is not None and msg in box.locked:
+        if box is not None and box.locked and msg in box.locked:
             self.locking.add(box.name)  # still held, under a lock
         else:
             self.held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
-        box = self._durable.get(msg.mailbox)
-        if box is not None and box.log is not None:
-            box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
-            return
+        if self._durable:
+            box = self._durable.get(msg.mailbox)
+            if box is not None and box.log is not None:
+                box.log.handoffs.append((ticket, msg))  # answered once its deletion commits
+                return
         self._emit(events.MessageTaken(waiter=ticket, message=msg))
 
     def _wait_failed(self, ticket: int, error: Exception) -> None:
