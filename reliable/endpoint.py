@@ -136,6 +136,7 @@ from .receiver import MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
     REFUSAL_TEXT,
+    WRONG_MODE,
     Integrity,
     Security,
     SecurityError,
@@ -144,8 +145,10 @@ from .sender import OutgoingMessage
 from .stats import NodeStats
 from .timers import TimerHeap
 from .wire import (
+    BULK_REFUSED_LOW_FLAGS,
     GROUP_KINDS,
     MAX_MAILBOX_BYTES,
+    MODE_FLAGS,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
@@ -153,6 +156,7 @@ from .wire import (
     MalformedPacket,
     Packet,
     Verdict,
+    check_crc,
     decode,
     decode_body,
     decode_bulk,
@@ -217,6 +221,59 @@ class Endpoint:
     the adapters reads the event, and building one per message cost 5% of the
     core's instructions per streamed message.
     """
+
+    # Slots, not an instance dict: an endpoint has more attributes than CPython shares
+    # keys for (30), so without them each attribute access was a dict lookup.
+    __slots__ = (
+        "_anycast",
+        "_arrival_events",
+        "_buffered",
+        "_capacities",
+        "_close_deadline",
+        "_closing",
+        "_departed",
+        "_departed_duplicates",
+        "_departed_forged_acks",
+        "_departed_retransmissions",
+        "_dirty",
+        "_ended",
+        "_events",
+        "_failover",
+        "_gate",
+        "_grace",
+        "_group_tickets",
+        "_groups",
+        "_locking",
+        "_loose",
+        "_mailboxes",
+        "_next_query",
+        "_next_ticket",
+        "_node_message_handlers",
+        "_now",
+        "_outgoing",
+        "_packet_number",
+        "_peers",
+        "_post",
+        "_receive_budget",
+        "_redirects",
+        "_resumable",
+        "_rng",
+        "_services",
+        "_serving",
+        "_sessionless",
+        "_socket_buffer",
+        "_timers",
+        "closed",
+        "config",
+        "datagrams_received",
+        "datagrams_sent",
+        "dropped",
+        "incarnation",
+        "outbox_ids",
+        "remote",
+        "security",
+        "sessions_dropped",
+    )
 
     def __init__(
         self,
@@ -389,17 +446,18 @@ class Endpoint:
         if not (  # check_message's common case, inline (it says what is wrong)
             MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX
             and 0 <= priority <= PRIORITY_MAX
-            and len(data) <= self.config.max_message_size
+            and (length := len(data)) <= self.config.max_message_size
             and mailbox == ""  # (a named mailbox's name is checked by the call)
         ):
             self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+            length = len(data)
         if timeout is not None:
             check_timeout(timeout, "timeout")
         self._now = now
         if self._closing or (
-            self._buffered + self._groups.buffered() + len(data) > self.config.send_buffer
+            self._buffered + self._groups.buffered() + length > self.config.send_buffer
         ):
-            self._check_room(len(data))  # raises, saying why
+            self._check_room(length)  # raises, saying why
         if self._redirects:
             dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
@@ -426,10 +484,10 @@ class Endpoint:
             deadline=deadline if deadline is not None or timeout is None else now + timeout,
             timeout=timeout,
             fragment_size=size,
-            count=-(-len(data) // size) or 1,  # (an empty message: one fragment)
+            count=-(-length // size) or 1,  # (an empty message: one fragment)
         )
         self._next_ticket += 1
-        self._buffered += len(data)
+        self._buffered += length
         self._outgoing[msg.ticket] = (dest, msg)
         peer.enqueue(msg, now)
         self._dirty[dest] = None
@@ -603,9 +661,22 @@ class Endpoint:
         self._now = now
         self.datagrams_received += 1
         try:
-            packet_number, body = self.security.open(data)
-            if packet_number is None and self._bulk(body, addr, now):
-                return  # the next fragment of a big message, taken without a Packet
+            security = self.security
+            if type(security) is Integrity:
+                # Integrity.open, inline (the CRC and the mode bits: once per datagram)
+                end = check_crc(data)
+                if ((data[4] << 8) | data[5]) & MODE_FLAGS:
+                    raise SecurityError("security.sealed", WRONG_MODE)
+                packet_number = None
+                body: bytes | memoryview = memoryview(data)[:end]
+                # (a DATA packet that carries acks, and every ACK, is no bulk fragment:
+                # decode_bulk's first test, read here without the two calls)
+                if not data[5] & BULK_REFUSED_LOW_FLAGS and self._bulk(body, addr, now):
+                    return  # the next fragment of a big message, taken without a Packet
+            else:
+                packet_number, body = security.open(data)
+                if packet_number is None and self._bulk(body, addr, now):
+                    return  # the next fragment of a big message, taken without a Packet
             pkt = decode_body(body)
         except SecurityError as refused:
             if not self._auth_failed_reply(data, addr, now):

@@ -603,7 +603,12 @@ class SendStream:
         self.probe_pending -= alone
         # A full-size fragment of a big message leaves no room for another record: skip
         # the search for one (the per-datagram path of a bulk transfer).
-        if not alone and self._next_record_too_big(pkt, budget - used, retransmission):
+        if not alone and (
+            # Nothing queued or lost: _next_fragment would find no second record (a request
+            # or a reply, alone in its datagram)
+            not (self.queue or self.node_messages or self.lost)
+            or self._next_record_too_big(pkt, budget - used, retransmission)
+        ):
             alone = True
         while not alone:
             step = self._next_fragment(now, budget - used, for_node, records)

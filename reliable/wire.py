@@ -771,19 +771,48 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         flags &= ~_COOKIE
     elif kind_value == _CHALLENGE_KIND:
         raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
-    if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
-        raise MalformedPacket("length", "ack section overruns the datagram")
     sacks: tuple[tuple[int, int], ...] = ()
     notices: tuple[tuple[int, int], ...] = ()
-    if n_sack:
-        sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
-        offset += n_sack * _SACK.size
-    if n_notice:
-        notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
-        offset += n_notice * _NOTICE.size
-        for _, reason in notices:
-            if reason not in _VERDICTS:
-                raise MalformedPacket("notice", f"unknown verdict {reason}")
+    if n_sack or n_notice:  # (an empty ack section cannot overrun: the header fit)
+        if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
+            raise MalformedPacket("length", "ack section overruns the datagram")
+        if n_sack:
+            sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
+            offset += n_sack * _SACK.size
+        if n_notice:
+            notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
+            offset += n_notice * _NOTICE.size
+            for _, reason in notices:
+                if reason not in _VERDICTS:
+                    raise MalformedPacket("notice", f"unknown verdict {reason}")
+    if kind_value == _DATA_KIND:
+        # DATA, the common packet, first: what the general path below does for it
+        for_node = bool(flags & _NODE)
+        nested = bool(flags & _NESTED)
+        first, offset = _decode_fragment(data, offset, end, for_node, nested)
+        pkt = Packet(
+            kind=kind,
+            flags=flags,
+            window=window,
+            src_incarnation=src_inc,
+            dst_incarnation=dst_inc,
+            ack=ack,
+            ack_delay=ack_delay,
+        )
+        pkt.fragment = first
+        if offset != end:
+            more = []
+            while offset != end:
+                extra, offset = _decode_fragment(data, offset, end, for_node, nested)
+                more.append(extra)
+            pkt.bundle = tuple(more)
+        if sacks:
+            pkt.sacks = sacks
+        if notices:
+            pkt.notices = notices
+        if cookie is not None:
+            pkt.cookie = cookie
+        return pkt
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
@@ -874,6 +903,9 @@ _ACK_NOW_BIT = int(Flag.ACK_NOW)
 #: Flags in the low byte that decode_bulk never takes: all but ACK_NOW (the mode bits are
 #: in the high byte, which the full test after the unpack reads).
 _REFUSED_LOW_FLAGS = 0xFF & ~_ACK_NOW_BIT
+#: The same, for a caller that reads byte 5 of a datagram first and calls
+#: :func:`decode_bulk` only when none of these is set.
+BULK_REFUSED_LOW_FLAGS = _REFUSED_LOW_FLAGS
 #: What :func:`decode_bulk` reads: ``(ack_now, src_incarnation, dst_incarnation, seq, base,
 #: msg_id, index, count, total_len, payload)``, wire values.
 BulkFragment = tuple[bool, int, int, int, int, int, int, int, int, bytes | memoryview]
