@@ -474,17 +474,18 @@ class Endpoint:
             if len(self._capacities) >= _CAPACITIES_KEPT:
                 self._capacities.clear()
             size = self._capacities[datagram, mailbox] = fragment_capacity(datagram, mailbox)
+        # (positional: a class called with keywords builds a dict of them, once per message)
         msg = OutgoingMessage(
-            ticket=self._next_ticket,
-            data=data,
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=mailbox,
-            created=now,
-            deadline=deadline if deadline is not None or timeout is None else now + timeout,
-            timeout=timeout,
-            fragment_size=size,
-            count=-(-length // size) or 1,  # (an empty message: one fragment)
+            self._next_ticket,
+            data,
+            msg_type,
+            priority,
+            mailbox,
+            now,  # created
+            deadline if deadline is not None or timeout is None else now + timeout,
+            timeout,
+            size,  # fragment_size
+            -(-length // size) or 1,  # count (an empty message: one fragment)
         )
         self._next_ticket += 1
         self._buffered += length

@@ -1426,18 +1426,19 @@ class PeerSession:
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
         assert self.incarnation is not None
+        # (positional: a class called with keywords builds a dict of them, per message)
         self.events.append(
             events.MessageDelivered(
-                ticket=msg.ticket,
-                peer=self.addr,
-                size=len(msg.data),
-                fragments=msg.count,
-                transmissions=msg.transmissions,
-                elapsed=now - msg.created,
-                incarnation=self.incarnation,
-                mailbox=msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
-                deferred=event is _ADMIT,
-                receiver=receiver,
+                msg.ticket,
+                self.addr,
+                len(msg.data),  # size
+                msg.count,  # fragments
+                msg.transmissions,
+                now - msg.created,  # elapsed
+                self.incarnation,
+                msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
+                event is _ADMIT,  # deferred
+                receiver,
             )
         )
 

@@ -334,7 +334,7 @@ class PostOffice:
         elif error is not None:
             self._drop("store.failed")
         for ticket, msg in batch.handoffs:
-            self._emit(events.MessageTaken(waiter=ticket, message=msg))
+            self._emit(events.MessageTaken(ticket, msg))  # (positional: no keyword dict)
 
     def owes_writes(self) -> bool:
         """As :meth:`Endpoint.owes_writes <reliable.endpoint.Endpoint.owes_writes>`."""
@@ -576,15 +576,16 @@ class PostOffice:
         assert session.incarnation is not None
         if self._arrival_events:
             msg = self._arrived(session.addr, session.incarnation, d, None)
-        else:  # _arrived without its event, inline: once per message
+        else:  # _arrived without its event, inline: once per message (positional: a
+            # class called with keywords builds a dict of them)
             msg = Message(
-                source=session.addr,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=session.incarnation,
+                session.addr,  # source
+                d.data,
+                d.msg_type,
+                d.priority,
+                d.mailbox,
+                d.msg_id,
+                session.incarnation,
             )
             self.held += size
         # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
@@ -738,7 +739,7 @@ class PostOffice:
             if box is not None and box.log is not None:
                 box.log.handoffs.append((ticket, msg))  # answered once its deletion commits
                 return
-        self._emit(events.MessageTaken(waiter=ticket, message=msg))
+        self._emit(events.MessageTaken(ticket, msg))  # (positional: no keyword dict)
 
     def _wait_failed(self, ticket: int, error: Exception) -> None:
         """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""
