@@ -291,7 +291,7 @@ class Fragment:
         self.nested = nested
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Packet:
     """One decoded datagram.
 
@@ -302,9 +302,9 @@ class Packet:
     """
 
     kind: Kind
+    src_incarnation: int  #: sender's incarnation (non-zero)
     flags: int = 0
     window: int = 0  #: advertised receive window, in packets beyond ``ack``
-    src_incarnation: int  #: sender's incarnation (non-zero)
     dst_incarnation: int = 0  #: receiver's incarnation as the sender knows it, 0 if unknown
     ack: int = 0  #: cumulative ack: the next seq expected from the receiver of this packet
     ack_delay: int = 0  #: how long the ack was held, in :data:`ACK_DELAY_TICK` units
@@ -324,11 +324,10 @@ class Packet:
     # signature and defaults as the generated one.
     def __init__(
         self,
-        *,
         kind: Kind,
+        src_incarnation: int,
         flags: int = 0,
         window: int = 0,
-        src_incarnation: int,
         dst_incarnation: int = 0,
         ack: int = 0,
         ack_delay: int = 0,
@@ -790,15 +789,8 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         for_node = bool(flags & _NODE)
         nested = bool(flags & _NESTED)
         first, offset = _decode_fragment(data, offset, end, for_node, nested)
-        pkt = Packet(
-            kind=kind,
-            flags=flags,
-            window=window,
-            src_incarnation=src_inc,
-            dst_incarnation=dst_inc,
-            ack=ack,
-            ack_delay=ack_delay,
-        )
+        # (positional: a class called with keywords builds a dict of them, per datagram)
+        pkt = Packet(kind, src_inc, flags, window, dst_inc, ack, ack_delay)
         pkt.fragment = first
         if offset != end:
             more = []
@@ -861,17 +853,9 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         padding = end - offset - _PROBE.size
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
-    # The header's fields by keyword, the rest only when not the default: a keyword
-    # costs about 30 ns to match, and a packet (an ACK) often has none of the rest.
-    pkt = Packet(
-        kind=kind,
-        flags=flags,
-        window=window,
-        src_incarnation=src_inc,
-        dst_incarnation=dst_inc,
-        ack=ack,
-        ack_delay=ack_delay,
-    )
+    # The header's fields positionally (a class called with keywords builds a dict of
+    # them), the rest only when not the default: a packet (an ACK) often has none.
+    pkt = Packet(kind, src_inc, flags, window, dst_inc, ack, ack_delay)
     if sacks:
         pkt.sacks = sacks
     if notices:
