@@ -468,7 +468,12 @@ class Endpoint:
         peer = session if session is not None else self._peer_for_send(dest, now)
         if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
-        datagram = peer.current_datagram_size()
+        # peer.current_datagram_size(), inline (once per message)
+        datagram = peer.cc.window // 4
+        if datagram < self.config.max_datagram_size:
+            datagram = self.config.max_datagram_size
+        if peer.datagram_size < datagram:
+            datagram = peer.datagram_size
         size = self._capacities.get((datagram, mailbox), 0)
         if not size:
             if len(self._capacities) >= _CAPACITIES_KEPT:
@@ -1166,7 +1171,16 @@ class Endpoint:
         (``sync_stores``) before it hands a removed message out.
         """
         self._now = now
-        return self._post.take(mailbox, selector, owner, receiver, lock, now)
+        post = self._post
+        if lock is None and selector is None and not post.locking:
+            # PostOffice.take's common case, inline: the head of a mailbox we may read
+            box = post.mailboxes.get(mailbox)
+            if box is not None and (box.owner is None or owner == box.owner):
+                msg = box.take_head(receiver, now)
+                if msg is not None:
+                    post.held -= len(msg.data)
+                return msg
+        return post.take(mailbox, selector, owner, receiver, lock, now)
 
     def peek(
         self,

@@ -381,7 +381,13 @@ class Mailbox:
                     or queue.bytes + self.staged_bytes + size <= self.max_bytes
                 ):
                     self.total_in += 1
-                    queue.push(msg)
+                    level = queue._levels.get(msg.priority)  # (queue.push, inline)
+                    if level is None:
+                        queue.push(msg)
+                    else:
+                        level.append(msg)
+                        queue.count += 1
+                        queue.bytes += size
                     if queue.count > self.high_water:
                         self.high_water = queue.count
                     return True

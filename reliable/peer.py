@@ -112,6 +112,7 @@ from .fate import (
     DELIVERED_ON_ACK,
     RECLAIMING_STATES,
     TERMINAL,
+    TRANSITIONS,
     Fate,
     FateInput,
     advance,
@@ -757,7 +758,10 @@ class PeerSession:
         if outcome.bogus:
             self.bogus_acks += 1
         for msg in outcome.completed:
-            self._acknowledged(msg, now)
+            if msg.fate in DELIVERED_ON_ACK:  # (_acknowledged's common case, inline)
+                self._complete(msg, now)
+            else:
+                self._acknowledged(msg, now)
 
     def _acknowledged(self, msg: OutgoingMessage, now: float) -> None:
         """Every fragment of ``msg`` reached the peer: delivered, unless its mailbox deferred it."""
@@ -1420,7 +1424,8 @@ class PeerSession:
         event: FateInput = FateInput.ACKED,
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
-        msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
+        moves = TRANSITIONS[msg.fate]  # (OutgoingMessage.step and advance, inline)
+        msg.fate = moves[event] if event in moves else advance(msg.fate, event)  # (raises)
         if msg.for_node:
             return
         self.messages_sent += 1
