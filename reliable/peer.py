@@ -965,9 +965,22 @@ class PeerSession:
 
     def datagrams(self, now: float, my_incarnation: int) -> list[bytes]:
         """Everything this session wants to send now."""
-        out: list[bytes] = []
         sender = self.sender
         receiver = self.receiver
+        send = sender.can_send()
+        if not (
+            send
+            or self.tell_dropped
+            or self.ping_now
+            or self.probe_answers
+            or self.bulk
+            # receiver.wants_ack(now), inline
+            or receiver.ack_now
+            or (receiver.ack_requested and not receiver.reply_wait)
+            or (receiver.ack_deadline is not None and now >= receiver.ack_deadline)
+        ):
+            return []  # nothing due (a session touched by what it received, say)
+        out: list[bytes] = []
         dst = self.incarnation or 0
         if self.tell_dropped:
             self.tell_dropped = False
@@ -982,7 +995,6 @@ class PeerSession:
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
         first_contact = not self.heard and self.cookie is None  # (_first_contact, inline)
-        send = sender.can_send()
         # Before first contact, one small datagram until the peer answers; a larger one
         # is a PING instead. The first time, PINGs go with it (see _first_contact).
         first_send = send and first_contact and not sender.flight
