@@ -924,7 +924,8 @@ class Endpoint:
         """
         if self.closed:
             return None
-        self._refile_dirty()
+        if self._dirty:
+            self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         if not (self._locking or self._grace or self._closing):
             # the common case: only sessions, groups and services have timers

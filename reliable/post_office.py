@@ -452,9 +452,13 @@ class PostOffice:
     ) -> int:
         """As :meth:`Endpoint.wait_for_message <reliable.endpoint.Endpoint.wait_for_message>`."""
         box = self._box(mailbox, owner=owner)
-        ticket = self.new_waiter()
-        check_lock(lock)
-        _check_truncate(selector, lock)
+        ticket = self._next_waiter  # (new_waiter, inline)
+        self._next_waiter = ticket + 1
+        # Both checks pass a plain wait (no lock, no selector) without a call. (Not
+        # ``if lock is not None``: narrowed, a compiled core would unbox True to 1.0.)
+        if lock is not None or selector is not None:
+            check_lock(lock)
+            _check_truncate(selector, lock)
         self._waiting[ticket] = mailbox
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
