@@ -589,10 +589,25 @@ class SendStream:
         (node-message and application fragments never share a datagram).
         """
         records: list[bytes | memoryview] = []
-        step = self._next_fragment(now, None, False, records)
-        if step is None:
-            return None
-        retransmission, pkt = step
+        queue = self.queue
+        first = None
+        if (
+            queue
+            and not self.lost
+            and self.current is None
+            and len(self.levels) <= 1
+            and self.in_flight_bytes < self.cc.window
+        ):
+            # a small message first (a request, a reply, a bundle's first): _next_small
+            # (what _next_fragment does for it; a larger one goes whatever its size, there)
+            first = self._next_small(now, budget, records)
+        if first is not None:
+            retransmission, pkt = False, first
+        else:
+            step = self._next_fragment(now, None, False, records)
+            if step is None:
+                return None
+            retransmission, pkt = step
         for_node = pkt.message.for_node
         nested = pkt.nested
         packets = [pkt]
@@ -610,7 +625,6 @@ class SendStream:
             or self._next_record_too_big(pkt, budget - used, retransmission)
         ):
             alone = True
-        queue = self.queue
         while not alone:
             if (
                 queue
