@@ -793,11 +793,7 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         pkt = Packet(kind, src_inc, flags, window, dst_inc, ack, ack_delay)
         pkt.fragment = first
         if offset != end:
-            more = []
-            while offset != end:
-                extra, offset = _decode_fragment(data, offset, end, for_node, nested)
-                more.append(extra)
-            pkt.bundle = tuple(more)
+            pkt.bundle = _decode_bundle(data, offset, end, for_node, nested)
         if sacks:
             pkt.sacks = sacks
         if notices:
@@ -969,6 +965,66 @@ def decode_bulk(body: bytes | memoryview) -> BulkFragment | None:
         total_len,
         payload,
     )
+
+
+def _decode_bundle(
+    data: bytes | memoryview, offset: int, end: int, for_node: bool, nested: bool
+) -> tuple[Fragment, ...]:
+    """The records after a DATA packet's first, from ``offset`` to ``end``.
+
+    A default-mailbox record whose fields pass :func:`_decode_fragment`'s checks
+    (a small message in a bundle: most records) is read here, inline; any other
+    record goes to that function, which reads it or raises what is wrong.
+    """
+    more = []
+    unpack = _RECORD_HEAD.unpack_from
+    head = _RECORD_HEAD.size
+    half = len(data)  # (a payload at least half the datagram is a view: see below)
+    while offset != end:
+        if offset + head <= end:
+            (
+                seq,
+                base,
+                msg_id,
+                index,
+                count,
+                total_len,
+                msg_type,
+                priority,
+                mailbox_len,
+                length,
+            ) = unpack(data, offset)
+            start = offset + head
+            stop = start + length
+            if (
+                not mailbox_len
+                and stop <= end
+                and index < count
+                and length <= total_len
+                and (count <= total_len or count == 1)
+                and 2 * length < half
+            ):
+                more.append(
+                    Fragment(
+                        seq,
+                        base,
+                        msg_id,
+                        index,
+                        count,
+                        total_len,
+                        msg_type,
+                        priority,
+                        "",
+                        bytes(data[start:stop]),
+                        for_node,
+                        nested,
+                    )
+                )
+                offset = stop
+                continue
+        fragment, offset = _decode_fragment(data, offset, end, for_node, nested)
+        more.append(fragment)
+    return tuple(more)
 
 
 def _decode_fragment(
