@@ -1015,7 +1015,9 @@ class PeerSession:
                     self._record_room_size = size
                     self._record_room = data_budget(size)
                 budget = self._record_room
-            ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
+            ack, ack_delay, sacks, notices = receiver.ack_fields(
+                now, DATA_SACK_RANGES, DATA_NOTICES
+            )
             window = self.window()
             while True:
                 step = sender.next_datagram(now, budget)
@@ -1031,10 +1033,10 @@ class PeerSession:
                         window,
                         my_incarnation,
                         dst,
-                        ack.ack,
-                        ack.ack_delay,
-                        ack.sacks,
-                        ack.notices,
+                        ack,
+                        ack_delay,
+                        sacks,
+                        notices,
                         self.cookie,
                         None,
                         records,
