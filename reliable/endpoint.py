@@ -136,6 +136,7 @@ from .receiver import MemoryBudget
 from .remote_mailbox import FIRST_OP, Manage, RemoteMailboxes
 from .security import (
     REFUSAL_TEXT,
+    WRONG_MODE,
     Integrity,
     Security,
     SecurityError,
@@ -144,8 +145,10 @@ from .sender import OutgoingMessage
 from .stats import NodeStats
 from .timers import TimerHeap
 from .wire import (
+    BULK_REFUSED_LOW_FLAGS,
     GROUP_KINDS,
     MAX_MAILBOX_BYTES,
+    MODE_FLAGS,
     MSG_TYPE_MAX,
     MSG_TYPE_MIN,
     PRIORITY_MAX,
@@ -153,6 +156,7 @@ from .wire import (
     MalformedPacket,
     Packet,
     Verdict,
+    check_crc,
     decode,
     decode_body,
     decode_bulk,
@@ -217,6 +221,59 @@ class Endpoint:
     the adapters reads the event, and building one per message cost 5% of the
     core's instructions per streamed message.
     """
+
+    # Slots, not an instance dict: an endpoint has more attributes than CPython shares
+    # keys for (30), so without them each attribute access was a dict lookup.
+    __slots__ = (
+        "_anycast",
+        "_arrival_events",
+        "_buffered",
+        "_capacities",
+        "_close_deadline",
+        "_closing",
+        "_departed",
+        "_departed_duplicates",
+        "_departed_forged_acks",
+        "_departed_retransmissions",
+        "_dirty",
+        "_ended",
+        "_events",
+        "_failover",
+        "_gate",
+        "_grace",
+        "_group_tickets",
+        "_groups",
+        "_locking",
+        "_loose",
+        "_mailboxes",
+        "_next_query",
+        "_next_ticket",
+        "_node_message_handlers",
+        "_now",
+        "_outgoing",
+        "_packet_number",
+        "_peers",
+        "_post",
+        "_receive_budget",
+        "_redirects",
+        "_resumable",
+        "_rng",
+        "_services",
+        "_serving",
+        "_sessionless",
+        "_socket_buffer",
+        "_timers",
+        "closed",
+        "config",
+        "datagrams_received",
+        "datagrams_sent",
+        "dropped",
+        "incarnation",
+        "outbox_ids",
+        "remote",
+        "security",
+        "sessions_dropped",
+    )
 
     def __init__(
         self,
@@ -343,6 +400,7 @@ class Endpoint:
             self.config, self, emit=self._emit, drop=self._drop, clock=lambda: self._now
         )
         self._departed = self.remote.departed_peers  # the same dicts: one lookup on hot paths
+        self._serving = self.remote._serving  # (never rebound): a waiter answer routes here
         self._redirects = self.remote.redirects
         self._grace = self.remote.grace
 
@@ -385,14 +443,21 @@ class Endpoint:
             msg_type = check_integer(msg_type, "msg_type")
         if type(priority) is not int:
             priority = check_integer(priority, "priority")
-        self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+        if not (  # check_message's common case, inline (it says what is wrong)
+            MSG_TYPE_MIN <= msg_type <= MSG_TYPE_MAX
+            and 0 <= priority <= PRIORITY_MAX
+            and (length := len(data)) <= self.config.max_message_size
+            and mailbox == ""  # (a named mailbox's name is checked by the call)
+        ):
+            self.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
+            length = len(data)
         if timeout is not None:
             check_timeout(timeout, "timeout")
         self._now = now
         if self._closing or (
-            self._buffered + self._groups.buffered() + len(data) > self.config.send_buffer
+            self._buffered + self._groups.buffered() + length > self.config.send_buffer
         ):
-            self._check_room(len(data))  # raises, saying why
+            self._check_room(length)  # raises, saying why
         if self._redirects:
             dest = self.remote.redirect(dest, mailbox)  # the mailbox moved to another node
         session = self._peers.get(dest)
@@ -403,26 +468,32 @@ class Endpoint:
         peer = session if session is not None else self._peer_for_send(dest, now)
         if self._departed and peer.incarnation is None:
             self.remote.sending(dest, now)  # it said goodbye: fail soon unless it is back
-        datagram = peer.current_datagram_size()
+        # peer.current_datagram_size(), inline (once per message)
+        datagram = peer.cc.window // 4
+        if datagram < self.config.max_datagram_size:
+            datagram = self.config.max_datagram_size
+        if peer.datagram_size < datagram:
+            datagram = peer.datagram_size
         size = self._capacities.get((datagram, mailbox), 0)
         if not size:
             if len(self._capacities) >= _CAPACITIES_KEPT:
                 self._capacities.clear()
             size = self._capacities[datagram, mailbox] = fragment_capacity(datagram, mailbox)
+        # (positional: a class called with keywords builds a dict of them, once per message)
         msg = OutgoingMessage(
-            ticket=self._next_ticket,
-            data=data,
-            msg_type=msg_type,
-            priority=priority,
-            mailbox=mailbox,
-            created=now,
-            deadline=deadline if deadline is not None or timeout is None else now + timeout,
-            timeout=timeout,
-            fragment_size=size,
-            count=-(-len(data) // size) or 1,  # (an empty message: one fragment)
+            self._next_ticket,
+            data,
+            msg_type,
+            priority,
+            mailbox,
+            now,  # created
+            deadline if deadline is not None or timeout is None else now + timeout,
+            timeout,
+            size,  # fragment_size
+            -(-length // size) or 1,  # count (an empty message: one fragment)
         )
         self._next_ticket += 1
-        self._buffered += len(data)
+        self._buffered += length
         self._outgoing[msg.ticket] = (dest, msg)
         peer.enqueue(msg, now)
         self._dirty[dest] = None
@@ -596,9 +667,22 @@ class Endpoint:
         self._now = now
         self.datagrams_received += 1
         try:
-            packet_number, body = self.security.open(data)
-            if packet_number is None and self._bulk(body, addr, now):
-                return  # the next fragment of a big message, taken without a Packet
+            security = self.security
+            if type(security) is Integrity:
+                # Integrity.open, inline (the CRC and the mode bits: once per datagram)
+                end = check_crc(data)
+                if ((data[4] << 8) | data[5]) & MODE_FLAGS:
+                    raise SecurityError("security.sealed", WRONG_MODE)
+                packet_number = None
+                body: bytes | memoryview = memoryview(data)[:end]
+                # (a DATA packet that carries acks, and every ACK, is no bulk fragment:
+                # decode_bulk's first test, read here without the two calls)
+                if not data[5] & BULK_REFUSED_LOW_FLAGS and self._bulk(body, addr, now):
+                    return  # the next fragment of a big message, taken without a Packet
+            else:
+                packet_number, body = security.open(data)
+                if packet_number is None and self._bulk(body, addr, now):
+                    return  # the next fragment of a big message, taken without a Packet
             pkt = decode_body(body)
         except SecurityError as refused:
             if not self._auth_failed_reply(data, addr, now):
@@ -840,7 +924,8 @@ class Endpoint:
         """
         if self.closed:
             return None
-        self._refile_dirty()
+        if self._dirty:
+            self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         if not (self._locking or self._grace or self._closing):
             # the common case: only sessions, groups and services have timers
@@ -1087,7 +1172,16 @@ class Endpoint:
         (``sync_stores``) before it hands a removed message out.
         """
         self._now = now
-        return self._post.take(mailbox, selector, owner, receiver, lock, now)
+        post = self._post
+        if lock is None and selector is None and not post.locking:
+            # PostOffice.take's common case, inline: the head of a mailbox we may read
+            box = post.mailboxes.get(mailbox)
+            if box is not None and (box.owner is None or owner == box.owner):
+                msg = box.take_head(receiver, now)
+                if msg is not None:
+                    post.held -= len(msg.data)
+                return msg
+        return post.take(mailbox, selector, owner, receiver, lock, now)
 
     def peek(
         self,
@@ -1517,8 +1611,12 @@ class Endpoint:
     # --------------------------------------------------------------- internal
 
     def _emit(self, event: events.Event) -> None:
-        if not self._anycast and type(event) not in _HOOKED_EVENTS:
-            self._events.append(event)  # the per-message events, checked in one lookup
+        if type(event) not in _HOOKED_EVENTS:
+            if not self._anycast:
+                self._events.append(event)  # the per-message events, checked in one lookup
+                return
+        elif type(event) is events.MessageTaken and not self._serving:
+            self._events.append(event)  # a local receive's answer: no remote pull to route
             return
         if self._anycast and isinstance(event, (events.MessageDelivered, events.MessageFailed)):
             attempt = self._anycast.pop(event.ticket, None)
@@ -1545,7 +1643,15 @@ class Endpoint:
             return
         session.events = []  # (an event's consequences may call the session again)
         outgoing = self._outgoing
+        plain = not self._anycast
         for event in produced:
+            if plain and type(event) is events.MessageDelivered:
+                # The per-message receipt (_emit's common case, inline)
+                entry = outgoing.pop(event.ticket, None)
+                if entry is not None:
+                    self._buffered -= len(entry[1].data)
+                self._events.append(event)
+                continue
             if isinstance(event, (events.MessageDelivered, events.MessageFailed)):
                 entry = outgoing.pop(event.ticket, None)
                 if entry is not None:

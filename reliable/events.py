@@ -69,7 +69,7 @@ class MessageReceived(Event):
     incarnation: int
 
 
-@dataclass(slots=True, kw_only=True, unsafe_hash=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MessageDelivered(Event):
     """The peer acknowledged every fragment of message ``ticket`` (the receipt)."""
 
@@ -92,7 +92,6 @@ class MessageDelivered(Event):
     # signature and defaults as the generated one.
     def __init__(
         self,
-        *,
         ticket: int,
         peer: CoreAddress,
         size: int,
@@ -127,7 +126,7 @@ class MessageFailed(Event):
     error: DeliveryFailed
 
 
-@dataclass(slots=True, kw_only=True, unsafe_hash=True)
+@dataclass(slots=True, unsafe_hash=True)
 class MessageTaken(Event):
     """Waiting receive ``waiter`` (see ``Endpoint.wait_for_message``) got ``message``."""
 

@@ -11,7 +11,7 @@ from .errors import format_address
 __all__ = ["DeliveryFacts", "GroupReceipt", "Message", "Receipt"]
 
 
-@dataclass(slots=True, kw_only=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Message:
     """A message received from ``source`` (the sending node's address).
 
@@ -37,7 +37,6 @@ class Message:
     # signature and defaults as the generated one.
     def __init__(
         self,
-        *,
         source: CoreAddress,
         data: bytes,
         msg_type: int = 0,

@@ -112,6 +112,7 @@ from .fate import (
     DELIVERED_ON_ACK,
     RECLAIMING_STATES,
     TERMINAL,
+    TRANSITIONS,
     Fate,
     FateInput,
     advance,
@@ -261,6 +262,70 @@ def path_datagram_size(addr: Any, config: Config) -> int:
 
 class PeerSession:
     """State for one peer address."""
+
+    # Slots, not an instance dict: a session has more attributes than CPython shares
+    # keys for (30), so without them every attribute read and write on the
+    # per-datagram path went through a dict lookup.
+    __slots__ = (
+        "_budget",
+        "_deadlines",
+        "_earlier_duplicates",
+        "_earlier_shed",
+        "_record_room",
+        "_record_room_size",
+        "_rest",
+        "_rest_ack_now",
+        "_rest_average",
+        "_rest_index",
+        "_rest_last",
+        "_screen",
+        "addr",
+        "bogus_acks",
+        "bogus_outcomes",
+        "bulk",
+        "bulk_path",
+        "bulk_taken",
+        "bytes_received",
+        "bytes_sent",
+        "cc",
+        "config",
+        "cookie",
+        "corrupt",
+        "datagram_size",
+        "deferred",
+        "events",
+        "expired",
+        "fence",
+        "fenced_out",
+        "filed_deadline",
+        "full_mailboxes",
+        "heard",
+        "incarnation",
+        "last_heard",
+        "last_probe",
+        "messages_failed",
+        "messages_received",
+        "messages_sent",
+        "os_errors",
+        "packets_received",
+        "parked",
+        "ping_now",
+        "pmtu",
+        "probe_answers",
+        "probe_backoff",
+        "receiver",
+        "record_average",
+        "replay",
+        "rtt",
+        "sender",
+        "shrunk_at",
+        "shrunk_backoff",
+        "socket_buffer",
+        "tell_dropped",
+        "unreachable",
+        "wait_since",
+        "watchers",
+    )
 
     def __init__(
         self,
@@ -699,7 +764,10 @@ class PeerSession:
         if outcome.bogus:
             self.bogus_acks += 1
         for msg in outcome.completed:
-            self._acknowledged(msg, now)
+            if msg.fate in DELIVERED_ON_ACK:  # (_acknowledged's common case, inline)
+                self._complete(msg, now)
+            else:
+                self._acknowledged(msg, now)
 
     def _acknowledged(self, msg: OutgoingMessage, now: float) -> None:
         """Every fragment of ``msg`` reached the peer: delivered, unless its mailbox deferred it."""
@@ -931,9 +999,22 @@ class PeerSession:
 
     def datagrams(self, now: float, my_incarnation: int) -> list[bytes]:
         """Everything this session wants to send now."""
-        out: list[bytes] = []
         sender = self.sender
         receiver = self.receiver
+        send = sender.can_send()
+        if not (
+            send
+            or self.tell_dropped
+            or self.ping_now
+            or self.probe_answers
+            or self.bulk
+            # receiver.wants_ack(now), inline
+            or receiver.ack_now
+            or (receiver.ack_requested and not receiver.reply_wait)
+            or (receiver.ack_deadline is not None and now >= receiver.ack_deadline)
+        ):
+            return []  # nothing due (a session touched by what it received, say)
+        out: list[bytes] = []
         dst = self.incarnation or 0
         if self.tell_dropped:
             self.tell_dropped = False
@@ -948,7 +1029,6 @@ class PeerSession:
                 out.append(encode_body(dropped))
         ack_flag = _ACK if receiver.expected is not None else 0
         first_contact = not self.heard and self.cookie is None  # (_first_contact, inline)
-        send = sender.can_send()
         # Before first contact, one small datagram until the peer answers; a larger one
         # is a PING instead. The first time, PINGs go with it (see _first_contact).
         first_send = send and first_contact and not sender.flight
@@ -969,7 +1049,9 @@ class PeerSession:
                     self._record_room_size = size
                     self._record_room = data_budget(size)
                 budget = self._record_room
-            ack = receiver.ack_state(now, DATA_SACK_RANGES, DATA_NOTICES)
+            ack, ack_delay, sacks, notices = receiver.ack_fields(
+                now, DATA_SACK_RANGES, DATA_NOTICES
+            )
             window = self.window()
             while True:
                 step = sender.next_datagram(now, budget)
@@ -985,10 +1067,10 @@ class PeerSession:
                         window,
                         my_incarnation,
                         dst,
-                        ack.ack,
-                        ack.ack_delay,
-                        ack.sacks,
-                        ack.notices,
+                        ack,
+                        ack_delay,
+                        sacks,
+                        notices,
                         self.cookie,
                         None,
                         records,
@@ -1390,24 +1472,26 @@ class PeerSession:
         event: FateInput = FateInput.ACKED,
     ) -> None:
         """``msg`` reached its mailbox (``ADMIT``: after waiting parked): report it, once."""
-        msg.fate = advance(msg.fate, event)  # (OutgoingMessage.step, inline)
+        moves = TRANSITIONS[msg.fate]  # (OutgoingMessage.step and advance, inline)
+        msg.fate = moves[event] if event in moves else advance(msg.fate, event)  # (raises)
         if msg.for_node:
             return
         self.messages_sent += 1
         self.bytes_sent += len(msg.data)
         assert self.incarnation is not None
+        # (positional: a class called with keywords builds a dict of them, per message)
         self.events.append(
             events.MessageDelivered(
-                ticket=msg.ticket,
-                peer=self.addr,
-                size=len(msg.data),
-                fragments=msg.count,
-                transmissions=msg.transmissions,
-                elapsed=now - msg.created,
-                incarnation=self.incarnation,
-                mailbox=msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
-                deferred=event is _ADMIT,
-                receiver=receiver,
+                msg.ticket,
+                self.addr,
+                len(msg.data),  # size
+                msg.count,  # fragments
+                msg.transmissions,
+                now - msg.created,  # elapsed
+                self.incarnation,
+                msg.mailbox if "/" not in msg.mailbox else _plain(msg.mailbox),
+                event is _ADMIT,  # deferred
+                receiver,
             )
         )
 

@@ -325,7 +325,7 @@ class PostOffice:
         elif error is not None:
             self._drop("store.failed")
         for ticket, msg in batch.handoffs:
-            self._emit(events.MessageTaken(waiter=ticket, message=msg))
+            self._emit(events.MessageTaken(ticket, msg))  # (positional: no keyword dict)
 
     def _receipts(self, msgs: list[Message]) -> dict[PeerSession, tuple[list[int], int]]:
         """A commit's messages entered their mailbox: per live sender session, the ids
@@ -386,6 +386,12 @@ class PostOffice:
         box = self.mailboxes.get(mailbox)
         if box is None or (box.owner is not None and owner != box.owner):
             box = self._box(mailbox, owner=owner)  # raises, saying why
+        if lock is None and selector is None and not self.locking:
+            # The common receive: the head of the queue, or None (no lock to check)
+            msg = box.take_head(receiver, now)
+            if msg is not None:
+                self.held -= len(msg.data)
+            return msg
         # Checked before any narrowing: inside an ``if lock is not None`` the compiled
         # core would pass the value as a float, and True would arrive as 1.0.
         check_lock(lock)
@@ -475,9 +481,13 @@ class PostOffice:
     ) -> int:
         """As :meth:`Endpoint.wait_for_message <reliable.endpoint.Endpoint.wait_for_message>`."""
         box = self._box(mailbox, owner=owner)
-        ticket = self.new_waiter()
-        check_lock(lock)
-        _check_truncate(selector, lock)
+        ticket = self._next_waiter  # (new_waiter, inline)
+        self._next_waiter = ticket + 1
+        # Both checks pass a plain wait (no lock, no selector) without a call. (Not
+        # ``if lock is not None``: narrowed, a compiled core would unbox True to 1.0.)
+        if lock is not None or selector is not None:
+            check_lock(lock)
+            _check_truncate(selector, lock)
         self._waiting[ticket] = mailbox
         box.wait(ticket, selector or ANY, receiver, lock)
         return ticket
@@ -599,15 +609,16 @@ class PostOffice:
         assert session.incarnation is not None
         if self._arrival_events:
             msg = self._arrived(session.addr, session.incarnation, d, None)
-        else:  # _arrived without its event, inline: once per message
+        else:  # _arrived without its event, inline: once per message (positional: a
+            # class called with keywords builds a dict of them)
             msg = Message(
-                source=session.addr,
-                data=d.data,
-                msg_type=d.msg_type,
-                priority=d.priority,
-                mailbox=d.mailbox,
-                msg_id=d.msg_id,
-                incarnation=session.incarnation,
+                session.addr,  # source
+                d.data,
+                d.msg_type,
+                d.priority,
+                d.mailbox,
+                d.msg_id,
+                session.incarnation,
             )
             self.held += size
         # Held first (PeerSession.hold, inline): a rendezvous may hand it over (and
@@ -742,15 +753,16 @@ class PostOffice:
         if self._waiting_sets:
             self._leave_other_lines(ticket, msg.mailbox)
         box = self.mailboxes.get(msg.mailbox)
-        if box is not None and msg in box.locked:
+        if box is not None and box.locked and msg in box.locked:
             self.locking.add(box.name)  # still held, under a lock
         else:
             self.held -= len(msg.data) + msg.truncated  # held whole, even if handed out cut
-        box = self._durable.get(msg.mailbox)
-        if box is not None and box.log is not None:
-            box.log.handoffs.append((ticket, msg))  # answered once its row's deletion commits
-            return
-        self._emit(events.MessageTaken(waiter=ticket, message=msg))
+        if self._durable:
+            box = self._durable.get(msg.mailbox)
+            if box is not None and box.log is not None:
+                box.log.handoffs.append((ticket, msg))  # answered once its deletion commits
+                return
+        self._emit(events.MessageTaken(ticket, msg))  # (positional: no keyword dict)
 
     def _wait_failed(self, ticket: int, error: Exception) -> None:
         """A waiting receive fails (its ``max_size`` is too small for the message it wanted)."""

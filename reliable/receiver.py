@@ -768,8 +768,15 @@ class ReceiveStream:
         self, now: float, max_sacks: int = MAX_SACK_RANGES, max_notices: int = MAX_NOTICES
     ) -> AckState:
         """Acknowledgement fields as of ``now``, with at most the given SACKs and notices."""
+        return AckState(*self.ack_fields(now, max_sacks, max_notices))
+
+    def ack_fields(
+        self, now: float, max_sacks: int = MAX_SACK_RANGES, max_notices: int = MAX_NOTICES
+    ) -> tuple[int, int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """:meth:`ack_state`'s fields as a plain tuple (ack, ack_delay, sacks, notices):
+        what a session packs into each packet it sends, without an object per packet."""
         if self.expected is None:
-            return AckState(0, 0, (), ())
+            return 0, 0, (), ()
         cum = self.expected
         carried: tuple[tuple[int, int], ...] = ()
         if self.notices:
@@ -786,7 +793,7 @@ class ReceiveStream:
                 delay = 0
         ranges = self.ranges
         sacks = tuple([(s, e) for s, e in ranges[:max_sacks]]) if ranges else ()
-        return AckState(cum, delay, sacks, carried)
+        return cum, delay, sacks, carried
 
     def held_span(self) -> int:
         """Sequence numbers from ``expected`` to one past the highest fragment held out of

@@ -291,7 +291,7 @@ class Fragment:
         self.nested = nested
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Packet:
     """One decoded datagram.
 
@@ -302,9 +302,9 @@ class Packet:
     """
 
     kind: Kind
+    src_incarnation: int  #: sender's incarnation (non-zero)
     flags: int = 0
     window: int = 0  #: advertised receive window, in packets beyond ``ack``
-    src_incarnation: int  #: sender's incarnation (non-zero)
     dst_incarnation: int = 0  #: receiver's incarnation as the sender knows it, 0 if unknown
     ack: int = 0  #: cumulative ack: the next seq expected from the receiver of this packet
     ack_delay: int = 0  #: how long the ack was held, in :data:`ACK_DELAY_TICK` units
@@ -324,11 +324,10 @@ class Packet:
     # signature and defaults as the generated one.
     def __init__(
         self,
-        *,
         kind: Kind,
+        src_incarnation: int,
         flags: int = 0,
         window: int = 0,
-        src_incarnation: int,
         dst_incarnation: int = 0,
         ack: int = 0,
         ack_delay: int = 0,
@@ -771,19 +770,37 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         flags &= ~_COOKIE
     elif kind_value == _CHALLENGE_KIND:
         raise MalformedPacket("cookie", "a CHALLENGE without its cookie")
-    if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
-        raise MalformedPacket("length", "ack section overruns the datagram")
     sacks: tuple[tuple[int, int], ...] = ()
     notices: tuple[tuple[int, int], ...] = ()
-    if n_sack:
-        sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
-        offset += n_sack * _SACK.size
-    if n_notice:
-        notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
-        offset += n_notice * _NOTICE.size
-        for _, reason in notices:
-            if reason not in _VERDICTS:
-                raise MalformedPacket("notice", f"unknown verdict {reason}")
+    if n_sack or n_notice:  # (an empty ack section cannot overrun: the header fit)
+        if offset + n_sack * _SACK.size + n_notice * _NOTICE.size > end:
+            raise MalformedPacket("length", "ack section overruns the datagram")
+        if n_sack:
+            sacks = tuple(_SACK.iter_unpack(data[offset : offset + n_sack * _SACK.size]))
+            offset += n_sack * _SACK.size
+        if n_notice:
+            notices = tuple(_NOTICE.iter_unpack(data[offset : offset + n_notice * _NOTICE.size]))
+            offset += n_notice * _NOTICE.size
+            for _, reason in notices:
+                if reason not in _VERDICTS:
+                    raise MalformedPacket("notice", f"unknown verdict {reason}")
+    if kind_value == _DATA_KIND:
+        # DATA, the common packet, first: what the general path below does for it
+        for_node = bool(flags & _NODE)
+        nested = bool(flags & _NESTED)
+        first, offset = _decode_fragment(data, offset, end, for_node, nested)
+        # (positional: a class called with keywords builds a dict of them, per datagram)
+        pkt = Packet(kind, src_inc, flags, window, dst_inc, ack, ack_delay)
+        pkt.fragment = first
+        if offset != end:
+            pkt.bundle = _decode_bundle(data, offset, end, for_node, nested)
+        if sacks:
+            pkt.sacks = sacks
+        if notices:
+            pkt.notices = notices
+        if cookie is not None:
+            pkt.cookie = cookie
+        return pkt
     fragment = None
     bundle: tuple[Fragment, ...] = ()
     refusal = 0
@@ -832,17 +849,9 @@ def decode_body(data: bytes | memoryview, end: int | None = None) -> Packet:
         padding = end - offset - _PROBE.size
     elif offset != end:
         raise MalformedPacket("length", f"{end - offset} trailing bytes")
-    # The header's fields by keyword, the rest only when not the default: a keyword
-    # costs about 30 ns to match, and a packet (an ACK) often has none of the rest.
-    pkt = Packet(
-        kind=kind,
-        flags=flags,
-        window=window,
-        src_incarnation=src_inc,
-        dst_incarnation=dst_inc,
-        ack=ack,
-        ack_delay=ack_delay,
-    )
+    # The header's fields positionally (a class called with keywords builds a dict of
+    # them), the rest only when not the default: a packet (an ACK) often has none.
+    pkt = Packet(kind, src_inc, flags, window, dst_inc, ack, ack_delay)
     if sacks:
         pkt.sacks = sacks
     if notices:
@@ -874,6 +883,9 @@ _ACK_NOW_BIT = int(Flag.ACK_NOW)
 #: Flags in the low byte that decode_bulk never takes: all but ACK_NOW (the mode bits are
 #: in the high byte, which the full test after the unpack reads).
 _REFUSED_LOW_FLAGS = 0xFF & ~_ACK_NOW_BIT
+#: The same, for a caller that reads byte 5 of a datagram first and calls
+#: :func:`decode_bulk` only when none of these is set.
+BULK_REFUSED_LOW_FLAGS = _REFUSED_LOW_FLAGS
 #: What :func:`decode_bulk` reads: ``(ack_now, src_incarnation, dst_incarnation, seq, base,
 #: msg_id, index, count, total_len, payload)``, wire values.
 BulkFragment = tuple[bool, int, int, int, int, int, int, int, int, bytes | memoryview]
@@ -953,6 +965,66 @@ def decode_bulk(body: bytes | memoryview) -> BulkFragment | None:
         total_len,
         payload,
     )
+
+
+def _decode_bundle(
+    data: bytes | memoryview, offset: int, end: int, for_node: bool, nested: bool
+) -> tuple[Fragment, ...]:
+    """The records after a DATA packet's first, from ``offset`` to ``end``.
+
+    A default-mailbox record whose fields pass :func:`_decode_fragment`'s checks
+    (a small message in a bundle: most records) is read here, inline; any other
+    record goes to that function, which reads it or raises what is wrong.
+    """
+    more = []
+    unpack = _RECORD_HEAD.unpack_from
+    head = _RECORD_HEAD.size
+    half = len(data)  # (a payload at least half the datagram is a view: see below)
+    while offset != end:
+        if offset + head <= end:
+            (
+                seq,
+                base,
+                msg_id,
+                index,
+                count,
+                total_len,
+                msg_type,
+                priority,
+                mailbox_len,
+                length,
+            ) = unpack(data, offset)
+            start = offset + head
+            stop = start + length
+            if (
+                not mailbox_len
+                and stop <= end
+                and index < count
+                and length <= total_len
+                and (count <= total_len or count == 1)
+                and 2 * length < half
+            ):
+                more.append(
+                    Fragment(
+                        seq,
+                        base,
+                        msg_id,
+                        index,
+                        count,
+                        total_len,
+                        msg_type,
+                        priority,
+                        "",
+                        bytes(data[start:stop]),
+                        for_node,
+                        nested,
+                    )
+                )
+                offset = stop
+                continue
+        fragment, offset = _decode_fragment(data, offset, end, for_node, nested)
+        more.append(fragment)
+    return tuple(more)
 
 
 def _decode_fragment(

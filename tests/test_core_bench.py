@@ -17,6 +17,12 @@ def test_each_workload_delivers_every_message_it_counts() -> None:
         sys.path.remove(str(TOOL.parent))
     assert run_workload("stream", 200) == 200
     assert run_workload("rr", 20) == 20
+    # rr models two Nodes' blocking receives: the reply carries the request's ack and
+    # the next request the reply's, so a round trip is two datagrams (not four)
+    short: list[int] = []
+    long: list[int] = []
+    assert run_workload("rr", 20, short) == 20 and run_workload("rr", 40, long) == 40
+    assert sum(long) - sum(short) == 2 * 20
     received, sent = run_bulk("bulk", 1)
     assert received == 1
     # cut for the Ethernet path: one MiB takes more datagrams than it has 1472-byte slices

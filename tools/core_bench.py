@@ -5,9 +5,12 @@ part a compiled core or a leaner design would change. Four workloads:
 
 * ``stream``: 1 KiB messages from A to B, sent 64 at a time (so they bundle
   as the adapters let them), every one received from B's mailbox;
-* ``rr``: 64 B request/reply round trips, one at a time, B answering each
-  request as it is taken (acknowledgements ride on the reply or leave after
-  ``max_ack_delay``, as on a real link);
+* ``rr``: 64 B request/reply round trips, one at a time, each end receiving
+  as the adapters' blocking ``receive`` does (take, else queue a wait that a
+  ``MessageTaken`` event answers), B replying as it takes each request: the
+  reply carries the request's acknowledgement and the next request the
+  reply's (``Config.reply_ack_delay``), so a round trip is two datagrams, as
+  between two Nodes;
 * ``bulk``: one big message from A to B over a path of 1472-byte datagrams
   (what Ethernet carries, and what path MTU discovery finds on a veth pair),
   so the figure is the per-datagram work a real network path costs: encoding
@@ -66,6 +69,7 @@ elif "RMSG_CORE_BENCH_TREE" in os.environ:
 
 import reliable  # noqa: E402
 from reliable import Config, Endpoint  # noqa: E402
+from reliable.events import MessageTaken  # noqa: E402
 
 CORE = "compiled" if getattr(reliable, "__compiled__", False) else "pure"
 
@@ -126,13 +130,31 @@ def run_bulk(name: str, mib: int) -> tuple[int, int]:
     return received, a.datagrams_sent
 
 
-def run_workload(name: str, count: int) -> int:
-    """Run ``count`` messages (stream) or round trips (rr); returns how many B received."""
+def run_workload(name: str, count: int, datagrams: list[int] | None = None) -> int:
+    """Run ``count`` messages (stream) or round trips (rr); returns how many B received.
+
+    ``stream`` polls: B takes whatever is queued after each flight. ``rr`` models the
+    adapters' request/reply (a blocking ``receive`` on each side): a receive that
+    finds nothing queues a wait (``wait_for_message``) and is answered by a
+    ``MessageTaken`` event; B replies as it takes the request and waits again, and A
+    waits for the reply after each request. So each request reaches a waiting
+    receiver, the reply carries its acknowledgement (``Config.reply_ack_delay``), the
+    next request carries the reply's, and a round trip is two datagrams, as it is
+    between two Nodes. ``datagrams``, if given, gets how many A and B sent.
+    """
     size, _ = WORKLOADS[name]
     a, b = Endpoint(rng=random.Random(1)), Endpoint(rng=random.Random(2))
     payload = bytes(size)
     now = 0.0
     received = 0
+    rr = name == "rr"
+
+    def receive(ep: Endpoint) -> bool:
+        """A blocking receive's first step: take, else queue a wait. True if it took one."""
+        if ep.take(now=now) is not None:
+            return True
+        ep.wait_for_message(now=now)
+        return False
 
     def exchange() -> None:
         nonlocal now, received
@@ -143,11 +165,21 @@ def run_workload(name: str, count: int) -> int:
                 for datagram, _ in src.datagrams_to_send(now):
                     dst.receive_datagram(datagram, src_addr, now)
                     moved = True
+            if rr:
+                while (event := b.next_event()) is not None:
+                    if type(event) is MessageTaken:  # B's wait answered: reply, wait again
+                        received += 1
+                        b.send(A, payload, now=now)
+                        moved = True
+                        if receive(b):  # one request at a time: nothing else is queued
+                            raise AssertionError("two requests at once")
+                while (event := a.next_event()) is not None:
+                    if type(event) is MessageTaken:
+                        moved = True
+                now += HOP
+                continue
             while b.take(now=now) is not None:
                 received += 1
-                if name == "rr":
-                    b.send(A, payload, now=now)  # the reply
-                    moved = True
             while a.take(now=now) is not None:
                 pass
             while a.next_event() is not None:
@@ -169,14 +201,20 @@ def run_workload(name: str, count: int) -> int:
                 sent += 1
             exchange()
     else:
+        if receive(b):  # B's server loop starts waiting
+            raise AssertionError("B's mailbox is not empty at the start")
         for _ in range(count):
             a.send(B, payload, now=now)
+            if receive(a):  # the reply cannot be there yet
+                raise AssertionError("a reply before its request")
             exchange()
     for _ in range(100):  # let the last acknowledgements settle
         if _quiet(a) and _quiet(b):
             break
         exchange()
         now += 0.01
+    if datagrams is not None:
+        datagrams[:] = [a.datagrams_sent, b.datagrams_sent]
     return received
 
 
