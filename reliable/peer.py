@@ -1001,7 +1001,18 @@ class PeerSession:
         """Everything this session wants to send now."""
         sender = self.sender
         receiver = self.receiver
-        send = sender.can_send()
+        # sender.can_send(), called only when it may be true: with nothing queued or lost
+        # it is false whenever data is in flight or no message is outstanding (a session
+        # touched by what it received, the DATA sender once its flight is out)
+        if (
+            sender.queue
+            or sender.node_messages
+            or sender.lost
+            or (sender.by_msg_id and not sender.flight)
+        ):
+            send = sender.can_send()
+        else:
+            send = False
         if not (
             send
             or self.tell_dropped
@@ -1058,7 +1069,15 @@ class PeerSession:
                 if step is None:
                     break
                 records, record_flags, retransmission = step
-                more = sender.can_send()
+                if (  # sender.can_send(), as above
+                    sender.queue
+                    or sender.node_messages
+                    or sender.lost
+                    or (sender.by_msg_id and not sender.flight)
+                ):
+                    more = sender.can_send()
+                else:
+                    more = False
                 flags = ack_flag | record_flags | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
                     encode_session(
