@@ -460,7 +460,10 @@ class Endpoint:
             check_timeout(timeout, "timeout")
         self._now = now
         if self._closing or (
-            self._buffered + self._groups.buffered() + length > self.config.send_buffer
+            self._buffered
+            + (self._groups.buffered() if self._groups._groups else 0)  # (its first test)
+            + length
+            > self.config.send_buffer
         ):
             self._check_room(length)  # raises, saying why
         if self._redirects:
@@ -837,6 +840,8 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
+        if not (self._dirty or self._loose or self._groups.pending or self._services.pending):
+            return []  # nothing touched since the last call (an adapter asks after each step)
         out = self._loose
         self._loose = []
         if self._dirty and not self.closed:
@@ -933,8 +938,14 @@ class Endpoint:
         first = self._timers.earliest(self._deadline_of)
         if not (self._locking or self._grace or self._closing):
             # the common case: only sessions, groups and services have timers
+            groups = self._groups
+            services = self._services
+            # (their deadline()'s first test, inline: no group open, no service served or
+            # discovered, asked after every datagram)
+            if not (groups._groups or services._announce_at or services.directory):
+                return first
             earliest = first
-            for part in (self._groups.deadline(), self._services.deadline()):
+            for part in (groups.deadline(), services.deadline()):
                 if part is not None and (earliest is None or part < earliest):
                     earliest = part
             return earliest
