@@ -713,7 +713,7 @@ class Endpoint:
             if pkt.kind not in (Kind.RESET, Kind.CLOSE):
                 self._gate.reset(addr, pkt.src_incarnation, now, len(data))
             return
-        if (addr, pkt.src_incarnation) in self._ended:
+        if self._ended and (addr, pkt.src_incarnation) in self._ended:  # (no key made if none)
             self._drop("dead_incarnation")
             return
         session = self._peers.get(addr)
