@@ -263,6 +263,7 @@ class Endpoint:
         "_sessionless",
         "_socket_buffer",
         "_timers",
+        "_unfiled",
         "closed",
         "config",
         "datagrams_received",
@@ -305,6 +306,10 @@ class Endpoint:
         self._peers: dict[Any, PeerSession] = {}
         self._timers = TimerHeap()  # sessions' deadlines; see reliable/timers.py
         self._dirty: dict[Any, None] = {}
+        #: sessions whose output was taken but whose deadline is not yet refiled: filed at
+        #: the next timer query, once for everything that touched them since (a received
+        #: request and the reply sent to it cost one deadline, not two)
+        self._unfiled: dict[Any, None] = {}
         self._events: deque[events.Event] = deque()
         self._ended: OrderedDict[tuple[Any, int], None] = OrderedDict()
         #: datagrams sent outside any session: the gate's replies, group output at close,
@@ -455,7 +460,10 @@ class Endpoint:
             check_timeout(timeout, "timeout")
         self._now = now
         if self._closing or (
-            self._buffered + self._groups.buffered() + length > self.config.send_buffer
+            self._buffered
+            + (self._groups.buffered() if self._groups._groups else 0)  # (its first test)
+            + length
+            > self.config.send_buffer
         ):
             self._check_room(length)  # raises, saying why
         if self._redirects:
@@ -705,7 +713,7 @@ class Endpoint:
             if pkt.kind not in (Kind.RESET, Kind.CLOSE):
                 self._gate.reset(addr, pkt.src_incarnation, now, len(data))
             return
-        if (addr, pkt.src_incarnation) in self._ended:
+        if self._ended and (addr, pkt.src_incarnation) in self._ended:  # (no key made if none)
             self._drop("dead_incarnation")
             return
         session = self._peers.get(addr)
@@ -832,6 +840,8 @@ class Endpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         """Every datagram due now, with its destination address."""
+        if not (self._dirty or self._loose or self._groups.pending or self._services.pending):
+            return []  # nothing touched since the last call (an adapter asks after each step)
         out = self._loose
         self._loose = []
         if self._dirty and not self.closed:
@@ -840,7 +850,7 @@ class Endpoint:
             inc = self.incarnation
             seal = self._seal
             plain = type(self.security) is Integrity  # a CRC, no packet number: inline
-            timers = self._timers
+            unfiled = self._unfiled
             for addr in dirty:
                 session = self._peers.get(addr)
                 if session is not None:
@@ -851,8 +861,7 @@ class Endpoint:
                             out.append((seal(body), addr))
                     if session.events:  # messages that failed for the path's size
                         self._take_events(session)
-                    session.filed_deadline = deadline = session.deadline()
-                    timers.update(addr, deadline)
+                    unfiled[addr] = None  # its deadline, refiled at the next timer query
         if (self._groups.pending or self._services.pending) and not self.closed:
             self._group_output(out, now)
         self.datagrams_sent += len(out)
@@ -924,13 +933,19 @@ class Endpoint:
         """
         if self.closed:
             return None
-        if self._dirty:
+        if self._dirty or self._unfiled:
             self._refile_dirty()
         first = self._timers.earliest(self._deadline_of)
         if not (self._locking or self._grace or self._closing):
             # the common case: only sessions, groups and services have timers
+            groups = self._groups
+            services = self._services
+            # (their deadline()'s first test, inline: no group open, no service served or
+            # discovered, asked after every datagram)
+            if not (groups._groups or services._announce_at or services.directory):
+                return first
             earliest = first
-            for part in (self._groups.deadline(), self._services.deadline()):
+            for part in (groups.deadline(), services.deadline()):
                 if part is not None and (earliest is None or part < earliest):
                     earliest = part
             return earliest
@@ -985,10 +1000,19 @@ class Endpoint:
         return None if session is None else session.filed_deadline
 
     def _refile_dirty(self) -> None:
-        """Sessions touched since the last flush may have moved their deadlines earlier."""
+        """Sessions touched since the last query may have moved their deadlines earlier:
+        those whose output was taken since (``_unfiled``) and those with output pending."""
+        timers = self._timers
+        peers = self._peers
+        if self._unfiled:
+            unfiled = self._unfiled
+            self._unfiled = {}
+            for addr in unfiled:
+                session = peers.get(addr)
+                if session is not None and addr not in self._dirty:
+                    session.filed_deadline = deadline = session.deadline()
+                    timers.update(addr, deadline)
         if self._dirty:
-            timers = self._timers
-            peers = self._peers
             for addr in self._dirty:
                 session = peers.get(addr)
                 if session is not None:
@@ -1732,6 +1756,7 @@ class Endpoint:
         self._departed_forged_acks += gone.forged_acks
         del self._peers[session.addr]
         self._dirty.pop(session.addr, None)
+        self._unfiled.pop(session.addr, None)
 
     def _drop_session(self, session: PeerSession, reason: str) -> None:
         """Forget a session nobody needs any more; a later one resumes where it stood."""

@@ -1001,7 +1001,18 @@ class PeerSession:
         """Everything this session wants to send now."""
         sender = self.sender
         receiver = self.receiver
-        send = sender.can_send()
+        # sender.can_send(), called only when it may be true: with nothing queued or lost
+        # it is false whenever data is in flight or no message is outstanding (a session
+        # touched by what it received, the DATA sender once its flight is out)
+        if (
+            sender.queue
+            or sender.node_messages
+            or sender.lost
+            or (sender.by_msg_id and not sender.flight)
+        ):
+            send = sender.can_send()
+        else:
+            send = False
         if not (
             send
             or self.tell_dropped
@@ -1041,10 +1052,17 @@ class PeerSession:
             if first_contact:
                 budget = self._first_budget()
             else:
-                # bundle_size() is the datagram size once data is timed: skip the call
-                size = (
-                    self.current_datagram_size() if self.sender.data_timed else self.bundle_size()
-                )
+                # bundle_size() is the datagram size once data is timed: skip the call (and
+                # current_datagram_size's, inline)
+                if sender.data_timed:
+                    size = self.cc.window // 4
+                    floor = self.config.max_datagram_size
+                    if size < floor:
+                        size = floor
+                    if self.datagram_size < size:
+                        size = self.datagram_size
+                else:
+                    size = self.bundle_size()
                 if size != self._record_room_size:  # data_budget, kept for the last size
                     self._record_room_size = size
                     self._record_room = data_budget(size)
@@ -1058,7 +1076,15 @@ class PeerSession:
                 if step is None:
                     break
                 records, record_flags, retransmission = step
-                more = sender.can_send()
+                if (  # sender.can_send(), as above
+                    sender.queue
+                    or sender.node_messages
+                    or sender.lost
+                    or (sender.by_msg_id and not sender.flight)
+                ):
+                    more = sender.can_send()
+                else:
+                    more = False
                 flags = ack_flag | record_flags | (_ACK_NOW if retransmission or not more else 0)
                 out.append(
                     encode_session(
@@ -1084,8 +1110,13 @@ class PeerSession:
                     len(receiver.ranges) <= DATA_SACK_RANGES
                     and len(receiver.notices) <= DATA_NOTICES
                 )
-                if complete:
-                    receiver.ack_sent()
+                if complete:  # receiver.ack_sent(), inline (once per DATA datagram)
+                    receiver.ack_pending = 0
+                    receiver.ack_now = False
+                    receiver.ack_requested = False
+                    receiver.reply_wait = False
+                    receiver.ack_deadline = None
+                    receiver.first_unacked_time = None
                 # else: the piggybacked state was partial; a full ACK follows below
         if first_send:
             self.last_probe = now  # on_timer repeats a PING if no answer comes
@@ -1093,7 +1124,12 @@ class PeerSession:
             out.extend(
                 self._bare_packet(Kind.PING, now, my_incarnation, ack_flag) for _ in range(pings)
             )
-        if receiver.wants_ack(now) or self.ping_now:
+        if (  # receiver.wants_ack(now), inline
+            receiver.ack_now
+            or (receiver.ack_requested and not receiver.reply_wait)
+            or (receiver.ack_deadline is not None and now >= receiver.ack_deadline)
+            or self.ping_now
+        ):
             kind = _PING if self.ping_now else _ACK_KIND
             out.append(self._bare_packet(kind, now, my_incarnation, ack_flag))
             receiver.ack_sent()

@@ -480,7 +480,9 @@ class PostOffice:
         now: float,
     ) -> int:
         """As :meth:`Endpoint.wait_for_message <reliable.endpoint.Endpoint.wait_for_message>`."""
-        box = self._box(mailbox, owner=owner)
+        box = self.mailboxes.get(mailbox)
+        if box is None or (box.owner is not None and owner != box.owner):
+            box = self._box(mailbox, owner=owner)  # raises, saying why
         ticket = self._next_waiter  # (new_waiter, inline)
         self._next_waiter = ticket + 1
         # Both checks pass a plain wait (no lock, no selector) without a call. (Not

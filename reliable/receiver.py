@@ -803,7 +803,10 @@ class ReceiveStream:
         return self.ranges[-1][1] - self.expected
 
     def ack_sent(self) -> None:
-        """An outgoing packet carried the current acknowledgement state."""
+        """An outgoing packet carried the current acknowledgement state.
+
+        (PeerSession.datagrams makes these same assignments in place for each DATA
+        datagram: change both together.)"""
         self.ack_pending = 0
         self.ack_now = False
         self.ack_requested = False

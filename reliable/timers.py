@@ -43,6 +43,15 @@ class TimerHeap:
         if filed is None or deadline < filed:
             self._filed[key] = deadline
             heapq.heappush(self._heap, (deadline, next(self._order), key))
+        elif deadline != filed:
+            # Later, and its entry is the earliest (one session, or the busiest): re-filed
+            # now, as earliest() would when it reached the top, so the query that follows
+            # (a node asks after every datagram) finds the top true at once.
+            heap = self._heap
+            top = heap[0]
+            if top[0] == filed and top[2] == key:
+                self._filed[key] = deadline
+                heapq.heapreplace(heap, (deadline, next(self._order), key))
 
     def earliest(self, deadline_of: Callable[[Hashable], float | None]) -> float | None:
         """The earliest real deadline; ``deadline_of(key)`` is the truth (None: no timer)."""
