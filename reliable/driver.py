@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from . import errors, events, message, udpio
 from .addressing import (
@@ -57,6 +57,17 @@ from .message import DeliveryFacts, GroupReceipt, Message, Receipt
 from .outbox import OutboxRow, OutboxStore, check_outbox_mailbox
 from .remote_mailbox import ACTIONS, Manage
 from .stats import MailboxStats, NodeStats
+
+if TYPE_CHECKING:
+    from _typeshed import IdentityFunction
+
+try:  # compiled (mypyc): lets the interpreted adapters' mailbox handles subclass MailboxHandle
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pure Python without mypy_extensions installed: the decorator does nothing
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> IdentityFunction:
+        return lambda cls: cls
+
 
 __all__ = [
     "CLOSE_GRACE",
@@ -303,9 +314,9 @@ class Destinations:
 
 def batch_destination(
     dest: str | tuple[Any, ...],
-    messages: Iterable[bytes],
-    msg_type: int,
-    priority: int,
+    messages: Iterable[Data],
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, list[bytes]]:
@@ -323,9 +334,9 @@ def batch_destination(
 
 def outbox_destination(
     dest: str | tuple[Any, ...],
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, bytes]:
@@ -345,9 +356,9 @@ def outbox_destination(
 def outbox_message(
     endpoint: Endpoint,
     dest: str | tuple[Any, ...],
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, bytes]:
@@ -361,9 +372,9 @@ def outbox_message(
 def outbox_batch(
     endpoint: Endpoint,
     dest: str | tuple[Any, ...],
-    messages: Iterable[bytes],
-    msg_type: int,
-    priority: int,
+    messages: Iterable[Data],
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, list[bytes]]:
@@ -429,9 +440,9 @@ def post_local(
     posts: PostQueue,
     closed: bool,
     mailbox: str,
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
 ) -> None:
     """``post``: check a local message now (argument errors raise here) and queue it
     for the node's next turn, without its lock (see :mod:`reliable.localpost`)."""
@@ -471,8 +482,8 @@ def no_answer(addr: Any, timeout: float, *, stats: bool = False) -> errors.Recei
 
 def receive_selector(
     source: Sources,
-    msg_type: int,
-    except_type: bool,
+    msg_type: Int,
+    except_type: Any,
     max_size: int | None,
     truncate: bool,
     family: int,
@@ -536,11 +547,11 @@ Target = tuple[Address, str] | GroupAddress | ServiceAddress | OutboxTarget
 def enqueue(
     endpoint: Endpoint,
     target: Target,
-    data: bytes,
+    data: Data,
     *,
     now: float,
-    msg_type: int,
-    priority: int,
+    msg_type: Int,
+    priority: Int,
     timeout: float | None,
     deadline: float | None,
     policy: str,
@@ -1256,6 +1267,15 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
             endpoint.delete_mailbox(name, now, owner=owner)
 
 
+#: Public arguments whose type is checked inside, with a ``UsageError`` that says what
+#: to pass: compiled (mypyc) code checks a declared type at the call and raises
+#: ``TypeError``, so the adapters declare these ``Any`` to fail the same way compiled
+#: and pure. ``Data``: bytes, bytearray or memoryview; ``Int``: an int, not a bool.
+Data = Any
+Int = Any
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MailboxHandle:
     """What the blocking and asyncio mailbox handles share: managing the mailbox.
 

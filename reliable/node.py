@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 from . import errors, events
 from ._groupsock import GroupSockets
@@ -64,9 +64,11 @@ from .driver import (
     HOLD_MAX,
     Backlog,
     BatchOutcomes,
+    Data,
     DatagramSocket,
     Departures,
     Destinations,
+    Int,
     MailboxHandle,
     OutboxTarget,
     StoredBatch,
@@ -116,6 +118,17 @@ from .outbox import Outbox, OutboxStore, settle_outbox_send
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
+
+if TYPE_CHECKING:
+    from _typeshed import IdentityFunction
+
+try:  # compiled (mypyc): class options below; a no-op without mypy_extensions installed
+    from mypy_extensions import mypyc_attr
+except ImportError:
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> IdentityFunction:
+        return lambda cls: cls
+
 
 __all__ = ["BatchHandle", "GroupSendHandle", "Mailbox", "Node", "SendHandle"]
 
@@ -426,8 +439,8 @@ class Node:
         self._poller = select.poll()  # the leader's blocking wait (one leader at a time)
         self._poller.register(self._sock.fileno(), _POLL_IN)
         self._poller.register(self._wake_r.fileno(), select.POLLIN)
-        self._thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
-        self._thread.start()
+        self._io_thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
+        self._io_thread.start()
 
     # ------------------------------------------------------------ properties
 
@@ -448,10 +461,10 @@ class Node:
     def send(
         self,
         dest: str | tuple[Any, ...],
-        data: bytes,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
         policy: str = "round-robin",
@@ -483,10 +496,10 @@ class Node:
     def send_nowait(
         self,
         dest: str | tuple[Any, ...],
-        data: bytes,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
         policy: str = "round-robin",
@@ -532,10 +545,10 @@ class Node:
     def send_group(
         self,
         group: str | GroupAddress,
-        data: bytes,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
     ) -> GroupReceipt:
@@ -559,10 +572,10 @@ class Node:
     def send_group_nowait(
         self,
         group: str | GroupAddress,
-        data: bytes,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
     ) -> GroupSendHandle:
@@ -579,8 +592,8 @@ class Node:
         dest: str | tuple[Any, ...],
         messages: Iterable[bytes],
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
         timeout: float | None = None,
     ) -> BatchHandle:
@@ -611,12 +624,12 @@ class Node:
     def _target(
         self,
         dest: str | tuple[Any, ...],
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
         method: str = "",
-    ) -> tuple[Target, Any, bytes]:
+    ) -> tuple[Target, Any, Data]:
         """Where ``dest`` is, and the label its handle shows. A node's address is parsed
         once and remembered; its message is checked by the core before it is queued."""
         known = self._destinations.get(dest, mailbox)
@@ -633,11 +646,11 @@ class Node:
     def _group_target(
         self,
         group: str | GroupAddress,
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
-    ) -> tuple[Target, Any, bytes]:
+    ) -> tuple[Target, Any, Data]:
         """The group ``send_group`` names, opened for sending (discovery started), and
         its label; the message is checked first, before the group's discovery."""
         target = group_target(group, mailbox)
@@ -650,8 +663,8 @@ class Node:
         target: Target,
         datas: list[bytes],
         handle: _PendingSend[Any] | BatchHandle,
-        msg_type: int,
-        priority: int,
+        msg_type: Int,
+        priority: Int,
         timeout: float | None,
         deadline: float | None,
         policy: str,
@@ -805,7 +818,7 @@ class Node:
 
     # ------------------------------------------------------------- receiving
 
-    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+    def post(self, mailbox: str, data: Data, *, msg_type: Int = 0, priority: Int = 0) -> None:
         """Put ``data`` into this node's own ``mailbox``, without the network.
 
         For another thread of this process, or a signal handler: it never
@@ -825,7 +838,7 @@ class Node:
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -917,7 +930,7 @@ class Node:
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -946,7 +959,7 @@ class Node:
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -983,7 +996,7 @@ class Node:
         timeout: float | None = None,
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -1047,7 +1060,7 @@ class Node:
         mailbox: str,
         owner: int | None,
         source: Sources,
-        msg_type: int,
+        msg_type: Int,
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
@@ -1265,9 +1278,9 @@ class Node:
         self,
         store: OutboxStore,
         dest: str | tuple[Any, ...],
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
         timeout: float | None,
         *,
@@ -1290,8 +1303,8 @@ class Node:
         store: OutboxStore,
         dest: str | tuple[Any, ...],
         messages: list[bytes],
-        msg_type: int,
-        priority: int,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
         timeout: float | None,
     ) -> list[SendHandle]:
@@ -1317,9 +1330,9 @@ class Node:
         store: OutboxStore,
         row: int,
         target: OutboxTarget,
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         timeout: float | None,
         label: Any,
         *,
@@ -1380,7 +1393,7 @@ class Node:
         callback: Callable[[Message], object],
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         lock: float = DEFAULT_LOCK,
     ) -> Consumer:
@@ -1447,7 +1460,7 @@ class Node:
         self,
         owner: Address,
         name: str,
-        msg_type: int,
+        msg_type: Int,
         except_type: bool,
         receiver: str | None,
         timeout: float | None,
@@ -1588,8 +1601,8 @@ class Node:
         for store in self._outboxes:
             store.close()  # sends the close cut short stay in it, for the next open
         self._wake()  # the background thread sees the node closed and ends
-        if threading.current_thread() is not self._thread:
-            self._thread.join(0.5)
+        if threading.current_thread() is not self._io_thread:
+            self._io_thread.join(0.5)
 
     def __enter__(self) -> Node:
         return self
@@ -1647,7 +1660,7 @@ class Node:
             if self._leader is None:
                 self._lead(deadline)
                 continue
-            if self._leader != me and self._polling and self._leader == self._thread.ident:
+            if self._leader != me and self._polling and self._leader == self._io_thread.ident:
                 self._wake()  # the background thread leads: ask it to step aside
             self._followers += 1
             try:
@@ -1981,6 +1994,9 @@ class Node:
         return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
 
 
+# An ordinary Python class even when this module is compiled: its owner handle is
+# tracked with weakref.finalize (see MailboxHandle), which a mypyc class cannot be.
+@mypyc_attr(native_class=False)
 class Mailbox(MailboxHandle):
     """A handle on one mailbox of a :class:`Node`.
 
@@ -1998,7 +2014,7 @@ class Mailbox(MailboxHandle):
         timeout: float | None = None,
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -2046,7 +2062,7 @@ class Mailbox(MailboxHandle):
         self,
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -2074,7 +2090,7 @@ class Mailbox(MailboxHandle):
         timeout: float | None = None,
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -2121,7 +2137,7 @@ class RemoteMailbox:
         self,
         timeout: float | None = None,
         *,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
     ) -> Message:
