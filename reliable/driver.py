@@ -50,7 +50,7 @@ from .addressing import (
     parse_service,
     resolve_address,
 )
-from .endpoint import Endpoint, check_integer, message_bytes
+from .endpoint import Endpoint, check_integer, check_timeout, message_bytes
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import DeliveryFacts, GroupReceipt, Message, Receipt
@@ -67,6 +67,26 @@ except ImportError:  # pure Python without mypy_extensions installed: the decora
 
     def mypyc_attr(*attrs: str, **kwattrs: object) -> IdentityFunction:
         return lambda cls: cls
+
+
+#: Public arguments whose type is checked inside, with a ``UsageError`` that says what
+#: to pass: compiled (mypyc) code checks a declared type at the call and raises
+#: ``TypeError``, so the adapters declare these ``Any`` to fail the same way compiled
+#: and pure. ``Data``: bytes, bytearray or memoryview; ``Int``: an int, not a bool.
+Data = Any
+Int = Any
+#: ``Seconds``: a timeout, None or a number (see :func:`check_seconds`); ``Dest``: a
+#: node's ``host:port[/mailbox]`` or ``(host, port)`` (see :func:`resolve_destination`).
+Seconds = Any
+Dest = Any
+
+
+def check_seconds(timeout: Seconds, name: str, *, positive: bool = False) -> None:
+    """The core's ``check_timeout`` for a value of any type: that check is compiled with
+    a declared ``float | None``, which would raise ``TypeError`` for a string."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+        raise errors.UsageError(f"{name} must be a number of seconds or None, got {timeout!r}")
+    check_timeout(timeout, name, positive=positive)
 
 
 __all__ = [
@@ -200,9 +220,26 @@ def receive_buffer(sock: object) -> int | None:
         return None
 
 
-def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
-    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change."""
-    text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
+def resolve_destination(dest: Dest, family: int) -> Address:
+    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change.
+
+    Its type is checked here, before the (compiled) parser's declared one would raise
+    ``TypeError``: an ``AddressError`` compiled and pure alike."""
+    text: str | tuple[str, int]
+    if isinstance(dest, str):
+        text = dest
+    elif (
+        isinstance(dest, tuple)
+        and len(dest) >= 2
+        and isinstance(dest[0], str)
+        and isinstance(dest[1], int)
+        and not isinstance(dest[1], bool)
+    ):
+        text = (dest[0], dest[1])
+    elif isinstance(dest, tuple):
+        raise errors.AddressError(f"expected a (host, port) tuple, got {dest!r}")
+    else:
+        raise errors.AddressError(f"expected an address like 127.0.0.1:7000, got {dest!r}")
     try:
         return resolve_address(text, family=family)[1]
     except errors.AddressError:
@@ -215,9 +252,7 @@ def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
         ) from None
 
 
-def split_destination(
-    dest: str | tuple[Any, ...], mailbox: str | None
-) -> tuple[str | tuple[Any, ...], str]:
+def split_destination(dest: Dest, mailbox: str | None) -> tuple[Dest, str]:
     """Split ``host:port/mailbox`` into the node address and the mailbox name.
 
     ``mailbox`` given as an argument must agree with one in ``dest``; with
@@ -297,7 +332,7 @@ class Destinations:
             return None
 
     def resolve(
-        self, dest: str | tuple[Any, ...], mailbox: str | None, family: int
+        self, dest: Dest, mailbox: str | None, family: int
     ) -> tuple[tuple[Address, str], Address]:
         """Parse node destination ``dest`` (``host:port[/mailbox]``) for a socket of
         ``family`` and remember it; raises the error that says what to change."""
@@ -313,7 +348,7 @@ class Destinations:
 
 
 def batch_destination(
-    dest: str | tuple[Any, ...],
+    dest: Dest,
     messages: Iterable[Data],
     msg_type: Int,
     priority: Int,
@@ -333,7 +368,7 @@ def batch_destination(
 
 
 def outbox_destination(
-    dest: str | tuple[Any, ...],
+    dest: Dest,
     data: Data,
     msg_type: Int,
     priority: Int,
@@ -355,7 +390,7 @@ def outbox_destination(
 
 def outbox_message(
     endpoint: Endpoint,
-    dest: str | tuple[Any, ...],
+    dest: Dest,
     data: Data,
     msg_type: Int,
     priority: Int,
@@ -371,7 +406,7 @@ def outbox_message(
 
 def outbox_batch(
     endpoint: Endpoint,
-    dest: str | tuple[Any, ...],
+    dest: Dest,
     messages: Iterable[Data],
     msg_type: Int,
     priority: Int,
@@ -1265,14 +1300,6 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
             continue  # a plain mailbox outlives its handles (a durable one: its store too)
         with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
             endpoint.delete_mailbox(name, now, owner=owner)
-
-
-#: Public arguments whose type is checked inside, with a ``UsageError`` that says what
-#: to pass: compiled (mypyc) code checks a declared type at the call and raises
-#: ``TypeError``, so the adapters declare these ``Any`` to fail the same way compiled
-#: and pure. ``Data``: bytes, bytearray or memoryview; ``Int``: an int, not a bool.
-Data = Any
-Int = Any
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -67,15 +67,18 @@ from .driver import (
     Data,
     DatagramSocket,
     Departures,
+    Dest,
     Destinations,
     Int,
     MailboxHandle,
     OutboxTarget,
+    Seconds,
     StoredBatch,
     Target,
     Unreachable,
     batch_destination,
     check_count,
+    check_seconds,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -109,7 +112,6 @@ from .endpoint import (
     Endpoint,
     Withdrawal,
     check_lock,
-    check_timeout,
 )
 from .localpost import PostQueue
 from .mailbox import ANY, Selector, Sources
@@ -191,13 +193,13 @@ class _PendingSend(Generic[R]):
             return False
         return self._node._withdraw([self.ticket]) == [Withdrawal.WITHDRAWN]
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: Seconds = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
-            check_timeout(timeout, "timeout")
+            check_seconds(timeout, "timeout")
         return self._done or self._node._await(lambda: self._done, timeout)
 
-    def result(self, timeout: float | None = None) -> R:
+    def result(self, timeout: Seconds = None) -> R:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
         if not self._done and not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
@@ -209,7 +211,7 @@ class _PendingSend(Generic[R]):
         assert receipt is not None
         return receipt  # type: ignore[return-value]  # the node routes each kind
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
+    def exception(self, timeout: Seconds = None) -> BaseException | None:
         """The delivery error, ``None`` once delivered; ``TimeoutError`` if not known in time."""
         if not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
@@ -302,18 +304,18 @@ class BatchHandle:
         """How many messages still await their outcome."""
         return self._outcomes.pending
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: Seconds = None) -> bool:
         """Block until every outcome is known (or ``timeout``); returns :meth:`done`."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         return self.done() or self._node._await(self.done, timeout)
 
-    def failures(self, timeout: float | None = None) -> dict[int, errors.ReliableError]:
+    def failures(self, timeout: Seconds = None) -> dict[int, errors.ReliableError]:
         """Index -> error for each message that failed (waits for every outcome first)."""
         if not self.wait(timeout):
             raise TimeoutError(f"{self.pending()} of {len(self)} sends still pending")
         return dict(self._outcomes.errors)
 
-    def result(self, timeout: float | None = None) -> list[Outcome]:
+    def result(self, timeout: Seconds = None) -> list[Outcome]:
         """Every receipt, in message order; raises the first failure, if any."""
         failed = self.failures(timeout)
         if failed:
@@ -460,13 +462,13 @@ class Node:
 
     def send(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         data: Data,
         *,
         msg_type: Int = 0,
         priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         policy: str = "round-robin",
     ) -> Receipt:
         """Send ``data`` and block until it entered its mailbox; returns the receipt.
@@ -486,7 +488,7 @@ class Node:
         (see :meth:`SendHandle.cancel`); otherwise it goes on, and its fate is
         reported only to ``on_event``. Use :meth:`send_nowait` to keep a handle.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         target, label, data = self._target(dest, data, msg_type, priority, mailbox)
         handle = SendHandle(self, 0, label)
@@ -495,13 +497,13 @@ class Node:
 
     def send_nowait(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         data: Data,
         *,
         msg_type: Int = 0,
         priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         policy: str = "round-robin",
     ) -> SendHandle:
         """Queue ``data`` for ``dest`` and return at once with a :class:`SendHandle`.
@@ -512,7 +514,7 @@ class Node:
         mailbox is known to be full. Nothing was sent in either case.
         """
         if timeout is not None:
-            check_timeout(timeout, "timeout", positive=True)
+            check_seconds(timeout, "timeout", positive=True)
         known = self._destinations.get(dest, mailbox)
         if known is None:
             target, label, data = self._target(dest, data, msg_type, priority, mailbox, "_nowait")
@@ -550,7 +552,7 @@ class Node:
         msg_type: Int = 0,
         priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> GroupReceipt:
         """Send ``data`` to every member of a multicast or broadcast group; returns the
         :class:`~reliable.message.GroupReceipt` once each member answered or
@@ -562,7 +564,7 @@ class Node:
         the message was meant for, why not (``missing``); a group send is
         never withdrawn. See docs/groups.md.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
         handle = GroupSendHandle(self, 0, label)
@@ -577,11 +579,11 @@ class Node:
         msg_type: Int = 0,
         priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> GroupSendHandle:
         """Queue ``data`` for a group and return at once with a :class:`GroupSendHandle`
         (as :meth:`send_group`, which waits, and :meth:`send_nowait` for one node)."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
         handle = GroupSendHandle(self, 0, label)
         self._submit(target, [data], handle, msg_type, priority, timeout, None, "", block=False)
@@ -589,13 +591,13 @@ class Node:
 
     def send_many(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         messages: Iterable[bytes],
         *,
         msg_type: Int = 0,
         priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> BatchHandle:
         """Queue every message of ``messages`` for ``dest`` (a node, not a group), in
         order; returns one :class:`BatchHandle` for all of them.
@@ -608,7 +610,7 @@ class Node:
         raises ``SendTimeout`` (the handle of what was queued is on the
         exception as ``batch``). Every message is checked before any is sent.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         label, name, datas = batch_destination(
             dest, messages, msg_type, priority, mailbox, self._family
         )
@@ -623,7 +625,7 @@ class Node:
 
     def _target(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         data: Data,
         msg_type: Int,
         priority: Int,
@@ -665,7 +667,7 @@ class Node:
         handle: _PendingSend[Any] | BatchHandle,
         msg_type: Int,
         priority: Int,
-        timeout: float | None,
+        timeout: Seconds,
         deadline: float | None,
         policy: str,
         *,
@@ -758,7 +760,7 @@ class Node:
 
     def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
         """Block until ``group`` has at least ``count`` live members or ``timeout`` passes."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         target = self._open_group(parse_group(group), join=False, discover=False)
         self._await(lambda: len(self._endpoint.group_members(target)) >= count, timeout)
         return self._call(lambda now: self._endpoint.group_members(target))
@@ -834,7 +836,7 @@ class Node:
 
     def receive(
         self,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
@@ -886,7 +888,7 @@ class Node:
         return got[0]
 
     def _receive_plain(
-        self, mailbox: str, receiver: str | None, timeout: float | None
+        self, mailbox: str, receiver: str | None, timeout: Seconds
     ) -> Message | None:
         """:meth:`_receive` for one message of ``mailbox``, selecting nothing (what a
         stream of receives asks each time), without its loops and choices. ``None``
@@ -955,7 +957,7 @@ class Node:
     def receive_many(
         self,
         max_count: int,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
@@ -993,7 +995,7 @@ class Node:
     def receive_any(
         self,
         mailboxes: Iterable[str | MailboxHandle],
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         source: Sources = None,
         msg_type: Int = 0,
@@ -1017,7 +1019,7 @@ class Node:
         :class:`~reliable.errors.MailboxDeleted` if one of them is deleted while
         it waits.
         """
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         boxes = mailbox_set(mailboxes)
         selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         peer = None if isinstance(selector.source, frozenset) else selector.source
@@ -1063,7 +1065,7 @@ class Node:
         msg_type: Int,
         except_type: bool,
         receiver: str | None,
-        timeout: float | None,
+        timeout: Seconds,
         count: int,
         *,
         wait: bool,
@@ -1072,7 +1074,7 @@ class Node:
         truncate: bool = False,
     ) -> list[Message]:
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
-            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
+            check_seconds(timeout, "timeout")  # raises, saying why (a plain one skips the call)
         if (
             source is None
             and msg_type == 0
@@ -1179,7 +1181,7 @@ class Node:
         ticket: int,
         peer: Address | None,
         mark: int,
-        timeout: float | None,
+        timeout: Seconds,
         deadline: float | None,
         locked: bool = False,
         local: bool = True,
@@ -1277,17 +1279,17 @@ class Node:
     def _outbox_send(
         self,
         store: OutboxStore,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         data: Data,
         msg_type: Int,
         priority: Int,
         mailbox: str | None,
-        timeout: float | None,
+        timeout: Seconds,
         *,
         block: bool,
     ) -> SendHandle:
         """Check, store (accepted), then send: an outbox's send."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         endpoint = self._endpoint
         addr, name, data = outbox_message(
             endpoint, dest, data, msg_type, priority, mailbox, self._family
@@ -1301,15 +1303,15 @@ class Node:
     def _outbox_send_many(
         self,
         store: OutboxStore,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         messages: list[bytes],
         msg_type: Int,
         priority: Int,
         mailbox: str | None,
-        timeout: float | None,
+        timeout: Seconds,
     ) -> list[SendHandle]:
         """Check all, store all in one commit, then send each: an outbox's send_many."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         endpoint = self._endpoint
         addr, name, checked = outbox_batch(
             endpoint, dest, messages, msg_type, priority, mailbox, self._family
@@ -1333,7 +1335,7 @@ class Node:
         data: Data,
         msg_type: Int,
         priority: Int,
-        timeout: float | None,
+        timeout: Seconds,
         label: Any,
         *,
         block: bool,
@@ -1463,9 +1465,9 @@ class Node:
         msg_type: Int,
         except_type: bool,
         receiver: str | None,
-        timeout: float | None,
+        timeout: Seconds,
     ) -> Message:
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         selector = Selector.of(None, msg_type, except_type)
         label = receiver if receiver is not None else threading.current_thread().name
         self._enter()
@@ -1487,14 +1489,14 @@ class Node:
 
     def manage(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         action: str,
         mailbox: str,
         *,
         capacity: int | None = None,
         max_bytes: int | None = None,
         node: str = "",
-        timeout: float = 5.0,
+        timeout: Seconds = 5.0,
     ) -> dict[str, Any]:
         """Ask the node at ``dest`` to ``inspect``, ``set_limits``, ``delete``, ``grant``
         or ``revoke`` (``node``) its mailbox ``mailbox`` (what ``rmsg ctl`` does).
@@ -1502,7 +1504,7 @@ class Node:
         Returns the mailbox's description (as ``rmsg ctl inspect --json``). A node
         serves it only to callers on its own host, with ``Config.serve_stats``.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         request = manage_request(action, mailbox, capacity, max_bytes, node)
         addr = resolve_destination(dest, self._family)
         return self._managed_call(
@@ -1536,7 +1538,7 @@ class Node:
         return parse_manage_reply(addr, *reply)
 
     def _transfer(self, name: str, to: str | tuple[Any, ...], timeout: float) -> dict[str, Any]:
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         addr = resolve_destination(to, self._family)
         return self._managed_call(
             addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
@@ -1548,9 +1550,9 @@ class Node:
         """This node's statistics: per peer, per mailbox and node-wide."""
         return self._call(lambda now: self._endpoint.stats(now), check=False, drive=False)
 
-    def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
+    def query_stats(self, dest: Dest, timeout: Seconds = 5.0) -> NodeStats:
         """Ask the node at ``dest`` for its statistics over the network."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         addr = resolve_destination(dest, self._family)
         deadline = time.monotonic() + timeout
         self._enter()
@@ -1573,9 +1575,9 @@ class Node:
             self._leave()
         return parse_stats(body)
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, timeout: Seconds = 2.0) -> None:
         """Flush outstanding sends for up to ``timeout`` seconds, tell peers, release the socket."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         self._enter()
         try:
             if self._closed:
@@ -1637,7 +1639,7 @@ class Node:
         finally:
             self._leave()
 
-    def _await(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+    def _await(self, ready: Callable[[], bool], timeout: Seconds) -> bool:
         """Drive or follow until ``ready()`` or ``timeout`` seconds; returns ``ready()``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._enter()
@@ -2011,7 +2013,7 @@ class Mailbox(MailboxHandle):
 
     def receive(
         self,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         source: Sources = None,
         msg_type: Int = 0,
@@ -2043,7 +2045,7 @@ class Mailbox(MailboxHandle):
         )
         return got[0]
 
-    def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
+    def transfer(self, to: str | tuple[Any, ...], timeout: Seconds = 5.0) -> dict[str, Any]:
         """Move this mailbox to the node at ``to``: its queued messages (in order), its
         grants, and the right to manage it. ``to`` must have created an empty
         mailbox of the same name (its consent; its limits apply from then on).
@@ -2087,7 +2089,7 @@ class Mailbox(MailboxHandle):
     def receive_many(
         self,
         max_count: int,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         source: Sources = None,
         msg_type: Int = 0,
@@ -2135,7 +2137,7 @@ class RemoteMailbox:
 
     def receive(
         self,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         msg_type: Int = 0,
         except_type: bool = False,
