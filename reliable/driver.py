@@ -61,7 +61,7 @@ from .stats import MailboxStats, NodeStats
 if TYPE_CHECKING:
     from _typeshed import IdentityFunction
 
-try:  # compiled (mypyc): lets the interpreted adapters' mailbox handles subclass MailboxHandle
+try:  # compiled (mypyc): class options (MailboxHandle below)
     from mypy_extensions import mypyc_attr
 except ImportError:  # pure Python without mypy_extensions installed: the decorator does nothing
 
@@ -1302,7 +1302,10 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
             endpoint.delete_mailbox(name, now, owner=owner)
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
+# An ordinary Python class even when this module is compiled: the adapters' handles
+# (node.Mailbox, aio.AsyncMailbox) subclass it, and an owner handle is tracked with
+# weakref.finalize, which a mypyc class does not support. Nothing here is per message.
+@mypyc_attr(native_class=False)
 class MailboxHandle:
     """What the blocking and asyncio mailbox handles share: managing the mailbox.
 
