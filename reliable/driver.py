@@ -31,12 +31,10 @@ import os
 import socket
 import struct
 import sys
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import EllipsisType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import errors, events, message, udpio
 from .addressing import (
@@ -45,29 +43,18 @@ from .addressing import (
     ServiceAddress,
     is_group_url,
     normalize,
-    parse_address,
     parse_group,
     parse_service,
     resolve_address,
 )
 from .endpoint import Endpoint, check_integer, check_timeout, message_bytes
+from .handle import MailboxHandle
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import DeliveryFacts, GroupReceipt, Message, Receipt
 from .outbox import OutboxRow, OutboxStore, check_outbox_mailbox
 from .remote_mailbox import ACTIONS, Manage
-from .stats import MailboxStats, NodeStats
-
-if TYPE_CHECKING:
-    from _typeshed import IdentityFunction
-
-try:  # compiled (mypyc): class options (MailboxHandle below)
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pure Python without mypy_extensions installed: the decorator does nothing
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> IdentityFunction:
-        return lambda cls: cls
-
+from .stats import NodeStats
 
 #: Public arguments whose type is checked inside, with a ``UsageError`` that says what
 #: to pass: compiled (mypyc) code checks a declared type at the call and raises
@@ -1270,16 +1257,6 @@ def give_up_receive(
             route()
 
 
-class _ManagedNode(Protocol):
-    def _manage(self, name: str, action: str, owner: int | None) -> None: ...
-
-    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any: ...
-
-    def _port_abandoned(self, name: str, owner: int) -> None: ...
-
-    def stats(self) -> NodeStats: ...
-
-
 def manage_mailbox(
     endpoint: Endpoint, name: str, action: str, owner: int | None, now: float
 ) -> None:
@@ -1300,128 +1277,6 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
             continue  # a plain mailbox outlives its handles (a durable one: its store too)
         with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
             endpoint.delete_mailbox(name, now, owner=owner)
-
-
-# An ordinary Python class even when this module is compiled: the adapters' handles
-# (node.Mailbox, aio.AsyncMailbox) subclass it, and an owner handle is tracked with
-# weakref.finalize, which a mypyc class does not support. Nothing here is per message.
-@mypyc_attr(native_class=False)
-class MailboxHandle:
-    """What the blocking and asyncio mailbox handles share: managing the mailbox.
-
-    The handle a ``create_mailbox`` returns carries the owner token, which a
-    port requires of its receiver and of whoever closes, opens or deletes it;
-    other handles carry ``None``. When a port's owner handle is garbage
-    collected, the port is deleted: nobody could ever receive from it, so
-    senders must learn ``MailboxNotFound`` rather than be acknowledged into
-    the void. The deletion runs on the node's own schedule (the next thread to
-    drive the node, or the event loop), never inside the garbage collector, which may run while
-    the node's lock is held.
-    """
-
-    def __init__(self, node: _ManagedNode, name: str, owner: int | None) -> None:
-        self._managed = node
-        self.name = name
-        self._owner = owner
-        if owner is not None:
-            weakref.finalize(self, node._port_abandoned, name, owner)
-
-    def close(self) -> None:
-        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
-        self._managed._manage(self.name, "close", self._owner)
-
-    def open(self) -> None:
-        """Accept messages again after :meth:`close`."""
-        self._managed._manage(self.name, "open", self._owner)
-
-    def delete(self) -> None:
-        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
-        self._managed._manage(self.name, "delete", self._owner)
-
-    def stats(self) -> MailboxStats:
-        return self._managed.stats().mailbox(self.name)
-
-    # Peek, locks and explicit delete (issue 19): one core call each, then the
-    # node commits a durable mailbox's writes before the call returns.
-
-    def peek(self, *, msg_type: int = 0, except_type: bool = False) -> Message | None:
-        """The message a receive would take now, left in the mailbox (browse); or None."""
-        selector = Selector.of(None, msg_type, except_type)
-        owner = self._owner
-        return self._managed._core(  # type: ignore[no-any-return]
-            lambda ep, now: ep.peek(self.name, selector, owner=owner, now=now)
-        )
-
-    def ack(self, message: Message) -> bool:
-        """Remove ``message``, received with ``lock=``, for good (durable: committed on
-        return). False if its lock had expired: it went back, and may be received again."""
-        owner = self._owner
-        return bool(
-            self._managed._core(lambda ep, now: ep.ack(self.name, message, owner=owner, now=now))
-        )
-
-    def release(self, message: Message) -> bool:
-        """Give ``message``, received with ``lock=``, back to the head of its priority."""
-        owner = self._owner
-        return bool(
-            self._managed._core(
-                lambda ep, now: ep.release(self.name, message, owner=owner, now=now)
-            )
-        )
-
-    def remove(self, message: Message) -> bool:
-        """Explicit delete of a peeked (or locked) message; False if it is already gone."""
-        owner = self._owner
-        return bool(
-            self._managed._core(
-                lambda ep, now: ep.remove_message(self.name, message, owner=owner, now=now)
-            )
-        )
-
-    def set_limits(
-        self,
-        capacity: int | EllipsisType | None = ...,
-        max_bytes: int | EllipsisType | None = ...,
-    ) -> None:
-        """Change the capacity and/or max_bytes now (``mq_setattr``, ``IPC_SET``); what
-        is left out keeps its value. Raising them admits waiting (parked) messages."""
-        now_stats = self.stats()
-        cap = now_stats.capacity if capacity is ... else capacity
-        size = now_stats.max_bytes if max_bytes is ... else max_bytes
-        owner = self._owner
-        self._managed._core(lambda ep, now: ep.set_limits(self.name, cap, size, now, owner=owner))
-
-    # Receivers on other nodes (reliable/remote_mailbox.py).
-
-    def grant(self, node: str | tuple[Any, ...]) -> None:
-        """Let ``node`` (``host:port``, as the receiving node is bound) receive from this
-        mailbox with ``RemoteMailbox.receive``; others are refused. Not for a port."""
-        addr = node_address(node)
-        name = self.name
-
-        def grant(ep: Endpoint, now: float) -> None:
-            if not ep.has_mailbox(name):
-                raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
-            if ep.port_owner(name) is not None:
-                raise errors.UsageError(
-                    f"mailbox {name!r} is a port: its one receiver is its owner; create a "
-                    "plain mailbox to share it with other nodes"
-                )
-            ep.remote.grant(name, addr)
-
-        self._managed._core(grant)
-
-    def revoke(self, node: str | tuple[Any, ...]) -> None:
-        """Take the receive right back from ``node``; its waiting receives are refused."""
-        addr = node_address(node)
-        self._managed._core(lambda ep, now: ep.remote.revoke(self.name, addr, now))
-
-    def granted(self) -> list[Address]:
-        """The nodes granted the receive right."""
-        return list(self._managed._core(lambda ep, now: ep.remote.granted(self.name)))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
 
 
 def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int | None]]:
@@ -1447,13 +1302,6 @@ def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int
     if len(set(names)) != len(names):
         raise errors.UsageError(f"name each mailbox once: {names}")
     return chosen
-
-
-def node_address(node: str | tuple[Any, ...]) -> Address:
-    """A node's ``host:port`` (or tuple) as the peer key its datagrams arrive under."""
-    if isinstance(node, tuple):
-        return normalize(node)
-    return parse_address(node)
 
 
 def remote_mailbox_address(address: str) -> tuple[str, str]:

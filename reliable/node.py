@@ -1996,8 +1996,8 @@ class Node:
         return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
 
 
-# An ordinary Python class even when this module is compiled, as its base
-# driver.MailboxHandle (weakref.finalize tracks an owner handle).
+# An ordinary Python class even when this module is compiled: its base is the
+# interpreted reliable.handle.MailboxHandle (see there why).
 @mypyc_attr(native_class=False)
 class Mailbox(MailboxHandle):
     """A handle on one mailbox of a :class:`Node`.
