@@ -275,7 +275,7 @@ def refuse_group(dest: object, method: str) -> None:
         )
 
 
-def group_target(group: str | GroupAddress, mailbox: str | None) -> GroupAddress:
+def group_target(group: Dest, mailbox: str | None) -> GroupAddress:
     """The group a ``send_group`` names: a ``multicast://``/``broadcast://`` URL or a
     :class:`~reliable.addressing.GroupAddress`."""
     if isinstance(group, GroupAddress):
@@ -468,8 +468,8 @@ def post_local(
 ) -> None:
     """``post``: check a local message now (argument errors raise here) and queue it
     for the node's next turn, without its lock (see :mod:`reliable.localpost`)."""
-    data = message_bytes(data)
-    check_mailbox_name(mailbox)
+    data = checked_message(data, msg_type, priority)  # before check_message: compiled,
+    check_mailbox_name(mailbox)  # its declared int would let a bool pass as an int
     endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
     if closed:
         raise errors.NodeClosed("the node is closed")

@@ -546,7 +546,7 @@ class Node:
 
     def send_group(
         self,
-        group: str | GroupAddress,
+        group: Dest,
         data: Data,
         *,
         msg_type: Int = 0,
@@ -573,7 +573,7 @@ class Node:
 
     def send_group_nowait(
         self,
-        group: str | GroupAddress,
+        group: Dest,
         data: Data,
         *,
         msg_type: Int = 0,
@@ -647,7 +647,7 @@ class Node:
 
     def _group_target(
         self,
-        group: str | GroupAddress,
+        group: Dest,
         data: Data,
         msg_type: Int,
         priority: Int,
@@ -663,7 +663,7 @@ class Node:
     def _submit(
         self,
         target: Target,
-        datas: list[bytes],
+        datas: list[Data],
         handle: _PendingSend[Any] | BatchHandle,
         msg_type: Int,
         priority: Int,
