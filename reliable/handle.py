@@ -1,12 +1,14 @@
-"""The mailbox handle both adapters share: managing one mailbox of a node.
+"""Mailbox handles: the base both adapters share, and the blocking ``Mailbox``.
 
-Theory of operation. ``driver.MailboxHandle`` (re-exported there) is the base
-of ``node.Mailbox`` and ``aio.AsyncMailbox``. It lives in this module, which is
-always interpreted, because a compiled (mypyc) class cannot be the base of an
-interpreted one unless opened for it, cannot be weakly referenced (an owner
-handle is tracked with ``weakref.finalize``), and mypyc cannot compile the
-closures its methods hand to the node; and nothing here runs per message, so
-compiling it would gain nothing.
+Theory of operation. ``MailboxHandle`` (re-exported by ``driver``) is the base
+of ``node.Mailbox`` (defined here, re-exported by ``node``) and
+``aio.AsyncMailbox``. They live in this module, which is always interpreted,
+because a compiled (mypyc) class cannot be the base of an interpreted one
+unless opened for it (which needs ``mypy_extensions`` at run time, and
+``reliable`` imports only the standard library), cannot be weakly referenced
+(an owner handle is tracked with ``weakref.finalize``), and mypyc cannot
+compile the closures these methods hand to the node. Nothing here runs per
+message: a handle's receive calls straight into the node.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from types import EllipsisType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import errors
 from .addressing import Address, normalize, parse_address
 from .endpoint import Endpoint
-from .mailbox import Selector
+from .mailbox import Selector, Sources
 from .message import Message
 from .stats import MailboxStats, NodeStats
 
-__all__ = ["MailboxHandle", "node_address"]
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["Mailbox", "MailboxHandle", "node_address"]
+
+#: As reliable.driver's: arguments of any type, checked inside (a UsageError either core).
+Int = Any
+Seconds = Any
 
 
 class _ManagedNode(Protocol):
@@ -159,3 +168,127 @@ def node_address(node: str | tuple[Any, ...]) -> Address:
     if isinstance(node, tuple):
         return normalize(node)
     return parse_address(node)
+
+
+class Mailbox(MailboxHandle):
+    """A handle on one mailbox of a :class:`Node`.
+
+    The handle :meth:`Node.create_mailbox` returns is the owner's: for a
+    port it is the only one that may receive. Senders on other nodes address
+    the mailbox as ``host:port/name``.
+    """
+
+    def __init__(self, node: Node, name: str, owner: int | None) -> None:
+        super().__init__(node, name, owner)
+        self._node = node
+
+    def receive(
+        self,
+        timeout: Seconds = None,
+        *,
+        source: Sources = None,
+        msg_type: Int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> Message:
+        """As :meth:`Node.receive`, from this mailbox.
+
+        ``lock`` (seconds): take the message under a lock instead of removing
+        it; :meth:`ack` removes it, :meth:`release` gives it back, and if
+        neither comes in time it is receivable again (a visibility timeout).
+        """
+        got = self._node._receive(
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            timeout,
+            1,
+            wait=True,
+            lock=lock,
+            max_size=max_size,
+            truncate=truncate,
+        )
+        return got[0]
+
+    def transfer(self, to: str | tuple[Any, ...], timeout: Seconds = 5.0) -> dict[str, Any]:
+        """Move this mailbox to the node at ``to``: its queued messages (in order), its
+        grants, and the right to manage it. ``to`` must have created an empty
+        mailbox of the same name (its consent; its limits apply from then on).
+
+        Returns ``{"mailbox", "owner", "moved"}`` once the new owner holds the
+        messages. Senders that still address this node are refused with
+        ``MailboxNotFound`` (not delivered: safe to send again) and told the new
+        owner; their node sends there from then on. Raises
+        :class:`~reliable.errors.UsageError` if the new owner refused (the mailbox
+        then stays here, messages and all), or for a port, a durable mailbox, or one
+        with messages under a lock.
+        """
+        return self._node._transfer(self.name, to, timeout)
+
+    def receive_nowait(
+        self,
+        *,
+        source: Sources = None,
+        msg_type: Int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+    ) -> Message | None:
+        """As :meth:`Node.receive_nowait`, from this mailbox."""
+        got = self._node._receive(
+            self.name,
+            self._owner,
+            source,
+            msg_type,
+            except_type,
+            receiver,
+            None,
+            1,
+            wait=False,
+            max_size=max_size,
+            truncate=truncate,
+        )
+        return got[0] if got else None
+
+    def receive_many(
+        self,
+        max_count: int,
+        timeout: Seconds = None,
+        *,
+        source: Sources = None,
+        msg_type: Int = 0,
+        except_type: bool = False,
+        receiver: str | None = None,
+        max_size: int | None = None,
+        truncate: bool = False,
+        lock: float | None = None,
+    ) -> list[Message]:
+        """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
+        each message is taken under its own lock, as :meth:`receive` does."""
+        from .driver import check_count  # (driver imports this module)
+
+        check_count(max_count)
+        try:
+            return self._node._receive(
+                self.name,
+                self._owner,
+                source,
+                msg_type,
+                except_type,
+                receiver,
+                timeout,
+                max_count,
+                wait=True,
+                lock=lock,
+                max_size=max_size,
+                truncate=truncate,
+            )
+        except errors.ReceiveTimeout:
+            return []

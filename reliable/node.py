@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from . import errors, events
 from ._groupsock import GroupSockets
@@ -113,6 +113,7 @@ from .endpoint import (
     Withdrawal,
     check_lock,
 )
+from .handle import Mailbox
 from .localpost import PostQueue
 from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
@@ -120,17 +121,6 @@ from .outbox import Outbox, OutboxStore, settle_outbox_send
 from .security import Security
 from .stats import NodeStats
 from .store import Committer, open_store  # durable mailboxes (issue 19)
-
-if TYPE_CHECKING:
-    from _typeshed import IdentityFunction
-
-try:  # compiled (mypyc): class options below; a no-op without mypy_extensions installed
-    from mypy_extensions import mypyc_attr
-except ImportError:
-
-    def mypyc_attr(*attrs: str, **kwattrs: object) -> IdentityFunction:
-        return lambda cls: cls
-
 
 __all__ = ["BatchHandle", "GroupSendHandle", "Mailbox", "Node", "SendHandle"]
 
@@ -1994,131 +1984,6 @@ class Node:
             return NAP
         timer = self._timer
         return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
-
-
-# An ordinary Python class even when this module is compiled: its base is the
-# interpreted reliable.handle.MailboxHandle (see there why).
-@mypyc_attr(native_class=False)
-class Mailbox(MailboxHandle):
-    """A handle on one mailbox of a :class:`Node`.
-
-    The handle :meth:`Node.create_mailbox` returns is the owner's: for a
-    port it is the only one that may receive. Senders on other nodes address
-    the mailbox as ``host:port/name``.
-    """
-
-    def __init__(self, node: Node, name: str, owner: int | None) -> None:
-        super().__init__(node, name, owner)
-        self._node = node
-
-    def receive(
-        self,
-        timeout: Seconds = None,
-        *,
-        source: Sources = None,
-        msg_type: Int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-        lock: float | None = None,
-    ) -> Message:
-        """As :meth:`Node.receive`, from this mailbox.
-
-        ``lock`` (seconds): take the message under a lock instead of removing
-        it; :meth:`ack` removes it, :meth:`release` gives it back, and if
-        neither comes in time it is receivable again (a visibility timeout).
-        """
-        got = self._node._receive(
-            self.name,
-            self._owner,
-            source,
-            msg_type,
-            except_type,
-            receiver,
-            timeout,
-            1,
-            wait=True,
-            lock=lock,
-            max_size=max_size,
-            truncate=truncate,
-        )
-        return got[0]
-
-    def transfer(self, to: str | tuple[Any, ...], timeout: Seconds = 5.0) -> dict[str, Any]:
-        """Move this mailbox to the node at ``to``: its queued messages (in order), its
-        grants, and the right to manage it. ``to`` must have created an empty
-        mailbox of the same name (its consent; its limits apply from then on).
-
-        Returns ``{"mailbox", "owner", "moved"}`` once the new owner holds the
-        messages. Senders that still address this node are refused with
-        ``MailboxNotFound`` (not delivered: safe to send again) and told the new
-        owner; their node sends there from then on. Raises
-        :class:`~reliable.errors.UsageError` if the new owner refused (the mailbox
-        then stays here, messages and all), or for a port, a durable mailbox, or one
-        with messages under a lock.
-        """
-        return self._node._transfer(self.name, to, timeout)
-
-    def receive_nowait(
-        self,
-        *,
-        source: Sources = None,
-        msg_type: Int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-    ) -> Message | None:
-        """As :meth:`Node.receive_nowait`, from this mailbox."""
-        got = self._node._receive(
-            self.name,
-            self._owner,
-            source,
-            msg_type,
-            except_type,
-            receiver,
-            None,
-            1,
-            wait=False,
-            max_size=max_size,
-            truncate=truncate,
-        )
-        return got[0] if got else None
-
-    def receive_many(
-        self,
-        max_count: int,
-        timeout: Seconds = None,
-        *,
-        source: Sources = None,
-        msg_type: Int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-        lock: float | None = None,
-    ) -> list[Message]:
-        """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
-        each message is taken under its own lock, as :meth:`receive` does."""
-        check_count(max_count)
-        try:
-            return self._node._receive(
-                self.name,
-                self._owner,
-                source,
-                msg_type,
-                except_type,
-                receiver,
-                timeout,
-                max_count,
-                wait=True,
-                lock=lock,
-                max_size=max_size,
-                truncate=truncate,
-            )
-        except errors.ReceiveTimeout:
-            return []
 
 
 class RemoteMailbox:
