@@ -171,9 +171,9 @@ def node_address(node: str | tuple[Any, ...]) -> Address:
 
 
 class Mailbox(MailboxHandle):
-    """A handle on one mailbox of a :class:`Node`.
+    """A handle on one mailbox of a :class:`~reliable.node.Node`.
 
-    The handle :meth:`Node.create_mailbox` returns is the owner's: for a
+    The handle :meth:`~reliable.node.Node.create_mailbox` returns is the owner's: for a
     port it is the only one that may receive. Senders on other nodes address
     the mailbox as ``host:port/name``.
     """
@@ -194,7 +194,7 @@ class Mailbox(MailboxHandle):
         truncate: bool = False,
         lock: float | None = None,
     ) -> Message:
-        """As :meth:`Node.receive`, from this mailbox.
+        """As :meth:`~reliable.node.Node.receive`, from this mailbox.
 
         ``lock`` (seconds): take the message under a lock instead of removing
         it; :meth:`ack` removes it, :meth:`release` gives it back, and if
@@ -241,7 +241,7 @@ class Mailbox(MailboxHandle):
         max_size: int | None = None,
         truncate: bool = False,
     ) -> Message | None:
-        """As :meth:`Node.receive_nowait`, from this mailbox."""
+        """As :meth:`~reliable.node.Node.receive_nowait`, from this mailbox."""
         got = self._node._receive(
             self.name,
             self._owner,
@@ -270,7 +270,7 @@ class Mailbox(MailboxHandle):
         truncate: bool = False,
         lock: float | None = None,
     ) -> list[Message]:
-        """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
+        """As :meth:`~reliable.node.Node.receive_many`, from this mailbox; with ``lock`` (seconds)
         each message is taken under its own lock, as :meth:`receive` does."""
         from .driver import check_count  # (driver imports this module)
 
