@@ -5,8 +5,9 @@ Theory of operation. ``COMPILED_MODULES`` below is the one list the build
 always interpreted (``errors`` because its classes inherit from built-in
 exceptions such as ``TimeoutError``, which mypyc cannot compile; this module
 and ``reliable/__init__.py`` so the choice below is made in plain Python;
-``handle`` (the adapters' shared mailbox handle) because interpreted
-``aio.AsyncMailbox`` subclasses it and owner handles are weakly referenced;
+``handle`` (``MailboxHandle`` and the blocking ``Mailbox``) because
+interpreted ``aio.AsyncMailbox`` subclasses the first, owner handles are
+weakly referenced, and mypyc cannot compile their methods' closures;
 ``aio`` so far (issue 20: not yet converted); RPC and storage because their
 cost is system calls, not Python). ``mailbox`` compiles because its public
 ``Selector`` and limits take their arguments as ``Any``/``object`` and check
