@@ -4,13 +4,17 @@ Theory of operation. ``COMPILED_MODULES`` below is the one list the build
 (``tools/rmsg_build.py``) hands to mypyc; everything else in the package is
 always interpreted (``errors`` because its classes inherit from built-in
 exceptions such as ``TimeoutError``, which mypyc cannot compile; this module
-and ``reliable/__init__.py`` so the choice below is made in plain Python; the
-adapters (``node``, ``aio``, ``driver``) because their public classes are
-subclassed by interpreted code and their many public arguments are checked
-by declared type, which compiled would raise ``TypeError`` where pure raises
-``UsageError``; RPC and storage because their cost is system calls, not
-Python). ``mailbox`` compiles because its public ``Selector`` and limits take
-their arguments as ``Any``/``object`` and check them inside.
+and ``reliable/__init__.py`` so the choice below is made in plain Python;
+``handle`` (``MailboxHandle`` and the blocking ``Mailbox``) because
+interpreted ``aio.AsyncMailbox`` subclasses the first, owner handles are
+weakly referenced, and mypyc cannot compile their methods' closures;
+``aio`` so far (issue 20: not yet converted); RPC and storage because their
+cost is system calls, not Python). ``mailbox`` compiles because its public
+``Selector`` and limits take their arguments as ``Any``/``object`` and check
+them inside. The blocking adapter (``node``, ``driver``) compiles the same
+way since issue 20: the arguments it checks itself are declared ``Any``
+(``driver.Data``, ``Int``, ``Seconds``, ``Dest``) so a wrong-typed one raises
+the same ``UsageError`` compiled and pure, not mypyc's ``TypeError``.
 A compiled build still ships every ``.py`` source beside its extension
 modules, so the same installation can always run pure.
 
@@ -53,6 +57,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.anycast",
     "reliable.config",
     "reliable.congestion",
+    "reliable.driver",
     "reliable.node_messages",
     "reliable.endpoint",
     "reliable.events",
@@ -63,6 +68,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "reliable.group_sender",
     "reliable.groups",
     "reliable.mailbox",
+    "reliable.node",
     "reliable.membership",
     "reliable.message",
     "reliable.peer",

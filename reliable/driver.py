@@ -31,11 +31,9 @@ import os
 import socket
 import struct
 import sys
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import EllipsisType
 from typing import Any, NamedTuple, Protocol
 
 from . import errors, events, message, udpio
@@ -45,18 +43,38 @@ from .addressing import (
     ServiceAddress,
     is_group_url,
     normalize,
-    parse_address,
     parse_group,
     parse_service,
     resolve_address,
 )
-from .endpoint import Endpoint, check_integer, message_bytes
+from .endpoint import Endpoint, check_integer, check_timeout, message_bytes
+from .handle import MailboxHandle
 from .localpost import PostQueue
 from .mailbox import Selector, Sources, check_mailbox_name, selector_for
 from .message import DeliveryFacts, GroupReceipt, Message, Receipt
 from .outbox import OutboxRow, OutboxStore, check_outbox_mailbox
 from .remote_mailbox import ACTIONS, Manage
-from .stats import MailboxStats, NodeStats
+from .stats import NodeStats
+
+#: Public arguments whose type is checked inside, with a ``UsageError`` that says what
+#: to pass: compiled (mypyc) code checks a declared type at the call and raises
+#: ``TypeError``, so the adapters declare these ``Any`` to fail the same way compiled
+#: and pure. ``Data``: bytes, bytearray or memoryview; ``Int``: an int, not a bool.
+Data = Any
+Int = Any
+#: ``Seconds``: a timeout, None or a number (see :func:`check_seconds`); ``Dest``: a
+#: node's ``host:port[/mailbox]`` or ``(host, port)`` (see :func:`resolve_destination`).
+Seconds = Any
+Dest = Any
+
+
+def check_seconds(timeout: Seconds, name: str, *, positive: bool = False) -> None:
+    """The core's ``check_timeout`` for a value of any type: that check is compiled with
+    a declared ``float | None``, which would raise ``TypeError`` for a string."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+        raise errors.UsageError(f"{name} must be a number of seconds or None, got {timeout!r}")
+    check_timeout(timeout, name, positive=positive)
+
 
 __all__ = [
     "CLOSE_GRACE",
@@ -189,9 +207,26 @@ def receive_buffer(sock: object) -> int | None:
         return None
 
 
-def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
-    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change."""
-    text: str | tuple[str, int] = (dest[0], dest[1]) if isinstance(dest, tuple) else dest
+def resolve_destination(dest: Dest, family: int) -> Address:
+    """Resolve ``dest`` for a socket of ``family``, with an error that says what to change.
+
+    Its type is checked here, before the (compiled) parser's declared one would raise
+    ``TypeError``: an ``AddressError`` compiled and pure alike."""
+    text: str | tuple[str, int]
+    if isinstance(dest, str):
+        text = dest
+    elif (
+        isinstance(dest, tuple)
+        and len(dest) >= 2
+        and isinstance(dest[0], str)
+        and isinstance(dest[1], int)
+        and not isinstance(dest[1], bool)
+    ):
+        text = (dest[0], dest[1])
+    elif isinstance(dest, tuple):
+        raise errors.AddressError(f"expected a (host, port) tuple, got {dest!r}")
+    else:
+        raise errors.AddressError(f"expected an address like 127.0.0.1:7000, got {dest!r}")
     try:
         return resolve_address(text, family=family)[1]
     except errors.AddressError:
@@ -204,9 +239,7 @@ def resolve_destination(dest: str | tuple[Any, ...], family: int) -> Address:
         ) from None
 
 
-def split_destination(
-    dest: str | tuple[Any, ...], mailbox: str | None
-) -> tuple[str | tuple[Any, ...], str]:
+def split_destination(dest: Dest, mailbox: str | None) -> tuple[Dest, str]:
     """Split ``host:port/mailbox`` into the node address and the mailbox name.
 
     ``mailbox`` given as an argument must agree with one in ``dest``; with
@@ -242,7 +275,7 @@ def refuse_group(dest: object, method: str) -> None:
         )
 
 
-def group_target(group: str | GroupAddress, mailbox: str | None) -> GroupAddress:
+def group_target(group: Dest, mailbox: str | None) -> GroupAddress:
     """The group a ``send_group`` names: a ``multicast://``/``broadcast://`` URL or a
     :class:`~reliable.addressing.GroupAddress`."""
     if isinstance(group, GroupAddress):
@@ -286,7 +319,7 @@ class Destinations:
             return None
 
     def resolve(
-        self, dest: str | tuple[Any, ...], mailbox: str | None, family: int
+        self, dest: Dest, mailbox: str | None, family: int
     ) -> tuple[tuple[Address, str], Address]:
         """Parse node destination ``dest`` (``host:port[/mailbox]``) for a socket of
         ``family`` and remember it; raises the error that says what to change."""
@@ -302,10 +335,10 @@ class Destinations:
 
 
 def batch_destination(
-    dest: str | tuple[Any, ...],
-    messages: Iterable[bytes],
-    msg_type: int,
-    priority: int,
+    dest: Dest,
+    messages: Iterable[Data],
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, list[bytes]]:
@@ -322,10 +355,10 @@ def batch_destination(
 
 
 def outbox_destination(
-    dest: str | tuple[Any, ...],
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    dest: Dest,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, bytes]:
@@ -344,10 +377,10 @@ def outbox_destination(
 
 def outbox_message(
     endpoint: Endpoint,
-    dest: str | tuple[Any, ...],
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    dest: Dest,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, bytes]:
@@ -360,10 +393,10 @@ def outbox_message(
 
 def outbox_batch(
     endpoint: Endpoint,
-    dest: str | tuple[Any, ...],
-    messages: Iterable[bytes],
-    msg_type: int,
-    priority: int,
+    dest: Dest,
+    messages: Iterable[Data],
+    msg_type: Int,
+    priority: Int,
     mailbox: str | None,
     family: int,
 ) -> tuple[Address, str, list[bytes]]:
@@ -429,14 +462,14 @@ def post_local(
     posts: PostQueue,
     closed: bool,
     mailbox: str,
-    data: bytes,
-    msg_type: int,
-    priority: int,
+    data: Data,
+    msg_type: Int,
+    priority: Int,
 ) -> None:
     """``post``: check a local message now (argument errors raise here) and queue it
     for the node's next turn, without its lock (see :mod:`reliable.localpost`)."""
-    data = message_bytes(data)
-    check_mailbox_name(mailbox)
+    data = checked_message(data, msg_type, priority)  # before check_message: compiled,
+    check_mailbox_name(mailbox)  # its declared int would let a bool pass as an int
     endpoint.check_message(data, msg_type=msg_type, priority=priority, mailbox=mailbox)
     if closed:
         raise errors.NodeClosed("the node is closed")
@@ -471,8 +504,8 @@ def no_answer(addr: Any, timeout: float, *, stats: bool = False) -> errors.Recei
 
 def receive_selector(
     source: Sources,
-    msg_type: int,
-    except_type: bool,
+    msg_type: Int,
+    except_type: Any,
     max_size: int | None,
     truncate: bool,
     family: int,
@@ -536,11 +569,11 @@ Target = tuple[Address, str] | GroupAddress | ServiceAddress | OutboxTarget
 def enqueue(
     endpoint: Endpoint,
     target: Target,
-    data: bytes,
+    data: Data,
     *,
     now: float,
-    msg_type: int,
-    priority: int,
+    msg_type: Int,
+    priority: Int,
     timeout: float | None,
     deadline: float | None,
     policy: str,
@@ -1224,16 +1257,6 @@ def give_up_receive(
             route()
 
 
-class _ManagedNode(Protocol):
-    def _manage(self, name: str, action: str, owner: int | None) -> None: ...
-
-    def _core(self, call: Callable[[Endpoint, float], Any]) -> Any: ...
-
-    def _port_abandoned(self, name: str, owner: int) -> None: ...
-
-    def stats(self) -> NodeStats: ...
-
-
 def manage_mailbox(
     endpoint: Endpoint, name: str, action: str, owner: int | None, now: float
 ) -> None:
@@ -1254,124 +1277,6 @@ def delete_abandoned_ports(endpoint: Endpoint, ports: list[tuple[str, int]], now
             continue  # a plain mailbox outlives its handles (a durable one: its store too)
         with contextlib.suppress(errors.UsageError):  # already deleted (or replaced)
             endpoint.delete_mailbox(name, now, owner=owner)
-
-
-class MailboxHandle:
-    """What the blocking and asyncio mailbox handles share: managing the mailbox.
-
-    The handle a ``create_mailbox`` returns carries the owner token, which a
-    port requires of its receiver and of whoever closes, opens or deletes it;
-    other handles carry ``None``. When a port's owner handle is garbage
-    collected, the port is deleted: nobody could ever receive from it, so
-    senders must learn ``MailboxNotFound`` rather than be acknowledged into
-    the void. The deletion runs on the node's own schedule (the next thread to
-    drive the node, or the event loop), never inside the garbage collector, which may run while
-    the node's lock is held.
-    """
-
-    def __init__(self, node: _ManagedNode, name: str, owner: int | None) -> None:
-        self._managed = node
-        self.name = name
-        self._owner = owner
-        if owner is not None:
-            weakref.finalize(self, node._port_abandoned, name, owner)
-
-    def close(self) -> None:
-        """Refuse new messages (their senders get ``MailboxClosed``); queued ones stay."""
-        self._managed._manage(self.name, "close", self._owner)
-
-    def open(self) -> None:
-        """Accept messages again after :meth:`close`."""
-        self._managed._manage(self.name, "open", self._owner)
-
-    def delete(self) -> None:
-        """Remove the mailbox; pending senders and waiting receivers fail cleanly."""
-        self._managed._manage(self.name, "delete", self._owner)
-
-    def stats(self) -> MailboxStats:
-        return self._managed.stats().mailbox(self.name)
-
-    # Peek, locks and explicit delete (issue 19): one core call each, then the
-    # node commits a durable mailbox's writes before the call returns.
-
-    def peek(self, *, msg_type: int = 0, except_type: bool = False) -> Message | None:
-        """The message a receive would take now, left in the mailbox (browse); or None."""
-        selector = Selector.of(None, msg_type, except_type)
-        owner = self._owner
-        return self._managed._core(  # type: ignore[no-any-return]
-            lambda ep, now: ep.peek(self.name, selector, owner=owner, now=now)
-        )
-
-    def ack(self, message: Message) -> bool:
-        """Remove ``message``, received with ``lock=``, for good (durable: committed on
-        return). False if its lock had expired: it went back, and may be received again."""
-        owner = self._owner
-        return bool(
-            self._managed._core(lambda ep, now: ep.ack(self.name, message, owner=owner, now=now))
-        )
-
-    def release(self, message: Message) -> bool:
-        """Give ``message``, received with ``lock=``, back to the head of its priority."""
-        owner = self._owner
-        return bool(
-            self._managed._core(
-                lambda ep, now: ep.release(self.name, message, owner=owner, now=now)
-            )
-        )
-
-    def remove(self, message: Message) -> bool:
-        """Explicit delete of a peeked (or locked) message; False if it is already gone."""
-        owner = self._owner
-        return bool(
-            self._managed._core(
-                lambda ep, now: ep.remove_message(self.name, message, owner=owner, now=now)
-            )
-        )
-
-    def set_limits(
-        self,
-        capacity: int | EllipsisType | None = ...,
-        max_bytes: int | EllipsisType | None = ...,
-    ) -> None:
-        """Change the capacity and/or max_bytes now (``mq_setattr``, ``IPC_SET``); what
-        is left out keeps its value. Raising them admits waiting (parked) messages."""
-        now_stats = self.stats()
-        cap = now_stats.capacity if capacity is ... else capacity
-        size = now_stats.max_bytes if max_bytes is ... else max_bytes
-        owner = self._owner
-        self._managed._core(lambda ep, now: ep.set_limits(self.name, cap, size, now, owner=owner))
-
-    # Receivers on other nodes (reliable/remote_mailbox.py).
-
-    def grant(self, node: str | tuple[Any, ...]) -> None:
-        """Let ``node`` (``host:port``, as the receiving node is bound) receive from this
-        mailbox with ``RemoteMailbox.receive``; others are refused. Not for a port."""
-        addr = node_address(node)
-        name = self.name
-
-        def grant(ep: Endpoint, now: float) -> None:
-            if not ep.has_mailbox(name):
-                raise errors.UnknownMailbox(f"no mailbox {name!r} on this node")
-            if ep.port_owner(name) is not None:
-                raise errors.UsageError(
-                    f"mailbox {name!r} is a port: its one receiver is its owner; create a "
-                    "plain mailbox to share it with other nodes"
-                )
-            ep.remote.grant(name, addr)
-
-        self._managed._core(grant)
-
-    def revoke(self, node: str | tuple[Any, ...]) -> None:
-        """Take the receive right back from ``node``; its waiting receives are refused."""
-        addr = node_address(node)
-        self._managed._core(lambda ep, now: ep.remote.revoke(self.name, addr, now))
-
-    def granted(self) -> list[Address]:
-        """The nodes granted the receive right."""
-        return list(self._managed._core(lambda ep, now: ep.remote.granted(self.name)))
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
 
 
 def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int | None]]:
@@ -1397,13 +1302,6 @@ def mailbox_set(mailboxes: Iterable[str | MailboxHandle]) -> list[tuple[str, int
     if len(set(names)) != len(names):
         raise errors.UsageError(f"name each mailbox once: {names}")
     return chosen
-
-
-def node_address(node: str | tuple[Any, ...]) -> Address:
-    """A node's ``host:port`` (or tuple) as the peer key its datagrams arrive under."""
-    if isinstance(node, tuple):
-        return normalize(node)
-    return parse_address(node)
 
 
 def remote_mailbox_address(address: str) -> tuple[str, str]:

@@ -64,16 +64,21 @@ from .driver import (
     HOLD_MAX,
     Backlog,
     BatchOutcomes,
+    Data,
     DatagramSocket,
     Departures,
+    Dest,
     Destinations,
+    Int,
     MailboxHandle,
     OutboxTarget,
+    Seconds,
     StoredBatch,
     Target,
     Unreachable,
     batch_destination,
     check_count,
+    check_seconds,
     checked_message,
     delete_abandoned_ports,
     drain_socket,
@@ -107,8 +112,8 @@ from .endpoint import (
     Endpoint,
     Withdrawal,
     check_lock,
-    check_timeout,
 )
+from .handle import Mailbox
 from .localpost import PostQueue
 from .mailbox import ANY, Selector, Sources
 from .message import GroupReceipt, Message, Receipt
@@ -178,13 +183,13 @@ class _PendingSend(Generic[R]):
             return False
         return self._node._withdraw([self.ticket]) == [Withdrawal.WITHDRAWN]
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: Seconds = None) -> bool:
         """Block until the outcome is known (or ``timeout``); returns :meth:`done`."""
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
-            check_timeout(timeout, "timeout")
+            check_seconds(timeout, "timeout")
         return self._done or self._node._await(lambda: self._done, timeout)
 
-    def result(self, timeout: float | None = None) -> R:
+    def result(self, timeout: Seconds = None) -> R:
         """The receipt; raises the delivery error, or ``TimeoutError`` if not known in time."""
         if not self._done and not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
@@ -196,7 +201,7 @@ class _PendingSend(Generic[R]):
         assert receipt is not None
         return receipt  # type: ignore[return-value]  # the node routes each kind
 
-    def exception(self, timeout: float | None = None) -> BaseException | None:
+    def exception(self, timeout: Seconds = None) -> BaseException | None:
         """The delivery error, ``None`` once delivered; ``TimeoutError`` if not known in time."""
         if not self.wait(timeout):
             raise TimeoutError(f"send #{self.ticket} still pending after {timeout:g}s")
@@ -289,18 +294,18 @@ class BatchHandle:
         """How many messages still await their outcome."""
         return self._outcomes.pending
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: Seconds = None) -> bool:
         """Block until every outcome is known (or ``timeout``); returns :meth:`done`."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         return self.done() or self._node._await(self.done, timeout)
 
-    def failures(self, timeout: float | None = None) -> dict[int, errors.ReliableError]:
+    def failures(self, timeout: Seconds = None) -> dict[int, errors.ReliableError]:
         """Index -> error for each message that failed (waits for every outcome first)."""
         if not self.wait(timeout):
             raise TimeoutError(f"{self.pending()} of {len(self)} sends still pending")
         return dict(self._outcomes.errors)
 
-    def result(self, timeout: float | None = None) -> list[Outcome]:
+    def result(self, timeout: Seconds = None) -> list[Outcome]:
         """Every receipt, in message order; raises the first failure, if any."""
         failed = self.failures(timeout)
         if failed:
@@ -426,8 +431,8 @@ class Node:
         self._poller = select.poll()  # the leader's blocking wait (one leader at a time)
         self._poller.register(self._sock.fileno(), _POLL_IN)
         self._poller.register(self._wake_r.fileno(), select.POLLIN)
-        self._thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
-        self._thread.start()
+        self._io_thread = threading.Thread(target=self._run, name="rmsg-node-io", daemon=True)
+        self._io_thread.start()
 
     # ------------------------------------------------------------ properties
 
@@ -447,13 +452,13 @@ class Node:
 
     def send(
         self,
-        dest: str | tuple[Any, ...],
-        data: bytes,
+        dest: Dest,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         policy: str = "round-robin",
     ) -> Receipt:
         """Send ``data`` and block until it entered its mailbox; returns the receipt.
@@ -473,7 +478,7 @@ class Node:
         (see :meth:`SendHandle.cancel`); otherwise it goes on, and its fate is
         reported only to ``on_event``. Use :meth:`send_nowait` to keep a handle.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         target, label, data = self._target(dest, data, msg_type, priority, mailbox)
         handle = SendHandle(self, 0, label)
@@ -482,13 +487,13 @@ class Node:
 
     def send_nowait(
         self,
-        dest: str | tuple[Any, ...],
-        data: bytes,
+        dest: Dest,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         policy: str = "round-robin",
     ) -> SendHandle:
         """Queue ``data`` for ``dest`` and return at once with a :class:`SendHandle`.
@@ -499,7 +504,7 @@ class Node:
         mailbox is known to be full. Nothing was sent in either case.
         """
         if timeout is not None:
-            check_timeout(timeout, "timeout", positive=True)
+            check_seconds(timeout, "timeout", positive=True)
         known = self._destinations.get(dest, mailbox)
         if known is None:
             target, label, data = self._target(dest, data, msg_type, priority, mailbox, "_nowait")
@@ -531,13 +536,13 @@ class Node:
 
     def send_group(
         self,
-        group: str | GroupAddress,
-        data: bytes,
+        group: Dest,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> GroupReceipt:
         """Send ``data`` to every member of a multicast or broadcast group; returns the
         :class:`~reliable.message.GroupReceipt` once each member answered or
@@ -549,7 +554,7 @@ class Node:
         the message was meant for, why not (``missing``); a group send is
         never withdrawn. See docs/groups.md.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
         handle = GroupSendHandle(self, 0, label)
@@ -558,17 +563,17 @@ class Node:
 
     def send_group_nowait(
         self,
-        group: str | GroupAddress,
-        data: bytes,
+        group: Dest,
+        data: Data,
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> GroupSendHandle:
         """Queue ``data`` for a group and return at once with a :class:`GroupSendHandle`
         (as :meth:`send_group`, which waits, and :meth:`send_nowait` for one node)."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         target, label, data = self._group_target(group, data, msg_type, priority, mailbox)
         handle = GroupSendHandle(self, 0, label)
         self._submit(target, [data], handle, msg_type, priority, timeout, None, "", block=False)
@@ -576,13 +581,13 @@ class Node:
 
     def send_many(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         messages: Iterable[bytes],
         *,
-        msg_type: int = 0,
-        priority: int = 0,
+        msg_type: Int = 0,
+        priority: Int = 0,
         mailbox: str | None = None,
-        timeout: float | None = None,
+        timeout: Seconds = None,
     ) -> BatchHandle:
         """Queue every message of ``messages`` for ``dest`` (a node, not a group), in
         order; returns one :class:`BatchHandle` for all of them.
@@ -595,7 +600,7 @@ class Node:
         raises ``SendTimeout`` (the handle of what was queued is on the
         exception as ``batch``). Every message is checked before any is sent.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         label, name, datas = batch_destination(
             dest, messages, msg_type, priority, mailbox, self._family
         )
@@ -610,13 +615,13 @@ class Node:
 
     def _target(
         self,
-        dest: str | tuple[Any, ...],
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        dest: Dest,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
         method: str = "",
-    ) -> tuple[Target, Any, bytes]:
+    ) -> tuple[Target, Any, Data]:
         """Where ``dest`` is, and the label its handle shows. A node's address is parsed
         once and remembered; its message is checked by the core before it is queued."""
         known = self._destinations.get(dest, mailbox)
@@ -632,12 +637,12 @@ class Node:
 
     def _group_target(
         self,
-        group: str | GroupAddress,
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        group: Dest,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
-    ) -> tuple[Target, Any, bytes]:
+    ) -> tuple[Target, Any, Data]:
         """The group ``send_group`` names, opened for sending (discovery started), and
         its label; the message is checked first, before the group's discovery."""
         target = group_target(group, mailbox)
@@ -648,11 +653,11 @@ class Node:
     def _submit(
         self,
         target: Target,
-        datas: list[bytes],
+        datas: list[Data],
         handle: _PendingSend[Any] | BatchHandle,
-        msg_type: int,
-        priority: int,
-        timeout: float | None,
+        msg_type: Int,
+        priority: Int,
+        timeout: Seconds,
         deadline: float | None,
         policy: str,
         *,
@@ -745,7 +750,7 @@ class Node:
 
     def wait_for_members(self, group: str, count: int, timeout: float) -> dict[Address, int]:
         """Block until ``group`` has at least ``count`` live members or ``timeout`` passes."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         target = self._open_group(parse_group(group), join=False, discover=False)
         self._await(lambda: len(self._endpoint.group_members(target)) >= count, timeout)
         return self._call(lambda now: self._endpoint.group_members(target))
@@ -805,7 +810,7 @@ class Node:
 
     # ------------------------------------------------------------- receiving
 
-    def post(self, mailbox: str, data: bytes, *, msg_type: int = 0, priority: int = 0) -> None:
+    def post(self, mailbox: str, data: Data, *, msg_type: Int = 0, priority: Int = 0) -> None:
         """Put ``data`` into this node's own ``mailbox``, without the network.
 
         For another thread of this process, or a signal handler: it never
@@ -821,11 +826,11 @@ class Node:
 
     def receive(
         self,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -873,7 +878,7 @@ class Node:
         return got[0]
 
     def _receive_plain(
-        self, mailbox: str, receiver: str | None, timeout: float | None
+        self, mailbox: str, receiver: str | None, timeout: Seconds
     ) -> Message | None:
         """:meth:`_receive` for one message of ``mailbox``, selecting nothing (what a
         stream of receives asks each time), without its loops and choices. ``None``
@@ -917,7 +922,7 @@ class Node:
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -942,11 +947,11 @@ class Node:
     def receive_many(
         self,
         max_count: int,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         mailbox: str = DEFAULT_MAILBOX,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -980,10 +985,10 @@ class Node:
     def receive_any(
         self,
         mailboxes: Iterable[str | MailboxHandle],
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
         max_size: int | None = None,
@@ -1004,7 +1009,7 @@ class Node:
         :class:`~reliable.errors.MailboxDeleted` if one of them is deleted while
         it waits.
         """
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         boxes = mailbox_set(mailboxes)
         selector = receive_selector(source, msg_type, except_type, max_size, truncate, self._family)
         peer = None if isinstance(selector.source, frozenset) else selector.source
@@ -1047,10 +1052,10 @@ class Node:
         mailbox: str,
         owner: int | None,
         source: Sources,
-        msg_type: int,
+        msg_type: Int,
         except_type: bool,
         receiver: str | None,
-        timeout: float | None,
+        timeout: Seconds,
         count: int,
         *,
         wait: bool,
@@ -1059,7 +1064,7 @@ class Node:
         truncate: bool = False,
     ) -> list[Message]:
         if timeout is not None and not (type(timeout) in _PLAIN and 0 <= timeout < _INF):
-            check_timeout(timeout, "timeout")  # raises, saying why (a plain one skips the call)
+            check_seconds(timeout, "timeout")  # raises, saying why (a plain one skips the call)
         if (
             source is None
             and msg_type == 0
@@ -1166,7 +1171,7 @@ class Node:
         ticket: int,
         peer: Address | None,
         mark: int,
-        timeout: float | None,
+        timeout: Seconds,
         deadline: float | None,
         locked: bool = False,
         local: bool = True,
@@ -1264,17 +1269,17 @@ class Node:
     def _outbox_send(
         self,
         store: OutboxStore,
-        dest: str | tuple[Any, ...],
-        data: bytes,
-        msg_type: int,
-        priority: int,
+        dest: Dest,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
-        timeout: float | None,
+        timeout: Seconds,
         *,
         block: bool,
     ) -> SendHandle:
         """Check, store (accepted), then send: an outbox's send."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         endpoint = self._endpoint
         addr, name, data = outbox_message(
             endpoint, dest, data, msg_type, priority, mailbox, self._family
@@ -1288,15 +1293,15 @@ class Node:
     def _outbox_send_many(
         self,
         store: OutboxStore,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         messages: list[bytes],
-        msg_type: int,
-        priority: int,
+        msg_type: Int,
+        priority: Int,
         mailbox: str | None,
-        timeout: float | None,
+        timeout: Seconds,
     ) -> list[SendHandle]:
         """Check all, store all in one commit, then send each: an outbox's send_many."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         endpoint = self._endpoint
         addr, name, checked = outbox_batch(
             endpoint, dest, messages, msg_type, priority, mailbox, self._family
@@ -1317,10 +1322,10 @@ class Node:
         store: OutboxStore,
         row: int,
         target: OutboxTarget,
-        data: bytes,
-        msg_type: int,
-        priority: int,
-        timeout: float | None,
+        data: Data,
+        msg_type: Int,
+        priority: Int,
+        timeout: Seconds,
         label: Any,
         *,
         block: bool,
@@ -1380,7 +1385,7 @@ class Node:
         callback: Callable[[Message], object],
         *,
         source: Sources = None,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         lock: float = DEFAULT_LOCK,
     ) -> Consumer:
@@ -1447,12 +1452,12 @@ class Node:
         self,
         owner: Address,
         name: str,
-        msg_type: int,
+        msg_type: Int,
         except_type: bool,
         receiver: str | None,
-        timeout: float | None,
+        timeout: Seconds,
     ) -> Message:
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         selector = Selector.of(None, msg_type, except_type)
         label = receiver if receiver is not None else threading.current_thread().name
         self._enter()
@@ -1474,14 +1479,14 @@ class Node:
 
     def manage(
         self,
-        dest: str | tuple[Any, ...],
+        dest: Dest,
         action: str,
         mailbox: str,
         *,
         capacity: int | None = None,
         max_bytes: int | None = None,
         node: str = "",
-        timeout: float = 5.0,
+        timeout: Seconds = 5.0,
     ) -> dict[str, Any]:
         """Ask the node at ``dest`` to ``inspect``, ``set_limits``, ``delete``, ``grant``
         or ``revoke`` (``node``) its mailbox ``mailbox`` (what ``rmsg ctl`` does).
@@ -1489,7 +1494,7 @@ class Node:
         Returns the mailbox's description (as ``rmsg ctl inspect --json``). A node
         serves it only to callers on its own host, with ``Config.serve_stats``.
         """
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         request = manage_request(action, mailbox, capacity, max_bytes, node)
         addr = resolve_destination(dest, self._family)
         return self._managed_call(
@@ -1523,7 +1528,7 @@ class Node:
         return parse_manage_reply(addr, *reply)
 
     def _transfer(self, name: str, to: str | tuple[Any, ...], timeout: float) -> dict[str, Any]:
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         addr = resolve_destination(to, self._family)
         return self._managed_call(
             addr, lambda now: self._endpoint.remote.transfer(name, addr, now), timeout
@@ -1535,9 +1540,9 @@ class Node:
         """This node's statistics: per peer, per mailbox and node-wide."""
         return self._call(lambda now: self._endpoint.stats(now), check=False, drive=False)
 
-    def query_stats(self, dest: str | tuple[Any, ...], timeout: float = 5.0) -> NodeStats:
+    def query_stats(self, dest: Dest, timeout: Seconds = 5.0) -> NodeStats:
         """Ask the node at ``dest`` for its statistics over the network."""
-        check_timeout(timeout, "timeout", positive=True)
+        check_seconds(timeout, "timeout", positive=True)
         addr = resolve_destination(dest, self._family)
         deadline = time.monotonic() + timeout
         self._enter()
@@ -1560,9 +1565,9 @@ class Node:
             self._leave()
         return parse_stats(body)
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, timeout: Seconds = 2.0) -> None:
         """Flush outstanding sends for up to ``timeout`` seconds, tell peers, release the socket."""
-        check_timeout(timeout, "timeout")
+        check_seconds(timeout, "timeout")
         self._enter()
         try:
             if self._closed:
@@ -1588,8 +1593,8 @@ class Node:
         for store in self._outboxes:
             store.close()  # sends the close cut short stay in it, for the next open
         self._wake()  # the background thread sees the node closed and ends
-        if threading.current_thread() is not self._thread:
-            self._thread.join(0.5)
+        if threading.current_thread() is not self._io_thread:
+            self._io_thread.join(0.5)
 
     def __enter__(self) -> Node:
         return self
@@ -1624,7 +1629,7 @@ class Node:
         finally:
             self._leave()
 
-    def _await(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+    def _await(self, ready: Callable[[], bool], timeout: Seconds) -> bool:
         """Drive or follow until ``ready()`` or ``timeout`` seconds; returns ``ready()``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._enter()
@@ -1647,7 +1652,7 @@ class Node:
             if self._leader is None:
                 self._lead(deadline)
                 continue
-            if self._leader != me and self._polling and self._leader == self._thread.ident:
+            if self._leader != me and self._polling and self._leader == self._io_thread.ident:
                 self._wake()  # the background thread leads: ask it to step aside
             self._followers += 1
             try:
@@ -1981,128 +1986,6 @@ class Node:
         return BUSY_NAP if timer is None else max(NAP, min(BUSY_NAP, timer - now))
 
 
-class Mailbox(MailboxHandle):
-    """A handle on one mailbox of a :class:`Node`.
-
-    The handle :meth:`Node.create_mailbox` returns is the owner's: for a
-    port it is the only one that may receive. Senders on other nodes address
-    the mailbox as ``host:port/name``.
-    """
-
-    def __init__(self, node: Node, name: str, owner: int | None) -> None:
-        super().__init__(node, name, owner)
-        self._node = node
-
-    def receive(
-        self,
-        timeout: float | None = None,
-        *,
-        source: Sources = None,
-        msg_type: int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-        lock: float | None = None,
-    ) -> Message:
-        """As :meth:`Node.receive`, from this mailbox.
-
-        ``lock`` (seconds): take the message under a lock instead of removing
-        it; :meth:`ack` removes it, :meth:`release` gives it back, and if
-        neither comes in time it is receivable again (a visibility timeout).
-        """
-        got = self._node._receive(
-            self.name,
-            self._owner,
-            source,
-            msg_type,
-            except_type,
-            receiver,
-            timeout,
-            1,
-            wait=True,
-            lock=lock,
-            max_size=max_size,
-            truncate=truncate,
-        )
-        return got[0]
-
-    def transfer(self, to: str | tuple[Any, ...], timeout: float = 5.0) -> dict[str, Any]:
-        """Move this mailbox to the node at ``to``: its queued messages (in order), its
-        grants, and the right to manage it. ``to`` must have created an empty
-        mailbox of the same name (its consent; its limits apply from then on).
-
-        Returns ``{"mailbox", "owner", "moved"}`` once the new owner holds the
-        messages. Senders that still address this node are refused with
-        ``MailboxNotFound`` (not delivered: safe to send again) and told the new
-        owner; their node sends there from then on. Raises
-        :class:`~reliable.errors.UsageError` if the new owner refused (the mailbox
-        then stays here, messages and all), or for a port, a durable mailbox, or one
-        with messages under a lock.
-        """
-        return self._node._transfer(self.name, to, timeout)
-
-    def receive_nowait(
-        self,
-        *,
-        source: Sources = None,
-        msg_type: int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-    ) -> Message | None:
-        """As :meth:`Node.receive_nowait`, from this mailbox."""
-        got = self._node._receive(
-            self.name,
-            self._owner,
-            source,
-            msg_type,
-            except_type,
-            receiver,
-            None,
-            1,
-            wait=False,
-            max_size=max_size,
-            truncate=truncate,
-        )
-        return got[0] if got else None
-
-    def receive_many(
-        self,
-        max_count: int,
-        timeout: float | None = None,
-        *,
-        source: Sources = None,
-        msg_type: int = 0,
-        except_type: bool = False,
-        receiver: str | None = None,
-        max_size: int | None = None,
-        truncate: bool = False,
-        lock: float | None = None,
-    ) -> list[Message]:
-        """As :meth:`Node.receive_many`, from this mailbox; with ``lock`` (seconds)
-        each message is taken under its own lock, as :meth:`receive` does."""
-        check_count(max_count)
-        try:
-            return self._node._receive(
-                self.name,
-                self._owner,
-                source,
-                msg_type,
-                except_type,
-                receiver,
-                timeout,
-                max_count,
-                wait=True,
-                lock=lock,
-                max_size=max_size,
-                truncate=truncate,
-            )
-        except errors.ReceiveTimeout:
-            return []
-
-
 class RemoteMailbox:
     """A handle to receive from a mailbox hosted on another node (``Node.remote_mailbox``).
 
@@ -2119,9 +2002,9 @@ class RemoteMailbox:
 
     def receive(
         self,
-        timeout: float | None = None,
+        timeout: Seconds = None,
         *,
-        msg_type: int = 0,
+        msg_type: Int = 0,
         except_type: bool = False,
         receiver: str | None = None,
     ) -> Message:

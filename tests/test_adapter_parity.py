@@ -10,12 +10,19 @@ import socket
 
 import pytest
 
+import reliable
 from reliable import AsyncNode, Mailbox, Node, RemoteMailbox, errors
 from reliable.aio import AsyncMailbox, AsyncRemoteMailbox
 
 # What only one side has, and why.
 ONLY_BLOCKING: set[str] = set()
 ONLY_ASYNC = {"start"}  # an AsyncNode opens its socket on the running loop; a Node in __init__
+
+# Compiled (mypyc), Node's properties are getset descriptors and its methods carry no
+# signature for inspect; the surfaces are the sources', which the pure run compares.
+from_sources = pytest.mark.skipif(
+    reliable.__compiled__, reason="introspects the sources' classes: the pure run checks them"
+)
 
 
 def _public(cls: type) -> dict[str, object]:
@@ -30,6 +37,7 @@ def _public(cls: type) -> dict[str, object]:
     ("blocking", "asyncio_side"),
     [(Node, AsyncNode), (Mailbox, AsyncMailbox), (RemoteMailbox, AsyncRemoteMailbox)],
 )
+@from_sources
 def test_every_public_method_exists_on_both_adapters(blocking: type, asyncio_side: type) -> None:
     ours, theirs = _public(blocking), _public(asyncio_side)
     assert set(ours) - set(theirs) == ONLY_BLOCKING, "Node has it, AsyncNode does not"
@@ -40,6 +48,7 @@ def test_every_public_method_exists_on_both_adapters(blocking: type, asyncio_sid
     ("blocking", "asyncio_side"),
     [(Node, AsyncNode), (Mailbox, AsyncMailbox), (RemoteMailbox, AsyncRemoteMailbox)],
 )
+@from_sources
 def test_shared_methods_take_the_same_keyword_arguments(blocking: type, asyncio_side: type) -> None:
     ours, theirs = _public(blocking), _public(asyncio_side)
     for name in sorted(set(ours) & set(theirs)):

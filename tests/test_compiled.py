@@ -62,6 +62,45 @@ MISUSE = textwrap.dedent(
 )
 
 
+# The same through the blocking Node, compiled too since issue 20: each call fails before
+# anything is queued or sent (the destination is a discard port that is never reached).
+NODE_MISUSE = textwrap.dedent(
+    """
+    import json
+    from reliable import Node, errors
+    B = "127.0.0.1:9"
+    with Node() as node:
+        cases = [
+            ("send text", lambda: node.send(B, "text", timeout=1), "encode text first"),
+            ("send_nowait int data", lambda: node.send_nowait(B, 42), "got int"),
+            ("bool msg_type", lambda: node.send_nowait(B, b"x", msg_type=True), "msg_type"),
+            ("str priority", lambda: node.send_nowait(B, b"x", priority="3"), "priority"),
+            ("send_many text", lambda: node.send_many(B, [b"x", "y"]), "encode text first"),
+            ("many float msg_type", lambda: node.send_many(B, [b"x"], msg_type=1.5), "msg_type"),
+            ("post text", lambda: node.post("", "text"), "encode text first"),
+            ("post bool priority", lambda: node.post("", b"x", priority=False), "priority"),
+            ("receive str msg_type", lambda: node.receive_nowait(msg_type="3"), "integer"),
+            ("many str msg_type", lambda: node.receive_many(2, timeout=0, msg_type="3"), "integer"),
+            ("send str timeout", lambda: node.send(B, b"x", timeout="1"), "timeout"),
+            ("receive str timeout", lambda: node.receive(timeout="1"), "timeout"),
+            ("send int dest", lambda: node.send_nowait(9, b"x"), ""),
+        ]
+        seen = {}
+        for name, call, words in cases:
+            try:
+                call()
+            except errors.UsageError as exc:
+                seen[name] = "ok" if words in str(exc) else f"UsageError without {words!r}: {exc}"
+            except Exception as exc:
+                seen[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                seen[name] = "accepted"
+        import reliable
+        print(json.dumps({"compiled": reliable.__compiled__, "seen": seen}))
+    """
+)
+
+
 def _run(code: str, *, pure: bool, cwd: Path, pythonpath: Path | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RMSG_PURE_PYTHON", "PYTHONPATH")}
     if pure:
@@ -92,6 +131,19 @@ def test_a_wrong_typed_argument_is_a_usage_error_in_either_core(core: str, tmp_p
         pytest.skip("no compiled build installed here (CI's second run has one)")
     # tmp_path as the working directory: the installed reliable, never a checkout's
     result = json.loads(_run(MISUSE, pure=core == "pure", cwd=tmp_path))
+    assert result["compiled"] is (core == "compiled")
+    assert result["seen"] == dict.fromkeys(result["seen"], "ok")
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_wrong_typed_argument_to_a_node_is_a_usage_error_in_either_core(
+    core: str, tmp_path: Path
+) -> None:
+    """Node's public arguments are declared ``Any`` where the adapter checks them itself
+    (reliable.driver.Data and Int), so a compiled adapter raises the same UsageError."""
+    if core == "compiled" and not reliable.__compiled__:
+        pytest.skip("no compiled build installed here (CI's second run has one)")
+    result = json.loads(_run(NODE_MISUSE, pure=core == "pure", cwd=tmp_path))
     assert result["compiled"] is (core == "compiled")
     assert result["seen"] == dict.fromkeys(result["seen"], "ok")
 
